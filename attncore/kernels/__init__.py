@@ -1,0 +1,19 @@
+# SPDX-License-Identifier: Apache-2.0
+"""attncore's compiled kernels behind validated Python fronts.
+
+Layers: fronts (this package's .py modules) validate and choose a strategy -> Cython wrappers
+(``_*.pyx``, typed memoryviews, ``with nogil``) -> plain C kernels (``src_c/``) + BLAS through
+``scipy.linalg.cython_blas``. ``threads`` owns the thread budget; ``_blas`` owns BLAS.
+"""
+from .attention import (additive_attention, attention, luong_attention, nadaraya_watson,
+                        project_keys)
+from .basic import (embedding, gelu, gelu_tanh, layer_norm, linear, log_softmax, matmul, relu,
+                    rotary, sigmoid, sinusoidal_positions, softmax, swish, tanh)
+from .threads import get_num_threads, num_threads, set_num_threads
+
+__all__ = [
+    "attention", "additive_attention", "project_keys", "luong_attention", "nadaraya_watson",
+    "softmax", "log_softmax", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh",
+    "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary",
+    "set_num_threads", "get_num_threads", "num_threads",
+]

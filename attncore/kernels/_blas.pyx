@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one module that owns BLAS: row-major GEMM through ``scipy.linalg.cython_blas``.
+
+SciPy's BLAS is column-major (Fortran); a row-major product C = A . op(B) is computed as the
+column-major C^T = op(B)^T . A^T, i.e. by swapping the operands -- done once, here.
+
+Parallelism: the output is cut into fixed tiles of ``TILE`` x ``TILE`` (decided by the shape
+only), and OpenMP hands tiles to threads; each tile is one single-threaded GEMM call (SciPy's
+OpenBLAS is limited to one thread by ``attncore.kernels.threads``, so there is no nested
+oversubscription). A tile is always computed by the same call whichever thread runs it, so the
+results are bit-identical for every thread count.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from "simd.h":
+    void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                           const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
+                           float *out, Py_ssize_t ldo) nogil
+
+cdef Py_ssize_t TILE = 256
+# Below this many multiply-adds a product runs on one thread: waking a team costs more than it
+# saves, and under load (other processes on the cores) a barrier can wait for a descheduled
+# thread for a whole time slice. Decided by the shape only, so results stay thread-independent
+# (the tiles, not the threads, fix the arithmetic).
+cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
+# float32 products of at most SMALL_M rows (decoding steps) skip GEMM, whose weight packing costs
+# as much as the product at that size: ac_small_gemm_f32 streams each weight row once, and
+# threads split the weight rows in blocks of SMALL_TILE_N.
+cdef Py_ssize_t SMALL_M = 16
+cdef Py_ssize_t SMALL_TILE_N = 64
+
+
+cdef inline int threads_for(Py_ssize_t macs, int num_threads) noexcept nogil:
+    return num_threads if macs >= PARALLEL_MIN_MACS else 1
+
+
+cdef inline void gemm_rowmajor(bint trans_b, int m, int n, int k, floating alpha,
+                               const floating *a, int lda, const floating *b, int ldb,
+                               floating beta, floating *c, int ldc) noexcept nogil:
+    """C (m, n) := alpha * A (m, k) . op(B) + beta * C, all row-major; op(B) = B^T when trans_b
+    (B stored (n, k)), else B (stored (k, n))."""
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tn = b'N'
+    if floating is float:
+        sgemm(&ta, &tn, &n, &m, &k, &alpha, <float *>b, &ldb, <float *>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tn, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
+
+
+def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floating[::1] bias,
+           floating[:, ::1] out, int num_threads):
+    """out (M, N) = x (M, K) . weight (N, K)^T + bias (N) -- torch ``nn.Linear`` layout."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = weight.shape[0]
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, col_tiles = (N + TILE - 1) // TILE
+    cdef Py_ssize_t t, i0, j0, m, n, i, j
+    cdef bint has_bias = bias is not None
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        for i in range(M):
+            for j in range(N):
+                out[i, j] = bias[j] if has_bias else 0
+        return
+    cdef const float *bias_f32
+    if floating is float:
+        if M <= SMALL_M:
+            bias_f32 = &bias[0] if has_bias else NULL
+            for t in prange((N + SMALL_TILE_N - 1) // SMALL_TILE_N, nogil=True,
+                            schedule="static", num_threads=threads_for(M * N * K, num_threads)):
+                ac_small_gemm_f32(&x[0, 0], K, M, K, &weight[0, 0], t * SMALL_TILE_N,
+                                  min(N, (t + 1) * SMALL_TILE_N), bias_f32, &out[0, 0], N)
+            return
+    for t in prange(row_tiles * col_tiles, nogil=True, schedule="static",
+                    num_threads=threads_for(M * N * K, num_threads)):
+        i0 = (t // col_tiles) * TILE
+        j0 = (t % col_tiles) * TILE
+        m = min(TILE, M - i0)
+        n = min(TILE, N - j0)
+        gemm_rowmajor(True, <int>m, <int>n, <int>K, <floating>1, &x[i0, 0], <int>K,
+                      &weight[j0, 0], <int>K, <floating>0, &out[i0, j0], <int>N)
+        if has_bias:
+            for i in range(i0, i0 + m):
+                for j in range(j0, j0 + n):
+                    out[i, j] = out[i, j] + bias[j]
+
+
+def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
+           bint trans_b, double alpha, int num_threads):
+    """out[i] (M, N) = alpha * a[i] (M, K) . op(b[i]) for every batch index i;
+    op(b) = b^T with b (batch, N, K) when trans_b, else b (batch, K, N)."""
+    cdef Py_ssize_t batch = a.shape[0], M = a.shape[1], K = a.shape[2], N = out.shape[2]
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, bi, i0, m
+    cdef int ldb = <int>(K if trans_b else N)
+    if batch == 0 or M == 0 or N == 0:
+        return
+    if K == 0:
+        out[:, :, :] = 0
+        return
+    for t in prange(batch * row_tiles, nogil=True, schedule="static",
+                    num_threads=threads_for(batch * M * N * K, num_threads)):
+        bi = t // row_tiles
+        i0 = (t % row_tiles) * TILE
+        m = min(TILE, M - i0)
+        gemm_rowmajor(trans_b, <int>m, <int>N, <int>K, <floating>alpha, &a[bi, i0, 0], <int>K,
+                      &b[bi, 0, 0], ldb, <floating>0, &out[bi, i0, 0], <int>N)

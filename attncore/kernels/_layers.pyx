@@ -1,0 +1,73 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cython wrapper of the norm / activation / rotary / embedding kernels (src_c/layers.h).
+Validation lives in the fronts of ``attncore.kernels``."""
+from libc.stdint cimport int64_t
+from cython cimport floating
+
+cdef extern from "layers.h" nogil:
+    void ac_layer_norm_f32(const float *x, float *y, const float *gamma, const float *beta,
+                           Py_ssize_t rows, Py_ssize_t D, float eps, int mode, int num_threads)
+    void ac_layer_norm_f64(const double *x, double *y, const double *gamma, const double *beta,
+                           Py_ssize_t rows, Py_ssize_t D, double eps, int mode, int num_threads)
+    void ac_activation_f32(const float *x, float *y, Py_ssize_t n, int kind, int num_threads)
+    void ac_activation_f64(const double *x, double *y, Py_ssize_t n, int kind, int num_threads)
+    void ac_rotary_f32(float *x, const int64_t *positions, Py_ssize_t N, Py_ssize_t L,
+                       Py_ssize_t D, double base, int num_threads)
+    void ac_rotary_f64(double *x, const int64_t *positions, Py_ssize_t N, Py_ssize_t L,
+                       Py_ssize_t D, double base, int num_threads)
+    void ac_embedding_f32(const float *table, const int64_t *ids, float *out, Py_ssize_t rows,
+                          Py_ssize_t D, int num_threads)
+    void ac_embedding_f64(const double *table, const int64_t *ids, double *out, Py_ssize_t rows,
+                          Py_ssize_t D, int num_threads)
+
+
+def layer_norm(const floating[:, ::1] x, floating[:, ::1] out, const floating[::1] gamma,
+               const floating[::1] beta, double eps, int mode, int num_threads):
+    """Row-wise normalisation of x (rows, D); mode 0 standard, 1 uncentred (RAN), 2 RMS."""
+    cdef const floating *g = &gamma[0] if gamma is not None else NULL
+    cdef const floating *b = &beta[0] if beta is not None else NULL
+    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1]
+    if rows == 0 or D == 0:
+        return
+    with nogil:
+        if floating is float:
+            ac_layer_norm_f32(&x[0, 0], &out[0, 0], g, b, rows, D, <float>eps, mode, num_threads)
+        else:
+            ac_layer_norm_f64(&x[0, 0], &out[0, 0], g, b, rows, D, eps, mode, num_threads)
+
+
+def activation(const floating[::1] x, floating[::1] out, int kind, int num_threads):
+    """Element-wise activation of a flat array (kinds: see layers.h)."""
+    cdef Py_ssize_t n = x.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        if floating is float:
+            ac_activation_f32(&x[0], &out[0], n, kind, num_threads)
+        else:
+            ac_activation_f64(&x[0], &out[0], n, kind, num_threads)
+
+
+def rotary(floating[:, :, ::1] x, const int64_t[::1] positions, double base, int num_threads):
+    """Interleaved rotary embedding, in place over x (N, L, D) with positions (L,)."""
+    cdef Py_ssize_t N = x.shape[0], L = x.shape[1], D = x.shape[2]
+    if N == 0 or L == 0 or D == 0:
+        return
+    with nogil:
+        if floating is float:
+            ac_rotary_f32(&x[0, 0, 0], &positions[0], N, L, D, base, num_threads)
+        else:
+            ac_rotary_f64(&x[0, 0, 0], &positions[0], N, L, D, base, num_threads)
+
+
+def embedding(const floating[:, ::1] table, const int64_t[::1] ids, floating[:, ::1] out,
+              int num_threads):
+    """out (rows, D) = table[ids]."""
+    cdef Py_ssize_t rows = ids.shape[0], D = table.shape[1]
+    if rows == 0 or D == 0:
+        return
+    with nogil:
+        if floating is float:
+            ac_embedding_f32(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)
+        else:
+            ac_embedding_f64(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)

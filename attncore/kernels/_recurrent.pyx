@@ -1,0 +1,370 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Compiled recurrent steps (float32): the RNN time scan of an encoder layer and the whole
+decoder step of a GRU/LSTM encoder-decoder with attention, each one call with the GIL released.
+
+Layouts are PyTorch's (``nn.GRU``/``nn.LSTM`` gate order r, z, n / i, f, g, o; ``nn.Linear``
+weights (out, in)); the equations are those of :mod:`attncore.train.seq2seq` (its docstring).
+Callers (``attncore.models.seq2seq``) validate every shape; this module checks only what a
+wrong call could turn into a memory error.
+
+Parallelism and determinism: products go through :func:`_linear_tiles`, whose output tiles
+depend only on the shapes, each tile one single-threaded GEMM; element-wise loops are split by
+rows. Results are therefore bit-identical for every thread count, and a batch row never depends
+on the other rows (a sentence alone == inside a batch).
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport sgemm
+
+cdef extern from "additive.h":
+    int ac_additive_f32(const float *q_proj, const float *k_proj, const float *w_v,
+                        const float *values, float *out, float *weights, Py_ssize_t B,
+                        Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t Hd, Py_ssize_t Dv,
+                        const int64_t *kv_lengths, int num_threads) nogil
+
+cdef extern from "simd.h":
+    void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                           const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
+                           float *out, Py_ssize_t ldo) nogil
+    void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
+    void ac_sigmoid_f32(const float *x, float *y, Py_ssize_t n) nogil
+
+cdef extern from "softmax.h":
+    void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,
+                        const int64_t *lengths, const unsigned char *mask, int log_output,
+                        int num_threads) nogil
+
+cdef Py_ssize_t TILE_M = 256   # rows of a GEMM tile
+cdef Py_ssize_t TILE_N = 128   # columns: small enough that a GEMV (batch 1) feeds the threads
+
+# attention kinds (same order as attncore.train.seq2seq.ATTENTION_KINDS)
+DEF BAHDANAU = 0
+DEF LUONG_DOT = 1
+DEF LUONG_GENERAL = 2
+DEF LUONG_CONCAT = 3
+ATTENTION_CODES = {"bahdanau": BAHDANAU, "luong_dot": LUONG_DOT,
+                   "luong_general": LUONG_GENERAL, "luong_concat": LUONG_CONCAT}
+
+
+cdef void _linear_tiles(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                        const float *w, Py_ssize_t N, const float *bias, float *out,
+                        Py_ssize_t ldo, int num_threads) noexcept nogil:
+    """out (M, N; row stride ldo) = x (M, K; row stride ldx) . w (N, K)^T + bias."""
+    # narrow column tiles feed the threads on a GEMV; wide ones keep a batch's GEMMs efficient
+    cdef Py_ssize_t tile_n = TILE_N if M <= 16 else 4 * TILE_N
+    cdef Py_ssize_t row_tiles = (M + TILE_M - 1) // TILE_M, col_tiles = (N + tile_n - 1) // tile_n
+    cdef Py_ssize_t t, i0, j0, i, j
+    cdef int m, n, k = <int>K, lx = <int>ldx, lo = <int>ldo
+    cdef float one = 1.0, zero = 0.0
+    cdef char ta = b'T', tn = b'N'
+    if M == 0 or N == 0:
+        return
+    if M <= 16 and K > 0:  # a decoding step: stream the weights once (see _blas.SMALL_M)
+        for t in prange((N + 63) // 64, schedule="static",
+                        num_threads=num_threads if M * N * K >= (1 << 18) else 1):
+            ac_small_gemm_f32(x, ldx, M, K, w, t * 64, min(N, (t + 1) * 64), bias, out, ldo)
+        return
+    # small products on one thread (see _blas.PARALLEL_MIN_MACS)
+    for t in prange(row_tiles * col_tiles, schedule="static",
+                    num_threads=num_threads if M * N * K >= (1 << 18) else 1):
+        i0 = (t // col_tiles) * TILE_M
+        j0 = (t % col_tiles) * tile_n
+        m = <int>min(TILE_M, M - i0)
+        n = <int>min(tile_n, N - j0)
+        if K == 0:
+            for i in range(i0, i0 + m):
+                for j in range(j0, j0 + n):
+                    out[i * ldo + j] = 0
+        else:
+            # column-major view: out^T (n, m) = w_tile (n, K) . x_tile^T  (see _blas.pyx)
+            sgemm(&ta, &tn, &n, &m, &k, &one, <float *>&w[j0 * K], &k, <float *>&x[i0 * ldx],
+                  &lx, &zero, &out[i0 * ldo + j0], &lo)
+        if bias != NULL:
+            for i in range(i0, i0 + m):
+                for j in range(j0, j0 + n):
+                    out[i * ldo + j] += bias[j]
+
+
+cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h, float *c,
+                Py_ssize_t B, Py_ssize_t H, int num_threads) noexcept nogil:
+    """In place: h (B, H) [and c] := cell(gx, gh, h [, c]). gx: rows ``ldx`` apart (one time
+    step of a (B, T, G*H) projection has ldx = T*G*H); gh (B, G*H) is consumed as scratch. Both
+    include their biases. The gate non-linearities are the vectorised ``ac_sigmoid_f32`` /
+    ``ac_tanh_f32`` over whole gate blocks (libm calls per element cost more than the GEMMs)."""
+    cdef Py_ssize_t b, j, G = 4 if lstm else 3
+    cdef const float *x
+    cdef float *y
+    cdef float *hb
+    cdef float *cb
+    for b in prange(B, schedule="static", num_threads=num_threads if B * H >= 8192 else 1):
+        x = gx + b * ldx
+        y = gh + b * G * H
+        hb = h + b * H
+        if lstm:
+            cb = c + b * H
+            for j in range(4 * H):
+                y[j] = x[j] + y[j]
+            ac_sigmoid_f32(y, y, 2 * H)                 # i, f
+            ac_tanh_f32(y + 2 * H, y + 2 * H, H)        # g
+            ac_sigmoid_f32(y + 3 * H, y + 3 * H, H)     # o
+            for j in range(H):
+                cb[j] = y[H + j] * cb[j] + y[j] * y[2 * H + j]
+                y[2 * H + j] = cb[j]
+            ac_tanh_f32(y + 2 * H, y + 2 * H, H)        # tanh(c')
+            for j in range(H):
+                hb[j] = y[3 * H + j] * y[2 * H + j]
+        else:
+            for j in range(2 * H):
+                y[j] = x[j] + y[j]
+            ac_sigmoid_f32(y, y, 2 * H)                 # r, z
+            for j in range(H):
+                y[2 * H + j] = x[2 * H + j] + y[j] * y[2 * H + j]
+            ac_tanh_f32(y + 2 * H, y + 2 * H, H)        # n
+            for j in range(H):
+                hb[j] = (1 - y[H + j]) * y[2 * H + j] + y[H + j] * hb[j]
+
+
+def rnn_scan(const float[:, :, ::1] x_proj, const float[:, ::1] weight_hh,
+             const float[::1] bias_hh, const int64_t[::1] lengths, bint packed, bint reverse,
+             bint lstm, float[:, ::1] h, float[:, ::1] c, float[:, :, ::1] out, int num_threads):
+    """One RNN layer and direction over a whole sequence, in place on the state.
+
+    x_proj (B, T, G*H): the input projection ``x W_ih^T + b_ih`` of every step (one GEMM by the
+    caller); weight_hh (G*H, H), bias_hh (G*H,); lengths (B,); h, c (B, H): the initial state,
+    replaced by the final one (c is ignored for GRU); out (B, T, H): the outputs, zero on padded
+    steps when ``packed``. ``packed``: a row's state does not change on steps t >= lengths[b]
+    (``pack_padded_sequence``), so a reverse direction effectively starts at length - 1.
+    """
+    cdef Py_ssize_t B = x_proj.shape[0], T = x_proj.shape[1], GH = x_proj.shape[2]
+    cdef Py_ssize_t H = h.shape[1], G = 4 if lstm else 3
+    cdef Py_ssize_t s, t, b
+    if GH != G * H or weight_hh.shape[0] != GH or weight_hh.shape[1] != H or \
+            bias_hh.shape[0] != GH or lengths.shape[0] != B or h.shape[0] != B or \
+            (lstm and (c.shape[0] != B or c.shape[1] != H)) or out.shape[0] != B or \
+            out.shape[1] != T or out.shape[2] != H:
+        raise ValueError("rnn_scan: inconsistent shapes")
+    if B == 0 or T == 0 or H == 0:
+        return
+    import numpy as np
+    cdef float[:, ::1] gh = np.empty((B, GH), dtype=np.float32)
+    cdef float[:, ::1] h_keep = np.empty((B, H), dtype=np.float32)
+    cdef float[:, ::1] c_keep = np.empty((B, H), dtype=np.float32)
+    cdef float *cp = &c[0, 0] if lstm else NULL
+    with nogil:
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            if packed:  # rows past their length keep their state: save it, restore below
+                memcpy(&h_keep[0, 0], &h[0, 0], B * H * sizeof(float))
+                if lstm:
+                    memcpy(&c_keep[0, 0], cp, B * H * sizeof(float))
+            _linear_tiles(&h[0, 0], H, B, H, &weight_hh[0, 0], GH, &bias_hh[0], &gh[0, 0], GH,
+                          num_threads)
+            _cell(lstm, &x_proj[0, t, 0], T * GH, &gh[0, 0], &h[0, 0], cp, B, H, num_threads)
+            for b in range(B):
+                if packed and t >= lengths[b]:
+                    memcpy(&h[b, 0], &h_keep[b, 0], H * sizeof(float))
+                    if lstm:
+                        memcpy(&cp[b * H], &c_keep[b, 0], H * sizeof(float))
+                    memset(&out[b, t, 0], 0, H * sizeof(float))
+                else:
+                    memcpy(&out[b, t, 0], &h[b, 0], H * sizeof(float))
+
+
+cdef class DecoderStep:
+    """The whole decoder step of a GRU/LSTM encoder-decoder with attention, compiled.
+
+    Built once per model from its float32 weights (torch layouts, names of
+    :mod:`attncore.train.seq2seq`); :meth:`step` then advances a batch by one token with the GIL
+    released. The object holds only read-only weights: any number of Python threads may call
+    :meth:`step` at once on their own state arrays.
+    """
+    cdef readonly int attention, num_layers, embed_dim, hidden, attention_dim, vocab
+    cdef readonly bint lstm, input_feeding, feeds_context
+    cdef object _keep               # the weight arrays, alive as long as the pointers below
+    cdef const float *emb
+    cdef const float *w_ih[64]
+    cdef const float *w_hh[64]
+    cdef const float *b_ih[64]
+    cdef const float *b_hh[64]
+    cdef const float *att_query     # (A, H)   bahdanau, luong_concat
+    cdef const float *att_score     # (A,)     bahdanau, luong_concat
+    cdef const float *linear_in     # (H, H)   luong_general
+    cdef const float *att_output    # (H, 2H)  luong
+    cdef const float *out_w         # (V, H)
+    cdef const float *out_b         # (V,)
+
+    def __init__(self, str attention, bint lstm, bint input_feeding, embedding, list w_ih,
+                 list w_hh, list b_ih, list b_hh, att_query, att_score, linear_in, att_output,
+                 out_weight, out_bias):
+        import numpy as np
+        if attention not in ATTENTION_CODES:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_CODES)}, got {attention!r}")
+        if not 1 <= len(w_ih) <= 64 or not len(w_ih) == len(w_hh) == len(b_ih) == len(b_hh):
+            raise ValueError("w_ih, w_hh, b_ih, b_hh: one entry per layer (1..64 layers)")
+        self.attention = ATTENTION_CODES[attention]
+        self.lstm, self.num_layers = lstm, len(w_ih)
+        self.input_feeding = input_feeding and self.attention != BAHDANAU
+        self.feeds_context = self.attention == BAHDANAU or self.input_feeding
+        keep = []
+
+        def f32(a, shape, name):
+            if a is None:
+                raise ValueError(f"DecoderStep: {name} is required for attention {attention!r}")
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if a.shape != shape:
+                raise ValueError(f"DecoderStep: {name} must have shape {shape}, got {a.shape}")
+            keep.append(a)
+            return a
+
+        cdef const float[:, ::1] m2
+        cdef const float[::1] m1
+        E = np.shape(embedding)[1]
+        H = np.shape(w_hh[0])[1]
+        G = 4 if lstm else 3
+        V = np.shape(out_weight)[0]
+        self.embed_dim, self.hidden, self.vocab = E, H, V
+        self.attention_dim = np.shape(att_query)[0] if att_query is not None else 0
+        m2 = f32(embedding, (np.shape(embedding)[0], E), "embedding"); self.emb = &m2[0, 0]
+        for layer in range(self.num_layers):
+            width = (E + (H if self.feeds_context else 0)) if layer == 0 else H
+            m2 = f32(w_ih[layer], (G * H, width), f"w_ih[{layer}]"); self.w_ih[layer] = &m2[0, 0]
+            m2 = f32(w_hh[layer], (G * H, H), f"w_hh[{layer}]"); self.w_hh[layer] = &m2[0, 0]
+            m1 = f32(b_ih[layer], (G * H,), f"b_ih[{layer}]"); self.b_ih[layer] = &m1[0]
+            m1 = f32(b_hh[layer], (G * H,), f"b_hh[{layer}]"); self.b_hh[layer] = &m1[0]
+        self.att_query = self.att_score = self.linear_in = self.att_output = NULL
+        if self.attention in (BAHDANAU, LUONG_CONCAT):
+            A = self.attention_dim
+            m2 = f32(att_query, (A, H), "att_query"); self.att_query = &m2[0, 0]
+            m1 = f32(np.reshape(att_score, -1), (A,), "att_score"); self.att_score = &m1[0]
+        if self.attention == LUONG_GENERAL:
+            m2 = f32(linear_in, (H, H), "linear_in"); self.linear_in = &m2[0, 0]
+        if self.attention != BAHDANAU:
+            m2 = f32(att_output, (H, 2 * H), "att_output"); self.att_output = &m2[0, 0]
+        m2 = f32(out_weight, (V, H), "out_weight"); self.out_w = &m2[0, 0]
+        m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
+        self._keep = keep
+
+    @property
+    def scratch_width(self):
+        """Floats of scratch per batch row that :meth:`step` needs."""
+        G = 4 if self.lstm else 3
+        x_width = max(self.embed_dim + self.hidden, 2 * self.hidden)
+        return x_width + 2 * G * self.hidden + max(self.attention_dim, self.hidden) + self.hidden
+
+    def step(self, const int64_t[::1] tokens, float[:, :, ::1] h, float[:, :, ::1] c,
+             float[:, ::1] feed, const float[:, :, ::1] memory, const float[:, :, ::1] keys,
+             const int64_t[::1] lengths, float[:, ::1] log_probs, float[:, ::1] weights,
+             float[::1] scratch, int num_threads):
+        """Advance every row by one token, in place on (h, c, feed).
+
+        tokens (B,) previous target tokens, in [0, tgt_vocab) (checked by the caller);
+        h, c (num_layers, B, H) the RNN state (c: LSTM only, else any (L, B, H) array);
+        feed (B, H) h~ of the previous step (Luong with input feeding; else any (B, H) array);
+        memory (B, S, H); keys (B, S, A) the projected memory (additive scores; else any);
+        lengths (B,) in [0, S]; log_probs (B, V) out; weights (B, S) out (attention);
+        scratch (B * scratch_width,).
+        """
+        cdef Py_ssize_t B = tokens.shape[0], S = memory.shape[1], H = self.hidden
+        cdef Py_ssize_t E = self.embed_dim, A = self.attention_dim, V = self.vocab
+        cdef Py_ssize_t G = 4 if self.lstm else 3, L = self.num_layers
+        cdef Py_ssize_t X = max(E + H, 2 * H), Q = max(A, H)
+        cdef Py_ssize_t b, i, layer, width
+        if h.shape[0] != L or h.shape[1] != B or h.shape[2] != H or memory.shape[0] != B or \
+                memory.shape[2] != H or lengths.shape[0] != B or log_probs.shape[0] != B or \
+                log_probs.shape[1] != V or weights.shape[0] != B or weights.shape[1] != S or \
+                scratch.shape[0] != B * (X + 2 * G * H + Q + H) or feed.shape[0] != B or \
+                feed.shape[1] != H or \
+                (self.lstm and (c.shape[0] != L or c.shape[1] != B or c.shape[2] != H)) or \
+                (A and (keys.shape[0] != B or keys.shape[1] != S or keys.shape[2] != A)):
+            raise ValueError("DecoderStep.step: inconsistent shapes")
+        if B == 0:
+            return
+        # scratch blocks, each row-major: x (B, X) | gx (B, GH) | gh (B, GH) | q (B, Q) | ctx (B, H)
+        cdef float *x = &scratch[0]
+        cdef float *gx = x + B * X
+        cdef float *gh = gx + B * G * H
+        cdef float *q = gh + B * G * H
+        cdef float *ctx = q + B * Q
+        cdef float *fp = &feed[0, 0]
+        cdef float *top = &h[L - 1, 0, 0]
+        cdef int status = 0
+        with nogil:
+            if self.attention == BAHDANAU:
+                # query = h_{t-1} of the top layer; x = [c ; E[y]]
+                _linear_tiles(top, H, B, H, self.att_query, A, NULL, q, A, num_threads)
+                status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score, &memory[0, 0, 0],
+                                         ctx, &weights[0, 0], B, 1, S, A, H, &lengths[0],
+                                         num_threads)
+                for b in range(B):
+                    memcpy(x + b * X, ctx + b * H, H * sizeof(float))
+                    memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
+                width = H + E
+            else:
+                for b in range(B):
+                    memcpy(x + b * X, self.emb + tokens[b] * E, E * sizeof(float))
+                    if self.input_feeding:
+                        memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
+                width = E + (H if self.input_feeding else 0)
+            for layer in range(L):
+                _linear_tiles(x, X, B, width, self.w_ih[layer], G * H, self.b_ih[layer], gx,
+                              G * H, num_threads)
+                _linear_tiles(&h[layer, 0, 0], H, B, H, self.w_hh[layer], G * H,
+                              self.b_hh[layer], gh, G * H, num_threads)
+                _cell(self.lstm, gx, G * H, gh, &h[layer, 0, 0],
+                      &c[layer, 0, 0] if self.lstm else NULL, B, H, num_threads)
+                for b in range(B):
+                    memcpy(x + b * X, &h[layer, b, 0], H * sizeof(float))
+                width = H
+            if self.attention == BAHDANAU:
+                _linear_tiles(top, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
+                              num_threads)
+            else:
+                # scores with the current top state h_t
+                if self.attention == LUONG_CONCAT:
+                    _linear_tiles(top, H, B, H, self.att_query, A, NULL, q, A, num_threads)
+                    status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score,
+                                             &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A,
+                                             H, &lengths[0], num_threads)
+                else:
+                    if self.attention == LUONG_GENERAL:
+                        _linear_tiles(top, H, B, H, self.linear_in, H, NULL, q, H, num_threads)
+                    else:
+                        memcpy(q, top, B * H * sizeof(float))
+                    _dot_attention(q, &memory[0, 0, 0], &lengths[0], &weights[0, 0], ctx, B, S,
+                                   H, num_threads)
+                # h~ = tanh(W_c [c ; h_t]) into feed (the next step's input feed)
+                for b in range(B):
+                    memcpy(x + b * X, ctx + b * H, H * sizeof(float))
+                    memcpy(x + b * X + H, top + b * H, H * sizeof(float))
+                _linear_tiles(x, X, B, 2 * H, self.att_output, H, NULL, fp, H, num_threads)
+                ac_tanh_f32(fp, fp, B * H)
+                _linear_tiles(fp, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
+                              num_threads)
+            ac_softmax_f32(&log_probs[0, 0], &log_probs[0, 0], B, V, NULL, NULL, 1, num_threads)
+        if status:
+            raise MemoryError("DecoderStep.step: out of memory for attention scratch")
+
+
+cdef void _dot_attention(const float *q, const float *memory, const int64_t *lengths,
+                         float *weights, float *ctx, Py_ssize_t B, Py_ssize_t S, Py_ssize_t H,
+                         int num_threads) noexcept nogil:
+    """Luong dot attention per row: weights (B, S) = masked softmax(memory_b . q_b) over the
+    first lengths[b] positions (all zeros for an empty source); ctx_b (H) = weights_b . memory_b.
+    q (B, H), memory (B, S, H), ctx (B, H)."""
+    cdef Py_ssize_t b
+    cdef int s_ = <int>S, h_ = <int>H, one_i = 1
+    cdef float one = 1.0, zero = 0.0
+    cdef char ta = b'T', tn = b'N'
+    for b in range(B):
+        if S > 0 and H > 0:
+            # column-major memory_b is (H x S): scores = memory_b^T . q_b
+            sgemm(&ta, &tn, &s_, &one_i, &h_, &one, <float *>&memory[b * S * H], &h_,
+                  <float *>&q[b * H], &h_, &zero, &weights[b * S], &s_)
+    ac_softmax_f32(weights, weights, B, S, lengths, NULL, 0, num_threads)
+    for b in range(B):
+        if S > 0 and H > 0:
+            sgemm(&tn, &tn, &h_, &one_i, &s_, &one, <float *>&memory[b * S * H], &h_,
+                  &weights[b * S], &s_, &zero, &ctx[b * H], &h_)
+        else:
+            memset(&ctx[b * H], 0, H * sizeof(float))

@@ -1,0 +1,108 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Argument checks shared by every kernel front. Every message names the argument and says what
+was expected and what was given; everything here runs before any ``nogil`` code."""
+import math
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def check_float_array(x, name, ndim=None, min_ndim=None, dtype=None):
+    """Return ``x`` as a C-contiguous float32/float64 ndarray (copying only when needed)."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    if arr.dtype.type not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    if min_ndim is not None and arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {arr.shape}")
+    if dtype is not None and arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} like the other inputs, "
+                        f"got {arr.dtype}")
+    return as_c_contiguous(arr)
+
+
+def as_c_contiguous(arr, dtype=None):
+    """``arr`` as a C-contiguous array of ``dtype``, keeping its shape: unlike
+    ``np.ascontiguousarray`` a 0-d array stays 0-d."""
+    return np.require(arr, dtype=dtype, requirements="C")
+
+
+def n_rows(shape):
+    """Rows of an array of ``shape`` seen as (rows, shape[-1]): explicit, because NumPy cannot
+    infer ``-1`` in ``reshape(-1, 0)`` for a zero-sized array."""
+    return math.prod(shape[:-1])
+
+
+def check_lengths(lengths, name, shape, max_value):
+    """int64 C-contiguous array of ``shape`` with values in [0, max_value]."""
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        try:
+            arr = np.broadcast_to(arr, shape)
+        except ValueError:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}") from None
+    if arr.size and (arr.min() < 0 or arr.max() > max_value):
+        bad = arr[(arr < 0) | (arr > max_value)].ravel()[0]
+        raise ValueError(f"{name} values must lie in [0, {max_value}], got {int(bad)}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_ids(ids, name, vocab_size):
+    """int64 array of token ids in [0, vocab_size)."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)].ravel()[0]
+        raise ValueError(f"{name} values must lie in [0, {vocab_size}), got {int(bad)}")
+    return as_c_contiguous(arr, np.int64)
+
+
+def check_positive_float(value, name, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_finite_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_bool_mask(mask, name, shape):
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array (True = keep), got dtype {arr.dtype}")
+    try:
+        arr = np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {np.shape(mask)} does not broadcast to {tuple(shape)}") from None
+    return arr
+
+
+def check_axis(axis, ndim, name="axis"):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} {axis} is out of range for an array of {ndim} dimensions")
+    return int(axis) % ndim

@@ -1,0 +1,291 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fronts of the attention kernels: fused scaled-dot-product attention, additive (Bahdanau),
+Luong and Nadaraya-Watson attention.
+
+Strategy choice for ``attention`` (by shape only, never by thread count, so results are
+bit-identical for every thread count):
+
+* ``return_weights=True`` or a dense ``mask``: the weights are materialised anyway (the mask
+  itself is batch x heads x q_len x kv_len), so scores go through BLAS and the masked softmax.
+* ``q_len <= DECODE_MAX_Q`` (decoding, a few new tokens against a cache): split-KV. Keys are cut
+  into chunks of ``DECODE_CHUNK``; (batch, head, chunk) items run in parallel and are merged by
+  log-sum-exp in chunk order. Peers run one thread per (batch, head) here and leave cores idle.
+* otherwise: flash. Query tiles of ``BLOCK_Q`` x key tiles of ``BLOCK_K`` with an online
+  softmax; scores never exceed one BLOCK_Q x BLOCK_K tile per thread.
+"""
+import math
+
+import numpy as np
+
+from . import _additive, _blas, _sdpa, _softmax
+from ._validation import (check_bool_mask, check_finite_float, check_float_array,
+                          check_lengths, check_positive_float)
+from .threads import get_num_threads
+
+__all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
+           "nadaraya_watson"]
+
+BLOCK_Q = 64     # query rows per flash tile
+BLOCK_K = 256    # keys per flash tile: a 64 x 256 float32 score tile is 64 KiB, L2-resident
+DECODE_MAX_Q = 8
+DECODE_CHUNK = 256
+
+
+def _check_qkv(q, k, v):
+    q = check_float_array(q, "q", ndim=4)
+    k = check_float_array(k, "k", ndim=4, dtype=q.dtype)
+    v = check_float_array(v, "v", ndim=4, dtype=q.dtype)
+    batch, heads, q_len, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError("q: head_dim must be > 0")
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"q, k and v must have the same batch size, got {batch}, {k.shape[0]}, "
+                         f"{v.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k must have head_dim {head_dim} like q, got {k.shape[3]}")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads}) for "
+                         f"grouped-query attention")
+    return q, k, v
+
+
+def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
+              return_weights=False):
+    """Scaled dot-product attention: softmax(scale * q k^T) v, fused (FlashAttention style).
+
+    Parameters
+    ----------
+    q : (batch, heads, q_len, head_dim) float32 or float64
+    k, v : (batch, kv_heads, kv_len, head_dim), same dtype; heads % kv_heads == 0
+        (grouped-query: query head h reads key/value head h // (heads // kv_heads)).
+    causal : bool
+        Bottom-right aligned: query i sees keys j <= i + kv_len - q_len, so a single new token
+        sees the whole cache.
+    kv_lengths : (batch,) int, optional
+        Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
+    mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
+        False = masked. Dense masks materialise the scores; prefer causal / kv_lengths.
+    scale : float, optional
+        Default 1 / sqrt(head_dim).
+    return_weights : bool
+        Also return the attention weights (batch, heads, q_len, kv_len).
+
+    Returns
+    -------
+    out : (batch, heads, q_len, head_dim) [, weights]
+    """
+    q, k, v = _check_qkv(q, k, v)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else check_finite_float(scale, "scale")
+    if kv_lengths is not None:
+        kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
+    threads = get_num_threads()
+    out = np.zeros((batch, heads, q_len, head_dim), dtype=q.dtype)
+    empty = out.size == 0 or kv_len == 0
+    if mask is not None:
+        mask = check_bool_mask(mask, "mask", (batch, heads, q_len, kv_len))
+        weights = _masked_weights(q, k, scale, causal, kv_lengths, mask, threads)
+        if not empty:
+            group = heads // kv_heads
+            v_full = np.repeat(v, group, axis=1) if group > 1 else v
+            _blas.matmul(weights.reshape(-1, q_len, kv_len),
+                         np.ascontiguousarray(v_full).reshape(-1, kv_len, head_dim),
+                         out.reshape(-1, q_len, head_dim), False, 1.0, threads)
+        return (out, weights) if return_weights else out
+    if return_weights:
+        weights = np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
+        if not empty:
+            _sdpa.with_weights(q, k, v, out, weights, kv_lengths, bool(causal), scale, threads)
+        return out, weights
+    if empty:
+        return out
+    if q_len <= DECODE_MAX_Q:
+        _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
+    else:
+        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, BLOCK_Q, BLOCK_K, threads)
+    return out
+
+
+def _masked_weights(q, k, scale, causal, kv_lengths, mask, threads):
+    """Materialised weights for the dense-mask path: BLAS scores + masked softmax kernel."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    keep = np.array(mask, dtype=bool)  # a private, writable copy of the broadcast mask
+    if causal:
+        keep &= np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
+    if kv_lengths is not None:
+        keep &= np.arange(kv_len) < kv_lengths[:, None, None, None]
+    weights = np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
+    if weights.size == 0:
+        return weights
+    group = heads // k.shape[1]
+    k_full = np.ascontiguousarray(np.repeat(k, group, axis=1)) if group > 1 else k
+    scores = np.empty_like(weights)
+    _blas.matmul(q.reshape(-1, q_len, head_dim), k_full.reshape(-1, kv_len, head_dim),
+                 scores.reshape(-1, q_len, kv_len), True, scale, threads)
+    _softmax.softmax_rows(scores.reshape(-1, kv_len), weights.reshape(-1, kv_len), None,
+                          np.ascontiguousarray(keep).reshape(-1, kv_len).view(np.uint8), False,
+                          threads)
+    return weights
+
+
+def project_keys(keys, w_k):
+    """keys (batch, kv_len, k_dim) . w_k (k_dim, hidden): the encoder memory projected once per
+    source, to pass as ``keys`` with ``w_k=None`` to :func:`additive_attention` at every step."""
+    keys = check_float_array(keys, "keys", ndim=3)
+    w_k = check_float_array(w_k, "w_k", ndim=2, dtype=keys.dtype)
+    if w_k.shape[0] != keys.shape[2]:
+        raise ValueError(f"w_k must have shape ({keys.shape[2]}, hidden), got {w_k.shape}")
+    out = np.empty((1, keys.shape[0] * keys.shape[1], w_k.shape[1]), dtype=keys.dtype)
+    _blas.matmul(keys.reshape(1, -1, keys.shape[2]), w_k[None], out, False, 1.0, get_num_threads())
+    return out.reshape(keys.shape[0], keys.shape[1], w_k.shape[1])
+
+
+def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
+                       return_weights=False):
+    """Additive (Bahdanau) attention, score(q, k) = w_v . tanh(q W_q + k W_k), fused.
+
+    Parameters
+    ----------
+    queries : (batch, q_len, q_dim)
+    keys : (batch, kv_len, k_dim), or (batch, kv_len, hidden) already projected when w_k is None
+        (see :func:`project_keys`: a decoder projects the encoder memory once per source).
+    values : (batch, kv_len, v_dim)
+    w_q : (q_dim, hidden); w_k : (k_dim, hidden) or None; w_v : (hidden,)
+    kv_lengths : (batch,) int, optional -- keys j >= kv_lengths[b] are padding.
+
+    Returns (batch, q_len, v_dim) [, weights (batch, q_len, kv_len)]. The
+    batch x q_len x kv_len x hidden tensor of the textbook formula is never formed.
+    """
+    queries = check_float_array(queries, "queries", ndim=3)
+    dtype = queries.dtype
+    keys = check_float_array(keys, "keys", ndim=3, dtype=dtype)
+    values = check_float_array(values, "values", ndim=3, dtype=dtype)
+    w_q = check_float_array(w_q, "w_q", ndim=2, dtype=dtype)
+    w_v = check_float_array(w_v, "w_v", ndim=1, dtype=dtype)
+    batch, q_len, q_dim = queries.shape
+    if keys.shape[0] != batch or values.shape[0] != batch:
+        raise ValueError(f"queries, keys and values must have the same batch size, got {batch}, "
+                         f"{keys.shape[0]}, {values.shape[0]}")
+    if values.shape[1] != keys.shape[1]:
+        raise ValueError(f"keys and values must have the same kv_len, got {keys.shape[1]} and "
+                         f"{values.shape[1]}")
+    if w_q.shape[0] != q_dim:
+        raise ValueError(f"w_q must have shape ({q_dim}, hidden), got {w_q.shape}")
+    hidden = w_q.shape[1]
+    if w_v.shape[0] != hidden:
+        raise ValueError(f"w_v must have shape ({hidden},), got {w_v.shape}")
+    if w_k is not None:
+        w_k = check_float_array(w_k, "w_k", ndim=2, dtype=dtype)
+        if w_k.shape != (keys.shape[2], hidden):
+            raise ValueError(f"w_k must have shape ({keys.shape[2]}, {hidden}), got {w_k.shape}")
+        keys = project_keys(keys, w_k)
+    elif keys.shape[2] != hidden:
+        raise ValueError(f"keys must be projected to hidden={hidden} when w_k is None, got last "
+                         f"dimension {keys.shape[2]}")
+    kv_len = keys.shape[1]
+    if kv_lengths is not None:
+        kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
+    threads = get_num_threads()
+    q_proj = np.empty((1, batch * q_len, hidden), dtype=dtype)
+    _blas.matmul(queries.reshape(1, -1, q_dim), w_q[None], q_proj, False, 1.0, threads)
+    out = np.zeros((batch, q_len, values.shape[2]), dtype=dtype)
+    weights = np.zeros((batch, q_len, kv_len), dtype=dtype) if return_weights else None
+    if out.size and kv_len:
+        _additive.additive(q_proj.reshape(batch, q_len, hidden), keys, w_v, values, out, weights,
+                           kv_lengths, threads)
+    return (out, weights) if return_weights else out
+
+
+def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_k=None, v=None,
+                    kv_lengths=None, return_weights=False):
+    """Luong attention: softmax over keys of a score, then the weighted sum of values.
+
+    method "dot": q . k;  "general": q W k with w (q_dim, k_dim);
+    "concat": v . tanh(W [q; k]) with W split as w_q (q_dim, hidden), w_k (k_dim, hidden) and
+    v (hidden,) -- the additive kernel.
+    queries (batch, q_len, q_dim), keys (batch, kv_len, k_dim), values (batch, kv_len, v_dim).
+    Returns (batch, q_len, v_dim) [, weights (batch, q_len, kv_len)].
+    """
+    if method == "concat":
+        for name, val in (("w_q", w_q), ("w_k", w_k), ("v", v)):
+            if val is None:
+                raise ValueError(f"luong_attention(method='concat') needs {name}")
+        return additive_attention(queries, keys, values, w_q, w_k, v, kv_lengths=kv_lengths,
+                                  return_weights=return_weights)
+    if method not in ("dot", "general"):
+        raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
+    queries = check_float_array(queries, "queries", ndim=3)
+    keys = check_float_array(keys, "keys", ndim=3, dtype=queries.dtype)
+    values = check_float_array(values, "values", ndim=3, dtype=queries.dtype)
+    if method == "general":
+        if w is None:
+            raise ValueError("luong_attention(method='general') needs w")
+        w = check_float_array(w, "w", ndim=2, dtype=queries.dtype)
+        if w.shape != (queries.shape[2], keys.shape[2]):
+            raise ValueError(f"w must have shape ({queries.shape[2]}, {keys.shape[2]}), got {w.shape}")
+        q2 = np.empty((1, queries.shape[0] * queries.shape[1], w.shape[1]), dtype=queries.dtype)
+        _blas.matmul(queries.reshape(1, -1, queries.shape[2]), w[None], q2, False, 1.0,
+                     get_num_threads())
+        queries = q2.reshape(queries.shape[0], queries.shape[1], w.shape[1])
+    if queries.shape[2] != keys.shape[2]:
+        raise ValueError(f"dot scores need queries and keys of one width, got {queries.shape[2]} "
+                         f"and {keys.shape[2]}")
+    if values.shape[:2] != keys.shape[:2]:
+        raise ValueError(f"values must have shape ({keys.shape[0]}, {keys.shape[1]}, v_dim), got "
+                         f"{values.shape}")
+    if values.shape[2] != keys.shape[2]:
+        # the fused kernel wants one head_dim; fall back to scores + masked softmax
+        scores = np.empty((queries.shape[0], queries.shape[1], keys.shape[1]), dtype=queries.dtype)
+        _blas.matmul(queries, keys, scores, True, 1.0, get_num_threads())
+        from .basic import softmax
+        lengths = None if kv_lengths is None else np.broadcast_to(
+            check_lengths(kv_lengths, "kv_lengths", (keys.shape[0],), keys.shape[1])[:, None],
+            scores.shape[:2])
+        weights = softmax(scores, lengths=lengths)
+        out = np.empty((queries.shape[0], queries.shape[1], values.shape[2]), dtype=queries.dtype)
+        _blas.matmul(np.ascontiguousarray(weights), values, out, False, 1.0, get_num_threads())
+        return (out, weights) if return_weights else out
+    result = attention(queries[:, None], keys[:, None], values[:, None], kv_lengths=kv_lengths,
+                       scale=1.0, return_weights=return_weights)
+    if return_weights:
+        return result[0][:, 0], result[1][:, 0]
+    return result[:, 0]
+
+
+def nadaraya_watson(queries, keys, values, bandwidth=1.0, *, return_weights=False):
+    """Nadaraya-Watson kernel regression as attention pooling (Gaussian kernel):
+
+        out_i = sum_j softmax_j(-||q_i - k_j||^2 / (2 bandwidth^2)) values_j
+
+    queries (n_q, d) or (n_q,), keys (n_k, d) or (n_k,), values (n_k, d_v) or (n_k,).
+    Returns (n_q, d_v) or (n_q,) [, weights (n_q, n_k)].
+    """
+    queries = check_float_array(queries, "queries")
+    keys = check_float_array(keys, "keys", dtype=queries.dtype)
+    values = check_float_array(values, "values", dtype=queries.dtype)
+    bandwidth = check_positive_float(bandwidth, "bandwidth")
+    for name, arr in (("queries", queries), ("keys", keys), ("values", values)):
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"{name} must be 1-D or 2-D, got shape {arr.shape}")
+    # explicit widths: NumPy cannot infer -1 for a zero-sized array
+    q2 = queries.reshape(queries.shape[0], queries.shape[1] if queries.ndim == 2 else 1)
+    k2 = keys.reshape(keys.shape[0], keys.shape[1] if keys.ndim == 2 else 1)
+    if q2.shape[1] != k2.shape[1]:
+        raise ValueError(f"queries and keys must have the same feature size, got {q2.shape[1]} "
+                         f"and {k2.shape[1]}")
+    if values.shape[0] != keys.shape[0]:
+        raise ValueError(f"values must have {keys.shape[0]} rows like keys, got {values.shape[0]}")
+    v2 = np.ascontiguousarray(values.reshape(values.shape[0],
+                                             values.shape[1] if values.ndim == 2 else 1))
+    out = np.zeros((q2.shape[0], v2.shape[1]), dtype=queries.dtype)
+    weights = np.zeros((q2.shape[0], k2.shape[0]), dtype=queries.dtype) if return_weights else None
+    if q2.shape[0] and k2.shape[0]:
+        _additive.nadaraya_watson(np.ascontiguousarray(q2), np.ascontiguousarray(k2), v2, out,
+                                  weights, bandwidth, get_num_threads())
+    out = out.reshape(-1) if values.ndim == 1 else out
+    return (out, weights) if return_weights else out

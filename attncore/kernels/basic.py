@@ -1,0 +1,212 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fronts of the row and matrix kernels: softmax, linear / matmul (BLAS), norms, activations,
+embedding gather, position tables. Each validates, picks the dtype path and calls the kernel."""
+import numpy as np
+
+from .. import reference
+from . import _blas, _layers, _softmax
+from ._validation import (check_axis, check_bool_mask, check_finite_float, check_float_array, n_rows,
+                          check_ids, check_lengths)
+from .threads import get_num_threads
+
+__all__ = ["softmax", "log_softmax", "linear", "matmul", "layer_norm", "relu", "gelu",
+           "gelu_tanh", "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions",
+           "rotary"]
+
+
+def _softmax_front(x, axis, lengths, mask, log_output, name):
+    x = check_float_array(x, "x")
+    if x.ndim == 0:
+        raise ValueError(f"{name}: x must have at least 1 dimension, got a scalar")
+    axis = check_axis(axis, x.ndim)
+    moved = np.ascontiguousarray(np.moveaxis(x, axis, -1))
+    rows_shape = moved.shape[:-1]
+    n = moved.shape[-1]
+    lengths_rows = None
+    if lengths is not None:
+        lengths_rows = check_lengths(lengths, "lengths", rows_shape, n).reshape(-1)
+    mask_rows = None
+    if mask is not None:
+        m = check_bool_mask(mask, "mask", x.shape)
+        mask_rows = np.ascontiguousarray(np.moveaxis(m, axis, -1)).reshape(n_rows(moved.shape), n).view(np.uint8)
+    x2 = moved.reshape(n_rows(moved.shape), n)
+    out = np.empty_like(x2)
+    _softmax.softmax_rows(x2, out, lengths_rows, mask_rows, log_output, get_num_threads())
+    return np.moveaxis(out.reshape(moved.shape), -1, axis)
+
+
+def softmax(x, axis=-1, *, lengths=None, mask=None):
+    """Numerically stable softmax over ``axis``.
+
+    Parameters
+    ----------
+    x : (..., n, ...) float32 or float64
+    lengths : int array of x.shape without ``axis`` (broadcastable), optional
+        Entries at index >= lengths along ``axis`` are excluded.
+    mask : bool array broadcastable to x.shape, optional
+        False entries are excluded.
+
+    Returns an array like x. Excluded entries are 0; a row with nothing valid is all 0 (never NaN).
+    """
+    return _softmax_front(x, axis, lengths, mask, False, "softmax")
+
+
+def log_softmax(x, axis=-1, *, lengths=None, mask=None):
+    """log(softmax(x)) computed stably: excluded entries are -inf, a row with nothing valid is
+    all 0 (so padded rows never put inf/NaN into a loss). Arguments as in :func:`softmax`."""
+    return _softmax_front(x, axis, lengths, mask, True, "log_softmax")
+
+
+def linear(x, weight, bias=None):
+    """y = x . weight^T + bias on BLAS (torch ``nn.Linear`` layout).
+
+    x : (..., in_features); weight : (out_features, in_features); bias : (out_features,) or None.
+    Returns (..., out_features), dtype of x.
+    """
+    x = check_float_array(x, "x", min_ndim=1)
+    weight = check_float_array(weight, "weight", ndim=2, dtype=x.dtype)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out_features, {x.shape[-1]}) to match x's last "
+                         f"dimension, got {weight.shape}")
+    if bias is not None:
+        bias = check_float_array(bias, "bias", ndim=1, dtype=x.dtype)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
+    x2 = x.reshape(n_rows(x.shape), x.shape[-1])
+    out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
+    _blas.linear(x2, weight, bias, out, get_num_threads())
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def matmul(a, b, *, transpose_b=False, alpha=1.0):
+    """alpha * a . b (or a . b^T) per batch entry on BLAS.
+
+    a : (m, k) or (batch, m, k); b : same rank, (k, n) or, with ``transpose_b``, (n, k).
+    """
+    a = check_float_array(a, "a")
+    b = check_float_array(b, "b", dtype=a.dtype)
+    if a.ndim not in (2, 3) or b.ndim != a.ndim:
+        raise ValueError(f"a and b must both be 2-D or both 3-D, got shapes {a.shape} and {b.shape}")
+    alpha = check_finite_float(alpha, "alpha")
+    squeeze = a.ndim == 2
+    a3, b3 = (a[None], b[None]) if squeeze else (a, b)
+    if a3.shape[0] != b3.shape[0]:
+        raise ValueError(f"a and b must have the same batch size, got {a3.shape[0]} and {b3.shape[0]}")
+    k_b = b3.shape[2] if transpose_b else b3.shape[1]
+    if k_b != a3.shape[2]:
+        raise ValueError(f"inner dimensions differ: a has {a3.shape[2]} columns, b has {k_b} "
+                         f"{'columns (transpose_b=True)' if transpose_b else 'rows'}")
+    n = b3.shape[1] if transpose_b else b3.shape[2]
+    out = np.empty((a3.shape[0], a3.shape[1], n), dtype=a.dtype)
+    _blas.matmul(a3, b3, out, bool(transpose_b), alpha, get_num_threads())
+    return out[0] if squeeze else out
+
+
+_NORM_MODES = {"standard": 0, "uncentred": 1, "rms": 2}
+
+
+def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
+    """Normalise the last axis of x (..., dim): gamma * (x - c) / sqrt(m2 + eps) + beta.
+
+    mode "standard": the usual LayerNorm (c = mean, m2 = variance); "uncentred": RAN's (langml)
+    LayerNorm (c = mean, m2 = mean(x^2)); "rms": RMSNorm (c = 0, m2 = mean(x^2)).
+    gamma, beta : (dim,) or None. Statistics are accumulated in float64.
+    """
+    x = check_float_array(x, "x", min_ndim=1)
+    if mode not in _NORM_MODES:
+        raise ValueError(f"mode must be one of {sorted(_NORM_MODES)}, got {mode!r}")
+    eps = check_finite_float(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    dim = x.shape[-1]
+    params = []
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is not None:
+            p = check_float_array(p, name, ndim=1, dtype=x.dtype)
+            if p.shape[0] != dim:
+                raise ValueError(f"{name} must have shape ({dim},), got {p.shape}")
+        params.append(p)
+    x2 = x.reshape(n_rows(x.shape), dim)
+    out = np.empty_like(x2)
+    _layers.layer_norm(x2, out, params[0], params[1], eps, _NORM_MODES[mode], get_num_threads())
+    return out.reshape(x.shape)
+
+
+def _activation(x, kind):
+    x = check_float_array(x, "x")
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    _layers.activation(flat, out, kind, get_num_threads())
+    return out.reshape(x.shape)
+
+
+def relu(x):
+    """max(x, 0), element-wise."""
+    return _activation(x, 0)
+
+
+def gelu(x):
+    """Exact GELU, 0.5 x (1 + erf(x / sqrt(2))), element-wise."""
+    return _activation(x, 1)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation, element-wise."""
+    return _activation(x, 2)
+
+
+def swish(x):
+    """x * sigmoid(x) (SiLU), element-wise."""
+    return _activation(x, 3)
+
+
+def tanh(x):
+    """tanh(x), element-wise."""
+    return _activation(x, 4)
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)), element-wise."""
+    return _activation(x, 5)
+
+
+def embedding(table, ids):
+    """Gather rows: table (vocab, dim)[ids] -> ids.shape + (dim,). ids must lie in [0, vocab)."""
+    table = check_float_array(table, "table", ndim=2)
+    ids = check_ids(ids, "ids", table.shape[0])
+    flat = ids.reshape(-1)
+    out = np.empty((flat.shape[0], table.shape[1]), dtype=table.dtype)
+    _layers.embedding(table, flat, out, get_num_threads())
+    return out.reshape(ids.shape + (table.shape[1],))
+
+
+def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
+    """Vaswani et al. position table (length, dim): sin on even, cos on odd dimensions,
+    positions from 0. Computed once per model in float64, then cast."""
+    if int(length) < 0 or int(dim) <= 0:
+        raise ValueError(f"length must be >= 0 and dim > 0, got length={length}, dim={dim}")
+    return reference.sinusoidal_positions(int(length), int(dim), dtype=dtype, base=base)
+
+
+def rotary(x, positions=None, base=10000.0):
+    """Interleaved rotary embedding (pairs (2i, 2i+1)) over x (..., length, dim), dim even.
+
+    positions : (length,) int, default 0..length-1. Returns a new array.
+    """
+    x = check_float_array(x, "x", min_ndim=2)
+    length, dim = x.shape[-2], x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"x's last dimension must be even for rotary pairs, got {dim}")
+    base = check_finite_float(base, "base")
+    if positions is None:
+        positions = np.arange(length, dtype=np.int64)
+    else:
+        positions = np.asarray(positions)
+        if positions.dtype.kind not in "iu":
+            raise TypeError(f"positions must be an integer array, got dtype {positions.dtype}")
+        if positions.shape != (length,):
+            raise ValueError(f"positions must have shape ({length},), got {positions.shape}")
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+    out = np.array(x, copy=True).reshape(n_rows(x.shape[:-1]), length, dim)
+    _layers.rotary(out, positions, base, get_num_threads())
+    return out.reshape(x.shape)

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one module that owns threads.
+
+* One thread budget for everything: ``set_num_threads(n)`` / ``get_num_threads()`` and the
+  ``num_threads(n)`` context manager (thread-local, so concurrent Python threads can each pick
+  their own intra-op budget). The default is ``OMP_NUM_THREADS`` when set, else the CPUs this
+  process may run on (``os.sched_getaffinity``, which follows cgroup/taskset limits), and always 1
+  when the extensions were built without OpenMP.
+* No oversubscription: every kernel parallelises with OpenMP and calls BLAS from inside its
+  parallel region, so SciPy's BLAS (the one ``scipy.linalg.cython_blas`` uses) is limited to a
+  single thread, once, when attncore is imported. threadpoolctl limits are process-wide, so this
+  is done once and only for SciPy's own BLAS library: NumPy's BLAS (a separate library) is left
+  as the user configured it.
+* Results never depend on the thread count: kernels split work by shape, never by threads.
+"""
+import contextlib
+import os
+import threading
+
+from . import _threads
+
+_state = {"default": None}
+_local = threading.local()
+
+
+def _default_num_threads():
+    if not _threads.openmp_enabled():
+        return 1
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _check_count(n, name="n"):
+    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+        raise TypeError(f"{name} must be a positive integer, got {type(n).__name__}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def set_num_threads(n):
+    """Set the process-wide number of threads attncore kernels use (``None``: the default)."""
+    if n is None:
+        _state["default"] = None
+        return
+    n = _check_count(n)
+    _state["default"] = n if _threads.openmp_enabled() else 1
+    _limit_scipy_blas()  # cheap; undoes a process-wide threadpoolctl limit set since import
+
+
+def get_num_threads():
+    """The number of threads the next kernel call in this Python thread will use."""
+    override = getattr(_local, "num_threads", None)
+    if override is not None:
+        return override
+    if _state["default"] is None:
+        _state["default"] = _default_num_threads()
+    return _state["default"]
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Context manager: use ``n`` threads for kernels called from this Python thread.
+
+    >>> with attncore.num_threads(1):
+    ...     out = attncore.attention(q, k, v)
+    """
+    n = _check_count(n)
+    previous = getattr(_local, "num_threads", None)
+    _local.num_threads = n if _threads.openmp_enabled() else 1
+    try:
+        yield n
+    finally:
+        _local.num_threads = previous
+
+
+def _limit_scipy_blas():
+    """Limit SciPy's BLAS (used by our kernels) to one thread; return its description."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return None
+    import scipy.linalg.cython_blas  # noqa: F401  (make sure the library is loaded)
+    controller = ThreadpoolController()
+    blas = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
+    # SciPy wheels bundle their own OpenBLAS under scipy.libs/; elsewhere (distro builds) SciPy
+    # and NumPy may share one BLAS, which then has to be limited for both.
+    own = [lib for lib in blas if "scipy.libs" in lib.filepath] or blas
+    for lib in own:
+        lib.set_num_threads(1)
+    return [{"library": lib.internal_api, "filepath": lib.filepath,
+             "version": getattr(lib, "version", None)} for lib in own]
+
+
+BLAS_INFO = _limit_scipy_blas()

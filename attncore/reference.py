@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plain NumPy versions of every attncore kernel: the oracle for tests and the building blocks
+of the trainer. Readable first: each function is the textbook formula (d2l.ai / Vaswani et al.),
+materialising whatever it likes. No validation beyond what NumPy does; the compiled kernels in
+``attncore.kernels`` are the validated, fast versions with the same signatures.
+
+Conventions shared with the kernels: float32 or float64 in, same dtype out; a row with no valid
+entry gives zero probabilities (never NaN); causal masks are aligned bottom-right.
+"""
+import math
+
+import numpy as np
+
+__all__ = [
+    "softmax", "log_softmax", "attention", "additive_attention", "luong_scores",
+    "nadaraya_watson", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh", "swish",
+    "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary", "valid_mask",
+    "causal_mask",
+]
+
+
+def valid_mask(shape, axis=-1, lengths=None, mask=None):
+    """Boolean array of ``shape``: True where an entry takes part in the softmax over ``axis``."""
+    keep = np.ones(shape, dtype=bool)
+    if mask is not None:
+        keep &= np.broadcast_to(np.asarray(mask, dtype=bool), shape)
+    if lengths is not None:
+        n = shape[axis]
+        moved = np.moveaxis(keep, axis, -1)
+        positions = np.arange(n)
+        moved = moved & (positions < np.asarray(lengths)[..., None])
+        keep = np.moveaxis(moved, -1, axis)
+    return keep
+
+
+def softmax(x, axis=-1, *, lengths=None, mask=None):
+    """exp(x - max) / sum(exp(x - max)) over ``axis``, excluded entries 0, empty rows all 0.
+
+    ``lengths`` (x.shape without ``axis``): entries at index >= length along ``axis`` are out;
+    ``mask`` (broadcastable to x, bool): False entries are out.
+    """
+    x = np.asarray(x)
+    keep = valid_mask(x.shape, axis, lengths, mask)
+    shifted = np.where(keep, x, -np.inf)
+    row_max = shifted.max(axis=axis, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0)
+    e = np.where(keep, np.exp(shifted - row_max), 0).astype(x.dtype)
+    total = e.sum(axis=axis, keepdims=True)
+    return np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(x.dtype)
+
+
+def log_softmax(x, axis=-1, *, lengths=None, mask=None):
+    """log(softmax(x)): excluded entries -inf; a row with nothing valid is all 0 (not -inf/NaN)."""
+    x = np.asarray(x)
+    keep = valid_mask(x.shape, axis, lengths, mask)
+    shifted = np.where(keep, x, -np.inf)
+    row_max = shifted.max(axis=axis, keepdims=True)
+    any_valid = np.isfinite(row_max)
+    row_max = np.where(any_valid, row_max, 0)
+    total = np.where(keep, np.exp(shifted - row_max), 0).sum(axis=axis, keepdims=True)
+    lse = row_max + np.log(np.where(total > 0, total, 1))
+    out = np.where(keep, x - lse, -np.inf)
+    return np.where(any_valid, out, 0).astype(x.dtype)
+
+
+def causal_mask(q_len, kv_len):
+    """(q_len, kv_len) bool, bottom-right aligned: query i sees key j iff j <= i + kv_len - q_len."""
+    return np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
+
+
+def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
+              return_weights=False):
+    """Scaled dot-product attention, softmax(q k^T * scale) v, per head.
+
+    q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, kv_len, head_dim) with
+    heads % kv_heads == 0 (query head h uses key/value head h // (heads // kv_heads)).
+    kv_lengths (batch,): keys j >= kv_lengths[b] are masked; mask: bool broadcastable to
+    (batch, heads, q_len, kv_len), False = masked. Default scale 1/sqrt(head_dim).
+    Returns out (batch, heads, q_len, head_dim) [, weights (batch, heads, q_len, kv_len)].
+    """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    scores = (q @ np.swapaxes(k, -1, -2)) * q.dtype.type(scale)
+    keep = np.ones(scores.shape, dtype=bool)
+    if causal:
+        keep &= causal_mask(q_len, kv_len)
+    if kv_lengths is not None:
+        keep &= np.arange(kv_len) < np.asarray(kv_lengths)[:, None, None, None]
+    if mask is not None:
+        keep &= np.broadcast_to(np.asarray(mask, dtype=bool), scores.shape)
+    weights = softmax(scores, axis=-1, mask=keep)
+    out = (weights @ v).astype(q.dtype)
+    return (out, weights) if return_weights else out
+
+
+def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
+                       return_weights=False):
+    """Bahdanau attention: score(q, k) = w_v . tanh(q W_q + k W_k).
+
+    queries (batch, q_len, q_dim), keys (batch, kv_len, k_dim), values (batch, kv_len, v_dim),
+    w_q (q_dim, hidden), w_k (k_dim, hidden), w_v (hidden,). ``w_k=None`` means the keys are
+    already projected (keys (batch, kv_len, hidden)). Returns (batch, q_len, v_dim)
+    [, weights (batch, q_len, kv_len)].
+    """
+    q_proj = np.asarray(queries) @ w_q
+    k_proj = np.asarray(keys) if w_k is None else np.asarray(keys) @ w_k
+    features = np.tanh(q_proj[:, :, None, :] + k_proj[:, None, :, :])  # (b, q, k, hidden)
+    scores = features @ w_v
+    lengths = None
+    if kv_lengths is not None:
+        lengths = np.broadcast_to(np.asarray(kv_lengths)[:, None], scores.shape[:-1])
+    weights = softmax(scores, axis=-1, lengths=lengths)
+    out = (weights @ np.asarray(values)).astype(q_proj.dtype)
+    return (out, weights) if return_weights else out
+
+
+def luong_scores(queries, keys, *, method="dot", w=None, w_q=None, w_k=None, v=None):
+    """Luong attention scores (batch, q_len, kv_len).
+
+    dot: q . k;  general: q W k  (w (q_dim, k_dim));
+    concat: v . tanh(W [q; k]) = v . tanh(q W_q + k W_k)  (w_q (q_dim, hidden), w_k, v (hidden,)).
+    """
+    queries, keys = np.asarray(queries), np.asarray(keys)
+    if method == "dot":
+        return queries @ np.swapaxes(keys, -1, -2)
+    if method == "general":
+        return (queries @ w) @ np.swapaxes(keys, -1, -2)
+    if method == "concat":
+        features = np.tanh((queries @ w_q)[:, :, None, :] + (keys @ w_k)[:, None, :, :])
+        return features @ v
+    raise ValueError(f"method must be 'dot', 'general' or 'concat', got {method!r}")
+
+
+def nadaraya_watson(queries, keys, values, bandwidth=1.0, *, return_weights=False):
+    """Gaussian-kernel attention pooling: softmax_j(-||q_i - k_j||^2 / (2 h^2)) . values.
+
+    queries (n_q, d) or (n_q,), keys (n_k, d) or (n_k,), values (n_k, d_v) or (n_k,).
+    """
+    queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
+    q2 = queries.reshape(len(queries), -1)
+    k2 = keys.reshape(len(keys), -1)
+    dist = ((q2[:, None, :] - k2[None, :, :]) ** 2).sum(-1)
+    weights = softmax(-dist / (2 * bandwidth ** 2), axis=-1)
+    out = weights @ values
+    return (out, weights) if return_weights else out
+
+
+def linear(x, weight, bias=None):
+    """x (..., in) . weight (out, in)^T + bias (out,): the torch ``nn.Linear`` layout."""
+    y = np.asarray(x) @ np.asarray(weight).T
+    return y + bias if bias is not None else y
+
+
+def matmul(a, b, *, transpose_b=False, alpha=1.0):
+    """alpha * a (batch, m, k) . b (batch, k, n) (or b^T with b (batch, n, k))."""
+    b = np.swapaxes(b, -1, -2) if transpose_b else b
+    return (np.asarray(a) @ b) * np.asarray(a).dtype.type(alpha)
+
+
+def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
+    """Normalise the last axis: gamma * (x - c) / sqrt(m2 + eps) + beta.
+
+    standard: c = mean, m2 = variance;  uncentred (RAN/langml): c = mean, m2 = mean(x^2);
+    rms: c = 0, m2 = mean(x^2).
+    """
+    x = np.asarray(x)
+    mean = x.mean(-1, keepdims=True)
+    if mode == "standard":
+        y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    elif mode == "uncentred":
+        y = (x - mean) / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    elif mode == "rms":
+        y = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps)
+    else:
+        raise ValueError(f"mode must be 'standard', 'uncentred' or 'rms', got {mode!r}")
+    if gamma is not None:
+        y = y * gamma
+    if beta is not None:
+        y = y + beta
+    return y.astype(x.dtype)
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def gelu(x):
+    """Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    from scipy.special import erf
+    x = np.asarray(x)
+    return (0.5 * x * (1 + erf(x / math.sqrt(2)))).astype(x.dtype)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x = np.asarray(x)
+    return (0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype)
+
+
+def sigmoid(x):
+    x = np.asarray(x)
+    return (1 / (1 + np.exp(-x))).astype(x.dtype)
+
+
+def swish(x):
+    """x * sigmoid(x) (SiLU)."""
+    return np.asarray(x) * sigmoid(x)
+
+
+def tanh(x):
+    return np.tanh(x)
+
+
+def embedding(table, ids):
+    """table (vocab, dim)[ids] -> ids.shape + (dim,)."""
+    return np.asarray(table)[np.asarray(ids)]
+
+
+def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
+    """Vaswani et al. table (length, dim): P[p, 2i] = sin(p / base^(2i/dim)), P[p, 2i+1] = cos(...)."""
+    positions = np.arange(length, dtype=np.float64)[:, None]
+    freqs = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    table = np.zeros((length, dim), dtype=np.float64)
+    table[:, 0::2] = np.sin(positions * freqs)
+    table[:, 1::2] = np.cos(positions * freqs[: dim // 2])
+    return table.astype(dtype)
+
+
+def rotary(x, positions=None, base=10000.0):
+    """Interleaved rotary embedding over the last axis of x (..., length, dim), dim even.
+
+    Pair i = (x[2i], x[2i+1]) at position p turns by theta = p / base^(2i/dim).
+    """
+    x = np.asarray(x)
+    length, dim = x.shape[-2], x.shape[-1]
+    if positions is None:
+        positions = np.arange(length)
+    theta = np.asarray(positions, dtype=np.float64)[:, None] * base ** (
+        -np.arange(0, dim, 2, dtype=np.float64) / dim)
+    cos, sin = np.cos(theta), np.sin(theta)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x1 * cos + x0 * sin
+    return out

@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared benchmark helpers: a min-of-repeats timer, thread setup for every engine in the same
+process, and a description of the machine. Benchmarks print tables of ratios measured side by
+side in one run (these machines are noisy); nothing here asserts a time."""
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def best_time(fn, repeats=5, min_time=0.2, warmup=1):
+    """Best wall time of ``fn()`` over at least ``repeats`` calls and ``min_time`` seconds."""
+    for _ in range(warmup):
+        fn()
+    best, total, n = float("inf"), 0.0, 0
+    while n < repeats or total < min_time:
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        best = min(best, dt)
+        total += dt
+        n += 1
+        if n >= 200:
+            break
+    return best
+
+
+def set_threads(n):
+    """Give every engine in the process ``n`` threads (attncore, NumPy's BLAS, torch)."""
+    import attncore
+    from threadpoolctl import ThreadpoolController
+    attncore.set_num_threads(n)
+    # Limit NumPy's BLAS only: SciPy's BLAS (the one attncore's kernels call from inside their
+    # OpenMP regions) must stay at one thread, or every kernel thread would fork BLAS threads.
+    controller = ThreadpoolController()
+    numpy_blas = controller.select(user_api="blas")
+    numpy_blas.lib_controllers = [lib for lib in numpy_blas.lib_controllers
+                                  if "scipy.libs" not in lib.filepath]
+    limits = numpy_blas.limit(limits=n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    return limits
+
+
+def try_import_torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def machine_description():
+    import attncore
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = attncore.info()
+    torch = try_import_torch()
+    return (f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, attncore {info['version']} (OpenMP {info['openmp']}, "
+            f"SIMD {info['simd']}), torch {torch.__version__ if torch else 'absent'}")
+
+
+def sgemm_gflops(n=1024, repeats=3):
+    """GFLOP/s of NumPy's float32 GEMM at size n, under the current BLAS thread limit."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    t = best_time(lambda: a @ b, repeats=repeats, min_time=0.3)
+    return 2 * n ** 3 / t / 1e9
+
+
+def fmt_ratio(x):
+    return "   -  " if x is None or not np.isfinite(x) else f"{x:6.2f}"

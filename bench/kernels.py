@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Kernel benchmarks: attncore vs the NumPy reference vs torch, at 1 and 2 threads, in one run.
+
+    python bench/kernels.py            # full table (a few minutes on 2 cores)
+    python bench/kernels.py --quick    # smoke profile (seconds)
+    python bench/kernels.py --threads 1 2 4
+
+Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
+attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
+shapes, softmax vs NumPy, additive attention vs its reference; finally the peak memory of
+``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster.
+"""
+import argparse
+import resource
+import subprocess
+import sys
+import os
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import attncore  # noqa: E402
+from attncore import reference  # noqa: E402
+
+PREFILL = [(1, 8, 128, 64), (8, 8, 128, 64), (8, 8, 512, 64), (1, 12, 2048, 64), (1, 8, 8192, 64)]
+DECODE = [(8, 512), (8, 4096), (64, 512), (64, 4096)]   # (batch*heads, kv_len), q_len 1, D 64
+QUICK_PREFILL = [(1, 8, 128, 64), (2, 8, 256, 64)]
+QUICK_DECODE = [(8, 512)]
+
+
+def numpy_attention(q, k, v, causal):
+    return reference.attention(q, k, v, causal=causal)
+
+
+def run_attention(shapes, threads, torch, rows, quick):
+    rng = np.random.default_rng(0)
+    for (B, Hh, L, D) in shapes:
+        for causal in (False, True):
+            q, k, v = (rng.standard_normal((B, Hh, L, D), dtype=np.float32) for _ in range(3))
+            flops = 4 * B * Hh * L * L * D * (0.5 if causal else 1.0)
+            repeats = 2 if L >= 4096 else 5
+            t_ac = H.best_time(lambda: attncore.attention(q, k, v, causal=causal), repeats)
+            t_np = (H.best_time(lambda: numpy_attention(q, k, v, causal), 2)
+                    if L <= 2048 else float("nan"))
+            t_th = float("nan")
+            if torch is not None:
+                tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                with torch.inference_mode():
+                    t_th = H.best_time(lambda: sdpa(tq, tk, tv, is_causal=causal), repeats)
+            rows.append((threads, f"attention B={B} H={Hh} L={L} D={D}{' causal' if causal else ''}",
+                         t_ac, flops / t_ac / 1e9, t_np, t_th))
+
+
+def run_decode(shapes, threads, torch, rows):
+    rng = np.random.default_rng(1)
+    for (bh, L) in shapes:
+        B, Hh = (bh // 8, 8)
+        q = rng.standard_normal((B, Hh, 1, 64), dtype=np.float32)
+        k, v = (rng.standard_normal((B, Hh, L, 64), dtype=np.float32) for _ in range(2))
+        flops = 4 * bh * L * 64
+        t_ac = H.best_time(lambda: attncore.attention(q, k, v), 20)
+        t_np = H.best_time(lambda: numpy_attention(q, k, v, False), 5)
+        t_th = float("nan")
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            with torch.inference_mode():
+                t_th = H.best_time(lambda: sdpa(tq, tk, tv), 20)
+        rows.append((threads, f"decode q_len=1 B*H={bh} kv_len={L} D=64", t_ac,
+                     flops / t_ac / 1e9, t_np, t_th))
+
+
+def run_softmax(threads, torch, rows, quick):
+    rng = np.random.default_rng(2)
+    for shape in ([(64, 1024)] if quick else [(4096, 1024), (256, 8192)]):
+        x = rng.standard_normal(shape, dtype=np.float32)
+
+        def np_softmax():
+            e = np.exp(x - x.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+        t_ac = H.best_time(lambda: attncore.softmax(x), 10)
+        t_np = H.best_time(np_softmax, 5)
+        t_th = float("nan")
+        if torch is not None:
+            tx = torch.from_numpy(x)
+            t_th = H.best_time(lambda: torch.softmax(tx, -1), 10)
+        rows.append((threads, f"softmax {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))
+
+
+def run_additive(threads, torch, rows, quick):
+    """Two uses: a whole call (keys projected inside, as in the textbook formula) and a decoder
+    step (keys projected once per source: ``w_k=None``). The reference gets the same
+    pre-projected keys in the step case, so only the fused score + softmax + sum is compared."""
+    rng = np.random.default_rng(3)
+    cases = [(8, 8, 32, 64)] if quick else [(64, 1, 24, 256), (64, 24, 24, 256), (16, 1, 256, 256)]
+    for (B, Lq, Lk, hidden) in cases:
+        dim = hidden
+        qs = rng.standard_normal((B, Lq, dim), dtype=np.float32)
+        ks = rng.standard_normal((B, Lk, dim), dtype=np.float32)
+        vs = rng.standard_normal((B, Lk, dim), dtype=np.float32)
+        wq, wk = (rng.standard_normal((dim, hidden), dtype=np.float32) * 0.1 for _ in range(2))
+        wv = rng.standard_normal(hidden, dtype=np.float32)
+        t_ac = H.best_time(lambda: attncore.additive_attention(qs, ks, vs, wq, wk, wv), 10)
+        t_np = H.best_time(lambda: reference.additive_attention(qs, ks, vs, wq, wk, wv), 5)
+        rows.append((threads, f"additive B={B} Lq={Lq} Lk={Lk} hidden={hidden}", t_ac,
+                     float("nan"), t_np, float("nan")))
+        k_proj = attncore.project_keys(ks, wk)
+        t_ac = H.best_time(lambda: attncore.additive_attention(qs, k_proj, vs, wq, None, wv), 10)
+        t_np = H.best_time(lambda: reference.additive_attention(qs, k_proj, vs, wq, None, wv), 5)
+        rows.append((threads, f"additive step (keys pre-projected) B={B} Lq={Lq} Lk={Lk} "
+                     f"hidden={hidden}", t_ac, float("nan"), t_np, float("nan")))
+
+
+PEAK_SNIPPET = """
+import resource, sys, numpy as np, attncore
+L = int(sys.argv[1])
+q, k, v = (np.random.default_rng(0).standard_normal((1, 1, L, 64), dtype=np.float32) for _ in range(3))
+attncore.set_num_threads(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attncore.attention(q, k, v, causal=True)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after)
+"""
+
+
+def peak_memory(L):
+    """Peak RSS growth (MiB) of one attention call at length L, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", PEAK_SNIPPET, str(L)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return (int(out[1]) - int(out[0])) / 1024
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    args = parser.parse_args(argv)
+    torch = None if args.no_torch else H.try_import_torch()
+    print(f"# {' '.join(['python', 'bench/kernels.py'] + (argv if argv is not None else sys.argv[1:]))}")
+    print(f"# machine: {H.machine_description()}")
+    rows = []
+    gemm = {}
+    for threads in args.threads:
+        with H.set_threads(threads):
+            gemm[threads] = H.sgemm_gflops(512 if args.quick else 2048)
+            run_attention(QUICK_PREFILL if args.quick else PREFILL, threads, torch, rows, args.quick)
+            run_decode(QUICK_DECODE if args.quick else DECODE, threads, torch, rows)
+            run_softmax(threads, torch, rows, args.quick)
+            run_additive(threads, torch, rows, args.quick)
+    print()
+    print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for threads, name, t_ac, gf, t_np, t_th in rows:
+        pct = f"{100 * gf / gemm[threads]:5.0f}%" if np.isfinite(gf) else "  -  "
+        gfs = f"{gf:7.1f}" if np.isfinite(gf) else "   -   "
+        print(f"| {threads} | {name} | {t_ac * 1e3:9.3f} | {gfs} | {pct} | "
+              f"{H.fmt_ratio(t_np / t_ac)} | {H.fmt_ratio(t_th / t_ac)} |")
+    print()
+    print("| threads | NumPy sgemm GFLOP/s (same run) |")
+    print("|---:|---:|")
+    for threads, g in gemm.items():
+        print(f"| {threads} | {g:.1f} |")
+    # thread scaling of the large shapes
+    by_name = {}
+    for threads, name, t_ac, *_ in rows:
+        by_name.setdefault(name, {})[threads] = t_ac
+    if len(args.threads) >= 2:
+        a, b = args.threads[0], args.threads[1]
+        print()
+        print(f"| workload | speed-up {b} vs {a} threads |")
+        print("|---|---:|")
+        for name, ts in by_name.items():
+            if a in ts and b in ts and name.startswith("attention") and "L=128" not in name:
+                print(f"| {name} | {ts[a] / ts[b]:.2f}x |")
+    L = 2048 if args.quick else 16384
+    grow = peak_memory(L)
+    score_mib = L * L * 4 / 2 ** 20
+    print()
+    print(f"peak RSS growth of attention(1x1x{L}x64, causal): {grow:.1f} MiB "
+          f"(a materialised {L}x{L} float32 score matrix alone would be {score_mib:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

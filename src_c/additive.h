@@ -1,0 +1,33 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * Additive (Bahdanau) attention with the keys already projected:
+ *
+ *   score[b,i,j] = w_v . tanh(q_proj[b,i,:] + k_proj[b,j,:])     (j < kv_lengths[b])
+ *   out[b,i,:]   = sum_j softmax_j(score[b,i,:]) values[b,j,:]
+ *
+ * q_proj (B, Lq, Hd), k_proj (B, Lk, Hd), w_v (Hd), values (B, Lk, Dv), out (B, Lq, Dv),
+ * weights (B, Lq, Lk) or NULL. The B x Lq x Lk x Hd tensor of the textbook formula is never
+ * formed: each score is one fused tanh-dot over Hd. Projecting the keys once per source (not once
+ * per decoder step) is the caller's job; per step only the query projection (a GEMV) remains.
+ * Luong's "concat" score is the same formula with W_a split into its query and key halves.
+ *
+ * Nadaraya-Watson pooling (Gaussian kernel):
+ *   out[i,:] = sum_j softmax_j(-||q_i - k_j||^2 / (2 h^2)) values[j,:]
+ * queries (Nq, D), keys (Nk, D), values (Nk, Dv), out (Nq, Dv), weights (Nq, Nk) or NULL.
+ */
+#ifndef ATTNCORE_ADDITIVE_H
+#define ATTNCORE_ADDITIVE_H
+#include "attncore.h"
+
+#define AC_ADDITIVE_DECLARE(SUF, REAL)                                                           \
+    int ac_additive_##SUF(const REAL *q_proj, const REAL *k_proj, const REAL *w_v,               \
+                          const REAL *values, REAL *out, REAL *weights, ac_index B, ac_index Lq, \
+                          ac_index Lk, ac_index Hd, ac_index Dv, const int64_t *kv_lengths,      \
+                          int num_threads);                                                      \
+    int ac_nadaraya_watson_##SUF(const REAL *queries, const REAL *keys, const REAL *values,      \
+                                 REAL *out, REAL *weights, ac_index Nq, ac_index Nk, ac_index D, \
+                                 ac_index Dv, REAL bandwidth, int num_threads);
+
+AC_ADDITIVE_DECLARE(f32, float)
+AC_ADDITIVE_DECLARE(f64, double)
+#endif

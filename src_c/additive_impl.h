@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: Apache-2.0 -- body of additive.c, included per precision */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w_v,
+                           const REAL *values, REAL *out, REAL *weights, ac_index B, ac_index Lq,
+                           ac_index Lk, ac_index Hd, ac_index Dv, const int64_t *kv_lengths,
+                           int num_threads) {
+    int status = AC_OK;
+#pragma omp parallel num_threads(AC_THREADS(B * Lq * Lk * (Hd + Dv), num_threads))
+    {
+        REAL *scores = (REAL *)malloc(sizeof(REAL) * (Lk > 0 ? Lk : 1));
+        if (!scores) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (ac_index row = 0; row < B * Lq; row++) {
+            if (!scores) continue;
+            const ac_index b = row / Lq;
+            const ac_index n_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
+            const REAL *q = q_proj + row * Hd;
+            const REAL *kb = k_proj + b * Lk * Hd;
+            const REAL *vb = values + b * Lk * Dv;
+            REAL *o = out + row * Dv;
+            memset(o, 0, sizeof(REAL) * Dv);
+            if (n_valid > 0) {
+                for (ac_index j = 0; j < n_valid; j++)
+                    scores[j] = CAT(ac_tanh_score_, SUF)(kb + j * Hd, q, w_v, Hd);
+                REAL mx = CAT(ac_max_, SUF)(scores, n_valid);
+                REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, n_valid, mx);
+                CAT(ac_scale_, SUF)(scores, n_valid, 1 / total);
+                CAT(ac_weighted_sum_, SUF)(scores, vb, n_valid, Dv, o);
+            }
+            if (weights) {
+                REAL *w = weights + row * Lk;
+                for (ac_index j = 0; j < Lk; j++) w[j] = j < n_valid ? scores[j] : 0;
+            }
+        }
+        free(scores);
+    }
+    return status;
+}
+
+int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const REAL *values,
+                                  REAL *out, REAL *weights, ac_index Nq, ac_index Nk, ac_index D,
+                                  ac_index Dv, REAL bandwidth, int num_threads) {
+    int status = AC_OK;
+    const REAL inv = 1 / (2 * bandwidth * bandwidth);
+#pragma omp parallel num_threads(AC_THREADS(Nq * Nk * (D + Dv), num_threads))
+    {
+        REAL *scores = (REAL *)malloc(sizeof(REAL) * (Nk > 0 ? Nk : 1));
+        if (!scores) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (ac_index i = 0; i < Nq; i++) {
+            if (!scores) continue;
+            const REAL *q = queries + i * D;
+            REAL *o = out + i * Dv;
+            memset(o, 0, sizeof(REAL) * Dv);
+            if (Nk == 0) continue;
+            for (ac_index j = 0; j < Nk; j++) {
+                const REAL *kj = keys + j * D;
+                REAL dist = 0;
+                for (ac_index d = 0; d < D; d++) { REAL t = q[d] - kj[d]; dist += t * t; }
+                scores[j] = -dist * inv;
+            }
+            REAL mx = CAT(ac_max_, SUF)(scores, Nk);
+            REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, Nk, mx);
+            CAT(ac_scale_, SUF)(scores, Nk, 1 / total);
+            CAT(ac_weighted_sum_, SUF)(scores, values, Nk, Dv, o);
+            if (weights) memcpy(weights + i * Nk, scores, sizeof(REAL) * Nk);
+        }
+        free(scores);
+    }
+    return status;
+}

@@ -1,0 +1,54 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * attncore C kernels: shared conventions.
+ *
+ *  - Plain C99, no Python, no allocation inside hot loops (scratch is passed in by the caller).
+ *  - Signature style: const inputs first, then outputs, then sizes; lengths instead of masks.
+ *  - Inputs are validated by the Cython layer before any kernel runs (`with nogil`), so kernels
+ *    may assume valid shapes, contiguous row-major arrays and in-range lengths.
+ *  - BLAS comes from SciPy's `cython_blas` as function pointers (Fortran, column-major): SciPy's
+ *    wrappers are Cython-level symbols, so C cannot link them directly.
+ *  - float32 is the production dtype; every kernel also has a float64 twin, produced from one
+ *    template body included twice with REAL/SUFFIX macros (see sdpa_impl.h).
+ */
+#ifndef ATTNCORE_H
+#define ATTNCORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef ptrdiff_t ac_index;   /* signed index type for sizes and strides */
+
+/* Fortran BLAS gemm, as exported by scipy.linalg.cython_blas (LP64 ints). */
+typedef void (*ac_sgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                            float *a, int *lda, float *b, int *ldb, float *beta, float *c, int *ldc);
+typedef void (*ac_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, double *alpha,
+                            double *a, int *lda, double *b, int *ldb, double *beta, double *c,
+                            int *ldc);
+
+/* Status codes returned by kernels that can fail (e.g. scratch allocation). */
+enum { AC_OK = 0, AC_ERR_NOMEM = 1 };
+
+static inline int ac_thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Threads for a parallel region over `work` scalar operations: below AC_PARALLEL_MIN_WORK one
+ * thread, since waking a team costs more than it saves and, when other processes share the
+ * cores, a barrier may wait a whole time slice for a descheduled thread. Chosen from the shapes
+ * only; the work split of every kernel is fixed by its shapes, so results never depend on it. */
+#define AC_PARALLEL_MIN_WORK ((ac_index)1 << 16)
+#define AC_THREADS(work, n) ((ac_index)(work) >= AC_PARALLEL_MIN_WORK ? (n) : 1)
+
+#define AC_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define AC_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif

@@ -1,0 +1,30 @@
+/* SPDX-License-Identifier: Apache-2.0 -- norm, activation, rotary and embedding kernels */
+#include <math.h>
+#include <string.h>
+#include "layers.h"
+#include "real_ops.h"
+
+/* float32 tanh / sigmoid / swish go through the SIMD row functions; the rest stay scalar. */
+#define ACT_VECTOR_HOOK(xp, yp, cnt, kind)                                                       \
+    if ((kind) == AC_ACT_TANH) { ac_tanh_f32((xp), (yp), (cnt)); continue; }                     \
+    if ((kind) == AC_ACT_SIGMOID) { ac_sigmoid_f32((xp), (yp), (cnt)); continue; }               \
+    if ((kind) == AC_ACT_SWISH) {                                                                \
+        float sig_[256]; /* stack block, so that x and y may alias */                            \
+        for (ac_index t0 = 0; t0 < (cnt); t0 += 256) {                                           \
+            ac_index m_ = AC_MIN(256, (cnt) - t0);                                               \
+            ac_sigmoid_f32((xp) + t0, sig_, m_);                                                 \
+            for (ac_index t = 0; t < m_; t++) (yp)[t0 + t] = (xp)[t0 + t] * sig_[t];             \
+        }                                                                                        \
+        continue;                                                                                \
+    }
+#define REAL float
+#define SUF f32
+#include "layers_impl.h"
+#undef REAL
+#undef SUF
+#undef ACT_VECTOR_HOOK
+
+#define ACT_VECTOR_HOOK(xp, yp, cnt, kind)
+#define REAL double
+#define SUF f64
+#include "layers_impl.h"

@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: Apache-2.0 -- body of layers.c, included per precision */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define ACT_CHUNK 16384 /* elements per parallel work item: fixed, so threads never change results */
+
+void CAT(ac_layer_norm_, SUF)(const REAL *x, REAL *y, const REAL *gamma, const REAL *beta,
+                              ac_index rows, ac_index D, REAL eps, int mode, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * D, num_threads))
+    for (ac_index r = 0; r < rows; r++) {
+        const REAL *xr = x + r * D;
+        REAL *yr = y + r * D;
+        double mean = 0, m2 = 0;
+        for (ac_index d = 0; d < D; d++) mean += xr[d];
+        mean /= (double)D;
+        if (mode == AC_NORM_STANDARD) {
+            for (ac_index d = 0; d < D; d++) { double t = xr[d] - mean; m2 += t * t; }
+        } else {
+            for (ac_index d = 0; d < D; d++) m2 += (double)xr[d] * xr[d];
+        }
+        m2 /= (double)D;
+        const double center = mode == AC_NORM_RMS ? 0.0 : mean;
+        const double inv = 1.0 / sqrt(m2 + (double)eps);
+        for (ac_index d = 0; d < D; d++) {
+            double t = (xr[d] - center) * inv;
+            if (gamma) t *= gamma[d];
+            if (beta) t += beta[d];
+            yr[d] = (REAL)t;
+        }
+    }
+}
+
+static inline REAL CAT(act_scalar_, SUF)(REAL v, int kind) {
+    switch (kind) {
+    case AC_ACT_RELU: return v > 0 ? v : 0;
+    case AC_ACT_GELU: return (REAL)(0.5 * v * (1.0 + erf(v * 0.70710678118654752440)));
+    case AC_ACT_GELU_TANH: {
+        double u = 0.7978845608028654 * (v + 0.044715 * (double)v * v * v);
+        return (REAL)(0.5 * v * (1.0 + tanh(u)));
+    }
+    case AC_ACT_SWISH: return (REAL)(v / (1.0 + exp(-(double)v)));
+    case AC_ACT_TANH: return (REAL)tanh(v);
+    default: return (REAL)(1.0 / (1.0 + exp(-(double)v)));
+    }
+}
+
+void CAT(ac_activation_, SUF)(const REAL *x, REAL *y, ac_index n, int kind, int num_threads) {
+    const ac_index n_chunks = (n + ACT_CHUNK - 1) / ACT_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(n, num_threads))
+    for (ac_index c = 0; c < n_chunks; c++) {
+        const ac_index i0 = c * ACT_CHUNK, i1 = AC_MIN(n, i0 + ACT_CHUNK);
+        ACT_VECTOR_HOOK(x + i0, y + i0, i1 - i0, kind)
+        for (ac_index i = i0; i < i1; i++) y[i] = CAT(act_scalar_, SUF)(x[i], kind);
+    }
+}
+
+void CAT(ac_rotary_, SUF)(REAL *x, const int64_t *positions, ac_index N, ac_index L, ac_index D,
+                          double base, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(N * L * D, num_threads))
+    for (ac_index row = 0; row < N * L; row++) {
+        const double p = (double)positions[row % L];
+        REAL *xr = x + row * D;
+        for (ac_index i = 0; i < D / 2; i++) {
+            const double theta = p * pow(base, -2.0 * (double)i / (double)D);
+            const double c = cos(theta), s = sin(theta);
+            const double x0 = xr[2 * i], x1 = xr[2 * i + 1];
+            xr[2 * i] = (REAL)(x0 * c - x1 * s);
+            xr[2 * i + 1] = (REAL)(x1 * c + x0 * s);
+        }
+    }
+}
+
+void CAT(ac_embedding_, SUF)(const REAL *table, const int64_t *ids, REAL *out, ac_index rows,
+                             ac_index D, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * D, num_threads))
+    for (ac_index r = 0; r < rows; r++) memcpy(out + r * D, table + ids[r] * D, sizeof(REAL) * D);
+}
+#undef ACT_CHUNK

@@ -1,0 +1,44 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * Fused scaled-dot-product attention.
+ *
+ *   out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,g,j,:]) v[b,g,j,:],  g = h / (H / Hkv)
+ *
+ * over the keys j that query i may see: j < kv_lengths[b] (all Lk when kv_lengths is NULL) and,
+ * when causal, j <= i + (Lk - Lq) (bottom-right alignment: one new token sees the whole cache).
+ * A query that sees no key gets a zero output row (never NaN).
+ *
+ * Layouts: q (B, H, Lq, D), k and v (B, Hkv, Lk, D), out (B, H, Lq, D), all C-contiguous.
+ *
+ * Three strategies, chosen by the caller from the shapes only (never from the thread count, so
+ * results are bit-identical for every thread count):
+ *   - flash:    tiles of BQ queries x BK keys with an online softmax (running max, running sum,
+ *               rescale); scores live in a BQ x BK per-thread tile, never B x H x Lq x Lk.
+ *               Parallel over (batch, head, query tile). Both products go to BLAS gemm.
+ *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
+ *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
+ *               unnormalised output); partials are merged in chunk order by log-sum-exp.
+ *   - weights:  materialises the normalised weights (B, H, Lq, Lk) when the caller asks for them.
+ */
+#ifndef ATTNCORE_SDPA_H
+#define ATTNCORE_SDPA_H
+#include "attncore.h"
+
+#define AC_SDPA_DECLARE(SUF, REAL, GEMM_FN)                                                        \
+    int ac_sdpa_flash_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,  \
+                            ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,      \
+                            const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q, \
+                            ac_index block_k, GEMM_FN gemm, int num_threads);                    \
+    int ac_sdpa_splitkv_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,\
+                              ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,    \
+                              const int64_t *kv_lengths, int causal, REAL scale,                 \
+                              ac_index chunk, int num_threads);                                  \
+    int ac_sdpa_weights_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out,            \
+                              REAL *weights, ac_index B, ac_index H, ac_index Hkv, ac_index Lq,  \
+                              ac_index Lk, ac_index D, const int64_t *kv_lengths, int causal,    \
+                              REAL scale, GEMM_FN gemm, int num_threads);
+
+AC_SDPA_DECLARE(f32, float, ac_sgemm_fn)
+AC_SDPA_DECLARE(f64, double, ac_dgemm_fn)
+
+#endif

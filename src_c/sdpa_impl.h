@@ -1,0 +1,262 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * Body of the SDPA kernels (see sdpa.h), included once per precision by sdpa.c with
+ *   REAL  float | double      SUF  f32 | f64      GEMM_FN  ac_sgemm_fn | ac_dgemm_fn
+ * Row primitives come from real_ops.h through the CAT(ac_xxx_, SUF) names.
+ */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define R_MAX CAT(ac_max_, SUF)
+#define R_EXP_SHIFT_SUM CAT(ac_exp_shift_sum_, SUF)
+#define R_DOT CAT(ac_dot_, SUF)
+#define R_AXPY CAT(ac_axpy_, SUF)
+#define R_SCALE CAT(ac_scale_, SUF)
+
+/* Number of keys query i (absolute index in 0..Lq) may see: a prefix [0, limit). */
+static inline ac_index CAT(key_limit_, SUF)(ac_index i, ac_index Lq, ac_index Lk,
+                                            ac_index kv_valid, int causal) {
+    ac_index limit = kv_valid;
+    if (causal) {
+        ac_index c = i + (Lk - Lq) + 1;
+        if (c < limit) limit = c;
+    }
+    return limit < 0 ? 0 : limit;
+}
+
+/* Row-major C (m x n, ldc) = alpha * A (m x kk, lda) . B^T (B is n x kk, ldb) + beta * C,
+ * expressed for the column-major BLAS as C^T = B . A^T. */
+static inline void CAT(gemm_abt_, SUF)(GEMM_FN gemm, int m, int n, int kk, REAL alpha,
+                                       const REAL *a, int lda, const REAL *b, int ldb, REAL beta,
+                                       REAL *c, int ldc) {
+    char tr = 'T', nt = 'N';
+    gemm(&tr, &nt, &n, &m, &kk, &alpha, (REAL *)b, &ldb, (REAL *)a, &lda, &beta, c, &ldc);
+}
+
+/* Row-major C (m x n, ldc) = alpha * A (m x kk, lda) . B (kk x n, ldb) + beta * C. */
+static inline void CAT(gemm_ab_, SUF)(GEMM_FN gemm, int m, int n, int kk, REAL alpha,
+                                      const REAL *a, int lda, const REAL *b, int ldb, REAL beta,
+                                      REAL *c, int ldc) {
+    char nt = 'N';
+    gemm(&nt, &nt, &n, &m, &kk, &alpha, (REAL *)b, &ldb, (REAL *)a, &lda, &beta, c, &ldc);
+}
+
+int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,
+                             ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,
+                             const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q,
+                             ac_index block_k, GEMM_FN gemm, int num_threads) {
+    const ac_index group = H / Hkv;
+    const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
+    const ac_index n_items = B * H * n_qtiles;
+    int status = AC_OK;
+
+#pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
+    {
+        /* per-thread scratch, allocated once per call:
+         *   q_scaled (block_q, D)   the query tile times `scale`
+         *   scores   (block_q, block_k)  one tile of scores, turned into probabilities in place
+         *   row_max, row_sum (block_q)   the online-softmax state of each query row */
+        REAL *q_scaled = (REAL *)malloc(sizeof(REAL) * block_q * D);
+        REAL *scores = (REAL *)malloc(sizeof(REAL) * block_q * block_k);
+        REAL *row_max = (REAL *)malloc(sizeof(REAL) * block_q);
+        REAL *row_sum = (REAL *)malloc(sizeof(REAL) * block_q);
+        int ok = q_scaled && scores && row_max && row_sum;
+        if (!ok) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+        /* Items run in reverse order so that, under causal masking, the costly last query tiles
+         * are handed out first (dynamic schedule); each item is computed whole by one thread,
+         * so the result does not depend on the schedule. */
+#pragma omp for schedule(dynamic, 1)
+        for (ac_index item_rev = 0; item_rev < n_items; item_rev++) {
+            if (!ok) continue;
+            const ac_index item = n_items - 1 - item_rev;
+            const ac_index bh = item / n_qtiles, qt = item % n_qtiles;
+            const ac_index b = bh / H, h = bh % H, g = h / group;
+            const ac_index i0 = qt * block_q;
+            const ac_index nq = AC_MIN(block_q, Lq - i0);
+            const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
+            const REAL *q_tile = q + ((b * H + h) * Lq + i0) * D;
+            const REAL *k_head = k + (b * Hkv + g) * Lk * D;
+            const REAL *v_head = v + (b * Hkv + g) * Lk * D;
+            REAL *o_tile = out + ((b * H + h) * Lq + i0) * D;
+            /* the last row of the tile sees the most keys (limits grow with i) */
+            const ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, causal);
+
+            for (ac_index r = 0; r < nq; r++) {
+                for (ac_index d = 0; d < D; d++) q_scaled[r * D + d] = q_tile[r * D + d] * scale;
+                row_max[r] = -INFINITY;
+                row_sum[r] = 0;
+            }
+            memset(o_tile, 0, sizeof(REAL) * nq * D);
+
+            for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
+                const ac_index nk = AC_MIN(block_k, tile_limit - j0);
+                /* scores (nq, nk) = q_scaled . k[j0:j0+nk]^T */
+                CAT(gemm_abt_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
+                                    k_head + j0 * D, (int)D, 0, scores, (int)block_k);
+                for (ac_index r = 0; r < nq; r++) {
+                    REAL *s = scores + r * block_k;
+                    ac_index n_valid = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, causal) - j0;
+                    if (n_valid > nk) n_valid = nk;
+                    if (n_valid <= 0) { /* this row sees no key of the tile */
+                        memset(s, 0, sizeof(REAL) * nk);
+                        continue;
+                    }
+                    REAL new_max = R_MAX(s, n_valid);
+                    if (row_max[r] > new_max) new_max = row_max[r];
+                    /* rescale what was accumulated under the old maximum */
+                    if (new_max != row_max[r] && row_sum[r] != 0) {
+                        REAL correction = (REAL)exp((double)(row_max[r] - new_max));
+                        row_sum[r] *= correction;
+                        R_SCALE(o_tile + r * D, D, correction);
+                    }
+                    row_max[r] = new_max;
+                    row_sum[r] += R_EXP_SHIFT_SUM(s, n_valid, new_max);
+                    if (n_valid < nk) memset(s + n_valid, 0, sizeof(REAL) * (nk - n_valid));
+                }
+                /* o_tile (nq, D) += probabilities (nq, nk) . v[j0:j0+nk] */
+                CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)D, (int)nk, 1, scores, (int)block_k,
+                                   v_head + j0 * D, (int)D, 1, o_tile, (int)D);
+            }
+            for (ac_index r = 0; r < nq; r++) {
+                if (row_sum[r] > 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
+                else memset(o_tile + r * D, 0, sizeof(REAL) * D);
+            }
+        }
+        free(q_scaled);
+        free(scores);
+        free(row_max);
+        free(row_sum);
+    }
+    return status;
+}
+
+int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out,
+                               ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
+                               ac_index D, const int64_t *kv_lengths, int causal, REAL scale,
+                               ac_index chunk, int num_threads) {
+    const ac_index group = H / Hkv;
+    const ac_index n_chunks = (Lk + chunk - 1) / chunk;
+    const ac_index n_items = B * H * n_chunks;
+    /* partials of every (b, h, chunk, query row): unnormalised output (D), max, sum */
+    REAL *part_out = (REAL *)malloc(sizeof(REAL) * n_items * Lq * D);
+    REAL *part_max = (REAL *)malloc(sizeof(REAL) * n_items * Lq);
+    REAL *part_sum = (REAL *)malloc(sizeof(REAL) * n_items * Lq);
+    int status = AC_OK;
+    if (!part_out || !part_max || !part_sum) {
+        free(part_out); free(part_max); free(part_sum);
+        return AC_ERR_NOMEM;
+    }
+
+#pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
+    {
+        REAL *scores = (REAL *)malloc(sizeof(REAL) * chunk);  /* one row of one chunk */
+        if (!scores) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (ac_index item = 0; item < n_items; item++) {
+            if (!scores) continue;
+            const ac_index bh = item / n_chunks, c = item % n_chunks;
+            const ac_index b = bh / H, h = bh % H, g = h / group;
+            const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
+            const REAL *k_head = k + (b * Hkv + g) * Lk * D;
+            const REAL *v_head = v + (b * Hkv + g) * Lk * D;
+            for (ac_index i = 0; i < Lq; i++) {
+                const REAL *q_row = q + ((b * H + h) * Lq + i) * D;
+                REAL *o = part_out + (item * Lq + i) * D;
+                const ac_index limit = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
+                const ac_index j0 = c * chunk, j1 = AC_MIN(j0 + chunk, limit);
+                memset(o, 0, sizeof(REAL) * D);
+                if (j1 <= j0) {
+                    part_max[item * Lq + i] = -INFINITY;
+                    part_sum[item * Lq + i] = 0;
+                    continue;
+                }
+                CAT(ac_scores_, SUF)(q_row, k_head + j0 * D, j1 - j0, D, scale, scores);
+                REAL mx = R_MAX(scores, j1 - j0);
+                part_max[item * Lq + i] = mx;
+                part_sum[item * Lq + i] = R_EXP_SHIFT_SUM(scores, j1 - j0, mx);
+                CAT(ac_weighted_sum_, SUF)(scores, v_head + j0 * D, j1 - j0, D, o);
+            }
+        }
+        free(scores);
+
+        /* merge the chunks of each (b, h, i) in chunk order: a fixed reduction order */
+#pragma omp for schedule(static)
+        for (ac_index row = 0; row < B * H * Lq; row++) {
+            const ac_index bh = row / Lq, i = row % Lq;
+            REAL *o = out + row * D;
+            REAL mx = -INFINITY, total = 0;
+            for (ac_index c = 0; c < n_chunks; c++) {
+                REAL m = part_max[((bh * n_chunks + c) * Lq) + i];
+                if (m > mx) mx = m;
+            }
+            memset(o, 0, sizeof(REAL) * D);
+            if (mx == -INFINITY) continue;
+            for (ac_index c = 0; c < n_chunks; c++) {
+                const ac_index p = (bh * n_chunks + c) * Lq + i;
+                if (part_sum[p] == 0) continue;
+                REAL w = (REAL)exp((double)(part_max[p] - mx));
+                total += part_sum[p] * w;
+                R_AXPY(o, w, part_out + p * D, D);
+            }
+            R_SCALE(o, D, 1 / total);
+        }
+    }
+    free(part_out);
+    free(part_max);
+    free(part_sum);
+    return status;
+}
+
+int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out,
+                               REAL *weights, ac_index B, ac_index H, ac_index Hkv, ac_index Lq,
+                               ac_index Lk, ac_index D, const int64_t *kv_lengths, int causal,
+                               REAL scale, GEMM_FN gemm, int num_threads) {
+    const ac_index group = H / Hkv;
+    int status = AC_OK;
+#pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
+    {
+        REAL *q_scaled = (REAL *)malloc(sizeof(REAL) * (Lq * D > 0 ? Lq * D : 1));
+        if (!q_scaled) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (ac_index bh = 0; bh < B * H; bh++) {
+            if (!q_scaled) continue;
+            const ac_index b = bh / H, h = bh % H, g = h / group;
+            const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
+            const REAL *q_head = q + bh * Lq * D;
+            const REAL *k_head = k + (b * Hkv + g) * Lk * D;
+            const REAL *v_head = v + (b * Hkv + g) * Lk * D;
+            REAL *w = weights + bh * Lq * Lk;
+            for (ac_index x = 0; x < Lq * D; x++) q_scaled[x] = q_head[x] * scale;
+            CAT(gemm_abt_, SUF)(gemm, (int)Lq, (int)Lk, (int)D, 1, q_scaled, (int)D, k_head,
+                                (int)D, 0, w, (int)Lk);
+            for (ac_index i = 0; i < Lq; i++) {
+                REAL *s = w + i * Lk;
+                const ac_index n_valid = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
+                if (n_valid > 0) {
+                    REAL mx = R_MAX(s, n_valid);
+                    REAL total = R_EXP_SHIFT_SUM(s, n_valid, mx);
+                    R_SCALE(s, n_valid, 1 / total);
+                }
+                if (n_valid < Lk) memset(s + n_valid, 0, sizeof(REAL) * (Lk - n_valid));
+            }
+            CAT(gemm_ab_, SUF)(gemm, (int)Lq, (int)D, (int)Lk, 1, w, (int)Lk, v_head, (int)D, 0,
+                               out + bh * Lq * D, (int)D);
+        }
+        free(q_scaled);
+    }
+    return status;
+}
+
+#undef R_MAX
+#undef R_EXP_SHIFT_SUM
+#undef R_DOT
+#undef R_AXPY
+#undef R_SCALE

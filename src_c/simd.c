@@ -1,0 +1,374 @@
+/* SPDX-License-Identifier: Apache-2.0 -- see simd.h */
+#include "simd.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define AC_X86 1
+#include <immintrin.h>
+#endif
+
+/* ---------------------------------------------------------------- dispatch ---------- */
+static int ac_level = -1;
+
+int ac_simd_level(void) {
+    if (ac_level < 0) {
+        int level = 0;
+#ifdef AC_X86
+        const char *force = getenv("ATTNCORE_FORCE_ISA");
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+        if (force && strcmp(force, "scalar") == 0) level = 0;
+#endif
+        ac_level = level;
+    }
+    return ac_level;
+}
+
+const char *ac_simd_name(void) { return ac_simd_level() ? "avx2+fma" : "scalar"; }
+
+/* ---------------------------------------------------------------- scalar ------------ */
+static float max_scalar(const float *x, ac_index n) {
+    float m = x[0];
+    for (ac_index i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+static float exp_shift_sum_scalar(const float *x, float *y, ac_index n, float shift) {
+    float s = 0.f;
+    for (ac_index i = 0; i < n; i++) { y[i] = expf(x[i] - shift); s += y[i]; }
+    return s;
+}
+static void scale_scalar(float *x, ac_index n, float a) { for (ac_index i = 0; i < n; i++) x[i] *= a; }
+static float dot_scalar(const float *a, const float *b, ac_index n) {
+    float s = 0.f;
+    for (ac_index i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+static void axpy_scalar(float *y, float a, const float *x, ac_index n) {
+    for (ac_index i = 0; i < n; i++) y[i] += a * x[i];
+}
+static float tanh_score_scalar(const float *k, const float *q, const float *w, ac_index n) {
+    float s = 0.f;
+    for (ac_index i = 0; i < n; i++) s += w[i] * tanhf(k[i] + q[i]);
+    return s;
+}
+static void tanh_scalar(const float *x, float *y, ac_index n) { for (ac_index i = 0; i < n; i++) y[i] = tanhf(x[i]); }
+static void sigmoid_scalar(const float *x, float *y, ac_index n) {
+    for (ac_index i = 0; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
+}
+static void exp_scalar(float *x, ac_index n) { for (ac_index i = 0; i < n; i++) x[i] = expf(x[i]); }
+static void scores_scalar(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
+                          float *out) {
+    for (ac_index j = 0; j < n_keys; j++) out[j] = dot_scalar(q, k + j * D, D) * scale;
+}
+static void weighted_sum_scalar(const float *p, const float *v, ac_index n, ac_index D, float *o) {
+    for (ac_index j = 0; j < n; j++) axpy_scalar(o, p[j], v + j * D, D);
+}
+static void small_gemm_scalar(const float *x, ac_index ldx, ac_index M, ac_index K,
+                              const float *w, ac_index j0, ac_index j1, const float *bias,
+                              float *out, ac_index ldo) {
+    for (ac_index j = j0; j < j1; j++)
+        for (ac_index i = 0; i < M; i++)
+            out[i * ldo + j] = dot_scalar(x + i * ldx, w + j * K, K) + (bias ? bias[j] : 0.0f);
+}
+
+/* ---------------------------------------------------------------- AVX2 -------------- */
+#ifdef AC_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* exp(x) for 8 floats: Cephes-style range reduction x = n ln2 + r, degree-5 polynomial for
+ * exp(r), 2^n through the exponent bits. Relative error ~2 ulp. Inputs below -87.3 (including
+ * -inf, used for masked scores) give exactly 0; NaN propagates. */
+static inline AVX2 __m256 exp256(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+    const __m256 lo = _mm256_set1_ps(-87.3365447504f);
+    __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(x, hi);
+    x = _mm256_max_ps(x, lo);
+    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+    fx = _mm256_floor_ps(fx);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    __m256 x2 = _mm256_mul_ps(x, x);
+    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_cvttps_epi32(fx);
+    e = _mm256_add_epi32(e, _mm256_set1_epi32(127));
+    e = _mm256_slli_epi32(e, 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(underflow, y);
+}
+
+static inline AVX2 float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+    return _mm_cvtss_f32(s);
+}
+
+/* tanh(x) = 1 - 2 / (exp(2x) + 1); saturates cleanly for large |x|. */
+static inline AVX2 __m256 tanh256(__m256 x) {
+    __m256 e = exp256(_mm256_add_ps(x, x));
+    __m256 one = _mm256_set1_ps(1.f);
+    __m256 r = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+    /* exp overflow clamps at 88.37 -> exp(2x) finite, r -> 1; underflow -> e = 0, r = -1. */
+    return r;
+}
+
+static AVX2 float max_avx2(const float *x, ac_index n) {
+    ac_index i = 0;
+    float m;
+    if (n >= 8) {
+        __m256 vm = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 0x55));
+        m = _mm_cvtss_f32(s);
+    } else {
+        m = x[0];
+        i = 1;
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static AVX2 float exp_shift_sum_avx2(const float *x, float *y, ac_index n, float shift) {
+    __m256 vs = _mm256_set1_ps(shift), acc = _mm256_setzero_ps();
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(y + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    if (i < n) { /* tail through a padded lane block, so the tail uses the same exp */
+        float buf[8];
+        ac_index r = n - i;
+        for (ac_index j = 0; j < 8; j++) buf[j] = j < r ? x[i + j] - shift : -INFINITY;
+        __m256 e = exp256(_mm256_loadu_ps(buf));
+        _mm256_storeu_ps(buf, e);
+        for (ac_index j = 0; j < r; j++) y[i + j] = buf[j];
+        acc = _mm256_add_ps(acc, e);
+    }
+    return hsum256(acc);
+}
+
+static AVX2 void exp_avx2(float *x, ac_index n) {
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float buf[8] = {0};
+        ac_index r = n - i;
+        for (ac_index j = 0; j < r; j++) buf[j] = x[i + j];
+        _mm256_storeu_ps(buf, exp256(_mm256_loadu_ps(buf)));
+        for (ac_index j = 0; j < r; j++) x[i + j] = buf[j];
+    }
+}
+
+static AVX2 void scale_avx2(float *x, ac_index n, float a) {
+    __m256 va = _mm256_set1_ps(a);
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), va));
+    for (; i < n; i++) x[i] *= a;
+}
+
+static AVX2 float dot_avx2(const float *a, const float *b, ac_index n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    ac_index i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float s = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static AVX2 void axpy_avx2(float *y, float a, const float *x, ac_index n) {
+    __m256 va = _mm256_set1_ps(a);
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+static AVX2 float tanh_score_avx2(const float *k, const float *q, const float *w, ac_index n) {
+    __m256 acc = _mm256_setzero_ps();
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 t = tanh256(_mm256_add_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(q + i)));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), t, acc);
+    }
+    if (i < n) {
+        float bk[8] = {0}, bw[8] = {0};
+        for (ac_index j = 0; j < n - i; j++) { bk[j] = k[i + j] + q[i + j]; bw[j] = w[i + j]; }
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(bw), tanh256(_mm256_loadu_ps(bk)), acc);
+    }
+    return hsum256(acc);
+}
+
+static AVX2 void tanh_avx2(const float *x, float *y, ac_index n) {
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, tanh256(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float b[8] = {0};
+        for (ac_index j = 0; j < n - i; j++) b[j] = x[i + j];
+        _mm256_storeu_ps(b, tanh256(_mm256_loadu_ps(b)));
+        for (ac_index j = 0; j < n - i; j++) y[i + j] = b[j];
+    }
+}
+
+static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 zero = _mm256_setzero_ps();
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        _mm256_storeu_ps(y + i, _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v)))));
+    }
+    for (; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
+}
+
+/* Four keys at a time: four FMA chains over D, then one transposing reduction (hadd) gives the
+ * four dot products in one vector. The D % 8 tail is added in scalar, in a fixed order. */
+/* out[i, j] = x_i . w_j (+ bias_j) for every row i < M and weight row j in [j0, j1).
+ * Weight rows are read once each, from memory, and reused from L1 for 4 rows of x at a time:
+ * the shape of a decoding step (M = a few rows), where GEMM libraries spend as long packing
+ * the weights as multiplying them. Every element is accumulated by the same sequence of
+ * 8-lane FMAs, then one horizontal sum, then the K % 8 tail, whether its row falls in a block
+ * of 4 or in the remainder: a row gives the same bits whatever M is. */
+static AVX2 void small_gemm_avx2(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                 const float *w, ac_index j0, ac_index j1, const float *bias,
+                                 float *out, ac_index ldo) {
+    const ac_index k8 = K - K % 8;
+    for (ac_index j = j0; j < j1; j++) {
+        const float *wj = w + j * K;
+        const float b = bias ? bias[j] : 0.0f;
+        ac_index i = 0;
+        for (; i + 4 <= M; i += 4) {
+            const float *x0 = x + i * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (ac_index k = 0; k < k8; k += 8) {
+                const __m256 wv = _mm256_loadu_ps(wj + k);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), wv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), wv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), wv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), wv, a3);
+            }
+            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
+            for (ac_index k = k8; k < K; k++) {
+                s0 += x0[k] * wj[k]; s1 += x1[k] * wj[k];
+                s2 += x2[k] * wj[k]; s3 += x3[k] * wj[k];
+            }
+            out[i * ldo + j] = s0 + b;
+            out[(i + 1) * ldo + j] = s1 + b;
+            out[(i + 2) * ldo + j] = s2 + b;
+            out[(i + 3) * ldo + j] = s3 + b;
+        }
+        for (; i < M; i++) {
+            const float *xi = x + i * ldx;
+            __m256 a = _mm256_setzero_ps();
+            for (ac_index k = 0; k < k8; k += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(xi + k), _mm256_loadu_ps(wj + k), a);
+            float si = hsum256(a);
+            for (ac_index k = k8; k < K; k++) si += xi[k] * wj[k];
+            out[i * ldo + j] = si + b;
+        }
+    }
+}
+
+static AVX2 void scores_avx2(const float *q, const float *k, ac_index n_keys, ac_index D,
+                             float scale, float *out) {
+    const ac_index d8 = D - D % 8;
+    ac_index j = 0;
+    for (; j + 4 <= n_keys; j += 4) {
+        const float *k0 = k + j * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (ac_index d = 0; d < d8; d += 8) {
+            __m256 qd = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k3 + d), a3);
+        }
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        float r[4];
+        _mm_storeu_ps(r, s);
+        for (ac_index d = d8; d < D; d++) {
+            r[0] += q[d] * k0[d]; r[1] += q[d] * k1[d]; r[2] += q[d] * k2[d]; r[3] += q[d] * k3[d];
+        }
+        out[j] = r[0] * scale; out[j + 1] = r[1] * scale;
+        out[j + 2] = r[2] * scale; out[j + 3] = r[3] * scale;
+    }
+    for (; j < n_keys; j++) out[j] = dot_avx2(q, k + j * D, D) * scale;
+}
+
+/* o += sum_j p[j] v[j, :], 64 output columns at a time held in eight registers. */
+static AVX2 void weighted_sum_avx2(const float *p, const float *v, ac_index n, ac_index D, float *o) {
+    ac_index d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (ac_index j = 0; j < n; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *vj = v + j * D + d0;
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 + 8 <= D; d0 += 8) {
+        __m256 acc = _mm256_loadu_ps(o + d0);
+        for (ac_index j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * D + d0), acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+    for (; d0 < D; d0++) {
+        float acc = o[d0];
+        for (ac_index j = 0; j < n; j++) acc += p[j] * v[j * D + d0];
+        o[d0] = acc;
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------- public ------------ */
+#ifdef AC_X86
+#define DISPATCH(name, ...) (ac_simd_level() ? name##_avx2(__VA_ARGS__) : name##_scalar(__VA_ARGS__))
+#else
+#define DISPATCH(name, ...) name##_scalar(__VA_ARGS__)
+#endif
+
+float ac_max_f32(const float *x, ac_index n) { return DISPATCH(max, x, n); }
+float ac_exp_shift_sum_f32(float *x, ac_index n, float shift) { return DISPATCH(exp_shift_sum, x, x, n, shift); }
+float ac_exp_shift_sum_to_f32(const float *x, float *y, ac_index n, float shift) {
+    return DISPATCH(exp_shift_sum, x, y, n, shift);
+}
+void ac_scale_f32(float *x, ac_index n, float a) { DISPATCH(scale, x, n, a); }
+float ac_dot_f32(const float *a, const float *b, ac_index n) { return DISPATCH(dot, a, b, n); }
+void ac_axpy_f32(float *y, float a, const float *x, ac_index n) { DISPATCH(axpy, y, a, x, n); }
+float ac_tanh_score_f32(const float *k, const float *q, const float *w, ac_index n) {
+    return DISPATCH(tanh_score, k, q, w, n);
+}
+void ac_tanh_f32(const float *x, float *y, ac_index n) { DISPATCH(tanh, x, y, n); }
+void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
+void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }
+void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
+                   float *out) {
+    DISPATCH(scores, q, k, n_keys, D, scale, out);
+}
+void ac_weighted_sum_f32(const float *p, const float *v, ac_index n, ac_index D, float *o) {
+    DISPATCH(weighted_sum, p, v, n, D, o);
+}
+void ac_small_gemm_f32(const float *x, ac_index ldx, ac_index M, ac_index K, const float *w,
+                       ac_index j0, ac_index j1, const float *bias, float *out, ac_index ldo) {
+    DISPATCH(small_gemm, x, ldx, M, K, w, j0, j1, bias, out, ldo);
+}

@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * Vector primitives for the float32 hot loops, with run-time dispatch: an AVX2+FMA version
+ * (compiled through `target` attributes, so the build stays portable) and a scalar fallback.
+ * The choice is made once per process from CPUID; ATTNCORE_FORCE_ISA=scalar forces the fallback.
+ * Results are deterministic for a given machine: a row is always reduced by the same code in
+ * the same order, whichever thread runs it.
+ */
+#ifndef ATTNCORE_SIMD_H
+#define ATTNCORE_SIMD_H
+#include "attncore.h"
+
+/* 1 when the AVX2+FMA paths are in use, else 0. */
+int ac_simd_level(void);
+const char *ac_simd_name(void);
+
+/* max_i x[i] over n >= 1 elements. */
+float ac_max_f32(const float *x, ac_index n);
+/* x[i] = exp(x[i] - shift) in place; returns the sum of the new x (0 for n == 0).
+ * exp(-inf) is exactly 0. */
+float ac_exp_shift_sum_f32(float *x, ac_index n, float shift);
+/* y[i] = exp(x[i] - shift) (x and y may be the same); returns the sum of y. */
+float ac_exp_shift_sum_to_f32(const float *x, float *y, ac_index n, float shift);
+/* x[i] *= a */
+void ac_scale_f32(float *x, ac_index n, float a);
+/* sum_i a[i] * b[i] */
+float ac_dot_f32(const float *a, const float *b, ac_index n);
+/* y[i] += a * x[i] */
+void ac_axpy_f32(float *y, float a, const float *x, ac_index n);
+/* sum_j w[j] * tanh(k[j] + q[j]) : the Bahdanau score of one key. */
+float ac_tanh_score_f32(const float *k, const float *q, const float *w, ac_index n);
+/* y[i] = tanh(x[i]) and y[i] = sigmoid(x[i]), in place allowed. */
+void ac_tanh_f32(const float *x, float *y, ac_index n);
+void ac_sigmoid_f32(const float *x, float *y, ac_index n);
+/* out[j] = scale * (q . k[j, :]) for n_keys rows of k (n_keys, D): the decode score loop. */
+void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
+                   float *out);
+/* o[:] += sum_j p[j] * v[j, :] over n rows of v (n, D), o kept in registers across rows. */
+void ac_weighted_sum_f32(const float *p, const float *v, ac_index n, ac_index D, float *o);
+/* out[i * ldo + j] = x[i, :] . w[j, :] (+ bias[j]) for i < M, j0 <= j < j1; x rows ldx apart,
+ * w (N, K) row-major (nn.Linear layout). For a few rows (decoding); bit-identical per row
+ * whatever M is. */
+void ac_small_gemm_f32(const float *x, ac_index ldx, ac_index M, ac_index K, const float *w,
+                       ac_index j0, ac_index j1, const float *bias, float *out, ac_index ldo);
+/* exp over a row with no shift, in place */
+void ac_exp_f32(float *x, ac_index n);
+
+#endif

@@ -1,0 +1,53 @@
+/* SPDX-License-Identifier: Apache-2.0 -- body of softmax.c, included per precision (REAL, SUF) */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
+                           const int64_t *lengths, const uint8_t *mask, int log_output,
+                           int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(n_rows * n, num_threads))
+    for (ac_index r = 0; r < n_rows; r++) {
+        const REAL *xr = x + r * n;
+        REAL *yr = y + r * n;
+        const uint8_t *mr = mask ? mask + r * n : NULL;
+        ac_index n_valid = lengths ? (ac_index)lengths[r] : n;
+        if (n_valid > n) n_valid = n;
+        if (n_valid < 0) n_valid = 0;
+        if (!mr) {
+            /* prefix of valid entries: vectorised path */
+            if (n_valid == 0) { memset(yr, 0, sizeof(REAL) * n); continue; }
+            REAL mx = CAT(ac_max_, SUF)(xr, n_valid);
+            if (log_output) {
+                REAL total = 0;
+                for (ac_index j = 0; j < n_valid; j++) total += (REAL)exp((double)(xr[j] - mx));
+                /* (x - max) - log(sum): never round max + log(sum) to REAL first, which for
+                 * entries far from zero (ulp(1e4) ~ 1e-3 in float32) would shift every output */
+                REAL log_total = (REAL)log((double)total);
+                for (ac_index j = 0; j < n_valid; j++) yr[j] = (xr[j] - mx) - log_total;
+                for (ac_index j = n_valid; j < n; j++) yr[j] = -INFINITY;
+            } else {
+                REAL total = CAT(ac_exp_shift_sum_to_, SUF)(xr, yr, n_valid, mx);
+                CAT(ac_scale_, SUF)(yr, n_valid, 1 / total);
+                if (n_valid < n) memset(yr + n_valid, 0, sizeof(REAL) * (n - n_valid));
+            }
+            continue;
+        }
+        /* general mask: scalar path */
+        REAL mx = -INFINITY;
+        int any = 0;
+        for (ac_index j = 0; j < n_valid; j++)
+            if (mr[j]) { if (!any || xr[j] > mx) mx = xr[j]; any = 1; }
+        if (!any) { memset(yr, 0, sizeof(REAL) * n); continue; }
+        REAL total = 0;
+        for (ac_index j = 0; j < n_valid; j++)
+            if (mr[j]) total += (REAL)exp((double)(xr[j] - mx));
+        if (log_output) {
+            REAL log_total = (REAL)log((double)total);
+            for (ac_index j = 0; j < n; j++)
+                yr[j] = (j < n_valid && mr[j]) ? (xr[j] - mx) - log_total : -INFINITY;
+        } else {
+            for (ac_index j = 0; j < n; j++)
+                yr[j] = (j < n_valid && mr[j]) ? (REAL)exp((double)(xr[j] - mx)) / total : 0;
+        }
+    }
+}

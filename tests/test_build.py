@@ -1,0 +1,181 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What the build produced and the thread API: OpenMP must be on (a sequential fallback is
+allowed but never silent: set ATTNCORE_SKIP_OPENMP_TEST=1 to accept it), a SIMD level and a
+BLAS are reported, and thread counts are process-wide settings with a thread-local override."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import attncore
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_setting():
+    """Tests here change the process-wide thread count: put the default back afterwards."""
+    yield
+    attncore.set_num_threads(None)
+
+
+def test_info_reports_build_facts():
+    info = attncore.info()
+    assert info["version"] == attncore.__version__
+    assert info["numpy"] == np.__version__
+    assert isinstance(info["openmp"], bool)
+    assert info["simd"] in ("avx2+fma", "scalar")
+    assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+
+
+@pytest.mark.skipif(os.environ.get("ATTNCORE_SKIP_OPENMP_TEST") == "1",
+                    reason="ATTNCORE_SKIP_OPENMP_TEST=1: a build without OpenMP is accepted")
+def test_openmp_is_enabled():
+    assert attncore.info()["openmp"] is True, (
+        "attncore was built without OpenMP: kernels run single-threaded. Rebuild with a "
+        "compiler that supports -fopenmp, or set ATTNCORE_SKIP_OPENMP_TEST=1 to accept it.")
+
+
+def test_blas_is_reported_and_limited_to_one_thread():
+    blas = attncore.info()["blas"]
+    assert blas, "no BLAS library found behind scipy.linalg.cython_blas"
+    for entry in blas:
+        assert entry["library"] and entry["filepath"]
+        assert os.path.exists(entry["filepath"])
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    paths = {e["filepath"] for e in blas}
+    for lib in threadpoolctl.threadpool_info():
+        if lib["filepath"] in paths:
+            assert lib["num_threads"] == 1, "the BLAS our kernels call inside OpenMP regions " \
+                "must be single-threaded (no nested oversubscription)"
+
+
+def test_set_and_get_num_threads():
+    attncore.set_num_threads(3)
+    assert attncore.get_num_threads() == 3
+    assert attncore.info()["num_threads"] == 3
+    attncore.set_num_threads(np.int64(1))
+    assert attncore.get_num_threads() == 1
+    attncore.set_num_threads(None)
+    default = attncore.get_num_threads()
+    assert default >= 1
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        assert default == int(env)
+    elif hasattr(os, "sched_getaffinity"):
+        assert default == len(os.sched_getaffinity(0))
+
+
+def test_num_threads_context_manager_restores_and_nests():
+    attncore.set_num_threads(2)
+    with attncore.num_threads(1) as n:
+        assert n == 1
+        assert attncore.get_num_threads() == 1
+        with attncore.num_threads(3):
+            assert attncore.get_num_threads() == 3
+        assert attncore.get_num_threads() == 1
+    assert attncore.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with attncore.num_threads(1):
+            raise RuntimeError("boom")
+    assert attncore.get_num_threads() == 2  # restored on the error path too
+
+
+def test_num_threads_is_thread_local():
+    """A Python thread inside num_threads(1) does not change what another thread sees."""
+    attncore.set_num_threads(2)
+    inside = threading.Event()
+    release = threading.Event()
+    seen = {}
+
+    def worker():
+        with attncore.num_threads(1):
+            seen["worker"] = attncore.get_num_threads()
+            inside.set()
+            release.wait(10)
+        seen["worker_after"] = attncore.get_num_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(10)
+    seen["main_while_worker_inside"] = attncore.get_num_threads()
+    with attncore.num_threads(3):
+        seen["main_own_override"] = attncore.get_num_threads()
+    release.set()
+    t.join(10)
+    assert seen == {"worker": 1, "main_while_worker_inside": 2, "main_own_override": 3,
+                    "worker_after": 2}
+
+
+def test_kernels_run_concurrently_from_python_threads(rng):
+    """Kernels release the GIL and keep no shared state: concurrent calls from several Python
+    threads (each with its own thread budget) give the single-threaded answers."""
+    q = rng.standard_normal((2, 4, 70, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 300, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 300, 16)).astype(np.float32)
+    with attncore.num_threads(1):
+        expected = attncore.attention(q, k, v, causal=True)
+    results, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            with attncore.num_threads(1 + i % 2):
+                for _ in range(3):
+                    results[i] = attncore.attention(q, k, v, causal=True)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for r in results:
+        assert np.array_equal(r, expected)
+
+
+def test_scalar_isa_fallback_matches_reference(tmp_path):
+    """ATTNCORE_FORCE_ISA=scalar selects the non-SIMD float32 paths (otherwise untested on an
+    AVX2 machine); they must report 'scalar' and agree with the oracle."""
+    code = textwrap.dedent("""
+        import numpy as np, attncore
+        from attncore import reference as ref
+        assert attncore.info()["simd"] == "scalar", attncore.info()["simd"]
+        g = np.random.default_rng(0)
+        q = g.standard_normal((2, 2, 70, 13)).astype(np.float32)
+        k = g.standard_normal((2, 2, 300, 13)).astype(np.float32)
+        v = g.standard_normal((2, 2, 300, 13)).astype(np.float32)
+        f64 = lambda *a: [x.astype(np.float64) for x in a]
+        for ql in (3, 70):
+            out = attncore.attention(q[:, :, :ql], k, v, causal=True, kv_lengths=[300, 7])
+            want = ref.attention(*f64(q[:, :, :ql], k, v), causal=True, kv_lengths=[300, 7])
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        x = (3 * g.standard_normal((5, 37))).astype(np.float32)
+        np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),
+                                   rtol=1e-5, atol=1e-6)
+        for name in ("tanh", "sigmoid", "swish"):
+            np.testing.assert_allclose(getattr(attncore, name)(x),
+                                       getattr(ref, name)(x.astype(np.float64)),
+                                       rtol=1e-5, atol=1e-6)
+        a = dict(queries=q[:, 0, :4], keys=k[:, 0], values=v[:, 0],
+                 w_q=g.standard_normal((13, 9)).astype(np.float32),
+                 w_k=g.standard_normal((13, 9)).astype(np.float32),
+                 w_v=g.standard_normal(9).astype(np.float32))
+        # scores reach sum|w_v| ~ 7: float32 rounding of them is ~1e-6 (conftest.score_atol)
+        np.testing.assert_allclose(attncore.additive_attention(**a),
+                                   ref.additive_attention(*f64(*a.values())), rtol=1e-5, atol=2e-6)
+        print("ok")
+    """)
+    env = dict(os.environ, ATTNCORE_FORCE_ISA="scalar")
+    # Run from an empty directory and import attncore the way this process did: from the source
+    # tree when it was built in place, from site-packages when installed (CI), never a stale mix.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in
+                                         env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

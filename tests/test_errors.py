@@ -1,0 +1,336 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The bad-input matrix: every kernel front rejects malformed input with a ValueError or
+TypeError whose message names the offending argument -- before any nogil code runs, so nothing
+crashes. And the opposite edge: empty inputs are valid and give zeros of the right shape."""
+import numpy as np
+import pytest
+
+import attncore
+
+F32, F64 = np.float32, np.float64
+
+
+def _z(*shape, dtype=F64):
+    return np.zeros(shape, dtype=dtype)
+
+
+def _o(*shape, dtype=F64):
+    return np.ones(shape, dtype=dtype)
+
+
+# q (2, 4, 3, 8), k/v (2, 2, 5, 8): a valid grouped-query call, perturbed one argument at a time
+Q, K, V = _o(2, 4, 3, 8), _o(2, 2, 5, 8), _o(2, 2, 5, 8)
+
+
+def attention(**changes):
+    args = {"q": Q, "k": K, "v": V}
+    args.update(changes)
+    return lambda: attncore.attention(**args)
+
+
+# additive: queries (2, 3, 4), keys (2, 5, 6), values (2, 5, 7), w_q (4, 9), w_k (6, 9), w_v (9,)
+ADD = dict(queries=_o(2, 3, 4), keys=_o(2, 5, 6), values=_o(2, 5, 7), w_q=_o(4, 9),
+           w_k=_o(6, 9), w_v=_o(9))
+
+
+def additive(**changes):
+    args = dict(ADD)
+    args.update(changes)
+    return lambda: attncore.additive_attention(**args)
+
+
+def luong(**changes):
+    args = dict(queries=_o(2, 3, 6), keys=_o(2, 5, 6), values=_o(2, 5, 6))
+    args.update(changes)
+    return lambda: attncore.luong_attention(**args)
+
+
+def nw(**changes):
+    args = dict(queries=_o(4, 2), keys=_o(6, 2), values=_o(6))
+    args.update(changes)
+    return lambda: attncore.nadaraya_watson(**args)
+
+
+class Unconvertible:
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("no")
+
+
+# (id, callable, exception type, regex the message must match: it names the argument)
+BAD = [
+    # ---- attention: ranks, shapes, heads
+    ("attn-q-3d", attention(q=_o(4, 3, 8)), ValueError, r"\bq\b.*4-D"),
+    ("attn-k-5d", attention(k=_o(1, 2, 2, 5, 8)), ValueError, r"\bk\b.*4-D"),
+    ("attn-v-2d", attention(v=_o(5, 8)), ValueError, r"\bv\b.*4-D"),
+    ("attn-batch", attention(k=_o(3, 2, 5, 8), v=_o(3, 2, 5, 8)), ValueError, "batch"),
+    ("attn-kv-shape", attention(v=_o(2, 2, 6, 8)), ValueError, r"\bk\b and \bv\b"),
+    ("attn-head-dim", attention(k=_o(2, 2, 5, 7), v=_o(2, 2, 5, 7)), ValueError, "head_dim"),
+    ("attn-v-dim", attention(v=_o(2, 2, 5, 9)), ValueError, r"\bv\b"),
+    ("attn-gqa", attention(k=_o(2, 3, 5, 8), v=_o(2, 3, 5, 8)), ValueError, "kv_heads"),
+    ("attn-zero-kv-heads", attention(k=_o(2, 0, 5, 8), v=_o(2, 0, 5, 8)), ValueError,
+     "kv_heads"),
+    ("attn-head-dim-0", attention(q=_o(2, 4, 3, 0), k=_o(2, 2, 5, 0), v=_o(2, 2, 5, 0)),
+     ValueError, "head_dim"),
+    # ---- attention: dtypes
+    ("attn-int", attention(q=np.ones((2, 4, 3, 8), dtype=np.int64)), TypeError, r"\bq\b"),
+    ("attn-f16", attention(k=K.astype(np.float16)), TypeError, r"\bk\b"),
+    ("attn-mixed", attention(q=Q.astype(F32)), TypeError, r"\bk\b.*float32"),
+    ("attn-mixed-v", attention(v=V.astype(F32)), TypeError, r"\bv\b"),
+    ("attn-complex", attention(q=Q.astype(np.complex128)), TypeError, r"\bq\b"),
+    ("attn-object", attention(q=np.array([[["a"]]], dtype=object)), TypeError, r"\bq\b"),
+    ("attn-str", attention(q="not an array"), TypeError, r"\bq\b"),
+    ("attn-ragged-list", attention(q=[[1.0], [1.0, 2.0]]), TypeError, r"\bq\b"),
+    ("attn-unconvertible", attention(q=Unconvertible()), TypeError, r"\bq\b"),
+    # ---- attention: kv_lengths
+    ("lengths-negative", attention(kv_lengths=[5, -1]), ValueError, "kv_lengths"),
+    ("lengths-too-long", attention(kv_lengths=[5, 6]), ValueError, "kv_lengths"),
+    ("lengths-shape", attention(kv_lengths=[5, 5, 5]), ValueError, "kv_lengths"),
+    ("lengths-2d", attention(kv_lengths=[[5], [5]]), ValueError, "kv_lengths"),
+    ("lengths-float", attention(kv_lengths=[5.0, 3.0]), TypeError, "kv_lengths"),
+    ("lengths-bool", attention(kv_lengths=[True, True]), TypeError, "kv_lengths"),
+    ("lengths-str", attention(kv_lengths="5"), TypeError, "kv_lengths"),
+    # ---- attention: scale
+    ("scale-nan", attention(scale=float("nan")), ValueError, "scale"),
+    ("scale-inf", attention(scale=np.inf), ValueError, "scale"),
+    ("scale-str", attention(scale="0.5"), TypeError, "scale"),
+    ("scale-none-like", attention(scale=[0.5]), TypeError, "scale"),
+    ("scale-bool", attention(scale=True), TypeError, "scale"),
+    ("scale-complex", attention(scale=1j), TypeError, "scale"),
+    # ---- attention: mask
+    ("mask-float", attention(mask=np.ones((3, 5))), TypeError, "mask"),
+    ("mask-int", attention(mask=np.ones((3, 5), dtype=int)), TypeError, "mask"),
+    ("mask-shape", attention(mask=np.ones((3, 4), dtype=bool)), ValueError, "mask"),
+    ("mask-batch", attention(mask=np.ones((3, 4, 3, 5), dtype=bool)), ValueError, "mask"),
+    # ---- additive / project_keys
+    ("add-queries-2d", additive(queries=_o(3, 4)), ValueError, "queries"),
+    ("add-batch", additive(keys=_o(3, 5, 6)), ValueError, "batch"),
+    ("add-kv-len", additive(values=_o(2, 4, 7)), ValueError, "kv_len"),
+    ("add-w_q", additive(w_q=_o(5, 9)), ValueError, "w_q"),
+    ("add-w_k", additive(w_k=_o(6, 8)), ValueError, "w_k"),
+    ("add-w_v", additive(w_v=_o(8)), ValueError, "w_v"),
+    ("add-w_v-2d", additive(w_v=_o(9, 1)), ValueError, "w_v"),
+    ("add-unprojected-keys", additive(w_k=None), ValueError, "keys"),
+    ("add-dtype", additive(w_q=_o(4, 9, dtype=F32)), TypeError, "w_q"),
+    ("add-int-values", additive(values=np.ones((2, 5, 7), dtype=int)), TypeError, "values"),
+    ("add-lengths", additive(kv_lengths=[6, 1]), ValueError, "kv_lengths"),
+    ("add-lengths-float", additive(kv_lengths=[1.5, 1]), TypeError, "kv_lengths"),
+    ("project-keys-w_k", lambda: attncore.project_keys(_o(2, 5, 6), _o(5, 9)), ValueError, "w_k"),
+    ("project-keys-ndim", lambda: attncore.project_keys(_o(5, 6), _o(6, 9)), ValueError, "keys"),
+    # ---- luong
+    ("luong-method", luong(method="cosine"), ValueError, "method"),
+    ("luong-general-no-w", luong(method="general"), ValueError, r"\bw\b"),
+    ("luong-general-w-shape", luong(method="general", w=_o(6, 5)), ValueError, r"\bw\b"),
+    ("luong-concat-no-w_q", luong(method="concat", w_k=_o(6, 4), v=_o(4)), ValueError, "w_q"),
+    ("luong-concat-no-v", luong(method="concat", w_q=_o(6, 4), w_k=_o(6, 4)), ValueError,
+     r"\bv\b"),
+    ("luong-dot-width", luong(queries=_o(2, 3, 5)), ValueError, "queries and keys"),
+    ("luong-values", luong(values=_o(2, 4, 6)), ValueError, "values"),
+    ("luong-dtype", luong(keys=_o(2, 5, 6, dtype=F32)), TypeError, "keys"),
+    ("luong-lengths", luong(kv_lengths=[-1, 2]), ValueError, "kv_lengths"),
+    ("luong-lengths-vdim", luong(values=_o(2, 5, 3), kv_lengths=[9, 2]), ValueError,
+     "kv_lengths"),
+    # ---- nadaraya_watson
+    ("nw-bandwidth-0", nw(bandwidth=0.0), ValueError, "bandwidth"),
+    ("nw-bandwidth-neg", nw(bandwidth=-1.0), ValueError, "bandwidth"),
+    ("nw-bandwidth-inf", nw(bandwidth=np.inf), ValueError, "bandwidth"),
+    ("nw-bandwidth-nan", nw(bandwidth=np.nan), ValueError, "bandwidth"),
+    ("nw-bandwidth-str", nw(bandwidth="1"), TypeError, "bandwidth"),
+    ("nw-3d", nw(queries=_o(4, 2, 1)), ValueError, "queries"),
+    ("nw-features", nw(keys=_o(6, 3)), ValueError, "feature"),
+    ("nw-values-rows", nw(values=_o(5)), ValueError, "values"),
+    ("nw-dtype", nw(values=_o(6, dtype=F32)), TypeError, "values"),
+    # ---- softmax / log_softmax
+    ("softmax-int", lambda: attncore.softmax(np.ones((2, 3), dtype=int)), TypeError, r"\bx\b"),
+    ("softmax-f16", lambda: attncore.softmax(_o(2, 3).astype(np.float16)), TypeError, r"\bx\b"),
+    ("softmax-axis", lambda: attncore.softmax(_o(2, 3), axis=2), ValueError, "axis"),
+    ("softmax-axis-neg", lambda: attncore.softmax(_o(2, 3), axis=-3), ValueError, "axis"),
+    ("softmax-axis-float", lambda: attncore.softmax(_o(2, 3), axis=1.0), TypeError, "axis"),
+    ("softmax-axis-none", lambda: attncore.softmax(_o(2, 3), axis=None), TypeError, "axis"),
+    ("softmax-lengths-neg", lambda: attncore.softmax(_o(2, 3), lengths=[1, -1]), ValueError,
+     "lengths"),
+    ("softmax-lengths-big", lambda: attncore.softmax(_o(2, 3), lengths=[1, 4]), ValueError,
+     "lengths"),
+    ("softmax-lengths-shape", lambda: attncore.softmax(_o(2, 3), lengths=[1, 2, 3]), ValueError,
+     "lengths"),
+    ("softmax-lengths-float", lambda: attncore.softmax(_o(2, 3), lengths=[1.0, 2.0]), TypeError,
+     "lengths"),
+    ("softmax-mask-dtype", lambda: attncore.softmax(_o(2, 3), mask=_o(2, 3)), TypeError, "mask"),
+    ("softmax-mask-shape", lambda: attncore.softmax(_o(2, 3), mask=_o(3, 2, dtype=bool)),
+     ValueError, "mask"),
+    ("log-softmax-axis", lambda: attncore.log_softmax(_o(2, 3), axis=5), ValueError, "axis"),
+    ("log-softmax-mask", lambda: attncore.log_softmax(_o(2, 3), mask=[[1, 0, 1]]), TypeError,
+     "mask"),
+    # ---- linear / matmul
+    ("linear-in", lambda: attncore.linear(_o(3, 4), _o(5, 3)), ValueError, "weight"),
+    ("linear-weight-1d", lambda: attncore.linear(_o(3, 4), _o(4)), ValueError, "weight"),
+    ("linear-bias", lambda: attncore.linear(_o(3, 4), _o(5, 4), _o(4)), ValueError, "bias"),
+    ("linear-bias-2d", lambda: attncore.linear(_o(3, 4), _o(5, 4), _o(1, 5)), ValueError, "bias"),
+    ("linear-mixed", lambda: attncore.linear(_o(3, 4), _o(5, 4, dtype=F32)), TypeError, "weight"),
+    ("linear-bias-dtype", lambda: attncore.linear(_o(3, 4), _o(5, 4), _o(5, dtype=F32)),
+     TypeError, "bias"),
+    ("linear-x-int", lambda: attncore.linear(np.ones((3, 4), int), _o(5, 4)), TypeError, r"\bx\b"),
+    ("linear-x-0d", lambda: attncore.linear(np.float64(1.0), _o(5, 4)), ValueError, r"\bx\b"),
+    ("matmul-inner", lambda: attncore.matmul(_o(3, 4), _o(5, 2)), ValueError, "inner"),
+    ("matmul-inner-T", lambda: attncore.matmul(_o(3, 4), _o(2, 5), transpose_b=True), ValueError,
+     "inner"),
+    ("matmul-rank", lambda: attncore.matmul(_o(3, 4), _o(1, 4, 2)), ValueError, r"\ba\b and \bb\b"),
+    ("matmul-4d", lambda: attncore.matmul(_o(1, 1, 3, 4), _o(1, 1, 4, 2)), ValueError, "3-D"),
+    ("matmul-batch", lambda: attncore.matmul(_o(2, 3, 4), _o(3, 4, 2)), ValueError, "batch"),
+    ("matmul-alpha", lambda: attncore.matmul(_o(3, 4), _o(4, 2), alpha=np.nan), ValueError,
+     "alpha"),
+    ("matmul-alpha-str", lambda: attncore.matmul(_o(3, 4), _o(4, 2), alpha="2"), TypeError,
+     "alpha"),
+    ("matmul-dtype", lambda: attncore.matmul(_o(3, 4), _o(4, 2, dtype=F32)), TypeError, r"\bb\b"),
+    # ---- layer_norm
+    ("ln-gamma", lambda: attncore.layer_norm(_o(3, 4), _o(5)), ValueError, "gamma"),
+    ("ln-beta", lambda: attncore.layer_norm(_o(3, 4), None, _o(3)), ValueError, "beta"),
+    ("ln-gamma-dtype", lambda: attncore.layer_norm(_o(3, 4), _o(4, dtype=F32)), TypeError,
+     "gamma"),
+    ("ln-mode", lambda: attncore.layer_norm(_o(3, 4), mode="batch"), ValueError, "mode"),
+    ("ln-eps-neg", lambda: attncore.layer_norm(_o(3, 4), eps=-1e-5), ValueError, "eps"),
+    ("ln-eps-nan", lambda: attncore.layer_norm(_o(3, 4), eps=np.nan), ValueError, "eps"),
+    ("ln-eps-str", lambda: attncore.layer_norm(_o(3, 4), eps="1e-5"), TypeError, "eps"),
+    # ---- activations
+    ("relu-int", lambda: attncore.relu(np.arange(3)), TypeError, r"\bx\b"),
+    ("gelu-f16", lambda: attncore.gelu(_o(3).astype(np.float16)), TypeError, r"\bx\b"),
+    ("sigmoid-bool", lambda: attncore.sigmoid(np.ones(3, bool)), TypeError, r"\bx\b"),
+    # ---- embedding
+    ("emb-id-high", lambda: attncore.embedding(_o(5, 3), [0, 5]), ValueError, "ids"),
+    ("emb-id-neg", lambda: attncore.embedding(_o(5, 3), [[0, -1]]), ValueError, "ids"),
+    ("emb-id-float", lambda: attncore.embedding(_o(5, 3), [0.0, 1.0]), TypeError, "ids"),
+    ("emb-table-1d", lambda: attncore.embedding(_o(5), [0]), ValueError, "table"),
+    ("emb-table-int", lambda: attncore.embedding(np.ones((5, 3), int), [0]), TypeError, "table"),
+    ("emb-empty-vocab", lambda: attncore.embedding(_o(0, 3), [0]), ValueError, "ids"),
+    # ---- positions
+    ("sin-length", lambda: attncore.sinusoidal_positions(-1, 4), ValueError, "length"),
+    ("sin-dim", lambda: attncore.sinusoidal_positions(4, 0), ValueError, "dim"),
+    ("rotary-odd", lambda: attncore.rotary(_o(3, 5)), ValueError, r"\bx\b.*even"),
+    ("rotary-1d", lambda: attncore.rotary(_o(4)), ValueError, r"\bx\b"),
+    ("rotary-positions-shape", lambda: attncore.rotary(_o(3, 4), [0, 1]), ValueError, "positions"),
+    ("rotary-positions-float", lambda: attncore.rotary(_o(3, 4), [0.0, 1.0, 2.0]), TypeError,
+     "positions"),
+    ("rotary-base", lambda: attncore.rotary(_o(3, 4), base=np.inf), ValueError, "base"),
+    ("rotary-int", lambda: attncore.rotary(np.ones((3, 4), int)), TypeError, r"\bx\b"),
+    # ---- threads
+    ("threads-0", lambda: attncore.set_num_threads(0), ValueError, r"\bn\b.*>= 1"),
+    ("threads-neg", lambda: attncore.set_num_threads(-1), ValueError, r"\bn\b.*>= 1"),
+    ("threads-str", lambda: attncore.set_num_threads("2"), TypeError, r"\bn\b.*integer"),
+    ("threads-float", lambda: attncore.set_num_threads(2.0), TypeError, r"\bn\b.*integer"),
+    ("threads-bool", lambda: attncore.set_num_threads(True), TypeError, r"\bn\b.*integer"),
+    ("threads-ctx-0", lambda: attncore.num_threads(0).__enter__(), ValueError, r"\bn\b"),
+    ("threads-ctx-str", lambda: attncore.num_threads("1").__enter__(), TypeError, r"\bn\b"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [pytest.param(*case[1:], id=case[0]) for case in BAD])
+def test_bad_input_raises_named_error(call, exc, match):
+    threads_before = attncore.get_num_threads()
+    with pytest.raises(exc, match=match):
+        call()
+    assert attncore.get_num_threads() == threads_before  # a rejected setting changes nothing
+
+
+def test_every_public_kernel_is_in_the_bad_input_matrix():
+    """A new kernel front without a bad-input case fails here."""
+    names = " ".join(case[0] for case in BAD)
+    covered = {"attention": "attn-", "additive_attention": "add-", "project_keys": "project-keys",
+               "luong_attention": "luong-", "nadaraya_watson": "nw-", "softmax": "softmax-",
+               "log_softmax": "log-softmax", "linear": "linear-", "matmul": "matmul-",
+               "layer_norm": "ln-", "relu": "relu-", "gelu": "gelu-", "sigmoid": "sigmoid-",
+               "embedding": "emb-", "sinusoidal_positions": "sin-", "rotary": "rotary-",
+               "set_num_threads": "threads-", "num_threads": "threads-ctx"}
+    shared_front = {"gelu_tanh", "swish", "tanh", "get_num_threads"}  # same validator as a
+    # covered twin (element-wise _activation) or nothing to validate
+    public = set(attncore.kernels.__all__)
+    assert public - set(covered) - shared_front == set()
+    for name, prefix in covered.items():
+        assert prefix in names, name
+
+
+@pytest.mark.parametrize("fn", [attncore.softmax, attncore.log_softmax])
+def test_softmax_of_a_scalar_raises(fn):
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        fn(np.float64(2.0))
+
+
+def test_errors_happen_before_any_output_is_touched():
+    """Valid arrays are not modified by a call that is rejected for another argument."""
+    q = Q.copy()
+    with pytest.raises(ValueError):
+        attncore.attention(q, K, V, kv_lengths=[9, 9])
+    assert np.array_equal(q, Q)
+
+
+# ------------------------------------------------------------------ empty inputs
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"kv_lengths": "zeros"},
+                                {"return_weights": True}, {"mask": True}],
+                         ids=["plain", "causal", "lengths", "weights", "mask"])
+@pytest.mark.parametrize("b,q_len,kv_len", [(0, 3, 5), (2, 0, 5), (2, 3, 0), (2, 9, 0),
+                                            (0, 0, 0), (2, 70, 0)])
+def test_attention_empty_inputs_give_zeros(b, q_len, kv_len, kw, dtype):
+    q, k, v = _z(b, 4, q_len, 8, dtype=dtype), _o(b, 2, kv_len, 8, dtype=dtype), \
+        _o(b, 2, kv_len, 8, dtype=dtype)
+    kw = dict(kw)
+    if kw.get("kv_lengths") == "zeros":
+        kw["kv_lengths"] = np.zeros(b, dtype=np.int64)
+    if kw.get("mask"):
+        kw["mask"] = np.ones((q_len, kv_len), dtype=bool)
+        kw["return_weights"] = True
+    result = attncore.attention(q, k, v, **kw)
+    out, weights = result if kw.get("return_weights") else (result, None)
+    assert out.shape == (b, 4, q_len, 8) and out.dtype == dtype
+    assert np.array_equal(out, np.zeros_like(out))
+    if weights is not None:
+        assert weights.shape == (b, 4, q_len, kv_len) and weights.dtype == dtype
+        assert np.array_equal(weights, np.zeros_like(weights))
+
+
+@pytest.mark.parametrize("b,q_len,kv_len", [(0, 3, 5), (2, 0, 5), (2, 3, 0)])
+def test_additive_and_luong_empty_inputs_give_zeros(b, q_len, kv_len):
+    a = dict(queries=_o(b, q_len, 4), keys=_o(b, kv_len, 6), values=_o(b, kv_len, 7),
+             w_q=_o(4, 9), w_k=_o(6, 9), w_v=_o(9))
+    out, w = attncore.additive_attention(**a, return_weights=True)
+    assert out.shape == (b, q_len, 7) and w.shape == (b, q_len, kv_len)
+    assert not out.any() and not w.any()
+    out = attncore.luong_attention(_o(b, q_len, 6), _o(b, kv_len, 6), _o(b, kv_len, 6))
+    assert out.shape == (b, q_len, 6) and not out.any()
+
+
+def test_luong_v_dim_empty_keys_gives_zeros():
+    out = attncore.luong_attention(_o(2, 3, 6), _o(2, 0, 6), _o(2, 0, 4))
+    assert out.shape == (2, 3, 4) and not out.any()
+
+
+@pytest.mark.parametrize("fn", [attncore.softmax, attncore.log_softmax])
+def test_softmax_over_an_empty_axis(fn):
+    out = fn(_o(3, 0))
+    assert out.shape == (3, 0)
+
+
+@pytest.mark.parametrize("queries,keys,values,shape", [
+    (_o(0, 2), _o(3, 2), _o(3, 4), (0, 4)),
+    (_o(0), _o(3), _o(3), (0,)),
+    (_o(2, 2), _o(0, 2), _o(0, 4), (2, 4)),
+], ids=["no-queries-2d", "no-queries-1d", "no-keys"])
+def test_nadaraya_watson_empty_inputs(queries, keys, values, shape):
+    out = attncore.nadaraya_watson(queries, keys, values)
+    assert out.shape == shape and not out.any()
+
+
+def test_rotary_empty_length():
+    assert attncore.rotary(_o(2, 0, 4)).shape == (2, 0, 4)
+
+
+def test_other_kernels_accept_empty_inputs():
+    assert attncore.softmax(_o(0, 4)).shape == (0, 4)
+    assert attncore.log_softmax(_o(2, 0, 4), lengths=np.zeros((2, 0), int)).shape == (2, 0, 4)
+    assert attncore.linear(_o(0, 4), _o(3, 4)).shape == (0, 3)
+    assert attncore.matmul(_o(0, 4), _o(4, 3)).shape == (0, 3)
+    assert attncore.layer_norm(_o(0, 5)).shape == (0, 5)
+    assert attncore.relu(_o(0)).shape == (0,)
+    assert attncore.gelu(_o(2, 0)).shape == (2, 0)
+    assert attncore.embedding(_o(5, 3), np.zeros((0, 2), int)).shape == (0, 2, 3)
+    assert attncore.rotary(_o(0, 3, 4)).shape == (0, 3, 4)
+    assert attncore.sinusoidal_positions(0, 4).shape == (0, 4)

@@ -1,0 +1,415 @@
+# SPDX-License-Identifier: Apache-2.0
+"""attncore's attention kernels against the NumPy oracle (attncore.reference).
+
+Shapes are chosen to reach every strategy of ``attncore.attention`` and every edge of its tiles:
+decode (split-KV, q_len <= 8, keys cut in chunks of 256), flash (q_len > 8, 64-query x 256-key
+tiles), the materialised-weights path (``return_weights``) and the dense-``mask`` path (BLAS
+scores + masked softmax).
+"""
+import sys
+
+import numpy as np
+import pytest
+
+import attncore
+from attncore import reference
+from attncore.kernels.attention import BLOCK_K, BLOCK_Q, DECODE_CHUNK, DECODE_MAX_Q
+
+from conftest import FLOAT_DTYPES, as64, assert_close, score_atol
+
+# (batch, heads, kv_heads, q_len, kv_len, head_dim)
+SHAPES = [
+    pytest.param((1, 1, 1, 1, 1, 7), id="len1"),
+    pytest.param((4, 2, 2, 1, 5, 8), id="decode-q1"),
+    pytest.param((4, 3, 3, 5, 17, 33), id="decode-d33"),
+    pytest.param((4, 2, 2, 8, 300, 7), id="decode-q8-kv300"),
+    pytest.param((2, 8, 1, 3, 530, 16), id="decode-mqa-kv530"),
+    pytest.param((4, 2, 2, 9, 9, 16), id="flash-q9"),
+    pytest.param((4, 2, 1, 65, 257, 33), id="flash-65x257-gqa"),
+    pytest.param((1, 2, 2, 300, 300, 12), id="flash-300x300"),
+    pytest.param((4, 8, 2, 70, 40, 16), id="flash-gqa-q70-kv40"),
+    pytest.param((4, 2, 2, 257, 65, 7), id="flash-257x65"),
+    pytest.param((4, 1, 1, 40, 600, 9), id="flash-kv600"),
+]
+
+# how attention is called: fused kernels (split-KV / flash), the weights kernel, the dense mask
+MODES = ["fused", "weights", "mask"]
+
+
+def _qkv(rng, shape, dtype):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    q = rng.standard_normal((batch, heads, q_len, head_dim)).astype(dtype)
+    k = rng.standard_normal((batch, kv_heads, kv_len, head_dim)).astype(dtype)
+    v = rng.standard_normal((batch, kv_heads, kv_len, head_dim)).astype(dtype)
+    return q, k, v
+
+
+def _ragged(rng, batch, kv_len):
+    """kv_lengths cycling through full, 0, a random length and 1."""
+    pattern = [kv_len, 0, int(rng.integers(1, kv_len + 1)), 1]
+    return np.array([pattern[i % len(pattern)] for i in range(batch)], dtype=np.int64)
+
+
+def _check_weights(weights, expected_w, dtype, atol=None):
+    assert_close(weights, expected_w, dtype, atol=atol)
+    sums = weights.astype(np.float64).sum(-1)
+    ok = np.isclose(sums, 1, rtol=0, atol=1e-5) | (sums == 0)
+    assert ok.all(), "attention weight rows must sum to 1 (or to 0 when a row sees no key)"
+
+
+def _run_and_check(q, k, v, dtype, mode, **kw):
+    expected, expected_w = reference.attention(*as64(q, k, v), return_weights=True, **kw)
+    if mode == "fused":
+        out = attncore.attention(q, k, v, **kw)
+        assert_close(out, expected, dtype)
+        return out, None
+    out, weights = attncore.attention(q, k, v, return_weights=True, **kw)
+    assert_close(out, expected, dtype)
+    _check_weights(weights, expected_w, dtype)
+    return out, weights
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_matches_reference(rng, shape, mode, ragged, causal, dtype):
+    q, k, v = _qkv(rng, shape, dtype)
+    kw = {"causal": causal}
+    if ragged:
+        kw["kv_lengths"] = _ragged(rng, shape[0], shape[4])
+    if mode == "mask":
+        # a random keep-pattern (q_len, kv_len) broadcast over batch and heads
+        kw["mask"] = rng.random((shape[3], shape[4])) < 0.7
+    _run_and_check(q, k, v, dtype, mode, **kw)
+
+
+def test_shapes_reach_every_strategy():
+    """The parametrisation above really crosses the tile / chunk edges it claims to."""
+    q_lens = [p.values[0][3] for p in SHAPES]
+    kv_lens = [p.values[0][4] for p in SHAPES]
+    assert min(q_lens) <= DECODE_MAX_Q < max(q_lens)
+    assert any(1 < q <= DECODE_MAX_Q for q in q_lens)
+    assert any(q > BLOCK_Q and q % BLOCK_Q for q in q_lens)
+    assert any(kv > BLOCK_K and kv % BLOCK_K for kv in kv_lens)
+    assert any(kv > 2 * DECODE_CHUNK for kv in kv_lens)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("q_len", [1, 5, 9, 23])
+def test_tile_and_chunk_size_agnostic(monkeypatch, rng, q_len, causal, dtype):
+    """Tiny odd tiles / chunks (many partial tiles, rescaling at every tile, LSE merges of many
+    chunks) still match the oracle: the online softmax does not depend on the tiling."""
+    front = sys.modules["attncore.kernels.attention"]  # the module (the package attribute is
+    # the function of the same name)
+    monkeypatch.setattr(front, "BLOCK_Q", 4)
+    monkeypatch.setattr(front, "BLOCK_K", 5)
+    monkeypatch.setattr(front, "DECODE_CHUNK", 3)
+    q, k, v = _qkv(rng, (3, 4, 2, q_len, 29, 8), dtype)
+    # increasing keys along the sequence make the running maximum change from tile to tile
+    k += np.linspace(0, 3, 29, dtype=dtype)[:, None]
+    _run_and_check(q, k, v, dtype, "fused", causal=causal, kv_lengths=[29, 0, 11])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len", [1, 6, 70, 300])
+def test_mask_and_lengths_combine(rng, q_len, mode, dtype):
+    """Dense mask, kv_lengths and causal together: every exclusion applies."""
+    shape = (3, 4, 2, q_len, 280, 8)
+    q, k, v = _qkv(rng, shape, dtype)
+    mask = rng.random((3, 1, q_len, 280)) < 0.5
+    _run_and_check(q, k, v, dtype, mode, causal=True, kv_lengths=[280, 0, 100], mask=mask)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len,kv_len", [(5, 3), (70, 20), (300, 257)])
+def test_causal_rows_that_see_nothing_are_zero(rng, q_len, kv_len, mode, dtype):
+    """Causal, bottom-right aligned, q_len > kv_len: the first q_len - kv_len queries see no key
+    and must get exact zeros (not NaN); the others attend normally."""
+    q, k, v = _qkv(rng, (2, 2, 2, q_len, kv_len, 16), dtype)
+    kw = {"causal": True}
+    if mode == "mask":
+        kw["mask"] = np.ones((q_len, kv_len), dtype=bool)
+    out, weights = _run_and_check(q, k, v, dtype, mode, **kw)
+    blind = q_len - kv_len
+    assert np.array_equal(out[:, :, :blind], np.zeros_like(out[:, :, :blind]))
+    assert np.abs(out[:, :, blind:]).sum(-1).min() > 0
+    if weights is not None:
+        assert np.array_equal(weights[:, :, :blind], np.zeros_like(weights[:, :, :blind]))
+        np.testing.assert_allclose(weights[:, :, blind:].sum(-1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len", [3, 100])
+def test_zero_kv_length_rows_are_zero(rng, q_len, mode, dtype):
+    q, k, v = _qkv(rng, (3, 2, 2, q_len, 300, 8), dtype)
+    kw = {"kv_lengths": np.array([0, 300, 0])}
+    if mode == "mask":
+        kw["mask"] = np.ones((1, 1, 1, 300), dtype=bool)
+    out, weights = _run_and_check(q, k, v, dtype, mode, **kw)
+    for b in (0, 2):
+        assert np.array_equal(out[b], np.zeros_like(out[b]))
+        if weights is not None:
+            assert np.array_equal(weights[b], np.zeros_like(weights[b]))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len", [4, 90])
+def test_non_contiguous_inputs(rng, q_len, mode, dtype):
+    """Transposed views and Fortran-ordered arrays give the same result as contiguous copies."""
+    batch, heads, kv_len, d = 2, 4, 270, 24
+    # stored (batch, q_len, heads, d) as a model's projection would produce; viewed as BHLD
+    q = np.swapaxes(rng.standard_normal((batch, q_len, heads, d)).astype(dtype), 1, 2)
+    k = np.asfortranarray(rng.standard_normal((batch, 2, kv_len, d)).astype(dtype))
+    v_store = rng.standard_normal((batch, 2, 2 * kv_len, d)).astype(dtype)
+    v = v_store[:, :, ::2]  # strided along kv_len
+    assert not (q.flags.c_contiguous or k.flags.c_contiguous or v.flags.c_contiguous)
+    kw = {"causal": True, "kv_lengths": [kv_len, 123]}
+    if mode == "mask":
+        kw["mask"] = (rng.random((q_len, kv_len)) < 0.8).T.copy().T  # itself non-contiguous
+    _run_and_check(q, k, v, dtype, mode, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len", [2, 80])
+def test_read_only_inputs(rng, q_len, mode):
+    """Memory-mapped weights / caches are read-only: the kernels must accept them."""
+    q, k, v = _qkv(rng, (2, 4, 2, q_len, 300, 16), np.float32)
+    for a in (q, k, v):
+        a.flags.writeable = False
+    kw = {"causal": True, "kv_lengths": [300, 17]}
+    if mode == "mask":
+        kw["mask"] = np.ones((q_len, 300), dtype=bool)
+        kw["mask"].flags.writeable = False
+    _run_and_check(q, k, v, np.float32, mode, **kw)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("q_len", [1, 7, 100])
+def test_huge_logits_do_not_overflow(rng, q_len, mode, dtype):
+    """Logits of magnitude ~1e4..6e4 (and all-very-negative rows) give finite, exact results.
+
+    Integer-valued q, k and a power-of-two scale make every logit exactly representable in
+    float32, so float32 can be held to its normal tolerance: a kernel that exponentiates
+    without subtracting the row maximum gets inf/NaN or zeros here.
+    """
+    batch, heads, kv_len, d = 2, 2, 300, 16
+    q = rng.integers(-4, 5, size=(batch, heads, q_len, d)).astype(dtype)
+    k = rng.integers(-4, 5, size=(batch, heads, kv_len, d)).astype(dtype)
+    # in batch 1 every logit carries a -40*256 = -10240 offset: the whole row is very negative
+    q[1, :, :, 0] = -40
+    k[1, :, :, 0] = 1
+    v = rng.standard_normal((batch, heads, kv_len, d)).astype(dtype)
+    scale = 256.0
+    logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k.astype(np.float64)) * scale
+    assert np.abs(logits).max() >= 1e4
+    kw = {"scale": scale, "causal": q_len > 1}
+    if mode == "mask":
+        kw["mask"] = np.ones((q_len, kv_len), dtype=bool)
+    out, weights = _run_and_check(q, k, v, dtype, mode, **kw)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scale", [0.0, -0.37, 0.05, 3.0])
+@pytest.mark.parametrize("q_len", [2, 70])
+def test_custom_scale(rng, q_len, scale, mode, dtype):
+    q, k, v = _qkv(rng, (2, 2, 2, q_len, 260, 20), dtype)
+    kw = {"scale": scale, "causal": True}
+    if mode == "mask":
+        kw["mask"] = np.ones((q_len, 260), dtype=bool)
+    expected, expected_w = reference.attention(*as64(q, k, v), return_weights=True, **kw)
+    # logits reach ~40 at scale 3: float32 is held to the error of rounding them (score_atol)
+    logits = np.abs(np.einsum("bhqd,bhkd->bhqk", *as64(q, k))) * abs(scale)
+    atol = score_atol(dtype, logits.max())
+    if mode == "fused":
+        assert_close(attncore.attention(q, k, v, **kw), expected, dtype, atol=atol)
+    else:
+        out, weights = attncore.attention(q, k, v, return_weights=True, **kw)
+        assert_close(out, expected, dtype, atol=atol)
+        assert_close(weights, expected_w, dtype, atol=atol)
+
+
+@pytest.mark.parametrize("q_len", [3, 70])
+def test_default_scale_is_inverse_sqrt_head_dim(rng, q_len):
+    q, k, v = _qkv(rng, (1, 2, 2, q_len, 50, 33), np.float64)
+    default = attncore.attention(q, k, v)
+    explicit = attncore.attention(q, k, v, scale=1 / np.sqrt(33))
+    assert_close(default, explicit, np.float64)
+    other = attncore.attention(q, k, v, scale=1.0)
+    assert not np.allclose(default, other)
+
+
+@pytest.mark.parametrize("q_len", [3, 70])
+def test_mask_broadcasts_per_batch_and_head(rng, q_len):
+    """A (batch, heads, 1, kv_len) mask applies per batch entry and per head."""
+    q, k, v = _qkv(rng, (2, 4, 2, q_len, 30, 8), np.float64)
+    mask = rng.random((2, 4, 1, 30)) < 0.5
+    mask[..., 0] = True
+    out = attncore.attention(q, k, v, mask=mask)
+    assert_close(out, reference.attention(q, k, v, mask=mask), np.float64)
+    # the same as restricting keys by hand for one (batch, head)
+    keep = mask[1, 3, 0]
+    single = attncore.attention(q[1:2, 3:4], k[1:2, 1:2, keep], v[1:2, 1:2, keep])
+    assert_close(out[1:2, 3:4], single, np.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("q_len", [1, 8, 9, 64, 65])
+def test_gqa_equals_repeated_heads(rng, q_len, dtype):
+    """Grouped-query attention equals plain attention on keys/values repeated per group."""
+    q, k, v = _qkv(rng, (2, 8, 2, q_len, 70, 16), dtype)
+    grouped = attncore.attention(q, k, v, causal=True)
+    repeated = attncore.attention(q, np.repeat(k, 4, axis=1), np.repeat(v, 4, axis=1), causal=True)
+    assert_close(grouped, repeated, dtype)
+
+
+# ------------------------------------------------------------------ additive (Bahdanau)
+
+def _additive_inputs(rng, dtype, batch=3, q_len=4, kv_len=19, q_dim=6, k_dim=5, v_dim=7,
+                     hidden=13):
+    return dict(
+        queries=rng.standard_normal((batch, q_len, q_dim)).astype(dtype),
+        keys=rng.standard_normal((batch, kv_len, k_dim)).astype(dtype),
+        values=rng.standard_normal((batch, kv_len, v_dim)).astype(dtype),
+        w_q=(rng.standard_normal((q_dim, hidden)) / np.sqrt(q_dim)).astype(dtype),
+        w_k=(rng.standard_normal((k_dim, hidden)) / np.sqrt(k_dim)).astype(dtype),
+        w_v=rng.standard_normal(hidden).astype(dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("sizes", [
+    dict(),
+    dict(batch=1, q_len=1, kv_len=1, hidden=1),
+    dict(q_len=1, kv_len=40, hidden=8),
+    dict(q_len=9, kv_len=33, hidden=32, v_dim=1),
+    dict(batch=2, q_len=17, kv_len=300, hidden=33, q_dim=3, k_dim=40),
+], ids=["small", "ones", "decode-h8", "h32-v1", "long-h33"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+def test_additive_attention_matches_reference(rng, sizes, ragged, dtype):
+    a = _additive_inputs(rng, dtype, **sizes)
+    batch, kv_len = a["keys"].shape[:2]
+    kw = {}
+    if ragged:
+        kw["kv_lengths"] = _ragged(rng, batch, kv_len)
+    expected, expected_w = reference.additive_attention(
+        *as64(a["queries"], a["keys"], a["values"], a["w_q"], a["w_k"], a["w_v"]),
+        return_weights=True, **kw)
+    # a score is a sum of `hidden` terms w_v[i] * tanh(.): bounded by sum |w_v| (~26 at 33)
+    atol = score_atol(dtype, np.abs(as64(a["w_v"])).sum())
+    out = attncore.additive_attention(**a, **kw)
+    assert_close(out, expected, dtype, atol=atol)
+    out2, weights = attncore.additive_attention(**a, return_weights=True, **kw)
+    assert_close(out2, expected, dtype, atol=atol)
+    _check_weights(weights, expected_w, dtype, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_additive_attention_with_projected_keys(rng, dtype):
+    """project_keys once + w_k=None equals passing w_k every call."""
+    a = _additive_inputs(rng, dtype, q_len=2, kv_len=30, hidden=11)
+    lengths = [30, 0, 7]
+    projected = attncore.project_keys(a["keys"], a["w_k"])
+    assert_close(projected, as64(a["keys"]) @ as64(a["w_k"]), dtype)
+    full = attncore.additive_attention(**a, kv_lengths=lengths, return_weights=True)
+    pre = attncore.additive_attention(a["queries"], projected, a["values"], a["w_q"], None,
+                                      a["w_v"], kv_lengths=lengths, return_weights=True)
+    expected = reference.additive_attention(
+        *as64(a["queries"], projected, a["values"], a["w_q"]), None, as64(a["w_v"]),
+        kv_lengths=lengths, return_weights=True)
+    for got, want, via_w_k in zip(pre, expected, full):
+        assert_close(got, want, dtype)
+        assert_close(got, via_w_k, dtype)
+
+
+# ------------------------------------------------------------------ Luong
+
+def _luong_reference(queries, keys, values, method, kv_lengths=None, **weights):
+    scores = reference.luong_scores(queries, keys, method=method, **weights)
+    lengths = None
+    if kv_lengths is not None:
+        lengths = np.broadcast_to(np.asarray(kv_lengths)[:, None], scores.shape[:2])
+    w = reference.softmax(scores, lengths=lengths)
+    return w @ values, w
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("method", ["dot", "general", "concat"])
+@pytest.mark.parametrize("v_dim", [None, 3], ids=["v=k", "v!=k"])
+@pytest.mark.parametrize("q_len", [1, 12])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+def test_luong_attention_matches_reference(rng, ragged, q_len, v_dim, method, dtype):
+    batch, kv_len, k_dim, hidden = 3, 21, 10, 9
+    q_dim = k_dim if method == "dot" else 6
+    queries = rng.standard_normal((batch, q_len, q_dim)).astype(dtype)
+    keys = rng.standard_normal((batch, kv_len, k_dim)).astype(dtype)
+    values = rng.standard_normal((batch, kv_len, v_dim or k_dim)).astype(dtype)
+    weights = {}
+    if method == "general":
+        weights["w"] = (rng.standard_normal((q_dim, k_dim)) / 3).astype(dtype)
+    if method == "concat":
+        weights["w_q"] = (rng.standard_normal((q_dim, hidden)) / 3).astype(dtype)
+        weights["w_k"] = (rng.standard_normal((k_dim, hidden)) / 3).astype(dtype)
+        weights["v"] = rng.standard_normal(hidden).astype(dtype)
+    kw = {"kv_lengths": _ragged(rng, batch, kv_len)} if ragged else {}
+    expected, expected_w = _luong_reference(
+        *as64(queries, keys, values), method,
+        **{n: as64(w) for n, w in weights.items()}, **kw)
+    out, got_w = attncore.luong_attention(queries, keys, values, method=method, **weights,
+                                          return_weights=True, **kw)
+    assert_close(out, expected, dtype)
+    _check_weights(got_w, expected_w, dtype)
+    out_only = attncore.luong_attention(queries, keys, values, method=method, **weights, **kw)
+    assert_close(out_only, expected, dtype)
+
+
+# ------------------------------------------------------------------ Nadaraya-Watson
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bandwidth", [0.3, 1.0, 4.0])
+def test_nadaraya_watson_1d(rng, bandwidth, dtype):
+    x_train = np.sort(rng.uniform(0, 5, 50)).astype(dtype)
+    y_train = (2 * np.sin(x_train) + x_train ** 0.8).astype(dtype)
+    x_test = np.linspace(0, 5, 37).astype(dtype)
+    out, w = attncore.nadaraya_watson(x_test, x_train, y_train, bandwidth, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(*as64(x_test, x_train, y_train), bandwidth,
+                                                     return_weights=True)
+    assert out.shape == (37,)
+    assert_close(out, expected, dtype)
+    _check_weights(w, expected_w, dtype)
+    assert_close(attncore.nadaraya_watson(x_test, x_train, y_train, bandwidth), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("d,d_v", [(1, 1), (3, 5), (17, 2)])
+def test_nadaraya_watson_2d(rng, d, d_v, dtype):
+    queries = rng.standard_normal((23, d)).astype(dtype)
+    keys = rng.standard_normal((41, d)).astype(dtype)
+    values = rng.standard_normal((41, d_v)).astype(dtype)
+    out, w = attncore.nadaraya_watson(queries, keys, values, 0.7, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(*as64(queries, keys, values), 0.7,
+                                                     return_weights=True)
+    assert_close(out, expected, dtype)
+    _check_weights(w, expected_w, dtype)
+
+
+def test_nadaraya_watson_far_queries_stay_finite(rng):
+    """Queries far from every key (distances ~1e4 bandwidths) still give a convex combination."""
+    keys = rng.standard_normal((30, 2))
+    values = rng.standard_normal(30)
+    queries = np.array([[300.0, -400.0], [1e3, 1e3]])
+    out, w = attncore.nadaraya_watson(queries, keys, values, 0.5, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(queries, keys, values, 0.5,
+                                                     return_weights=True)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(w.sum(-1), 1, rtol=1e-12)
+    assert_close(out, expected, np.float64)

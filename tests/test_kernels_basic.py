@@ -1,0 +1,432 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Row / matrix / element-wise kernels against the NumPy oracle (attncore.reference):
+softmax and log-softmax, linear and matmul (BLAS, 256-wide tiles), norms, activations,
+embedding, position tables and rotary embeddings."""
+import numpy as np
+import pytest
+
+import attncore
+from attncore import reference
+
+from conftest import FLOAT_DTYPES, as64, assert_close
+
+# ------------------------------------------------------------------ softmax / log_softmax
+
+SOFTMAX_CASES = [
+    pytest.param((1,), -1, id="n1"),
+    pytest.param((7,), 0, id="n7"),
+    pytest.param((3, 97), -1, id="3x97"),
+    pytest.param((3, 97), 0, id="3x97-axis0"),
+    pytest.param((2, 5, 257), 1, id="axis1"),
+    pytest.param((2, 5, 257), -2, id="axis-2"),
+    pytest.param((4, 1000), -1, id="4x1000"),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,axis", SOFTMAX_CASES)
+def test_softmax_matches_reference(rng, shape, axis, log, dtype):
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    kernel, oracle = ((attncore.log_softmax, reference.log_softmax) if log
+                      else (attncore.softmax, reference.softmax))
+    out = kernel(x, axis=axis)
+    assert_close(out, oracle(as64(x), axis=axis), dtype)
+    if not log:
+        np.testing.assert_allclose(out.sum(axis=axis), 1, rtol=1e-5)
+
+
+def _lengths_for(rng, x, axis):
+    """Lengths for every row along ``axis``: 0, full and random values."""
+    rows = np.delete(np.array(x.shape), axis % x.ndim)
+    n = x.shape[axis]
+    lengths = rng.integers(0, n + 1, size=tuple(rows))
+    flat = lengths.reshape(-1)
+    flat[0] = 0
+    flat[-1] = n
+    return lengths
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["nolen", "lengths"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("shape,axis", SOFTMAX_CASES[2:])
+def test_masked_softmax_matches_reference(rng, shape, axis, with_mask, with_lengths, log, dtype):
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    kw = {}
+    if with_lengths:
+        kw["lengths"] = _lengths_for(rng, x, axis)
+    if with_mask:
+        moved = rng.random(np.moveaxis(x, axis, -1).shape) < 0.6
+        moved.reshape(-1, shape[axis])[1] = False  # one fully masked row
+        kw["mask"] = np.moveaxis(moved, -1, axis)
+    kernel, oracle = ((attncore.log_softmax, reference.log_softmax) if log
+                      else (attncore.softmax, reference.softmax))
+    out = kernel(x, axis=axis, **kw)
+    expected = oracle(as64(x), axis=axis, **kw)
+    assert_close(out, expected, dtype)
+    keep = reference.valid_mask(shape, axis, kw.get("lengths"), kw.get("mask"))
+    empty_rows = ~keep.any(axis=axis, keepdims=True)
+    if kw:
+        assert empty_rows.any(), "the case must contain a row with nothing valid"
+    # rows with nothing valid are all zeros, never NaN, in both softmax and log_softmax
+    empty_entries = np.broadcast_to(empty_rows, shape)
+    assert np.array_equal(out[empty_entries], np.zeros(empty_entries.sum(), dtype))
+    if log:
+        assert np.isneginf(out[~keep & ~empty_entries]).all()
+    else:
+        assert np.array_equal(out[~keep], np.zeros((~keep).sum(), dtype))
+        sums = out.astype(np.float64).sum(axis=axis)
+        np.testing.assert_allclose(sums[~np.squeeze(empty_rows, axis)], 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_fully_masked_rows_are_zero(log, dtype):
+    x = np.arange(12, dtype=dtype).reshape(3, 4)
+    kernel = attncore.log_softmax if log else attncore.softmax
+    for kw in ({"lengths": np.zeros(3, np.int64)}, {"mask": np.zeros((3, 4), bool)},
+               {"mask": np.zeros((1, 4), bool)}):
+        out = kernel(x, **kw)
+        assert out.dtype == dtype
+        assert np.array_equal(out, np.zeros((3, 4), dtype)), kw
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
+def test_softmax_huge_magnitudes(rng, masked, log, dtype):
+    """Entries of magnitude 1e4 (and, for softmax, rows that are all ~+-1e4): no overflow, no
+    NaN. log_softmax of rows sitting at +-1e4 is checked in its own test below."""
+    x = (1e4 * rng.standard_normal((6, 300))).astype(dtype)
+    if not log:
+        x[2] = -1e4 + rng.standard_normal(300).astype(dtype)  # all very negative, close together
+        x[3] = 1e4 + rng.standard_normal(300).astype(dtype)   # all very positive, close together
+    kw = {"mask": rng.random((6, 300)) < 0.9} if masked else {}
+    kernel, oracle = ((attncore.log_softmax, reference.log_softmax) if log
+                      else (attncore.softmax, reference.softmax))
+    out = kernel(x, **kw)
+    expected = oracle(as64(x), **kw)
+    assert not np.isnan(out).any()
+    assert_close(out, expected, dtype)
+    if not log:
+        np.testing.assert_allclose(out.sum(-1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
+@pytest.mark.parametrize("dtype", [
+    np.float32, np.float64])
+def test_log_softmax_rows_far_from_zero(rng, dtype, masked):
+    """log_softmax is shift invariant: rows around +-1e4 must be as accurate as rows around 0
+    (relative to the O(1..10) outputs), as a loss over large logits needs."""
+    x = rng.standard_normal((4, 300)).astype(dtype)
+    x[0] -= dtype(1e4)
+    x[1] += dtype(1e4)
+    x[2] += dtype(3e3)
+    kw = {"mask": rng.random((4, 300)) < 0.9} if masked else {}
+    out = attncore.log_softmax(x, **kw)
+    assert_close(out, reference.log_softmax(as64(x), **kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_non_contiguous_and_read_only(rng, log, dtype):
+    base = rng.standard_normal((40, 70)).astype(dtype)
+    x = base.T[::2]            # (35, 40), neither C- nor F-contiguous
+    lengths = rng.integers(0, 41, size=35)
+    mask = (rng.random((40, 35)) < 0.7).T
+    assert not x.flags.c_contiguous and not mask.flags.c_contiguous
+    base.flags.writeable = False
+    kernel, oracle = ((attncore.log_softmax, reference.log_softmax) if log
+                      else (attncore.softmax, reference.softmax))
+    for axis, kw in ((-1, {"lengths": lengths, "mask": mask}), (0, {"mask": mask})):
+        assert_close(kernel(x, axis=axis, **kw), oracle(as64(x), axis=axis, **kw), dtype)
+
+
+def test_softmax_does_not_modify_input(rng):
+    x = rng.standard_normal((4, 33))
+    before = x.copy()
+    attncore.softmax(x, lengths=[1, 2, 33, 0])
+    attncore.log_softmax(x, mask=x > 0)
+    assert np.array_equal(x, before)
+
+
+# ------------------------------------------------------------------ linear / matmul
+
+def gemm_atol(dtype, k, alpha=1.0):
+    """float32 loosening for sums of k O(1) products: the partial sums grow like sqrt(j) and
+    each addition rounds by eps times that, so the error random-walks to ~eps*k/sqrt(2); an
+    entry that happens to be near 0 cannot meet rtol alone. 2*eps*k*|alpha| is a ~3-sigma
+    bound. float64 keeps the table (None)."""
+    if np.dtype(dtype) != np.float32:
+        return None
+    return max(1e-6, 2 * float(np.finfo(np.float32).eps) * k * alpha)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("x_shape,out_features", [
+    pytest.param((97,), 101, id="1d"),
+    pytest.param((5, 97), 101, id="5x97->101"),
+    pytest.param((2, 3, 300), 257, id="3d-N257"),
+    pytest.param((300, 101), 97, id="M300"),
+    pytest.param((513, 7), 600, id="M513-N600"),
+    pytest.param((1, 1), 1, id="1x1"),
+])
+def test_linear_matches_reference(rng, x_shape, out_features, bias, dtype):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((out_features, x_shape[-1])).astype(dtype)
+    b = rng.standard_normal(out_features).astype(dtype) if bias else None
+    out = attncore.linear(x, w, b)
+    assert out.shape == x_shape[:-1] + (out_features,)
+    atol = gemm_atol(dtype, x_shape[-1])
+    assert_close(out, reference.linear(*as64(x, w, b)), dtype, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_linear_non_contiguous_and_read_only(rng, dtype):
+    x = rng.standard_normal((64, 30)).astype(dtype).T      # (30, 64) F-ordered
+    w = rng.standard_normal((64, 40)).astype(dtype).T      # (40, 64)
+    b = rng.standard_normal(80).astype(dtype)[::2]         # strided
+    for a in (x, w):
+        a.flags.writeable = False
+    assert_close(attncore.linear(x, w, b), reference.linear(*as64(x, w, b)), dtype,
+                 atol=gemm_atol(dtype, 64))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_zero_in_features(bias):
+    """K = 0: the empty sum is 0, so the output is the bias (or zeros)."""
+    x = np.zeros((3, 0))
+    w = np.zeros((4, 0))
+    b = np.arange(4.0) if bias else None
+    out = attncore.linear(x, w, b)
+    expected = np.broadcast_to(b if bias else np.zeros(4), (3, 4))
+    assert out.shape == (3, 4)
+    assert np.array_equal(out, expected)
+
+
+def test_linear_zero_rows_and_zero_out_features(rng):
+    w = rng.standard_normal((4, 5))
+    assert attncore.linear(np.zeros((0, 5)), w).shape == (0, 4)
+    assert attncore.linear(np.zeros((2, 0, 5)), w, np.ones(4)).shape == (2, 0, 4)
+    assert attncore.linear(rng.standard_normal((3, 5)), np.zeros((0, 5))).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
+@pytest.mark.parametrize("alpha", [1.0, -0.5, 3.0])
+@pytest.mark.parametrize("a_shape,n", [
+    pytest.param((7, 13), 5, id="2d"),
+    pytest.param((3, 9, 33), 17, id="3d"),
+    pytest.param((2, 300, 101), 97, id="3d-M300"),
+    pytest.param((1, 1), 1, id="1x1"),
+])
+def test_matmul_matches_reference(rng, a_shape, n, alpha, transpose_b, dtype):
+    a = rng.standard_normal(a_shape).astype(dtype)
+    k = a_shape[-1]
+    b_shape = a_shape[:-2] + ((n, k) if transpose_b else (k, n))
+    b = rng.standard_normal(b_shape).astype(dtype)
+    out = attncore.matmul(a, b, transpose_b=transpose_b, alpha=alpha)
+    expected = reference.matmul(*as64(a, b), transpose_b=transpose_b, alpha=alpha)
+    atol = gemm_atol(dtype, k, abs(alpha))
+    assert_close(out, expected, dtype, atol=atol)
+
+
+def test_matmul_empty_inner_dimension_is_zero():
+    out = attncore.matmul(np.ones((2, 0)), np.ones((0, 3)), alpha=2.0)
+    assert np.array_equal(out, np.zeros((2, 3)))
+    out = attncore.matmul(np.ones((4, 2, 0)), np.ones((4, 3, 0)), transpose_b=True)
+    assert np.array_equal(out, np.zeros((4, 2, 3)))
+
+
+def test_matmul_non_contiguous(rng):
+    a = rng.standard_normal((3, 20, 10)).transpose(0, 2, 1)   # (3, 10, 20)
+    b = rng.standard_normal((3, 30, 20))[:, ::2]              # (3, 15, 20)
+    assert_close(attncore.matmul(a, b, transpose_b=True),
+                 reference.matmul(a, b, transpose_b=True), np.float64)
+
+
+# ------------------------------------------------------------------ layer_norm
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", ["standard", "uncentred", "rms"])
+@pytest.mark.parametrize("affine", ["none", "gamma", "beta", "both"])
+@pytest.mark.parametrize("shape", [(1,), (4, 7), (2, 3, 97), (300, 64)], ids=str)
+def test_layer_norm_matches_reference(rng, shape, affine, mode, dtype):
+    x = (2 + 3 * rng.standard_normal(shape)).astype(dtype)
+    dim = shape[-1]
+    gamma = rng.standard_normal(dim).astype(dtype) if affine in ("gamma", "both") else None
+    beta = rng.standard_normal(dim).astype(dtype) if affine in ("beta", "both") else None
+    out = attncore.layer_norm(x, gamma, beta, eps=1e-5, mode=mode)
+    expected = reference.layer_norm(*as64(x, gamma, beta), eps=1e-5, mode=mode)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("mode", ["standard", "uncentred", "rms"])
+def test_layer_norm_statistics(rng, mode):
+    """The defining property, independent of the oracle: standard -> mean 0, variance 1;
+    rms -> mean square 1; uncentred -> (x - mean) / sqrt(mean(x^2))."""
+    x = 1.5 + rng.standard_normal((5, 50))
+    y = attncore.layer_norm(x, eps=0.0, mode=mode)
+    if mode == "standard":
+        np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
+        np.testing.assert_allclose(y.var(-1), 1, rtol=1e-10)
+    elif mode == "rms":
+        np.testing.assert_allclose((y ** 2).mean(-1), 1, rtol=1e-10)
+    else:
+        want = (x - x.mean(-1, keepdims=True)) / np.sqrt((x ** 2).mean(-1, keepdims=True))
+        np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_eps_matters(rng):
+    x = rng.standard_normal((3, 8)) * 1e-3
+    assert not np.allclose(attncore.layer_norm(x, eps=1e-5), attncore.layer_norm(x, eps=0.0))
+    assert_close(attncore.layer_norm(x, eps=1e-5), reference.layer_norm(x, eps=1e-5), np.float64)
+
+
+# ------------------------------------------------------------------ activations
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "swish", "tanh", "sigmoid"]
+EXTREMES = [-1e4, -1e3, -100.0, -88.5, -87.0, -30.0, -20.0, -5.0, -1e-3, -1e-30, 0.0, 1e-30,
+            1e-3, 5.0, 20.0, 30.0, 87.0, 88.5, 100.0, 1e3, 1e4]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 40000], ids=lambda n: f"n{n}")
+def test_activation_matches_reference(rng, n, name, dtype):
+    """Random inputs (n crossing the 8-lane SIMD width and the 16384-element parallel chunk)
+    plus extremes, against the float64 oracle."""
+    x = (4 * rng.standard_normal(n)).astype(dtype)
+    x[: min(n, len(EXTREMES))] = np.array(EXTREMES, dtype=dtype)[: min(n, len(EXTREMES))]
+    out = getattr(attncore, name)(x)
+    with np.errstate(over="ignore"):  # the oracle's exp(1e4) overflows to inf on purpose
+        expected = getattr(reference, name)(as64(x))
+    assert not np.isnan(out).any()
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_activation_saturation(dtype):
+    """Large |x|: the exact limits, finite, no NaN."""
+    big = np.array([-1e4, -1e3, -200.0, 200.0, 1e3, 1e4], dtype=dtype)
+    neg, pos = big < 0, big > 0
+    out = {name: getattr(attncore, name)(big) for name in ACTIVATIONS}
+    for name, y in out.items():
+        assert np.isfinite(y).all(), name
+    assert np.array_equal(out["tanh"], np.sign(big))
+    assert np.array_equal(out["sigmoid"][pos], np.ones(pos.sum(), dtype))
+    assert np.abs(out["sigmoid"][neg]).max() < 1e-30
+    for name in ("relu", "gelu", "gelu_tanh", "swish"):
+        assert np.array_equal(out[name][pos], big[pos]), name
+        assert np.abs(out[name][neg]).max() < 1e-30, name
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_keeps_shape_and_accepts_views(rng, name):
+    x = rng.standard_normal((6, 10)).astype(np.float32).T[::2]   # (5, 6), non-contiguous
+    out = getattr(attncore, name)(x)
+    assert out.shape == x.shape
+    assert_close(out, getattr(reference, name)(as64(x)), np.float32)
+
+
+def test_activation_of_a_scalar_keeps_its_shape():
+    x = np.float64(0.75)
+    for name in ACTIVATIONS:
+        out = getattr(attncore, name)(x)
+        assert np.shape(out) == (), name
+        assert_close(out, getattr(reference, name)(np.asarray(x)), np.float64)
+
+
+def test_gelu_is_exact_not_tanh_approximation():
+    x = np.array([-3.0, -1.0, 0.5, 2.0])
+    assert not np.allclose(attncore.gelu(x), attncore.gelu_tanh(x), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ embedding
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("ids_shape", [
+    (5,), (3, 4), (2, 0),
+    (),
+], ids=str)
+def test_embedding_gathers_rows(rng, ids_shape, dtype):
+    table = rng.standard_normal((11, 9)).astype(dtype)
+    ids = rng.integers(0, 11, size=ids_shape)
+    out = attncore.embedding(table, ids)
+    assert out.shape == ids_shape + (9,)
+    assert out.dtype == dtype
+    assert np.array_equal(out, reference.embedding(table, ids))
+
+
+def test_embedding_edges_of_the_vocabulary(rng):
+    table = rng.standard_normal((6, 3))
+    ids = np.array([[0, 5], [5, 0]], dtype=np.int32)
+    assert np.array_equal(attncore.embedding(table, ids), table[ids])
+
+
+# ------------------------------------------------------------------ positions
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("length,dim", [(1, 2), (50, 16), (7, 9), (100, 512)])
+def test_sinusoidal_positions(length, dim, dtype):
+    table = attncore.sinusoidal_positions(length, dim, dtype=dtype)
+    assert table.shape == (length, dim) and table.dtype == dtype
+    p = np.arange(length, dtype=np.float64)[:, None]
+    i = np.arange(dim)[None, :]
+    angle = p / 10000.0 ** ((i - i % 2) / dim)          # pair (2i, 2i+1) shares a frequency
+    expected = np.where(i % 2 == 0, np.sin(angle), np.cos(angle))
+    assert_close(table, expected, dtype)
+    # positions start at 0: sin 0 = 0 on even, cos 0 = 1 on odd dimensions
+    assert np.array_equal(table[0, 0::2], np.zeros((dim + 1) // 2, dtype))
+    assert np.array_equal(table[0, 1::2], np.ones(dim // 2, dtype))
+    assert_close(table, reference.sinusoidal_positions(length, dim, dtype=np.float64), dtype)
+
+
+def test_sinusoidal_positions_base(rng):
+    t = attncore.sinusoidal_positions(20, 8, dtype=np.float64, base=100.0)
+    assert_close(t, reference.sinusoidal_positions(20, 8, dtype=np.float64, base=100.0),
+                 np.float64)
+    assert not np.allclose(t, attncore.sinusoidal_positions(20, 8, dtype=np.float64))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (5, 8), (3, 17, 6), (2, 4, 33, 64)], ids=str)
+@pytest.mark.parametrize("custom_positions", [False, True], ids=["default", "positions"])
+def test_rotary_matches_reference(rng, shape, custom_positions, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    positions = rng.integers(0, 5000, size=shape[-2]) if custom_positions else None
+    out = attncore.rotary(x, positions)
+    assert_close(out, reference.rotary(as64(x), positions), dtype)
+    # rotations preserve the norm of every pair
+    pairs = lambda a: np.hypot(as64(a)[..., 0::2], as64(a)[..., 1::2])  # noqa: E731
+    np.testing.assert_allclose(pairs(out), pairs(x), rtol=1e-5)
+
+
+def test_rotary_leaves_input_alone_and_accepts_views(rng):
+    x = rng.standard_normal((8, 12, 3)).transpose(2, 0, 1)   # (3, 8, 12) non-contiguous
+    before = x.copy()
+    out = attncore.rotary(x, base=500.0)
+    assert np.array_equal(x, before)
+    assert_close(out, reference.rotary(before, base=500.0), np.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
+    """<rot(q, m), rot(k, n)> is a function of m - n: shifting both positions changes nothing."""
+    length, dim = 24, 16
+    q = np.repeat(rng.standard_normal((1, dim)), length, axis=0).astype(dtype)
+    k = np.repeat(rng.standard_normal((1, dim)), length, axis=0).astype(dtype)
+    positions = np.arange(length)
+    scores = as64(attncore.rotary(q, positions)) @ as64(attncore.rotary(k, positions)).T
+    # Toeplitz: S[m, n] == S[m + 1, n + 1]
+    # scores are sums of `dim` O(1) products computed from float32 rotations: judged at that scale
+    tol = {"rtol": 1e-5, "atol": 2e-5} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    np.testing.assert_allclose(scores[1:, 1:], scores[:-1, :-1], **tol)
+    shifted = (as64(attncore.rotary(q, positions + 1000))
+               @ as64(attncore.rotary(k, positions + 1000)).T)
+    np.testing.assert_allclose(shifted, scores, **tol)
+    # and it really depends on the offset (not a constant)
+    assert np.ptp(scores[0]) > 1e-2
