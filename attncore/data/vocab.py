@@ -1,0 +1,237 @@
+"""Token vocabularies: token <-> id maps with fixed special ids, saved as JSON.
+
+Every vocabulary in attncore reserves the same four ids, so models, batches and the
+engine agree on them without looking anything up:
+
+====  =========  ==========================================================
+ id   token      meaning
+====  =========  ==========================================================
+ 0    ``<pad>``  padding; also the "no token" id RAN masks with ``id > 0``
+ 1    ``<bos>``  begin of a target sequence (decoder start token)
+ 2    ``<eos>``  end of sequence
+ 3    ``<unk>``  any token not in the vocabulary
+====  =========  ==========================================================
+
+Two kinds are provided: :class:`Vocab` (a plain list of tokens; character or
+whitespace-word level) and :class:`attncore.data.bpe.BPEVocab` (subwords learnt with the
+``tokenizers`` package). Both share the interface used by tasks and the trainer:
+``encode``, ``decode``, ``len()``, ``save`` and ``load``. :func:`load_vocab` opens
+either from its JSON file. No pickle is used anywhere.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Iterable, Sequence
+
+__all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "Vocab", "load_vocab"]
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+# Format tag written into every saved plain vocabulary; bump ``_VERSION`` if the
+# layout of the JSON ever changes.
+_FORMAT = "attncore.vocab"
+_VERSION = 1
+_LEVELS = ("char", "word")
+
+
+class Vocab:
+    """A list of tokens with ``<pad>=0, <bos>=1, <eos>=2, <unk>=3`` in front.
+
+    Parameters
+    ----------
+    tokens : iterable of str
+        The ordinary tokens, in id order; they get ids 4, 5, ... Special tokens in
+        the iterable are ignored (they always keep ids 0..3). Duplicates raise.
+    level : {"char", "word"}
+        How :meth:`tokenize` splits a string: into characters, or on whitespace.
+        :meth:`decode` joins with ``""`` or ``" "`` accordingly.
+
+    Examples
+    --------
+    >>> v = Vocab("0123456789-", level="char")
+    >>> v.encode("2019-03-07")
+    [6, 4, 5, 13, 14, 4, 7, 14, 4, 11]
+    >>> v.decode([1, 6, 4, 2, 0])
+    '20'
+    """
+
+    pad = 0
+    bos = 1
+    eos = 2
+    unk = 3
+
+    def __init__(self, tokens: Iterable[str], *, level: str = "char"):
+        if level not in _LEVELS:
+            raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        self.level = level
+        itos = list(SPECIAL_TOKENS)
+        for tok in tokens:
+            if tok in SPECIAL_TOKENS:
+                continue
+            if not isinstance(tok, str) or tok == "":
+                raise ValueError(f"tokens must be non-empty strings, got {tok!r}")
+            if level == "word" and any(c.isspace() for c in tok):
+                raise ValueError(f"word-level tokens cannot contain spaces, got {tok!r}")
+            itos.append(tok)
+        stoi = {tok: i for i, tok in enumerate(itos)}
+        if len(stoi) != len(itos):
+            dup = [t for t, n in collections.Counter(itos).items() if n > 1]
+            raise ValueError(f"duplicate tokens in vocabulary: {dup[:10]}")
+        self._itos = itos
+        self._stoi = stoi
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, texts: Iterable[str | Sequence[str]], *, level: str = "char",
+              min_freq: int = 1, max_size: int | None = None) -> "Vocab":
+        """Count tokens over ``texts`` and keep the frequent ones.
+
+        Tokens are ordered by decreasing count, ties broken by the token string, so
+        the result does not depend on the order of ``texts``.
+
+        Parameters
+        ----------
+        texts : iterable of str or of token lists
+        level : {"char", "word"}
+        min_freq : int
+            Tokens seen fewer times are left out (they will encode as ``<unk>``).
+        max_size : int, optional
+            Largest number of ordinary tokens kept (specials not counted).
+        """
+        if level not in _LEVELS:
+            raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        counts: collections.Counter[str] = collections.Counter()
+        for text in texts:
+            counts.update(_split(text, level) if isinstance(text, str) else text)
+        for tok in SPECIAL_TOKENS:
+            counts.pop(tok, None)
+        kept = sorted((t for t, n in counts.items() if n >= min_freq),
+                      key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            kept = kept[:max_size]
+        return cls(kept, level=level)
+
+    # ------------------------------------------------------------------ mapping
+    def __len__(self) -> int:
+        return len(self._itos)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._stoi
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Vocab) and type(other) is type(self)
+                and self.level == other.level and self._itos == other._itos)
+
+    def __repr__(self) -> str:
+        return f"Vocab(size={len(self)}, level={self.level!r})"
+
+    @property
+    def tokens(self) -> list[str]:
+        """All tokens in id order, specials included (a copy)."""
+        return list(self._itos)
+
+    def token_to_id(self, token: str) -> int:
+        """Id of ``token``, or ``unk`` (3) when it is not in the vocabulary."""
+        return self._stoi.get(token, self.unk)
+
+    def id_to_token(self, index: int) -> str:
+        """Token string of ``index``; raises IndexError outside ``[0, len)``."""
+        if not 0 <= int(index) < len(self._itos):
+            raise IndexError(f"token id {index} outside [0, {len(self._itos)})")
+        return self._itos[int(index)]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Split ``text`` into tokens: characters, or whitespace-separated words."""
+        return _split(text, self.level)
+
+    def encode(self, text: str | Sequence[str], *, add_bos: bool = False,
+               add_eos: bool = False) -> list[int]:
+        """Map a string (tokenized first) or a token list to ids.
+
+        Parameters
+        ----------
+        text : str or sequence of str
+        add_bos, add_eos : bool
+            Put ``bos`` (1) in front / ``eos`` (2) at the end.
+
+        Returns
+        -------
+        list of int
+        """
+        toks = self.tokenize(text) if isinstance(text, str) else text
+        ids = [self._stoi.get(t, self.unk) for t in toks]
+        if add_bos:
+            ids.insert(0, self.bos)
+        if add_eos:
+            ids.append(self.eos)
+        return ids
+
+    def decode(self, ids: Iterable[int], *, strip_special: bool = True) -> str:
+        """Map ids back to a string.
+
+        With ``strip_special`` (the default) decoding stops at the first ``eos`` and
+        ``pad``/``bos`` are dropped, so a padded or generated row decodes to its text;
+        ``unk`` is kept as ``<unk>``. Without it every token is written out.
+        """
+        out = []
+        for i in ids:
+            i = int(i)
+            if strip_special:
+                if i == self.eos:
+                    break
+                if i in (self.pad, self.bos):
+                    continue
+            out.append(self.id_to_token(i))
+        return ("" if self.level == "char" else " ").join(out)
+
+    # ------------------------------------------------------------------ storage
+    def to_dict(self) -> dict:
+        """JSON-ready description (format tag, version, level, all tokens)."""
+        return {"format": _FORMAT, "version": _VERSION, "level": self.level,
+                "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Vocab":
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"not an attncore vocabulary (format={data.get('format')!r})")
+        if data.get("version") != _VERSION:
+            raise ValueError(f"unsupported vocabulary version {data.get('version')!r}")
+        tokens = data["tokens"]
+        if list(tokens[:4]) != list(SPECIAL_TOKENS):
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}, got {tokens[:4]}")
+        return cls(tokens[4:], level=data["level"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the vocabulary as UTF-8 JSON to ``path``."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocab":
+        """Read a vocabulary written by :meth:`save`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _split(text: str, level: str) -> list[str]:
+    return list(text) if level == "char" else text.split()
+
+
+def load_vocab(path: str | os.PathLike):
+    """Open a saved vocabulary of either kind.
+
+    A file written by :meth:`Vocab.save` gives a :class:`Vocab`; a ``tokenizers``
+    JSON file (written by :meth:`attncore.data.bpe.BPEVocab.save`) gives a
+    :class:`~attncore.data.bpe.BPEVocab`.
+    """
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("format") == _FORMAT:
+        return Vocab.from_dict(data)
+    if "model" in data and "added_tokens" in data:
+        from .bpe import BPEVocab  # needs the optional ``tokenizers`` package
+        return BPEVocab.load(path)
+    raise ValueError(f"{os.fspath(path)!r} is neither an attncore vocabulary nor a tokenizer JSON")

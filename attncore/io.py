@@ -1,0 +1,438 @@
+"""The attncore model directory: ``config.json`` + ``model.safetensors`` (+ tokenizer files).
+
+A model is a directory::
+
+    my-model/
+      config.json          {"format_version": 1, "architecture": "...", hyper-parameters...,
+                            "pad_id", "bos_id", "eos_id", "unk_id", "tokenizer": {...} | null}
+      model.safetensors    every weight, named and shaped as weight_spec(config) declares
+      <tokenizer files>    optional, referenced from config["tokenizer"]
+
+No pickle anywhere: weights go through ``safetensors.numpy`` and the configuration is JSON.
+
+The weights of each architecture are declared **once**, by a spec function
+``spec_fn(config: dict) -> {name: (shape, dtype)}`` registered with
+:func:`register_architecture`. The trainer's export, :func:`load_model_dir`'s validation, the
+inference engine and the converters all use :func:`weight_spec`. An architecture's spec may
+live in another module: :data:`_ARCHITECTURE_MODULES` names the module whose import registers it
+(``"ran"`` -> ``attncore.train.ran``), so loading never depends on import order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "WeightSpec",
+    "register_architecture", "registered_architectures", "weight_spec", "check_weights",
+    "save_model_dir", "load_model_dir", "read_config",
+    "seq2seq_attention_weight_spec", "transformer_weight_spec",
+]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+SPECIAL_TOKEN_KEYS = ("pad_id", "bos_id", "eos_id", "unk_id")
+
+WeightSpec = Dict[str, Tuple[Tuple[int, ...], str]]
+"""name -> (shape, dtype name such as "float32")."""
+
+_SPECS: Dict[str, Callable[[dict], WeightSpec]] = {}
+# Architectures whose spec is registered by importing a module (imported on first use).
+_ARCHITECTURE_MODULES = {"ran": "attncore.train.ran"}
+
+
+# ------------------------------------------------------------------------------------------
+# Spec registry
+# ------------------------------------------------------------------------------------------
+
+def register_architecture(name: str, spec_fn: Callable[[dict], WeightSpec]) -> None:
+    """Declare (or replace) the weight spec of architecture ``name``.
+
+    Parameters
+    ----------
+    name : str
+        The value of ``config["architecture"]``.
+    spec_fn : callable
+        ``spec_fn(config) -> {tensor name: (shape tuple, dtype name)}``. It reads every
+        hyper-parameter it needs with ``config[key]`` (a missing key raises ``KeyError``, which
+        the loader reports) and raises ``ValueError`` for inconsistent values.
+    """
+    if not callable(spec_fn):
+        raise TypeError(f"spec_fn for {name!r} must be callable")
+    _SPECS[name] = spec_fn
+
+
+def registered_architectures() -> List[str]:
+    """Names with a registered spec (plus those registered on import, once importable)."""
+    for name in list(_ARCHITECTURE_MODULES):
+        _spec_function(name, required=False)
+    return sorted(_SPECS)
+
+
+def _spec_function(name: str, required: bool = True):
+    if name not in _SPECS and name in _ARCHITECTURE_MODULES:
+        try:
+            importlib.import_module(_ARCHITECTURE_MODULES[name])
+        except ImportError:
+            pass
+    if name not in _SPECS and required:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(_SPECS)}")
+    return _SPECS.get(name)
+
+
+def weight_spec(config: Mapping) -> WeightSpec:
+    """The declared weights of the model described by ``config``.
+
+    Raises
+    ------
+    ValueError
+        Unknown architecture, or a missing / inconsistent hyper-parameter.
+    """
+    if "architecture" not in config:
+        raise ValueError("config has no 'architecture'")
+    spec_fn = _spec_function(config["architecture"])
+    try:
+        spec = spec_fn(config)
+    except KeyError as error:
+        raise ValueError(f"config lacks hyper-parameter {error.args[0]!r} needed by "
+                         f"architecture {config['architecture']!r}") from None
+    return {name: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for name, (shape, dtype) in spec.items()}
+
+
+def check_weights(spec: WeightSpec, weights: Mapping[str, np.ndarray]) -> List[str]:
+    """Every difference between ``weights`` and ``spec`` as a list of messages (empty if none)."""
+    problems = [f"missing tensor {name!r} (expected shape {list(shape)} {dtype})"
+                for name, (shape, dtype) in spec.items() if name not in weights]
+    problems += [f"unexpected tensor {name!r}" for name in weights if name not in spec]
+    for name in spec.keys() & weights.keys():
+        shape, dtype = spec[name]
+        array = weights[name]
+        if tuple(array.shape) != shape:
+            problems.append(f"tensor {name!r} has shape {list(array.shape)}, expected {list(shape)}")
+        if str(array.dtype) != dtype:
+            problems.append(f"tensor {name!r} has dtype {array.dtype}, expected {dtype}")
+    return sorted(problems)
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and loading
+# ------------------------------------------------------------------------------------------
+
+def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapping[str, np.ndarray],
+                   tokenizer_files: Optional[Union[Mapping[str, Union[str, bytes]], Iterable[os.PathLike]]] = None
+                   ) -> Path:
+    """Write a model directory after checking ``weights`` against the architecture's spec.
+
+    Parameters
+    ----------
+    path : path-like
+        Created if needed; existing ``config.json`` / ``model.safetensors`` are replaced.
+    config : mapping
+        JSON-serialisable; must contain ``architecture``. ``format_version`` is set to 1.
+    weights : mapping name -> np.ndarray
+        Exactly the tensors of ``weight_spec(config)``.
+    tokenizer_files : mapping filename -> str | bytes, or iterable of paths to copy, optional
+
+    Returns
+    -------
+    Path of the directory.
+
+    Raises
+    ------
+    ValueError
+        Listing every mismatch between ``weights`` and the spec; nothing is written then.
+    """
+    from safetensors.numpy import save_file
+
+    config = dict(config)
+    config["format_version"] = FORMAT_VERSION
+    problems = check_weights(weight_spec(config), weights)
+    if problems:
+        raise ValueError(f"weights do not match the {config['architecture']!r} spec:\n  " + "\n  ".join(problems))
+    config_text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON values
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write to temporary names and rename, so a crash never leaves a half-written model.
+    arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
+    temporary_weights = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(arrays, str(temporary_weights),
+              metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
+    os.replace(temporary_weights, directory / WEIGHTS_FILE)
+    temporary_config = directory / (CONFIG_FILE + ".tmp")
+    temporary_config.write_text(config_text + "\n", encoding="utf-8")
+    os.replace(temporary_config, directory / CONFIG_FILE)
+
+    if tokenizer_files:
+        if isinstance(tokenizer_files, Mapping):
+            for filename, content in tokenizer_files.items():
+                target = directory / filename
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                else:
+                    target.write_text(content, encoding="utf-8")
+        else:
+            for source in tokenizer_files:
+                source = Path(source)
+                (directory / source.name).write_bytes(source.read_bytes())
+    return directory
+
+
+def read_config(path: Union[str, os.PathLike]) -> dict:
+    """Read and check ``config.json`` of a model directory (no weights)."""
+    config, problems = _read_config(Path(path))
+    if problems:
+        raise ValueError(f"invalid model directory {str(path)!r}:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _read_config(directory: Path):
+    if not directory.exists():
+        return None, ["path does not exist"]
+    if not directory.is_dir():
+        return None, ["not a directory (a model is a directory with config.json and model.safetensors)"]
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        return None, [f"missing {CONFIG_FILE} (not an attncore model directory?)"]
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        return None, [f"{CONFIG_FILE} is not valid JSON: {error}"]
+    if not isinstance(config, dict):
+        return None, [f"{CONFIG_FILE} must hold a JSON object"]
+    problems = []
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        problems.append(f"unsupported format_version {version!r} (this attncore reads {FORMAT_VERSION})")
+    if "architecture" not in config:
+        problems.append(f"{CONFIG_FILE} has no 'architecture'")
+    elif _spec_function(config["architecture"], required=False) is None:
+        problems.append(f"unknown architecture {config['architecture']!r}; known: {sorted(_SPECS)}")
+    for key in SPECIAL_TOKEN_KEYS:
+        if key in config and not isinstance(config[key], int):
+            problems.append(f"{key} must be an integer, got {config[key]!r}")
+    return config, problems
+
+
+def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.ndarray]]:
+    """Read a model directory and check every tensor against the architecture's spec.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    config : dict
+    weights : dict name -> np.ndarray
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and listing *all* problems found: not a directory, missing or invalid
+        config, unknown format version or architecture, missing hyper-parameters, missing or
+        unreadable (truncated, corrupt) weights file, and every missing, unexpected,
+        wrongly shaped or wrongly typed tensor.
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(path)
+    config, problems = _read_config(directory)
+    weights: Dict[str, np.ndarray] = {}
+    weights_path = directory / WEIGHTS_FILE
+    if config is not None:
+        if not weights_path.is_file():
+            problems.append(f"missing {WEIGHTS_FILE}")
+        else:
+            try:
+                weights = load_file(str(weights_path))
+            except Exception as error:  # safetensors raises its own error types for bad files
+                problems.append(f"cannot read {WEIGHTS_FILE} (truncated or corrupt?): {type(error).__name__}: {error}")
+                weights = None
+        spec = None
+        architecture = config.get("architecture")
+        if architecture is not None and _spec_function(architecture, required=False) is not None:
+            try:
+                spec = weight_spec(config)
+            except ValueError as error:  # a missing or inconsistent hyper-parameter
+                problems.append(str(error))
+        if spec is not None and weights is not None:
+            problems.extend(check_weights(spec, weights))
+    if problems:
+        raise ValueError(f"invalid model directory {str(path)!r}:\n  " + "\n  ".join(problems))
+    return config, weights
+
+
+# ------------------------------------------------------------------------------------------
+# Specs of the built-in architectures
+# ------------------------------------------------------------------------------------------
+
+def _dtype_of(config: Mapping) -> str:
+    dtype = config["dtype"]
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dtype
+
+
+def _rnn_spec(prefix: str, cell: str, input_size: int, hidden: int, layers: int, directions: int, dtype: str):
+    gates = {"gru": 3, "lstm": 4}[cell] * hidden
+    spec = {}
+    for layer in range(layers):
+        layer_input = input_size if layer == 0 else hidden * directions
+        for suffix in [f"_l{layer}", f"_l{layer}_reverse"][:directions]:
+            spec[f"{prefix}.weight_ih{suffix}"] = ((gates, layer_input), dtype)
+            spec[f"{prefix}.weight_hh{suffix}"] = ((gates, hidden), dtype)
+            spec[f"{prefix}.bias_ih{suffix}"] = ((gates,), dtype)
+            spec[f"{prefix}.bias_hh{suffix}"] = ((gates,), dtype)
+    return spec
+
+
+def seq2seq_attention_weight_spec(config: Mapping) -> WeightSpec:
+    """Weights of ``attncore.train.seq2seq.Seq2SeqAttention`` (see its module docstring).
+
+    ===================================  ===================  ==============================
+    name                                 shape                present
+    ===================================  ===================  ==============================
+    encoder.embedding.weight             (V_src, E)
+    encoder.rnn.{weight,bias}_{ih,hh}_lK  torch nn.GRU/LSTM    H/2 per direction if bidirectional
+    decoder.embedding.weight             (V_tgt, E)
+    decoder.rnn.*                        input E (+H)         +H for bahdanau or input feeding
+    decoder.attention.query.weight       (A, H)               bahdanau, luong_concat
+    decoder.attention.key.weight         (A, H)               bahdanau, luong_concat
+    decoder.attention.score.weight       (1, A)               bahdanau, luong_concat
+    decoder.attention.linear_in.weight   (H, H)               luong_general
+    decoder.attention.output.weight      (H, 2H)              luong_* ([context; h] order)
+    decoder.output.weight / .bias        (V_tgt, H) / (V_tgt)
+    ===================================  ===================  ==============================
+    """
+    dtype = _dtype_of(config)
+    cell, attention = config["rnn_type"], config["attention"]
+    hidden, embed, layers = int(config["hidden_size"]), int(config["embed_dim"]), int(config["num_layers"])
+    bidirectional = bool(config["bidirectional"])
+    if cell not in ("gru", "lstm"):
+        raise ValueError(f"rnn_type must be 'gru' or 'lstm', got {cell!r}")
+    if attention not in ("bahdanau", "luong_dot", "luong_general", "luong_concat"):
+        raise ValueError(f"unknown attention {attention!r}")
+    if bidirectional and hidden % 2:
+        raise ValueError(f"a bidirectional encoder needs an even hidden_size, got {hidden}")
+    attention_dim = int(config["attention_dim"]) or hidden
+    src_vocab, tgt_vocab = int(config["src_vocab_size"]), int(config["tgt_vocab_size"])
+    directions = 2 if bidirectional else 1
+
+    spec = {"encoder.embedding.weight": ((src_vocab, embed), dtype)}
+    spec.update(_rnn_spec("encoder.rnn", cell, embed, hidden // directions, layers, directions, dtype))
+    spec["decoder.embedding.weight"] = ((tgt_vocab, embed), dtype)
+    feeds_context = attention == "bahdanau" or bool(config["input_feeding"])
+    spec.update(_rnn_spec("decoder.rnn", cell, embed + (hidden if feeds_context else 0), hidden, layers, 1, dtype))
+    if attention in ("bahdanau", "luong_concat"):
+        spec["decoder.attention.query.weight"] = ((attention_dim, hidden), dtype)
+        spec["decoder.attention.key.weight"] = ((attention_dim, hidden), dtype)
+        spec["decoder.attention.score.weight"] = ((1, attention_dim), dtype)
+    if attention == "luong_general":
+        spec["decoder.attention.linear_in.weight"] = ((hidden, hidden), dtype)
+    if attention.startswith("luong"):
+        spec["decoder.attention.output.weight"] = ((hidden, 2 * hidden), dtype)
+    spec["decoder.output.weight"] = ((tgt_vocab, hidden), dtype)
+    spec["decoder.output.bias"] = ((tgt_vocab,), dtype)
+    return spec
+
+
+def _attention_spec(prefix: str, d_model: int, fused: bool, bias: bool, dtype: str) -> WeightSpec:
+    # torch.nn.MultiheadAttention names: in_proj_weight (3d, d) when q/k/v are fused, else
+    # {q,k,v}_proj_weight (d, d); in_proj_bias (3d); out_proj.weight (d, d), out_proj.bias (d).
+    if fused:
+        spec = {f"{prefix}.in_proj_weight": ((3 * d_model, d_model), dtype)}
+    else:
+        spec = {f"{prefix}.{p}_proj_weight": ((d_model, d_model), dtype) for p in "qkv"}
+    spec[f"{prefix}.out_proj.weight"] = ((d_model, d_model), dtype)
+    if bias:
+        spec[f"{prefix}.in_proj_bias"] = ((3 * d_model,), dtype)
+        spec[f"{prefix}.out_proj.bias"] = ((d_model,), dtype)
+    return spec
+
+
+def _norm_spec(prefix: str, d_model: int, dtype: str) -> WeightSpec:
+    return {f"{prefix}.weight": ((d_model,), dtype), f"{prefix}.bias": ((d_model,), dtype)}
+
+
+def transformer_weight_spec(config: Mapping) -> WeightSpec:
+    """Weights of ``attncore.train.transformer.Transformer`` (torch ``nn.Transformer`` names).
+
+    Per layer ``encoder.layers.{i}.`` / ``decoder.layers.{i}.``: ``self_attn.*`` (and
+    ``multihead_attn.*`` for encoder-decoder decoders), ``linear1`` (F, d), ``linear2`` (d, F),
+    ``norm1``, ``norm2`` (+ ``norm3`` with cross-attention). Top level: ``src_embedding``,
+    ``tgt_embedding`` (V, d); ``src_position`` / ``tgt_position`` (max_positions, d) when learned;
+    ``encoder.norm`` / ``decoder.norm`` with ``final_norm``; ``output.weight`` (V_tgt, d) unless
+    tied, ``output.bias``; ``classifier.weight`` (C, d) and ``.bias`` for encoder-only.
+    """
+    dtype = _dtype_of(config)
+    kind = config["kind"]
+    if kind not in ("encoder_decoder", "decoder_only", "encoder_only"):
+        raise ValueError(f"kind must be encoder_decoder, decoder_only or encoder_only, got {kind!r}")
+    d_model, heads, ffn = int(config["d_model"]), int(config["num_heads"]), int(config["dim_feedforward"])
+    if d_model % heads:
+        raise ValueError(f"d_model {d_model} is not divisible by num_heads {heads}")
+    fused, bias = bool(config["fused_qkv"]), bool(config["attention_bias"])
+    learned = config["positions"] == "learned"
+    if config["positions"] not in ("sinusoidal", "learned"):
+        raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {config['positions']!r}")
+    # null means "as norm_first", the trainer's TransformerConfig default
+    final_norm = bool(config["norm_first"] if config["final_norm"] is None else config["final_norm"])
+
+    spec: WeightSpec = {}
+    has_encoder = kind in ("encoder_decoder", "encoder_only")
+    has_decoder = kind in ("encoder_decoder", "decoder_only")
+    if has_encoder:
+        spec["src_embedding.weight"] = ((int(config["src_vocab_size"]), d_model), dtype)
+        if learned:
+            spec["src_position.weight"] = ((int(config["max_positions"]), d_model), dtype)
+        for i in range(int(config["num_encoder_layers"])):
+            prefix = f"encoder.layers.{i}"
+            spec.update(_attention_spec(prefix + ".self_attn", d_model, fused, bias, dtype))
+            spec.update(_feedforward_spec(prefix, d_model, ffn, dtype))
+            spec.update(_norm_spec(prefix + ".norm1", d_model, dtype))
+            spec.update(_norm_spec(prefix + ".norm2", d_model, dtype))
+        if final_norm:
+            spec.update(_norm_spec("encoder.norm", d_model, dtype))
+    if has_decoder:
+        tgt_vocab = int(config["tgt_vocab_size"])
+        spec["tgt_embedding.weight"] = ((tgt_vocab, d_model), dtype)
+        if learned:
+            spec["tgt_position.weight"] = ((int(config["max_positions"]), d_model), dtype)
+        cross = kind == "encoder_decoder"
+        for i in range(int(config["num_decoder_layers"])):
+            prefix = f"decoder.layers.{i}"
+            spec.update(_attention_spec(prefix + ".self_attn", d_model, fused, bias, dtype))
+            if cross:
+                # Cross-attention keys/values come from a different sequence: torch stores them
+                # in in_proj_weight too, so the same layout applies.
+                spec.update(_attention_spec(prefix + ".multihead_attn", d_model, fused, bias, dtype))
+            spec.update(_feedforward_spec(prefix, d_model, ffn, dtype))
+            for norm in (("norm1", "norm2", "norm3") if cross else ("norm1", "norm2")):
+                spec.update(_norm_spec(f"{prefix}.{norm}", d_model, dtype))
+        if final_norm:
+            spec.update(_norm_spec("decoder.norm", d_model, dtype))
+        if not bool(config["tie_embeddings"]):
+            spec["output.weight"] = ((tgt_vocab, d_model), dtype)
+        spec["output.bias"] = ((tgt_vocab,), dtype)
+    if kind == "encoder_only":
+        classes = int(config["num_classes"])
+        spec["classifier.weight"] = ((classes, d_model), dtype)
+        spec["classifier.bias"] = ((classes,), dtype)
+    return spec
+
+
+def _feedforward_spec(prefix: str, d_model: int, ffn: int, dtype: str) -> WeightSpec:
+    return {f"{prefix}.linear1.weight": ((ffn, d_model), dtype), f"{prefix}.linear1.bias": ((ffn,), dtype),
+            f"{prefix}.linear2.weight": ((d_model, ffn), dtype), f"{prefix}.linear2.bias": ((d_model,), dtype)}
+
+
+register_architecture("seq2seq_attention", seq2seq_attention_weight_spec)
+register_architecture("transformer", transformer_weight_spec)

@@ -1,0 +1,61 @@
+"""Between trainer models and model directories (:mod:`attncore.io`).
+
+:func:`export` writes a trained model (weights checked against the architecture's spec) with its
+vocabularies; :func:`load_model` rebuilds the trainer model from a directory, e.g. to compare
+the inference engine with the NumPy reference forward pass on the very same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["export", "load_model", "model_from_config"]
+
+
+def export(model, out_dir, src_vocab=None, tgt_vocab=None) -> Path:
+    """Write ``model`` as an attncore model directory.
+
+    Vocabularies (objects with ``save(path)``, e.g. :class:`attncore.data.Vocab`) are saved as
+    ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
+    ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
+    """
+    from attncore import io
+
+    config = model.config.to_dict()
+    files = {}
+    if src_vocab is not None:
+        files["src"] = src_vocab
+    if tgt_vocab is not None:
+        files["tgt"] = tgt_vocab
+    if files:
+        config["tokenizer"] = {"type": "attncore.data.vocab", **{side: f"{side}_vocab.json" for side in files}}
+    directory = io.save_model_dir(Path(out_dir), config, model.state_dict())
+    for side, vocab in files.items():
+        vocab.save(directory / f"{side}_vocab.json")  # JSON, written by the vocabulary itself
+    return directory
+
+
+def model_from_config(config: dict, seed: int = 0):
+    """An untrained trainer model for a ``config.json`` dict (seq2seq_attention, transformer, ran)."""
+    architecture = config.get("architecture")
+    if architecture == "seq2seq_attention":
+        from .seq2seq import Seq2SeqAttention, Seq2SeqConfig
+        return Seq2SeqAttention(Seq2SeqConfig.from_dict(config), seed=seed)
+    if architecture == "transformer":
+        from .transformer import Transformer, TransformerConfig
+        return Transformer(TransformerConfig.from_dict(config), seed=seed)
+    if architecture == "ran":
+        from .ran import RAN, RANConfig
+        return RAN(RANConfig.from_dict(config), seed=seed)
+    raise ValueError(f"no trainer model for architecture {architecture!r}")
+
+
+def load_model(path):
+    """The trainer model stored in the model directory ``path`` (validated by :func:`attncore.io.load_model_dir`)."""
+    from attncore import io
+
+    config, weights = io.load_model_dir(path)
+    model = model_from_config(config)
+    model.load_state_dict(weights)
+    model.eval()
+    return model

@@ -1,0 +1,371 @@
+"""The training loop and the ``attncore.train.train`` entry point.
+
+:func:`fit` is model-agnostic: it draws batches from a :class:`BatchStream`, computes a loss with
+a *loss function* ``loss_fn(model, batch) -> (loss Tensor, correct, counted)``, back-propagates,
+clips the global gradient norm, steps the optimiser with the scheduled learning rate, shows a
+tqdm progress bar on stderr (loss, accuracy, tokens/s), calls an evaluation callback every
+``eval_every`` steps, and writes resumable checkpoints.
+
+:func:`train` builds a task (:func:`attncore.data.get_task`), a model for ``arch``
+(:data:`ARCHITECTURES`), runs :func:`fit` and exports a model directory (:mod:`attncore.io`).
+
+Determinism: the model initialisation, the dropout generator and the batch order all derive
+from ``seed``; the batch order is (epoch, index) -> batch, so a resumed run skips exactly the
+batches already used and matches an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from . import autograd as ag
+from .checkpoint import load_checkpoint, save_checkpoint
+from .export import export
+from .optim import Adam, clip_grad_norm, make_schedule
+
+__all__ = ["BatchStream", "fit", "TrainResult", "train", "ARCHITECTURES", "build_model",
+           "seq2seq_loss", "prefix_lm_loss", "classification_loss", "prefix_lm_batch"]
+
+
+# ------------------------------------------------------------------------------------------
+# Loss functions: (model, batch) -> (loss, number correct, number counted)
+# ------------------------------------------------------------------------------------------
+
+def seq2seq_loss(label_smoothing: float = 0.0, pad_id: int = 0) -> Callable:
+    """Teacher-forced token cross-entropy for ``(src, src_lengths, tgt, tgt_lengths)`` batches.
+
+    Decoder input ``tgt[:, :-1]``, labels ``tgt[:, 1:]``; padded labels are ignored in loss,
+    gradient and accuracy (mean over real target tokens).
+    """
+    def loss_fn(model, batch):
+        src, src_lengths, tgt, _ = batch
+        labels = tgt[:, 1:]
+        logits = model(src, src_lengths, tgt[:, :-1])
+        loss = ag.cross_entropy(logits, labels, ignore_index=pad_id, label_smoothing=label_smoothing)
+        counted = labels != pad_id
+        correct = int(((logits.data.argmax(-1) == labels) & counted).sum())
+        return loss, correct, int(counted.sum())
+    return loss_fn
+
+
+def prefix_lm_batch(batch, pad_id: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn a seq2seq batch into decoder-only inputs: ``source <eos> target <eos>``.
+
+    Each row is ``src[:src_len]`` (which ends in ``<eos>``, the separator) followed by
+    ``tgt[1:tgt_len]`` (the target without ``<bos>``). Labels are the next tokens, with the
+    source part set to ``pad_id`` (ignored): only the target is predicted.
+
+    Returns
+    -------
+    inputs : int64 (B, L - 1); lengths : (B,); labels : int64 (B, L - 1)
+    """
+    src, src_lengths, tgt, tgt_lengths = batch
+    rows = [np.concatenate([s[:ls], t[1:lt]]) for s, ls, t, lt in zip(src, src_lengths, tgt, tgt_lengths)]
+    length = max(len(r) for r in rows)
+    sequences = np.full((len(rows), length), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), length - 1), pad_id, dtype=np.int64)
+    for i, (row, source_length) in enumerate(zip(rows, src_lengths)):
+        sequences[i, :len(row)] = row
+        labels[i, source_length - 1:len(row) - 1] = row[source_length:]
+    lengths = np.array([len(r) - 1 for r in rows], dtype=np.int64)
+    return sequences[:, :-1], lengths, labels
+
+
+def prefix_lm_loss(label_smoothing: float = 0.0, pad_id: int = 0) -> Callable:
+    """Decoder-only loss on seq2seq batches (see :func:`prefix_lm_batch`)."""
+    def loss_fn(model, batch):
+        inputs, lengths, labels = prefix_lm_batch(batch, pad_id)
+        logits = model(inputs, lengths)
+        loss = ag.cross_entropy(logits, labels, ignore_index=pad_id, label_smoothing=label_smoothing)
+        counted = labels != pad_id
+        correct = int(((logits.data.argmax(-1) == labels) & counted).sum())
+        return loss, correct, int(counted.sum())
+    return loss_fn
+
+
+def classification_loss(label_smoothing: float = 0.0) -> Callable:
+    """Cross-entropy over ``(ids, lengths, labels)`` batches."""
+    def loss_fn(model, batch):
+        ids, lengths, labels = batch
+        logits = model(ids, lengths)
+        loss = ag.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return loss, int((logits.data.argmax(-1) == labels).sum()), len(labels)
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------
+# Data position
+# ------------------------------------------------------------------------------------------
+
+class BatchStream:
+    """Endless batches from a deterministic epoch factory, with a resumable position.
+
+    Parameters
+    ----------
+    make_epoch : callable
+        ``make_epoch(epoch) -> iterable of batches``; must return the same batches for the
+        same epoch (e.g. ``task.batches("train", 32, shuffle=True, seed=seed + epoch)``).
+    epoch, batch_index : int
+        Where to start (from a checkpoint): earlier batches of ``epoch`` are skipped.
+    """
+
+    def __init__(self, make_epoch: Callable[[int], Iterable], epoch: int = 0, batch_index: int = 0):
+        self.make_epoch = make_epoch
+        self.epoch, self.batch_index = int(epoch), int(batch_index)
+        self._iterator: Optional[Iterator] = None
+
+    def _open(self) -> None:
+        self._iterator = iter(self.make_epoch(self.epoch))
+        for _ in range(self.batch_index):
+            next(self._iterator)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._open()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.batch_index == 0:
+                raise ValueError(f"epoch {self.epoch} yielded no batch") from None
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            self._open()
+            batch = next(self._iterator)
+        self.batch_index += 1
+        return batch
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    history : one dict per step: step, loss, accuracy, lr, grad_norm, tokens
+    evaluations : one dict per evaluation: step plus whatever ``eval_fn`` returned
+    """
+
+    history: List[dict] = field(default_factory=list)
+    evaluations: List[dict] = field(default_factory=list)
+
+
+def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: int, *,
+        schedule: Optional[Callable[[int], float]] = None, clip_norm: float = 1.0,
+        eval_fn: Optional[Callable] = None, eval_every: int = 0,
+        checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
+        progress: bool = True, description: str = "train") -> TrainResult:
+    """Train ``model`` until ``optimizer`` has taken ``steps`` updates.
+
+    Parameters
+    ----------
+    model : Module with ``config`` and ``dropout_rng``
+    optimizer : Adam
+    batches : BatchStream
+    loss_fn : callable ``(model, batch) -> (loss, correct, counted)``
+    steps : int
+        Total number of updates (a resumed run continues up to it).
+    schedule : callable ``step -> lr``, optional (default: constant ``optimizer.lr``)
+    clip_norm : float
+        Global gradient-norm limit; ``<= 0`` disables clipping.
+    eval_fn : callable ``(model, step) -> dict``, optional
+        Called in eval mode without gradients every ``eval_every`` steps and after the last.
+    checkpoint_dir : path, optional
+        Where checkpoints go (every ``checkpoint_every`` steps and after the last step).
+    resume : bool
+        Start from the checkpoint in ``checkpoint_dir`` if there is one.
+    progress : bool
+        Show a tqdm bar on stderr.
+    """
+    from tqdm.auto import tqdm
+
+    start_step = 0
+    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer_state.json").is_file():
+        state = load_checkpoint(checkpoint_dir, model, optimizer)
+        start_step = state["step"]
+        batches.epoch, batches.batch_index, batches._iterator = state["epoch"], state["batch_index"], None
+
+    result = TrainResult()
+    model.train()
+    bar = tqdm(total=steps, initial=start_step, file=sys.stderr, disable=not progress, desc=description,
+               dynamic_ncols=True, leave=True)
+    smoothed_loss, smoothed_accuracy = None, None
+    try:
+        for step in range(start_step + 1, steps + 1):
+            began = time.perf_counter()
+            batch = next(batches)
+            lr = schedule(step) if schedule is not None else optimizer.lr
+            optimizer.zero_grad()
+            loss, correct, counted = loss_fn(model, batch)
+            loss.backward()
+            grad_norm = clip_grad_norm(optimizer.params, clip_norm)
+            optimizer.step(lr)
+            elapsed = max(time.perf_counter() - began, 1e-9)
+
+            loss_value = float(loss.data)
+            accuracy = correct / max(counted, 1)
+            result.history.append({"step": step, "loss": loss_value, "accuracy": accuracy, "lr": lr,
+                                   "grad_norm": grad_norm, "tokens": counted})
+            # Exponential moving averages make the bar readable on tiny, noisy batches.
+            smoothed_loss = loss_value if smoothed_loss is None else 0.9 * smoothed_loss + 0.1 * loss_value
+            smoothed_accuracy = accuracy if smoothed_accuracy is None else 0.9 * smoothed_accuracy + 0.1 * accuracy
+            bar.set_postfix(loss=f"{smoothed_loss:.3f}", acc=f"{smoothed_accuracy:.3f}",
+                            tok_s=f"{counted / elapsed:.0f}", refresh=False)
+            bar.update(1)
+
+            last = step == steps
+            if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
+                result.evaluations.append({"step": step, **_evaluate(model, eval_fn, step)})
+                if progress:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                         for k, v in result.evaluations[-1].items() if k != "step"),
+                              file=sys.stderr)
+            if checkpoint_dir is not None and ((checkpoint_every and step % checkpoint_every == 0) or last):
+                save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index)
+    finally:
+        bar.close()
+    model.eval()
+    return result
+
+
+def _evaluate(model, eval_fn, step) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with ag.no_grad():
+            return dict(eval_fn(model, step))
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------
+# train(task, arch, out_dir): model zoo and export
+# ------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {
+    "seq2seq-bahdanau": "GRU encoder-decoder, Bahdanau (additive) attention, d2l.ai decoder",
+    "seq2seq-luong": "LSTM encoder-decoder, Luong general attention with input feeding",
+    "transformer": "encoder-decoder Transformer, post-norm",
+    "transformer-prenorm": "encoder-decoder Transformer, pre-norm with final LayerNorm",
+    "transformer-lm": "decoder-only Transformer trained as a prefix LM on source <eos> target",
+    "transformer-classifier": "encoder-only Transformer with mean pooling (classification tasks)",
+}
+
+_MODEL_OPTIONS = {
+    "seq2seq": ("embed_dim", "hidden_size", "num_layers", "rnn_type", "bidirectional", "attention",
+                "attention_dim", "input_feeding", "packed_source", "dropout", "dtype"),
+    "transformer": ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "dim_feedforward",
+                    "activation", "norm_first", "final_norm", "layer_norm_eps", "positions", "max_positions",
+                    "scale_embedding", "fused_qkv", "attention_bias", "tie_embeddings", "pooling", "dropout",
+                    "dtype"),
+}
+
+
+def build_model(arch: str, src_vocab_size: int, tgt_vocab_size: int, seed: int = 0, num_classes: int = 0,
+                **options):
+    """A fresh model for ``arch`` (a key of :data:`ARCHITECTURES`); ``options`` override the config."""
+    from .seq2seq import Seq2SeqAttention, Seq2SeqConfig
+    from .transformer import Transformer, TransformerConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    family = "seq2seq" if arch.startswith("seq2seq") else "transformer"
+    unknown = set(options) - set(_MODEL_OPTIONS[family])
+    if unknown:
+        raise ValueError(f"options {sorted(unknown)} do not apply to {arch!r}")
+    if family == "seq2seq":
+        defaults = ({"rnn_type": "gru", "attention": "bahdanau"} if arch == "seq2seq-bahdanau"
+                    else {"rnn_type": "lstm", "attention": "luong_general", "input_feeding": True})
+        config = Seq2SeqConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **{**defaults, **options})
+        return Seq2SeqAttention(config, seed=seed)
+    defaults = {
+        "transformer": {"kind": "encoder_decoder", "norm_first": False},
+        "transformer-prenorm": {"kind": "encoder_decoder", "norm_first": True},
+        "transformer-lm": {"kind": "decoder_only", "norm_first": True},
+        "transformer-classifier": {"kind": "encoder_only", "norm_first": True, "num_classes": num_classes},
+    }[arch]
+    config = TransformerConfig(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **{**defaults, **options})
+    return Transformer(config, seed=seed)
+
+
+def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
+          seed: int = 0, schedule: str = "inverse_sqrt", warmup_steps: int = 100, min_lr: float = 0.0,
+          weight_decay: float = 0.0, clip_norm: float = 1.0, label_smoothing: float = 0.0,
+          eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 0, resume: bool = False,
+          progress: bool = True, task_options: Optional[dict] = None, **model_options):
+    """Train ``arch`` on ``task`` and export the model directory ``out_dir``.
+
+    Parameters
+    ----------
+    task : str or task object
+        A name for :func:`attncore.data.get_task` (built with ``seed`` and ``task_options``) or
+        a task object (``src_vocab``, ``tgt_vocab`` or ``labels``, ``batches(split, batch_size,
+        shuffle=, seed=)``).
+    arch : str
+        A key of :data:`ARCHITECTURES`.
+    out_dir : path
+        Receives ``config.json``, ``model.safetensors``, the vocabularies and ``checkpoint/``.
+    steps, batch_size, lr, seed : training length, batch size, peak learning rate, seed of everything
+    schedule, warmup_steps, min_lr : see :func:`attncore.train.optim.make_schedule`
+    weight_decay : float  AdamW decay (0: plain Adam)
+    clip_norm, label_smoothing : float
+    eval_every, eval_batches : validation loss/accuracy on ``eval_batches`` batches every ``eval_every`` steps
+    checkpoint_every, resume : checkpoints in ``out_dir/checkpoint``; resume from it
+    progress : bool   tqdm bar on stderr
+    **model_options : hyper-parameters of the model config (e.g. ``hidden_size=64``)
+
+    Returns
+    -------
+    (model, TrainResult)
+    """
+    if isinstance(task, str):
+        from attncore.data import get_task
+        task = get_task(task, seed=seed, **(task_options or {}))
+    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    if classification != (arch == "transformer-classifier"):
+        raise ValueError(f"arch {arch!r} does not fit task {getattr(task, 'name', task)!r} "
+                         f"({'classification' if classification else 'sequence-to-sequence'})")
+    src_vocab = task.src_vocab
+    tgt_vocab = None if classification else task.tgt_vocab
+    if arch == "transformer-lm" and src_vocab.tokens != tgt_vocab.tokens:
+        raise ValueError("transformer-lm needs a task whose source and target share one vocabulary")
+    model = build_model(arch, len(src_vocab), len(tgt_vocab) if tgt_vocab is not None else len(src_vocab), seed=seed,
+                        num_classes=len(task.labels) if classification else 0, **model_options)
+
+    if classification:
+        loss_fn = classification_loss(label_smoothing)
+    elif arch == "transformer-lm":
+        loss_fn = prefix_lm_loss(label_smoothing, model.config.pad_id)
+    else:
+        loss_fn = seq2seq_loss(label_smoothing, model.config.pad_id)
+
+    stream = BatchStream(lambda epoch: task.batches("train", batch_size, shuffle=True, seed=seed * 100003 + epoch))
+    optimizer = Adam(model.named_parameters(), lr=lr, weight_decay=weight_decay, decoupled=weight_decay > 0)
+    lr_schedule = make_schedule(schedule, lr, warmup_steps, steps, min_lr)
+
+    def evaluate(model, step):
+        losses, correct, counted = [], 0, 0
+        for index, batch in enumerate(task.batches("valid", batch_size)):
+            if index >= eval_batches:
+                break
+            loss, c, n = loss_fn(model, batch)
+            losses.append(float(loss.data) * n)
+            correct, counted = correct + c, counted + n
+        return {"valid_loss": sum(losses) / max(counted, 1), "valid_accuracy": correct / max(counted, 1)}
+
+    out_dir = Path(out_dir)
+    result = fit(model, optimizer, stream, loss_fn, steps, schedule=lr_schedule, clip_norm=clip_norm,
+                 eval_fn=evaluate if eval_every else None, eval_every=eval_every,
+                 checkpoint_dir=out_dir / "checkpoint", checkpoint_every=checkpoint_every, resume=resume,
+                 progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}")
+    export(model, out_dir, src_vocab, tgt_vocab)
+    return model, result

@@ -1,0 +1,266 @@
+"""Model directory format: round trips, validation of every kind of bad directory, spec registry."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from attncore import io
+from attncore.train.seq2seq import Seq2SeqAttention, Seq2SeqConfig
+from attncore.train.transformer import Transformer, TransformerConfig
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+def _seq2seq(dtype="float32", **overrides):
+    config = Seq2SeqConfig(src_vocab_size=7, tgt_vocab_size=6, embed_dim=4, hidden_size=6, dtype=dtype, **overrides)
+    return Seq2SeqAttention(config, seed=1)
+
+
+def _spec_of(model):
+    return {name: (array.shape, str(array.dtype)) for name, array in model.state_dict().items()}
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    model = _seq2seq()
+    path = tmp_path / "model"
+    io.save_model_dir(path, model.config.to_dict(), model.state_dict())
+    return path, model
+
+
+def _rewrite_weights(path, weights):
+    safetensors_numpy.save_file(weights, str(path / io.WEIGHTS_FILE))
+
+
+def _load_error(path) -> str:
+    with pytest.raises(ValueError) as info:
+        io.load_model_dir(path)
+    message = str(info.value)
+    assert str(path) in message, "the error must name the directory"
+    return message
+
+
+# -- round trips -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    for model in (_seq2seq(dtype, num_layers=2, bidirectional=True, rnn_type="lstm"),
+                  Transformer(TransformerConfig(src_vocab_size=9, tgt_vocab_size=8, d_model=8, num_heads=2,
+                                                dim_feedforward=12, dtype=dtype), seed=2)):
+        path = tmp_path / model.config.architecture / dtype
+        io.save_model_dir(path, model.config.to_dict(), model.state_dict(),
+                          tokenizer_files={"vocab.json": '{"tokens": []}', "merges.bin": b"\x00\x01"})
+        config, weights = io.load_model_dir(path)
+        assert config == {**model.config.to_dict(), "format_version": 1}
+        original = model.state_dict()
+        assert weights.keys() == original.keys()
+        for name in original:
+            assert weights[name].dtype == original[name].dtype
+            assert np.array_equal(weights[name], original[name]), name
+        assert (path / "vocab.json").read_text() == '{"tokens": []}'
+        assert (path / "merges.bin").read_bytes() == b"\x00\x01"
+
+
+def test_config_json_has_format_version_architecture_and_special_ids(model_dir):
+    path, model = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    assert config["format_version"] == 1
+    assert config["architecture"] == "seq2seq_attention"
+    assert {k: config[k] for k in io.SPECIAL_TOKEN_KEYS} == {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
+    assert io.read_config(path) == config
+
+
+# -- specs match the models --------------------------------------------------------------------
+
+@pytest.mark.parametrize("rnn_type,attention,bidirectional,input_feeding,num_layers", [
+    (rnn, att, bi, feed, layers)
+    for rnn, att, bi, feed, layers in itertools.product(
+        ["gru", "lstm"], ["bahdanau", "luong_dot", "luong_general", "luong_concat"], [False, True], [False, True], [1, 2])
+    if not (att == "bahdanau" and feed)])
+def test_seq2seq_spec_matches_model_parameters(rnn_type, attention, bidirectional, input_feeding, num_layers):
+    model = _seq2seq(rnn_type=rnn_type, attention=attention, bidirectional=bidirectional,
+                     input_feeding=input_feeding, num_layers=num_layers, attention_dim=5)
+    assert io.weight_spec(model.config.to_dict()) == _spec_of(model)
+
+
+@pytest.mark.parametrize("kind,fused,bias,tie,positions,final_norm", [
+    (kind, fused, bias, tie, positions, final)
+    for kind in ("encoder_decoder", "decoder_only", "encoder_only")
+    for fused, bias, tie, positions, final in itertools.product(
+        [True, False], [True, False], [True, False], ["sinusoidal", "learned"], [True, False])
+    if not (kind == "encoder_only" and tie)])
+def test_transformer_spec_matches_model_parameters(kind, fused, bias, tie, positions, final_norm):
+    config = TransformerConfig(kind=kind, src_vocab_size=9, tgt_vocab_size=8, d_model=8, num_heads=2,
+                               num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=12, fused_qkv=fused,
+                               attention_bias=bias, tie_embeddings=tie, positions=positions, max_positions=16,
+                               final_norm=final_norm, num_classes=3)
+    assert io.weight_spec(config.to_dict()) == _spec_of(Transformer(config))
+
+
+def test_spec_reports_missing_hyper_parameter():
+    config = _seq2seq().config.to_dict()
+    del config["hidden_size"]
+    with pytest.raises(ValueError, match="hidden_size"):
+        io.weight_spec(config)
+
+
+# -- bad directories: one test per kind of problem ---------------------------------------------
+
+def test_missing_tensor(model_dir):
+    path, model = model_dir
+    weights = model.state_dict()
+    del weights["decoder.output.bias"]
+    _rewrite_weights(path, weights)
+    assert "missing tensor 'decoder.output.bias'" in _load_error(path)
+
+
+def test_unexpected_tensor(model_dir):
+    path, model = model_dir
+    _rewrite_weights(path, {**model.state_dict(), "decoder.extra.weight": np.zeros(3, np.float32)})
+    assert "unexpected tensor 'decoder.extra.weight'" in _load_error(path)
+
+
+def test_wrong_shape(model_dir):
+    path, model = model_dir
+    weights = model.state_dict()
+    weights["encoder.embedding.weight"] = np.zeros((7, 5), np.float32)
+    _rewrite_weights(path, weights)
+    assert "'encoder.embedding.weight' has shape [7, 5], expected [7, 4]" in _load_error(path)
+
+
+def test_wrong_dtype(model_dir):
+    path, model = model_dir
+    weights = model.state_dict()
+    weights["decoder.output.weight"] = weights["decoder.output.weight"].astype(np.float64)
+    _rewrite_weights(path, weights)
+    assert "'decoder.output.weight' has dtype float64, expected float32" in _load_error(path)
+
+
+def test_all_problems_are_reported_together(model_dir):
+    path, model = model_dir
+    weights = model.state_dict()
+    del weights["decoder.output.bias"]
+    weights["encoder.embedding.weight"] = np.zeros((1, 1), np.float16)
+    weights["stray"] = np.zeros(1, np.float32)
+    _rewrite_weights(path, weights)
+    message = _load_error(path)
+    for fragment in ("missing tensor 'decoder.output.bias'", "unexpected tensor 'stray'",
+                     "'encoder.embedding.weight' has shape", "'encoder.embedding.weight' has dtype float16"):
+        assert fragment in message
+
+
+def test_truncated_weights_file(model_dir):
+    path, _ = model_dir
+    weights_file = path / io.WEIGHTS_FILE
+    data = weights_file.read_bytes()
+    weights_file.write_bytes(data[: len(data) - 100])  # header intact, tensor data cut short
+    assert "cannot read model.safetensors" in _load_error(path)
+
+
+def test_truncated_header(model_dir):
+    path, _ = model_dir
+    weights_file = path / io.WEIGHTS_FILE
+    weights_file.write_bytes(weights_file.read_bytes()[:20])
+    assert "cannot read model.safetensors" in _load_error(path)
+
+
+def test_garbage_weights_file(model_dir):
+    path, _ = model_dir
+    (path / io.WEIGHTS_FILE).write_bytes(np.random.default_rng(0).bytes(4096))
+    assert "cannot read model.safetensors" in _load_error(path)
+
+
+def test_missing_weights_file(model_dir):
+    path, _ = model_dir
+    (path / io.WEIGHTS_FILE).unlink()
+    assert "missing model.safetensors" in _load_error(path)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unknown_format_version(model_dir, version):
+    path, _ = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    if version is None:
+        del config["format_version"]
+    else:
+        config["format_version"] = version
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+    assert "unsupported format_version" in _load_error(path)
+
+
+def test_unknown_architecture(model_dir):
+    path, _ = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    config["architecture"] = "lstm_lm_2"
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+    assert "unknown architecture 'lstm_lm_2'" in _load_error(path)
+
+
+def test_missing_hyper_parameter_in_config(model_dir):
+    path, _ = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    del config["num_layers"]
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+    assert "lacks hyper-parameter 'num_layers'" in _load_error(path)
+
+
+def test_config_that_is_not_json(model_dir):
+    path, _ = model_dir
+    (path / io.CONFIG_FILE).write_text("{ not json")
+    assert "not valid JSON" in _load_error(path)
+
+
+def test_missing_config(model_dir):
+    path, _ = model_dir
+    (path / io.CONFIG_FILE).unlink()
+    assert "missing config.json" in _load_error(path)
+
+
+def test_not_a_directory(model_dir):
+    path, _ = model_dir
+    assert "not a directory" in _load_error(path / io.WEIGHTS_FILE)
+
+
+def test_path_that_does_not_exist(tmp_path):
+    assert "does not exist" in _load_error(tmp_path / "nowhere")
+
+
+def test_save_refuses_weights_that_do_not_match_and_writes_nothing(tmp_path):
+    model = _seq2seq()
+    weights = model.state_dict()
+    weights["decoder.output.bias"] = weights["decoder.output.bias"][:2]
+    with pytest.raises(ValueError, match="decoder.output.bias"):
+        io.save_model_dir(tmp_path / "out", model.config.to_dict(), weights)
+    assert not (tmp_path / "out").exists()
+
+
+# -- pluggable registry -------------------------------------------------------------------------
+
+def test_register_architecture_makes_a_new_architecture_loadable(tmp_path):
+    def toy_spec(config):
+        return {"table": ((config["rows"], 2), config["dtype"])}
+
+    io.register_architecture("toy_for_test", toy_spec)
+    try:
+        config = {"architecture": "toy_for_test", "rows": 3, "dtype": "float64"}
+        weights = {"table": np.arange(6.0).reshape(3, 2)}
+        io.save_model_dir(tmp_path / "toy", config, weights)
+        loaded_config, loaded = io.load_model_dir(tmp_path / "toy")
+        assert loaded_config["rows"] == 3 and np.array_equal(loaded["table"], weights["table"])
+        assert "toy_for_test" in io.registered_architectures()
+    finally:
+        io._SPECS.pop("toy_for_test", None)
+
+
+def test_transformer_spec_reads_null_final_norm_as_norm_first():
+    """config.json may say "final_norm": null; like TransformerConfig, the spec then follows
+    norm_first (pre-norm stacks end with a norm, post-norm ones do not)."""
+    from attncore.train.transformer import TransformerConfig
+    for norm_first in (True, False):
+        config = TransformerConfig(src_vocab_size=7, tgt_vocab_size=7, norm_first=norm_first).to_dict()
+        explicit = io.weight_spec(config)
+        config["final_norm"] = None
+        assert io.weight_spec(config) == explicit
+        assert ("encoder.norm.weight" in explicit) == norm_first

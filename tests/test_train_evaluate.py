@@ -1,0 +1,117 @@
+"""attncore.train.evaluate: greedy exact match, ambiguous inputs left out, the CLI."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from attncore.data import Vocab, get_task, pad_sequences
+from attncore.data.task import Seq2SeqTask
+from attncore.train import train
+from attncore.train.evaluate import exact_match, main as evaluate_main
+
+TOY = dict(num_train=600, num_valid=32, num_test=40, num_symbols=5, min_len=2, max_len=5)
+
+
+class ListTask(Seq2SeqTask):
+    """A char-level task over fixed pairs; sources starting with "?" are ambiguous."""
+
+    name = "list"
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.pairs = list(pairs)
+        self.src_vocab = Vocab(sorted(set("".join(s for s, _ in pairs))), level="char")
+        self.tgt_vocab = Vocab(sorted(set("".join(t for _, t in pairs)) | set("0123456789-")), level="char")
+
+    def _make_examples(self, split):
+        return self.pairs
+
+    @staticmethod
+    def is_ambiguous(src):
+        return src.startswith("?")
+
+
+class ScriptedModel:
+    """Greedy 'decoder' that writes a fixed answer per source (looked up by its ids)."""
+
+    def __init__(self, task, answers, raw=None):
+        self.config = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
+        self.task = task
+        self.answers = {tuple(task.encode_src(s)): a for s, a in answers.items()}
+        self.raw = raw or {}
+        self.calls = []
+
+    def greedy_decode(self, src, src_lengths, max_len):
+        self.calls.append(len(src))
+        rows = []
+        for ids, n in zip(src, src_lengths):
+            key = tuple(int(i) for i in ids[:n])
+            rows.append(self.raw.get(key) or self.task.tgt_vocab.encode(self.answers[key], add_eos=True))
+        out, _ = pad_sequences(rows)
+        return out[:, :max_len]
+
+
+def test_exact_match_counts_and_skips_ambiguous():
+    pairs = [("a", "1"), ("b", "22"), ("?c", "3"), ("ab", "12"), ("?ba", "21"), ("bb", "2-2")]
+    task = ListTask(pairs)
+    # right, wrong, (ambiguous), right, (ambiguous, would be wrong), wrong by a prefix
+    answers = {"a": "1", "b": "2", "?c": "3", "ab": "12", "?ba": "00", "bb": "2-"}
+    model = ScriptedModel(task, answers)
+    accuracy, count = exact_match(model, task, split="test", batch_size=2)
+    assert count == 4
+    assert accuracy == pytest.approx(2 / 4)
+    assert model.calls == [2, 2]  # only the four unambiguous sources were decoded, in batches of 2
+    assert exact_match(model, task, n=2) == (pytest.approx(0.5), 2)
+    assert exact_match(model, task, n=1) == (1.0, 1)
+
+
+def test_exact_match_counts_stray_specials_as_errors():
+    task = ListTask([("a", "12"), ("b", "12")])
+    bos = task.tgt_vocab.bos
+    one, two = task.tgt_vocab.encode("1")[0], task.tgt_vocab.encode("2")[0]
+    # "b" decodes to 1 <bos> 2 <eos>: Vocab.decode would drop the <bos> and read "12".
+    model = ScriptedModel(task, {"a": "12"}, raw={tuple(task.encode_src("b")): [one, bos, two, 2]})
+    assert exact_match(model, task) == (0.5, 2)
+
+
+def test_exact_match_dates_ambiguity_rule():
+    # A task named "dates" without its own is_ambiguous uses attncore.data.dates.is_ambiguous.
+    task = ListTask([("04/10/1885", "1885-04-10"), ("13/10/1885", "1885-10-13"), ("03/03/98", "1998-03-03")])
+    task.is_ambiguous = None
+    task.name = "dates"
+    model = ScriptedModel(task, {"04/10/1885": "1885-10-04", "13/10/1885": "1885-10-13", "03/03/98": "1998-03-03"})
+    assert exact_match(model, task) == (1.0, 2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("copy")
+    model, _ = train("copy", "seq2seq-bahdanau", out, steps=30, batch_size=32, lr=1e-2, schedule="constant",
+                     warmup_steps=0, progress=False, task_options=TOY, embed_dim=8, hidden_size=16)
+    return model, out
+
+
+def test_exact_match_of_a_trained_model_matches_a_hand_count(trained):
+    model, _ = trained
+    task = get_task("copy", seed=0, **TOY)
+    pairs = task.examples("test")
+    src, lengths = pad_sequences([task.encode_src(s) for s, _ in pairs])
+    tokens = model.greedy_decode(src, lengths, 12)
+    expected = np.mean([task.decode_tgt(row) == t for row, (_, t) in zip(tokens, pairs)])
+    for batch_size in (7, 64):
+        accuracy, count = exact_match(model, task, "test", batch_size=batch_size)
+        assert count == len(pairs) == 40
+        assert accuracy == pytest.approx(expected)
+
+
+def test_cli_prints_exact_match(trained, capsys):
+    _, out = trained
+    options = [f"--task-option={k}={v}" for k, v in TOY.items()]
+    assert evaluate_main([str(out), "--task", "copy", "--n", "10", "--json", *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_evaluated"] == 10
+    assert 0.0 <= result["exact_match"] <= 1.0
+    assert evaluate_main([str(out), "--task", "copy", *options]) == 0
+    assert "exact match" in capsys.readouterr().out
