@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Greedy search, beam search and sampling over the decoder protocol of ``docs/ENGINE.md``.
+
+Model-agnostic: a model provides ``state = model._start(sources)``,
+``log_probs, attention = model._step(state, tokens)`` and ``state.select(rows)``. Arguments are
+validated by the caller (:meth:`attncore.models.EncoderDecoderModel.generate`); this module
+assumes clean input.
+
+Conventions (all searches)
+    * Token log-probabilities are the model's float32 ``log_probs`` (never renormalised after
+      ``min_length`` masking or sampling filters), summed in float64.
+    * A hypothesis' ``n`` counts its generated tokens, EOS included when generated;
+      ``score = log_prob / n ** length_penalty``.
+    * Finished rows leave the batch (``state.select``), so late steps run on fewer rows.
+    * Ties are broken towards the lower token id (and, in beam search, the earlier beam), so
+      a source's result never depends on the other sources of the batch.
+
+Beam search
+    All live beams of all sources run in one batch. At each step a source ranks the
+    ``cum_log_prob + log_prob`` of every (beam, token) candidate; walking down that ranking,
+    an EOS candidate becomes a finished hypothesis and any other token a live beam, until
+    ``beam_size`` live beams are collected (EOS candidates ranked below them are dropped, so
+    beam size 1 is exactly greedy). A source stops once it holds ``num_hypotheses`` finished
+    hypotheses and the ``num_hypotheses``-th best finished score is at least the best live
+    beam's ``cum_log_prob / n ** length_penalty`` (exact with ``length_penalty=0``, where log
+    probabilities only decrease; the usual heuristic otherwise). Live beams still running at
+    ``max_length`` finish without EOS.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+
+from .models.base import GenerationResult
+
+__all__ = ["generate", "greedy_search", "beam_search", "sample"]
+
+
+def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id: int,
+             max_length: int, min_length: int = 0, beam_size: int = 1, num_hypotheses: int = 1,
+             length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+             return_attention: bool = False, attention_heads: str = "mean"
+             ) -> List[GenerationResult]:
+    """Dispatch to :func:`sample`, :func:`beam_search` or :func:`greedy_search`.
+
+    ``bos_id=None`` is for decoder-only models: the first ``_step`` gets ``tokens=None`` and
+    returns the distribution after the prompt.
+    """
+    common = dict(bos_id=bos_id, eos_id=eos_id, max_length=max_length, min_length=min_length,
+                  length_penalty=length_penalty, return_attention=return_attention,
+                  attention_heads=attention_heads)
+    if do_sample:
+        return sample(model, sources, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, **common)
+    if beam_size > 1:
+        return beam_search(model, sources, beam_size=beam_size, num_hypotheses=num_hypotheses,
+                           **common)
+    return greedy_search(model, sources, **common)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+def _step(model, state, tokens, step, min_length, eos_id, return_attention):
+    """One model step -> float64 log-probs (EOS masked before ``min_length``) and attention."""
+    log_probs, attention = model._step(state, tokens)
+    if return_attention and attention is None:
+        raise ValueError("return_attention: this model has no cross-attention to return")
+    scores = log_probs.astype(np.float64)
+    if step < min_length:
+        scores[:, eos_id] = -np.inf
+    return log_probs, scores, attention
+
+
+def _attention_rows(attention, lengths, heads):
+    """This step's attention (B, H, S_max) as one array per row, (S_i,) (heads averaged) or
+    (H, S_i) (``"all"``), cut to the row's source length ``lengths[i]`` (the batch width may
+    shrink when rows leave it)."""
+    if heads == "mean":
+        attention = attention.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return [row[..., :length].copy() for row, length in zip(attention, lengths)]
+
+
+def _stack_attention(steps):
+    """(n, S) or (n, H, S) float32 for one hypothesis."""
+    return np.ascontiguousarray(np.stack(steps), dtype=np.float32)
+
+
+def _score(log_prob: float, n: int, length_penalty: float) -> float:
+    return log_prob / float(n) ** length_penalty if length_penalty else log_prob
+
+
+def _source_length(source) -> int:
+    return 0 if source is None else len(source)
+
+
+def _first_tokens(bos_id, batch):
+    return None if bos_id is None else np.full(batch, bos_id, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# greedy search and sampling: one row per source
+# ------------------------------------------------------------------------------------------
+
+def greedy_search(model, sources, *, bos_id, eos_id, max_length, min_length=0,
+                  length_penalty=1.0, return_attention=False, attention_heads="mean"):
+    """Argmax decoding (ties -> the lowest id). Returns one-hypothesis results."""
+    return _one_row_search(model, sources, _argmax, bos_id=bos_id, eos_id=eos_id,
+                           max_length=max_length, min_length=min_length,
+                           length_penalty=length_penalty, return_attention=return_attention,
+                           attention_heads=attention_heads)
+
+
+def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_penalty=1.0,
+           temperature=1.0, top_k=0, top_p=1.0, seed=None, return_attention=False,
+           attention_heads="mean"):
+    """Ancestral sampling from softmax(log_probs / temperature) restricted to the ``top_k``
+    most likely tokens (0: all) and to the ``top_p`` nucleus, with
+    ``numpy.random.default_rng(seed)``: one uniform draw per live row per step, rows in source
+    order. Recorded log-probabilities are the model's (untempered)."""
+    rng = np.random.default_rng(seed)
+
+    def choose(scores):
+        return _sample_rows(scores, rng, temperature, top_k, top_p)
+
+    return _one_row_search(model, sources, choose, bos_id=bos_id, eos_id=eos_id,
+                           max_length=max_length, min_length=min_length,
+                           length_penalty=length_penalty, return_attention=return_attention,
+                           attention_heads=attention_heads)
+
+
+def _argmax(scores):
+    return scores.argmax(axis=1)
+
+
+def _sample_rows(scores, rng, temperature, top_k, top_p):
+    """One token per row of float64 log-probs (B, V) (-inf = forbidden)."""
+    logits = scores / temperature
+    vocab = logits.shape[1]
+    if 0 < top_k < vocab:
+        # keep the top_k largest; ties at the boundary keep the lower ids
+        order = np.argsort(-logits, axis=1, kind="stable")
+        np.put_along_axis(logits, order[:, top_k:], -np.inf, axis=1)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=1)
+        before = np.cumsum(sorted_probs, axis=1) - sorted_probs  # mass of the better tokens
+        # the nucleus: the smallest prefix whose mass reaches top_p (never empty)
+        drop = before >= top_p
+        drop[:, 0] = False
+        sorted_probs[drop] = 0.0
+        probs = np.zeros_like(probs)
+        np.put_along_axis(probs, order, sorted_probs, axis=1)
+        probs /= probs.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(probs, axis=1)
+    draws = rng.random(probs.shape[0]) * cdf[:, -1]
+    picked = (cdf <= draws[:, None]).sum(axis=1)
+    # guard against rounding at the top end: never pick a zero-probability token
+    picked = np.minimum(picked, vocab - 1)
+    zero = probs[np.arange(len(picked)), picked] == 0.0
+    if zero.any():
+        picked[zero] = probs[zero].argmax(axis=1)
+    return picked
+
+
+def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_length,
+                    length_penalty, return_attention, attention_heads):
+    count = len(sources)
+    state = model._start(sources)
+    rows = np.arange(count)                     # source index of each live row
+    tokens = _first_tokens(bos_id, count)
+    hypotheses = [[] for _ in range(count)]
+    log_prob = np.zeros(count, dtype=np.float64)
+    ended = np.zeros(count, dtype=bool)         # EOS generated
+    attention = [[] for _ in range(count)]
+    for step in range(max_length):
+        _, scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
+                                          return_attention)
+        chosen = choose(scores)
+        log_prob[rows] += scores[np.arange(len(rows)), chosen]
+        if return_attention:
+            lengths = [_source_length(sources[row]) for row in rows.tolist()]
+            for row, att in zip(rows, _attention_rows(step_attention, lengths, attention_heads)):
+                attention[row].append(att)
+        finished = chosen == eos_id
+        for row, token, done in zip(rows.tolist(), chosen.tolist(), finished.tolist()):
+            if done:
+                ended[row] = True
+            else:
+                hypotheses[row].append(token)
+        if finished.all() or step + 1 == max_length:
+            break
+        if finished.any():
+            keep = np.flatnonzero(~finished)
+            state = state.select(keep)
+            rows, chosen = rows[keep], chosen[keep]
+        tokens = np.ascontiguousarray(chosen, dtype=np.int64)
+    results = []
+    for i in range(count):
+        n = len(hypotheses[i]) + int(ended[i])
+        att = [_stack_attention(attention[i])] if return_attention else None
+        results.append(GenerationResult([hypotheses[i]], [_score(log_prob[i], n, length_penalty)],
+                                        [float(log_prob[i])], att))
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# beam search
+# ------------------------------------------------------------------------------------------
+
+class _Beam:
+    """A live or finished hypothesis: tokens, summed log-prob, per-step attention."""
+
+    __slots__ = ("tokens", "log_prob", "attention")
+
+    def __init__(self, tokens, log_prob, attention):
+        self.tokens, self.log_prob, self.attention = tokens, log_prob, attention
+
+
+def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hypotheses=1,
+                min_length=0, length_penalty=1.0, return_attention=False,
+                attention_heads="mean"):
+    """Batched beam search (see the module docstring). Returns ``num_hypotheses``-best
+    results sorted by score."""
+    count = len(sources)
+    state = model._start(sources)
+    # live rows of the batch, grouped by source in source order
+    row_source = np.arange(count)
+    beams = [_Beam([], 0.0, []) for _ in range(count)]
+    finished = [[] for _ in range(count)]     # (score, _Beam)
+    tokens = _first_tokens(bos_id, count)
+    for step in range(max_length):
+        _, scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
+                                          return_attention)
+        candidates = scores + np.array([b.log_prob for b in beams])[:, None]
+        att_rows = (_attention_rows(step_attention,
+                                    [_source_length(sources[s]) for s in row_source.tolist()],
+                                    attention_heads) if return_attention else None)
+        last = step + 1 == max_length
+        parents, next_tokens, next_beams, next_source = [], [], [], []
+        for source, lo, hi in _groups(row_source):
+            chosen = _expand(candidates[lo:hi], lo, beam_size, eos_id)
+            for row, token, value in chosen:
+                beam = beams[row]
+                attention = beam.attention + [att_rows[row]] if return_attention else None
+                if token == eos_id:
+                    n = len(beam.tokens) + 1
+                    finished[source].append((_score(value, n, length_penalty),
+                                             _Beam(beam.tokens, value, attention)))
+                elif last:
+                    new = _Beam(beam.tokens + [token], value, attention)
+                    finished[source].append((_score(value, len(new.tokens), length_penalty), new))
+                else:
+                    parents.append(row)
+                    next_tokens.append(token)
+                    next_beams.append(_Beam(beam.tokens + [token], value, attention))
+                    next_source.append(source)
+        keep = _still_running(next_source, next_beams, finished, num_hypotheses,
+                              length_penalty)
+        if not keep.any():
+            break
+        keep_rows = np.flatnonzero(keep)
+        state = state.select(np.asarray(parents, dtype=np.int64)[keep_rows])
+        beams = [next_beams[i] for i in keep_rows]
+        row_source = np.asarray(next_source, dtype=np.int64)[keep_rows]
+        tokens = np.asarray(next_tokens, dtype=np.int64)[keep_rows]
+    return [_results(finished[i], num_hypotheses, return_attention) for i in range(count)]
+
+
+def _groups(row_source):
+    """(source, first row, end row) of each run of rows of one source."""
+    bounds = np.flatnonzero(np.diff(row_source)) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [len(row_source)]))
+    return zip(row_source[starts].tolist(), starts.tolist(), ends.tolist())
+
+
+def _expand(candidates, first_row, beam_size, eos_id):
+    """Walk one source's (beams, V) candidate totals best first; stop after ``beam_size``
+    non-EOS tokens. Returns [(row, token, total)] in rank order."""
+    flat = candidates.ravel()
+    vocab = candidates.shape[1]
+    # at most beam_size EOS + beam_size live tokens are needed (one EOS per beam)
+    need = min(flat.size, 2 * beam_size)
+    top = np.argpartition(-flat, need - 1)[:need] if need < flat.size else np.arange(flat.size)
+    top = top[np.lexsort((top, -flat[top]))]   # by value, then by (beam, token) order
+    chosen, live = [], 0
+    for index in top.tolist():
+        value = float(flat[index])
+        if value == -np.inf:
+            break
+        row, token = divmod(index, vocab)
+        chosen.append((first_row + row, token, value))
+        if token != eos_id:
+            live += 1
+            if live == beam_size:
+                break
+    return chosen
+
+
+def _still_running(next_source, next_beams, finished, num_hypotheses, length_penalty):
+    """Bool per candidate live beam: False once its source is done (module docstring)."""
+    keep = np.ones(len(next_beams), dtype=bool)
+    best_live = {}
+    for i, (source, beam) in enumerate(zip(next_source, next_beams)):
+        bound = _score(beam.log_prob, len(beam.tokens), length_penalty)
+        best_live[source] = max(best_live.get(source, -np.inf), bound)
+    done = set()
+    for source, bound in best_live.items():
+        done_list = finished[source]
+        if len(done_list) >= num_hypotheses:
+            kth = sorted((s for s, _ in done_list), reverse=True)[num_hypotheses - 1]
+            if kth >= bound:
+                done.add(source)
+    if done:
+        keep = np.array([s not in done for s in next_source], dtype=bool)
+    return keep
+
+
+def _results(done, num_hypotheses, return_attention):
+    # stable sort: among equal scores the hypothesis found first wins
+    best = sorted(done, key=lambda item: -item[0])[:num_hypotheses]
+    attention = ([_stack_attention(b.attention) for _, b in best]
+                 if return_attention else None)
+    return GenerationResult([list(b.tokens) for _, b in best], [float(s) for s, _ in best],
+                            [float(b.log_prob) for _, b in best], attention)

@@ -1,0 +1,404 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The engine's model objects: :class:`Model`, :class:`GenerationResult` and
+:class:`EncoderDecoderModel` (the public ``generate`` / ``translate``).
+
+A model is a config dict, a dict of read-only C-contiguous float32 weights (checked against
+:func:`attncore.io.weight_spec`) and an optional tokenizer. It holds no per-call state: every
+call builds its own decoder state, so several Python threads may run one model at once
+(the kernels release the GIL). See ``docs/ENGINE.md``.
+"""
+from __future__ import annotations
+
+import copy
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .. import io
+
+__all__ = ["Model", "EncoderDecoderModel", "GenerationResult", "check_sources",
+           "check_generation_options"]
+
+
+# ------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationResult:
+    """The n-best list of one source, best first.
+
+    Attributes
+    ----------
+    hypotheses : list of list of int
+        Generated token ids, without BOS and EOS.
+    scores : list of float
+        ``log_probs[i] / n_i ** length_penalty``, n_i = scored tokens (EOS included when
+        generated); sorted in decreasing order.
+    log_probs : list of float
+        Sum of the model's token log-probabilities of each hypothesis (EOS included).
+    attention : list of np.ndarray or None
+        Per hypothesis, float32 (n_i, S) (heads averaged) or (n_i, H, S) (``"all"``), S the
+        source length; None unless ``return_attention``.
+    """
+
+    hypotheses: List[List[int]]
+    scores: List[float]
+    log_probs: List[float]
+    attention: Optional[List[np.ndarray]] = None
+
+    @property
+    def tokens(self) -> List[int]:
+        """The best hypothesis."""
+        return self.hypotheses[0]
+
+    @property
+    def score(self) -> float:
+        """The best hypothesis' score."""
+        return self.scores[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks shared by every engine model
+# ------------------------------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = None,
+                  name: str = "sources") -> List[np.ndarray]:
+    """Validate a batch of token-id sequences.
+
+    Parameters
+    ----------
+    sources : sequence of 1-d integer sequences (lists or arrays), of any lengths
+    vocab_size : int
+        Ids must lie in ``[0, vocab_size)``.
+    max_source_length : int, optional
+        Longest allowed source (a position table's length).
+
+    Returns
+    -------
+    list of C-contiguous int64 arrays, one per source
+
+    Raises
+    ------
+    TypeError
+        ``sources`` is a string / not a sequence, or a source is not integer.
+    ValueError
+        Empty batch, empty source, not 1-d, ids out of range, source too long.
+    """
+    if isinstance(sources, (str, bytes)) or not isinstance(sources, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a list of token-id sequences, got {type(sources).__name__}")
+    if len(sources) == 0:
+        raise ValueError(f"{name} is an empty batch")
+    out = []
+    for i, source in enumerate(sources):
+        if isinstance(source, (str, bytes)):
+            raise TypeError(f"{name}[{i}] must be a sequence of token ids, got a string "
+                            f"(use translate() for text)")
+        array = np.asarray(source)
+        if array.dtype == object or array.dtype.kind not in "iu":
+            if array.size == 0 and array.ndim == 1:
+                raise ValueError(f"{name}[{i}] is empty")
+            raise TypeError(f"{name}[{i}] must hold integer token ids, got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise ValueError(f"{name}[{i}] must be 1-d, got shape {array.shape}")
+        if array.size == 0:
+            raise ValueError(f"{name}[{i}] is empty")
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name}[{i}] has token id {bad} outside [0, {vocab_size})")
+        if max_source_length is not None and array.size > max_source_length:
+            raise ValueError(f"{name}[{i}] has {array.size} tokens, longer than the position "
+                             f"table ({max_source_length})")
+        out.append(np.ascontiguousarray(array, dtype=np.int64))
+    return out
+
+
+def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypotheses=1,
+                             length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0,
+                             top_p=1.0, seed=None, return_attention=False,
+                             attention_heads="mean") -> dict:
+    """Validate the options of ``generate`` (docs/ENGINE.md) and return them normalised.
+
+    Raises TypeError / ValueError naming the offending argument.
+    """
+    max_length = _check_int(max_length, "max_length", 1)
+    min_length = _check_int(min_length, "min_length", 0)
+    if min_length > max_length:
+        raise ValueError(f"min_length ({min_length}) must be <= max_length ({max_length})")
+    beam_size = _check_int(beam_size, "beam_size", 1)
+    num_hypotheses = _check_int(num_hypotheses, "num_hypotheses", 1)
+    if num_hypotheses > beam_size:
+        raise ValueError(f"num_hypotheses ({num_hypotheses}) must be <= beam_size ({beam_size})")
+    length_penalty = _check_float(length_penalty, "length_penalty")
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    temperature = _check_float(temperature, "temperature")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    top_k = _check_int(top_k, "top_k", 0)
+    top_p = _check_float(top_p, "top_p")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if do_sample and beam_size != 1:
+        raise ValueError(f"beam_size must be 1 when do_sample=True, got {beam_size}")
+    if seed is not None:
+        seed = _check_int(seed, "seed", 0)
+    if not isinstance(return_attention, (bool, np.bool_)):
+        raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
+    if attention_heads not in ("mean", "all"):
+        raise ValueError(f"attention_heads must be 'mean' or 'all', got {attention_heads!r}")
+    return dict(max_length=max_length, min_length=min_length, beam_size=beam_size,
+                num_hypotheses=num_hypotheses, length_penalty=length_penalty,
+                do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
+                seed=seed, return_attention=bool(return_attention),
+                attention_heads=attention_heads)
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+class Model:
+    """Base of the engine models: config, weights, tokenizer.
+
+    Parameters
+    ----------
+    config : mapping
+        A ``config.json`` dict (``docs/FORMAT.md``); copied.
+    weights : mapping name -> array
+        Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
+        stored as read-only C-contiguous float32 (a float64 model runs in float32).
+    tokenizer : :class:`attncore.tokenizer.Tokenizer`, optional
+
+    Subclasses set :attr:`architecture` and may override :meth:`_prepare`, which derives
+    inference-only arrays (transposed / fused weights) once after validation.
+    """
+
+    architecture: Optional[str] = None
+
+    def __init__(self, config: Mapping, weights: Mapping[str, np.ndarray], tokenizer=None):
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a dict of arrays, got {type(weights).__name__}")
+        config = copy.deepcopy(dict(config))
+        architecture = config.get("architecture")
+        if self.architecture is not None and architecture != self.architecture:
+            raise ValueError(f"config: {type(self).__name__} needs architecture "
+                             f"{self.architecture!r}, got {architecture!r}")
+        spec = io.weight_spec(config)  # ValueError on unknown architecture / bad hyper-parameters
+        self.config = config
+        self.weights = self._check_weights(spec, weights)
+        self.tokenizer = tokenizer
+        self._prepare()
+
+    @staticmethod
+    def _check_weights(spec, weights) -> dict:
+        problems = [f"missing tensor {name!r}" for name in spec if name not in weights]
+        problems += [f"unexpected tensor {name!r}" for name in weights if name not in spec]
+        stored = {}
+        for name in spec.keys() & weights.keys():
+            array = np.asarray(weights[name])
+            if array.dtype.kind != "f":
+                problems.append(f"tensor {name!r} has dtype {array.dtype}, expected a float dtype")
+            elif tuple(array.shape) != spec[name][0]:
+                problems.append(f"tensor {name!r} has shape {list(array.shape)}, expected "
+                                f"{list(spec[name][0])}")
+            elif not np.all(np.isfinite(array)):
+                problems.append(f"tensor {name!r} holds NaN or infinity")
+            else:
+                array = np.array(array, dtype=np.float32, order="C")  # a private copy
+                array.flags.writeable = False
+                stored[name] = array
+        if problems:
+            raise ValueError("weights do not match the spec:\n  " + "\n  ".join(sorted(problems)))
+        return stored
+
+    def _prepare(self) -> None:
+        """Hook: derive inference arrays from ``self.weights`` (called once by ``__init__``)."""
+
+    # -- special ids ----------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        return int(self.config.get("pad_id", 0))
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.config.get("bos_id", 1))
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.config.get("eos_id", 2))
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping, seed: int = 0, tokenizer=None) -> "Model":
+        """A model with random weights drawn by the trainer's initialisation (``seed``)."""
+        from ..train.export import model_from_config
+
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        seed = _check_int(seed, "seed", 0)
+        weights = {name: np.asarray(value) for name, value in
+                   model_from_config(dict(config), seed).state_dict().items()}
+        target = cls._class_for(config) if cls.architecture is None else cls
+        return target(config, weights, tokenizer=tokenizer)
+
+    @classmethod
+    def _class_for(cls, config: Mapping):
+        from . import model_class  # the architecture registry of attncore.models
+        return model_class(config.get("architecture"))
+
+    @classmethod
+    def load(cls, path) -> "Model":
+        """Read a model directory (``docs/FORMAT.md``); ``Model.load`` picks the class from
+        ``config["architecture"]``, a subclass insists on its own architecture."""
+        from ..tokenizer import load_tokenizer
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        config, weights = io.load_model_dir(path)
+        target = cls._class_for(config) if cls.architecture is None else cls
+        tokenizer = load_tokenizer(Path(path), config) if config.get("tokenizer") else None
+        return target(config, weights, tokenizer=tokenizer)
+
+    def save(self, path) -> Path:
+        """Write the model as a model directory (weights cast to ``config["dtype"]``, tokenizer
+        files included). Returns the directory."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        spec = io.weight_spec(self.config)
+        weights = {name: self.weights[name].astype(dtype) for name, (_, dtype) in spec.items()}
+        files = self.tokenizer.files() if self.tokenizer is not None else None
+        config = dict(self.config)
+        # the entry must describe the files actually written (none without a tokenizer)
+        config["tokenizer"] = self.tokenizer.config() if self.tokenizer is not None else None
+        return io.save_model_dir(path, config, weights, tokenizer_files=files)
+
+    def __repr__(self) -> str:
+        size = sum(w.size for w in self.weights.values())
+        return f"{type(self).__name__}(architecture={self.config.get('architecture')!r}, " \
+               f"parameters={size})"
+
+
+class EncoderDecoderModel(Model):
+    """An encoder-decoder engine model: the decoder protocol of ``docs/ENGINE.md``
+    (``_start``, ``_step``, ``state.select``) plus the public :meth:`generate` /
+    :meth:`translate`.
+
+    Subclasses implement ``_start(sources) -> state`` and ``_step(state, tokens) ->
+    (log_probs (B, V) float32, attention (B, H, S_max) float32)``, and may override
+    :attr:`source_vocab_size`, :attr:`target_vocab_size` and :attr:`max_source_length`.
+    """
+
+    @property
+    def source_vocab_size(self) -> int:
+        return int(self.config["src_vocab_size"])
+
+    @property
+    def target_vocab_size(self) -> int:
+        return int(self.config["tgt_vocab_size"])
+
+    @property
+    def max_source_length(self) -> Optional[int]:
+        """Longest source the model accepts (None: unbounded)."""
+        return None
+
+    def _start(self, sources: List[np.ndarray]):
+        raise NotImplementedError
+
+    def _step(self, state, tokens: np.ndarray):
+        raise NotImplementedError
+
+    def generate(self, sources, *, max_length, min_length=0, beam_size=1, num_hypotheses=1,
+                 length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                 seed=None, return_attention=False, attention_heads="mean"
+                 ) -> List[GenerationResult]:
+        """Generate target sequences for a batch of token-id sources.
+
+        Parameters
+        ----------
+        sources : list of 1-d int sequences (different lengths allowed), ids in [0, V_src),
+            as the model saw them in training (attncore's tasks end each source with EOS;
+            :meth:`translate` / the tokenizer add it)
+        max_length : int >= 1, the most generated tokens (EOS included)
+        min_length : int, EOS is forbidden before this many tokens
+        beam_size, num_hypotheses : beam search width and the n-best size (<= beam_size)
+        length_penalty : float, ``score = log_prob / n ** length_penalty``
+        do_sample, temperature, top_k, top_p, seed : sampling (``beam_size`` must be 1)
+        return_attention : bool; attention_heads : "mean" or "all"
+
+        Returns
+        -------
+        list of :class:`GenerationResult`, one per source, in order
+        """
+        from .. import generation
+
+        options = check_generation_options(
+            max_length=max_length, min_length=min_length, beam_size=beam_size,
+            num_hypotheses=num_hypotheses, length_penalty=length_penalty, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            return_attention=return_attention, attention_heads=attention_heads)
+        sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
+        return generation.generate(self, sources, bos_id=self.bos_id, eos_id=self.eos_id,
+                                   **options)
+
+    def translate(self, texts, *, max_length=None, **options) -> List[str]:
+        """Text in, text out, through the model's tokenizer.
+
+        Parameters
+        ----------
+        texts : list of str
+        max_length : int, optional
+            Default ``2 * longest source + 10`` tokens.
+        **options : the other :meth:`generate` options
+
+        Returns
+        -------
+        list of str, the best hypothesis of each text
+        """
+        if self.tokenizer is None:
+            raise ValueError("translate needs a tokenizer; this model has none "
+                             "(config['tokenizer'] is empty): use generate() with token ids")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        sources = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+            ids = self.tokenizer.encode_source(text)
+            if len(ids) == 0:
+                raise ValueError(f"texts[{i}] is empty (no tokens)")
+            sources.append(ids)
+        if not sources:
+            raise ValueError("texts is an empty batch")
+        if max_length is None:
+            max_length = 2 * max(len(s) for s in sources) + 10
+        results = self.generate(sources, max_length=max_length, **options)
+        return [self.tokenizer.decode_target(result.tokens) for result in results]

@@ -1,0 +1,843 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The RAN (Recurrent Attention Network) engine: the trainer's RAN on the kernels.
+
+Semantics are those of :mod:`attncore.train.ran` (V3 of the official ``rannet``, per-document
+padding, the causal summary-slot variant, the document and token heads); ``docs/RAN_MODEL.md``
+lists where they differ from the released code. This module only changes *how* it is computed.
+
+How one layer is computed
+-------------------------
+The work of a layer splits into a cheap sequential recurrence and bulk work around it.
+A token row of window k has ``Z = LN_concat(x)`` and swish projections that do not depend on
+the carried cell, so the projections of all token rows are computed in large GEMMs, block by
+block. Windows are laid out *padded*, one row per slot::
+
+    row 0          the GPC (cell) of the window        RoPE position 0 (identity)
+    rows 1..w      the window's tokens                 RoPE positions 1..w
+    row 1+w        the summary slot (causal only)      RoPE position w+1
+    (rows up to R = 1 + W_max (+1) are padding, excluded through ``kv_lengths``)
+
+so one ``rotary`` call with positions ``0..R-1`` gives every row its position, the summary
+slot included. The sequential loop over windows then only computes what the next window
+needs: the cell row's key/value (written into row 0 of the window's K/V) and one query row
+(the cell row, or the summary row when causal) attended over the window, which yields g_k and
+the next cell. Finally all token rows of a block attend at once: one batched ``attention``
+call over (windows, heads, R, head_size) with ``kv_lengths`` (and the causal mask, whose
+bottom-right alignment with q_len = kv_len is exactly "row i sees keys 0..i": a token sees the
+cell and earlier tokens, never the summary slot that sits after the window's last token).
+
+Windows of all documents run in lockstep, step-major (step k = window k of every document
+that has one), so the windows of one step are contiguous and the recurrence of a step is a
+handful of small batched kernel calls.
+
+The memory review attends from token rows to the window GPCs with the fused attention kernel
+(bidirectional: one call per document over all its windows; causal: one call per window over
+the prefix ``[c_0, g_1 .. g_{k-1}]``). Nothing of size T x T or T x n is ever formed: working
+memory is O(block x R x H x d) plus O(T x D) for the layer's input and output and O(n x D)
+for the GPCs. Time is O(T x W) for the windows plus O(T x n x D) for the memory review, which
+is the model's own cost (RAN.md §2.15).
+
+State across calls
+------------------
+``encode(chunk, state)`` continues documents:
+
+* **causal models** continue exactly: the state holds, per layer, the carried cell, the
+  previous raw g, the projected memory-review keys/values of the finished windows and the
+  ids of the unfinished window. A document fed in chunks of any sizes gives the outputs of
+  one call (up to float rounding), its pooled vector and history included: the last,
+  unfinished window of a call is computed as the end of the document but not committed.
+* **bidirectional models** cannot continue exactly (every token's memory review reads every
+  window of the document, and windows depend on the total length). Their state is the
+  official ``history``: the last layer's last cell, used as layer 0's initial cell of the
+  next chunk (all-zero rows mean none), which is ``rannet``'s ``Input-Cell`` approximation.
+
+Every document of a call needs at least one token (a continued one: at least one new token).
+States are immutable and their arrays read-only, so ``RANState.select`` (beams) shares them.
+
+Generation
+----------
+A causal model with ``token_head="lm"`` implements the decoder protocol of ``docs/ENGINE.md``
+(``_start`` prefills the prompts, ``_step`` feeds one token per row through the state), so
+``RAN.generate`` offers greedy search, beam search and sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import kernels as K
+from ..train.ran_ops import partition_windows
+from .base import GenerationResult, Model, _check_int, check_generation_options, check_sources
+
+__all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
+
+LN_EPS = 1e-7          # langml LayerNorm epsilon (RAN.md §2.3)
+BLOCK_ROWS = 8192      # padded window rows (windows x R) whose projections are held at once
+
+
+# ------------------------------------------------------------------------------------------
+# Row primitives on the kernels
+# ------------------------------------------------------------------------------------------
+
+def _ln(x: np.ndarray, norm: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """langml LayerNorm (uncentred second moment) of x (..., D)."""
+    return K.layer_norm(x, norm[0], norm[1], LN_EPS, mode="uncentred")
+
+
+def _stdnorm(x: np.ndarray) -> np.ndarray:
+    """RAN's parameter-free ``standard_normalize`` of x (..., D)."""
+    return K.layer_norm(x, None, None, LN_EPS, mode="uncentred")
+
+
+def _swish_linear(x: np.ndarray, dense: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """swish(x W^T + b): x (..., in) -> (..., out)."""
+    return K.swish(K.linear(x, dense[0], dense[1]))
+
+
+def _glu(x: np.ndarray, fused: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(x W_t^T + b_t) * sigmoid(x W_g^T + b_g), with [W_t; W_g] fused into one (2D, D) GEMM."""
+    h = K.linear(x, fused[0], fused[1])
+    half = h.shape[-1] // 2
+    return h[..., :half] * K.sigmoid(h[..., half:])
+
+
+# ------------------------------------------------------------------------------------------
+# Results and state
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RANEncoding:
+    """What :meth:`RAN.encode` returns besides the state.
+
+    Attributes
+    ----------
+    sequence : list of float32 (n_b, D)
+        Last layer's outputs for the tokens of this call, one array per document.
+    pooled : float32 (B, D)
+        Last layer's pooled GPC (``cell_pooling``) over the document so far: the document
+        vector the classifier reads.
+    history : float32 (B, D)
+        Last layer's last carried cell (the official ``return_history``).
+    """
+
+    sequence: List[np.ndarray]
+    pooled: np.ndarray
+    history: np.ndarray
+
+
+@dataclass(frozen=True)
+class _LayerCarry:
+    """One layer's carried state for one document of a causal model (arrays read-only).
+
+    cell (D,): incoming cell of the next window. g_prev (D,) or None: raw g of the last
+    finished window (None before the first). memory_keys / memory_values (1 + windows, D):
+    swish-projected memory-review keys/values of [c_0, g_1 .. g_windows] (None without memory
+    review). g_sum (D,) float64 and g_max (D,): running sum / max of the finished windows' g.
+    """
+
+    cell: np.ndarray
+    g_prev: Optional[np.ndarray]
+    memory_keys: Optional[np.ndarray]
+    memory_values: Optional[np.ndarray]
+    g_sum: np.ndarray
+    g_max: np.ndarray
+
+
+@dataclass(frozen=True)
+class RANState:
+    """State carried from one :meth:`RAN.encode` call to the next (immutable: a call returns a
+    new state, so one state may be continued several ways).
+
+    Attributes
+    ----------
+    causal : bool
+        True: exact continuation (see the module docstring); False: official history only.
+    window_size : int
+        W of the calls that built it; a continuation must use the same.
+    tokens : tuple of int
+        Tokens seen so far per document.
+    history : float32 (B, D)
+        Last layer's last cell (bidirectional: layer 0's initial cell of the next call).
+    windows : tuple of int
+        Causal: finished windows per document.
+    pending : tuple of int64 arrays
+        Causal: ids of each document's unfinished window (fewer than W).
+    layers : tuple (per document) of tuples (per layer) of :class:`_LayerCarry`
+        Causal only.
+    """
+
+    causal: bool
+    window_size: int
+    tokens: Tuple[int, ...]
+    history: np.ndarray
+    windows: Tuple[int, ...] = ()
+    pending: Tuple[np.ndarray, ...] = ()
+    layers: Tuple[Tuple[_LayerCarry, ...], ...] = field(default=(), repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tokens)
+
+    def select(self, rows) -> "RANState":
+        """The state of documents ``rows`` (int, may repeat, drop or reorder): beams of a
+        search share their carried arrays, which are read-only, so nothing is copied."""
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise ValueError(f"rows must be a 1-d integer array, got shape {rows.shape} "
+                             f"dtype {rows.dtype}")
+        rows = rows.astype(np.int64, copy=False)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise ValueError(f"rows must lie in [0, {self.batch_size})")
+
+        def pick(items):
+            return tuple(items[r] for r in rows) if items else items
+
+        return RANState(self.causal, self.window_size, pick(self.tokens),
+                        _frozen(self.history[rows]), pick(self.windows), pick(self.pending),
+                        pick(self.layers))
+
+    @classmethod
+    def from_history(cls, history) -> "RANState":
+        """A bidirectional state from history cells float (B, D), e.g. the official
+        ``return_history`` of another run (rows of zeros mean none)."""
+        history = np.asarray(history)
+        if history.ndim != 2 or history.dtype.kind != "f":
+            raise ValueError(f"history must be a 2-d float array (B, D), got {history.dtype} "
+                             f"{history.shape}")
+        return cls(False, 0, (0,) * len(history), _frozen(history.astype(np.float32)))
+
+
+class RANDecoderState:
+    """Decoding state of a causal RAN language model (``docs/ENGINE.md`` decoder protocol).
+
+    Attributes
+    ----------
+    state : RANState, the documents generated so far (prompt included)
+    pending : float32 (B, V) or None: the prompt's next-token log-probs, returned by the
+        first ``_step(state, None)``
+    """
+
+    __slots__ = ("state", "pending")
+
+    def __init__(self, state: RANState, pending: Optional[np.ndarray]):
+        self.state = state
+        self.pending = pending
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+    def select(self, rows) -> "RANDecoderState":
+        """Keep / repeat / reorder rows (beams); carried arrays are shared, not copied."""
+        state = self.state.select(rows)
+        pending = None if self.pending is None else self.pending[np.asarray(rows, dtype=np.int64)]
+        return RANDecoderState(state, pending)
+
+
+def _frozen(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if array is None:
+        return None
+    array = np.array(array, order="C")  # a private copy: the caller's buffers stay theirs
+    array.flags.writeable = False
+    return array
+
+
+# ------------------------------------------------------------------------------------------
+# Window plan of one call
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """Where every window of one call sits, step-major (the same for every layer).
+
+    Rows are the flat concatenation of the documents' layer inputs (causal: the unfinished
+    window's earlier tokens first, then the new ones).
+    """
+
+    lengths: np.ndarray        # (B,) rows per document in this call
+    offsets: np.ndarray        # (B+1,) first row of each document
+    emit_from: np.ndarray      # (B,) rows already emitted by an earlier call (causal)
+    win_doc: np.ndarray        # (nw,) document of each window
+    win_row: np.ndarray        # (nw,) flat row of its first token
+    win_width: np.ndarray      # (nw,) tokens
+    win_global: np.ndarray     # (nw,) window number in its document (earlier calls included)
+    win_final: np.ndarray      # (nw,) bool: finished (committed to the state)
+    step_bounds: List[int]     # windows of step k: [step_bounds[k], step_bounds[k+1])
+    width_max: int
+    rows: int                  # R = 1 + width_max (+1 summary slot when causal)
+    doc_windows: List[np.ndarray]  # per document, its windows in order
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+
+def _make_plan(lengths: Sequence[int], done_windows: Sequence[int], pending: Sequence[int],
+               window_size: int, min_window_size: int, causal: bool) -> _Plan:
+    """The step-major window plan of documents of ``lengths`` rows (see :class:`_Plan`)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    bounds = [np.asarray(partition_windows(int(n), window_size, min_window_size,
+                                           merge_tail=not causal), dtype=np.int64)
+              for n in lengths]
+    counts = np.array([len(w) for w in bounds], dtype=np.int64)
+    spans = np.concatenate(bounds)                                          # doc-major
+    doc = np.repeat(np.arange(len(lengths)), counts)
+    step = np.arange(len(doc)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.lexsort((doc, step))                                         # step-major
+    doc, step, spans = doc[order], step[order], spans[order]
+    width = spans[:, 1] - spans[:, 0]
+    # Causal: only a full window is final; a shorter last one is redone by the next call.
+    final = np.ones(len(doc), dtype=bool) if not causal else width == window_size
+    step_bounds = np.searchsorted(step, np.arange(counts.max() + 1)).tolist()
+    doc_windows = np.split(np.argsort(doc, kind="stable"), np.cumsum(counts)[:-1])
+    width_max = int(width.max())
+    return _Plan(lengths, offsets, np.asarray(pending, dtype=np.int64), doc,
+                 offsets[doc] + spans[:, 0], width,
+                 np.asarray(done_windows, dtype=np.int64)[doc] + step, final, step_bounds,
+                 width_max, 1 + width_max + (1 if causal else 0), doc_windows)
+
+
+def _step_blocks(plan: _Plan) -> List[Tuple[int, int]]:
+    """Consecutive step ranges whose padded rows stay near BLOCK_ROWS (at least one step)."""
+    blocks, first = [], 0
+    steps = len(plan.step_bounds) - 1
+    for k in range(steps):
+        rows = (plan.step_bounds[k + 1] - plan.step_bounds[first]) * plan.rows
+        if k > first and rows > BLOCK_ROWS:
+            blocks.append((first, k))
+            first = k
+    blocks.append((first, steps))
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------
+# Weights prepared for the kernels
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    """One RAN layer's weights, fused for the kernels (dense: (weight (out, in), bias))."""
+
+    concat_norm: tuple
+    qkv: tuple                  # [W_q; W_k; W_v] (3 H d, D)
+    attn_out: tuple
+    attn_glu: tuple             # [W_t; W_g] (2D, D)
+    attn_norm: tuple
+    initial_cell: np.ndarray    # beta of cell_init_norm: c_0 (D,)
+    cell_glu: tuple
+    cell_norm: tuple
+    summary_qkv: Optional[np.ndarray] = None    # swish projections of LN_concat(summary)
+                                                # (3 H d,), causal, before RoPE
+    summary_glu: Optional[np.ndarray] = None    # GLU_attn(summary_z) (D,)
+    review_query: Optional[tuple] = None
+    review_kv: Optional[tuple] = None           # [W_k; W_v] (2D, D)
+    review_out: Optional[tuple] = None
+    review_glu: Optional[tuple] = None
+    review_norm: Optional[tuple] = None
+    initial_memory: Optional[np.ndarray] = None  # review [key; value] of c_0 (2, D), causal
+    output_norm: Optional[tuple] = None          # without memory review
+
+
+def _fuse(*arrays: np.ndarray) -> np.ndarray:
+    out = np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=np.float32)
+    out.flags.writeable = False
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+class RAN(Model):
+    """RAN encoder (bidirectional or causal) with its document and token heads, on the kernels.
+
+    Build it with ``RAN(config, weights)``, ``RAN.from_config(config, seed)`` or
+    ``attncore.load(path)``; ``config`` is the trainer's RAN ``config.json`` (architecture
+    ``"ran"``, ``docs/RAN_MODEL.md``). Official ``rannet`` weights go through
+    ``attncore.train.ran.from_rannet_variables`` first.
+
+    Every method takes ``documents``: a list of 1-d integer token-id arrays of any lengths
+    (no padding needed; each document gets exactly the result it gets alone), and an
+    optional ``state`` from a previous call (see the module docstring), and returns the new
+    state last. The window partition may be overridden per call (positions are relative);
+    a continued state keeps the window size it was built with.
+    """
+
+    architecture = "ran"
+
+    # -- weights --------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        c, w = self.config, self.weights
+        self.embedding_size = int(c["embedding_size"])
+        self.vocab_size = int(c["vocab_size"])
+        self.num_layers = int(c["ran_layers"])
+        self.head_num = int(c["head_num"])
+        self.head_size = int(c["head_size"])
+        self.window_size = int(c.get("window_size", 16))
+        self.min_window_size = int(c.get("min_window_size", 4))
+        self.causal = bool(c.get("causal", False))
+        self.memory_review = bool(c.get("memory_review", True))
+        self.cell_pooling = c.get("cell_pooling", "last")
+        self.num_classes = int(c.get("num_classes", 0))
+        self.token_head_kind = c.get("token_head", "none")
+
+        def dense(name):
+            return (w[f"{name}.weight"], w[f"{name}.bias"])
+
+        def glu(name):
+            return (_fuse(w[f"{name}.value.weight"], w[f"{name}.gate.weight"]),
+                    _fuse(w[f"{name}.value.bias"], w[f"{name}.gate.bias"]))
+
+        self.embedding_norm = dense("embedding_norm")
+        self.layers: List[_Layer] = []
+        for i in range(self.num_layers):
+            p = f"layers.{i}"
+            attn = f"{p}.window_attn"
+            layer = _Layer(
+                concat_norm=dense(f"{p}.concat_norm"),
+                qkv=(_fuse(*(w[f"{attn}.{x}.weight"] for x in ("query", "key", "value"))),
+                     _fuse(*(w[f"{attn}.{x}.bias"] for x in ("query", "key", "value")))),
+                attn_out=dense(f"{attn}.output"), attn_glu=glu(f"{attn}.glu"),
+                attn_norm=dense(f"{attn}.norm"),
+                initial_cell=w[f"{p}.cell_init_norm.bias"],
+                cell_glu=glu(f"{p}.cell_glu"), cell_norm=dense(f"{p}.cell_norm"))
+            if self.causal:
+                # The summary slot's input is a constant: its LN, projections and GLU residual
+                # are computed once here (RoPE, which depends on the window width, is not).
+                z = _ln(w[f"{p}.summary"][None], layer.concat_norm)
+                layer.summary_qkv = _swish_linear(z, layer.qkv)[0]
+                layer.summary_glu = np.ascontiguousarray(_glu(z, layer.attn_glu)[0])
+            if self.memory_review:
+                review = f"{p}.memory_review"
+                layer.review_query = dense(f"{review}.query")
+                layer.review_kv = (_fuse(w[f"{review}.key.weight"], w[f"{review}.value.weight"]),
+                                   _fuse(w[f"{review}.key.bias"], w[f"{review}.value.bias"]))
+                layer.review_out = dense(f"{review}.output")
+                layer.review_glu = glu(f"{review}.glu")
+                layer.review_norm = dense(f"{review}.norm")
+                if self.causal:
+                    kv = _swish_linear(layer.initial_cell[None], layer.review_kv)[0]
+                    layer.initial_memory = np.ascontiguousarray(kv.reshape(2, -1))
+            else:
+                layer.output_norm = dense(f"{p}.output_norm")
+            self.layers.append(layer)
+        self.classifier = dense("classifier") if self.num_classes else None
+        if self.token_head_kind == "lm":
+            self.lm_dense, self.lm_norm = dense("lm_head.dense"), dense("lm_head.norm")
+            self.lm_bias = w["lm_head.bias"]
+        elif self.token_head_kind == "tag":
+            self.tagger = dense("tagger")
+
+    # -- public ---------------------------------------------------------------------------
+    def encode(self, documents, state: Optional[RANState] = None, *,
+               window_size: Optional[int] = None, min_window_size: Optional[int] = None
+               ) -> Tuple[RANEncoding, RANState]:
+        """Run the embedding and every RAN layer.
+
+        Parameters
+        ----------
+        documents : list of 1-d int arrays (B documents, n_b >= 1 tokens each, ids in [0, V))
+        state : RANState, optional
+            A previous call's state for the same B documents (continues them).
+        window_size, min_window_size : int, optional
+            Override the configured W and m.
+
+        Returns
+        -------
+        (RANEncoding, RANState)
+        """
+        documents = check_sources(documents, self.vocab_size, name="documents")
+        window, minimum = self._windows(window_size, min_window_size, state)
+        state = self._check_state(state, len(documents), window)
+        if self.causal:
+            return self._encode_causal(documents, state, window)
+        return self._encode_bidirectional(documents, state, window, minimum)
+
+    def classify(self, documents, state: Optional[RANState] = None, **window
+                 ) -> Tuple[np.ndarray, RANState]:
+        """Document logits float32 (B, num_classes) from the pooled GPC, and the new state."""
+        if not self.num_classes:
+            raise ValueError("this RAN has no classifier (num_classes = 0)")
+        encoding, state = self.encode(documents, state, **window)
+        return K.linear(encoding.pooled, *self.classifier), state
+
+    def token_logits(self, documents, state: Optional[RANState] = None, **window
+                     ) -> Tuple[List[np.ndarray], RANState]:
+        """Per-token logits of this call's tokens, one float32 (n_b, V) (``token_head="lm"``)
+        or (n_b, K) (``"tag"``) array per document, and the new state."""
+        if self.token_head_kind == "none":
+            raise ValueError("this RAN has no token head (token_head = 'none')")
+        encoding, state = self.encode(documents, state, **window)
+        sizes = [len(s) for s in encoding.sequence]
+        logits = self.token_head(np.concatenate(encoding.sequence, axis=0))
+        return np.split(logits, np.cumsum(sizes)[:-1]), state
+
+    def token_head(self, sequence: np.ndarray) -> np.ndarray:
+        """The token head on encoder outputs (..., D) -> (..., V or K)."""
+        if self.token_head_kind == "lm":
+            # RanNet MLM/LM head, tied to the token embedding: LN(swish(x W + b)) E^T + b.
+            h = _ln(_swish_linear(sequence, self.lm_dense), self.lm_norm)
+            return K.linear(h, self.weights["embedding.weight"], self.lm_bias)
+        if self.token_head_kind == "tag":
+            return K.linear(sequence, *self.tagger)
+        raise ValueError("this RAN has no token head (token_head = 'none')")
+
+    # -- generation (causal language models) ----------------------------------------------
+    def generate(self, prompts, *, max_length, **options) -> List[GenerationResult]:
+        """Continue ``prompts`` (list of 1-d int arrays, used as given) with the causal LM.
+
+        Options as :meth:`attncore.models.EncoderDecoderModel.generate` (greedy, beam search,
+        sampling); the first generated token is predicted from the prompt itself. Each step
+        feeds one token through the carried state (the unfinished window is recomputed:
+        O(W (D^2 + W H d) + W n D) per token).
+        """
+        from .. import generation
+
+        self._check_lm()
+        options = check_generation_options(max_length=max_length, **options)
+        prompts = check_sources(prompts, self.vocab_size, name="prompts")
+        return generation.generate(self, prompts, bos_id=None, eos_id=self.eos_id, **options)
+
+    def _check_lm(self) -> None:
+        if not self.causal or self.token_head_kind != "lm":
+            raise ValueError("generation needs a causal RAN with token_head='lm' (this one has "
+                             f"causal={self.causal}, token_head={self.token_head_kind!r})")
+
+    def _start(self, sources) -> RANDecoderState:
+        """Prefill the prompts; the first ``_step(state, None)`` returns their next-token
+        log-probs."""
+        self._check_lm()
+        encoding, state = self.encode(sources)
+        last = np.stack([s[-1] for s in encoding.sequence])
+        return RANDecoderState(state, K.log_softmax(self.token_head(last)))
+
+    def _step(self, state: RANDecoderState, tokens):
+        """One token per row -> (log_probs float32 (B, V), None)."""
+        if tokens is None:
+            if state.pending is None:
+                raise ValueError("tokens=None is only valid for the first step after _start")
+            log_probs, state.pending = state.pending, None
+            return log_probs, None
+        tokens = np.asarray(tokens)
+        if tokens.shape != (state.batch_size,):
+            raise ValueError(f"tokens must have shape ({state.batch_size},), got {tokens.shape}")
+        state.pending = None
+        encoding, state.state = self.encode(list(tokens.reshape(-1, 1)), state.state)
+        last = np.concatenate(encoding.sequence)                          # (B, D)
+        return K.log_softmax(self.token_head(last)), None
+
+    # -- argument checks ------------------------------------------------------------------
+    def _windows(self, window_size, min_window_size, state) -> Tuple[int, int]:
+        window = (self.window_size if window_size is None
+                  else _check_int(window_size, "window_size", 1))
+        minimum = (self.min_window_size if min_window_size is None
+                   else _check_int(min_window_size, "min_window_size", 1))
+        if self.causal and window_size is None and isinstance(state, RANState):
+            window = state.window_size  # a causal continuation keeps its partition
+        return window, minimum
+
+    def _check_state(self, state, batch: int, window: int) -> Optional[RANState]:
+        if state is None:
+            return None
+        if not isinstance(state, RANState):
+            raise TypeError(f"state must be a RANState from a previous call, got "
+                            f"{type(state).__name__}")
+        if state.causal != self.causal:
+            raise ValueError("state was made by a "
+                             f"{'causal' if state.causal else 'bidirectional'} RAN; this one is "
+                             f"{'causal' if self.causal else 'bidirectional'}")
+        if state.batch_size != batch:
+            raise ValueError(f"state holds {state.batch_size} documents, documents has {batch}")
+        if state.history.shape != (batch, self.embedding_size):
+            raise ValueError(f"state.history must have shape ({batch}, {self.embedding_size}), "
+                             f"got {state.history.shape}")
+        if not np.all(np.isfinite(state.history)):
+            raise ValueError("state.history holds NaN or infinity")
+        if self.causal and any(len(layers) != self.num_layers for layers in state.layers):
+            raise ValueError(f"state was made by a RAN with another number of layers than "
+                             f"this one ({self.num_layers})")
+        if self.causal and state.window_size != window:
+            raise ValueError(f"window_size must stay {state.window_size} to continue this state, "
+                             f"got {window}")
+        return state
+
+    # -- embedding ------------------------------------------------------------------------
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """LN_emb(E[ids]): (N,) -> float32 (N, D)."""
+        return _ln(K.embedding(self.weights["embedding.weight"], ids), self.embedding_norm)
+
+    # -- bidirectional --------------------------------------------------------------------
+    def _encode_bidirectional(self, documents, state, window, minimum):
+        batch = len(documents)
+        lengths = [len(d) for d in documents]
+        plan = _make_plan(lengths, [0] * batch, [0] * batch, window, minimum, causal=False)
+        x = self._embed(np.concatenate(documents))
+        # V3: layer 0 starts from beta_ci, or from a non-zero history cell as is (per row).
+        cell = np.tile(self.layers[0].initial_cell, (batch, 1))
+        if state is not None:
+            given = np.any(state.history != 0, axis=1)
+            cell[given] = state.history[given]
+        for layer in self.layers:
+            x, cell, g = self._layer(layer, x, plan, cell, None, None)
+        pooled = self._pool(plan, g, cell, batch)
+        sequence = [x[plan.offsets[b]:plan.offsets[b + 1]] for b in range(batch)]
+        tokens = tuple(lengths) if state is None else tuple(
+            t + n for t, n in zip(state.tokens, lengths))
+        new_state = RANState(False, window, tokens, _frozen(cell))
+        return RANEncoding(sequence, pooled, cell), new_state
+
+    def _pool(self, plan: _Plan, g: np.ndarray, cell: np.ndarray, batch: int) -> np.ndarray:
+        """Bidirectional pooling of the last layer's g (nw, D) per document -> (B, D)."""
+        if self.cell_pooling == "last":
+            return cell.copy()
+        pooled = np.empty((batch, self.embedding_size), dtype=np.float32)
+        for b in range(batch):
+            rows = g[plan.doc_windows[b]]
+            pooled[b] = rows.mean(axis=0) if self.cell_pooling == "mean" else rows.max(axis=0)
+        return pooled
+
+    # -- one layer --------------------------------------------------------------------------
+    def _layer(self, layer: _Layer, x: np.ndarray, plan: _Plan, cell: np.ndarray,
+               carry: Optional[dict], memory: Optional[list]):
+        """Run one RAN layer over every window of the call.
+
+        Parameters
+        ----------
+        x : float32 (N, D), the layer input rows of all documents (plan.offsets)
+        cell : float32 (B, D), each document's incoming cell
+        carry : dict or None (causal continuation): ``g_prev`` (B, D), ``has_prev`` (B,) bool;
+            updated in place with the committed ``cell``/``g_prev``/``has_prev`` (the values
+            after each document's last finished window)
+        memory : causal only, per document a (keys, values) pair (m_b, D) of the committed
+            memory review; the new finished windows' entries are appended in place
+
+        Returns
+        -------
+        out (N, D), final cell (B, D), g (nw, D) raw window cells
+        """
+        batch, D = cell.shape
+        cell = cell.copy()
+        if carry is not None:
+            g_prev, has_prev = carry["g_prev"].copy(), carry["has_prev"].copy()
+        else:
+            g_prev = np.zeros_like(cell)
+            has_prev = np.zeros(batch, dtype=bool)
+        g_all = np.empty((len(plan.win_doc), D), dtype=np.float32)
+        y = np.empty((plan.num_rows, D), dtype=np.float32)
+        for first, last in _step_blocks(plan):
+            self._window_block(layer, x, plan, first, last, cell, g_prev, has_prev, g_all, y,
+                               carry)
+        if self.memory_review:
+            out = self._memory_review(layer, y, g_all, plan, memory)
+        else:
+            out = _ln(y, layer.output_norm)
+        return out, cell, g_all
+
+    def _window_block(self, layer, x, plan, first, last, cell, g_prev, has_prev, g_all, y, carry):
+        """Steps [first, last): project the block's token rows, run the recurrence, then the
+        token rows' attention; writes g_all and y for the block's windows (cell, g_prev,
+        has_prev updated in place)."""
+        H, d, R, W = self.head_num, self.head_size, plan.rows, plan.width_max
+        HD = H * d
+        lo, hi = plan.step_bounds[first], plan.step_bounds[last]
+        nb = hi - lo
+        width = plan.win_width[lo:hi]
+        slots = np.arange(W)
+        valid = slots[None, :] < width[:, None]                                # (nb, W)
+        rows = (plan.win_row[lo:hi, None] + slots[None, :])[valid]             # token rows
+        z = _ln(x[rows], layer.concat_norm)                                    # (n_tok, D)
+
+        # Projections of every token (and summary) row, laid out padded (nb, R, 3HD).
+        padded = np.zeros((nb, R, 3 * HD), dtype=np.float32)
+        padded[:, 1:1 + W][valid] = _swish_linear(z, layer.qkv)
+        if self.causal:
+            padded[np.arange(nb), 1 + width] = layer.summary_qkv
+        heads = np.ascontiguousarray(
+            padded.reshape(nb, R, 3, H, d).transpose(2, 0, 3, 1, 4))           # (3, nb, H, R, d)
+        del padded
+        qk = K.rotary(heads[:2], np.arange(R, dtype=np.int64))                 # row = position
+        q, k, v = qk[0], qk[1], heads[2]
+        kv_lengths = 1 + width + (1 if self.causal else 0)
+
+        # The recurrence: one step = the windows [a, b) of all documents that have a step k.
+        for step in range(first, last):
+            a, b = plan.step_bounds[step] - lo, plan.step_bounds[step + 1] - lo
+            docs = plan.win_doc[lo + a:lo + b]
+            z0 = _ln(cell[docs], layer.concat_norm)                            # (n, D)
+            p0 = _swish_linear(z0, layer.qkv).reshape(b - a, 3, H, d)
+            k[a:b, :, 0] = p0[:, 1]                                            # position 0:
+            v[a:b, :, 0] = p0[:, 2]                                            # no rotation
+            if self.causal:
+                query = q[np.arange(a, b), :, 1 + width[a:b]]                  # summary rows
+                residual = layer.summary_glu
+            else:
+                query = p0[:, 0]                                               # the cell row
+                residual = _glu(z0, layer.attn_glu)
+            o = K.attention(np.ascontiguousarray(query[:, :, None]), k[a:b], v[a:b],
+                            kv_lengths=kv_lengths[a:b])                        # (n, H, 1, d)
+            h = _swish_linear(o.reshape(b - a, HD), layer.attn_out) + residual
+            g = _stdnorm(_ln(h, layer.attn_norm))
+            new_cell = g.copy()
+            later = has_prev[docs]
+            if later.any():
+                # c = LN_cellres(g + GLU_cell(g_prev)) with the *raw* previous g (V3)
+                new_cell[later] = _ln(g[later] + _glu(g_prev[docs[later]], layer.cell_glu),
+                                      layer.cell_norm)
+            if carry is not None:
+                final = plan.win_final[lo + a:lo + b]
+                if (~final).any():  # the unfinished window's effects are not committed
+                    carry["cell"][docs[~final]] = cell[docs[~final]]
+                    carry["g_prev"][docs[~final]] = g_prev[docs[~final]]
+                    carry["has_prev"][docs[~final]] = has_prev[docs[~final]]
+                carry["cell"][docs[final]] = new_cell[final]
+                carry["g_prev"][docs[final]] = g[final]
+                carry["has_prev"][docs[final]] = True
+            cell[docs] = new_cell
+            g_prev[docs] = g
+            has_prev[docs] = True
+            g_all[lo + a:lo + b] = g
+
+        # Token rows: all windows of the block in one call (row i sees keys < kv_lengths and,
+        # when causal, keys <= i: the cell and earlier tokens, not the summary slot).
+        o = K.attention(q, k, v, kv_lengths=kv_lengths, causal=self.causal)   # (nb, H, R, d)
+        o = o.transpose(0, 2, 1, 3)[:, 1:1 + W].reshape(nb, W, HD)[valid]      # (n_tok, HD)
+        h = _swish_linear(o, layer.attn_out) + _glu(z, layer.attn_glu)
+        y[rows] = _stdnorm(_ln(h, layer.attn_norm))
+
+    def _memory_review(self, layer: _Layer, y: np.ndarray, g_all: np.ndarray, plan: _Plan,
+                       memory: Optional[list]) -> np.ndarray:
+        """Out = LN_mr(swish(attn(Q, G) W_o + b_o) + GLU_mr(Q)), Q = swish(Y W_q + b_q).
+
+        Bidirectional: a document's tokens attend to all its windows' g. Causal: a token of
+        window j attends to [c_0, g_1 .. g_{j-1}] (``memory`` holds c_0 and the earlier calls'
+        finished windows; this call's finished windows are appended to it). Rows are processed
+        in groups of whole windows of about BLOCK_ROWS, so the temporaries stay bounded.
+        """
+        D = self.embedding_size
+        kv = _swish_linear(g_all, layer.review_kv)                             # (nw, 2D)
+        out = np.empty_like(y)
+        for b in range(len(plan.lengths)):
+            windows = plan.doc_windows[b]                                      # in window order
+            if memory is None:
+                keys, values = kv[windows, :D], kv[windows, D:]
+            else:
+                old_keys, old_values = memory[b]
+                # g_j sits at row 1 + j (row 0 is c_0): window j sees rows 0..j.
+                keys = np.concatenate([old_keys, kv[windows, :D]])
+                values = np.concatenate([old_values, kv[windows, D:]])
+                finished = windows[plan.win_final[windows]]
+                memory[b] = (np.concatenate([old_keys, kv[finished, :D]]),
+                             np.concatenate([old_values, kv[finished, D:]]))
+            keys = np.ascontiguousarray(keys)[None, None]                      # (1, 1, m, D)
+            values = np.ascontiguousarray(values)[None, None]
+            group = [windows[0]]
+            for w in list(windows[1:]) + [None]:
+                rows_in_group = (plan.win_row[group[-1]] + plan.win_width[group[-1]]
+                                 - plan.win_row[group[0]])
+                if w is not None and rows_in_group + plan.win_width[w] <= BLOCK_ROWS:
+                    group.append(w)
+                    continue
+                self._review_group(layer, y, out, plan, group, keys, values, memory is not None)
+                group = [w]
+        return out
+
+    def _review_group(self, layer, y, out, plan, group, keys, values, causal) -> None:
+        """Memory review of the rows of consecutive windows ``group`` of one document."""
+        scale = 1.0 / np.sqrt(self.embedding_size)
+        first = int(plan.win_row[group[0]])
+        rows = slice(first, int(plan.win_row[group[-1]] + plan.win_width[group[-1]]))
+        query = _swish_linear(y[rows], layer.review_query)                     # (n, D)
+        if not causal:
+            context = K.attention(query[None, None], keys, values, scale=scale)[0, 0]
+        else:
+            context = np.empty_like(query)
+            for w in group:
+                part = slice(int(plan.win_row[w]) - first,
+                             int(plan.win_row[w] + plan.win_width[w]) - first)
+                seen = int(plan.win_global[w]) + 1                             # c_0 .. g_{j-1}
+                context[part] = K.attention(query[None, None, part], keys[:, :, :seen],
+                                            values[:, :, :seen], scale=scale)[0, 0]
+        h = _swish_linear(context, layer.review_out) + _glu(query, layer.review_glu)
+        out[rows] = _ln(h, layer.review_norm)
+
+    # -- causal ---------------------------------------------------------------------------
+    def _encode_causal(self, documents, state, window):
+        batch, L = len(documents), self.num_layers
+        if state is None:
+            pending = [np.zeros(0, dtype=np.int64)] * batch
+            done = [0] * batch
+            tokens_before = [0] * batch
+        else:
+            pending, done = list(state.pending), list(state.windows)
+            tokens_before = list(state.tokens)
+        ids = [np.concatenate([p, d]) for p, d in zip(pending, documents)]
+        plan = _make_plan([len(i) for i in ids], done, [len(p) for p in pending], window,
+                          window, causal=True)
+        x = self._embed(np.concatenate(ids))
+        new_layers = [[None] * L for _ in range(batch)]
+        for index, layer in enumerate(self.layers):
+            carry, memory = self._carry_in(index, layer, state, batch)
+            start_sum, start_max = (carry.pop("g_sum"), carry.pop("g_max"))
+            x, cell, g = self._layer(layer, x, plan, carry.pop("start_cell"), carry, memory)
+            for b in range(batch):
+                final = plan.doc_windows[b][plan.win_final[plan.doc_windows[b]]]
+                g_sum = start_sum[b] + g[final].astype(np.float64).sum(axis=0)
+                g_max = np.max(np.vstack([start_max[b][None], g[final]]), axis=0)
+                keys, values = memory[b] if memory is not None else (None, None)
+                new_layers[b][index] = _LayerCarry(
+                    _frozen(carry["cell"][b]),
+                    _frozen(carry["g_prev"][b]) if carry["has_prev"][b] else None,
+                    _frozen(keys), _frozen(values), _frozen(g_sum), _frozen(g_max))
+        pooled = self._pool_causal(plan, g, cell, new_layers, batch)
+        sequence = [x[plan.offsets[b] + plan.emit_from[b]:plan.offsets[b + 1]]
+                    for b in range(batch)]
+        windows = [int(plan.win_final[plan.doc_windows[b]].sum()) + done[b] for b in range(batch)]
+        new_pending = tuple(_frozen(i[(w - d) * window:]) for i, w, d in zip(ids, windows, done))
+        new_state = RANState(True, window,
+                             tuple(t + len(d) for t, d in zip(tokens_before, documents)),
+                             _frozen(cell), tuple(windows), new_pending,
+                             tuple(tuple(layers) for layers in new_layers))
+        return RANEncoding(sequence, pooled, cell), new_state
+
+    def _carry_in(self, index: int, layer: _Layer, state: Optional[RANState], batch: int):
+        """Per-document carried arrays of layer ``index`` (fresh documents: c_0 = beta_ci)."""
+        D = self.embedding_size
+        start_cell = np.tile(layer.initial_cell, (batch, 1))
+        carry = {"g_prev": np.zeros((batch, D), np.float32), "has_prev": np.zeros(batch, bool),
+                 "g_sum": np.zeros((batch, D), np.float64),
+                 "g_max": np.full((batch, D), -np.inf, np.float32)}
+        memory = None
+        if self.memory_review:
+            initial = layer.initial_memory
+            memory = [(initial[:1], initial[1:]) for _ in range(batch)]
+        if state is not None:
+            for b in range(batch):
+                saved = state.layers[b][index]
+                start_cell[b] = saved.cell
+                if saved.g_prev is not None:
+                    carry["g_prev"][b], carry["has_prev"][b] = saved.g_prev, True
+                carry["g_sum"][b], carry["g_max"][b] = saved.g_sum, saved.g_max
+                if memory is not None:
+                    memory[b] = (saved.memory_keys, saved.memory_values)
+        carry["cell"] = start_cell.copy()
+        carry["start_cell"] = start_cell
+        return carry, memory
+
+    def _pool_causal(self, plan, g, cell, new_layers, batch) -> np.ndarray:
+        """Pooled last-layer GPC over the document so far, the unfinished window included."""
+        if self.cell_pooling == "last":
+            return cell.copy()
+        pooled = np.empty((batch, self.embedding_size), dtype=np.float32)
+        for b in range(batch):
+            saved = new_layers[b][-1]
+            mine = plan.doc_windows[b]
+            extra = g[mine[~plan.win_final[mine]]]                             # 0 or 1 row
+            windows = int(plan.win_global[mine[-1]]) + 1
+            if self.cell_pooling == "mean":
+                pooled[b] = (saved.g_sum + extra.astype(np.float64).sum(axis=0)) / windows
+            else:
+                pooled[b] = np.max(np.vstack([saved.g_max[None], extra]), axis=0)
+        return pooled

@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``Seq2SeqAttention``: the engine twin of :mod:`attncore.train.seq2seq` (GRU/LSTM
+encoder-decoder with Bahdanau or Luong attention), on the kernels.
+
+It reproduces the trainer's equations exactly (see that module's docstring):
+
+* Encoder: embedding -> stacked GRU/LSTM over the padded batch (B, S_max). With
+  ``packed_source`` a row's state stops changing after its length and its memory rows past the
+  length are 0; without it the RNN runs over the padding like the trainer (so a source's
+  result then depends on the batch's longest source -- the model's own semantics).
+  Bidirectional: H/2 units per direction, memory and final states are [forward; backward].
+* Bahdanau step: ``q = h_{t-1}`` (top layer), additive scores on keys projected once per
+  source, ``h_t = RNN([c ; E[y]], h_{t-1})``, ``logits = W_out h_t + b``.
+* Luong step: ``h_t = RNN([E[y] ; h~_{t-1}] or E[y])``, dot / general / concat scores of
+  ``h_t``, ``h~_t = tanh(W_c [c ; h_t])``, ``logits = W_out h~_t + b``.
+
+All arrays are float32. The encoder's time scans and the whole decoder step are compiled calls
+(:mod:`attncore.kernels._recurrent`) that release the GIL.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+
+from .. import kernels as K
+from ..kernels import _recurrent
+from .base import EncoderDecoderModel
+
+__all__ = ["Seq2SeqAttention", "Seq2SeqState"]
+
+_ADDITIVE = ("bahdanau", "luong_concat")
+
+
+class Seq2SeqState:
+    """Per-call decoder state (batch B, longest source S, hidden H, additive width A, L layers).
+
+    Attributes
+    ----------
+    memory : float32 (B, S, H), encoder outputs
+    keys : float32 (B, S, A), ``memory W_k^T`` (additive scores), else an empty (B, S, 0)
+    lengths : int64 (B,), source lengths
+    hidden : float32 (L, B, H), the decoder RNN's h per layer
+    cells : float32 (L, B, H), the LSTM's c per layer (GRU: an unused (L, B, H) array)
+    feed : float32 (B, H), h~ of the previous step (Luong; zeros before the first step)
+
+    The compiled step writes ``hidden``, ``cells`` and ``feed`` in place, so :meth:`select`
+    always copies them; ``memory``/``keys`` are only read and may be shared.
+    """
+
+    __slots__ = ("memory", "keys", "lengths", "hidden", "cells", "feed", "_scratch")
+
+    def __init__(self, memory, keys, lengths, hidden, cells, feed):
+        self.memory, self.keys, self.lengths = memory, keys, lengths
+        self.hidden, self.cells, self.feed = hidden, cells, feed
+        self._scratch = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory.shape[0]
+
+    def select(self, rows) -> "Seq2SeqState":
+        """A new state of the given rows (int, may repeat / reorder / drop)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1:
+            raise ValueError(f"rows must be 1-d, got shape {rows.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise ValueError(f"rows must lie in [0, {self.batch_size})")
+        copy = lambda a: np.ascontiguousarray(a[:, rows])  # noqa: E731  (fancy index: a copy)
+        if rows.size == self.batch_size and np.array_equal(rows, np.arange(self.batch_size)):
+            return Seq2SeqState(self.memory, self.keys, self.lengths, self.hidden.copy(),
+                                self.cells.copy(), self.feed.copy())
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if rows.size else 0  # drop padding no row needs any more
+        memory = np.ascontiguousarray(self.memory[rows, :width])
+        keys = np.ascontiguousarray(self.keys[rows, :width])
+        return Seq2SeqState(memory, keys, lengths, copy(self.hidden), copy(self.cells),
+                            np.ascontiguousarray(self.feed[rows]))
+
+    def scratch(self, floats_per_row: int) -> np.ndarray:
+        """The step's work buffer (allocated once per state and batch size)."""
+        size = self.batch_size * floats_per_row
+        if self._scratch is None or self._scratch.shape[0] != size:
+            self._scratch = np.empty(size, dtype=np.float32)
+        return self._scratch
+
+
+class Seq2SeqAttention(EncoderDecoderModel):
+    """GRU/LSTM encoder-decoder with attention (``architecture = "seq2seq_attention"``).
+
+    Build with :meth:`load`, :meth:`from_config` or ``Seq2SeqAttention(config, weights)``;
+    decode with :meth:`generate` / :meth:`translate`.
+    """
+
+    architecture = "seq2seq_attention"
+
+    # -- derived weights --------------------------------------------------------------------
+    def _prepare(self) -> None:
+        config, w = self.config, self.weights
+        self.cell = config["rnn_type"]
+        self.kind = config["attention"]
+        self.hidden_size = int(config["hidden_size"])
+        self.num_layers = int(config["num_layers"])
+        self.directions = 2 if config["bidirectional"] else 1
+        self.packed = bool(config["packed_source"])
+        self.input_feeding = bool(config["input_feeding"]) and self.kind != "bahdanau"
+
+        def rnn(prefix, suffix):
+            return tuple(w[f"{prefix}.{part}{suffix}"]
+                         for part in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
+
+        self.encoder_layers = [[rnn("encoder.rnn", s) for s in
+                                [f"_l{k}", f"_l{k}_reverse"][:self.directions]]
+                               for k in range(self.num_layers)]
+        self.decoder_layers = [rnn("decoder.rnn", f"_l{k}") for k in range(self.num_layers)]
+        self.src_embedding = w["encoder.embedding.weight"]
+        self.tgt_embedding = w["decoder.embedding.weight"]
+        self.out_weight, self.out_bias = w["decoder.output.weight"], w["decoder.output.bias"]
+        prefix = "decoder.attention."
+        if self.kind in _ADDITIVE:  # keys are projected once per source, by project_keys
+            self.w_key = _frozen(w[prefix + "key.weight"].T)
+        # the whole decoder step as one compiled call (attncore.kernels._recurrent)
+        get = lambda name: w.get(prefix + name)  # noqa: E731
+        self._decoder_step = _recurrent.DecoderStep(
+            self.kind, self.cell == "lstm", self.input_feeding, self.tgt_embedding,
+            [layer[0] for layer in self.decoder_layers], [layer[2] for layer in self.decoder_layers],
+            [layer[1] for layer in self.decoder_layers], [layer[3] for layer in self.decoder_layers],
+            get("query.weight"), get("score.weight"), get("linear_in.weight"),
+            get("output.weight"), self.out_weight, self.out_bias)
+
+    # -- encoder ----------------------------------------------------------------------------
+    def _start(self, sources: List[np.ndarray]) -> Seq2SeqState:
+        """Encode validated int64 sources; the initial decoder state (docs/ENGINE.md)."""
+        lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        batch, steps = len(sources), int(lengths.max())
+        ids = np.full((batch, steps), self.pad_id, dtype=np.int64)
+        for row, source in enumerate(sources):
+            ids[row, :len(source)] = source
+        layer_input = K.embedding(self.src_embedding, ids)             # (B, S, E)
+        hidden, cells = [], []
+        for directions in self.encoder_layers:
+            outputs, finals = [], []
+            for direction, weights in enumerate(directions):
+                out, final = self._encode_direction(layer_input, lengths, weights, direction == 1)
+                outputs.append(out)
+                finals.append(final)
+            layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=2)
+            # the decoder layer starts from [forward; backward] of the same encoder layer
+            hidden.append(np.concatenate([f[0] for f in finals], axis=1))
+            cells.append(np.concatenate([f[1] for f in finals], axis=1))
+        memory = np.ascontiguousarray(layer_input, dtype=np.float32)   # (B, S, H)
+        keys = (K.project_keys(memory, self.w_key) if self.kind in _ADDITIVE
+                else np.zeros((batch, steps, 0), dtype=np.float32))
+        return Seq2SeqState(memory, keys, lengths, np.stack(hidden), np.stack(cells),
+                            np.zeros((batch, self.hidden_size), dtype=np.float32))
+
+    def _encode_direction(self, x, lengths, weights, reverse):
+        """One direction of one encoder layer over x (B, S, in): the compiled time scan.
+
+        Returns outputs (B, S, Hd) (0 on padded steps when packed) and the final (h, c).
+        """
+        w_ih, b_ih, w_hh, b_hh = weights
+        batch, steps = x.shape[0], x.shape[1]
+        units = w_hh.shape[1]
+        projected = K.linear(x, w_ih, b_ih)              # every step's input projection at once
+        h = np.zeros((batch, units), dtype=np.float32)
+        c = np.zeros((batch, units), dtype=np.float32)
+        outputs = np.empty((batch, steps, units), dtype=np.float32)
+        _recurrent.rnn_scan(projected, w_hh, b_hh, lengths, self.packed, reverse,
+                            self.cell == "lstm", h, c, outputs, K.get_num_threads())
+        return outputs, (h, c)
+
+    # -- one decoder step -------------------------------------------------------------------
+    def _step(self, state: Seq2SeqState, tokens: np.ndarray):
+        """Advance ``state`` in place by the previous target tokens (B,) int64: one compiled
+        call (embedding, attention, RNN stack, output layer, log-softmax) without the GIL.
+
+        Returns float32 log_probs (B, V_tgt) and attention weights (B, 1, S).
+        """
+        step = self._decoder_step
+        batch, steps = state.memory.shape[0], state.memory.shape[1]
+        log_probs = np.empty((batch, step.vocab), dtype=np.float32)
+        weights = np.empty((batch, steps), dtype=np.float32)
+        step.step(np.ascontiguousarray(tokens, dtype=np.int64), state.hidden, state.cells,
+                  state.feed, state.memory, state.keys, state.lengths, log_probs, weights,
+                  state.scratch(step.scratch_width), K.get_num_threads())
+        return log_probs, weights[:, None, :]
+
+
+def _frozen(array) -> np.ndarray:
+    out = np.ascontiguousarray(array, dtype=np.float32)
+    out.flags.writeable = False
+    return out

@@ -1,0 +1,183 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Text <-> token ids for a model directory's tokenizer (``config["tokenizer"]``).
+
+The one tokenizer type is ``"attncore.data.vocab"`` (written by
+:func:`attncore.train.export.export`)::
+
+    "tokenizer": {"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}
+
+Each side names a JSON vocabulary file in the model directory, read with
+:func:`attncore.data.vocab.load_vocab` (a plain :class:`~attncore.data.vocab.Vocab`, or a BPE
+vocabulary when the optional ``tokenizers`` package is installed). No pickle. A decoder-only
+or encoder-only model may give one side only; it then serves both.
+
+Source EOS: an encoder-decoder's sources end with ``<eos>`` as the trainer saw them
+(:meth:`attncore.data.task.Seq2SeqTask.encode_src`), so :meth:`Tokenizer.encode_source` appends
+it when the entry names both a ``src`` and a ``tgt`` vocabulary; a one-sided tokenizer
+(decoder-only prompts, classifier documents) does not. ``"source_eos": true|false`` in the
+entry overrides this.
+
+Unknown tokens: by default a token the source vocabulary lacks maps to ``<unk>`` (id 3), as
+in training (the vocabularies were built with a frequency cut-off, so unseen tokens are
+normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
+instead.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Tokenizer", "load_tokenizer", "TOKENIZER_TYPE"]
+
+TOKENIZER_TYPE = "attncore.data.vocab"
+_SIDES = ("src", "tgt")
+
+
+class Tokenizer:
+    """Source and target vocabularies of a model.
+
+    Parameters
+    ----------
+    src, tgt : vocabulary objects (``encode``, ``decode``, ``len()``, ``to_dict``), at least one
+    src_file, tgt_file : str, the file names used when the model is saved
+    source_eos : bool, optional
+        Append ``<eos>`` to encoded sources; default: when both vocabularies are given
+        (an encoder-decoder, see the module docstring).
+    """
+
+    def __init__(self, src=None, tgt=None, *, src_file: str = "src_vocab.json",
+                 tgt_file: str = "tgt_vocab.json", source_eos: Optional[bool] = None):
+        if src is None and tgt is None:
+            raise ValueError("a tokenizer needs a src or a tgt vocabulary")
+        if source_eos is not None and not isinstance(source_eos, bool):
+            raise TypeError(f"source_eos must be a bool, got {type(source_eos).__name__}")
+        self.src, self.tgt = src, tgt
+        self._files = {"src": src_file, "tgt": tgt_file}
+        self._default_eos = src is not None and tgt is not None
+        self.source_eos = self._default_eos if source_eos is None else source_eos
+
+    @property
+    def source_vocab(self):
+        return self.src if self.src is not None else self.tgt
+
+    @property
+    def target_vocab(self):
+        return self.tgt if self.tgt is not None else self.src
+
+    def encode_source(self, text: str, *, strict: bool = False) -> np.ndarray:
+        """int64 (n,) source ids of ``text`` (then ``<eos>`` when :attr:`source_eos`). Unknown
+        tokens -> ``<unk>``, or a ValueError naming them when ``strict``."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        vocab = self.source_vocab
+        ids = np.asarray(vocab.encode(text), dtype=np.int64)
+        if self.source_eos and ids.size:  # an empty text stays empty: callers reject it
+            ids = np.append(ids, np.int64(getattr(vocab, "eos", 2)))
+        if strict:
+            unk = getattr(vocab, "unk", 3)
+            unknown = sorted({tok for tok, i in zip(_tokens(vocab, text), ids) if i == unk
+                              and tok != "<unk>"})
+            if unknown:
+                raise ValueError(f"text has tokens missing from the source vocabulary: "
+                                 f"{unknown[:10]}")
+        return ids
+
+    def encode_target(self, text: str) -> np.ndarray:
+        """int64 (n,) target ids of ``text`` (unknown tokens -> ``<unk>``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return np.asarray(self.target_vocab.encode(text), dtype=np.int64)
+
+    def decode_target(self, ids: Sequence[int]) -> str:
+        """Text of target ids; stops at EOS, drops PAD / BOS."""
+        return self.target_vocab.decode([int(i) for i in ids])
+
+    def decode_source(self, ids: Sequence[int]) -> str:
+        """Text of source ids; stops at EOS, drops PAD / BOS."""
+        return self.source_vocab.decode([int(i) for i in ids])
+
+    # -- storage --------------------------------------------------------------------------
+    def config(self) -> dict:
+        """The ``config["tokenizer"]`` entry describing this tokenizer."""
+        entry = {"type": TOKENIZER_TYPE}
+        for side in _SIDES:
+            if getattr(self, side) is not None:
+                entry[side] = self._files[side]
+        if self.source_eos != self._default_eos:
+            entry["source_eos"] = self.source_eos
+        return entry
+
+    def files(self) -> Dict[str, str]:
+        """{file name: JSON text} of the vocabularies, for :func:`attncore.io.save_model_dir`."""
+        out = {}
+        for side in _SIDES:
+            vocab = getattr(self, side)
+            if vocab is not None:
+                out[self._files[side]] = _vocab_json(vocab)
+        return out
+
+    def __repr__(self) -> str:
+        sizes = {side: len(getattr(self, side)) for side in _SIDES if getattr(self, side) is not None}
+        return f"Tokenizer({sizes})"
+
+
+def _tokens(vocab, text: str):
+    tokenize = getattr(vocab, "tokenize", None)
+    return tokenize(text) if tokenize is not None else list(text)
+
+
+def _vocab_json(vocab) -> str:
+    to_dict = getattr(vocab, "to_dict", None)
+    if to_dict is not None:
+        return json.dumps(to_dict(), ensure_ascii=False, indent=0)
+    to_str = getattr(vocab, "to_str", None)  # a tokenizers-backed vocabulary
+    if to_str is not None:
+        return to_str()
+    raise TypeError(f"cannot serialise vocabulary of type {type(vocab).__name__}")
+
+
+def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
+    """The tokenizer ``config["tokenizer"]`` describes, with files read from ``directory``.
+
+    Returns None when the entry is absent or null. Raises ValueError for an unknown type, a
+    file name that leaves the directory, a missing file, or a vocabulary larger than the
+    model's ``src_vocab_size`` / ``tgt_vocab_size``.
+    """
+    from .data.vocab import load_vocab
+
+    entry = config.get("tokenizer")
+    if not entry:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"config['tokenizer'] must be an object, got {entry!r}")
+    if entry.get("type") != TOKENIZER_TYPE:
+        raise ValueError(f"config['tokenizer']: unsupported type {entry.get('type')!r} "
+                         f"(supported: {TOKENIZER_TYPE!r})")
+    directory = Path(directory)
+    vocabs, names = {}, {}
+    for side in _SIDES:
+        name = entry.get(side)
+        if name is None:
+            continue
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"config['tokenizer'][{side!r}] must be a file name inside the model "
+                             f"directory, got {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"config['tokenizer'][{side!r}]: missing file {str(path)!r}")
+        vocab = load_vocab(path)
+        size_key = f"{side}_vocab_size"
+        if size_key in config and len(vocab) > int(config[size_key]):
+            raise ValueError(f"{name} has {len(vocab)} tokens, more than {size_key}="
+                             f"{config[size_key]}")
+        vocabs[side], names[f"{side}_file"] = vocab, name
+    if not vocabs:
+        raise ValueError("config['tokenizer'] names neither a 'src' nor a 'tgt' file")
+    source_eos = entry.get("source_eos")
+    if source_eos is not None and not isinstance(source_eos, bool):
+        raise ValueError(f"config['tokenizer']['source_eos'] must be true or false, got "
+                         f"{source_eos!r}")
+    return Tokenizer(**vocabs, **names, source_eos=source_eos)

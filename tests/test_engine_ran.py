@@ -1,0 +1,441 @@
+"""The RAN engine (attncore.models.ran) against the trainer's forward pass and the official
+rannet outputs: ragged batches, causal chunked continuation, heads, threads, errors, and the
+linear memory of a 100k-token document."""
+import json
+import os
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import attncore
+from attncore.models import RAN, load
+from attncore.models.ran import RANState
+from attncore.train import autograd as ag
+from attncore.train.ran import RAN as TrainerRAN
+from attncore.train.ran import RANConfig, from_rannet_variables
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
+                       "ran_official_small.npz")
+if not os.path.exists(FIXTURE):
+    FIXTURE = "/work/shared/fixtures/ran_official_small.npz"
+OFFICIAL_LENGTHS = (4, 6, 13, 14, 31)
+
+# float32 engine vs float64 trainer on the same weights: outputs are stdnorm'ed / LN'ed (unit
+# scale), so 1e-4 relative with a 1e-5 floor for entries near zero.
+RTOL, ATOL = 1e-4, 1e-5
+# A long document fed in chunks vs one call (float32 both, different kernel shapes).
+CHUNK_ATOL = 1e-5
+
+
+def make_config(**overrides):
+    options = dict(vocab_size=40, embedding_size=12, ran_layers=2, head_num=2, head_size=4,
+                   window_size=4, min_window_size=2, num_classes=3, dtype="float32")
+    options.update(overrides)
+    return RANConfig(**options).to_dict()
+
+
+def make_pair(seed=0, **overrides):
+    """(engine float32, trainer float64) models on the same random weights."""
+    config = make_config(**overrides)
+    trainer = TrainerRAN(RANConfig.from_dict({**config, "dtype": "float64"}), seed=seed)
+    engine = RAN(config, {k: np.asarray(v) for k, v in trainer.state_dict().items()})
+    return engine, trainer
+
+
+def trainer_alone(trainer, doc, history=None, **window):
+    with ag.no_grad():
+        return trainer.encode(np.asarray(doc)[None], np.array([len(doc)]), history, **window)
+
+
+def documents(lengths, vocab=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n) for n in lengths]
+
+
+# ------------------------------------------------------------------------------------------
+# Parity with the trainer
+# ------------------------------------------------------------------------------------------
+
+RAGGED = (1, 3, 4, 5, 9, 13, 17)  # W=4, m=2: one window, merged tails (5, 9, 13, 17), full
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("memory_review", [True, False])
+def test_ragged_batch_matches_trainer(causal, pooling, memory_review):
+    engine, trainer = make_pair(seed=3, causal=causal, cell_pooling=pooling,
+                                memory_review=memory_review, ran_layers=3)
+    docs = documents(RAGGED, seed=1)
+    encoding, _ = engine.encode(docs)
+    logits, _ = engine.classify(docs)
+    for i, doc in enumerate(docs):
+        ref = trainer_alone(trainer, doc)
+        assert encoding.sequence[i].shape == (len(doc), 12)
+        assert encoding.sequence[i].dtype == np.float32
+        np.testing.assert_allclose(encoding.sequence[i], ref.sequence.data[0], RTOL, ATOL)
+        np.testing.assert_allclose(encoding.pooled[i], ref.pooled.data[0], RTOL, ATOL)
+        np.testing.assert_allclose(encoding.history[i], ref.history.data[0], RTOL, ATOL)
+        ref_logits = ref.pooled.data[0] @ trainer.classifier.weight.data.T + \
+            trainer.classifier.bias.data
+        np.testing.assert_allclose(logits[i], ref_logits, RTOL, ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_trainer_batch_equals_engine_batch(causal):
+    # The trainer's own padded batch (per-document windows and masks) is the same oracle.
+    engine, trainer = make_pair(seed=4, causal=causal, cell_pooling="mean")
+    docs = documents((7, 2, 12, 4), vocab=39, seed=2)
+    docs = [d + 1 for d in docs]  # no pad id inside: the trainer infers nothing, we pass lengths
+    ids = np.zeros((len(docs), 12), dtype=np.int64)
+    for i, d in enumerate(docs):
+        ids[i, :len(d)] = d
+    with ag.no_grad():
+        ref = trainer.encode(ids, np.array([len(d) for d in docs]))
+    encoding, _ = engine.encode(docs)
+    for i, d in enumerate(docs):
+        np.testing.assert_allclose(encoding.sequence[i], ref.sequence.data[i, :len(d)], RTOL, ATOL)
+    np.testing.assert_allclose(encoding.pooled, ref.pooled.data, RTOL, ATOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_document_alone_equals_inside_a_batch(causal):
+    engine, _ = make_pair(seed=5, causal=causal, cell_pooling="max")
+    docs = documents((11, 1, 6, 30, 4), seed=3)
+    batch, _ = engine.encode(docs)
+    for i, doc in enumerate(docs):
+        alone, _ = engine.encode([doc])
+        # Same math; only the GEMM shapes differ, hence float32 rounding.
+        np.testing.assert_allclose(batch.sequence[i], alone.sequence[0], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(batch.pooled[i], alone.pooled[0], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(batch.history[i], alone.history[0], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_size_override_matches_trainer(causal):
+    engine, trainer = make_pair(seed=6, causal=causal, window_size=3, min_window_size=2)
+    docs = documents((10, 17), seed=4)
+    encoding, _ = engine.encode(docs, window_size=5, min_window_size=3)
+    for i, doc in enumerate(docs):
+        ref = trainer_alone(trainer, doc, window_size=5, min_window_size=3)
+        np.testing.assert_allclose(encoding.sequence[i], ref.sequence.data[0], RTOL, ATOL)
+        np.testing.assert_allclose(encoding.pooled[i], ref.pooled.data[0], RTOL, ATOL)
+
+
+def test_wide_heads_and_uneven_head_width():
+    # H*d != D, several heads, windows wider than the flash tile of a decode call.
+    engine, trainer = make_pair(seed=7, embedding_size=10, head_num=3, head_size=6,
+                                window_size=20, min_window_size=5)
+    docs = documents((45, 23, 64), seed=5)
+    encoding, _ = engine.encode(docs)
+    for i, doc in enumerate(docs):
+        ref = trainer_alone(trainer, doc)
+        np.testing.assert_allclose(encoding.sequence[i], ref.sequence.data[0], RTOL, ATOL)
+
+
+@pytest.mark.parametrize("head", ["lm", "tag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_heads_match_trainer(head, causal):
+    engine, trainer = make_pair(seed=8, causal=causal, token_head=head,
+                                num_token_classes=5 if head == "tag" else 0)
+    docs = documents((6, 9), seed=6)
+    logits, _ = engine.token_logits(docs)
+    for i, doc in enumerate(docs):
+        with ag.no_grad():
+            ref = trainer.token_logits(doc[None], np.array([len(doc)])).data[0]
+        assert logits[i].shape == ref.shape
+        np.testing.assert_allclose(logits[i], ref, RTOL, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# Official rannet outputs
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def official():
+    if not os.path.exists(FIXTURE):
+        pytest.skip("ran_official_small.npz fixture not found")
+    data = np.load(FIXTURE)
+    fc = json.loads(bytes(data["config"]).decode())
+    config = RANConfig(vocab_size=fc["vocab_size"], embedding_size=fc["embedding_size"],
+                       ran_layers=fc["ran_layers"], head_num=fc["head_num"],
+                       head_size=fc["head_size"], window_size=fc["window_size"],
+                       min_window_size=fc["min_window_size"], cell_pooling=fc["cell_pooling"],
+                       dtype="float32")
+    variables = {k: data[k] for k in data.files if k.startswith("weight::")}
+    # Official variables -> trainer weights -> trainer state_dict -> engine (the documented path).
+    trainer = TrainerRAN(config)
+    trainer.load_state_dict(from_rannet_variables(variables, config))
+    engine = RAN(config.to_dict(), trainer.state_dict())
+    return data, engine
+
+
+@pytest.mark.parametrize("length", OFFICIAL_LENGTHS)
+def test_official_rannet_outputs(official, length):
+    data, engine = official
+    encoding, state = engine.encode([data[f"len{length}::ids"][0]])
+    # Official outputs are TF float32: 2e-5 absolute (docs/RAN_MODEL.md).
+    np.testing.assert_allclose(encoding.sequence[0], data[f"len{length}::sequence"][0], rtol=0,
+                               atol=2e-5)
+    np.testing.assert_allclose(encoding.pooled[0], data[f"len{length}::cell"][0], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(encoding.history[0], data[f"len{length}::history"][0], rtol=0,
+                               atol=2e-5)
+    np.testing.assert_array_equal(state.history, encoding.history)
+
+
+def test_official_rannet_outputs_as_one_batch(official):
+    data, engine = official
+    encoding, _ = engine.encode([data[f"len{n}::ids"][0] for n in OFFICIAL_LENGTHS])
+    for i, n in enumerate(OFFICIAL_LENGTHS):
+        np.testing.assert_allclose(encoding.sequence[i], data[f"len{n}::sequence"][0], atol=2e-5)
+        np.testing.assert_allclose(encoding.pooled[i], data[f"len{n}::cell"][0], atol=2e-5)
+        np.testing.assert_allclose(encoding.history[i], data[f"len{n}::history"][0], atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# State across calls
+# ------------------------------------------------------------------------------------------
+
+def feed_in_chunks(engine, docs, cuts, method="encode"):
+    """Feed docs[i] cut at cuts[i] (same number of pieces per document); returns the
+    concatenated per-document outputs, the last call's extra result and the final state."""
+    state, pieces, last = None, [[] for _ in docs], None
+    for j in range(len(cuts[0]) - 1):
+        chunk = [d[c[j]:c[j + 1]] for d, c in zip(docs, cuts)]
+        if method == "encode":
+            last, state = engine.encode(chunk, state)
+            outputs = last.sequence
+        else:
+            outputs, state = engine.token_logits(chunk, state)
+        for i, out in enumerate(outputs):
+            pieces[i].append(out)
+    return [np.concatenate(p) for p in pieces], last, state
+
+
+CUTS = [[0, 1, 4, 6, 11, 12, 16, 23], [0, 3, 4, 8, 9, 10, 13, 17], [0, 1, 2, 3, 4, 5, 8, 9]]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
+@pytest.mark.parametrize("memory_review", [True, False])
+def test_causal_chunks_equal_one_call(pooling, memory_review):
+    engine, _ = make_pair(seed=9, causal=True, cell_pooling=pooling,
+                          memory_review=memory_review, ran_layers=3)
+    docs = documents((23, 17, 9), seed=7)
+    whole, _ = engine.encode(docs)
+    sequences, last, state = feed_in_chunks(engine, docs, CUTS)
+    for i in range(len(docs)):
+        np.testing.assert_allclose(sequences[i], whole.sequence[i], rtol=0, atol=CHUNK_ATOL)
+    np.testing.assert_allclose(last.pooled, whole.pooled, rtol=0, atol=CHUNK_ATOL)
+    np.testing.assert_allclose(last.history, whole.history, rtol=0, atol=CHUNK_ATOL)
+    assert state.tokens == (23, 17, 9)
+    assert state.windows == (5, 4, 2)                          # finished windows of W=4
+    assert [len(p) for p in state.pending] == [3, 1, 1]
+
+
+def test_causal_chunks_long_document_and_lm_logits():
+    # Many windows, chunks crossing window borders at every offset, the LM head on top.
+    engine, _ = make_pair(seed=10, causal=True, token_head="lm", window_size=5,
+                          cell_pooling="mean")
+    doc = documents((200,), seed=8)[0]
+    whole, _ = engine.token_logits([doc])
+    rng = np.random.default_rng(0)
+    cuts = np.unique(np.concatenate([[0, 200], rng.integers(1, 200, 40)]))
+    pieces, _, state = feed_in_chunks(engine, [doc], [list(cuts)], method="token_logits")
+    np.testing.assert_allclose(pieces[0], whole[0], rtol=0, atol=5 * CHUNK_ATOL)  # logits ~ 10x
+    assert state.tokens == (200,) and state.windows == (40,) and len(state.pending[0]) == 0
+
+
+def test_causal_state_is_not_changed_by_continuing():
+    engine, _ = make_pair(seed=11, causal=True, cell_pooling="max")
+    docs = documents((6, 3), seed=9)
+    _, state = engine.encode(docs)
+    snapshot = (state.history.copy(), [c.memory_keys.copy() for c in state.layers[0]])
+    first, _ = engine.encode([docs[0][:2], docs[1]], state)
+    engine.encode([docs[1], docs[0]], state)                   # another continuation
+    again, _ = engine.encode([docs[0][:2], docs[1]], state)
+    for a, b in zip(first.sequence, again.sequence):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(state.history, snapshot[0])
+    for carry, keys in zip(state.layers[0], snapshot[1]):
+        np.testing.assert_array_equal(carry.memory_keys, keys)
+    with pytest.raises(ValueError):
+        state.history[0, 0] = 1.0                              # read-only
+
+
+def test_bidirectional_state_is_the_official_history():
+    engine, trainer = make_pair(seed=12, cell_pooling="last")
+    first, second = documents((9, 7), seed=10)
+    _, state = engine.encode([first])
+    encoding, _ = engine.encode([second], state)
+    ref = trainer_alone(trainer, second, history=state.history.astype(np.float64))
+    np.testing.assert_allclose(encoding.sequence[0], ref.sequence.data[0], RTOL, ATOL)
+    np.testing.assert_allclose(encoding.history[0], ref.history.data[0], RTOL, ATOL)
+    # An all-zero history row means none (V3), per document.
+    zero = RANState.from_history(np.zeros((1, 12)))
+    np.testing.assert_allclose(engine.encode([second], zero)[0].sequence[0],
+                               engine.encode([second])[0].sequence[0], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Threads, loading, errors
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_identical_at_one_and_two_threads(causal):
+    engine, _ = make_pair(seed=13, causal=causal, cell_pooling="mean", embedding_size=16,
+                          head_num=2, head_size=8, window_size=8, min_window_size=3)
+    docs = documents((70, 5, 33), seed=11)
+    results = []
+    for threads in (1, 2):
+        with attncore.num_threads(threads):
+            results.append(engine.encode(docs)[0])
+    for a, b in zip(results[0].sequence, results[1].sequence):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0].pooled, results[1].pooled)
+    np.testing.assert_array_equal(results[0].history, results[1].history)
+
+
+def test_from_config_save_and_load(tmp_path):
+    config = make_config(causal=True, token_head="lm")
+    engine = RAN.from_config(config, seed=14)
+    trainer = TrainerRAN(RANConfig.from_dict(config), seed=14)
+    for name, value in trainer.state_dict().items():
+        np.testing.assert_array_equal(engine.weights[name], value)
+    engine.save(tmp_path / "ran")
+    loaded = load(tmp_path / "ran")
+    assert isinstance(loaded, RAN)
+    doc = documents((9,), seed=12)
+    np.testing.assert_array_equal(loaded.encode(doc)[0].sequence[0],
+                                  engine.encode(doc)[0].sequence[0])
+
+
+def test_bad_arguments():
+    engine, _ = make_pair(seed=15, num_classes=0)
+    causal, _ = make_pair(seed=15, causal=True)
+    good = [np.array([1, 2, 3])]
+    cases = [
+        (lambda: engine.encode([]), ValueError, "documents"),
+        (lambda: engine.encode([np.array([], dtype=np.int64)]), ValueError, "documents"),
+        (lambda: engine.encode([np.array([1, 40])]), ValueError, "documents"),
+        (lambda: engine.encode([np.array([1, -1])]), ValueError, "documents"),
+        (lambda: engine.encode([np.array([1.0, 2.0])]), TypeError, "documents"),
+        (lambda: engine.encode([np.ones((2, 2), np.int64)]), ValueError, "documents"),
+        (lambda: engine.encode("abc"), TypeError, "documents"),
+        (lambda: engine.encode(good, window_size=0), ValueError, "window_size"),
+        (lambda: engine.encode(good, min_window_size=True), TypeError, "min_window_size"),
+        (lambda: engine.encode(good, state=np.zeros((1, 12))), TypeError, "state"),
+        (lambda: engine.encode(good, RANState.from_history(np.full((1, 12), np.nan))), ValueError,
+         "NaN"),
+        (lambda: engine.encode(good, RANState.from_history(np.ones((1, 5)))), ValueError,
+         "history"),
+        (lambda: RANState.from_history(np.ones(12)), ValueError, "history"),
+        (lambda: engine.encode(good + good, state=engine.encode(good)[1]), ValueError, "state"),
+        (lambda: engine.encode(good, state=causal.encode(good)[1]), ValueError, "state"),
+        (lambda: causal.encode(good, causal.encode(good)[1], window_size=3), ValueError,
+         "window_size"),
+        (lambda: engine.classify(good), ValueError, "classifier"),
+        (lambda: engine.token_logits(good), ValueError, "token head"),
+    ]
+    for call, error, word in cases:
+        with pytest.raises(error, match=word):
+            call()
+
+
+def test_config_and_weight_errors():
+    config = make_config()
+    _, trainer = make_pair()
+    weights = {k: np.asarray(v) for k, v in trainer.state_dict().items()}
+    with pytest.raises(ValueError, match="architecture"):
+        RAN({**config, "architecture": "transformer"}, weights)
+    broken = dict(weights)
+    broken["layers.0.concat_norm.weight"] = np.full(12, np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        RAN(config, broken)
+    del broken["layers.0.concat_norm.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        RAN(config, broken)
+
+
+# ------------------------------------------------------------------------------------------
+# Cost: a 100k-token document
+# ------------------------------------------------------------------------------------------
+
+def peak_bytes(engine, doc):
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        encoding, _ = engine.encode([doc])
+        seconds = time.perf_counter() - started
+        return tracemalloc.get_traced_memory()[1], seconds, encoding
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_100k_tokens_linear_memory(causal):
+    D, W, T = 32, 256, 100_000
+    config = dict(architecture="ran", vocab_size=500, embedding_size=D, ran_layers=2,
+                  head_num=2, head_size=16, window_size=W, min_window_size=16, causal=causal,
+                  cell_pooling="mean", num_classes=2, dtype="float32")
+    engine = RAN.from_config(config, seed=0)
+    doc = np.random.default_rng(0).integers(0, 500, T)
+    # One thread: this is about scaling in T, not threads (the CI box is shared).
+    with attncore.num_threads(1):
+        small, _, _ = peak_bytes(engine, doc[:T // 4])
+        big, seconds, encoding = peak_bytes(engine, doc)
+    assert encoding.sequence[0].shape == (T, D)
+    assert np.isfinite(encoding.sequence[0]).all() and np.isfinite(encoding.pooled).all()
+    # NumPy reports its buffers to tracemalloc. Linear growth: 4x the tokens, at most ~4x
+    # the memory (a T x n score matrix alone would be T^2/W x 4 B = 156 MB and grow 16x).
+    assert big / small < 4.5, (small, big)
+    assert big < 16 * T * D * 4, big                           # a few (T, D) float32 arrays
+    assert seconds < 120, seconds
+
+
+# ------------------------------------------------------------------------------------------
+# Generation with a causal LM
+# ------------------------------------------------------------------------------------------
+
+def test_greedy_generation_matches_full_recomputation():
+    engine, _ = make_pair(seed=16, causal=True, token_head="lm", window_size=3, eos_id=39)
+    prompts = documents((5, 1, 8), vocab=30, seed=13)
+    results = engine.generate(prompts, max_length=9)
+    for prompt, result in zip(prompts, results):
+        # Re-run the whole sequence at every step: the argmax of the last token's logits.
+        sequence, total = list(prompt), 0.0
+        for _ in range(9):
+            logits = engine.token_logits([np.array(sequence)])[0][0][-1]
+            log_probs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            token = int(np.argmax(log_probs))
+            total += float(log_probs[token])
+            if token == 39:
+                break
+            sequence.append(token)
+        assert result.tokens == sequence[len(prompt):]
+        np.testing.assert_allclose(result.log_probs[0], total, rtol=0, atol=1e-4)
+
+
+def test_beam_search_and_sampling_run():
+    engine, _ = make_pair(seed=17, causal=True, token_head="lm", window_size=3)
+    prompts = documents((4, 6), vocab=30, seed=14)
+    beams = engine.generate(prompts, max_length=6, beam_size=3, num_hypotheses=2)
+    greedy = engine.generate(prompts, max_length=6)
+    assert all(len(r.hypotheses) == 2 for r in beams)
+    assert all(r.scores[0] >= r.scores[1] for r in beams)
+    assert [r.tokens for r in engine.generate(prompts, max_length=6, beam_size=1)] == \
+        [r.tokens for r in greedy]
+    samples = engine.generate(prompts, max_length=6, do_sample=True, seed=3, top_k=5)
+    again = engine.generate(prompts, max_length=6, do_sample=True, seed=3, top_k=5)
+    assert [r.tokens for r in samples] == [r.tokens for r in again]
+
+
+def test_generation_needs_a_causal_lm():
+    engine, _ = make_pair(seed=18, token_head="lm")
+    with pytest.raises(ValueError, match="causal"):
+        engine.generate([np.array([1, 2])], max_length=3)
+    causal, _ = make_pair(seed=18, causal=True, token_head="lm")
+    with pytest.raises(ValueError, match="max_length"):
+        causal.generate([np.array([1, 2])], max_length=0)
+    with pytest.raises(ValueError, match="rows"):
+        causal._start([np.array([1, 2])]).select(np.array([1]))

@@ -1,0 +1,398 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Seq2SeqAttention engine against the trainer's forward pass (its NumPy oracle).
+
+Tolerance: engine float32 log-probabilities agree with the trainer's within 1e-4 relative
+(+ 1e-5 absolute for values near 0): float32 GEMMs and SIMD tanh/exp in different
+summation orders, compounded over a few recurrent steps.
+"""
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attncore
+import attncore.models as models
+from attncore.models import Seq2SeqAttention
+from attncore.train import autograd as ag
+from attncore.train.export import load_model, model_from_config
+from attncore.train.seq2seq import Seq2SeqConfig
+
+DATES = Path(attncore.__file__).parent / "assets" / "dates"
+RTOL, ATOL = 1e-4, 1e-5
+
+VARIANTS = {
+    "gru-bahdanau": dict(rnn_type="gru", attention="bahdanau"),
+    "lstm-bahdanau-2layer-bidir": dict(rnn_type="lstm", attention="bahdanau", num_layers=2,
+                                       bidirectional=True, attention_dim=6),
+    "gru-bahdanau-unpacked": dict(rnn_type="gru", attention="bahdanau", packed_source=False),
+    "gru-luong-dot-feeding": dict(rnn_type="gru", attention="luong_dot", input_feeding=True),
+    "lstm-luong-dot-unpacked-bidir": dict(rnn_type="lstm", attention="luong_dot",
+                                          bidirectional=True, packed_source=False),
+    "lstm-luong-general-2layer": dict(rnn_type="lstm", attention="luong_general", num_layers=2),
+    "gru-luong-general-feeding-bidir": dict(rnn_type="gru", attention="luong_general",
+                                            input_feeding=True, bidirectional=True),
+    "gru-luong-concat-3layer": dict(rnn_type="gru", attention="luong_concat", num_layers=3,
+                                    attention_dim=12),
+    "lstm-luong-concat-feeding-bidir": dict(rnn_type="lstm", attention="luong_concat",
+                                            input_feeding=True, bidirectional=True),
+}
+
+
+def _config(**overrides):
+    return Seq2SeqConfig(src_vocab_size=13, tgt_vocab_size=11, embed_dim=6, hidden_size=8,
+                         **overrides).to_dict()
+
+
+def _pair(name, seed=3):
+    """(engine, trainer) with the same random weights."""
+    config = _config(**VARIANTS[name])
+    trainer = model_from_config(config, seed)
+    trainer.eval()
+    return Seq2SeqAttention.from_config(config, seed=seed), trainer
+
+
+def _padded(sequences, pad=0):
+    lengths = np.array([len(s) for s in sequences])
+    out = np.full((len(sequences), lengths.max()), pad, dtype=np.int64)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = s
+    return out, lengths
+
+
+def _random_batch(rng, vocab, lengths):
+    return [rng.integers(4, vocab, n) for n in lengths]
+
+
+def _engine_teacher_forced(engine, sources, tgt_in):
+    """Engine log-probs (B, T, V) and attention (B, T, S) for tokens tgt_in (B, T)."""
+    state = engine._start([np.asarray(s, dtype=np.int64) for s in sources])
+    log_probs, attention = [], []
+    for t in range(tgt_in.shape[1]):
+        lp, att = engine._step(state, np.ascontiguousarray(tgt_in[:, t]))
+        log_probs.append(lp)
+        attention.append(att[:, 0])
+    return np.stack(log_probs, axis=1), np.stack(attention, axis=1)
+
+
+def _trainer_teacher_forced(trainer, sources, tgt_in):
+    src, lengths = _padded(sources, trainer.config.pad_id)
+    with ag.no_grad():
+        logits, attention = trainer.forward(src, lengths, tgt_in, return_attention=True)
+        return ag.log_softmax(logits, axis=-1).data, attention.data
+
+
+def _assert_log_probs_close(actual, expected):
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+# -- engine == trainer --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_teacher_forced_log_probs_match_the_trainer(name):
+    engine, trainer = _pair(name)
+    rng = np.random.default_rng(0)
+    sources = _random_batch(rng, 13, [5, 1, 7, 3])          # ragged
+    tgt_in = np.concatenate([np.full((4, 1), 1), rng.integers(3, 11, (4, 5))], axis=1)
+    lp, att = _engine_teacher_forced(engine, sources, tgt_in)
+    ref_lp, ref_att = _trainer_teacher_forced(trainer, sources, tgt_in)
+    _assert_log_probs_close(lp, ref_lp)
+    np.testing.assert_allclose(att, ref_att, rtol=RTOL, atol=ATOL)
+    # the trainer's padding positions get exactly zero attention; so must the engine's
+    for row, source in enumerate(sources):
+        assert np.all(att[row, :, len(source):] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_greedy_tokens_match_the_trainer_on_a_ragged_batch(name):
+    engine, trainer = _pair(name, seed=5)
+    sources = _random_batch(np.random.default_rng(1), 13, [6, 2, 9, 4, 1])
+    src, lengths = _padded(sources)
+    expected = trainer.greedy_decode(src, lengths, 12)
+    results = engine.generate(sources, max_length=12)
+    for row, result in zip(expected, results):
+        row = row.tolist()
+        ended = 2 in row
+        assert result.tokens == (row[:row.index(2)] if ended else row)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(VARIANTS) if "unpacked" not in n])
+def test_a_sentence_alone_equals_the_sentence_in_a_batch(name):
+    # (without packed_source the trainer's encoder runs over the batch's padding, so a
+    # source's encoding depends on its batch by definition; those variants are excluded)
+    engine, _ = _pair(name, seed=7)
+    sources = _random_batch(np.random.default_rng(2), 13, [3, 8, 1, 5])
+    for options in (dict(), dict(beam_size=3, num_hypotheses=2, return_attention=True)):
+        batch = engine.generate(sources, max_length=10, **options)
+        for source, in_batch in zip(sources, batch):
+            alone = engine.generate([source], max_length=10, **options)[0]
+            assert alone.hypotheses == in_batch.hypotheses
+            np.testing.assert_allclose(alone.log_probs, in_batch.log_probs, rtol=1e-6)
+            if options:
+                for a, b in zip(alone.attention, in_batch.attention):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_float64_model_runs_in_float32_close_to_the_trainer():
+    config = _config(rnn_type="lstm", attention="luong_general", dtype="float64")
+    trainer = model_from_config(config, 1)
+    engine = Seq2SeqAttention.from_config(config, seed=1)
+    assert all(w.dtype == np.float32 for w in engine.weights.values())
+    sources = _random_batch(np.random.default_rng(3), 13, [4, 6])
+    tgt_in = np.array([[1, 5, 6, 7], [1, 8, 9, 4]])
+    lp, _ = _engine_teacher_forced(engine, sources, tgt_in)
+    ref, _ = _trainer_teacher_forced(trainer, sources, tgt_in)
+    _assert_log_probs_close(lp, ref)
+
+
+# -- the bundled dates model --------------------------------------------------------------------
+
+DATE_TEXTS = ["Tuesday, 3 March 1998", "12/05/2001", "the 1st of May 1885", "2310-04-15",
+              "Sat 9 Dec 2034", "July 4, 1776"]
+
+
+@pytest.fixture(scope="module")
+def dates():
+    return models.load(DATES)
+
+
+def test_load_picks_the_class_and_the_tokenizer(dates):
+    assert type(dates) is Seq2SeqAttention
+    assert dates.tokenizer is not None
+    assert dates.config["hidden_size"] == 128
+    assert all(w.dtype == np.float32 and w.flags.c_contiguous and not w.flags.writeable
+               for w in dates.weights.values())
+
+
+def test_dates_translate(dates):
+    assert dates.translate(["Tuesday, 3 March 1998"]) == ["1998-03-03"]
+    assert dates.translate(["Friday, April 10, 1885", "12/05/2001"]) == ["1885-04-10",
+                                                                         "2001-12-05"]
+    assert dates.translate(["Tuesday, 3 March 1998"], beam_size=4) == ["1998-03-03"]
+
+
+def test_dates_matches_the_trainer(dates):
+    trainer = load_model(DATES)
+    sources = [dates.tokenizer.encode_source(t) for t in DATE_TEXTS]
+    targets = ["1998-03-03", "2001-12-05", "1885-05-01", "2310-04-15", "2034-12-09",
+               "1776-07-04"]
+    tgt_in = np.stack([np.concatenate([[1], dates.tokenizer.encode_target(t)])
+                       for t in targets])
+    lp, att = _engine_teacher_forced(dates, sources, tgt_in)
+    ref_lp, ref_att = _trainer_teacher_forced(trainer, sources, tgt_in)
+    _assert_log_probs_close(lp, ref_lp)
+    np.testing.assert_allclose(att, ref_att, rtol=RTOL, atol=ATOL)
+    src, lengths = _padded(sources)
+    expected = trainer.greedy_decode(src, lengths, 12)
+    for row, result in zip(expected, dates.generate(sources, max_length=12)):
+        row = row.tolist()
+        assert result.tokens == row[:row.index(2)]
+
+
+def test_dates_results_do_not_depend_on_the_thread_count(dates):
+    sources = [dates.tokenizer.encode_source(t) for t in DATE_TEXTS]
+    runs = []
+    for threads in (1, 2):
+        with attncore.num_threads(threads):
+            runs.append(dates.generate(sources, max_length=12, beam_size=3, num_hypotheses=3,
+                                       return_attention=True))
+    for a, b in zip(*runs):
+        assert a.hypotheses == b.hypotheses
+        assert a.log_probs == b.log_probs          # bit-identical
+        for x, y in zip(a.attention, b.attention):
+            assert np.array_equal(x, y)
+
+
+def test_python_threads_decoding_at_once_equal_sequential(dates):
+    batches = [[dates.tokenizer.encode_source(t) for t in DATE_TEXTS[i:] + DATE_TEXTS[:i]]
+               for i in range(6)]
+    options = [dict(max_length=12), dict(max_length=12, beam_size=3, num_hypotheses=2)]
+
+    def run(i):
+        return dates.generate(batches[i], **options[i % 2])
+
+    sequential = [run(i) for i in range(len(batches))]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(run, range(len(batches))))
+    for seq, par in zip(sequential, parallel):
+        assert [r.hypotheses for r in seq] == [r.hypotheses for r in par]
+        assert [r.log_probs for r in seq] == [r.log_probs for r in par]
+
+
+def test_dates_attention_shapes(dates):
+    sources = [dates.tokenizer.encode_source(t) for t in DATE_TEXTS[:2]]
+    results = dates.generate(sources, max_length=12, return_attention=True)
+    for source, result in zip(sources, results):
+        attention = result.attention[0]
+        assert attention.shape == (len(result.tokens) + 1, len(source))  # EOS scored
+        np.testing.assert_allclose(attention.sum(axis=1), 1.0, rtol=1e-5)
+    heads = dates.generate(sources[:1], max_length=12, return_attention=True,
+                           attention_heads="all")[0].attention[0]
+    assert heads.shape == (len(results[0].tokens) + 1, 1, len(sources[0]))
+
+
+# -- save / load ----------------------------------------------------------------------------------
+
+def test_save_load_round_trip(dates, tmp_path):
+    directory = dates.save(tmp_path / "copy")
+    again = models.load(directory)
+    assert again.config == dates.config
+    assert again.weights.keys() == dates.weights.keys()
+    assert all(np.array_equal(again.weights[k], dates.weights[k]) for k in dates.weights)
+    assert again.translate(DATE_TEXTS) == dates.translate(DATE_TEXTS)
+    original = json.loads((DATES / "config.json").read_text())
+    assert json.loads((directory / "config.json").read_text()) == original
+    assert Seq2SeqAttention.load(directory).translate(["3 March 1998"]) == ["1998-03-03"]
+    # a model whose config names a tokenizer it does not carry saves without one
+    bare = Seq2SeqAttention(dates.config, dates.weights)
+    assert models.load(bare.save(tmp_path / "bare")).tokenizer is None
+
+
+def test_random_model_save_load_round_trip(tmp_path):
+    engine, _ = _pair("lstm-luong-concat-feeding-bidir")
+    assert engine.tokenizer is None
+    again = Seq2SeqAttention.load(engine.save(tmp_path / "m"))
+    assert again.tokenizer is None and again.config["tokenizer"] is None
+    sources = _random_batch(np.random.default_rng(4), 13, [4, 2])
+    a = engine.generate(sources, max_length=6, beam_size=2)
+    b = again.generate(sources, max_length=6, beam_size=2)
+    assert [r.hypotheses for r in a] == [r.hypotheses for r in b]
+    assert [r.log_probs for r in a] == [r.log_probs for r in b]
+
+
+def test_from_config_is_the_trainers_initialisation():
+    config = _config(**VARIANTS["gru-bahdanau"])
+    engine = models.from_config(config, seed=9)
+    trainer = model_from_config(config, 9).state_dict()
+    assert type(engine) is Seq2SeqAttention
+    assert all(np.array_equal(engine.weights[k], trainer[k]) for k in trainer)
+    other = models.from_config(config, seed=10)
+    assert not np.array_equal(other.weights["decoder.output.weight"],
+                              engine.weights["decoder.output.weight"])
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sources, options, error, match", [
+    ([], dict(max_length=5), ValueError, "sources is an empty batch"),
+    ([[4, 5], []], dict(max_length=5), ValueError, r"sources\[1\] is empty"),
+    ([[4, 63]], dict(max_length=5), ValueError, r"token id 63 outside \[0, 63\)"),
+    ([[4, -1]], dict(max_length=5), ValueError, "token id -1"),
+    ([np.array([4.0, 5.0])], dict(max_length=5), TypeError, "integer"),
+    ("Tuesday", dict(max_length=5), TypeError, "sources"),
+    (["Tuesday"], dict(max_length=5), TypeError, "translate"),
+    ([[4, 5]], dict(max_length=0), ValueError, "max_length"),
+    ([[4, 5]], dict(max_length=-3), ValueError, "max_length"),
+    ([[4, 5]], dict(), TypeError, "max_length"),
+    ([[4, 5]], dict(max_length=5, beam_size=0), ValueError, "beam_size"),
+    ([[4, 5]], dict(max_length=5, beam_size=2, num_hypotheses=3), ValueError,
+     "num_hypotheses"),
+    ([[4, 5]], dict(max_length=5, do_sample=True, beam_size=2), ValueError, "beam_size"),
+    ([[4, 5]], dict(max_length=5, top_p=0.0), ValueError, "top_p"),
+])
+def test_bad_generate_input_is_named(dates, sources, options, error, match):
+    with pytest.raises(error, match=match):
+        dates.generate(sources, **options)
+
+
+def test_bad_translate_input_is_named(dates):
+    with pytest.raises(TypeError, match="texts"):
+        dates.translate("Tuesday, 3 March 1998")
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        dates.translate(["3 March 1998", ""])
+    with pytest.raises(TypeError, match=r"texts\[0\]"):
+        dates.translate([b"3 March 1998"])
+    engine, _ = _pair("gru-bahdanau")
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.translate(["x"])
+
+
+def test_unknown_characters_map_to_unk_or_raise_when_strict(dates):
+    ids = dates.tokenizer.encode_source("3 March 1998 ~")
+    assert ids[-2] == 3 and ids[-1] == 2            # '~' -> <unk>, then the source <eos>
+    with pytest.raises(ValueError, match="'~'"):
+        dates.tokenizer.encode_source("3 March 1998 ~", strict=True)
+
+
+def test_bad_weights_are_rejected():
+    config = _config(**VARIANTS["gru-bahdanau"])
+    weights = dict(model_from_config(config, 0).state_dict())
+    good = Seq2SeqAttention(config, weights)
+    assert good.config == config
+    bad = dict(weights, **{"decoder.output.bias": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="decoder.output.bias.*shape"):
+        Seq2SeqAttention(config, bad)
+    missing = {k: v for k, v in weights.items() if k != "decoder.output.bias"}
+    with pytest.raises(ValueError, match="missing tensor 'decoder.output.bias'"):
+        Seq2SeqAttention(config, missing)
+    nan = dict(weights, **{"decoder.output.bias": np.full(11, np.nan, np.float32)})
+    with pytest.raises(ValueError, match="NaN"):
+        Seq2SeqAttention(config, nan)
+    ints = dict(weights, **{"decoder.output.bias": np.zeros(11, np.int64)})
+    with pytest.raises(ValueError, match="dtype"):
+        Seq2SeqAttention(config, ints)
+    with pytest.raises(ValueError, match="architecture"):
+        Seq2SeqAttention(dict(config, architecture="transformer"), weights)
+    with pytest.raises(TypeError, match="config"):
+        Seq2SeqAttention([("architecture", "seq2seq_attention")], weights)
+
+
+def test_weights_are_private_copies():
+    config = _config(**VARIANTS["gru-bahdanau"])
+    weights = dict(model_from_config(config, 0).state_dict())
+    engine = Seq2SeqAttention(config, weights)
+    before = engine.weights["decoder.output.bias"].copy()
+    weights["decoder.output.bias"][:] = 7.0
+    assert np.array_equal(engine.weights["decoder.output.bias"], before)
+    with pytest.raises(ValueError):
+        engine.weights["decoder.output.bias"][0] = 1.0
+
+
+def test_bad_directories_are_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        models.load(tmp_path / "nothing")
+    shutil.copytree(DATES, tmp_path / "broken")
+    config = json.loads((tmp_path / "broken" / "config.json").read_text())
+    config["tokenizer"]["src"] = "../src_vocab.json"
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="file name inside the model directory"):
+        models.load(tmp_path / "broken")
+    config["tokenizer"]["src"] = "absent.json"
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing file"):
+        models.load(tmp_path / "broken")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        models.model_class("lstm_lm")
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------
+
+def test_tokenizer_source_eos_follows_the_sides_and_the_override(tmp_path):
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer, load_tokenizer
+
+    vocab = Vocab("abc", level="char")
+    both = Tokenizer(vocab, vocab)
+    assert both.encode_source("ab").tolist() == [4, 5, 2]      # encoder-decoder: + <eos>
+    assert both.config() == {"type": "attncore.data.vocab", "src": "src_vocab.json",
+                             "tgt": "tgt_vocab.json"}
+    one = Tokenizer(tgt=vocab)
+    assert one.encode_source("ab").tolist() == [4, 5]          # prompt / document: no <eos>
+    assert one.decode_target([4, 6, 2, 5]) == "ac"
+    off = Tokenizer(vocab, vocab, source_eos=False)
+    assert off.encode_source("ab").tolist() == [4, 5]
+    entry = off.config()
+    assert entry["source_eos"] is False
+    for name, text in off.files().items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    again = load_tokenizer(tmp_path, {"tokenizer": entry})
+    assert again.encode_source("ab").tolist() == [4, 5] and again.config() == entry
+    with pytest.raises(ValueError, match="unsupported type"):
+        load_tokenizer(tmp_path, {"tokenizer": {"type": "sentencepiece", "src": "x.model"}})
+    with pytest.raises(ValueError, match="source_eos"):
+        load_tokenizer(tmp_path, {"tokenizer": dict(entry, source_eos="no")})
+    with pytest.raises(ValueError, match="more than src_vocab_size=5"):
+        load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 5})

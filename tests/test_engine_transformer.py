@@ -1,0 +1,578 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Transformer engine (``attncore.models.transformer``) against its oracles.
+
+* The trainer (``attncore.train.transformer``) in float64 on the very same weights (rounded to
+  float32 first, so the oracle sees exactly what the engine sees): log-probabilities, encoder
+  outputs, cross-attention weights, greedy tokens, class logits, for every kind and option.
+* ``torch.nn.Transformer`` (when torch is installed) on the same weights.
+* Engine properties: ragged batches == sentences alone, ``select`` for beams and finished rows,
+  the in-place KV cache and its growth, thread-count independence, concurrent Python threads,
+  and bad input.
+
+Tolerances: the engine computes in float32; against a float64 oracle its log-probabilities
+agree to rtol 1e-4 (atol 1e-5 for values near 0), a few float32 ulps accumulated over ~2 layers
+of O(1) activations. Cross-attention weights and hidden states: atol 1e-5.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import attncore
+from attncore.models import load
+from attncore.models.transformer import Transformer, TransformerDecoderState
+from attncore.train import autograd as ag
+from attncore.train.transformer import Transformer as Trainer
+from attncore.train.transformer import TransformerConfig
+
+LOGPROB_TOL = {"rtol": 1e-4, "atol": 1e-5}
+HIDDEN_ATOL = 1e-5
+SRC_VOCAB, TGT_VOCAB = 11, 13
+
+
+def _config(**overrides) -> TransformerConfig:
+    base = dict(kind="encoder_decoder", src_vocab_size=SRC_VOCAB, tgt_vocab_size=TGT_VOCAB,
+                d_model=16, num_heads=4, dim_feedforward=24, num_encoder_layers=2,
+                num_decoder_layers=2, max_positions=24, dtype="float64")
+    base.update(overrides)
+    return TransformerConfig(**base)
+
+
+def _pair(seed=0, **overrides):
+    """(trainer, in float64 unless ``dtype`` says otherwise, and engine) on identical weights
+    (the trainer's, rounded to float32)."""
+    config = _config(**overrides)
+    trainer = Trainer(config, seed=seed)
+    weights = {k: v.astype(np.float32).astype(v.dtype) for k, v in trainer.state_dict().items()}
+    trainer.load_state_dict(weights)
+    trainer.eval()
+    return trainer, Transformer(config.to_dict(), weights)
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _sources(rng, lengths, vocab=SRC_VOCAB):
+    # ids from 4 up: not the special ids, so nothing special-cases them by accident
+    return [rng.integers(4, vocab, n) for n in lengths]
+
+
+def _teacher_forced(engine, sources, targets):
+    """Engine log-probs (B, T, V) and cross-attention (B, T, H, S_max) over targets (B, T)."""
+    state = engine._start(sources)
+    log_probs, attention = [], []
+    for t in range(targets.shape[1]):
+        lp, weights = engine._step(state, targets[:, t])
+        log_probs.append(lp)
+        attention.append(weights)
+    return np.stack(log_probs, 1), (None if attention[0] is None else np.stack(attention, 1))
+
+
+def _trainer_teacher_forced(trainer, source, target):
+    """Trainer log-probs (T, V) and cross-attention (T, H, S) of one unpadded sentence."""
+    with ag.no_grad():
+        memory, valid = trainer.encode_memory(source[None])
+        logits, weights = trainer.decode(target[None], memory, valid)
+    return _log_softmax(logits.data[0]), weights.data[0].transpose(1, 0, 2)
+
+
+def _greedy(engine, sources, max_len, prefix_step=None):
+    """Greedy decoding over the engine protocol; finished rows leave the batch via select."""
+    state = engine._start(sources)
+    active = np.arange(len(sources))
+    outputs = [[] for _ in sources]
+    tokens = prefix_step if prefix_step is not None else np.full(len(sources), engine.bos_id)
+    for _ in range(max_len):
+        log_probs, _ = engine._step(state, tokens)
+        tokens = log_probs.argmax(axis=-1)
+        for row, b in enumerate(active):
+            outputs[b].append(int(tokens[row]))
+        keep = tokens != engine.eos_id
+        if not keep.any():
+            break
+        if not keep.all():
+            state = state.select(np.flatnonzero(keep))
+            active, tokens = active[keep], tokens[keep]
+    return outputs
+
+
+def _strip(row, eos):
+    """The trainer's greedy row (eos then pads) as a list ending at eos."""
+    row = list(row)
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+# -- encoder–decoder vs the trainer -------------------------------------------------------------
+
+ENCODER_DECODER_CONFIGS = [
+    dict(norm_first=False, activation="relu"),
+    dict(norm_first=True, activation="gelu"),
+    dict(norm_first=False, activation="gelu", final_norm=True, positions="learned"),
+    dict(norm_first=True, final_norm=False, fused_qkv=False, tie_embeddings=True),
+    dict(norm_first=False, attention_bias=False, scale_embedding=False, num_heads=2),
+    dict(norm_first=True, num_encoder_layers=1, num_decoder_layers=3, layer_norm_eps=1e-3),
+    dict(norm_first=True, dtype="float32"),  # a float32 trainer as the oracle: same tolerance
+]
+
+
+@pytest.mark.parametrize("options", ENCODER_DECODER_CONFIGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_encoder_decoder_log_probs_and_attention_match_trainer(options, rng):
+    trainer, engine = _pair(**options)
+    # 11 tokens: the encoder takes the kernel's flash path (q_len > 8), the others split-KV
+    sources = _sources(rng, [5, 2, 11, 1])
+    targets = rng.integers(0, TGT_VOCAB, (4, 6))
+    targets[:, 0] = engine.bos_id
+    log_probs, attention = _teacher_forced(engine, sources, targets)
+    assert log_probs.dtype == np.float32 and log_probs.shape == (4, 6, TGT_VOCAB)
+    assert attention.dtype == np.float32 and attention.shape == (4, 6, engine.num_heads, 11)
+    for b, source in enumerate(sources):
+        expected, expected_attention = _trainer_teacher_forced(trainer, source, targets[b])
+        np.testing.assert_allclose(log_probs[b], expected, **LOGPROB_TOL)
+        np.testing.assert_allclose(attention[b, :, :, : len(source)], expected_attention, atol=HIDDEN_ATOL)
+        assert not attention[b, :, :, len(source):].any(), "weights past the source must be 0"
+
+
+def test_encoder_output_matches_trainer(rng):
+    trainer, engine = _pair(norm_first=True, positions="learned")
+    sources = _sources(rng, [3, 9, 1])
+    outputs = engine.encode(sources)
+    assert [o.shape for o in outputs] == [(3, 16), (9, 16), (1, 16)]
+    for source, output in zip(sources, outputs):
+        with ag.no_grad():
+            expected = trainer.encode_memory(source[None])[0].data[0]
+        assert output.dtype == np.float32
+        np.testing.assert_allclose(output, expected, atol=HIDDEN_ATOL)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_greedy_tokens_match_trainer_greedy_decode(norm_first, rng):
+    trainer, engine = _pair(seed=3, norm_first=norm_first)
+    sources = _sources(rng, [4, 8, 2, 6, 3])
+    padded = np.zeros((5, 8), dtype=np.int64)
+    for b, source in enumerate(sources):
+        padded[b, : len(source)] = source
+    expected = trainer.greedy_decode(padded, np.array([len(s) for s in sources]), 12)
+    got = _greedy(engine, sources, 12)
+    assert got == [_strip(row, engine.eos_id) for row in expected]
+
+
+# -- decoder-only and encoder-only vs the trainer -----------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    dict(norm_first=False),
+    dict(norm_first=True, positions="learned", tie_embeddings=True, activation="gelu"),
+    dict(norm_first=True, final_norm=False, fused_qkv=False, scale_embedding=False),
+], ids=["post-norm", "pre-norm-learned-tied", "pre-norm-unfused"])
+def test_decoder_only_prefill_and_steps_match_trainer(options, rng):
+    trainer, engine = _pair(kind="decoder_only", **options)
+    prompts = _sources(rng, [3, 1, 12], vocab=TGT_VOCAB)  # 12: a flash-path causal prefill
+    continuation = rng.integers(0, TGT_VOCAB, (3, 5))
+    state = engine._start(prompts)
+    first, attention = engine._step(state, None)
+    assert attention is None
+    log_probs = [first] + [engine._step(state, continuation[:, t])[0] for t in range(5)]
+    log_probs = np.stack(log_probs, 1)
+    for b, prompt in enumerate(prompts):
+        with ag.no_grad():
+            logits, _ = trainer.decode(np.concatenate([prompt, continuation[b]])[None])
+        expected = _log_softmax(logits.data[0])[len(prompt) - 1:]
+        np.testing.assert_allclose(log_probs[b], expected, **LOGPROB_TOL)
+
+
+def test_decoder_only_greedy_matches_trainer_generate(rng):
+    trainer, engine = _pair(seed=5, kind="decoder_only", norm_first=True)
+    prompts = rng.integers(4, TGT_VOCAB, (3, 4))
+    prompts[:, 0] = engine.bos_id
+    expected = trainer.generate(prompts, 10)
+    state = engine._start(list(prompts))
+    log_probs, _ = engine._step(state, None)
+    got = [log_probs.argmax(-1)]
+    for _ in range(expected.shape[1] - 1):
+        got.append(engine._step(state, got[-1])[0].argmax(-1))
+    got = np.stack(got, 1)
+    finished = np.cumsum(got == engine.eos_id, axis=1) - (got == engine.eos_id) > 0
+    np.testing.assert_array_equal(np.where(finished, engine.pad_id, got), expected)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_only_classify_matches_trainer(pooling, norm_first, rng):
+    trainer, engine = _pair(kind="encoder_only", num_classes=3, pooling=pooling, norm_first=norm_first)
+    sources = _sources(rng, [5, 2, 7, 1])
+    logits = engine.classify(sources)
+    assert logits.dtype == np.float32 and logits.shape == (4, 3)
+    for b, source in enumerate(sources):
+        with ag.no_grad():
+            expected = trainer(source[None]).data[0]
+        np.testing.assert_allclose(logits[b], expected, atol=HIDDEN_ATOL)
+    # and the padded-batch trainer agrees too (its own masking path)
+    padded = np.zeros((4, 7), dtype=np.int64)
+    for b, source in enumerate(sources):
+        padded[b, : len(source)] = source
+    with ag.no_grad():
+        batched = trainer(padded, np.array([len(s) for s in sources])).data
+    np.testing.assert_allclose(logits, batched, atol=HIDDEN_ATOL)
+
+
+# -- batching, select, cache --------------------------------------------------------------------
+
+def test_sentence_alone_equals_inside_a_ragged_batch(rng):
+    _, engine = _pair(seed=1, norm_first=True)
+    sources = _sources(rng, [6, 1, 9, 3])
+    targets = rng.integers(0, TGT_VOCAB, (4, 5))
+    targets[:, 0] = engine.bos_id
+    batched, _ = _teacher_forced(engine, sources, targets)
+    greedy = _greedy(engine, sources, 10)
+    for b, source in enumerate(sources):
+        alone, _ = _teacher_forced(engine, [source], targets[b: b + 1])
+        np.testing.assert_allclose(batched[b], alone[0], rtol=0, atol=1e-5)
+        assert _greedy(engine, [source], 10) == [greedy[b]]
+
+
+def test_decoder_only_prompt_alone_equals_inside_a_ragged_batch(rng):
+    # rows of a ragged batch sit at different positions (the cache is written per row); alone,
+    # a row decodes in lockstep: both must give the same numbers and tokens
+    _, engine = _pair(seed=11, kind="decoder_only", norm_first=True)
+    prompts = _sources(rng, [2, 9, 5], vocab=TGT_VOCAB)
+    steps = rng.integers(0, TGT_VOCAB, (3, 4))
+    state = engine._start(prompts)
+    batched = [engine._step(state, None)[0]] + [engine._step(state, steps[:, t])[0] for t in range(4)]
+    batched = np.stack(batched, 1)
+    beam = engine.generate(prompts, max_length=8, beam_size=3, num_hypotheses=2)
+    for b, prompt in enumerate(prompts):
+        alone_state = engine._start([prompt])
+        alone = [engine._step(alone_state, None)[0]]
+        alone += [engine._step(alone_state, steps[b: b + 1, t])[0] for t in range(4)]
+        np.testing.assert_allclose(batched[b], np.concatenate(alone), rtol=0, atol=1e-5)
+        assert engine.generate([prompt], max_length=8, beam_size=3, num_hypotheses=2)[0].hypotheses \
+            == beam[b].hypotheses
+
+
+def test_select_for_beams_equals_a_fresh_repeated_batch(rng):
+    _, engine = _pair(seed=2)
+    sources = _sources(rng, [4, 7])
+    state = engine._start(sources)
+    engine._step(state, np.full(2, engine.bos_id))
+    engine._step(state, np.array([5, 6]))
+    beams = state.select(np.array([0, 0, 0, 1, 1, 1]))
+    # the reference: the repeated sources decoded from scratch with the same prefixes
+    fresh = engine._start([sources[0]] * 3 + [sources[1]] * 3)
+    engine._step(fresh, np.full(6, engine.bos_id))
+    engine._step(fresh, np.array([5, 5, 5, 6, 6, 6]))
+    step = np.array([7, 8, 9, 10, 11, 12])
+    got, got_attention = engine._step(beams, step)
+    expected, expected_attention = engine._step(fresh, step)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_attention, expected_attention, rtol=0, atol=1e-6)
+    # reordering beams within their sources shares the cross-attention K/V (no copy)
+    reordered = beams.select(np.array([2, 0, 0, 5, 3, 4]))
+    assert reordered.cross_k[0] is beams.cross_k[0] and reordered.cross_v[1] is beams.cross_v[1]
+    assert reordered.self_k[0] is not beams.self_k[0]
+    np.testing.assert_array_equal(reordered.lengths, [3] * 6)
+
+
+def test_select_drops_finished_rows(rng):
+    _, engine = _pair(seed=2)
+    sources = _sources(rng, [4, 7, 2])
+    state = engine._start(sources)
+    engine._step(state, np.full(3, engine.bos_id))
+    kept = state.select(np.array([2, 0]))
+    assert isinstance(kept, TransformerDecoderState) and kept is not state
+    assert kept.batch_size == 2 and kept.cross_k[0].shape[0] == 2
+    np.testing.assert_array_equal(kept.src_lengths, [2, 4])
+    got, attention = engine._step(kept, np.array([5, 6]))
+    alone0, _ = _teacher_forced(engine, [sources[2]], np.array([[engine.bos_id, 5]]))
+    alone1, _ = _teacher_forced(engine, [sources[0]], np.array([[engine.bos_id, 6]]))
+    np.testing.assert_allclose(got, np.stack([alone0[0, 1], alone1[0, 1]]), rtol=0, atol=1e-5)
+    assert attention.shape == (2, engine.num_heads, 7)
+    assert not attention[0, :, 2:].any() and not attention[1, :, 4:].any()
+
+
+def test_kv_cache_is_written_in_place_and_grows_by_doubling(rng):
+    _, engine = _pair(kind="decoder_only", max_positions=40)
+    prompts = _sources(rng, [2, 5], vocab=TGT_VOCAB)
+    small = engine._start(prompts, max_length=1)     # capacity 6: must grow while decoding
+    large = engine._start(prompts, max_length=30)
+    assert small.capacity == 6 and large.capacity == 35
+    cache = large.self_k[0]
+    steps = rng.integers(0, TGT_VOCAB, (2, 20))
+    capacities = []
+    a, _ = engine._step(small, None)
+    b, _ = engine._step(large, None)
+    for t in range(20):
+        a, _ = engine._step(small, steps[:, t])
+        b, _ = engine._step(large, steps[:, t])
+        capacities.append(small.capacity)
+        np.testing.assert_array_equal(a, b)  # capacity never changes the numbers
+    assert large.self_k[0] is cache, "the cache must be written in place, not reallocated"
+    assert sorted(set(capacities)) == [6, 12, 24, 40][: len(set(capacities))]
+    np.testing.assert_array_equal(large.lengths, [22, 25])
+
+
+def test_results_do_not_depend_on_thread_count(rng):
+    _, engine = _pair(seed=4, norm_first=True, d_model=32, dim_feedforward=64)
+    sources = _sources(rng, [12, 3, 20, 7])
+    targets = rng.integers(0, TGT_VOCAB, (4, 6))
+    with attncore.num_threads(1):
+        one, one_attention = _teacher_forced(engine, sources, targets)
+        one_memory = engine.encode(sources)
+    with attncore.num_threads(2):
+        two, two_attention = _teacher_forced(engine, sources, targets)
+        two_memory = engine.encode(sources)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one_attention, two_attention)
+    for a, b in zip(one_memory, two_memory):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_python_threads_equal_sequential_runs(rng):
+    _, engine = _pair(seed=6)
+    jobs = []
+    for _ in range(6):
+        sources = _sources(rng, list(rng.integers(1, 10, 3)))
+        targets = rng.integers(0, TGT_VOCAB, (3, 5))
+        jobs.append((sources, targets))
+    sequential = [_teacher_forced(engine, *job)[0] for job in jobs]
+    results = [None] * len(jobs)
+
+    def run(i):
+        for _ in range(3):
+            results[i] = _teacher_forced(engine, *jobs[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, expected in zip(results, sequential):
+        np.testing.assert_array_equal(got, expected)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def test_save_load_round_trip_and_unfused_weights_are_fused(tmp_path, rng):
+    trainer, engine = _pair(fused_qkv=False)
+    assert engine.decoder_layers[0].self_attn.qkv_weight.shape == (48, 16)
+    path = engine.save(tmp_path / "model")
+    loaded = load(path)
+    assert isinstance(loaded, Transformer)
+    sources = _sources(rng, [3, 5])
+    targets = np.array([[1, 4, 5], [1, 6, 7]])
+    np.testing.assert_array_equal(_teacher_forced(loaded, sources, targets)[0],
+                                  _teacher_forced(engine, sources, targets)[0])
+
+
+def test_from_config_uses_the_trainer_initialisation(rng):
+    config = _config(norm_first=True).to_dict()
+    engine = Transformer.from_config(config, seed=7)
+    trainer = Trainer(_config(norm_first=True), seed=7)
+    np.testing.assert_array_equal(engine.weights["output.weight"],
+                                  trainer.state_dict()["output.weight"].astype(np.float32))
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sources, error, message", [
+    ([], ValueError, "sources is an empty batch"),
+    ([np.array([4, 5]), np.array([], dtype=np.int64)], ValueError, r"sources\[1\] is empty"),
+    ([np.array([4, SRC_VOCAB])], ValueError, r"sources\[0\] has token id 11 outside \[0, 11\)"),
+    ([np.array([-1, 4])], ValueError, r"token id -1"),
+    ([np.arange(25) % 5 + 4], ValueError, r"sources\[0\] has 25 tokens, longer than the position table \(24\)"),
+    ([np.array([4.0, 5.0])], TypeError, r"sources\[0\] must hold integer token ids"),
+    ([np.array([[4, 5]])], ValueError, r"sources\[0\] must be 1-d"),
+])
+def test_bad_sources_raise_naming_the_argument(sources, error, message):
+    _, engine = _pair()
+    with pytest.raises(error, match=message):
+        engine._start(sources)
+
+
+@pytest.mark.parametrize("key, value", [("activation", "swish"), ("pooling", "max"), ("kind", "decoder")])
+def test_bad_config_values_raise_naming_the_key(key, value):
+    trainer, _ = _pair(kind="encoder_only", num_classes=2)
+    config = dict(trainer.config.to_dict(), **{key: value})
+    with pytest.raises(ValueError, match=key):
+        Transformer(config, trainer.state_dict())
+
+
+def test_bad_steps_and_wrong_kind_raise():
+    _, engine = _pair(max_positions=3)
+    state = engine._start([np.array([4, 5])])
+    with pytest.raises(ValueError, match=r"tokens must have shape \(1,\)"):
+        engine._step(state, np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"tokens has an id outside \[0, 13\)"):
+        engine._step(state, np.array([TGT_VOCAB]))
+    with pytest.raises(TypeError, match="tokens must be integer ids"):
+        engine._step(state, np.array([1.0]))
+    with pytest.raises(ValueError, match="tokens=None"):
+        engine._step(state, None)
+    for token in (1, 4, 5):
+        engine._step(state, np.array([token]))
+    with pytest.raises(ValueError, match="max_length: decoding past position 2 .*max_positions=3"):
+        engine._step(state, np.array([6]))
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 1\), got 1"):
+        state.select(np.array([0, 1]))
+    with pytest.raises(ValueError, match="rows must be a 1-d integer array"):
+        state.select(np.array([0.0]))
+    with pytest.raises(ValueError, match="classify needs an encoder_only"):
+        engine.classify([np.array([4])])
+    _, decoder_only = _pair(kind="decoder_only")
+    with pytest.raises(ValueError, match="decoder_only Transformer has no encoder"):
+        decoder_only.encode([np.array([4])])
+    _, encoder_only = _pair(kind="encoder_only", num_classes=2)
+    with pytest.raises(ValueError, match="encoder_only Transformer does not decode"):
+        encoder_only._start([np.array([4])])
+    with pytest.raises(ValueError, match=r"tokens_list\[0\] has token id 11"):
+        encoder_only.classify([np.array([SRC_VOCAB])])
+
+
+# -- torch.nn.Transformer on identical weights ----------------------------------------------------
+
+def _torch_reference(torch, trainer, norm_first, activation):
+    reference = torch.nn.Transformer(d_model=16, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                                     dim_feedforward=24, dropout=0.0, activation=activation,
+                                     batch_first=True, norm_first=norm_first).double().eval()
+    weights = {k: torch.tensor(v) for k, v in trainer.state_dict().items()}
+    reference.load_state_dict({k: v for k, v in weights.items() if k.startswith(("encoder.", "decoder."))})
+    return reference, weights
+
+
+def _torch_embed(torch, ids, table, d_model=16):
+    """Vaswani input sqrt(d) * E[ids] + sinusoid, written out independently of attncore."""
+    positions = np.arange(ids.shape[1])[:, None] / 10000 ** (2 * (np.arange(d_model) // 2) / d_model)
+    sinusoid = np.where(np.arange(d_model) % 2 == 0, np.sin(positions), np.cos(positions))
+    return table[torch.tensor(ids)] * d_model ** 0.5 + torch.tensor(sinusoid)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch nested-tensor notices
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_matches_torch_nn_transformer(norm_first, activation, rng):
+    torch = pytest.importorskip("torch")
+    # torch.nn.Transformer always has the final encoder/decoder norms
+    trainer, engine = _pair(seed=8, norm_first=norm_first, activation=activation, final_norm=True)
+    reference, w = _torch_reference(torch, trainer, norm_first, activation)
+    sources = _sources(rng, [5, 2, 7])
+    padded = np.zeros((3, 7), dtype=np.int64)
+    for b, source in enumerate(sources):
+        padded[b, : len(source)] = source
+    pad = torch.tensor(np.arange(7)[None] >= np.array([len(s) for s in sources])[:, None])
+    with torch.no_grad():
+        memory = reference.encoder(_torch_embed(torch, padded, w["src_embedding.weight"]),
+                                   src_key_padding_mask=pad)
+    for b, output in enumerate(engine.encode(sources)):
+        np.testing.assert_allclose(output, memory[b, : len(sources[b])].numpy(), atol=HIDDEN_ATOL)
+
+    def torch_log_probs(prefix):
+        with torch.no_grad():
+            hidden = reference.decoder(
+                _torch_embed(torch, prefix, w["tgt_embedding.weight"]), memory,
+                tgt_mask=reference.generate_square_subsequent_mask(prefix.shape[1], dtype=torch.float64),
+                memory_key_padding_mask=pad, tgt_is_causal=True)
+            logits = hidden @ w["output.weight"].T + w["output.bias"]
+        return torch.log_softmax(logits, -1).numpy()
+
+    targets = rng.integers(0, TGT_VOCAB, (3, 6))
+    targets[:, 0] = engine.bos_id
+    np.testing.assert_allclose(_teacher_forced(engine, sources, targets)[0], torch_log_probs(targets),
+                               **LOGPROB_TOL)
+    # greedy: torch recomputes the whole prefix each step
+    prefix = np.full((3, 1), engine.bos_id)
+    for _ in range(8):
+        prefix = np.concatenate([prefix, torch_log_probs(prefix)[:, -1].argmax(-1)[:, None]], 1)
+    expected = [_strip(row, engine.eos_id) for row in prefix[:, 1:].tolist()]
+    assert _greedy(engine, sources, 8) == expected
+
+
+def test_decoder_only_matches_torch_causal_encoder_stack(rng):
+    torch = pytest.importorskip("torch")
+    trainer, engine = _pair(seed=9, kind="decoder_only", norm_first=True, final_norm=True,
+                            positions="learned", scale_embedding=False, tie_embeddings=True)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True, norm_first=True)
+    stack = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(16), enable_nested_tensor=False)
+    stack = stack.double().eval()
+    w = {k: torch.tensor(v) for k, v in trainer.state_dict().items()}
+    stack.load_state_dict({"layers" + k[len("decoder.layers"):] if k.startswith("decoder.layers") else k[8:]: v
+                           for k, v in w.items() if k.startswith("decoder.")})
+    tokens = rng.integers(4, TGT_VOCAB, (2, 7))
+    with torch.no_grad():
+        x = w["tgt_embedding.weight"][torch.tensor(tokens)] + w["tgt_position.weight"][:7]
+        hidden = stack(x, mask=torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64),
+                       is_causal=True)
+        expected = torch.log_softmax(hidden @ w["tgt_embedding.weight"].T + w["output.bias"], -1).numpy()
+    state = engine._start([tokens[0, :3], tokens[1, :5]])  # ragged prompts, then the rest step by step
+    got0 = [engine._step(state, None)[0]]
+    batch_steps = np.stack([tokens[0, 3:5], tokens[1, 5:7]])
+    for t in range(2):
+        got0.append(engine._step(state, batch_steps[:, t])[0])
+    got = np.stack(got0, 1)
+    np.testing.assert_allclose(got[0], expected[0, 2:5], **LOGPROB_TOL)
+    np.testing.assert_allclose(got[1], expected[1, 4:7], **LOGPROB_TOL)
+
+
+# -- generate (attncore.generation over this model) ---------------------------------------------
+
+def test_generate_greedy_and_beam_size_one_match_trainer_greedy(rng):
+    trainer, engine = _pair(seed=3, norm_first=True)
+    sources = _sources(rng, [4, 8, 2, 6, 3])
+    padded = np.zeros((5, 8), dtype=np.int64)
+    for b, source in enumerate(sources):
+        padded[b, : len(source)] = source
+    expected = trainer.greedy_decode(padded, np.array([len(s) for s in sources]), 12)
+    expected = [[t for t in _strip(row, engine.eos_id) if t != engine.eos_id]
+                for row in expected.tolist()]
+    results = engine.generate(sources, max_length=12, return_attention=True)
+    assert [r.tokens for r in results] == expected
+    for result, source in zip(results, sources):
+        n = len(result.tokens) + (len(result.tokens) < 12)  # EOS scored when generated
+        assert result.attention[0].shape == (n, len(source))
+        np.testing.assert_allclose(result.attention[0].sum(-1), 1.0, rtol=1e-5)
+    beam_one = engine.generate(sources, max_length=12, beam_size=1)
+    assert [r.tokens for r in beam_one] == expected
+
+
+def test_generate_beam_search_alone_equals_in_batch(rng):
+    _, engine = _pair(seed=10)
+    sources = _sources(rng, [5, 1, 8])
+    batched = engine.generate(sources, max_length=10, beam_size=4, num_hypotheses=3)
+    for source, result in zip(sources, batched):
+        alone = engine.generate([source], max_length=10, beam_size=4, num_hypotheses=3)[0]
+        assert alone.hypotheses == result.hypotheses
+        np.testing.assert_allclose(alone.scores, result.scores, rtol=0, atol=1e-5)
+    # the beam's best is at least as likely as greedy (length_penalty=0: plain log-prob sums)
+    greedy = engine.generate(sources, max_length=10, length_penalty=0.0)
+    beam = engine.generate(sources, max_length=10, beam_size=4, length_penalty=0.0)
+    for g, b in zip(greedy, beam):
+        assert b.score >= g.score - 1e-6
+
+
+def test_decoder_only_generate_matches_trainer_generate(rng):
+    trainer, engine = _pair(seed=5, kind="decoder_only", norm_first=True)
+    prompts = rng.integers(4, TGT_VOCAB, (3, 4))
+    prompts[:, 0] = engine.bos_id
+    expected = trainer.generate(prompts, 10)
+    expected = [[t for t in _strip(row, engine.eos_id) if t != engine.eos_id]
+                for row in expected.tolist()]
+    results = engine.generate(list(prompts), max_length=10)
+    assert [r.tokens for r in results] == expected
+    beams = engine.generate([prompts[0], prompts[1][:2]], max_length=6, beam_size=3)
+    assert all(len(r.hypotheses) == 1 and len(r.tokens) <= 6 for r in beams)
+    with pytest.raises(ValueError, match="return_attention"):
+        engine.generate(list(prompts), max_length=3, return_attention=True)
+
+
+def test_generate_refuses_what_the_position_table_cannot_hold():
+    _, engine = _pair(max_positions=8)
+    with pytest.raises(ValueError, match=r"max_length: max_length is 9, .*max_positions=8"):
+        engine.generate([np.array([4, 5])], max_length=9)
+    assert len(engine.generate([np.array([4, 5])], max_length=8)[0].tokens) <= 8
+    _, decoder_only = _pair(kind="decoder_only", max_positions=8)
+    with pytest.raises(ValueError, match=r"longest prompt plus max_length - 1 is 9"):
+        decoder_only.generate([np.array([4, 5, 6])], max_length=7)
+    decoder_only.generate([np.array([4, 5, 6])], max_length=6)   # positions 0..7: fits
+    _, encoder_only = _pair(kind="encoder_only", num_classes=2)
+    with pytest.raises(ValueError, match="encoder_only Transformer has none"):
+        encoder_only.generate([np.array([4])], max_length=3)
+    with pytest.raises(ValueError, match="beam_size"):
+        engine.generate([np.array([4])], max_length=3, beam_size=0)

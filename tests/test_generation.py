@@ -1,0 +1,340 @@
+# SPDX-License-Identifier: Apache-2.0
+"""attncore.generation on a tiny fake model whose every sequence can be enumerated.
+
+The fake model's next-token log-probabilities are a fixed pseudo-random function of (source,
+prefix), so brute force over all sequences gives the exact best hypotheses to compare with.
+"""
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+
+from attncore import generation
+from attncore.models.base import check_generation_options, check_sources
+
+V, BOS, EOS, HEADS = 5, 1, 2, 2
+
+
+def _log_probs(source, prefix):
+    """float32 (V,) log-softmax of pseudo-random logits seeded by (source, prefix)."""
+    key = zlib.crc32(np.asarray(list(source) + [-1] + list(prefix), dtype=np.int64).tobytes())
+    logits = np.random.default_rng(key).normal(0.0, 1.5, V)
+    logits = logits - logits.max()
+    return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+
+
+def _attention(source, prefix):
+    """(HEADS, len(source)) rows that sum to 1, a function of (source, prefix)."""
+    key = zlib.crc32(np.asarray(list(source) + [-2] + list(prefix), dtype=np.int64).tobytes())
+    w = np.random.default_rng(key).random((HEADS, len(source))).astype(np.float32) + 0.1
+    return w / w.sum(axis=1, keepdims=True)
+
+
+class FakeState:
+    def __init__(self, sources, prefixes):
+        self.sources, self.prefixes = sources, prefixes
+
+    @property
+    def batch_size(self):
+        return len(self.sources)
+
+    def select(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        state = FakeState([self.sources[r] for r in rows], [list(self.prefixes[r]) for r in rows])
+        state.started = self.started
+        return state
+
+
+class FakeModel:
+    """The decoder protocol of docs/ENGINE.md; counts steps and rows for the tests."""
+
+    def __init__(self):
+        self.rows_per_step = []
+
+    def _start(self, sources):
+        state = FakeState([tuple(int(t) for t in s) for s in sources], [[] for _ in sources])
+        state.started = False
+        return state
+
+    def _step(self, state, tokens):
+        assert tokens.dtype == np.int64 and tokens.shape == (state.batch_size,)
+        self.rows_per_step.append(state.batch_size)
+        width = max(len(s) for s in state.sources)
+        log_probs = np.empty((state.batch_size, V), dtype=np.float32)
+        attention = np.zeros((state.batch_size, HEADS, width), dtype=np.float32)
+        first = not state.started
+        state.started = True
+        for row, (source, prefix, token) in enumerate(zip(state.sources, state.prefixes, tokens)):
+            if first:
+                assert token == BOS
+            else:
+                prefix.append(int(token))
+            log_probs[row] = _log_probs(source, prefix)
+            attention[row, :, :len(source)] = _attention(source, prefix)
+        return log_probs, attention
+
+
+def _sequence_log_prob(source, tokens, ended):
+    total, prefix = 0.0, []
+    for token in tokens + ([EOS] if ended else []):
+        total += float(_log_probs(source, prefix)[token])
+        prefix.append(token)
+    return total
+
+
+def _brute_force(source, max_length, length_penalty=0.0, min_length=0):
+    """Every complete hypothesis: (score, log_prob, tokens) sorted best first."""
+    found = []
+    for n in range(1, max_length + 1):
+        for body in itertools.product([t for t in range(V) if t != EOS], repeat=n - 1):
+            body = list(body)
+            if n - 1 >= min_length:  # ends with EOS at position n
+                lp = _sequence_log_prob(source, body, True)
+                found.append((lp / n ** length_penalty, lp, body))
+    for body in itertools.product([t for t in range(V) if t != EOS], repeat=max_length):
+        lp = _sequence_log_prob(source, list(body), False)  # runs into max_length
+        found.append((lp / max_length ** length_penalty, lp, list(body)))
+    found.sort(key=lambda item: -item[0])
+    return found
+
+
+def _generate(sources, **options):
+    base = dict(bos_id=BOS, eos_id=EOS, max_length=4)
+    base.update(options)
+    return generation.generate(FakeModel(), [np.asarray(s, dtype=np.int64) for s in sources],
+                               **base)
+
+
+SOURCES = [[3, 4, 0], [7], [1, 1, 2, 5, 9], [8, 8]]
+
+
+# -- beam search against brute force ------------------------------------------------------------
+
+@pytest.mark.parametrize("max_length", [1, 2, 3])
+def test_exhaustive_beam_finds_the_brute_force_n_best(max_length):
+    # beam_size >= every live prefix: the search is exhaustive, and with length_penalty=0
+    # (log-probs only decrease) stopping early is exact.
+    beam = (V - 1) ** max_length
+    results = _generate(SOURCES, max_length=max_length, beam_size=beam, num_hypotheses=4,
+                        length_penalty=0.0)
+    for source, result in zip(SOURCES, results):
+        expected = _brute_force(source, max_length)[:4]
+        assert result.hypotheses == [tokens for _, _, tokens in expected]
+        np.testing.assert_allclose(result.scores, [s for s, _, _ in expected], rtol=0, atol=1e-9)
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy_somewhere():
+    # guards the test above against a fake model on which greedy is already optimal
+    better = 0
+    for source in [[i, j] for i in range(6) for j in range(6)]:
+        greedy = _generate([source], length_penalty=0.0)[0]
+        best = _brute_force(source, 4)[0]
+        better += best[1] > greedy.log_probs[0] + 1e-9
+    assert better > 0
+
+
+def test_n_best_is_sorted_and_scores_are_penalised_sums_of_log_probs():
+    for penalty in (0.0, 0.6, 1.0):
+        for source, result in zip(SOURCES, _generate(SOURCES, beam_size=4, num_hypotheses=4,
+                                                     length_penalty=penalty)):
+            assert len(result.hypotheses) == 4
+            assert result.scores == sorted(result.scores, reverse=True)
+            assert result.tokens == result.hypotheses[0] and result.score == result.scores[0]
+            for tokens, score, log_prob in zip(result.hypotheses, result.scores,
+                                               result.log_probs):
+                assert EOS not in tokens
+                ended = len(tokens) < 4
+                expected = _sequence_log_prob(source, tokens, ended)
+                assert log_prob == pytest.approx(expected, abs=1e-9)
+                n = len(tokens) + ended
+                assert score == pytest.approx(log_prob / n ** penalty, abs=1e-12)
+
+
+def test_hypotheses_are_distinct():
+    for result in _generate(SOURCES, beam_size=6, num_hypotheses=6):
+        assert len({tuple(h) for h in result.hypotheses}) == 6
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("min_length", [0, 2])
+def test_beam_size_one_is_greedy(penalty, min_length):
+    greedy = _generate(SOURCES, length_penalty=penalty, min_length=min_length)
+    beam = generation.beam_search(FakeModel(), [np.asarray(s) for s in SOURCES], bos_id=BOS,
+                                  eos_id=EOS, max_length=4, beam_size=1,
+                                  length_penalty=penalty, min_length=min_length)
+    assert [r.hypotheses for r in beam] == [r.hypotheses for r in greedy]
+    np.testing.assert_allclose([r.log_probs for r in beam], [r.log_probs for r in greedy],
+                               rtol=0, atol=1e-12)
+
+
+def test_greedy_follows_the_argmax():
+    for source, result in zip(SOURCES, _generate(SOURCES, max_length=6)):
+        prefix = []
+        while len(prefix) < 6:
+            token = int(np.argmax(_log_probs(source, prefix)))
+            if token == EOS:
+                break
+            prefix.append(token)
+        assert result.tokens == prefix
+
+
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=3, num_hypotheses=2),
+                                     dict(beam_size=5, length_penalty=1.0)])
+def test_a_source_alone_equals_the_same_source_in_a_batch(options):
+    batch = _generate(SOURCES, **options)
+    for i, source in enumerate(SOURCES):
+        alone = _generate([source], **options)[0]
+        assert alone.hypotheses == batch[i].hypotheses
+        assert alone.scores == batch[i].scores
+
+
+def test_finished_rows_leave_the_batch():
+    model = FakeModel()
+    results = generation.generate(model, [np.asarray(s) for s in SOURCES], bos_id=BOS,
+                                  eos_id=EOS, max_length=8)
+    lengths = [len(r.tokens) + (len(r.tokens) < 8) for r in results]
+    # step t runs exactly the sources still unfinished
+    assert model.rows_per_step == [sum(n > t for n in lengths) for t in range(max(lengths))]
+
+
+# -- length limits -----------------------------------------------------------------------------
+
+def test_min_length_forbids_early_eos():
+    for min_length in (1, 3):
+        for result in _generate(SOURCES, max_length=5, min_length=min_length, beam_size=3,
+                                num_hypotheses=3):
+            assert all(len(h) >= min_length for h in result.hypotheses)
+        best = _brute_force(SOURCES[0], 4, min_length=min_length)[0]
+        exhaustive = _generate([SOURCES[0]], min_length=min_length, beam_size=64,
+                               length_penalty=0.0)[0]
+        assert exhaustive.tokens == best[2]
+
+
+def test_max_length_caps_the_output():
+    for result in _generate(SOURCES, max_length=2, beam_size=3, num_hypotheses=3):
+        assert all(len(h) <= 2 for h in result.hypotheses)
+    for result in _generate(SOURCES, max_length=1):
+        assert len(result.tokens) <= 1
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+def test_sampling_is_reproducible_with_a_seed():
+    a = _generate(SOURCES * 3, do_sample=True, seed=7, max_length=6)
+    b = _generate(SOURCES * 3, do_sample=True, seed=7, max_length=6)
+    c = _generate(SOURCES * 3, do_sample=True, seed=8, max_length=6)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+
+
+def test_degenerate_sampling_is_greedy():
+    greedy = [r.tokens for r in _generate(SOURCES, max_length=6)]
+    for options in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+        sampled = _generate(SOURCES, do_sample=True, seed=0, max_length=6, **options)
+        assert [r.tokens for r in sampled] == greedy, options
+
+
+def _first_token_counts(n, **options):
+    results = _generate([[3, 4, 0]] * n, do_sample=True, seed=123, max_length=1, **options)
+    counts = np.zeros(V)
+    for r in results:
+        counts[r.tokens[0] if r.tokens else EOS] += 1
+    return counts
+
+
+def test_sampling_frequencies_match_the_distribution():
+    n = 4000
+    probs = np.exp(_log_probs((3, 4, 0), []).astype(np.float64))
+    counts = _first_token_counts(n)
+    # 5 standard deviations of a binomial count
+    assert np.all(np.abs(counts - n * probs) <= 5 * np.sqrt(n * probs * (1 - probs)) + 1)
+
+
+def test_temperature_top_k_and_top_p_restrict_the_distribution():
+    n = 3000
+    logp = _log_probs((3, 4, 0), []).astype(np.float64)
+    order = np.argsort(-logp)
+    counts = _first_token_counts(n, top_k=2)
+    assert counts[order[2:]].sum() == 0
+    kept = np.exp(logp[order[:2]]) / np.exp(logp[order[:2]]).sum()
+    assert np.all(np.abs(counts[order[:2]] - n * kept) <= 5 * np.sqrt(n * kept * (1 - kept)) + 1)
+    # the nucleus: the smallest prefix of the ranking whose mass reaches top_p
+    probs = np.exp(logp)
+    cumulative = np.cumsum(probs[order])
+    top_p = float(cumulative[1]) - 1e-3     # needs exactly the best two tokens
+    counts = _first_token_counts(n, top_p=top_p)
+    assert counts[order[2:]].sum() == 0 and counts[order[1]] > 0
+    hot = np.exp(2 * logp) / np.exp(2 * logp).sum()   # temperature 0.5 sharpens
+    counts = _first_token_counts(n, temperature=0.5)
+    assert np.all(np.abs(counts - n * hot) <= 5 * np.sqrt(n * hot * (1 - hot)) + 1)
+
+
+def test_sampled_log_probs_are_the_models():
+    for source, r in zip(SOURCES, _generate(SOURCES, do_sample=True, seed=3, max_length=5,
+                                            temperature=0.7)):
+        ended = len(r.tokens) < 5
+        assert r.log_probs[0] == pytest.approx(_sequence_log_prob(source, r.tokens, ended),
+                                               abs=1e-9)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=3, num_hypotheses=3)])
+def test_attention_is_collected_per_scored_token(options):
+    for heads in ("mean", "all"):
+        results = _generate(SOURCES, return_attention=True, attention_heads=heads, **options)
+        for source, result in zip(SOURCES, results):
+            for tokens, attention in zip(result.hypotheses, result.attention):
+                steps = len(tokens) + (len(tokens) < 4)
+                prefixes = [tokens[:i] for i in range(steps)]
+                expected = np.stack([_attention(source, p) for p in prefixes])
+                if heads == "mean":
+                    expected = expected.mean(axis=1)
+                assert attention.dtype == np.float32
+                assert attention.shape == expected.shape
+                np.testing.assert_allclose(attention, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_no_attention_unless_asked():
+    assert all(r.attention is None for r in _generate(SOURCES, beam_size=2))
+
+
+# -- argument checks ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(max_length=0), ValueError, "max_length"),
+    (dict(max_length=2.0), TypeError, "max_length"),
+    (dict(max_length=True), TypeError, "max_length"),
+    (dict(max_length=3, min_length=4), ValueError, "min_length"),
+    (dict(max_length=3, beam_size=0), ValueError, "beam_size"),
+    (dict(max_length=3, beam_size=2, num_hypotheses=3), ValueError, "num_hypotheses"),
+    (dict(max_length=3, do_sample=True, beam_size=2), ValueError, "beam_size"),
+    (dict(max_length=3, temperature=0.0), ValueError, "temperature"),
+    (dict(max_length=3, temperature=float("nan")), ValueError, "temperature"),
+    (dict(max_length=3, top_k=-1), ValueError, "top_k"),
+    (dict(max_length=3, top_p=0.0), ValueError, "top_p"),
+    (dict(max_length=3, top_p=1.5), ValueError, "top_p"),
+    (dict(max_length=3, length_penalty=float("inf")), ValueError, "length_penalty"),
+    (dict(max_length=3, seed=-1), ValueError, "seed"),
+    (dict(max_length=3, do_sample="yes"), TypeError, "do_sample"),
+    (dict(max_length=3, attention_heads="max"), ValueError, "attention_heads"),
+])
+def test_bad_options_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        check_generation_options(**options)
+
+
+@pytest.mark.parametrize("sources, error, match", [
+    ([], ValueError, "empty batch"),
+    ("abc", TypeError, "sources"),
+    ([[1, 2], []], ValueError, r"sources\[1\] is empty"),
+    ([[1, 10]], ValueError, r"sources\[0\] has token id 10 outside \[0, 10\)"),
+    ([[-1, 2]], ValueError, "token id -1"),
+    ([[1.0, 2.0]], TypeError, "integer"),
+    ([[[1, 2]]], ValueError, "1-d"),
+    ([[1, 2, 3, 4]], ValueError, "position table"),
+])
+def test_bad_sources_are_named(sources, error, match):
+    with pytest.raises(error, match=match):
+        check_sources(sources, 10, max_source_length=3)
