@@ -1,0 +1,49 @@
+# SPDX-License-Identifier: Apache-2.0
+"""attncore: a CPU inference engine for attention models.
+
+Kernels (Cython + C + OpenMP, BLAS through SciPy): softmax, fused scaled-dot-product attention,
+additive / Luong / Nadaraya-Watson attention, linear, norms, activations, positions.
+The NumPy oracle of every kernel is :mod:`attncore.reference`; the trainer is :mod:`attncore.train`.
+Models (:func:`load`, :mod:`attncore.models`) run on the kernels: ``attncore.load(path).generate``.
+"""
+from .kernels import (additive_attention, attention, embedding, gelu, gelu_tanh, get_num_threads,
+                      layer_norm, linear, log_softmax, luong_attention, matmul, nadaraya_watson,
+                      num_threads, project_keys, relu, rotary, set_num_threads, sigmoid,
+                      sinusoidal_positions, softmax, swish, tanh)
+
+from .models import GenerationResult, from_config, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "additive_attention", "project_keys", "luong_attention", "nadaraya_watson",
+    "softmax", "log_softmax", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh",
+    "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary",
+    "set_num_threads", "get_num_threads", "num_threads", "info", "__version__",
+    "load", "from_config", "GenerationResult", "Seq2SeqAttention", "Transformer", "RAN",
+]
+
+
+def __getattr__(name):
+    # the engine classes import their modules on first use (attncore.models does the same)
+    if name in ("Seq2SeqAttention", "Transformer", "RAN"):
+        from . import models
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def info():
+    """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level (a dict)."""
+    import numpy as np
+    import scipy
+
+    from .kernels import _threads, threads
+    return {
+        "version": __version__,
+        "openmp": _threads.openmp_enabled(),
+        "num_threads": get_num_threads(),
+        "simd": _threads.simd_name(),
+        "blas": threads.BLAS_INFO,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }

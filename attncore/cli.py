@@ -1,0 +1,477 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``attncore`` command line.
+
+    attncore translate [...]   text (or --ids) lines -> generated text, one line per input line
+    attncore generate [...]    the same for any generative model, with sampling options
+    attncore attention [...]   one input -> cross-attention heat map (PNG, or text on stdout)
+    attncore encode [...]      input lines -> encoder vectors as JSON lines
+    attncore classify [...]    input lines -> class ids
+    attncore demo              run the kernels on a small batch and check them against NumPy
+    attncore info              version, OpenMP, threads, BLAS, SIMD level
+    attncore train ...         the bundled NumPy trainer (see ``attncore train --help``)
+    attncore bench [kernels|models] [...]   bench/kernels.py and bench/models.py
+
+Inference commands read stdin or ``--input FILE`` lazily and write stdout or ``--output FILE``
+in input order (:mod:`attncore.batch`); the default model is the bundled dates model, so
+``echo "Tuesday, 3 March 1998" | attncore translate`` prints ``1998-03-03``.
+
+Errors a user can make (a missing file, a directory that is not a model, a malformed input
+line, an unknown token, a bad option) give one line on stderr and a non-zero exit code, never a
+traceback: 2 for a bad command line, 1 for everything else. When an input line fails, every
+line before it has been written and the message names the line and what was written.
+"""
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+BUNDLED_MODEL = "dates"
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _one_line(exc) -> str:
+    """An exception's message on one line: a multi-line loader report ``"head:\n  a\n  b"``
+    becomes ``"head: a; b"``."""
+    parts = [part.strip() for part in str(exc).splitlines() if part.strip()]
+    if not parts:
+        return type(exc).__name__
+    head, rest = parts[0], parts[1:]
+    return head if not rest else head.rstrip(":") + ": " + "; ".join(rest)
+
+
+# ------------------------------------------------------------------------------ existing commands
+def _demo(args):
+    import numpy as np
+
+    import attncore
+    from attncore import reference
+    if args.threads:
+        attncore.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    batch, heads, kv_heads, length, head_dim = 4, 8, 2, 512, 64
+    q = rng.standard_normal((batch, heads, length, head_dim), dtype=np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, length, head_dim), dtype=np.float32)
+            for _ in range(2))
+    kv_lengths = np.array([512, 300, 17, 0])
+    print(f"attncore {attncore.__version__}: {attncore.info()['simd']}, "
+          f"{attncore.get_num_threads()} threads, OpenMP {attncore.info()['openmp']}")
+    print(f"fused causal attention, q {q.shape}, k/v {k.shape} (grouped-query), "
+          f"kv_lengths {kv_lengths.tolist()}")
+    t = time.perf_counter()
+    out = attncore.attention(q, k, v, causal=True, kv_lengths=kv_lengths)
+    t_fused = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = reference.attention(q, k, v, causal=True, kv_lengths=kv_lengths)
+    t_ref = time.perf_counter() - t
+    err = float(np.abs(out - ref).max())
+    print(f"  attncore {t_fused * 1e3:7.2f} ms   NumPy reference {t_ref * 1e3:7.2f} ms   "
+          f"max |difference| {err:.2e}")
+    decode_q = q[:, :, -1:]
+    out1 = attncore.attention(decode_q, k, v, kv_lengths=kv_lengths)
+    ref1 = reference.attention(decode_q, k, v, kv_lengths=kv_lengths)
+    print(f"decode step (q_len 1, split-KV): max |difference| {float(np.abs(out1 - ref1).max()):.2e}")
+    x = rng.standard_normal((4, 24, 256), dtype=np.float32)
+    w = rng.standard_normal((256, 256), dtype=np.float32) * 0.05
+    add = attncore.additive_attention(x[:, :1], x, x, w, w, w[0])
+    add_ref = reference.additive_attention(x[:, :1], x, x, w, w, w[0])
+    print(f"additive (Bahdanau) attention: max |difference| {float(np.abs(add - add_ref).max()):.2e}")
+    ok = err < 1e-4 and np.abs(out1 - ref1).max() < 1e-4 and np.abs(add - add_ref).max() < 1e-4
+    print("all kernels agree with the NumPy reference" if ok else "MISMATCH against the reference")
+    return 0 if ok else 1
+
+
+def _info(args):
+    import attncore
+    for key, value in attncore.info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _bench(argv):
+    """``attncore bench [kernels|models] [options]``: the named script with the options, or
+    every script present (kernels, then models) when none is named."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = ("kernels", "models")
+    chosen = [argv.pop(0)] if argv and argv[0] in names else list(names)
+    scripts = [os.path.join(here, "bench", f"{name}.py") for name in chosen]
+    present = [script for script in scripts if os.path.exists(script)]
+    if not present:
+        wanted = " and ".join(f"bench/{name}.py" for name in chosen)
+        print(f"attncore bench: {wanted} not available in this installation "
+              f"(run it from a source checkout)", file=sys.stderr)
+        return EXIT_USAGE
+    status = 0
+    for script in present:
+        status = max(status, subprocess.call([sys.executable, script] + argv))
+    return status
+
+
+# ----------------------------------------------------------------------------------- inference
+def _model_path(args, stack):
+    if args.model is not None:
+        return args.model
+    from importlib import resources
+    resource = resources.files("attncore") / "assets" / BUNDLED_MODEL
+    return str(stack.enter_context(resources.as_file(resource)))
+
+
+def _load_model(path):
+    from attncore import models
+    if not os.path.exists(path):
+        raise UserError(f"model directory {path!r} does not exist")
+    try:
+        return models.load(path)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _set_threads(args):
+    if args.threads is not None:
+        import attncore
+        attncore.set_num_threads(args.threads)
+
+
+def _job(args):
+    from attncore import batch
+    common = dict(ids=args.ids, allow_unknown=args.allow_unknown)
+    if args.command in ("translate", "generate"):
+        options = dict(beam_size=args.beam, length_penalty=args.length_penalty)
+        if args.command == "generate":
+            options.update(min_length=args.min_length, do_sample=args.sample,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed)
+            if args.sample and args.beam != 1:
+                raise UserError("--sample draws one sequence per input: leave --beam at 1")
+        ids_out = args.ids or getattr(args, "output_ids", False)
+        return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
+    if args.command == "encode":
+        return batch.EncodeJob(pool=args.pool, **common)
+    return batch.ClassifyJob(scores=args.scores, **common)
+
+
+def _open_input(args):
+    if args.input is None or args.input == "-":
+        return contextlib.nullcontext(sys.stdin.buffer)
+    if os.path.isdir(args.input):
+        raise UserError(f"input {args.input!r} is a directory, not a file")
+    try:
+        return open(args.input, "rb")
+    except OSError as exc:
+        raise UserError(f"cannot read input {args.input!r}: {exc.strerror}") from None
+
+
+def _open_output(args):
+    if args.output is None or args.output == "-":
+        return contextlib.nullcontext(sys.stdout)
+    try:
+        return open(args.output, "w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise UserError(f"cannot write output {args.output!r}: {exc.strerror}") from None
+
+
+def _progress(args, interactive):
+    """A tqdm bar on stderr for file input (total from a line count), else None."""
+    if args.no_progress or args.input in (None, "-") or interactive:
+        return None
+    from tqdm import tqdm
+
+    from attncore.batch import count_lines
+    return tqdm(total=count_lines(args.input), unit=" lines", file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5, desc=args.command)
+
+
+def _run_lines(args):
+    """translate / generate / encode / classify: lines in, one output line per input line."""
+    from attncore import batch
+    job = _job(args)
+    interactive = (args.input in (None, "-")) and sys.stdin.isatty()
+    # Interactive input answers each line as it is typed: no window to fill.
+    batching = batch.Batching(batch_size=1, window=1) if interactive else batch.Batching(
+        batch_size=args.batch_size, max_tokens=args.max_tokens)
+    with contextlib.ExitStack() as stack:
+        path = _model_path(args, stack)
+        if args.dask is not None:
+            from attncore import distributed, models
+            frontend = _frontend(path)
+            try:
+                job.check_class(models.model_class(frontend.config.get("architecture")),
+                                frontend.config)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            client = stack.enter_context(distributed.connect(args.dask))
+            infer_model = None
+        else:
+            model = _load_model(path)
+            try:
+                job.check_model(model)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            if args.command == "translate" and (
+                    not callable(getattr(model, "translate", None))
+                    or model.config.get("kind") in ("decoder_only", "encoder_only")):
+                raise UserError("translate needs an encoder-decoder model; use generate")
+            frontend = batch.Frontend.from_model(model)
+            infer_model = model
+        if not args.ids and frontend.tokenizer is None:
+            raise UserError("this model has no tokenizer: give token ids with --ids")
+        _set_threads(args)
+        source = stack.enter_context(_open_input(args))
+        sink = stack.enter_context(_open_output(args))
+        bar = _progress(args, interactive)
+        if bar is not None:
+            stack.callback(bar.close)
+        throughput = batch.Throughput()
+
+        def on_batch(lines, tokens):
+            if bar is not None:
+                bar.update(lines)
+                bar.set_postfix_str(f"{throughput.source_tokens / max(throughput.seconds, 1e-9):.0f} "
+                                    f"tok/s", refresh=False)
+
+        items = job.items(batch.read_lines(source), frontend)
+        if infer_model is not None:
+            results = batch.run_batches(items, lambda sources: job.run(infer_model, sources),
+                                        batching, throughput=throughput, on_batch=on_batch)
+        else:
+            results = distributed.run_on_dask(client, path, job, items, batching,
+                                              throughput=throughput, on_batch=on_batch)
+        written = 0
+        try:
+            for item, result in results:
+                sink.write(job.format(result, frontend) + "\n")
+                written += 1
+                if interactive or written % 256 == 0:
+                    sink.flush()
+        except batch.InputError as exc:
+            sink.flush()
+            where = "stdout" if args.output in (None, "-") else repr(args.output)
+            done = "nothing was written" if written == 0 else (
+                f"the {written} line{'s' if written > 1 else ''} before it "
+                f"{'were' if written > 1 else 'was'} written to {where}")
+            raise UserError(f"{exc}; stopped there, {done}") from None
+        sink.flush()
+        if bar is not None:
+            bar.close()
+            print(f"{args.command}: {throughput.summary()}", file=sys.stderr)
+    return 0
+
+
+def _frontend(path):
+    from attncore import batch
+    if not os.path.exists(path):
+        raise UserError(f"model directory {path!r} does not exist")
+    try:
+        return batch.Frontend.from_path(path)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _read_one_input(args):
+    if args.text is not None:
+        return args.text
+    with _open_input(args) as source:
+        from attncore.batch import read_lines
+        for _, text in read_lines(source):
+            return text
+    raise UserError("no input: give the text as an argument, with --input FILE, or on stdin")
+
+
+def _attention(args):
+    from attncore import batch, heatmap
+    with contextlib.ExitStack() as stack:
+        model = _load_model(_model_path(args, stack))
+    if not callable(getattr(model, "generate", None)):
+        raise UserError("attention needs a generative encoder-decoder model")
+    _set_threads(args)
+    job = batch.GenerateJob(ids=args.ids, allow_unknown=args.allow_unknown)
+    if not args.ids and model.tokenizer is None:
+        raise UserError("this model has no tokenizer: give token ids with --ids")
+    try:
+        item = job.parse(1, _read_one_input(args), batch.Frontend.from_model(model))
+        amap = heatmap.attention_map(model, item.source, max_length=args.max_length,
+                                     beam_size=args.beam)
+    except batch.InputError as exc:
+        raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from None
+    missing = None
+    if args.output is not None:
+        try:
+            heatmap.save_png(amap, args.output)
+        except ImportError as exc:  # matplotlib absent: the text rendering instead, and say so
+            missing = exc
+        except OSError as exc:
+            raise UserError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
+        else:
+            print(f"attncore attention: wrote {args.output} ({len(amap.target_tokens)} generated "
+                  f"x {len(amap.source_tokens)} source tokens)", file=sys.stderr)
+    if args.as_text or args.output is None or missing is not None:
+        sys.stdout.write(heatmap.render_text(amap))
+    if missing is not None:
+        raise UserError(f"{args.output} not written: {missing}; the text rendering is on stdout")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+def _add_model_options(parser, *, lines=True):
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="model directory (default: the bundled dates model)")
+    parser.add_argument("--input", metavar="FILE", default=None,
+                        help="read inputs from FILE, one per line (default: stdin)")
+    parser.add_argument("--ids", action="store_true",
+                        help="inputs are space-separated token ids, given to the model as they are "
+                             "(an attncore encoder-decoder expects its EOS id, 2, last); "
+                             "generated outputs are ids too")
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="map text tokens missing from the vocabulary to <unk> instead of "
+                             "refusing the line")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="kernel threads (default: OMP_NUM_THREADS or every usable CPU)")
+    if lines:
+        parser.add_argument("--output", metavar="FILE", default=None,
+                            help="write outputs to FILE (default: stdout)")
+        parser.add_argument("--batch-size", type=_positive_int, default=64,
+                            help="most inputs per model call (default 64)")
+        parser.add_argument("--max-tokens", type=_positive_int, default=None,
+                            help="most padded source tokens per model call")
+        parser.add_argument("--no-progress", action="store_true",
+                            help="no progress bar / throughput line on stderr for --input files")
+        parser.add_argument("--dask", metavar="ADDRESS", default=None,
+                            help="run the batches on a Dask cluster: a scheduler address, or "
+                                 "'local' / 'local:N' for N local worker processes")
+
+
+def _add_generation_options(parser):
+    parser.add_argument("--beam", type=_positive_int, default=1, help="beam size (default 1: greedy)")
+    parser.add_argument("--max-length", type=_positive_int, default=None,
+                        help="most generated tokens (default: 2 x longest source in the batch + 10)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam scores are log-prob / length ** this (default 1)")
+
+
+def build_parser():
+    """The argparse parser of every subcommand but ``train`` and ``bench`` (passed through)."""
+    parser = _Parser(prog="attncore", description="attncore: CPU inference for attention models")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    translate = sub.add_parser("translate", help="text in, generated text out (encoder-decoder)",
+                               description="Translate each input line with an encoder-decoder "
+                                           "model; one output line per input line, in order.")
+    _add_model_options(translate)
+    _add_generation_options(translate)
+
+    generate = sub.add_parser("generate", help="generate from each input line (any generative model)",
+                              description="Generate a sequence for each input line (greedy, beam "
+                                          "search or sampling).")
+    _add_model_options(generate)
+    _add_generation_options(generate)
+    generate.add_argument("--output-ids", action="store_true", help="write token ids, not text")
+    generate.add_argument("--min-length", type=int, default=0, help="no EOS before this many tokens")
+    generate.add_argument("--sample", action="store_true", help="sample instead of searching")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k best (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+    attention = sub.add_parser("attention", help="cross-attention heat map of one input",
+                               description="Generate for one input and draw its cross-attention: "
+                                           "source tokens across, generated tokens down.")
+    attention.add_argument("text", nargs="?", default=None,
+                           help="the input (default: the first line of --input or stdin)")
+    _add_model_options(attention, lines=False)
+    _add_generation_options(attention)
+    attention.add_argument("--output", metavar="PNG", default=None,
+                           help="write the heat map as a PNG (needs matplotlib: attncore[plot])")
+    attention.add_argument("--text", dest="as_text", action="store_true",
+                           help="print the text rendering too (it is printed without --output)")
+
+    encode = sub.add_parser("encode", help="encoder vectors as JSON lines (RAN, encoder-only)")
+    _add_model_options(encode)
+    encode.add_argument("--pool", choices=("document", "mean", "first", "none"),
+                        default="document",
+                        help="document: the model's document vector (RAN pooled cell, encoder "
+                             "pooled as its classifier); mean / first: of the per-token outputs; "
+                             "none: every token's output (default: document)")
+
+    classify = sub.add_parser("classify", help="class ids (RAN, encoder-only Transformer)")
+    _add_model_options(classify)
+    classify.add_argument("--scores", action="store_true",
+                          help="also write the class log-probabilities (JSON) after a tab")
+
+    demo = sub.add_parser("demo", help="run the kernels and check them against NumPy")
+    demo.add_argument("--threads", type=_positive_int, default=None)
+    sub.add_parser("info", help="build and runtime facts")
+    sub.add_parser("train", help="train a model with the bundled NumPy trainer")
+    sub.add_parser("bench", help="run bench/kernels.py and bench/models.py (source checkout)")
+    return parser
+
+
+_COMMANDS = {"translate": _run_lines, "generate": _run_lines, "encode": _run_lines,
+             "classify": _run_lines, "attention": _attention, "demo": _demo, "info": _info}
+
+
+def main(argv=None):
+    """Run ``attncore ARGV``; returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader went away (``attncore translate ... | head``): stop quietly. Python flushes
+        # stdout again at exit, so point it at /dev/null to keep that silent too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from attncore.train.cli import main as train_main
+        return train_main(argv[1:])
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    prog = f"attncore {args.command}"
+    try:
+        return _COMMANDS[args.command](args)
+    except BrokenPipeError:
+        raise
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+    except ImportError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_ERROR

@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Batch inference on a Dask ``distributed`` cluster: the :mod:`attncore.batch` pipeline with
+the model calls farmed out to workers.
+
+    from attncore import distributed
+    with distributed.local_client(n_workers=2) as client:
+        for line, text in distributed.translate_lines(client, "model_dir", lines):
+            ...
+
+or from the command line: ``attncore translate --input big.txt --dask local:2`` (two local
+worker processes) or ``--dask tcp://scheduler:8786`` (an existing cluster).
+
+Why Dask ``distributed`` rather than Ray: both install from the package index, but
+``distributed`` is pure Python (tornado, msgpack, cloudpickle; a few MB), starts an in-process
+cluster (``processes=False``) or local worker processes in about a second on a small machine,
+talks to an existing scheduler by address, and runs on HPC batch schedulers and Kubernetes
+through ``dask-jobqueue`` / ``dask-kubernetes``. Ray ships an ~80 MB binary wheel and starts its
+own object store, GCS and raylet services even for a local run, which costs more than the
+inference itself for the file sizes this serves on a 2-core machine. Ray actors would be the
+natural "load the model once" unit; on Dask the same property comes from a per-process cache.
+
+How the work is split
+---------------------
+* The client reads lines lazily, tokenizes them with the model's tokenizer only
+  (:meth:`attncore.batch.Frontend.from_path` reads ``config.json`` and the vocabularies, never
+  the weights), groups them into batches (:func:`attncore.batch.plan_batches` rules: a bounded
+  window sorted by length, row and token budgets), submits a window's batches, and writes the
+  results back in input order. The client's memory is bounded by the window.
+* A worker runs ``job.run(model, sources)``. The model is loaded **once per worker process**
+  by :func:`cached_model`, keyed by the directory's real path and the modification times of
+  its files (a rewritten model directory is reloaded). Workers must see the model directory at
+  the same path (a shared file system, or a copy at that path on each machine).
+* Threads: each batch runs under ``attncore.num_threads(kernel_threads)``. ``local:N``
+  starts N worker processes with one task slot each and ``cores // N`` kernel threads, so
+  N x (cores / N) = cores: no oversubscription. On an existing cluster the default is the
+  worker's usable CPUs divided by its task slots (``nthreads``).
+* Errors keep the :mod:`attncore.batch` promise: a malformed line or a line the model refuses
+  stops the run after every earlier line has been delivered, and names the line.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+from . import batch as _batch
+
+__all__ = ["cached_model", "load_count", "local_client", "connect", "run_on_dask",
+           "translate_lines", "available"]
+
+_models: dict = {}
+_loads: dict = {}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the ``distributed`` package is installed."""
+    import importlib.util
+    return importlib.util.find_spec("distributed") is not None
+
+
+def _require():
+    try:
+        import distributed
+    except ImportError:
+        raise ImportError("Dask distributed is not installed: pip install 'attncore[dask]' "
+                          "(or pip install distributed)") from None
+    return distributed
+
+
+# -------------------------------------------------------------------------------- worker side
+def _model_key(path) -> tuple:
+    real = os.path.realpath(path)
+    stamps = []
+    for name in ("config.json", "model.safetensors"):
+        try:
+            stamps.append(os.stat(os.path.join(real, name)).st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return (real, *stamps)
+
+
+def cached_model(path):
+    """The engine model of directory ``path``, loaded once per process and then shared.
+
+    Keyed by the real path and the modification times of ``config.json`` and
+    ``model.safetensors``. Engine models are immutable and thread-safe, so the threads of a
+    worker share one copy.
+    """
+    from .models import load
+
+    key = _model_key(path)
+    with _lock:  # one load even when a worker's threads ask at the same time
+        model = _models.get(key)
+        if model is None:
+            model = load(path)
+            _models[key] = model
+            _loads[key[0]] = _loads.get(key[0], 0) + 1
+    return model
+
+
+def load_count(path=None):
+    """How often this process loaded models: for ``path``, or a dict by real path."""
+    with _lock:
+        if path is None:
+            return dict(_loads)
+        return _loads.get(os.path.realpath(path), 0)
+
+
+def _worker_kernel_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    slots = 1
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+        slots = getattr(getattr(worker, "state", worker), "nthreads", None) or worker.nthreads
+    except (ImportError, ValueError, AttributeError):
+        pass
+    return max(1, cpus // max(1, int(slots)))
+
+
+def _run_batch(model_path: str, job, sources, kernel_threads: Optional[int]):
+    """A worker task: one batch through ``job`` on the cached model."""
+    from .kernels import num_threads
+
+    model = cached_model(model_path)
+    with num_threads(kernel_threads or _worker_kernel_threads()):
+        return job.run(model, sources)
+
+
+# -------------------------------------------------------------------------------- client side
+@contextlib.contextmanager
+def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: Optional[int] = None):
+    """A Dask client on a local cluster (no dashboard), closed on exit.
+
+    ``n_workers`` workers with one task slot each, as processes on 127.0.0.1, or with
+    ``processes=False`` as threads of this process (they then share one cached model). The client's ``attncore_kernel_threads``
+    attribute is ``cores // n_workers`` unless given, and :func:`run_on_dask` uses it.
+    """
+    distributed = _require()
+    _batch._check_positive("n_workers", n_workers)
+    # Worker processes talk TCP on the loopback interface only; in-process workers use Dask's
+    # in-memory transport (no sockets at all).
+    # Dask's HTTP endpoints (health, metrics) go to a free port on 127.0.0.1 as well.
+    network = {"host": "127.0.0.1", "protocol": "tcp://"} if processes else {}
+    cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                       processes=processes, dashboard_address="127.0.0.1:0",
+                                       silence_logs=logging.ERROR, **network)
+    client = distributed.Client(cluster)
+    try:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        client.attncore_kernel_threads = kernel_threads or max(1, (cpus or 1) // n_workers)
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@contextlib.contextmanager
+def connect(address: str):
+    """A client for ``address``: ``"local"`` / ``"local:N"`` start a local cluster of N worker
+    processes (default 2), anything else is a scheduler address (``tcp://host:8786``)."""
+    distributed = _require()
+    if address == "local" or address.startswith("local:"):
+        count = address.partition(":")[2] or "2"
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--dask local:N needs a positive worker count, got {address!r}")
+        with local_client(int(count)) as client:
+            yield client
+        return
+    try:
+        client = distributed.Client(address, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise OSError(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching: _batch.Batching,
+                *, kernel_threads: Optional[int] = None, throughput=None, on_batch=None
+                ) -> Iterator[tuple]:
+    """:func:`attncore.batch.run_batches` with the model calls on Dask workers.
+
+    Parameters
+    ----------
+    client : ``distributed.Client``, or an address string for :func:`connect` (the cluster
+        then lives as long as this generator)
+    model_path : the model directory, at the same path on every worker
+    job : an :class:`attncore.batch.Job`
+    items : parsed inputs (``job.items(lines, frontend)``)
+    batching : :class:`attncore.batch.Batching`; a window's batches run at once
+    kernel_threads : kernel threads per batch (default: see the module docstring)
+
+    Yields
+    ------
+    ``(item, result)`` in input order; ``job.format(result, frontend)`` makes the text.
+    """
+    if isinstance(client, str):
+        with connect(client) as live:
+            yield from run_on_dask(live, model_path, job, items, batching,
+                                   kernel_threads=kernel_threads, throughput=throughput,
+                                   on_batch=on_batch)
+        return
+    distributed = _require()
+    model_path = str(Path(model_path).resolve())
+    threads = kernel_threads or getattr(client, "attncore_kernel_threads", None)
+
+    def infer(sources):
+        return client.submit(_run_batch, model_path, job, sources, threads, pure=False).result()
+
+    def map_batches(batches):
+        futures = {client.submit(_run_batch, model_path, job, [item.source for item in b],
+                                 threads, pure=False): index for index, b in enumerate(batches)}
+        try:
+            for future in distributed.as_completed(list(futures)):
+                yield futures[future], future.result()
+        finally:
+            client.cancel([f for f in futures if not f.done()])
+
+    yield from _batch.run_batches(items, infer, batching, throughput=throughput,
+                                  on_batch=on_batch, map_batches=map_batches)
+
+
+def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,
+                    batching: Optional[_batch.Batching] = None, job=None,
+                    kernel_threads: Optional[int] = None) -> Iterator[tuple]:
+    """Text lines in, ``(line_number, output_text)`` out, in input order, on Dask.
+
+    ``lines`` are strings (numbered from 1) or ``(line_number, text)`` pairs; ``job`` defaults
+    to greedy :class:`attncore.batch.GenerateJob`.
+    """
+    job = job or _batch.GenerateJob()
+    frontend = _batch.Frontend.from_path(model_path)
+    numbered = ((n, line) if isinstance(line, str) else line
+                for n, line in enumerate(lines, 1))
+    items = job.items(numbered, frontend)
+    for item, result in run_on_dask(client, model_path, job, items, batching or _batch.Batching(),
+                                    kernel_threads=kernel_threads):
+        yield item.line, job.format(result, frontend)

@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cross-attention heat maps: which source tokens each generated token looked at.
+
+:func:`attention_map` generates for one source with ``return_attention=True`` and labels the
+weights with the tokens; :func:`render_text` draws them with block characters (for a terminal,
+no dependency) and :func:`save_png` with matplotlib (the optional ``plot`` extra)::
+
+    amap = attention_map(model, model.tokenizer.encode_source("3 March 1998"))
+    print(render_text(amap))
+    save_png(amap, "attention.png")
+
+Rows are generated tokens (EOS included when it was generated), columns are source tokens;
+each row is one decoder step's attention distribution over the source (heads averaged for
+multi-head models), so it sums to 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["AttentionMap", "attention_map", "render_text", "save_png", "matplotlib_available",
+           "SHADES"]
+
+#: Block characters of the text rendering and the weight each one starts at.
+SHADES = ((0.75, "█"), (0.5, "▓"), (0.25, "▒"), (0.05, "░"), (0.0, " "))
+
+
+@dataclass
+class AttentionMap:
+    """Attention weights with their labels.
+
+    Attributes
+    ----------
+    source_tokens : list of str, length S
+    target_tokens : list of str, length T (the generated tokens; ``<eos>`` last when generated)
+    weights : (T, S) float32, row t = attention of decoder step t over the source
+    output : str, the generated text (or ids) in one string
+    """
+
+    source_tokens: List[str]
+    target_tokens: List[str]
+    weights: np.ndarray
+    output: str = ""
+
+    def __post_init__(self):
+        self.weights = np.asarray(self.weights, dtype=np.float32)
+        expected = (len(self.target_tokens), len(self.source_tokens))
+        if self.weights.shape != expected:
+            raise ValueError(f"weights have shape {self.weights.shape}, labels give {expected}")
+
+
+def _label(token: str) -> str:
+    """A token as it is drawn: visible whitespace."""
+    return token.replace(" ", "␣").replace("\t", "⇥").replace("\n", "⏎") or "∅"
+
+
+def _labels(ids: Sequence[int], vocab) -> List[str]:
+    if vocab is None:
+        return [str(int(i)) for i in ids]
+    out = []
+    for i in ids:
+        try:
+            out.append(_label(vocab.id_to_token(int(i))))
+        except (IndexError, AttributeError):
+            out.append(str(int(i)))
+    return out
+
+
+def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = None,
+                  beam_size: int = 1, eos_label: str = "<eos>") -> AttentionMap:
+    """Generate for one source and return its labelled cross-attention.
+
+    Parameters
+    ----------
+    model : an encoder-decoder engine model (``generate(..., return_attention=True)``)
+    source : 1-d token ids
+    max_length : int, optional
+        Default ``2 * len(source) + 10`` (as ``translate``).
+    beam_size : int
+        The best hypothesis' attention is shown.
+
+    Raises
+    ------
+    ValueError
+        The model returns no cross-attention (a decoder-only model), or bad arguments.
+    """
+    source = np.asarray(source, dtype=np.int64)
+    if max_length is None:
+        max_length = 2 * len(source) + 10
+    result = model.generate([source], max_length=max_length, beam_size=beam_size,
+                            return_attention=True)[0]
+    if not result.attention or result.attention[0] is None:
+        raise ValueError("this model returns no cross-attention (it has no encoder)")
+    weights = np.asarray(result.attention[0], dtype=np.float32)
+    if weights.ndim == 3:  # (steps, heads, S): average the heads
+        weights = weights.mean(axis=1)
+    tokenizer = getattr(model, "tokenizer", None)
+    source_vocab = getattr(tokenizer, "source_vocab", None)
+    target_vocab = getattr(tokenizer, "target_vocab", None)
+    tokens = [int(t) for t in result.tokens]
+    source_labels = _labels(source, source_vocab)
+    # The engine may attend over a source it extended (an EOS it appended): label the extra.
+    source_labels += [eos_label] * (weights.shape[1] - len(source_labels))
+    target_labels = _labels(tokens, target_vocab)
+    target_labels += [eos_label] * (weights.shape[0] - len(target_labels))
+    if tokenizer is not None:
+        output = tokenizer.decode_target(tokens)
+    else:
+        output = " ".join(map(str, tokens))
+    return AttentionMap(source_labels[:weights.shape[1]], target_labels[:weights.shape[0]],
+                        weights, output)
+
+
+def _shade(weight: float) -> str:
+    for start, char in SHADES:
+        if weight >= start:
+            return char
+    return " "
+
+
+def render_text(amap: AttentionMap, *, max_label: int = 8) -> str:
+    """The heat map as text: a row per generated token, two characters per source token.
+
+    Source labels are written vertically above their columns (cut to ``max_label``
+    characters); each row ends with the source token it attends to most and that weight.
+    """
+    cell = 2
+    cut = [t if len(t) <= max_label else t[:max_label - 1] + "…" for t in amap.source_tokens]
+    row_width = max([len(t) for t in amap.target_tokens] + [6])
+    height = max([len(t) for t in cut] + [1])
+    lines = [f"output: {amap.output}", ""]
+    for k in range(height):
+        header = "".join((t[k] if k < len(t) else " ").ljust(cell) for t in cut)
+        lines.append(" " * (row_width + 1) + "│" + header.rstrip())
+    lines.append(" " * (row_width + 1) + "┼" + "─" * (cell * len(cut)))
+    for label, row in zip(amap.target_tokens, amap.weights):
+        cells = "".join(_shade(float(w)) * cell for w in row)
+        best = int(np.argmax(row)) if row.size else 0
+        focus = f"{amap.source_tokens[best]} {float(row[best]):.2f}" if row.size else ""
+        lines.append(f"{label:>{row_width}} │{cells}  {focus}")
+    legend = "  ".join(f"{char} ≥ {start:.2f}" for start, char in SHADES if char != " ")
+    lines += ["", f"rows: generated tokens; columns: source tokens; {legend}"]
+    return "\n".join(lines) + "\n"
+
+
+def matplotlib_available() -> bool:
+    """Whether :func:`save_png` can run."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int = 150) -> None:
+    """Write the heat map as a PNG (matplotlib's Agg canvas; the global backend is untouched).
+
+    Raises
+    ------
+    ImportError
+        matplotlib is not installed (``pip install 'attncore[plot]'``).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("matplotlib is not installed: pip install 'attncore[plot]'") from None
+    rows, cols = amap.weights.shape
+    figure = Figure(figsize=(max(4.0, 0.32 * cols + 2.0), max(3.0, 0.32 * rows + 1.6)))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(amap.weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
+                        interpolation="nearest")
+    axes.set_xticks(range(cols), amap.source_tokens, rotation=90, fontsize=8)
+    axes.set_yticks(range(rows), amap.target_tokens, fontsize=8)
+    axes.set_xlabel("source tokens")
+    axes.set_ylabel("generated tokens")
+    axes.set_title(title if title is not None else f"cross-attention → {amap.output}", fontsize=9)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="attention weight")
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi, format="png")

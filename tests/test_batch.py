@@ -1,0 +1,315 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Streaming batch inference (attncore.batch): reading, length bucketing under budgets, input
+order restored, errors pinned to the right line with an exact output prefix, jobs.
+
+A tiny fake model (reverses its source; refuses id 13) stands in for the engine, so these tests
+check the batching logic alone; the real model runs in tests/test_cli.py.
+"""
+import io
+import itertools
+
+import numpy as np
+import pytest
+
+from attncore import batch
+from attncore.batch import Batching, InputError, Item
+
+
+class ReverseModel:
+    """generate: the source reversed; a source holding id 13 is refused (ValueError)."""
+
+    config = {"architecture": "fake", "src_vocab_size": 50, "tgt_vocab_size": 50}
+    tokenizer = None
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, sources, *, max_length, **options):
+        self.calls.append([len(s) for s in sources])
+        if any(13 in s.tolist() for s in sources):
+            raise ValueError("sources has token id 13 that the fake model refuses")
+
+        class Result:
+            def __init__(self, tokens):
+                self.tokens = tokens
+        return [Result(list(s[::-1][:max_length])) for s in sources]
+
+
+def items_of(lengths, first=1):
+    return [Item(first + i, np.arange(1, n + 1, dtype=np.int64)) for i, n in enumerate(lengths)]
+
+
+def identity(sources):
+    return [s.copy() for s in sources]
+
+
+# ------------------------------------------------------------------------------------ reading
+def test_read_lines_strips_only_line_endings_and_numbers_from_one():
+    stream = io.BytesIO(b"a b\r\n  two spaces  \n\nlast without newline")
+    assert list(batch.read_lines(stream)) == [
+        (1, "a b"), (2, "  two spaces  "), (3, ""), (4, "last without newline")]
+
+
+def test_read_lines_names_the_line_that_is_not_utf8():
+    stream = io.BytesIO(b"ok\nbad \xff byte\nnever read\n")
+    lines = batch.read_lines(stream)
+    assert next(lines) == (1, "ok")
+    with pytest.raises(InputError, match=r"^line 2: not valid UTF-8"):
+        next(lines)
+
+
+def test_read_lines_is_lazy():
+    class Endless:
+        def __iter__(self):
+            return (b"x\n" for _ in itertools.count())
+    assert list(itertools.islice(batch.read_lines(Endless()), 3)) == [(1, "x"), (2, "x"), (3, "x")]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", 0), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"\n\n\n", 3)])
+def test_count_lines(tmp_path, content, expected):
+    path = tmp_path / "f.txt"
+    path.write_bytes(content)
+    assert batch.count_lines(path, chunk_size=2) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty line"), ("1 x 3", "'x' is not an integer"), ("1 -2", "token id -2 outside"),
+    ("5 50", r"token id 50 outside \[0, 50\)")])
+def test_parse_ids_refuses_malformed_lines(text, message):
+    with pytest.raises(ValueError, match=message):
+        batch.parse_ids(text, vocab_size=50)
+
+
+def test_parse_ids():
+    ids = batch.parse_ids(" 4  7 49 ", vocab_size=50)
+    assert ids.dtype == np.int64 and ids.tolist() == [4, 7, 49]
+
+
+# ----------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
+def test_batching_refuses_bad_sizes(value):
+    with pytest.raises(ValueError, match="batch_size"):
+        Batching(batch_size=value)
+    with pytest.raises(ValueError, match="max_tokens"):
+        Batching(max_tokens=value)
+
+
+def test_default_window_is_a_hundred_batches():
+    assert Batching(batch_size=8).window == 800
+
+
+def test_batches_respect_rows_and_padded_token_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, size=500).tolist()
+    plan = Batching(batch_size=16, max_tokens=200, window=120)
+    batches = list(batch.plan_batches(items_of(lengths), plan))
+    seen = sorted(item.line for b in batches for item in b)
+    assert seen == list(range(1, 501)), "every line exactly once"
+    for b in batches:
+        longest = max(len(item.source) for item in b)
+        assert len(b) <= 16
+        assert len(b) * longest <= 200 or len(b) == 1
+    # length bucketing: batches within a window hold similar lengths (sorted longest first)
+    spread = [max(len(i.source) for i in b) - min(len(i.source) for i in b) for b in batches]
+    assert np.mean(spread) < 5, spread
+
+
+def test_a_source_longer_than_the_budget_runs_alone():
+    batches = list(batch.plan_batches(items_of([3, 50, 2]), Batching(batch_size=8, max_tokens=10)))
+    assert [[i.line for i in b] for b in batches] == [[2], [1, 3]]
+
+
+def test_sorting_never_crosses_a_window():
+    # window of 4: lines 1-4 and 5-8 are batched separately even though 5-8 are longer
+    lengths = [1, 2, 3, 4, 10, 11, 12, 13]
+    batches = list(batch.plan_batches(items_of(lengths), Batching(batch_size=2, window=4)))
+    assert [[i.line for i in b] for b in batches] == [[4, 3], [2, 1], [8, 7], [6, 5]]
+
+
+# ------------------------------------------------------------------------------------ running
+@pytest.mark.parametrize("batch_size, max_tokens, window", [
+    (1, None, 1), (3, None, 7), (16, 40, 50), (64, None, None)])
+def test_run_batches_restores_input_order(batch_size, max_tokens, window):
+    rng = np.random.default_rng(batch_size)
+    lengths = rng.integers(1, 20, size=203).tolist()
+    items = items_of(lengths, first=1)
+    plan = Batching(batch_size=batch_size, max_tokens=max_tokens, window=window)
+    throughput = batch.Throughput()
+    out = list(batch.run_batches(iter(items), identity, plan, throughput=throughput))
+    assert [item.line for item, _ in out] == list(range(1, 204))
+    for item, result in out:
+        np.testing.assert_array_equal(result, item.source)
+    assert throughput.lines == 203 and throughput.source_tokens == sum(lengths)
+    assert "203 lines in" in throughput.summary()
+
+
+def test_run_batches_reads_lazily_one_window_at_a_time():
+    read = []
+
+    def lines():
+        for i in itertools.count(1):
+            read.append(i)
+            yield Item(i, np.array([1, 2], dtype=np.int64))
+    out = batch.run_batches(lines(), identity, Batching(batch_size=2, window=10))
+    first = list(itertools.islice(out, 3))
+    assert [item.line for item, _ in first] == [1, 2, 3]
+    assert len(read) <= 11, "no more than one window (and one look-ahead) read"
+
+
+def test_on_batch_reports_every_line_and_token():
+    seen = []
+    items = items_of([3, 1, 4, 1, 5])
+    list(batch.run_batches(items, identity, Batching(batch_size=2),
+                           on_batch=lambda n, t: seen.append((n, t))))
+    assert sum(n for n, _ in seen) == 5 and sum(t for _, t in seen) == 14
+
+
+def test_a_malformed_line_stops_after_every_earlier_line_is_done():
+    def items():
+        for i in range(1, 30):
+            if i == 17:
+                raise InputError(17, "unknown token 'ß'")
+            yield Item(i, np.arange(1, 1 + (i * 7) % 11 + 1, dtype=np.int64))
+    out = []
+    with pytest.raises(InputError, match="^line 17: unknown token"):
+        for item, _ in batch.run_batches(items(), identity, Batching(batch_size=4, window=10)):
+            out.append(item.line)
+    assert out == list(range(1, 17)), "exactly the lines before the bad one"
+
+
+def test_a_line_the_model_refuses_is_named_and_output_is_an_exact_prefix():
+    model = ReverseModel()
+    job = batch.GenerateJob(ids=True)
+    lines = [(i, " ".join(str(t) for t in range(1, 2 + i % 9))) for i in range(1, 61)]
+    lines[40] = (41, "5 13 7")  # refused by the model (not by parsing)
+    frontend = batch.Frontend.from_model(model)
+    out = []
+    with pytest.raises(InputError, match="^line 41: .*token id 13"):
+        for item, result in batch.run_batches(job.items(lines, frontend),
+                                              lambda s: job.run(model, s),
+                                              Batching(batch_size=8, window=25)):
+            out.append((item.line, job.format(result, frontend)))
+    assert [line for line, _ in out] == list(range(1, 41))
+    assert out[2] == (3, " ".join(str(t) for t in range(4, 0, -1)))
+
+
+def test_reorderer():
+    reorder = batch.Reorderer(first=5)
+    assert reorder.push(6, "b") == []
+    assert reorder.pending == 1
+    assert reorder.push(5, "a") == [(5, "a"), (6, "b")]
+    with pytest.raises(ValueError, match="already delivered"):
+        reorder.push(5, "again")
+
+
+# ---------------------------------------------------------------------------------------- jobs
+class CharTokenizer:
+    """The tokenizer interface jobs use (attncore.tokenizer.Tokenizer), over a fixed alphabet."""
+
+    alphabet = "<pad> <bos> <eos> <unk> a b c".split()
+
+    def encode_source(self, text, *, strict=False):
+        ids = [self.alphabet.index(c) if c in self.alphabet else 3 for c in text]
+        if strict and 3 in ids:
+            raise ValueError(f"text has tokens missing from the source vocabulary: "
+                             f"{sorted({c for c in text if c not in self.alphabet})}")
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode_target(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def test_generate_job_text_round_trip_and_unknown_tokens():
+    model = ReverseModel()
+    frontend = batch.Frontend(model.config, CharTokenizer())
+    job = batch.GenerateJob()
+    item = job.parse(1, "abc", frontend)
+    assert item.source.tolist() == [4, 5, 6]
+    assert job.format(job.run(model, [item.source])[0], frontend) == "cba"
+    with pytest.raises(InputError, match=r"^line 2: .*missing from the source vocabulary: \['x'\]"):
+        job.parse(2, "axb", frontend)
+    lenient = batch.GenerateJob(allow_unknown=True)
+    assert lenient.parse(2, "axb", frontend).source.tolist() == [4, 3, 5]
+    with pytest.raises(InputError, match="^line 3: empty line"):
+        job.parse(3, "   ", frontend)
+
+
+def test_text_jobs_need_a_tokenizer():
+    frontend = batch.Frontend(ReverseModel.config, None)
+    with pytest.raises(InputError, match="needs a tokenizer.*--ids"):
+        batch.GenerateJob().parse(1, "abc", frontend)
+
+
+def test_job_refuses_a_model_without_the_method():
+    with pytest.raises(ValueError, match=r"this model \(fake\) cannot classify"):
+        batch.ClassifyJob().check_model(ReverseModel())
+
+
+def test_default_max_length_is_per_batch():
+    model = ReverseModel()
+    job = batch.GenerateJob(ids=True, max_length=2)
+    assert job.run(model, [np.array([1, 2, 3, 4])]) == [[4, 3]]
+
+
+def test_classify_and_encode_jobs_format():
+    class Encoder:
+        config = {"architecture": "fake"}
+
+        def classify(self, sources):
+            return np.array([[0.0, 2.0, 1.0]] * len(sources))
+
+        def encode(self, sources):
+            return [np.full((len(s), 2), len(s), dtype=np.float32) for s in sources]
+    frontend = batch.Frontend(Encoder.config)
+    sources = [np.array([1, 2]), np.array([3])]
+    assert [batch.ClassifyJob().format(r, frontend)
+            for r in batch.ClassifyJob().run(Encoder(), sources)] == ["1", "1"]
+    label, scores = batch.ClassifyJob(scores=True).format(
+        batch.ClassifyJob().run(Encoder(), sources)[0], frontend).split("\t")
+    np.testing.assert_allclose(np.exp(np.array(eval(scores))).sum(), 1.0, rtol=1e-6)
+    assert batch.EncodeJob(pool="mean").format(batch.EncodeJob(pool="mean").run(
+        Encoder(), sources)[0], frontend) == "[2.0,2.0]"
+    per_token = batch.EncodeJob(pool="none")
+    assert per_token.format(per_token.run(Encoder(), sources)[1], frontend) == "[[1.0,1.0]]"
+    with pytest.raises(ValueError, match="pool must be one of"):
+        batch.EncodeJob(pool="max")
+
+
+def test_json_array_round_trips_float32():
+    values = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    import json
+    back = np.asarray(json.loads(batch.json_array(values)), dtype=np.float32)
+    np.testing.assert_array_equal(back, values)
+    with pytest.raises(ValueError, match="cannot write nan"):
+        batch.json_array([np.nan])
+
+
+def test_map_batches_may_finish_in_any_order_and_is_closed_on_failure():
+    """The hook attncore.distributed uses: batches complete out of order (here: reversed)."""
+    closed = []
+
+    def refuse_13(sources):
+        if any(13 in s.tolist() for s in sources):
+            raise ValueError("token id 13 refused")
+        return identity(sources)
+
+    def reversed_map(batches):
+        try:
+            for index in reversed(range(len(batches))):
+                yield index, refuse_13([item.source for item in batches[index]])
+        finally:
+            closed.append(True)
+    lengths = [(i * 5) % 9 + 1 for i in range(50)]
+    items = items_of(lengths)
+    out = list(batch.run_batches(items, identity, Batching(batch_size=3, window=20),
+                                 map_batches=reversed_map))
+    assert [item.line for item, _ in out] == list(range(1, 51))
+    assert len(closed) == 3, "one map per window, each closed"
+    items[29] = Item(30, np.array([4, 13], dtype=np.int64))
+    lines = []
+    with pytest.raises(InputError, match="^line 30: token id 13 refused"):
+        for item, _ in batch.run_batches(items, refuse_13, Batching(batch_size=3, window=20),
+                                         map_batches=reversed_map):
+            lines.append(item.line)
+    assert lines == list(range(1, 30))

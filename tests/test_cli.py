@@ -1,0 +1,355 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The command line as a user runs it: ``python -m attncore ...`` in a subprocess, from an empty
+directory, on real files; exit codes, stdout, and the one-line stderr of every user error.
+
+The subprocess imports the same attncore as this test process (the source tree when built in
+place, site-packages when installed), as tests/test_build.py does.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import attncore
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
+DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
+SAMPLES = {  # input -> ISO date, unambiguous forms of several kinds
+    "Tuesday, 3 March 1998": "1998-03-03",
+    "4/10/85": "1985-04-10",
+    "the 3rd of March 1998": "1998-03-03",
+    "Sat 1 Jan 2000": "2000-01-01",
+    "December 25, 2023": "2023-12-25",
+    "2011-07-14": "2011-07-14",
+}
+
+
+def attncore_cli(args, tmp_path, *, stdin="", env=None, timeout=300):
+    """Run ``python -m attncore ARGS`` in ``tmp_path``; returns the CompletedProcess (text)."""
+    environ = dict(os.environ if env is None else env)
+    # The caller's entries first (a test may shadow a module, e.g. a failing 'matplotlib'), then
+    # the attncore under test: when installed, PACKAGE_PARENT is site-packages, and putting it
+    # first would let the real modules there win over the caller's stand-ins.
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [PACKAGE_PARENT])
+    environ.setdefault("OMP_NUM_THREADS", "2")
+    return subprocess.run([sys.executable, "-m", "attncore", *map(str, args)], input=stdin,
+                          cwd=tmp_path, env=environ, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc, *fragments, code=1):
+    """A user error: exit ``code``, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def dates_model():
+    from attncore import models
+    return models.load(DATES)
+
+
+# ------------------------------------------------------------------------------------ translate
+def test_echo_a_date_prints_only_its_iso_form(tmp_path):
+    proc = attncore_cli(["translate"], tmp_path, stdin="Tuesday, 3 March 1998\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "1998-03-03\n"
+    assert proc.stderr == ""
+
+
+def test_stdin_lines_in_order(tmp_path):
+    proc = attncore_cli(["translate", "--batch-size", "2"], tmp_path,
+                        stdin="".join(f"{s}\n" for s in SAMPLES))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == list(SAMPLES.values())
+
+
+def test_file_to_file_keeps_input_order_across_batches_and_windows(tmp_path, dates_model):
+    # 311 lines of mixed lengths, batches of 3 and a 40-token budget: many length-sorted batches
+    # in several windows (100 x 3 lines), so order restoration is exercised for real.
+    rng = np.random.default_rng(0)
+    keys = list(SAMPLES)
+    lines = [keys[i] for i in rng.integers(0, len(keys), size=311)]
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    proc = attncore_cli(["translate", "--input", "in.txt", "--output", "out.txt",
+                         "--batch-size", "3", "--max-tokens", "40"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    out = (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()
+    assert out == [SAMPLES[line] for line in lines]
+    assert out == dates_model.translate(lines), "the CLI equals the Python API"
+    # the progress bar and a throughput line, on stderr only
+    assert "311 lines in" in proc.stderr and "lines/s" in proc.stderr
+
+
+def test_no_progress_keeps_stderr_silent(tmp_path):
+    (tmp_path / "in.txt").write_text("3 March 1998\n")
+    proc = attncore_cli(["translate", "--input", "in.txt", "--no-progress"], tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "1998-03-03\n", "")
+
+
+def test_ids_in_ids_out_agrees_with_text(tmp_path, dates_model):
+    tokenizer = dates_model.tokenizer
+    ids_lines = [" ".join(map(str, tokenizer.encode_source(s))) for s in SAMPLES]
+    proc = attncore_cli(["translate", "--ids"], tmp_path, stdin="\n".join(ids_lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    decoded = [tokenizer.decode_target([int(t) for t in line.split()])
+               for line in proc.stdout.splitlines()]
+    assert decoded == list(SAMPLES.values())
+
+
+def test_beam_search_and_generate_agree_with_greedy_on_the_dates_model(tmp_path):
+    text = "".join(f"{s}\n" for s in SAMPLES)
+    beam = attncore_cli(["translate", "--beam", "4", "--threads", "1"], tmp_path, stdin=text)
+    gen = attncore_cli(["generate", "--max-length", "12"], tmp_path, stdin=text)
+    assert beam.returncode == 0 and gen.returncode == 0, beam.stderr + gen.stderr
+    assert beam.stdout.splitlines() == gen.stdout.splitlines() == list(SAMPLES.values())
+
+
+def test_bundled_model_exact_match_on_held_out_dates(tmp_path):
+    """200 dates the model never saw (the test split of the task seed it was trained with),
+    through the CLI: exact match >= 99%."""
+    pytest.importorskip("babel")
+    from attncore.data import get_task
+    task = get_task("dates", seed=0, num_test=200)
+    pairs = task.examples("test")[:200]
+    assert len(pairs) == 200
+    (tmp_path / "dates.txt").write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
+    proc = attncore_cli(["translate", "--input", "dates.txt", "--output", "iso.txt",
+                         "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = (tmp_path / "iso.txt").read_text(encoding="utf-8").splitlines()
+    assert len(out) == 200
+    correct = sum(o == t for o, (_, t) in zip(out, pairs))
+    wrong = [(s, t, o) for o, (s, t) in zip(out, pairs) if o != t]
+    assert correct / 200 >= 0.99, wrong
+
+
+# ---------------------------------------------------------------------------------- user errors
+def test_missing_input_file(tmp_path):
+    assert_user_error(attncore_cli(["translate", "--input", "nope.txt"], tmp_path),
+                      "attncore translate: error:", "'nope.txt'", "No such file")
+
+
+def test_input_is_a_directory(tmp_path):
+    assert_user_error(attncore_cli(["translate", "--input", "."], tmp_path), "is a directory")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    line = assert_user_error(attncore_cli(["translate", "--model", "notamodel"], tmp_path,
+                                          stdin="3 March 1998\n"), "notamodel")
+    assert "config.json" in line
+
+
+def test_model_that_does_not_exist(tmp_path):
+    assert_user_error(attncore_cli(["translate", "--model", "missing"], tmp_path, stdin="x\n"),
+                      "'missing' does not exist")
+
+
+def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
+    assert_user_error(attncore_cli(["translate", "--output", "no/such/dir.txt"], tmp_path,
+                                   stdin="3 March 1998\n"), "cannot write output")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["translate", "--beam", "0"], "--beam: expected a positive integer, got 0"),
+    (["translate", "--batch-size", "x"], "--batch-size: expected a positive integer, got 'x'"),
+    (["translate", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+    (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
+])
+def test_bad_options(tmp_path, args, fragment):
+    proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")
+    code = 1 if "--sample" in args else 2
+    assert_user_error(proc, fragment, code=code)
+
+
+def test_unknown_token_stops_at_its_line_after_writing_the_lines_before(tmp_path):
+    lines = ["3 March 1998", "4 May 2001", "3 März 1998", "5 June 2005"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = attncore_cli(["translate", "--input", "in.txt", "--output", "out.txt",
+                         "--no-progress"], tmp_path)
+    line = assert_user_error(proc, "line 3:", "missing from the source vocabulary", "'ä'")
+    assert "the 2 lines before it were written to 'out.txt'" in line
+    assert (tmp_path / "out.txt").read_text().splitlines() == ["1998-03-03", "2001-05-04"]
+    lenient = attncore_cli(["translate", "--input", "in.txt", "--allow-unknown"], tmp_path)
+    assert lenient.returncode == 0 and len(lenient.stdout.splitlines()) == 4
+
+
+@pytest.mark.parametrize("args, stdin, fragment, written", [
+    ([], "3 March 1998\n\n4 May 2001\n", "line 2: empty line", 1),
+    (["--ids"], "9 4 2\n9 x 2\n9 4 2\n", "line 2: 'x' is not an integer token id", 1),
+    (["--ids"], "9 700 2\n", "line 1: token id 700 outside [0, 63)", 0),
+])
+def test_malformed_lines(tmp_path, args, stdin, fragment, written):
+    proc = attncore_cli(["translate", *args], tmp_path, stdin=stdin)
+    assert_user_error(proc, fragment)
+    assert len(proc.stdout.splitlines()) == written, "the lines before the bad one, no more"
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    (tmp_path / "in.txt").write_bytes(b"3 March 1998\n4 May \xff2001\n")
+    proc = attncore_cli(["translate", "--input", "in.txt", "--no-progress"], tmp_path)
+    assert_user_error(proc, "line 2: not valid UTF-8")
+    assert proc.stdout == "1998-03-03\n"
+
+
+def test_closed_stdout_is_not_an_error(tmp_path):
+    """``attncore translate < big | head -1``: the reader leaving ends the run quietly."""
+    (tmp_path / "in.txt").write_text("3 March 1998\n" * 5000)
+    code = ("import subprocess, sys\n"
+            "p = subprocess.Popen([sys.executable, '-m', 'attncore', 'translate'],"
+            " stdin=open('in.txt', 'rb'), stdout=subprocess.PIPE, stderr=subprocess.PIPE)\n"
+            "print(p.stdout.readline().decode().strip()); p.stdout.close()\n"
+            "err = p.stderr.read().decode(); p.wait()\n"
+            "print(p.returncode, 'Traceback' in err, 'Exception ignored' in err)\n")
+    environ = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split("\n")[:2] == ["1998-03-03", "141 False False"], proc.stdout + proc.stderr
+
+
+# -------------------------------------------------------------------------- encode / classify
+@pytest.fixture(scope="module")
+def encoder_model(tmp_path_factory):
+    """A small random encoder-only Transformer with a character tokenizer (positions: 16)."""
+    from attncore import models
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(kind="encoder_only", src_vocab_size=10, tgt_vocab_size=10,
+                               d_model=8, num_heads=2, dim_feedforward=12, num_encoder_layers=1,
+                               num_decoder_layers=0, max_positions=16, num_classes=3,
+                               dtype="float32").to_dict()
+    config["architecture"] = "transformer"
+    model = models.from_config(config, seed=3, tokenizer=Tokenizer(src=Vocab("abcdef")))
+    path = tmp_path_factory.mktemp("encoder") / "model"
+    model.save(path)
+    return path, models.load(path)
+
+
+def test_classify_and_encode_an_encoder_only_model(tmp_path, encoder_model):
+    path, model = encoder_model
+    texts = ["abc", "fed", "a", "abcdefabcdef"]
+    stdin = "".join(f"{t}\n" for t in texts)
+    sources = [model.tokenizer.encode_source(t) for t in texts]
+    classes = attncore_cli(["classify", "--model", path, "--batch-size", "2"], tmp_path,
+                           stdin=stdin)
+    assert classes.returncode == 0, classes.stderr
+    assert classes.stdout.split() == [str(int(np.argmax(row))) for row in model.classify(sources)]
+    scored = attncore_cli(["classify", "--model", path, "--scores"], tmp_path, stdin=stdin)
+    label, log_probs = scored.stdout.splitlines()[0].split("\t")
+    assert label == classes.stdout.split()[0]
+    np.testing.assert_allclose(np.exp(json.loads(log_probs)).sum(), 1.0, rtol=1e-5)
+    vectors = attncore_cli(["encode", "--model", path, "--pool", "mean"], tmp_path, stdin=stdin)
+    assert vectors.returncode == 0, vectors.stderr
+    got = [np.array(json.loads(line), dtype=np.float32) for line in vectors.stdout.splitlines()]
+    want = [out.mean(axis=0) for out in model.encode(sources)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    per_token = attncore_cli(["encode", "--model", path, "--pool", "none"], tmp_path,
+                             stdin="ab\n")
+    assert np.array(json.loads(per_token.stdout)).shape == (2, 8)
+    # the default, "document", pools as the classifier does (mean for this model)
+    document = attncore_cli(["encode", "--model", path], tmp_path, stdin=stdin)
+    assert document.stdout == vectors.stdout
+
+
+def test_ran_classify_and_encode_with_ids(tmp_path):
+    from attncore import models
+    from attncore.train.ran import RANConfig
+    config = RANConfig(vocab_size=20, embedding_size=8, ran_layers=1, head_num=2, head_size=4,
+                       window_size=4, min_window_size=2, num_classes=3).to_dict()
+    config["architecture"] = "ran"
+    models.from_config(config, seed=1).save(tmp_path / "ran")
+    model = models.load(tmp_path / "ran")
+    documents = [[4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15], [19]]
+    stdin = "".join(" ".join(map(str, d)) + "\n" for d in documents)
+    classes = attncore_cli(["classify", "--model", "ran", "--ids", "--batch-size", "2"],
+                           tmp_path, stdin=stdin)
+    assert classes.returncode == 0, classes.stderr
+    logits, _ = model.classify([np.array(d) for d in documents])
+    assert classes.stdout.split() == [str(int(np.argmax(row))) for row in logits]
+    vectors = attncore_cli(["encode", "--model", "ran", "--ids"], tmp_path, stdin=stdin)
+    assert vectors.returncode == 0, vectors.stderr
+    encoding, _ = model.encode([np.array(d) for d in documents])
+    got = np.array([json.loads(line) for line in vectors.stdout.splitlines()], dtype=np.float32)
+    np.testing.assert_allclose(got, encoding.pooled, rtol=1e-5, atol=1e-6)
+    assert_user_error(attncore_cli(["classify", "--model", "ran"], tmp_path, stdin="abc\n"),
+                      "no tokenizer", "--ids")
+    assert_user_error(attncore_cli(["classify", "--model", "ran", "--ids"], tmp_path,
+                                   stdin="4 20\n"), "line 1: token id 20 outside [0, 20)")
+
+
+def test_a_line_the_model_refuses_is_named(tmp_path, encoder_model):
+    path, _ = encoder_model
+    stdin = "abc\nab\n" + "a" * 20 + "\nabc\n"  # 20 tokens: longer than the position table
+    proc = attncore_cli(["classify", "--model", path], tmp_path, stdin=stdin)
+    assert_user_error(proc, "line 3:", "position table")
+    assert len(proc.stdout.split()) == 2
+
+
+def test_commands_the_model_cannot_run(tmp_path, encoder_model):
+    path, _ = encoder_model
+    assert_user_error(attncore_cli(["classify"], tmp_path, stdin="3 March 1998\n"),
+                      "this model (seq2seq_attention) cannot classify")
+    assert_user_error(attncore_cli(["translate", "--model", path], tmp_path, stdin="abc\n"),
+                      "this model (transformer, encoder_only) cannot generate")
+
+
+# ---------------------------------------------------------------------------------- attention
+def test_attention_text_rendering(tmp_path):
+    proc = attncore_cli(["attention", "3 March 1998", "--text"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "output: 1998-03-03"
+    grid = [line for line in lines if "│" in line and line.split("│")[0].strip()]
+    # one row per generated character and one for <eos>
+    assert [line.split("│")[0].strip() for line in grid] == list("1998-03-03") + ["<eos>"]
+    # the year's digits look at the year: row "1" focuses on a source "1" or "9"
+    assert grid[0].rsplit(" ", 2)[1] in "19"
+
+
+def test_attention_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = attncore_cli(["attention", "--output", "map.png"], tmp_path, stdin="4/10/85\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert "wrote map.png" in proc.stderr
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_without_matplotlib_prints_text_and_fails(tmp_path):
+    # A stand-in 'matplotlib' whose import fails, first on the path: as if it were not installed.
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    proc = attncore_cli(["attention", "3 March 1998", "--output", "map.png"], tmp_path, env=env)
+    assert_user_error(proc, "map.png not written", "pip install 'attncore[plot]'")
+    assert proc.stdout.startswith("output: 1998-03-03")
+    assert not (tmp_path / "map.png").exists()
+
+
+def test_attention_input_errors(tmp_path):
+    assert_user_error(attncore_cli(["attention"], tmp_path, stdin=""), "no input")
+    assert_user_error(attncore_cli(["attention", "3 Mä"], tmp_path), "'ä'")
+
+
+# -------------------------------------------------------------------------------- other commands
+def test_info_and_help(tmp_path):
+    info = attncore_cli(["info"], tmp_path)
+    assert info.returncode == 0 and f"version: {attncore.__version__}" in info.stdout
+    helped = attncore_cli(["--help"], tmp_path)
+    for command in ("translate", "generate", "attention", "encode", "classify", "train", "bench"):
+        assert command in helped.stdout

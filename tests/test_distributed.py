@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Batch inference on Dask (attncore.distributed): results equal the single-process run, the
+model is loaded once per worker process, errors name their line after an exact output prefix.
+
+Clusters are local: in-process workers (Dask's in-memory transport, no sockets) and, once,
+two worker processes on 127.0.0.1. Skipped when ``distributed`` is not installed.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("distributed")
+
+import attncore  # noqa: E402
+from attncore import batch, distributed  # noqa: E402
+from attncore.batch import Batching, InputError  # noqa: E402
+
+DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
+FORMS = ["Tuesday, 3 March 1998", "4/10/85", "the 3rd of March 1998", "Sat 1 Jan 2000",
+         "December 25, 2023", "2011-07-14", "14 Jul 1789", "March 3rd, 1998"]
+LINES = [FORMS[(i * 5) % len(FORMS)] for i in range(90)]
+# small batches and windows: several windows, batches of different lengths finishing out of order
+BATCHING = Batching(batch_size=4, max_tokens=60, window=24)
+
+
+def single_process(lines, job=None):
+    from attncore import models
+    job = job or batch.GenerateJob()
+    model = models.load(DATES)
+    frontend = batch.Frontend.from_model(model)
+    items = job.items(enumerate(lines, 1), frontend)
+    return [(item.line, job.format(result, frontend))
+            for item, result in batch.run_batches(items, lambda s: job.run(model, s), BATCHING)]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.local_client(n_workers=2, processes=False, kernel_threads=1) as live:
+        yield live
+
+
+def test_distributed_equals_single_process(client):
+    got = list(distributed.translate_lines(client, DATES, LINES, batching=BATCHING))
+    assert got == single_process(LINES)
+    assert [line for line, _ in got] == list(range(1, len(LINES) + 1))
+
+
+def test_ids_and_beam_search_jobs(client):
+    from attncore.tokenizer import load_tokenizer
+    from attncore import io
+    tokenizer = load_tokenizer(DATES, io.read_config(DATES))
+    id_lines = [" ".join(map(str, tokenizer.encode_source(t))) for t in LINES[:30]]
+    job = batch.GenerateJob(ids=True, beam_size=3)
+    got = list(distributed.translate_lines(client, DATES, id_lines, batching=BATCHING, job=job))
+    assert got == single_process(id_lines, job)
+
+
+def test_each_worker_loads_the_model_once(client):
+    list(distributed.translate_lines(client, DATES, LINES, batching=BATCHING))
+    list(distributed.translate_lines(client, DATES, LINES[:10], batching=BATCHING))
+    counts = client.run(distributed.load_count, DATES)
+    # in-process workers share this process's cache: one load in all
+    assert set(counts.values()) == {1}, counts
+
+
+def test_a_bad_line_stops_after_an_exact_prefix(client):
+    lines = LINES[:40]
+    lines[30] = "3 März 1998"
+    got = []
+    with pytest.raises(InputError, match="^line 31: .*missing from the source vocabulary"):
+        for line, text in distributed.translate_lines(client, DATES, lines, batching=BATCHING):
+            got.append((line, text))
+    assert got == single_process(lines[:30])
+
+
+def test_cached_model_reloads_a_rewritten_directory(tmp_path):
+    path = tmp_path / "dates"
+    shutil.copytree(DATES, path)
+    first = distributed.cached_model(path)
+    assert distributed.cached_model(str(path)) is first
+    assert distributed.load_count(path) == 1
+    stamp = time.time() + 5
+    os.utime(path / "config.json", (stamp, stamp))
+    assert distributed.cached_model(path) is not first
+    assert distributed.load_count(path) == 2
+
+
+def test_two_worker_processes_on_loopback():
+    """Real worker processes: same results, and each process loaded the model exactly once."""
+    with distributed.local_client(n_workers=2, processes=True) as live:
+        assert live.attncore_kernel_threads >= 1
+        got = list(distributed.translate_lines(live, DATES, LINES, batching=BATCHING))
+        counts = live.run(distributed.load_count, DATES)
+    assert got == single_process(LINES)
+    assert len(counts) == 2 and set(counts.values()) <= {0, 1} and sum(counts.values()) >= 1
+
+
+def test_cli_dask_local(tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in LINES[:20]))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+        os.path.abspath(attncore.__file__))))
+    proc = subprocess.run([sys.executable, "-m", "attncore", "translate", "--input", "in.txt",
+                           "--dask", "local:2", "--no-progress", "--batch-size", "4"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [text for _, text in single_process(LINES[:20])]
+
+
+def test_connect_refuses_a_bad_worker_count():
+    with pytest.raises(ValueError, match="positive worker count"):
+        with distributed.connect("local:0"):
+            pass

@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: Apache-2.0
+"""attncore.heatmap: labelled cross-attention of the bundled dates model, text and PNG output."""
+import os
+
+import numpy as np
+import pytest
+
+import attncore
+from attncore import heatmap
+
+DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
+
+
+@pytest.fixture(scope="module")
+def amap():
+    from attncore import models
+    model = models.load(DATES)
+    return heatmap.attention_map(model, model.tokenizer.encode_source("3 March 1998"))
+
+
+def test_attention_map_labels_and_rows(amap):
+    assert amap.output == "1998-03-03"
+    assert amap.source_tokens == list("3␣March␣1998") + ["<eos>"]
+    assert amap.target_tokens == list("1998-03-03") + ["<eos>"]
+    assert amap.weights.shape == (11, 13) and amap.weights.dtype == np.float32
+    np.testing.assert_allclose(amap.weights.sum(axis=1), 1.0, rtol=1e-5)
+    # the year digits are copied: "9" "9" "8" attend most to the source's "9" "9" "8"
+    assert [amap.source_tokens[j] for j in amap.weights[1:4].argmax(axis=1)] == ["9", "9", "8"]
+
+
+def test_render_text_shades_each_cell(amap):
+    text = heatmap.render_text(amap)
+    rows = [line for line in text.splitlines() if "│" in line and line.split("│")[0].strip()]
+    assert len(rows) == 11
+    width = 2 * len(amap.source_tokens)
+    for row, weights in zip(rows, amap.weights):
+        cells = row.split("│", 1)[1][:width]
+        assert cells[::2] == "".join(heatmap._shade(w) for w in weights)
+
+
+def test_shades():
+    assert [heatmap._shade(w) for w in (0.0, 0.04, 0.05, 0.3, 0.6, 0.75, 1.0)] == \
+        [" ", " ", "░", "▒", "▓", "█", "█"]
+
+
+def test_attention_map_checks_shapes():
+    with pytest.raises(ValueError, match="labels give"):
+        heatmap.AttentionMap(["a", "b"], ["x"], np.zeros((1, 3)))
+
+
+def test_save_png(amap, tmp_path):
+    pytest.importorskip("matplotlib")
+    heatmap.save_png(amap, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
