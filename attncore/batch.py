@@ -562,8 +562,9 @@ class EncodeJob(Job):
 
 
 class ClassifyJob(Job):
-    """Class ids (``model.classify``), one per line; with ``scores`` also the class
-    log-probabilities as a JSON array after a tab."""
+    """Class ids (``model.classify``), one per line, or the class names when the model's
+    config has ``labels``; with ``scores`` also the class log-probabilities as a JSON array
+    after a tab."""
 
     needs = "classify"
     unsupported_kinds = ("decoder_only", "encoder_decoder")
@@ -585,6 +586,9 @@ class ClassifyJob(Job):
 
     def format(self, result, frontend):
         label, log_probs = result
+        names = frontend.config.get("labels")
+        if isinstance(names, list) and 0 <= label < len(names):
+            label = names[label]  # a classifier exported with its class names
         if self.scores and log_probs is not None:
             return f"{label}\t{json_array(log_probs)}"
         return str(label)

@@ -171,3 +171,56 @@ def test_cli_reports_an_arch_that_does_not_fit_the_task(tmp_path, capsys):
                        "--no-progress"])
     assert status == 2
     assert "does not fit task" in capsys.readouterr().err
+
+
+# -- RAN architectures --------------------------------------------------------------------------------
+
+SMALL_RAN = dict(d_model=16, num_heads=2, head_size=8, num_layers=1, window_size=4, min_window_size=2)
+
+
+def test_tiny_ran_classifier_learns_and_exports_its_labels(tmp_path):
+    task = ContainsZeroTask()
+    model, result = train(task, "ran-classifier", tmp_path, steps=80, batch_size=32, lr=0.01,
+                          schedule="constant", warmup_steps=5, progress=False, eval_every=80, **SMALL_RAN)
+    _falls(result.history, 0.75)
+    assert result.evaluations[-1]["valid_accuracy"] > 0.75
+    config, _ = io.load_model_dir(tmp_path)
+    assert config["architecture"] == "ran" and config["labels"] == ["no", "yes"]
+    assert config["embedding_size"] == 16 and config["ran_layers"] == 1 and config["window_size"] == 4
+    # The engine runs the exported classifier with the trainer's numbers.
+    import attncore
+    engine = attncore.load(tmp_path)
+    ids, lengths, _ = next(task.batches("valid", 8))
+    with ag.no_grad():
+        expected = model.eval().classify(ids, lengths).data
+    logits, _ = engine.classify([row[:n] for row, n in zip(ids, lengths)])
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_causal_ran_lm_learns_the_documents(tmp_path):
+    # "copy" sources are random symbols then <eos>: the LM can learn at least where <eos> goes
+    # and the symbol distribution, so the loss must fall well below its start.
+    model, result = train("copy", "ran-lm", tmp_path, steps=60, batch_size=16, lr=0.01, schedule="constant",
+                          warmup_steps=5, task_options=TOY, progress=False, **SMALL_RAN)
+    _falls(result.history, 0.8)
+    config, _ = io.load_model_dir(tmp_path)
+    assert config["causal"] is True and config["token_head"] == "lm" and "labels" not in config
+    assert config["tokenizer"] == {"type": "attncore.data.vocab", "src": "src_vocab.json"}
+
+
+def test_ran_options_do_not_apply_to_a_transformer_and_back(tmp_path):
+    with pytest.raises(ValueError, match="window_size"):
+        build_model("transformer", 8, 8, window_size=4)
+    with pytest.raises(ValueError, match="dim_feedforward"):
+        build_model("ran-classifier", 8, 8, num_classes=2, dim_feedforward=4)
+
+
+def test_cli_classify_prints_the_label_names_of_a_trained_ran(tmp_path):
+    import subprocess
+    import sys
+    task = ContainsZeroTask()
+    train(task, "ran-classifier", tmp_path / "model", steps=2, batch_size=8, progress=False, **SMALL_RAN)
+    proc = subprocess.run([sys.executable, "-m", "attncore", "classify", "--model", str(tmp_path / "model")],
+                          input="0 1 2\n3 4\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(line in ("no", "yes") for line in proc.stdout.split()) and len(proc.stdout.split()) == 2

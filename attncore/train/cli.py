@@ -52,13 +52,18 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     training.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                           help="task option, e.g. --task-option num_train=2000 (repeatable)")
-    model = parser.add_argument_group("model (defaults depend on the architecture)")
+    model = parser.add_argument_group(
+        "model (defaults depend on the architecture)",
+        "RAN architectures read --d-model, --num-layers and --num-heads as RANConfig's embedding_size, "
+        "ran_layers and head_num")
     for name, kind in [("embed-dim", int), ("hidden-size", int), ("num-layers", int), ("rnn-type", str),
                        ("bidirectional", _bool), ("attention", str), ("attention-dim", int),
                        ("input-feeding", _bool), ("d-model", int), ("num-heads", int),
                        ("num-encoder-layers", int), ("num-decoder-layers", int), ("dim-feedforward", int),
                        ("activation", str), ("norm-first", _bool), ("positions", str), ("max-positions", int),
-                       ("tie-embeddings", _bool), ("pooling", str), ("dropout", float), ("dtype", str)]:
+                       ("tie-embeddings", _bool), ("pooling", str), ("dropout", float), ("dtype", str),
+                       ("head-size", int), ("window-size", int), ("min-window-size", int),
+                       ("cell-pooling", str), ("memory-review", _bool)]:
         model.add_argument(f"--{name}", type=kind, default=None)
     return parser
 

@@ -12,16 +12,23 @@ from pathlib import Path
 __all__ = ["export", "load_model", "model_from_config"]
 
 
-def export(model, out_dir, src_vocab=None, tgt_vocab=None) -> Path:
+def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None) -> Path:
     """Write ``model`` as an attncore model directory.
 
-    Vocabularies (objects with ``save(path)``, e.g. :class:`attncore.data.Vocab`) are saved as
+    ``labels`` (class names of a classifier, in logit order) go to ``config["labels"]``, so
+    ``attncore classify`` prints names. Vocabularies (objects with ``save(path)``, e.g. :class:`attncore.data.Vocab`) are saved as
     ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
     ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
     """
     from attncore import io
 
     config = model.config.to_dict()
+    if labels is not None:
+        labels = [str(label) for label in labels]
+        if len(labels) != int(config.get("num_classes", 0)):
+            raise ValueError(f"labels has {len(labels)} names for a model with "
+                             f"{config.get('num_classes', 0)} classes")
+        config["labels"] = labels
     files = {}
     if src_vocab is not None:
         files["src"] = src_vocab

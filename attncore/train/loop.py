@@ -99,6 +99,25 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
     return loss_fn
 
 
+def document_lm_loss(label_smoothing: float = 0.0, pad_id: int = 0, *, seq2seq: bool = False) -> Callable:
+    """Next-token cross-entropy of a causal language model over the documents of a batch.
+
+    The documents are the ``ids`` of ``(ids, lengths, labels)`` classification batches, or the
+    sources of ``(src, src_lengths, tgt, tgt_lengths)`` seq2seq batches when ``seq2seq``.
+    Position t predicts token t + 1; padding is ignored.
+    """
+    def loss_fn(model, batch):
+        ids, lengths = batch[0], np.asarray(batch[1])
+        logits = model(ids, lengths)[:, :-1]
+        positions = np.arange(1, ids.shape[1])[None, :]
+        counted = positions < lengths[:, None]
+        labels = np.where(counted, ids[:, 1:], pad_id)
+        loss = ag.cross_entropy(logits, labels, ignore_index=pad_id, label_smoothing=label_smoothing)
+        correct = int(((logits.data.argmax(-1) == labels) & counted).sum())
+        return loss, correct, int(counted.sum())
+    return loss_fn
+
+
 # ------------------------------------------------------------------------------------------
 # Data position
 # ------------------------------------------------------------------------------------------
@@ -258,7 +277,15 @@ ARCHITECTURES = {
     "transformer-prenorm": "encoder-decoder Transformer, pre-norm with final LayerNorm",
     "transformer-lm": "decoder-only Transformer trained as a prefix LM on source <eos> target",
     "transformer-classifier": "encoder-only Transformer with mean pooling (classification tasks)",
+    "ran-classifier": "RAN document classifier on the pooled GPC (long documents; RAN.md)",
+    "ran-lm": "causal RAN language model, head tied to the embedding, trained on the task's documents",
 }
+
+#: Architectures trained on classification tasks (documents and labels).
+CLASSIFIERS = ("transformer-classifier", "ran-classifier")
+
+# The CLI's generic names -> RANConfig's names (the RAN keeps RanNet's vocabulary in config.json).
+_RAN_ALIASES = {"d_model": "embedding_size", "num_layers": "ran_layers", "num_heads": "head_num"}
 
 _MODEL_OPTIONS = {
     "seq2seq": ("embed_dim", "hidden_size", "num_layers", "rnn_type", "bidirectional", "attention",
@@ -267,7 +294,13 @@ _MODEL_OPTIONS = {
                     "activation", "norm_first", "final_norm", "layer_norm_eps", "positions", "max_positions",
                     "scale_embedding", "fused_qkv", "attention_bias", "tie_embeddings", "pooling", "dropout",
                     "dtype"),
+    "ran": ("d_model", "num_layers", "num_heads", "head_size", "window_size", "min_window_size",
+            "cell_pooling", "memory_review", "dropout", "dtype"),
 }
+
+
+def _family(arch: str) -> str:
+    return arch.split("-")[0]
 
 
 def build_model(arch: str, src_vocab_size: int, tgt_vocab_size: int, seed: int = 0, num_classes: int = 0,
@@ -278,10 +311,17 @@ def build_model(arch: str, src_vocab_size: int, tgt_vocab_size: int, seed: int =
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
-    family = "seq2seq" if arch.startswith("seq2seq") else "transformer"
+    family = _family(arch)
     unknown = set(options) - set(_MODEL_OPTIONS[family])
     if unknown:
         raise ValueError(f"options {sorted(unknown)} do not apply to {arch!r}")
+    if family == "ran":
+        from .ran import RAN, RANConfig
+        options = {_RAN_ALIASES.get(k, k): v for k, v in options.items()}
+        head = ({"num_classes": num_classes} if arch == "ran-classifier"
+                else {"causal": True, "token_head": "lm"})
+        config = RANConfig(vocab_size=src_vocab_size, **{**head, **options})
+        return RAN(config, seed=seed)
     if family == "seq2seq":
         defaults = ({"rnn_type": "gru", "attention": "bahdanau"} if arch == "seq2seq-bahdanau"
                     else {"rnn_type": "lstm", "attention": "luong_general", "input_feeding": True})
@@ -331,17 +371,19 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
         from attncore.data import get_task
         task = get_task(task, seed=seed, **(task_options or {}))
     classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
-    if classification != (arch == "transformer-classifier"):
+    if arch != "ran-lm" and classification != (arch in CLASSIFIERS):
         raise ValueError(f"arch {arch!r} does not fit task {getattr(task, 'name', task)!r} "
                          f"({'classification' if classification else 'sequence-to-sequence'})")
     src_vocab = task.src_vocab
-    tgt_vocab = None if classification else task.tgt_vocab
+    tgt_vocab = None if classification or arch == "ran-lm" else task.tgt_vocab
     if arch == "transformer-lm" and src_vocab.tokens != tgt_vocab.tokens:
         raise ValueError("transformer-lm needs a task whose source and target share one vocabulary")
     model = build_model(arch, len(src_vocab), len(tgt_vocab) if tgt_vocab is not None else len(src_vocab), seed=seed,
                         num_classes=len(task.labels) if classification else 0, **model_options)
 
-    if classification:
+    if arch == "ran-lm":
+        loss_fn = document_lm_loss(label_smoothing, model.config.pad_id, seq2seq=not classification)
+    elif classification:
         loss_fn = classification_loss(label_smoothing)
     elif arch == "transformer-lm":
         loss_fn = prefix_lm_loss(label_smoothing, model.config.pad_id)
@@ -367,5 +409,6 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  eval_fn=evaluate if eval_every else None, eval_every=eval_every,
                  checkpoint_dir=out_dir / "checkpoint", checkpoint_every=checkpoint_every, resume=resume,
                  progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}")
-    export(model, out_dir, src_vocab, tgt_vocab)
+    export(model, out_dir, src_vocab, tgt_vocab,
+           labels=list(task.labels) if classification and arch in CLASSIFIERS else None)
     return model, result
