@@ -115,3 +115,62 @@ def test_cli_prints_exact_match(trained, capsys):
     assert 0.0 <= result["exact_match"] <= 1.0
     assert evaluate_main([str(out), "--task", "copy", *options]) == 0
     assert "exact match" in capsys.readouterr().out
+
+
+def test_engine_beam_1_decodes_as_the_trainer_greedy(trained):
+    # The engine's beam search of width 1 is greedy decoding on the same weights: same texts.
+    model, out = trained
+    from attncore.train.evaluate import engine_decode_texts
+    task = get_task("copy", seed=0, **TOY)
+    sources = [s for s, _ in task.examples("test")]
+    accuracy, count, details = exact_match(model, task, "test", return_details=True)
+    assert engine_decode_texts(out, task, sources, beam_size=1, max_len=12) == [d[2] for d in details]
+    beam = exact_match(model, task, "test", decode=lambda s, n: engine_decode_texts(out, task, s, beam_size=3,
+                                                                                     max_len=n))
+    assert beam[1] == count and 0.0 <= beam[0] <= 1.0
+
+
+def test_cli_reports_bleu_for_a_task_with_bleu(trained, capsys, monkeypatch):
+    pytest.importorskip("sacrebleu")
+    _, out = trained
+    from attncore.data import toys
+    from attncore.data.metrics import bleu
+    monkeypatch.setattr(toys.ToyTask, "bleu", lambda self, hyps, split="test": 0.0, raising=False)
+    options = [f"--task-option={k}={v}" for k, v in TOY.items()]
+    assert evaluate_main([str(out), "--task", "copy", "--json", "--beam", "2", *options]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["decoder"] == "engine beam 2"
+    assert 0.0 <= result["bleu"] <= 100.0
+    if result["exact_match"] == 1.0:
+        assert result["bleu"] == pytest.approx(100.0)
+    assert bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
+
+
+class _Classifier:
+    """Predicts label 1 when the document contains id 5, else 0."""
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, ids, lengths):
+        logits = np.zeros((len(ids), 3))
+        logits[np.arange(len(ids)), (ids == 5).any(axis=1).astype(int)] = 1.0
+        return SimpleNamespace(data=logits)
+
+
+def test_classification_accuracy_counts_a_confusion_matrix():
+    from attncore.train.evaluate import classification_accuracy
+    docs = [[5, 6], [6], [7, 5], [6, 6], [5]]
+    truth = np.array([1, 0, 1, 2, 0])
+    task = SimpleNamespace(labels=["a", "b", "c"],
+                           batches=lambda split, n: [(*pad_sequences(docs), truth)])
+    result = classification_accuracy(_Classifier(), task, "test")
+    assert result["n_evaluated"] == 5
+    assert result["accuracy"] == pytest.approx(3 / 5)
+    assert result["majority_baseline"] == pytest.approx(2 / 5)
+    assert result["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert result["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]

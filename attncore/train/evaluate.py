@@ -1,4 +1,4 @@
-"""Exact-match evaluation of a trained encoder-decoder with greedy decoding.
+"""Evaluation of trained models: exact match and BLEU of encoder-decoders, accuracy of classifiers.
 
 :func:`exact_match` decodes a split of a sequence-to-sequence task with the model's greedy
 decoder, compares each decoded string with the target text, and leaves out the inputs the task
@@ -13,6 +13,12 @@ loads the model with :func:`attncore.train.export.load_model` and prints the exa
 the number of examples evaluated (also as a JSON line with ``--json``). The task must be built
 with the seed the model was trained with (``--seed``, default 0): that seed decides which
 calendar days are held out.
+
+* Tasks with a ``bleu(hyps, split)`` method (translation) also report corpus BLEU (sacrebleu).
+* ``--beam N`` decodes with the inference engine (``attncore.load``, beam search of width N)
+  instead of the trainer's greedy decoder: the path a user runs.
+* Classification tasks (kjv) report accuracy, the majority-class baseline and per-class
+  accuracy (:func:`classification_accuracy`), computed with the trainer's forward pass.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 
 from attncore.data.task import pad_sequences
 
-__all__ = ["exact_match", "decode_texts", "ambiguity_check", "main"]
+__all__ = ["exact_match", "decode_texts", "engine_decode_texts", "classification_accuracy",
+           "ambiguity_check", "main"]
 
 
 def ambiguity_check(task) -> Optional[Callable[[str], bool]]:
@@ -76,8 +83,58 @@ def _text(task, row, eos_id: int) -> str:
         return task.decode_tgt(row)
 
 
+def engine_decode_texts(model_dir, task, sources: List[str], *, beam_size: int = 1,
+                        max_len: int = 32, batch_size: int = 64) -> List[str]:
+    """Decodings of ``sources`` by the inference engine (``attncore.load(model_dir)``), beam
+    search of width ``beam_size``, as text. Needs the compiled extensions."""
+    import attncore
+
+    engine = attncore.load(model_dir)
+    out: List[str] = []
+    for start in range(0, len(sources), batch_size):
+        chunk = [np.asarray(task.encode_src(s), dtype=np.int64) for s in sources[start:start + batch_size]]
+        results = engine.generate(chunk, max_length=max_len, beam_size=beam_size)
+        out.extend(task.decode_tgt(r.tokens) for r in results)
+    return out
+
+
+def classification_accuracy(model, task, split: str = "test", batch_size: int = 16) -> dict:
+    """Accuracy of a document classifier on ``split`` of a classification task.
+
+    Parameters
+    ----------
+    model : callable ``model(ids, lengths) -> logits (B, C)`` (a trainer classifier)
+    task : ClassificationTask (``labels``, ``batches(split, batch_size)``, ``class_counts``)
+
+    Returns
+    -------
+    dict with ``accuracy``, ``n_evaluated``, ``majority_baseline`` (share of the split's most
+    frequent class), ``per_class`` (label -> accuracy over that label's documents) and
+    ``confusion`` (C x C list of counts, rows true labels, columns predictions).
+    """
+    from . import autograd as ag
+
+    labels = list(task.labels)
+    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        with ag.no_grad():
+            for ids, lengths, truth in task.batches(split, batch_size):
+                predicted = model(ids, lengths).data.argmax(axis=-1)
+                np.add.at(confusion, (np.asarray(truth), predicted), 1)
+    finally:
+        model.train(was_training)
+    total = int(confusion.sum())
+    per_class = {label: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None)
+                 for i, label in enumerate(labels)}
+    return {"accuracy": float(np.trace(confusion) / max(total, 1)), "n_evaluated": total,
+            "majority_baseline": float(confusion.sum(axis=1).max() / max(total, 1)),
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
 def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch_size: int = 256,
-                return_details: bool = False):
+                return_details: bool = False, decode: Optional[Callable[[List[str], int], List[str]]] = None):
     """Share of examples of ``split`` whose greedy decoding equals the target text.
 
     Parameters
@@ -91,6 +148,9 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
         Sources decoded together.
     return_details : bool
         Also return the list of ``(source, target, decoded)`` of every evaluated example.
+    decode : callable, optional
+        ``decode(sources, max_len) -> texts`` in place of the trainer's greedy decoder (e.g.
+        :func:`engine_decode_texts` with a beam).
 
     Returns
     -------
@@ -108,7 +168,9 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
         return (0.0, 0, []) if return_details else (0.0, 0)
     sources = [s for s, _ in pairs]
     targets = [t for _, t in pairs]
-    decoded = decode_texts(model, task, sources, batch_size, _max_len(task, targets))
+    max_len = _max_len(task, targets)
+    decoded = (decode(sources, max_len) if decode is not None
+               else decode_texts(model, task, sources, batch_size, max_len))
     correct = sum(d == t for d, t in zip(decoded, targets))
     accuracy = correct / len(pairs)
     if return_details:
@@ -130,6 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--errors", type=int, default=0, help="print up to this many wrong decodings")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    parser.add_argument("--beam", type=int, default=0,
+                        help="decode with the inference engine, beam search of this width (default: the "
+                             "trainer's greedy decoder)")
     args = parser.parse_args(argv)
 
     from attncore.data import get_task
@@ -149,16 +214,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         options.setdefault(f"num_{args.split}", args.n)
     task = get_task(args.task, seed=args.seed, **options)
     model = load_model(args.model_dir)
+    head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
+    if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
+        result = classification_accuracy(model, task, args.split, batch_size=min(args.batch_size, 16))
+        if args.json:
+            print(json.dumps({**head, **result}))
+        else:
+            print(f"{args.model_dir}: accuracy {result['accuracy']:.2%} on {result['n_evaluated']} "
+                  f"{args.task}/{args.split} documents (majority class {result['majority_baseline']:.2%})")
+            for label, value in result["per_class"].items():
+                print(f"  {label}: {'-' if value is None else f'{value:.2%}'}")
+        return 0
+    decode = None
+    if args.beam:
+        def decode(sources, max_len):
+            return engine_decode_texts(args.model_dir, task, sources, beam_size=args.beam, max_len=max_len)
     accuracy, count, details = exact_match(model, task, args.split, n=args.n, batch_size=args.batch_size,
-                                           return_details=True)
+                                           return_details=True, decode=decode)
     wrong = [d for d in details if d[1] != d[2]]
+    decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
+    score = {}
+    if callable(getattr(task, "bleu", None)):  # a translation task: corpus BLEU of the same decodings
+        from attncore.data.metrics import bleu
+        score["bleu"] = bleu([d[2] for d in details], [d[1] for d in details])
     if args.json:
-        print(json.dumps({"model_dir": str(args.model_dir), "task": args.task, "split": args.split,
-                          "seed": args.seed, "exact_match": accuracy, "n_evaluated": count,
-                          "errors": len(wrong)}))
+        print(json.dumps({**head, "decoder": decoder, "exact_match": accuracy, "n_evaluated": count,
+                          "errors": len(wrong), **score}))
     else:
-        print(f"{args.model_dir}: exact match {accuracy:.4%} on {count} {args.task}/{args.split} examples "
-              f"({len(wrong)} wrong; ambiguous inputs excluded)")
+        bleu_text = f", BLEU {score['bleu']:.2f}" if score else ""
+        print(f"{args.model_dir}: exact match {accuracy:.4%}{bleu_text} on {count} {args.task}/{args.split} "
+              f"examples, {decoder} ({len(wrong)} wrong; ambiguous inputs excluded)")
     for src, tgt, hyp in wrong[:args.errors]:
         print(f"  {src!r}: expected {tgt}, got {hyp}", file=sys.stderr)
     return 0
