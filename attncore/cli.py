@@ -114,15 +114,17 @@ def _info(args):
 def _bench(argv):
     """``attncore bench [kernels|models] [options]``: the named script with the options, or
     every script present (kernels, then models) when none is named."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(__file__))
+    # Installed: bench/ is the package attncore.bench; in a source checkout it sits beside attncore/.
+    folders = [os.path.join(package, "bench"), os.path.join(os.path.dirname(package), "bench")]
+    folder = next((f for f in folders if os.path.exists(os.path.join(f, "_harness.py"))), None)
     names = ("kernels", "models")
     chosen = [argv.pop(0)] if argv and argv[0] in names else list(names)
-    scripts = [os.path.join(here, "bench", f"{name}.py") for name in chosen]
-    present = [script for script in scripts if os.path.exists(script)]
+    present = [] if folder is None else [os.path.join(folder, f"{name}.py") for name in chosen
+                                         if os.path.exists(os.path.join(folder, f"{name}.py"))]
     if not present:
         wanted = " and ".join(f"bench/{name}.py" for name in chosen)
-        print(f"attncore bench: {wanted} not available in this installation "
-              f"(run it from a source checkout)", file=sys.stderr)
+        print(f"attncore bench: {wanted} not found in this installation", file=sys.stderr)
         return EXIT_USAGE
     status = 0
     for script in present:

@@ -353,3 +353,19 @@ def test_info_and_help(tmp_path):
     helped = attncore_cli(["--help"], tmp_path)
     for command in ("translate", "generate", "attention", "encode", "classify", "train", "bench"):
         assert command in helped.stdout
+
+
+def test_bench_runs_the_model_benchmark_script(tmp_path):
+    # The smallest real run: the RAN rows of bench/models.py with small models, one thread, no
+    # peers; installed, the scripts come from attncore.bench, in a checkout from bench/.
+    proc = attncore_cli(["bench", "models", "--quick", "--only", "ran", "--threads", "1", "--no-torch"],
+                        tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "RAN encode" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert rows and all(float(line.split("|")[3]) > 0 for line in rows)  # RAN tokens/s
+
+
+def test_bench_with_an_unknown_option_fails_with_the_scripts_usage(tmp_path):
+    proc = attncore_cli(["bench", "kernels", "--no-such-option"], tmp_path)
+    assert proc.returncode != 0 and "--no-such-option" in proc.stderr
