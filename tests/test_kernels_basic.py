@@ -430,3 +430,20 @@ def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
     np.testing.assert_allclose(shifted, scores, **tol)
     # and it really depends on the offset (not a constant)
     assert np.ptp(scores[0]) > 1e-2
+
+
+@pytest.mark.parametrize("K,N", [(512, 70), (37, 9), (8, 1), (3, 5)])
+def test_small_float32_linear_rows_do_not_depend_on_the_batch(K, N):
+    # Decoding steps (<= 16 rows) take attncore's own small-M product, blocked over rows and
+    # columns; each row must come out bit-identical whatever rows surround it (a sentence alone or
+    # inside a batch), and within float32 rounding of the reference.
+    rng = np.random.default_rng(K * 100 + N)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    alone = np.stack([attncore.linear(x[i:i + 1], w, b)[0] for i in range(16)])
+    for M in range(1, 17):
+        with attncore.num_threads(2):
+            np.testing.assert_array_equal(attncore.linear(x[:M], w, b), alone[:M], err_msg=f"M={M}")
+    expected = reference.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(alone, expected, rtol=1e-4, atol=1e-4 * np.sqrt(K))
