@@ -17,14 +17,14 @@ COMMON=(--batch-size 64 --schedule cosine --min-lr 1e-5 --label-smoothing 0.1 --
 
 if [[ $which == all || $which == transformer ]]; then
   /usr/bin/time -v nice -n 19 python -m attncore.train.cli "${TASK[@]}" --arch transformer \
-    --out runs/translation-transformer "${COMMON[@]}" --steps 3000 --lr 1e-3 --warmup-steps 300 \
+    --out runs/translation-transformer "${COMMON[@]}" --steps 2500 --lr 1e-3 --warmup-steps 250 \
     --d-model 128 --num-heads 4 --num-encoder-layers 2 --num-decoder-layers 2 --dim-feedforward 512 \
     --dropout 0.1 2>&1 | tee runs/translation-transformer.log
 fi
 
 if [[ $which == all || $which == bahdanau ]]; then
   /usr/bin/time -v nice -n 19 python -m attncore.train.cli "${TASK[@]}" --arch seq2seq-bahdanau \
-    --out runs/translation-bahdanau "${COMMON[@]}" --steps 2000 --lr 2e-3 --warmup-steps 100 \
+    --out runs/translation-bahdanau "${COMMON[@]}" --steps 1500 --lr 2e-3 --warmup-steps 100 \
     --embed-dim 128 --hidden-size 256 --dropout 0.1 2>&1 | tee runs/translation-bahdanau.log
 fi
 
