@@ -369,3 +369,29 @@ def test_bench_runs_the_model_benchmark_script(tmp_path):
 def test_bench_with_an_unknown_option_fails_with_the_scripts_usage(tmp_path):
     proc = attncore_cli(["bench", "kernels", "--no-such-option"], tmp_path)
     assert proc.returncode != 0 and "--no-such-option" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_interactive_translate_answers_each_line_as_it_is_typed(tmp_path):
+    # stdin a terminal: the answer to a line comes before the next line is typed (no batching
+    # window to fill), and the process ends at end of input (Ctrl-D).
+    import select
+    primary, secondary = os.openpty()
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [PACKAGE_PARENT])
+    proc = subprocess.Popen([sys.executable, "-m", "attncore", "translate"], stdin=secondary,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=environ)
+    os.close(secondary)
+    try:
+        for text, iso in list(SAMPLES.items())[:2]:
+            os.write(primary, (text + "\n").encode())
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, f"no answer to {text!r} while stdin stays open"
+            assert proc.stdout.readline().decode().strip() == iso
+        os.write(primary, b"\x04")  # end of input
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
