@@ -395,3 +395,34 @@ def test_interactive_translate_answers_each_line_as_it_is_typed(tmp_path):
         if proc.poll() is None:
             proc.kill()
         os.close(primary)
+
+
+def _bahdanau_command_of_the_dates_script():
+    """The ``attncore.train.cli`` arguments of scripts/train_dates.sh's seq2seq-bahdanau run."""
+    import shlex
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts", "train_dates.sh")
+    if not os.path.exists(script):
+        pytest.skip("scripts/train_dates.sh is not in this checkout")
+    text = open(script, encoding="utf-8").read().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "attncore.train.cli dates --arch seq2seq-bahdanau" in line)
+    words = shlex.split(line.split("|")[0].replace("2>&1", ""))
+    return words[words.index("attncore.train.cli") + 1:]
+
+
+def test_the_bundled_models_reproduction_command_at_small_scale(tmp_path):
+    # The documented command, cut to 3 steps (1 of warm-up) on a small training set: it must build the very
+    # model that is shipped (same config, same vocabularies, same tensor names and shapes).
+    pytest.importorskip("babel")
+    from attncore import io
+    from attncore.train.cli import main as train_main
+    args = _bahdanau_command_of_the_dates_script()
+    args[args.index("--out") + 1] = str(tmp_path / "dates")
+    args[args.index("--steps") + 1] = "3"
+    args[args.index("--warmup-steps") + 1] = "1"
+    assert train_main(args + ["--task-option", "num_train=64", "--no-progress"]) == 0
+    config, weights = io.load_model_dir(tmp_path / "dates")
+    bundled_config, bundled_weights = io.load_model_dir(DATES)
+    assert config == bundled_config
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in bundled_weights.items()}
+    for name in ("src_vocab.json", "tgt_vocab.json"):
+        assert (tmp_path / "dates" / name).read_bytes() == open(os.path.join(DATES, name), "rb").read()
