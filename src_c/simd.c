@@ -245,85 +245,43 @@ static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
  * the weights as multiplying them. Every element is accumulated by the same sequence of
  * 8-lane FMAs, then one horizontal sum, then the K % 8 tail, whether its row falls in a block
  * of 4 or in the remainder: a row gives the same bits whatever M is. */
-/* One output element out[i, j] = x_i . w_j + b_j: eight lane sums over k = l (mod 8), then
- * hsum256, then the k tail in order. Every path below computes each element in exactly this
- * order, so a row's result never depends on M or on how rows and columns are blocked (a
- * sentence alone or inside a batch gives the same bits). The blocks only add independent FMA
- * chains: 4 rows x 2 columns (8 chains) for row blocks, 1 row x 4 columns for leftover rows
- * (M = 1, a single decoding step, would otherwise run one latency-bound chain). */
-static inline AVX2 float small_gemm_tail(float sum, const float *xi, const float *wj,
-                                         ac_index k8, ac_index K) {
-    for (ac_index k = k8; k < K; k++) sum += xi[k] * wj[k];
-    return sum;
-}
-
 static AVX2 void small_gemm_avx2(const float *x, ac_index ldx, ac_index M, ac_index K,
                                  const float *w, ac_index j0, ac_index j1, const float *bias,
                                  float *out, ac_index ldo) {
     const ac_index k8 = K - K % 8;
-    const ac_index m4 = M - M % 4;
-    ac_index j = j0;
-    for (; j + 2 <= j1; j += 2) {                      /* row blocks: 4 rows x 2 columns */
-        const float *wa = w + j * K, *wb = wa + K;
-        const float ba = bias ? bias[j] : 0.0f, bb = bias ? bias[j + 1] : 0.0f;
-        for (ac_index i = 0; i < m4; i += 4) {
-            const float *x0 = x + i * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-            for (ac_index k = 0; k < k8; k += 8) {
-                const __m256 va = _mm256_loadu_ps(wa + k), vb = _mm256_loadu_ps(wb + k);
-                const __m256 y0 = _mm256_loadu_ps(x0 + k), y1 = _mm256_loadu_ps(x1 + k);
-                const __m256 y2 = _mm256_loadu_ps(x2 + k), y3 = _mm256_loadu_ps(x3 + k);
-                a0 = _mm256_fmadd_ps(y0, va, a0); c0 = _mm256_fmadd_ps(y0, vb, c0);
-                a1 = _mm256_fmadd_ps(y1, va, a1); c1 = _mm256_fmadd_ps(y1, vb, c1);
-                a2 = _mm256_fmadd_ps(y2, va, a2); c2 = _mm256_fmadd_ps(y2, vb, c2);
-                a3 = _mm256_fmadd_ps(y3, va, a3); c3 = _mm256_fmadd_ps(y3, vb, c3);
-            }
-            out[i * ldo + j] = small_gemm_tail(hsum256(a0), x0, wa, k8, K) + ba;
-            out[(i + 1) * ldo + j] = small_gemm_tail(hsum256(a1), x1, wa, k8, K) + ba;
-            out[(i + 2) * ldo + j] = small_gemm_tail(hsum256(a2), x2, wa, k8, K) + ba;
-            out[(i + 3) * ldo + j] = small_gemm_tail(hsum256(a3), x3, wa, k8, K) + ba;
-            out[i * ldo + j + 1] = small_gemm_tail(hsum256(c0), x0, wb, k8, K) + bb;
-            out[(i + 1) * ldo + j + 1] = small_gemm_tail(hsum256(c1), x1, wb, k8, K) + bb;
-            out[(i + 2) * ldo + j + 1] = small_gemm_tail(hsum256(c2), x2, wb, k8, K) + bb;
-            out[(i + 3) * ldo + j + 1] = small_gemm_tail(hsum256(c3), x3, wb, k8, K) + bb;
-        }
-    }
-    for (; j < j1; j++) {                              /* odd last column, row blocks */
+    for (ac_index j = j0; j < j1; j++) {
         const float *wj = w + j * K;
         const float b = bias ? bias[j] : 0.0f;
-        for (ac_index i = 0; i < m4; i++) {
+        ac_index i = 0;
+        for (; i + 4 <= M; i += 4) {
+            const float *x0 = x + i * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (ac_index k = 0; k < k8; k += 8) {
+                const __m256 wv = _mm256_loadu_ps(wj + k);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), wv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), wv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), wv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), wv, a3);
+            }
+            float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);
+            for (ac_index k = k8; k < K; k++) {
+                s0 += x0[k] * wj[k]; s1 += x1[k] * wj[k];
+                s2 += x2[k] * wj[k]; s3 += x3[k] * wj[k];
+            }
+            out[i * ldo + j] = s0 + b;
+            out[(i + 1) * ldo + j] = s1 + b;
+            out[(i + 2) * ldo + j] = s2 + b;
+            out[(i + 3) * ldo + j] = s3 + b;
+        }
+        for (; i < M; i++) {
             const float *xi = x + i * ldx;
             __m256 a = _mm256_setzero_ps();
             for (ac_index k = 0; k < k8; k += 8)
                 a = _mm256_fmadd_ps(_mm256_loadu_ps(xi + k), _mm256_loadu_ps(wj + k), a);
-            out[i * ldo + j] = small_gemm_tail(hsum256(a), xi, wj, k8, K) + b;
-        }
-    }
-    for (ac_index i = m4; i < M; i++) {                /* leftover rows: 1 row x 4 columns */
-        const float *xi = x + i * ldx;
-        ac_index jj = j0;
-        for (; jj + 4 <= j1; jj += 4) {
-            const float *w0 = w + jj * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (ac_index k = 0; k < k8; k += 8) {
-                const __m256 y = _mm256_loadu_ps(xi + k);
-                a0 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w0 + k), a0);
-                a1 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w1 + k), a1);
-                a2 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w2 + k), a2);
-                a3 = _mm256_fmadd_ps(y, _mm256_loadu_ps(w3 + k), a3);
-            }
-            out[i * ldo + jj] = small_gemm_tail(hsum256(a0), xi, w0, k8, K) + (bias ? bias[jj] : 0.0f);
-            out[i * ldo + jj + 1] = small_gemm_tail(hsum256(a1), xi, w1, k8, K) + (bias ? bias[jj + 1] : 0.0f);
-            out[i * ldo + jj + 2] = small_gemm_tail(hsum256(a2), xi, w2, k8, K) + (bias ? bias[jj + 2] : 0.0f);
-            out[i * ldo + jj + 3] = small_gemm_tail(hsum256(a3), xi, w3, k8, K) + (bias ? bias[jj + 3] : 0.0f);
-        }
-        for (; jj < j1; jj++) {
-            const float *wj = w + jj * K;
-            __m256 a = _mm256_setzero_ps();
-            for (ac_index k = 0; k < k8; k += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(xi + k), _mm256_loadu_ps(wj + k), a);
-            out[i * ldo + jj] = small_gemm_tail(hsum256(a), xi, wj, k8, K) + (bias ? bias[jj] : 0.0f);
+            float si = hsum256(a);
+            for (ac_index k = k8; k < K; k++) si += xi[k] * wj[k];
+            out[i * ldo + j] = si + b;
         }
     }
 }
