@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared test helpers for the kernel suite: a seeded random generator, the tolerance table (one
-place, keyed by dtype) and ``assert_close``.
+"""Shared test helpers: a seeded random generator, the tolerance table (one place, keyed by
+dtype), ``assert_close``, and ``subprocess_env`` for tests that run attncore in a child process.
 
 Kernels are compared with :mod:`attncore.reference`. For float32 inputs the oracle is evaluated
 on the same inputs upcast to float64 (``as64``), so the tolerance measures the kernel's own
@@ -21,6 +21,22 @@ TOLERANCE = {
 }
 
 FLOAT_DTYPES = (np.float32, np.float64)
+
+def subprocess_env(env=None, **extra):
+    """Environment for a child ``python`` that must import the attncore under test.
+
+    The child runs from an empty directory; ``PYTHONPATH`` keeps the caller's entries first (a
+    test may shadow a module, e.g. a failing 'matplotlib') and then adds the folder this process
+    imported attncore from: the source tree when built in place, site-packages when installed
+    (CI), where the checkout's un-built source tree must not be imported.
+    """
+    import attncore
+    environ = dict(os.environ if env is None else env, **extra)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [package_parent])
+    return environ
+
 
 #: Seed of every test's ``rng``; override with ATTNCORE_TEST_SEED to shake out seed-dependence.
 SEED = int(os.environ.get("ATTNCORE_TEST_SEED", "0"))

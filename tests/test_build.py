@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import attncore
+from conftest import subprocess_env
 
 
 @pytest.fixture(autouse=True)
@@ -169,12 +170,8 @@ def test_scalar_isa_fallback_matches_reference(tmp_path):
                                    ref.additive_attention(*f64(*a.values())), rtol=1e-5, atol=2e-6)
         print("ok")
     """)
-    env = dict(os.environ, ATTNCORE_FORCE_ISA="scalar")
-    # Run from an empty directory and import attncore the way this process did: from the source
-    # tree when it was built in place, from site-packages when installed (CI), never a stale mix.
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_parent] + [p for p in
-                                         env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # From an empty directory, importing the attncore this process imported (conftest).
+    env = subprocess_env(ATTNCORE_FORCE_ISA="scalar")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,7 @@
 directory, on real files; exit codes, stdout, and the one-line stderr of every user error.
 
 The subprocess imports the same attncore as this test process (the source tree when built in
-place, site-packages when installed), as tests/test_build.py does.
+place, site-packages when installed): ``conftest.subprocess_env``.
 """
 import json
 import os
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import attncore
+from conftest import subprocess_env
 
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
 DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
 SAMPLES = {  # input -> ISO date, unambiguous forms of several kinds
     "Tuesday, 3 March 1998": "1998-03-03",
@@ -29,12 +29,7 @@ SAMPLES = {  # input -> ISO date, unambiguous forms of several kinds
 
 def attncore_cli(args, tmp_path, *, stdin="", env=None, timeout=300):
     """Run ``python -m attncore ARGS`` in ``tmp_path``; returns the CompletedProcess (text)."""
-    environ = dict(os.environ if env is None else env)
-    # The caller's entries first (a test may shadow a module, e.g. a failing 'matplotlib'), then
-    # the attncore under test: when installed, PACKAGE_PARENT is site-packages, and putting it
-    # first would let the real modules there win over the caller's stand-ins.
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [PACKAGE_PARENT])
+    environ = subprocess_env(env)
     environ.setdefault("OMP_NUM_THREADS", "2")
     return subprocess.run([sys.executable, "-m", "attncore", *map(str, args)], input=stdin,
                           cwd=tmp_path, env=environ, capture_output=True, text=True,
@@ -213,8 +208,7 @@ def test_closed_stdout_is_not_an_error(tmp_path):
             "print(p.stdout.readline().decode().strip()); p.stdout.close()\n"
             "err = p.stderr.read().decode(); p.wait()\n"
             "print(p.returncode, 'Traceback' in err, 'Exception ignored' in err)\n")
-    environ = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environ,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.split("\n")[:2] == ["1998-03-03", "141 False False"], proc.stdout + proc.stderr
 
@@ -377,11 +371,9 @@ def test_interactive_translate_answers_each_line_as_it_is_typed(tmp_path):
     # window to fill), and the process ends at end of input (Ctrl-D).
     import select
     primary, secondary = os.openpty()
-    environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [PACKAGE_PARENT])
     proc = subprocess.Popen([sys.executable, "-m", "attncore", "translate"], stdin=secondary,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=environ)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=subprocess_env())
     os.close(secondary)
     try:
         for text, iso in list(SAMPLES.items())[:2]:

@@ -18,6 +18,7 @@ pytest.importorskip("distributed")
 import attncore  # noqa: E402
 from attncore import batch, distributed  # noqa: E402
 from attncore.batch import Batching, InputError  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 
 DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
 FORMS = ["Tuesday, 3 March 1998", "4/10/85", "the 3rd of March 1998", "Sat 1 Jan 2000",
@@ -101,8 +102,7 @@ def test_two_worker_processes_on_loopback():
 
 def test_cli_dask_local(tmp_path):
     (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in LINES[:20]))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-        os.path.abspath(attncore.__file__))))
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "attncore", "translate", "--input", "in.txt",
                            "--dask", "local:2", "--no-progress", "--batch-size", "4"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

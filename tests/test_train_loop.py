@@ -220,15 +220,9 @@ def test_cli_classify_prints_the_label_names_of_a_trained_ran(tmp_path):
     import sys
     task = ContainsZeroTask()
     train(task, "ran-classifier", tmp_path / "model", steps=2, batch_size=8, progress=False, **SMALL_RAN)
-    import os
-    import attncore
-    # From an empty directory, with the attncore under test on the path (in CI the installed one:
-    # the checkout's source tree has no built extensions).
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(attncore.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [package_parent]))
+    from conftest import subprocess_env
     proc = subprocess.run([sys.executable, "-m", "attncore", "classify", "--model", str(tmp_path / "model")],
                           input="0 1 2\n3 4\n", capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env=env)
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert all(line in ("no", "yes") for line in proc.stdout.split()) and len(proc.stdout.split()) == 2
