@@ -120,8 +120,8 @@ def _bench(argv):
     folder = next((f for f in folders if os.path.exists(os.path.join(f, "_harness.py"))), None)
     names = ("kernels", "models")
     chosen = [argv.pop(0)] if argv and argv[0] in names else list(names)
-    present = [] if folder is None else [os.path.join(folder, f"{name}.py") for name in chosen
-                                         if os.path.exists(os.path.join(folder, f"{name}.py"))]
+    scripts = [] if folder is None else [os.path.join(folder, f"{name}.py") for name in chosen]
+    present = [script for script in scripts if os.path.exists(script)]
     if not present:
         wanted = " and ".join(f"bench/{name}.py" for name in chosen)
         print(f"attncore bench: {wanted} not found in this installation", file=sys.stderr)

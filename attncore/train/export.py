@@ -16,7 +16,8 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None) -> Path:
     """Write ``model`` as an attncore model directory.
 
     ``labels`` (class names of a classifier, in logit order) go to ``config["labels"]``, so
-    ``attncore classify`` prints names. Vocabularies (objects with ``save(path)``, e.g. :class:`attncore.data.Vocab`) are saved as
+    ``attncore classify`` prints names. Vocabularies (objects with ``save(path)``, e.g.
+    :class:`attncore.data.Vocab`) are saved as
     ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
     ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
     """

@@ -99,12 +99,12 @@ def classification_loss(label_smoothing: float = 0.0) -> Callable:
     return loss_fn
 
 
-def document_lm_loss(label_smoothing: float = 0.0, pad_id: int = 0, *, seq2seq: bool = False) -> Callable:
+def document_lm_loss(label_smoothing: float = 0.0, pad_id: int = 0) -> Callable:
     """Next-token cross-entropy of a causal language model over the documents of a batch.
 
-    The documents are the ``ids`` of ``(ids, lengths, labels)`` classification batches, or the
-    sources of ``(src, src_lengths, tgt, tgt_lengths)`` seq2seq batches when ``seq2seq``.
-    Position t predicts token t + 1; padding is ignored.
+    The documents are the first two fields of the batch: the ``ids, lengths`` of classification
+    batches, the ``src, src_lengths`` of seq2seq batches. Position t predicts token t + 1;
+    padding is ignored.
     """
     def loss_fn(model, batch):
         ids, lengths = batch[0], np.asarray(batch[1])
@@ -382,7 +382,7 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                         num_classes=len(task.labels) if classification else 0, **model_options)
 
     if arch == "ran-lm":
-        loss_fn = document_lm_loss(label_smoothing, model.config.pad_id, seq2seq=not classification)
+        loss_fn = document_lm_loss(label_smoothing, model.config.pad_id)
     elif classification:
         loss_fn = classification_loss(label_smoothing)
     elif arch == "transformer-lm":
@@ -410,5 +410,5 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  checkpoint_dir=out_dir / "checkpoint", checkpoint_every=checkpoint_every, resume=resume,
                  progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}")
     export(model, out_dir, src_vocab, tgt_vocab,
-           labels=list(task.labels) if classification and arch in CLASSIFIERS else None)
+           labels=list(task.labels) if arch in CLASSIFIERS else None)
     return model, result
