@@ -19,14 +19,21 @@ int ac_simd_level(void) {
         const char *force = getenv("ATTNCORE_FORCE_ISA");
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+        if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+            level = 2;
         if (force && strcmp(force, "scalar") == 0) level = 0;
+        if (force && strcmp(force, "avx2") == 0 && level > 1) level = 1;
 #endif
         ac_level = level;
     }
     return ac_level;
 }
 
-const char *ac_simd_name(void) { return ac_simd_level() ? "avx2+fma" : "scalar"; }
+const char *ac_simd_name(void) {
+    static const char *names[] = {"scalar", "avx2+fma", "avx512"};
+    return names[ac_simd_level()];
+}
 
 /* ---------------------------------------------------------------- scalar ------------ */
 static float max_scalar(const float *x, ac_index n) {
@@ -340,9 +347,16 @@ static AVX2 void weighted_sum_avx2(const float *p, const float *v, ac_index n, a
 }
 #endif
 
+/* ---------------------------------------------------------------- AVX-512 ----------- */
+#ifdef AC_X86
+#include "simd_avx512.h"
+#endif
+
 /* ---------------------------------------------------------------- public ------------ */
 #ifdef AC_X86
-#define DISPATCH(name, ...) (ac_simd_level() ? name##_avx2(__VA_ARGS__) : name##_scalar(__VA_ARGS__))
+#define DISPATCH(name, ...)                                                                   \
+    (ac_simd_level() == 2 ? name##_avx512(__VA_ARGS__)                                        \
+     : ac_simd_level() == 1 ? name##_avx2(__VA_ARGS__) : name##_scalar(__VA_ARGS__))
 #else
 #define DISPATCH(name, ...) name##_scalar(__VA_ARGS__)
 #endif

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0
  *
- * Vector primitives for the float32 hot loops, with run-time dispatch: an AVX2+FMA version
- * (compiled through `target` attributes, so the build stays portable) and a scalar fallback.
- * The choice is made once per process from CPUID; ATTNCORE_FORCE_ISA=scalar forces the fallback.
+ * Vector primitives for the float32 hot loops, with run-time dispatch: AVX-512 (simd_avx512.h)
+ * and AVX2+FMA versions (compiled through `target` attributes, so the build stays portable) and
+ * a scalar fallback. The choice is made once per process from CPUID; ATTNCORE_FORCE_ISA=avx2 or
+ * =scalar caps it (to test the other paths, or to compare machines).
  * Results are deterministic for a given machine: a row is always reduced by the same code in
  * the same order, whichever thread runs it.
  */
@@ -10,7 +11,7 @@
 #define ATTNCORE_SIMD_H
 #include "attncore.h"
 
-/* 1 when the AVX2+FMA paths are in use, else 0. */
+/* 2 when the AVX-512 paths are in use, 1 for AVX2+FMA, 0 for scalar. */
 int ac_simd_level(void);
 const char *ac_simd_name(void);
 

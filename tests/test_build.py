@@ -27,7 +27,7 @@ def test_info_reports_build_facts():
     assert info["version"] == attncore.__version__
     assert info["numpy"] == np.__version__
     assert isinstance(info["openmp"], bool)
-    assert info["simd"] in ("avx2+fma", "scalar")
+    assert info["simd"] in ("avx512", "avx2+fma", "scalar")
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
 
 
@@ -138,13 +138,19 @@ def test_kernels_run_concurrently_from_python_threads(rng):
         assert np.array_equal(r, expected)
 
 
-def test_scalar_isa_fallback_matches_reference(tmp_path):
-    """ATTNCORE_FORCE_ISA=scalar selects the non-SIMD float32 paths (otherwise untested on an
-    AVX2 machine); they must report 'scalar' and agree with the oracle."""
-    code = textwrap.dedent("""
+ISA_ORDER = ("scalar", "avx2+fma", "avx512")
+
+
+@pytest.mark.parametrize("forced", ["scalar", "avx2"])
+def test_capped_isa_paths_match_reference(tmp_path, forced):
+    """ATTNCORE_FORCE_ISA=scalar|avx2 caps the float32 dispatch, so the lower paths (otherwise
+    untested on a machine with a higher one) report what they are and agree with the oracle."""
+    best = attncore.info()["simd"]
+    want_name = ISA_ORDER[min(ISA_ORDER.index(best), 0 if forced == "scalar" else 1)]
+    code = textwrap.dedent(f"""
         import numpy as np, attncore
         from attncore import reference as ref
-        assert attncore.info()["simd"] == "scalar", attncore.info()["simd"]
+        assert attncore.info()["simd"] == {want_name!r}, attncore.info()["simd"]
         g = np.random.default_rng(0)
         q = g.standard_normal((2, 2, 70, 13)).astype(np.float32)
         k = g.standard_normal((2, 2, 300, 13)).astype(np.float32)
@@ -154,7 +160,16 @@ def test_scalar_isa_fallback_matches_reference(tmp_path):
             out = attncore.attention(q[:, :, :ql], k, v, causal=True, kv_lengths=[300, 7])
             want = ref.attention(*f64(q[:, :, :ql], k, v), causal=True, kv_lengths=[300, 7])
             np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        # decoding with a head wider than one 64-column register block
+        qd, kd, vd = (g.standard_normal((2, 2, n, 80)).astype(np.float32) for n in (1, 77, 77))
+        np.testing.assert_allclose(attncore.attention(qd, kd, vd, kv_lengths=[77, 30]),
+                                   ref.attention(*f64(qd, kd, vd), kv_lengths=[77, 30]),
+                                   rtol=1e-5, atol=1e-6)
         x = (3 * g.standard_normal((5, 37))).astype(np.float32)
+        # the few-row product of decoding steps (own kernel, not BLAS)
+        w = g.standard_normal((50, 37)).astype(np.float32)
+        np.testing.assert_allclose(attncore.linear(x, w), ref.linear(*f64(x, w)),
+                                   rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),
                                    rtol=1e-5, atol=1e-6)
         for name in ("tanh", "sigmoid", "swish"):
@@ -171,7 +186,7 @@ def test_scalar_isa_fallback_matches_reference(tmp_path):
         print("ok")
     """)
     # From an empty directory, importing the attncore this process imported (conftest).
-    env = subprocess_env(ATTNCORE_FORCE_ISA="scalar")
+    env = subprocess_env(ATTNCORE_FORCE_ISA=forced)
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

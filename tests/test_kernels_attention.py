@@ -30,6 +30,10 @@ SHAPES = [
     pytest.param((4, 8, 2, 70, 40, 16), id="flash-gqa-q70-kv40"),
     pytest.param((4, 2, 2, 257, 65, 7), id="flash-257x65"),
     pytest.param((4, 1, 1, 40, 600, 9), id="flash-kv600"),
+    # head_dim at and past one 64-column register block of the vector kernels
+    pytest.param((2, 2, 2, 3, 130, 64), id="decode-d64"),
+    pytest.param((2, 2, 1, 1, 77, 80), id="decode-d80-gqa"),
+    pytest.param((1, 2, 2, 20, 50, 130), id="flash-d130"),
 ]
 
 # how attention is called: fused kernels (split-KV / flash), the weights kernel, the dense mask

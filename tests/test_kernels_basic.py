@@ -432,7 +432,7 @@ def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
     assert np.ptp(scores[0]) > 1e-2
 
 
-@pytest.mark.parametrize("K,N", [(512, 70), (37, 9), (8, 1), (3, 5)])
+@pytest.mark.parametrize("K,N", [(512, 70), (37, 9), (50, 20), (8, 1), (3, 5)])
 def test_small_float32_linear_rows_do_not_depend_on_the_batch(K, N):
     # Decoding steps (<= 16 rows) take attncore's own small-M product, blocked over rows and
     # columns; each row must come out bit-identical whatever rows surround it (a sentence alone or

@@ -35,5 +35,6 @@ def omp_max_threads():
 
 
 def simd_name():
-    """The SIMD level the float32 kernels dispatched to on this CPU: 'avx2+fma' or 'scalar'."""
+    """The SIMD level the float32 kernels dispatched to on this CPU: 'avx512', 'avx2+fma' or 'scalar'
+    (``ATTNCORE_FORCE_ISA=avx2|scalar`` caps it)."""
     return ac_simd_name().decode()

@@ -1,0 +1,286 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * AVX-512 versions of the float32 row primitives of simd.h, included once by simd.c (which owns
+ * the dispatch). Compiled through `target` attributes, so the build stays portable; used only
+ * when CPUID reports AVX-512F/DQ/BW/VL (Skylake-X and later, Zen 4 and later).
+ *
+ * Tails are handled with masked loads and stores rather than scalar loops: a row's last partial
+ * vector goes through the same instructions as the others (masked-off lanes load 0, or -inf
+ * where the result must vanish under exp), so results do not depend on where a row ends.
+ */
+#ifndef ATTNCORE_SIMD_AVX512_H
+#define ATTNCORE_SIMD_AVX512_H
+#include <immintrin.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+
+/* Lanes [0, n) of a 16-lane vector, n in [0, 16]. */
+static inline AVX512 __mmask16 mask16(ac_index n) {
+    return (__mmask16)(n >= 16 ? 0xFFFF : ((1u << n) - 1u));
+}
+
+/* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c), with 2^n applied
+ * by `vscalefps`, which needs no integer detour and stays finite up to the clamp at 88.38.
+ * Inputs below -87.34 (including -inf, used for masked scores) give exactly 0; NaN propagates
+ * (min/max take the NaN from their second operand). */
+static inline AVX512 __m512 exp512(__m512 x) {
+    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+    const __m512 lo = _mm512_set1_ps(-87.3365447504f);
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(hi, x);
+    x = _mm512_max_ps(lo, x);
+    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_scalef_ps(y, fx));
+}
+
+/* tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 for large |x|. */
+static inline AVX512 __m512 tanh512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    __m512 e = exp512(_mm512_add_ps(x, x));
+    return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+}
+
+static AVX512 float max_avx512(const float *x, ac_index n) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 vm = ninf;
+    ac_index i = 0;
+    for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + i));
+    if (i < n) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(ninf, mask16(n - i), x + i));
+    return _mm512_reduce_max_ps(vm);
+}
+
+static AVX512 float exp_shift_sum_avx512(const float *x, float *y, ac_index n, float shift) {
+    const __m512 vs = _mm512_set1_ps(shift);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    ac_index i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
+        __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vs));
+        _mm512_storeu_ps(y + i, e0);
+        _mm512_storeu_ps(y + i + 16, e1);
+        acc0 = _mm512_add_ps(acc0, e0);
+        acc1 = _mm512_add_ps(acc1, e1);
+    }
+    for (; i < n; i += 16) { /* at most two more vectors, the last one masked */
+        const __mmask16 m = mask16(n - i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, x + i), vs));
+        _mm512_mask_storeu_ps(y + i, m, e);
+        acc0 = _mm512_add_ps(acc0, e);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+static AVX512 void exp_avx512(float *x, ac_index n) {
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        _mm512_mask_storeu_ps(x + i, m, exp512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static AVX512 void scale_avx512(float *x, ac_index n, float a) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), va));
+    }
+}
+
+static AVX512 float dot_avx512(const float *a, const float *b, ac_index n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    ac_index i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+static AVX512 void axpy_avx512(float *y, float a, const float *x, ac_index n) {
+    const __m512 va = _mm512_set1_ps(a);
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i),
+                                                        _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+static AVX512 float tanh_score_avx512(const float *k, const float *q, const float *w, ac_index n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (ac_index i = 0; i < n; i += 16) { /* masked lanes: w = 0 and tanh(0) = 0 */
+        const __mmask16 m = mask16(n - i);
+        __m512 t = tanh512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, k + i), _mm512_maskz_loadu_ps(m, q + i)));
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), t, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static AVX512 void tanh_avx512(const float *x, float *y, ac_index n) {
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        _mm512_mask_storeu_ps(y + i, m, tanh512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static AVX512 void sigmoid_avx512(const float *x, float *y, ac_index n) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+    }
+}
+
+/* out[i, j] = x_i . w_j (+ bias_j) for rows i < M and weight rows j in [j0, j1): see
+ * small_gemm_avx2 in simd.c for why (decoding steps). Every element is accumulated in two FMA
+ * chains (16-lane blocks alternating between them; two chains keep a single row from waiting on
+ * FMA latency), the K % 16 tail masked into the chain its block index gives, then one fixed
+ * reduction: a row gives the same bits whether it falls in a block of 4 rows or not. */
+static AVX512 void small_gemm_avx512(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                     const float *w, ac_index j0, ac_index j1, const float *bias,
+                                     float *out, ac_index ldo) {
+    const ac_index k32 = K - K % 32;
+    const ac_index rest = K - k32;             /* 0..31 trailing columns */
+    const __mmask16 m_a = mask16(rest), m_b = mask16(rest > 16 ? rest - 16 : 0);
+    for (ac_index j = j0; j < j1; j++) {
+        const float *wj = w + j * K;
+        const float b = bias ? bias[j] : 0.0f;
+        const __m512 wa = _mm512_maskz_loadu_ps(m_a, wj + k32);
+        const __m512 wb = _mm512_maskz_loadu_ps(m_b, wj + k32 + 16);
+        ac_index i = 0;
+        for (; i + 4 <= M; i += 4) {
+            const float *x0 = x + i * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+            for (ac_index k = 0; k < k32; k += 32) {
+                const __m512 w0 = _mm512_loadu_ps(wj + k), w1 = _mm512_loadu_ps(wj + k + 16);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + k), w0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + k), w0, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + k), w0, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + k), w0, a3);
+                c0 = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + k + 16), w1, c0);
+                c1 = _mm512_fmadd_ps(_mm512_loadu_ps(x1 + k + 16), w1, c1);
+                c2 = _mm512_fmadd_ps(_mm512_loadu_ps(x2 + k + 16), w1, c2);
+                c3 = _mm512_fmadd_ps(_mm512_loadu_ps(x3 + k + 16), w1, c3);
+            }
+            if (rest) {
+                a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_a, x0 + k32), wa, a0);
+                a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_a, x1 + k32), wa, a1);
+                a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_a, x2 + k32), wa, a2);
+                a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_a, x3 + k32), wa, a3);
+                c0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_b, x0 + k32 + 16), wb, c0);
+                c1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_b, x1 + k32 + 16), wb, c1);
+                c2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_b, x2 + k32 + 16), wb, c2);
+                c3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_b, x3 + k32 + 16), wb, c3);
+            }
+            out[i * ldo + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, c0)) + b;
+            out[(i + 1) * ldo + j] = _mm512_reduce_add_ps(_mm512_add_ps(a1, c1)) + b;
+            out[(i + 2) * ldo + j] = _mm512_reduce_add_ps(_mm512_add_ps(a2, c2)) + b;
+            out[(i + 3) * ldo + j] = _mm512_reduce_add_ps(_mm512_add_ps(a3, c3)) + b;
+        }
+        for (; i < M; i++) {
+            const float *xi = x + i * ldx;
+            __m512 a = _mm512_setzero_ps(), c = a;
+            for (ac_index k = 0; k < k32; k += 32) {
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(xi + k), _mm512_loadu_ps(wj + k), a);
+                c = _mm512_fmadd_ps(_mm512_loadu_ps(xi + k + 16), _mm512_loadu_ps(wj + k + 16), c);
+            }
+            if (rest) {
+                a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_a, xi + k32), wa, a);
+                c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m_b, xi + k32 + 16), wb, c);
+            }
+            out[i * ldo + j] = _mm512_reduce_add_ps(_mm512_add_ps(a, c)) + b;
+        }
+    }
+}
+
+/* Eight 16-lane sums -> one 8-lane vector of their totals (a transposing reduction). */
+static inline AVX512 __m256 reduce8x16(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4,
+                                       __m512 a5, __m512 a6, __m512 a7) {
+#define HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+    __m256 h01 = _mm256_hadd_ps(HALVES(a0), HALVES(a1)), h23 = _mm256_hadd_ps(HALVES(a2), HALVES(a3));
+    __m256 h45 = _mm256_hadd_ps(HALVES(a4), HALVES(a5)), h67 = _mm256_hadd_ps(HALVES(a6), HALVES(a7));
+#undef HALVES
+    __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+    /* lo = [s0 s1 s2 s3 | s0' s1' s2' s3'] (128-bit halves), hi likewise for s4..s7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+/* out[j] = scale * q . k[j, :]: eight keys at a time, eight FMA chains over D. The last block
+ * reads its missing keys as copies of the last key (results discarded), so every key's score
+ * comes from the same instructions wherever it sits. */
+static AVX512 void scores_avx512(const float *q, const float *k, ac_index n_keys, ac_index D,
+                                 float scale, float *out) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (ac_index j = 0; j < n_keys; j += 8) {
+        const float *kr[8];
+        for (int t = 0; t < 8; t++) kr[t] = k + AC_MIN(j + t, n_keys - 1) * D;
+        __m512 a[8];
+        for (int t = 0; t < 8; t++) a[t] = _mm512_setzero_ps();
+        for (ac_index d = 0; d < D; d += 16) {
+            const __mmask16 m = mask16(D - d);
+            const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
+            for (int t = 0; t < 8; t++) a[t] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(m, kr[t] + d), a[t]);
+        }
+        __m256 s = _mm256_mul_ps(reduce8x16(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]), vscale);
+        _mm256_mask_storeu_ps(out + j, (__mmask8)mask16(AC_MIN(8, n_keys - j)), s);
+    }
+}
+
+/* o += sum_j p[j] v[j, :]: 64 output columns at a time in four registers, even and odd rows in
+ * separate chains (so consecutive rows do not wait on each other's FMA), added at the end. */
+static AVX512 void weighted_sum_avx512(const float *p, const float *v, ac_index n, ac_index D,
+                                       float *o) {
+    for (ac_index d0 = 0; d0 < D; d0 += 64) {
+        const ac_index width = AC_MIN(64, D - d0);
+        __mmask16 m[4];
+        __m512 even[4], odd[4];
+        for (int i = 0; i < 4; i++) {
+            m[i] = mask16(width > 16 * i ? width - 16 * i : 0);
+            even[i] = _mm512_maskz_loadu_ps(m[i], o + d0 + 16 * i);
+            odd[i] = _mm512_setzero_ps();
+        }
+        ac_index j = 0;
+        if (width == 64) {
+            for (; j + 2 <= n; j += 2) {
+                const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+                const float *v0 = v + j * D + d0, *v1 = v0 + D;
+                for (int i = 0; i < 4; i++) {
+                    even[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * i), even[i]);
+                    odd[i] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * i), odd[i]);
+                }
+            }
+        } else {
+            for (; j + 2 <= n; j += 2) {
+                const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+                const float *v0 = v + j * D + d0, *v1 = v0 + D;
+                for (int i = 0; i < 4; i++) {
+                    even[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m[i], v0 + 16 * i), even[i]);
+                    odd[i] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(m[i], v1 + 16 * i), odd[i]);
+                }
+            }
+        }
+        if (j < n) {
+            const __m512 p0 = _mm512_set1_ps(p[j]);
+            for (int i = 0; i < 4; i++)
+                even[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m[i], v + j * D + d0 + 16 * i), even[i]);
+        }
+        for (int i = 0; i < 4; i++)
+            _mm512_mask_storeu_ps(o + d0 + 16 * i, m[i], _mm512_add_ps(even[i], odd[i]));
+    }
+}
+
+#endif
