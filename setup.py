@@ -89,7 +89,7 @@ def kernel_extension(name, c_sources=()):
 debug = os.environ.get("ATTNCORE_DEBUG") == "1"
 extensions = [
     kernel_extension("_threads", ["simd.c"]),
-    kernel_extension("_blas", ["simd.c"]),
+    kernel_extension("_blas", ["simd.c", "packed_linear.c"]),
     kernel_extension("_softmax", ["softmax.c", "simd.c"]),
     kernel_extension("_sdpa", ["sdpa.c", "simd.c"]),
     kernel_extension("_additive", ["additive.c", "simd.c"]),

@@ -170,6 +170,14 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
         w = g.standard_normal((50, 37)).astype(np.float32)
         np.testing.assert_allclose(attncore.linear(x, w), ref.linear(*f64(x, w)),
                                    rtol=1e-4, atol=1e-5)
+        # the decoding-step product on packed panels: row blocks, a padded last panel, bias
+        wp = g.standard_normal((130, 37)).astype(np.float32)
+        bp = g.standard_normal(130).astype(np.float32)
+        packed = attncore.kernels.PackedLinearWeight(wp)
+        for m in (1, 3, 16):
+            xm = g.standard_normal((m, 37)).astype(np.float32)
+            np.testing.assert_allclose(attncore.linear(xm, packed, bp), ref.linear(*f64(xm, wp, bp)),
+                                       rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),
                                    rtol=1e-5, atol=1e-6)
         for name in ("tanh", "sigmoid", "swish"):

@@ -432,6 +432,60 @@ def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
     assert np.ptp(scores[0]) > 1e-2
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("K,N", [(512, 200), (37, 64), (50, 129), (1, 1), (3, 5)])
+@pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 16, 17, 40, 300])
+def test_packed_linear_matches_reference(M, K, N, bias):
+    # PackedLinearWeight: the panel kernel up to 16 rows (row blocks of 6 and their remainders,
+    # the last panel partly padded), BLAS on the panels beyond
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32) if bias else None
+    packed = attncore.kernels.PackedLinearWeight(w)
+    assert packed.shape == (N, K)
+    np.testing.assert_array_equal(packed.unpack(), w)
+    expected = reference.linear(x.astype(np.float64), w.astype(np.float64),
+                                None if b is None else b.astype(np.float64))
+    with attncore.num_threads(2):
+        got = attncore.linear(x, packed, b)
+    assert got.dtype == np.float32 and got.shape == (M, N)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("K,N", [(512, 130), (37, 9), (8, 64)])
+def test_packed_linear_rows_do_not_depend_on_the_batch(K, N):
+    # every output is one FMA chain over k in order: a row gives the same bits alone, in any
+    # block of rows, and for any thread count
+    rng = np.random.default_rng(K + N)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    packed = attncore.kernels.PackedLinearWeight(w)
+    alone = np.stack([attncore.linear(x[i:i + 1], packed, b)[0] for i in range(16)])
+    for M in range(1, 17):
+        with attncore.num_threads(2):
+            np.testing.assert_array_equal(attncore.linear(x[:M], packed, b), alone[:M],
+                                          err_msg=f"M={M}")
+
+
+def test_packed_linear_rejects_bad_input():
+    w = np.ones((5, 3), np.float32)
+    packed = attncore.kernels.PackedLinearWeight(w)
+    with pytest.raises(TypeError, match="x must be float32"):
+        attncore.linear(np.ones((2, 3)), packed)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        attncore.linear(np.ones((2, 4), np.float32), packed)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        attncore.linear(np.ones((2, 3), np.float32), packed, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="weight"):
+        attncore.kernels.PackedLinearWeight(np.ones((0, 3), np.float32))
+    with pytest.raises(ValueError, match="weight"):
+        attncore.kernels.PackedLinearWeight(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        packed.panels[0, 0, 0] = 1
+
+
 @pytest.mark.parametrize("K,N", [(512, 70), (37, 9), (50, 20), (8, 1), (3, 5)])
 def test_small_float32_linear_rows_do_not_depend_on_the_batch(K, N):
     # Decoding steps (<= 16 rows) take attncore's own small-M product, blocked over rows and

@@ -19,6 +19,15 @@ cdef extern from "simd.h":
                            const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
                            float *out, Py_ssize_t ldo) nogil
 
+cdef extern from "packed_linear.h":
+    Py_ssize_t AC_PANEL_WIDTH
+    void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels) nogil
+    void ac_packed_linear_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                              const float *panels, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1,
+                              const float *bias, float *out, Py_ssize_t ldo) nogil
+
+PANEL_WIDTH = AC_PANEL_WIDTH
+
 cdef Py_ssize_t TILE = 256
 # Below this many multiply-adds a product runs on one thread: waking a team costs more than it
 # saves, and under load (other processes on the cores) a barrier can wait for a descheduled
@@ -105,3 +114,52 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
         m = min(TILE, M - i0)
         gemm_rowmajor(trans_b, <int>m, <int>N, <int>K, <floating>alpha, &a[bi, i0, 0], <int>K,
                       &b[bi, 0, 0], ldb, <floating>0, &out[bi, i0, 0], <int>N)
+
+
+def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
+    """panels (ceil(N / PANEL_WIDTH), K, PANEL_WIDTH) <- weight (N, K), zero-padded past N."""
+    with nogil:
+        ac_pack_panels_f32(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
+
+
+def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize_t N,
+                  const float[::1] bias, float[:, ::1] out, int num_threads):
+    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels``.
+
+    Up to SMALL_M rows (decoding steps) run attncore's panel kernel, threads splitting the
+    panels; more rows run one single-threaded GEMM per (row tile, panel), the panel read in place
+    as a (K, PANEL_WIDTH) matrix."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], n_panels = panels.shape[0]
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, b, i0, m, j0, n, i, j
+    cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
+    cdef int lda = <int>AC_PANEL_WIDTH
+    cdef float one = 1, zero = 0
+    cdef char nt = b'N'
+    cdef int im, in_, ik, ildb, ildc
+    if M == 0 or N == 0:
+        return
+    if M <= SMALL_M:
+        for b in prange(n_panels, nogil=True, schedule="static",
+                        num_threads=threads_for(M * N * K, num_threads)):
+            ac_packed_linear_f32(&x[0, 0], K, M, K, &panels[0, 0, 0], N, b, b + 1, bias_ptr,
+                                 &out[0, 0], N)
+        return
+    for t in prange(row_tiles * n_panels, nogil=True, schedule="static",
+                    num_threads=threads_for(M * N * K, num_threads)):
+        i0 = (t // n_panels) * TILE
+        b = t % n_panels
+        j0 = b * AC_PANEL_WIDTH
+        m = min(TILE, M - i0)
+        n = min(AC_PANEL_WIDTH, N - j0)
+        # column-major: out^T[j0:j0+n, i0:i0+m] = panel^T (n x K, ld PANEL_WIDTH) . x^T (K x m)
+        im = <int>n
+        in_ = <int>m
+        ik = <int>K
+        ildb = <int>K
+        ildc = <int>N
+        sgemm(&nt, &nt, &im, &in_, &ik, &one, <float *>&panels[b, 0, 0], &lda,
+              <float *>&x[i0, 0], &ildb, &zero, &out[i0, j0], &ildc)
+        if bias_ptr != NULL:
+            for i in range(i0, i0 + m):
+                for j in range(j0, j0 + n):
+                    out[i, j] = out[i, j] + bias_ptr[j]

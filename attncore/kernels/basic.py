@@ -9,7 +9,7 @@ from ._validation import (check_axis, check_bool_mask, check_finite_float, check
                           check_ids, check_lengths)
 from .threads import get_num_threads
 
-__all__ = ["softmax", "log_softmax", "linear", "matmul", "layer_norm", "relu", "gelu",
+__all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "matmul", "layer_norm", "relu", "gelu",
            "gelu_tanh", "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions",
            "rotary"]
 
@@ -57,14 +57,63 @@ def log_softmax(x, axis=-1, *, lengths=None, mask=None):
     return _softmax_front(x, axis, lengths, mask, True, "log_softmax")
 
 
-def linear(x, weight, bias=None):
-    """y = x . weight^T + bias on BLAS (torch ``nn.Linear`` layout).
+class PackedLinearWeight:
+    """A float32 ``nn.Linear`` weight (out_features, in_features) laid out once for decoding.
 
-    x : (..., in_features); weight : (out_features, in_features); bias : (out_features,) or None.
-    Returns (..., out_features), dtype of x.
+    Stored as ``panels`` (ceil(out / PANEL_WIDTH), in, PANEL_WIDTH): panel b holds rows
+    ``[b * 64, b * 64 + 64)`` of the weight, transposed, zero-padded past ``out_features`` (see
+    ``src_c/packed_linear.h``). :func:`linear` with a packed weight runs products of up to 16
+    rows (a decoding step) on attncore's panel kernel, which reads each panel as one sequential
+    stream and never re-packs; larger products run BLAS on the panels in place. Models pack
+    their decoder weights at load; the packed copy costs as much memory as the weight.
+
+    weight : (out_features, in_features) array (cast to float32)
+    """
+
+    __slots__ = ("panels", "shape")
+
+    def __init__(self, weight):
+        weight = check_float_array(weight, "weight", ndim=2)
+        weight = np.ascontiguousarray(weight, dtype=np.float32)
+        out_features, in_features = weight.shape
+        if out_features == 0 or in_features == 0:
+            raise ValueError(f"weight must have non-zero dimensions, got shape {weight.shape}")
+        width = _blas.PANEL_WIDTH
+        self.panels = np.empty(((out_features + width - 1) // width, in_features, width),
+                               dtype=np.float32)
+        _blas.pack_panels(weight, self.panels)
+        self.panels.flags.writeable = False
+        self.shape = (out_features, in_features)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def unpack(self) -> np.ndarray:
+        """The (out_features, in_features) weight back, as a new array."""
+        out_features, in_features = self.shape
+        full = self.panels.transpose(0, 2, 1).reshape(-1, in_features)
+        return np.ascontiguousarray(full[:out_features])
+
+    def __repr__(self):
+        return f"PackedLinearWeight(shape={self.shape})"
+
+
+def linear(x, weight, bias=None):
+    """y = x . weight^T + bias (torch ``nn.Linear`` layout).
+
+    x : (..., in_features); weight : (out_features, in_features) array, or a
+    :class:`PackedLinearWeight` (then x must be float32); bias : (out_features,) or None.
+    Returns (..., out_features), dtype of x. Unpacked weights run on BLAS, with products of up
+    to 16 float32 rows on attncore's own few-row kernel.
     """
     x = check_float_array(x, "x", min_ndim=1)
-    weight = check_float_array(weight, "weight", ndim=2, dtype=x.dtype)
+    packed = isinstance(weight, PackedLinearWeight)
+    if packed:
+        if x.dtype != np.float32:
+            raise TypeError(f"x must be float32 to use a PackedLinearWeight, got {x.dtype}")
+    else:
+        weight = check_float_array(weight, "weight", ndim=2, dtype=x.dtype)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must have shape (out_features, {x.shape[-1]}) to match x's last "
                          f"dimension, got {weight.shape}")
@@ -74,7 +123,11 @@ def linear(x, weight, bias=None):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
     x2 = x.reshape(n_rows(x.shape), x.shape[-1])
     out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
-    _blas.linear(x2, weight, bias, out, get_num_threads())
+    if packed:
+        x2 = np.ascontiguousarray(x2)
+        _blas.linear_packed(x2, weight.panels, weight.shape[0], bias, out, get_num_threads())
+    else:
+        _blas.linear(x2, weight, bias, out, get_num_threads())
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 

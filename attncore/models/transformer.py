@@ -17,6 +17,11 @@ What the engine adds over the trainer's recomputing oracle:
   kernel never touches entries past a row's length, so the unfilled tail is never initialised).
   Capacity starts at the caller's hint and doubles when full (amortised O(1) per step, never
   one concatenation per step), up to ``max_positions``.
+* **Packed step weights.** The decoder's per-token projections (self-attention QKV and output,
+  cross-attention queries and output, feed-forward, vocabulary projection) are also held as
+  :class:`~attncore.kernels.PackedLinearWeight` (packed once at load; as much memory again as
+  those weights), so a decoding step's few-row products stream each weight once and never
+  re-pack. Encoders and prompts use the plain matrices on BLAS.
 * **Ragged batches.** Sources (and decoder-only prompts) of different lengths are padded with
   ``pad_id`` and masked with ``kv_lengths``; every row keeps its own decoding position.
 
@@ -26,7 +31,7 @@ into compiled code); everything else runs once per call or once per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -81,11 +86,25 @@ class _Attention:
 
 
 @dataclass(frozen=True)
+class _StepWeights:
+    """A decoder layer's per-token projections, packed for decoding steps (same matrices as the
+    layer's arrays; cross_* are None without cross-attention)."""
+
+    self_qkv: kernels.PackedLinearWeight
+    self_out: kernels.PackedLinearWeight
+    cross_q: Optional[kernels.PackedLinearWeight]
+    cross_out: Optional[kernels.PackedLinearWeight]
+    linear1: kernels.PackedLinearWeight
+    linear2: kernels.PackedLinearWeight
+
+
+@dataclass(frozen=True)
 class _Layer:
     """One encoder or decoder layer.
 
     norms : ((gamma, beta), ...) for norm1, norm2 (+ norm3 with cross-attention), each (d,)
     cross : the cross-attention block (encoder–decoder decoders only)
+    step : the packed copies decoding steps use (decoder layers only)
     """
 
     self_attn: _Attention
@@ -95,6 +114,18 @@ class _Layer:
     linear2_weight: np.ndarray   # (d, F)
     linear2_bias: np.ndarray     # (d,)
     norms: Tuple[Tuple[np.ndarray, np.ndarray], ...]
+    step: Optional[_StepWeights] = None
+
+
+def _with_step_weights(layer: _Layer) -> _Layer:
+    """The decoder layer with its decoding-step weights packed."""
+    pack = kernels.PackedLinearWeight
+    cross = layer.cross
+    return replace(layer, step=_StepWeights(
+        self_qkv=pack(layer.self_attn.qkv_weight), self_out=pack(layer.self_attn.out_weight),
+        cross_q=pack(cross.q_weight) if cross is not None else None,
+        cross_out=pack(cross.out_weight) if cross is not None else None,
+        linear1=pack(layer.linear1_weight), linear2=pack(layer.linear2_weight)))
 
 
 def _f32(array) -> np.ndarray:
@@ -275,36 +306,36 @@ def _decoder_layer_step(layer: _Layer, x: np.ndarray, k_cache: np.ndarray, v_cac
     """
     batch, d_model = x.shape
     heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    norms = layer.norms
+    norms, step = layer.norms, layer.step
 
     # self-attention: one fused QKV projection; K/V go straight into the cache
     attn = layer.self_attn
     h = kernels.layer_norm(x, norms[0][0], norms[0][1], eps) if norm_first else x
-    qkv = kernels.linear(h, attn.qkv_weight, attn.qkv_bias).reshape(batch, 3, heads, head_dim)
+    qkv = kernels.linear(h, step.self_qkv, attn.qkv_bias).reshape(batch, 3, heads, head_dim)
     k_cache[cache_index] = qkv[:, 1]
     v_cache[cache_index] = qkv[:, 2]
     q = np.ascontiguousarray(qkv[:, 0]).reshape(batch, heads, 1, head_dim)
     out = kernels.attention(q, k_cache, v_cache, kv_lengths=kv_lengths).reshape(batch, d_model)
-    x = _residual(x, kernels.linear(out, attn.out_weight, attn.out_bias), norms[0], norm_first, eps)
+    x = _residual(x, kernels.linear(out, step.self_out, attn.out_bias), norms[0], norm_first, eps)
 
     # cross-attention over the source K/V projected once in _start
     weights = None
     if layer.cross is not None:
         attn = layer.cross
         h = kernels.layer_norm(x, norms[1][0], norms[1][1], eps) if norm_first else x
-        q = kernels.linear(h, attn.q_weight, attn.q_bias).reshape(batch, heads, 1, head_dim)
+        q = kernels.linear(h, step.cross_q, attn.q_bias).reshape(batch, heads, 1, head_dim)
         if want_weights:
             out, weights = kernels.attention(q, cross_k, cross_v, kv_lengths=src_lengths,
                                              return_weights=True)
             weights = weights[:, :, 0]
         else:
             out = kernels.attention(q, cross_k, cross_v, kv_lengths=src_lengths)
-        out = kernels.linear(out.reshape(batch, d_model), attn.out_weight, attn.out_bias)
+        out = kernels.linear(out.reshape(batch, d_model), step.cross_out, attn.out_bias)
         x = _residual(x, out, norms[1], norm_first, eps)
 
     # feed-forward
     h = kernels.layer_norm(x, norms[-1][0], norms[-1][1], eps) if norm_first else x
-    x = _residual(x, _feedforward(layer, h, gelu), norms[-1], norm_first, eps)
+    x = _residual(x, _feedforward(layer, h, gelu, packed=True), norms[-1], norm_first, eps)
     return x, weights
 
 
@@ -323,11 +354,13 @@ def _sublayer(x: np.ndarray, norm, fn, norm_first: bool, eps: float) -> np.ndarr
     return kernels.layer_norm(x + fn(x), norm[0], norm[1], eps)
 
 
-def _feedforward(layer: _Layer, x: np.ndarray, gelu: bool) -> np.ndarray:
-    """linear2(act(linear1(x))), x (..., d)."""
-    hidden = kernels.linear(x, layer.linear1_weight, layer.linear1_bias)
+def _feedforward(layer: _Layer, x: np.ndarray, gelu: bool, packed: bool = False) -> np.ndarray:
+    """linear2(act(linear1(x))), x (..., d); ``packed``: with the decoding-step weights."""
+    w1, w2 = ((layer.step.linear1, layer.step.linear2) if packed
+              else (layer.linear1_weight, layer.linear2_weight))
+    hidden = kernels.linear(x, w1, layer.linear1_bias)
     hidden = kernels.gelu(hidden) if gelu else kernels.relu(hidden)
-    return kernels.linear(hidden, layer.linear2_weight, layer.linear2_bias)
+    return kernels.linear(hidden, w2, layer.linear2_bias)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -382,12 +415,14 @@ class Transformer(EncoderDecoderModel):
             self.tgt_embedding = _f32(weights["tgt_embedding.weight"])
             self.tgt_positions = sinusoid if sinusoid is not None else _f32(weights["tgt_position.weight"])
             self.decoder_layers = tuple(
-                _layer_weights(weights, f"decoder.layers.{i}", d, cross=kind == "encoder_decoder")
+                _with_step_weights(_layer_weights(weights, f"decoder.layers.{i}", d,
+                                                  cross=kind == "encoder_decoder"))
                 for i in range(int(config["num_decoder_layers"])))
             self.decoder_norm = self._final_norm(weights, "decoder.norm")
             self.output_weight = (self.tgt_embedding if config["tie_embeddings"]
                                   else _f32(weights["output.weight"]))
             self.output_bias = _f32(weights["output.bias"])
+            self.output_step = kernels.PackedLinearWeight(self.output_weight)
         if kind == "encoder_only":
             self.classifier_weight = _f32(weights["classifier.weight"])
             self.classifier_bias = _f32(weights["classifier.bias"])
@@ -462,7 +497,7 @@ class Transformer(EncoderDecoderModel):
         """Decoder output (B, d) -> float32 log-probabilities (B, V) (final norm included)."""
         if self.decoder_norm is not None:
             hidden = kernels.layer_norm(hidden, self.decoder_norm[0], self.decoder_norm[1], self.eps)
-        return kernels.log_softmax(kernels.linear(hidden, self.output_weight, self.output_bias))
+        return kernels.log_softmax(kernels.linear(hidden, self.output_step, self.output_bias))
 
     # -- decoder protocol (docs/ENGINE.md) --------------------------------------------------
     def _new_caches(self, batch: int, capacity: int):
