@@ -25,8 +25,12 @@ from .threads import get_num_threads
 __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
            "nadaraya_watson"]
 
-BLOCK_Q = 64     # query rows per flash tile
-BLOCK_K = 256    # keys per flash tile: a 64 x 256 float32 score tile is 64 KiB, L2-resident
+# Flash tile: BLOCK_Q query rows x BLOCK_K keys, a 512 KiB float32 score tile (L2-resident).
+# Each tile product is one BLAS call that packs both operands, so large tiles amortise the
+# packing: on a 2-core AVX-512 machine 256 x 512 ran L=2048..8192 prefill 1.2-1.3x faster than
+# 64 x 256 (bench/RESULTS.md, "Flash tile size").
+BLOCK_Q = 256
+BLOCK_K = 512
 DECODE_MAX_Q = 8
 DECODE_CHUNK = 256
 
