@@ -22,7 +22,11 @@ static inline double ac_exp_shift_sum_f64(double *x, ac_index n, double shift) {
 }
 static inline double ac_exp_shift_sum_to_f64(const double *x, double *y, ac_index n, double shift) {
     double s = 0.0;
-    for (ac_index i = 0; i < n; i++) { y[i] = exp(x[i] - shift); s += y[i]; }
+    for (ac_index i = 0; i < n; i++) {
+        const double e = exp(x[i] - shift);
+        if (y) y[i] = e;
+        s += e;
+    }
     return s;
 }
 static inline double ac_dot_f64(const double *a, const double *b, ac_index n) {

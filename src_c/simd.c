@@ -43,7 +43,11 @@ static float max_scalar(const float *x, ac_index n) {
 }
 static float exp_shift_sum_scalar(const float *x, float *y, ac_index n, float shift) {
     float s = 0.f;
-    for (ac_index i = 0; i < n; i++) { y[i] = expf(x[i] - shift); s += y[i]; }
+    for (ac_index i = 0; i < n; i++) {
+        const float e = expf(x[i] - shift);
+        if (y) y[i] = e;
+        s += e;
+    }
     return s;
 }
 static void scale_scalar(float *x, ac_index n, float a) { for (ac_index i = 0; i < n; i++) x[i] *= a; }
@@ -151,7 +155,7 @@ static AVX2 float exp_shift_sum_avx2(const float *x, float *y, ac_index n, float
     ac_index i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
-        _mm256_storeu_ps(y + i, e);
+        if (y) _mm256_storeu_ps(y + i, e);
         acc = _mm256_add_ps(acc, e);
     }
     if (i < n) { /* tail through a padded lane block, so the tail uses the same exp */
@@ -160,7 +164,8 @@ static AVX2 float exp_shift_sum_avx2(const float *x, float *y, ac_index n, float
         for (ac_index j = 0; j < 8; j++) buf[j] = j < r ? x[i + j] - shift : -INFINITY;
         __m256 e = exp256(_mm256_loadu_ps(buf));
         _mm256_storeu_ps(buf, e);
-        for (ac_index j = 0; j < r; j++) y[i + j] = buf[j];
+        if (y)
+            for (ac_index j = 0; j < r; j++) y[i + j] = buf[j];
         acc = _mm256_add_ps(acc, e);
     }
     return hsum256(acc);

@@ -20,7 +20,8 @@ float ac_max_f32(const float *x, ac_index n);
 /* x[i] = exp(x[i] - shift) in place; returns the sum of the new x (0 for n == 0).
  * exp(-inf) is exactly 0. */
 float ac_exp_shift_sum_f32(float *x, ac_index n, float shift);
-/* y[i] = exp(x[i] - shift) (x and y may be the same); returns the sum of y. */
+/* y[i] = exp(x[i] - shift) (x and y may be the same); returns the sum of y. With y NULL only
+ * the sum is computed (log-softmax in place). */
 float ac_exp_shift_sum_to_f32(const float *x, float *y, ac_index n, float shift);
 /* x[i] *= a */
 void ac_scale_f32(float *x, ac_index n, float a);

@@ -66,15 +66,17 @@ static AVX512 float exp_shift_sum_avx512(const float *x, float *y, ac_index n, f
     for (; i + 32 <= n; i += 32) {
         __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
         __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vs));
-        _mm512_storeu_ps(y + i, e0);
-        _mm512_storeu_ps(y + i + 16, e1);
+        if (y) {
+            _mm512_storeu_ps(y + i, e0);
+            _mm512_storeu_ps(y + i + 16, e1);
+        }
         acc0 = _mm512_add_ps(acc0, e0);
         acc1 = _mm512_add_ps(acc1, e1);
     }
     for (; i < n; i += 16) { /* at most two more vectors, the last one masked */
         const __mmask16 m = mask16(n - i);
         __m512 e = exp512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, x + i), vs));
-        _mm512_mask_storeu_ps(y + i, m, e);
+        if (y) _mm512_mask_storeu_ps(y + i, m, e);
         acc0 = _mm512_add_ps(acc0, e);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));

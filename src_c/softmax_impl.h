@@ -18,8 +18,8 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
             if (n_valid == 0) { memset(yr, 0, sizeof(REAL) * n); continue; }
             REAL mx = CAT(ac_max_, SUF)(xr, n_valid);
             if (log_output) {
-                REAL total = 0;
-                for (ac_index j = 0; j < n_valid; j++) total += (REAL)exp((double)(xr[j] - mx));
+                /* the sum only (y may be x: log-softmax runs in place in the seq2seq step) */
+                REAL total = CAT(ac_exp_shift_sum_to_, SUF)(xr, NULL, n_valid, mx);
                 /* (x - max) - log(sum): never round max + log(sum) to REAL first, which for
                  * entries far from zero (ulp(1e4) ~ 1e-3 in float32) would shift every output */
                 REAL log_total = (REAL)log((double)total);
