@@ -1,0 +1,60 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Flash-attention tile sizes: attncore's prefill at several (BLOCK_Q, BLOCK_K) beside torch's
+``scaled_dot_product_attention``, same process, same minute. Prints the ratio torch time /
+attncore time (> 1: attncore faster) per shape and tile; the chosen default is
+``attncore.kernels.attention.BLOCK_Q/BLOCK_K``.
+
+    python bench/flash_tiles.py [--threads 1]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import attncore  # noqa: E402
+
+# the module, not the function of the same name that attncore.kernels re-exports
+front = sys.modules["attncore.kernels.attention"]
+
+TILES = [(64, 256), (128, 256), (256, 256), (128, 512), (256, 512), (512, 512), (256, 1024)]
+SHAPES = [(8, 8, 512, 64), (1, 12, 2048, 64), (1, 8, 8192, 64)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+    H.set_threads(args.threads)
+    print(f"# python bench/flash_tiles.py --threads {args.threads}")
+    print(f"# {H.machine_description()}")
+    print("| shape (B, H, L, D) | causal | torch ms | "
+          + " | ".join(f"{q}x{k}" for q, k in TILES) + " |")
+    print("|---|---|---:|" + "---:|" * len(TILES))
+    rng = np.random.default_rng(0)
+    default = (front.BLOCK_Q, front.BLOCK_K)
+    try:
+        for shape in SHAPES:
+            q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+            for causal in (False, True):
+                t_torch = H.best_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    tq, tk, tv, is_causal=causal), repeats=3, min_time=0)
+                ratios = []
+                for block_q, block_k in TILES:
+                    front.BLOCK_Q, front.BLOCK_K = block_q, block_k
+                    t = H.best_time(lambda: attncore.attention(q, k, v, causal=causal),
+                                    repeats=3, min_time=0)
+                    ratios.append(f"{t_torch / t:.2f}")
+                print(f"| {shape} | {causal} | {t_torch * 1e3:.1f} | " + " | ".join(ratios) + " |",
+                      flush=True)
+    finally:
+        front.BLOCK_Q, front.BLOCK_K = default
+
+
+if __name__ == "__main__":
+    main()
