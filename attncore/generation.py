@@ -65,12 +65,15 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
 # ------------------------------------------------------------------------------------------
 
 def _step(model, state, tokens, step, min_length, eos_id, return_attention):
-    """One model step -> float64 log-probs (EOS masked before ``min_length``) and attention."""
+    """One model step -> float32 log-probs, a copy with EOS masked before ``min_length``, and
+    attention. Callers sum them into float64 (the float32 values convert exactly), so no
+    (B, V) float64 copy is made per step."""
     log_probs, attention = model._step(state, tokens)
     if return_attention and attention is None:
         raise ValueError("return_attention: this model has no cross-attention to return")
-    scores = log_probs.astype(np.float64)
+    scores = log_probs
     if step < min_length:
+        scores = log_probs.copy()
         scores[:, eos_id] = -np.inf
     return log_probs, scores, attention
 
@@ -137,8 +140,8 @@ def _argmax(scores):
 
 
 def _sample_rows(scores, rng, temperature, top_k, top_p):
-    """One token per row of float64 log-probs (B, V) (-inf = forbidden)."""
-    logits = scores / temperature
+    """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64."""
+    logits = scores.astype(np.float64) / temperature
     vocab = logits.shape[1]
     if 0 < top_k < vocab:
         # keep the top_k largest; ties at the boundary keep the lower ids
