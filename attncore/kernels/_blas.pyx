@@ -58,6 +58,15 @@ cdef inline void gemm_rowmajor(bint trans_b, int m, int n, int k, floating alpha
         dgemm(&ta, &tn, &n, &m, &k, &alpha, <double *>b, &ldb, <double *>a, &lda, &beta, c, &ldc)
 
 
+cdef inline void add_bias(floating *out, Py_ssize_t ldo, const floating *bias, Py_ssize_t m,
+                          Py_ssize_t n) noexcept nogil:
+    """out[i, j] += bias[j] for an (m, n) tile of a row-major matrix with row stride ldo."""
+    cdef Py_ssize_t i, j
+    for i in range(m):
+        for j in range(n):
+            out[i * ldo + j] = out[i * ldo + j] + bias[j]
+
+
 def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floating[::1] bias,
            floating[:, ::1] out, int num_threads):
     """out (M, N) = x (M, K) . weight (N, K)^T + bias (N) -- torch ``nn.Linear`` layout."""
@@ -90,9 +99,7 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
         gemm_rowmajor(True, <int>m, <int>n, <int>K, <floating>1, &x[i0, 0], <int>K,
                       &weight[j0, 0], <int>K, <floating>0, &out[i0, j0], <int>N)
         if has_bias:
-            for i in range(i0, i0 + m):
-                for j in range(j0, j0 + n):
-                    out[i, j] = out[i, j] + bias[j]
+            add_bias(&out[i0, j0], N, &bias[j0], m, n)
 
 
 def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
@@ -130,12 +137,8 @@ def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize
     panels; more rows run one single-threaded GEMM per (row tile, panel), the panel read in place
     as a (K, PANEL_WIDTH) matrix."""
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], n_panels = panels.shape[0]
-    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, b, i0, m, j0, n, i, j
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, b, i0, m, j0, n
     cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
-    cdef int lda = <int>AC_PANEL_WIDTH
-    cdef float one = 1, zero = 0
-    cdef char nt = b'N'
-    cdef int im, in_, ik, ildb, ildc
     if M == 0 or N == 0:
         return
     if M <= SMALL_M:
@@ -151,15 +154,9 @@ def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize
         j0 = b * AC_PANEL_WIDTH
         m = min(TILE, M - i0)
         n = min(AC_PANEL_WIDTH, N - j0)
-        # column-major: out^T[j0:j0+n, i0:i0+m] = panel^T (n x K, ld PANEL_WIDTH) . x^T (K x m)
-        im = <int>n
-        in_ = <int>m
-        ik = <int>K
-        ildb = <int>K
-        ildc = <int>N
-        sgemm(&nt, &nt, &im, &in_, &ik, &one, <float *>&panels[b, 0, 0], &lda,
-              <float *>&x[i0, 0], &ildb, &zero, &out[i0, j0], &ildc)
+        # out[i0:i0+m, j0:j0+n] = x[i0:i0+m] . panel[:, :n], the panel a row-major (K, n) matrix
+        # with row stride PANEL_WIDTH
+        gemm_rowmajor(False, <int>m, <int>n, <int>K, <float>1, &x[i0, 0], <int>K,
+                      &panels[b, 0, 0], <int>AC_PANEL_WIDTH, <float>0, &out[i0, j0], <int>N)
         if bias_ptr != NULL:
-            for i in range(i0, i0 + m):
-                for j in range(j0, j0 + n):
-                    out[i, j] = out[i, j] + bias_ptr[j]
+            add_bias(&out[i0, j0], N, &bias_ptr[j0], m, n)

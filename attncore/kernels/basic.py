@@ -124,7 +124,6 @@ def linear(x, weight, bias=None):
     x2 = x.reshape(n_rows(x.shape), x.shape[-1])
     out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
     if packed:
-        x2 = np.ascontiguousarray(x2)
         _blas.linear_packed(x2, weight.panels, weight.shape[0], bias, out, get_num_threads())
     else:
         _blas.linear(x2, weight, bias, out, get_num_threads())
