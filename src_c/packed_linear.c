@@ -21,17 +21,17 @@ void ac_pack_panels_f32(const float *w, ac_index N, ac_index K, float *panels) {
 }
 
 /* ---------------------------------------------------------------- scalar ------------ */
-static void panel_scalar(const float *x, ac_index ldx, ac_index M, ac_index K, const float *p,
-                         const float *bias, ac_index ncols, float *out, ac_index ldo) {
+/* acc (M x 64) += x (M rows) . panel, one chain per output over k in order. */
+static void panel_group_scalar(const float *x, ac_index ldx, ac_index M, ac_index K,
+                               const float *p, float *acc) {
     for (ac_index i = 0; i < M; i++) {
-        float acc[W] = {0};
         const float *xi = x + i * ldx;
+        float *ai = acc + i * W;
         for (ac_index k = 0; k < K; k++) {
             const float xk = xi[k];
             const float *pk = p + k * W;
-            for (int c = 0; c < W; c++) acc[c] += xk * pk[c];
+            for (int c = 0; c < W; c++) ai[c] += xk * pk[c];
         }
-        for (ac_index c = 0; c < ncols; c++) out[i * ldo + c] = acc[c] + (bias ? bias[c] : 0.0f);
     }
 }
 
@@ -40,8 +40,9 @@ static void panel_scalar(const float *x, ac_index ldx, ac_index M, ac_index K, c
  * call whatever M is, while the accumulators of the rows wait in `acc` (ROW_GROUP x 64 floats).
  * Continuing a chain from memory does not change its arithmetic. */
 #define K_CHUNK 64
-/* Software prefetch two chunks ahead into L2: with many rows the FMAs keep the core busy and
- * the hardware prefetcher alone let the stream stall (measured 1.2-1.5x at 16 rows). */
+/* Software prefetch two chunks ahead into L2, so the stream keeps going while the FMAs of many
+ * rows keep the core busy. On the noisy bench machine runs with it were never slower and at 16
+ * rows up to 1.5x faster, but single runs there vary as much; it is kept as a cheap hint. */
 #define PF_HINT _MM_HINT_T1
 #define PF_CHUNKS 2
 #define ROW_GROUP 16
@@ -144,24 +145,20 @@ void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
                           const float *bias, float *out, ac_index ldo) {
 #ifdef AC_X86
     const int level = ac_simd_level();
-#else
-    const int level = 0;
 #endif
     float acc[ROW_GROUP * W];
     for (ac_index b = b0; b < b1; b++) {
         const float *p = panels + b * K * W;
         const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
-        if (level == 0) {
-            panel_scalar(x, ldx, M, K, p, bias ? bias + j0 : NULL, ncols, out + j0, ldo);
-            continue;
-        }
         for (ac_index g = 0; g < M; g += ROW_GROUP) {
             const ac_index rows = AC_MIN(ROW_GROUP, M - g);
             memset(acc, 0, sizeof(float) * rows * W);
 #ifdef AC_X86
             if (level == 2) panel_group_avx512(x + g * ldx, ldx, rows, K, p, acc);
-            else panel_group_avx2(x + g * ldx, ldx, rows, K, p, acc);
+            else if (level == 1) panel_group_avx2(x + g * ldx, ldx, rows, K, p, acc);
+            else
 #endif
+                panel_group_scalar(x + g * ldx, ldx, rows, K, p, acc);
             for (ac_index r = 0; r < rows; r++) {
                 float *o = out + (g + r) * ldo + j0;
                 for (ac_index c = 0; c < ncols; c++) o[c] = acc[r * W + c] + (bias ? bias[j0 + c] : 0.0f);

@@ -88,25 +88,39 @@ static void small_gemm_scalar(const float *x, ac_index ldx, ac_index M, ac_index
 #ifdef AC_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
-/* exp(x) for 8 floats: Cephes-style range reduction x = n ln2 + r, degree-5 polynomial for
- * exp(r), 2^n through the exponent bits. Relative error ~2 ulp. Inputs below -87.3 (including
- * -inf, used for masked scores) give exactly 0; NaN propagates. */
+/* Constants of the vector exp (exp256 here, exp512 in simd_avx512.h): Cephes-style range
+ * reduction x = n ln2 + r (ln2 split in two for accuracy), degree-5 polynomial for exp(r).
+ * Inputs below EXP_LO underflow to exactly 0; above EXP_HI they are clamped. */
+#define EXP_HI 88.3762626647949f
+#define EXP_LO (-87.3365447504f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f
+#define EXP_LN2_LO (-2.12194440e-4f)
+#define EXP_P0 1.9875691500E-4f
+#define EXP_P1 1.3981999507E-3f
+#define EXP_P2 8.3334519073E-3f
+#define EXP_P3 4.1665795894E-2f
+#define EXP_P4 1.6666665459E-1f
+#define EXP_P5 5.0000001201E-1f
+
+/* exp(x) for 8 floats, 2^n through the exponent bits. Relative error ~2 ulp. Inputs below
+ * EXP_LO (including -inf, used for masked scores) give exactly 0. */
 static inline AVX2 __m256 exp256(__m256 x) {
-    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-    const __m256 lo = _mm256_set1_ps(-87.3365447504f);
+    const __m256 hi = _mm256_set1_ps(EXP_HI);
+    const __m256 lo = _mm256_set1_ps(EXP_LO);
     __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_min_ps(x, hi);
     x = _mm256_max_ps(x, lo);
-    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f));
     fx = _mm256_floor_ps(fx);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
+    __m256 y = _mm256_set1_ps(EXP_P0);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P2));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P3));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P4));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P5));
     __m256 x2 = _mm256_mul_ps(x, x);
     y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
     __m256i e = _mm256_cvttps_epi32(fx);

@@ -19,26 +19,27 @@ static inline AVX512 __mmask16 mask16(ac_index n) {
     return (__mmask16)(n >= 16 ? 0xFFFF : ((1u << n) - 1u));
 }
 
-/* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c), with 2^n applied
- * by `vscalefps`, which needs no integer detour and stays finite up to the clamp at 88.38.
+/* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c, the EXP_*
+ * constants), with 2^n applied by `vscalefps`, which needs no integer detour and stays finite
+ * up to the clamp at 88.38.
  * Inputs below -87.34 (including -inf, used for masked scores) give exactly 0; NaN propagates
  * (min/max take the NaN from their second operand). */
 static inline AVX512 __m512 exp512(__m512 x) {
-    const __m512 hi = _mm512_set1_ps(88.3762626647949f);
-    const __m512 lo = _mm512_set1_ps(-87.3365447504f);
+    const __m512 hi = _mm512_set1_ps(EXP_HI);
+    const __m512 lo = _mm512_set1_ps(EXP_LO);
     const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_min_ps(hi, x);
     x = _mm512_max_ps(lo, x);
-    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f));
     fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_HI), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_LO), x);
+    __m512 y = _mm512_set1_ps(EXP_P0);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P1));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P4));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_scalef_ps(y, fx));
 }
