@@ -22,9 +22,11 @@ cdef extern from "simd.h":
 cdef extern from "packed_linear.h":
     Py_ssize_t AC_PANEL_WIDTH
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels) nogil
-    void ac_packed_linear_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                              const float *panels, Py_ssize_t N, Py_ssize_t b0, Py_ssize_t b1,
-                              const float *bias, float *out, Py_ssize_t ldo) nogil
+    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
+                                 float *, int *, float *, float *, int *)
+    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t M, Py_ssize_t K,
+                                   const float *panels, Py_ssize_t N, const float *bias,
+                                   float *out, ac_sgemm_fn sgemm, int num_threads) nogil
 
 PANEL_WIDTH = AC_PANEL_WIDTH
 
@@ -131,32 +133,12 @@ def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
 
 def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize_t N,
                   const float[::1] bias, float[:, ::1] out, int num_threads):
-    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels``.
-
-    Up to SMALL_M rows (decoding steps) run attncore's panel kernel, threads splitting the
-    panels; more rows run one single-threaded GEMM per (row tile, panel), the panel read in place
-    as a (K, PANEL_WIDTH) matrix."""
-    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], n_panels = panels.shape[0]
-    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, b, i0, m, j0, n
+    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels``: up to
+    AC_PACKED_SMALL_M rows (decoding steps) on attncore's panel kernel, more on BLAS reading the
+    panels in place (``ac_packed_linear_rows_f32``, src_c/packed_linear.h)."""
     cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
-    if M == 0 or N == 0:
+    if x.shape[0] == 0 or N == 0:
         return
-    if M <= SMALL_M:
-        for b in prange(n_panels, nogil=True, schedule="static",
-                        num_threads=threads_for(M * N * K, num_threads)):
-            ac_packed_linear_f32(&x[0, 0], K, M, K, &panels[0, 0, 0], N, b, b + 1, bias_ptr,
-                                 &out[0, 0], N)
-        return
-    for t in prange(row_tiles * n_panels, nogil=True, schedule="static",
-                    num_threads=threads_for(M * N * K, num_threads)):
-        i0 = (t // n_panels) * TILE
-        b = t % n_panels
-        j0 = b * AC_PANEL_WIDTH
-        m = min(TILE, M - i0)
-        n = min(AC_PANEL_WIDTH, N - j0)
-        # out[i0:i0+m, j0:j0+n] = x[i0:i0+m] . panel[:, :n], the panel a row-major (K, n) matrix
-        # with row stride PANEL_WIDTH
-        gemm_rowmajor(False, <int>m, <int>n, <int>K, <float>1, &x[i0, 0], <int>K,
-                      &panels[b, 0, 0], <int>AC_PANEL_WIDTH, <float>0, &out[i0, j0], <int>N)
-        if bias_ptr != NULL:
-            add_bias(&out[i0, j0], N, &bias_ptr[j0], m, n)
+    with nogil:
+        ac_packed_linear_rows_f32(&x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], N, bias_ptr,
+                                  &out[0, 0], sgemm, num_threads)
