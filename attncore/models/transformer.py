@@ -22,11 +22,12 @@ What the engine adds over the trainer's recomputing oracle:
   :class:`~attncore.kernels.PackedLinearWeight` (packed once at load; as much memory again as
   those weights), so a decoding step's few-row products stream each weight once and never
   re-pack. Encoders and prompts use the plain matrices on BLAS.
+* **One compiled step.** A decoding step (token embedding, every decoder layer against its
+  cache, final norm, vocabulary projection, log-softmax) is one call to
+  :class:`attncore.kernels._transformer.DecoderStep` with the GIL released, on the same C
+  kernels as the rest of the engine; Python only validates the tokens and grows the caches.
 * **Ragged batches.** Sources (and decoder-only prompts) of different lengths are padded with
   ``pad_id`` and masked with ``kv_lengths``; every row keeps its own decoding position.
-
-The per-token decoder work of one layer is :func:`_decoder_layer_step` (the function to move
-into compiled code); everything else runs once per call or once per step.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .. import kernels
+from ..kernels import _transformer
+from ..kernels.attention import DECODE_CHUNK
 from .base import (EncoderDecoderModel, GenerationResult, check_generation_options,
                    check_sources)
 
@@ -277,76 +280,6 @@ def _grow(cache: np.ndarray, capacity: int, filled: int) -> np.ndarray:
     return out
 
 
-# -- the per-token decoder layer ----------------------------------------------------------------
-
-def _decoder_layer_step(layer: _Layer, x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-                        cache_index: tuple, kv_lengths: np.ndarray, cross_k: Optional[np.ndarray],
-                        cross_v: Optional[np.ndarray], src_lengths: Optional[np.ndarray],
-                        norm_first: bool, eps: float, gelu: bool, want_weights: bool):
-    """One decoder layer for one new token per row, against the KV cache.
-
-    Parameters
-    ----------
-    x : float32 (B, d), the layer input at each row's new position
-    k_cache, v_cache : float32 (B, H, capacity, head_dim); the new keys/values are written in
-        place at ``cache_index`` (each row's position), then row b attends to its cache prefix
-        ``[0, kv_lengths[b])`` (the kernel's decode path; nothing past it is read)
-    cache_index : index of the new position, ``(:, :, p)`` or ``(arange(B), :, positions)``
-    kv_lengths : int64 (B,), positions + 1
-    cross_k, cross_v : (B, H, S, head_dim) source keys/values, or None (decoder-only)
-    src_lengths : int64 (B,) or None
-    want_weights : also return the cross-attention weights (B, H, S) of this layer
-
-    Returns
-    -------
-    x : (B, d) the layer output; weights : (B, H, S) or None
-
-    With one query per row the (B, H, 1, head_dim) head layout is the (B, d) row layout, so
-    no transposes are needed on this path.
-    """
-    batch, d_model = x.shape
-    heads, head_dim = k_cache.shape[1], k_cache.shape[3]
-    norms, step = layer.norms, layer.step
-
-    # self-attention: one fused QKV projection; K/V go straight into the cache
-    attn = layer.self_attn
-    h = kernels.layer_norm(x, norms[0][0], norms[0][1], eps) if norm_first else x
-    qkv = kernels.linear(h, step.self_qkv, attn.qkv_bias).reshape(batch, 3, heads, head_dim)
-    k_cache[cache_index] = qkv[:, 1]
-    v_cache[cache_index] = qkv[:, 2]
-    q = np.ascontiguousarray(qkv[:, 0]).reshape(batch, heads, 1, head_dim)
-    out = kernels.attention(q, k_cache, v_cache, kv_lengths=kv_lengths).reshape(batch, d_model)
-    x = _residual(x, kernels.linear(out, step.self_out, attn.out_bias), norms[0], norm_first, eps)
-
-    # cross-attention over the source K/V projected once in _start
-    weights = None
-    if layer.cross is not None:
-        attn = layer.cross
-        h = kernels.layer_norm(x, norms[1][0], norms[1][1], eps) if norm_first else x
-        q = kernels.linear(h, step.cross_q, attn.q_bias).reshape(batch, heads, 1, head_dim)
-        if want_weights:
-            out, weights = kernels.attention(q, cross_k, cross_v, kv_lengths=src_lengths,
-                                             return_weights=True)
-            weights = weights[:, :, 0]
-        else:
-            out = kernels.attention(q, cross_k, cross_v, kv_lengths=src_lengths)
-        out = kernels.linear(out.reshape(batch, d_model), step.cross_out, attn.out_bias)
-        x = _residual(x, out, norms[1], norm_first, eps)
-
-    # feed-forward
-    h = kernels.layer_norm(x, norms[-1][0], norms[-1][1], eps) if norm_first else x
-    x = _residual(x, _feedforward(layer, h, gelu, packed=True), norms[-1], norm_first, eps)
-    return x, weights
-
-
-def _residual(x: np.ndarray, y: np.ndarray, norm, norm_first: bool, eps: float) -> np.ndarray:
-    """The residual join of a sublayer whose output is ``y``: ``x + y`` (pre-norm, the norm was
-    applied to the sublayer's input) or ``norm(x + y)`` (post-norm)."""
-    if norm_first:
-        return x + y
-    return kernels.layer_norm(x + y, norm[0], norm[1], eps)
-
-
 def _sublayer(x: np.ndarray, norm, fn, norm_first: bool, eps: float) -> np.ndarray:
     """Pre-norm ``x + fn(norm(x))`` or post-norm ``norm(x + fn(x))``."""
     if norm_first:
@@ -354,13 +287,11 @@ def _sublayer(x: np.ndarray, norm, fn, norm_first: bool, eps: float) -> np.ndarr
     return kernels.layer_norm(x + fn(x), norm[0], norm[1], eps)
 
 
-def _feedforward(layer: _Layer, x: np.ndarray, gelu: bool, packed: bool = False) -> np.ndarray:
-    """linear2(act(linear1(x))), x (..., d); ``packed``: with the decoding-step weights."""
-    w1, w2 = ((layer.step.linear1, layer.step.linear2) if packed
-              else (layer.linear1_weight, layer.linear2_weight))
-    hidden = kernels.linear(x, w1, layer.linear1_bias)
+def _feedforward(layer: _Layer, x: np.ndarray, gelu: bool) -> np.ndarray:
+    """linear2(act(linear1(x))), x (..., d)."""
+    hidden = kernels.linear(x, layer.linear1_weight, layer.linear1_bias)
     hidden = kernels.gelu(hidden) if gelu else kernels.relu(hidden)
-    return kernels.linear(hidden, w2, layer.linear2_bias)
+    return kernels.linear(hidden, layer.linear2_weight, layer.linear2_bias)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -423,10 +354,33 @@ class Transformer(EncoderDecoderModel):
                                   else _f32(weights["output.weight"]))
             self.output_bias = _f32(weights["output.bias"])
             self.output_step = kernels.PackedLinearWeight(self.output_weight)
+            self._decoder_step = self._compiled_decoder_step()
         if kind == "encoder_only":
             self.classifier_weight = _f32(weights["classifier.weight"])
             self.classifier_bias = _f32(weights["classifier.bias"])
             self.pooling = config["pooling"]
+
+    def _compiled_decoder_step(self) -> "_transformer.DecoderStep":
+        """The decoder's per-token work as one compiled call (attncore.kernels._transformer)."""
+        def pair(packed, bias):
+            return None if packed is None else (packed, bias)
+
+        layers = [dict(norms=layer.norms,
+                       self_qkv=pair(layer.step.self_qkv, layer.self_attn.qkv_bias),
+                       self_out=pair(layer.step.self_out, layer.self_attn.out_bias),
+                       cross_q=pair(layer.step.cross_q, layer.cross and layer.cross.q_bias),
+                       cross_out=pair(layer.step.cross_out, layer.cross and layer.cross.out_bias),
+                       linear1=pair(layer.step.linear1, layer.linear1_bias),
+                       linear2=pair(layer.step.linear2, layer.linear2_bias))
+                  for layer in self.decoder_layers]
+        return _transformer.DecoderStep(
+            d_model=self.d_model, num_heads=self.num_heads,
+            dim_feedforward=self.decoder_layers[0].linear1_weight.shape[0],
+            norm_first=self.norm_first, gelu=self.gelu, eps=self.eps,
+            embed_scale=self.embed_scale, attention_scale=1.0 / math.sqrt(self.head_dim),
+            decode_chunk=DECODE_CHUNK, embedding=self.tgt_embedding,
+            positions=self.tgt_positions, final_norm=self.decoder_norm, output=self.output_step,
+            output_bias=self.output_bias, layers=layers)
 
     @staticmethod
     def _final_norm(weights: dict, prefix: str):
@@ -577,26 +531,16 @@ class Transformer(EncoderDecoderModel):
                              f"exceeds the position table (max_positions={self.max_positions})")
         state.pending = None
         state._reserve(int(positions.max()) + 1)
-        x = kernels.embedding(self.tgt_embedding, tokens)                   # (B, d)
-        if self.embed_scale is not None:
-            x *= _FLOAT(self.embed_scale)
-        x += self.tgt_positions[positions]
-        if positions[0] == positions[-1] and (positions == positions[0]).all():
-            cache_index = (slice(None), slice(None), int(positions[0]))  # lockstep rows
-        else:
-            cache_index = (np.arange(state.batch_size), slice(None), positions)
-        kv_lengths = positions + 1
+        batch = state.batch_size
         cross = state.cross_k is not None
-        last = len(self.decoder_layers) - 1
-        weights = None
-        for index, layer in enumerate(self.decoder_layers):
-            x, weights = _decoder_layer_step(
-                layer, x, state.self_k[index], state.self_v[index], cache_index, kv_lengths,
-                state.cross_k[index] if cross else None, state.cross_v[index] if cross else None,
-                state.src_lengths, self.norm_first, self.eps, self.gelu,
-                want_weights=cross and index == last)
-        state.lengths = kv_lengths
-        return self._log_probs(x), weights
+        log_probs = np.empty((batch, self.target_vocab_size), dtype=_FLOAT)
+        weights = (np.empty((batch, self.num_heads, state.cross_k[0].shape[2]), dtype=_FLOAT)
+                   if cross else None)
+        self._decoder_step.step(tokens, positions, state.self_k, state.self_v, state.cross_k,
+                                state.cross_v, state.src_lengths, log_probs, weights,
+                                kernels.get_num_threads())
+        state.lengths = positions + 1
+        return log_probs, weights
 
     def _check_step_tokens(self, tokens, batch: int) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -607,7 +551,7 @@ class Transformer(EncoderDecoderModel):
         vocab = self.target_vocab_size
         if batch and (tokens.min() < 0 or tokens.max() >= vocab):
             raise ValueError(f"tokens has an id outside [0, {vocab})")
-        return tokens.astype(np.int64, copy=False)
+        return np.ascontiguousarray(tokens, dtype=np.int64)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, sources, *, max_length, **options) -> List[GenerationResult]:
