@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Flash-attention tile sizes: attncore's prefill at several (BLOCK_Q, BLOCK_K) beside torch's
 ``scaled_dot_product_attention``, same process, same minute. Prints the ratio torch time /
-attncore time (> 1: attncore faster) per shape and tile; the chosen default is
-``attncore.kernels.attention.BLOCK_Q/BLOCK_K``.
+attncore time (> 1: attncore faster) per shape and tile; the default is
+``attncore.kernels.attention.flash_tiles(head_dim)`` (64 x 192 at head_dim 64 with OpenBLAS's
+SkylakeX small-matrix kernel, 256 x 512 without it).
 
     python bench/flash_tiles.py [--threads 1]
 """
@@ -20,7 +21,8 @@ import attncore  # noqa: E402
 # the module, not the function of the same name that attncore.kernels re-exports
 front = sys.modules["attncore.kernels.attention"]
 
-TILES = [(64, 256), (128, 256), (256, 256), (128, 512), (256, 512), (512, 512), (256, 1024)]
+# the first four are under OpenBLAS's small-matrix limit (100^3 multiply-adds at head_dim 64)
+TILES = [(64, 128), (64, 192), (32, 384), (96, 128), (128, 128), (128, 256), (256, 256), (256, 512)]
 SHAPES = [(8, 8, 512, 64), (1, 12, 2048, 64), (1, 8, 8192, 64)]
 
 
@@ -36,7 +38,6 @@ def main():
           + " | ".join(f"{q}x{k}" for q, k in TILES) + " |")
     print("|---|---|---:|" + "---:|" * len(TILES))
     rng = np.random.default_rng(0)
-    default = (front.BLOCK_Q, front.BLOCK_K)
     try:
         for shape in SHAPES:
             q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
@@ -46,14 +47,14 @@ def main():
                     tq, tk, tv, is_causal=causal), repeats=3, min_time=0)
                 ratios = []
                 for block_q, block_k in TILES:
-                    front.BLOCK_Q, front.BLOCK_K = block_q, block_k
+                    front.FLASH_TILES = (block_q, block_k)
                     t = H.best_time(lambda: attncore.attention(q, k, v, causal=causal),
                                     repeats=3, min_time=0)
                     ratios.append(f"{t_torch / t:.2f}")
                 print(f"| {shape} | {causal} | {t_torch * 1e3:.1f} | " + " | ".join(ratios) + " |",
                       flush=True)
     finally:
-        front.BLOCK_Q, front.BLOCK_K = default
+        front.FLASH_TILES = None
 
 
 if __name__ == "__main__":

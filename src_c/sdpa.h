@@ -14,7 +14,9 @@
  * results are bit-identical for every thread count):
  *   - flash:    tiles of BQ queries x BK keys with an online softmax (running max, running sum,
  *               rescale); scores live in a BQ x BK per-thread tile, never B x H x Lq x Lk.
- *               Parallel over (batch, head, query tile). Both products go to BLAS gemm.
+ *               Parallel over (batch, head, query tile). Both products go to BLAS gemm as
+ *               NN products: K is first transposed per head into (B, Hkv, D, Lk) scratch (the
+ *               size of K), so that BLAS may run small tiles without packing the operands.
  *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.

@@ -48,9 +48,23 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
     const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
     const ac_index n_items = B * H * n_qtiles;
     int status = AC_OK;
+    /* K transposed per head, (B, Hkv, D, Lk): both tile products are then plain NN products
+     * of unit-stride operands, which BLAS can run without re-packing them (see sdpa.h). */
+    REAL *kt = (REAL *)malloc(sizeof(REAL) * B * Hkv * D * Lk);
+    if (!kt) return AC_ERR_NOMEM;
 
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
+#pragma omp for schedule(static)
+        for (ac_index bg = 0; bg < B * Hkv; bg++) {
+            const REAL *src = k + bg * Lk * D;
+            REAL *dst = kt + bg * D * Lk;
+            for (ac_index j0 = 0; j0 < Lk; j0 += 64) {   /* 64-key blocks stay in L1 */
+                const ac_index j1 = AC_MIN(Lk, j0 + 64);
+                for (ac_index d = 0; d < D; d++)
+                    for (ac_index j = j0; j < j1; j++) dst[d * Lk + j] = src[j * D + d];
+            }
+        }
         /* per-thread scratch, allocated once per call:
          *   q_scaled (block_q, D)   the query tile times `scale`
          *   scores   (block_q, block_k)  one tile of scores, turned into probabilities in place
@@ -77,7 +91,7 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
             const ac_index nq = AC_MIN(block_q, Lq - i0);
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const REAL *q_tile = q + ((b * H + h) * Lq + i0) * D;
-            const REAL *k_head = k + (b * Hkv + g) * Lk * D;
+            const REAL *kt_head = kt + (b * Hkv + g) * D * Lk;
             const REAL *v_head = v + (b * Hkv + g) * Lk * D;
             REAL *o_tile = out + ((b * H + h) * Lq + i0) * D;
             /* the last row of the tile sees the most keys (limits grow with i) */
@@ -92,9 +106,9 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
 
             for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
                 const ac_index nk = AC_MIN(block_k, tile_limit - j0);
-                /* scores (nq, nk) = q_scaled . k[j0:j0+nk]^T */
-                CAT(gemm_abt_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
-                                    k_head + j0 * D, (int)D, 0, scores, (int)block_k);
+                /* scores (nq, nk) = q_scaled . kt[:, j0:j0+nk] */
+                CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
+                                   kt_head + j0, (int)Lk, 0, scores, (int)block_k);
                 for (ac_index r = 0; r < nq; r++) {
                     REAL *s = scores + r * block_k;
                     ac_index n_valid = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, causal) - j0;
@@ -129,6 +143,7 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
         free(row_max);
         free(row_sum);
     }
+    free(kt);
     return status;
 }
 

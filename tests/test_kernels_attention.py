@@ -13,7 +13,7 @@ import pytest
 
 import attncore
 from attncore import reference
-from attncore.kernels.attention import BLOCK_K, BLOCK_Q, DECODE_CHUNK, DECODE_MAX_Q
+from attncore.kernels.attention import DECODE_CHUNK, DECODE_MAX_Q, flash_tiles
 
 from conftest import FLOAT_DTYPES, as64, assert_close, score_atol
 
@@ -30,6 +30,7 @@ SHAPES = [
     pytest.param((4, 8, 2, 70, 40, 16), id="flash-gqa-q70-kv40"),
     pytest.param((4, 2, 2, 257, 65, 7), id="flash-257x65"),
     pytest.param((4, 1, 1, 40, 600, 9), id="flash-kv600"),
+    pytest.param((2, 2, 1, 70, 2300, 8), id="flash-kv2300"),  # past the widest key tile
     # head_dim at and past one 64-column register block of the vector kernels
     pytest.param((2, 2, 2, 3, 130, 64), id="decode-d64"),
     pytest.param((2, 2, 1, 1, 77, 80), id="decode-d80-gqa"),
@@ -89,15 +90,19 @@ def test_attention_matches_reference(rng, shape, mode, ragged, causal, dtype):
     _run_and_check(q, k, v, dtype, mode, **kw)
 
 
-def test_shapes_reach_every_strategy():
-    """The parametrisation above really crosses the tile / chunk edges it claims to."""
+@pytest.mark.parametrize("small_matrix_kernel", [True, False])
+def test_shapes_reach_every_strategy(small_matrix_kernel):
+    """The parametrisation above really crosses the tile / chunk edges it claims to, with the
+    flash tiles of either BLAS (with or without OpenBLAS's small-matrix kernel)."""
     q_lens = [p.values[0][3] for p in SHAPES]
     kv_lens = [p.values[0][4] for p in SHAPES]
     assert min(q_lens) <= DECODE_MAX_Q < max(q_lens)
     assert any(1 < q <= DECODE_MAX_Q for q in q_lens)
-    assert any(q > BLOCK_Q and q % BLOCK_Q for q in q_lens)
-    assert any(kv > BLOCK_K and kv % BLOCK_K for kv in kv_lens)
     assert any(kv > 2 * DECODE_CHUNK for kv in kv_lens)
+    flash = [p.values[0] for p in SHAPES if p.values[0][3] > DECODE_MAX_Q]
+    tiles = [flash_tiles(shape[5], small_matrix_kernel) for shape in flash]
+    assert any(s[3] > bq and s[3] % bq for s, (bq, _) in zip(flash, tiles))
+    assert any(s[4] > bk and s[4] % bk for s, (_, bk) in zip(flash, tiles))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -108,8 +113,7 @@ def test_tile_and_chunk_size_agnostic(monkeypatch, rng, q_len, causal, dtype):
     chunks) still match the oracle: the online softmax does not depend on the tiling."""
     front = sys.modules["attncore.kernels.attention"]  # the module (the package attribute is
     # the function of the same name)
-    monkeypatch.setattr(front, "BLOCK_Q", 4)
-    monkeypatch.setattr(front, "BLOCK_K", 5)
+    monkeypatch.setattr(front, "FLASH_TILES", (4, 5))
     monkeypatch.setattr(front, "DECODE_CHUNK", 3)
     q, k, v = _qkv(rng, (3, 4, 2, q_len, 29, 8), dtype)
     # increasing keys along the sequence make the running maximum change from tile to tile

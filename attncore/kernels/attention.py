@@ -10,8 +10,8 @@ bit-identical for every thread count):
 * ``q_len <= DECODE_MAX_Q`` (decoding, a few new tokens against a cache): split-KV. Keys are cut
   into chunks of ``DECODE_CHUNK``; (batch, head, chunk) items run in parallel and are merged by
   log-sum-exp in chunk order. Peers run one thread per (batch, head) here and leave cores idle.
-* otherwise: flash. Query tiles of ``BLOCK_Q`` x key tiles of ``BLOCK_K`` with an online
-  softmax; scores never exceed one BLOCK_Q x BLOCK_K tile per thread.
+* otherwise: flash. Query tiles x key tiles (:func:`flash_tiles`) with an online softmax;
+  scores never exceed one tile per thread.
 """
 import math
 
@@ -20,19 +20,40 @@ import numpy as np
 from . import _additive, _blas, _sdpa, _softmax
 from ._validation import (check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
-from .threads import get_num_threads
+from .threads import BLAS_SMALL_MATRIX_KERNEL, get_num_threads
 
 __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
            "nadaraya_watson"]
 
-# Flash tile: BLOCK_Q query rows x BLOCK_K keys, a 512 KiB float32 score tile (L2-resident).
-# Each tile product is one BLAS call that packs both operands, so large tiles amortise the
-# packing: on a 2-core AVX-512 machine 256 x 512 ran L=2048..8192 prefill 1.2-1.3x faster than
-# 64 x 256 (bench/RESULTS.md, "Flash tile size").
+# Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one BLAS
+# call, with K stored transposed per head so that both are plain NN products.
+# * Where OpenBLAS has its SkylakeX-class small-matrix kernel (threads.BLAS_SMALL_MATRIX_KERNEL),
+#   products of at most SMALL_GEMM_MACS multiply-adds skip the copy of both operands into packed
+#   buffers: SMALL_BLOCK_Q queries x as many keys as keep a product under the limit (64 x 192 at
+#   head_dim 64) ran prefill 1.1-1.3x faster than 256 x 512 (bench/RESULTS.md, "Flash tiles").
+# * Elsewhere every product packs its operands and large tiles amortise that: BLOCK_Q x BLOCK_K,
+#   a 512 KiB float32 score tile (L2-resident).
+# FLASH_TILES, when set to (block_q, block_k), overrides both (tests, bench/flash_tiles.py).
 BLOCK_Q = 256
 BLOCK_K = 512
+SMALL_BLOCK_Q = 64
+SMALL_GEMM_MACS = 100 ** 3
+FLASH_TILES = None
 DECODE_MAX_Q = 8
 DECODE_CHUNK = 256
+
+
+def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KERNEL):
+    """(block_q, block_k) of the flash path for this head_dim (see the comment above); the
+    tiles depend on the shape and the BLAS core only, never on the thread count."""
+    if FLASH_TILES is not None:
+        return FLASH_TILES
+    if small_matrix_kernel:
+        keys = SMALL_GEMM_MACS // (SMALL_BLOCK_Q * head_dim)
+        keys = keys // 64 * 64 if keys >= 64 else keys // 16 * 16
+        if keys >= 16:
+            return SMALL_BLOCK_Q, keys
+    return BLOCK_Q, BLOCK_K
 
 
 def _check_qkv(q, k, v):
@@ -110,7 +131,8 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     if q_len <= DECODE_MAX_Q:
         _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
     else:
-        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, BLOCK_Q, BLOCK_K, threads)
+        block_q, block_k = flash_tiles(head_dim)
+        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, block_q, block_k, threads)
     return out
 
 

@@ -95,7 +95,17 @@ def _limit_scipy_blas():
     for lib in own:
         lib.set_num_threads(1)
     return [{"library": lib.internal_api, "filepath": lib.filepath,
-             "version": getattr(lib, "version", None)} for lib in own]
+             "version": getattr(lib, "version", None),
+             "architecture": getattr(lib, "architecture", None)} for lib in own]
 
 
 BLAS_INFO = _limit_scipy_blas()
+
+# OpenBLAS cores whose sgemm runs products of at most 100^3 multiply-adds (non-transposed first
+# operand) on a "small-matrix" kernel that reads the operands where they lie, skipping the copy
+# into packed buffers every larger product pays (kernel/x86_64/sgemm_small_kernel_*_skylakex.c;
+# other cores' small-matrix path is plain C). The flash-attention tiles are sized for it.
+_SMALL_MATRIX_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+BLAS_SMALL_MATRIX_KERNEL = bool(BLAS_INFO) and all(
+    lib["library"] == "openblas" and str(lib["architecture"]).lower() in _SMALL_MATRIX_CORES
+    for lib in BLAS_INFO)
