@@ -94,7 +94,7 @@ extensions = [
     kernel_extension("_sdpa", ["sdpa.c", "simd.c"]),
     kernel_extension("_additive", ["additive.c", "simd.c"]),
     kernel_extension("_layers", ["layers.c", "simd.c"]),
-    kernel_extension("_recurrent", ["additive.c", "softmax.c", "simd.c"]),
+    kernel_extension("_recurrent", ["additive.c", "packed_linear.c", "softmax.c", "simd.c"]),
     kernel_extension("_transformer", ["packed_linear.c", "layers.c", "sdpa.c", "softmax.c",
                                       "simd.c"]),
 ]

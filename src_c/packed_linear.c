@@ -167,31 +167,44 @@ void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
     }
 }
 
-void ac_packed_linear_rows_f32(const float *x, ac_index M, ac_index K, const float *panels,
-                               ac_index N, const float *bias, float *out, ac_sgemm_fn sgemm,
+void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
+                               const float *panels, ac_index N, const float *bias, float *out,
+                               ac_index ldo, ac_sgemm_fn sgemm, ac_index small_gemm_macs,
                                int num_threads) {
     const ac_index n_panels = ac_panel_count(N);
     if (M <= 0 || N <= 0) return;
-    if (M <= AC_PACKED_SMALL_M) {
+    if (M <= AC_PACKED_SMALL_M || K == 0) {
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
         for (ac_index b = 0; b < n_panels; b++)
-            ac_packed_linear_f32(x, K, M, K, panels, N, b, b + 1, bias, out, N);
+            ac_packed_linear_f32(x, ldx, M, K, panels, N, b, b + 1, bias, out, ldo);
         return;
     }
-    const ac_index row_tiles = (M + AC_PACKED_TILE_M - 1) / AC_PACKED_TILE_M;
+    /* BLAS: products of tile_m rows x one panel x k_chunk, accumulated over the K chunks. With a
+     * small-matrix kernel, each product stays under its size limit so that BLAS reads the panel
+     * and x in place; otherwise one product per (row tile, panel), which BLAS packs. */
+    ac_index k_chunk = K, tile_m = AC_PACKED_TILE_M;
+    if (small_gemm_macs > 0) {
+        k_chunk = AC_MIN(K, 256);
+        tile_m = AC_MAX(1, AC_MIN(AC_PACKED_TILE_M, small_gemm_macs / (W * k_chunk)));
+    }
+    const ac_index row_tiles = (M + tile_m - 1) / tile_m;
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
     for (ac_index t = 0; t < row_tiles * n_panels; t++) {
-        const ac_index i0 = (t / n_panels) * AC_PACKED_TILE_M, b = t % n_panels, j0 = b * W;
-        int m = (int)AC_MIN(AC_PACKED_TILE_M, M - i0), n = (int)AC_MIN(W, N - j0), k = (int)K;
-        int ldp = W, ldx = (int)K, ldo = (int)N;
+        const ac_index i0 = (t / n_panels) * tile_m, b = t % n_panels, j0 = b * W;
+        int m = (int)AC_MIN(tile_m, M - i0), n = (int)AC_MIN(W, N - j0);
+        int ldp = W, lx = (int)ldx, lo = (int)ldo;
         float one = 1.0f, zero = 0.0f;
         char no = 'N';
-        /* row-major out[i0:, j0:] (m, n) = x[i0:] (m, K) . panel (K, n) is the column-major
-         * out^T = panel^T . x^T: BLAS sees the panel as (n, K) with stride 64, x as (K, m) */
-        sgemm(&no, &no, &n, &m, &k, &one, (float *)(panels + b * K * W), &ldp,
-              (float *)(x + i0 * K), &ldx, &zero, out + i0 * N + j0, &ldo);
+        for (ac_index k0 = 0; k0 < K; k0 += k_chunk) {
+            int k = (int)AC_MIN(k_chunk, K - k0);
+            /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n) is the
+             * column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k) with stride 64,
+             * x as (k, m) with stride ldx */
+            sgemm(&no, &no, &n, &m, &k, &one, (float *)(panels + (b * K + k0) * W), &ldp,
+                  (float *)(x + i0 * ldx + k0), &lx, k0 ? &one : &zero, out + i0 * ldo + j0, &lo);
+        }
         if (bias)
             for (ac_index i = 0; i < m; i++)
-                for (ac_index c = 0; c < n; c++) out[(i0 + i) * N + j0 + c] += bias[j0 + c];
+                for (ac_index c = 0; c < n; c++) out[(i0 + i) * ldo + j0 + c] += bias[j0 + c];
     }
 }

@@ -33,15 +33,19 @@ void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
                           const float *panels, ac_index N, ac_index b0, ac_index b1,
                           const float *bias, float *out, ac_index ldo);
 
-/* out (M, N) = x (M, K) . W^T (+ bias), all rows, contiguous x and out, on num_threads threads:
+/* out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T (+ bias), on num_threads threads:
  * up to AC_PACKED_SMALL_M rows (decoding steps) on the panel kernel above, threads splitting the
- * panels; more rows as one single-threaded `sgemm` per (tile of AC_PACKED_TILE_M rows, panel),
- * the panel read in place as a row-major (K, 64) matrix. The work split depends on the shapes
- * only, so the bits do not depend on num_threads. */
+ * panels; more rows as single-threaded `sgemm` calls per (row tile, panel), the panel read in
+ * place as a row-major (K, 64) matrix. small_gemm_macs > 0 says the BLAS runs products of at
+ * most that many multiply-adds without packing their operands (OpenBLAS's small-matrix kernel):
+ * then each call stays under it (K in chunks of 256, accumulated); 0: tiles of
+ * AC_PACKED_TILE_M rows over the whole K. The work split depends on the shapes only, so the bits
+ * do not depend on num_threads. */
 #define AC_PACKED_SMALL_M 16
 #define AC_PACKED_TILE_M 256
-void ac_packed_linear_rows_f32(const float *x, ac_index M, ac_index K, const float *panels,
-                               ac_index N, const float *bias, float *out, ac_sgemm_fn sgemm,
+void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
+                               const float *panels, ac_index N, const float *bias, float *out,
+                               ac_index ldo, ac_sgemm_fn sgemm, ac_index small_gemm_macs,
                                int num_threads);
 
 #endif

@@ -2,6 +2,8 @@
 """Row / matrix / element-wise kernels against the NumPy oracle (attncore.reference):
 softmax and log-softmax, linear and matmul (BLAS, 256-wide tiles), norms, activations,
 embedding, position tables and rotary embeddings."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -432,12 +434,16 @@ def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
     assert np.ptp(scores[0]) > 1e-2
 
 
+@pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["packed-blas", "small-blas"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("K,N", [(512, 200), (37, 64), (50, 129), (1, 1), (3, 5)])
 @pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 16, 17, 40, 300])
-def test_packed_linear_matches_reference(M, K, N, bias):
+def test_packed_linear_matches_reference(monkeypatch, M, K, N, bias, small_gemm_macs):
     # PackedLinearWeight: the panel kernel up to 16 rows (row blocks of 6 and their remainders,
-    # the last panel partly padded), BLAS on the panels beyond
+    # the last panel partly padded), BLAS on the panels beyond: whole-K tiles, or (for a BLAS
+    # with a small-matrix kernel) calls under its size limit, K=512 in two accumulated chunks
+    monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",
+                        small_gemm_macs)
     rng = np.random.default_rng(M * 1000 + K + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)

@@ -7,7 +7,7 @@ through 2-3 small GEMMs per step (the trainer's float32 forward is the reference
 import numpy as np
 import pytest
 
-from attncore.kernels import _recurrent
+from attncore.kernels import PackedLinearWeight, _recurrent
 from attncore.train import autograd as ag
 from attncore.train.layers import RNN
 from attncore.train.seq2seq import Seq2SeqAttention, Seq2SeqConfig
@@ -15,7 +15,7 @@ from attncore.train.seq2seq import Seq2SeqAttention, Seq2SeqConfig
 ATOL = 1e-5
 
 
-def _decoder_step(model):
+def _decoder_step(model, small_gemm_macs=0):
     """A DecoderStep from a trainer model's weights."""
     c, d = model.config, model.decoder
     rnn = d.rnn
@@ -26,7 +26,7 @@ def _decoder_step(model):
         c.attention, c.rnn_type == "lstm", c.input_feeding, d.embedding.weight.data,
         per("weight_ih"), per("weight_hh"), per("bias_ih"), per("bias_hh"),
         get(att, "query"), get(att, "score"), get(att, "linear_in"), get(att, "output"),
-        d.output.weight.data, d.output.bias.data)
+        d.output.weight.data, d.output.bias.data, small_gemm_macs)
 
 
 @pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
@@ -34,7 +34,8 @@ def _decoder_step(model):
     ("bahdanau", False), ("luong_dot", False), ("luong_dot", True), ("luong_general", True),
     ("luong_concat", False), ("luong_concat", True)])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_layers):
+@pytest.mark.parametrize("repeat", [1, 5], ids=["4rows", "20rows"])  # 20: BLAS on the panels
+def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_layers, repeat):
     config = Seq2SeqConfig(src_vocab_size=23, tgt_vocab_size=19, embed_dim=6, hidden_size=10,
                            num_layers=num_layers, rnn_type=rnn_type, attention=attention,
                            attention_dim=7 if attention in ("bahdanau", "luong_concat") else 0,
@@ -42,13 +43,14 @@ def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_la
     model = Seq2SeqAttention(config, seed=3)
     model.eval()
     rng = np.random.default_rng(1)
-    lengths = np.array([5, 1, 0, 3])
-    src = rng.integers(4, 23, size=(4, 5))
+    lengths = np.tile([5, 1, 0, 3], repeat)
+    B, S, H, L = len(lengths), 5, 10, num_layers
+    src = rng.integers(4, 23, size=(B, 5))
     src[np.arange(5)[None] >= lengths[:, None]] = 0
-    step = _decoder_step(model)
+    # with 20 rows, BLAS products under the small-matrix size limit (K in accumulated chunks)
+    step = _decoder_step(model, small_gemm_macs=10 ** 6 if repeat > 1 else 0)
     with ag.no_grad():
         state = model.encode(src, lengths)
-        B, S, H, L = 4, 5, 10, num_layers
         memory = np.ascontiguousarray(state.memory.data, dtype=np.float32)
         keys = (np.ascontiguousarray(state.projected_keys.data) if state.projected_keys is not None
                 else np.zeros((B, S, 0), np.float32))
@@ -60,7 +62,7 @@ def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_la
         log_probs = np.empty((B, 19), np.float32)
         weights = np.empty((B, S), np.float32)
         scratch = np.empty(B * step.scratch_width, np.float32)
-        tokens = np.array([1, 1, 1, 1])
+        tokens = np.ones(B, dtype=np.int64)
         for t in range(4):
             logits, state, want_w = model.decode_step(state, tokens)
             step.step(tokens, h, cell, feed, memory, keys, lengths, log_probs, weights, scratch, 2)
@@ -70,7 +72,7 @@ def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_la
             np.testing.assert_allclose(weights, want_w.data, atol=ATOL, err_msg=f"step {t}")
             np.testing.assert_allclose(h, np.stack([RNN.top(e).data for e in state.rnn_state]),
                                        atol=ATOL)
-            tokens = rng.integers(0, 19, size=4)
+            tokens = rng.integers(0, 19, size=B)
 
 
 @pytest.mark.parametrize("rnn_type", ["gru", "lstm"])
@@ -95,9 +97,9 @@ def test_rnn_scan_matches_trainer_rnn(rnn_type, packed, bidirectional):
             h = np.zeros((3, 8), np.float32)
             c = np.zeros((3, 8), np.float32)
             out = np.empty((3, 6, 8), np.float32)
-            _recurrent.rnn_scan(x_proj, getattr(rnn, "weight_hh" + suffix).data,
-                                getattr(rnn, "bias_hh" + suffix).data, lengths, packed, d == 1,
-                                rnn_type == "lstm", h, c, out, 2)
+            w_hh = PackedLinearWeight(getattr(rnn, "weight_hh" + suffix).data).panels
+            _recurrent.rnn_scan(x_proj, w_hh, getattr(rnn, "bias_hh" + suffix).data, lengths,
+                                packed, d == 1, rnn_type == "lstm", h, c, out, 0, 2)
             outs.append(out)
             finals.append((h, c) if rnn_type == "lstm" else h)
         layer_in = np.concatenate(outs, axis=-1)

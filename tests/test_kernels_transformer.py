@@ -166,6 +166,7 @@ def test_constructor_rejects_weights_that_do_not_fit():
                 linear1=(step.linear1, None), linear2=(step.linear2, None))
     common = dict(d_model=32, num_heads=4, dim_feedforward=48, norm_first=False, gelu=False,
                   eps=1e-5, embed_scale=None, attention_scale=1 / math.sqrt(8), decode_chunk=256,
+                  small_gemm_macs=0,
                   embedding=model.tgt_embedding, positions=model.tgt_positions, final_norm=None,
                   output=model.output_step, output_bias=model.output_bias)
     DecoderStep(**common, layers=[good])                               # consistent: builds

@@ -24,9 +24,10 @@ cdef extern from "packed_linear.h":
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels) nogil
     ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
                                  float *, int *, float *, float *, int *)
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t M, Py_ssize_t K,
+    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
                                    const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, ac_sgemm_fn sgemm, int num_threads) nogil
+                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
+                                   Py_ssize_t small_gemm_macs, int num_threads) nogil
 
 PANEL_WIDTH = AC_PANEL_WIDTH
 
@@ -132,13 +133,16 @@ def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
 
 
 def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize_t N,
-                  const float[::1] bias, float[:, ::1] out, int num_threads):
+                  const float[::1] bias, float[:, ::1] out, Py_ssize_t small_gemm_macs,
+                  int num_threads):
     """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels``: up to
     AC_PACKED_SMALL_M rows (decoding steps) on attncore's panel kernel, more on BLAS reading the
-    panels in place (``ac_packed_linear_rows_f32``, src_c/packed_linear.h)."""
+    panels in place (``ac_packed_linear_rows_f32``, src_c/packed_linear.h); small_gemm_macs:
+    ``threads.BLAS_SMALL_GEMM_MACS``."""
     cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
     if x.shape[0] == 0 or N == 0:
         return
     with nogil:
-        ac_packed_linear_rows_f32(&x[0, 0], x.shape[0], x.shape[1], &panels[0, 0, 0], N, bias_ptr,
-                                  &out[0, 0], sgemm, num_threads)
+        ac_packed_linear_rows_f32(&x[0, 0], x.shape[1], x.shape[0], x.shape[1], &panels[0, 0, 0],
+                                  N, bias_ptr, &out[0, 0], N, sgemm, small_gemm_macs,
+                                  num_threads)

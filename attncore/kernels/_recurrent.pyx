@@ -7,10 +7,12 @@ weights (out, in)); the equations are those of :mod:`attncore.train.seq2seq` (it
 Callers (``attncore.models.seq2seq``) validate every shape; this module checks only what a
 wrong call could turn into a memory error.
 
-Parallelism and determinism: products go through :func:`_linear_tiles`, whose output tiles
-depend only on the shapes, each tile one single-threaded GEMM; element-wise loops are split by
-rows. Results are therefore bit-identical for every thread count, and a batch row never depends
-on the other rows (a sentence alone == inside a batch).
+Parallelism and determinism: products go through :func:`_linear` on weights packed once into
+panels (``PackedLinearWeight``, src_c/packed_linear.h: attncore's panel kernel up to 16 rows,
+single-threaded BLAS calls on the panels past that), whose work split depends only on the
+shapes; element-wise loops are split by rows. Results are therefore bit-identical for every
+thread count, and a batch row never depends on the other rows (a sentence alone == inside a
+batch of up to 16 rows, the panel kernel's range).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
@@ -24,19 +26,22 @@ cdef extern from "additive.h":
                         const int64_t *kv_lengths, int num_threads) nogil
 
 cdef extern from "simd.h":
-    void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                           const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
-                           float *out, Py_ssize_t ldo) nogil
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
     void ac_sigmoid_f32(const float *x, float *y, Py_ssize_t n) nogil
+
+cdef extern from "packed_linear.h":
+    Py_ssize_t AC_PANEL_WIDTH
+    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
+                                 float *, int *, float *, float *, int *)
+    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                                   const float *panels, Py_ssize_t N, const float *bias,
+                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
+                                   Py_ssize_t small_gemm_macs, int num_threads) nogil
 
 cdef extern from "softmax.h":
     void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,
                         const int64_t *lengths, const unsigned char *mask, int log_output,
                         int num_threads) nogil
-
-cdef Py_ssize_t TILE_M = 256   # rows of a GEMM tile
-cdef Py_ssize_t TILE_N = 128   # columns: small enough that a GEMV (batch 1) feeds the threads
 
 # attention kinds (same order as attncore.train.seq2seq.ATTENTION_KINDS)
 DEF BAHDANAU = 0
@@ -47,43 +52,14 @@ ATTENTION_CODES = {"bahdanau": BAHDANAU, "luong_dot": LUONG_DOT,
                    "luong_general": LUONG_GENERAL, "luong_concat": LUONG_CONCAT}
 
 
-cdef void _linear_tiles(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                        const float *w, Py_ssize_t N, const float *bias, float *out,
-                        Py_ssize_t ldo, int num_threads) noexcept nogil:
-    """out (M, N; row stride ldo) = x (M, K; row stride ldx) . w (N, K)^T + bias."""
-    # narrow column tiles feed the threads on a GEMV; wide ones keep a batch's GEMMs efficient
-    cdef Py_ssize_t tile_n = TILE_N if M <= 16 else 4 * TILE_N
-    cdef Py_ssize_t row_tiles = (M + TILE_M - 1) // TILE_M, col_tiles = (N + tile_n - 1) // tile_n
-    cdef Py_ssize_t t, i0, j0, i, j
-    cdef int m, n, k = <int>K, lx = <int>ldx, lo = <int>ldo
-    cdef float one = 1.0, zero = 0.0
-    cdef char ta = b'T', tn = b'N'
-    if M == 0 or N == 0:
-        return
-    if M <= 16 and K > 0:  # a decoding step: stream the weights once (see _blas.SMALL_M)
-        for t in prange((N + 63) // 64, schedule="static",
-                        num_threads=num_threads if M * N * K >= (1 << 18) else 1):
-            ac_small_gemm_f32(x, ldx, M, K, w, t * 64, min(N, (t + 1) * 64), bias, out, ldo)
-        return
-    # small products on one thread (see _blas.PARALLEL_MIN_MACS)
-    for t in prange(row_tiles * col_tiles, schedule="static",
-                    num_threads=num_threads if M * N * K >= (1 << 18) else 1):
-        i0 = (t // col_tiles) * TILE_M
-        j0 = (t % col_tiles) * tile_n
-        m = <int>min(TILE_M, M - i0)
-        n = <int>min(tile_n, N - j0)
-        if K == 0:
-            for i in range(i0, i0 + m):
-                for j in range(j0, j0 + n):
-                    out[i * ldo + j] = 0
-        else:
-            # column-major view: out^T (n, m) = w_tile (n, K) . x_tile^T  (see _blas.pyx)
-            sgemm(&ta, &tn, &n, &m, &k, &one, <float *>&w[j0 * K], &k, <float *>&x[i0 * ldx],
-                  &lx, &zero, &out[i0 * ldo + j0], &lo)
-        if bias != NULL:
-            for i in range(i0, i0 + m):
-                for j in range(j0, j0 + n):
-                    out[i * ldo + j] += bias[j]
+cdef inline void _linear(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                         const float *panels, Py_ssize_t N, const float *bias, float *out,
+                         Py_ssize_t ldo, Py_ssize_t small_gemm_macs,
+                         int num_threads) noexcept nogil:
+    """out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T + bias, W packed into panels
+    (``PackedLinearWeight``; src_c/packed_linear.h)."""
+    ac_packed_linear_rows_f32(x, ldx, M, K, panels, N, bias, out, ldo, sgemm, small_gemm_macs,
+                              num_threads)
 
 
 cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h, float *c,
@@ -125,21 +101,25 @@ cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h,
                 hb[j] = (1 - y[H + j]) * y[2 * H + j] + y[H + j] * hb[j]
 
 
-def rnn_scan(const float[:, :, ::1] x_proj, const float[:, ::1] weight_hh,
+def rnn_scan(const float[:, :, ::1] x_proj, const float[:, :, ::1] weight_hh,
              const float[::1] bias_hh, const int64_t[::1] lengths, bint packed, bint reverse,
-             bint lstm, float[:, ::1] h, float[:, ::1] c, float[:, :, ::1] out, int num_threads):
+             bint lstm, float[:, ::1] h, float[:, ::1] c, float[:, :, ::1] out,
+             Py_ssize_t small_gemm_macs, int num_threads):
     """One RNN layer and direction over a whole sequence, in place on the state.
 
     x_proj (B, T, G*H): the input projection ``x W_ih^T + b_ih`` of every step (one GEMM by the
-    caller); weight_hh (G*H, H), bias_hh (G*H,); lengths (B,); h, c (B, H): the initial state,
-    replaced by the final one (c is ignored for GRU); out (B, T, H): the outputs, zero on padded
-    steps when ``packed``. ``packed``: a row's state does not change on steps t >= lengths[b]
-    (``pack_padded_sequence``), so a reverse direction effectively starts at length - 1.
+    caller); weight_hh: the panels of the (G*H, H) weight (``PackedLinearWeight(w).panels``),
+    bias_hh (G*H,); lengths (B,); h, c (B, H): the initial state, replaced by the final one (c is
+    ignored for GRU); out (B, T, H): the outputs, zero on padded steps when ``packed``;
+    small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``. ``packed``: a row's state does not change
+    on steps t >= lengths[b] (``pack_padded_sequence``), so a reverse direction effectively
+    starts at length - 1.
     """
     cdef Py_ssize_t B = x_proj.shape[0], T = x_proj.shape[1], GH = x_proj.shape[2]
     cdef Py_ssize_t H = h.shape[1], G = 4 if lstm else 3
     cdef Py_ssize_t s, t, b
-    if GH != G * H or weight_hh.shape[0] != GH or weight_hh.shape[1] != H or \
+    if GH != G * H or weight_hh.shape[0] != (GH + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH or \
+            weight_hh.shape[1] != H or weight_hh.shape[2] != AC_PANEL_WIDTH or \
             bias_hh.shape[0] != GH or lengths.shape[0] != B or h.shape[0] != B or \
             (lstm and (c.shape[0] != B or c.shape[1] != H)) or out.shape[0] != B or \
             out.shape[1] != T or out.shape[2] != H:
@@ -158,8 +138,8 @@ def rnn_scan(const float[:, :, ::1] x_proj, const float[:, ::1] weight_hh,
                 memcpy(&h_keep[0, 0], &h[0, 0], B * H * sizeof(float))
                 if lstm:
                     memcpy(&c_keep[0, 0], cp, B * H * sizeof(float))
-            _linear_tiles(&h[0, 0], H, B, H, &weight_hh[0, 0], GH, &bias_hh[0], &gh[0, 0], GH,
-                          num_threads)
+            _linear(&h[0, 0], H, B, H, &weight_hh[0, 0, 0], GH, &bias_hh[0], &gh[0, 0], GH,
+                    small_gemm_macs, num_threads)
             _cell(lstm, &x_proj[0, t, 0], T * GH, &gh[0, 0], &h[0, 0], cp, B, H, num_threads)
             for b in range(B):
                 if packed and t >= lengths[b]:
@@ -181,7 +161,9 @@ cdef class DecoderStep:
     """
     cdef readonly int attention, num_layers, embed_dim, hidden, attention_dim, vocab
     cdef readonly bint lstm, input_feeding, feeds_context
+    cdef Py_ssize_t small_gemm_macs
     cdef object _keep               # the weight arrays, alive as long as the pointers below
+    # matrices are held as the panels of a PackedLinearWeight (shapes below are the weights')
     cdef const float *emb
     cdef const float *w_ih[64]
     cdef const float *w_hh[64]
@@ -196,8 +178,10 @@ cdef class DecoderStep:
 
     def __init__(self, str attention, bint lstm, bint input_feeding, embedding, list w_ih,
                  list w_hh, list b_ih, list b_hh, att_query, att_score, linear_in, att_output,
-                 out_weight, out_bias):
+                 out_weight, out_bias, Py_ssize_t small_gemm_macs=0):
+        """Weights in torch layouts; small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
         import numpy as np
+        from .basic import PackedLinearWeight
         if attention not in ATTENTION_CODES:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_CODES)}, got {attention!r}")
         if not 1 <= len(w_ih) <= 64 or not len(w_ih) == len(w_hh) == len(b_ih) == len(b_hh):
@@ -217,6 +201,12 @@ cdef class DecoderStep:
             keep.append(a)
             return a
 
+        def packed(a, shape, name):
+            panels = PackedLinearWeight(f32(a, shape, name)).panels
+            keep.append(panels)
+            return panels
+
+        cdef const float[:, :, ::1] m3
         cdef const float[:, ::1] m2
         cdef const float[::1] m1
         E = np.shape(embedding)[1]
@@ -224,24 +214,26 @@ cdef class DecoderStep:
         G = 4 if lstm else 3
         V = np.shape(out_weight)[0]
         self.embed_dim, self.hidden, self.vocab = E, H, V
+        self.small_gemm_macs = small_gemm_macs
         self.attention_dim = np.shape(att_query)[0] if att_query is not None else 0
         m2 = f32(embedding, (np.shape(embedding)[0], E), "embedding"); self.emb = &m2[0, 0]
         for layer in range(self.num_layers):
             width = (E + (H if self.feeds_context else 0)) if layer == 0 else H
-            m2 = f32(w_ih[layer], (G * H, width), f"w_ih[{layer}]"); self.w_ih[layer] = &m2[0, 0]
-            m2 = f32(w_hh[layer], (G * H, H), f"w_hh[{layer}]"); self.w_hh[layer] = &m2[0, 0]
+            m3 = packed(w_ih[layer], (G * H, width), f"w_ih[{layer}]")
+            self.w_ih[layer] = &m3[0, 0, 0]
+            m3 = packed(w_hh[layer], (G * H, H), f"w_hh[{layer}]"); self.w_hh[layer] = &m3[0, 0, 0]
             m1 = f32(b_ih[layer], (G * H,), f"b_ih[{layer}]"); self.b_ih[layer] = &m1[0]
             m1 = f32(b_hh[layer], (G * H,), f"b_hh[{layer}]"); self.b_hh[layer] = &m1[0]
         self.att_query = self.att_score = self.linear_in = self.att_output = NULL
         if self.attention in (BAHDANAU, LUONG_CONCAT):
             A = self.attention_dim
-            m2 = f32(att_query, (A, H), "att_query"); self.att_query = &m2[0, 0]
+            m3 = packed(att_query, (A, H), "att_query"); self.att_query = &m3[0, 0, 0]
             m1 = f32(np.reshape(att_score, -1), (A,), "att_score"); self.att_score = &m1[0]
         if self.attention == LUONG_GENERAL:
-            m2 = f32(linear_in, (H, H), "linear_in"); self.linear_in = &m2[0, 0]
+            m3 = packed(linear_in, (H, H), "linear_in"); self.linear_in = &m3[0, 0, 0]
         if self.attention != BAHDANAU:
-            m2 = f32(att_output, (H, 2 * H), "att_output"); self.att_output = &m2[0, 0]
-        m2 = f32(out_weight, (V, H), "out_weight"); self.out_w = &m2[0, 0]
+            m3 = packed(att_output, (H, 2 * H), "att_output"); self.att_output = &m3[0, 0, 0]
+        m3 = packed(out_weight, (V, H), "out_weight"); self.out_w = &m3[0, 0, 0]
         m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
         self._keep = keep
 
@@ -292,7 +284,8 @@ cdef class DecoderStep:
         with nogil:
             if self.attention == BAHDANAU:
                 # query = h_{t-1} of the top layer; x = [c ; E[y]]
-                _linear_tiles(top, H, B, H, self.att_query, A, NULL, q, A, num_threads)
+                _linear(top, H, B, H, self.att_query, A, NULL, q, A,
+                        self.small_gemm_macs, num_threads)
                 status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score, &memory[0, 0, 0],
                                          ctx, &weights[0, 0], B, 1, S, A, H, &lengths[0],
                                          num_threads)
@@ -307,28 +300,30 @@ cdef class DecoderStep:
                         memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
                 width = E + (H if self.input_feeding else 0)
             for layer in range(L):
-                _linear_tiles(x, X, B, width, self.w_ih[layer], G * H, self.b_ih[layer], gx,
-                              G * H, num_threads)
-                _linear_tiles(&h[layer, 0, 0], H, B, H, self.w_hh[layer], G * H,
-                              self.b_hh[layer], gh, G * H, num_threads)
+                _linear(x, X, B, width, self.w_ih[layer], G * H, self.b_ih[layer], gx,
+                              G * H, self.small_gemm_macs, num_threads)
+                _linear(&h[layer, 0, 0], H, B, H, self.w_hh[layer], G * H,
+                              self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
                 _cell(self.lstm, gx, G * H, gh, &h[layer, 0, 0],
                       &c[layer, 0, 0] if self.lstm else NULL, B, H, num_threads)
                 for b in range(B):
                     memcpy(x + b * X, &h[layer, b, 0], H * sizeof(float))
                 width = H
             if self.attention == BAHDANAU:
-                _linear_tiles(top, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
-                              num_threads)
+                _linear(top, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
+                        self.small_gemm_macs, num_threads)
             else:
                 # scores with the current top state h_t
                 if self.attention == LUONG_CONCAT:
-                    _linear_tiles(top, H, B, H, self.att_query, A, NULL, q, A, num_threads)
+                    _linear(top, H, B, H, self.att_query, A, NULL, q, A,
+                            self.small_gemm_macs, num_threads)
                     status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score,
                                              &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A,
                                              H, &lengths[0], num_threads)
                 else:
                     if self.attention == LUONG_GENERAL:
-                        _linear_tiles(top, H, B, H, self.linear_in, H, NULL, q, H, num_threads)
+                        _linear(top, H, B, H, self.linear_in, H, NULL, q, H,
+                                self.small_gemm_macs, num_threads)
                     else:
                         memcpy(q, top, B * H * sizeof(float))
                     _dot_attention(q, &memory[0, 0, 0], &lengths[0], &weights[0, 0], ctx, B, S,
@@ -337,10 +332,11 @@ cdef class DecoderStep:
                 for b in range(B):
                     memcpy(x + b * X, ctx + b * H, H * sizeof(float))
                     memcpy(x + b * X + H, top + b * H, H * sizeof(float))
-                _linear_tiles(x, X, B, 2 * H, self.att_output, H, NULL, fp, H, num_threads)
+                _linear(x, X, B, 2 * H, self.att_output, H, NULL, fp, H,
+                        self.small_gemm_macs, num_threads)
                 ac_tanh_f32(fp, fp, B * H)
-                _linear_tiles(fp, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
-                              num_threads)
+                _linear(fp, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
+                        self.small_gemm_macs, num_threads)
             ac_softmax_f32(&log_probs[0, 0], &log_probs[0, 0], B, V, NULL, NULL, 1, num_threads)
         if status:
             raise MemoryError("DecoderStep.step: out of memory for attention scratch")

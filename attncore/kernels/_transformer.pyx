@@ -29,9 +29,10 @@ cdef extern from "attncore.h" nogil:
 
 cdef extern from "packed_linear.h" nogil:
     Py_ssize_t AC_PANEL_WIDTH
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t M, Py_ssize_t K,
+    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
                                    const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, ac_sgemm_fn sgemm, int num_threads)
+                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
+                                   Py_ssize_t small_gemm_macs, int num_threads)
 
 cdef extern from "layers.h" nogil:
     int AC_NORM_STANDARD, AC_ACT_RELU, AC_ACT_GELU
@@ -67,9 +68,10 @@ cdef struct Layer:
 
 
 cdef inline void _linear(const float *x, Py_ssize_t rows, Linear w, float *out,
-                         int num_threads) noexcept nogil:
+                         Py_ssize_t small_gemm_macs, int num_threads) noexcept nogil:
     """out (rows, n_out) = x (rows, n_in) . W^T + bias on the packed panels."""
-    ac_packed_linear_rows_f32(x, rows, w.n_in, w.panels, w.n_out, w.bias, out, sgemm, num_threads)
+    ac_packed_linear_rows_f32(x, w.n_in, rows, w.n_in, w.panels, w.n_out, w.bias, out, w.n_out,
+                              sgemm, small_gemm_macs, num_threads)
 
 
 def _f32(a, shape, name, list keep):
@@ -123,6 +125,7 @@ cdef class DecoderStep:
     norm_first, gelu : bool; eps : float (LayerNorm)
     embed_scale : float or None (token embeddings are multiplied by it, e.g. sqrt(d_model))
     attention_scale : float (1 / sqrt(head_dim)); decode_chunk : int (the split-KV chunk)
+    small_gemm_macs : int, ``threads.BLAS_SMALL_GEMM_MACS`` (how products past 16 rows are cut)
     embedding : (V_in, d) float32; positions : (P, d) float32 (rows added at each position)
     final_norm : (gamma, beta) each (d,), or None
     output : PackedLinearWeight (V, d); output_bias : (V,) float32
@@ -136,7 +139,7 @@ cdef class DecoderStep:
     cdef readonly bint norm_first, gelu, has_cross
     cdef float eps, embed_scale, attention_scale
     cdef bint scaled
-    cdef Py_ssize_t decode_chunk
+    cdef Py_ssize_t decode_chunk, small_gemm_macs
     cdef const float *embedding
     cdef const float *positions
     cdef const float *final_weight
@@ -153,8 +156,8 @@ cdef class DecoderStep:
 
     def __init__(self, *, Py_ssize_t d_model, Py_ssize_t num_heads, Py_ssize_t dim_feedforward,
                  bint norm_first, bint gelu, double eps, embed_scale, double attention_scale,
-                 Py_ssize_t decode_chunk, embedding, positions, final_norm, output, output_bias,
-                 list layers):
+                 Py_ssize_t decode_chunk, Py_ssize_t small_gemm_macs, embedding, positions,
+                 final_norm, output, output_bias, list layers):
         if d_model <= 0 or num_heads <= 0 or d_model % num_heads or dim_feedforward <= 0:
             raise ValueError(f"DecoderStep: d_model ({d_model}) must be a positive multiple of "
                              f"num_heads ({num_heads}), dim_feedforward ({dim_feedforward}) > 0")
@@ -174,6 +177,7 @@ cdef class DecoderStep:
         self.scaled = embed_scale is not None
         self.embed_scale = embed_scale if self.scaled else 1.0
         self.attention_scale, self.decode_chunk = attention_scale, decode_chunk
+        self.small_gemm_macs = small_gemm_macs
         self.has_cross = layers[0]["cross_q"] is not None
         m2 = f32(embedding, (np.shape(embedding)[0], d), "embedding")
         self.embedding, self.embedding_rows = &m2[0, 0], m2.shape[0]
@@ -329,7 +333,7 @@ cdef class DecoderStep:
             layer = &self.layers[i]
             # self-attention: one fused QKV product; K and V go straight into the cache
             src = self._sublayer_input(x, hn, B, layer, 0, num_threads)
-            _linear(src, B, layer.self_qkv, wide, num_threads)
+            _linear(src, B, layer.self_qkv, wide, self.small_gemm_macs, num_threads)
             for b in range(B):
                 for h in range(H):
                     dst = k_caches[i] + ((b * H + h) * capacity + positions[b]) * hd
@@ -347,7 +351,7 @@ cdef class DecoderStep:
             # cross-attention over the source K/V projected once per source
             if self.has_cross:
                 src = self._sublayer_input(x, hn, B, layer, 1, num_threads)
-                _linear(src, B, layer.cross_q, q, num_threads)
+                _linear(src, B, layer.cross_q, q, self.small_gemm_macs, num_threads)
                 if weights != NULL and i == last:
                     status = ac_sdpa_weights_f32(q, cross_k[i], cross_v[i], att, weights, B, H, H,
                                                  1, S, hd, src_lengths, 0, self.attention_scale,
@@ -363,7 +367,7 @@ cdef class DecoderStep:
             # feed-forward
             norm_index = 2 if self.has_cross else 1
             src = self._sublayer_input(x, hn, B, layer, norm_index, num_threads)
-            _linear(src, B, layer.linear1, wide, num_threads)
+            _linear(src, B, layer.linear1, wide, self.small_gemm_macs, num_threads)
             ac_activation_f32(wide, wide, B * F, AC_ACT_GELU if self.gelu else AC_ACT_RELU,
                               num_threads)
             self._project_residual(x, wide, B, layer.linear2, layer, norm_index, hn, num_threads)
@@ -371,7 +375,7 @@ cdef class DecoderStep:
         if self.final_weight != NULL:
             ac_layer_norm_f32(x, x, self.final_weight, self.final_bias, B, d, self.eps,
                               AC_NORM_STANDARD, num_threads)
-        _linear(x, B, self.output, log_probs, num_threads)
+        _linear(x, B, self.output, log_probs, self.small_gemm_macs, num_threads)
         ac_softmax_f32(log_probs, log_probs, B, self.vocab, NULL, NULL, 1, num_threads)
         return 0
 
@@ -391,7 +395,7 @@ cdef class DecoderStep:
         """x = x + y_in W^T (pre-norm) or norm(x + y_in W^T) (post-norm); y is (B, d) scratch
         (it may be the buffer the sublayer input was normed into: that input is spent)."""
         cdef Py_ssize_t n = B * self.d_model, j
-        _linear(y_in, B, w, y, num_threads)
+        _linear(y_in, B, w, y, self.small_gemm_macs, num_threads)
         for j in range(n):
             x[j] = x[j] + y[j]
         if not self.norm_first:

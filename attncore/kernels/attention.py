@@ -20,7 +20,7 @@ import numpy as np
 from . import _additive, _blas, _sdpa, _softmax
 from ._validation import (check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
-from .threads import BLAS_SMALL_MATRIX_KERNEL, get_num_threads
+from .threads import BLAS_SMALL_GEMM_MACS, BLAS_SMALL_MATRIX_KERNEL, get_num_threads
 
 __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
            "nadaraya_watson"]
@@ -37,7 +37,7 @@ __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
 BLOCK_Q = 256
 BLOCK_K = 512
 SMALL_BLOCK_Q = 64
-SMALL_GEMM_MACS = 100 ** 3
+SMALL_GEMM_MACS = BLAS_SMALL_GEMM_MACS or 100 ** 3
 FLASH_TILES = None
 DECODE_MAX_Q = 8
 DECODE_CHUNK = 256

@@ -7,7 +7,7 @@ from .. import reference
 from . import _blas, _layers, _softmax
 from ._validation import (check_axis, check_bool_mask, check_finite_float, check_float_array, n_rows,
                           check_ids, check_lengths)
-from .threads import get_num_threads
+from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
 
 __all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "matmul", "layer_norm", "relu", "gelu",
            "gelu_tanh", "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions",
@@ -124,7 +124,8 @@ def linear(x, weight, bias=None):
     x2 = x.reshape(n_rows(x.shape), x.shape[-1])
     out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
     if packed:
-        _blas.linear_packed(x2, weight.panels, weight.shape[0], bias, out, get_num_threads())
+        _blas.linear_packed(x2, weight.panels, weight.shape[0], bias, out, BLAS_SMALL_GEMM_MACS,
+                            get_num_threads())
     else:
         _blas.linear(x2, weight, bias, out, get_num_threads())
     return out.reshape(x.shape[:-1] + (weight.shape[0],))

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import kernels as K
 from ..kernels import _recurrent
+from ..kernels.threads import BLAS_SMALL_GEMM_MACS
 from .base import EncoderDecoderModel
 
 __all__ = ["Seq2SeqAttention", "Seq2SeqState"]
@@ -109,7 +110,11 @@ class Seq2SeqAttention(EncoderDecoderModel):
             return tuple(w[f"{prefix}.{part}{suffix}"]
                          for part in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
 
-        self.encoder_layers = [[rnn("encoder.rnn", s) for s in
+        def packed_hh(weights):  # the time scan's recurrent weight, packed once for its steps
+            w_ih, b_ih, w_hh, b_hh = weights
+            return w_ih, b_ih, K.PackedLinearWeight(w_hh), b_hh
+
+        self.encoder_layers = [[packed_hh(rnn("encoder.rnn", s)) for s in
                                 [f"_l{k}", f"_l{k}_reverse"][:self.directions]]
                                for k in range(self.num_layers)]
         self.decoder_layers = [rnn("decoder.rnn", f"_l{k}") for k in range(self.num_layers)]
@@ -126,7 +131,7 @@ class Seq2SeqAttention(EncoderDecoderModel):
             [layer[0] for layer in self.decoder_layers], [layer[2] for layer in self.decoder_layers],
             [layer[1] for layer in self.decoder_layers], [layer[3] for layer in self.decoder_layers],
             get("query.weight"), get("score.weight"), get("linear_in.weight"),
-            get("output.weight"), self.out_weight, self.out_bias)
+            get("output.weight"), self.out_weight, self.out_bias, BLAS_SMALL_GEMM_MACS)
 
     # -- encoder ----------------------------------------------------------------------------
     def _start(self, sources: List[np.ndarray]) -> Seq2SeqState:
@@ -166,8 +171,9 @@ class Seq2SeqAttention(EncoderDecoderModel):
         h = np.zeros((batch, units), dtype=np.float32)
         c = np.zeros((batch, units), dtype=np.float32)
         outputs = np.empty((batch, steps, units), dtype=np.float32)
-        _recurrent.rnn_scan(projected, w_hh, b_hh, lengths, self.packed, reverse,
-                            self.cell == "lstm", h, c, outputs, K.get_num_threads())
+        _recurrent.rnn_scan(projected, w_hh.panels, b_hh, lengths, self.packed, reverse,
+                            self.cell == "lstm", h, c, outputs, BLAS_SMALL_GEMM_MACS,
+                            K.get_num_threads())
         return outputs, (h, c)
 
     # -- one decoder step -------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 from .. import kernels
 from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK
+from ..kernels.threads import BLAS_SMALL_GEMM_MACS
 from .base import (EncoderDecoderModel, GenerationResult, check_generation_options,
                    check_sources)
 
@@ -378,7 +379,8 @@ class Transformer(EncoderDecoderModel):
             dim_feedforward=self.decoder_layers[0].linear1_weight.shape[0],
             norm_first=self.norm_first, gelu=self.gelu, eps=self.eps,
             embed_scale=self.embed_scale, attention_scale=1.0 / math.sqrt(self.head_dim),
-            decode_chunk=DECODE_CHUNK, embedding=self.tgt_embedding,
+            decode_chunk=DECODE_CHUNK, small_gemm_macs=BLAS_SMALL_GEMM_MACS,
+            embedding=self.tgt_embedding,
             positions=self.tgt_positions, final_norm=self.decoder_norm, output=self.output_step,
             output_bias=self.output_bias, layers=layers)
 
