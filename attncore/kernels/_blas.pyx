@@ -14,20 +14,12 @@ from cython cimport floating
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_pack_panels_f32, ac_packed_linear_rows_f32
+
 cdef extern from "simd.h":
     void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
                            const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
                            float *out, Py_ssize_t ldo) nogil
-
-cdef extern from "packed_linear.h":
-    Py_ssize_t AC_PANEL_WIDTH
-    void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels) nogil
-    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
-                                 float *, int *, float *, float *, int *)
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                                   const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
-                                   Py_ssize_t small_gemm_macs, int num_threads) nogil
 
 PANEL_WIDTH = AC_PANEL_WIDTH
 

@@ -19,6 +19,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32
+
 cdef extern from "additive.h":
     int ac_additive_f32(const float *q_proj, const float *k_proj, const float *w_v,
                         const float *values, float *out, float *weights, Py_ssize_t B,
@@ -28,15 +30,6 @@ cdef extern from "additive.h":
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
     void ac_sigmoid_f32(const float *x, float *y, Py_ssize_t n) nogil
-
-cdef extern from "packed_linear.h":
-    Py_ssize_t AC_PANEL_WIDTH
-    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
-                                 float *, int *, float *, float *, int *)
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                                   const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
-                                   Py_ssize_t small_gemm_macs, int num_threads) nogil
 
 cdef extern from "softmax.h":
     void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,

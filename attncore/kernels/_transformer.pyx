@@ -21,18 +21,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32, ac_sgemm_fn
+
 import numpy as np
-
-cdef extern from "attncore.h" nogil:
-    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
-                                 float *, int *, float *, float *, int *)
-
-cdef extern from "packed_linear.h" nogil:
-    Py_ssize_t AC_PANEL_WIDTH
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                                   const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
-                                   Py_ssize_t small_gemm_macs, int num_threads)
 
 cdef extern from "layers.h" nogil:
     int AC_NORM_STANDARD, AC_ACT_RELU, AC_ACT_GELU
@@ -236,7 +227,7 @@ cdef class DecoderStep:
         """
         cdef Py_ssize_t B = tokens.shape[0], L = self.num_layers, H = self.num_heads
         cdef Py_ssize_t d = self.d_model, hd = self.head_dim, F = self.ffn
-        cdef Py_ssize_t capacity = -1, S = 0, b, h, i, layer_index
+        cdef Py_ssize_t capacity = -1, S = 0, b, layer_index
         cdef float[:, :, :, ::1] cache
         cdef const float[:, :, :, ::1] source
         if positions.shape[0] != B or log_probs.shape[0] != B or log_probs.shape[1] != self.vocab:

@@ -20,7 +20,7 @@ import numpy as np
 from . import _additive, _blas, _sdpa, _softmax
 from ._validation import (check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
-from .threads import BLAS_SMALL_GEMM_MACS, BLAS_SMALL_MATRIX_KERNEL, get_num_threads
+from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_threads
 
 __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
            "nadaraya_watson"]
@@ -28,7 +28,7 @@ __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
 # Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one BLAS
 # call, with K stored transposed per head so that both are plain NN products.
 # * Where OpenBLAS has its SkylakeX-class small-matrix kernel (threads.BLAS_SMALL_MATRIX_KERNEL),
-#   products of at most SMALL_GEMM_MACS multiply-adds skip the copy of both operands into packed
+#   products of at most SMALL_MATRIX_MACS multiply-adds skip the copy of both operands into packed
 #   buffers: SMALL_BLOCK_Q queries x as many keys as keep a product under the limit (64 x 192 at
 #   head_dim 64) ran prefill 1.1-1.3x faster than 256 x 512 (bench/RESULTS.md, "Flash tiles").
 # * Elsewhere every product packs its operands and large tiles amortise that: BLOCK_Q x BLOCK_K,
@@ -37,7 +37,6 @@ __all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
 BLOCK_Q = 256
 BLOCK_K = 512
 SMALL_BLOCK_Q = 64
-SMALL_GEMM_MACS = BLAS_SMALL_GEMM_MACS or 100 ** 3
 FLASH_TILES = None
 DECODE_MAX_Q = 8
 DECODE_CHUNK = 256
@@ -49,7 +48,7 @@ def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KER
     if FLASH_TILES is not None:
         return FLASH_TILES
     if small_matrix_kernel:
-        keys = SMALL_GEMM_MACS // (SMALL_BLOCK_Q * head_dim)
+        keys = SMALL_MATRIX_MACS // (SMALL_BLOCK_Q * head_dim)
         keys = keys // 64 * 64 if keys >= 64 else keys // 16 * 16
         if keys >= 16:
             return SMALL_BLOCK_Q, keys

@@ -109,5 +109,6 @@ _SMALL_MATRIX_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
 BLAS_SMALL_MATRIX_KERNEL = bool(BLAS_INFO) and all(
     lib["library"] == "openblas" and str(lib["architecture"]).lower() in _SMALL_MATRIX_CORES
     for lib in BLAS_INFO)
-# the size limit of that kernel, in multiply-adds (0: no such kernel), as the C kernels take it
-BLAS_SMALL_GEMM_MACS = 100 ** 3 if BLAS_SMALL_MATRIX_KERNEL else 0
+# that kernel's size limit in multiply-adds, and the limit as the C kernels take it (0: no kernel)
+SMALL_MATRIX_MACS = 100 ** 3
+BLAS_SMALL_GEMM_MACS = SMALL_MATRIX_MACS if BLAS_SMALL_MATRIX_KERNEL else 0
