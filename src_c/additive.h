@@ -7,8 +7,12 @@
  *
  * q_proj (B, Lq, Hd), k_proj (B, Lk, Hd), w_v (Hd), values (B, Lk, Dv), out (B, Lq, Dv),
  * weights (B, Lq, Lk) or NULL. The B x Lq x Lk x Hd tensor of the textbook formula is never
- * formed: each score is one fused tanh-dot over Hd. Projecting the keys once per source (not once
- * per decoder step) is the caller's job; per step only the query projection (a GEMV) remains.
+ * formed: each score is one fused tanh-dot over Hd. In float32 with two or more queries per
+ * batch element, the tanh is split (simd.h: tanh(a + b) from exp(2a) and exp(2b), each computed
+ * once), leaving a multiply-add and a reciprocal per term; a query or batch element whose
+ * projections exceed the split's limit (|x| > 21) takes the exact tanh. Projecting the keys once
+ * per source (not once per decoder step) is the caller's job; per step only the query
+ * projection (a GEMV) remains.
  * Luong's "concat" score is the same formula with W_a split into its query and key halves.
  *
  * Nadaraya-Watson pooling (Gaussian kernel):

@@ -2,21 +2,48 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
+/* Scores of one projected query q (Hd) against n keys kb (n, Hd). The float32 build, given
+ * the key factors eb = exp(2 kb) (NULL: none), takes the split tanh of simd.h when the query is
+ * within its limit too; otherwise, and for float64, one fused tanh-dot per key. */
+static void CAT(additive_scores_, SUF)(const REAL *q, const REAL *kb, const REAL *eb,
+                                       REAL *ea_half, const REAL *w_v, ac_index n, ac_index Hd,
+                                       REAL *scores) {
+#if AC_ADDITIVE_SPLIT
+    if (eb && ac_all_abs_le_f32(q, Hd, AC_TANH_SPLIT_LIMIT)) {
+        ac_exp2x_f32(q, ea_half, Hd, 0.5f);
+        ac_tanh_split_scores_f32(ea_half, eb, n, w_v, Hd, scores);
+        return;
+    }
+#else
+    (void)eb;
+    (void)ea_half;
+#endif
+    for (ac_index j = 0; j < n; j++) scores[j] = CAT(ac_tanh_score_, SUF)(kb + j * Hd, q, w_v, Hd);
+}
+
 int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w_v,
                            const REAL *values, REAL *out, REAL *weights, ac_index B, ac_index Lq,
                            ac_index Lk, ac_index Hd, ac_index Dv, const int64_t *kv_lengths,
                            int num_threads) {
     int status = AC_OK;
+    /* The key factors of the split tanh cost one exp per key element, as much as the exact
+     * path per query: worth it from two queries per batch element on. */
+    const int use_split = AC_ADDITIVE_SPLIT && Lq >= 2 && Lk > 0 && Hd > 0;
 #pragma omp parallel num_threads(AC_THREADS(B * Lq * Lk * (Hd + Dv), num_threads))
     {
         REAL *scores = (REAL *)malloc(sizeof(REAL) * (Lk > 0 ? Lk : 1));
-        if (!scores) {
+        REAL *eb = use_split ? (REAL *)malloc(sizeof(REAL) * (size_t)(Lk * Hd + Hd)) : NULL;
+        if (!scores || (use_split && !eb)) {
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
+        int eb_ok = 0; /* eb holds the key factors of the current batch element */
+#if AC_ADDITIVE_SPLIT
+        ac_index eb_batch = -1;
+#endif
 #pragma omp for schedule(static)
         for (ac_index row = 0; row < B * Lq; row++) {
-            if (!scores) continue;
+            if (!scores || (use_split && !eb)) continue;
             const ac_index b = row / Lq;
             const ac_index n_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const REAL *q = q_proj + row * Hd;
@@ -24,9 +51,18 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w
             const REAL *vb = values + b * Lk * Dv;
             REAL *o = out + row * Dv;
             memset(o, 0, sizeof(REAL) * Dv);
+#if AC_ADDITIVE_SPLIT
+            /* Only the valid keys decide and are exponentiated, so a source scores the same
+             * alone and padded inside a batch. */
+            if (use_split && b != eb_batch) {
+                eb_batch = b;
+                eb_ok = n_valid > 0 && ac_all_abs_le_f32(kb, n_valid * Hd, AC_TANH_SPLIT_LIMIT);
+                if (eb_ok) ac_exp2x_f32(kb, eb, n_valid * Hd, 1.f);
+            }
+#endif
             if (n_valid > 0) {
-                for (ac_index j = 0; j < n_valid; j++)
-                    scores[j] = CAT(ac_tanh_score_, SUF)(kb + j * Hd, q, w_v, Hd);
+                CAT(additive_scores_, SUF)(q, kb, eb_ok ? eb : NULL, eb ? eb + Lk * Hd : NULL,
+                                           w_v, n_valid, Hd, scores);
                 REAL mx = CAT(ac_max_, SUF)(scores, n_valid);
                 REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, n_valid, mx);
                 CAT(ac_scale_, SUF)(scores, n_valid, 1 / total);
@@ -37,6 +73,7 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w
                 for (ac_index j = 0; j < Lk; j++) w[j] = j < n_valid ? scores[j] : 0;
             }
         }
+        free(eb);
         free(scores);
     }
     return status;

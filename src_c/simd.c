@@ -64,6 +64,22 @@ static float tanh_score_scalar(const float *k, const float *q, const float *w, a
     for (ac_index i = 0; i < n; i++) s += w[i] * tanhf(k[i] + q[i]);
     return s;
 }
+static int all_abs_le_scalar(const float *x, ac_index n, float limit) {
+    for (ac_index i = 0; i < n; i++)
+        if (!(fabsf(x[i]) <= limit)) return 0;
+    return 1;
+}
+static void exp2x_scalar(const float *x, float *y, ac_index n, float scale) {
+    for (ac_index i = 0; i < n; i++) y[i] = scale * expf(2 * x[i]);
+}
+static void tanh_split_scores_scalar(const float *ea_half, const float *eb, ac_index n_keys,
+                                     const float *w, ac_index n, float *out) {
+    for (ac_index j = 0; j < n_keys; j++) {
+        float s = 0;
+        for (ac_index h = 0; h < n; h++) s += w[h] * (1 - 1 / (ea_half[h] * eb[j * n + h] + 0.5f));
+        out[j] = s;
+    }
+}
 static void tanh_scalar(const float *x, float *y, ac_index n) { for (ac_index i = 0; i < n; i++) y[i] = tanhf(x[i]); }
 static void sigmoid_scalar(const float *x, float *y, ac_index n) {
     for (ac_index i = 0; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
@@ -241,6 +257,58 @@ static AVX2 float tanh_score_avx2(const float *k, const float *q, const float *w
     return hsum256(acc);
 }
 
+static AVX2 int all_abs_le_avx2(const float *x, ac_index n, float limit) {
+    const __m256 vl = _mm256_set1_ps(limit);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int bad = 0;
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8)
+        bad |= _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), vl,
+                                                _CMP_NLE_UQ));
+    for (; i < n; i++) bad |= !(fabsf(x[i]) <= limit);
+    return bad == 0;
+}
+
+static AVX2 void exp2x_avx2(const float *x, float *y, ac_index n, float scale) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    ac_index i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(exp256(_mm256_add_ps(v, v)), vs));
+    }
+    if (i < n) {
+        float b[8] = {0};
+        for (ac_index j = 0; j < n - i; j++) b[j] = x[i + j];
+        __m256 v = _mm256_loadu_ps(b);
+        _mm256_storeu_ps(b, _mm256_mul_ps(exp256(_mm256_add_ps(v, v)), vs));
+        for (ac_index j = 0; j < n - i; j++) y[i + j] = b[j];
+    }
+}
+
+/* t = 1 - 1/d, d = ea_half * eb + 1/2 (see tanh_split_term512). AVX2's vrcpps is only good
+ * to 12 bits, so this tier divides. */
+static inline AVX2 __m256 tanh_split_term256(__m256 ea_half, __m256 eb) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 d = _mm256_fmadd_ps(ea_half, eb, _mm256_set1_ps(0.5f));
+    return _mm256_sub_ps(one, _mm256_div_ps(one, d));
+}
+
+static AVX2 void tanh_split_scores_avx2(const float *ea_half, const float *eb, ac_index n_keys,
+                                        const float *w, ac_index n, float *out) {
+    const ac_index n8 = n - n % 8;
+    for (ac_index j = 0; j < n_keys; j++) {
+        const float *ej = eb + j * n;
+        __m256 acc = _mm256_setzero_ps();
+        for (ac_index h = 0; h < n8; h += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + h),
+                                  tanh_split_term256(_mm256_loadu_ps(ea_half + h),
+                                                     _mm256_loadu_ps(ej + h)), acc);
+        float s = hsum256(acc);
+        for (ac_index h = n8; h < n; h++) s += w[h] * (1 - 1 / (ea_half[h] * ej[h] + 0.5f));
+        out[j] = s;
+    }
+}
+
 static AVX2 void tanh_avx2(const float *x, float *y, ac_index n) {
     ac_index i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, tanh256(_mm256_loadu_ps(x + i)));
@@ -392,6 +460,16 @@ float ac_tanh_score_f32(const float *k, const float *q, const float *w, ac_index
     return DISPATCH(tanh_score, k, q, w, n);
 }
 void ac_tanh_f32(const float *x, float *y, ac_index n) { DISPATCH(tanh, x, y, n); }
+int ac_all_abs_le_f32(const float *x, ac_index n, float limit) {
+    return DISPATCH(all_abs_le, x, n, limit);
+}
+void ac_exp2x_f32(const float *x, float *y, ac_index n, float scale) {
+    DISPATCH(exp2x, x, y, n, scale);
+}
+void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_keys,
+                              const float *w, ac_index n, float *out) {
+    DISPATCH(tanh_split_scores, ea_half, eb, n_keys, w, n, out);
+}
 void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
 void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }
 void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,

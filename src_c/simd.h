@@ -31,6 +31,20 @@ float ac_dot_f32(const float *a, const float *b, ac_index n);
 void ac_axpy_f32(float *y, float a, const float *x, ac_index n);
 /* sum_j w[j] * tanh(k[j] + q[j]) : the Bahdanau score of one key. */
 float ac_tanh_score_f32(const float *k, const float *q, const float *w, ac_index n);
+/* Bahdanau scores through the split tanh(a + b) = 1 - 2 / (1 + e^(2a) e^(2b)), which leaves
+ * one multiply-add and a reciprocal per term once the exponentials of the projected query (a)
+ * and keys (b) are known (each computed once, not once per query-key pair):
+ *   out[j] = sum_h w[h] * (1 - 1 / (ea_half[h] * eb[j, h] + 1/2))
+ * with ea_half = exp(2a) / 2 (n), eb = exp(2b) (n_keys, n). Within float32 rounding of tanh
+ * when every |a|, |b| <= AC_TANH_SPLIT_LIMIT: each factor is then a normal float and their
+ * product stays finite. */
+#define AC_TANH_SPLIT_LIMIT 21.0f
+void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_keys,
+                              const float *w, ac_index n, float *out);
+/* y[i] = scale * exp(2 x[i]) (the factors of the split above). */
+void ac_exp2x_f32(const float *x, float *y, ac_index n, float scale);
+/* 1 when every |x[i]| <= limit; 0 otherwise, and when any x[i] is NaN. */
+int ac_all_abs_le_f32(const float *x, ac_index n, float limit);
 /* y[i] = tanh(x[i]) and y[i] = sigmoid(x[i]), in place allowed. */
 void ac_tanh_f32(const float *x, float *y, ac_index n);
 void ac_sigmoid_f32(const float *x, float *y, ac_index n);

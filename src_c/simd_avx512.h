@@ -131,6 +131,76 @@ static AVX512 float tanh_score_avx512(const float *k, const float *q, const floa
     return _mm512_reduce_add_ps(acc);
 }
 
+/* 1 when every |x[i]| <= limit (a NaN makes it 0). */
+static AVX512 int all_abs_le_avx512(const float *x, ac_index n, float limit) {
+    const __m512 vl = _mm512_set1_ps(limit);
+    __mmask16 bad = 0;
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i));
+        bad |= _mm512_mask_cmp_ps_mask(m, a, vl, _CMP_NLE_UQ);
+    }
+    return bad == 0;
+}
+
+static AVX512 void exp2x_avx512(const float *x, float *y, ac_index n, float scale) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(exp512(_mm512_add_ps(v, v)), vs));
+    }
+}
+
+/* One term of the split tanh, t = 1 - 1/d with d = ea_half * eb + 1/2 = (1 + e^(2(a+b))) / 2,
+ * the reciprocal from vrcp14ps plus one Newton step (relative error ~1e-7, as exact as the
+ * division of tanh512 at a fraction of its cost). d lies in [1/2, 3e36] under the split's
+ * limit, so the reciprocal is a normal float. Masked-off lanes load 0: d = 1/2, t = -1, and
+ * their w is 0. */
+static inline AVX512 __m512 tanh_split_term512(__m512 ea_half, __m512 eb) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 d = _mm512_fmadd_ps(ea_half, eb, _mm512_set1_ps(0.5f));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, one), r);
+    return _mm512_sub_ps(one, r);
+}
+
+/* Four keys per pass, so each vector of ea_half and w is loaded once for four scores. */
+static AVX512 void tanh_split_scores_avx512(const float *ea_half, const float *eb,
+                                            ac_index n_keys, const float *w, ac_index n,
+                                            float *out) {
+    ac_index j = 0;
+    for (; j + 4 <= n_keys; j += 4) {
+        const float *e0 = eb + j * n, *e1 = e0 + n, *e2 = e1 + n, *e3 = e2 + n;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+        for (ac_index h = 0; h < n; h += 16) {
+            const __mmask16 m = mask16(n - h);
+            const __m512 a = _mm512_maskz_loadu_ps(m, ea_half + h);
+            const __m512 wv = _mm512_maskz_loadu_ps(m, w + h);
+            acc0 = _mm512_fmadd_ps(wv, tanh_split_term512(a, _mm512_maskz_loadu_ps(m, e0 + h)), acc0);
+            acc1 = _mm512_fmadd_ps(wv, tanh_split_term512(a, _mm512_maskz_loadu_ps(m, e1 + h)), acc1);
+            acc2 = _mm512_fmadd_ps(wv, tanh_split_term512(a, _mm512_maskz_loadu_ps(m, e2 + h)), acc2);
+            acc3 = _mm512_fmadd_ps(wv, tanh_split_term512(a, _mm512_maskz_loadu_ps(m, e3 + h)), acc3);
+        }
+        out[j] = _mm512_reduce_add_ps(acc0);
+        out[j + 1] = _mm512_reduce_add_ps(acc1);
+        out[j + 2] = _mm512_reduce_add_ps(acc2);
+        out[j + 3] = _mm512_reduce_add_ps(acc3);
+    }
+    for (; j < n_keys; j++) { /* same per-key arithmetic as above, so blocking never shows */
+        const float *e0 = eb + j * n;
+        __m512 acc0 = _mm512_setzero_ps();
+        for (ac_index h = 0; h < n; h += 16) {
+            const __mmask16 m = mask16(n - h);
+            acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + h),
+                                   tanh_split_term512(_mm512_maskz_loadu_ps(m, ea_half + h),
+                                                      _mm512_maskz_loadu_ps(m, e0 + h)), acc0);
+        }
+        out[j] = _mm512_reduce_add_ps(acc0);
+    }
+}
+
 static AVX512 void tanh_avx512(const float *x, float *y, ac_index n) {
     for (ac_index i = 0; i < n; i += 16) {
         const __mmask16 m = mask16(n - i);

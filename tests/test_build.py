@@ -189,8 +189,12 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
                  w_k=g.standard_normal((13, 9)).astype(np.float32),
                  w_v=g.standard_normal(9).astype(np.float32))
         # scores reach sum|w_v| ~ 7: float32 rounding of them is ~1e-6 (conftest.score_atol)
-        np.testing.assert_allclose(attncore.additive_attention(**a),
-                                   ref.additive_attention(*f64(*a.values())), rtol=1e-5, atol=2e-6)
+        # four queries: the split tanh of simd.h; keys scaled past its limit: the exact tanh
+        for key_scale in (1, 40):
+            b = dict(a, keys=a["keys"] * np.float32(key_scale))
+            np.testing.assert_allclose(attncore.additive_attention(**b),
+                                       ref.additive_attention(*f64(*b.values())),
+                                       rtol=1e-5, atol=2e-6)
         print("ok")
     """)
     # From an empty directory, importing the attncore this process imported (conftest).

@@ -339,6 +339,68 @@ def test_additive_attention_with_projected_keys(rng, dtype):
         assert_close(got, via_w_k, dtype)
 
 
+def _projected_additive_inputs(rng, q_proj, k_proj, v_dim=5):
+    """Arguments whose projections are exactly q_proj and k_proj: w_q is the identity (a product
+    with it is exact) and the keys go in already projected."""
+    batch, kv_len, hidden = k_proj.shape
+    return dict(queries=q_proj.astype(np.float32), keys=k_proj.astype(np.float32),
+                values=rng.standard_normal((batch, kv_len, v_dim)).astype(np.float32),
+                w_q=np.eye(hidden, dtype=np.float32), w_k=None,
+                w_v=rng.standard_normal(hidden).astype(np.float32))
+
+
+def test_additive_split_tanh_holds_to_its_limit(rng):
+    """With two or more queries the float32 kernel evaluates tanh(a + b) from exp(2a) and exp(2b)
+    (src_c/simd.h, valid for |a|, |b| <= 21). The hardest inputs for it: both terms near the
+    limit with opposite signs (a + b small: the product of a huge and a tiny factor must still
+    be ~1), and sums far into saturation."""
+    hidden = 40
+    a = rng.uniform(-21, 21, (2, 6, hidden))
+    b = rng.uniform(-21, 21, (2, 9, hidden))
+    b[0, :4] = -a[0, :4] + rng.uniform(-0.5, 0.5, (4, hidden))  # a + b near 0, |a| ~ |b| ~ 21
+    args = _projected_additive_inputs(rng, a, b)
+    expected = reference.additive_attention(*as64(*args.values()), return_weights=True)
+    got = attncore.additive_attention(**args, return_weights=True)
+    atol = score_atol(np.float32, np.abs(as64(args["w_v"])).sum())
+    assert_close(got[0], expected[0], np.float32, atol=atol)
+    _check_weights(got[1], expected[1], np.float32, atol=atol)
+
+
+def test_additive_beyond_the_split_limit_takes_the_exact_path(rng):
+    """A query or a batch element's keys past the limit go through the exact tanh; each row
+    decides for itself, and a row's result does not depend on its neighbours' path."""
+    hidden = 24
+    a = rng.standard_normal((3, 5, hidden))
+    b = rng.standard_normal((3, 7, hidden))
+    a[0, 2, 3] = 60.0    # one query of batch 0 past the limit
+    b[1, 4, 0] = -45.0   # one key of batch 1: the whole batch element
+    args = _projected_additive_inputs(rng, a, b)
+    expected = reference.additive_attention(*as64(*args.values()))
+    got = attncore.additive_attention(**args)
+    assert_close(got, expected, np.float32, atol=score_atol(np.float32, np.abs(args["w_v"]).sum()))
+    for i in range(3):  # row by row, alone (a single query takes the exact path throughout)
+        alone = attncore.additive_attention(**{**args, "queries": args["queries"][:, i:i + 1]})
+        assert_close(got[:, i:i + 1], alone, np.float32)
+
+
+def test_additive_padding_does_not_change_a_source(rng):
+    """Only the valid keys decide the path and get exponentiated: a source scores bit for bit
+    the same alone and inside a batch whose padding holds huge values."""
+    hidden = 16
+    a = rng.standard_normal((1, 4, hidden))
+    b = rng.standard_normal((1, 6, hidden))
+    alone = _projected_additive_inputs(rng, a, b)
+    padded = {**alone,
+              "queries": np.concatenate([alone["queries"], alone["queries"]]),
+              "keys": np.concatenate([alone["keys"], np.full((1, 6, hidden), 0, np.float32)]),
+              "values": np.concatenate([alone["values"], alone["values"]])}
+    padded["keys"] = np.concatenate([padded["keys"], np.full((2, 3, hidden), 1e6, np.float32)],
+                                    axis=1)
+    padded["values"] = np.concatenate([padded["values"], np.ones((2, 3, 5), np.float32)], axis=1)
+    got = attncore.additive_attention(**padded, kv_lengths=[6, 6])
+    np.testing.assert_array_equal(got[:1], attncore.additive_attention(**alone))
+
+
 # ------------------------------------------------------------------ Luong
 
 def _luong_reference(queries, keys, values, method, kv_lengths=None, **weights):
