@@ -110,11 +110,11 @@ class Seq2SeqAttention(EncoderDecoderModel):
             return tuple(w[f"{prefix}.{part}{suffix}"]
                          for part in ("weight_ih", "bias_ih", "weight_hh", "bias_hh"))
 
-        def packed_hh(weights):  # the time scan's recurrent weight, packed once for its steps
-            w_ih, b_ih, w_hh, b_hh = weights
-            return w_ih, b_ih, K.PackedLinearWeight(w_hh), b_hh
+        def packed(weights):  # packed once: the time scan's steps and the input projection
+            w_ih, b_ih, w_hh, b_hh = weights  # of every step at once (no BLAS re-packing)
+            return K.PackedLinearWeight(w_ih), b_ih, K.PackedLinearWeight(w_hh), b_hh
 
-        self.encoder_layers = [[packed_hh(rnn("encoder.rnn", s)) for s in
+        self.encoder_layers = [[packed(rnn("encoder.rnn", s)) for s in
                                 [f"_l{k}", f"_l{k}_reverse"][:self.directions]]
                                for k in range(self.num_layers)]
         self.decoder_layers = [rnn("decoder.rnn", f"_l{k}") for k in range(self.num_layers)]
