@@ -15,10 +15,14 @@
   (2 layers, FFN 2048) on the lengths where quadratic attention stays affordable.
 
 Every row is measured in one process and the same minute; ratios are what to read. Token
-agreement with the first peer is printed so a fast wrong answer cannot hide.
+agreement with the first peer is printed so a fast wrong answer cannot hide. Asked for several
+families, the script runs each in a process of its own: torch's eager speed depends on what ran
+before it in a process (its batch-1 seq2seq ran 2.7x slower after the Transformer and
+CTranslate2 rows), and a ratio should not measure that.
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -344,6 +348,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small models, for a smoke run")
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
     args = parser.parse_args(argv)
+    if len(args.only) > 1:
+        common = (["--threads", *map(str, args.threads)] + ["--quick"] * args.quick
+                  + ["--no-torch"] * args.no_torch)
+        for family in args.only:
+            status = subprocess.call([sys.executable, os.path.abspath(__file__), "--only", family,
+                                      *common])
+            if status:
+                raise SystemExit(status)
+        return []
     torch = None if args.no_torch else try_import_torch()
     print(f"machine: {machine_description()}")
     print(f"command: python bench/models.py {' '.join(argv if argv is not None else sys.argv[1:])}")
