@@ -4,22 +4,6 @@ Validation lives in ``attncore.kernels.additive_attention`` / ``nadaraya_watson`
 from libc.stdint cimport int64_t
 from cython cimport floating
 
-cdef extern from "additive.h" nogil:
-    int ac_additive_f32(const float *q_proj, const float *k_proj, const float *w_v,
-                        const float *values, float *out, float *weights, Py_ssize_t B,
-                        Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t Hd, Py_ssize_t Dv,
-                        const int64_t *kv_lengths, int num_threads)
-    int ac_additive_f64(const double *q_proj, const double *k_proj, const double *w_v,
-                        const double *values, double *out, double *weights, Py_ssize_t B,
-                        Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t Hd, Py_ssize_t Dv,
-                        const int64_t *kv_lengths, int num_threads)
-    int ac_nadaraya_watson_f32(const float *queries, const float *keys, const float *values,
-                               float *out, float *weights, Py_ssize_t Nq, Py_ssize_t Nk,
-                               Py_ssize_t D, Py_ssize_t Dv, float bandwidth, int num_threads)
-    int ac_nadaraya_watson_f64(const double *queries, const double *keys, const double *values,
-                               double *out, double *weights, Py_ssize_t Nq, Py_ssize_t Nk,
-                               Py_ssize_t D, Py_ssize_t Dv, double bandwidth, int num_threads)
-
 
 def additive(const floating[:, :, ::1] q_proj, const floating[:, :, ::1] k_proj,
              const floating[::1] w_v, const floating[:, :, ::1] values, floating[:, :, ::1] out,

@@ -19,13 +19,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
+from ._additive cimport ac_additive_f32
 from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32
-
-cdef extern from "additive.h":
-    int ac_additive_f32(const float *q_proj, const float *k_proj, const float *w_v,
-                        const float *values, float *out, float *weights, Py_ssize_t B,
-                        Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t Hd, Py_ssize_t Dv,
-                        const int64_t *kv_lengths, int num_threads) nogil
 
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil

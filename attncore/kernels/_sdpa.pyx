@@ -5,38 +5,6 @@ from libc.stdint cimport int64_t
 from cython cimport floating
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-cdef extern from "sdpa.h" nogil:
-    ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
-                                 float *, int *, float *, float *, int *)
-    ctypedef void (*ac_dgemm_fn)(char *, char *, int *, int *, int *, double *, double *, int *,
-                                 double *, int *, double *, double *, int *)
-    int ac_sdpa_flash_f32(const float *q, const float *k, const float *v, float *out,
-                          Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
-                          Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                          float scale, Py_ssize_t block_q, Py_ssize_t block_k, ac_sgemm_fn gemm,
-                          int num_threads)
-    int ac_sdpa_flash_f64(const double *q, const double *k, const double *v, double *out,
-                          Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
-                          Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                          double scale, Py_ssize_t block_q, Py_ssize_t block_k, ac_dgemm_fn gemm,
-                          int num_threads)
-    int ac_sdpa_splitkv_f32(const float *q, const float *k, const float *v, float *out,
-                            Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
-                            Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                            float scale, Py_ssize_t chunk, int num_threads)
-    int ac_sdpa_splitkv_f64(const double *q, const double *k, const double *v, double *out,
-                            Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
-                            Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                            double scale, Py_ssize_t chunk, int num_threads)
-    int ac_sdpa_weights_f32(const float *q, const float *k, const float *v, float *out,
-                            float *weights, Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv,
-                            Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
-                            int causal, float scale, ac_sgemm_fn gemm, int num_threads)
-    int ac_sdpa_weights_f64(const double *q, const double *k, const double *v, double *out,
-                            double *weights, Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv,
-                            Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
-                            int causal, double scale, ac_dgemm_fn gemm, int num_threads)
-
 
 cdef _check(int status):
     if status != 0:

@@ -22,6 +22,7 @@ from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32, ac_sgemm_fn
+from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
 
@@ -30,16 +31,6 @@ cdef extern from "layers.h" nogil:
     void ac_layer_norm_f32(const float *x, float *y, const float *gamma, const float *beta,
                            Py_ssize_t rows, Py_ssize_t D, float eps, int mode, int num_threads)
     void ac_activation_f32(const float *x, float *y, Py_ssize_t n, int kind, int num_threads)
-
-cdef extern from "sdpa.h" nogil:
-    int ac_sdpa_splitkv_f32(const float *q, const float *k, const float *v, float *out,
-                            Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
-                            Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                            float scale, Py_ssize_t chunk, int num_threads)
-    int ac_sdpa_weights_f32(const float *q, const float *k, const float *v, float *out,
-                            float *weights, Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv,
-                            Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
-                            int causal, float scale, ac_sgemm_fn gemm, int num_threads)
 
 cdef extern from "softmax.h" nogil:
     void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,
