@@ -6,17 +6,18 @@ additive / Luong / Nadaraya-Watson attention, linear, norms, activations, positi
 The NumPy oracle of every kernel is :mod:`attncore.reference`; the trainer is :mod:`attncore.train`.
 Models (:func:`load`, :mod:`attncore.models`) run on the kernels: ``attncore.load(path).generate``.
 """
-from .kernels import (additive_attention, attention, embedding, gelu, gelu_tanh, get_num_threads,
-                      layer_norm, linear, log_softmax, luong_attention, matmul, nadaraya_watson,
-                      num_threads, project_keys, relu, rotary, set_num_threads, sigmoid,
-                      sinusoidal_positions, softmax, swish, tanh)
+from .kernels import (AdditiveKeys, additive_attention, attention, embedding, gelu, gelu_tanh,
+                      get_num_threads, layer_norm, linear, log_softmax, luong_attention, matmul,
+                      nadaraya_watson, num_threads, project_keys, relu, rotary, set_num_threads,
+                      sigmoid, sinusoidal_positions, softmax, swish, tanh)
 
 from .models import GenerationResult, from_config, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "additive_attention", "project_keys", "luong_attention", "nadaraya_watson",
+    "attention", "additive_attention", "project_keys", "AdditiveKeys", "luong_attention",
+    "nadaraya_watson",
     "softmax", "log_softmax", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh",
     "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary",
     "set_num_threads", "get_num_threads", "num_threads", "info", "__version__",

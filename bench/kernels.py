@@ -4,6 +4,7 @@
     python bench/kernels.py            # full table (a few minutes on 2 cores)
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
+    python bench/kernels.py --only additive    # one section (attention decode softmax additive)
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
@@ -91,11 +92,13 @@ def run_softmax(threads, torch, rows, quick):
 
 
 def run_additive(threads, torch, rows, quick):
-    """Two uses: a whole call (keys projected inside, as in the textbook formula) and a decoder
-    step (keys projected once per source: ``w_k=None``). The reference gets the same
-    pre-projected keys in the step case, so only the fused score + softmax + sum is compared."""
+    """Three uses: a whole call (keys projected inside, as in the textbook formula) and two
+    decoder steps, keys projected once per source: as a plain array (``w_k=None``), and as an
+    ``attncore.AdditiveKeys`` that also keeps the split tanh's key factors (made once per source
+    like the projection, outside the timing). The reference gets the same pre-projected keys in
+    both step cases, so the query projection + scores + softmax + sum are compared."""
     rng = np.random.default_rng(3)
-    cases = [(8, 8, 32, 64)] if quick else [(64, 1, 24, 256), (64, 24, 24, 256), (16, 1, 256, 256)]
+    cases = [(8, 8, 32, 64), (8, 1, 32, 64)] if quick else [(64, 1, 24, 256), (64, 24, 24, 256), (16, 1, 256, 256)]
     for (B, Lq, Lk, hidden) in cases:
         dim = hidden
         qs = rng.standard_normal((B, Lq, dim), dtype=np.float32)
@@ -111,6 +114,10 @@ def run_additive(threads, torch, rows, quick):
         t_ac = H.best_time(lambda: attncore.additive_attention(qs, k_proj, vs, wq, None, wv), 10)
         t_np = H.best_time(lambda: reference.additive_attention(qs, k_proj, vs, wq, None, wv), 5)
         rows.append((threads, f"additive step (keys pre-projected) B={B} Lq={Lq} Lk={Lk} "
+                     f"hidden={hidden}", t_ac, float("nan"), t_np, float("nan")))
+        cached = attncore.AdditiveKeys(k_proj)
+        t_ac = H.best_time(lambda: attncore.additive_attention(qs, cached, vs, wq, None, wv), 10)
+        rows.append((threads, f"additive step (AdditiveKeys) B={B} Lq={Lq} Lk={Lk} "
                      f"hidden={hidden}", t_ac, float("nan"), t_np, float("nan")))
 
 
@@ -133,11 +140,16 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
+SECTIONS = ("attention", "decode", "softmax", "additive")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="run these sections only (the peak-memory check runs with attention)")
     args = parser.parse_args(argv)
     torch = None if args.no_torch else H.try_import_torch()
     print(f"# {' '.join(['python', 'bench/kernels.py'] + (argv if argv is not None else sys.argv[1:]))}")
@@ -147,10 +159,15 @@ def main(argv=None):
     for threads in args.threads:
         with H.set_threads(threads):
             gemm[threads] = H.sgemm_gflops(512 if args.quick else 2048)
-            run_attention(QUICK_PREFILL if args.quick else PREFILL, threads, torch, rows, args.quick)
-            run_decode(QUICK_DECODE if args.quick else DECODE, threads, torch, rows)
-            run_softmax(threads, torch, rows, args.quick)
-            run_additive(threads, torch, rows, args.quick)
+            if "attention" in args.only:
+                run_attention(QUICK_PREFILL if args.quick else PREFILL, threads, torch, rows,
+                              args.quick)
+            if "decode" in args.only:
+                run_decode(QUICK_DECODE if args.quick else DECODE, threads, torch, rows)
+            if "softmax" in args.only:
+                run_softmax(threads, torch, rows, args.quick)
+            if "additive" in args.only:
+                run_additive(threads, torch, rows, args.quick)
     print()
     print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|")
@@ -176,6 +193,8 @@ def main(argv=None):
         for name, ts in by_name.items():
             if a in ts and b in ts and name.startswith("attention") and "L=128" not in name:
                 print(f"| {name} | {ts[a] / ts[b]:.2f}x |")
+    if "attention" not in args.only:
+        return
     L = 2048 if args.quick else 16384
     grow = peak_memory(L)
     score_mib = L * L * 4 / 2 ** 20

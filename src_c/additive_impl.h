@@ -21,29 +21,37 @@ static void CAT(additive_scores_, SUF)(const REAL *q, const REAL *kb, const REAL
     for (ac_index j = 0; j < n; j++) scores[j] = CAT(ac_tanh_score_, SUF)(kb + j * Hd, q, w_v, Hd);
 }
 
-int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w_v,
-                           const REAL *values, REAL *out, REAL *weights, ac_index B, ac_index Lq,
-                           ac_index Lk, ac_index Hd, ac_index Dv, const int64_t *kv_lengths,
-                           int num_threads) {
+int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const float *key_factors,
+                           const uint8_t *key_in_limit, const REAL *w_v, const REAL *values,
+                           REAL *out, REAL *weights, ac_index B, ac_index Lq, ac_index Lk,
+                           ac_index Hd, ac_index Dv, const int64_t *kv_lengths, int num_threads) {
     int status = AC_OK;
-    /* The key factors of the split tanh cost one exp per key element, as much as the exact
-     * path per query: worth it from two queries per batch element on. */
-    const int use_split = AC_ADDITIVE_SPLIT && Lq >= 2 && Lk > 0 && Hd > 0;
+    /* Key factors computed here cost one exp per key element, as much as the exact path per
+     * query: worth it from two queries per batch element on. Given by the caller (computed
+     * once per source), they pay from the first query. */
+    const int cached = AC_ADDITIVE_SPLIT && key_factors && key_in_limit;
+    const int use_split = AC_ADDITIVE_SPLIT && Lk > 0 && Hd > 0 && (cached || Lq >= 2);
+    /* scratch: the scores, the query's factors, and the key factors when not cached */
+    const size_t scratch = (size_t)(Lk > 0 ? Lk : 1) +
+                           (use_split ? (size_t)Hd + (cached ? 0 : (size_t)(Lk * Hd)) : 0);
 #pragma omp parallel num_threads(AC_THREADS(B * Lq * Lk * (Hd + Dv), num_threads))
     {
-        REAL *scores = (REAL *)malloc(sizeof(REAL) * (Lk > 0 ? Lk : 1));
-        REAL *eb = use_split ? (REAL *)malloc(sizeof(REAL) * (size_t)(Lk * Hd + Hd)) : NULL;
-        if (!scores || (use_split && !eb)) {
+        REAL *scores = (REAL *)malloc(sizeof(REAL) * scratch);
+        if (!scores) {
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
-        int eb_ok = 0; /* eb holds the key factors of the current batch element */
+        REAL *ea_half = use_split && scores ? scores + (Lk > 0 ? Lk : 1) : NULL;
+        const REAL *eb = NULL; /* the key factors of the current batch element, or NULL */
 #if AC_ADDITIVE_SPLIT
         ac_index eb_batch = -1;
+#else
+        (void)key_factors;
+        (void)key_in_limit;
 #endif
 #pragma omp for schedule(static)
         for (ac_index row = 0; row < B * Lq; row++) {
-            if (!scores || (use_split && !eb)) continue;
+            if (!scores) continue;
             const ac_index b = row / Lq;
             const ac_index n_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const REAL *q = q_proj + row * Hd;
@@ -56,13 +64,20 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w
              * alone and padded inside a batch. */
             if (use_split && b != eb_batch) {
                 eb_batch = b;
-                eb_ok = n_valid > 0 && ac_all_abs_le_f32(kb, n_valid * Hd, AC_TANH_SPLIT_LIMIT);
-                if (eb_ok) ac_exp2x_f32(kb, eb, n_valid * Hd, 1.f);
+                eb = NULL;
+                if (cached) {
+                    int ok = n_valid > 0;
+                    for (ac_index j = 0; ok && j < n_valid; j++) ok = key_in_limit[b * Lk + j];
+                    if (ok) eb = key_factors + b * Lk * Hd;
+                } else if (n_valid > 0 &&
+                           ac_all_abs_le_f32(kb, n_valid * Hd, AC_TANH_SPLIT_LIMIT)) {
+                    ac_exp2x_f32(kb, ea_half + Hd, n_valid * Hd, 1.f);
+                    eb = ea_half + Hd;
+                }
             }
 #endif
             if (n_valid > 0) {
-                CAT(additive_scores_, SUF)(q, kb, eb_ok ? eb : NULL, eb ? eb + Lk * Hd : NULL,
-                                           w_v, n_valid, Hd, scores);
+                CAT(additive_scores_, SUF)(q, kb, eb, ea_half, w_v, n_valid, Hd, scores);
                 REAL mx = CAT(ac_max_, SUF)(scores, n_valid);
                 REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, n_valid, mx);
                 CAT(ac_scale_, SUF)(scores, n_valid, 1 / total);
@@ -73,7 +88,6 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const REAL *w
                 for (ac_index j = 0; j < Lk; j++) w[j] = j < n_valid ? scores[j] : 0;
             }
         }
-        free(eb);
         free(scores);
     }
     return status;

@@ -116,6 +116,13 @@ BAD = [
     ("add-lengths-float", additive(kv_lengths=[1.5, 1]), TypeError, "kv_lengths"),
     ("project-keys-w_k", lambda: attncore.project_keys(_o(2, 5, 6), _o(5, 9)), ValueError, "w_k"),
     ("project-keys-ndim", lambda: attncore.project_keys(_o(5, 6), _o(6, 9)), ValueError, "keys"),
+    ("add-keys-object-w_k", additive(keys=attncore.AdditiveKeys(_o(2, 5, 9)), w_k=_o(6, 9)),
+     ValueError, "w_k"),
+    ("add-keys-object-dtype", additive(keys=attncore.AdditiveKeys(_o(2, 5, 9, dtype=F32)),
+                                       w_k=None), TypeError, "keys"),
+    ("add-keys-object-hidden", additive(keys=attncore.AdditiveKeys(_o(2, 5, 8)), w_k=None),
+     ValueError, "keys"),
+    ("add-keys-object-ndim", lambda: attncore.AdditiveKeys(_o(5, 9)), ValueError, "projected"),
     # ---- luong
     ("luong-method", luong(method="cosine"), ValueError, "method"),
     ("luong-general-no-w", luong(method="general"), ValueError, r"\bw\b"),
@@ -243,6 +250,7 @@ def test_every_public_kernel_is_in_the_bad_input_matrix():
     """A new kernel front without a bad-input case fails here."""
     names = " ".join(case[0] for case in BAD)
     covered = {"attention": "attn-", "additive_attention": "add-", "project_keys": "project-keys",
+               "AdditiveKeys": "add-keys-object",
                "luong_attention": "luong-", "nadaraya_watson": "nw-", "softmax": "softmax-",
                "log_softmax": "log-softmax", "linear": "linear-", "matmul": "matmul-",
                "PackedLinearWeight": "packed-",

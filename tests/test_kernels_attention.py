@@ -401,6 +401,76 @@ def test_additive_padding_does_not_change_a_source(rng):
     np.testing.assert_array_equal(got[:1], attncore.additive_attention(**alone))
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+def test_additive_keys_match_the_reference(rng, q_len, ragged):
+    """AdditiveKeys carries the split tanh's key factors: single-query calls take the split
+    too. Against the reference, and with two or more queries bit for bit what the kernel
+    computes from the projected keys alone (the factors are the same exp(2 k))."""
+    a = _additive_inputs(rng, np.float32, batch=4, q_len=q_len, kv_len=33, hidden=40)
+    kw = {"kv_lengths": [33, 0, 1, 20]} if ragged else {}
+    keys = attncore.AdditiveKeys.project(a["keys"], a["w_k"])
+    assert keys.shape == (4, 33, 40) and keys.dtype == np.float32
+    np.testing.assert_array_equal(keys.projected, attncore.project_keys(a["keys"], a["w_k"]))
+    assert keys.in_limit.dtype == bool and keys.in_limit.all()
+    np.testing.assert_allclose(keys.factors, np.exp(2 * as64(keys.projected)), rtol=1e-5)
+    step = {**a, "keys": keys, "w_k": None}
+    got, got_w = attncore.additive_attention(**step, return_weights=True, **kw)
+    expected = reference.additive_attention(*as64(*a.values()), return_weights=True, **kw)
+    atol = score_atol(np.float32, np.abs(as64(a["w_v"])).sum())
+    assert_close(got, expected[0], np.float32, atol=atol)
+    _check_weights(got_w, expected[1], np.float32, atol=atol)
+    plain = attncore.additive_attention(**{**step, "keys": keys.projected}, **kw)
+    if q_len >= 2:
+        np.testing.assert_array_equal(got, plain)
+    else:  # the exact tanh there: same values to float32 rounding
+        assert_close(got, plain, np.float32, atol=atol)
+
+
+def test_additive_keys_beyond_the_limit_and_padding(rng):
+    """Key rows past the split's limit (or NaN) are flagged and keep their batch element on the
+    exact tanh; flagged rows in the padding change nothing, bit for bit."""
+    hidden = 24
+    b = rng.standard_normal((3, 7, hidden))
+    b[1, 4, 0] = -45.0       # a valid key of batch 1 past the limit
+    b[2, 6, :] = np.nan      # padding of batch 2 (kv_lengths 5)
+    b[2, 5, 0] = 1e6         # padding too
+    a = rng.standard_normal((3, 1, hidden))
+    args = _projected_additive_inputs(rng, a, b)
+    keys = attncore.AdditiveKeys(args["keys"])
+    np.testing.assert_array_equal(keys.in_limit[1], np.arange(7) != 4)
+    assert not keys.in_limit[2, 5:].any() and keys.in_limit[2, :5].all()
+    assert not keys.factors[1, 4].any() and not keys.factors[2, 6].any()
+    lengths = [7, 7, 5]
+    got = attncore.additive_attention(**{**args, "keys": keys}, kv_lengths=lengths)
+    clean = np.where(np.isfinite(args["keys"]), args["keys"], 0)
+    expected = reference.additive_attention(*as64(args["queries"], clean, args["values"],
+                                                  args["w_q"]), None, as64(args["w_v"]),
+                                            kv_lengths=lengths)
+    assert_close(got, expected, np.float32, atol=score_atol(np.float32, np.abs(args["w_v"]).sum()))
+    alone = {k: (v[2:3, :, :] if k in ("queries", "values") else v) for k, v in args.items()}
+    alone["values"] = alone["values"][:, :5]
+    alone_keys = attncore.AdditiveKeys(args["keys"][2:3, :5])
+    np.testing.assert_array_equal(
+        got[2:3], attncore.additive_attention(**{**alone, "keys": alone_keys}))
+
+
+def test_additive_keys_copy_and_float64(rng):
+    """The constructor keeps a read-only copy; float64 has no split (no factors) and gives
+    what the plain projected keys give."""
+    projected = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    keys = attncore.AdditiveKeys(projected)
+    projected[:] = 0
+    assert keys.projected.any() and not keys.projected.flags.writeable
+    assert not keys.factors.flags.writeable
+    a = _additive_inputs(rng, np.float64, batch=2, q_len=1, kv_len=5, hidden=8)
+    keys64 = attncore.AdditiveKeys.project(a["keys"], a["w_k"])
+    assert keys64.factors is None and keys64.in_limit is None
+    got = attncore.additive_attention(**{**a, "keys": keys64, "w_k": None})
+    np.testing.assert_array_equal(got, attncore.additive_attention(
+        **{**a, "keys": keys64.projected, "w_k": None}))
+
+
 # ------------------------------------------------------------------ Luong
 
 def _luong_reference(queries, keys, values, method, kv_lengths=None, **weights):

@@ -7,7 +7,7 @@ through 2-3 small GEMMs per step (the trainer's float32 forward is the reference
 import numpy as np
 import pytest
 
-from attncore.kernels import PackedLinearWeight, _recurrent
+from attncore.kernels import AdditiveKeys, PackedLinearWeight, _recurrent
 from attncore.train import autograd as ag
 from attncore.train.layers import RNN
 from attncore.train.seq2seq import Seq2SeqAttention, Seq2SeqConfig
@@ -54,6 +54,11 @@ def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_la
         memory = np.ascontiguousarray(state.memory.data, dtype=np.float32)
         keys = (np.ascontiguousarray(state.projected_keys.data) if state.projected_keys is not None
                 else np.zeros((B, S, 0), np.float32))
+        # additive scores: the key factors as the engine keeps them (every step takes the split)
+        factors, in_limit = None, None
+        if keys.shape[2]:
+            cached = AdditiveKeys(keys)
+            factors, in_limit = cached.factors, cached.in_limit.view(np.uint8)
         tops = [RNN.top(e).data for e in state.rnn_state]
         h = np.ascontiguousarray(np.stack(tops), dtype=np.float32)
         cell = (np.ascontiguousarray(np.stack([e[1].data for e in state.rnn_state]))
@@ -65,7 +70,8 @@ def test_decoder_step_matches_trainer(rnn_type, attention, input_feeding, num_la
         tokens = np.ones(B, dtype=np.int64)
         for t in range(4):
             logits, state, want_w = model.decode_step(state, tokens)
-            step.step(tokens, h, cell, feed, memory, keys, lengths, log_probs, weights, scratch, 2)
+            step.step(tokens, h, cell, feed, memory, keys, factors, in_limit, lengths, log_probs,
+                      weights, scratch, 2)
             shifted = logits.data - logits.data.max(-1, keepdims=True)
             want = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
             np.testing.assert_allclose(log_probs, want, atol=ATOL, err_msg=f"step {t}")
@@ -119,8 +125,16 @@ def test_decoder_step_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="inconsistent shapes"):
         step.step(z(2, np.int64), z((2, 2, 6), np.float32), z((1, 2, 6), np.float32),
                   z((2, 6), np.float32), z((2, 3, 6), np.float32), z((2, 3, 6), np.float32),
-                  z(2, np.int64), z((2, 7), np.float32), z((2, 3), np.float32),
+                  None, None, z(2, np.int64), z((2, 7), np.float32), z((2, 3), np.float32),
                   z(2 * step.scratch_width, np.float32), 1)  # h: 2 layers for a 1-layer model
+    good = (z(2, np.int64), z((1, 2, 6), np.float32), z((1, 2, 6), np.float32),
+            z((2, 6), np.float32), z((2, 3, 6), np.float32), z((2, 3, 6), np.float32))
+    rest = (z(2, np.int64), z((2, 7), np.float32), z((2, 3), np.float32),
+            z(2 * step.scratch_width, np.float32), 1)
+    with pytest.raises(ValueError, match="inconsistent shapes"):  # factors of other keys
+        step.step(*good, z((2, 2, 6), np.float32), z((2, 2), np.uint8), *rest)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        step.step(*good, z((2, 3, 6), np.float32), z((2, 4), np.uint8), *rest)
     with pytest.raises(ValueError, match="att_query"):
         _recurrent.DecoderStep("bahdanau", False, False, z((7, 4)), [z((18, 10))], [z((18, 6))],
                                [z(18)], [z(18)], None, None, None, None, z((7, 6)), z(7))

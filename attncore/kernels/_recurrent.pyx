@@ -15,7 +15,7 @@ thread count, and a batch row never depends on the other rows (a sentence alone 
 batch of up to 16 rows, the panel kernel's range).
 """
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
@@ -234,6 +234,7 @@ cdef class DecoderStep:
 
     def step(self, const int64_t[::1] tokens, float[:, :, ::1] h, float[:, :, ::1] c,
              float[:, ::1] feed, const float[:, :, ::1] memory, const float[:, :, ::1] keys,
+             const float[:, :, ::1] key_factors, const uint8_t[:, ::1] key_in_limit,
              const int64_t[::1] lengths, float[:, ::1] log_probs, float[:, ::1] weights,
              float[::1] scratch, int num_threads):
         """Advance every row by one token, in place on (h, c, feed).
@@ -242,6 +243,8 @@ cdef class DecoderStep:
         h, c (num_layers, B, H) the RNN state (c: LSTM only, else any (L, B, H) array);
         feed (B, H) h~ of the previous step (Luong with input feeding; else any (B, H) array);
         memory (B, S, H); keys (B, S, A) the projected memory (additive scores; else any);
+        key_factors (B, S, A), key_in_limit (B, S): the keys' split-tanh factors
+        (``attncore.AdditiveKeys``; additive scores, optional: None computes no factors);
         lengths (B,) in [0, S]; log_probs (B, V) out; weights (B, S) out (attention);
         scratch (B * scratch_width,).
         """
@@ -256,7 +259,12 @@ cdef class DecoderStep:
                 scratch.shape[0] != B * (X + 2 * G * H + Q + H) or feed.shape[0] != B or \
                 feed.shape[1] != H or \
                 (self.lstm and (c.shape[0] != L or c.shape[1] != B or c.shape[2] != H)) or \
-                (A and (keys.shape[0] != B or keys.shape[1] != S or keys.shape[2] != A)):
+                (A and (keys.shape[0] != B or keys.shape[1] != S or keys.shape[2] != A)) or \
+                (key_factors is not None and (key_factors.shape[0] != keys.shape[0] or
+                                              key_factors.shape[1] != keys.shape[1] or
+                                              key_factors.shape[2] != keys.shape[2])) or \
+                (key_in_limit is not None and (key_in_limit.shape[0] != keys.shape[0] or
+                                               key_in_limit.shape[1] != keys.shape[1])):
             raise ValueError("DecoderStep.step: inconsistent shapes")
         if B == 0:
             return
@@ -269,14 +277,19 @@ cdef class DecoderStep:
         cdef float *fp = &feed[0, 0]
         cdef float *top = &h[L - 1, 0, 0]
         cdef int status = 0
+        cdef const float *factors = NULL
+        cdef const uint8_t *in_limit = NULL
+        if A and S and key_factors is not None and key_in_limit is not None:
+            factors = &key_factors[0, 0, 0]
+            in_limit = &key_in_limit[0, 0]
         with nogil:
             if self.attention == BAHDANAU:
                 # query = h_{t-1} of the top layer; x = [c ; E[y]]
                 _linear(top, H, B, H, self.att_query, A, NULL, q, A,
                         self.small_gemm_macs, num_threads)
-                status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score, &memory[0, 0, 0],
-                                         ctx, &weights[0, 0], B, 1, S, A, H, &lengths[0],
-                                         num_threads)
+                status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit, self.att_score,
+                                         &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A, H,
+                                         &lengths[0], num_threads)
                 for b in range(B):
                     memcpy(x + b * X, ctx + b * H, H * sizeof(float))
                     memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
@@ -305,8 +318,8 @@ cdef class DecoderStep:
                 if self.attention == LUONG_CONCAT:
                     _linear(top, H, B, H, self.att_query, A, NULL, q, A,
                             self.small_gemm_macs, num_threads)
-                    status = ac_additive_f32(q, &keys[0, 0, 0], self.att_score,
-                                             &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A,
+                    status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit,
+                                             self.att_score, &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A,
                                              H, &lengths[0], num_threads)
                 else:
                     if self.attention == LUONG_GENERAL:

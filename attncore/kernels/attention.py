@@ -22,7 +22,7 @@ from ._validation import (check_bool_mask, check_finite_float, check_float_array
                           check_lengths, check_positive_float)
 from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_threads
 
-__all__ = ["attention", "additive_attention", "project_keys", "luong_attention",
+__all__ = ["attention", "additive_attention", "project_keys", "AdditiveKeys", "luong_attention",
            "nadaraya_watson"]
 
 # Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one BLAS
@@ -170,6 +170,66 @@ def project_keys(keys, w_k):
     return out.reshape(keys.shape[0], keys.shape[1], w_k.shape[1])
 
 
+class AdditiveKeys:
+    """Keys projected once for additive attention, with the factors a decoder's steps reuse.
+
+    ``AdditiveKeys(projected)`` keeps a read-only copy of ``projected`` (batch, kv_len,
+    hidden); ``AdditiveKeys.project(keys, w_k)`` projects ``keys`` (batch, kv_len, k_dim) by
+    ``w_k`` (k_dim, hidden) first. Pass it as ``keys`` with ``w_k=None`` to
+    :func:`additive_attention`.
+
+    Why: float32 additive attention splits its tanh, tanh(a + b) = 1 - 2 / (1 + e^2a e^2b),
+    so that a score term is a multiply-add and a reciprocal instead of a tanh -- but the key
+    factors e^2b cost one exp per key element, which only pays from two queries on when they
+    are computed inside the call. Computed here once per source (``factors`` = exp(2
+    ``projected``), float32 (batch, kv_len, hidden)), they make every single-query decoder step
+    take the split: the scores are those a call with two or more queries computes from
+    ``projected`` alone, bit for bit. Rows with an entry beyond the split's limit (|x| > 21,
+    or NaN) have ``in_limit`` False (bool (batch, kv_len)) and factors 0; a batch element with
+    such a valid key keeps the exact tanh. float64 has no split: ``factors`` and ``in_limit``
+    are None. Cost: the factors double the keys' memory.
+    """
+
+    __slots__ = ("projected", "factors", "in_limit")
+
+    def __init__(self, projected):
+        projected = check_float_array(projected, "projected", ndim=3)
+        self._set(np.array(projected, order="C", copy=True))
+
+    @classmethod
+    def project(cls, keys, w_k) -> "AdditiveKeys":
+        """keys (batch, kv_len, k_dim) . w_k (k_dim, hidden), then the factors."""
+        self = cls.__new__(cls)
+        self._set(project_keys(keys, w_k))
+        return self
+
+    def _set(self, projected):
+        projected.flags.writeable = False
+        self.projected = projected
+        self.factors = self.in_limit = None
+        if projected.dtype == np.float32:
+            batch, kv_len, hidden = projected.shape
+            factors = np.empty(projected.shape, dtype=np.float32)
+            in_limit = np.empty((batch, kv_len), dtype=np.uint8)
+            _additive.key_factors(projected.reshape(-1, hidden), factors.reshape(-1, hidden),
+                                  in_limit.reshape(-1), get_num_threads())
+            factors.flags.writeable = False
+            self.factors, self.in_limit = factors, in_limit.view(bool)
+            self.in_limit.flags.writeable = False
+
+    @property
+    def shape(self):
+        """(batch, kv_len, hidden)"""
+        return self.projected.shape
+
+    @property
+    def dtype(self):
+        return self.projected.dtype
+
+    def __repr__(self):
+        return f"AdditiveKeys(shape={self.shape}, dtype={self.dtype})"
+
+
 def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
                        return_weights=False):
     """Additive (Bahdanau) attention, score(q, k) = w_v . tanh(q W_q + k W_k), fused.
@@ -178,7 +238,9 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
     ----------
     queries : (batch, q_len, q_dim)
     keys : (batch, kv_len, k_dim), or (batch, kv_len, hidden) already projected when w_k is None
-        (see :func:`project_keys`: a decoder projects the encoder memory once per source).
+        (see :func:`project_keys`: a decoder projects the encoder memory once per source), or
+        an :class:`AdditiveKeys` with w_k None (projected, with the split tanh's key factors:
+        single-query steps then take the split too).
     values : (batch, kv_len, v_dim)
     w_q : (q_dim, hidden); w_k : (k_dim, hidden) or None; w_v : (hidden,)
     kv_lengths : (batch,) int, optional -- keys j >= kv_lengths[b] are padding.
@@ -188,6 +250,14 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
     """
     queries = check_float_array(queries, "queries", ndim=3)
     dtype = queries.dtype
+    factors = in_limit = None
+    if isinstance(keys, AdditiveKeys):
+        if w_k is not None:
+            raise ValueError("w_k must be None when keys is an AdditiveKeys (already projected)")
+        if keys.dtype != dtype:
+            raise TypeError(f"keys must have dtype {dtype} like queries, got an AdditiveKeys of "
+                            f"{keys.dtype}")
+        keys, factors, in_limit = keys.projected, keys.factors, keys.in_limit
     keys = check_float_array(keys, "keys", ndim=3, dtype=dtype)
     values = check_float_array(values, "values", ndim=3, dtype=dtype)
     w_q = check_float_array(w_q, "w_q", ndim=2, dtype=dtype)
@@ -222,7 +292,8 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
     weights = np.zeros((batch, q_len, kv_len), dtype=dtype) if return_weights else None
     if out.size and kv_len:
         _additive.additive(q_proj.reshape(batch, q_len, hidden), keys, w_v, values, out, weights,
-                           kv_lengths, threads)
+                           kv_lengths, threads, factors,
+                           None if in_limit is None else in_limit.view(np.uint8))
     return (out, weights) if return_weights else out
 
 

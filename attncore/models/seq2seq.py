@@ -40,6 +40,8 @@ class Seq2SeqState:
     ----------
     memory : float32 (B, S, H), encoder outputs
     keys : float32 (B, S, A), ``memory W_k^T`` (additive scores), else an empty (B, S, 0)
+    key_factors, key_in_limit : float32 (B, S, A) and bool (B, S), the keys' split-tanh factors
+        (:class:`attncore.AdditiveKeys`: every step's additive scores take the split), or None
     lengths : int64 (B,), source lengths
     hidden : float32 (L, B, H), the decoder RNN's h per layer
     cells : float32 (L, B, H), the LSTM's c per layer (GRU: an unused (L, B, H) array)
@@ -49,10 +51,13 @@ class Seq2SeqState:
     always copies them; ``memory``/``keys`` are only read and may be shared.
     """
 
-    __slots__ = ("memory", "keys", "lengths", "hidden", "cells", "feed", "_scratch")
+    __slots__ = ("memory", "keys", "key_factors", "key_in_limit", "lengths", "hidden", "cells",
+                 "feed", "_scratch")
 
-    def __init__(self, memory, keys, lengths, hidden, cells, feed):
+    def __init__(self, memory, keys, lengths, hidden, cells, feed, key_factors=None,
+                 key_in_limit=None):
         self.memory, self.keys, self.lengths = memory, keys, lengths
+        self.key_factors, self.key_in_limit = key_factors, key_in_limit
         self.hidden, self.cells, self.feed = hidden, cells, feed
         self._scratch = None
 
@@ -70,13 +75,14 @@ class Seq2SeqState:
         copy = lambda a: np.ascontiguousarray(a[:, rows])  # noqa: E731  (fancy index: a copy)
         if rows.size == self.batch_size and np.array_equal(rows, np.arange(self.batch_size)):
             return Seq2SeqState(self.memory, self.keys, self.lengths, self.hidden.copy(),
-                                self.cells.copy(), self.feed.copy())
+                                self.cells.copy(), self.feed.copy(), self.key_factors,
+                                self.key_in_limit)
         lengths = self.lengths[rows]
         width = int(lengths.max()) if rows.size else 0  # drop padding no row needs any more
-        memory = np.ascontiguousarray(self.memory[rows, :width])
-        keys = np.ascontiguousarray(self.keys[rows, :width])
-        return Seq2SeqState(memory, keys, lengths, copy(self.hidden), copy(self.cells),
-                            np.ascontiguousarray(self.feed[rows]))
+        cut = lambda a: None if a is None else np.ascontiguousarray(a[rows, :width])  # noqa: E731
+        return Seq2SeqState(cut(self.memory), cut(self.keys), lengths, copy(self.hidden),
+                            copy(self.cells), np.ascontiguousarray(self.feed[rows]),
+                            cut(self.key_factors), cut(self.key_in_limit))
 
     def scratch(self, floats_per_row: int) -> np.ndarray:
         """The step's work buffer (allocated once per state and batch size)."""
@@ -154,10 +160,15 @@ class Seq2SeqAttention(EncoderDecoderModel):
             hidden.append(np.concatenate([f[0] for f in finals], axis=1))
             cells.append(np.concatenate([f[1] for f in finals], axis=1))
         memory = np.ascontiguousarray(layer_input, dtype=np.float32)   # (B, S, H)
-        keys = (K.project_keys(memory, self.w_key) if self.kind in _ADDITIVE
-                else np.zeros((batch, steps, 0), dtype=np.float32))
-        return Seq2SeqState(memory, keys, lengths, np.stack(hidden), np.stack(cells),
-                            np.zeros((batch, self.hidden_size), dtype=np.float32))
+        hidden, cells = np.stack(hidden), np.stack(cells)
+        feed = np.zeros((batch, self.hidden_size), dtype=np.float32)
+        if self.kind not in _ADDITIVE:
+            keys = np.zeros((batch, steps, 0), dtype=np.float32)
+            return Seq2SeqState(memory, keys, lengths, hidden, cells, feed)
+        # projected once per source, with the split tanh's key factors for every step
+        keys = K.AdditiveKeys.project(memory, self.w_key)
+        return Seq2SeqState(memory, keys.projected, lengths, hidden, cells, feed, keys.factors,
+                            keys.in_limit.view(np.uint8))
 
     def _encode_direction(self, x, lengths, weights, reverse):
         """One direction of one encoder layer over x (B, S, in): the compiled time scan.
@@ -188,7 +199,8 @@ class Seq2SeqAttention(EncoderDecoderModel):
         log_probs = np.empty((batch, step.vocab), dtype=np.float32)
         weights = np.empty((batch, steps), dtype=np.float32)
         step.step(np.ascontiguousarray(tokens, dtype=np.int64), state.hidden, state.cells,
-                  state.feed, state.memory, state.keys, state.lengths, log_probs, weights,
+                  state.feed, state.memory, state.keys, state.key_factors, state.key_in_limit,
+                  state.lengths, log_probs, weights,
                   state.scratch(step.scratch_width), K.get_num_threads())
         return log_probs, weights[:, None, :]
 
