@@ -224,6 +224,8 @@ def test_linear_zero_rows_and_zero_out_features(rng):
     pytest.param((3, 9, 33), 17, id="3d"),
     pytest.param((2, 300, 101), 97, id="3d-M300"),
     pytest.param((1, 1), 1, id="1x1"),
+    pytest.param((40, 70), 300, id="2d-column-strips"),      # 4 strips of 80, the last 60
+    pytest.param((2, 20, 30), 200, id="3d-column-strips"),   # 64, 64, 64, 8
 ])
 def test_matmul_matches_reference(rng, a_shape, n, alpha, transpose_b, dtype):
     a = rng.standard_normal(a_shape).astype(dtype)

@@ -214,6 +214,17 @@ def test_linear_bit_identical_across_thread_counts(dtype, seed, m, k, n, bias):
 
 
 @PROPERTY_SETTINGS
+@given(dtype=dtypes, seed=seeds, batch=st.integers(1, 5), m=st.integers(1, 600),
+       k=st.integers(1, 200), n=st.integers(1, 500), transpose_b=st.booleans())
+def test_matmul_bit_identical_across_thread_counts(dtype, seed, batch, m, k, n, transpose_b):
+    """Includes products cut into column strips (fewer than 4 row tiles of 256)."""
+    g = _gen(seed)
+    a = g.standard_normal((batch, m, k)).astype(dtype)
+    b = g.standard_normal((batch, n, k) if transpose_b else (batch, k, n)).astype(dtype)
+    _same_for_every_thread_count(lambda: attncore.matmul(a, b, transpose_b=transpose_b))
+
+
+@PROPERTY_SETTINGS
 @given(dtype=dtypes, seed=seeds, rows=st.integers(1, 800), dim=st.integers(1, 200),
        mode=st.sampled_from(["standard", "uncentred", "rms"]), affine=st.booleans())
 def test_layer_norm_bit_identical_across_thread_counts(dtype, seed, rows, dim, mode, affine):

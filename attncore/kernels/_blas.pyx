@@ -4,8 +4,9 @@
 SciPy's BLAS is column-major (Fortran); a row-major product C = A . op(B) is computed as the
 column-major C^T = op(B)^T . A^T, i.e. by swapping the operands -- done once, here.
 
-Parallelism: the output is cut into fixed tiles of ``TILE`` x ``TILE`` (decided by the shape
-only), and OpenMP hands tiles to threads; each tile is one single-threaded GEMM call (SciPy's
+Parallelism: the output is cut into fixed tiles of ``TILE`` x ``TILE`` (``matmul``: rows of
+``TILE``, and column strips when there are few row tiles; all decided by the shape only), and
+OpenMP hands tiles to threads; each tile is one single-threaded GEMM call (SciPy's
 OpenBLAS is limited to one thread by ``attncore.kernels.threads``, so there is no nested
 oversubscription). A tile is always computed by the same call whichever thread runs it, so the
 results are bit-identical for every thread count.
@@ -34,6 +35,10 @@ cdef Py_ssize_t PARALLEL_MIN_MACS = 1 << 18
 # threads split the weight rows in blocks of SMALL_TILE_N.
 cdef Py_ssize_t SMALL_M = 16
 cdef Py_ssize_t SMALL_TILE_N = 64
+# matmul: products with fewer row tiles than this are also cut by columns (strips of at least
+# MATMUL_MIN_COLS, a multiple of 16), decided by the shape only like every other split.
+cdef Py_ssize_t MATMUL_COL_SPLIT = 4
+cdef Py_ssize_t MATMUL_MIN_COLS = 64
 
 
 cdef inline int threads_for(Py_ssize_t macs, int num_threads) noexcept nogil:
@@ -102,20 +107,30 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
     """out[i] (M, N) = alpha * a[i] (M, K) . op(b[i]) for every batch index i;
     op(b) = b^T with b (batch, N, K) when trans_b, else b (batch, K, N)."""
     cdef Py_ssize_t batch = a.shape[0], M = a.shape[1], K = a.shape[2], N = out.shape[2]
-    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, bi, i0, m
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, bi, i0, j0, m, n
     cdef int ldb = <int>(K if trans_b else N)
     if batch == 0 or M == 0 or N == 0:
         return
     if K == 0:
         out[:, :, :] = 0
         return
-    for t in prange(batch * row_tiles, nogil=True, schedule="static",
+    # Few row tiles (one product of a few hundred rows, e.g. a batch of queries times a weight):
+    # the columns are cut too, into up to MATMUL_COL_SPLIT strips, so that threads share it.
+    cdef Py_ssize_t width = N
+    if batch * row_tiles < MATMUL_COL_SPLIT:
+        width = max(MATMUL_MIN_COLS, (N + MATMUL_COL_SPLIT - 1) // MATMUL_COL_SPLIT)
+        width = min(N, (width + 15) // 16 * 16)
+    cdef Py_ssize_t col_tiles = (N + width - 1) // width
+    for t in prange(batch * row_tiles * col_tiles, nogil=True, schedule="static",
                     num_threads=threads_for(batch * M * N * K, num_threads)):
-        bi = t // row_tiles
-        i0 = (t % row_tiles) * TILE
+        bi = t // (row_tiles * col_tiles)
+        i0 = (t // col_tiles) % row_tiles * TILE
+        j0 = t % col_tiles * width
         m = min(TILE, M - i0)
-        gemm_rowmajor(trans_b, <int>m, <int>N, <int>K, <floating>alpha, &a[bi, i0, 0], <int>K,
-                      &b[bi, 0, 0], ldb, <floating>0, &out[bi, i0, 0], <int>N)
+        n = min(width, N - j0)
+        gemm_rowmajor(trans_b, <int>m, <int>n, <int>K, <floating>alpha, &a[bi, i0, 0], <int>K,
+                      &b[bi, j0, 0] if trans_b else &b[bi, 0, j0], ldb, <floating>0,
+                      &out[bi, i0, j0], <int>N)
 
 
 def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
