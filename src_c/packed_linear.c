@@ -193,10 +193,16 @@ void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_inde
         k_chunk = AC_MIN(K, 256);
         tile_m = AC_MAX(1, AC_MIN(AC_PACKED_TILE_M, small_gemm_macs / (W * k_chunk)));
     }
-    const ac_index row_tiles = (M + tile_m - 1) / tile_m;
+    /* Rows in equal tiles (64 rows: 32 + 32, not 61 + 3), and the tiles of one panel next to
+     * each other: the static schedule then hands each thread a share of the panels with all
+     * their rows (with row tiles outermost, one thread got every large tile: at 64 rows and 2
+     * threads, a seq2seq step ran 1.3x faster than on 1 thread, now 2x). */
+    ac_index row_tiles = (M + tile_m - 1) / tile_m;
+    tile_m = (M + row_tiles - 1) / row_tiles;
+    row_tiles = (M + tile_m - 1) / tile_m; /* the same count (ceil(M / ceil(M / r)) = r) */
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
     for (ac_index t = 0; t < row_tiles * n_panels; t++) {
-        const ac_index i0 = (t / n_panels) * tile_m, b = t % n_panels, j0 = b * W;
+        const ac_index b = t / row_tiles, i0 = (t % row_tiles) * tile_m, j0 = b * W;
         int m = (int)AC_MIN(tile_m, M - i0), n = (int)AC_MIN(W, N - j0);
         int ldp = W, lx = (int)ldx, lo = (int)ldo;
         float one = 1.0f, zero = 0.0f;

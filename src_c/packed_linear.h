@@ -38,8 +38,9 @@ void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
  * panels; more rows as single-threaded `sgemm` calls per (row tile, panel), the panel read in
  * place as a row-major (K, 64) matrix. small_gemm_macs > 0 says the BLAS runs products of at
  * most that many multiply-adds without packing their operands (OpenBLAS's small-matrix kernel):
- * then each call stays under it (K in chunks of 256, accumulated); 0: tiles of
- * AC_PACKED_TILE_M rows over the whole K. The work split depends on the shapes only, so the bits
+ * then each call stays under it (K in chunks of 256, accumulated); 0: tiles of at most
+ * AC_PACKED_TILE_M rows over the whole K. Row tiles are equal, and threads split the panels
+ * (each with all its row tiles). The work split depends on the shapes only, so the bits
  * do not depend on num_threads. */
 #define AC_PACKED_SMALL_M 16
 #define AC_PACKED_TILE_M 256

@@ -477,6 +477,25 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(K, N):
                                           err_msg=f"M={M}")
 
 
+@pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "small-matrix"])
+@pytest.mark.parametrize("M", [17, 64, 300])
+def test_packed_linear_blas_rows_bit_identical_across_thread_counts(monkeypatch, M,
+                                                                   small_gemm_macs):
+    # past 16 rows: equal row tiles x panels, threads splitting the panels; the tiles depend on
+    # the shape only
+    monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",
+                        small_gemm_macs)
+    rng = np.random.default_rng(M)
+    x = rng.standard_normal((M, 300)).astype(np.float32)
+    packed = attncore.kernels.PackedLinearWeight(rng.standard_normal((330, 300)).astype(np.float32))
+    results = []
+    for threads in (1, 2, 3):
+        with attncore.num_threads(threads):
+            results.append(attncore.linear(x, packed))
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+
+
 def test_packed_linear_rejects_bad_input():
     w = np.ones((5, 3), np.float32)
     packed = attncore.kernels.PackedLinearWeight(w)
