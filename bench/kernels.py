@@ -98,7 +98,8 @@ def run_additive(threads, torch, rows, quick):
     like the projection, outside the timing). The reference gets the same pre-projected keys in
     both step cases, so the query projection + scores + softmax + sum are compared."""
     rng = np.random.default_rng(3)
-    cases = [(8, 8, 32, 64), (8, 1, 32, 64)] if quick else [(64, 1, 24, 256), (64, 24, 24, 256), (16, 1, 256, 256)]
+    cases = ([(8, 8, 32, 64), (8, 1, 32, 64)] if quick
+             else [(64, 1, 24, 256), (64, 24, 24, 256), (16, 1, 256, 256)])
     for (B, Lq, Lk, hidden) in cases:
         dim = hidden
         qs = rng.standard_normal((B, Lq, dim), dtype=np.float32)

@@ -319,8 +319,9 @@ cdef class DecoderStep:
                     _linear(top, H, B, H, self.att_query, A, NULL, q, A,
                             self.small_gemm_macs, num_threads)
                     status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit,
-                                             self.att_score, &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A,
-                                             H, &lengths[0], num_threads)
+                                             self.att_score, &memory[0, 0, 0], ctx,
+                                             &weights[0, 0], B, 1, S, A, H, &lengths[0],
+                                             num_threads)
                 else:
                     if self.attention == LUONG_GENERAL:
                         _linear(top, H, B, H, self.linear_in, H, NULL, q, H,
