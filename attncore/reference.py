@@ -15,7 +15,7 @@ __all__ = [
     "softmax", "log_softmax", "attention", "additive_attention", "luong_scores",
     "nadaraya_watson", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh", "swish",
     "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary", "valid_mask",
-    "causal_mask",
+    "causal_mask", "round_bfloat16",
 ]
 
 
@@ -155,6 +155,21 @@ def linear(x, weight, bias=None):
     """x (..., in) . weight (out, in)^T + bias (out,): the torch ``nn.Linear`` layout."""
     y = np.asarray(x) @ np.asarray(weight).T
     return y + bias if bias is not None else y
+
+
+def round_bfloat16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as float32.
+
+    A bfloat16 is the upper 16 bits of a float32. Adding 0x7fff, plus the lowest bit that is
+    kept, to the float32's bits and dropping the lower 16 rounds to nearest with ties to even
+    (a carry into the exponent is the correct rounding up; past the largest bfloat16 it gives
+    infinity). NaN stays NaN.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    kept = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = (kept << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), rounded)
 
 
 def matmul(a, b, *, transpose_b=False, alpha=1.0):

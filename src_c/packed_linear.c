@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 -- see packed_linear.h */
 #include "packed_linear.h"
 #include "simd.h"
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -20,16 +21,59 @@ void ac_pack_panels_f32(const float *w, ac_index N, ac_index K, float *panels) {
     }
 }
 
+void ac_round_bf16_f32(const float *x, float *y, ac_index n) {
+    for (ac_index i = 0; i < n; i++) {
+        union { uint32_t u; float f; } v = {(uint32_t)ac_bf16_from_f32(x[i]) << 16};
+        y[i] = v.f;
+    }
+}
+
+/* Where column c of a panel sits in a bfloat16 panel row (see ac_pack_panels_bf16). */
+static inline int bf16_slot(int c) { return 32 * (c / 32) + 2 * (c % 16) + (c / 16) % 2; }
+
+void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panels) {
+    const ac_index nb = ac_panel_count(N);
+    memset(panels, 0, sizeof(uint16_t) * nb * K * W);
+    for (ac_index j = 0; j < N; j++) {
+        uint16_t *dst = panels + (j / W) * K * W + bf16_slot((int)(j % W));
+        const float *src = w + j * K;
+        for (ac_index k = 0; k < K; k++) dst[k * W] = ac_bf16_from_f32(src[k]);
+    }
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+/* dst (k1 - k0, 64) float32 <- rows [k0, k1) of one bfloat16 panel, in column order. */
+static void unpack_bf16_rows(const uint16_t *p, ac_index k0, ac_index k1, float *dst) {
+    for (ac_index k = k0; k < k1; k++) {
+        const uint16_t *row = p + k * W;
+        float *d = dst + (k - k0) * W;
+        for (int half = 0; half < 2; half++)
+            for (int c = 0; c < 16; c++) {
+                d[32 * half + c] = bf16_to_f32(row[32 * half + 2 * c]);
+                d[32 * half + 16 + c] = bf16_to_f32(row[32 * half + 2 * c + 1]);
+            }
+    }
+}
+
 /* ---------------------------------------------------------------- scalar ------------ */
 /* acc (M x 64) += x (M rows) . panel, one chain per output over k in order. */
 static void panel_group_scalar(const float *x, ac_index ldx, ac_index M, ac_index K,
-                               const float *p, float *acc) {
+                               const void *panel, int bf16, float *acc) {
+    float wk[W];
     for (ac_index i = 0; i < M; i++) {
         const float *xi = x + i * ldx;
         float *ai = acc + i * W;
         for (ac_index k = 0; k < K; k++) {
             const float xk = xi[k];
-            const float *pk = p + k * W;
+            const float *pk = (const float *)panel + k * W;
+            if (bf16) {
+                unpack_bf16_rows((const uint16_t *)panel, k, k + 1, wk);
+                pk = wk;
+            }
             for (int c = 0; c < W; c++) ai[c] += xk * pk[c];
         }
     }
@@ -56,133 +100,191 @@ static void panel_group_scalar(const float *x, ac_index ldx, ac_index M, ac_inde
 /* ---------------------------------------------------------------- AVX-512 ----------- */
 #define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 
+/* The 64 float32 weights of panel row k as four vectors of 16 (columns 0-15, ..., 48-63). A
+ * bfloat16 row is two vectors of 32-bit words holding (column c, column c + 16): the low half
+ * shifted up is column c, the high half masked is column c + 16, each exactly the float32 the
+ * weight was rounded to. */
+static inline __attribute__((always_inline)) AVX512 void
+panel_row_avx512(const void *panel, const int bf16, ac_index k, __m512 w[4]) {
+    if (bf16) {
+        const uint16_t *pk = (const uint16_t *)panel + k * W;
+        const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+        const __m512i a = _mm512_loadu_si512(pk), b = _mm512_loadu_si512(pk + 32);
+        w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+        w[1] = _mm512_castsi512_ps(_mm512_and_si512(a, high));
+        w[2] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+        w[3] = _mm512_castsi512_ps(_mm512_and_si512(b, high));
+    } else {
+        const float *pk = (const float *)panel + k * W;
+        w[0] = _mm512_loadu_ps(pk); w[1] = _mm512_loadu_ps(pk + 16);
+        w[2] = _mm512_loadu_ps(pk + 32); w[3] = _mm512_loadu_ps(pk + 48);
+    }
+}
+
 /* R rows (a compile-time constant after inlining) x one panel, k in [k0, k1): 4R accumulators
  * of 16 lanes, loaded from and stored back to acc (R x 64). */
 static inline __attribute__((always_inline)) AVX512 void
 panel_rows_avx512(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
-                  const float *p, float *acc_io) {
+                  const void *panel, const int bf16, float *acc_io) {
     __m512 acc[6][4];
+    const ac_index row_bytes = bf16 ? W * 2 : W * 4;
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_loadu_ps(acc_io + r * W + 16 * c);
     for (ac_index k = k0; k < k1; k++) {
-        const float *pk = p + k * W;
         if (R >= PF_MIN_ROWS) { /* the same row PF_CHUNKS chunks on (past the panel's end
                                  * it is only a hint) */
-            const char *ahead = (const char *)(pk + PF_CHUNKS * K_CHUNK * W);
-            _mm_prefetch(ahead, PF_HINT); _mm_prefetch(ahead + 64, PF_HINT);
-            _mm_prefetch(ahead + 128, PF_HINT); _mm_prefetch(ahead + 192, PF_HINT);
+            const char *ahead = (const char *)panel + (k + PF_CHUNKS * K_CHUNK) * row_bytes;
+            for (ac_index line = 0; line < row_bytes; line += 64)
+                _mm_prefetch(ahead + line, PF_HINT);
         }
-        const __m512 w0 = _mm512_loadu_ps(pk), w1 = _mm512_loadu_ps(pk + 16);
-        const __m512 w2 = _mm512_loadu_ps(pk + 32), w3 = _mm512_loadu_ps(pk + 48);
+        __m512 w[4];
+        panel_row_avx512(panel, bf16, k, w);
         for (int r = 0; r < R; r++) {
             const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
-            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(xb, w3, acc[r][3]);
+            acc[r][0] = _mm512_fmadd_ps(xb, w[0], acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(xb, w[1], acc[r][1]);
+            acc[r][2] = _mm512_fmadd_ps(xb, w[2], acc[r][2]);
+            acc[r][3] = _mm512_fmadd_ps(xb, w[3], acc[r][3]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc_io + r * W + 16 * c, acc[r][c]);
 }
 
-static AVX512 void panel_group_avx512(const float *x, ac_index ldx, ac_index M, ac_index K,
-                                      const float *p, float *acc) {
+static inline __attribute__((always_inline)) AVX512 void
+panel_group_avx512_t(const float *x, ac_index ldx, ac_index M, ac_index K, const void *panel,
+                     const int bf16, float *acc) {
     for (ac_index k0 = 0; k0 < K; k0 += K_CHUNK) {
         const ac_index k1 = AC_MIN(K, k0 + K_CHUNK);
         ac_index i = 0;
-        for (; i + 6 <= M; i += 6) panel_rows_avx512(x + i * ldx, ldx, 6, k0, k1, p, acc + i * W);
+        for (; i + 6 <= M; i += 6)
+            panel_rows_avx512(x + i * ldx, ldx, 6, k0, k1, panel, bf16, acc + i * W);
         const float *xr = x + i * ldx;
         float *ar = acc + i * W;
         switch (M - i) {
-            case 5: panel_rows_avx512(xr, ldx, 5, k0, k1, p, ar); break;
-            case 4: panel_rows_avx512(xr, ldx, 4, k0, k1, p, ar); break;
-            case 3: panel_rows_avx512(xr, ldx, 3, k0, k1, p, ar); break;
-            case 2: panel_rows_avx512(xr, ldx, 2, k0, k1, p, ar); break;
-            case 1: panel_rows_avx512(xr, ldx, 1, k0, k1, p, ar); break;
+            case 5: panel_rows_avx512(xr, ldx, 5, k0, k1, panel, bf16, ar); break;
+            case 4: panel_rows_avx512(xr, ldx, 4, k0, k1, panel, bf16, ar); break;
+            case 3: panel_rows_avx512(xr, ldx, 3, k0, k1, panel, bf16, ar); break;
+            case 2: panel_rows_avx512(xr, ldx, 2, k0, k1, panel, bf16, ar); break;
+            case 1: panel_rows_avx512(xr, ldx, 1, k0, k1, panel, bf16, ar); break;
             default: break;
         }
     }
 }
 
+static AVX512 void panel_group_avx512(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                      const void *panel, int bf16, float *acc) {
+    if (bf16) panel_group_avx512_t(x, ldx, M, K, panel, 1, acc);
+    else panel_group_avx512_t(x, ldx, M, K, panel, 0, acc);
+}
+
 /* ---------------------------------------------------------------- AVX2 -------------- */
 #define AVX2 __attribute__((target("avx2,fma")))
+
+/* Columns [32 * half, 32 * half + 32) of panel row k as four vectors of 8 (see
+ * panel_row_avx512: a bfloat16 word vector holds columns c and c + 16). */
+static inline __attribute__((always_inline)) AVX2 void
+half_panel_row_avx2(const void *panel, const int bf16, ac_index k, int half, __m256 w[4]) {
+    if (bf16) {
+        const uint16_t *pk = (const uint16_t *)panel + k * W + 32 * half;
+        const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+        const __m256i a = _mm256_loadu_si256((const __m256i *)pk);
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(pk + 16));
+        w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));   /* columns 0-7   */
+        w[1] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));   /* columns 8-15  */
+        w[2] = _mm256_castsi256_ps(_mm256_and_si256(a, high));  /* columns 16-23 */
+        w[3] = _mm256_castsi256_ps(_mm256_and_si256(b, high));  /* columns 24-31 */
+    } else {
+        const float *pk = (const float *)panel + k * W + 32 * half;
+        w[0] = _mm256_loadu_ps(pk); w[1] = _mm256_loadu_ps(pk + 8);
+        w[2] = _mm256_loadu_ps(pk + 16); w[3] = _mm256_loadu_ps(pk + 24);
+    }
+}
 
 /* R rows x half a panel (32 columns at `half` * 32), k in [k0, k1): 4R accumulators of 8
  * lanes, R <= 2 so accumulators, panel vectors and the broadcast fit in 16 ymm registers. */
 static inline __attribute__((always_inline)) AVX2 void
 half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
-                     const float *p, int half, float *acc_io) {
+                     const void *panel, const int bf16, int half, float *acc_io) {
     __m256 acc[2][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm256_loadu_ps(acc_io + r * W + 32 * half + 8 * c);
     for (ac_index k = k0; k < k1; k++) {
-        const float *pk = p + k * W + 32 * half;
-        const __m256 w0 = _mm256_loadu_ps(pk), w1 = _mm256_loadu_ps(pk + 8);
-        const __m256 w2 = _mm256_loadu_ps(pk + 16), w3 = _mm256_loadu_ps(pk + 24);
+        __m256 w[4];
+        half_panel_row_avx2(panel, bf16, k, half, w);
         for (int r = 0; r < R; r++) {
             const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
-            acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-            acc[r][2] = _mm256_fmadd_ps(xb, w2, acc[r][2]);
-            acc[r][3] = _mm256_fmadd_ps(xb, w3, acc[r][3]);
+            acc[r][0] = _mm256_fmadd_ps(xb, w[0], acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w[1], acc[r][1]);
+            acc[r][2] = _mm256_fmadd_ps(xb, w[2], acc[r][2]);
+            acc[r][3] = _mm256_fmadd_ps(xb, w[3], acc[r][3]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc_io + r * W + 32 * half + 8 * c, acc[r][c]);
 }
 
-static AVX2 void panel_group_avx2(const float *x, ac_index ldx, ac_index M, ac_index K,
-                                  const float *p, float *acc) {
+static inline __attribute__((always_inline)) AVX2 void
+panel_group_avx2_t(const float *x, ac_index ldx, ac_index M, ac_index K, const void *panel,
+                   const int bf16, float *acc) {
     for (ac_index k0 = 0; k0 < K; k0 += K_CHUNK) {
         const ac_index k1 = AC_MIN(K, k0 + K_CHUNK);
         for (int half = 0; half < 2; half++) {
             ac_index i = 0;
             for (; i + 2 <= M; i += 2)
-                half_panel_rows_avx2(x + i * ldx, ldx, 2, k0, k1, p, half, acc + i * W);
-            if (i < M) half_panel_rows_avx2(x + i * ldx, ldx, 1, k0, k1, p, half, acc + i * W);
+                half_panel_rows_avx2(x + i * ldx, ldx, 2, k0, k1, panel, bf16, half, acc + i * W);
+            if (i < M)
+                half_panel_rows_avx2(x + i * ldx, ldx, 1, k0, k1, panel, bf16, half, acc + i * W);
         }
     }
 }
+
+static AVX2 void panel_group_avx2(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                  const void *panel, int bf16, float *acc) {
+    if (bf16) panel_group_avx2_t(x, ldx, M, K, panel, 1, acc);
+    else panel_group_avx2_t(x, ldx, M, K, panel, 0, acc);
+}
 #endif
 
-void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
-                          const float *panels, ac_index N, ac_index b0, ac_index b1,
-                          const float *bias, float *out, ac_index ldo) {
+/* out[i * ldo + j] = x[i * ldx : +K] . W[j] (+ bias[j]) for i < M and j in panel b (j < N). */
+static void packed_linear_panel(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                const void *panels, int bf16, ac_index N, ac_index b,
+                                const float *bias, float *out, ac_index ldo) {
 #ifdef AC_X86
     const int level = ac_simd_level();
 #endif
     float acc[ROW_GROUP * W];
-    for (ac_index b = b0; b < b1; b++) {
-        const float *p = panels + b * K * W;
-        const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
-        for (ac_index g = 0; g < M; g += ROW_GROUP) {
-            const ac_index rows = AC_MIN(ROW_GROUP, M - g);
-            memset(acc, 0, sizeof(float) * rows * W);
+    const void *p = bf16 ? (const void *)((const uint16_t *)panels + b * K * W)
+                         : (const void *)((const float *)panels + b * K * W);
+    const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
+    for (ac_index g = 0; g < M; g += ROW_GROUP) {
+        const ac_index rows = AC_MIN(ROW_GROUP, M - g);
+        memset(acc, 0, sizeof(float) * rows * W);
 #ifdef AC_X86
-            if (level == 2) panel_group_avx512(x + g * ldx, ldx, rows, K, p, acc);
-            else if (level == 1) panel_group_avx2(x + g * ldx, ldx, rows, K, p, acc);
-            else
+        if (level == 2) panel_group_avx512(x + g * ldx, ldx, rows, K, p, bf16, acc);
+        else if (level == 1) panel_group_avx2(x + g * ldx, ldx, rows, K, p, bf16, acc);
+        else
 #endif
-                panel_group_scalar(x + g * ldx, ldx, rows, K, p, acc);
-            for (ac_index r = 0; r < rows; r++) {
-                float *o = out + (g + r) * ldo + j0;
-                for (ac_index c = 0; c < ncols; c++) o[c] = acc[r * W + c] + (bias ? bias[j0 + c] : 0.0f);
-            }
+            panel_group_scalar(x + g * ldx, ldx, rows, K, p, bf16, acc);
+        for (ac_index r = 0; r < rows; r++) {
+            float *o = out + (g + r) * ldo + j0;
+            for (ac_index c = 0; c < ncols; c++)
+                o[c] = acc[r * W + c] + (bias ? bias[j0 + c] : 0.0f);
         }
     }
 }
 
-void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
-                               const float *panels, ac_index N, const float *bias, float *out,
-                               ac_index ldo, ac_sgemm_fn sgemm, ac_index small_gemm_macs,
-                               int num_threads) {
+void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
+                           const void *panels, int panel_type, ac_index N, const float *bias,
+                           float *out, ac_index ldo, ac_sgemm_fn sgemm,
+                           ac_index small_gemm_macs, int num_threads) {
     const ac_index n_panels = ac_panel_count(N);
+    const int bf16 = panel_type == AC_PANELS_BF16;
     if (M <= 0 || N <= 0) return;
     if (M <= AC_PACKED_SMALL_M || K == 0) {
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
         for (ac_index b = 0; b < n_panels; b++)
-            ac_packed_linear_f32(x, ldx, M, K, panels, N, b, b + 1, bias, out, ldo);
+            packed_linear_panel(x, ldx, M, K, panels, bf16, N, b, bias, out, ldo);
         return;
     }
     /* BLAS: products of tile_m rows x one panel x k_chunk, accumulated over the K chunks. With a
@@ -200,23 +302,43 @@ void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_inde
     ac_index row_tiles = (M + tile_m - 1) / tile_m;
     tile_m = (M + row_tiles - 1) / row_tiles;
     row_tiles = (M + tile_m - 1) / tile_m; /* the same count (ceil(M / ceil(M / r)) = r) */
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
-    for (ac_index t = 0; t < row_tiles * n_panels; t++) {
-        const ac_index b = t / row_tiles, i0 = (t % row_tiles) * tile_m, j0 = b * W;
-        int m = (int)AC_MIN(tile_m, M - i0), n = (int)AC_MIN(W, N - j0);
-        int ldp = W, lx = (int)ldx, lo = (int)ldo;
-        float one = 1.0f, zero = 0.0f;
-        char no = 'N';
-        for (ac_index k0 = 0; k0 < K; k0 += k_chunk) {
-            int k = (int)AC_MIN(k_chunk, K - k0);
-            /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n) is the
-             * column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k) with stride 64,
-             * x as (k, m) with stride ldx */
-            sgemm(&no, &no, &n, &m, &k, &one, (float *)(panels + (b * K + k0) * W), &ldp,
-                  (float *)(x + i0 * ldx + k0), &lx, k0 ? &one : &zero, out + i0 * ldo + j0, &lo);
+#pragma omp parallel num_threads(AC_THREADS(M * N * K, num_threads))
+    {
+        /* bfloat16: each thread's float32 copy of the K chunk of a panel it multiplies (BLAS
+         * reads it as it would read a float32 panel: the same products, the same bits). If it
+         * cannot be had, that thread's tiles run on the panel kernel (the same values, other
+         * roundings) rather than fail. */
+        float *copy = bf16 ? (float *)malloc(sizeof(float) * k_chunk * W) : NULL;
+#pragma omp for schedule(static)
+        for (ac_index t = 0; t < row_tiles * n_panels; t++) {
+            const ac_index b = t / row_tiles, i0 = (t % row_tiles) * tile_m, j0 = b * W;
+            int m = (int)AC_MIN(tile_m, M - i0), n = (int)AC_MIN(W, N - j0);
+            int ldp = W, lx = (int)ldx, lo = (int)ldo;
+            float one = 1.0f, zero = 0.0f;
+            char no = 'N';
+            if (bf16 && !copy) {
+                packed_linear_panel(x + i0 * ldx, ldx, m, K, panels, 1, N, b, bias,
+                                    out + i0 * ldo, ldo);
+                continue;
+            }
+            for (ac_index k0 = 0; k0 < K; k0 += k_chunk) {
+                int k = (int)AC_MIN(k_chunk, K - k0);
+                const float *panel = (const float *)panels + (b * K + k0) * W;
+                if (bf16) {
+                    unpack_bf16_rows((const uint16_t *)panels + b * K * W, k0, k0 + k, copy);
+                    panel = copy;
+                }
+                /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n) is
+                 * the column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k) with
+                 * stride 64, x as (k, m) with stride ldx */
+                sgemm(&no, &no, &n, &m, &k, &one, (float *)panel, &ldp,
+                      (float *)(x + i0 * ldx + k0), &lx, k0 ? &one : &zero, out + i0 * ldo + j0,
+                      &lo);
+            }
+            if (bias)
+                for (ac_index i = 0; i < m; i++)
+                    for (ac_index c = 0; c < n; c++) out[(i0 + i) * ldo + j0 + c] += bias[j0 + c];
         }
-        if (bias)
-            for (ac_index i = 0; i < m; i++)
-                for (ac_index c = 0; c < n; c++) out[(i0 + i) * ldo + j0 + c] += bias[j0 + c];
+        free(copy);
     }
 }

@@ -14,6 +14,12 @@
  * Every output is one FMA chain over k = 0 .. K-1 in order, then + bias: a row gives the same
  * bits whatever the other rows are and however rows are blocked (a sentence alone or in a
  * batch), and the AVX-512 and AVX2 versions give the same bits as each other.
+ *
+ * Panels are stored in float32 or in bfloat16 (the upper half of a float32: the weight rounded
+ * to nearest, ties to even). A decoding step at batch 1 is bound by streaming its weights, and
+ * bfloat16 halves the bytes. Products convert each bfloat16 weight back to float32 exactly and
+ * run the same FMA chains, so bfloat16 panels give the bits float32 panels of the rounded
+ * weight give, on every path (activations stay float32).
  */
 #ifndef ATTNCORE_PACKED_LINEAR_H
 #define ATTNCORE_PACKED_LINEAR_H
@@ -24,14 +30,29 @@
 /* Number of panels for N outputs. */
 static inline ac_index ac_panel_count(ac_index N) { return (N + AC_PANEL_WIDTH - 1) / AC_PANEL_WIDTH; }
 
+/* How panels are stored (the panel_type arguments below). */
+enum { AC_PANELS_F32 = 0, AC_PANELS_BF16 = 1 };
+
+/* The bfloat16 nearest to a float32 (ties to even), as its 16 bits; NaN stays NaN, a finite
+ * value past the largest bfloat16 (~3.39e38) becomes infinity. */
+static inline uint16_t ac_bf16_from_f32(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+/* y[i] = x[i] rounded to the nearest bfloat16, as a float32 (x and y may be the same). */
+void ac_round_bf16_f32(const float *x, float *y, ac_index n);
+
 /* panels (ac_panel_count(N), K, 64) <- w (N, K) row-major, zero-padded past N. */
 void ac_pack_panels_f32(const float *w, ac_index N, ac_index K, float *panels);
 
-/* out[i * ldo + j] = x[i * ldx : +K] . W[j] (+ bias[j]) for i < M and j in panels [b0, b1)
- * (j < N). */
-void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
-                          const float *panels, ac_index N, ac_index b0, ac_index b1,
-                          const float *bias, float *out, ac_index ldo);
+/* The same panels in bfloat16 (ac_bf16_from_f32 of each weight). Within row k of a panel the
+ * 64 values are stored in pairs, (column c, column c + 16) for c < 16, then (32 + c, 48 + c):
+ * one 32-bit word holds two weights, and a shift (low half) or a mask (high half) turns a
+ * vector of words into a vector of float32 weights. */
+void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panels);
 
 /* out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T (+ bias), on num_threads threads:
  * up to AC_PACKED_SMALL_M rows (decoding steps) on the panel kernel above, threads splitting the
@@ -41,12 +62,14 @@ void ac_packed_linear_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
  * then each call stays under it (K in chunks of 256, accumulated); 0: tiles of at most
  * AC_PACKED_TILE_M rows over the whole K. Row tiles are equal, and threads split the panels
  * (each with all its row tiles). The work split depends on the shapes only, so the bits
- * do not depend on num_threads. */
+ * do not depend on num_threads.
+ * bfloat16 panels take the same paths: the BLAS products read a float32 copy of each panel
+ * (of the K range of one call), converted by the thread that runs it. */
 #define AC_PACKED_SMALL_M 16
 #define AC_PACKED_TILE_M 256
-void ac_packed_linear_rows_f32(const float *x, ac_index ldx, ac_index M, ac_index K,
-                               const float *panels, ac_index N, const float *bias, float *out,
-                               ac_index ldo, ac_sgemm_fn sgemm, ac_index small_gemm_macs,
-                               int num_threads);
+void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
+                           const void *panels, int panel_type, ac_index N, const float *bias,
+                           float *out, ac_index ldo, ac_sgemm_fn sgemm,
+                           ac_index small_gemm_macs, int num_threads);
 
 #endif

@@ -178,6 +178,12 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
             xm = g.standard_normal((m, 37)).astype(np.float32)
             np.testing.assert_allclose(attncore.linear(xm, packed, bp), ref.linear(*f64(xm, wp, bp)),
                                        rtol=1e-4, atol=1e-4)
+        # bfloat16 panels: the bits of float32 panels of the rounded weight
+        half = attncore.kernels.PackedLinearWeight(wp, "bfloat16")
+        rounded = attncore.kernels.PackedLinearWeight(attncore.kernels.round_bfloat16(wp))
+        for m in (1, 3, 7, 16):
+            xm = g.standard_normal((m, 37)).astype(np.float32)
+            assert np.array_equal(attncore.linear(xm, half, bp), attncore.linear(xm, rounded, bp))
         np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),
                                    rtol=1e-5, atol=1e-6)
         for name in ("tanh", "sigmoid", "swish"):

@@ -180,6 +180,16 @@ BAD = [
     ("packed-in", lambda: attncore.linear(_o(3, 3, dtype=F32),
                                           attncore.kernels.PackedLinearWeight(_o(5, 4))),
      ValueError, "weight"),
+    ("packed-in-bf16", lambda: attncore.linear(
+        _o(3, 3, dtype=F32), attncore.kernels.PackedLinearWeight(_o(5, 4), "bfloat16")),
+     ValueError, "weight"),
+    ("packed-weight-dtype", lambda: attncore.kernels.PackedLinearWeight(_o(5, 4), "float16"),
+     ValueError, "weight_dtype"),
+    ("packed-weight-dtype-type", lambda: attncore.kernels.PackedLinearWeight(_o(5, 4), np.float32),
+     TypeError, "weight_dtype"),
+    ("round-bf16-int", lambda: attncore.kernels.round_bfloat16(np.ones(3, dtype=np.int64)),
+     TypeError, r"\bx\b"),
+    ("round-bf16-str", lambda: attncore.kernels.round_bfloat16("x"), TypeError, r"\bx\b"),
     ("linear-bias-2d", lambda: attncore.linear(_o(3, 4), _o(5, 4), _o(1, 5)), ValueError, "bias"),
     ("linear-mixed", lambda: attncore.linear(_o(3, 4), _o(5, 4, dtype=F32)), TypeError, "weight"),
     ("linear-bias-dtype", lambda: attncore.linear(_o(3, 4), _o(5, 4), _o(5, dtype=F32)),
@@ -253,12 +263,13 @@ def test_every_public_kernel_is_in_the_bad_input_matrix():
                "AdditiveKeys": "add-keys-object",
                "luong_attention": "luong-", "nadaraya_watson": "nw-", "softmax": "softmax-",
                "log_softmax": "log-softmax", "linear": "linear-", "matmul": "matmul-",
-               "PackedLinearWeight": "packed-",
+               "PackedLinearWeight": "packed-", "round_bfloat16": "round-bf16-",
                "layer_norm": "ln-", "relu": "relu-", "gelu": "gelu-", "sigmoid": "sigmoid-",
                "embedding": "emb-", "sinusoidal_positions": "sin-", "rotary": "rotary-",
                "set_num_threads": "threads-", "num_threads": "threads-ctx"}
-    shared_front = {"gelu_tanh", "swish", "tanh", "get_num_threads"}  # same validator as a
-    # covered twin (element-wise _activation) or nothing to validate
+    shared_front = {"gelu_tanh", "swish", "tanh", "get_num_threads",  # same validator as a
+                    "WEIGHT_DTYPES"}  # covered twin (element-wise _activation), nothing to
+    # validate, or a constant
     public = set(attncore.kernels.__all__)
     assert public - set(covered) - shared_front == set()
     for name, prefix in covered.items():

@@ -7,14 +7,16 @@ Layers: fronts (this package's .py modules) validate and choose a strategy -> Cy
 """
 from .attention import (AdditiveKeys, additive_attention, attention, luong_attention,
                         nadaraya_watson, project_keys)
-from .basic import (PackedLinearWeight, embedding, gelu, gelu_tanh, layer_norm, linear,
-                    log_softmax, matmul, relu, rotary, sigmoid, sinusoidal_positions, softmax, swish, tanh)
+from .basic import (WEIGHT_DTYPES, PackedLinearWeight, embedding, gelu, gelu_tanh, layer_norm,
+                    linear, log_softmax, matmul, relu, rotary, round_bfloat16, sigmoid,
+                    sinusoidal_positions, softmax, swish, tanh)
 from .threads import get_num_threads, num_threads, set_num_threads
 
 __all__ = [
     "attention", "additive_attention", "project_keys", "AdditiveKeys", "luong_attention",
     "nadaraya_watson",
-    "softmax", "log_softmax", "linear", "PackedLinearWeight", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh",
+    "softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16", "WEIGHT_DTYPES",
+    "matmul", "layer_norm", "relu", "gelu", "gelu_tanh",
     "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary",
     "set_num_threads", "get_num_threads", "num_threads",
 ]

@@ -15,7 +15,10 @@ from cython cimport floating
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_pack_panels_f32, ac_packed_linear_rows_f32
+from libc.stdint cimport uint16_t
+
+from ._packed_linear cimport (AC_PANEL_WIDTH, ac_pack_panels_bf16, ac_pack_panels_f32,
+                              ac_packed_linear_rows, ac_round_bf16_f32, panels_data)
 
 cdef extern from "simd.h":
     void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
@@ -139,17 +142,30 @@ def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
         ac_pack_panels_f32(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
 
 
-def linear_packed(const float[:, ::1] x, const float[:, :, ::1] panels, Py_ssize_t N,
-                  const float[::1] bias, float[:, ::1] out, Py_ssize_t small_gemm_macs,
-                  int num_threads):
-    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels``: up to
-    AC_PACKED_SMALL_M rows (decoding steps) on attncore's panel kernel, more on BLAS reading the
-    panels in place (``ac_packed_linear_rows_f32``, src_c/packed_linear.h); small_gemm_macs:
-    ``threads.BLAS_SMALL_GEMM_MACS``."""
+def pack_panels_bf16(const float[:, ::1] weight, uint16_t[:, :, ::1] panels):
+    """The same panels in bfloat16, each weight rounded to nearest (ties to even), in the pair
+    order of ``ac_pack_panels_bf16`` (src_c/packed_linear.h)."""
+    with nogil:
+        ac_pack_panels_bf16(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
+
+
+def round_bf16(const float[::1] x, float[::1] out):
+    """out = x rounded to the nearest bfloat16 (ties to even), as float32; as the packers round."""
+    with nogil:
+        ac_round_bf16_f32(&x[0], &out[0], x.shape[0])
+
+
+def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] bias,
+                  float[:, ::1] out, Py_ssize_t small_gemm_macs, int num_threads):
+    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels`` (float32) or
+    ``pack_panels_bf16`` (uint16): up to AC_PACKED_SMALL_M rows (decoding steps) on attncore's
+    panel kernel, more on BLAS reading the panels in place (``ac_packed_linear_rows``,
+    src_c/packed_linear.h); small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
     cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
+    cdef int panel_type
+    cdef const void *data = panels_data(panels, &panel_type)
     if x.shape[0] == 0 or N == 0:
         return
     with nogil:
-        ac_packed_linear_rows_f32(&x[0, 0], x.shape[1], x.shape[0], x.shape[1], &panels[0, 0, 0],
-                                  N, bias_ptr, &out[0, 0], N, sgemm, small_gemm_macs,
-                                  num_threads)
+        ac_packed_linear_rows(&x[0, 0], x.shape[1], x.shape[0], x.shape[1], data, panel_type, N,
+                              bias_ptr, &out[0, 0], N, sgemm, small_gemm_macs, num_threads)

@@ -1,13 +1,32 @@
 # SPDX-License-Identifier: Apache-2.0
 """Declarations of src_c/packed_linear.h (and the BLAS pointer type of attncore.h it takes), for
 the Cython modules that run products on packed weights: _blas, _recurrent, _transformer."""
+from libc.stdint cimport uint16_t
 
 cdef extern from "packed_linear.h" nogil:
     ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
                                  float *, int *, float *, float *, int *)
     Py_ssize_t AC_PANEL_WIDTH
+    int AC_PANELS_F32, AC_PANELS_BF16
+    void ac_round_bf16_f32(const float *x, float *y, Py_ssize_t n)
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels)
-    void ac_packed_linear_rows_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                                   const float *panels, Py_ssize_t N, const float *bias,
-                                   float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
-                                   Py_ssize_t small_gemm_macs, int num_threads)
+    void ac_pack_panels_bf16(const float *w, Py_ssize_t N, Py_ssize_t K, uint16_t *panels)
+    void ac_packed_linear_rows(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
+                               const void *panels, int panel_type, Py_ssize_t N,
+                               const float *bias, float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,
+                               Py_ssize_t small_gemm_macs, int num_threads)
+
+
+cdef inline const void *panels_data(object panels, int *panel_type) except NULL:
+    """The data of ``PackedLinearWeight.panels`` (a C-contiguous 3-d float32 array, or uint16
+    holding bfloat16) and, in panel_type, how it is stored (AC_PANELS_F32 / AC_PANELS_BF16).
+    The caller keeps ``panels`` alive while it uses the pointer."""
+    cdef const float[:, :, ::1] f32
+    cdef const uint16_t[:, :, ::1] bf16
+    if panels.dtype.char == "H":
+        bf16 = panels
+        panel_type[0] = AC_PANELS_BF16
+        return &bf16[0, 0, 0]
+    f32 = panels
+    panel_type[0] = AC_PANELS_F32
+    return &f32[0, 0, 0]

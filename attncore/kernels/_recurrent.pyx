@@ -20,7 +20,7 @@ from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data
 
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
@@ -41,13 +41,13 @@ ATTENTION_CODES = {"bahdanau": BAHDANAU, "luong_dot": LUONG_DOT,
 
 
 cdef inline void _linear(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
-                         const float *panels, Py_ssize_t N, const float *bias, float *out,
-                         Py_ssize_t ldo, Py_ssize_t small_gemm_macs,
+                         const void *panels, int panel_type, Py_ssize_t N, const float *bias,
+                         float *out, Py_ssize_t ldo, Py_ssize_t small_gemm_macs,
                          int num_threads) noexcept nogil:
     """out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T + bias, W packed into panels
-    (``PackedLinearWeight``; src_c/packed_linear.h)."""
-    ac_packed_linear_rows_f32(x, ldx, M, K, panels, N, bias, out, ldo, sgemm, small_gemm_macs,
-                              num_threads)
+    of panel_type (``PackedLinearWeight``; src_c/packed_linear.h)."""
+    ac_packed_linear_rows(x, ldx, M, K, panels, panel_type, N, bias, out, ldo, sgemm,
+                          small_gemm_macs, num_threads)
 
 
 cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h, float *c,
@@ -89,14 +89,15 @@ cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h,
                 hb[j] = (1 - y[H + j]) * y[2 * H + j] + y[H + j] * hb[j]
 
 
-def rnn_scan(const float[:, :, ::1] x_proj, const float[:, :, ::1] weight_hh,
+def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
              const float[::1] bias_hh, const int64_t[::1] lengths, bint packed, bint reverse,
              bint lstm, float[:, ::1] h, float[:, ::1] c, float[:, :, ::1] out,
              Py_ssize_t small_gemm_macs, int num_threads):
     """One RNN layer and direction over a whole sequence, in place on the state.
 
     x_proj (B, T, G*H): the input projection ``x W_ih^T + b_ih`` of every step (one GEMM by the
-    caller); weight_hh: the panels of the (G*H, H) weight (``PackedLinearWeight(w).panels``),
+    caller); weight_hh: the panels of the (G*H, H) weight (``PackedLinearWeight(w).panels``,
+    float32 or bfloat16),
     bias_hh (G*H,); lengths (B,); h, c (B, H): the initial state, replaced by the final one (c is
     ignored for GRU); out (B, T, H): the outputs, zero on padded steps when ``packed``;
     small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``. ``packed``: a row's state does not change
@@ -106,8 +107,10 @@ def rnn_scan(const float[:, :, ::1] x_proj, const float[:, :, ::1] weight_hh,
     cdef Py_ssize_t B = x_proj.shape[0], T = x_proj.shape[1], GH = x_proj.shape[2]
     cdef Py_ssize_t H = h.shape[1], G = 4 if lstm else 3
     cdef Py_ssize_t s, t, b
-    if GH != G * H or weight_hh.shape[0] != (GH + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH or \
-            weight_hh.shape[1] != H or weight_hh.shape[2] != AC_PANEL_WIDTH or \
+    cdef int panel_type
+    cdef const void *w_hh = panels_data(weight_hh, &panel_type)
+    if GH != G * H or weight_hh.shape != ((GH + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, H,
+                                          AC_PANEL_WIDTH) or \
             bias_hh.shape[0] != GH or lengths.shape[0] != B or h.shape[0] != B or \
             (lstm and (c.shape[0] != B or c.shape[1] != H)) or out.shape[0] != B or \
             out.shape[1] != T or out.shape[2] != H:
@@ -126,7 +129,7 @@ def rnn_scan(const float[:, :, ::1] x_proj, const float[:, :, ::1] weight_hh,
                 memcpy(&h_keep[0, 0], &h[0, 0], B * H * sizeof(float))
                 if lstm:
                     memcpy(&c_keep[0, 0], cp, B * H * sizeof(float))
-            _linear(&h[0, 0], H, B, H, &weight_hh[0, 0, 0], GH, &bias_hh[0], &gh[0, 0], GH,
+            _linear(&h[0, 0], H, B, H, w_hh, panel_type, GH, &bias_hh[0], &gh[0, 0], GH,
                     small_gemm_macs, num_threads)
             _cell(lstm, &x_proj[0, t, 0], T * GH, &gh[0, 0], &h[0, 0], cp, B, H, num_threads)
             for b in range(B):
@@ -150,24 +153,28 @@ cdef class DecoderStep:
     cdef readonly int attention, num_layers, embed_dim, hidden, attention_dim, vocab
     cdef readonly bint lstm, input_feeding, feeds_context
     cdef Py_ssize_t small_gemm_macs
+    cdef readonly str weight_dtype  # how the matrices are held: "float32" or "bfloat16"
+    cdef int panel_type
     cdef object _keep               # the weight arrays, alive as long as the pointers below
     # matrices are held as the panels of a PackedLinearWeight (shapes below are the weights')
     cdef const float *emb
-    cdef const float *w_ih[64]
-    cdef const float *w_hh[64]
+    cdef const void *w_ih[64]
+    cdef const void *w_hh[64]
     cdef const float *b_ih[64]
     cdef const float *b_hh[64]
-    cdef const float *att_query     # (A, H)   bahdanau, luong_concat
+    cdef const void *att_query      # (A, H)   bahdanau, luong_concat
     cdef const float *att_score     # (A,)     bahdanau, luong_concat
-    cdef const float *linear_in     # (H, H)   luong_general
-    cdef const float *att_output    # (H, 2H)  luong
-    cdef const float *out_w         # (V, H)
+    cdef const void *linear_in      # (H, H)   luong_general
+    cdef const void *att_output     # (H, 2H)  luong
+    cdef const void *out_w          # (V, H)
     cdef const float *out_b         # (V,)
 
     def __init__(self, str attention, bint lstm, bint input_feeding, embedding, list w_ih,
                  list w_hh, list b_ih, list b_hh, att_query, att_score, linear_in, att_output,
-                 out_weight, out_bias, Py_ssize_t small_gemm_macs=0):
-        """Weights in torch layouts; small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
+                 out_weight, out_bias, Py_ssize_t small_gemm_macs=0, str weight_dtype="float32"):
+        """Weights in torch layouts; small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``;
+        weight_dtype: how the matrices are packed (``PackedLinearWeight``: "float32", or
+        "bfloat16", each weight rounded to it)."""
         import numpy as np
         from .basic import PackedLinearWeight
         if attention not in ATTENTION_CODES:
@@ -190,13 +197,13 @@ cdef class DecoderStep:
             return a
 
         def packed(a, shape, name):
-            panels = PackedLinearWeight(f32(a, shape, name)).panels
+            panels = PackedLinearWeight(f32(a, shape, name), weight_dtype).panels
             keep.append(panels)
             return panels
 
-        cdef const float[:, :, ::1] m3
         cdef const float[:, ::1] m2
         cdef const float[::1] m1
+        cdef int panel_type = 0
         E = np.shape(embedding)[1]
         H = np.shape(w_hh[0])[1]
         G = 4 if lstm else 3
@@ -207,21 +214,24 @@ cdef class DecoderStep:
         m2 = f32(embedding, (np.shape(embedding)[0], E), "embedding"); self.emb = &m2[0, 0]
         for layer in range(self.num_layers):
             width = (E + (H if self.feeds_context else 0)) if layer == 0 else H
-            m3 = packed(w_ih[layer], (G * H, width), f"w_ih[{layer}]")
-            self.w_ih[layer] = &m3[0, 0, 0]
-            m3 = packed(w_hh[layer], (G * H, H), f"w_hh[{layer}]"); self.w_hh[layer] = &m3[0, 0, 0]
+            self.w_ih[layer] = panels_data(packed(w_ih[layer], (G * H, width), f"w_ih[{layer}]"),
+                                           &panel_type)
+            self.w_hh[layer] = panels_data(packed(w_hh[layer], (G * H, H), f"w_hh[{layer}]"),
+                                           &panel_type)
             m1 = f32(b_ih[layer], (G * H,), f"b_ih[{layer}]"); self.b_ih[layer] = &m1[0]
             m1 = f32(b_hh[layer], (G * H,), f"b_hh[{layer}]"); self.b_hh[layer] = &m1[0]
         self.att_query = self.att_score = self.linear_in = self.att_output = NULL
         if self.attention in (BAHDANAU, LUONG_CONCAT):
             A = self.attention_dim
-            m3 = packed(att_query, (A, H), "att_query"); self.att_query = &m3[0, 0, 0]
+            self.att_query = panels_data(packed(att_query, (A, H), "att_query"), &panel_type)
             m1 = f32(np.reshape(att_score, -1), (A,), "att_score"); self.att_score = &m1[0]
         if self.attention == LUONG_GENERAL:
-            m3 = packed(linear_in, (H, H), "linear_in"); self.linear_in = &m3[0, 0, 0]
+            self.linear_in = panels_data(packed(linear_in, (H, H), "linear_in"), &panel_type)
         if self.attention != BAHDANAU:
-            m3 = packed(att_output, (H, 2 * H), "att_output"); self.att_output = &m3[0, 0, 0]
-        m3 = packed(out_weight, (V, H), "out_weight"); self.out_w = &m3[0, 0, 0]
+            self.att_output = panels_data(packed(att_output, (H, 2 * H), "att_output"),
+                                          &panel_type)
+        self.out_w = panels_data(packed(out_weight, (V, H), "out_weight"), &panel_type)
+        self.panel_type, self.weight_dtype = panel_type, weight_dtype
         m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
         self._keep = keep
 
@@ -285,7 +295,7 @@ cdef class DecoderStep:
         with nogil:
             if self.attention == BAHDANAU:
                 # query = h_{t-1} of the top layer; x = [c ; E[y]]
-                _linear(top, H, B, H, self.att_query, A, NULL, q, A,
+                _linear(top, H, B, H, self.att_query, self.panel_type, A, NULL, q, A,
                         self.small_gemm_macs, num_threads)
                 status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit, self.att_score,
                                          &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A, H,
@@ -301,22 +311,22 @@ cdef class DecoderStep:
                         memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
                 width = E + (H if self.input_feeding else 0)
             for layer in range(L):
-                _linear(x, X, B, width, self.w_ih[layer], G * H, self.b_ih[layer], gx,
-                              G * H, self.small_gemm_macs, num_threads)
-                _linear(&h[layer, 0, 0], H, B, H, self.w_hh[layer], G * H,
-                              self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
+                _linear(x, X, B, width, self.w_ih[layer], self.panel_type, G * H,
+                        self.b_ih[layer], gx, G * H, self.small_gemm_macs, num_threads)
+                _linear(&h[layer, 0, 0], H, B, H, self.w_hh[layer], self.panel_type, G * H,
+                        self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
                 _cell(self.lstm, gx, G * H, gh, &h[layer, 0, 0],
                       &c[layer, 0, 0] if self.lstm else NULL, B, H, num_threads)
                 for b in range(B):
                     memcpy(x + b * X, &h[layer, b, 0], H * sizeof(float))
                 width = H
             if self.attention == BAHDANAU:
-                _linear(top, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
-                        self.small_gemm_macs, num_threads)
+                _linear(top, H, B, H, self.out_w, self.panel_type, V, self.out_b,
+                        &log_probs[0, 0], V, self.small_gemm_macs, num_threads)
             else:
                 # scores with the current top state h_t
                 if self.attention == LUONG_CONCAT:
-                    _linear(top, H, B, H, self.att_query, A, NULL, q, A,
+                    _linear(top, H, B, H, self.att_query, self.panel_type, A, NULL, q, A,
                             self.small_gemm_macs, num_threads)
                     status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit,
                                              self.att_score, &memory[0, 0, 0], ctx,
@@ -324,8 +334,8 @@ cdef class DecoderStep:
                                              num_threads)
                 else:
                     if self.attention == LUONG_GENERAL:
-                        _linear(top, H, B, H, self.linear_in, H, NULL, q, H,
-                                self.small_gemm_macs, num_threads)
+                        _linear(top, H, B, H, self.linear_in, self.panel_type, H, NULL, q,
+                                H, self.small_gemm_macs, num_threads)
                     else:
                         memcpy(q, top, B * H * sizeof(float))
                     _dot_attention(q, &memory[0, 0, 0], &lengths[0], &weights[0, 0], ctx, B, S,
@@ -334,11 +344,11 @@ cdef class DecoderStep:
                 for b in range(B):
                     memcpy(x + b * X, ctx + b * H, H * sizeof(float))
                     memcpy(x + b * X + H, top + b * H, H * sizeof(float))
-                _linear(x, X, B, 2 * H, self.att_output, H, NULL, fp, H,
+                _linear(x, X, B, 2 * H, self.att_output, self.panel_type, H, NULL, fp, H,
                         self.small_gemm_macs, num_threads)
                 ac_tanh_f32(fp, fp, B * H)
-                _linear(fp, H, B, H, self.out_w, V, self.out_b, &log_probs[0, 0], V,
-                        self.small_gemm_macs, num_threads)
+                _linear(fp, H, B, H, self.out_w, self.panel_type, V, self.out_b,
+                        &log_probs[0, 0], V, self.small_gemm_macs, num_threads)
             ac_softmax_f32(&log_probs[0, 0], &log_probs[0, 0], B, V, NULL, NULL, 1, num_threads)
         if status:
             raise MemoryError("DecoderStep.step: out of memory for attention scratch")

@@ -21,7 +21,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows_f32, ac_sgemm_fn
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -39,7 +39,8 @@ cdef extern from "softmax.h" nogil:
 
 
 cdef struct Linear:
-    const float *panels     # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
+    const void *panels      # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
+    int panel_type          # float32 or bfloat16 panels
     const float *bias       # (n_out,) or NULL
     Py_ssize_t n_out, n_in
 
@@ -52,8 +53,8 @@ cdef struct Layer:
 cdef inline void _linear(const float *x, Py_ssize_t rows, Linear w, float *out,
                          Py_ssize_t small_gemm_macs, int num_threads) noexcept nogil:
     """out (rows, n_out) = x (rows, n_in) . W^T + bias on the packed panels."""
-    ac_packed_linear_rows_f32(x, w.n_in, rows, w.n_in, w.panels, w.n_out, w.bias, out, w.n_out,
-                              sgemm, small_gemm_macs, num_threads)
+    ac_packed_linear_rows(x, w.n_in, rows, w.n_in, w.panels, w.panel_type, w.n_out, w.bias, out,
+                          w.n_out, sgemm, small_gemm_macs, num_threads)
 
 
 def _f32(a, shape, name, list keep):
@@ -69,15 +70,17 @@ def _f32(a, shape, name, list keep):
 cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep) except *:
     """The Linear of a (PackedLinearWeight, bias or None) pair, checked against (n_out, n_in)."""
     cdef Linear w
-    cdef const float[:, :, ::1] panels
     cdef const float[::1] bias
     packed, bias_array = pair
     if tuple(packed.shape) != (n_out, n_in):
         raise ValueError(f"DecoderStep: {name} must have shape {(n_out, n_in)}, got "
                          f"{tuple(packed.shape)}")
-    panels = _f32(packed.panels, ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, n_in,
-                                  AC_PANEL_WIDTH), name + " panels", keep)
-    w.panels, w.bias, w.n_out, w.n_in = &panels[0, 0, 0], NULL, n_out, n_in
+    panels = packed.panels  # PackedLinearWeight made them C-contiguous, of this shape
+    if panels.shape != ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, n_in, AC_PANEL_WIDTH):
+        raise ValueError(f"DecoderStep: {name} panels have shape {panels.shape}")
+    keep.append(panels)
+    w.panels = panels_data(panels, &w.panel_type)
+    w.bias, w.n_out, w.n_in = NULL, n_out, n_in
     if bias_array is not None:
         bias = _f32(bias_array, (n_out,), name + " bias", keep)
         w.bias = &bias[0]

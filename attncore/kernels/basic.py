@@ -9,9 +9,9 @@ from ._validation import (check_axis, check_bool_mask, check_finite_float, check
                           check_ids, check_lengths)
 from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
 
-__all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "matmul", "layer_norm", "relu", "gelu",
-           "gelu_tanh", "swish", "tanh", "sigmoid", "embedding", "sinusoidal_positions",
-           "rotary"]
+__all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16",
+           "WEIGHT_DTYPES", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh", "swish", "tanh",
+           "sigmoid", "embedding", "sinusoidal_positions", "rotary"]
 
 
 def _softmax_front(x, axis, lengths, mask, log_output, name):
@@ -57,8 +57,38 @@ def log_softmax(x, axis=-1, *, lengths=None, mask=None):
     return _softmax_front(x, axis, lengths, mask, True, "log_softmax")
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16")
+
+
+def check_weight_dtype(weight_dtype, name="weight_dtype") -> str:
+    """``weight_dtype`` if it is one of :data:`WEIGHT_DTYPES`, else TypeError / ValueError."""
+    if not isinstance(weight_dtype, str):
+        raise TypeError(f"{name} must be a str, got {type(weight_dtype).__name__}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{name} must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    return weight_dtype
+
+
+def round_bfloat16(x):
+    """x rounded to the nearest bfloat16 (ties to even), returned as float32.
+
+    bfloat16 keeps float32's exponent and 8 of its 24 significand bits: a relative error of at
+    most 2^-9. These are the values a ``"bfloat16"`` :class:`PackedLinearWeight` (and a model
+    loaded with ``weight_dtype="bfloat16"``) computes with. NaN stays NaN; finite values beyond
+    the largest bfloat16 (~3.39e38) become infinite.
+
+    x : array of any shape, any float dtype (cast to float32 first).
+    """
+    x = check_float_array(x, "x")
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty_like(flat)
+    if flat.size:
+        _blas.round_bf16(flat, out)
+    return out.reshape(x.shape)
+
+
 class PackedLinearWeight:
-    """A float32 ``nn.Linear`` weight (out_features, in_features) laid out once for decoding.
+    """An ``nn.Linear`` weight (out_features, in_features) laid out once for decoding.
 
     Stored as ``panels`` (ceil(out / PANEL_WIDTH), in, PANEL_WIDTH): panel b holds rows
     ``[b * 64, b * 64 + 64)`` of the weight, transposed, zero-padded past ``out_features`` (see
@@ -67,36 +97,57 @@ class PackedLinearWeight:
     stream and never re-packs; larger products run BLAS on the panels in place. Models pack
     their decoder weights at load; the packed copy costs as much memory as the weight.
 
+    ``weight_dtype="bfloat16"`` stores the panels in bfloat16 (``panels`` is then uint16, its
+    pairs of columns interleaved), each weight rounded to nearest: half the memory, and half the
+    bytes a decoding step streams. Products still run in float32 on the rounded values, with
+    exactly the bits a float32 packed weight of ``round_bfloat16(weight)`` gives.
+
     weight : (out_features, in_features) array (cast to float32)
+    weight_dtype : "float32" (default) or "bfloat16"
     """
 
-    __slots__ = ("panels", "shape")
+    __slots__ = ("panels", "shape", "weight_dtype")
 
-    def __init__(self, weight):
+    def __init__(self, weight, weight_dtype="float32"):
+        weight_dtype = check_weight_dtype(weight_dtype)
         weight = check_float_array(weight, "weight", ndim=2)
         weight = np.ascontiguousarray(weight, dtype=np.float32)
         out_features, in_features = weight.shape
         if out_features == 0 or in_features == 0:
             raise ValueError(f"weight must have non-zero dimensions, got shape {weight.shape}")
         width = _blas.PANEL_WIDTH
-        self.panels = np.empty(((out_features + width - 1) // width, in_features, width),
-                               dtype=np.float32)
-        _blas.pack_panels(weight, self.panels)
+        shape = ((out_features + width - 1) // width, in_features, width)
+        if weight_dtype == "bfloat16":
+            self.panels = np.empty(shape, dtype=np.uint16)
+            _blas.pack_panels_bf16(weight, self.panels)
+        else:
+            self.panels = np.empty(shape, dtype=np.float32)
+            _blas.pack_panels(weight, self.panels)
         self.panels.flags.writeable = False
         self.shape = (out_features, in_features)
+        self.weight_dtype = weight_dtype
 
     @property
     def dtype(self):
+        """The dtype of the products (float32 inputs and outputs, whatever the storage)."""
         return np.dtype(np.float32)
 
     def unpack(self) -> np.ndarray:
-        """The (out_features, in_features) weight back, as a new array."""
+        """The (out_features, in_features) float32 weight back (rounded to bfloat16 when so
+        stored), as a new array."""
         out_features, in_features = self.shape
-        full = self.panels.transpose(0, 2, 1).reshape(-1, in_features)
+        panels = self.panels
+        if self.weight_dtype == "bfloat16":
+            # a row of 64 holds (column c, column c + 16) pairs per half of 32 columns
+            width = panels.shape[2]
+            pairs = panels.reshape(panels.shape[:2] + (width // 32, 16, 2))
+            columns = pairs.transpose(0, 1, 2, 4, 3).reshape(panels.shape)
+            panels = (columns.astype(np.uint32) << 16).view(np.float32)
+        full = panels.transpose(0, 2, 1).reshape(-1, in_features)
         return np.ascontiguousarray(full[:out_features])
 
     def __repr__(self):
-        return f"PackedLinearWeight(shape={self.shape})"
+        return f"PackedLinearWeight(shape={self.shape}, weight_dtype={self.weight_dtype!r})"
 
 
 def linear(x, weight, bias=None):

@@ -34,14 +34,17 @@ def model_class(architecture):
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-def load(path) -> Model:
-    """Load the model directory ``path`` as the engine class its architecture names."""
-    return Model.load(path)
+def load(path, *, weight_dtype: str = "float32") -> Model:
+    """Load the model directory ``path`` as the engine class its architecture names.
+
+    ``weight_dtype="bfloat16"`` rounds the weight matrices to bfloat16 and streams them at half
+    the bytes in decoding steps (see :class:`~attncore.models.base.Model`)."""
+    return Model.load(path, weight_dtype=weight_dtype)
 
 
-def from_config(config, seed: int = 0, tokenizer=None) -> Model:
+def from_config(config, seed: int = 0, tokenizer=None, *, weight_dtype: str = "float32") -> Model:
     """A random model of the class ``config["architecture"]`` names (trainer initialisation)."""
-    return Model.from_config(config, seed=seed, tokenizer=tokenizer)
+    return Model.from_config(config, seed=seed, tokenizer=tokenizer, weight_dtype=weight_dtype)
 
 
 def __getattr__(name):

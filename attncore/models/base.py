@@ -19,6 +19,7 @@ from typing import List, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import io
+from ..kernels.basic import check_weight_dtype, round_bfloat16
 
 __all__ = ["Model", "EncoderDecoderModel", "GenerationResult", "check_sources",
            "check_generation_options"]
@@ -195,14 +196,24 @@ class Model:
         Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
         stored as read-only C-contiguous float32 (a float64 model runs in float32).
     tokenizer : :class:`attncore.tokenizer.Tokenizer`, optional
+    weight_dtype : "float32" (default) or "bfloat16"
+        ``"bfloat16"`` rounds every weight matrix (each tensor of two or more dimensions:
+        embeddings, linear and recurrent weights; not biases or norms) to the nearest bfloat16
+        (:func:`attncore.kernels.round_bfloat16`) and keeps the weights decoding steps stream
+        (``PackedLinearWeight``) in bfloat16: half the bytes per generated token, which is
+        what bounds a small batch's decoding speed. Everything still computes in float32 on
+        the rounded values: the model is exactly the float32 model of the rounded weights
+        (``weights`` then holds those values, and :meth:`save` writes them).
 
     Subclasses set :attr:`architecture` and may override :meth:`_prepare`, which derives
-    inference-only arrays (transposed / fused weights) once after validation.
+    inference-only arrays (transposed / fused weights) once after validation, packing step
+    weights in :attr:`weight_dtype`.
     """
 
     architecture: Optional[str] = None
 
-    def __init__(self, config: Mapping, weights: Mapping[str, np.ndarray], tokenizer=None):
+    def __init__(self, config: Mapping, weights: Mapping[str, np.ndarray], tokenizer=None, *,
+                 weight_dtype: str = "float32"):
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         if not isinstance(weights, Mapping):
@@ -212,9 +223,13 @@ class Model:
         if self.architecture is not None and architecture != self.architecture:
             raise ValueError(f"config: {type(self).__name__} needs architecture "
                              f"{self.architecture!r}, got {architecture!r}")
+        weight_dtype = check_weight_dtype(weight_dtype)
         spec = io.weight_spec(config)  # ValueError on unknown architecture / bad hyper-parameters
         self.config = config
         self.weights = self._check_weights(spec, weights)
+        if weight_dtype == "bfloat16":
+            self.weights = self._rounded_to_bfloat16(self.weights)
+        self.weight_dtype = weight_dtype
         self.tokenizer = tokenizer
         self._prepare()
 
@@ -240,6 +255,20 @@ class Model:
             raise ValueError("weights do not match the spec:\n  " + "\n  ".join(sorted(problems)))
         return stored
 
+    @staticmethod
+    def _rounded_to_bfloat16(weights: dict) -> dict:
+        """``weights`` with every tensor of two or more dimensions rounded to bfloat16."""
+        rounded = {}
+        for name, array in weights.items():
+            if array.ndim >= 2:
+                array = round_bfloat16(array)
+                if not np.all(np.isfinite(array)):
+                    raise ValueError(f"tensor {name!r} holds values beyond bfloat16's range "
+                                     f"(~3.39e38): load it with weight_dtype='float32'")
+                array.flags.writeable = False
+            rounded[name] = array
+        return rounded
+
     def _prepare(self) -> None:
         """Hook: derive inference arrays from ``self.weights`` (called once by ``__init__``)."""
 
@@ -258,8 +287,10 @@ class Model:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Mapping, seed: int = 0, tokenizer=None) -> "Model":
-        """A model with random weights drawn by the trainer's initialisation (``seed``)."""
+    def from_config(cls, config: Mapping, seed: int = 0, tokenizer=None, *,
+                    weight_dtype: str = "float32") -> "Model":
+        """A model with random weights drawn by the trainer's initialisation (``seed``);
+        ``weight_dtype`` as in the constructor."""
         from ..train.export import model_from_config
 
         if not isinstance(config, Mapping):
@@ -268,7 +299,7 @@ class Model:
         weights = {name: np.asarray(value) for name, value in
                    model_from_config(dict(config), seed).state_dict().items()}
         target = cls._class_for(config) if cls.architecture is None else cls
-        return target(config, weights, tokenizer=tokenizer)
+        return target(config, weights, tokenizer=tokenizer, weight_dtype=weight_dtype)
 
     @classmethod
     def _class_for(cls, config: Mapping):
@@ -276,9 +307,11 @@ class Model:
         return model_class(config.get("architecture"))
 
     @classmethod
-    def load(cls, path) -> "Model":
+    def load(cls, path, *, weight_dtype: str = "float32") -> "Model":
         """Read a model directory (``docs/FORMAT.md``); ``Model.load`` picks the class from
-        ``config["architecture"]``, a subclass insists on its own architecture."""
+        ``config["architecture"]``, a subclass insists on its own architecture.
+        ``weight_dtype`` as in the constructor (``"bfloat16"``: faster small-batch decoding on
+        weights rounded to bfloat16)."""
         from ..tokenizer import load_tokenizer
 
         if not isinstance(path, (str, os.PathLike)):
@@ -286,7 +319,7 @@ class Model:
         config, weights = io.load_model_dir(path)
         target = cls._class_for(config) if cls.architecture is None else cls
         tokenizer = load_tokenizer(Path(path), config) if config.get("tokenizer") else None
-        return target(config, weights, tokenizer=tokenizer)
+        return target(config, weights, tokenizer=tokenizer, weight_dtype=weight_dtype)
 
     def save(self, path) -> Path:
         """Write the model as a model directory (weights cast to ``config["dtype"]``, tokenizer
@@ -303,8 +336,9 @@ class Model:
 
     def __repr__(self) -> str:
         size = sum(w.size for w in self.weights.values())
+        dtype = "" if self.weight_dtype == "float32" else f", weight_dtype={self.weight_dtype!r}"
         return f"{type(self).__name__}(architecture={self.config.get('architecture')!r}, " \
-               f"parameters={size})"
+               f"parameters={size}{dtype})"
 
 
 class EncoderDecoderModel(Model):

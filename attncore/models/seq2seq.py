@@ -118,7 +118,8 @@ class Seq2SeqAttention(EncoderDecoderModel):
 
         def packed(weights):  # packed once: the time scan's steps and the input projection
             w_ih, b_ih, w_hh, b_hh = weights  # of every step at once (no BLAS re-packing)
-            return K.PackedLinearWeight(w_ih), b_ih, K.PackedLinearWeight(w_hh), b_hh
+            return (K.PackedLinearWeight(w_ih, self.weight_dtype), b_ih,
+                    K.PackedLinearWeight(w_hh, self.weight_dtype), b_hh)
 
         self.encoder_layers = [[packed(rnn("encoder.rnn", s)) for s in
                                 [f"_l{k}", f"_l{k}_reverse"][:self.directions]]
@@ -137,7 +138,8 @@ class Seq2SeqAttention(EncoderDecoderModel):
             [layer[0] for layer in self.decoder_layers], [layer[2] for layer in self.decoder_layers],
             [layer[1] for layer in self.decoder_layers], [layer[3] for layer in self.decoder_layers],
             get("query.weight"), get("score.weight"), get("linear_in.weight"),
-            get("output.weight"), self.out_weight, self.out_bias, BLAS_SMALL_GEMM_MACS)
+            get("output.weight"), self.out_weight, self.out_bias, BLAS_SMALL_GEMM_MACS,
+            self.weight_dtype)
 
     # -- encoder ----------------------------------------------------------------------------
     def _start(self, sources: List[np.ndarray]) -> Seq2SeqState:

@@ -121,9 +121,11 @@ class _Layer:
     step: Optional[_StepWeights] = None
 
 
-def _with_step_weights(layer: _Layer) -> _Layer:
-    """The decoder layer with its decoding-step weights packed."""
-    pack = kernels.PackedLinearWeight
+def _with_step_weights(layer: _Layer, weight_dtype: str) -> _Layer:
+    """The decoder layer with its decoding-step weights packed (in ``weight_dtype``)."""
+    def pack(weight):
+        return kernels.PackedLinearWeight(weight, weight_dtype)
+
     cross = layer.cross
     return replace(layer, step=_StepWeights(
         self_qkv=pack(layer.self_attn.qkv_weight), self_out=pack(layer.self_attn.out_weight),
@@ -348,13 +350,14 @@ class Transformer(EncoderDecoderModel):
             self.tgt_positions = sinusoid if sinusoid is not None else _f32(weights["tgt_position.weight"])
             self.decoder_layers = tuple(
                 _with_step_weights(_layer_weights(weights, f"decoder.layers.{i}", d,
-                                                  cross=kind == "encoder_decoder"))
+                                                  cross=kind == "encoder_decoder"),
+                                   self.weight_dtype)
                 for i in range(int(config["num_decoder_layers"])))
             self.decoder_norm = self._final_norm(weights, "decoder.norm")
             self.output_weight = (self.tgt_embedding if config["tie_embeddings"]
                                   else _f32(weights["output.weight"]))
             self.output_bias = _f32(weights["output.bias"])
-            self.output_step = kernels.PackedLinearWeight(self.output_weight)
+            self.output_step = kernels.PackedLinearWeight(self.output_weight, self.weight_dtype)
             self._decoder_step = self._compiled_decoder_step()
         if kind == "encoder_only":
             self.classifier_weight = _f32(weights["classifier.weight"])
