@@ -14,6 +14,9 @@
   tokens/s and peak traced memory, beside an attncore Transformer encoder of the same width
   (2 layers, FFN 2048) on the lengths where quadratic attention stays affordable.
 
+attncore runs twice: float32 weights, and ``weight_dtype="bfloat16"`` (weight matrices rounded
+to bfloat16, half the bytes per decoding step; its token agreement is with attncore float32).
+
 Every row is measured in one process and the same minute; ratios are what to read. Token
 agreement with the first peer is printed so a fast wrong answer cannot hide. Asked for several
 families, the script runs each in a process of its own: torch's eager speed depends on what ran
@@ -149,6 +152,7 @@ def bench_transformer(threads_list, batches, torch, quick, rows):
                                      "tgt_embedding": "tgt_emb.weight", "positions": "pe",
                                      "output": "proj.weight", "output_bias": "proj.bias"})
     ours = attncore.load(ours_dir)
+    ours_bf16 = attncore.load(ours_dir, weight_dtype="bfloat16")
     vocab = _ctranslate2_dir(sd, L, H, D, V, os.path.join(tmp, "ct2")) if ctranslate2 else None
     rng = np.random.default_rng(0)
     for threads in threads_list:
@@ -160,12 +164,15 @@ def bench_transformer(threads_list, batches, torch, quick, rows):
             t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=3, min_time=0)
             want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
 
-            def run_ours():
-                return ours.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
+            def run_ours(model=ours):
+                return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
             t_ours = best_time(run_ours, repeats=3, min_time=0)
+            t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=3, min_time=0)
             got = [r.tokens for r in run_ours()]
             row = {"threads": threads, "batch": B, "torch": B * TGT_LEN / t_torch,
-                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want)}
+                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want),
+                   "bf16": B * TGT_LEN / t_bf16,
+                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)}
             if ctranslate2 is not None:
                 for compute in ("float32", "int8"):
                     tr = ctranslate2.Translator(os.path.join(tmp, "ct2"), device="cpu",
@@ -187,11 +194,14 @@ def bench_transformer(threads_list, batches, torch, quick, rows):
 
 def _transformer_line(r):
     ct32, ct8 = r.get("ct2-float32"), r.get("ct2-int8")
-    vs = f"{r['attncore'] / ct32:5.2f}x" if ct32 else "  -  "
-    return (f"| {r['threads']} | {r['batch']:3d} | {r['attncore']:8.1f} | {r['torch']:8.1f} | "
-            f"{(ct32 or float('nan')):8.1f} | {(ct8 or float('nan')):8.1f} | "
-            f"{r['attncore'] / r['torch']:5.2f}x | {vs} | {r['agree']:.2f} / "
-            f"{r.get('agree_ct2', float('nan')):.2f} |")
+
+    def vs(ours, peer):
+        return f"{ours / peer:5.2f}x" if peer else "  -  "
+    return (f"| {r['threads']} | {r['batch']:3d} | {r['attncore']:8.1f} | {r['bf16']:8.1f} | "
+            f"{r['torch']:8.1f} | {(ct32 or float('nan')):8.1f} | {(ct8 or float('nan')):8.1f} | "
+            f"{vs(r['attncore'], r['torch'])} | {vs(r['attncore'], ct32)} | "
+            f"{vs(r['bf16'], ct32)} | {vs(r['bf16'], ct8)} | {r['agree']:.2f} / "
+            f"{r.get('agree_ct2', float('nan')):.2f} / {r['agree_bf16']:.2f} |")
 
 
 # --------------------------------------------------------------------------------- seq2seq
@@ -265,8 +275,10 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
         print("seq2seq: torch is absent; skipped")
         return
     model = _torch_seq2seq(torch, E, HID, LAYERS, V)
-    ours = attncore.load(_seq2seq_to_attncore(model, E, HID, LAYERS, V,
-                                              tempfile.mkdtemp(prefix="attncore-bench-")))
+    ours_dir = _seq2seq_to_attncore(model, E, HID, LAYERS, V,
+                                    tempfile.mkdtemp(prefix="attncore-bench-"))
+    ours = attncore.load(ours_dir)
+    ours_bf16 = attncore.load(ours_dir, weight_dtype="bfloat16")
     rng = np.random.default_rng(0)
     for threads in threads_list:
         set_threads(threads)
@@ -277,15 +289,20 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
             want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
             sources = [list(r) for r in src]
 
-            def run_ours():
-                return ours.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
+            def run_ours(model=ours):
+                return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
             t_ours = best_time(run_ours, repeats=5, min_time=0.5)
+            t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=5, min_time=0.5)
             got = [r.tokens for r in run_ours()]
             row = {"threads": threads, "batch": B, "torch": B * TGT_LEN / t_torch,
-                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want)}
+                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want),
+                   "bf16": B * TGT_LEN / t_bf16,
+                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)}
             rows.append(row)
-            print(f"| {threads} | {B:3d} | {row['attncore']:9.1f} | {row['torch']:9.1f} | "
-                  f"{row['attncore'] / row['torch']:6.2f}x | {row['agree']:.2f} |", flush=True)
+            print(f"| {threads} | {B:3d} | {row['attncore']:9.1f} | {row['bf16']:9.1f} | "
+                  f"{row['torch']:9.1f} | {row['attncore'] / row['torch']:6.2f}x | "
+                  f"{row['bf16'] / row['torch']:6.2f}x | {row['agree']:.2f} / "
+                  f"{row['agree_bf16']:.2f} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------- RAN
@@ -363,14 +380,16 @@ def main(argv=None):
     rows = []
     if "transformer" in args.only:
         print("\n### Transformer-base, 24-token sources, 24 greedy steps (target tokens/s)\n")
-        print("| threads | batch | attncore | torch (no KV cache) | CT2 float32 | CT2 int8 | "
-              "vs torch | vs CT2 f32 | token agreement (torch / CT2) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| threads | batch | attncore | attncore bf16 | torch (no KV cache) | CT2 float32 | "
+              "CT2 int8 | vs torch | vs CT2 f32 | bf16 vs CT2 f32 | bf16 vs CT2 int8 | "
+              "token agreement (torch / CT2 / bf16 with f32) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         bench_transformer(args.threads, [1, 4] if args.quick else [1, 16], torch, args.quick, rows)
     if "seq2seq" in args.only:
         print("\n### Bahdanau GRU seq2seq, 24 -> 24 greedy (target tokens/s)\n")
-        print("| threads | batch | attncore | torch eager | vs torch | token agreement |")
-        print("|---|---|---|---|---|---|")
+        print("| threads | batch | attncore | attncore bf16 | torch eager | vs torch | "
+              "bf16 vs torch | token agreement (torch / bf16 with f32) |")
+        print("|---|---|---|---|---|---|---|---|")
         bench_seq2seq(args.threads, [1, 8] if args.quick else [1, 64], torch, args.quick, rows)
     if "ran" in args.only:
         print("\n### RAN encode vs a Transformer encoder of the same width (tokens/s, peak MiB)\n")

@@ -47,7 +47,7 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 /* dst (k1 - k0, 64) float32 <- rows [k0, k1) of one bfloat16 panel, in column order. */
-static void unpack_bf16_rows(const uint16_t *p, ac_index k0, ac_index k1, float *dst) {
+static void unpack_bf16_rows_scalar(const uint16_t *p, ac_index k0, ac_index k1, float *dst) {
     for (ac_index k = k0; k < k1; k++) {
         const uint16_t *row = p + k * W;
         float *d = dst + (k - k0) * W;
@@ -71,7 +71,7 @@ static void panel_group_scalar(const float *x, ac_index ldx, ac_index M, ac_inde
             const float xk = xi[k];
             const float *pk = (const float *)panel + k * W;
             if (bf16) {
-                unpack_bf16_rows((const uint16_t *)panel, k, k + 1, wk);
+                unpack_bf16_rows_scalar((const uint16_t *)panel, k, k + 1, wk);
                 pk = wk;
             }
             for (int c = 0; c < W; c++) ai[c] += xk * pk[c];
@@ -178,6 +178,15 @@ static AVX512 void panel_group_avx512(const float *x, ac_index ldx, ac_index M, 
     else panel_group_avx512_t(x, ldx, M, K, panel, 0, acc);
 }
 
+static AVX512 void unpack_bf16_rows_avx512(const uint16_t *p, ac_index k0, ac_index k1,
+                                           float *dst) {
+    for (ac_index k = k0; k < k1; k++) {
+        __m512 w[4];
+        panel_row_avx512(p, 1, k, w);
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(dst + (k - k0) * W + 16 * c, w[c]);
+    }
+}
+
 /* ---------------------------------------------------------------- AVX2 -------------- */
 #define AVX2 __attribute__((target("avx2,fma")))
 
@@ -244,7 +253,27 @@ static AVX2 void panel_group_avx2(const float *x, ac_index ldx, ac_index M, ac_i
     if (bf16) panel_group_avx2_t(x, ldx, M, K, panel, 1, acc);
     else panel_group_avx2_t(x, ldx, M, K, panel, 0, acc);
 }
+
+static AVX2 void unpack_bf16_rows_avx2(const uint16_t *p, ac_index k0, ac_index k1, float *dst) {
+    for (ac_index k = k0; k < k1; k++)
+        for (int half = 0; half < 2; half++) {
+            __m256 w[4];
+            half_panel_row_avx2(p, 1, k, half, w);
+            for (int c = 0; c < 4; c++)
+                _mm256_storeu_ps(dst + (k - k0) * W + 32 * half + 8 * c, w[c]);
+        }
+}
 #endif
+
+/* dst (k1 - k0, 64) float32 <- rows [k0, k1) of one bfloat16 panel, in column order. */
+static void unpack_bf16_rows(const uint16_t *p, ac_index k0, ac_index k1, float *dst) {
+#ifdef AC_X86
+    const int level = ac_simd_level();
+    if (level == 2) { unpack_bf16_rows_avx512(p, k0, k1, dst); return; }
+    if (level == 1) { unpack_bf16_rows_avx2(p, k0, k1, dst); return; }
+#endif
+    unpack_bf16_rows_scalar(p, k0, k1, dst);
+}
 
 /* out[i * ldo + j] = x[i * ldx : +K] . W[j] (+ bias[j]) for i < M and j in panel b (j < N). */
 static void packed_linear_panel(const float *x, ac_index ldx, ac_index M, ac_index K,
@@ -302,21 +331,24 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
     ac_index row_tiles = (M + tile_m - 1) / tile_m;
     tile_m = (M + row_tiles - 1) / row_tiles;
     row_tiles = (M + tile_m - 1) / tile_m; /* the same count (ceil(M / ceil(M / r)) = r) */
+    /* bfloat16: BLAS reads a float32 copy of the panel's K chunk (the same products, the same
+     * bits as a float32 panel of the rounded weight), made once for all the row tiles of the
+     * panel when there are panels enough for every thread, else once per tile. */
+    const ac_index group = (bf16 && n_panels >= num_threads) ? row_tiles : 1;
+    const ac_index groups = row_tiles / group;   /* tasks per panel */
 #pragma omp parallel num_threads(AC_THREADS(M * N * K, num_threads))
     {
-        /* bfloat16: each thread's float32 copy of the K chunk of a panel it multiplies (BLAS
-         * reads it as it would read a float32 panel: the same products, the same bits). If it
-         * cannot be had, that thread's tiles run on the panel kernel (the same values, other
-         * roundings) rather than fail. */
+        /* Each thread's copy. If it cannot be had, that thread's tiles run on the panel kernel
+         * (the same values, other roundings) rather than fail. */
         float *copy = bf16 ? (float *)malloc(sizeof(float) * k_chunk * W) : NULL;
 #pragma omp for schedule(static)
-        for (ac_index t = 0; t < row_tiles * n_panels; t++) {
-            const ac_index b = t / row_tiles, i0 = (t % row_tiles) * tile_m, j0 = b * W;
-            int m = (int)AC_MIN(tile_m, M - i0), n = (int)AC_MIN(W, N - j0);
-            int ldp = W, lx = (int)ldx, lo = (int)ldo;
+        for (ac_index t = 0; t < n_panels * groups; t++) {
+            const ac_index b = t / groups, r0 = (t % groups) * group, j0 = b * W;
+            int n = (int)AC_MIN(W, N - j0), ldp = W, lx = (int)ldx, lo = (int)ldo;
             float one = 1.0f, zero = 0.0f;
             char no = 'N';
             if (bf16 && !copy) {
+                const ac_index i0 = r0 * tile_m, m = AC_MIN(group * tile_m, M - i0);
                 packed_linear_panel(x + i0 * ldx, ldx, m, K, panels, 1, N, b, bias,
                                     out + i0 * ldo, ldo);
                 continue;
@@ -328,16 +360,20 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
                     unpack_bf16_rows((const uint16_t *)panels + b * K * W, k0, k0 + k, copy);
                     panel = copy;
                 }
-                /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n) is
-                 * the column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k) with
-                 * stride 64, x as (k, m) with stride ldx */
-                sgemm(&no, &no, &n, &m, &k, &one, (float *)panel, &ldp,
-                      (float *)(x + i0 * ldx + k0), &lx, k0 ? &one : &zero, out + i0 * ldo + j0,
-                      &lo);
+                for (ac_index r = r0; r < r0 + group; r++) {
+                    const ac_index i0 = r * tile_m;
+                    int m = (int)AC_MIN(tile_m, M - i0);
+                    /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n)
+                     * is the column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k)
+                     * with stride 64, x as (k, m) with stride ldx */
+                    sgemm(&no, &no, &n, &m, &k, &one, (float *)panel, &ldp,
+                          (float *)(x + i0 * ldx + k0), &lx, k0 ? &one : &zero,
+                          out + i0 * ldo + j0, &lo);
+                }
             }
             if (bias)
-                for (ac_index i = 0; i < m; i++)
-                    for (ac_index c = 0; c < n; c++) out[(i0 + i) * ldo + j0 + c] += bias[j0 + c];
+                for (ac_index i = r0 * tile_m; i < AC_MIN(M, (r0 + group) * tile_m); i++)
+                    for (ac_index c = 0; c < n; c++) out[i * ldo + j0 + c] += bias[j0 + c];
         }
         free(copy);
     }
