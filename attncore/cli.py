@@ -141,12 +141,12 @@ def _model_path(args, stack):
     return str(stack.enter_context(resources.as_file(resource)))
 
 
-def _load_model(path):
+def _load_model(path, weight_dtype="float32"):
     from attncore import models
     if not os.path.exists(path):
         raise UserError(f"model directory {path!r} does not exist")
     try:
-        return models.load(path)
+        return models.load(path, weight_dtype=weight_dtype)
     except (ValueError, TypeError, OSError) as exc:
         raise UserError(_one_line(exc)) from None
 
@@ -227,7 +227,7 @@ def _run_lines(args):
             client = stack.enter_context(distributed.connect(args.dask))
             infer_model = None
         else:
-            model = _load_model(path)
+            model = _load_model(path, args.weight_dtype)
             try:
                 job.check_model(model)
             except ValueError as exc:
@@ -260,7 +260,8 @@ def _run_lines(args):
                                         batching, throughput=throughput, on_batch=on_batch)
         else:
             results = distributed.run_on_dask(client, path, job, items, batching,
-                                              throughput=throughput, on_batch=on_batch)
+                                              throughput=throughput, on_batch=on_batch,
+                                              weight_dtype=args.weight_dtype)
         written = 0
         try:
             for item, result in results:
@@ -305,7 +306,7 @@ def _read_one_input(args):
 def _attention(args):
     from attncore import batch, heatmap
     with contextlib.ExitStack() as stack:
-        model = _load_model(_model_path(args, stack))
+        model = _load_model(_model_path(args, stack), args.weight_dtype)
     if not callable(getattr(model, "generate", None)):
         raise UserError("attention needs a generative encoder-decoder model")
     _set_threads(args)
@@ -353,6 +354,9 @@ def _add_model_options(parser, *, lines=True):
                              "refusing the line")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="kernel threads (default: OMP_NUM_THREADS or every usable CPU)")
+    parser.add_argument("--weight-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: weight matrices rounded to bfloat16, half the bytes per "
+                             "decoding step (faster at small batches; see docs/ENGINE.md)")
     if lines:
         parser.add_argument("--output", metavar="FILE", default=None,
                             help="write outputs to FILE (default: stdout)")

@@ -83,20 +83,21 @@ def _model_key(path) -> tuple:
     return (real, *stamps)
 
 
-def cached_model(path):
-    """The engine model of directory ``path``, loaded once per process and then shared.
+def cached_model(path, weight_dtype: str = "float32"):
+    """The engine model of directory ``path`` (loaded with ``weight_dtype``), loaded once per
+    process and then shared.
 
-    Keyed by the real path and the modification times of ``config.json`` and
-    ``model.safetensors``. Engine models are immutable and thread-safe, so the threads of a
+    Keyed by the real path, the modification times of ``config.json`` and
+    ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe, so the threads of a
     worker share one copy.
     """
     from .models import load
 
-    key = _model_key(path)
+    key = (*_model_key(path), weight_dtype)
     with _lock:  # one load even when a worker's threads ask at the same time
         model = _models.get(key)
         if model is None:
-            model = load(path)
+            model = load(path, weight_dtype=weight_dtype)
             _models[key] = model
             _loads[key[0]] = _loads.get(key[0], 0) + 1
     return model
@@ -125,11 +126,12 @@ def _worker_kernel_threads() -> int:
     return max(1, cpus // max(1, int(slots)))
 
 
-def _run_batch(model_path: str, job, sources, kernel_threads: Optional[int]):
+def _run_batch(model_path: str, job, sources, kernel_threads: Optional[int],
+               weight_dtype: str = "float32"):
     """A worker task: one batch through ``job`` on the cached model."""
     from .kernels import num_threads
 
-    model = cached_model(model_path)
+    model = cached_model(model_path, weight_dtype)
     with num_threads(kernel_threads or _worker_kernel_threads()):
         return job.run(model, sources)
 
@@ -185,8 +187,8 @@ def connect(address: str):
 
 
 def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching: _batch.Batching,
-                *, kernel_threads: Optional[int] = None, throughput=None, on_batch=None
-                ) -> Iterator[tuple]:
+                *, kernel_threads: Optional[int] = None, throughput=None, on_batch=None,
+                weight_dtype: str = "float32") -> Iterator[tuple]:
     """:func:`attncore.batch.run_batches` with the model calls on Dask workers.
 
     Parameters
@@ -198,6 +200,7 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
     items : parsed inputs (``job.items(lines, frontend)``)
     batching : :class:`attncore.batch.Batching`; a window's batches run at once
     kernel_threads : kernel threads per batch (default: see the module docstring)
+    weight_dtype : how the workers load the model (``attncore.load``'s option)
 
     Yields
     ------
@@ -207,18 +210,22 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
         with connect(client) as live:
             yield from run_on_dask(live, model_path, job, items, batching,
                                    kernel_threads=kernel_threads, throughput=throughput,
-                                   on_batch=on_batch)
+                                   on_batch=on_batch, weight_dtype=weight_dtype)
         return
+    from .kernels.basic import check_weight_dtype
+    weight_dtype = check_weight_dtype(weight_dtype)  # here, not as a worker's error
     distributed = _require()
     model_path = str(Path(model_path).resolve())
     threads = kernel_threads or getattr(client, "attncore_kernel_threads", None)
 
     def infer(sources):
-        return client.submit(_run_batch, model_path, job, sources, threads, pure=False).result()
+        return client.submit(_run_batch, model_path, job, sources, threads, weight_dtype,
+                             pure=False).result()
 
     def map_batches(batches):
         futures = {client.submit(_run_batch, model_path, job, [item.source for item in b],
-                                 threads, pure=False): index for index, b in enumerate(batches)}
+                                 threads, weight_dtype, pure=False): index
+                   for index, b in enumerate(batches)}
         try:
             for future in distributed.as_completed(list(futures)):
                 yield futures[future], future.result()
@@ -231,11 +238,12 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
 
 def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,
                     batching: Optional[_batch.Batching] = None, job=None,
-                    kernel_threads: Optional[int] = None) -> Iterator[tuple]:
+                    kernel_threads: Optional[int] = None,
+                    weight_dtype: str = "float32") -> Iterator[tuple]:
     """Text lines in, ``(line_number, output_text)`` out, in input order, on Dask.
 
     ``lines`` are strings (numbered from 1) or ``(line_number, text)`` pairs; ``job`` defaults
-    to greedy :class:`attncore.batch.GenerateJob`.
+    to greedy :class:`attncore.batch.GenerateJob`; ``weight_dtype`` as in :func:`run_on_dask`.
     """
     job = job or _batch.GenerateJob()
     frontend = _batch.Frontend.from_path(model_path)
@@ -243,5 +251,5 @@ def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,
                 for n, line in enumerate(lines, 1))
     items = job.items(numbered, frontend)
     for item, result in run_on_dask(client, model_path, job, items, batching or _batch.Batching(),
-                                    kernel_threads=kernel_threads):
+                                    kernel_threads=kernel_threads, weight_dtype=weight_dtype):
         yield item.line, job.format(result, frontend)

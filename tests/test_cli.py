@@ -110,6 +110,14 @@ def test_beam_search_and_generate_agree_with_greedy_on_the_dates_model(tmp_path)
     assert beam.stdout.splitlines() == gen.stdout.splitlines() == list(SAMPLES.values())
 
 
+def test_bfloat16_weights_translate_the_samples_alike(tmp_path):
+    text = "".join(f"{s}\n" for s in SAMPLES)
+    proc = attncore_cli(["translate", "--weight-dtype", "bfloat16", "--beam", "2"], tmp_path,
+                        stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == list(SAMPLES.values())
+
+
 def test_bundled_model_exact_match_on_held_out_dates(tmp_path):
     """200 dates the model never saw (the test split of the task seed it was trained with),
     through the CLI: exact match >= 99%."""
@@ -161,6 +169,7 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["translate", "--batch-size", "x"], "--batch-size: expected a positive integer, got 'x'"),
     (["translate", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
+    (["translate", "--weight-dtype", "int8"], "--weight-dtype: invalid choice: 'int8'"),
     (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
 ])
 def test_bad_options(tmp_path, args, fragment):

@@ -28,10 +28,10 @@ LINES = [FORMS[(i * 5) % len(FORMS)] for i in range(90)]
 BATCHING = Batching(batch_size=4, max_tokens=60, window=24)
 
 
-def single_process(lines, job=None):
+def single_process(lines, job=None, path=DATES, weight_dtype="float32"):
     from attncore import models
     job = job or batch.GenerateJob()
-    model = models.load(DATES)
+    model = models.load(path, weight_dtype=weight_dtype)
     frontend = batch.Frontend.from_model(model)
     items = job.items(enumerate(lines, 1), frontend)
     return [(item.line, job.format(result, frontend))
@@ -114,3 +114,15 @@ def test_connect_refuses_a_bad_worker_count():
     with pytest.raises(ValueError, match="positive worker count"):
         with distributed.connect("local:0"):
             pass
+
+
+def test_bfloat16_workers_equal_the_bfloat16_model(client, tmp_path):
+    path = tmp_path / "dates"  # a copy: the load counts of DATES stay those of float32
+    shutil.copytree(DATES, path)
+    got = list(distributed.translate_lines(client, path, LINES[:30], batching=BATCHING,
+                                           weight_dtype="bfloat16"))
+    assert got == single_process(LINES[:30], path=path, weight_dtype="bfloat16")
+    half = distributed.cached_model(path, "bfloat16")
+    assert half.weight_dtype == "bfloat16" and distributed.cached_model(path) is not half
+    with pytest.raises(ValueError, match="weight_dtype"):
+        next(distributed.translate_lines(client, path, LINES[:3], weight_dtype="int8"))
