@@ -89,10 +89,13 @@ static void panel_group_scalar(const float *x, ac_index ldx, ac_index M, ac_inde
  * rows up to 1.5x faster, but single runs there vary as much; it is kept as a cheap hint. */
 #define PF_HINT _MM_HINT_T1
 #define PF_CHUNKS 2
-/* ... in the 6-row blocks only. With fewer rows per k the loop is bound by its loads, and the
- * four prefetches per k cost 12-20% at one row on the Zen 4 machine (1.76 vs 2.15 us at
- * 192 x 256, 7.5 vs 8.4 us at 768 x 256, 42 vs 49 us at 4032 x 256, one process alternating
- * the two versions): batch-1 decoding is all one-row products. */
+/* ... in the 6-row blocks only for float32 panels. With fewer rows per k the loop is bound by
+ * its loads, and the four prefetches per k cost 12-20% at one row on the Zen 4 machine (1.76 vs
+ * 2.15 us at 192 x 256, 7.5 vs 8.4 us at 768 x 256, 42 vs 49 us at 4032 x 256, one process
+ * alternating the two versions): batch-1 decoding is all one-row products. bfloat16 panels
+ * (two prefetches per k, and a shift or mask per vector) prefetch at every row count: the
+ * batch-1 seq2seq step of bench/models.py took 88-98 us with it, 94-110 without (alternating
+ * runs; 64 rows ahead instead of 128: 91-96 us, 256: 84-88). */
 #define PF_MIN_ROWS 6
 #define ROW_GROUP 16
 
@@ -131,8 +134,8 @@ panel_rows_avx512(const float *x, ac_index ldx, const int R, ac_index k0, ac_ind
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_loadu_ps(acc_io + r * W + 16 * c);
     for (ac_index k = k0; k < k1; k++) {
-        if (R >= PF_MIN_ROWS) { /* the same row PF_CHUNKS chunks on (past the panel's end
-                                 * it is only a hint) */
+        if (R >= PF_MIN_ROWS || bf16) { /* the same row PF_CHUNKS chunks on (past the
+                                         * panel's end it is only a hint) */
             const char *ahead = (const char *)panel + (k + PF_CHUNKS * K_CHUNK) * row_bytes;
             for (ac_index line = 0; line < row_bytes; line += 64)
                 _mm_prefetch(ahead + line, PF_HINT);
