@@ -4,11 +4,12 @@
     python bench/kernels.py            # full table (a few minutes on 2 cores)
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
-    python bench/kernels.py --only additive    # one section (attention decode softmax additive)
+    python bench/kernels.py --only additive    # sections: attention decode softmax additive packed
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
-shapes, softmax vs NumPy, additive attention vs its reference; finally the peak memory of
+shapes, softmax vs NumPy, additive attention vs its reference, the products of a decoding step on
+packed float32 and bfloat16 weights vs ``x @ W.T``; finally the peak memory of
 ``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster.
 """
 import argparse
@@ -122,6 +123,46 @@ def run_additive(threads, torch, rows, quick):
                      f"hidden={hidden}", t_ac, float("nan"), t_np, float("nan")))
 
 
+# the six products of the seq2seq benchmark's decoder step (bench/models.py): attention query,
+# GRU layer 1 (input [context; embedding] and recurrent), GRU layer 2, vocabulary projection
+STEP_WEIGHTS = [(256, 256), (768, 512), (768, 256), (768, 256), (768, 256), (4000, 256)]
+
+
+def run_packed(threads, torch, rows, quick):
+    """The products of a decoding step on packed weights, float32 and bfloat16 panels, one
+    after another like the step runs them (2.07M weights: 8.3 / 4.1 MB), against the
+    reference's ``x @ W.T + b`` and torch's ``F.linear`` on the float32 weights."""
+    rng = np.random.default_rng(4)
+    shapes = [(64, 64), (192, 64)] if quick else STEP_WEIGHTS
+    weights = [rng.standard_normal(shape, dtype=np.float32) * 0.05 for shape in shapes]
+    biases = [rng.standard_normal(shape[0], dtype=np.float32) for shape in shapes]
+    macs = sum(n * k for n, k in shapes)
+    for dtype in ("float32", "bfloat16"):
+        packed = [attncore.kernels.PackedLinearWeight(w, dtype) for w in weights]
+        for m in ([1, 17] if quick else [1, 4, 16, 17, 64]):
+            xs = [rng.standard_normal((m, k), dtype=np.float32) for _, k in shapes]
+
+            def ours():
+                for x, w, b in zip(xs, packed, biases):
+                    attncore.linear(x, w, b)
+
+            def ref():
+                for x, w, b in zip(xs, weights, biases):
+                    reference.linear(x, w, b)
+            t_ac, t_np = H.best_time(ours, 20), H.best_time(ref, 10)
+            t_th = float("nan")
+            if torch is not None:
+                tw = [(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b))
+                      for x, w, b in zip(xs, weights, biases)]
+
+                def theirs():
+                    for x, w, b in tw:
+                        torch.nn.functional.linear(x, w, b)
+                t_th = H.best_time(theirs, 20)
+            rows.append((threads, f"step products ({dtype} panels) rows={m}", t_ac,
+                         2 * m * macs / t_ac / 1e9, t_np, t_th))
+
+
 PEAK_SNIPPET = """
 import resource, sys, numpy as np, attncore
 L = int(sys.argv[1])
@@ -141,7 +182,7 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "additive")
+SECTIONS = ("attention", "decode", "softmax", "additive", "packed")
 
 
 def main(argv=None):
@@ -169,6 +210,8 @@ def main(argv=None):
                 run_softmax(threads, torch, rows, args.quick)
             if "additive" in args.only:
                 run_additive(threads, torch, rows, args.quick)
+            if "packed" in args.only:
+                run_packed(threads, torch, rows, args.quick)
     print()
     print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|")
