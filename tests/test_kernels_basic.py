@@ -496,6 +496,28 @@ def test_packed_linear_blas_rows_bit_identical_across_thread_counts(monkeypatch,
         np.testing.assert_array_equal(got, results[0])
 
 
+def test_packed_panels_get_memory_of_their_own():
+    """Packed panels come from huge-page chunks (attncore.kernels._memory): each array is
+    C-contiguous, page-aligned when large, zeroed, writable until packed, and no two arrays
+    overlap; a packed weight's panels are read-only and unpack to the weight."""
+    from attncore.kernels._memory import MIN_BYTES, empty_for_streaming
+
+    requests = [((300, 256, 64), np.float32), ((3, 5), np.float32), ((70, 512, 64), np.uint16),
+                ((2, 1500, 1000), np.float32), ((128, 64), np.float32)]
+    arrays = [empty_for_streaming(shape, dtype) for shape, dtype in requests]
+    for (shape, dtype), a in zip(requests, arrays):
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.flags.writeable
+        if a.nbytes >= MIN_BYTES:
+            assert a.ctypes.data % 4096 == 0
+            assert not a.any()  # new anonymous memory
+    for i, a in enumerate(arrays):
+        assert not any(np.shares_memory(a, b) for b in arrays[i + 1:])
+    w = np.random.default_rng(0).standard_normal((700, 300)).astype(np.float32)
+    packed = attncore.kernels.PackedLinearWeight(w)
+    assert not packed.panels.flags.writeable and np.array_equal(packed.unpack(), w)
+
+
 def test_packed_linear_rejects_bad_input():
     w = np.ones((5, 3), np.float32)
     packed = attncore.kernels.PackedLinearWeight(w)

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import reference
 from . import _blas, _layers, _softmax
+from ._memory import empty_for_streaming
 from ._validation import (check_axis, check_bool_mask, check_finite_float, check_float_array, n_rows,
                           check_ids, check_lengths)
 from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
@@ -117,11 +118,12 @@ class PackedLinearWeight:
             raise ValueError(f"weight must have non-zero dimensions, got shape {weight.shape}")
         width = _blas.PANEL_WIDTH
         shape = ((out_features + width - 1) // width, in_features, width)
+        # on huge pages where the OS has them: a step streams every panel (see _memory)
         if weight_dtype == "bfloat16":
-            self.panels = np.empty(shape, dtype=np.uint16)
+            self.panels = empty_for_streaming(shape, np.uint16)
             _blas.pack_panels_bf16(weight, self.panels)
         else:
-            self.panels = np.empty(shape, dtype=np.float32)
+            self.panels = empty_for_streaming(shape, np.float32)
             _blas.pack_panels(weight, self.panels)
         self.panels.flags.writeable = False
         self.shape = (out_features, in_features)
