@@ -218,10 +218,15 @@ half_panel_row_avx2(const void *panel, const int bf16, ac_index k, int half, __m
 static inline __attribute__((always_inline)) AVX2 void
 half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
                      const void *panel, const int bf16, int half, float *acc_io) {
-    __m256 acc[2][4];
+    __m256 acc[3][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm256_loadu_ps(acc_io + r * W + 32 * half + 8 * c);
     for (ac_index k = k0; k < k1; k++) {
+        if (!bf16) { /* this half's two lines of the row PF_CHUNKS chunks on */
+            const char *ahead = (const char *)panel + (k + PF_CHUNKS * K_CHUNK) * W * 4 + 128 * half;
+            _mm_prefetch(ahead, PF_HINT);
+            _mm_prefetch(ahead + 64, PF_HINT);
+        }
         __m256 w[4];
         half_panel_row_avx2(panel, bf16, k, half, w);
         for (int r = 0; r < R; r++) {
@@ -236,19 +241,116 @@ half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc_io + r * W + 32 * half + 8 * c, acc[r][c]);
 }
 
+/* Quarter q of panel row k as two vectors of 8: columns 32h + 8s + (0..7) and 32h + 16 + 8s +
+ * (0..7), h = q / 2, s = q % 2 (the columns one vector of bfloat16 words holds). */
+static inline __attribute__((always_inline)) AVX2 void
+quarter_panel_row_avx2(const void *panel, const int bf16, ac_index k, int q, __m256 w[2]) {
+    const int h = q / 2, s = q % 2;
+    if (bf16) {
+        const __m256i a = _mm256_loadu_si256(
+            (const __m256i *)((const uint16_t *)panel + k * W + 32 * h + 16 * s));
+        w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+        w[1] = _mm256_castsi256_ps(_mm256_and_si256(a, _mm256_set1_epi32((int)0xffff0000u)));
+    } else {
+        const float *pk = (const float *)panel + k * W + 32 * h + 8 * s;
+        w[0] = _mm256_loadu_ps(pk);
+        w[1] = _mm256_loadu_ps(pk + 16);
+    }
+}
+
+/* Six rows x a quarter of a panel, k in [k0, k1): twelve accumulators of 8 lanes (with the two
+ * weight vectors and the broadcast, 15 of the 16 ymm registers), so each k runs 12 FMAs for
+ * 2 weight loads and 6 broadcasts. Each pass prefetches one 64-byte line of the row
+ * PF_CHUNKS chunks ahead (the four quarters of a row cover its lines once). */
+static inline __attribute__((always_inline)) AVX2 void
+quarter_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
+                        const void *panel, const int bf16, int q, float *acc_io) {
+    __m256 acc[6][2];
+    const ac_index row_bytes = bf16 ? W * 2 : W * 4;
+    const int h = q / 2, s = q % 2;
+    const int line = bf16 ? (s ? -1 : h) : q;
+    float *a0 = acc_io + 32 * h + 8 * s;
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm256_loadu_ps(a0 + r * W);
+        acc[r][1] = _mm256_loadu_ps(a0 + r * W + 16);
+    }
+    for (ac_index k = k0; k < k1; k++) {
+        if (line >= 0)
+            _mm_prefetch((const char *)panel + (k + PF_CHUNKS * K_CHUNK) * row_bytes + 64 * line,
+                         PF_HINT);
+        __m256 w[2];
+        quarter_panel_row_avx2(panel, bf16, k, q, w);
+        for (int r = 0; r < R; r++) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+            acc[r][0] = _mm256_fmadd_ps(xb, w[0], acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xb, w[1], acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(a0 + r * W, acc[r][0]);
+        _mm256_storeu_ps(a0 + r * W + 16, acc[r][1]);
+    }
+}
+
+/* One row x a whole panel, k in [k0, k1): eight accumulators of 8 lanes. Half a panel at a
+ * time gives one row only four chains, and four chains with the FMA's 4-cycle latency run one
+ * FMA per cycle where the core has two: batch-1 decoding is all one-row products (4000 x 256
+ * at one row on the AVX2 Zen machine: 72 -> 57 us; the same loop from L3 is bound by its
+ * loads either way). */
+static inline __attribute__((always_inline)) AVX2 void
+panel_row1_avx2(const float *x, ac_index k0, ac_index k1, const void *panel, const int bf16,
+                float *acc_io) {
+    __m256 acc[8];
+    const ac_index row_bytes = bf16 ? W * 2 : W * 4;
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(acc_io + 8 * c);
+    for (ac_index k = k0; k < k1; k++) {
+        if (bf16) { /* as panel_rows_avx512: bfloat16 rows prefetch at every row count */
+            const char *ahead = (const char *)panel + (k + PF_CHUNKS * K_CHUNK) * row_bytes;
+            for (ac_index line = 0; line < row_bytes; line += 64)
+                _mm_prefetch(ahead + line, PF_HINT);
+        }
+        __m256 w[8];
+        half_panel_row_avx2(panel, bf16, k, 0, w);
+        half_panel_row_avx2(panel, bf16, k, 1, w + 4);
+        const __m256 xb = _mm256_broadcast_ss(x + k);
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(xb, w[c], acc[c]);
+    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(acc_io + 8 * c, acc[c]);
+}
+
+/* Rows in blocks of six over quarters of the panel (12 chains per block); the last M % 6 rows
+ * as blocks that still keep 8 or more chains busy: one row over the whole panel, two or three
+ * over halves, four or five over quarters (bfloat16 takes three rows as two and one: its
+ * three-row half block spills registers). */
 static inline __attribute__((always_inline)) AVX2 void
 panel_group_avx2_t(const float *x, ac_index ldx, ac_index M, ac_index K, const void *panel,
                    const int bf16, float *acc) {
+#define QUARTERS(R) for (int q = 0; q < 4; q++) \
+        quarter_panel_rows_avx2(xr, ldx, R, k0, k1, panel, bf16, q, ar)
+#define HALVES(R) for (int h = 0; h < 2; h++) \
+        half_panel_rows_avx2(xr, ldx, R, k0, k1, panel, bf16, h, ar)
+    const ac_index sixes = M / 6 * 6;
+    const float *xr = x + sixes * ldx;
+    float *ar = acc + sixes * W;
     for (ac_index k0 = 0; k0 < K; k0 += K_CHUNK) {
         const ac_index k1 = AC_MIN(K, k0 + K_CHUNK);
-        for (int half = 0; half < 2; half++) {
-            ac_index i = 0;
-            for (; i + 2 <= M; i += 2)
-                half_panel_rows_avx2(x + i * ldx, ldx, 2, k0, k1, panel, bf16, half, acc + i * W);
-            if (i < M)
-                half_panel_rows_avx2(x + i * ldx, ldx, 1, k0, k1, panel, bf16, half, acc + i * W);
+        for (int q = 0; q < 4; q++)
+            for (ac_index i = 0; i < sixes; i += 6)
+                quarter_panel_rows_avx2(x + i * ldx, ldx, 6, k0, k1, panel, bf16, q, acc + i * W);
+        switch (M - sixes) {
+            case 5: QUARTERS(5); break;
+            case 4: QUARTERS(4); break;
+            case 3:
+                if (bf16) { HALVES(2); panel_row1_avx2(xr + 2 * ldx, k0, k1, panel, 1, ar + 2 * W); }
+                else HALVES(3);
+                break;
+            case 2: HALVES(2); break;
+            case 1: panel_row1_avx2(xr, k0, k1, panel, bf16, ar); break;
+            default: break;
         }
     }
+#undef QUARTERS
+#undef HALVES
 }
 
 static AVX2 void panel_group_avx2(const float *x, ac_index ldx, ac_index M, ac_index K,
@@ -306,6 +408,13 @@ static void packed_linear_panel(const float *x, ac_index ldx, ac_index M, ac_ind
     }
 }
 
+ac_index ac_packed_panel_max_rows(void) {
+#ifdef AC_X86
+    if (ac_simd_level() > 0) return AC_PACKED_PANEL_MAX_M;
+#endif
+    return AC_PACKED_SCALAR_MAX_M;
+}
+
 void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
                            const void *panels, int panel_type, ac_index N, const float *bias,
                            float *out, ac_index ldo, ac_sgemm_fn sgemm,
@@ -313,7 +422,7 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
     const ac_index n_panels = ac_panel_count(N);
     const int bf16 = panel_type == AC_PANELS_BF16;
     if (M <= 0 || N <= 0) return;
-    if (M <= AC_PACKED_SMALL_M || K == 0) {
+    if (M <= ac_packed_panel_max_rows() || K == 0) {
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
         for (ac_index b = 0; b < n_panels; b++)
             packed_linear_panel(x, ldx, M, K, panels, bf16, N, b, bias, out, ldo);

@@ -54,19 +54,30 @@ void ac_pack_panels_f32(const float *w, ac_index N, ac_index K, float *panels);
  * vector of words into a vector of float32 weights. */
 void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panels);
 
-/* out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T (+ bias), on num_threads threads:
- * up to AC_PACKED_SMALL_M rows (decoding steps) on the panel kernel above, threads splitting the
- * panels; more rows as single-threaded `sgemm` calls per (row tile, panel), the panel read in
- * place as a row-major (K, 64) matrix. small_gemm_macs > 0 says the BLAS runs products of at
- * most that many multiply-adds without packing their operands (OpenBLAS's small-matrix kernel):
- * then each call stays under it (K in chunks of 256, accumulated); 0: tiles of at most
- * AC_PACKED_TILE_M rows over the whole K. Row tiles are equal, and threads split the panels
- * (each with all its row tiles). The work split depends on the shapes only, so the bits
- * do not depend on num_threads.
- * bfloat16 panels take the same paths: the BLAS products read a float32 copy of each panel
- * (of the K range of one call), converted by the thread that runs it. */
-#define AC_PACKED_SMALL_M 16
+/* out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T (+ bias), on num_threads threads.
+ *
+ * Up to ac_packed_panel_max_rows() rows run the panel kernel above, threads splitting the
+ * panels: AC_PACKED_PANEL_MAX_M rows with the AVX2 or AVX-512 kernels, whose row blocks keep
+ * both FMA pipes busy at any row count (on the AVX2 machine of bench/RESULTS.md they ran the
+ * seq2seq step's products at 40 GMAC/s from 3 to 256 rows, where BLAS on the panels ran 14-36),
+ * AC_PACKED_SCALAR_MAX_M with the scalar one. So within that range a row's bits do not depend on
+ * the other rows: a sentence gives the same result alone or in a batch.
+ *
+ * More rows (a whole source's projection) run as single-threaded `sgemm` calls per (row tile,
+ * panel), the panel read in place as a row-major (K, 64) matrix. small_gemm_macs > 0 says the
+ * BLAS runs products of at most that many multiply-adds without packing their operands
+ * (OpenBLAS's small-matrix kernel): then each call stays under it (K in chunks of 256,
+ * accumulated); 0: tiles of at most AC_PACKED_TILE_M rows over the whole K. Row tiles are equal,
+ * and threads split the panels (each with all its row tiles). bfloat16 panels take the same
+ * path: the BLAS products read a float32 copy of each panel (of the K range of one call),
+ * converted by the thread that runs it.
+ *
+ * The work split depends on the shapes (and the SIMD level, fixed per process) only, so the
+ * bits do not depend on num_threads. */
+#define AC_PACKED_PANEL_MAX_M 256
+#define AC_PACKED_SCALAR_MAX_M 16
 #define AC_PACKED_TILE_M 256
+ac_index ac_packed_panel_max_rows(void);
 void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
                            const void *panels, int panel_type, ac_index N, const float *bias,
                            float *out, ac_index ldo, ac_sgemm_fn sgemm,

@@ -174,14 +174,16 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
         wp = g.standard_normal((130, 37)).astype(np.float32)
         bp = g.standard_normal(130).astype(np.float32)
         packed = attncore.kernels.PackedLinearWeight(wp)
-        for m in (1, 3, 16):
+        panel_rows = attncore.kernels._blas.packed_panel_max_rows()
+        assert panel_rows == {16 if forced == "scalar" else 256}, panel_rows
+        for m in (1, 3, 16, 40):
             xm = g.standard_normal((m, 37)).astype(np.float32)
             np.testing.assert_allclose(attncore.linear(xm, packed, bp), ref.linear(*f64(xm, wp, bp)),
                                        rtol=1e-4, atol=1e-4)
         # bfloat16 panels: the bits of float32 panels of the rounded weight
         half = attncore.kernels.PackedLinearWeight(wp, "bfloat16")
         rounded = attncore.kernels.PackedLinearWeight(attncore.kernels.round_bfloat16(wp))
-        for m in (1, 3, 7, 16):
+        for m in (1, 3, 7, 16, 40):
             xm = g.standard_normal((m, 37)).astype(np.float32)
             assert np.array_equal(attncore.linear(xm, half, bp), attncore.linear(xm, rounded, bp))
         np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),

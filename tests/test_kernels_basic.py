@@ -439,11 +439,12 @@ def test_rotary_scores_depend_only_on_relative_offset(rng, dtype):
 @pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["packed-blas", "small-blas"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("K,N", [(512, 200), (37, 64), (50, 129), (1, 1), (3, 5)])
-@pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 16, 17, 40, 300])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 13, 16, 17, 40, 256, 300])
 def test_packed_linear_matches_reference(monkeypatch, M, K, N, bias, small_gemm_macs):
-    # PackedLinearWeight: the panel kernel up to 16 rows (row blocks of 6 and their remainders,
-    # the last panel partly padded), BLAS on the panels beyond: whole-K tiles, or (for a BLAS
-    # with a small-matrix kernel) calls under its size limit, K=512 in two accumulated chunks
+    # PackedLinearWeight: the panel kernel up to _blas.packed_panel_max_rows() rows (groups of
+    # 16 rows, in blocks of 6 and their remainders; the last panel partly padded), BLAS on the
+    # panels beyond: whole-K tiles, or (for a BLAS with a small-matrix kernel) calls under its
+    # size limit, K=512 in two accumulated chunks
     monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",
                         small_gemm_macs)
     rng = np.random.default_rng(M * 1000 + K + N)
@@ -465,24 +466,26 @@ def test_packed_linear_matches_reference(monkeypatch, M, K, N, bias, small_gemm_
 def test_packed_linear_rows_do_not_depend_on_the_batch(K, N):
     # every output is one FMA chain over k in order: a row gives the same bits alone, in any
     # block of rows, and for any thread count
+    # (the panel kernel's whole range: every remainder of the 6-row blocks, several 16-row groups)
     rng = np.random.default_rng(K + N)
-    x = rng.standard_normal((16, K)).astype(np.float32)
+    x = rng.standard_normal((40, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32)
     packed = attncore.kernels.PackedLinearWeight(w)
-    alone = np.stack([attncore.linear(x[i:i + 1], packed, b)[0] for i in range(16)])
-    for M in range(1, 17):
+    alone = np.stack([attncore.linear(x[i:i + 1], packed, b)[0] for i in range(40)])
+    for M in range(1, 41):
         with attncore.num_threads(2):
             np.testing.assert_array_equal(attncore.linear(x[:M], packed, b), alone[:M],
                                           err_msg=f"M={M}")
 
 
 @pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "small-matrix"])
-@pytest.mark.parametrize("M", [17, 64, 300])
+@pytest.mark.parametrize("M", [17, 64, 300, 530])
 def test_packed_linear_blas_rows_bit_identical_across_thread_counts(monkeypatch, M,
                                                                    small_gemm_macs):
-    # past 16 rows: equal row tiles x panels, threads splitting the panels; the tiles depend on
-    # the shape only
+    # past the panel kernel's range: equal row tiles x panels, threads splitting the panels;
+    # the tiles depend on the shape only (17 and 64 rows: the panel kernel, with threads
+    # splitting the panels)
     monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",
                         small_gemm_macs)
     rng = np.random.default_rng(M)

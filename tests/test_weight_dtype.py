@@ -74,13 +74,13 @@ def test_bfloat16_panels_unpack_to_the_rounded_weight(rng, n_out, n_in):
 
 @pytest.mark.parametrize("n_out,n_in", SHAPES)
 def test_bfloat16_product_is_the_float32_product_of_the_rounded_weight(rng, n_out, n_in):
-    """Every path: the panel kernel (up to 16 rows, in row blocks of 6 and the rest), and past
-    16 rows BLAS on a float32 copy of each panel, in K chunks under the small-matrix limit or
-    over the whole K; 1, 2 and 3 threads."""
+    """Every path: the panel kernel (up to 256 rows with AVX2: row blocks of 6 and each
+    remainder, 16-row groups), and past it BLAS on a float32 copy of each panel, in K chunks
+    under the small-matrix limit or over the whole K; 1, 2 and 3 threads."""
     w = rng.standard_normal((n_out, n_in)).astype(F32)
     bias = rng.standard_normal(n_out).astype(F32)
     half, rounded = PackedLinearWeight(w, "bfloat16"), PackedLinearWeight(round_bfloat16(w))
-    for rows in (1, 2, 5, 7, 16, 17, 40, 70):
+    for rows in (1, 2, 3, 4, 5, 7, 16, 17, 40, 70, 300):
         x = rng.standard_normal((rows, n_in)).astype(F32)
         want = ref.linear(x.astype(np.float64), round_bfloat16(w).astype(np.float64), bias)
         for macs in (BLAS_SMALL_GEMM_MACS, 0, 1 << 20):

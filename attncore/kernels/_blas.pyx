@@ -18,7 +18,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 from libc.stdint cimport uint16_t
 
 from ._packed_linear cimport (AC_PANEL_WIDTH, ac_pack_panels_bf16, ac_pack_panels_f32,
-                              ac_packed_linear_rows, ac_round_bf16_f32, panels_data)
+                              ac_packed_linear_rows, ac_packed_panel_max_rows, ac_round_bf16_f32,
+                              panels_data)
 
 cdef extern from "simd.h":
     void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
@@ -158,7 +159,7 @@ def round_bf16(const float[::1] x, float[::1] out):
 def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] bias,
                   float[:, ::1] out, Py_ssize_t small_gemm_macs, int num_threads):
     """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels`` (float32) or
-    ``pack_panels_bf16`` (uint16): up to AC_PACKED_SMALL_M rows (decoding steps) on attncore's
+    ``pack_panels_bf16`` (uint16): up to :func:`packed_panel_max_rows` rows on attncore's
     panel kernel, more on BLAS reading the panels in place (``ac_packed_linear_rows``,
     src_c/packed_linear.h); small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
     cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
@@ -169,3 +170,9 @@ def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] 
     with nogil:
         ac_packed_linear_rows(&x[0, 0], x.shape[1], x.shape[0], x.shape[1], data, panel_type, N,
                               bias_ptr, &out[0, 0], N, sgemm, small_gemm_macs, num_threads)
+
+
+def packed_panel_max_rows():
+    """The most rows a product on packed weights runs on attncore's panel kernel (256 with the
+    AVX2 / AVX-512 kernels, 16 with the scalar one); more rows run BLAS on the panels."""
+    return ac_packed_panel_max_rows()

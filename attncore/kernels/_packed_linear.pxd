@@ -11,6 +11,7 @@ cdef extern from "packed_linear.h" nogil:
     void ac_round_bf16_f32(const float *x, float *y, Py_ssize_t n)
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels)
     void ac_pack_panels_bf16(const float *w, Py_ssize_t N, Py_ssize_t K, uint16_t *panels)
+    Py_ssize_t ac_packed_panel_max_rows()
     void ac_packed_linear_rows(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
                                const void *panels, int panel_type, Py_ssize_t N,
                                const float *bias, float *out, Py_ssize_t ldo, ac_sgemm_fn sgemm,

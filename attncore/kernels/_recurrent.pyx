@@ -8,11 +8,11 @@ Callers (``attncore.models.seq2seq``) validate every shape; this module checks o
 wrong call could turn into a memory error.
 
 Parallelism and determinism: products go through :func:`_linear` on weights packed once into
-panels (``PackedLinearWeight``, src_c/packed_linear.h: attncore's panel kernel up to 16 rows,
-single-threaded BLAS calls on the panels past that), whose work split depends only on the
-shapes; element-wise loops are split by rows. Results are therefore bit-identical for every
-thread count, and a batch row never depends on the other rows (a sentence alone == inside a
-batch of up to 16 rows, the panel kernel's range).
+panels (``PackedLinearWeight``, src_c/packed_linear.h: attncore's panel kernel up to 256 rows
+(16 without AVX2), single-threaded BLAS calls on the panels past that), whose work split depends
+only on the shapes; element-wise loops are split by rows. Results are therefore bit-identical
+for every thread count, and a batch row never depends on the other rows (a sentence alone ==
+inside a batch within the panel kernel's range).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint8_t

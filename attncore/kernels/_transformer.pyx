@@ -110,7 +110,7 @@ cdef class DecoderStep:
     norm_first, gelu : bool; eps : float (LayerNorm)
     embed_scale : float or None (token embeddings are multiplied by it, e.g. sqrt(d_model))
     attention_scale : float (1 / sqrt(head_dim)); decode_chunk : int (the split-KV chunk)
-    small_gemm_macs : int, ``threads.BLAS_SMALL_GEMM_MACS`` (how products past 16 rows are cut)
+    small_gemm_macs : int, ``threads.BLAS_SMALL_GEMM_MACS`` (how products past the panel kernel's rows are cut)
     embedding : (V_in, d) float32; positions : (P, d) float32 (rows added at each position)
     final_norm : (gamma, beta) each (d,), or None
     output : PackedLinearWeight (V, d); output_bias : (V,) float32

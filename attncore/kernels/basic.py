@@ -93,9 +93,9 @@ class PackedLinearWeight:
 
     Stored as ``panels`` (ceil(out / PANEL_WIDTH), in, PANEL_WIDTH): panel b holds rows
     ``[b * 64, b * 64 + 64)`` of the weight, transposed, zero-padded past ``out_features`` (see
-    ``src_c/packed_linear.h``). :func:`linear` with a packed weight runs products of up to 16
-    rows (a decoding step) on attncore's panel kernel, which reads each panel as one sequential
-    stream and never re-packs; larger products run BLAS on the panels in place. Models pack
+    ``src_c/packed_linear.h``). :func:`linear` with a packed weight runs products of up to 256
+    rows (decoding steps; 16 without AVX2) on attncore's panel kernel, which reads each panel as
+    one sequential stream and never re-packs; larger products run BLAS on the panels in place. Models pack
     their decoder weights at load; the packed copy costs as much memory as the weight.
 
     ``weight_dtype="bfloat16"`` stores the panels in bfloat16 (``panels`` is then uint16, its
