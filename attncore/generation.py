@@ -110,7 +110,16 @@ def _first_tokens(bos_id, batch):
 
 def greedy_search(model, sources, *, bos_id, eos_id, max_length, min_length=0,
                   length_penalty=1.0, return_attention=False, attention_heads="mean"):
-    """Argmax decoding (ties -> the lowest id). Returns one-hypothesis results."""
+    """Argmax decoding (ties -> the lowest id). Returns one-hypothesis results.
+
+    A model with a compiled search (``model._greedy``, docs/ENGINE.md) runs it: the same
+    results, bit for bit, without a Python round trip per step."""
+    if getattr(model, "_greedy", None) is not None and bos_id is not None:
+        return _compiled_greedy(model, sources, bos_id=bos_id, eos_id=eos_id,
+                                max_length=max_length, min_length=min_length,
+                                length_penalty=length_penalty,
+                                return_attention=return_attention,
+                                attention_heads=attention_heads)
     return _one_row_search(model, sources, _argmax, bos_id=bos_id, eos_id=eos_id,
                            max_length=max_length, min_length=min_length,
                            length_penalty=length_penalty, return_attention=return_attention,
@@ -133,6 +142,28 @@ def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_p
                            max_length=max_length, min_length=min_length,
                            length_penalty=length_penalty, return_attention=return_attention,
                            attention_heads=attention_heads)
+
+
+def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,
+                     length_penalty, return_attention, attention_heads):
+    """Results of ``model._greedy`` in the form :func:`_one_row_search` gives them."""
+    count = len(sources)
+    tokens, counts, ended, log_prob, attention = model._greedy(
+        model._start(sources), _first_tokens(bos_id, count), max_length=max_length,
+        min_length=min_length, eos_id=eos_id, return_attention=return_attention)
+    results = []
+    for i in range(count):
+        n = int(counts[i]) + int(ended[i])
+        att = None
+        if return_attention:   # (n, H, S_i), as _attention_rows and _stack_attention cut it
+            steps = attention[i, :n, :, :_source_length(sources[i])]
+            if attention_heads == "mean":
+                steps = steps.mean(axis=1, dtype=np.float64).astype(np.float32)
+            att = [np.ascontiguousarray(steps, dtype=np.float32)]
+        results.append(GenerationResult([tokens[i, :counts[i]].tolist()],
+                                        [_score(log_prob[i], n, length_penalty)],
+                                        [float(log_prob[i])], att))
+    return results
 
 
 def _argmax(scores):

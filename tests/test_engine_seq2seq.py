@@ -139,6 +139,84 @@ def test_a_sentence_alone_equals_the_sentence_in_a_batch(name):
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _stepwise_greedy(engine, sources, max_length, min_length=0, length_penalty=1.0,
+                     return_attention=False, attention_heads="mean"):
+    """generation's step-by-step search (_step / select per step), the compiled one's oracle."""
+    from attncore import generation
+    return generation._one_row_search(
+        engine, sources, generation._argmax, bos_id=engine.bos_id, eos_id=engine.eos_id,
+        max_length=max_length, min_length=min_length, length_penalty=length_penalty,
+        return_attention=return_attention, attention_heads=attention_heads)
+
+
+def _ending_at_various_steps(engine, sources, max_length=12):
+    """The engine with its EOS logit made to swing (its output row x30) and shifted so that
+    EOS wins some steps of some rows (the share tried in turn until the greedy lengths of the
+    batch differ): random weights alone never end a sentence."""
+    eos = engine.eos_id
+    weights = dict(engine.weights)
+    out_weight = weights["decoder.output.weight"].copy()
+    out_weight[eos] *= 30
+    weights["decoder.output.weight"] = out_weight
+    probe = Seq2SeqAttention(engine.config, weights)
+    state, tokens, margins = probe._start(sources), np.full(len(sources), probe.bos_id), []
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        log_probs, _ = probe._step(state, tokens)
+        margins.append(log_probs[:, eos] - np.delete(log_probs, eos, axis=1).max(axis=1))
+        tokens = rng.integers(3, log_probs.shape[1], len(sources))
+    for share in (0.1, 0.2, 0.3, 0.5):
+        bias = weights["decoder.output.bias"].copy()
+        bias[eos] -= np.quantile(np.concatenate(margins), 1 - share)
+        candidate = Seq2SeqAttention(engine.config, dict(weights, **{"decoder.output.bias": bias}))
+        lengths = {len(r.tokens) for r in _stepwise_greedy(candidate, sources, max_length)}
+        if len(lengths) > 1:
+            return candidate
+    raise AssertionError("no EOS shift ends the batch's sentences at various steps")
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("options", [
+    dict(max_length=12),
+    dict(max_length=12, min_length=3, length_penalty=0.6, return_attention=True),
+    dict(max_length=3, return_attention=True, attention_heads="all"),
+], ids=["plain", "min-length-attention", "short-all-heads"])
+def test_compiled_greedy_equals_the_step_by_step_search(name, options):
+    # DecoderStep.greedy runs the whole search in one call, moving finished rows out of the
+    # batch in place (and cutting the source width to the longest row left); the reference is
+    # generation's loop over _step and select. Rows end at various steps (some at the first).
+    from attncore.models.base import check_sources
+
+    engine, _ = _pair(name, seed=13)
+    sources = check_sources(_random_batch(np.random.default_rng(14), 13,
+                                          [6, 2, 9, 4, 1, 7, 3, 8, 5, 9, 2, 6]), 13)
+    engine = _ending_at_various_steps(engine, sources)
+    compiled = engine.generate(sources, **options)
+    stepwise = _stepwise_greedy(engine, sources, **options)
+    for got, want in zip(compiled, stepwise):
+        assert got.hypotheses == want.hypotheses
+        assert got.scores == want.scores and got.log_probs == want.log_probs
+        if options.get("return_attention"):
+            assert got.attention[0].shape == want.attention[0].shape
+            np.testing.assert_array_equal(got.attention[0], want.attention[0])
+        else:
+            assert got.attention is None
+
+
+def test_compiled_greedy_rejects_inconsistent_calls():
+    engine, _ = _pair("gru-bahdanau")
+    state = engine._start([np.array([4, 5, 6])])
+    with pytest.raises(ValueError, match="max_length"):
+        engine._greedy(state, np.array([1]), max_length=0, min_length=0, eos_id=2,
+                       return_attention=False)
+    with pytest.raises(ValueError, match="eos_id"):
+        engine._greedy(state, np.array([1]), max_length=3, min_length=0, eos_id=99,
+                       return_attention=False)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        engine._greedy(state, np.array([1, 1]), max_length=3, min_length=0, eos_id=2,
+                       return_attention=False)
+
+
 def test_a_float64_model_runs_in_float32_close_to_the_trainer():
     config = _config(rnn_type="lstm", attention="luong_general", dtype="float64")
     trainer = model_from_config(config, 1)

@@ -16,7 +16,8 @@ inside a batch within the panel kernel's range).
 """
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint8_t
-from libc.string cimport memcpy, memset
+from libc.math cimport INFINITY
+from libc.string cimport memcpy, memmove, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
@@ -258,15 +259,129 @@ cdef class DecoderStep:
         lengths (B,) in [0, S]; log_probs (B, V) out; weights (B, S) out (attention);
         scratch (B * scratch_width,).
         """
-        cdef Py_ssize_t B = tokens.shape[0], S = memory.shape[1], H = self.hidden
-        cdef Py_ssize_t E = self.embed_dim, A = self.attention_dim, V = self.vocab
-        cdef Py_ssize_t G = 4 if self.lstm else 3, L = self.num_layers
-        cdef Py_ssize_t X = max(E + H, 2 * H), Q = max(A, H)
-        cdef Py_ssize_t b, i, layer, width
+        cdef Py_ssize_t B = tokens.shape[0], S = memory.shape[1]
+        self._check_state(B, h, c, feed, memory, keys, key_factors, key_in_limit, lengths)
+        if log_probs.shape[0] != B or log_probs.shape[1] != self.vocab or \
+                weights.shape[0] != B or weights.shape[1] != S or \
+                scratch.shape[0] != B * self.scratch_width:
+            raise ValueError("DecoderStep.step: inconsistent shapes")
+        if B == 0:
+            return
+        cdef int status
+        cdef const float *kp = &keys[0, 0, 0] if self.attention_dim else NULL
+        cdef const float *factors = NULL
+        cdef const uint8_t *in_limit = NULL
+        if _split_factors(key_factors, key_in_limit, self.attention_dim, S):
+            factors, in_limit = &key_factors[0, 0, 0], &key_in_limit[0, 0]
+        with nogil:
+            status = self._advance(&tokens[0], B, S, &h[0, 0, 0], &c[0, 0, 0], &feed[0, 0],
+                                   &memory[0, 0, 0], kp, factors, in_limit, &lengths[0],
+                                   &log_probs[0, 0], &weights[0, 0], &scratch[0], num_threads)
+        if status:
+            raise MemoryError("DecoderStep.step: out of memory for attention scratch")
+
+    def greedy(self, const int64_t[::1] first_tokens, float[:, :, ::1] h, float[:, :, ::1] c,
+               float[:, ::1] feed, float[:, :, ::1] memory, float[:, :, ::1] keys,
+               float[:, :, ::1] key_factors, uint8_t[:, ::1] key_in_limit,
+               int64_t[::1] lengths, Py_ssize_t max_length, Py_ssize_t min_length,
+               int64_t eos_id, int64_t[:, ::1] out_tokens, int64_t[::1] counts,
+               uint8_t[::1] ended, double[::1] log_prob, float[:, :, ::1] attention,
+               int num_threads):
+        """Greedy search, every step in one call without the GIL: what
+        :func:`attncore.generation.greedy_search` computes with :meth:`step`, bit for bit.
+
+        Each step's token is the argmax of the row's log-probs (ties and NaN as
+        ``numpy.argmax``; EOS excluded before ``min_length`` steps), its log-prob is added to
+        ``log_prob`` in float64, and a row that chose EOS leaves the batch: the rows still
+        running are moved up in place (h, c, feed, memory, keys, key_factors, key_in_limit,
+        lengths: the arrays are consumed) and the source width cut to their longest length, as
+        ``Seq2SeqState.select`` does. ``first_tokens`` (B,) start the search (BOS).
+
+        Out: out_tokens (B, max_length) the chosen tokens without EOS (the first counts[b] of a
+        row; the rest is left as it was), counts (B,), ended (B,) 1 where EOS was chosen,
+        log_prob (B,) float64 (start from zeros), attention (B, max_length, S) the weights of
+        each step a row ran (its first counts[b] + ended[b] steps; the rest is left as it was),
+        or None.
+        """
+        cdef Py_ssize_t B = first_tokens.shape[0], S = memory.shape[1], V = self.vocab
+        self._check_state(B, h, c, feed, memory, keys, key_factors, key_in_limit, lengths)
+        if max_length < 1 or min_length < 0 or not 0 <= eos_id < V:
+            raise ValueError("DecoderStep.greedy: max_length >= 1, min_length >= 0 and eos_id "
+                             "in [0, vocab) are required")
+        if out_tokens.shape[0] != B or out_tokens.shape[1] < max_length or \
+                counts.shape[0] != B or ended.shape[0] != B or log_prob.shape[0] != B or \
+                (attention is not None and (attention.shape[0] != B or
+                                            attention.shape[1] < max_length or
+                                            attention.shape[2] != S)):
+            raise ValueError("DecoderStep.greedy: inconsistent shapes")
+        if B == 0:
+            return
+        import numpy as np
+        cdef int64_t[::1] tokens = np.array(first_tokens, dtype=np.int64)
+        cdef int64_t[::1] source = np.arange(B, dtype=np.int64)    # source row of each live row
+        cdef float[:, ::1] log_probs = np.empty((B, V), dtype=np.float32)
+        cdef float[:, ::1] weights = np.empty((B, S), dtype=np.float32)
+        cdef float[::1] scratch = np.empty(B * self.scratch_width, dtype=np.float32)
+        cdef Py_ssize_t L = self.num_layers, H = self.hidden, A = self.attention_dim
+        cdef Py_ssize_t live = B, width = S, t, i, kept, b, chosen, row
+        cdef int status = 0
+        cdef float *hp = &h[0, 0, 0]
+        cdef float *cp = &c[0, 0, 0]
+        cdef float *fp = &feed[0, 0]
+        cdef float *mp = &memory[0, 0, 0]
+        cdef float *kp = &keys[0, 0, 0] if A else NULL
+        cdef float *fac = NULL
+        cdef uint8_t *lim = NULL
+        if _split_factors(key_factors, key_in_limit, A, S):
+            fac, lim = &key_factors[0, 0, 0], &key_in_limit[0, 0]
+        cdef float *att = &attention[0, 0, 0] if attention is not None else NULL
+        cdef Py_ssize_t att_row = attention.shape[1] * S if attention is not None else 0
+        with nogil:
+            for t in range(max_length):
+                status = self._advance(&tokens[0], live, width, hp, cp, fp, mp, kp, fac, lim,
+                                       &lengths[0], &log_probs[0, 0], &weights[0, 0],
+                                       &scratch[0], num_threads)
+                if status:
+                    break
+                kept = 0
+                for i in range(live):
+                    row = source[i]
+                    chosen = _argmax(&log_probs[0, 0] + i * V, V,
+                                     eos_id if t < min_length else -1)
+                    log_prob[row] += (-INFINITY if t < min_length and chosen == eos_id
+                                      else log_probs[i, chosen])
+                    if att != NULL:
+                        memcpy(att + row * att_row + t * S, &weights[0, 0] + i * width,
+                               width * sizeof(float))
+                    if chosen == eos_id:
+                        ended[row] = 1
+                    else:
+                        out_tokens[row, counts[row]] = chosen
+                        counts[row] += 1
+                        tokens[kept] = chosen
+                        source[kept] = row
+                        _move_row(i, kept, live, width, L, H, A, hp, cp, fp, mp, kp, fac, lim,
+                                  &lengths[0], self.lstm)
+                        kept += 1
+                if kept == 0 or t + 1 == max_length:
+                    break
+                if kept < live:
+                    width = _narrow(kept, width, H, A, mp, kp, fac, lim, &lengths[0])
+                    _pack_layers(kept, live, L, H, hp, cp, self.lstm)
+                live = kept
+        if status:
+            raise MemoryError("DecoderStep.greedy: out of memory for attention scratch")
+
+    cdef int _check_state(self, Py_ssize_t B, float[:, :, ::1] h, float[:, :, ::1] c,
+                          float[:, ::1] feed, const float[:, :, ::1] memory,
+                          const float[:, :, ::1] keys, const float[:, :, ::1] key_factors,
+                          const uint8_t[:, ::1] key_in_limit,
+                          const int64_t[::1] lengths) except -1:
+        """The shape checks of the state arrays that :meth:`step` and :meth:`greedy` read."""
+        cdef Py_ssize_t L = self.num_layers, H = self.hidden, A = self.attention_dim
+        cdef Py_ssize_t S = memory.shape[1]
         if h.shape[0] != L or h.shape[1] != B or h.shape[2] != H or memory.shape[0] != B or \
-                memory.shape[2] != H or lengths.shape[0] != B or log_probs.shape[0] != B or \
-                log_probs.shape[1] != V or weights.shape[0] != B or weights.shape[1] != S or \
-                scratch.shape[0] != B * (X + 2 * G * H + Q + H) or feed.shape[0] != B or \
+                memory.shape[2] != H or lengths.shape[0] != B or feed.shape[0] != B or \
                 feed.shape[1] != H or \
                 (self.lstm and (c.shape[0] != L or c.shape[1] != B or c.shape[2] != H)) or \
                 (A and (keys.shape[0] != B or keys.shape[1] != S or keys.shape[2] != A)) or \
@@ -276,82 +391,163 @@ cdef class DecoderStep:
                 (key_in_limit is not None and (key_in_limit.shape[0] != keys.shape[0] or
                                                key_in_limit.shape[1] != keys.shape[1])):
             raise ValueError("DecoderStep.step: inconsistent shapes")
-        if B == 0:
-            return
+        return 0
+
+    cdef int _advance(self, const int64_t *tokens, Py_ssize_t B, Py_ssize_t S, float *h_all,
+                      float *c_all, float *fp, const float *memory, const float *keys,
+                      const float *factors, const uint8_t *in_limit, const int64_t *lengths,
+                      float *log_probs, float *weights, float *scratch,
+                      int num_threads) noexcept nogil:
+        """The body of :meth:`step` on raw C-contiguous arrays of the shapes it checks (h_all,
+        c_all (L, B, H): c_all may be NULL-free garbage for GRU; keys NULL without additive
+        scores). Returns the additive kernel's status (non-zero: out of memory)."""
+        cdef Py_ssize_t H = self.hidden
+        cdef Py_ssize_t E = self.embed_dim, A = self.attention_dim, V = self.vocab
+        cdef Py_ssize_t G = 4 if self.lstm else 3, L = self.num_layers
+        cdef Py_ssize_t X = max(E + H, 2 * H), Q = max(A, H)
+        cdef Py_ssize_t b, layer, width
         # scratch blocks, each row-major: x (B, X) | gx (B, GH) | gh (B, GH) | q (B, Q) | ctx (B, H)
-        cdef float *x = &scratch[0]
+        cdef float *x = scratch
         cdef float *gx = x + B * X
         cdef float *gh = gx + B * G * H
         cdef float *q = gh + B * G * H
         cdef float *ctx = q + B * Q
-        cdef float *fp = &feed[0, 0]
-        cdef float *top = &h[L - 1, 0, 0]
+        cdef float *top = h_all + (L - 1) * B * H
         cdef int status = 0
-        cdef const float *factors = NULL
-        cdef const uint8_t *in_limit = NULL
-        if A and S and key_factors is not None and key_in_limit is not None:
-            factors = &key_factors[0, 0, 0]
-            in_limit = &key_in_limit[0, 0]
-        with nogil:
-            if self.attention == BAHDANAU:
-                # query = h_{t-1} of the top layer; x = [c ; E[y]]
+        if self.attention == BAHDANAU:
+            # query = h_{t-1} of the top layer; x = [c ; E[y]]
+            _linear(top, H, B, H, self.att_query, self.panel_type, A, NULL, q, A,
+                    self.small_gemm_macs, num_threads)
+            status = ac_additive_f32(q, keys, factors, in_limit, self.att_score, memory, ctx,
+                                     weights, B, 1, S, A, H, lengths, num_threads)
+            for b in range(B):
+                memcpy(x + b * X, ctx + b * H, H * sizeof(float))
+                memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
+            width = H + E
+        else:
+            for b in range(B):
+                memcpy(x + b * X, self.emb + tokens[b] * E, E * sizeof(float))
+                if self.input_feeding:
+                    memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
+            width = E + (H if self.input_feeding else 0)
+        for layer in range(L):
+            _linear(x, X, B, width, self.w_ih[layer], self.panel_type, G * H,
+                    self.b_ih[layer], gx, G * H, self.small_gemm_macs, num_threads)
+            _linear(h_all + layer * B * H, H, B, H, self.w_hh[layer], self.panel_type, G * H,
+                    self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
+            _cell(self.lstm, gx, G * H, gh, h_all + layer * B * H,
+                  c_all + layer * B * H if self.lstm else NULL, B, H, num_threads)
+            for b in range(B):
+                memcpy(x + b * X, h_all + (layer * B + b) * H, H * sizeof(float))
+            width = H
+        if self.attention == BAHDANAU:
+            _linear(top, H, B, H, self.out_w, self.panel_type, V, self.out_b, log_probs, V,
+                    self.small_gemm_macs, num_threads)
+        else:
+            # scores with the current top state h_t
+            if self.attention == LUONG_CONCAT:
                 _linear(top, H, B, H, self.att_query, self.panel_type, A, NULL, q, A,
                         self.small_gemm_macs, num_threads)
-                status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit, self.att_score,
-                                         &memory[0, 0, 0], ctx, &weights[0, 0], B, 1, S, A, H,
-                                         &lengths[0], num_threads)
-                for b in range(B):
-                    memcpy(x + b * X, ctx + b * H, H * sizeof(float))
-                    memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
-                width = H + E
+                status = ac_additive_f32(q, keys, factors, in_limit, self.att_score, memory,
+                                         ctx, weights, B, 1, S, A, H, lengths, num_threads)
             else:
-                for b in range(B):
-                    memcpy(x + b * X, self.emb + tokens[b] * E, E * sizeof(float))
-                    if self.input_feeding:
-                        memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
-                width = E + (H if self.input_feeding else 0)
-            for layer in range(L):
-                _linear(x, X, B, width, self.w_ih[layer], self.panel_type, G * H,
-                        self.b_ih[layer], gx, G * H, self.small_gemm_macs, num_threads)
-                _linear(&h[layer, 0, 0], H, B, H, self.w_hh[layer], self.panel_type, G * H,
-                        self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
-                _cell(self.lstm, gx, G * H, gh, &h[layer, 0, 0],
-                      &c[layer, 0, 0] if self.lstm else NULL, B, H, num_threads)
-                for b in range(B):
-                    memcpy(x + b * X, &h[layer, b, 0], H * sizeof(float))
-                width = H
-            if self.attention == BAHDANAU:
-                _linear(top, H, B, H, self.out_w, self.panel_type, V, self.out_b,
-                        &log_probs[0, 0], V, self.small_gemm_macs, num_threads)
-            else:
-                # scores with the current top state h_t
-                if self.attention == LUONG_CONCAT:
-                    _linear(top, H, B, H, self.att_query, self.panel_type, A, NULL, q, A,
+                if self.attention == LUONG_GENERAL:
+                    _linear(top, H, B, H, self.linear_in, self.panel_type, H, NULL, q, H,
                             self.small_gemm_macs, num_threads)
-                    status = ac_additive_f32(q, &keys[0, 0, 0], factors, in_limit,
-                                             self.att_score, &memory[0, 0, 0], ctx,
-                                             &weights[0, 0], B, 1, S, A, H, &lengths[0],
-                                             num_threads)
                 else:
-                    if self.attention == LUONG_GENERAL:
-                        _linear(top, H, B, H, self.linear_in, self.panel_type, H, NULL, q,
-                                H, self.small_gemm_macs, num_threads)
-                    else:
-                        memcpy(q, top, B * H * sizeof(float))
-                    _dot_attention(q, &memory[0, 0, 0], &lengths[0], &weights[0, 0], ctx, B, S,
-                                   H, num_threads)
-                # h~ = tanh(W_c [c ; h_t]) into feed (the next step's input feed)
-                for b in range(B):
-                    memcpy(x + b * X, ctx + b * H, H * sizeof(float))
-                    memcpy(x + b * X + H, top + b * H, H * sizeof(float))
-                _linear(x, X, B, 2 * H, self.att_output, self.panel_type, H, NULL, fp, H,
-                        self.small_gemm_macs, num_threads)
-                ac_tanh_f32(fp, fp, B * H)
-                _linear(fp, H, B, H, self.out_w, self.panel_type, V, self.out_b,
-                        &log_probs[0, 0], V, self.small_gemm_macs, num_threads)
-            ac_softmax_f32(&log_probs[0, 0], &log_probs[0, 0], B, V, NULL, NULL, 1, num_threads)
-        if status:
-            raise MemoryError("DecoderStep.step: out of memory for attention scratch")
+                    memcpy(q, top, B * H * sizeof(float))
+                _dot_attention(q, memory, lengths, weights, ctx, B, S, H, num_threads)
+            # h~ = tanh(W_c [c ; h_t]) into feed (the next step's input feed)
+            for b in range(B):
+                memcpy(x + b * X, ctx + b * H, H * sizeof(float))
+                memcpy(x + b * X + H, top + b * H, H * sizeof(float))
+            _linear(x, X, B, 2 * H, self.att_output, self.panel_type, H, NULL, fp, H,
+                    self.small_gemm_macs, num_threads)
+            ac_tanh_f32(fp, fp, B * H)
+            _linear(fp, H, B, H, self.out_w, self.panel_type, V, self.out_b, log_probs, V,
+                    self.small_gemm_macs, num_threads)
+        ac_softmax_f32(log_probs, log_probs, B, V, NULL, NULL, 1, num_threads)
+        return status
+
+
+cdef inline bint _split_factors(const float[:, :, ::1] key_factors,
+                                const uint8_t[:, ::1] key_in_limit, Py_ssize_t A,
+                                Py_ssize_t S) noexcept:
+    """Whether the split-tanh key factors are passed (else NULL: the exact tanh)."""
+    return A > 0 and S > 0 and key_factors is not None and key_in_limit is not None
+
+
+cdef inline Py_ssize_t _argmax(const float *x, Py_ssize_t n, Py_ssize_t skip) noexcept nogil:
+    """``numpy.argmax`` of x[:n] with x[skip] taken as -inf (skip < 0: none): the first
+    maximum, or the first NaN."""
+    cdef Py_ssize_t j, best = 0
+    cdef float v, top = -INFINITY if skip == 0 else x[0]
+    if top != top:
+        return 0
+    for j in range(1, n):
+        v = -INFINITY if j == skip else x[j]
+        if v != v:
+            return j
+        if v > top:
+            top, best = v, j
+    return best
+
+
+cdef inline void _move_row(Py_ssize_t i, Py_ssize_t to, Py_ssize_t live, Py_ssize_t width,
+                           Py_ssize_t L, Py_ssize_t H, Py_ssize_t A, float *h, float *c,
+                           float *feed, float *memory, float *keys, float *factors,
+                           uint8_t *in_limit, int64_t *lengths, bint lstm) noexcept nogil:
+    """Row i of a (live)-row state becomes row ``to`` <= i (greedy's compaction, row by row in
+    order, so a row is never overwritten before it moves). The per-layer h and c keep their
+    (L, live, H) layout here; :func:`_pack_layers` closes the gaps once all rows moved.
+    Memory, keys and their factors keep the row stride ``width`` (``_narrow`` cuts it)."""
+    cdef Py_ssize_t layer
+    if i == to:
+        return
+    for layer in range(L):
+        memcpy(h + (layer * live + to) * H, h + (layer * live + i) * H, H * sizeof(float))
+        if lstm:
+            memcpy(c + (layer * live + to) * H, c + (layer * live + i) * H, H * sizeof(float))
+    memcpy(feed + to * H, feed + i * H, H * sizeof(float))
+    memcpy(memory + to * width * H, memory + i * width * H, width * H * sizeof(float))
+    if A and keys != NULL:
+        memcpy(keys + to * width * A, keys + i * width * A, width * A * sizeof(float))
+    if A and factors != NULL:
+        memcpy(factors + to * width * A, factors + i * width * A, width * A * sizeof(float))
+        memcpy(in_limit + to * width, in_limit + i * width, width)
+    lengths[to] = lengths[i]
+
+
+cdef inline void _pack_layers(Py_ssize_t kept, Py_ssize_t live, Py_ssize_t L, Py_ssize_t H,
+                              float *h, float *c, bint lstm) noexcept nogil:
+    """(L, live, H) -> (L, kept, H): layer l's first kept rows move to l * kept * H."""
+    cdef Py_ssize_t layer
+    for layer in range(1, L):
+        memmove(h + layer * kept * H, h + layer * live * H, kept * H * sizeof(float))
+        if lstm:
+            memmove(c + layer * kept * H, c + layer * live * H, kept * H * sizeof(float))
+
+
+cdef inline Py_ssize_t _narrow(Py_ssize_t rows, Py_ssize_t width, Py_ssize_t H, Py_ssize_t A,
+                               float *memory, float *keys, float *factors, uint8_t *in_limit,
+                               const int64_t *lengths) noexcept nogil:
+    """Cut the source width of (rows, width, .) arrays to the rows' longest length, in place
+    (row stride width -> the new one; rows in order, each moving towards the front). Returns
+    the new width."""
+    cdef Py_ssize_t b, new = 0
+    for b in range(rows):
+        if lengths[b] > new:
+            new = lengths[b]
+    if new == width:
+        return width
+    for b in range(rows):
+        memmove(memory + b * new * H, memory + b * width * H, new * H * sizeof(float))
+        if A and keys != NULL:
+            memmove(keys + b * new * A, keys + b * width * A, new * A * sizeof(float))
+        if A and factors != NULL:
+            memmove(factors + b * new * A, factors + b * width * A, new * A * sizeof(float))
+            memmove(in_limit + b * new, in_limit + b * width, new)
+    return new
 
 
 cdef void _dot_attention(const float *q, const float *memory, const int64_t *lengths,

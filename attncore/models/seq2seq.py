@@ -206,6 +206,33 @@ class Seq2SeqAttention(EncoderDecoderModel):
                   state.scratch(step.scratch_width), K.get_num_threads())
         return log_probs, weights[:, None, :]
 
+    def _greedy(self, state: Seq2SeqState, tokens: np.ndarray, *, max_length: int,
+                min_length: int, eos_id: int, return_attention: bool):
+        """Greedy search from ``state`` (consumed) and the first tokens (B,) int64, every step
+        in one compiled call without the GIL (``DecoderStep.greedy``): what
+        :func:`attncore.generation.greedy_search` computes step by step, bit for bit.
+
+        Returns tokens (B, max_length) int64 (row b's first counts[b] are its output, EOS
+        excluded), counts (B,) int64, ended (B,) bool, log_prob (B,) float64 and, if asked,
+        attention (B, max_length, 1, S) float32 (row b's first counts[b] + ended[b] steps).
+        """
+        batch, steps = state.memory.shape[0], state.memory.shape[1]
+        own = lambda a: None if a is None else np.array(a, order="C")  # noqa: E731 (written)
+        out_tokens = np.empty((batch, max_length), dtype=np.int64)
+        counts = np.zeros(batch, dtype=np.int64)
+        ended = np.zeros(batch, dtype=np.uint8)
+        log_prob = np.zeros(batch, dtype=np.float64)
+        attention = (np.empty((batch, max_length, steps), dtype=np.float32)
+                     if return_attention else None)
+        self._decoder_step.greedy(
+            np.ascontiguousarray(tokens, dtype=np.int64), own(state.hidden), own(state.cells),
+            own(state.feed), own(state.memory), own(state.keys), own(state.key_factors),
+            own(state.key_in_limit), own(state.lengths), max_length, min_length, eos_id,
+            out_tokens, counts, ended, log_prob, attention, K.get_num_threads())
+        if attention is not None:
+            attention = attention[:, :, None, :]
+        return out_tokens, counts, ended.astype(bool), log_prob, attention
+
 
 def _frozen(array) -> np.ndarray:
     out = np.ascontiguousarray(array, dtype=np.float32)
