@@ -509,12 +509,7 @@ cdef inline void _move_row(Py_ssize_t i, Py_ssize_t to, Py_ssize_t live, Py_ssiz
         if lstm:
             memcpy(c + (layer * live + to) * H, c + (layer * live + i) * H, H * sizeof(float))
     memcpy(feed + to * H, feed + i * H, H * sizeof(float))
-    memcpy(memory + to * width * H, memory + i * width * H, width * H * sizeof(float))
-    if A and keys != NULL:
-        memcpy(keys + to * width * A, keys + i * width * A, width * A * sizeof(float))
-    if A and factors != NULL:
-        memcpy(factors + to * width * A, factors + i * width * A, width * A * sizeof(float))
-        memcpy(in_limit + to * width, in_limit + i * width, width)
+    _move_source_row(i, width, to, width, H, A, memory, keys, factors, in_limit)
     lengths[to] = lengths[i]
 
 
@@ -541,13 +536,22 @@ cdef inline Py_ssize_t _narrow(Py_ssize_t rows, Py_ssize_t width, Py_ssize_t H, 
     if new == width:
         return width
     for b in range(rows):
-        memmove(memory + b * new * H, memory + b * width * H, new * H * sizeof(float))
-        if A and keys != NULL:
-            memmove(keys + b * new * A, keys + b * width * A, new * A * sizeof(float))
-        if A and factors != NULL:
-            memmove(factors + b * new * A, factors + b * width * A, new * A * sizeof(float))
-            memmove(in_limit + b * new, in_limit + b * width, new)
+        _move_source_row(b, width, b, new, H, A, memory, keys, factors, in_limit)
     return new
+
+
+cdef inline void _move_source_row(Py_ssize_t i, Py_ssize_t width, Py_ssize_t to, Py_ssize_t new,
+                                  Py_ssize_t H, Py_ssize_t A, float *memory, float *keys,
+                                  float *factors, uint8_t *in_limit) noexcept nogil:
+    """The first ``new`` source positions of row i of the (rows, width, .) memory, keys and key
+    factors (and (rows, width) in_limit) -> row ``to`` of the same arrays laid out with width
+    ``new`` (to <= i, new <= width: the destination never lies past the source)."""
+    memmove(memory + to * new * H, memory + i * width * H, new * H * sizeof(float))
+    if A and keys != NULL:
+        memmove(keys + to * new * A, keys + i * width * A, new * A * sizeof(float))
+    if A and factors != NULL:
+        memmove(factors + to * new * A, factors + i * width * A, new * A * sizeof(float))
+        memmove(in_limit + to * new, in_limit + i * width, new)
 
 
 cdef void _dot_attention(const float *q, const float *memory, const int64_t *lengths,
