@@ -57,7 +57,6 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 17, 64, 256])
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.join(HERE, ".."))
     from attncore.kernels.threads import BLAS_SMALL_GEMM_MACS  # also holds SciPy's BLAS at 1
     with tempfile.TemporaryDirectory() as directory:
         lib = build(directory)

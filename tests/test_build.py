@@ -3,6 +3,7 @@
 allowed but never silent: set ATTNCORE_SKIP_OPENMP_TEST=1 to accept it), a SIMD level and a
 BLAS are reported, and thread counts are process-wide settings with a thread-local override."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -211,3 +212,19 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="bench/packed_harness.py compiles with gcc")
+def test_packed_harness_builds_and_times_both_paths(tmp_path):
+    # the development harness patches src_c/packed_linear.c's row rule: it must still find it,
+    # compile, and print one row per panel type with both paths timed
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "packed_harness.py")
+    proc = subprocess.run([sys.executable, script, "--threads", "1", "--rows", "17"],
+                          env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| f32", "| bf16"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:3] == ["1", "17"] and float(cells[3]) > 0 and float(cells[5]) > 0
