@@ -32,6 +32,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from .kernels import _softmax
 from .models.base import GenerationResult
 
 __all__ = ["generate", "greedy_search", "beam_search", "sample"]
@@ -308,22 +309,25 @@ def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hy
 
 
 def _groups(row_source):
-    """(source, first row, end row) of each run of rows of one source."""
-    bounds = np.flatnonzero(np.diff(row_source)) + 1
-    starts = np.concatenate(([0], bounds))
-    ends = np.concatenate((bounds, [len(row_source)]))
-    return zip(row_source[starts].tolist(), starts.tolist(), ends.tolist())
+    """(source, first row, end row) of each run of rows of one source (a few dozen rows: a
+    Python walk costs less than NumPy's calls)."""
+    groups, start = [], 0
+    sources = row_source.tolist()
+    for row in range(1, len(sources) + 1):
+        if row == len(sources) or sources[row] != sources[start]:
+            groups.append((sources[start], start, row))
+            start = row
+    return groups
 
 
 def _expand(candidates, first_row, beam_size, eos_id):
     """Walk one source's (beams, V) candidate totals best first; stop after ``beam_size``
     non-EOS tokens. Returns [(row, token, total)] in rank order."""
-    flat = candidates.ravel()
+    flat = np.ascontiguousarray(candidates, dtype=np.float64).ravel()
     vocab = candidates.shape[1]
-    # at most beam_size EOS + beam_size live tokens are needed (one EOS per beam)
-    need = min(flat.size, 2 * beam_size)
-    top = np.argpartition(-flat, need - 1)[:need] if need < flat.size else np.arange(flat.size)
-    top = top[np.lexsort((top, -flat[top]))]   # by value, then by (beam, token) order
+    # at most beam_size EOS + beam_size live tokens are needed (one EOS per beam); ranked by
+    # value, equal values in (beam, token) order
+    top = _softmax.top_k(flat, 2 * beam_size)
     chosen, live = [], 0
     for index in top.tolist():
         value = float(flat[index])

@@ -338,3 +338,44 @@ def test_bad_options_are_named(options, error, match):
 def test_bad_sources_are_named(sources, error, match):
     with pytest.raises(error, match=match):
         check_sources(sources, 10, max_source_length=3)
+
+
+# -- the ranking of beam candidates ---------------------------------------------------------------
+
+def test_top_k_ranks_by_value_then_index():
+    # kernels._softmax.top_k (what beam search ranks a source's candidates with) against a
+    # stable sort: value descending, equal values by lower index, NaN never ranked
+    from attncore.kernels import _softmax
+
+    rng = np.random.default_rng(0)
+    for n, k in [(1, 1), (7, 3), (50, 8), (50, 50), (50, 80), (4000, 8), (16000, 16)]:
+        x = rng.integers(-5, 5, n).astype(np.float64)     # many ties
+        x[rng.random(n) < 0.1] = -np.inf
+        x[rng.random(n) < 0.05] = np.nan
+        valid = np.flatnonzero(~np.isnan(x))
+        want = valid[np.lexsort((valid, -x[valid]))][:k]
+        got = _softmax.top_k(x, k)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want, err_msg=f"n={n} k={k}")
+    assert _softmax.top_k(np.ones(3), 0).size == 0
+    with pytest.raises(ValueError, match="k must be"):
+        _softmax.top_k(np.ones(3), -1)
+
+
+class TiedModel(FakeModel):
+    """Every token but EOS equally likely at every step: the ranking must fall back to the
+    (beam, token) order."""
+
+    def _step(self, state, tokens):
+        log_probs, attention = super()._step(state, tokens)
+        log_probs[:] = np.float32(np.log(1.0 / V))
+        return log_probs, attention
+
+
+def test_beam_search_breaks_ties_towards_the_earlier_beam_and_lower_token():
+    results = generation.generate(TiedModel(), [np.array([3, 4], dtype=np.int64)], bos_id=BOS,
+                                  eos_id=EOS, max_length=3, beam_size=3, num_hypotheses=3,
+                                  min_length=3, length_penalty=0.0)
+    # all hypotheses score the same; the first live beams are tokens 0, 1, 3 (EOS forbidden),
+    # and at each later step the earliest beam's lowest tokens win
+    assert results[0].hypotheses == [[0, 0, 0], [0, 0, 1], [0, 0, 3]]

@@ -46,19 +46,21 @@ class Seq2SeqState:
     hidden : float32 (L, B, H), the decoder RNN's h per layer
     cells : float32 (L, B, H), the LSTM's c per layer (GRU: an unused (L, B, H) array)
     feed : float32 (B, H), h~ of the previous step (Luong; zeros before the first step)
+    sources : int64 (B,), the source each row decodes (rows of one source share their memory)
 
     The compiled step writes ``hidden``, ``cells`` and ``feed`` in place, so :meth:`select`
     always copies them; ``memory``/``keys`` are only read and may be shared.
     """
 
     __slots__ = ("memory", "keys", "key_factors", "key_in_limit", "lengths", "hidden", "cells",
-                 "feed", "_scratch")
+                 "feed", "sources", "_scratch")
 
     def __init__(self, memory, keys, lengths, hidden, cells, feed, key_factors=None,
-                 key_in_limit=None):
+                 key_in_limit=None, sources=None):
         self.memory, self.keys, self.lengths = memory, keys, lengths
         self.key_factors, self.key_in_limit = key_factors, key_in_limit
         self.hidden, self.cells, self.feed = hidden, cells, feed
+        self.sources = np.arange(memory.shape[0]) if sources is None else sources
         self._scratch = None
 
     @property
@@ -73,16 +75,19 @@ class Seq2SeqState:
         if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
             raise ValueError(f"rows must lie in [0, {self.batch_size})")
         copy = lambda a: np.ascontiguousarray(a[:, rows])  # noqa: E731  (fancy index: a copy)
-        if rows.size == self.batch_size and np.array_equal(rows, np.arange(self.batch_size)):
-            return Seq2SeqState(self.memory, self.keys, self.lengths, self.hidden.copy(),
-                                self.cells.copy(), self.feed.copy(), self.key_factors,
-                                self.key_in_limit)
+        sources = self.sources[rows]
+        if np.array_equal(sources, self.sources):
+            # every row still decodes the source it did (a beam search reordering the beams of
+            # each source): the memory rows are the same, share them
+            return Seq2SeqState(self.memory, self.keys, self.lengths, copy(self.hidden),
+                                copy(self.cells), np.ascontiguousarray(self.feed[rows]),
+                                self.key_factors, self.key_in_limit, self.sources)
         lengths = self.lengths[rows]
         width = int(lengths.max()) if rows.size else 0  # drop padding no row needs any more
         cut = lambda a: None if a is None else np.ascontiguousarray(a[rows, :width])  # noqa: E731
         return Seq2SeqState(cut(self.memory), cut(self.keys), lengths, copy(self.hidden),
                             copy(self.cells), np.ascontiguousarray(self.feed[rows]),
-                            cut(self.key_factors), cut(self.key_in_limit))
+                            cut(self.key_factors), cut(self.key_in_limit), sources)
 
     def scratch(self, floats_per_row: int) -> np.ndarray:
         """The step's work buffer (allocated once per state and batch size)."""
