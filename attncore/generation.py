@@ -2,9 +2,10 @@
 """Greedy search, beam search and sampling over the decoder protocol of ``docs/ENGINE.md``.
 
 Model-agnostic: a model provides ``state = model._start(sources)``,
-``log_probs, attention = model._step(state, tokens)`` and ``state.select(rows)``. Arguments are
-validated by the caller (:meth:`attncore.models.EncoderDecoderModel.generate`); this module
-assumes clean input.
+``log_probs, attention = model._step(state, tokens)`` and ``state.select(rows)``, and may
+provide ``model._greedy(state, tokens, ...)``, a whole greedy search in compiled code with the
+results of :func:`_one_row_search` (docs/ENGINE.md). Arguments are validated by the caller
+(:meth:`attncore.models.EncoderDecoderModel.generate`); this module assumes clean input.
 
 Conventions (all searches)
     * Token log-probabilities are the model's float32 ``log_probs`` (never renormalised after
