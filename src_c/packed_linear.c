@@ -214,7 +214,10 @@ half_panel_row_avx2(const void *panel, const int bf16, ac_index k, int half, __m
 }
 
 /* R rows x half a panel (32 columns at `half` * 32), k in [k0, k1): 4R accumulators of 8
- * lanes, R <= 2 so accumulators, panel vectors and the broadcast fit in 16 ymm registers. */
+ * lanes. R <= 3: at two rows accumulators, panel vectors and the broadcast fit in the 16 ymm
+ * registers; at three (float32 only) the compiler reads weights as FMA memory operands, 12
+ * chains for 4 loads and 3 broadcasts per k. Float32 rows prefetch this half's two lines
+ * PF_CHUNKS chunks ahead (9% at two rows, one process alternating both versions). */
 static inline __attribute__((always_inline)) AVX2 void
 half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
                      const void *panel, const int bf16, int half, float *acc_io) {
@@ -222,7 +225,7 @@ half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_
     for (int r = 0; r < R; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm256_loadu_ps(acc_io + r * W + 32 * half + 8 * c);
     for (ac_index k = k0; k < k1; k++) {
-        if (!bf16) { /* this half's two lines of the row PF_CHUNKS chunks on */
+        if (!bf16) {
             const char *ahead = (const char *)panel + (k + PF_CHUNKS * K_CHUNK) * W * 4 + 128 * half;
             _mm_prefetch(ahead, PF_HINT);
             _mm_prefetch(ahead + 64, PF_HINT);
