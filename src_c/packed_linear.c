@@ -215,9 +215,9 @@ half_panel_row_avx2(const void *panel, const int bf16, ac_index k, int half, __m
 
 /* R rows x half a panel (32 columns at `half` * 32), k in [k0, k1): 4R accumulators of 8
  * lanes. R <= 3: at two rows accumulators, panel vectors and the broadcast fit in the 16 ymm
- * registers; at three (float32 only) the compiler reads weights as FMA memory operands, 12
- * chains for 4 loads and 3 broadcasts per k. Float32 rows prefetch this half's two lines
- * PF_CHUNKS chunks ahead (9% at two rows, one process alternating both versions). */
+ * registers; three (float32 only) need one register more, and still beat a pair and a single
+ * row (the step's products at three rows: 29-35 against 23 GMAC/s). Float32 rows prefetch
+ * this half's two lines PF_CHUNKS chunks ahead (9% at two rows, alternating runs). */
 static inline __attribute__((always_inline)) AVX2 void
 half_panel_rows_avx2(const float *x, ac_index ldx, const int R, ac_index k0, ac_index k1,
                      const void *panel, const int bf16, int half, float *acc_io) {
