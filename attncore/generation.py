@@ -67,17 +67,16 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
 # ------------------------------------------------------------------------------------------
 
 def _step(model, state, tokens, step, min_length, eos_id, return_attention):
-    """One model step -> float32 log-probs, a copy with EOS masked before ``min_length``, and
-    attention. Callers sum them into float64 (the float32 values convert exactly), so no
-    (B, V) float64 copy is made per step."""
+    """One model step -> the float32 log-probs (a copy with EOS masked before ``min_length``)
+    and the attention. Callers sum them into float64 (the float32 values convert exactly), so
+    no (B, V) float64 copy is made per step."""
     log_probs, attention = model._step(state, tokens)
     if return_attention and attention is None:
         raise ValueError("return_attention: this model has no cross-attention to return")
-    scores = log_probs
     if step < min_length:
-        scores = log_probs.copy()
-        scores[:, eos_id] = -np.inf
-    return log_probs, scores, attention
+        log_probs = log_probs.copy()
+        log_probs[:, eos_id] = -np.inf
+    return log_probs, attention
 
 
 def _attention_rows(attention, lengths, heads):
@@ -216,7 +215,7 @@ def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_l
     ended = np.zeros(count, dtype=bool)         # EOS generated
     attention = [[] for _ in range(count)]
     for step in range(max_length):
-        _, scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
+        scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
         chosen = choose(scores)
         log_prob[rows] += scores[np.arange(len(rows)), chosen]
@@ -272,7 +271,7 @@ def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hy
     finished = [[] for _ in range(count)]     # (score, _Beam)
     tokens = _first_tokens(bos_id, count)
     for step in range(max_length):
-        _, scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
+        scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
         candidates = scores + np.array([b.log_prob for b in beams])[:, None]
         att_rows = (_attention_rows(step_attention,
