@@ -172,26 +172,24 @@ def _argmax(scores):
 
 
 def _sample_rows(scores, rng, temperature, top_k, top_p):
-    """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64."""
+    """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64.
+
+    Rankings are by value, equal values by lower id (a stable sort's order), found with the
+    one-pass ``kernels._softmax.top_k`` rather than a sort of the whole vocabulary."""
     logits = scores.astype(np.float64) / temperature
     vocab = logits.shape[1]
     if 0 < top_k < vocab:
         # keep the top_k largest; ties at the boundary keep the lower ids
-        order = np.argsort(-logits, axis=1, kind="stable")
-        np.put_along_axis(logits, order[:, top_k:], -np.inf, axis=1)
+        kept = np.full_like(logits, -np.inf)
+        for row, values in zip(kept, logits):
+            best = _softmax.top_k(values, top_k)
+            row[best] = values[best]
+        logits = kept
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
     if top_p < 1.0:
-        order = np.argsort(-probs, axis=1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=1)
-        before = np.cumsum(sorted_probs, axis=1) - sorted_probs  # mass of the better tokens
-        # the nucleus: the smallest prefix whose mass reaches top_p (never empty)
-        drop = before >= top_p
-        drop[:, 0] = False
-        sorted_probs[drop] = 0.0
-        probs = np.zeros_like(probs)
-        np.put_along_axis(probs, order, sorted_probs, axis=1)
+        probs = np.stack([_nucleus(row, top_p) for row in probs])
         probs /= probs.sum(axis=1, keepdims=True)
     cdf = np.cumsum(probs, axis=1)
     draws = rng.random(probs.shape[0]) * cdf[:, -1]
@@ -202,6 +200,31 @@ def _sample_rows(scores, rng, temperature, top_k, top_p):
     if zero.any():
         picked[zero] = probs[zero].argmax(axis=1)
     return picked
+
+
+def _nucleus(probs, top_p):
+    """probs (V,) float64 with every token outside the top-p nucleus set to 0: the smallest
+    prefix of the ranking whose mass reaches top_p (never empty). A trained model's nucleus
+    is usually a few tokens: the ranking's first 64 tokens come from the one-pass top-k, and
+    the whole vocabulary is sorted only when the nucleus is larger. Cumulative
+    sums over a prefix of the ranking are those of the whole ranking, so the result is the
+    same either way."""
+    vocab = probs.shape[0]
+    for count in (64, vocab):
+        if count >= vocab:   # a flat distribution: sort it all (stable: equal by lower id)
+            order = np.argsort(-probs, kind="stable")
+        else:
+            order = _softmax.top_k(probs, count)
+        ranked = probs[order]
+        before = np.cumsum(ranked) - ranked      # mass of the better tokens
+        drop = before >= top_p
+        drop[0] = False
+        if drop.any() or order.size < count:
+            break
+    ranked[drop] = 0.0
+    kept = np.zeros_like(probs)
+    kept[order] = ranked
+    return kept
 
 
 def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_length,

@@ -379,3 +379,50 @@ def test_beam_search_breaks_ties_towards_the_earlier_beam_and_lower_token():
     # all hypotheses score the same; the first live beams are tokens 0, 1, 3 (EOS forbidden),
     # and at each later step the earliest beam's lowest tokens win
     assert results[0].hypotheses == [[0, 0, 0], [0, 0, 1], [0, 0, 3]]
+
+
+def _sample_rows_by_sorting(scores, rng, temperature, top_k, top_p):
+    """The sampling filters written with full stable sorts of the vocabulary: the oracle of
+    generation._sample_rows, which ranks with a one-pass top-k."""
+    logits = scores.astype(np.float64) / temperature
+    vocab = logits.shape[1]
+    if 0 < top_k < vocab:
+        order = np.argsort(-logits, axis=1, kind="stable")
+        np.put_along_axis(logits, order[:, top_k:], -np.inf, axis=1)
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=1)
+        before = np.cumsum(sorted_probs, axis=1) - sorted_probs
+        drop = before >= top_p
+        drop[:, 0] = False
+        sorted_probs[drop] = 0.0
+        probs = np.zeros_like(probs)
+        np.put_along_axis(probs, order, sorted_probs, axis=1)
+        probs /= probs.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(probs, axis=1)
+    draws = rng.random(probs.shape[0]) * cdf[:, -1]
+    picked = np.minimum((cdf <= draws[:, None]).sum(axis=1), vocab - 1)
+    zero = probs[np.arange(len(picked)), picked] == 0.0
+    if zero.any():
+        picked[zero] = probs[zero].argmax(axis=1)
+    return picked
+
+
+@pytest.mark.parametrize("vocab", [5, 300, 4000])
+def test_sampling_filters_pick_what_full_sorts_pick(vocab):
+    # the same draws token for token: flat and peaked rows, many ties (logits on a grid), EOS
+    # forbidden (-inf), top-k and nuclei that fit in the first 64 ranked tokens or need more
+    rng = np.random.default_rng(vocab)
+    for case in range(40):
+        scale = [0.05, 1.0, 8.0][case % 3]
+        scores = (np.round(rng.normal(0, scale, (6, vocab)) * 4) / 4).astype(np.float32)
+        scores[:, 2] = -np.inf
+        options = dict(temperature=[1.0, 0.7, 1.5][case % 3],
+                       top_k=[0, 1, 3, 50, vocab - 1, 2 * vocab][case % 6],
+                       top_p=[1.0, 0.9, 0.5, 0.999, 0.01][case % 5])
+        got = generation._sample_rows(scores, np.random.default_rng(case), **options)
+        want = _sample_rows_by_sorting(scores, np.random.default_rng(case), **options)
+        np.testing.assert_array_equal(got, want, err_msg=f"case {case}: {options}")
