@@ -182,7 +182,7 @@ def _sample_rows(scores, rng, temperature, top_k, top_p):
         # keep the top_k largest; ties at the boundary keep the lower ids
         kept = np.full_like(logits, -np.inf)
         for row, values in zip(kept, logits):
-            best = _softmax.top_k(values, top_k)
+            best = _ranked(values, top_k)
             row[best] = values[best]
         logits = kept
     logits -= logits.max(axis=1, keepdims=True)
@@ -202,6 +202,15 @@ def _sample_rows(scores, rng, temperature, top_k, top_p):
     return picked
 
 
+def _ranked(values, count):
+    """The indices of the ``count`` largest of values (V,) float64, largest first, equal values
+    by lower index: the one-pass top-k for a few (its cost grows with count), a stable sort of
+    the whole row for many."""
+    if count <= 256:
+        return _softmax.top_k(values, count)
+    return np.argsort(-values, kind="stable")[:count]
+
+
 def _nucleus(probs, top_p):
     """probs (V,) float64 with every token outside the top-p nucleus set to 0: the smallest
     prefix of the ranking whose mass reaches top_p (never empty). A trained model's nucleus
@@ -210,11 +219,8 @@ def _nucleus(probs, top_p):
     sums over a prefix of the ranking are those of the whole ranking, so the result is the
     same either way."""
     vocab = probs.shape[0]
-    for count in (64, vocab):
-        if count >= vocab:   # a flat distribution: sort it all (stable: equal by lower id)
-            order = np.argsort(-probs, kind="stable")
-        else:
-            order = _softmax.top_k(probs, count)
+    for count in (64, vocab):   # a flat distribution's nucleus needs the whole ranking
+        order = _ranked(probs, count)
         ranked = probs[order]
         before = np.cumsum(ranked) - ranked      # mass of the better tokens
         drop = before >= top_p
@@ -350,7 +356,7 @@ def _expand(candidates, first_row, beam_size, eos_id):
     vocab = candidates.shape[1]
     # at most beam_size EOS + beam_size live tokens are needed (one EOS per beam); ranked by
     # value, equal values in (beam, token) order
-    top = _softmax.top_k(flat, 2 * beam_size)
+    top = _ranked(flat, 2 * beam_size)
     chosen, live = [], 0
     for index in top.tolist():
         value = float(flat[index])
