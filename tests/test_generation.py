@@ -358,6 +358,11 @@ def test_top_k_ranks_by_value_then_index():
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, want, err_msg=f"n={n} k={k}")
     assert _softmax.top_k(np.ones(3), 0).size == 0
+    # generation._ranked: the top-k for a few, a stable sort past 256: one ranking
+    x = rng.integers(-5, 5, 5000).astype(np.float64)
+    for k in (1, 256, 257, 600):
+        np.testing.assert_array_equal(generation._ranked(x, k),
+                                      np.lexsort((np.arange(x.size), -x))[:k])
     with pytest.raises(ValueError, match="k must be"):
         _softmax.top_k(np.ones(3), -1)
 
