@@ -222,7 +222,9 @@ class Seq2SeqAttention(EncoderDecoderModel):
         attention (B, max_length, 1, S) float32 (row b's first counts[b] + ended[b] steps).
         """
         batch, steps = state.memory.shape[0], state.memory.shape[1]
-        own = lambda a: None if a is None else np.array(a, order="C")  # noqa: E731 (written)
+        # the search writes the state's arrays: a copy only of those that are read-only
+        # (AdditiveKeys' projected keys and factors) or not C-contiguous
+        own = lambda a: None if a is None else np.require(a, requirements=["C", "W"])  # noqa: E731
         out_tokens = np.empty((batch, max_length), dtype=np.int64)
         counts = np.zeros(batch, dtype=np.int64)
         ended = np.zeros(batch, dtype=np.uint8)
