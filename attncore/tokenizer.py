@@ -73,11 +73,12 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         vocab = self.source_vocab
-        ids = np.asarray(vocab.encode(text), dtype=np.int64)
-        if self.source_eos and ids.size:  # an empty text stays empty: callers reject it
-            ids = np.append(ids, np.int64(getattr(vocab, "eos", 2)))
-        if strict:
-            unk = getattr(vocab, "unk", 3)
+        ids = vocab.encode(text)
+        if self.source_eos and ids:  # an empty text stays empty: callers reject it
+            ids.append(getattr(vocab, "eos", 2))
+        ids = np.asarray(ids, dtype=np.int64)
+        unk = getattr(vocab, "unk", 3)
+        if strict and (ids == unk).any():
             unknown = sorted({tok for tok, i in zip(_tokens(vocab, text), ids) if i == unk
                               and tok != "<unk>"})
             if unknown:

@@ -176,15 +176,19 @@ class Vocab:
         ``pad``/``bos`` are dropped, so a padded or generated row decodes to its text;
         ``unk`` is kept as ``<unk>``. Without it every token is written out.
         """
+        itos, size = self._itos, len(self._itos)   # (locals: a batch job decodes every line)
+        eos, dropped = self.eos, (self.pad, self.bos)
         out = []
         for i in ids:
             i = int(i)
             if strip_special:
-                if i == self.eos:
+                if i == eos:
                     break
-                if i in (self.pad, self.bos):
+                if i in dropped:
                     continue
-            out.append(self.id_to_token(i))
+            if not 0 <= i < size:
+                raise IndexError(f"token id {i} outside [0, {size})")
+            out.append(itos[i])
         return ("" if self.level == "char" else " ").join(out)
 
     # ------------------------------------------------------------------ storage
