@@ -319,6 +319,7 @@ cdef class DecoderStep:
         import numpy as np
         cdef int64_t[::1] tokens = np.array(first_tokens, dtype=np.int64)
         cdef int64_t[::1] source = np.arange(B, dtype=np.int64)    # source row of each live row
+        cdef int64_t[::1] keep = np.empty(B, dtype=np.int64)       # live rows that go on
         cdef float[:, ::1] log_probs = np.empty((B, V), dtype=np.float32)
         cdef float[:, ::1] weights = np.empty((B, S), dtype=np.float32)
         cdef float[::1] scratch = np.empty(B * self.scratch_width, dtype=np.float32)
@@ -360,14 +361,13 @@ cdef class DecoderStep:
                         counts[row] += 1
                         tokens[kept] = chosen
                         source[kept] = row
-                        _move_row(i, kept, live, width, L, H, A, hp, cp, fp, mp, kp, fac, lim,
-                                  &lengths[0], self.lstm)
+                        keep[kept] = i
                         kept += 1
                 if kept == 0 or t + 1 == max_length:
                     break
                 if kept < live:
-                    width = _narrow(kept, width, H, A, mp, kp, fac, lim, &lengths[0])
-                    _pack_layers(kept, live, L, H, hp, cp, self.lstm)
+                    width = _compact(&keep[0], kept, live, width, L, H, A, hp, cp, fp, mp, kp,
+                                     fac, lim, &lengths[0], self.lstm)
                 live = kept
         if status:
             raise MemoryError("DecoderStep.greedy: out of memory for attention scratch")
@@ -399,8 +399,8 @@ cdef class DecoderStep:
                       float *log_probs, float *weights, float *scratch,
                       int num_threads) noexcept nogil:
         """The body of :meth:`step` on raw C-contiguous arrays of the shapes it checks (h_all,
-        c_all (L, B, H): c_all may be NULL-free garbage for GRU; keys NULL without additive
-        scores). Returns the additive kernel's status (non-zero: out of memory)."""
+        c_all (L, B, H), c_all not read for GRU; keys NULL without additive scores). Returns
+        the additive kernel's status (non-zero: out of memory)."""
         cdef Py_ssize_t H = self.hidden
         cdef Py_ssize_t E = self.embed_dim, A = self.attention_dim, V = self.vocab
         cdef Py_ssize_t G = 4 if self.lstm else 3, L = self.num_layers
@@ -493,50 +493,31 @@ cdef inline Py_ssize_t _argmax(const float *x, Py_ssize_t n, Py_ssize_t skip) no
     return best
 
 
-cdef inline void _move_row(Py_ssize_t i, Py_ssize_t to, Py_ssize_t live, Py_ssize_t width,
-                           Py_ssize_t L, Py_ssize_t H, Py_ssize_t A, float *h, float *c,
-                           float *feed, float *memory, float *keys, float *factors,
-                           uint8_t *in_limit, int64_t *lengths, bint lstm) noexcept nogil:
-    """Row i of a (live)-row state becomes row ``to`` <= i (greedy's compaction, row by row in
-    order, so a row is never overwritten before it moves). The per-layer h and c keep their
-    (L, live, H) layout here; :func:`_pack_layers` closes the gaps once all rows moved.
-    Memory, keys and their factors keep the row stride ``width`` (``_narrow`` cuts it)."""
-    cdef Py_ssize_t layer
-    if i == to:
-        return
+cdef Py_ssize_t _compact(const int64_t *keep, Py_ssize_t kept, Py_ssize_t live,
+                         Py_ssize_t width, Py_ssize_t L, Py_ssize_t H, Py_ssize_t A, float *h,
+                         float *c, float *feed, float *memory, float *keys, float *factors,
+                         uint8_t *in_limit, int64_t *lengths, bint lstm) noexcept nogil:
+    """Keep the rows keep[0..kept) (ascending) of a state of ``live`` rows, in place, as
+    ``Seq2SeqState.select`` keeps them: h and c (L, live, H) -> (L, kept, H), feed and lengths,
+    and the source arrays (live, width, .) -> (kept, new width, .), the new width being the kept
+    rows' longest length. Each row moves once, towards the front and in order, so none is
+    overwritten before it moves. Returns the new width."""
+    cdef Py_ssize_t j, i, layer, new = 0
+    for j in range(kept):
+        if lengths[keep[j]] > new:
+            new = lengths[keep[j]]
     for layer in range(L):
-        memcpy(h + (layer * live + to) * H, h + (layer * live + i) * H, H * sizeof(float))
-        if lstm:
-            memcpy(c + (layer * live + to) * H, c + (layer * live + i) * H, H * sizeof(float))
-    memcpy(feed + to * H, feed + i * H, H * sizeof(float))
-    _move_source_row(i, width, to, width, H, A, memory, keys, factors, in_limit)
-    lengths[to] = lengths[i]
-
-
-cdef inline void _pack_layers(Py_ssize_t kept, Py_ssize_t live, Py_ssize_t L, Py_ssize_t H,
-                              float *h, float *c, bint lstm) noexcept nogil:
-    """(L, live, H) -> (L, kept, H): layer l's first kept rows move to l * kept * H."""
-    cdef Py_ssize_t layer
-    for layer in range(1, L):
-        memmove(h + layer * kept * H, h + layer * live * H, kept * H * sizeof(float))
-        if lstm:
-            memmove(c + layer * kept * H, c + layer * live * H, kept * H * sizeof(float))
-
-
-cdef inline Py_ssize_t _narrow(Py_ssize_t rows, Py_ssize_t width, Py_ssize_t H, Py_ssize_t A,
-                               float *memory, float *keys, float *factors, uint8_t *in_limit,
-                               const int64_t *lengths) noexcept nogil:
-    """Cut the source width of (rows, width, .) arrays to the rows' longest length, in place
-    (row stride width -> the new one; rows in order, each moving towards the front). Returns
-    the new width."""
-    cdef Py_ssize_t b, new = 0
-    for b in range(rows):
-        if lengths[b] > new:
-            new = lengths[b]
-    if new == width:
-        return width
-    for b in range(rows):
-        _move_source_row(b, width, b, new, H, A, memory, keys, factors, in_limit)
+        for j in range(kept):
+            memmove(h + (layer * kept + j) * H, h + (layer * live + keep[j]) * H,
+                    H * sizeof(float))
+            if lstm:
+                memmove(c + (layer * kept + j) * H, c + (layer * live + keep[j]) * H,
+                        H * sizeof(float))
+    for j in range(kept):
+        i = keep[j]
+        memmove(feed + j * H, feed + i * H, H * sizeof(float))
+        _move_source_row(i, width, j, new, H, A, memory, keys, factors, in_limit)
+        lengths[j] = lengths[i]
     return new
 
 
