@@ -156,11 +156,10 @@ def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,
     for i in range(count):
         n = int(counts[i]) + int(ended[i])
         att = None
-        if return_attention:   # (n, H, S_i), as _attention_rows and _stack_attention cut it
-            steps = attention[i, :n, :, :_source_length(sources[i])]
-            if attention_heads == "mean":
-                steps = steps.mean(axis=1, dtype=np.float64).astype(np.float32)
-            att = [np.ascontiguousarray(steps, dtype=np.float32)]
+        if return_attention:   # the n steps (n, H, S_max) cut as the step-by-step search does
+            rows = _attention_rows(attention[i, :n], [_source_length(sources[i])] * n,
+                                   attention_heads)
+            att = [_stack_attention(rows)]
         results.append(GenerationResult([tokens[i, :counts[i]].tolist()],
                                         [_score(log_prob[i], n, length_penalty)],
                                         [float(log_prob[i])], att))
@@ -174,8 +173,8 @@ def _argmax(scores):
 def _sample_rows(scores, rng, temperature, top_k, top_p):
     """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64.
 
-    Rankings are by value, equal values by lower id (a stable sort's order), found with the
-    one-pass ``kernels._softmax.top_k`` rather than a sort of the whole vocabulary."""
+    Rankings are by value, equal values by lower id (a stable sort's order), taken with
+    :func:`_ranked` (no sort of the whole vocabulary for a few tokens)."""
     logits = scores.astype(np.float64) / temperature
     vocab = logits.shape[1]
     if 0 < top_k < vocab:
@@ -215,9 +214,9 @@ def _nucleus(probs, top_p):
     """probs (V,) float64 with every token outside the top-p nucleus set to 0: the smallest
     prefix of the ranking whose mass reaches top_p (never empty). A trained model's nucleus
     is usually a few tokens: the ranking's first 64 tokens come from the one-pass top-k, and
-    the whole vocabulary is sorted only when the nucleus is larger. Cumulative
-    sums over a prefix of the ranking are those of the whole ranking, so the result is the
-    same either way."""
+    the whole vocabulary is sorted only when the nucleus is larger. Cumulative sums over a
+    prefix of the ranking are those of the whole ranking, so the result is the same either
+    way."""
     vocab = probs.shape[0]
     for count in (64, vocab):   # a flat distribution's nucleus needs the whole ranking
         order = _ranked(probs, count)
