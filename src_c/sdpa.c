@@ -20,3 +20,91 @@
 #undef REAL
 #undef SUF
 #undef GEMM_FN
+
+/* ------------------------------------------------------------ flash on the tile kernel ----- */
+#include "simd.h"
+#include "tile_gemm.h"
+
+int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, float *out,
+                            ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
+                            ac_index D, const int64_t *kv_lengths, int causal, float scale,
+                            ac_index block_q, ac_index block_k, int num_threads) {
+    const ac_index group = H / Hkv;
+    const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
+    const ac_index n_items = B * H * n_qtiles;
+    const ac_index G = AC_TILE_GROUP;
+    int status = AC_OK;
+#pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
+    {
+        /* per-thread scratch, allocated once per call (block_q is a multiple of 16):
+         *   qt      (block_q / 16, D, 16)  the query tile times `scale`, transposed in panels
+         *   st      (block_k, block_q)     transposed scores, turned into probabilities in place
+         *   col_max, col_sum, correction (block_q)  the online softmax of each query */
+        float *qt = (float *)malloc(sizeof(float) * block_q * D);
+        float *st = (float *)malloc(sizeof(float) * block_k * block_q);
+        float *col_max = (float *)malloc(sizeof(float) * block_q * 3);
+        float *col_sum = col_max ? col_max + block_q : NULL;
+        float *correction = col_max ? col_max + 2 * block_q : NULL;
+        int ok = qt && st && col_max;
+        if (!ok) {
+#pragma omp atomic write
+            status = AC_ERR_NOMEM;
+        }
+        /* as in the BLAS flash path: costly causal tiles first, one thread per item */
+#pragma omp for schedule(dynamic, 1)
+        for (ac_index item_rev = 0; item_rev < n_items; item_rev++) {
+            if (!ok) continue;
+            const ac_index item = n_items - 1 - item_rev;
+            const ac_index bh = item / n_qtiles, qtile = item % n_qtiles;
+            const ac_index b = bh / H, h = bh % H, g = h / group;
+            const ac_index i0 = qtile * block_q;
+            const ac_index nq = AC_MIN(block_q, Lq - i0);
+            const ac_index nq16 = (nq + G - 1) / G * G;   /* padded queries score 0, unused */
+            const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
+            const ac_index offset = Lk - Lq;   /* causal: query i sees keys j <= i + offset */
+            const float *q_tile = q + ((b * H + h) * Lq + i0) * D;
+            const float *k_head = k + (b * Hkv + g) * Lk * D;
+            const float *v_head = v + (b * Hkv + g) * Lk * D;
+            float *o_tile = out + ((b * H + h) * Lq + i0) * D;
+            ac_index tile_limit = kv_valid;   /* keys the tile's last query may see */
+            if (causal && i0 + nq + offset < tile_limit) tile_limit = i0 + nq + offset;
+
+            for (ac_index i = 0; i < nq16; i++) {
+                float *panel = qt + (i / G) * D * G + i % G;
+                if (i < nq)
+                    for (ac_index d = 0; d < D; d++) panel[d * G] = q_tile[i * D + d] * scale;
+                else
+                    for (ac_index d = 0; d < D; d++) panel[d * G] = 0.0f;
+            }
+            for (ac_index i = 0; i < nq16; i++) {
+                col_max[i] = -INFINITY;
+                col_sum[i] = 0.0f;
+            }
+            memset(o_tile, 0, sizeof(float) * nq * D);
+
+            for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
+                const ac_index nk = AC_MIN(block_k, tile_limit - j0);
+                /* st (nk, nq16) = k[j0 : j0 + nk] . qt */
+                ac_tile_gemm_f32(nk, nq16, D, k_head + j0 * D, D, 1, qt, G, G * D, st, block_q, 0);
+                if (causal) /* key j is hidden from the queries i < j - offset of the tile */
+                    for (ac_index jj = 0; jj < nk; jj++) {
+                        const ac_index hidden = AC_MIN(nq16, j0 + jj - offset - i0);
+                        for (ac_index i = 0; i < hidden; i++) st[jj * block_q + i] = -INFINITY;
+                    }
+                ac_softmax_cols_update_f32(st, nk, nq16, block_q, col_max, col_sum, correction);
+                for (ac_index i = 0; i < nq; i++)
+                    if (correction[i] != 1.0f) ac_scale_f32(o_tile + i * D, D, correction[i]);
+                /* o_tile (nq, D) += P (nq, nk) . v[j0 : j0 + nk], P read from st transposed */
+                ac_tile_gemm_f32(nq, D, nk, st, 1, block_q, v_head + j0 * D, D, G, o_tile, D, 1);
+            }
+            for (ac_index i = 0; i < nq; i++) {
+                if (col_sum[i] > 0) ac_scale_f32(o_tile + i * D, D, 1 / col_sum[i]);
+                else memset(o_tile + i * D, 0, sizeof(float) * D);
+            }
+        }
+        free(qt);
+        free(st);
+        free(col_max);
+    }
+    return status;
+}

@@ -17,6 +17,7 @@
  *               Parallel over (batch, head, query tile). Both products go to BLAS gemm as
  *               NN products: K is first transposed per head into (B, Hkv, D, Lk) scratch (the
  *               size of K), so that BLAS may run small tiles without packing the operands.
+ *               On AVX2 machines float32 takes ac_sdpa_flash_tiles_f32 below instead.
  *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.
@@ -42,5 +43,16 @@
 
 AC_SDPA_DECLARE(f32, float, ac_sgemm_fn)
 AC_SDPA_DECLARE(f64, double, ac_dgemm_fn)
+
+/* The flash path with both tile products on tile_gemm.h's kernel (float32, where
+ * ac_tile_gemm_available()). The scores of a tile are computed transposed, keys x queries
+ * (st = K_tile . (scale Q_tile)^T), so that only the query tile is transposed, once per tile
+ * of queries, and the online softmax runs down the columns, one query per vector lane
+ * (simd.h's ac_softmax_cols_update_f32). No scratch grows with the sequence: a few
+ * block_k x block_q tiles per thread. block_q must be a multiple of 16. */
+int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, float *out,
+                            ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
+                            ac_index D, const int64_t *kv_lengths, int causal, float scale,
+                            ac_index block_q, ac_index block_k, int num_threads);
 
 #endif

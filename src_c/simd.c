@@ -100,6 +100,25 @@ static void small_gemm_scalar(const float *x, ac_index ldx, ac_index M, ac_index
             out[i * ldo + j] = dot_scalar(x + i * ldx, w + j * K, K) + (bias ? bias[j] : 0.0f);
 }
 
+/* see ac_softmax_cols_update_f32 */
+static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, ac_index lds,
+                                       float *col_max, float *col_sum, float *correction) {
+    for (ac_index c = 0; c < cols; c++) {
+        float m = col_max[c];
+        for (ac_index r = 0; r < rows; r++) m = s[r * lds + c] > m ? s[r * lds + c] : m;
+        const float shift = m == -INFINITY ? 0.0f : m;
+        float total = 0.0f;
+        for (ac_index r = 0; r < rows; r++) {
+            const float e = expf(s[r * lds + c] - shift);
+            s[r * lds + c] = e;
+            total += e;
+        }
+        correction[c] = expf(col_max[c] - shift);
+        col_sum[c] = col_sum[c] * correction[c] + total;
+        col_max[c] = m;
+    }
+}
+
 /* ---------------------------------------------------------------- AVX2 -------------- */
 #ifdef AC_X86
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -432,6 +451,59 @@ static AVX2 void weighted_sum_avx2(const float *p, const float *v, ac_index n, a
         o[d0] = acc;
     }
 }
+
+/* 2^x for 8 floats x <= 0: x = n + f with n an integer and |f| <= 1/2, 2^f from a degree-5
+ * polynomial fitted for relative error (<= 2e-7 in float32, 1 exactly at f = 0), 2^n added to
+ * the exponent bits. About two thirds of exp256's instructions: no two-part reduction by ln 2,
+ * no overflow side. x < -126 (including -inf) gives 0. The softmax below takes exp(d) as
+ * 2^(d log2(e)) for d = score - max, the difference taken first: it is exact for close scores
+ * however large they are (logits of 1e4 keep float32 accuracy), where scaling the scores by
+ * log2(e) beforehand would round them at their own magnitude. */
+static inline AVX2 __m256 exp2_256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-126.0f);
+    const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.326472615e-03f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671512991e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733581e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402224243e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470037e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_add_epi32(_mm256_castps_si256(p),
+                                          _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
+    return _mm256_andnot_ps(underflow, _mm256_castsi256_ps(bits));
+}
+
+/* see ac_softmax_cols_update_f32: 8 columns per vector, the rows walked twice (max, then exp) */
+static AVX2 void softmax_cols_update_avx2(float *s, ac_index rows, ac_index cols, ac_index lds,
+                                          float *col_max, float *col_sum, float *correction) {
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    const __m256 log2e = _mm256_set1_ps(EXP_LOG2E);
+    ac_index c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        const __m256 old_max = _mm256_loadu_ps(col_max + c);
+        __m256 m = old_max;
+        for (ac_index r = 0; r < rows; r++) m = _mm256_max_ps(m, _mm256_loadu_ps(s + r * lds + c));
+        /* a column with nothing valid yet shifts by 0: exp(-inf) = 0, never exp(-inf + inf) */
+        const __m256 shift = _mm256_andnot_ps(_mm256_cmp_ps(m, minus_inf, _CMP_EQ_OQ), m);
+        __m256 total = _mm256_setzero_ps();
+        for (ac_index r = 0; r < rows; r++) {
+            const __m256 e = exp2_256(
+                _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + r * lds + c), shift), log2e));
+            _mm256_storeu_ps(s + r * lds + c, e);
+            total = _mm256_add_ps(total, e);
+        }
+        const __m256 corr = exp2_256(_mm256_mul_ps(_mm256_sub_ps(old_max, shift), log2e));
+        _mm256_storeu_ps(correction + c, corr);
+        _mm256_storeu_ps(col_sum + c, _mm256_fmadd_ps(_mm256_loadu_ps(col_sum + c), corr, total));
+        _mm256_storeu_ps(col_max + c, m);
+    }
+    if (c < cols)
+        softmax_cols_update_scalar(s + c, rows, cols - c, lds, col_max + c, col_sum + c,
+                                   correction + c);
+}
 #endif
 
 /* ---------------------------------------------------------------- AVX-512 ----------- */
@@ -472,6 +544,16 @@ void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_
 }
 void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
 void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }
+void ac_softmax_cols_update_f32(float *s, ac_index rows, ac_index cols, ac_index lds,
+                                float *col_max, float *col_sum, float *correction) {
+#ifdef AC_X86
+    if (ac_simd_level() >= 1) { /* AVX-512 machines run the AVX2 version (flash tiles only) */
+        softmax_cols_update_avx2(s, rows, cols, lds, col_max, col_sum, correction);
+        return;
+    }
+#endif
+    softmax_cols_update_scalar(s, rows, cols, lds, col_max, col_sum, correction);
+}
 void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
                    float *out) {
     DISPATCH(scores, q, k, n_keys, D, scale, out);

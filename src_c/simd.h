@@ -58,6 +58,15 @@ void ac_weighted_sum_f32(const float *p, const float *v, ac_index n, ac_index D,
  * whatever M is. */
 void ac_small_gemm_f32(const float *x, ac_index ldx, ac_index M, ac_index K, const float *w,
                        ac_index j0, ac_index j1, const float *bias, float *out, ac_index ldo);
+/* One step of an online softmax down the columns of s (rows, cols; row stride lds): a tile of
+ * transposed scores, one column per query. For each column c, with m the max of col_max[c]
+ * and the column, and shift = m (0 when m is -inf: nothing valid yet):
+ *   s[:, c] = exp(s[:, c] - shift),  correction[c] = exp(col_max[c] - shift),
+ *   col_sum[c] = col_sum[c] * correction[c] + sum of the new s[:, c],  col_max[c] = m.
+ * Entries of -inf (masked) become exactly 0; correction is exactly 1 when the max is unchanged.
+ * The vector exp is 2^((x - shift) log2(e)) (simd.c's exp2_256, ~2e-7 relative). */
+void ac_softmax_cols_update_f32(float *s, ac_index rows, ac_index cols, ac_index lds,
+                                float *col_max, float *col_sum, float *correction);
 /* exp over a row with no shift, in place */
 void ac_exp_f32(float *x, ac_index n);
 

@@ -2,9 +2,10 @@
 """attncore's attention kernels against the NumPy oracle (attncore.reference).
 
 Shapes are chosen to reach every strategy of ``attncore.attention`` and every edge of its tiles:
-decode (split-KV, q_len <= 8, keys cut in chunks of 256), flash (q_len > 8, 64-query x 256-key
-tiles), the materialised-weights path (``return_weights``) and the dense-``mask`` path (BLAS
-scores + masked softmax).
+decode (split-KV, q_len <= 8, keys cut in chunks of 256), flash (q_len > 8; tiles of 128 x 96
+or, causal, 48 x 192 on the AVX2 tile kernel, 64 x 192 or 256 x 512 on BLAS), the
+materialised-weights path (``return_weights``) and the dense-``mask`` path (BLAS scores + masked
+softmax). float32 flash runs both ways where the tile kernel is available.
 """
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 
 import attncore
 from attncore import reference
+from attncore.kernels import _sdpa
 from attncore.kernels.attention import DECODE_CHUNK, DECODE_MAX_Q, flash_tiles
 
 from conftest import FLOAT_DTYPES, as64, assert_close, score_atol
@@ -90,19 +92,98 @@ def test_attention_matches_reference(rng, shape, mode, ragged, causal, dtype):
     _run_and_check(q, k, v, dtype, mode, **kw)
 
 
-@pytest.mark.parametrize("small_matrix_kernel", [True, False])
-def test_shapes_reach_every_strategy(small_matrix_kernel):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kernel", ["blas-small-matrix", "blas", "tile"])
+def test_shapes_reach_every_strategy(kernel, causal):
     """The parametrisation above really crosses the tile / chunk edges it claims to, with the
-    flash tiles of either BLAS (with or without OpenBLAS's small-matrix kernel)."""
+    flash tiles of either BLAS (with or without OpenBLAS's small-matrix kernel) and of the tile
+    kernel."""
     q_lens = [p.values[0][3] for p in SHAPES]
     kv_lens = [p.values[0][4] for p in SHAPES]
     assert min(q_lens) <= DECODE_MAX_Q < max(q_lens)
     assert any(1 < q <= DECODE_MAX_Q for q in q_lens)
     assert any(kv > 2 * DECODE_CHUNK for kv in kv_lens)
     flash = [p.values[0] for p in SHAPES if p.values[0][3] > DECODE_MAX_Q]
-    tiles = [flash_tiles(shape[5], small_matrix_kernel) for shape in flash]
+    tiles = [flash_tiles(shape[5], kernel == "blas-small-matrix", kernel == "tile", causal)
+             for shape in flash]
     assert any(s[3] > bq and s[3] % bq for s, (bq, _) in zip(flash, tiles))
     assert any(s[4] > bk and s[4] % bk for s, (_, bk) in zip(flash, tiles))
+    # the tile kernel's query tiles are padded to 16 and its register blocks are 6 rows
+    assert any(s[3] % 16 and s[3] % 6 for s in flash)
+
+
+FLASH_PATHS = [pytest.param(True, id="tile-kernel", marks=pytest.mark.skipif(
+                   not _sdpa.tile_products(), reason="the tile kernel needs the AVX2 kernels")),
+               pytest.param(False, id="blas")]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("tile_kernel", FLASH_PATHS)
+@pytest.mark.parametrize("shape", [p for p in SHAPES if p.values[0][3] > DECODE_MAX_Q])
+def test_flash_float32_on_both_kernels(monkeypatch, rng, shape, tile_kernel, causal):
+    """float32 flash on the tile kernel and on BLAS (whichever a machine would not pick is
+    forced here), ragged lengths included, against the oracle; tiny tiles too."""
+    front = sys.modules["attncore.kernels.attention"]
+    monkeypatch.setattr(front, "USE_TILE_PRODUCTS", tile_kernel)
+    q, k, v = _qkv(rng, shape, np.float32)
+    kw = {"causal": causal, "kv_lengths": _ragged(rng, shape[0], shape[4])}
+    _run_and_check(q, k, v, np.float32, "fused", **kw)
+    monkeypatch.setattr(front, "FLASH_TILES", (16, 7) if tile_kernel else (4, 7))
+    _run_and_check(q, k, v, np.float32, "fused", **kw)
+
+
+def test_flash_tile_kernel_is_used_where_available():
+    """The AVX2 machines (simd level 1) run float32 flash on the tile kernel; others on BLAS."""
+    assert _sdpa.tile_products() == (attncore.info()["simd"] == "avx2+fma")
+    front = sys.modules["attncore.kernels.attention"]
+    assert front.USE_TILE_PRODUCTS == _sdpa.tile_products()
+    assert flash_tiles(64, False, True) == (front.TILE_BLOCK_Q, front.TILE_BLOCK_K)
+    assert flash_tiles(64, False, True, True) == (front.CAUSAL_TILE_BLOCK_Q,
+                                                  front.CAUSAL_TILE_BLOCK_K)
+    assert front.TILE_BLOCK_Q % 16 == 0 and front.CAUSAL_TILE_BLOCK_Q % 16 == 0
+
+
+@pytest.mark.skipif(not _sdpa.tile_products(), reason="the tile kernel needs the AVX2 kernels")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_tile_gemm_every_block_edge(rng, accumulate):
+    """tile_gemm.h's kernel against float64 products at every row remainder of its 6-row blocks
+    and every column remainder of its 16-column groups, A read in place or transposed (P^T),
+    B row-major or in 16-column panels (the flash path's query panels)."""
+    for m in [1, 2, 3, 4, 5, 6, 7, 12, 13, 17]:
+        for n in [1, 7, 8, 9, 15, 16, 17, 31, 33, 40]:
+            kk = int(rng.integers(1, 70))
+            a = rng.standard_normal((m, kk)).astype(np.float32)
+            b = rng.standard_normal((kk, n)).astype(np.float32)
+            c0 = rng.standard_normal((m, n)).astype(np.float32)
+            expected = a.astype(np.float64) @ b + (c0 if accumulate else 0)
+            panels = np.zeros(((n + 15) // 16, kk, 16), np.float32)
+            for j in range(n):
+                panels[j // 16, :, j % 16] = b[:, j]
+            for a_t in (False, True):
+                for b_p in (False, True):
+                    c = c0.copy()
+                    _sdpa.tile_gemm(np.ascontiguousarray(a.T) if a_t else a,
+                                    panels.reshape(-1, kk * 16) if b_p else b, c, accumulate,
+                                    a_t, b_p)
+                    np.testing.assert_allclose(c, expected, rtol=1e-5, atol=1e-5 * kk)
+            # every output is one chain over k: the bits of a row do not depend on the others
+            c_rows = c0.copy()
+            _sdpa.tile_gemm(a[:1], b, c_rows[:1], accumulate)
+            c_all = c0.copy()
+            _sdpa.tile_gemm(a, b, c_all, accumulate)
+            assert np.array_equal(c_rows[0], c_all[0])
+
+
+def test_flash_rejects_tile_kernel_misuse(rng):
+    q = rng.standard_normal((1, 1, 20, 8)).astype(np.float32)
+    out = np.zeros_like(q)
+    with pytest.raises(ValueError, match="block_q"):
+        _sdpa.flash(q, q, q, out, None, False, 0.5, 10, 16, True, 1)
+    with pytest.raises(ValueError, match="block_q and block_k"):
+        _sdpa.flash(q, q, q, out, None, False, 0.5, 16, 0, False, 1)
+    with pytest.raises(ValueError, match="tile_kernel"):
+        _sdpa.flash(q.astype(np.float64), q.astype(np.float64), q.astype(np.float64),
+                    out.astype(np.float64), None, False, 0.5, 16, 16, True, 1)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

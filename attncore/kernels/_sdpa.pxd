@@ -18,6 +18,11 @@ cdef extern from "sdpa.h" nogil:
                           Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
                           double scale, Py_ssize_t block_q, Py_ssize_t block_k, ac_dgemm_fn gemm,
                           int num_threads)
+    int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, float *out,
+                                Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
+                                Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
+                                int causal, float scale, Py_ssize_t block_q, Py_ssize_t block_k,
+                                int num_threads)
     int ac_sdpa_splitkv_f32(const float *q, const float *k, const float *v, float *out,
                             Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
                             Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
@@ -35,3 +40,9 @@ cdef extern from "sdpa.h" nogil:
                             Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
                             int causal, double scale, ac_dgemm_fn gemm, int num_threads)
 
+
+cdef extern from "tile_gemm.h" nogil:
+    int ac_tile_gemm_available()
+    void ac_tile_gemm_f32(Py_ssize_t m, Py_ssize_t n, Py_ssize_t kk, const float *a,
+                          Py_ssize_t lda, Py_ssize_t ak, const float *b, Py_ssize_t ldb,
+                          Py_ssize_t group, float *c, Py_ssize_t ldc, int accumulate)

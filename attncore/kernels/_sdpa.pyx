@@ -14,22 +14,69 @@ cdef _check(int status):
 def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
           const floating[:, :, :, ::1] v, floating[:, :, :, ::1] out,
           const int64_t[::1] kv_lengths, bint causal, double scale, Py_ssize_t block_q,
-          Py_ssize_t block_k, int num_threads):
-    """Tiled online-softmax attention; out (B, H, Lq, D)."""
+          Py_ssize_t block_k, bint tile_kernel, int num_threads):
+    """Tiled online-softmax attention; out (B, H, Lq, D). With tile_kernel (float32 only, where
+    tile_products() is True, block_q a multiple of 16) the tile products run on tile_gemm.h's
+    kernel (ac_sdpa_flash_tiles_f32), otherwise on BLAS."""
     cdef const int64_t *lens = &kv_lengths[0] if kv_lengths is not None else NULL
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError("block_q and block_k must be > 0")
+    if tile_kernel and (floating is double or not ac_tile_gemm_available() or block_q % 16):
+        raise ValueError("tile_kernel needs float32, the AVX2 kernels and block_q % 16 == 0")
     with nogil:
         if floating is float:
-            status = ac_sdpa_flash_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
-                                       &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
-                                       <float>scale, block_q, block_k, sgemm, num_threads)
+            if tile_kernel:
+                status = ac_sdpa_flash_tiles_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
+                                                 &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens,
+                                                 causal, <float>scale, block_q, block_k,
+                                                 num_threads)
+            else:
+                status = ac_sdpa_flash_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
+                                           &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
+                                           <float>scale, block_q, block_k, sgemm, num_threads)
         else:
             status = ac_sdpa_flash_f64(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                        &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
                                        scale, block_q, block_k, dgemm, num_threads)
     _check(status)
+
+
+def tile_products():
+    """True when the float32 flash path can run its tile products on tile_gemm.h's kernel (this
+    process runs the AVX2 kernels, simd.h level 1)."""
+    return bool(ac_tile_gemm_available())
+
+
+def tile_gemm(const float[:, ::1] a, const float[:, ::1] b, float[:, ::1] c, bint accumulate,
+              bint a_transposed=False, bint b_panels=False):
+    """c (m, n) = A (m, kk) . B (+ c when accumulate), on tile_gemm.h's kernel (for tests).
+    A is a, or a.T with a_transposed (a is then (kk, m)); B is b (kk, n), or with b_panels b is
+    (ceil(n / 16), kk * 16): B in panels of 16 columns, as the flash path stores queries."""
+    cdef Py_ssize_t m = c.shape[0], n = c.shape[1]
+    cdef Py_ssize_t kk = a.shape[0] if a_transposed else a.shape[1]
+    cdef Py_ssize_t lda = 1 if a_transposed else a.shape[1]
+    cdef Py_ssize_t ak = a.shape[1] if a_transposed else 1
+    if (a.shape[1] if a_transposed else a.shape[0]) != m:
+        raise ValueError("a: must give c.shape[0] rows")
+    if b_panels:
+        if b.shape[1] != kk * 16 or b.shape[0] * 16 < n:
+            raise ValueError("b: panels must be (ceil(n / 16), kk * 16)")
+    elif b.shape[0] != kk or b.shape[1] != n:
+        raise ValueError("b: must be (kk, c.shape[1])")
+    if m == 0 or n == 0 or kk == 0:
+        if not accumulate:
+            c[:, :] = 0
+        return
+    with nogil:
+        if b_panels:
+            ac_tile_gemm_f32(m, n, kk, &a[0, 0], lda, ak, &b[0, 0], 16, 16 * kk, &c[0, 0], n,
+                             accumulate)
+        else:
+            ac_tile_gemm_f32(m, n, kk, &a[0, 0], lda, ak, &b[0, 0], n, 16, &c[0, 0], n,
+                             accumulate)
 
 
 def split_kv(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,

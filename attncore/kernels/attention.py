@@ -25,28 +25,47 @@ from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_thread
 __all__ = ["attention", "additive_attention", "project_keys", "AdditiveKeys", "luong_attention",
            "nadaraya_watson"]
 
-# Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one BLAS
-# call, with K stored transposed per head so that both are plain NN products.
+# Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one call of
+# a matrix kernel, with K stored transposed per head so that both are plain NN products.
+# * On the AVX2 kernels (TILE_PRODUCTS) float32 tiles run on tile_gemm.h's kernel, which reads
+#   the operands in place: TILE_BLOCK_Q queries (a multiple of 16) x TILE_BLOCK_K keys, scores
+#   transposed (src_c/sdpa.h). Causal prefill takes narrower query tiles, which compute less
+#   above the diagonal (bench/flash_tiles.py, L 128-2048 at one thread: 128 x 96 ran 65-73
+#   GFLOP/s without a mask; with it 48 x 192 ran 45-68, 128 x 96 32-66).
 # * Where OpenBLAS has its SkylakeX-class small-matrix kernel (threads.BLAS_SMALL_MATRIX_KERNEL),
 #   products of at most SMALL_MATRIX_MACS multiply-adds skip the copy of both operands into packed
 #   buffers: SMALL_BLOCK_Q queries x as many keys as keep a product under the limit (64 x 192 at
 #   head_dim 64) ran prefill 1.1-1.3x faster than 256 x 512 (bench/RESULTS.md, "Flash tiles").
 # * Elsewhere every product packs its operands and large tiles amortise that: BLOCK_Q x BLOCK_K,
 #   a 512 KiB float32 score tile (L2-resident).
-# FLASH_TILES, when set to (block_q, block_k), overrides both (tests, bench/flash_tiles.py).
+# FLASH_TILES, when set to (block_q, block_k), overrides all three, and USE_TILE_PRODUCTS = False
+# sends float32 back to BLAS (bench/flash_tiles.py compares them).
 BLOCK_Q = 256
 BLOCK_K = 512
 SMALL_BLOCK_Q = 64
+TILE_BLOCK_Q = 128
+TILE_BLOCK_K = 96
+CAUSAL_TILE_BLOCK_Q = 48
+CAUSAL_TILE_BLOCK_K = 192
+TILE_PRODUCTS = _sdpa.tile_products()
+USE_TILE_PRODUCTS = TILE_PRODUCTS
 FLASH_TILES = None
 DECODE_MAX_Q = 8
 DECODE_CHUNK = 256
 
 
-def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KERNEL):
+def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KERNEL,
+                tile_products: bool | None = None, causal: bool = False):
     """(block_q, block_k) of the flash path for this head_dim (see the comment above); the
-    tiles depend on the shape and the BLAS core only, never on the thread count."""
+    tiles depend on the shape and the kernels of the process only, never on the thread count.
+    tile_products: whether the tile kernel runs the products (default: USE_TILE_PRODUCTS)."""
     if FLASH_TILES is not None:
         return FLASH_TILES
+    if tile_products is None:
+        tile_products = USE_TILE_PRODUCTS
+    if tile_products:
+        return ((CAUSAL_TILE_BLOCK_Q, CAUSAL_TILE_BLOCK_K) if causal
+                else (TILE_BLOCK_Q, TILE_BLOCK_K))
     if small_matrix_kernel:
         keys = SMALL_MATRIX_MACS // (SMALL_BLOCK_Q * head_dim)
         keys = keys // 64 * 64 if keys >= 64 else keys // 16 * 16
@@ -130,8 +149,11 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     if q_len <= DECODE_MAX_Q:
         _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
     else:
-        block_q, block_k = flash_tiles(head_dim)
-        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, block_q, block_k, threads)
+        own = USE_TILE_PRODUCTS and q.dtype == np.float32
+        block_q, block_k = flash_tiles(head_dim, tile_products=own, causal=bool(causal))
+        own = own and block_q % 16 == 0
+        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, block_q, block_k, own,
+                    threads)
     return out
 
 

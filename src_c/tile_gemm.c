@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: Apache-2.0 -- see tile_gemm.h */
+#include "tile_gemm.h"
+#include "simd.h"
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define AC_X86 1
+#include <immintrin.h>
+#endif
+
+int ac_tile_gemm_available(void) {
+#ifdef AC_X86
+    return ac_simd_level() == 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef AC_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* R rows (a constant after inlining) x one group of 16 columns, of which `cols` are real.
+ * Full groups load and store whole vectors; a partial one loads B through a lane mask (the
+ * masked lanes read nothing and count 0) and moves C through a 16-float buffer. */
+static inline __attribute__((always_inline)) AVX2 void
+rows_x16(const int R, const int full, ac_index cols, ac_index kk, const float *a, ac_index lda,
+         ac_index ak, const float *b, ac_index ldb, float *c, ac_index ldc, int accumulate) {
+    __m256 acc[6][2];
+    __m256i mask[2];
+    if (!full) {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        mask[0] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cols), lane);
+        mask[1] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cols - 8), lane);
+    }
+    for (int r = 0; r < R; r++) {
+        if (!accumulate) {
+            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        } else if (full) {
+            acc[r][0] = _mm256_loadu_ps(c + r * ldc);
+            acc[r][1] = _mm256_loadu_ps(c + r * ldc + 8);
+        } else {
+            acc[r][0] = _mm256_maskload_ps(c + r * ldc, mask[0]);
+            acc[r][1] = _mm256_maskload_ps(c + r * ldc + 8, mask[1]);
+        }
+    }
+    for (ac_index k = 0; k < kk; k++) {
+        const float *bk = b + k * ldb;
+        __m256 b0, b1;
+        if (full) {
+            b0 = _mm256_loadu_ps(bk);
+            b1 = _mm256_loadu_ps(bk + 8);
+        } else {
+            b0 = _mm256_maskload_ps(bk, mask[0]);
+            b1 = _mm256_maskload_ps(bk + 8, mask[1]);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256 x = _mm256_broadcast_ss(a + r * lda + k * ak);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        if (full) {
+            _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+            _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+        } else {
+            /* a masked store is slow on AMD cores: go through a buffer */
+            float tmp[16];
+            _mm256_storeu_ps(tmp, acc[r][0]);
+            _mm256_storeu_ps(tmp + 8, acc[r][1]);
+            memcpy(c + r * ldc, tmp, sizeof(float) * cols);
+        }
+    }
+}
+
+/* rows [0, m) of one column group: 6-row blocks, then one block of the 1-5 rows left (R is a
+ * constant in each call, so every block keeps its accumulators in registers) */
+#define ROWS(R, FULL) rows_x16(R, FULL, cols, kk, a + i * lda, lda, ak, b, ldb, c + i * ldc, ldc, \
+                               accumulate)
+#define GROUP_BODY(FULL)                                                                       \
+    ac_index i = 0;                                                                            \
+    for (; i + 6 <= m; i += 6) ROWS(6, FULL);                                                  \
+    switch (m - i) {                                                                           \
+    case 5: ROWS(5, FULL); break;                                                              \
+    case 4: ROWS(4, FULL); break;                                                              \
+    case 3: ROWS(3, FULL); break;                                                              \
+    case 2: ROWS(2, FULL); break;                                                              \
+    case 1: ROWS(1, FULL); break;                                                              \
+    }
+
+static AVX2 void group_full(ac_index m, ac_index kk, const float *a, ac_index lda, ac_index ak,
+                            const float *b, ac_index ldb, float *c, ac_index ldc, int accumulate) {
+    const ac_index cols = AC_TILE_GROUP;
+    GROUP_BODY(1)
+}
+
+static AVX2 void group_part(ac_index m, ac_index cols, ac_index kk, const float *a, ac_index lda,
+                            ac_index ak, const float *b, ac_index ldb, float *c, ac_index ldc,
+                            int accumulate) {
+    GROUP_BODY(0)
+}
+#undef GROUP_BODY
+#undef ROWS
+#endif
+
+void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
+                      ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
+                      ac_index ldc, int accumulate) {
+#ifdef AC_X86
+    /* column groups outside, rows inside: a group's B slice (kk x 16) is read from L1 by
+     * every 6-row block */
+    for (ac_index j0 = 0; j0 < n; j0 += AC_TILE_GROUP) {
+        const float *bj = b + (j0 / AC_TILE_GROUP) * group;
+        if (n - j0 >= AC_TILE_GROUP)
+            group_full(m, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
+        else
+            group_part(m, n - j0, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
+    }
+#else /* the same chains in scalar code (callers use BLAS there; this keeps the call correct) */
+    for (ac_index i = 0; i < m; i++)
+        for (ac_index j = 0; j < n; j++) {
+            float s = accumulate ? c[i * ldc + j] : 0.0f;
+            const float *bj = b + (j / AC_TILE_GROUP) * group + j % AC_TILE_GROUP;
+            for (ac_index k = 0; k < kk; k++) s = fmaf(a[i * lda + k * ak], bj[k * ldb], s);
+            c[i * ldc + j] = s;
+        }
+#endif
+}

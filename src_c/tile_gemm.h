@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * The two products of a flash-attention tile, scores = Q . K^T and out += P . V, without BLAS.
+ *
+ * Why: an attention tile is a few hundred KiB of work on operands already in L1/L2. OpenBLAS's
+ * Haswell kernels (the AVX2 machines of bench/RESULTS.md, which have no small-matrix kernel)
+ * copy both operands into packed buffers on every call; `perf` put ~12% of a 128-token prefill
+ * there. This kernel reads the operands where they are: A(i, k) = a[i * lda + k * ak] (one
+ * element broadcast per row and k: row-major K, or the transposed probabilities P^T), B as
+ * 16-column groups whose k rows are `ldb` apart and whose groups are `group` apart (row-major
+ * V: group 16, ldb D; queries transposed into panels of 16: group 16 * D, ldb 16).
+ *
+ *   C (m x n, row stride ldc) = A (m x kk) . B (kk x n)      (+ C when accumulate)
+ *
+ * Blocks of 6 rows x 16 columns, 12 accumulators (the 6x16 register block of BLIS's Haswell
+ * kernel). Each output is one FMA chain over k = 0 .. kk-1 in order, started from 0 or from C,
+ * whatever m, n or the blocking: the bits of a row do not depend on the other rows.
+ *
+ * AVX2+FMA only (a `target` attribute: the build stays portable); callers check
+ * ac_tile_gemm_available() and otherwise use BLAS.
+ */
+#ifndef ATTNCORE_TILE_GEMM_H
+#define ATTNCORE_TILE_GEMM_H
+#include "attncore.h"
+
+#define AC_TILE_GROUP 16
+
+/* 1 when this process runs the AVX2 kernels (simd.h's level 1): the flash path then uses this
+ * kernel. On AVX-512 machines SciPy's OpenBLAS has its small-matrix kernel, which runs the tile
+ * products unpacked at twice the vector width, so they stay on BLAS. */
+int ac_tile_gemm_available(void);
+
+void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
+                      ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
+                      ac_index ldc, int accumulate);
+
+#endif
