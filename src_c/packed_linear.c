@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 -- see packed_linear.h */
 #include "packed_linear.h"
 #include "simd.h"
+#include "tile_gemm.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -421,6 +422,7 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
                            ac_index small_gemm_macs, int num_threads) {
     const ac_index n_panels = ac_panel_count(N);
     const int bf16 = panel_type == AC_PANELS_BF16;
+    const int tile_kernel = ac_tile_gemm_available();
     if (M <= 0 || N <= 0) return;
     if (M <= ac_packed_panel_max_rows() || K == 0) {
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
@@ -475,6 +477,11 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
                 for (ac_index r = r0; r < r0 + group; r++) {
                     const ac_index i0 = r * tile_m;
                     int m = (int)AC_MIN(tile_m, M - i0);
+                    if (tile_kernel) { /* the panel read in place as 4 groups of 16 columns */
+                        ac_tile_gemm_f32(m, n, k, x + i0 * ldx + k0, ldx, 1, panel, W,
+                                         AC_TILE_GROUP, out + i0 * ldo + j0, ldo, k0 != 0);
+                        continue;
+                    }
                     /* row-major out[i0:, j0:] (m, n) (+)= x[i0:, k0:] (m, k) . panel[k0:] (k, n)
                      * is the column-major out^T = panel^T . x^T: BLAS sees the panel as (n, k)
                      * with stride 64, x as (k, m) with stride ldx */

@@ -9,6 +9,7 @@ import pytest
 
 import attncore
 from attncore import reference
+from attncore.kernels import _sdpa
 
 from conftest import FLOAT_DTYPES, as64, assert_close
 
@@ -477,6 +478,29 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(K, N):
         with attncore.num_threads(2):
             np.testing.assert_array_equal(attncore.linear(x[:M], packed, b), alone[:M],
                                           err_msg=f"M={M}")
+
+
+@pytest.mark.skipif(not _sdpa.tile_products(), reason="the tile kernel needs the AVX2 kernels")
+@pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "K-chunks"])
+def test_packed_linear_rows_past_the_panel_kernel_on_the_tile_kernel(monkeypatch,
+                                                                    small_gemm_macs):
+    # on the AVX2 kernels, rows past the panel kernel's range run on the tile kernel
+    # (src_c/tile_gemm.h), whose outputs are the same FMA chains: a row gives the same bits alone
+    # as in a batch of any size, float32 and bfloat16 panels, K whole or in accumulated chunks
+    monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",
+                        small_gemm_macs)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((531, 300)).astype(np.float32)
+    w = rng.standard_normal((130, 300)).astype(np.float32)
+    b = rng.standard_normal(130).astype(np.float32)
+    for dtype in ("float32", "bfloat16"):
+        packed = attncore.kernels.PackedLinearWeight(w, dtype)
+        alone = np.stack([attncore.linear(x[i:i + 1], packed, b)[0] for i in (0, 255, 256, 530)])
+        for M in (257, 300, 531):
+            with attncore.num_threads(2):
+                got = attncore.linear(x[:M], packed, b)
+            rows = [i for i in (0, 255, 256, 530) if i < M]
+            np.testing.assert_array_equal(got[rows], alone[:len(rows)], err_msg=f"{dtype} M={M}")
 
 
 @pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "small-matrix"])
