@@ -29,14 +29,22 @@ def build(directory):
     rule = "if (M <= ac_packed_panel_max_rows() || K == 0)"
     if rule not in source:
         sys.exit("packed_harness: src_c/packed_linear.c no longer has the row rule it patches")
+    # past the row limit the AVX2 machines now run tile_gemm.h's kernel: held off here, so that
+    # the first column stays BLAS on the panels
+    tile_rule = "const int tile_kernel = ac_tile_gemm_available();"
+    if tile_rule not in source:
+        sys.exit("packed_harness: src_c/packed_linear.c no longer has the tile-kernel rule it "
+                 "patches")
     patched = os.path.join(directory, "packed_linear_rows.c")
     with open(patched, "w") as f:
         f.write("#include \"packed_linear.h\"\nac_index g_panel_rows = 16;\n")
-        f.write(source.replace(rule, "if (M <= g_panel_rows || K == 0)"))
+        f.write(source.replace(rule, "if (M <= g_panel_rows || K == 0)")
+                .replace(tile_rule, "const int tile_kernel = 0;"))
     library = os.path.join(directory, "packed_harness.so")
     subprocess.check_call(["gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-I" + SRC,
                            os.path.join(HERE, "packed_harness.c"), patched,
-                           os.path.join(SRC, "simd.c"), "-lm", "-o", library])
+                           os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
+                           "-lm", "-o", library])
     return ctypes.CDLL(library)
 
 

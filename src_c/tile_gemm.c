@@ -104,20 +104,10 @@ static AVX2 void group_part(ac_index m, ac_index cols, ac_index kk, const float 
 #undef ROWS
 #endif
 
-void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
-                      ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
-                      ac_index ldc, int accumulate) {
-#ifdef AC_X86
-    /* column groups outside, rows inside: a group's B slice (kk x 16) is read from L1 by
-     * every 6-row block */
-    for (ac_index j0 = 0; j0 < n; j0 += AC_TILE_GROUP) {
-        const float *bj = b + (j0 / AC_TILE_GROUP) * group;
-        if (n - j0 >= AC_TILE_GROUP)
-            group_full(m, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
-        else
-            group_part(m, n - j0, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
-    }
-#else /* the same chains in scalar code (callers use BLAS there; this keeps the call correct) */
+/* the same chains in scalar code (callers use BLAS there; this keeps a call correct) */
+static void tile_gemm_scalar(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
+                             ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
+                             ac_index ldc, int accumulate) {
     for (ac_index i = 0; i < m; i++)
         for (ac_index j = 0; j < n; j++) {
             float s = accumulate ? c[i * ldc + j] : 0.0f;
@@ -125,5 +115,24 @@ void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_in
             for (ac_index k = 0; k < kk; k++) s = fmaf(a[i * lda + k * ak], bj[k * ldb], s);
             c[i * ldc + j] = s;
         }
+}
+
+void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
+                      ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
+                      ac_index ldc, int accumulate) {
+#ifdef AC_X86
+    if (ac_simd_level() >= 1) { /* AVX-512 machines can run it too (callers use BLAS there) */
+        /* column groups outside, rows inside: a group's B slice (kk x 16) is read from L1 by
+         * every 6-row block */
+        for (ac_index j0 = 0; j0 < n; j0 += AC_TILE_GROUP) {
+            const float *bj = b + (j0 / AC_TILE_GROUP) * group;
+            if (n - j0 >= AC_TILE_GROUP)
+                group_full(m, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
+            else
+                group_part(m, n - j0, kk, a, lda, ak, bj, ldb, c + j0, ldc, accumulate);
+        }
+        return;
+    }
 #endif
+    tile_gemm_scalar(m, n, kk, a, lda, ak, b, ldb, group, c, ldc, accumulate);
 }

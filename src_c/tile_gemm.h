@@ -16,8 +16,8 @@
  * kernel). Each output is one FMA chain over k = 0 .. kk-1 in order, started from 0 or from C,
  * whatever m, n or the blocking: the bits of a row do not depend on the other rows.
  *
- * AVX2+FMA only (a `target` attribute: the build stays portable); callers check
- * ac_tile_gemm_available() and otherwise use BLAS.
+ * AVX2+FMA (a `target` attribute: the build stays portable), with a scalar fallback of the same
+ * chains for machines without it; callers check ac_tile_gemm_available() and otherwise use BLAS.
  */
 #ifndef ATTNCORE_TILE_GEMM_H
 #define ATTNCORE_TILE_GEMM_H
@@ -25,9 +25,12 @@
 
 #define AC_TILE_GROUP 16
 
-/* 1 when this process runs the AVX2 kernels (simd.h's level 1): the flash path then uses this
- * kernel. On AVX-512 machines SciPy's OpenBLAS has its small-matrix kernel, which runs the tile
- * products unpacked at twice the vector width, so they stay on BLAS. */
+/* 1 when this process runs the AVX2 kernels (simd.h's level 1): the flash path and the packed
+ * products past the panel kernel's rows then use this kernel. On AVX-512 machines SciPy's
+ * OpenBLAS has its small-matrix kernel, which runs the tile products unpacked at twice the
+ * vector width: on the 16-core Xeon of bench/RESULTS.md (session 8) flash at one thread ran
+ * 91-107 GFLOP/s on it and 65-72 on this kernel (ATTNCORE_FORCE_ISA=avx2), so they stay on BLAS
+ * (an AVX-512 version of this kernel is the way on from there). */
 int ac_tile_gemm_available(void);
 
 void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,
