@@ -5,6 +5,24 @@
 #include "sdpa.h"
 #include "real_ops.h"
 
+/* A flash work item: one query tile (rows i0 .. i0 + nq) of head h of batch element b, which
+ * reads kv head g. Items are numbered in (b, h, query tile) order. */
+typedef struct {
+    ac_index b, h, g, i0, nq;
+} flash_item;
+
+static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_index H,
+                                       ac_index group, ac_index block_q, ac_index Lq) {
+    flash_item it;
+    const ac_index bh = item / n_qtiles;
+    it.b = bh / H;
+    it.h = bh % H;
+    it.g = it.h / group;
+    it.i0 = item % n_qtiles * block_q;
+    it.nq = AC_MIN(block_q, Lq - it.i0);
+    return it;
+}
+
 #define REAL float
 #define SUF f32
 #define GEMM_FN ac_sgemm_fn
@@ -54,11 +72,9 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
 #pragma omp for schedule(dynamic, 1)
         for (ac_index item_rev = 0; item_rev < n_items; item_rev++) {
             if (!ok) continue;
-            const ac_index item = n_items - 1 - item_rev;
-            const ac_index bh = item / n_qtiles, qtile = item % n_qtiles;
-            const ac_index b = bh / H, h = bh % H, g = h / group;
-            const ac_index i0 = qtile * block_q;
-            const ac_index nq = AC_MIN(block_q, Lq - i0);
+            const flash_item it = flash_item_at(n_items - 1 - item_rev, n_qtiles, H, group,
+                                                block_q, Lq);
+            const ac_index b = it.b, h = it.h, g = it.g, i0 = it.i0, nq = it.nq;
             const ac_index nq16 = (nq + G - 1) / G * G;   /* padded queries score 0, unused */
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const ac_index offset = Lk - Lq;   /* causal: query i sees keys j <= i + offset */

@@ -2,7 +2,8 @@
  *
  * Body of the SDPA kernels (see sdpa.h), included once per precision by sdpa.c with
  *   REAL  float | double      SUF  f32 | f64      GEMM_FN  ac_sgemm_fn | ac_dgemm_fn
- * Row primitives come from real_ops.h through the CAT(ac_xxx_, SUF) names.
+ * Row primitives come from real_ops.h through the CAT(ac_xxx_, SUF) names; flash_item_at (the
+ * work items of both flash drivers) from sdpa.c.
  */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
@@ -84,11 +85,9 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
 #pragma omp for schedule(dynamic, 1)
         for (ac_index item_rev = 0; item_rev < n_items; item_rev++) {
             if (!ok) continue;
-            const ac_index item = n_items - 1 - item_rev;
-            const ac_index bh = item / n_qtiles, qt = item % n_qtiles;
-            const ac_index b = bh / H, h = bh % H, g = h / group;
-            const ac_index i0 = qt * block_q;
-            const ac_index nq = AC_MIN(block_q, Lq - i0);
+            const flash_item it = flash_item_at(n_items - 1 - item_rev, n_qtiles, H, group,
+                                                block_q, Lq);
+            const ac_index b = it.b, h = it.h, g = it.g, i0 = it.i0, nq = it.nq;
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const REAL *q_tile = q + ((b * H + h) * Lq + i0) * D;
             const REAL *kt_head = kt + (b * Hkv + g) * D * Lk;
