@@ -26,19 +26,22 @@ __all__ = ["attention", "additive_attention", "project_keys", "AdditiveKeys", "l
            "nadaraya_watson"]
 
 # Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one call of
-# a matrix kernel, with K stored transposed per head so that both are plain NN products.
+# a matrix kernel.
 # * On the AVX2 kernels (TILE_PRODUCTS) float32 tiles run on tile_gemm.h's kernel, which reads
-#   the operands in place: TILE_BLOCK_Q queries (a multiple of 16) x TILE_BLOCK_K keys, scores
-#   transposed (src_c/sdpa.h). Causal prefill takes narrower query tiles, which compute less
-#   above the diagonal (bench/flash_tiles.py, L 128-2048 at one thread: 128 x 96 ran 65-73
-#   GFLOP/s without a mask; with it 48 x 192 ran 45-68, 128 x 96 32-66).
-# * Where OpenBLAS has its SkylakeX-class small-matrix kernel (threads.BLAS_SMALL_MATRIX_KERNEL),
-#   products of at most SMALL_MATRIX_MACS multiply-adds skip the copy of both operands into packed
-#   buffers: SMALL_BLOCK_Q queries x as many keys as keep a product under the limit (64 x 192 at
-#   head_dim 64) ran prefill 1.1-1.3x faster than 256 x 512 (bench/RESULTS.md, "Flash tiles").
-# * Elsewhere every product packs its operands and large tiles amortise that: BLOCK_Q x BLOCK_K,
-#   a 512 KiB float32 score tile (L2-resident).
-# FLASH_TILES, when set to (block_q, block_k), overrides all three, and USE_TILE_PRODUCTS = False
+#   K, V and the probabilities in place, scores computed keys x queries (only the query tile
+#   transposed; src_c/sdpa.h): TILE_BLOCK_Q queries (a multiple of 16) x TILE_BLOCK_K keys.
+#   Causal prefill takes narrower query tiles, which compute less above the diagonal
+#   (bench/flash_tiles.py, L 128-2048 at one thread: 128 x 96 ran 65-73 GFLOP/s without a
+#   mask; with it 48 x 192 ran 45-68, 128 x 96 32-66).
+# * Otherwise (float64, AVX-512 machines) both products are BLAS calls, K transposed once per
+#   head so that both are plain NN products. Where OpenBLAS has its SkylakeX-class small-matrix
+#   kernel (threads.BLAS_SMALL_MATRIX_KERNEL), products of at most SMALL_MATRIX_MACS
+#   multiply-adds skip the copy of both operands into packed buffers: SMALL_BLOCK_Q queries x as
+#   many keys as keep a product under the limit (64 x 192 at head_dim 64) ran prefill 1.1-1.3x
+#   faster than 256 x 512 (bench/RESULTS.md, "Flash tiles"). Without it every product packs
+#   its operands and large tiles amortise that: BLOCK_Q x BLOCK_K, a 512 KiB float32 score
+#   tile (L2-resident).
+# FLASH_TILES, when set to (block_q, block_k), overrides them all, and USE_TILE_PRODUCTS = False
 # sends float32 back to BLAS (bench/flash_tiles.py compares them).
 BLOCK_Q = 256
 BLOCK_K = 512
