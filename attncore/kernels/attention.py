@@ -130,8 +130,9 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     if kv_lengths is not None:
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
     threads = get_num_threads()
-    out = np.zeros((batch, heads, q_len, head_dim), dtype=q.dtype)
-    empty = out.size == 0 or kv_len == 0
+    empty = batch * heads * q_len * head_dim == 0 or kv_len == 0
+    # every path below writes each element of out; only an empty problem returns it as made
+    out = (np.zeros if empty else np.empty)((batch, heads, q_len, head_dim), dtype=q.dtype)
     if mask is not None:
         mask = check_bool_mask(mask, "mask", (batch, heads, q_len, kv_len))
         weights = _masked_weights(q, k, scale, causal, kv_lengths, mask, threads)
