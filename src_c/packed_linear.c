@@ -434,7 +434,7 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
      * small-matrix kernel, each product stays under its size limit so that BLAS reads the panel
      * and x in place; otherwise one product per (row tile, panel), which BLAS packs. */
     ac_index k_chunk = K, tile_m = AC_PACKED_TILE_M;
-    if (small_gemm_macs > 0) {
+    if (small_gemm_macs > 0 && !tile_kernel) {
         k_chunk = AC_MIN(K, 256);
         tile_m = AC_MAX(1, AC_MIN(AC_PACKED_TILE_M, small_gemm_macs / (W * k_chunk)));
     }

@@ -47,10 +47,13 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                             ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
                             ac_index D, const int64_t *kv_lengths, int causal, float scale,
                             ac_index block_q, ac_index block_k, int num_threads) {
+    const ac_index G = AC_TILE_GROUP;
+    /* tiles past the problem hold one tile either way: the same work split, less scratch */
+    block_q = AC_MIN(block_q, (Lq + G - 1) / G * G);
+    block_k = AC_MIN(block_k, Lk);
     const ac_index group = H / Hkv;
     const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
     const ac_index n_items = B * H * n_qtiles;
-    const ac_index G = AC_TILE_GROUP;
     int status = AC_OK;
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {

@@ -45,6 +45,9 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
                              ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,
                              const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q,
                              ac_index block_k, GEMM_FN gemm, int num_threads) {
+    /* tiles past the problem hold one tile either way: the same work split, less scratch */
+    block_q = AC_MIN(block_q, Lq);
+    block_k = AC_MIN(block_k, Lk);
     const ac_index group = H / Hkv;
     const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
     const ac_index n_items = B * H * n_qtiles;

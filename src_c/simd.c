@@ -144,8 +144,8 @@ static inline AVX2 __m256 exp256(__m256 x) {
     const __m256 hi = _mm256_set1_ps(EXP_HI);
     const __m256 lo = _mm256_set1_ps(EXP_LO);
     __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(x, hi);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_min_ps(hi, x);   /* (bound, x): a NaN x stays NaN, as in exp512 */
+    x = _mm256_max_ps(lo, x);
     __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f));
     fx = _mm256_floor_ps(fx);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
@@ -462,7 +462,7 @@ static AVX2 void weighted_sum_avx2(const float *p, const float *v, ac_index n, a
 static inline AVX2 __m256 exp2_256(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-126.0f);
     const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_max_ps(lo, x);   /* (bound, x): a NaN x stays NaN */
     const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(x, n);
     __m256 p = _mm256_set1_ps(1.326472615e-03f);

@@ -174,6 +174,29 @@ def test_tile_gemm_every_block_edge(rng, accumulate):
             assert np.array_equal(c_rows[0], c_all[0])
 
 
+def test_kernel_wrappers_check_what_they_index(rng):
+    """attention() validates with messages for users; the private wrappers check the shapes
+    they index by again, so that a direct call cannot run the C kernels out of bounds."""
+    q = np.zeros((2, 4, 20, 8), np.float32)
+    k = np.zeros((2, 2, 30, 8), np.float32)
+    out = np.zeros_like(q)
+    bad = [dict(k=np.zeros((2, 3, 30, 8), np.float32)),
+           dict(v=np.zeros((2, 2, 31, 8), np.float32)),
+           dict(out=np.zeros((2, 4, 20, 9), np.float32)), dict(lens=np.array([31, 0])),
+           dict(lens=np.array([3]))]
+    for change in bad:
+        a = {**dict(q=q, k=k, v=k, out=out, lens=None), **change}
+        with pytest.raises(ValueError):
+            _sdpa.flash(a["q"], a["k"], a["v"], a["out"], a["lens"], False, 0.3, 64, 64, False, 1)
+        with pytest.raises(ValueError):
+            _sdpa.split_kv(a["q"], a["k"], a["v"], a["out"], a["lens"], False, 0.3, 64, 1)
+        with pytest.raises(ValueError):
+            _sdpa.with_weights(a["q"], a["k"], a["v"], a["out"],
+                               np.zeros((2, 4, 20, 30), np.float32), a["lens"], False, 0.3, 1)
+    with pytest.raises(ValueError, match="weights"):
+        _sdpa.with_weights(q, k, k, out, np.zeros((2, 4, 20, 29), np.float32), None, False, 0.3, 1)
+
+
 def test_flash_rejects_tile_kernel_misuse(rng):
     q = rng.standard_normal((1, 1, 20, 8)).astype(np.float32)
     out = np.zeros_like(q)

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Cython wrapper of the fused SDPA kernels (src_c/sdpa.h). Validation lives in
-``attncore.kernels.attention``; here arrays are already C-contiguous, 4-D and consistent."""
+"""Cython wrapper of the fused SDPA kernels (src_c/sdpa.h). Validation with messages for users
+lives in ``attncore.kernels.attention``; here arrays are already C-contiguous, 4-D and
+consistent, and _check_args checks that again so that no direct call indexes out of bounds."""
 from libc.stdint cimport int64_t
 from cython cimport floating
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -9,6 +10,22 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 cdef _check(int status):
     if status != 0:
         raise MemoryError("attncore.attention: could not allocate kernel scratch memory")
+
+
+def _check_args(q, k, v, out, kv_lengths):
+    """q, out (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0; kv_lengths None or (B,)
+    in [0, Lk]: the shapes the kernels index by."""
+    B, H, Lq, D = q.shape[:4]
+    if tuple(k.shape[:4]) != tuple(v.shape[:4]) or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError("k and v must be (B, Hkv, Lk, D) with q's B and D")
+    if k.shape[1] <= 0 or H % k.shape[1]:
+        raise ValueError("k: its heads must divide q's heads")
+    if tuple(out.shape[:4]) != (B, H, Lq, D):
+        raise ValueError("out must have q's shape")
+    if kv_lengths is not None:
+        lengths = memoryview(kv_lengths).tolist()
+        if len(lengths) != B or (B and not 0 <= min(lengths) <= max(lengths) <= k.shape[2]):
+            raise ValueError("kv_lengths must be (B,) in [0, Lk]")
 
 
 def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
@@ -22,6 +39,7 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    _check_args(q, k, v, out, kv_lengths)
     if block_q <= 0 or block_k <= 0:
         raise ValueError("block_q and block_k must be > 0")
     if tile_kernel and (floating is double or not ac_tile_gemm_available() or block_q % 16):
@@ -88,6 +106,7 @@ def split_kv(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    _check_args(q, k, v, out, kv_lengths)
     with nogil:
         if floating is float:
             status = ac_sdpa_splitkv_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
@@ -109,6 +128,10 @@ def with_weights(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    _check_args(q, k, v, out, kv_lengths)
+    if (weights.shape[0] != B or weights.shape[1] != H or weights.shape[2] != Lq
+            or weights.shape[3] != Lk):
+        raise ValueError("weights must be (B, H, Lq, Lk)")
     with nogil:
         if floating is float:
             status = ac_sdpa_weights_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
