@@ -4,19 +4,23 @@
 
 /* Scores of one projected query q (Hd) against n keys kb (n, Hd). The float32 build, given
  * the key factors eb = exp(2 kb) (NULL: none), takes the split tanh of simd.h when the query is
- * within its limit too; otherwise, and for float64, one fused tanh-dot per key. */
+ * within its limit too (and pulls the keys' values vb (n, Dv), read next, into L1 meanwhile);
+ * otherwise, and for float64, one fused tanh-dot per key. */
 static void CAT(additive_scores_, SUF)(const REAL *q, const REAL *kb, const REAL *eb,
                                        REAL *ea_half, const REAL *w_v, ac_index n, ac_index Hd,
-                                       REAL *scores) {
+                                       REAL *scores, const REAL *vb, ac_index Dv) {
 #if AC_ADDITIVE_SPLIT
     if (eb && ac_all_abs_le_f32(q, Hd, AC_TANH_SPLIT_LIMIT)) {
         ac_exp2x_f32(q, ea_half, Hd, 0.5f);
-        ac_tanh_split_scores_f32(ea_half, eb, n, w_v, Hd, scores);
+        ac_tanh_split_scores_f32(ea_half, eb, n, w_v, Hd, scores, vb,
+                                 n * Dv * (ac_index)sizeof(REAL));
         return;
     }
 #else
     (void)eb;
     (void)ea_half;
+    (void)vb;
+    (void)Dv;
 #endif
     for (ac_index j = 0; j < n; j++) scores[j] = CAT(ac_tanh_score_, SUF)(kb + j * Hd, q, w_v, Hd);
 }
@@ -77,7 +81,7 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const float *
             }
 #endif
             if (n_valid > 0) {
-                CAT(additive_scores_, SUF)(q, kb, eb, ea_half, w_v, n_valid, Hd, scores);
+                CAT(additive_scores_, SUF)(q, kb, eb, ea_half, w_v, n_valid, Hd, scores, vb, Dv);
                 REAL mx = CAT(ac_max_, SUF)(scores, n_valid);
                 REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, n_valid, mx);
                 CAT(ac_scale_, SUF)(scores, n_valid, 1 / total);

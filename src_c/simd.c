@@ -304,27 +304,80 @@ static AVX2 void exp2x_avx2(const float *x, float *y, ac_index n, float scale) {
     }
 }
 
-/* t = 1 - 1/d, d = ea_half * eb + 1/2 (see tanh_split_term512). AVX2's vrcpps is only good
- * to 12 bits, so this tier divides. */
+/* t = 1 - 1/d, d = ea_half * eb + 1/2 (see tanh_split_term512), the reciprocal from vrcpps
+ * (12 bits) plus one Newton step: relative error ~1.4e-7 (2^-12 squared, plus rounding), within
+ * a float32 ulp or two of the division it replaces, which ran at one vector per ~4 cycles and
+ * bounded the whole single-query step (bench/RESULTS.md, session 9). d lies in [1/2, 3e36]
+ * under the split's limit, so 1/d is a normal float and vrcpps never sees 0 or inf. */
 static inline AVX2 __m256 tanh_split_term256(__m256 ea_half, __m256 eb) {
     const __m256 one = _mm256_set1_ps(1.f);
     const __m256 d = _mm256_fmadd_ps(ea_half, eb, _mm256_set1_ps(0.5f));
-    return _mm256_sub_ps(one, _mm256_div_ps(one, d));
+    __m256 r = _mm256_rcp_ps(d);
+    r = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(d, r, one), r);
+    return _mm256_sub_ps(one, r);
 }
 
+/* the n % 8 tail of one key, in scalar code but with the vector lanes' arithmetic (a buffer
+ * of 8 padded with d = 1/2 lanes whose w is 0), so a score does not depend on the blocking */
+static inline AVX2 float tanh_split_tail256(const float *ea_half, const float *ej, const float *w,
+                                            ac_index h0, ac_index n) {
+    float a[8] = {0}, e[8] = {0}, wv[8] = {0};
+    for (ac_index h = h0; h < n; h++) {
+        a[h - h0] = ea_half[h];
+        e[h - h0] = ej[h];
+        wv[h - h0] = w[h];
+    }
+    return hsum256(_mm256_mul_ps(_mm256_loadu_ps(wv),
+                                 tanh_split_term256(_mm256_loadu_ps(a), _mm256_loadu_ps(e))));
+}
+
+/* Four keys per pass, so each vector of ea_half and w is loaded once for four scores; one key
+ * at a time for the rest, with the same per-key arithmetic. */
 static AVX2 void tanh_split_scores_avx2(const float *ea_half, const float *eb, ac_index n_keys,
-                                        const float *w, ac_index n, float *out) {
+                                        const float *w, ac_index n, float *out,
+                                        const void *prefetch, ac_index prefetch_bytes) {
     const ac_index n8 = n - n % 8;
-    for (ac_index j = 0; j < n_keys; j++) {
+    ac_index j = 0;
+    /* two lines of the caller's next operand per 8 terms of four keys: its values, in L1 by the
+     * time the weighted sum reads them (the key factors just read are what they evict) */
+    const char *pf = (const char *)prefetch, *pf_end = pf ? pf + prefetch_bytes : pf;
+    for (; j + 4 <= n_keys; j += 4) {
+        const float *e0 = eb + j * n, *e1 = e0 + n, *e2 = e1 + n, *e3 = e2 + n;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+        for (ac_index h = 0; h < n8; h += 8) {
+            if (pf < pf_end) {
+                _mm_prefetch(pf, _MM_HINT_T0);
+                _mm_prefetch(pf + 64, _MM_HINT_T0);
+                pf += 128;
+            }
+            const __m256 a = _mm256_loadu_ps(ea_half + h);
+            const __m256 wv = _mm256_loadu_ps(w + h);
+            acc0 = _mm256_fmadd_ps(wv, tanh_split_term256(a, _mm256_loadu_ps(e0 + h)), acc0);
+            acc1 = _mm256_fmadd_ps(wv, tanh_split_term256(a, _mm256_loadu_ps(e1 + h)), acc1);
+            acc2 = _mm256_fmadd_ps(wv, tanh_split_term256(a, _mm256_loadu_ps(e2 + h)), acc2);
+            acc3 = _mm256_fmadd_ps(wv, tanh_split_term256(a, _mm256_loadu_ps(e3 + h)), acc3);
+        }
+        out[j] = hsum256(acc0);
+        out[j + 1] = hsum256(acc1);
+        out[j + 2] = hsum256(acc2);
+        out[j + 3] = hsum256(acc3);
+        if (n8 < n) {
+            out[j] += tanh_split_tail256(ea_half, e0, w, n8, n);
+            out[j + 1] += tanh_split_tail256(ea_half, e1, w, n8, n);
+            out[j + 2] += tanh_split_tail256(ea_half, e2, w, n8, n);
+            out[j + 3] += tanh_split_tail256(ea_half, e3, w, n8, n);
+        }
+    }
+    for (; j < n_keys; j++) {
         const float *ej = eb + j * n;
         __m256 acc = _mm256_setzero_ps();
         for (ac_index h = 0; h < n8; h += 8)
             acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + h),
                                   tanh_split_term256(_mm256_loadu_ps(ea_half + h),
                                                      _mm256_loadu_ps(ej + h)), acc);
-        float s = hsum256(acc);
-        for (ac_index h = n8; h < n; h++) s += w[h] * (1 - 1 / (ea_half[h] * ej[h] + 0.5f));
-        out[j] = s;
+        out[j] = hsum256(acc);
+        if (n8 < n) out[j] += tanh_split_tail256(ea_half, ej, w, n8, n);
     }
 }
 
@@ -539,8 +592,21 @@ void ac_exp2x_f32(const float *x, float *y, ac_index n, float scale) {
     DISPATCH(exp2x, x, y, n, scale);
 }
 void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_keys,
-                              const float *w, ac_index n, float *out) {
-    DISPATCH(tanh_split_scores, ea_half, eb, n_keys, w, n, out);
+                              const float *w, ac_index n, float *out, const void *prefetch,
+                              ac_index prefetch_bytes) {
+#ifdef AC_X86
+    if (ac_simd_level() == 2) {
+        tanh_split_scores_avx512(ea_half, eb, n_keys, w, n, out);
+        return;
+    }
+    if (ac_simd_level() == 1) {
+        tanh_split_scores_avx2(ea_half, eb, n_keys, w, n, out, prefetch, prefetch_bytes);
+        return;
+    }
+#endif
+    (void)prefetch;
+    (void)prefetch_bytes;
+    tanh_split_scores_scalar(ea_half, eb, n_keys, w, n, out);
 }
 void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
 void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }

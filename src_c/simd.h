@@ -37,10 +37,12 @@ float ac_tanh_score_f32(const float *k, const float *q, const float *w, ac_index
  *   out[j] = sum_h w[h] * (1 - 1 / (ea_half[h] * eb[j, h] + 1/2))
  * with ea_half = exp(2a) / 2 (n), eb = exp(2b) (n_keys, n). Within float32 rounding of tanh
  * when every |a|, |b| <= AC_TANH_SPLIT_LIMIT: each factor is then a normal float and their
- * product stays finite. */
+ * product stays finite. prefetch (prefetch_bytes; NULL: none): what the caller reads next,
+ * pulled into L1 meanwhile by the AVX2 version (the additive kernel passes the keys' values). */
 #define AC_TANH_SPLIT_LIMIT 21.0f
 void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_keys,
-                              const float *w, ac_index n, float *out);
+                              const float *w, ac_index n, float *out, const void *prefetch,
+                              ac_index prefetch_bytes);
 /* y[i] = scale * exp(2 x[i]) (the factors of the split above). */
 void ac_exp2x_f32(const float *x, float *y, ac_index n, float scale);
 /* 1 when every |x[i]| <= limit; 0 otherwise, and when any x[i] is NaN. */

@@ -2,6 +2,7 @@
 #include "tile_gemm.h"
 #include "simd.h"
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -135,4 +136,67 @@ void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_in
     }
 #endif
     tile_gemm_scalar(m, n, kk, a, lda, ak, b, ldb, group, c, ldc, accumulate);
+}
+
+/* The calling thread's copy buffer, kept between calls and grown when a call needs more, so a
+ * product neither mallocs nor touches fresh pages each time (a free()d block of this size can
+ * go back to the system, and a page fault costs ~1.7 us on the VMs of bench/RESULTS.md). Held
+ * for the thread's life: kk * AC_TILE_MATMUL_COLS floats, at most 256 KiB (kk <= 1024, the
+ * callers' limit). */
+static _Thread_local float *scratch;
+static _Thread_local size_t scratch_floats;
+
+static float *thread_scratch(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = (float *)malloc(sizeof(float) * floats);
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
+/* c[i, j] *= alpha for rows [0, m), columns [j0, j1): matmul's alpha, after the product */
+static void scale_columns(float *c, ac_index ldc, ac_index m, ac_index j0, ac_index j1,
+                          float alpha) {
+    if (alpha == 1.0f) return;
+    for (ac_index i = 0; i < m; i++)
+        for (ac_index j = j0; j < j1; j++) c[i * ldc + j] *= alpha;
+}
+
+int ac_tile_matmul_f32(ac_index m, ac_index j0, ac_index j1, ac_index kk, float alpha,
+                       const float *a, ac_index lda, const float *b, ac_index ldb, int trans_b,
+                       float *c, ac_index ldc) {
+    if (!trans_b && ldb <= AC_TILE_INPLACE_MAX_LDB) {
+        ac_tile_gemm_f32(m, j1 - j0, kk, a, lda, 1, b + j0, ldb, AC_TILE_GROUP, c + j0, ldc, 0);
+        scale_columns(c, ldc, m, j0, j1, alpha);
+        return AC_OK;
+    }
+    float *buf = thread_scratch((size_t)kk * AC_TILE_MATMUL_COLS);
+    if (!buf) return AC_ERR_NOMEM;
+    const ac_index G = AC_TILE_GROUP, group = kk * AC_TILE_GROUP;
+    for (ac_index c0 = j0; c0 < j1; c0 += AC_TILE_MATMUL_COLS) {
+        const ac_index width = j1 - c0 < AC_TILE_MATMUL_COLS ? j1 - c0 : AC_TILE_MATMUL_COLS;
+        /* op(B)'s columns [c0, c0 + width) as panels of 16 (k-major inside a panel), copied in
+         * B's own order so the reads are contiguous; lanes past `width` are never read (the
+         * kernel masks them) */
+        if (trans_b) {
+            for (ac_index jj = 0; jj < width; jj++) {
+                const float *bj = b + (c0 + jj) * ldb;
+                float *panel = buf + (jj / G) * group + jj % G;
+                for (ac_index k = 0; k < kk; k++) panel[k * G] = bj[k];
+            }
+        } else {
+            for (ac_index k = 0; k < kk; k++) {
+                const float *bk = b + k * ldb + c0;
+                ac_index jj = 0;
+                for (; jj + G <= width; jj += G) /* a constant size: inlined */
+                    memcpy(buf + (jj / G) * group + k * G, bk + jj, sizeof(float) * AC_TILE_GROUP);
+                if (jj < width)
+                    memcpy(buf + (jj / G) * group + k * G, bk + jj, sizeof(float) * (width - jj));
+            }
+        }
+        ac_tile_gemm_f32(m, width, kk, a, lda, 1, buf, G, group, c + c0, ldc, 0);
+        scale_columns(c, ldc, m, c0, c0 + width, alpha);
+    }
+    return AC_OK;
 }

@@ -505,16 +505,17 @@ def test_additive_padding_does_not_change_a_source(rng):
     np.testing.assert_array_equal(got[:1], attncore.additive_attention(**alone))
 
 
+@pytest.mark.parametrize("hidden", [40, 21])  # 21: each key's hidden % 8 tail, four keys a pass
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
-def test_additive_keys_match_the_reference(rng, q_len, ragged):
+def test_additive_keys_match_the_reference(rng, q_len, ragged, hidden):
     """AdditiveKeys carries the split tanh's key factors: single-query calls take the split
     too. Against the reference, and with two or more queries bit for bit what the kernel
     computes from the projected keys alone (the factors are the same exp(2 k))."""
-    a = _additive_inputs(rng, np.float32, batch=4, q_len=q_len, kv_len=33, hidden=40)
+    a = _additive_inputs(rng, np.float32, batch=4, q_len=q_len, kv_len=33, hidden=hidden)
     kw = {"kv_lengths": [33, 0, 1, 20]} if ragged else {}
     keys = attncore.AdditiveKeys.project(a["keys"], a["w_k"])
-    assert keys.shape == (4, 33, 40) and keys.dtype == np.float32
+    assert keys.shape == (4, 33, hidden) and keys.dtype == np.float32
     np.testing.assert_array_equal(keys.projected, attncore.project_keys(a["keys"], a["w_k"]))
     assert keys.in_limit.dtype == bool and keys.in_limit.all()
     np.testing.assert_allclose(keys.factors, np.exp(2 * as64(keys.projected)), rtol=1e-5)

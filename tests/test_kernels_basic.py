@@ -9,7 +9,7 @@ import pytest
 
 import attncore
 from attncore import reference
-from attncore.kernels import _sdpa
+from attncore.kernels import _blas, _sdpa
 
 from conftest import FLOAT_DTYPES, as64, assert_close
 
@@ -227,6 +227,7 @@ def test_linear_zero_rows_and_zero_out_features(rng):
     pytest.param((1, 1), 1, id="1x1"),
     pytest.param((40, 70), 300, id="2d-column-strips"),      # 4 strips of 80, the last 60
     pytest.param((2, 20, 30), 200, id="3d-column-strips"),   # 64, 64, 64, 8
+    pytest.param((5, 1100), 40, id="K1100"),                 # past the tile kernel's K: BLAS
 ])
 def test_matmul_matches_reference(rng, a_shape, n, alpha, transpose_b, dtype):
     a = rng.standard_normal(a_shape).astype(dtype)
@@ -237,6 +238,33 @@ def test_matmul_matches_reference(rng, a_shape, n, alpha, transpose_b, dtype):
     expected = reference.matmul(*as64(a, b), transpose_b=transpose_b, alpha=alpha)
     atol = gemm_atol(dtype, k, abs(alpha))
     assert_close(out, expected, dtype, atol=atol)
+
+
+@pytest.mark.skipif(not _blas.tile_matmul_used(64), reason="BLAS products on this machine")
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
+@pytest.mark.parametrize("M,K,N", [(40, 64, 200), (300, 33, 37), (24, 256, 256), (9, 70, 600)])
+def test_float32_tile_products_are_row_and_thread_independent(rng, M, K, N, transpose_b):
+    """float32 matmul / linear on the tile kernel (AVX2 machines): each output is one FMA chain
+    over k, so a row's bits do not depend on the other rows or on how threads cut the columns
+    (in place for B rows up to 256 floats apart, copied into panels past that and for B^T)."""
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if transpose_b else (K, N)).astype(np.float32)
+    with attncore.num_threads(1):
+        one = attncore.matmul(a, b, transpose_b=transpose_b, alpha=0.5)
+    with attncore.num_threads(2):
+        two = attncore.matmul(a, b, transpose_b=transpose_b, alpha=0.5)
+    np.testing.assert_array_equal(one, two)
+    for i in (0, M // 2, M - 1):
+        np.testing.assert_array_equal(
+            attncore.matmul(a[i:i + 1], b, transpose_b=transpose_b, alpha=0.5), one[i:i + 1])
+    assert_close(one, reference.matmul(*as64(a, b), transpose_b=transpose_b, alpha=0.5),
+                 np.float32, atol=gemm_atol(np.float32, K, 0.5))
+    if transpose_b:  # linear's layout, past the few-row kernel's 16 rows
+        bias = rng.standard_normal(N).astype(np.float32)
+        lin = attncore.linear(a, b, bias)
+        assert_close(lin, reference.linear(*as64(a, b, bias)), np.float32,
+                     atol=gemm_atol(np.float32, K))
+        np.testing.assert_array_equal(attncore.linear(a[M - 20:], b, bias), lin[M - 20:])
 
 
 def test_matmul_empty_inner_dimension_is_zero():

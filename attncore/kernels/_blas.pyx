@@ -26,6 +26,12 @@ cdef extern from "simd.h":
                            const float *w, Py_ssize_t j0, Py_ssize_t j1, const float *bias,
                            float *out, Py_ssize_t ldo) nogil
 
+cdef extern from "tile_gemm.h":
+    int ac_tile_gemm_available() nogil
+    int ac_tile_matmul_f32(Py_ssize_t m, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t kk,
+                           float alpha, const float *a, Py_ssize_t lda, const float *b,
+                           Py_ssize_t ldb, int trans_b, float *c, Py_ssize_t ldc) nogil
+
 PANEL_WIDTH = AC_PANEL_WIDTH
 
 cdef Py_ssize_t TILE = 256
@@ -43,6 +49,20 @@ cdef Py_ssize_t SMALL_TILE_N = 64
 # MATMUL_MIN_COLS, a multiple of 16), decided by the shape only like every other split.
 cdef Py_ssize_t MATMUL_COL_SPLIT = 4
 cdef Py_ssize_t MATMUL_MIN_COLS = 64
+# float32 products with K up to this many run on attncore's tile kernel where it is the AVX2
+# machines' kernel (tile_gemm.h: 34-45 GMAC/s from 8 to 512 rows where Haswell BLAS ran 9-39);
+# past it a 16-column group no longer sits in L1 and BLAS, which blocks K, takes over.
+cdef Py_ssize_t TILE_MATMUL_MAX_K = 1024
+
+
+cdef inline bint use_tile_matmul(Py_ssize_t K) noexcept nogil:
+    return K <= TILE_MATMUL_MAX_K and ac_tile_gemm_available()
+
+
+def tile_matmul_used(Py_ssize_t K):
+    """Whether float32 ``matmul`` / ``linear`` (past 16 rows) with inner dimension K run on the
+    tile kernel on this machine (else BLAS): for tests."""
+    return bool(use_tile_matmul(K))
 
 
 cdef inline int threads_for(Py_ssize_t macs, int num_threads) noexcept nogil:
@@ -94,6 +114,14 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
                 ac_small_gemm_f32(&x[0, 0], K, M, K, &weight[0, 0], t * SMALL_TILE_N,
                                   min(N, (t + 1) * SMALL_TILE_N), bias_f32, &out[0, 0], N)
             return
+        if use_tile_matmul(K):
+            tile_products(1, M, N, K, 1.0, &x[0, 0], 0, &weight[0, 0], 0, True,
+                          &out[0, 0], 0, num_threads)
+            if has_bias:
+                for i in prange(M, nogil=True, schedule="static",
+                                num_threads=threads_for(M * N * K, num_threads)):
+                    add_bias(&out[i, 0], N, &bias[0], 1, N)
+            return
     for t in prange(row_tiles * col_tiles, nogil=True, schedule="static",
                     num_threads=threads_for(M * N * K, num_threads)):
         i0 = (t // col_tiles) * TILE
@@ -104,6 +132,33 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
                       &weight[j0, 0], <int>K, <floating>0, &out[i0, j0], <int>N)
         if has_bias:
             add_bias(&out[i0, j0], N, &bias[j0], m, n)
+
+
+cdef void tile_products(Py_ssize_t batch, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha,
+                        const float *a, Py_ssize_t a_stride, const float *b, Py_ssize_t b_stride,
+                        bint trans_b, float *out, Py_ssize_t out_stride,
+                        int num_threads) except *:
+    """out[i] (M, N) = alpha * a[i] (M, K) . op(b[i]) on the tile kernel (ac_tile_matmul_f32),
+    C-contiguous operands batch strides apart; op(b) = b^T (b (N, K)) when trans_b, else b
+    (K, N). Cut like BLAS's tiles, by the shape only: rows of TILE and, when there are few row
+    tiles, column strips of a multiple of 16 -- the bits do not depend on the cut anyway."""
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, width = N
+    if batch * row_tiles < MATMUL_COL_SPLIT:
+        width = max(MATMUL_MIN_COLS, (N + MATMUL_COL_SPLIT - 1) // MATMUL_COL_SPLIT)
+        width = min(N, (width + 15) // 16 * 16)
+    cdef Py_ssize_t col_tiles = (N + width - 1) // width, t, bi, i0, j0
+    cdef int failed = 0
+    for t in prange(batch * row_tiles * col_tiles, nogil=True, schedule="static",
+                    num_threads=threads_for(batch * M * N * K, num_threads)):
+        bi = t // (row_tiles * col_tiles)
+        i0 = (t // col_tiles) % row_tiles * TILE
+        j0 = t % col_tiles * width
+        failed += ac_tile_matmul_f32(min(TILE, M - i0), j0, min(N, j0 + width), K, alpha,
+                                     a + bi * a_stride + i0 * K, K, b + bi * b_stride,
+                                     K if trans_b else N, trans_b,
+                                     out + bi * out_stride + i0 * N, N) != 0
+    if failed:
+        raise MemoryError("attncore: could not allocate a tile product's scratch")
 
 
 def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:, :, ::1] out,
@@ -125,6 +180,11 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
         width = max(MATMUL_MIN_COLS, (N + MATMUL_COL_SPLIT - 1) // MATMUL_COL_SPLIT)
         width = min(N, (width + 15) // 16 * 16)
     cdef Py_ssize_t col_tiles = (N + width - 1) // width
+    if floating is float:
+        if use_tile_matmul(K):
+            tile_products(batch, M, N, K, <float>alpha, &a[0, 0, 0], M * K, &b[0, 0, 0],
+                          N * K, trans_b, &out[0, 0, 0], M * N, num_threads)
+            return
     for t in prange(batch * row_tiles * col_tiles, nogil=True, schedule="static",
                     num_threads=threads_for(batch * M * N * K, num_threads)):
         bi = t // (row_tiles * col_tiles)
