@@ -4,12 +4,12 @@
     python bench/kernels.py            # full table (a few minutes on 2 cores)
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
-    python bench/kernels.py --only additive    # sections: attention decode softmax additive packed
+    python bench/kernels.py --only additive    # sections: attention decode softmax additive packed matmul
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
 shapes, softmax vs NumPy, additive attention vs its reference, the products of a decoding step on
-packed float32 and bfloat16 weights vs ``x @ W.T``; finally the peak memory of
+packed float32 and bfloat16 weights vs ``x @ W.T``, float32 matmul / linear vs NumPy; finally the peak memory of
 ``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster.
 """
 import argparse
@@ -163,6 +163,35 @@ def run_packed(threads, torch, rows, quick):
                          2 * m * macs / t_ac / 1e9, t_np, t_th))
 
 
+# (M, K, N): a batch of decoder queries times an attention weight, wider outputs (B rows 4 KiB
+# apart: copied into panels), a block of tokens through a Transformer layer's QKV projection
+MATMUL_SHAPES = [(24, 256, 256), (64, 256, 256), (64, 256, 1024), (256, 512, 512),
+                 (1024, 512, 1536)]
+
+
+def run_matmul(threads, torch, rows, quick):
+    """float32 ``attncore.matmul(a, b)`` and ``attncore.linear(x, w)`` (the tile kernel on AVX2
+    machines, BLAS elsewhere) against NumPy's ``a @ b`` / ``x @ w.T`` (the reference's BLAS)
+    and torch's ``matmul`` / ``F.linear``."""
+    rng = np.random.default_rng(5)
+    for (M, K, N) in ([(24, 64, 80)] if quick else MATMUL_SHAPES):
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        w = np.ascontiguousarray(b.T)
+        for name, ours, ref, theirs in (
+                ("matmul a.b", lambda: attncore.matmul(a, b), lambda: a @ b,
+                 (lambda ta, tb, tw: torch.matmul(ta, tb))),
+                ("linear x.W^T", lambda: attncore.linear(a, w), lambda: a @ w.T,
+                 (lambda ta, tb, tw: torch.nn.functional.linear(ta, tw)))):
+            t_ac, t_np = H.best_time(ours, 20), H.best_time(ref, 20)
+            t_th = float("nan")
+            if torch is not None:
+                ta, tb, tw = (torch.from_numpy(x) for x in (a, b, w))
+                t_th = H.best_time(lambda: theirs(ta, tb, tw), 20)
+            rows.append((threads, f"{name} M={M} K={K} N={N}", t_ac, 2 * M * K * N / t_ac / 1e9,
+                         t_np, t_th))
+
+
 PEAK_SNIPPET = """
 import resource, sys, numpy as np, attncore
 L = int(sys.argv[1])
@@ -182,7 +211,7 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "additive", "packed")
+SECTIONS = ("attention", "decode", "softmax", "additive", "packed", "matmul")
 
 
 def main(argv=None):
@@ -212,6 +241,8 @@ def main(argv=None):
                 run_additive(threads, torch, rows, args.quick)
             if "packed" in args.only:
                 run_packed(threads, torch, rows, args.quick)
+            if "matmul" in args.only:
+                run_matmul(threads, torch, rows, args.quick)
     print()
     print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|")
