@@ -21,7 +21,8 @@ What the engine adds over the trainer's recomputing oracle:
   cross-attention queries and output, feed-forward, vocabulary projection) are also held as
   :class:`~attncore.kernels.PackedLinearWeight` (packed once at load; as much memory again as
   those weights), so a decoding step's few-row products stream each weight once and never
-  re-pack. Encoders and prompts use the plain matrices on BLAS.
+  re-pack. Encoders and prompts use the plain matrices (``kernels.linear``: BLAS, or the tile
+  kernel on AVX2 machines).
 * **One compiled step.** A decoding step (token embedding, every decoder layer against its
   cache, final norm, vocabulary projection, log-softmax) is one call to
   :class:`attncore.kernels._transformer.DecoderStep` with the GIL released, on the same C
