@@ -1,6 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 -- body of additive.c, included per precision */
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
+#ifndef AC_ADDITIVE_PREFETCH_MAX
+#define AC_ADDITIVE_PREFETCH_MAX (24 * 1024)
+#endif
 
 /* Scores of one projected query q (Hd) against n keys kb (n, Hd). The float32 build, given
  * the key factors eb = exp(2 kb) (NULL: none), takes the split tanh of simd.h when the query is
@@ -12,8 +15,11 @@ static void CAT(additive_scores_, SUF)(const REAL *q, const REAL *kb, const REAL
 #if AC_ADDITIVE_SPLIT
     if (eb && ac_all_abs_le_f32(q, Hd, AC_TANH_SPLIT_LIMIT)) {
         ac_exp2x_f32(q, ea_half, Hd, 0.5f);
-        ac_tanh_split_scores_f32(ea_half, eb, n, w_v, Hd, scores, vb,
-                                 n * Dv * (ac_index)sizeof(REAL));
+        /* at most what L1 keeps (32 KiB on the machines measured) beside the factors read
+         * meanwhile: past that the first values would be evicted before they are summed */
+        ac_index prefetch = n * Dv * (ac_index)sizeof(REAL);
+        if (prefetch > AC_ADDITIVE_PREFETCH_MAX) prefetch = AC_ADDITIVE_PREFETCH_MAX;
+        ac_tanh_split_scores_f32(ea_half, eb, n, w_v, Hd, scores, vb, prefetch);
         return;
     }
 #else

@@ -307,8 +307,8 @@ static AVX2 void exp2x_avx2(const float *x, float *y, ac_index n, float scale) {
 /* t = 1 - 1/d, d = ea_half * eb + 1/2 (see tanh_split_term512), the reciprocal from vrcpps
  * (12 bits) plus one Newton step: relative error ~1.4e-7 (2^-12 squared, plus rounding), within
  * a float32 ulp or two of the division it replaces, which ran at one vector per ~4 cycles and
- * bounded the whole single-query step (bench/RESULTS.md, session 9). d lies in [1/2, 3e36]
- * under the split's limit, so 1/d is a normal float and vrcpps never sees 0 or inf. */
+ * bounded the whole single-query step (bench/RESULTS.md, session 9). d lies in [1/2, 1.5e36]
+ * (e^84 / 2) under the split's limit, so 1/d is a normal float and vrcpps never sees 0 or inf. */
 static inline AVX2 __m256 tanh_split_term256(__m256 ea_half, __m256 eb) {
     const __m256 one = _mm256_set1_ps(1.f);
     const __m256 d = _mm256_fmadd_ps(ea_half, eb, _mm256_set1_ps(0.5f));
@@ -340,16 +340,17 @@ static AVX2 void tanh_split_scores_avx2(const float *ea_half, const float *eb, a
     ac_index j = 0;
     /* two lines of the caller's next operand per 8 terms of four keys: its values, in L1 by the
      * time the weighted sum reads them (the key factors just read are what they evict) */
-    const char *pf = (const char *)prefetch, *pf_end = pf ? pf + prefetch_bytes : pf;
+    const char *pf = (const char *)prefetch;
+    ac_index pf_done = pf ? 0 : prefetch_bytes; /* bytes asked for so far */
     for (; j + 4 <= n_keys; j += 4) {
         const float *e0 = eb + j * n, *e1 = e0 + n, *e2 = e1 + n, *e3 = e2 + n;
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
         for (ac_index h = 0; h < n8; h += 8) {
-            if (pf < pf_end) {
-                _mm_prefetch(pf, _MM_HINT_T0);
-                _mm_prefetch(pf + 64, _MM_HINT_T0);
-                pf += 128;
+            if (pf_done < prefetch_bytes) {
+                _mm_prefetch(pf + pf_done, _MM_HINT_T0);
+                if (pf_done + 64 < prefetch_bytes) _mm_prefetch(pf + pf_done + 64, _MM_HINT_T0);
+                pf_done += 128;
             }
             const __m256 a = _mm256_loadu_ps(ea_half + h);
             const __m256 wv = _mm256_loadu_ps(w + h);

@@ -2,6 +2,7 @@
 #include "tile_gemm.h"
 #include "simd.h"
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -199,19 +200,34 @@ static void transpose_into_panels(const float *b, ac_index ldb, ac_index width, 
 
 /* The calling thread's copy buffer, kept between calls and grown when a call needs more, so a
  * product neither mallocs nor touches fresh pages each time (a free()d block of this size can
- * go back to the system, and a page fault costs ~1.7 us on the VMs of bench/RESULTS.md). Held
- * for the thread's life: kk * AC_TILE_MATMUL_COLS floats, at most 256 KiB (kk <= 1024, the
- * callers' limit). */
-static _Thread_local float *scratch;
-static _Thread_local size_t scratch_floats;
+ * go back to the system, and a page fault costs ~1.7 us on the VMs of bench/RESULTS.md): at
+ * most kk * AC_TILE_MATMUL_COLS floats (256 KiB, kk <= 1024 in the callers), held in a
+ * pthread key whose destructor frees it when the thread exits. */
+typedef struct {
+    size_t floats;
+    float data[];
+} scratch_block;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, free) == 0; }
 
 static float *thread_scratch(size_t floats) {
-    if (floats > scratch_floats) {
-        free(scratch);
-        scratch = (float *)malloc(sizeof(float) * floats);
-        scratch_floats = scratch ? floats : 0;
+    pthread_once(&scratch_once, make_scratch_key);
+    if (!scratch_key_ok) return NULL;
+    scratch_block *block = (scratch_block *)pthread_getspecific(scratch_key);
+    if (!block || block->floats < floats) {
+        free(block);
+        block = (scratch_block *)malloc(sizeof(scratch_block) + sizeof(float) * floats);
+        if (block) block->floats = floats;
+        if (pthread_setspecific(scratch_key, block) != 0) {
+            free(block);
+            return NULL;
+        }
     }
-    return scratch;
+    return block ? block->data : NULL;
 }
 
 /* c[i, j] *= alpha for rows [0, m), columns [j0, j1): matmul's alpha, after the product */
