@@ -43,6 +43,10 @@ static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_inde
 #include "simd.h"
 #include "tile_gemm.h"
 
+/* the diagonal block's P . V runs in chunks of this many query rows (two of the tile kernel's
+ * 6-row blocks), each over the keys its last row sees */
+#define CAUSAL_PV_ROWS 12
+
 int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, float *out,
                             ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
                             ac_index D, const int64_t *kv_lengths, int causal, float scale,
@@ -103,8 +107,21 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
 
             for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
                 const ac_index nk = AC_MIN(block_k, tile_limit - j0);
-                /* st (nk, nq16) = k[j0 : j0 + nk] . qt */
-                ac_tile_gemm_f32(nk, nq16, D, k_head + j0 * D, D, 1, qt, G, G * D, st, block_q, 0);
+                /* keys of this block some query of the tile may not see (causal): the block
+                 * crossing the diagonal */
+                const int diagonal = causal && j0 + nk > i0 + offset + 1;
+                /* st (nk, nq16) = k[j0 : j0 + nk] . qt; on the diagonal, each group of 16
+                 * queries only up to its last query's last key (the rest is masked below) */
+                if (!diagonal)
+                    ac_tile_gemm_f32(nk, nq16, D, k_head + j0 * D, D, 1, qt, G, G * D, st,
+                                     block_q, 0);
+                else
+                    for (ac_index q0 = 0; q0 < nq16; q0 += G) {
+                        const ac_index rows = AC_MIN(nk, i0 + q0 + G + offset - j0);
+                        if (rows > 0)
+                            ac_tile_gemm_f32(rows, G, D, k_head + j0 * D, D, 1, qt + q0 * D, G,
+                                             G * D, st + q0, block_q, 0);
+                    }
                 if (causal) /* key j is hidden from the queries i < j - offset of the tile */
                     for (ac_index jj = 0; jj < nk; jj++) {
                         const ac_index hidden = AC_MIN(nq16, j0 + jj - offset - i0);
@@ -113,8 +130,20 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                 ac_softmax_cols_update_f32(st, nk, nq16, block_q, col_max, col_sum, correction);
                 for (ac_index i = 0; i < nq; i++)
                     if (correction[i] != 1.0f) ac_scale_f32(o_tile + i * D, D, correction[i]);
-                /* o_tile (nq, D) += P (nq, nk) . v[j0 : j0 + nk], P read from st transposed */
-                ac_tile_gemm_f32(nq, D, nk, st, 1, block_q, v_head + j0 * D, D, G, o_tile, D, 1);
+                /* o_tile (nq, D) += P (nq, nk) . v[j0 : j0 + nk], P read from st transposed;
+                 * on the diagonal, rows in chunks of 12 stop after their last visible key
+                 * (the terms left out have P = 0: the same sums) */
+                if (!diagonal)
+                    ac_tile_gemm_f32(nq, D, nk, st, 1, block_q, v_head + j0 * D, D, G, o_tile, D,
+                                     1);
+                else
+                    for (ac_index r0 = 0; r0 < nq; r0 += CAUSAL_PV_ROWS) {
+                        const ac_index rows = AC_MIN(CAUSAL_PV_ROWS, nq - r0);
+                        const ac_index keys = AC_MIN(nk, i0 + r0 + rows + offset - j0);
+                        if (keys > 0)
+                            ac_tile_gemm_f32(rows, D, keys, st + r0, 1, block_q, v_head + j0 * D,
+                                             D, G, o_tile + r0 * D, D, 1);
+                    }
             }
             for (ac_index i = 0; i < nq; i++) {
                 if (col_sum[i] > 0) ac_scale_f32(o_tile + i * D, D, 1 / col_sum[i]);
