@@ -230,20 +230,24 @@ static float *thread_scratch(size_t floats) {
     return block ? block->data : NULL;
 }
 
-/* c[i, j] *= alpha for rows [0, m), columns [j0, j1): matmul's alpha, after the product */
-static void scale_columns(float *c, ac_index ldc, ac_index m, ac_index j0, ac_index j1,
-                          float alpha) {
-    if (alpha == 1.0f) return;
-    for (ac_index i = 0; i < m; i++)
-        for (ac_index j = j0; j < j1; j++) c[i * ldc + j] *= alpha;
+/* c[i, j] = alpha * c[i, j] + bias[j] for rows [0, m), columns [j0, j1), after the product
+ * and while it is still in cache: matmul's alpha (skipped at 1), linear's bias (NULL: none) */
+static void epilogue(float *c, ac_index ldc, ac_index m, ac_index j0, ac_index j1, float alpha,
+                     const float *bias) {
+    if (alpha != 1.0f)
+        for (ac_index i = 0; i < m; i++)
+            for (ac_index j = j0; j < j1; j++) c[i * ldc + j] *= alpha;
+    if (bias)
+        for (ac_index i = 0; i < m; i++)
+            for (ac_index j = j0; j < j1; j++) c[i * ldc + j] += bias[j];
 }
 
 int ac_tile_matmul_f32(ac_index m, ac_index j0, ac_index j1, ac_index kk, float alpha,
                        const float *a, ac_index lda, const float *b, ac_index ldb, int trans_b,
-                       float *c, ac_index ldc) {
+                       const float *bias, float *c, ac_index ldc) {
     if (!trans_b && ldb <= AC_TILE_INPLACE_MAX_LDB) {
         ac_tile_gemm_f32(m, j1 - j0, kk, a, lda, 1, b + j0, ldb, AC_TILE_GROUP, c + j0, ldc, 0);
-        scale_columns(c, ldc, m, j0, j1, alpha);
+        epilogue(c, ldc, m, j0, j1, alpha, bias);
         return AC_OK;
     }
     float *buf = thread_scratch((size_t)kk * AC_TILE_MATMUL_COLS);
@@ -267,7 +271,7 @@ int ac_tile_matmul_f32(ac_index m, ac_index j0, ac_index j1, ac_index kk, float 
             }
         }
         ac_tile_gemm_f32(m, width, kk, a, lda, 1, buf, G, group, c + c0, ldc, 0);
-        scale_columns(c, ldc, m, c0, c0 + width, alpha);
+        epilogue(c, ldc, m, c0, c0 + width, alpha, bias);
     }
     return AC_OK;
 }

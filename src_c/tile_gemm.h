@@ -40,9 +40,10 @@ void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_in
                       ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
                       ac_index ldc, int accumulate);
 
-/* Columns [j0, j1) of C (m x n, row stride ldc) = alpha * A (m x kk, row stride lda) . op(B),
- * op(B) = B stored (kk x n, row stride ldb), or with trans_b B^T of B stored (n x kk, row stride
- * ldb): a plain row-major product, for BLAS-shaped callers (attncore.matmul, linear).
+/* Columns [j0, j1) of C (m x n, row stride ldc) = alpha * A (m x kk, row stride lda) . op(B)
+ * (+ bias (n), NULL: none), op(B) = B stored (kk x n, row stride ldb), or with trans_b B^T of B
+ * stored (n x kk, row stride ldb): a plain row-major product, for BLAS-shaped callers
+ * (attncore.matmul, linear).
  *
  * B's rows at most AC_TILE_INPLACE_MAX_LDB floats apart (1 KiB) are read in place, as the
  * flash path reads V. Wider B, and every B^T, is first copied 64 columns at a time into panels
@@ -50,10 +51,10 @@ void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_in
  * floats, kept for its next call): in place, a group whose rows lie 2-4 KiB or more apart falls
  * on few L2 sets or a new page per row, and ran at 10-35 GMAC/s (n = 512-4000 columns) where
  * the copied panels ran 34-45 at every shape measured (this machine, session 9; Haswell BLAS
- * 9-39). Each output is the kernel's one FMA chain over k, times alpha when alpha != 1: the
- * bits do not depend on j0, j1, m or the copy. */
+ * 9-39). Each output is the kernel's one FMA chain over k, times alpha when alpha != 1, plus
+ * its bias: the bits do not depend on j0, j1, m or the copy. */
 int ac_tile_matmul_f32(ac_index m, ac_index j0, ac_index j1, ac_index kk, float alpha,
                        const float *a, ac_index lda, const float *b, ac_index ldb, int trans_b,
-                       float *c, ac_index ldc); /* AC_OK, or AC_ERR_NOMEM (no buffer) */
+                       const float *bias, float *c, ac_index ldc); /* AC_OK, or AC_ERR_NOMEM (no buffer) */
 
 #endif

@@ -30,7 +30,8 @@ cdef extern from "tile_gemm.h":
     int ac_tile_gemm_available() nogil
     int ac_tile_matmul_f32(Py_ssize_t m, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t kk,
                            float alpha, const float *a, Py_ssize_t lda, const float *b,
-                           Py_ssize_t ldb, int trans_b, float *c, Py_ssize_t ldc) nogil
+                           Py_ssize_t ldb, int trans_b, const float *bias, float *c,
+                           Py_ssize_t ldc) nogil
 
 PANEL_WIDTH = AC_PANEL_WIDTH
 
@@ -116,11 +117,7 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
             return
         if use_tile_matmul(K):
             tile_products(1, M, N, K, 1.0, &x[0, 0], 0, &weight[0, 0], 0, True,
-                          &out[0, 0], 0, num_threads)
-            if has_bias:
-                for i in prange(M, nogil=True, schedule="static",
-                                num_threads=threads_for(M * N * K, num_threads)):
-                    add_bias(&out[i, 0], N, &bias[0], 1, N)
+                          &bias[0] if has_bias else NULL, &out[0, 0], 0, num_threads)
             return
     for t in prange(row_tiles * col_tiles, nogil=True, schedule="static",
                     num_threads=threads_for(M * N * K, num_threads)):
@@ -134,18 +131,28 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
             add_bias(&out[i0, j0], N, &bias[j0], m, n)
 
 
-cdef void tile_products(Py_ssize_t batch, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha,
-                        const float *a, Py_ssize_t a_stride, const float *b, Py_ssize_t b_stride,
-                        bint trans_b, float *out, Py_ssize_t out_stride,
-                        int num_threads) except *:
-    """out[i] (M, N) = alpha * a[i] (M, K) . op(b[i]) on the tile kernel (ac_tile_matmul_f32),
-    C-contiguous operands batch strides apart; op(b) = b^T (b (N, K)) when trans_b, else b
-    (K, N). Cut like BLAS's tiles, by the shape only: rows of TILE and, when there are few row
-    tiles, column strips of a multiple of 16 -- the bits do not depend on the cut anyway."""
-    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, width = N
+cdef inline Py_ssize_t strip_width(Py_ssize_t batch, Py_ssize_t row_tiles,
+                                   Py_ssize_t N) noexcept nogil:
+    """Columns of matmul's tiles: all N, or, with few row tiles (one product of a few hundred
+    rows, e.g. a batch of queries times a weight), up to MATMUL_COL_SPLIT strips of a multiple
+    of 16 so that threads share it."""
+    cdef Py_ssize_t width = N
     if batch * row_tiles < MATMUL_COL_SPLIT:
         width = max(MATMUL_MIN_COLS, (N + MATMUL_COL_SPLIT - 1) // MATMUL_COL_SPLIT)
         width = min(N, (width + 15) // 16 * 16)
+    return width
+
+
+cdef void tile_products(Py_ssize_t batch, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha,
+                        const float *a, Py_ssize_t a_stride, const float *b, Py_ssize_t b_stride,
+                        bint trans_b, const float *bias, float *out, Py_ssize_t out_stride,
+                        int num_threads) except *:
+    """out[i] (M, N) = alpha * a[i] (M, K) . op(b[i]) (+ bias, NULL: none) on the tile kernel
+    (ac_tile_matmul_f32), C-contiguous operands batch strides apart; op(b) = b^T (b (N, K))
+    when trans_b, else b (K, N). Cut like BLAS's tiles, by the shape only (rows of TILE,
+    strip_width columns) -- the bits do not depend on the cut anyway."""
+    cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE
+    cdef Py_ssize_t width = strip_width(batch, row_tiles, N)
     cdef Py_ssize_t col_tiles = (N + width - 1) // width, t, bi, i0, j0
     cdef int failed = 0
     for t in prange(batch * row_tiles * col_tiles, nogil=True, schedule="static",
@@ -155,7 +162,7 @@ cdef void tile_products(Py_ssize_t batch, Py_ssize_t M, Py_ssize_t N, Py_ssize_t
         j0 = t % col_tiles * width
         failed += ac_tile_matmul_f32(min(TILE, M - i0), j0, min(N, j0 + width), K, alpha,
                                      a + bi * a_stride + i0 * K, K, b + bi * b_stride,
-                                     K if trans_b else N, trans_b,
+                                     K if trans_b else N, trans_b, bias,
                                      out + bi * out_stride + i0 * N, N) != 0
     if failed:
         raise MemoryError("attncore: could not allocate a tile product's scratch")
@@ -173,18 +180,13 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
     if K == 0:
         out[:, :, :] = 0
         return
-    # Few row tiles (one product of a few hundred rows, e.g. a batch of queries times a weight):
-    # the columns are cut too, into up to MATMUL_COL_SPLIT strips, so that threads share it.
-    cdef Py_ssize_t width = N
-    if batch * row_tiles < MATMUL_COL_SPLIT:
-        width = max(MATMUL_MIN_COLS, (N + MATMUL_COL_SPLIT - 1) // MATMUL_COL_SPLIT)
-        width = min(N, (width + 15) // 16 * 16)
-    cdef Py_ssize_t col_tiles = (N + width - 1) // width
     if floating is float:
         if use_tile_matmul(K):
             tile_products(batch, M, N, K, <float>alpha, &a[0, 0, 0], M * K, &b[0, 0, 0],
-                          N * K, trans_b, &out[0, 0, 0], M * N, num_threads)
+                          N * K, trans_b, NULL, &out[0, 0, 0], M * N, num_threads)
             return
+    cdef Py_ssize_t width = strip_width(batch, row_tiles, N)
+    cdef Py_ssize_t col_tiles = (N + width - 1) // width
     for t in prange(batch * row_tiles * col_tiles, nogil=True, schedule="static",
                     num_threads=threads_for(batch * M * N * K, num_threads)):
         bi = t // (row_tiles * col_tiles)
