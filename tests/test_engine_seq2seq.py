@@ -107,6 +107,46 @@ def test_teacher_forced_log_probs_match_the_trainer(name):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_folded_embeddings_equal_the_unfolded_model(name, monkeypatch):
+    # EMBEDDING_FOLD_MAX_BYTES: the first layers' embedding products looked up from tables
+    # made at load (every model here folds) or multiplied at each step (cap 0); both match
+    # the trainer, and each other to float32 rounding
+    import attncore.models.seq2seq as seq2seq
+    folded, trainer = _pair(name)
+    monkeypatch.setattr(seq2seq, "EMBEDDING_FOLD_MAX_BYTES", 0)
+    unfolded, _ = _pair(name)
+    assert folded._decoder_step.folds_embedding and folded.src_input_tables is not None
+    assert not unfolded._decoder_step.folds_embedding and unfolded.src_input_tables is None
+    rng = np.random.default_rng(4)
+    sources = _random_batch(rng, 13, [5, 1, 7, 3])
+    tgt_in = np.concatenate([np.full((4, 1), 1), rng.integers(3, 11, (4, 5))], axis=1)
+    ref_lp, ref_att = _trainer_teacher_forced(trainer, sources, tgt_in)
+    results = []
+    for engine in (folded, unfolded):
+        lp, att = _engine_teacher_forced(engine, sources, tgt_in)
+        _assert_log_probs_close(lp, ref_lp)
+        np.testing.assert_allclose(att, ref_att, rtol=RTOL, atol=ATOL)
+        results.append((lp, att))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert ([r.tokens for r in folded.generate(sources, max_length=12)] ==
+            [r.tokens for r in unfolded.generate(sources, max_length=12)])
+
+
+def test_embedding_tables_past_the_cap_are_not_made(monkeypatch):
+    # the cap counts a table's bytes: vocab x G*H float32 per table (GRU, H = 8: 13 x 24 x 4
+    # = 1248 bytes for the source side, 11 x 24 x 4 = 1056 for the target side)
+    import attncore.models.seq2seq as seq2seq
+    monkeypatch.setattr(seq2seq, "EMBEDDING_FOLD_MAX_BYTES", 1056)
+    engine, _ = _pair("gru-bahdanau")
+    assert engine.src_input_tables is None and engine._decoder_step.folds_embedding
+    monkeypatch.setattr(seq2seq, "EMBEDDING_FOLD_MAX_BYTES", 1248)
+    engine, _ = _pair("gru-bahdanau")
+    assert engine.src_input_tables[0].shape == (13, 24)
+    assert not engine.src_input_tables[0].flags.writeable
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_greedy_tokens_match_the_trainer_on_a_ragged_batch(name):
     engine, trainer = _pair(name, seed=5)
     sources = _random_batch(np.random.default_rng(1), 13, [6, 2, 9, 4, 1])

@@ -51,6 +51,28 @@ cdef inline void _linear(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_
                           small_gemm_macs, num_threads)
 
 
+cdef void _folded_input(const float *x, Py_ssize_t ldx, Py_ssize_t B, Py_ssize_t K,
+                       const void *w_rest, int panel_type, Py_ssize_t N, const float *table,
+                       const int64_t *tokens, float *gx, Py_ssize_t small_gemm_macs,
+                       int num_threads) noexcept nogil:
+    """gx (B, N) = x (B, K; row stride ldx) . W_rest^T + table[tokens[b]]: layer 0's input
+    product with the embedding's share (and the bias) looked up (``fold_embedding``). K = 0
+    (no other inputs) copies the table rows."""
+    cdef Py_ssize_t b, j
+    cdef const float *row
+    cdef float *g
+    if K > 0:
+        _linear(x, ldx, B, K, w_rest, panel_type, N, NULL, gx, N, small_gemm_macs, num_threads)
+    for b in range(B):
+        row = table + tokens[b] * N
+        g = gx + b * N
+        if K > 0:
+            for j in range(N):
+                g[j] = g[j] + row[j]
+        else:
+            memcpy(g, row, N * sizeof(float))
+
+
 cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, float *gh, float *h, float *c,
                 Py_ssize_t B, Py_ssize_t H, int num_threads) noexcept nogil:
     """In place: h (B, H) [and c] := cell(gx, gh, h [, c]). gx: rows ``ldx`` apart (one time
@@ -152,13 +174,18 @@ cdef class DecoderStep:
     :meth:`step` at once on their own state arrays.
     """
     cdef readonly int attention, num_layers, embed_dim, hidden, attention_dim, vocab
-    cdef readonly bint lstm, input_feeding, feeds_context
+    cdef readonly bint lstm, input_feeding, feeds_context, folds_embedding
     cdef Py_ssize_t small_gemm_macs
     cdef readonly str weight_dtype  # how the matrices are held: "float32" or "bfloat16"
     cdef int panel_type
     cdef object _keep               # the weight arrays, alive as long as the pointers below
     # matrices are held as the panels of a PackedLinearWeight (shapes below are the weights')
     cdef const float *emb
+    # embedding folded into layer 0's input product (``fold_embedding``): in_table (V_tgt, G*H)
+    # = E . W_emb^T + b_ih[0], and w_ih[0] holds only the other columns (x_width of them; it is
+    # NULL when there are none), so layer 0's gates are x . W_rest^T + in_table[y]
+    cdef const float *in_table
+    cdef Py_ssize_t x_width
     cdef const void *w_ih[64]
     cdef const void *w_hh[64]
     cdef const float *b_ih[64]
@@ -172,12 +199,20 @@ cdef class DecoderStep:
 
     def __init__(self, str attention, bint lstm, bint input_feeding, embedding, list w_ih,
                  list w_hh, list b_ih, list b_hh, att_query, att_score, linear_in, att_output,
-                 out_weight, out_bias, Py_ssize_t small_gemm_macs=0, str weight_dtype="float32"):
+                 out_weight, out_bias, Py_ssize_t small_gemm_macs=0, str weight_dtype="float32",
+                 bint fold_embedding=False):
         """Weights in torch layouts; small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``;
         weight_dtype: how the matrices are packed (``PackedLinearWeight``: "float32", or
-        "bfloat16", each weight rounded to it)."""
+        "bfloat16", each weight rounded to it).
+
+        fold_embedding: precompute the target embedding's share of layer 0's input product
+        for every token, ``E . W_emb^T + b_ih[0]`` (V_tgt, G*H) float32, computed once by
+        :func:`linear` on the packed (so, with bfloat16, rounded) columns: a step then reads
+        one row of it instead of multiplying E[y] by W_emb (E*G*H of the step's multiply-adds,
+        and of the weights it streams). The same sums, rounded once more (the embedding's and
+        the other inputs' parts are added, not one chain). Costs V_tgt*G*H*4 bytes."""
         import numpy as np
-        from .basic import PackedLinearWeight
+        from .basic import PackedLinearWeight, linear
         if attention not in ATTENTION_CODES:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_CODES)}, got {attention!r}")
         if not 1 <= len(w_ih) <= 64 or not len(w_ih) == len(w_hh) == len(b_ih) == len(b_hh):
@@ -212,9 +247,29 @@ cdef class DecoderStep:
         self.embed_dim, self.hidden, self.vocab = E, H, V
         self.small_gemm_macs = small_gemm_macs
         self.attention_dim = np.shape(att_query)[0] if att_query is not None else 0
-        m2 = f32(embedding, (np.shape(embedding)[0], E), "embedding"); self.emb = &m2[0, 0]
+        emb_array = f32(embedding, (np.shape(embedding)[0], E), "embedding")
+        m2 = emb_array; self.emb = &m2[0, 0]
+        self.in_table = NULL
+        self.x_width = E + (H if self.feeds_context else 0)
         for layer in range(self.num_layers):
-            width = (E + (H if self.feeds_context else 0)) if layer == 0 else H
+            width = self.x_width if layer == 0 else H
+            if layer == 0 and fold_embedding:
+                # the embedding's columns: [c ; E[y]] (Bahdanau) or [E[y] (; h~)] (Luong)
+                w0 = f32(w_ih[0], (G * H, width), "w_ih[0]")
+                emb_cols = slice(H, H + E) if self.attention == BAHDANAU else slice(0, E)
+                rest = np.delete(w0, np.arange(width)[emb_cols], axis=1)
+                m2 = f32(linear(emb_array, PackedLinearWeight(w0[:, emb_cols], weight_dtype),
+                                f32(b_ih[0], (G * H,), "b_ih[0]")),
+                         (np.shape(embedding)[0], G * H), "in_table")
+                self.in_table = &m2[0, 0]
+                self.x_width = rest.shape[1]
+                self.w_ih[0] = NULL
+                if self.x_width:
+                    self.w_ih[0] = panels_data(packed(rest, rest.shape, "w_ih[0]"), &panel_type)
+                self.w_hh[0] = panels_data(packed(w_hh[0], (G * H, H), "w_hh[0]"), &panel_type)
+                m1 = f32(b_ih[0], (G * H,), "b_ih[0]"); self.b_ih[0] = &m1[0]
+                m1 = f32(b_hh[0], (G * H,), "b_hh[0]"); self.b_hh[0] = &m1[0]
+                continue
             self.w_ih[layer] = panels_data(packed(w_ih[layer], (G * H, width), f"w_ih[{layer}]"),
                                            &panel_type)
             self.w_hh[layer] = panels_data(packed(w_hh[layer], (G * H, H), f"w_hh[{layer}]"),
@@ -233,6 +288,7 @@ cdef class DecoderStep:
                                           &panel_type)
         self.out_w = panels_data(packed(out_weight, (V, H), "out_weight"), &panel_type)
         self.panel_type, self.weight_dtype = panel_type, weight_dtype
+        self.folds_embedding = self.in_table != NULL
         m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
         self._keep = keep
 
@@ -422,17 +478,24 @@ cdef class DecoderStep:
                                      weights, B, 1, S, A, H, lengths, num_threads)
             for b in range(B):
                 memcpy(x + b * X, ctx + b * H, H * sizeof(float))
-                memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
-            width = H + E
+                if self.in_table == NULL:
+                    memcpy(x + b * X + H, self.emb + tokens[b] * E, E * sizeof(float))
         else:
             for b in range(B):
-                memcpy(x + b * X, self.emb + tokens[b] * E, E * sizeof(float))
-                if self.input_feeding:
-                    memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
-            width = E + (H if self.input_feeding else 0)
+                if self.in_table == NULL:
+                    memcpy(x + b * X, self.emb + tokens[b] * E, E * sizeof(float))
+                    if self.input_feeding:
+                        memcpy(x + b * X + E, fp + b * H, H * sizeof(float))
+                elif self.input_feeding:
+                    memcpy(x + b * X, fp + b * H, H * sizeof(float))
+        width = self.x_width
         for layer in range(L):
-            _linear(x, X, B, width, self.w_ih[layer], self.panel_type, G * H,
-                    self.b_ih[layer], gx, G * H, self.small_gemm_macs, num_threads)
+            if layer == 0 and self.in_table != NULL:
+                _folded_input(x, X, B, width, self.w_ih[0], self.panel_type, G * H,
+                              self.in_table, tokens, gx, self.small_gemm_macs, num_threads)
+            else:
+                _linear(x, X, B, width, self.w_ih[layer], self.panel_type, G * H,
+                        self.b_ih[layer], gx, G * H, self.small_gemm_macs, num_threads)
             _linear(h_all + layer * B * H, H, B, H, self.w_hh[layer], self.panel_type, G * H,
                     self.b_hh[layer], gh, G * H, self.small_gemm_macs, num_threads)
             _cell(self.lstm, gx, G * H, gh, h_all + layer * B * H,

@@ -28,9 +28,20 @@ from ..kernels import _recurrent
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS
 from .base import EncoderDecoderModel
 
-__all__ = ["Seq2SeqAttention", "Seq2SeqState"]
+__all__ = ["Seq2SeqAttention", "Seq2SeqState", "EMBEDDING_FOLD_MAX_BYTES"]
 
 _ADDITIVE = ("bahdanau", "luong_concat")
+
+#: Embedding folding: the first RNN layer of the encoder (each direction) and of the decoder
+#: multiply the embedding of a token by the embedding's columns of ``W_ih``, and a token's
+#: embedding never changes, so the model computes that product (with ``b_ih``) once for every
+#: token of the vocabulary at load, a table (vocab, G*H) float32, and its steps read one row
+#: of it. The decoder step at batch 1 streams E*G*H fewer weights (a tenth of the step in
+#: the bench's 256-wide model), and the encoder's first input projection becomes a gather.
+#: A table larger than this many bytes is not made (that layer multiplies as before); 0 turns
+#: folding off. Results match the unfolded model to float32 rounding: the decoder adds the
+#: embedding's part to the other inputs' part instead of running one chain of products.
+EMBEDDING_FOLD_MAX_BYTES = 64 << 20
 
 
 class Seq2SeqState:
@@ -132,6 +143,13 @@ class Seq2SeqAttention(EncoderDecoderModel):
         self.decoder_layers = [rnn("decoder.rnn", f"_l{k}") for k in range(self.num_layers)]
         self.src_embedding = w["encoder.embedding.weight"]
         self.tgt_embedding = w["decoder.embedding.weight"]
+        # embedding folding (EMBEDDING_FOLD_MAX_BYTES): the encoder's first input projection
+        # of every source token, per direction, computed by the same product a call would run
+        gates = 4 if self.cell == "lstm" else 3
+        self.src_input_tables = None
+        if _fits_fold(self.src_embedding.shape[0], gates * self.hidden_size // self.directions):
+            self.src_input_tables = [_frozen(K.linear(self.src_embedding, w_ih, b_ih))
+                                     for w_ih, b_ih, _, _ in self.encoder_layers[0]]
         self.out_weight, self.out_bias = w["decoder.output.weight"], w["decoder.output.bias"]
         prefix = "decoder.attention."
         if self.kind in _ADDITIVE:  # keys are projected once per source, by project_keys
@@ -144,7 +162,8 @@ class Seq2SeqAttention(EncoderDecoderModel):
             [layer[1] for layer in self.decoder_layers], [layer[3] for layer in self.decoder_layers],
             get("query.weight"), get("score.weight"), get("linear_in.weight"),
             get("output.weight"), self.out_weight, self.out_bias, BLAS_SMALL_GEMM_MACS,
-            self.weight_dtype)
+            self.weight_dtype,
+            fold_embedding=_fits_fold(self.tgt_embedding.shape[0], gates * self.hidden_size))
 
     # -- encoder ----------------------------------------------------------------------------
     def _start(self, sources: List[np.ndarray]) -> Seq2SeqState:
@@ -154,12 +173,16 @@ class Seq2SeqAttention(EncoderDecoderModel):
         ids = np.full((batch, steps), self.pad_id, dtype=np.int64)
         for row, source in enumerate(sources):
             ids[row, :len(source)] = source
-        layer_input = K.embedding(self.src_embedding, ids)             # (B, S, E)
+        tables = self.src_input_tables
+        layer_input = None if tables else K.embedding(self.src_embedding, ids)  # (B, S, E)
         hidden, cells = [], []
-        for directions in self.encoder_layers:
+        for layer, directions in enumerate(self.encoder_layers):
             outputs, finals = [], []
             for direction, weights in enumerate(directions):
-                out, final = self._encode_direction(layer_input, lengths, weights, direction == 1)
+                w_ih, b_ih = weights[0], weights[1]
+                projected = (K.embedding(tables[direction], ids) if layer == 0 and tables
+                             else K.linear(layer_input, w_ih, b_ih))     # (B, S, G*Hd)
+                out, final = self._encode_direction(projected, lengths, weights, direction == 1)
                 outputs.append(out)
                 finals.append(final)
             layer_input = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=2)
@@ -177,15 +200,15 @@ class Seq2SeqAttention(EncoderDecoderModel):
         return Seq2SeqState(memory, keys.projected, lengths, hidden, cells, feed, keys.factors,
                             keys.in_limit.view(np.uint8))
 
-    def _encode_direction(self, x, lengths, weights, reverse):
-        """One direction of one encoder layer over x (B, S, in): the compiled time scan.
+    def _encode_direction(self, projected, lengths, weights, reverse):
+        """One direction of one encoder layer: the compiled time scan over ``projected``
+        (B, S, G*Hd), every step's input projection ``x W_ih^T + b_ih`` (computed at once).
 
         Returns outputs (B, S, Hd) (0 on padded steps when packed) and the final (h, c).
         """
-        w_ih, b_ih, w_hh, b_hh = weights
-        batch, steps = x.shape[0], x.shape[1]
+        _, _, w_hh, b_hh = weights
+        batch, steps = projected.shape[0], projected.shape[1]
         units = w_hh.shape[1]
-        projected = K.linear(x, w_ih, b_ih)              # every step's input projection at once
         h = np.zeros((batch, units), dtype=np.float32)
         c = np.zeros((batch, units), dtype=np.float32)
         outputs = np.empty((batch, steps, units), dtype=np.float32)
@@ -239,6 +262,12 @@ class Seq2SeqAttention(EncoderDecoderModel):
         if attention is not None:
             attention = attention[:, :, None, :]
         return out_tokens, counts, ended.astype(bool), log_prob, attention
+
+
+def _fits_fold(vocab: int, gates: int) -> bool:
+    """Whether a folded embedding table (vocab, gates) float32 is within
+    EMBEDDING_FOLD_MAX_BYTES (read at load, so it can be changed before a model is built)."""
+    return 0 < vocab * gates * 4 <= EMBEDDING_FOLD_MAX_BYTES
 
 
 def _frozen(array) -> np.ndarray:
