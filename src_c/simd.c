@@ -41,6 +41,16 @@ static float max_scalar(const float *x, ac_index n) {
     for (ac_index i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
     return m;
 }
+/* numpy.argmax of x[lo:hi) (hi > lo): the first NaN, else the first maximum. */
+static ac_index argmax_span_scalar(const float *x, ac_index lo, ac_index hi) {
+    ac_index best = lo;
+    if (x[lo] != x[lo]) return lo;
+    for (ac_index i = lo + 1; i < hi; i++) {
+        if (x[i] != x[i]) return i;
+        if (x[i] > x[best]) best = i;
+    }
+    return best;
+}
 static float exp_shift_sum_scalar(const float *x, float *y, ac_index n, float shift) {
     float s = 0.f;
     for (ac_index i = 0; i < n; i++) {
@@ -179,6 +189,44 @@ static inline AVX2 __m256 tanh256(__m256 x) {
     __m256 r = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
     /* exp overflow clamps at 88.37 -> exp(2x) finite, r -> 1; underflow -> e = 0, r = -1. */
     return r;
+}
+
+/* argmax_span_scalar's answer, eight lanes at a time: each lane keeps its first maximum (a
+ * strict > replaces it) and that index; the answer is the smallest index among the lanes that
+ * hold the overall maximum, then the tail (later indices) replaces it only when larger. A NaN
+ * anywhere hands the span to the scalar loop, which finds the first one. */
+static AVX2 ac_index argmax_span_avx2(const float *x, ac_index lo, ac_index hi) {
+    if (hi - lo < 16 || hi > 0x7fffffff) return argmax_span_scalar(x, lo, hi); /* int32 lanes */
+    __m256 vmax = _mm256_loadu_ps(x + lo);
+    __m256 nan = _mm256_cmp_ps(vmax, vmax, _CMP_UNORD_Q);
+    const __m256i eight = _mm256_set1_epi32(8);
+    __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)lo),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i vidx = at;
+    ac_index i = lo + 8;
+    for (; i + 8 <= hi; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        at = _mm256_add_epi32(at, eight);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
+        vmax = _mm256_blendv_ps(vmax, v, gt);
+        vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx),
+                                                    _mm256_castsi256_ps(at), gt));
+    }
+    if (_mm256_movemask_ps(nan)) return argmax_span_scalar(x, lo, hi);
+    float m[8];
+    int idx[8];
+    _mm256_storeu_ps(m, vmax);
+    _mm256_storeu_si256((__m256i *)idx, vidx);
+    ac_index best = idx[0];
+    float top = m[0];
+    for (int l = 1; l < 8; l++)
+        if (m[l] > top || (m[l] == top && idx[l] < best)) { top = m[l]; best = idx[l]; }
+    for (; i < hi; i++) {
+        if (x[i] != x[i]) return i;
+        if (x[i] > top) { top = x[i]; best = i; }
+    }
+    return best;
 }
 
 static AVX2 float max_avx2(const float *x, ac_index n) {
@@ -575,6 +623,24 @@ static AVX2 void softmax_cols_update_avx2(float *s, ac_index rows, ac_index cols
 #endif
 
 float ac_max_f32(const float *x, ac_index n) { return DISPATCH(max, x, n); }
+/* The span function of the SIMD level (AVX-512 machines run the AVX2 one). */
+static ac_index argmax_span(const float *x, ac_index lo, ac_index hi) {
+#ifdef AC_X86
+    if (ac_simd_level() >= 1) return argmax_span_avx2(x, lo, hi);
+#endif
+    return argmax_span_scalar(x, lo, hi);
+}
+ac_index ac_argmax_f32(const float *x, ac_index n, ac_index skip) {
+    if (skip < 0 || skip >= n) return argmax_span(x, 0, n);
+    /* x[skip] counts as -inf: the answer is the first NaN of either side, else the larger
+     * maximum (the left one on a tie); if every other entry is -inf too, index 0 */
+    const ac_index a = skip > 0 ? argmax_span(x, 0, skip) : -1;
+    const ac_index b = skip + 1 < n ? argmax_span(x, skip + 1, n) : -1;
+    if (a >= 0 && x[a] != x[a]) return a;
+    if (b >= 0 && x[b] != x[b]) return b;
+    const ac_index best = (a < 0 || (b >= 0 && x[b] > x[a])) ? b : a;
+    return (best < 0 || x[best] == -INFINITY) ? 0 : best;
+}
 float ac_exp_shift_sum_f32(float *x, ac_index n, float shift) { return DISPATCH(exp_shift_sum, x, x, n, shift); }
 float ac_exp_shift_sum_to_f32(const float *x, float *y, ac_index n, float shift) {
     return DISPATCH(exp_shift_sum, x, y, n, shift);

@@ -69,6 +69,9 @@ void ac_small_gemm_f32(const float *x, ac_index ldx, ac_index M, ac_index K, con
  * The vector exp is 2^((x - shift) log2(e)) (simd.c's exp2_256, ~2e-7 relative). */
 void ac_softmax_cols_update_f32(float *s, ac_index rows, ac_index cols, ac_index lds,
                                 float *col_max, float *col_sum, float *correction);
+/* numpy.argmax(x[:n]) with x[skip] taken as -inf (skip outside [0, n): none): the index of
+ * the first NaN, else of the first maximum; 0 when every entry is -inf. n >= 1. */
+ac_index ac_argmax_f32(const float *x, ac_index n, ac_index skip);
 /* exp over a row with no shift, in place */
 void ac_exp_f32(float *x, ac_index n);
 

@@ -212,6 +212,15 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
             np.testing.assert_allclose(attncore.additive_attention(**b),
                                        ref.additive_attention(*f64(*b.values())),
                                        rtol=1e-5, atol=2e-6)
+        # the greedy search's argmax: numpy's, at the vector lengths and with NaN / ties
+        from attncore.kernels import _recurrent
+        for n in (5, 16, 23, 4000):
+            for x in (g.standard_normal(n), g.integers(0, 2, n), np.full(n, -np.inf)):
+                x = x.astype(np.float32)
+                assert _recurrent.argmax(x) == np.argmax(x)
+                x[n - 2] = np.nan
+                assert _recurrent.argmax(x) == n - 2 and _recurrent.argmax(x, n - 2) == np.argmax(
+                    np.where(np.arange(n) == n - 2, -np.inf, x))
         print("ok")
     """)
     # From an empty directory, importing the attncore this process imported (conftest).

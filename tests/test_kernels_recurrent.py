@@ -138,3 +138,40 @@ def test_decoder_step_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="att_query"):
         _recurrent.DecoderStep("bahdanau", False, False, z((7, 4)), [z((18, 10))], [z((18, 6))],
                                [z(18)], [z(18)], None, None, None, None, z((7, 6)), z(7))
+
+
+def _argmax_cases(rng):
+    """Arrays that probe the vector argmax: every length around the 8-lane and 16-element
+    boundaries, ties across and within lanes, -inf, NaN first / last / in the tail, and a long
+    vocabulary row."""
+    for n in list(range(1, 40)) + [4000]:
+        yield rng.standard_normal(n).astype(np.float32)
+        yield rng.integers(0, 3, n).astype(np.float32)            # many ties
+        yield np.full(n, -np.inf, dtype=np.float32)
+        ties = np.zeros(n, dtype=np.float32)
+        ties[n // 2:] = 1                                           # the first 1 must win
+        yield ties
+        for at in {0, n // 3, n - 1}:
+            x = rng.standard_normal(n).astype(np.float32)
+            x[at] = np.nan
+            yield x
+            x = np.full(n, -np.inf, dtype=np.float32)
+            x[at] = 5
+            yield x
+
+
+def test_greedy_argmax_equals_numpy():
+    # the compiled greedy search's argmax (ac_argmax_f32): numpy.argmax, with entry `skip`
+    # (EOS before min_length) taken as -inf
+    rng = np.random.default_rng(0)
+    checked = 0
+    for x in _argmax_cases(rng):
+        assert _recurrent.argmax(x) == np.argmax(x), x
+        for skip in {0, len(x) // 2, len(x) - 1}:
+            y = x.copy()
+            y[skip] = -np.inf
+            assert _recurrent.argmax(x, skip) == np.argmax(y), (x, skip)
+            checked += 1
+    assert checked > 1000
+    with pytest.raises(ValueError, match="empty"):
+        _recurrent.argmax(np.zeros(0, dtype=np.float32))

@@ -26,6 +26,7 @@ from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
     void ac_sigmoid_f32(const float *x, float *y, Py_ssize_t n) nogil
+    Py_ssize_t ac_argmax_f32(const float *x, Py_ssize_t n, Py_ssize_t skip) nogil
 
 cdef extern from "softmax.h":
     void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,
@@ -542,18 +543,15 @@ cdef inline bint _split_factors(const float[:, :, ::1] key_factors,
 
 cdef inline Py_ssize_t _argmax(const float *x, Py_ssize_t n, Py_ssize_t skip) noexcept nogil:
     """``numpy.argmax`` of x[:n] with x[skip] taken as -inf (skip < 0: none): the first
-    maximum, or the first NaN."""
-    cdef Py_ssize_t j, best = 0
-    cdef float v, top = -INFINITY if skip == 0 else x[0]
-    if top != top:
-        return 0
-    for j in range(1, n):
-        v = -INFINITY if j == skip else x[j]
-        if v != v:
-            return j
-        if v > top:
-            top, best = v, j
-    return best
+    maximum, or the first NaN (``ac_argmax_f32``, eight lanes at a time)."""
+    return ac_argmax_f32(x, n, skip)
+
+
+def argmax(const float[::1] x, Py_ssize_t skip=-1):
+    """The greedy search's argmax (tests): ``numpy.argmax(x)`` with x[skip] taken as -inf."""
+    if x.shape[0] == 0:
+        raise ValueError("argmax of an empty array")
+    return _argmax(&x[0], x.shape[0], skip)
 
 
 cdef Py_ssize_t _compact(const int64_t *keep, Py_ssize_t kept, Py_ssize_t live,
