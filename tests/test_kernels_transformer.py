@@ -46,7 +46,7 @@ def _composed_step(model: Transformer, state, tokens: np.ndarray):
         return kernels.layer_norm(x + fn(x), norm[0], norm[1], model.eps)
 
     for index, layer in enumerate(model.decoder_layers):
-        step, norms = layer.step, layer.norms
+        step, norms = layer.packed, layer.norms
 
         def self_attention(h):
             qkv = kernels.linear(h, step.self_qkv, layer.self_attn.qkv_bias)
@@ -160,7 +160,7 @@ def test_constructor_rejects_weights_that_do_not_fit():
     from attncore.kernels._transformer import DecoderStep
     model = _engine()
     layer = model.decoder_layers[0]
-    step = layer.step
+    step = layer.packed
     good = dict(norms=layer.norms, self_qkv=(step.self_qkv, None), self_out=(step.self_out, None),
                 cross_q=(step.cross_q, None), cross_out=(step.cross_out, None),
                 linear1=(step.linear1, None), linear2=(step.linear2, None))

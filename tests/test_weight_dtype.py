@@ -165,7 +165,7 @@ def test_bfloat16_steps_hold_half_the_packed_bytes():
     config = CONFIGS["transformer-post-norm"]
     full, half = (attncore.from_config(config, weight_dtype=d) for d in ("float32", "bfloat16"))
     assert half.output_step.panels.nbytes * 2 == full.output_step.panels.nbytes
-    assert all(layer.step.linear1.weight_dtype == "bfloat16" for layer in half.decoder_layers)
+    assert all(layer.packed.linear1.weight_dtype == "bfloat16" for layer in half.decoder_layers)
     seq2seq = attncore.from_config(CONFIGS["gru-bahdanau-2layer-bidir"], weight_dtype="bfloat16")
     assert seq2seq._decoder_step.weight_dtype == "bfloat16"
     assert all(direction[0].weight_dtype == "bfloat16" for layer in seq2seq.encoder_layers

@@ -153,11 +153,36 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     if q_len <= DECODE_MAX_Q:
         _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
     else:
-        own = USE_TILE_PRODUCTS and q.dtype == np.float32
-        block_q, block_k = flash_tiles(head_dim, tile_products=own, causal=bool(causal))
-        own = own and block_q % 16 == 0
-        _sdpa.flash(q, k, v, out, kv_lengths, bool(causal), scale, block_q, block_k, own,
-                    threads)
+        _flash(q, k, v, out, kv_lengths, bool(causal), scale, threads)
+    return out
+
+
+def _flash(q, k, v, out, kv_lengths, causal, scale, threads):
+    """The flash path into out, on the tile kernel where it runs (float32, AVX2)."""
+    own = USE_TILE_PRODUCTS and q.dtype == np.float32
+    block_q, block_k = flash_tiles(q.shape[3], tile_products=own, causal=causal)
+    own = own and block_q % 16 == 0
+    _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads)
+
+
+def sequence_attention(q, k, v, *, kv_lengths, causal):
+    """``attention(q, k, v, kv_lengths=..., causal=...)`` on the flash path at every q_len, for
+    models running whole padded sequences (a Transformer's encoder and prompts).
+
+    :func:`attention` takes split-KV for a few queries (q_len <= DECODE_MAX_Q, faster for
+    decoding), and the two paths round differently: a 3-token sentence alone would then not
+    give the bits it gets padded to 30 inside a batch. On the flash path a query's result
+    depends on its own keys only (tiles start at fixed key indices, padded keys weigh exactly
+    0), so with the tile kernel (float32 on AVX2 machines) a row gives the same bits whatever
+    the batch around it. Arguments as :func:`attention` (checked the same way).
+    """
+    q, k, v = _check_qkv(q, k, v)
+    if kv_lengths is not None:
+        kv_lengths = check_lengths(kv_lengths, "kv_lengths", (q.shape[0],), k.shape[2])
+    out = np.zeros(q.shape, dtype=q.dtype)
+    if q.size and k.shape[2]:
+        _flash(q, k, v, out, kv_lengths, bool(causal), 1.0 / math.sqrt(q.shape[3]),
+               get_num_threads())
     return out
 
 

@@ -17,12 +17,16 @@ What the engine adds over the trainer's recomputing oracle:
   kernel never touches entries past a row's length, so the unfilled tail is never initialised).
   Capacity starts at the caller's hint and doubles when full (amortised O(1) per step, never
   one concatenation per step), up to ``max_positions``.
-* **Packed step weights.** The decoder's per-token projections (self-attention QKV and output,
-  cross-attention queries and output, feed-forward, vocabulary projection) are also held as
-  :class:`~attncore.kernels.PackedLinearWeight` (packed once at load; as much memory again as
-  those weights), so a decoding step's few-row products stream each weight once and never
-  re-pack. Encoders and prompts use the plain matrices (``kernels.linear``: BLAS, or the tile
-  kernel on AVX2 machines).
+* **Packed weights.** Every layer's matrices (self-attention QKV and output, cross-attention
+  queries, keys/values and output, feed-forward) and the vocabulary projection are also held
+  as :class:`~attncore.kernels.PackedLinearWeight` (packed once at load, in the model's
+  ``weight_dtype``; as much memory again as those weights, half with bfloat16), so a decoding
+  step's few-row products stream each weight once and never re-pack, and the encoder, the
+  cross-attention keys/values and prompts run on them too: on AVX2 machines each output row is
+  then one FMA chain whatever the number of rows (the panel kernel up to 256 rows, the tile
+  kernel past that), and their attention takes the flash path at every length
+  (:func:`attncore.kernels.attention.sequence_attention`), so a sentence gives the same bits
+  alone or padded inside any batch.
 * **One compiled step.** A decoding step (token embedding, every decoder layer against its
   cache, final norm, vocabulary projection, log-softmax) is one call to
   :class:`attncore.kernels._transformer.DecoderStep` with the GIL released, on the same C
@@ -40,7 +44,7 @@ import numpy as np
 
 from .. import kernels
 from ..kernels import _transformer
-from ..kernels.attention import DECODE_CHUNK
+from ..kernels.attention import DECODE_CHUNK, sequence_attention
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS
 from .base import (EncoderDecoderModel, GenerationResult, check_generation_options,
                    check_sources)
@@ -91,13 +95,14 @@ class _Attention:
 
 
 @dataclass(frozen=True)
-class _StepWeights:
-    """A decoder layer's per-token projections, packed for decoding steps (same matrices as the
-    layer's arrays; cross_* are None without cross-attention)."""
+class _PackedWeights:
+    """A layer's matrices packed once (same values as the layer's arrays; cross_* are None
+    without cross-attention): what decoding steps and the full-sequence products run on."""
 
     self_qkv: kernels.PackedLinearWeight
     self_out: kernels.PackedLinearWeight
     cross_q: Optional[kernels.PackedLinearWeight]
+    cross_kv: Optional[kernels.PackedLinearWeight]
     cross_out: Optional[kernels.PackedLinearWeight]
     linear1: kernels.PackedLinearWeight
     linear2: kernels.PackedLinearWeight
@@ -109,7 +114,7 @@ class _Layer:
 
     norms : ((gamma, beta), ...) for norm1, norm2 (+ norm3 with cross-attention), each (d,)
     cross : the cross-attention block (encoder–decoder decoders only)
-    step : the packed copies decoding steps use (decoder layers only)
+    packed : the packed copies every product runs on (:func:`_with_packed_weights`)
     """
 
     self_attn: _Attention
@@ -119,18 +124,19 @@ class _Layer:
     linear2_weight: np.ndarray   # (d, F)
     linear2_bias: np.ndarray     # (d,)
     norms: Tuple[Tuple[np.ndarray, np.ndarray], ...]
-    step: Optional[_StepWeights] = None
+    packed: Optional[_PackedWeights] = None
 
 
-def _with_step_weights(layer: _Layer, weight_dtype: str) -> _Layer:
-    """The decoder layer with its decoding-step weights packed (in ``weight_dtype``)."""
+def _with_packed_weights(layer: _Layer, weight_dtype: str) -> _Layer:
+    """The layer with its matrices packed (in ``weight_dtype``)."""
     def pack(weight):
         return kernels.PackedLinearWeight(weight, weight_dtype)
 
     cross = layer.cross
-    return replace(layer, step=_StepWeights(
+    return replace(layer, packed=_PackedWeights(
         self_qkv=pack(layer.self_attn.qkv_weight), self_out=pack(layer.self_attn.out_weight),
         cross_q=pack(cross.q_weight) if cross is not None else None,
+        cross_kv=pack(cross.kv_weight) if cross is not None else None,
         cross_out=pack(cross.out_weight) if cross is not None else None,
         linear1=pack(layer.linear1_weight), linear2=pack(layer.linear2_weight)))
 
@@ -292,10 +298,10 @@ def _sublayer(x: np.ndarray, norm, fn, norm_first: bool, eps: float) -> np.ndarr
 
 
 def _feedforward(layer: _Layer, x: np.ndarray, gelu: bool) -> np.ndarray:
-    """linear2(act(linear1(x))), x (..., d)."""
-    hidden = kernels.linear(x, layer.linear1_weight, layer.linear1_bias)
+    """linear2(act(linear1(x))), x (..., d), on the packed weights."""
+    hidden = kernels.linear(x, layer.packed.linear1, layer.linear1_bias)
     hidden = kernels.gelu(hidden) if gelu else kernels.relu(hidden)
-    return kernels.linear(hidden, layer.linear2_weight, layer.linear2_bias)
+    return kernels.linear(hidden, layer.packed.linear2, layer.linear2_bias)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -343,16 +349,18 @@ class Transformer(EncoderDecoderModel):
         if self.has_encoder:
             self.src_embedding = _f32(weights["src_embedding.weight"])
             self.src_positions = sinusoid if sinusoid is not None else _f32(weights["src_position.weight"])
-            self.encoder_layers = tuple(_layer_weights(weights, f"encoder.layers.{i}", d, cross=False)
-                                        for i in range(int(config["num_encoder_layers"])))
+            self.encoder_layers = tuple(
+                _with_packed_weights(_layer_weights(weights, f"encoder.layers.{i}", d,
+                                                    cross=False), self.weight_dtype)
+                for i in range(int(config["num_encoder_layers"])))
             self.encoder_norm = self._final_norm(weights, "encoder.norm")
         if self.has_decoder:
             self.tgt_embedding = _f32(weights["tgt_embedding.weight"])
             self.tgt_positions = sinusoid if sinusoid is not None else _f32(weights["tgt_position.weight"])
             self.decoder_layers = tuple(
-                _with_step_weights(_layer_weights(weights, f"decoder.layers.{i}", d,
-                                                  cross=kind == "encoder_decoder"),
-                                   self.weight_dtype)
+                _with_packed_weights(_layer_weights(weights, f"decoder.layers.{i}", d,
+                                                    cross=kind == "encoder_decoder"),
+                                     self.weight_dtype)
                 for i in range(int(config["num_decoder_layers"])))
             self.decoder_norm = self._final_norm(weights, "decoder.norm")
             self.output_weight = (self.tgt_embedding if config["tie_embeddings"]
@@ -371,12 +379,12 @@ class Transformer(EncoderDecoderModel):
             return None if packed is None else (packed, bias)
 
         layers = [dict(norms=layer.norms,
-                       self_qkv=pair(layer.step.self_qkv, layer.self_attn.qkv_bias),
-                       self_out=pair(layer.step.self_out, layer.self_attn.out_bias),
-                       cross_q=pair(layer.step.cross_q, layer.cross and layer.cross.q_bias),
-                       cross_out=pair(layer.step.cross_out, layer.cross and layer.cross.out_bias),
-                       linear1=pair(layer.step.linear1, layer.linear1_bias),
-                       linear2=pair(layer.step.linear2, layer.linear2_bias))
+                       self_qkv=pair(layer.packed.self_qkv, layer.self_attn.qkv_bias),
+                       self_out=pair(layer.packed.self_out, layer.self_attn.out_bias),
+                       cross_q=pair(layer.packed.cross_q, layer.cross and layer.cross.q_bias),
+                       cross_out=pair(layer.packed.cross_out, layer.cross and layer.cross.out_bias),
+                       linear1=pair(layer.packed.linear1, layer.linear1_bias),
+                       linear2=pair(layer.packed.linear2, layer.linear2_bias))
                   for layer in self.decoder_layers]
         return _transformer.DecoderStep(
             d_model=self.d_model, num_heads=self.num_heads,
@@ -433,19 +441,22 @@ class Transformer(EncoderDecoderModel):
         x += positions[: ids.shape[1]]
         return x
 
-    def _self_attention(self, attn: _Attention, x: np.ndarray, lengths: np.ndarray, causal: bool):
-        """Self-attention over padded sequences x (B, L, d); returns (output (B, L, d), k, v)
-        with k, v (B, H, L, head_dim) for the caller's cache."""
-        q, k, v = _split_heads(kernels.linear(x, attn.qkv_weight, attn.qkv_bias), 3, self.num_heads)
-        out = kernels.attention(q, k, v, kv_lengths=lengths, causal=causal)
-        return kernels.linear(_merge_heads(out), attn.out_weight, attn.out_bias), k, v
+    def _self_attention(self, layer: _Layer, x: np.ndarray, lengths: np.ndarray, causal: bool):
+        """The layer's self-attention over padded sequences x (B, L, d); returns (output
+        (B, L, d), k, v) with k, v (B, H, L, head_dim) for the caller's cache. On the packed
+        weights and the flash path: a row's bits do not depend on the batch (module docstring)."""
+        attn, packed = layer.self_attn, layer.packed
+        q, k, v = _split_heads(kernels.linear(x, packed.self_qkv, attn.qkv_bias), 3,
+                               self.num_heads)
+        out = sequence_attention(q, k, v, kv_lengths=lengths, causal=causal)
+        return kernels.linear(_merge_heads(out), packed.self_out, attn.out_bias), k, v
 
     def _encoder_forward(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Encoder output (B, S, d) float32 for padded ids (B, S); padded rows are junk."""
         x = self._embed(ids, self.src_embedding, self.src_positions)
         for layer in self.encoder_layers:
             x = _sublayer(x, layer.norms[0],
-                          lambda h: self._self_attention(layer.self_attn, h, lengths, False)[0],
+                          lambda h: self._self_attention(layer, h, lengths, False)[0],
                           self.norm_first, self.eps)
             x = _sublayer(x, layer.norms[1], lambda h: _feedforward(layer, h, self.gelu),
                           self.norm_first, self.eps)
@@ -485,8 +496,8 @@ class Transformer(EncoderDecoderModel):
         memory = self._encoder_forward(ids, src_lengths)
         cross_k, cross_v = [], []
         for layer in self.decoder_layers:
-            k, v = _split_heads(kernels.linear(memory, layer.cross.kv_weight, layer.cross.kv_bias),
-                                2, self.num_heads)
+            k, v = _split_heads(kernels.linear(memory, layer.packed.cross_kv,
+                                               layer.cross.kv_bias), 2, self.num_heads)
             cross_k.append(k)
             cross_v.append(v)
         batch = len(sources)
@@ -507,7 +518,7 @@ class Transformer(EncoderDecoderModel):
         x = self._embed(ids, self.tgt_embedding, self.tgt_positions)
         for index, layer in enumerate(self.decoder_layers):
             def attend(h, layer=layer, index=index):
-                out, k, v = self._self_attention(layer.self_attn, h, lengths, True)
+                out, k, v = self._self_attention(layer, h, lengths, True)
                 self_k[index][:, :, :prompt_len] = k
                 self_v[index][:, :, :prompt_len] = v
                 return out
