@@ -77,6 +77,10 @@ def registered_architectures() -> List[str]:
 
 
 def _spec_function(name: str, required: bool = True):
+    if not isinstance(name, str):
+        if required:
+            raise ValueError(f"architecture must be a string, got {name!r}")
+        return None
     if name not in _SPECS and name in _ARCHITECTURE_MODULES:
         try:
             importlib.import_module(_ARCHITECTURE_MODULES[name])
@@ -97,12 +101,18 @@ def weight_spec(config: Mapping) -> WeightSpec:
     """
     if "architecture" not in config:
         raise ValueError("config has no 'architecture'")
+    if not isinstance(config["architecture"], str):
+        raise ValueError(f"config: architecture must be a string, got {config['architecture']!r}")
+    _check_config_values(config)
     spec_fn = _spec_function(config["architecture"])
     try:
         spec = spec_fn(config)
     except KeyError as error:
         raise ValueError(f"config lacks hyper-parameter {error.args[0]!r} needed by "
                          f"architecture {config['architecture']!r}") from None
+    except (TypeError, ArithmeticError) as error:  # a value of the wrong kind the checks missed
+        raise ValueError(f"config: invalid hyper-parameters for architecture "
+                         f"{config['architecture']!r}: {error}") from None
     return {name: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for name, (shape, dtype) in spec.items()}
 
 
@@ -185,6 +195,49 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     return directory
 
 
+# Hyper-parameters every architecture reads the same way: flags must be JSON booleans (a
+# string "false" would be truthy), sizes integers (not booleans, not 8.9) in [minimum, MAX_SIZE].
+_FLAG_KEYS = ("bidirectional", "input_feeding", "packed_source", "norm_first", "scale_embedding",
+              "fused_qkv", "attention_bias", "tie_embeddings", "causal", "memory_review")
+_OPTIONAL_FLAG_KEYS = ("final_norm",)            # null: as norm_first
+_SIZE_KEYS = {"hidden_size": 1, "embed_dim": 1, "num_layers": 1, "attention_dim": 0,
+              "src_vocab_size": 0, "tgt_vocab_size": 0, "vocab_size": 1, "d_model": 1,
+              "num_heads": 1, "dim_feedforward": 1, "num_encoder_layers": 0,
+              "num_decoder_layers": 0, "num_classes": 0, "embedding_size": 1, "ran_layers": 1,
+              "head_num": 1, "head_size": 1, "window_size": 1, "min_window_size": 1,
+              "max_positions": 1}
+#: The largest size a config may declare (vocabularies, widths, layers); max_positions has its
+#: own bound (MAX_POSITIONS): a sinusoidal table is made at load without a stored tensor.
+MAX_SIZE = 1 << 24
+MAX_POSITIONS = 1 << 20
+
+
+def _check_config_values(config: Mapping) -> None:
+    """ValueError naming the hyper-parameter whose value has the wrong kind or range, and for
+    special token ids outside the vocabulary they index (pad_id / unk_id: the sources';
+    bos_id / eos_id: the targets')."""
+    for key in _FLAG_KEYS + _OPTIONAL_FLAG_KEYS:
+        if key in config and not isinstance(config[key], (bool, np.bool_)) and \
+                not (key in _OPTIONAL_FLAG_KEYS and config[key] is None):
+            raise ValueError(f"config: {key} must be true or false, got {config[key]!r}")
+    for key, minimum in list(_SIZE_KEYS.items()) + [(k, 0) for k in SPECIAL_TOKEN_KEYS]:
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"config: {key} must be an integer, got {value!r}")
+        limit = MAX_POSITIONS if key == "max_positions" else MAX_SIZE
+        if not minimum <= value <= limit:
+            raise ValueError(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
+    targets = config.get("tgt_vocab_size") or config.get("vocab_size") or 0
+    sources = config.get("src_vocab_size") or targets
+    for key, vocab, side in (("pad_id", sources, "source"), ("unk_id", sources, "source"),
+                             ("bos_id", targets, "target"), ("eos_id", targets, "target")):
+        if key in config and vocab and config[key] >= vocab:
+            raise ValueError(f"config: {key} {config[key]} lies outside the {side} vocabulary "
+                             f"[0, {vocab})")
+
+
 def read_config(path: Union[str, os.PathLike]) -> dict:
     """Read and check ``config.json`` of a model directory (no weights)."""
     config, problems = _read_config(Path(path))
@@ -213,6 +266,8 @@ def _read_config(directory: Path):
         problems.append(f"unsupported format_version {version!r} (this attncore reads {FORMAT_VERSION})")
     if "architecture" not in config:
         problems.append(f"{CONFIG_FILE} has no 'architecture'")
+    elif not isinstance(config["architecture"], str):
+        problems.append(f"architecture must be a string, got {config['architecture']!r}")
     elif _spec_function(config["architecture"], required=False) is None:
         problems.append(f"unknown architecture {config['architecture']!r}; known: {sorted(_SPECS)}")
     for key in SPECIAL_TOKEN_KEYS:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +205,46 @@ def test_missing_hyper_parameter_in_config(model_dir):
     del config["num_layers"]
     (path / io.CONFIG_FILE).write_text(json.dumps(config))
     assert "lacks hyper-parameter 'num_layers'" in _load_error(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("bos_id", 1000000, "bos_id 1000000 lies outside the target vocabulary [0, 6)"),   # segfaulted
+    ("eos_id", 6, "eos_id 6 lies outside the target vocabulary"),
+    ("pad_id", 7, "pad_id 7 lies outside the source vocabulary [0, 7)"),
+    ("bos_id", -1, "bos_id must lie in [0, "),
+    ("bos_id", True, "bos_id must be an integer"),
+    ("packed_source", "false", "packed_source must be true or false, got 'false'"),  # was truthy
+    ("bidirectional", 1, "bidirectional must be true or false"),
+    ("hidden_size", 8.9, "hidden_size must be an integer, got 8.9"),        # was truncated
+    ("hidden_size", None, "hidden_size must be an integer"),
+    ("hidden_size", [8], "hidden_size must be an integer"),
+    ("hidden_size", 0, "hidden_size must lie in [1, "),
+    ("src_vocab_size", 2 ** 40, "src_vocab_size must lie in [0, 16777216]"),
+    ("architecture", ["seq2seq_attention"], "architecture must be a string"),
+])
+def test_bad_config_values_are_named(model_dir, key, value, message):
+    # at load (the directory's problem list) and through the constructor (io.weight_spec)
+    path, model = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    config[key] = value
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+    assert message in _load_error(path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        io.weight_spec(config)
+
+
+def test_bad_transformer_config_values_are_named():
+    config = TransformerConfig(kind="encoder_decoder", src_vocab_size=9, tgt_vocab_size=9,
+                               d_model=8, num_heads=2, dim_feedforward=8, num_encoder_layers=1,
+                               num_decoder_layers=1, max_positions=16).to_dict()
+    for key, value, message in [("num_heads", 0, "num_heads must lie in [1, "),   # ZeroDivisionError
+                                ("norm_first", "false", "norm_first must be true or false"),
+                                ("final_norm", "no", "final_norm must be true or false"),
+                                ("max_positions", 2 ** 40, "max_positions must lie in [1, 1048576]"),
+                                ("d_model", 16.5, "d_model must be an integer")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            io.weight_spec(dict(config, **{key: value}))
+    io.weight_spec(dict(config, final_norm=None))   # null: as norm_first
 
 
 def test_config_that_is_not_json(model_dir):

@@ -606,3 +606,22 @@ def test_small_float32_linear_rows_do_not_depend_on_the_batch(K, N):
             np.testing.assert_array_equal(attncore.linear(x[:M], w, b), alone[:M], err_msg=f"M={M}")
     expected = reference.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
     np.testing.assert_allclose(alone, expected, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+def test_an_edited_packed_weight_is_refused_not_read_past():
+    # PackedLinearWeight's attributes are plain Python ones: a shape or panels that no longer
+    # agree must stop at the kernel's front, not make it read past the panels (it segfaulted)
+    import attncore
+    from attncore.kernels import PackedLinearWeight
+    x = np.ones((2, 4), np.float32)
+    packed = PackedLinearWeight(np.ones((8, 4), np.float32))
+    packed.shape = (1 << 22, 4)
+    with pytest.raises(ValueError, match="do not hold a"):
+        attncore.linear(x, packed)
+    packed = PackedLinearWeight(np.ones((8, 4), np.float32))
+    packed.panels = np.zeros((1, 3, 64), np.float32)
+    with pytest.raises(ValueError):
+        attncore.linear(x, packed)
+    packed.panels = np.zeros((1, 4, 64), np.float64)
+    with pytest.raises(ValueError):
+        attncore.linear(x, packed)

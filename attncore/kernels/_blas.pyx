@@ -224,9 +224,18 @@ def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] 
     ``pack_panels_bf16`` (uint16): up to :func:`packed_panel_max_rows` rows on attncore's
     panel kernel, more on BLAS reading the panels in place (``ac_packed_linear_rows``,
     src_c/packed_linear.h); small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
-    cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
     cdef int panel_type
     cdef const void *data = panels_data(panels, &panel_type)
+    # the kernel reads N x K weights from the panels: a shape that does not match them (an
+    # edited PackedLinearWeight) must not reach it
+    if N < 0 or panels.shape != ((N + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, x.shape[1],
+                                 AC_PANEL_WIDTH):
+        raise ValueError(f"packed weight: panels of shape {panels.shape} do not hold a "
+                         f"({N}, {x.shape[1]}) weight")
+    if (bias is not None and bias.shape[0] != N) or out.shape[0] != x.shape[0] or \
+            out.shape[1] != N:
+        raise ValueError("linear_packed: inconsistent bias or out shape")
+    cdef const float *bias_ptr = &bias[0] if bias is not None else NULL
     if x.shape[0] == 0 or N == 0:
         return
     with nogil:

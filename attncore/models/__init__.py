@@ -27,7 +27,7 @@ def model_class(architecture):
 
     Raises ValueError for an unknown architecture.
     """
-    if architecture not in _REGISTRY:
+    if not isinstance(architecture, str) or architecture not in _REGISTRY:
         raise ValueError(f"unknown architecture {architecture!r}; the engine runs "
                          f"{sorted(_REGISTRY)}")
     module, name = _REGISTRY[architecture]
