@@ -175,7 +175,13 @@ def _sample_rows(scores, rng, temperature, top_k, top_p):
 
     Rankings are by value, equal values by lower id (a stable sort's order), taken with
     :func:`_ranked` (no sort of the whole vocabulary for a few tokens)."""
-    logits = scores.astype(np.float64) / temperature
+    logits = scores.astype(np.float64)
+    # the max first: a tiny temperature then sends the best token to 0 and the rest to -inf
+    # (the greedy limit) instead of every logit to -inf and the row to NaN
+    top = logits.max(axis=1, keepdims=True)
+    logits -= np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(over="ignore"):
+        logits /= temperature
     vocab = logits.shape[1]
     if 0 < top_k < vocab:
         # keep the top_k largest; ties at the boundary keep the lower ids

@@ -107,11 +107,20 @@ int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const R
                                   REAL *out, REAL *weights, ac_index Nq, ac_index Nk, ac_index D,
                                   ac_index Dv, REAL bandwidth, int num_threads) {
     int status = AC_OK;
-    const REAL inv = 1 / (2 * bandwidth * bandwidth);
+    /* In double, and the scores taken against the nearest key (softmax does not change):
+     * -(d_j - d_min) / (2 h^2). In float32, 1 / (2 h^2) overflowed for h < ~1e-19 and squared
+     * distances past ~1e38 did, leaving every score -inf and the row NaN; now the nearest key
+     * scores 0 and the others <= 0 (-inf only where their weight is 0 anyway). */
+    const double inv = 1 / (2 * (double)bandwidth * (double)bandwidth);
 #pragma omp parallel num_threads(AC_THREADS(Nq * Nk * (D + Dv), num_threads))
     {
         REAL *scores = (REAL *)malloc(sizeof(REAL) * (Nk > 0 ? Nk : 1));
-        if (!scores) {
+        double *dist = (double *)malloc(sizeof(double) * (Nk > 0 ? Nk : 1));
+        if (!scores || !dist) {
+            free(scores);
+            free(dist);
+            scores = NULL;
+            dist = NULL;
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
@@ -122,12 +131,19 @@ int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const R
             REAL *o = out + i * Dv;
             memset(o, 0, sizeof(REAL) * Dv);
             if (Nk == 0) continue;
+            double nearest = INFINITY;
             for (ac_index j = 0; j < Nk; j++) {
                 const REAL *kj = keys + j * D;
-                REAL dist = 0;
-                for (ac_index d = 0; d < D; d++) { REAL t = q[d] - kj[d]; dist += t * t; }
-                scores[j] = -dist * inv;
+                double sq = 0;
+                for (ac_index d = 0; d < D; d++) {
+                    const double t = (double)q[d] - (double)kj[d];
+                    sq += t * t;
+                }
+                dist[j] = sq;
+                if (sq < nearest) nearest = sq;
             }
+            for (ac_index j = 0; j < Nk; j++)  /* (a NaN distance stays NaN) */
+                scores[j] = dist[j] == nearest ? 0 : (REAL)(-(dist[j] - nearest) * inv);
             REAL mx = CAT(ac_max_, SUF)(scores, Nk);
             REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, Nk, mx);
             CAT(ac_scale_, SUF)(scores, Nk, 1 / total);
@@ -135,6 +151,7 @@ int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const R
             if (weights) memcpy(weights + i * Nk, scores, sizeof(REAL) * Nk);
         }
         free(scores);
+        free(dist);
     }
     return status;
 }

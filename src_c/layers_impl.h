@@ -31,7 +31,7 @@ void CAT(ac_layer_norm_, SUF)(const REAL *x, REAL *y, const REAL *gamma, const R
 
 static inline REAL CAT(act_scalar_, SUF)(REAL v, int kind) {
     switch (kind) {
-    case AC_ACT_RELU: return v > 0 ? v : 0;
+    case AC_ACT_RELU: return v < 0 ? 0 : v; /* a NaN stays NaN, as np.maximum(x, 0) */
     case AC_ACT_GELU: return (REAL)(0.5 * v * (1.0 + erf(v * 0.70710678118654752440)));
     case AC_ACT_GELU_TANH: {
         double u = 0.7978845608028654 * (v + 0.044715 * (double)v * v * v);

@@ -441,13 +441,19 @@ static AVX2 void tanh_avx2(const float *x, float *y, ac_index n) {
     }
 }
 
+/* 1 / (1 + exp(-x)); 0 where exp(-x) overflows float32 (x < AC_SIGMOID_ZERO_BELOW), as the
+ * scalar tail and the reference give (exp256 saturates there, which left ~4e-39, and made
+ * swish(-inf) = -inf * 4e-39 = -inf in the vector body but NaN in the tail). */
+#define AC_SIGMOID_ZERO_BELOW -88.7228f
 static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
     const __m256 one = _mm256_set1_ps(1.f);
     const __m256 zero = _mm256_setzero_ps();
+    const __m256 below = _mm256_set1_ps(AC_SIGMOID_ZERO_BELOW);
     ac_index i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_loadu_ps(x + i);
-        _mm256_storeu_ps(y + i, _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v)))));
+        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
+        _mm256_storeu_ps(y + i, _mm256_andnot_ps(_mm256_cmp_ps(v, below, _CMP_LT_OQ), s));
     }
     for (; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
 }

@@ -212,8 +212,13 @@ static AVX512 void sigmoid_avx512(const float *x, float *y, ac_index n) {
     const __m512 one = _mm512_set1_ps(1.f);
     for (ac_index i = 0; i < n; i += 16) {
         const __mmask16 m = mask16(n - i);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, x + i)));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        /* 0 where exp(-x) overflows float32, as sigmoid_avx2 (simd.c) */
+        const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_set1_ps(AC_SIGMOID_ZERO_BELOW),
+                                                  _CMP_LT_OQ);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_maskz_div_ps((__mmask16)~zero, one,
+                                                            _mm512_add_ps(one, e)));
     }
 }
 

@@ -17,6 +17,8 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
             /* prefix of valid entries: vectorised path */
             if (n_valid == 0) { memset(yr, 0, sizeof(REAL) * n); continue; }
             REAL mx = CAT(ac_max_, SUF)(xr, n_valid);
+            /* every valid entry -inf (an additive mask over the whole row): nothing valid */
+            if (mx == -INFINITY) { memset(yr, 0, sizeof(REAL) * n); continue; }
             if (log_output) {
                 /* the sum only (y may be x: log-softmax runs in place in the seq2seq step) */
                 REAL total = CAT(ac_exp_shift_sum_to_, SUF)(xr, NULL, n_valid, mx);
@@ -37,7 +39,7 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
         int any = 0;
         for (ac_index j = 0; j < n_valid; j++)
             if (mr[j]) { if (!any || xr[j] > mx) mx = xr[j]; any = 1; }
-        if (!any) { memset(yr, 0, sizeof(REAL) * n); continue; }
+        if (!any || mx == -INFINITY) { memset(yr, 0, sizeof(REAL) * n); continue; }
         REAL total = 0;
         for (ac_index j = 0; j < n_valid; j++)
             if (mr[j]) total += (REAL)exp((double)(xr[j] - mx));

@@ -363,3 +363,40 @@ def test_other_kernels_accept_empty_inputs():
     assert attncore.embedding(_o(5, 3), np.zeros((0, 2), int)).shape == (0, 2, 3)
     assert attncore.rotary(_o(0, 3, 4)).shape == (0, 3, 4)
     assert attncore.sinusoidal_positions(0, 4).shape == (0, 4)
+
+
+# ---- sizes and parameters found by a review's probes (each once gave NaN, a truncation, a
+# MemoryError or a reshape error naming nothing)
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: attncore.sinusoidal_positions(2.7, 8), TypeError, "length must be an integer"),
+    (lambda: attncore.sinusoidal_positions("3", 8), TypeError, "length must be an integer"),
+    (lambda: attncore.sinusoidal_positions(True, 8), TypeError, "length must be an integer"),
+    (lambda: attncore.sinusoidal_positions(2 ** 40, 512), ValueError, "length must lie in"),
+    (lambda: attncore.sinusoidal_positions(2 ** 22, 2 ** 10), ValueError, "length \\* dim"),
+    (lambda: attncore.sinusoidal_positions(4, 8, base=0.0), ValueError, "base must be finite and > 0"),
+    (lambda: attncore.sinusoidal_positions(4, 8, dtype=np.int64), TypeError, "float dtype"),
+    (lambda: attncore.rotary(np.ones((3, 4)), base=-1.0), ValueError, "base must be finite and > 0"),
+])
+def test_bad_table_and_rotary_parameters_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_empty_and_zero_width_inputs_are_valid():
+    assert attncore.embedding(np.ones((5, 2), np.float32), []).shape == (0, 2)
+    keys = attncore.project_keys(np.ones((2, 3, 0)), np.ones((0, 4)))
+    np.testing.assert_array_equal(keys, np.zeros((2, 3, 4)))
+    out = attncore.additive_attention(np.ones((2, 1, 0)), np.ones((2, 3, 5)), np.ones((2, 3, 7)),
+                                      np.ones((0, 4)), np.ones((5, 4)), np.ones(4))
+    np.testing.assert_allclose(out, np.ones((2, 1, 7)))
+
+
+def test_a_huge_max_length_is_named_not_a_memory_error():
+    from attncore.models import Seq2SeqAttention
+    from attncore.models.base import MAX_GENERATION_LENGTH
+    from attncore.train.seq2seq import Seq2SeqConfig
+    model = Seq2SeqAttention.from_config(Seq2SeqConfig(src_vocab_size=13, tgt_vocab_size=11,
+                                                       embed_dim=6, hidden_size=8).to_dict())
+    for options in (dict(max_length=2 ** 62), dict(max_length=2 ** 40, return_attention=True)):
+        with pytest.raises(ValueError, match=f"max_length must be at most {MAX_GENERATION_LENGTH}"):
+            model.generate([[4, 5]], **options)

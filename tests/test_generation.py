@@ -230,7 +230,9 @@ def test_sampling_is_reproducible_with_a_seed():
 
 def test_degenerate_sampling_is_greedy():
     greedy = [r.tokens for r in _generate(SOURCES, max_length=6)]
-    for options in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+    # (temperature 1e-320: every logit / T was -inf, the row NaN, and token 0 came out)
+    for options in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4),
+                    dict(temperature=1e-320)):
         sampled = _generate(SOURCES, do_sample=True, seed=0, max_length=6, **options)
         assert [r.tokens for r in sampled] == greedy, options
 

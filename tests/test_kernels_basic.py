@@ -98,6 +98,22 @@ def test_softmax_fully_masked_rows_are_zero(log, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_rows_of_minus_inf_are_zero_like_the_reference(log, dtype):
+    # an additive -inf mask over a whole row (or over all its valid entries) leaves nothing
+    # valid: zeros as the reference gives, not NaN (exp(-inf - -inf)); 20 wide: the vector max
+    x = np.full((4, 20), -np.inf, dtype=dtype)
+    x[1, 3], x[2, 15] = 0.5, 2.0
+    kernel = attncore.log_softmax if log else attncore.softmax
+    oracle = reference.log_softmax if log else reference.softmax
+    for kw in ({}, {"lengths": np.array([20, 20, 12, 5])},
+               {"mask": np.arange(20) != 3}):
+        out = kernel(x, **kw)
+        np.testing.assert_array_equal(out, oracle(x, **kw).astype(dtype), err_msg=str(kw))
+        assert not np.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
 def test_softmax_huge_magnitudes(rng, masked, log, dtype):
     """Entries of magnitude 1e4 (and, for softmax, rows that are all ~+-1e4): no overflow, no
@@ -625,3 +641,33 @@ def test_an_edited_packed_weight_is_refused_not_read_past():
     packed.panels = np.zeros((1, 4, 64), np.float64)
     with pytest.raises(ValueError):
         attncore.linear(x, packed)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_activations_keep_the_reference_answer_on_non_finite_input(dtype):
+    # relu(NaN) was 0 (a NaN hidden); float32 swish(-inf) was -inf in the 8-lane body and NaN
+    # in the scalar tail (sigmoid saturated at ~4e-39 instead of 0): every length and position
+    # now gives the reference's answer
+    for n in (1, 8, 9, 17):
+        for at in {0, n - 1}:
+            x = np.linspace(-3, 3, n).astype(dtype)
+            for special in (np.nan, -np.inf, np.inf, -100.0):
+                x[at] = special
+                for name in ("relu", "sigmoid", "swish", "tanh"):
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        want = getattr(reference, name)(x.astype(np.float64)).astype(dtype)
+                    np.testing.assert_allclose(getattr(attncore, name)(x), want, rtol=1e-5,
+                                               atol=1e-6, err_msg=f"{name} n={n} x[{at}]={special}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nadaraya_watson_stays_finite_at_extreme_bandwidths_and_distances(dtype):
+    # float32 overflowed 1 / (2 h^2) for h < ~1e-19 and squared distances past ~1e38: NaN
+    keys = np.array([[0.0], [1.0], [3.0]], dtype)
+    values = np.array([[1.0], [2.0], [3.0]], dtype)
+    out = attncore.nadaraya_watson(np.array([[0.9]], dtype), keys, values, bandwidth=1e-20)
+    np.testing.assert_array_equal(out, [[2.0]])                 # the nearest key's value
+    far = attncore.nadaraya_watson(np.array([[1e20]], dtype), keys, values)
+    np.testing.assert_array_equal(far, [[2.0]])   # every key 1e40 away (in double): the mean
+    tie = attncore.nadaraya_watson(np.array([[0.5]], dtype), keys, values, bandwidth=1e-20)
+    np.testing.assert_allclose(tie, [[1.5]])                    # two nearest keys share it

@@ -65,12 +65,23 @@ def check_lengths(lengths, name, shape, max_value):
 def check_ids(ids, name, vocab_size):
     """int64 array of token ids in [0, vocab_size)."""
     arr = np.asarray(ids)
+    if arr.size == 0 and arr.dtype.kind in "fb":  # np.asarray([]) is float64: no ids at all
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         bad = arr[(arr < 0) | (arr >= vocab_size)].ravel()[0]
         raise ValueError(f"{name} values must lie in [0, {vocab_size}), got {int(bad)}")
     return as_c_contiguous(arr, np.int64)
+
+
+def check_size(value, name, minimum=0, maximum=1 << 31):
+    """An integer (not a bool, not 2.7, not "3") in [minimum, maximum]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must lie in [{minimum}, {maximum}], got {value}")
+    return int(value)
 
 
 def check_positive_float(value, name, allow_none=False):

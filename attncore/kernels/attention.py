@@ -217,7 +217,7 @@ def project_keys(keys, w_k):
     if w_k.shape[0] != keys.shape[2]:
         raise ValueError(f"w_k must have shape ({keys.shape[2]}, hidden), got {w_k.shape}")
     out = np.empty((1, keys.shape[0] * keys.shape[1], w_k.shape[1]), dtype=keys.dtype)
-    _blas.matmul(keys.reshape(1, -1, keys.shape[2]), w_k[None], out, False, 1.0, get_num_threads())
+    _blas.matmul(keys.reshape(1, keys.shape[0] * keys.shape[1], keys.shape[2]), w_k[None], out, False, 1.0, get_num_threads())
     return out.reshape(keys.shape[0], keys.shape[1], w_k.shape[1])
 
 
@@ -338,7 +338,7 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
     threads = get_num_threads()
     q_proj = np.empty((1, batch * q_len, hidden), dtype=dtype)
-    _blas.matmul(queries.reshape(1, -1, q_dim), w_q[None], q_proj, False, 1.0, threads)
+    _blas.matmul(queries.reshape(1, batch * q_len, q_dim), w_q[None], q_proj, False, 1.0, threads)
     out = np.zeros((batch, q_len, values.shape[2]), dtype=dtype)
     weights = np.zeros((batch, q_len, kv_len), dtype=dtype) if return_weights else None
     if out.size and kv_len:
@@ -376,7 +376,8 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
         if w.shape != (queries.shape[2], keys.shape[2]):
             raise ValueError(f"w must have shape ({queries.shape[2]}, {keys.shape[2]}), got {w.shape}")
         q2 = np.empty((1, queries.shape[0] * queries.shape[1], w.shape[1]), dtype=queries.dtype)
-        _blas.matmul(queries.reshape(1, -1, queries.shape[2]), w[None], q2, False, 1.0,
+        rows = queries.shape[0] * queries.shape[1]
+        _blas.matmul(queries.reshape(1, rows, queries.shape[2]), w[None], q2, False, 1.0,
                      get_num_threads())
         queries = q2.reshape(queries.shape[0], queries.shape[1], w.shape[1])
     if queries.shape[2] != keys.shape[2]:

@@ -7,7 +7,7 @@ from .. import reference
 from . import _blas, _layers, _softmax
 from ._memory import empty_for_streaming
 from ._validation import (check_axis, check_bool_mask, check_finite_float, check_float_array, n_rows,
-                          check_ids, check_lengths)
+                          check_ids, check_lengths, check_positive_float, check_size)
 from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
 
 __all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16",
@@ -290,10 +290,16 @@ def embedding(table, ids):
 
 def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
     """Vaswani et al. position table (length, dim): sin on even, cos on odd dimensions,
-    positions from 0. Computed once per model in float64, then cast."""
-    if int(length) < 0 or int(dim) <= 0:
-        raise ValueError(f"length must be >= 0 and dim > 0, got length={length}, dim={dim}")
-    return reference.sinusoidal_positions(int(length), int(dim), dtype=dtype, base=base)
+    positions from 0. Computed once per model in float64, then cast (a float dtype).
+    length * dim is bounded (2^31 entries), base > 0."""
+    length = check_size(length, "length")
+    dim = check_size(dim, "dim", minimum=1)
+    if length * dim > 1 << 31:
+        raise ValueError(f"length * dim must be at most 2^31 entries, got {length} x {dim}")
+    base = check_positive_float(base, "base")
+    if np.dtype(dtype).kind != "f":
+        raise TypeError(f"dtype must be a float dtype, got {np.dtype(dtype)}")
+    return reference.sinusoidal_positions(length, dim, dtype=dtype, base=base)
 
 
 def rotary(x, positions=None, base=10000.0):
@@ -305,7 +311,7 @@ def rotary(x, positions=None, base=10000.0):
     length, dim = x.shape[-2], x.shape[-1]
     if dim % 2:
         raise ValueError(f"x's last dimension must be even for rotary pairs, got {dim}")
-    base = check_finite_float(base, "base")
+    base = check_positive_float(base, "base")
     if positions is None:
         positions = np.arange(length, dtype=np.int64)
     else:

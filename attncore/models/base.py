@@ -140,6 +140,11 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
     return out
 
 
+#: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
+#: max_length steps up front; Transformers are bounded by their position table as well).
+MAX_GENERATION_LENGTH = 1 << 20
+
+
 def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypotheses=1,
                              length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0,
                              top_p=1.0, seed=None, return_attention=False,
@@ -149,6 +154,8 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     Raises TypeError / ValueError naming the offending argument.
     """
     max_length = _check_int(max_length, "max_length", 1)
+    if max_length > MAX_GENERATION_LENGTH:   # (outputs are allocated for max_length steps)
+        raise ValueError(f"max_length must be at most {MAX_GENERATION_LENGTH}, got {max_length}")
     min_length = _check_int(min_length, "min_length", 0)
     if min_length > max_length:
         raise ValueError(f"min_length ({min_length}) must be <= max_length ({max_length})")
