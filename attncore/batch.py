@@ -47,6 +47,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, NamedTuple
 
 import numpy as np
 
+from .models.base import generate_with_default_lengths
+
 __all__ = ["InputError", "Item", "Batching", "Throughput", "Reorderer", "read_lines",
            "count_lines", "plan_batches", "run_batches", "parse_ids", "Frontend", "Job",
            "GenerateJob", "EncodeJob", "ClassifyJob", "json_array"]
@@ -479,9 +481,10 @@ class GenerateJob(Job):
     """Sequence generation (``model.generate``): one output sequence per line, as text through
     the tokenizer, or as space-separated ids (``ids_out``).
 
-    ``max_length=None`` gives each batch ``2 x its longest source + 10`` tokens, as
-    ``translate`` does. With ``do_sample`` each batch draws from ``seed`` (reproducible for a
-    fixed batching).
+    ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
+    ``2 x its length + 10`` tokens, within a position table), as ``translate`` does, so a line's
+    output does not depend on its batch. With ``do_sample`` each batch draws from ``seed``
+    (reproducible for a fixed batching).
     """
 
     needs = "generate"
@@ -498,8 +501,10 @@ class GenerateJob(Job):
         self.options = dict(generate_options)
 
     def run(self, model, sources):
-        max_length = self.max_length or 2 * max(len(s) for s in sources) + 10
-        results = model.generate(sources, max_length=max_length, **self.options)
+        if self.max_length is None:
+            results = generate_with_default_lengths(model, sources, **self.options)
+        else:
+            results = model.generate(sources, max_length=self.max_length, **self.options)
         return [list(map(int, result.tokens)) for result in results]
 
     def format(self, result, frontend):

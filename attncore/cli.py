@@ -23,6 +23,7 @@ line before it has been written and the message names the line and what was writ
 import argparse
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -168,6 +169,16 @@ def _job(args):
                            seed=args.seed)
             if args.sample and args.beam != 1:
                 raise UserError("--sample draws one sequence per input: leave --beam at 1")
+        # checked here, before any line runs (else they came back as an error of line 1)
+        from attncore.models.base import MAX_GENERATION_LENGTH, check_generation_options
+        try:
+            check_generation_options(max_length=args.max_length or MAX_GENERATION_LENGTH,
+                                     **options)
+        except (TypeError, ValueError) as exc:
+            raise UserError(_one_line(exc).replace("max_length", "--max-length")
+                            .replace("min_length", "--min-length")
+                            .replace("temperature", "--temperature")
+                            .replace("top_p", "--top-p").replace("top_k", "--top-k")) from None
         ids_out = args.ids or getattr(args, "output_ids", False)
         return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
     if args.command == "encode":
@@ -189,6 +200,10 @@ def _open_input(args):
 def _open_output(args):
     if args.output is None or args.output == "-":
         return contextlib.nullcontext(sys.stdout)
+    # opening the output empties it: never when it is the input (it was read as empty)
+    if args.input not in (None, "-") and os.path.exists(args.output) and \
+            os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+        raise UserError(f"output {args.output!r} is the input file: write to another file")
     try:
         return open(args.output, "w", encoding="utf-8", newline="\n")
     except OSError as exc:
@@ -196,14 +211,16 @@ def _open_output(args):
 
 
 def _progress(args, interactive):
-    """A tqdm bar on stderr for file input (total from a line count), else None."""
+    """A tqdm bar on stderr for file input (total from a line count of a regular file: a pipe
+    or a FIFO would be read to its end by the count, leaving nothing to run), else None."""
     if args.no_progress or args.input in (None, "-") or interactive:
         return None
     from tqdm import tqdm
 
     from attncore.batch import count_lines
-    return tqdm(total=count_lines(args.input), unit=" lines", file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5, desc=args.command)
+    regular = os.path.isfile(args.input) and stat.S_ISREG(os.stat(args.input).st_mode)
+    return tqdm(total=count_lines(args.input) if regular else None, unit=" lines",
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.5, desc=args.command)
 
 
 def _run_lines(args):

@@ -171,11 +171,53 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["no-such-command"], "invalid choice: 'no-such-command'"),
     (["translate", "--weight-dtype", "int8"], "--weight-dtype: invalid choice: 'int8'"),
     (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
+    # checked before any line runs (they came back as an error of "line 1")
+    (["generate", "--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["generate", "--sample", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["generate", "--min-length", "-1"], "--min-length must be >= 0"),
+    (["generate", "--max-length", "2000000"], "--max-length must be at most 1048576"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")
-    code = 1 if "--sample" in args else 2
+    code = 1 if args[0] == "generate" else 2
     assert_user_error(proc, fragment, code=code)
+
+
+def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
+    (tmp_path / "dates.txt").write_text("3 March 1998\n")
+    assert_user_error(attncore_cli(["translate", "--input", "dates.txt", "--output",
+                                    "./dates.txt"], tmp_path), "is the input file")
+    assert (tmp_path / "dates.txt").read_text() == "3 March 1998\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
+def test_input_from_a_named_pipe_is_translated(tmp_path):
+    # the progress bar counted the lines first, reading the pipe to its end: no output, exit 0
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    environ = subprocess_env(None)
+    proc = subprocess.Popen([sys.executable, "-m", "attncore", "translate", "--input", str(fifo)],
+                            cwd=tmp_path, env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with open(fifo, "w") as writer:
+        writer.write("3 March 1998\n4 May 2001\n")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out == "1998-03-03\n2001-05-04\n"
+
+
+def test_a_lines_default_length_does_not_depend_on_its_batch(tmp_path, dates_model):
+    # no --max-length: each line gets its own 2 x length + 10 (the whole batch got it from its
+    # longest line, so a line's output changed with --batch-size)
+    from attncore import batch
+    lines = [dates_model.tokenizer.encode_source(t) for t in ("3/3/98", "Tuesday, 3 March 1998")]
+    job = batch.GenerateJob(ids=True)
+    limits = [dates_model.default_max_length(len(line)) for line in lines]
+    assert limits[0] < limits[1]
+    together = job.run(dates_model, lines)
+    assert together == [job.run(dates_model, [line])[0] for line in lines]
+    capped = job.run(_eos_never(dates_model), lines)
+    assert [len(tokens) for tokens in capped] == limits
 
 
 def test_unknown_token_stops_at_its_line_after_writing_the_lines_before(tmp_path):
@@ -427,3 +469,15 @@ def test_the_bundled_models_reproduction_command_at_small_scale(tmp_path):
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in bundled_weights.items()}
     for name in ("src_vocab.json", "tgt_vocab.json"):
         assert (tmp_path / "dates" / name).read_bytes() == open(os.path.join(DATES, name), "rb").read()
+
+
+def _eos_never(model):
+    """The model with EOS made impossible (its output bias at -1e9): every search runs to its
+    limit."""
+    from attncore import models
+    weights = dict(model.weights)
+    bias = weights["decoder.output.bias"].copy()
+    bias[model.eos_id] = -1e9
+    weights["decoder.output.bias"] = bias
+    return models.model_class(model.config["architecture"])(model.config, weights,
+                                                            tokenizer=model.tokenizer)

@@ -619,3 +619,19 @@ def test_generate_refuses_what_the_position_table_cannot_hold():
         encoder_only.generate([np.array([4])], max_length=3)
     with pytest.raises(ValueError, match="beam_size"):
         engine.generate([np.array([4])], max_length=3, beam_size=0)
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only"])
+def test_default_lengths_stay_within_the_position_table(rng, kind):
+    # no max_length: 2 x length + 10 per source, capped by the positions (a 7-token source of a
+    # 16-position model asked for 24 and was refused); each source runs with its own limit
+    _, engine = _pair(seed=4, kind=kind, max_positions=16)
+    vocab = TGT_VOCAB if kind == "decoder_only" else SRC_VOCAB
+    sources = _sources(rng, [7, 2, 12], vocab)
+    cap = [16 - (len(s) - 1 if kind == "decoder_only" else 0) for s in sources]
+    assert [engine.default_max_length(len(s)) for s in sources] == \
+        [min(2 * len(s) + 10, c) for s, c in zip(sources, cap)]
+    results = engine.generate_default_lengths(sources)
+    for source, result in zip(sources, results):
+        alone = engine.generate([source], max_length=engine.default_max_length(len(source)))[0]
+        assert result.hypotheses == alone.hypotheses

@@ -140,6 +140,32 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
     return out
 
 
+def generate_with_default_lengths(model, sources, **options) -> List[GenerationResult]:
+    """``model.generate`` with each source's own limit, ``model.default_max_length(length)``
+    (``2 * length + 10`` for a model without one), at least ``min_length``. Sources with the
+    same limit run as one batch, so a source's result does not depend on which others came
+    with it (one limit for the whole batch, from its longest source, made a line's output
+    depend on its batch). With sampling, each group draws from ``seed``."""
+    if isinstance(sources, (str, bytes)) or not isinstance(sources, (Sequence, np.ndarray)):
+        raise TypeError(f"sources must be a list of token-id sequences, got "
+                        f"{type(sources).__name__}")
+    if len(sources) == 0:
+        raise ValueError("sources is an empty batch")
+    default = getattr(model, "default_max_length", None) or (lambda length: 2 * length + 10)
+    floor = options.get("min_length", 0)
+    floor = floor if isinstance(floor, int) else 0
+    # (an entry without a length is left to generate's checks, which name it)
+    limits = [max(floor, default(len(source) if hasattr(source, "__len__") else 1))
+              for source in sources]
+    results: List[Optional[GenerationResult]] = [None] * len(sources)
+    for limit in sorted(set(limits)):
+        rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
+        group = model.generate([sources[i] for i in rows], max_length=limit, **options)
+        for i, result in zip(rows, group):
+            results[i] = result
+    return results
+
+
 #: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
 #: max_length steps up front; Transformers are bounded by their position table as well).
 MAX_GENERATION_LENGTH = 1 << 20
@@ -279,6 +305,16 @@ class Model:
     def _prepare(self) -> None:
         """Hook: derive inference arrays from ``self.weights`` (called once by ``__init__``)."""
 
+    def default_max_length(self, source_length: int) -> int:
+        """The generation limit of a source when the caller gives none: ``2 * its length +
+        10`` tokens (models with a position table cap it there)."""
+        return 2 * int(source_length) + 10
+
+    def generate_default_lengths(self, sources, **options) -> List["GenerationResult"]:
+        """:meth:`generate` with each source's own :meth:`default_max_length`
+        (:func:`generate_with_default_lengths`)."""
+        return generate_with_default_lengths(self, sources, **options)
+
     # -- special ids ----------------------------------------------------------------------
     @property
     def pad_id(self) -> int:
@@ -417,7 +453,7 @@ class EncoderDecoderModel(Model):
         ----------
         texts : list of str
         max_length : int, optional
-            Default ``2 * longest source + 10`` tokens.
+            Default: each text's own ``default_max_length`` (``2 * its length + 10`` tokens).
         **options : the other :meth:`generate` options
 
         Returns
@@ -440,6 +476,8 @@ class EncoderDecoderModel(Model):
         if not sources:
             raise ValueError("texts is an empty batch")
         if max_length is None:
-            max_length = 2 * max(len(s) for s in sources) + 10
-        results = self.generate(sources, max_length=max_length, **options)
+            results = self.generate_default_lengths(sources, **options)
+        else:
+            results = self.generate(sources, max_length=max_length, **options)
         return [self.tokenizer.decode_target(result.tokens) for result in results]
+

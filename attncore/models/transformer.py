@@ -596,6 +596,12 @@ class Transformer(EncoderDecoderModel):
         return generation.generate(self, sources, bos_id=None if decoder_only else self.bos_id,
                                    eos_id=self.eos_id, **options)
 
+    def default_max_length(self, source_length: int) -> int:
+        """``2 * length + 10`` tokens, within the position table: ``max_positions`` for an
+        encoder-decoder, what the prompt leaves of it for a decoder-only model."""
+        cap = self.max_positions - (int(source_length) - 1 if self.kind == "decoder_only" else 0)
+        return max(1, min(super().default_max_length(source_length), cap))
+
     # -- encoder API ------------------------------------------------------------------------
     def encode(self, tokens_list) -> List[np.ndarray]:
         """Encoder outputs: a list of float32 (len_i, d_model) arrays, one per sequence
