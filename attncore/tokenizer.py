@@ -79,8 +79,12 @@ class Tokenizer:
         ids = np.asarray(ids, dtype=np.int64)
         unk = getattr(vocab, "unk", 3)
         if strict and (ids == unk).any():
-            unknown = sorted({tok for tok, i in zip(_tokens(vocab, text), ids) if i == unk
-                              and tok != "<unk>"})
+            # what the text holds there (a BPE vocabulary spells an unknown character <unk>);
+            # a literal "<unk>" in the text is meant
+            pieces = getattr(vocab, "unknown_pieces", None)
+            found = pieces(text) if pieces is not None else \
+                [tok for tok, i in zip(_tokens(vocab, text), ids) if i == unk]
+            unknown = sorted({piece for piece in found if piece != "<unk>"})
             if unknown:
                 raise ValueError(f"text has tokens missing from the source vocabulary: "
                                  f"{unknown[:10]}")

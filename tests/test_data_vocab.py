@@ -89,3 +89,18 @@ def test_bpe_round_trip(tmp_path):
     for loaded in (BPEVocab.load(path), load_vocab(path)):
         assert isinstance(loaded, BPEVocab) and loaded == v
         assert loaded.encode("a dog and a cat.") == v.encode("a dog and a cat.")
+
+
+def test_strict_encoding_names_the_characters_a_bpe_vocabulary_does_not_know():
+    # BPE spells an unknown character "<unk>", which the strict check skipped as a literal
+    # "<unk>": a line with a character outside the vocabulary then ran with <unk> ids
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    from attncore.tokenizer import Tokenizer
+    v = BPEVocab.train(["hello world", "hello there", "world peace"] * 5, vocab_size=60,
+                       min_frequency=1)
+    tokenizer = Tokenizer(v, v)
+    with pytest.raises(ValueError, match="missing from the source vocabulary: \\['☃'\\]"):
+        tokenizer.encode_source("hello \u2603 world", strict=True)
+    assert v.unknown_pieces("hello \u2603 world \u2604") == ["\u2603", "\u2604"]
+    tokenizer.encode_source("hello world", strict=True)        # all known: no error

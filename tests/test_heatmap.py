@@ -52,3 +52,17 @@ def test_save_png(amap, tmp_path):
     pytest.importorskip("matplotlib")
     heatmap.save_png(amap, tmp_path / "map.png")
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_lines_label_every_kth_token_on_a_bounded_figure(tmp_path):
+    # a 2000-token line drew 2000 labels on a 660-inch canvas (15 s, 2 GB); now at most
+    # MAX_LABELS a side, evenly spaced from the first token
+    assert heatmap._label_positions(5) == [0, 1, 2, 3, 4]
+    at = heatmap._label_positions(2081)
+    assert len(at) <= heatmap.MAX_LABELS and at[0] == 0 and len(set(np.diff(at))) == 1
+    assert heatmap._label_positions(heatmap.MAX_LABELS) == list(range(heatmap.MAX_LABELS))
+    pytest.importorskip("matplotlib")
+    amap = heatmap.AttentionMap([f"s{i}" for i in range(1500)], ["a", "b"],
+                                np.full((2, 1500), 1 / 1500), output="x")
+    heatmap.save_png(amap, tmp_path / "long.png", dpi=50)
+    assert (tmp_path / "long.png").stat().st_size > 0

@@ -166,6 +166,33 @@ def test_cli_trains_and_exports(tmp_path, capsys):
     assert config["hidden_size"] == 8 and config["embed_dim"] == 4 and config["rnn_type"] == "gru"
 
 
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--steps", "0", "--steps: expected a finite number >= 1"),        # exported a random model
+    ("--lr", "nan", "--lr: expected a finite number > 0.0"),           # exported NaN weights
+    ("--lr", "-1", "--lr: expected a finite number > 0.0"),
+    ("--label-smoothing", "5", "< 1.0"),
+    ("--clip-norm", "nan", "--clip-norm: expected a finite number"),
+    ("--weight-decay", "-1", "--weight-decay: expected a finite number >= 0.0"),
+    ("--eval-batches", "0", "--eval-batches: expected a finite number >= 1"),
+])
+def test_cli_refuses_meaningless_training_numbers(tmp_path, capsys, option, value, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_names_a_bad_out_and_task_option_without_a_traceback(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):   # before any step (it failed after all of them)
+        cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(a_file), "--steps", "1"])
+    assert "is a file, not a model directory" in capsys.readouterr().err
+    status = cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"),
+                       "--steps", "1", "--no-progress", "--task-option", "nmu_train=5"])
+    assert status == 2 and "nmu_train" in capsys.readouterr().err
+
+
 def test_cli_reports_an_arch_that_does_not_fit_the_task(tmp_path, capsys):
     status = cli_main(["copy", "--arch", "transformer-classifier", "--out", str(tmp_path), "--steps", "1",
                        "--no-progress"])

@@ -102,6 +102,13 @@ class BPEVocab:
         """Subword strings of ``text`` (``▁`` marks a word start)."""
         return self.tokenizer.encode(text, add_special_tokens=False).tokens
 
+    def unknown_pieces(self, text: str) -> list[str]:
+        """The pieces of ``text`` (its own characters) that encode to ``<unk>``: a BPE token
+        of an unknown character is spelled ``<unk>``, which would hide what was unknown."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return [text[start:end] for i, (start, end) in zip(encoding.ids, encoding.offsets)
+                if i == self.unk]
+
     def encode(self, text: str | Sequence[str], *, add_bos: bool = False,
                add_eos: bool = False) -> list[int]:
         """Ids of a string, or of an already tokenized list of subword strings."""

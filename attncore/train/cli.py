@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import List, Optional
 
@@ -23,6 +25,22 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _number(kind, minimum, *, above=False, below=None):
+    """An argparse type: a finite ``kind`` >= minimum (> with ``above``), < ``below`` if given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum) or \
+                (below is not None and value >= below):
+            wanted = (f"> {minimum}" if above else f">= {minimum}") + \
+                (f" and < {below}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a finite number {wanted}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     from .loop import ARCHITECTURES
     from .optim import SCHEDULES
@@ -35,19 +53,19 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
     parser.add_argument("--out", required=True, help="output model directory")
     training = parser.add_argument_group("training")
-    training.add_argument("--steps", type=int, default=1000)
-    training.add_argument("--batch-size", type=int, default=32)
-    training.add_argument("--lr", type=float, default=1e-3)
+    training.add_argument("--steps", type=_number(int, 1), default=1000)
+    training.add_argument("--batch-size", type=_number(int, 1), default=32)
+    training.add_argument("--lr", type=_number(float, 0.0, above=True), default=1e-3)
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--schedule", choices=SCHEDULES, default="inverse_sqrt")
-    training.add_argument("--warmup-steps", type=int, default=100)
-    training.add_argument("--min-lr", type=float, default=0.0)
-    training.add_argument("--weight-decay", type=float, default=0.0, help="> 0 selects AdamW")
-    training.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm limit (0: off)")
-    training.add_argument("--label-smoothing", type=float, default=0.0)
-    training.add_argument("--eval-every", type=int, default=0)
-    training.add_argument("--eval-batches", type=int, default=4)
-    training.add_argument("--checkpoint-every", type=int, default=0)
+    training.add_argument("--warmup-steps", type=_number(int, 0), default=100)
+    training.add_argument("--min-lr", type=_number(float, 0.0), default=0.0)
+    training.add_argument("--weight-decay", type=_number(float, 0.0), default=0.0, help="> 0 selects AdamW")
+    training.add_argument("--clip-norm", type=_number(float, 0.0), default=1.0, help="global gradient-norm limit (0: off)")
+    training.add_argument("--label-smoothing", type=_number(float, 0.0, below=1.0), default=0.0)
+    training.add_argument("--eval-every", type=_number(int, 0), default=0)
+    training.add_argument("--eval-batches", type=_number(int, 1), default=4)
+    training.add_argument("--checkpoint-every", type=_number(int, 0), default=0)
     training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     training.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
@@ -75,8 +93,13 @@ _TRAINING_KEYS = ("task", "arch", "out", "steps", "batch_size", "lr", "seed", "s
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``attncore train``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .loop import train
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        # (found only when the final checkpoint was written, after every step)
+        parser.error(f"--out {args.out!r} is a file, not a model directory")
 
     task_options = {}
     for item in args.task_option:
@@ -97,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, progress=not args.no_progress, task_options=task_options,
                           **model_options)
-    except (ValueError, KeyError, ImportError, FileNotFoundError) as error:
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
+        # (TypeError: a task option the task does not take, or of the wrong type)
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 2
     last = result.history[-1] if result.history else {}

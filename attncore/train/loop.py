@@ -402,7 +402,9 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
             loss, c, n = loss_fn(model, batch)
             losses.append(float(loss.data) * n)
             correct, counted = correct + c, counted + n
-        return {"valid_loss": sum(losses) / max(counted, 1), "valid_accuracy": correct / max(counted, 1)}
+        if counted == 0:  # an empty validation split: nothing measured (not a loss of 0)
+            return {"valid_loss": None, "valid_accuracy": None}
+        return {"valid_loss": sum(losses) / counted, "valid_accuracy": correct / counted}
 
     out_dir = Path(out_dir)
     result = fit(model, optimizer, stream, loss_fn, steps, schedule=lr_schedule, clip_norm=clip_norm,
