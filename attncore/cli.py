@@ -339,6 +339,8 @@ def _attention(args):
     except ValueError as exc:
         raise UserError(_one_line(exc)) from None
     missing = None
+    if args.output is not None and not str(args.output).lower().endswith(".png"):
+        raise UserError(f"--output {args.output!r}: the heat map is a PNG, name it *.png")
     if args.output is not None:
         try:
             heatmap.save_png(amap, args.output)

@@ -389,6 +389,10 @@ def test_attention_without_matplotlib_prints_text_and_fails(tmp_path):
 def test_attention_input_errors(tmp_path):
     assert_user_error(attncore_cli(["attention"], tmp_path, stdin=""), "no input")
     assert_user_error(attncore_cli(["attention", "3 Mä"], tmp_path), "'ä'")
+    # (PNG data was written under the .jpg name)
+    assert_user_error(attncore_cli(["attention", "3 March 1998", "--output", "map.jpg"],
+                                   tmp_path), "name it *.png")
+    assert not (tmp_path / "map.jpg").exists()
 
 
 # -------------------------------------------------------------------------------- other commands
