@@ -393,7 +393,7 @@ def _add_model_options(parser, *, lines=True):
 def _add_generation_options(parser):
     parser.add_argument("--beam", type=_positive_int, default=1, help="beam size (default 1: greedy)")
     parser.add_argument("--max-length", type=_positive_int, default=None,
-                        help="most generated tokens (default: 2 x longest source in the batch + 10)")
+                        help="most generated tokens (default: each line its own, 2 x its length + 10)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are log-prob / length ** this (default 1)")
 
