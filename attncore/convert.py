@@ -22,6 +22,7 @@ which every project names differently, must be named by the caller.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -236,7 +237,13 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
     _fill_zero_biases(gathered, spec, names, config.attention_bias)
     problems = gathered.problems + _compare(gathered, spec, kind, prefix, names)
     _raise(problems)
-    weights = {name: np.ascontiguousarray(gathered.weights[name], dtype=dtype) for name in spec}
+    with np.errstate(over="ignore"):
+        weights = {name: np.ascontiguousarray(gathered.weights[name], dtype=dtype)
+                   for name in spec}
+    # finite before the cast is not enough: 1e39 in float64 is inf in float32 (the directory
+    # was written, then refused by attncore.load)
+    _raise([f"tensor {name!r} holds values beyond {dtype}'s range"
+            for name, array in weights.items() if not np.all(np.isfinite(array))])
     return io.save_model_dir(out_dir, config.to_dict(), weights, tokenizer_files)
 
 
@@ -260,7 +267,8 @@ def _check_transformer_arguments(kind, num_heads, scale_embedding, norm_first, a
         (activation in ("relu", "gelu"),
          f"activation must be 'relu' or 'gelu' (exact erf GELU, torch's default), got {activation!r}"),
         (isinstance(layer_norm_eps, (int, float, np.floating)) and not isinstance(layer_norm_eps, bool)
-         and layer_norm_eps > 0, f"layer_norm_eps must be a positive number, got {layer_norm_eps!r}"),
+         and math.isfinite(layer_norm_eps) and layer_norm_eps > 0,
+         f"layer_norm_eps must be a finite positive number, got {layer_norm_eps!r}"),
         (max_positions is None or (is_int(max_positions) and max_positions >= 1),
          f"max_positions must be a positive int or None, got {max_positions!r}"),
         (pooling in ("mean", "first"), f"pooling must be 'mean' or 'first', got {pooling!r}"),

@@ -356,7 +356,8 @@ def test_bad_names(tmp_path, torch_state, names, pattern):
     ({"activation": "swish"}, r"activation must be 'relu' or 'gelu'"),
     ({"kind": "decoder"}, r"kind must be one of"),
     ({"scale_embedding": "yes"}, r"scale_embedding must be a bool"),
-    ({"layer_norm_eps": -1.0}, r"layer_norm_eps must be a positive number"),
+    ({"layer_norm_eps": -1.0}, r"layer_norm_eps must be a finite positive number"),
+    ({"layer_norm_eps": float("inf")}, r"layer_norm_eps must be a finite positive number"),
     ({"max_positions": MAX_LEN + 1}, r"max_positions 21 exceeds the 20 rows"),
     ({"dtype": "float16"}, r"dtype must be"),
     ({"ignore": [3]}, r"ignore must be an iterable of strings"),
@@ -364,6 +365,15 @@ def test_bad_names(tmp_path, torch_state, names, pattern):
 def test_bad_arguments(tmp_path, torch_state, overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         convert(torch_state, tmp_path / "m", **overrides)
+
+
+def test_a_value_beyond_float32_is_refused_before_anything_is_written(tmp_path, torch_state):
+    # finite in float64, inf once cast: the directory was written, then attncore.load refused it
+    state = {k: np.asarray(v, dtype=np.float64) for k, v in torch_state.items()}
+    state["transformer.decoder.layers.0.linear1.bias"][0] = 1e39
+    with pytest.raises(ValueError, match=r"'decoder.layers.0.linear1.bias' holds values beyond"):
+        convert(state, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_bad_out_dir(tmp_path, torch_state):

@@ -4,6 +4,7 @@ running the trainer model loaded from that directory against the outputs the aut
 (TensorFlow) recorded in shared/fixtures/ran_official_small.npz."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -106,6 +107,22 @@ def test_rannet_unknown_and_missing_variables(tmp_path, official):
     missing = {k: v for k, v in variables.items() if "RAN-2/concat-layernorm/gamma" not in k}
     with pytest.raises(ValueError, match=r"missing weight 'layers.2.concat_norm.weight'"):
         from_rannet(missing, tmp_path / "ran2", ran_config(fixture_config))
+
+
+def test_rannet_variables_of_a_wrong_kind_or_twice_are_named(tmp_path, official):
+    # an int kernel was cast silently, a complex one lost its imaginary part, and a weight
+    # given under two names took the later one silently
+    _, fixture_config, variables = official
+    name = next(k for k in variables if k.endswith("RAN-0/encode-attn/dense-q/kernel:0"))
+    for value, message in ((variables[name].astype(np.int64), "has dtype int64"),
+                           (variables[name].astype(np.complex64), "has dtype complex64"),
+                           (np.array(["abc"]), "has dtype <U3")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            from_rannet(dict(variables, **{name: value}), tmp_path / "ran", ran_config(fixture_config))
+    twice = dict(variables, **{"ran-0/encode-attn/dense-q/kernel:0": variables[name] * 2})
+    with pytest.raises(ValueError, match="both map to 'layers.0.window_attn.query.weight'"):
+        from_rannet(twice, tmp_path / "ran", ran_config(fixture_config))
+    assert not (tmp_path / "ran").exists()
 
 
 def test_rannet_bad_arguments(tmp_path, official):

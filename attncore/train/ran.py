@@ -646,7 +646,9 @@ def from_rannet_variables(mapping: Mapping[str, np.ndarray], config, *,
     items = [item for _, item in sorted(zip(order, items), key=lambda pair: pair[0])]
 
     weights: Dict[str, np.ndarray] = {}
+    sources: Dict[str, str] = {}        # weight -> the variable it came from
     unknown: List[str] = []
+    bad: List[str] = []
     unprefixed_seen: Dict[str, int] = {}
     for raw_name, value in items:
         name = _normalise_name(raw_name)
@@ -664,11 +666,21 @@ def from_rannet_variables(mapping: Mapping[str, np.ndarray], config, *,
             unknown.append(raw_name)
             continue
         array = np.asarray(value)
+        # a real floating tensor only (an int kernel was cast silently, a complex one lost its
+        # imaginary part), each weight from one variable (two names of one weight: the later
+        # silently won)
+        if array.dtype.kind != "f":
+            bad.append(f"variable {raw_name!r} has dtype {array.dtype}, expected a float dtype")
+            continue
+        if target in sources:
+            bad.append(f"variables {sources[target]!r} and {raw_name!r} both map to {target!r}")
+            continue
+        sources[target] = raw_name
         if name.endswith("kernel"):
             array = array.T  # TF dense kernels are (in, out); ours are (out, in)
         weights[target] = np.ascontiguousarray(array, dtype=c.dtype)
 
-    problems = [f"unknown variable {n!r}" for n in unknown] if strict else []
+    problems = bad + ([f"unknown variable {n!r}" for n in unknown] if strict else [])
     for name, (shape, _) in spec.items():
         if name not in weights:
             problems.append(f"missing weight {name!r} {list(shape)}")
