@@ -455,7 +455,15 @@ static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
         const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
         _mm256_storeu_ps(y + i, _mm256_andnot_ps(_mm256_cmp_ps(v, below, _CMP_LT_OQ), s));
     }
-    for (; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
+    if (i < n) { /* the tail in the same lanes (padded), not expf: an element's bits must not
+                  * depend on where the array ends (a document alone vs inside a batch) */
+        float b[8] = {0};
+        for (ac_index j = 0; j < n - i; j++) b[j] = x[i + j];
+        const __m256 v = _mm256_loadu_ps(b);
+        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
+        _mm256_storeu_ps(b, _mm256_andnot_ps(_mm256_cmp_ps(v, below, _CMP_LT_OQ), s));
+        for (ac_index j = 0; j < n - i; j++) y[i + j] = b[j];
+    }
 }
 
 /* Four keys at a time: four FMA chains over D, then one transposing reduction (hadd) gives the

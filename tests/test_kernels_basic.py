@@ -546,6 +546,16 @@ def test_packed_linear_rows_past_the_panel_kernel_on_the_tile_kernel(monkeypatch
                 got = attncore.linear(x[:M], packed, b)
             rows = [i for i in (0, 255, 256, 530) if i < M]
             np.testing.assert_array_equal(got[rows], alone[:len(rows)], err_msg=f"{dtype} M={M}")
+    # many row tiles run row-tile-major (x read once per tile, not once per panel): the same bits
+    # at 1 and 2 threads, and a row's bits as alone
+    big = np.concatenate([x] * 10)                               # 5310 rows: 21 row tiles
+    packed = attncore.kernels.PackedLinearWeight(w)
+    alone = attncore.linear(big[5000:5001], packed, b)[0]
+    for threads in (1, 2):
+        with attncore.num_threads(threads):
+            got = attncore.linear(big, packed, b)
+        np.testing.assert_array_equal(got[5000], alone)
+        np.testing.assert_array_equal(got[:531], got[531:1062])
 
 
 @pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "small-matrix"])

@@ -68,6 +68,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels as K
+from ..kernels.attention import sequence_attention
 from ..train.ran_ops import partition_windows
 from .base import GenerationResult, Model, _check_int, check_generation_options, check_sources
 
@@ -387,9 +388,19 @@ class RAN(Model):
         def dense(name):
             return (w[f"{name}.weight"], w[f"{name}.bias"])
 
+        # Every matrix a product reads is packed once (PackedLinearWeight): on AVX2 machines
+        # each output row is then one FMA chain whatever the number of rows, so a document
+        # gives the same bits alone or inside a batch (plain linear picks its kernel by the
+        # row count, which the other documents change).
+        def packed(pair):
+            return (K.PackedLinearWeight(pair[0], self.weight_dtype), pair[1])
+
+        def linear(name):
+            return packed(dense(name))
+
         def glu(name):
-            return (_fuse(w[f"{name}.value.weight"], w[f"{name}.gate.weight"]),
-                    _fuse(w[f"{name}.value.bias"], w[f"{name}.gate.bias"]))
+            return packed((_fuse(w[f"{name}.value.weight"], w[f"{name}.gate.weight"]),
+                           _fuse(w[f"{name}.value.bias"], w[f"{name}.gate.bias"])))
 
         self.embedding_norm = dense("embedding_norm")
         self.layers: List[_Layer] = []
@@ -398,9 +409,9 @@ class RAN(Model):
             attn = f"{p}.window_attn"
             layer = _Layer(
                 concat_norm=dense(f"{p}.concat_norm"),
-                qkv=(_fuse(*(w[f"{attn}.{x}.weight"] for x in ("query", "key", "value"))),
-                     _fuse(*(w[f"{attn}.{x}.bias"] for x in ("query", "key", "value")))),
-                attn_out=dense(f"{attn}.output"), attn_glu=glu(f"{attn}.glu"),
+                qkv=packed((_fuse(*(w[f"{attn}.{x}.weight"] for x in ("query", "key", "value"))),
+                            _fuse(*(w[f"{attn}.{x}.bias"] for x in ("query", "key", "value"))))),
+                attn_out=linear(f"{attn}.output"), attn_glu=glu(f"{attn}.glu"),
                 attn_norm=dense(f"{attn}.norm"),
                 initial_cell=w[f"{p}.cell_init_norm.bias"],
                 cell_glu=glu(f"{p}.cell_glu"), cell_norm=dense(f"{p}.cell_norm"))
@@ -412,10 +423,11 @@ class RAN(Model):
                 layer.summary_glu = np.ascontiguousarray(_glu(z, layer.attn_glu)[0])
             if self.memory_review:
                 review = f"{p}.memory_review"
-                layer.review_query = dense(f"{review}.query")
-                layer.review_kv = (_fuse(w[f"{review}.key.weight"], w[f"{review}.value.weight"]),
-                                   _fuse(w[f"{review}.key.bias"], w[f"{review}.value.bias"]))
-                layer.review_out = dense(f"{review}.output")
+                layer.review_query = linear(f"{review}.query")
+                layer.review_kv = packed((
+                    _fuse(w[f"{review}.key.weight"], w[f"{review}.value.weight"]),
+                    _fuse(w[f"{review}.key.bias"], w[f"{review}.value.bias"])))
+                layer.review_out = linear(f"{review}.output")
                 layer.review_glu = glu(f"{review}.glu")
                 layer.review_norm = dense(f"{review}.norm")
                 if self.causal:
@@ -424,12 +436,13 @@ class RAN(Model):
             else:
                 layer.output_norm = dense(f"{p}.output_norm")
             self.layers.append(layer)
-        self.classifier = dense("classifier") if self.num_classes else None
+        self.classifier = linear("classifier") if self.num_classes else None
         if self.token_head_kind == "lm":
-            self.lm_dense, self.lm_norm = dense("lm_head.dense"), dense("lm_head.norm")
+            self.lm_dense, self.lm_norm = linear("lm_head.dense"), dense("lm_head.norm")
             self.lm_bias = w["lm_head.bias"]
+            self.lm_output = K.PackedLinearWeight(w["embedding.weight"], self.weight_dtype)
         elif self.token_head_kind == "tag":
-            self.tagger = dense("tagger")
+            self.tagger = linear("tagger")
 
     # -- public ---------------------------------------------------------------------------
     def encode(self, documents, state: Optional[RANState] = None, *,
@@ -480,7 +493,7 @@ class RAN(Model):
         if self.token_head_kind == "lm":
             # RanNet MLM/LM head, tied to the token embedding: LN(swish(x W + b)) E^T + b.
             h = _ln(_swish_linear(sequence, self.lm_dense), self.lm_norm)
-            return K.linear(h, self.weights["embedding.weight"], self.lm_bias)
+            return K.linear(h, self.lm_output, self.lm_bias)
         if self.token_head_kind == "tag":
             return K.linear(sequence, *self.tagger)
         raise ValueError("this RAN has no token head (token_head = 'none')")
@@ -702,7 +715,9 @@ class RAN(Model):
 
         # Token rows: all windows of the block in one call (row i sees keys < kv_lengths and,
         # when causal, keys <= i: the cell and earlier tokens, not the summary slot).
-        o = K.attention(q, k, v, kv_lengths=kv_lengths, causal=self.causal)   # (nb, H, R, d)
+        # (flash at every R: R comes from the block's longest window, so split-KV for a short
+        # document alone and flash inside a batch would round differently)
+        o = sequence_attention(q, k, v, kv_lengths=kv_lengths, causal=self.causal)  # (nb,H,R,d)
         o = o.transpose(0, 2, 1, 3)[:, 1:1 + W].reshape(nb, W, HD)[valid]      # (n_tok, HD)
         h = _swish_linear(o, layer.attn_out) + _glu(z, layer.attn_glu)
         y[rows] = _stdnorm(_ln(h, layer.attn_norm))
