@@ -2,6 +2,7 @@
 rannet outputs: ragged batches, causal chunked continuation, heads, threads, errors, and the
 linear memory of a 100k-token document."""
 import json
+import re
 import os
 import time
 import tracemalloc
@@ -444,3 +445,24 @@ def test_generation_needs_a_causal_lm():
         causal.generate([np.array([1, 2])], max_length=0)
     with pytest.raises(ValueError, match="rows"):
         causal._start([np.array([1, 2])]).select(np.array([1]))
+
+
+def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
+    # a state of another model with the same shapes was continued silently (outputs off by
+    # ~1); malformed fields failed with IndexError / AttributeError / NumPy errors
+    import dataclasses
+    a, _ = make_pair(seed=1, causal=True)
+    b, _ = make_pair(seed=2, causal=True)
+    first, second = documents((9,), seed=1), documents((5,), seed=2)
+    state = a.encode(first)[1]
+    with pytest.raises(ValueError, match="made by another RAN model"):
+        b.encode(second, state)
+    a.encode(second, state)                                   # its own model continues it
+    same, _ = make_pair(seed=1, causal=True)                  # and so does an identical one
+    same.encode(second, state)
+    for change, message in [(dict(layers=()), "state.layers must be a tuple of 1"),
+                            (dict(windows=(-3,)), "state.windows must hold counts >= 0"),
+                            (dict(pending=(np.arange(30),)), "state.pending must hold 1-d"),
+                            (dict(pending=([1, 2],)), "state.pending must hold 1-d")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            a.encode(second, dataclasses.replace(state, **change))

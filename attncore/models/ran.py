@@ -167,6 +167,9 @@ class RANState:
         Causal: ids of each document's unfinished window (fewer than W).
     layers : tuple (per document) of tuples (per layer) of :class:`_LayerCarry`
         Causal only.
+    model : str
+        Causal: the fingerprint of the model that made it (its config and weights): another
+        model's state, whatever its shapes, is refused rather than continued.
     """
 
     causal: bool
@@ -176,6 +179,7 @@ class RANState:
     windows: Tuple[int, ...] = ()
     pending: Tuple[np.ndarray, ...] = ()
     layers: Tuple[Tuple[_LayerCarry, ...], ...] = field(default=(), repr=False)
+    model: str = ""
 
     @property
     def batch_size(self) -> int:
@@ -197,7 +201,7 @@ class RANState:
 
         return RANState(self.causal, self.window_size, pick(self.tokens),
                         _frozen(self.history[rows]), pick(self.windows), pick(self.pending),
-                        pick(self.layers))
+                        pick(self.layers), self.model)
 
     @classmethod
     def from_history(cls, history) -> "RANState":
@@ -575,7 +579,46 @@ class RAN(Model):
         if self.causal and state.window_size != window:
             raise ValueError(f"window_size must stay {state.window_size} to continue this state, "
                              f"got {window}")
+        if self.causal:
+            self._check_causal_state(state, batch, window)
         return state
+
+    def _check_causal_state(self, state: RANState, batch: int, window: int) -> None:
+        """The carried fields of a causal state, checked before they are read (a state edited
+        or made by hand failed with IndexError / AttributeError / NumPy errors, and one from
+        another model of the same shapes was continued silently)."""
+        if state.model != self._fingerprint():
+            raise ValueError("state was made by another RAN model (another config or other "
+                             "weights): continue a state with the model that made it")
+        counts = {"tokens": state.tokens, "windows": state.windows, "pending": state.pending,
+                  "layers": state.layers}
+        for name, items in counts.items():
+            if not isinstance(items, tuple) or len(items) != batch:
+                raise ValueError(f"state.{name} must be a tuple of {batch} entries (one per "
+                                 f"document)")
+        for windows, pending in zip(state.windows, state.pending):
+            if not isinstance(windows, (int, np.integer)) or windows < 0:
+                raise ValueError(f"state.windows must hold counts >= 0, got {windows!r}")
+            if not isinstance(pending, np.ndarray) or pending.ndim != 1 or \
+                    pending.dtype.kind not in "iu" or len(pending) >= window:
+                raise ValueError(f"state.pending must hold 1-d integer arrays of fewer than "
+                                 f"{window} ids")
+        for layers in state.layers:
+            if not isinstance(layers, tuple) or not all(isinstance(c, _LayerCarry) for c in layers):
+                raise ValueError("state.layers must hold tuples of the layers' carried arrays")
+
+    def _fingerprint(self) -> str:
+        """A digest of the config and the weights (computed once, on the first causal call)."""
+        digest = getattr(self, "_digest", None)
+        if digest is None:
+            import hashlib
+            import json
+            h = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode())
+            for name in sorted(self.weights):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(self.weights[name]).tobytes())
+            digest = self._digest = h.hexdigest()
+        return digest
 
     # -- embedding ------------------------------------------------------------------------
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -814,7 +857,7 @@ class RAN(Model):
         new_state = RANState(True, window,
                              tuple(t + len(d) for t, d in zip(tokens_before, documents)),
                              _frozen(cell), tuple(windows), new_pending,
-                             tuple(tuple(layers) for layers in new_layers))
+                             tuple(tuple(layers) for layers in new_layers), self._fingerprint())
         return RANEncoding(sequence, pooled, cell), new_state
 
     def _carry_in(self, index: int, layer: _Layer, state: Optional[RANState], batch: int):
