@@ -466,3 +466,36 @@ def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
                             (dict(pending=([1, 2],)), "state.pending must hold 1-d")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             a.encode(second, dataclasses.replace(state, **change))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 9, 40])
+def test_window_blocks_of_any_size_give_the_same_bits(monkeypatch, causal, block_rows):
+    # blocks of windows (ending inside a step when the step is large) padded to their own
+    # widest window: the results of one block of everything, bit for bit on AVX2 machines
+    # (the windows of a step are independent; flash attention does not depend on the padding)
+    import attncore.models.ran as ran_module
+    engine, _ = make_pair(seed=8, causal=causal, window_size=6, min_window_size=2)
+    docs = documents((1, 1, 23, 2, 1, 9, 1), seed=8)
+    whole, _ = engine.encode(docs)
+    monkeypatch.setattr(ran_module, "BLOCK_ROWS", block_rows)
+    blocks = ran_module._window_blocks(
+        ran_module._make_plan([len(d) for d in docs], [0] * 7, [0] * 7, 6, 2, causal=causal),
+        causal)
+    assert len(blocks) > 1
+    split, _ = engine.encode(docs)
+    same = (np.testing.assert_array_equal if attncore.info()["simd"] == "avx2+fma" else
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6))
+    for a, b in zip(whole.sequence + [whole.pooled, whole.history],
+                    split.sequence + [split.pooled, split.history]):
+        same(a, b)
+
+
+def test_short_documents_beside_a_long_one_hold_rows_for_their_own_windows():
+    # 400 one-token documents beside one 256-token one padded every window of a step to 258
+    # rows (memory grew with documents x window); now blocks pad to their own widest window
+    import attncore.models.ran as ran_module
+    plan = ran_module._make_plan([1] * 400 + [256], [0] * 401, [0] * 401, 256, 64, causal=False)
+    blocks = ran_module._window_blocks(plan, False)
+    padded = sum((hi - lo) * (1 + int(plan.win_width[lo:hi].max())) for lo, hi in blocks)
+    assert padded <= 2 * (401 + 256) + ran_module.BLOCK_ROWS // 8

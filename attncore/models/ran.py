@@ -305,16 +305,21 @@ def _make_plan(lengths: Sequence[int], done_windows: Sequence[int], pending: Seq
                  width_max, 1 + width_max + (1 if causal else 0), doc_windows)
 
 
-def _step_blocks(plan: _Plan) -> List[Tuple[int, int]]:
-    """Consecutive step ranges whose padded rows stay near BLOCK_ROWS (at least one step)."""
-    blocks, first = [], 0
-    steps = len(plan.step_bounds) - 1
-    for k in range(steps):
-        rows = (plan.step_bounds[k + 1] - plan.step_bounds[first]) * plan.rows
-        if k > first and rows > BLOCK_ROWS:
-            blocks.append((first, k))
-            first = k
-    blocks.append((first, steps))
+def _window_blocks(plan: _Plan, causal: bool) -> List[Tuple[int, int]]:
+    """Consecutive ranges [lo, hi) of the step-major windows whose padded rows -- windows x
+    (1 + the block's widest window + the summary slot) -- stay within BLOCK_ROWS (at least one
+    window). A block may end inside a step (a step's windows are independent of each other),
+    and pads only to its own widest window: whole steps padded to the plan's widest window
+    made 400 one-token documents beside one 256-token one hold 400 x 258 rows (memory grew
+    with documents x window, not with tokens)."""
+    blocks, lo, widest = [], 0, 0
+    for w in range(len(plan.win_width)):
+        width = max(widest, int(plan.win_width[w]))
+        if w > lo and (w + 1 - lo) * (1 + width + causal) > BLOCK_ROWS:
+            blocks.append((lo, w))
+            lo, width = w, int(plan.win_width[w])
+        widest = width
+    blocks.append((lo, len(plan.win_width)))
     return blocks
 
 
@@ -683,22 +688,24 @@ class RAN(Model):
             has_prev = np.zeros(batch, dtype=bool)
         g_all = np.empty((len(plan.win_doc), D), dtype=np.float32)
         y = np.empty((plan.num_rows, D), dtype=np.float32)
-        for first, last in _step_blocks(plan):
-            self._window_block(layer, x, plan, first, last, cell, g_prev, has_prev, g_all, y,
-                               carry)
+        for lo, hi in _window_blocks(plan, self.causal):
+            self._window_block(layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry)
         if self.memory_review:
             out = self._memory_review(layer, y, g_all, plan, memory)
         else:
             out = _ln(y, layer.output_norm)
         return out, cell, g_all
 
-    def _window_block(self, layer, x, plan, first, last, cell, g_prev, has_prev, g_all, y, carry):
-        """Steps [first, last): project the block's token rows, run the recurrence, then the
-        token rows' attention; writes g_all and y for the block's windows (cell, g_prev,
-        has_prev updated in place)."""
-        H, d, R, W = self.head_num, self.head_size, plan.rows, plan.width_max
+    def _window_block(self, layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry):
+        """Windows [lo, hi) (step-major; see _window_blocks): project the block's token rows,
+        run the recurrence over the steps they belong to, then the token rows' attention;
+        writes g_all and y for the block's windows (cell, g_prev, has_prev updated in place).
+        Rows are padded to the block's widest window (R; the flash attention's result for a
+        row does not depend on R)."""
+        H, d = self.head_num, self.head_size
+        W = int(plan.win_width[lo:hi].max())
+        R = 1 + W + (1 if self.causal else 0)
         HD = H * d
-        lo, hi = plan.step_bounds[first], plan.step_bounds[last]
         nb = hi - lo
         width = plan.win_width[lo:hi]
         slots = np.arange(W)
@@ -718,9 +725,14 @@ class RAN(Model):
         q, k, v = qk[0], qk[1], heads[2]
         kv_lengths = 1 + width + (1 if self.causal else 0)
 
-        # The recurrence: one step = the windows [a, b) of all documents that have a step k.
-        for step in range(first, last):
-            a, b = plan.step_bounds[step] - lo, plan.step_bounds[step + 1] - lo
+        # The recurrence: one step = the windows [a, b) of all documents that have a step k
+        # (the part of it in this block).
+        step = int(np.searchsorted(plan.step_bounds, lo, side="right")) - 1
+        for step in range(step, len(plan.step_bounds) - 1):
+            if plan.step_bounds[step] >= hi:
+                break
+            a = max(int(plan.step_bounds[step]), lo) - lo
+            b = min(int(plan.step_bounds[step + 1]), hi) - lo
             docs = plan.win_doc[lo + a:lo + b]
             z0 = _ln(cell[docs], layer.concat_norm)                            # (n, D)
             p0 = _swish_linear(z0, layer.qkv).reshape(b - a, 3, H, d)
@@ -808,8 +820,11 @@ class RAN(Model):
         first = int(plan.win_row[group[0]])
         rows = slice(first, int(plan.win_row[group[-1]] + plan.win_width[group[-1]]))
         query = _swish_linear(y[rows], layer.review_query)                     # (n, D)
+        # (flash at every group size, scale 1/sqrt(D) as sequence_attention's default: the
+        # groups follow BLOCK_ROWS, and split-KV for a small group would round differently)
         if not causal:
-            context = K.attention(query[None, None], keys, values, scale=scale)[0, 0]
+            context = sequence_attention(query[None, None], keys, values, kv_lengths=None,
+                                         causal=False)[0, 0]
         else:
             context = np.empty_like(query)
             for w in group:
