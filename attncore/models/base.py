@@ -94,7 +94,10 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
 
     Parameters
     ----------
-    sources : sequence of 1-d integer sequences (lists or arrays), of any lengths
+    sources : sequence of 1-d integer sequences (lists or arrays), of any lengths. A 2-D
+        array is taken row by row, each row a whole sequence: its pad ids, if any, would be
+        read as tokens (the trainer's padded batches drop them) -- pass a list of unpadded
+        rows for ragged input.
     vocab_size : int
         Ids must lie in ``[0, vocab_size)``.
     max_source_length : int, optional
