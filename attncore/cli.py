@@ -23,7 +23,6 @@ line before it has been written and the message names the line and what was writ
 import argparse
 import contextlib
 import os
-import stat
 import subprocess
 import sys
 import time
@@ -218,7 +217,7 @@ def _progress(args, interactive):
     from tqdm import tqdm
 
     from attncore.batch import count_lines
-    regular = os.path.isfile(args.input) and stat.S_ISREG(os.stat(args.input).st_mode)
+    regular = os.path.isfile(args.input)   # (False for a FIFO or a character device)
     return tqdm(total=count_lines(args.input) if regular else None, unit=" lines",
                 file=sys.stderr, dynamic_ncols=True, mininterval=0.5, desc=args.command)
 

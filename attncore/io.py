@@ -101,10 +101,8 @@ def weight_spec(config: Mapping) -> WeightSpec:
     """
     if "architecture" not in config:
         raise ValueError("config has no 'architecture'")
-    if not isinstance(config["architecture"], str):
-        raise ValueError(f"config: architecture must be a string, got {config['architecture']!r}")
+    spec_fn = _spec_function(config["architecture"])   # (ValueError for a non-string)
     _check_config_values(config)
-    spec_fn = _spec_function(config["architecture"])
     try:
         spec = spec_fn(config)
     except KeyError as error:
@@ -241,6 +239,11 @@ def _check_config_values(config: Mapping) -> None:
 def read_config(path: Union[str, os.PathLike]) -> dict:
     """Read and check ``config.json`` of a model directory (no weights)."""
     config, problems = _read_config(Path(path))
+    if not problems:  # (load_model_dir checks them through weight_spec)
+        try:
+            _check_config_values(config)
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         raise ValueError(f"invalid model directory {str(path)!r}:\n  " + "\n  ".join(problems))
     return config
@@ -270,9 +273,6 @@ def _read_config(directory: Path):
         problems.append(f"architecture must be a string, got {config['architecture']!r}")
     elif _spec_function(config["architecture"], required=False) is None:
         problems.append(f"unknown architecture {config['architecture']!r}; known: {sorted(_SPECS)}")
-    for key in SPECIAL_TOKEN_KEYS:
-        if key in config and not isinstance(config[key], int):
-            problems.append(f"{key} must be an integer, got {config[key]!r}")
     return config, problems
 
 

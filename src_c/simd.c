@@ -445,23 +445,22 @@ static AVX2 void tanh_avx2(const float *x, float *y, ac_index n) {
  * scalar tail and the reference give (exp256 saturates there, which left ~4e-39, and made
  * swish(-inf) = -inf * 4e-39 = -inf in the vector body but NaN in the tail). */
 #define AC_SIGMOID_ZERO_BELOW -88.7228f
-static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
+static inline AVX2 __m256 sigmoid256(__m256 v) {
     const __m256 one = _mm256_set1_ps(1.f);
-    const __m256 zero = _mm256_setzero_ps();
-    const __m256 below = _mm256_set1_ps(AC_SIGMOID_ZERO_BELOW);
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
+    const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    const __m256 below = _mm256_cmp_ps(v, _mm256_set1_ps(AC_SIGMOID_ZERO_BELOW), _CMP_LT_OQ);
+    return _mm256_andnot_ps(below, s);
+}
+
+static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
     ac_index i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(x + i);
-        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
-        _mm256_storeu_ps(y + i, _mm256_andnot_ps(_mm256_cmp_ps(v, below, _CMP_LT_OQ), s));
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, sigmoid256(_mm256_loadu_ps(x + i)));
     if (i < n) { /* the tail in the same lanes (padded), not expf: an element's bits must not
                   * depend on where the array ends (a document alone vs inside a batch) */
         float b[8] = {0};
         for (ac_index j = 0; j < n - i; j++) b[j] = x[i + j];
-        const __m256 v = _mm256_loadu_ps(b);
-        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))));
-        _mm256_storeu_ps(b, _mm256_andnot_ps(_mm256_cmp_ps(v, below, _CMP_LT_OQ), s));
+        _mm256_storeu_ps(b, sigmoid256(_mm256_loadu_ps(b)));
         for (ac_index j = 0; j < n - i; j++) y[i + j] = b[j];
     }
 }

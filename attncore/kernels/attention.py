@@ -216,8 +216,10 @@ def project_keys(keys, w_k):
     w_k = check_float_array(w_k, "w_k", ndim=2, dtype=keys.dtype)
     if w_k.shape[0] != keys.shape[2]:
         raise ValueError(f"w_k must have shape ({keys.shape[2]}, hidden), got {w_k.shape}")
-    out = np.empty((1, keys.shape[0] * keys.shape[1], w_k.shape[1]), dtype=keys.dtype)
-    _blas.matmul(keys.reshape(1, keys.shape[0] * keys.shape[1], keys.shape[2]), w_k[None], out, False, 1.0, get_num_threads())
+    rows = keys.shape[0] * keys.shape[1]
+    out = np.empty((1, rows, w_k.shape[1]), dtype=keys.dtype)
+    _blas.matmul(keys.reshape(1, rows, keys.shape[2]), w_k[None], out, False, 1.0,
+                 get_num_threads())
     return out.reshape(keys.shape[0], keys.shape[1], w_k.shape[1])
 
 
@@ -375,8 +377,8 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
         w = check_float_array(w, "w", ndim=2, dtype=queries.dtype)
         if w.shape != (queries.shape[2], keys.shape[2]):
             raise ValueError(f"w must have shape ({queries.shape[2]}, {keys.shape[2]}), got {w.shape}")
-        q2 = np.empty((1, queries.shape[0] * queries.shape[1], w.shape[1]), dtype=queries.dtype)
         rows = queries.shape[0] * queries.shape[1]
+        q2 = np.empty((1, rows, w.shape[1]), dtype=queries.dtype)
         _blas.matmul(queries.reshape(1, rows, queries.shape[2]), w[None], q2, False, 1.0,
                      get_num_threads())
         queries = q2.reshape(queries.shape[0], queries.shape[1], w.shape[1])

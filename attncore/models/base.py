@@ -143,6 +143,11 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
     return out
 
 
+def _default_limit(source_length: int) -> int:
+    """``2 * source_length + 10``: the generation limit of a source when none is given."""
+    return 2 * int(source_length) + 10
+
+
 def generate_with_default_lengths(model, sources, **options) -> List[GenerationResult]:
     """``model.generate`` with each source's own limit, ``model.default_max_length(length)``
     (``2 * length + 10`` for a model without one), at least ``min_length``. Sources with the
@@ -154,7 +159,7 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
                         f"{type(sources).__name__}")
     if len(sources) == 0:
         raise ValueError("sources is an empty batch")
-    default = getattr(model, "default_max_length", None) or (lambda length: 2 * length + 10)
+    default = getattr(model, "default_max_length", _default_limit)
     floor = options.get("min_length", 0)
     floor = floor if isinstance(floor, int) else 0
     # (an entry without a length is left to generate's checks, which name it)
@@ -311,7 +316,7 @@ class Model:
     def default_max_length(self, source_length: int) -> int:
         """The generation limit of a source when the caller gives none: ``2 * its length +
         10`` tokens (models with a position table cap it there)."""
-        return 2 * int(source_length) + 10
+        return _default_limit(source_length)
 
     def generate_default_lengths(self, sources, **options) -> List["GenerationResult"]:
         """:meth:`generate` with each source's own :meth:`default_max_length`

@@ -270,8 +270,6 @@ class _Plan:
     win_global: np.ndarray     # (nw,) window number in its document (earlier calls included)
     win_final: np.ndarray      # (nw,) bool: finished (committed to the state)
     step_bounds: List[int]     # windows of step k: [step_bounds[k], step_bounds[k+1])
-    width_max: int
-    rows: int                  # R = 1 + width_max (+1 summary slot when causal)
     doc_windows: List[np.ndarray]  # per document, its windows in order
 
     @property
@@ -298,11 +296,10 @@ def _make_plan(lengths: Sequence[int], done_windows: Sequence[int], pending: Seq
     final = np.ones(len(doc), dtype=bool) if not causal else width == window_size
     step_bounds = np.searchsorted(step, np.arange(counts.max() + 1)).tolist()
     doc_windows = np.split(np.argsort(doc, kind="stable"), np.cumsum(counts)[:-1])
-    width_max = int(width.max())
     return _Plan(lengths, offsets, np.asarray(pending, dtype=np.int64), doc,
                  offsets[doc] + spans[:, 0], width,
                  np.asarray(done_windows, dtype=np.int64)[doc] + step, final, step_bounds,
-                 width_max, 1 + width_max + (1 if causal else 0), doc_windows)
+                 doc_windows)
 
 
 def _window_blocks(plan: _Plan, causal: bool) -> List[Tuple[int, int]]:
@@ -313,12 +310,11 @@ def _window_blocks(plan: _Plan, causal: bool) -> List[Tuple[int, int]]:
     made 400 one-token documents beside one 256-token one hold 400 x 258 rows (memory grew
     with documents x window, not with tokens)."""
     blocks, lo, widest = [], 0, 0
-    for w in range(len(plan.win_width)):
-        width = max(widest, int(plan.win_width[w]))
-        if w > lo and (w + 1 - lo) * (1 + width + causal) > BLOCK_ROWS:
+    for w, width in enumerate(plan.win_width.tolist()):
+        widest = max(widest, width)
+        if w > lo and (w + 1 - lo) * (1 + widest + causal) > BLOCK_ROWS:
             blocks.append((lo, w))
-            lo, width = w, int(plan.win_width[w])
-        widest = width
+            lo, widest = w, width
     blocks.append((lo, len(plan.win_width)))
     return blocks
 
@@ -727,8 +723,8 @@ class RAN(Model):
 
         # The recurrence: one step = the windows [a, b) of all documents that have a step k
         # (the part of it in this block).
-        step = int(np.searchsorted(plan.step_bounds, lo, side="right")) - 1
-        for step in range(step, len(plan.step_bounds) - 1):
+        first_step = int(np.searchsorted(plan.step_bounds, lo, side="right")) - 1
+        for step in range(first_step, len(plan.step_bounds) - 1):
             if plan.step_bounds[step] >= hi:
                 break
             a = max(int(plan.step_bounds[step]), lo) - lo
