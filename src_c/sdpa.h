@@ -22,6 +22,11 @@
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.
  *   - weights:  materialises the normalised weights (B, H, Lq, Lk) when the caller asks for them.
+ *               With out NULL (v unread) it writes the weights alone: attncore's callers take
+ *               the output from flash or split-KV as they would without weights, so asking
+ *               for the weights never changes an output bit (the output of weights . v, a
+ *               BLAS product whose rounding followed Lk, moved a Transformer's logits with the
+ *               padding of the batch on AVX-512 machines).
  */
 #ifndef ATTNCORE_SDPA_H
 #define ATTNCORE_SDPA_H

@@ -249,7 +249,7 @@ int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
             const REAL *q_head = q + bh * Lq * D;
             const REAL *k_head = k + (b * Hkv + g) * Lk * D;
-            const REAL *v_head = v + (b * Hkv + g) * Lk * D;
+            const REAL *v_head = out ? v + (b * Hkv + g) * Lk * D : NULL;
             REAL *w = weights + bh * Lq * Lk;
             for (ac_index x = 0; x < Lq * D; x++) q_scaled[x] = q_head[x] * scale;
             CAT(gemm_abt_, SUF)(gemm, (int)Lq, (int)Lk, (int)D, 1, q_scaled, (int)D, k_head,
@@ -264,8 +264,9 @@ int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 }
                 if (n_valid < Lk) memset(s + n_valid, 0, sizeof(REAL) * (Lk - n_valid));
             }
-            CAT(gemm_ab_, SUF)(gemm, (int)Lq, (int)D, (int)Lk, 1, w, (int)Lk, v_head, (int)D, 0,
-                               out + bh * Lq * D, (int)D);
+            if (out) /* NULL: the weights alone (callers take the output from another path) */
+                CAT(gemm_ab_, SUF)(gemm, (int)Lq, (int)D, (int)Lk, 1, w, (int)Lk, v_head, (int)D,
+                                   0, out + bh * Lq * D, (int)D);
         }
         free(q_scaled);
     }

@@ -13,14 +13,15 @@ cdef _check(int status):
 
 
 def _check_args(q, k, v, out, kv_lengths):
-    """q, out (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0; kv_lengths None or (B,)
-    in [0, Lk]: the shapes the kernels index by."""
+    """q, out (B, H, Lq, D) (out may be None where the kernel can skip it); k, v
+    (B, Hkv, Lk, D) with H % Hkv == 0; kv_lengths None or (B,) in [0, Lk]: the shapes the
+    kernels index by."""
     B, H, Lq, D = q.shape[:4]
     if tuple(k.shape[:4]) != tuple(v.shape[:4]) or k.shape[0] != B or k.shape[3] != D:
         raise ValueError("k and v must be (B, Hkv, Lk, D) with q's B and D")
     if k.shape[1] <= 0 or H % k.shape[1]:
         raise ValueError("k: its heads must divide q's heads")
-    if tuple(out.shape[:4]) != (B, H, Lq, D):
+    if out is not None and tuple(out.shape[:4]) != (B, H, Lq, D):
         raise ValueError("out must have q's shape")
     if kv_lengths is not None:
         lengths = memoryview(kv_lengths).tolist()
@@ -119,26 +120,26 @@ def split_kv(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     _check(status)
 
 
-def with_weights(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
-                 const floating[:, :, :, ::1] v, floating[:, :, :, ::1] out,
+def weights_only(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
                  floating[:, :, :, ::1] weights, const int64_t[::1] kv_lengths, bint causal,
                  double scale, int num_threads):
-    """Attention that also writes the normalised weights (B, H, Lq, Lk)."""
+    """The normalised attention weights (B, H, Lq, Lk) alone (ac_sdpa_weights with out NULL):
+    the output comes from flash or split-KV, so asking for weights changes no output bit."""
     cdef const int64_t *lens = &kv_lengths[0] if kv_lengths is not None else NULL
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
-    _check_args(q, k, v, out, kv_lengths)
+    _check_args(q, k, k, None, kv_lengths)
     if (weights.shape[0] != B or weights.shape[1] != H or weights.shape[2] != Lq
             or weights.shape[3] != Lk):
         raise ValueError("weights must be (B, H, Lq, Lk)")
     with nogil:
         if floating is float:
-            status = ac_sdpa_weights_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
-                                         &out[0, 0, 0, 0], &weights[0, 0, 0, 0], B, H, Hkv, Lq,
-                                         Lk, D, lens, causal, <float>scale, sgemm, num_threads)
+            status = ac_sdpa_weights_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], NULL, NULL,
+                                         &weights[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens,
+                                         causal, <float>scale, sgemm, num_threads)
         else:
-            status = ac_sdpa_weights_f64(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
-                                         &out[0, 0, 0, 0], &weights[0, 0, 0, 0], B, H, Hkv, Lq,
-                                         Lk, D, lens, causal, scale, dgemm, num_threads)
+            status = ac_sdpa_weights_f64(&q[0, 0, 0, 0], &k[0, 0, 0, 0], NULL, NULL,
+                                         &weights[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens,
+                                         causal, scale, dgemm, num_threads)
     _check(status)

@@ -337,14 +337,15 @@ cdef class DecoderStep:
             if self.has_cross:
                 src = self._sublayer_input(x, hn, B, layer, 1, num_threads)
                 _linear(src, B, layer.cross_q, q, self.small_gemm_macs, num_threads)
-                if weights != NULL and i == last:
-                    status = ac_sdpa_weights_f32(q, cross_k[i], cross_v[i], att, weights, B, H, H,
-                                                 1, S, hd, src_lengths, 0, self.attention_scale,
+                status = ac_sdpa_splitkv_f32(q, cross_k[i], cross_v[i], att, B, H, H, 1, S, hd,
+                                             src_lengths, 0, self.attention_scale,
+                                             self.decode_chunk, num_threads)
+                if status == 0 and weights != NULL and i == last:
+                    # the weights alone: the output stays split-KV's (weights . v on BLAS
+                    # rounded with the batch's padded source length on AVX-512 machines)
+                    status = ac_sdpa_weights_f32(q, cross_k[i], NULL, NULL, weights, B, H, H, 1,
+                                                 S, hd, src_lengths, 0, self.attention_scale,
                                                  sgemm, num_threads)
-                else:
-                    status = ac_sdpa_splitkv_f32(q, cross_k[i], cross_v[i], att, B, H, H, 1, S,
-                                                 hd, src_lengths, 0, self.attention_scale,
-                                                 self.decode_chunk, num_threads)
                 if status != 0:
                     return status
                 self._project_residual(x, att, B, layer.cross_out, layer, 1, hn, num_threads)

@@ -5,8 +5,11 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* ``return_weights=True`` or a dense ``mask``: the weights are materialised anyway (the mask
-  itself is batch x heads x q_len x kv_len), so scores go through BLAS and the masked softmax.
+* a dense ``mask``: the weights are materialised anyway (the mask itself is
+  batch x heads x q_len x kv_len), so scores go through BLAS and the masked softmax.
+* ``return_weights=True`` without a mask: the output comes from the path it would take without
+  weights (below), and the weights from a pass of their own (one more q k^T), so asking for
+  them never changes an output bit.
 * ``q_len <= DECODE_MAX_Q`` (decoding, a few new tokens against a cache): split-KV. Keys are cut
   into chunks of ``DECODE_CHUNK``; (batch, head, chunk) items run in parallel and are merged by
   log-sum-exp in chunk order. Peers run one thread per (batch, head) here and leave cores idle.
@@ -143,18 +146,19 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
                          np.ascontiguousarray(v_full).reshape(-1, kv_len, head_dim),
                          out.reshape(-1, q_len, head_dim), False, 1.0, threads)
         return (out, weights) if return_weights else out
-    if return_weights:
-        weights = np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
-        if not empty:
-            _sdpa.with_weights(q, k, v, out, weights, kv_lengths, bool(causal), scale, threads)
-        return out, weights
-    if empty:
+    if not empty:
+        if q_len <= DECODE_MAX_Q:
+            _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
+        else:
+            _flash(q, k, v, out, kv_lengths, bool(causal), scale, threads)
+    if not return_weights:
         return out
-    if q_len <= DECODE_MAX_Q:
-        _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK, threads)
-    else:
-        _flash(q, k, v, out, kv_lengths, bool(causal), scale, threads)
-    return out
+    # the weights on their own pass (one more q k^T): the output above is the one a call
+    # without weights gets, bit for bit
+    weights = np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
+    if not empty:
+        _sdpa.weights_only(q, k, weights, kv_lengths, bool(causal), scale, threads)
+    return out, weights
 
 
 def _flash(q, k, v, out, kv_lengths, causal, scale, threads):
