@@ -64,7 +64,7 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  * the other rows: a sentence gives the same result alone or in a batch.
  *
  * More rows (a whole source's projection) run per (row tile, panel), the panel read in place as
- * a row-major (K, 64) matrix: on the AVX2 kernels by tile_gemm.h's kernel, whose outputs are
+ * a row-major (K, 64) matrix: on the AVX2 / AVX-512 kernels by tile_gemm.h's kernel, whose outputs are
  * the same FMA chains as the panel kernel's (so on those machines a row's bits never depend on
  * the other rows; 39-42 GMAC/s at 300-1536 rows on the machine of bench/RESULTS.md session 8,
  * where BLAS packing each panel ran 26-35), elsewhere as single-threaded `sgemm` calls.

@@ -17,7 +17,7 @@
  *               Parallel over (batch, head, query tile). Both products go to BLAS gemm as
  *               NN products: K is first transposed per head into (B, Hkv, D, Lk) scratch (the
  *               size of K), so that BLAS may run small tiles without packing the operands.
- *               On AVX2 machines float32 takes ac_sdpa_flash_tiles_f32 below instead.
+ *               On AVX2 and AVX-512 machines float32 takes ac_sdpa_flash_tiles_f32 below.
  *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.

@@ -13,7 +13,7 @@
 
 int ac_tile_gemm_available(void) {
 #ifdef AC_X86
-    return ac_simd_level() == 1;
+    return ac_simd_level() >= 1;
 #else
     return 0;
 #endif
@@ -104,6 +104,79 @@ static AVX2 void group_part(ac_index m, ac_index cols, ac_index kk, const float 
 }
 #undef GROUP_BODY
 #undef ROWS
+
+/* ---------------------------------------------------------------- AVX-512 ----------- */
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+
+/* R rows (a constant after inlining) x NG column groups of 16 (one vector each), of which the
+ * last has its lanes in `last_mask` (all 16 but for a partial last group of the product). The
+ * groups are `group` floats apart. The same chains as rows_x16: one FMA per (row, k, column)
+ * in k order, from 0 or from C, so the bits equal the AVX2 and scalar kernels'. Up to 8 rows x
+ * 2 groups: 16 accumulators, two B loads and eight broadcasts a k for 16 FMAs. */
+static inline __attribute__((always_inline)) AVX512 void
+rows_x16n_avx512(const int R, const int NG, const __mmask16 last_mask, ac_index kk, const float *a,
+                 ac_index lda, ac_index ak, const float *b, ac_index ldb, ac_index group,
+                 float *c, ac_index ldc, int accumulate) {
+    __m512 acc[8][2];
+    __mmask16 mask[2];
+    for (int g = 0; g < NG; g++) mask[g] = g == NG - 1 ? last_mask : (__mmask16)0xffff;
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < NG; g++)
+            acc[r][g] = accumulate ? _mm512_maskz_loadu_ps(mask[g], c + r * ldc + 16 * g)
+                                   : _mm512_setzero_ps();
+    for (ac_index k = 0; k < kk; k++) {
+        __m512 bv[2];
+        for (int g = 0; g < NG; g++) /* masked lanes read nothing and count 0 */
+            bv[g] = _mm512_maskz_loadu_ps(mask[g], b + g * group + k * ldb);
+        for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_set1_ps(a[r * lda + k * ak]);
+            for (int g = 0; g < NG; g++) acc[r][g] = _mm512_fmadd_ps(x, bv[g], acc[r][g]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < NG; g++) _mm512_mask_storeu_ps(c + r * ldc + 16 * g, mask[g], acc[r][g]);
+}
+
+/* rows [0, m) of NG column groups: 8-row blocks, then one block of the 1-7 rows left */
+#define ROWS512(R) rows_x16n_avx512(R, NG, last_mask, kk, a + i * lda, lda, ak, b, ldb, group, \
+                                    c + i * ldc, ldc, accumulate)
+static inline __attribute__((always_inline)) AVX512 void
+groups_avx512(const int NG, const __mmask16 last_mask, ac_index m, ac_index kk, const float *a,
+              ac_index lda, ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
+              ac_index ldc, int accumulate) {
+    ac_index i = 0;
+    for (; i + 8 <= m; i += 8) ROWS512(8);
+    switch (m - i) {
+    case 7: ROWS512(7); break;
+    case 6: ROWS512(6); break;
+    case 5: ROWS512(5); break;
+    case 4: ROWS512(4); break;
+    case 3: ROWS512(3); break;
+    case 2: ROWS512(2); break;
+    case 1: ROWS512(1); break;
+    }
+}
+#undef ROWS512
+
+static AVX512 void tile_gemm_avx512(ac_index m, ac_index n, ac_index kk, const float *a,
+                                    ac_index lda, ac_index ak, const float *b, ac_index ldb,
+                                    ac_index group, float *c, ac_index ldc, int accumulate) {
+    /* pairs of column groups outside, rows inside: the pair's B slice (kk x 32) is read from
+     * L1 by every 8-row block */
+    ac_index j0 = 0;
+    for (; j0 + 2 * AC_TILE_GROUP <= n; j0 += 2 * AC_TILE_GROUP)
+        groups_avx512(2, 0xffff, m, kk, a, lda, ak, b + (j0 / AC_TILE_GROUP) * group, ldb, group,
+                      c + j0, ldc, accumulate);
+    if (j0 < n) { /* 1 to 31 columns left: one group, or a full group and a partial one */
+        const ac_index cols = n - j0, tail = cols % AC_TILE_GROUP;
+        const __mmask16 last = tail ? (__mmask16)((1u << tail) - 1) : (__mmask16)0xffff;
+        const float *bj = b + (j0 / AC_TILE_GROUP) * group;
+        if (cols > AC_TILE_GROUP)
+            groups_avx512(2, last, m, kk, a, lda, ak, bj, ldb, group, c + j0, ldc, accumulate);
+        else
+            groups_avx512(1, last, m, kk, a, lda, ak, bj, ldb, group, c + j0, ldc, accumulate);
+    }
+}
 #endif
 
 /* the same chains in scalar code (callers use BLAS there; this keeps a call correct) */
@@ -123,7 +196,11 @@ void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_in
                       ac_index ak, const float *b, ac_index ldb, ac_index group, float *c,
                       ac_index ldc, int accumulate) {
 #ifdef AC_X86
-    if (ac_simd_level() >= 1) { /* AVX-512 machines can run it too (callers use BLAS there) */
+    if (ac_simd_level() == 2) {
+        tile_gemm_avx512(m, n, kk, a, lda, ak, b, ldb, group, c, ldc, accumulate);
+        return;
+    }
+    if (ac_simd_level() == 1) {
         /* column groups outside, rows inside: a group's B slice (kk x 16) is read from L1 by
          * every 6-row block */
         for (ac_index j0 = 0; j0 < n; j0 += AC_TILE_GROUP) {

@@ -12,12 +12,14 @@
  *
  *   C (m x n, row stride ldc) = A (m x kk) . B (kk x n)      (+ C when accumulate)
  *
- * Blocks of 6 rows x 16 columns, 12 accumulators (the 6x16 register block of BLIS's Haswell
- * kernel). Each output is one FMA chain over k = 0 .. kk-1 in order, started from 0 or from C,
- * whatever m, n or the blocking: the bits of a row do not depend on the other rows.
+ * AVX2: blocks of 6 rows x 16 columns, 12 accumulators (the 6x16 register block of BLIS's
+ * Haswell kernel). AVX-512: 8 rows x 32 columns (two groups), 16 accumulators. Each output is
+ * one FMA chain over k = 0 .. kk-1 in order, started from 0 or from C, whatever m, n, the
+ * blocking or the instruction set: the bits of a row do not depend on the other rows, and the
+ * AVX2, AVX-512 and scalar versions give the same bits.
  *
- * AVX2+FMA (a `target` attribute: the build stays portable), with a scalar fallback of the same
- * chains for machines without it; callers check ac_tile_gemm_available() and otherwise use BLAS.
+ * `target` attributes (the build stays portable), with a scalar fallback of the same chains for
+ * machines without AVX2; callers check ac_tile_gemm_available() and otherwise use BLAS.
  */
 #ifndef ATTNCORE_TILE_GEMM_H
 #define ATTNCORE_TILE_GEMM_H
@@ -28,12 +30,13 @@
 #define AC_TILE_MATMUL_COLS 64
 #define AC_TILE_INPLACE_MAX_LDB 256
 
-/* 1 when this process runs the AVX2 kernels (simd.h's level 1): the flash path and the packed
- * products past the panel kernel's rows then use this kernel. On AVX-512 machines SciPy's
- * OpenBLAS has its small-matrix kernel, which runs the tile products unpacked at twice the
- * vector width: on the 16-core Xeon of bench/RESULTS.md (session 8) flash at one thread ran
- * 91-107 GFLOP/s on it and 65-72 on this kernel (ATTNCORE_FORCE_ISA=avx2), so they stay on BLAS
- * (an AVX-512 version of this kernel is the way on from there). */
+/* 1 when this process runs the AVX2 or AVX-512 kernels (simd.h's level 1 or 2): the flash path,
+ * float32 matmul / linear and the packed products past the panel kernel's rows then use this
+ * kernel. Until session 11 AVX-512 machines took SciPy's OpenBLAS (its SkylakeX small-matrix
+ * kernel runs tile products unpacked at twice the AVX2 width: 91-107 GFLOP/s of flash on the
+ * 16-core Xeon of session 8, 65-72 on the AVX2 kernel); the AVX-512 version runs matmul /
+ * linear 1.1-2.0x faster than that BLAS (bench/RESULTS.md, session 11) and gives AVX-512
+ * machines the AVX2 machines' row-independent bits. */
 int ac_tile_gemm_available(void);
 
 void ac_tile_gemm_f32(ac_index m, ac_index n, ac_index kk, const float *a, ac_index lda,

@@ -22,6 +22,17 @@ TOLERANCE = {
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
+
+def rows_independent():
+    """Whether a model row's bits may be required not to depend on the batch around it: on
+    AVX2 and AVX-512 machines every product of a model runs on packed weights (the panel kernel
+    up to 256 rows, the tile kernel past that: one FMA chain per output either way) and
+    attention on the flash path at every length. Elsewhere (scalar builds: BLAS past 16 rows)
+    only to rounding."""
+    import attncore
+    return attncore.info()["simd"] in ("avx2+fma", "avx512")
+
+
 def subprocess_env(env=None, **extra):
     """Environment for a child ``python`` that must import the attncore under test.
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import attncore
+from conftest import rows_independent
 from attncore.models import RAN, load
 from attncore.models.ran import RANState
 from attncore.train import autograd as ag
@@ -105,11 +106,11 @@ def test_document_alone_equals_inside_a_batch(causal):
     engine, _ = make_pair(seed=5, causal=causal, cell_pooling="max")
     docs = documents((11, 1, 6, 30, 4), seed=3)
     batch, _ = engine.encode(docs)
-    # On AVX2 machines bit for bit: every product on packed weights (one FMA chain per output
+    # On AVX2 and AVX-512 machines bit for bit: every product on packed weights (one FMA chain per output
     # row at any row count), window attention on the flash path whatever the block's widest
     # window, vector tails of the activations in the same lanes (a review found 6e-7: plain
     # linear's kernel followed the row count, sigmoid's tail took expf). Elsewhere to rounding.
-    same = (np.testing.assert_array_equal if attncore.info()["simd"] == "avx2+fma" else
+    same = (np.testing.assert_array_equal if rows_independent() else
             lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6))
     for i, doc in enumerate(docs):
         alone, _ = engine.encode([doc])
@@ -484,7 +485,7 @@ def test_window_blocks_of_any_size_give_the_same_bits(monkeypatch, causal, block
         causal)
     assert len(blocks) > 1
     split, _ = engine.encode(docs)
-    same = (np.testing.assert_array_equal if attncore.info()["simd"] == "avx2+fma" else
+    same = (np.testing.assert_array_equal if rows_independent() else
             lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6))
     for a, b in zip(whole.sequence + [whole.pooled, whole.history],
                     split.sequence + [split.pooled, split.history]):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import attncore
+from conftest import rows_independent
 from attncore.models import load
 from attncore.models.transformer import Transformer, TransformerDecoderState
 from attncore.train import autograd as ag
@@ -231,10 +232,7 @@ def test_sentence_alone_equals_inside_a_ragged_batch(rng):
         assert _greedy(engine, [source], 10) == [greedy[b]]
 
 
-# On AVX2 machines every product runs on packed weights (the panel kernel up to 256 rows, the
-# tile kernel past that: one FMA chain per output either way) and attention on the flash path
-# at every length, so a row's bits do not depend on the batch; elsewhere only to rounding.
-ROWS_INDEPENDENT = attncore.info()["simd"] == "avx2+fma"
+ROWS_INDEPENDENT = rows_independent()
 
 
 def _same(a, b):

@@ -115,7 +115,7 @@ def test_shapes_reach_every_strategy(kernel, causal):
 
 
 FLASH_PATHS = [pytest.param(True, id="tile-kernel", marks=pytest.mark.skipif(
-                   not _sdpa.tile_products(), reason="the tile kernel needs the AVX2 kernels")),
+                   not _sdpa.tile_products(), reason="the tile kernel needs AVX2 or AVX-512")),
                pytest.param(False, id="blas")]
 
 
@@ -135,8 +135,8 @@ def test_flash_float32_on_both_kernels(monkeypatch, rng, shape, tile_kernel, cau
 
 
 def test_flash_tile_kernel_is_used_where_available():
-    """The AVX2 machines (simd level 1) run float32 flash on the tile kernel; others on BLAS."""
-    assert _sdpa.tile_products() == (attncore.info()["simd"] == "avx2+fma")
+    """AVX2 and AVX-512 machines run float32 flash on the tile kernel; others on BLAS."""
+    assert _sdpa.tile_products() == (attncore.info()["simd"] in ("avx2+fma", "avx512"))
     front = sys.modules["attncore.kernels.attention"]
     assert front.USE_TILE_PRODUCTS == _sdpa.tile_products()
     assert flash_tiles(64, False, True) == (front.TILE_BLOCK_Q, front.TILE_BLOCK_K)
@@ -147,12 +147,13 @@ def test_flash_tile_kernel_is_used_where_available():
 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_tile_gemm_every_block_edge(rng, accumulate):
-    """tile_gemm.h's kernel against float64 products at every row remainder of its 6-row blocks
-    and every column remainder of its 16-column groups, A read in place or transposed (P^T),
-    B row-major or in 16-column panels (the flash path's query panels). Without the vector
-    kernels (ATTNCORE_FORCE_ISA=scalar, tests/test_build.py) its scalar fallback."""
-    for m in [1, 2, 3, 4, 5, 6, 7, 12, 13, 17]:
-        for n in [1, 7, 8, 9, 15, 16, 17, 31, 33, 40]:
+    """tile_gemm.h's kernel against float64 products at every row remainder of its register
+    blocks (6 rows on AVX2, 8 on AVX-512) and every column remainder of its 16-column groups
+    (taken in pairs on AVX-512), A read in place or transposed (P^T), B row-major or in
+    16-column panels (the flash path's query panels). Without the vector kernels
+    (ATTNCORE_FORCE_ISA=scalar, tests/test_build.py) its scalar fallback."""
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17, 25]:
+        for n in [1, 7, 8, 9, 15, 16, 17, 20, 31, 32, 33, 40, 48, 63, 65]:
             kk = int(rng.integers(1, 70))
             a = rng.standard_normal((m, kk)).astype(np.float32)
             b = rng.standard_normal((kk, n)).astype(np.float32)

@@ -525,11 +525,11 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(K, N):
                                           err_msg=f"M={M}")
 
 
-@pytest.mark.skipif(not _sdpa.tile_products(), reason="the tile kernel needs the AVX2 kernels")
+@pytest.mark.skipif(not _sdpa.tile_products(), reason="the tile kernel needs AVX2 or AVX-512")
 @pytest.mark.parametrize("small_gemm_macs", [0, 10 ** 6], ids=["whole-K", "K-chunks"])
 def test_packed_linear_rows_past_the_panel_kernel_on_the_tile_kernel(monkeypatch,
                                                                     small_gemm_macs):
-    # on the AVX2 kernels, rows past the panel kernel's range run on the tile kernel
+    # on the AVX2 and AVX-512 kernels, rows past the panel kernel's range run on the tile kernel
     # (src_c/tile_gemm.h), whose outputs are the same FMA chains: a row gives the same bits alone
     # as in a batch of any size, float32 and bfloat16 panels, K whole or in accumulated chunks
     monkeypatch.setattr(sys.modules["attncore.kernels.basic"], "BLAS_SMALL_GEMM_MACS",

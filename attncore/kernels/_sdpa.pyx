@@ -44,7 +44,7 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     if block_q <= 0 or block_k <= 0:
         raise ValueError("block_q and block_k must be > 0")
     if tile_kernel and (floating is double or not ac_tile_gemm_available() or block_q % 16):
-        raise ValueError("tile_kernel needs float32, the AVX2 kernels and block_q % 16 == 0")
+        raise ValueError("tile_kernel needs float32, the AVX2 or AVX-512 kernels and block_q % 16 == 0")
     with nogil:
         if floating is float:
             if tile_kernel:
@@ -65,7 +65,7 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
 
 def tile_products():
     """True when the float32 flash path can run its tile products on tile_gemm.h's kernel (this
-    process runs the AVX2 kernels, simd.h level 1)."""
+    process runs the AVX2 or AVX-512 kernels, simd.h level 1 or 2)."""
     return bool(ac_tile_gemm_available())
 
 

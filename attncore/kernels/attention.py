@@ -30,13 +30,16 @@ __all__ = ["attention", "additive_attention", "project_keys", "AdditiveKeys", "l
 
 # Flash tiles. Each tile product (scores = Q_tile . K_tile^T, out += P . V_tile) is one call of
 # a matrix kernel.
-# * On the AVX2 kernels (TILE_PRODUCTS) float32 tiles run on tile_gemm.h's kernel, which reads
-#   K, V and the probabilities in place, scores computed keys x queries (only the query tile
-#   transposed; src_c/sdpa.h): TILE_BLOCK_Q queries (a multiple of 16) x TILE_BLOCK_K keys.
+# * On the AVX2 and AVX-512 kernels (TILE_PRODUCTS) float32 tiles run on tile_gemm.h's kernel,
+#   which reads K, V and the probabilities in place, scores computed keys x queries (only the
+#   query tile transposed; src_c/sdpa.h): TILE_BLOCK_Q queries (a multiple of 16) x
+#   TILE_BLOCK_K keys.
 #   Causal prefill takes narrower query tiles, which compute less above the diagonal
 #   (bench/flash_tiles.py, L 128-2048 at one thread: 128 x 96 ran 65-73 GFLOP/s without a
 #   mask; with it 48 x 192 ran 45-68, 128 x 96 32-66).
-# * Otherwise (float64, AVX-512 machines) both products are BLAS calls, K transposed once per
+#   On the AVX-512 machine of session 11 (bench/RESULTS.md) the same tiles ran 0.88-1.48x torch
+#   where the BLAS path below ran 0.72-1.26x.
+# * Otherwise (float64, scalar builds) both products are BLAS calls, K transposed once per
 #   head so that both are plain NN products. Where OpenBLAS has its SkylakeX-class small-matrix
 #   kernel (threads.BLAS_SMALL_MATRIX_KERNEL), products of at most SMALL_MATRIX_MACS
 #   multiply-adds skip the copy of both operands into packed buffers: SMALL_BLOCK_Q queries x as
@@ -177,7 +180,7 @@ def sequence_attention(q, k, v, *, kv_lengths, causal):
     decoding), and the two paths round differently: a 3-token sentence alone would then not
     give the bits it gets padded to 30 inside a batch. On the flash path a query's result
     depends on its own keys only (tiles start at fixed key indices, padded keys weigh exactly
-    0), so with the tile kernel (float32 on AVX2 machines) a row gives the same bits whatever
+    0), so with the tile kernel (float32 on AVX2 and AVX-512 machines) a row gives the same bits whatever
     the batch around it. Arguments as :func:`attention` (checked the same way).
     """
     q, k, v = _check_qkv(q, k, v)

@@ -158,7 +158,7 @@ def linear(x, weight, bias=None):
     x : (..., in_features); weight : (out_features, in_features) array, or a
     :class:`PackedLinearWeight` (then x must be float32); bias : (out_features,) or None.
     Returns (..., out_features), dtype of x. Unpacked weights run on BLAS, with products of up
-    to 16 float32 rows on attncore's own few-row kernel and, on AVX2 machines, larger float32
+    to 16 float32 rows on attncore's own few-row kernel and, on AVX2 and AVX-512 machines, larger float32
     ones on its tile kernel (see :func:`matmul`).
     """
     x = check_float_array(x, "x", min_ndim=1)
@@ -186,7 +186,7 @@ def linear(x, weight, bias=None):
 
 
 def matmul(a, b, *, transpose_b=False, alpha=1.0):
-    """alpha * a . b (or a . b^T) per batch entry: BLAS, or for float32 on AVX2 machines
+    """alpha * a . b (or a . b^T) per batch entry: BLAS, or for float32 on AVX2 and AVX-512 machines
     attncore's tile kernel (``src_c/tile_gemm.h``).
 
     a : (m, k) or (batch, m, k); b : same rank, (k, n) or, with ``transpose_b``, (n, k).

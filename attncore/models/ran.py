@@ -393,7 +393,7 @@ class RAN(Model):
         def dense(name):
             return (w[f"{name}.weight"], w[f"{name}.bias"])
 
-        # Every matrix a product reads is packed once (PackedLinearWeight): on AVX2 machines
+        # Every matrix a product reads is packed once (PackedLinearWeight): on AVX2 / AVX-512
         # each output row is then one FMA chain whatever the number of rows, so a document
         # gives the same bits alone or inside a batch (plain linear picks its kernel by the
         # row count, which the other documents change).

@@ -22,7 +22,7 @@ What the engine adds over the trainer's recomputing oracle:
   as :class:`~attncore.kernels.PackedLinearWeight` (packed once at load, in the model's
   ``weight_dtype``; as much memory again as those weights, half with bfloat16), so a decoding
   step's few-row products stream each weight once and never re-pack, and the encoder, the
-  cross-attention keys/values and prompts run on them too: on AVX2 machines each output row is
+  cross-attention keys/values and prompts run on them too: on AVX2 / AVX-512 each output row is
   then one FMA chain whatever the number of rows (the panel kernel up to 256 rows, the tile
   kernel past that), and their attention takes the flash path at every length
   (:func:`attncore.kernels.attention.sequence_attention`), so a sentence gives the same bits
