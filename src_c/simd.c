@@ -693,7 +693,11 @@ void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }
 void ac_softmax_cols_update_f32(float *s, ac_index rows, ac_index cols, ac_index lds,
                                 float *col_max, float *col_sum, float *correction) {
 #ifdef AC_X86
-    if (ac_simd_level() >= 1) { /* AVX-512 machines run the AVX2 version (flash tiles only) */
+    if (ac_simd_level() == 2) { /* the same bits as the AVX2 version, twice the lanes */
+        softmax_cols_update_avx512(s, rows, cols, lds, col_max, col_sum, correction);
+        return;
+    }
+    if (ac_simd_level() == 1) {
         softmax_cols_update_avx2(s, rows, cols, lds, col_max, col_sum, correction);
         return;
     }

@@ -361,4 +361,56 @@ static AVX512 void weighted_sum_avx512(const float *p, const float *v, ac_index 
     }
 }
 
+/* exp2_256 (simd.c) on 16 lanes: the same operations in the same order, so a lane gives the
+ * bits exp2_256 gives it. */
+static inline AVX512 __m512 exp2_512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-126.0f);
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(lo, x);   /* (bound, x): a NaN x stays NaN */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.326472615e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p),
+                                          _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+    return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_castsi512_ps(bits));
+}
+
+/* softmax_cols_update_avx2 (simd.c) 16 columns at a time, with the same operations per lane
+ * (the same bits); the last columns (fewer than 16) go to the AVX2 version. The flash path on
+ * the tile kernel spent ~19% of a 2048-token prefill in the 8-lane version. */
+static AVX512 void softmax_cols_update_avx512(float *s, ac_index rows, ac_index cols,
+                                              ac_index lds, float *col_max, float *col_sum,
+                                              float *correction) {
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    const __m512 log2e = _mm512_set1_ps(EXP_LOG2E);
+    ac_index c = 0;
+    for (; c + 16 <= cols; c += 16) {
+        const __m512 old_max = _mm512_loadu_ps(col_max + c);
+        __m512 m = old_max;
+        for (ac_index r = 0; r < rows; r++) m = _mm512_max_ps(m, _mm512_loadu_ps(s + r * lds + c));
+        /* a column with nothing valid yet shifts by 0: exp(-inf) = 0, never exp(-inf + inf) */
+        const __m512 shift =
+            _mm512_maskz_mov_ps((__mmask16)~_mm512_cmp_ps_mask(m, minus_inf, _CMP_EQ_OQ), m);
+        __m512 total = _mm512_setzero_ps();
+        for (ac_index r = 0; r < rows; r++) {
+            const __m512 e = exp2_512(
+                _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + r * lds + c), shift), log2e));
+            _mm512_storeu_ps(s + r * lds + c, e);
+            total = _mm512_add_ps(total, e);
+        }
+        const __m512 corr = exp2_512(_mm512_mul_ps(_mm512_sub_ps(old_max, shift), log2e));
+        _mm512_storeu_ps(correction + c, corr);
+        _mm512_storeu_ps(col_sum + c, _mm512_fmadd_ps(_mm512_loadu_ps(col_sum + c), corr, total));
+        _mm512_storeu_ps(col_max + c, m);
+    }
+    if (c < cols)
+        softmax_cols_update_avx2(s + c, rows, cols - c, lds, col_max + c, col_sum + c,
+                                 correction + c);
+}
+
 #endif

@@ -231,6 +231,42 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
     assert proc.stdout.strip().endswith("ok")
 
 
+_SAME_BITS_CODE = textwrap.dedent("""
+    import sys
+    import numpy as np, attncore
+    from attncore.kernels.attention import sequence_attention
+    g = np.random.default_rng(3)
+    q, k, v = (g.standard_normal((2, 3, n, 40)).astype(np.float32) for n in (70, 150, 150))
+    x = g.standard_normal((300, 300)).astype(np.float32)
+    w = g.standard_normal((130, 300)).astype(np.float32)
+    packed = attncore.kernels.PackedLinearWeight(w)
+    np.savez(sys.argv[1], simd=attncore.info()["simd"],
+             flash=sequence_attention(q, k, v, kv_lengths=np.array([150, 61]), causal=False),
+             causal=sequence_attention(q, k, v, kv_lengths=np.array([99, 150]), causal=True),
+             matmul=attncore.matmul(x[:40], x[:, :77]), linear=attncore.linear(x, w),
+             packed=attncore.linear(x, packed), packed_rows=attncore.linear(x[:7], packed))
+""")
+
+
+def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path):
+    # the tile kernel, the panel kernel and flash's column softmax run the same operations per
+    # output on both instruction sets: a model's numbers do not depend on which one a machine
+    # has (float32 flash attention, matmul / linear past 16 rows, packed products at any size)
+    if attncore.info()["simd"] != "avx512":
+        pytest.skip("needs an AVX-512 machine to compare its kernels with the AVX2 ones")
+    results = {}
+    for isa in ("avx512", "avx2"):
+        out = str(tmp_path / f"{isa}.npz")
+        proc = subprocess.run([sys.executable, "-c", _SAME_BITS_CODE, out], cwd=tmp_path,
+                              env=subprocess_env(ATTNCORE_FORCE_ISA=isa), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[isa] = dict(np.load(out))
+    assert results["avx2"].pop("simd") == "avx2+fma" and results["avx512"].pop("simd") == "avx512"
+    for name, got in results["avx512"].items():
+        np.testing.assert_array_equal(got, results["avx2"][name], err_msg=name)
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="bench/packed_harness.py compiles with gcc")
 def test_packed_harness_builds_and_times_both_paths(tmp_path):
     # the development harness patches src_c/packed_linear.c's row rule: it must still find it,
