@@ -4,7 +4,7 @@
 attncore time (> 1: attncore faster) per shape and tile, on the float32 path this machine runs
 (the AVX2 tile kernel where ``_sdpa.tile_products()``, else BLAS), and with ``--kernel blas``
 on BLAS. The defaults are ``attncore.kernels.attention.flash_tiles``: on the tile kernel
-128 x 96 (48 x 192 causal); on BLAS 64 x 192 at head_dim 64 with OpenBLAS's SkylakeX
+128 x 96 (48 x 192 causal, 96 x 96 on AVX-512); on BLAS 64 x 192 at head_dim 64 with OpenBLAS's SkylakeX
 small-matrix kernel, 256 x 512 without it.
 
     python bench/flash_tiles.py [--threads 1] [--kernel blas]

@@ -140,9 +140,12 @@ def test_flash_tile_kernel_is_used_where_available():
     front = sys.modules["attncore.kernels.attention"]
     assert front.USE_TILE_PRODUCTS == _sdpa.tile_products()
     assert flash_tiles(64, False, True) == (front.TILE_BLOCK_Q, front.TILE_BLOCK_K)
-    assert flash_tiles(64, False, True, True) == (front.CAUSAL_TILE_BLOCK_Q,
-                                                  front.CAUSAL_TILE_BLOCK_K)
-    assert front.TILE_BLOCK_Q % 16 == 0 and front.CAUSAL_TILE_BLOCK_Q % 16 == 0
+    causal = ((front.AVX512_CAUSAL_TILE_BLOCK_Q, front.AVX512_CAUSAL_TILE_BLOCK_K)
+              if attncore.info()["simd"] == "avx512"
+              else (front.CAUSAL_TILE_BLOCK_Q, front.CAUSAL_TILE_BLOCK_K))
+    assert flash_tiles(64, False, True, True) == causal
+    assert (front.TILE_BLOCK_Q % 16 == 0 and front.CAUSAL_TILE_BLOCK_Q % 16 == 0
+            and front.AVX512_CAUSAL_TILE_BLOCK_Q % 16 == 0)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from . import _additive, _blas, _sdpa, _softmax
+from . import _additive, _blas, _sdpa, _softmax, _threads
 from ._validation import (check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
 from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_threads
@@ -56,6 +56,12 @@ TILE_BLOCK_Q = 128
 TILE_BLOCK_K = 96
 CAUSAL_TILE_BLOCK_Q = 48
 CAUSAL_TILE_BLOCK_K = 192
+# AVX-512 (8 x 32 register blocks, twice the lanes in the column softmax): causal prefill ran
+# 1.13-2.10x torch with 96 x 96 tiles where 48 x 192 ran 0.99-1.79x (bench/flash_tiles.py,
+# L 512-8192, 1 and 2 threads, session 11); without a mask 128 x 96 stays (1.00-1.15x).
+AVX512_CAUSAL_TILE_BLOCK_Q = 96
+AVX512_CAUSAL_TILE_BLOCK_K = 96
+AVX512 = _threads.simd_name() == "avx512"
 TILE_PRODUCTS = _sdpa.tile_products()
 USE_TILE_PRODUCTS = TILE_PRODUCTS
 FLASH_TILES = None
@@ -73,8 +79,10 @@ def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KER
     if tile_products is None:
         tile_products = USE_TILE_PRODUCTS
     if tile_products:
-        return ((CAUSAL_TILE_BLOCK_Q, CAUSAL_TILE_BLOCK_K) if causal
-                else (TILE_BLOCK_Q, TILE_BLOCK_K))
+        if not causal:
+            return TILE_BLOCK_Q, TILE_BLOCK_K
+        return ((AVX512_CAUSAL_TILE_BLOCK_Q, AVX512_CAUSAL_TILE_BLOCK_K) if AVX512
+                else (CAUSAL_TILE_BLOCK_Q, CAUSAL_TILE_BLOCK_K))
     if small_matrix_kernel:
         keys = SMALL_MATRIX_MACS // (SMALL_BLOCK_Q * head_dim)
         keys = keys // 64 * 64 if keys >= 64 else keys // 16 * 16
