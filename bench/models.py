@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Model benchmarks: attncore's engine beside PyTorch and CTranslate2 on identical weights.
 
-    python bench/models.py [--threads 1 2] [--only transformer seq2seq ran] [--quick]
+    python bench/models.py [--threads 1 2] [--only transformer seq2seq ran] [--quick] [--beam 4]
 
 * transformer: Transformer-base (d 512, 6+6 layers, 8 heads, FFN 2048, vocab 8000, pre-norm),
-  24-token sources, exactly 24 greedy steps, batch 1 and 16. Peers: torch ``nn.Transformer``
+  24-token sources, exactly 24 greedy steps (``--beam N``: beam search, attncore and
+  CTranslate2 only), batch 1 and 16. Peers: torch ``nn.Transformer``
   (greedy without a KV cache, as users write it) and CTranslate2 float32 / int8, its weights
   filled through the spec API (see shared/peers/transformer_peers.py). attncore gets the same
   weights through ``attncore.convert.from_pytorch_transformer``.
@@ -132,7 +133,7 @@ def _ctranslate2_dir(sd, L, H, D, V, path):
     return vocab
 
 
-def bench_transformer(threads_list, batches, torch, quick, rows):
+def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
     D, H, L, FF, V = (128, 4, 2, 512, 1000) if quick else (512, 8, 6, 2048, 8000)
     positions = attncore.sinusoidal_positions(512, D)
     if torch is None:
@@ -160,19 +161,22 @@ def bench_transformer(threads_list, batches, torch, quick, rows):
         for B in batches:
             src = rng.integers(4, V, size=(B, SRC_LEN))
             sources = [list(r) + [2] for r in src]          # every engine reads the same EOS
-            tsrc = torch.from_numpy(np.array(sources))
-            t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=3, min_time=0)
-            want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
+            row = {"threads": threads, "batch": B, "torch": None, "agree": float("nan")}
 
             def run_ours(model=ours):
-                return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
+                return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN,
+                                      beam_size=beam)
+            got = [r.tokens for r in run_ours()]
+            if beam == 1:   # the torch model decodes greedily only (no beam search to compare)
+                tsrc = torch.from_numpy(np.array(sources))
+                t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=3, min_time=0)
+                row.update(torch=B * TGT_LEN / t_torch,
+                           agree=_agreement(got, model.greedy(tsrc, TGT_LEN).numpy().tolist()))
             t_ours = best_time(run_ours, repeats=3, min_time=0)
             t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=3, min_time=0)
-            got = [r.tokens for r in run_ours()]
-            row = {"threads": threads, "batch": B, "torch": B * TGT_LEN / t_torch,
-                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want),
+            row.update({"attncore": B * TGT_LEN / t_ours,
                    "bf16": B * TGT_LEN / t_bf16,
-                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)}
+                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)})
             if ctranslate2 is not None:
                 for compute in ("float32", "int8"):
                     tr = ctranslate2.Translator(os.path.join(tmp, "ct2"), device="cpu",
@@ -181,7 +185,7 @@ def bench_transformer(threads_list, batches, torch, quick, rows):
                     toks = [[vocab[i] for i in r] for r in sources]
 
                     def run_ct2(tr=tr, toks=toks):
-                        return tr.translate_batch(toks, beam_size=1, max_decoding_length=TGT_LEN,
+                        return tr.translate_batch(toks, beam_size=beam, max_decoding_length=TGT_LEN,
                                                   min_decoding_length=TGT_LEN)
                     t = best_time(run_ct2, repeats=3, min_time=0)
                     row[f"ct2-{compute}"] = B * TGT_LEN / t
@@ -198,7 +202,8 @@ def _transformer_line(r):
     def vs(ours, peer):
         return f"{ours / peer:5.2f}x" if peer else "  -  "
     return (f"| {r['threads']} | {r['batch']:3d} | {r['attncore']:8.1f} | {r['bf16']:8.1f} | "
-            f"{r['torch']:8.1f} | {(ct32 or float('nan')):8.1f} | {(ct8 or float('nan')):8.1f} | "
+            f"{(r['torch'] or float('nan')):8.1f} | {(ct32 or float('nan')):8.1f} | "
+            f"{(ct8 or float('nan')):8.1f} | "
             f"{vs(r['attncore'], r['torch'])} | {vs(r['attncore'], ct32)} | "
             f"{vs(r['bf16'], ct32)} | {vs(r['bf16'], ct8)} | {r['agree']:.2f} / "
             f"{r.get('agree_ct2', float('nan')):.2f} / {r['agree_bf16']:.2f} |")
@@ -364,10 +369,15 @@ def main(argv=None):
                         default=["transformer", "seq2seq", "ran"])
     parser.add_argument("--quick", action="store_true", help="small models, for a smoke run")
     parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    parser.add_argument("--beam", type=int, default=1,
+                        help="transformer: beam search of this size, attncore and CTranslate2 "
+                             "(the torch model decodes greedily only: no torch column)")
     args = parser.parse_args(argv)
+    if args.beam < 1:
+        parser.error("--beam must be >= 1")
     if len(args.only) > 1:
         common = (["--threads", *map(str, args.threads)] + ["--quick"] * args.quick
-                  + ["--no-torch"] * args.no_torch)
+                  + ["--no-torch"] * args.no_torch + ["--beam", str(args.beam)])
         for family in args.only:
             status = subprocess.call([sys.executable, os.path.abspath(__file__), "--only", family,
                                       *common])
@@ -379,12 +389,14 @@ def main(argv=None):
     print(f"command: python bench/models.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     rows = []
     if "transformer" in args.only:
-        print("\n### Transformer-base, 24-token sources, 24 greedy steps (target tokens/s)\n")
+        steps = "greedy steps" if args.beam == 1 else f"steps of beam search (beam {args.beam})"
+        print(f"\n### Transformer-base, 24-token sources, 24 {steps} (target tokens/s)\n")
         print("| threads | batch | attncore | attncore bf16 | torch (no KV cache) | CT2 float32 | "
               "CT2 int8 | vs torch | vs CT2 f32 | bf16 vs CT2 f32 | bf16 vs CT2 int8 | "
               "token agreement (torch / CT2 / bf16 with f32) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        bench_transformer(args.threads, [1, 4] if args.quick else [1, 16], torch, args.quick, rows)
+        bench_transformer(args.threads, [1, 4] if args.quick else [1, 16], torch, args.quick, rows,
+                          beam=args.beam)
     if "seq2seq" in args.only:
         print("\n### Bahdanau GRU seq2seq, 24 -> 24 greedy (target tokens/s)\n")
         print("| threads | batch | attncore | attncore bf16 | torch eager | vs torch | "
