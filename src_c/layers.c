@@ -4,10 +4,13 @@
 #include "layers.h"
 #include "real_ops.h"
 
-/* float32 tanh / sigmoid / swish go through the SIMD row functions; the rest stay scalar. */
+/* float32 tanh / sigmoid / swish / GELU go through the SIMD row functions; relu has its own
+ * loop (layers_impl.h); float64 stays scalar. */
 #define ACT_VECTOR_HOOK(xp, yp, cnt, kind)                                                       \
     if ((kind) == AC_ACT_TANH) { ac_tanh_f32((xp), (yp), (cnt)); continue; }                     \
     if ((kind) == AC_ACT_SIGMOID) { ac_sigmoid_f32((xp), (yp), (cnt)); continue; }               \
+    if (((kind) == AC_ACT_GELU || (kind) == AC_ACT_GELU_TANH)                                    \
+        && ac_gelu_f32((xp), (yp), (cnt), (kind) == AC_ACT_GELU_TANH)) continue;                \
     if ((kind) == AC_ACT_SWISH) {                                                                \
         float sig_[256]; /* stack block, so that x and y may alias */                            \
         for (ac_index t0 = 0; t0 < (cnt); t0 += 256) {                                           \

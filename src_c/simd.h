@@ -50,6 +50,9 @@ int ac_all_abs_le_f32(const float *x, ac_index n, float limit);
 /* y[i] = tanh(x[i]) and y[i] = sigmoid(x[i]), in place allowed. */
 void ac_tanh_f32(const float *x, float *y, ac_index n);
 void ac_sigmoid_f32(const float *x, float *y, ac_index n);
+/* y[i] = GELU(x[i]) (erf, or tanh_form: the tanh approximation), in place allowed, on the AVX2
+ * kernels; returns 0 without them (then the caller computes it). */
+int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form);
 /* out[j] = scale * (q . k[j, :]) for n_keys rows of k (n_keys, D): the decode score loop. */
 void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
                    float *out);

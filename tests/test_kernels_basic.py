@@ -358,6 +358,21 @@ def test_activation_matches_reference(rng, n, name, dtype):
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
+def test_float32_gelu_on_a_dense_grid(name):
+    # float32 GELUs run vector code (erf from a rational approximation in double, the tanh form
+    # as x sigmoid(2u)): every value of a dense grid to the float32 tolerance, the sign of x
+    # kept (the erf approximation's 6e-8 exceeds 1 + erf near x = -5.6), and an element's bits
+    # independent of where it sits in the array (padded tails)
+    x = np.linspace(-12, 12, 240001).astype(np.float32)
+    out = getattr(attncore, name)(x)
+    assert_close(out, getattr(reference, name)(as64(x)), np.float32)
+    assert (out[x < 0] <= 0).all() and (out[x > 0] > 0).all()
+    for start in (0, 3, 5, 7):
+        np.testing.assert_array_equal(getattr(attncore, name)(x[start:start + 13]),
+                                      out[start:start + 13])
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_activation_saturation(dtype):
     """Large |x|: the exact limits, finite, no NaN."""
