@@ -57,8 +57,8 @@ TILE_BLOCK_K = 96
 CAUSAL_TILE_BLOCK_Q = 48
 CAUSAL_TILE_BLOCK_K = 192
 # AVX-512 (8 x 32 register blocks, twice the lanes in the column softmax): causal prefill ran
-# 1.13-2.10x torch with 96 x 96 tiles where 48 x 192 ran 0.99-1.79x (bench/flash_tiles.py,
-# L 512-8192, 1 and 2 threads, session 11); without a mask 128 x 96 stays (1.00-1.15x).
+# 1.03-2.10x torch with 96 x 96 tiles where 48 x 192 ran 0.90-1.79x (bench/flash_tiles.py,
+# L 512-8192, 1 and 2 threads, session 11); without a mask 128 x 96 stays (0.91-1.15x).
 AVX512_CAUSAL_TILE_BLOCK_Q = 96
 AVX512_CAUSAL_TILE_BLOCK_K = 96
 AVX512 = _threads.simd_name() == "avx512"
