@@ -458,9 +458,12 @@ def test_sinusoidal_positions_base(rng):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 2), (5, 8), (3, 17, 6), (2, 4, 33, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2), (5, 8), (3, 17, 6), (2, 4, 33, 64),
+                                   (3, 7, 5, 12), (2, 3, 1026)], ids=str)
 @pytest.mark.parametrize("custom_positions", [False, True], ids=["default", "positions"])
 def test_rotary_matches_reference(rng, shape, custom_positions, dtype):
+    # (3, 7, 5, 12): 21 rows a position, two of the kernel's blocks of 16 rows sharing one
+    # position's angles; (2, 3, 1026): 513 pairs, past its angle scratch (the per-element loop)
     x = rng.standard_normal(shape).astype(dtype)
     positions = rng.integers(0, 5000, size=shape[-2]) if custom_positions else None
     out = attncore.rotary(x, positions)
