@@ -191,36 +191,44 @@ static inline AVX2 __m256 tanh256(__m256 x) {
     return r;
 }
 
-/* argmax_span_scalar's answer, eight lanes at a time: each lane keeps its first maximum (a
- * strict > replaces it) and that index; the answer is the smallest index among the lanes that
- * hold the overall maximum, then the tail (later indices) replaces it only when larger. A NaN
- * anywhere hands the span to the scalar loop, which finds the first one. */
+/* argmax_span_scalar's answer, eight lanes at a time in two interleaved sets (vectors at even
+ * and odd multiples of 8: one compare-and-blend chain a set, where one chain bound the loop by
+ * its latency): each lane keeps its first maximum (a strict > replaces it) and that index; the
+ * answer is the smallest index among the 16 lanes that hold the overall maximum, then the tail
+ * (later indices) replaces it only when larger. A NaN anywhere hands the span to the scalar
+ * loop, which finds the first one. */
 static AVX2 ac_index argmax_span_avx2(const float *x, ac_index lo, ac_index hi) {
     if (hi - lo < 16 || hi > 0x7fffffff) return argmax_span_scalar(x, lo, hi); /* int32 lanes */
-    __m256 vmax = _mm256_loadu_ps(x + lo);
-    __m256 nan = _mm256_cmp_ps(vmax, vmax, _CMP_UNORD_Q);
-    const __m256i eight = _mm256_set1_epi32(8);
-    __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int)lo),
-                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i vidx = at;
-    ac_index i = lo + 8;
-    for (; i + 8 <= hi; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        at = _mm256_add_epi32(at, eight);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        const __m256 gt = _mm256_cmp_ps(v, vmax, _CMP_GT_OQ);
-        vmax = _mm256_blendv_ps(vmax, v, gt);
-        vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx),
-                                                    _mm256_castsi256_ps(at), gt));
-    }
+    __m256 vmax[2] = {_mm256_loadu_ps(x + lo), _mm256_loadu_ps(x + lo + 8)};
+    __m256 nan = _mm256_or_ps(_mm256_cmp_ps(vmax[0], vmax[0], _CMP_UNORD_Q),
+                              _mm256_cmp_ps(vmax[1], vmax[1], _CMP_UNORD_Q));
+    const __m256i sixteen = _mm256_set1_epi32(16);
+    __m256i at[2], vidx[2];
+    at[0] = _mm256_add_epi32(_mm256_set1_epi32((int)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    at[1] = _mm256_add_epi32(at[0], _mm256_set1_epi32(8));
+    vidx[0] = at[0];
+    vidx[1] = at[1];
+    ac_index i = lo + 16;
+    for (; i + 16 <= hi; i += 16)
+        for (int t = 0; t < 2; t++) {
+            const __m256 v = _mm256_loadu_ps(x + i + 8 * t);
+            at[t] = _mm256_add_epi32(at[t], sixteen);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            const __m256 gt = _mm256_cmp_ps(v, vmax[t], _CMP_GT_OQ);
+            vmax[t] = _mm256_blendv_ps(vmax[t], v, gt);
+            vidx[t] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx[t]),
+                                                           _mm256_castsi256_ps(at[t]), gt));
+        }
     if (_mm256_movemask_ps(nan)) return argmax_span_scalar(x, lo, hi);
-    float m[8];
-    int idx[8];
-    _mm256_storeu_ps(m, vmax);
-    _mm256_storeu_si256((__m256i *)idx, vidx);
+    float m[16];
+    int idx[16];
+    _mm256_storeu_ps(m, vmax[0]);
+    _mm256_storeu_ps(m + 8, vmax[1]);
+    _mm256_storeu_si256((__m256i *)idx, vidx[0]);
+    _mm256_storeu_si256((__m256i *)(idx + 8), vidx[1]);
     ac_index best = idx[0];
     float top = m[0];
-    for (int l = 1; l < 8; l++)
+    for (int l = 1; l < 16; l++)
         if (m[l] > top || (m[l] == top && idx[l] < best)) { top = m[l]; best = idx[l]; }
     for (; i < hi; i++) {
         if (x[i] != x[i]) return i;
