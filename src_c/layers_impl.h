@@ -75,54 +75,41 @@ void CAT(ac_activation_, SUF)(const REAL *x, REAL *y, ac_index n, int kind, int 
 }
 
 /* Rows sharing a position share its cos / sin: work items are (position, block of ROTARY_ROWS
- * rows), each computing the D / 2 angles of its position once (the same expressions as one
- * element at a time, so the same bits) instead of once per row -- RAN's window attention
- * rotates 2 x heads x windows rows per position, and sincos / pow element by element took 15%
- * of its encode (session 11). Heads wider than ROTARY_MAX_HALF pairs keep the per-element
- * loop (no scratch). */
+ * rows), each computing the angles of its position once per ROTARY_PAIRS pairs (the same
+ * expressions as one element at a time, so the same bits) instead of once per row -- RAN's
+ * window attention rotates 2 x heads x windows rows per position, and sincos / pow element by
+ * element took 15% of its encode (session 11). */
 #define ROTARY_ROWS 16
-#define ROTARY_MAX_HALF 512
+#define ROTARY_PAIRS 512
 void CAT(ac_rotary_, SUF)(REAL *x, const int64_t *positions, ac_index N, ac_index L, ac_index D,
                           double base, int num_threads) {
     const ac_index half = D / 2;
-    if (half > ROTARY_MAX_HALF) {
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(N * L * D, num_threads))
-        for (ac_index row = 0; row < N * L; row++) {
-            const double p = (double)positions[row % L];
-            REAL *xr = x + row * D;
-            for (ac_index i = 0; i < half; i++) {
-                const double theta = p * pow(base, -2.0 * (double)i / (double)D);
-                const double c = cos(theta), s = sin(theta);
-                const double x0 = xr[2 * i], x1 = xr[2 * i + 1];
-                xr[2 * i] = (REAL)(x0 * c - x1 * s);
-                xr[2 * i + 1] = (REAL)(x1 * c + x0 * s);
-            }
-        }
-        return;
-    }
     const ac_index blocks = (N + ROTARY_ROWS - 1) / ROTARY_ROWS;
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(N * L * D, num_threads))
     for (ac_index item = 0; item < L * blocks; item++) {
         const ac_index l = item / blocks, n0 = item % blocks * ROTARY_ROWS;
         const double p = (double)positions[l];
-        double c[ROTARY_MAX_HALF], s[ROTARY_MAX_HALF];
-        for (ac_index i = 0; i < half; i++) {
-            const double theta = p * pow(base, -2.0 * (double)i / (double)D);
-            c[i] = cos(theta);
-            s[i] = sin(theta);
-        }
-        for (ac_index n = n0; n < AC_MIN(N, n0 + ROTARY_ROWS); n++) {
-            REAL *xr = x + (n * L + l) * D;
-            for (ac_index i = 0; i < half; i++) {
-                const double x0 = xr[2 * i], x1 = xr[2 * i + 1];
-                xr[2 * i] = (REAL)(x0 * c[i] - x1 * s[i]);
-                xr[2 * i + 1] = (REAL)(x1 * c[i] + x0 * s[i]);
+        double c[ROTARY_PAIRS], s[ROTARY_PAIRS];
+        for (ac_index i0 = 0; i0 < half; i0 += ROTARY_PAIRS) {
+            const ac_index i1 = AC_MIN(half, i0 + ROTARY_PAIRS);
+            for (ac_index i = i0; i < i1; i++) {
+                const double theta = p * pow(base, -2.0 * (double)i / (double)D);
+                c[i - i0] = cos(theta);
+                s[i - i0] = sin(theta);
+            }
+            for (ac_index n = n0; n < AC_MIN(N, n0 + ROTARY_ROWS); n++) {
+                REAL *xr = x + (n * L + l) * D;
+                for (ac_index i = i0; i < i1; i++) {
+                    const double x0 = xr[2 * i], x1 = xr[2 * i + 1];
+                    xr[2 * i] = (REAL)(x0 * c[i - i0] - x1 * s[i - i0]);
+                    xr[2 * i + 1] = (REAL)(x1 * c[i - i0] + x0 * s[i - i0]);
+                }
             }
         }
     }
 }
 #undef ROTARY_ROWS
-#undef ROTARY_MAX_HALF
+#undef ROTARY_PAIRS
 
 void CAT(ac_embedding_, SUF)(const REAL *table, const int64_t *ids, REAL *out, ac_index rows,
                              ac_index D, int num_threads) {

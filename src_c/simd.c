@@ -528,7 +528,8 @@ static inline AVX2 __m256 gelu256(__m256 v) {
 
 /* GELU with the tanh approximation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3),
  * written x sigmoid(2u) = x / (1 + exp(-2u)): the same value without 1 + tanh cancelling for
- * negative x. 0 where exp(-2u) overflows (x below about -10), as in double. */
+ * negative x. Exactly 0 past exp256's range (2u below -88, x below about -10), where the
+ * value in double is under 1e-37 (and the reference's 1 + tanh gives 0 too). */
 static inline AVX2 __m256 gelu_tanh256(__m256 x) {
     const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
     const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(-1.5957691216057308f),   /* -2 sqrt(2/pi) */
@@ -540,26 +541,25 @@ static inline AVX2 __m256 gelu_tanh256(__m256 x) {
     return _mm256_blendv_ps(y, _mm256_mul_ps(x, _mm256_setzero_ps()), far);
 }
 
-/* y = f(x) 8 floats at a time, the tail padded into the same lanes (an element's bits must
- * not depend on where the array ends) */
-static AVX2 void gelu_avx2(const float *x, float *y, ac_index n) {
+/* y = GELU(x) (tanh_form: the tanh approximation) 8 floats at a time, the tail padded into the
+ * same lanes (an element's bits must not depend on where the array ends) */
+static AVX2 void gelu_avx2(const float *x, float *y, ac_index n, int tanh_form) {
     for (ac_index i = 0; i < n; i += 8) {
         float b[8] = {0};
         const ac_index m = AC_MIN(8, n - i);
-        if (m == 8) { _mm256_storeu_ps(y + i, gelu256(_mm256_loadu_ps(x + i))); continue; }
-        for (ac_index j = 0; j < m; j++) b[j] = x[i + j];
-        _mm256_storeu_ps(b, gelu256(_mm256_loadu_ps(b)));
-        for (ac_index j = 0; j < m; j++) y[i + j] = b[j];
-    }
-}
-static AVX2 void gelu_tanh_avx2(const float *x, float *y, ac_index n) {
-    for (ac_index i = 0; i < n; i += 8) {
-        float b[8] = {0};
-        const ac_index m = AC_MIN(8, n - i);
-        if (m == 8) { _mm256_storeu_ps(y + i, gelu_tanh256(_mm256_loadu_ps(x + i))); continue; }
-        for (ac_index j = 0; j < m; j++) b[j] = x[i + j];
-        _mm256_storeu_ps(b, gelu_tanh256(_mm256_loadu_ps(b)));
-        for (ac_index j = 0; j < m; j++) y[i + j] = b[j];
+        const float *src = x + i;
+        if (m < 8) {
+            for (ac_index j = 0; j < m; j++) b[j] = x[i + j];
+            src = b;
+        }
+        const __m256 v = _mm256_loadu_ps(src);
+        const __m256 r = tanh_form ? gelu_tanh256(v) : gelu256(v);
+        if (m == 8) {
+            _mm256_storeu_ps(y + i, r);
+        } else {
+            _mm256_storeu_ps(b, r);
+            for (ac_index j = 0; j < m; j++) y[i + j] = b[j];
+        }
     }
 }
 
@@ -804,8 +804,7 @@ void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x,
 int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form) {
 #ifdef AC_X86
     if (ac_simd_level() >= 1) {
-        if (tanh_form) gelu_tanh_avx2(x, y, n);
-        else gelu_avx2(x, y, n);
+        gelu_avx2(x, y, n, tanh_form);
         return 1;
     }
 #endif
