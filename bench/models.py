@@ -174,9 +174,8 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
                            agree=_agreement(got, model.greedy(tsrc, TGT_LEN).numpy().tolist()))
             t_ours = best_time(run_ours, repeats=3, min_time=0)
             t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=3, min_time=0)
-            row.update({"attncore": B * TGT_LEN / t_ours,
-                   "bf16": B * TGT_LEN / t_bf16,
-                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)})
+            row.update({"attncore": B * TGT_LEN / t_ours, "bf16": B * TGT_LEN / t_bf16,
+                        "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)})
             if ctranslate2 is not None:
                 for compute in ("float32", "int8"):
                     tr = ctranslate2.Translator(os.path.join(tmp, "ct2"), device="cpu",
