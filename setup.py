@@ -89,14 +89,14 @@ def kernel_extension(name, c_sources=()):
 debug = os.environ.get("ATTNCORE_DEBUG") == "1"
 extensions = [
     kernel_extension("_threads", ["simd.c"]),
-    kernel_extension("_blas", ["simd.c", "packed_linear.c", "tile_gemm.c"]),
+    kernel_extension("_blas", ["simd.c", "packed_linear.c", "packed_int8.c", "tile_gemm.c"]),
     kernel_extension("_softmax", ["softmax.c", "simd.c"]),
     kernel_extension("_sdpa", ["sdpa.c", "tile_gemm.c", "simd.c"]),
     kernel_extension("_additive", ["additive.c", "simd.c"]),
     kernel_extension("_layers", ["layers.c", "simd.c"]),
-    kernel_extension("_recurrent", ["additive.c", "packed_linear.c", "tile_gemm.c", "softmax.c",
+    kernel_extension("_recurrent", ["additive.c", "packed_linear.c", "packed_int8.c", "tile_gemm.c", "softmax.c",
                                     "simd.c"]),
-    kernel_extension("_transformer", ["packed_linear.c", "layers.c", "sdpa.c", "tile_gemm.c",
+    kernel_extension("_transformer", ["packed_linear.c", "packed_int8.c", "layers.c", "sdpa.c", "tile_gemm.c",
                                       "softmax.c", "simd.c"]),
 ]
 

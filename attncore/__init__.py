@@ -34,16 +34,18 @@ def __getattr__(name):
 
 
 def info():
-    """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level (a dict)."""
+    """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level, whether int8
+    products run on AVX-512 VNNI (a dict)."""
     import numpy as np
     import scipy
 
-    from .kernels import _threads, threads
+    from .kernels import _blas, _threads, threads
     return {
         "version": __version__,
         "openmp": _threads.openmp_enabled(),
         "num_threads": get_num_threads(),
         "simd": _threads.simd_name(),
+        "int8_vnni": _blas.int8_vnni(),
         "blas": threads.BLAS_INFO,
         "numpy": np.__version__,
         "scipy": scipy.__version__,

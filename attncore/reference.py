@@ -15,7 +15,7 @@ __all__ = [
     "softmax", "log_softmax", "attention", "additive_attention", "luong_scores",
     "nadaraya_watson", "linear", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh", "swish",
     "tanh", "sigmoid", "embedding", "sinusoidal_positions", "rotary", "valid_mask",
-    "causal_mask", "round_bfloat16",
+    "causal_mask", "round_bfloat16", "quantize_int8", "linear_int8",
 ]
 
 
@@ -170,6 +170,42 @@ def round_bfloat16(x):
     kept = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = (kept << 16).astype(np.uint32).view(np.float32)
     return np.where(np.isnan(x), np.float32(np.nan), rounded)
+
+
+def quantize_int8(x):
+    """Each row of x (..., n) as int8 values q and a float32 scale s (...,) with x ~ s * q:
+    s = max |x| / 127, q = round(x / s) in [-127, 127] (half to even), computed as
+    ``round(x * (127 / max |x|))`` in float32, as the kernels do. A row of zeros (or one so
+    small that 127 / max |x| overflows) gives s = 0 and q = 0; a row holding NaN or infinity
+    gives s = NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.max(np.abs(x), axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.float32(127) / amax
+        scale = amax / np.float32(127)
+        zero = ~(amax > 0) | ~np.isfinite(inv)
+        inv, scale = np.where(zero, 0, inv), np.where(zero, 0, scale)
+        bad = ~np.all(np.isfinite(x), axis=-1)
+        inv, scale = np.where(bad, 0, inv), np.where(bad, np.nan, scale)
+        q = np.rint(np.clip(x * inv[..., None].astype(np.float32), -127, 127))
+    return np.nan_to_num(q).astype(np.int8), scale.astype(np.float32)
+
+
+def linear_int8(x, weight_q, weight_scale, bias=None):
+    """The product of an int8 ``PackedLinearWeight``: x (..., in) quantized per row
+    (:func:`quantize_int8`), times weight_q (out, in) int8 with scales (out,), summed exactly:
+
+        y = fma(sum_k xq[k] wq[j, k], s_x * s_w[j], bias[j])
+
+    (one rounding of the float32 product of the scales, then one of the fused multiply-add,
+    done here in float64, which holds the product exactly)."""
+    xq, xs = quantize_int8(x)
+    sums = xq.astype(np.int64) @ np.asarray(weight_q, dtype=np.int64).T
+    # the int32 sum as a float32 (rounded to nearest, as the kernels convert)
+    v = sums.astype(np.float32).astype(np.float64)
+    scale = (xs[..., None] * np.asarray(weight_scale, dtype=np.float32)).astype(np.float64)
+    b = 0.0 if bias is None else np.asarray(bias, dtype=np.float32).astype(np.float64)
+    return (v * scale + b).astype(np.float32)
 
 
 def matmul(a, b, *, transpose_b=False, alpha=1.0):

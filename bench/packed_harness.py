@@ -44,6 +44,7 @@ def build(directory):
     subprocess.check_call(["gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-I" + SRC,
                            os.path.join(HERE, "packed_harness.c"), patched,
                            os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
+                           os.path.join(SRC, "packed_int8.c"),
                            "-lm", "-o", library])
     return ctypes.CDLL(library)
 

@@ -424,6 +424,10 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
     const int bf16 = panel_type == AC_PANELS_BF16;
     const int tile_kernel = ac_tile_gemm_available();
     if (M <= 0 || N <= 0) return;
+    if (panel_type == AC_PANELS_I8) {
+        ac_packed_linear_i8(x, ldx, M, K, (const int8_t *)panels, N, bias, out, ldo, num_threads);
+        return;
+    }
     if (M <= ac_packed_panel_max_rows() || K == 0) {
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
         for (ac_index b = 0; b < n_panels; b++)

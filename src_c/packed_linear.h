@@ -31,7 +31,7 @@
 static inline ac_index ac_panel_count(ac_index N) { return (N + AC_PANEL_WIDTH - 1) / AC_PANEL_WIDTH; }
 
 /* How panels are stored (the panel_type arguments below). */
-enum { AC_PANELS_F32 = 0, AC_PANELS_BF16 = 1 };
+enum { AC_PANELS_F32 = 0, AC_PANELS_BF16 = 1, AC_PANELS_I8 = 2 };
 
 /* The bfloat16 nearest to a float32 (ties to even), as its 16 bits; NaN stays NaN, a finite
  * value past the largest bfloat16 (~3.39e38) becomes infinity. */
@@ -53,6 +53,31 @@ void ac_pack_panels_f32(const float *w, ac_index N, ac_index K, float *panels);
  * one 32-bit word holds two weights, and a shift (low half) or a mask (high half) turns a
  * vector of words into a vector of float32 weights. */
 void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panels);
+
+/* int8 panels (packed_int8.c). Each output j keeps its weights as int8, W[j, k] ~ scale[j] *
+ * Wq[j, k] with scale[j] = max_k |W[j, k]| / 127 and Wq = round(W / scale[j]) (half to even);
+ * a product quantizes each row of x the same way (scale_x[i], Xq in [-127, 127]) and computes
+ *
+ *     out[i, j] = fma((float)(sum_k Xq[i, k] Wq[j, k]), scale_x[i] * scale[j], bias[j])
+ *
+ * with the sum in exact int32 arithmetic: the same bits on every kernel, for every row blocking,
+ * batch and thread count. A row of x holding NaN or infinity gives NaN outputs. A panel is
+ * ac_i8_panel_rows(K) rows of 64 bytes: for each group g of 4 k values (K padded with zeros to
+ * a multiple of 4), 64 columns x 4 bytes (byte 4c + t is Wq[64b + c, 4g + t]; one 32-bit lane
+ * of a vector holds a column's 4 weights), then 64 float32 scales and the 64 int32 sums
+ * sum_k Wq[j, k] (the VNNI kernel multiplies Xq + 128 as unsigned bytes and takes 128 sum_k
+ * Wq[j, k] back off). In features are limited to AC_I8_MAX_K, so that int32 sums cannot
+ * overflow and a quantized row fits the kernel's buffer. */
+#define AC_I8_MAX_K 32768
+static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 3) / 4 * 4 + 8; }
+void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels);
+/* 1 where the int8 products run on AVX-512 VNNI, 0 where they run a portable loop (much slower:
+ * for speed, int8 needs an AVX-512 VNNI machine). */
+int ac_int8_vnni(void);
+/* out (M, N) = x . W^T (+ bias) on int8 panels, as above; threads split the panels. */
+void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
+                         const int8_t *panels, ac_index N, const float *bias, float *out,
+                         ac_index ldo, int num_threads);
 
 /* out (M, N; row stride ldo) = x (M, K; row stride ldx) . W^T (+ bias), on num_threads threads.
  *
@@ -77,7 +102,8 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  * converted by the thread that runs it.
  *
  * The work split depends on the shapes (and the SIMD level, fixed per process) only, so the
- * bits do not depend on num_threads. */
+ * bits do not depend on num_threads. int8 panels (panel_type AC_PANELS_I8) run
+ * ac_packed_linear_i8 at any M. */
 #define AC_PACKED_PANEL_MAX_M 256
 #define AC_PACKED_SCALAR_MAX_M 16
 #define AC_PACKED_TILE_M 256

@@ -169,7 +169,7 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["translate", "--batch-size", "x"], "--batch-size: expected a positive integer, got 'x'"),
     (["translate", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
-    (["translate", "--weight-dtype", "int8"], "--weight-dtype: invalid choice: 'int8'"),
+    (["translate", "--weight-dtype", "int4"], "--weight-dtype: invalid choice: 'int4'"),
     (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
     # checked before any line runs (they came back as an error of "line 1")
     (["generate", "--sample", "--temperature", "0"], "--temperature must be > 0"),

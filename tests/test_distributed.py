@@ -125,4 +125,4 @@ def test_bfloat16_workers_equal_the_bfloat16_model(client, tmp_path):
     half = distributed.cached_model(path, "bfloat16")
     assert half.weight_dtype == "bfloat16" and distributed.cached_model(path) is not half
     with pytest.raises(ValueError, match="weight_dtype"):
-        next(distributed.translate_lines(client, path, LINES[:3], weight_dtype="int8"))
+        next(distributed.translate_lines(client, path, LINES[:3], weight_dtype="int4"))

@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""bfloat16 weights: the rounding, the packed product, and models loaded with
-``weight_dtype="bfloat16"``.
+"""bfloat16 and int8 weights: the rounding / quantization, the packed product, and models
+loaded with ``weight_dtype="bfloat16"`` or ``"int8"``.
 
 The contract is exact, so most checks here are bit for bit: a bfloat16 weight is the float32
 weight rounded to nearest (ties to even), products convert it back exactly and run the float32
 arithmetic, so a bfloat16 model is the float32 model of the rounded weights. Only the last test
-measures what the rounding costs in accuracy, on the bundled trained model.
+measures what the rounding costs in accuracy, on the bundled trained model. int8 products are
+exact integer sums and one fused multiply-add per output, so they too are checked bit for bit,
+against ``reference.linear_int8``; what quantizing costs is measured on the trained model.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -184,7 +188,7 @@ def test_bfloat16_load_and_save(tmp_path):
 
 
 @pytest.mark.parametrize("value,error,match", [
-    ("float16", ValueError, "weight_dtype"), ("int8", ValueError, "weight_dtype"),
+    ("float16", ValueError, "weight_dtype"), ("int4", ValueError, "weight_dtype"),
     (16, TypeError, "weight_dtype"), (None, TypeError, "weight_dtype"),
 ])
 def test_bad_weight_dtype_is_named(tmp_path, value, error, match):
@@ -221,3 +225,154 @@ def test_bfloat16_dates_model_keeps_its_accuracy():
     half = attncore.load(path, weight_dtype="bfloat16").translate(sources)
     assert half == full
     assert np.mean([out == target for out, (_, target) in zip(half, examples)]) >= 0.99
+
+
+# ------------------------------------------------------------------------------- int8
+INT8_SHAPES = SHAPES + [(4000, 256), (70, 1030)]
+
+
+@pytest.mark.parametrize("n_out,n_in", INT8_SHAPES)
+def test_int8_panels_hold_the_quantized_weight(rng, n_out, n_in):
+    w = rng.standard_normal((n_out, n_in)).astype(F32) * rng.uniform(0.01, 10, (n_out, 1))
+    w[0] = 0.0                                   # a row of zeros: scale 0, values 0
+    packed = PackedLinearWeight(w, "int8")
+    assert packed.weight_dtype == "int8" and packed.dtype == F32
+    assert packed.panels.dtype == np.int8 and not packed.panels.flags.writeable
+    assert packed.panels.shape == (-(-n_out // 64), -(-n_in // 4) * 4 + 8, 64)
+    values, scales = packed.int8_parts()
+    want_values, want_scales = ref.quantize_int8(w)
+    assert np.array_equal(values, want_values) and np.array_equal(scales, want_scales)
+    assert scales[0] == 0 and not values[0].any()
+    # the largest weight of each other row maps to +-127
+    assert np.all(np.abs(values[1:].astype(np.int32)).max(axis=1, initial=0) == 127)
+    np.testing.assert_array_equal(packed.unpack(), values * scales[:, None])
+    # the quantization error of each weight is at most half a step
+    assert np.all(np.abs(packed.unpack() - w) <= scales[:, None] * 0.5 * (1 + 1e-6))
+    assert "int8" in repr(packed)
+
+
+@pytest.mark.parametrize("n_out,n_in", INT8_SHAPES)
+def test_int8_product_is_the_reference_bit_for_bit(rng, n_out, n_in):
+    """Integer sums are exact: every row count (the VNNI kernel's blocks of 6 and each
+    remainder; rows quantized in chunks of the kernel's 32 KiB buffer past it), thread count
+    and bias give the bits of ``reference.linear_int8``."""
+    w = rng.standard_normal((n_out, n_in)).astype(F32)
+    bias = rng.standard_normal(n_out).astype(F32)
+    packed = PackedLinearWeight(w, "int8")
+    values, scales = packed.int8_parts()
+    for rows in (1, 2, 3, 5, 6, 7, 13, 40, 300):
+        x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 100, (rows, 1))).astype(F32)
+        for b in (bias, None):
+            want = ref.linear_int8(x, values, scales, b)
+            for threads in (1, 2, 3):
+                got = np.empty((rows, n_out), dtype=F32)
+                _blas.linear_packed(x, packed.panels, n_out, b, got, BLAS_SMALL_GEMM_MACS,
+                                    threads)
+                assert np.array_equal(_bits(got), _bits(want)), (rows, threads, b is None)
+    # and close to the float32 product: per-row and per-output scales, ~1% of the outputs
+    full = ref.linear(x.astype(np.float64), w.astype(np.float64), bias)
+    assert np.abs(got - full).max() <= 0.03 * np.abs(full).max()
+
+
+def test_int8_rows_with_zeros_nan_or_infinity(rng):
+    w = rng.standard_normal((10, 33)).astype(F32)
+    bias = np.arange(10, dtype=F32)
+    x = rng.standard_normal((5, 33)).astype(F32)
+    x[0] = 0.0                  # zero row: the bias
+    x[1, 4] = np.nan            # NaN or infinity anywhere: NaN outputs, as float32 would give
+    x[2, 0] = -np.inf
+    x[3] = 1e-39                # subnormal row: 127 / max overflows, counted as zero
+    out = attncore.linear(x, PackedLinearWeight(w, "int8"), bias)
+    assert np.array_equal(out[0], bias) and np.array_equal(out[3], bias)
+    assert np.isnan(out[1]).all() and np.isnan(out[2]).all()
+    assert np.isfinite(out[4]).all()
+    values, scales = PackedLinearWeight(w, "int8").int8_parts()
+    want = ref.linear_int8(x, values, scales, bias)
+    assert np.array_equal(np.isnan(want), np.isnan(out))
+    assert np.array_equal(out[~np.isnan(out)], want[~np.isnan(want)])
+
+
+def test_int8_packing_refuses_what_it_cannot_quantize():
+    with pytest.raises(ValueError, match="weight.*NaN"):
+        PackedLinearWeight(np.array([[1.0, np.nan]], dtype=F32), "int8")
+    with pytest.raises(ValueError, match="weight.*32768"):
+        PackedLinearWeight(np.ones((1, 32769), dtype=F32), "int8")
+    w = PackedLinearWeight(np.ones((3, 4), dtype=F32), "int8")
+    with pytest.raises(ValueError, match="panels"):   # a shape the panels do not hold
+        _blas.linear_packed(np.ones((1, 5), dtype=F32), w.panels, 3, None,
+                            np.empty((1, 3), dtype=F32), 0, 1)
+    with pytest.raises(ValueError, match="not int8"):
+        PackedLinearWeight(np.ones((3, 4), dtype=F32)).int8_parts()
+
+
+def test_int8_portable_loop_gives_the_vnni_bits(rng, tmp_path):
+    """The same products with ATTNCORE_FORCE_ISA=scalar (the portable loop) in a fresh
+    process: the same bits as this process's kernel (VNNI where the CPU has it)."""
+    import subprocess
+    import sys
+
+    w = rng.standard_normal((130, 257)).astype(F32)
+    x = rng.standard_normal((23, 257)).astype(F32)
+    np.savez(tmp_path / "io.npz", w=w, x=x)
+    script = ("import numpy as np, attncore, sys\n"
+              "from attncore.kernels import PackedLinearWeight, _blas\n"
+              f"d = np.load({str(tmp_path / 'io.npz')!r})\n"
+              "assert not _blas.int8_vnni()\n"
+              "y = attncore.linear(d['x'], PackedLinearWeight(d['w'], 'int8'))\n"
+              f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
+    env = dict(os.environ, ATTNCORE_FORCE_ISA="scalar")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    here = attncore.linear(x, PackedLinearWeight(w, "int8"))
+    assert np.array_equal(_bits(np.load(tmp_path / "y.npy")), _bits(here))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_int8_model_decodes_deterministically_near_float32(rng, name):
+    """An int8 model: a sentence alone gives its bits inside a batch and at any thread count
+    (integer sums), and its scores stay near the float32 model's."""
+    config = CONFIGS[name]
+    full = attncore.from_config(config, seed=2)
+    quant = attncore.from_config(config, seed=2, weight_dtype="int8")
+    assert quant.weight_dtype == "int8"
+    # the weights it keeps (and saves) are the float32 ones; only the packed copies are int8
+    assert all(np.array_equal(quant.weights[k], w) for k, w in full.weights.items())
+    vocab = min(config["src_vocab_size"], config["tgt_vocab_size"])
+    sources = [rng.integers(4, vocab, n).tolist() for n in (6, 1, 11, 3, 17, 9, 2, 14)]
+    attention = config.get("kind") != "decoder_only"
+    batch = quant.generate(sources, max_length=9, return_attention=attention)
+    with attncore.num_threads(1):
+        alone = quant.generate(sources[4:5], max_length=9, return_attention=attention)[0]
+    assert alone.hypotheses == batch[4].hypotheses and alone.scores == batch[4].scores
+    if attention:
+        assert all(np.array_equal(a, b) for a, b in zip(alone.attention, batch[4].attention))
+    # teacher-forced: the int8 model scores the float32 model's output close to its own score
+    reference = full.generate(sources, max_length=9)
+    forced = quant.generate(sources, max_length=9, beam_size=1)
+    for got, want in zip(forced, reference):
+        if got.hypotheses[0] == want.hypotheses[0]:
+            assert abs(got.scores[0] - want.scores[0]) <= 0.05 * abs(want.scores[0]) + 0.05
+
+
+def test_int8_steps_hold_a_quarter_of_the_packed_bytes():
+    config = CONFIGS["transformer-post-norm"]
+    full, quant = (attncore.from_config(config, weight_dtype=d) for d in ("float32", "int8"))
+    # a quarter of the float32 bytes, plus 512 a panel for its 64 scales and sums
+    panels = full.output_step.panels
+    assert quant.output_step.panels.nbytes == panels.nbytes // 4 + 512 * panels.shape[0]
+    assert all(layer.packed.linear1.weight_dtype == "int8" for layer in quant.decoder_layers)
+    seq2seq = attncore.from_config(CONFIGS["gru-bahdanau-2layer-bidir"], weight_dtype="int8")
+    assert seq2seq._decoder_step.weight_dtype == "int8"
+
+
+def test_int8_dates_model_keeps_its_accuracy():
+    """The bundled date model (trained in float32) with int8 products (measured: 300 of 300
+    outputs the float32 model's, accuracy 1.0)."""
+    from attncore.data.dates import DatesTask
+
+    examples = DatesTask(seed=0, num_train=1, num_valid=1, num_test=300).examples("test")
+    sources = [source for source, _ in examples]
+    path = attncore.__path__[0] + "/assets/dates"
+    full = attncore.load(path).translate(sources)
+    quant = attncore.load(path, weight_dtype="int8").translate(sources)
+    assert np.mean([a == b for a, b in zip(quant, full)]) >= 0.98
+    assert np.mean([out == target for out, (_, target) in zip(quant, examples)]) >= 0.98

@@ -15,11 +15,12 @@ from cython cimport floating
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-from libc.stdint cimport uint16_t
+from libc.stdint cimport int8_t, uint16_t
 
-from ._packed_linear cimport (AC_PANEL_WIDTH, ac_pack_panels_bf16, ac_pack_panels_f32,
-                              ac_packed_linear_rows, ac_packed_panel_max_rows, ac_round_bf16_f32,
-                              panels_data)
+from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_vnni, ac_pack_panels_bf16,
+                              ac_i8_panel_rows, ac_pack_panels_f32, ac_pack_panels_i8, ac_packed_linear_rows,
+                              ac_packed_panel_max_rows, ac_round_bf16_f32, panels_data,
+                              panels_shape)
 
 cdef extern from "simd.h":
     void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
@@ -34,6 +35,7 @@ cdef extern from "tile_gemm.h":
                            Py_ssize_t ldc) nogil
 
 PANEL_WIDTH = AC_PANEL_WIDTH
+INT8_MAX_IN_FEATURES = AC_I8_MAX_K
 
 cdef Py_ssize_t TILE = 256
 # Below this many multiply-adds a product runs on one thread: waking a team costs more than it
@@ -212,6 +214,28 @@ def pack_panels_bf16(const float[:, ::1] weight, uint16_t[:, :, ::1] panels):
         ac_pack_panels_bf16(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
 
 
+def pack_panels_i8(const float[:, ::1] weight, int8_t[:, :, ::1] panels):
+    """The int8 panels of ``ac_pack_panels_i8`` (src_c/packed_linear.h): per output a scale
+    max |w| / 127 and its weights rounded to int8, with the scales and weight sums after them.
+    panels must have the shape ``int8_panels_shape(N, K)``."""
+    want = int8_panels_shape(weight.shape[0], weight.shape[1])
+    if (panels.shape[0], panels.shape[1], panels.shape[2]) != want:
+        raise ValueError(f"pack_panels_i8: panels must have shape {want} to hold a "
+                         f"({weight.shape[0]}, {weight.shape[1]}) weight")
+    with nogil:
+        ac_pack_panels_i8(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
+
+
+def int8_panels_shape(Py_ssize_t n_out, Py_ssize_t n_in):
+    """The shape of the int8 panels of an (n_out, n_in) weight."""
+    return ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, ac_i8_panel_rows(n_in), AC_PANEL_WIDTH)
+
+
+def int8_vnni():
+    """True where int8 products run on AVX-512 VNNI (elsewhere a portable, slower loop)."""
+    return bool(ac_int8_vnni())
+
+
 def round_bf16(const float[::1] x, float[::1] out):
     """out = x rounded to the nearest bfloat16 (ties to even), as float32; as the packers round."""
     with nogil:
@@ -220,16 +244,15 @@ def round_bf16(const float[::1] x, float[::1] out):
 
 def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] bias,
                   float[:, ::1] out, Py_ssize_t small_gemm_macs, int num_threads):
-    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels`` (float32) or
-    ``pack_panels_bf16`` (uint16): up to :func:`packed_panel_max_rows` rows on attncore's
+    """out (M, N) = x (M, K) . W^T + bias for a weight packed by ``pack_panels`` (float32),
+    ``pack_panels_bf16`` (uint16) or ``pack_panels_i8`` (int8, any M): up to :func:`packed_panel_max_rows` rows on attncore's
     panel kernel, more on BLAS reading the panels in place (``ac_packed_linear_rows``,
     src_c/packed_linear.h); small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``."""
     cdef int panel_type
     cdef const void *data = panels_data(panels, &panel_type)
     # the kernel reads N x K weights from the panels: a shape that does not match them (an
     # edited PackedLinearWeight) must not reach it
-    if N < 0 or panels.shape != ((N + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, x.shape[1],
-                                 AC_PANEL_WIDTH):
+    if N < 0 or panels.shape != panels_shape(N, x.shape[1], panels):
         raise ValueError(f"packed weight: panels of shape {panels.shape} do not hold a "
                          f"({N}, {x.shape[1]}) weight")
     if (bias is not None and bias.shape[0] != N) or out.shape[0] != x.shape[0] or \

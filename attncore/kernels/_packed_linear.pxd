@@ -1,13 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """Declarations of src_c/packed_linear.h (and the BLAS pointer type of attncore.h it takes), for
 the Cython modules that run products on packed weights: _blas, _recurrent, _transformer."""
-from libc.stdint cimport uint16_t
+from libc.stdint cimport int8_t, uint16_t
 
 cdef extern from "packed_linear.h" nogil:
     ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
                                  float *, int *, float *, float *, int *)
     Py_ssize_t AC_PANEL_WIDTH
-    int AC_PANELS_F32, AC_PANELS_BF16
+    int AC_PANELS_F32, AC_PANELS_BF16, AC_PANELS_I8
+    Py_ssize_t AC_I8_MAX_K
+    Py_ssize_t ac_i8_panel_rows(Py_ssize_t K)
+    int ac_int8_vnni()
+    void ac_pack_panels_i8(const float *w, Py_ssize_t N, Py_ssize_t K, int8_t *panels)
     void ac_round_bf16_f32(const float *x, float *y, Py_ssize_t n)
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels)
     void ac_pack_panels_bf16(const float *w, Py_ssize_t N, Py_ssize_t K, uint16_t *panels)
@@ -18,12 +22,24 @@ cdef extern from "packed_linear.h" nogil:
                                Py_ssize_t small_gemm_macs, int num_threads)
 
 
+cdef inline tuple panels_shape(Py_ssize_t n_out, Py_ssize_t n_in, object panels):
+    """The shape ``panels`` (of its dtype) must have to hold an (n_out, n_in) weight."""
+    rows = ac_i8_panel_rows(n_in) if panels.dtype.char == "b" else n_in
+    return ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, rows, AC_PANEL_WIDTH)
+
+
 cdef inline const void *panels_data(object panels, int *panel_type) except NULL:
-    """The data of ``PackedLinearWeight.panels`` (a C-contiguous 3-d float32 array, or uint16
-    holding bfloat16) and, in panel_type, how it is stored (AC_PANELS_F32 / AC_PANELS_BF16).
-    The caller keeps ``panels`` alive while it uses the pointer."""
+    """The data of ``PackedLinearWeight.panels`` (a C-contiguous 3-d float32 array, uint16
+    holding bfloat16, or int8 panels) and, in panel_type, how it is stored (AC_PANELS_F32 /
+    AC_PANELS_BF16 / AC_PANELS_I8). The caller keeps ``panels`` alive while it uses the
+    pointer, and has checked its shape (:func:`panels_shape`)."""
     cdef const float[:, :, ::1] f32
     cdef const uint16_t[:, :, ::1] bf16
+    cdef const int8_t[:, :, ::1] i8
+    if panels.dtype.char == "b":
+        i8 = panels
+        panel_type[0] = AC_PANELS_I8
+        return &i8[0, 0, 0]
     if panels.dtype.char == "H":
         bf16 = panels
         panel_type[0] = AC_PANELS_BF16

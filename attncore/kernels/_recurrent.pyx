@@ -21,7 +21,7 @@ from libc.string cimport memcpy, memmove, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_shape
 
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
@@ -121,7 +121,7 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
 
     x_proj (B, T, G*H): the input projection ``x W_ih^T + b_ih`` of every step (one GEMM by the
     caller); weight_hh: the panels of the (G*H, H) weight (``PackedLinearWeight(w).panels``,
-    float32 or bfloat16),
+    float32, bfloat16 or int8),
     bias_hh (G*H,); lengths (B,); h, c (B, H): the initial state, replaced by the final one (c is
     ignored for GRU); out (B, T, H): the outputs, zero on padded steps when ``packed``;
     small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``. ``packed``: a row's state does not change
@@ -133,8 +133,7 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
     cdef Py_ssize_t s, t, b
     cdef int panel_type
     cdef const void *w_hh = panels_data(weight_hh, &panel_type)
-    if GH != G * H or weight_hh.shape != ((GH + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, H,
-                                          AC_PANEL_WIDTH) or \
+    if GH != G * H or weight_hh.shape != panels_shape(GH, H, weight_hh) or \
             bias_hh.shape[0] != GH or lengths.shape[0] != B or h.shape[0] != B or \
             (lstm and (c.shape[0] != B or c.shape[1] != H)) or out.shape[0] != B or \
             out.shape[1] != T or out.shape[2] != H:
@@ -177,7 +176,7 @@ cdef class DecoderStep:
     cdef readonly int attention, num_layers, embed_dim, hidden, attention_dim, vocab
     cdef readonly bint lstm, input_feeding, feeds_context, folds_embedding
     cdef Py_ssize_t small_gemm_macs
-    cdef readonly str weight_dtype  # how the matrices are held: "float32" or "bfloat16"
+    cdef readonly str weight_dtype  # how the matrices are held: "float32", "bfloat16", "int8"
     cdef int panel_type
     cdef object _keep               # the weight arrays, alive as long as the pointers below
     # matrices are held as the panels of a PackedLinearWeight (shapes below are the weights')
@@ -203,8 +202,8 @@ cdef class DecoderStep:
                  out_weight, out_bias, Py_ssize_t small_gemm_macs=0, str weight_dtype="float32",
                  bint fold_embedding=False):
         """Weights in torch layouts; small_gemm_macs: ``threads.BLAS_SMALL_GEMM_MACS``;
-        weight_dtype: how the matrices are packed (``PackedLinearWeight``: "float32", or
-        "bfloat16", each weight rounded to it).
+        weight_dtype: how the matrices are packed (``PackedLinearWeight``: "float32",
+        "bfloat16", each weight rounded to it, or "int8").
 
         fold_embedding: precompute the target embedding's share of layer 0's input product
         for every token, ``E . W_emb^T + b_ih[0]`` (V_tgt, G*H) float32, computed once by

@@ -21,7 +21,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data
+from ._packed_linear cimport (AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data,
+                              panels_shape)
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -40,7 +41,7 @@ cdef extern from "softmax.h" nogil:
 
 cdef struct Linear:
     const void *panels      # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
-    int panel_type          # float32 or bfloat16 panels
+    int panel_type          # float32, bfloat16 or int8 panels
     const float *bias       # (n_out,) or NULL
     Py_ssize_t n_out, n_in
 
@@ -76,7 +77,7 @@ cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep
         raise ValueError(f"DecoderStep: {name} must have shape {(n_out, n_in)}, got "
                          f"{tuple(packed.shape)}")
     panels = packed.panels  # PackedLinearWeight made them C-contiguous, of this shape
-    if panels.shape != ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, n_in, AC_PANEL_WIDTH):
+    if panels.shape != panels_shape(n_out, n_in, panels):
         raise ValueError(f"DecoderStep: {name} panels have shape {panels.shape}")
     keep.append(panels)
     w.panels = panels_data(panels, &w.panel_type)

@@ -58,7 +58,7 @@ def log_softmax(x, axis=-1, *, lengths=None, mask=None):
     return _softmax_front(x, axis, lengths, mask, True, "log_softmax")
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def check_weight_dtype(weight_dtype, name="weight_dtype") -> str:
@@ -103,8 +103,17 @@ class PackedLinearWeight:
     bytes a decoding step streams. Products still run in float32 on the rounded values, with
     exactly the bits a float32 packed weight of ``round_bfloat16(weight)`` gives.
 
-    weight : (out_features, in_features) array (cast to float32)
-    weight_dtype : "float32" (default) or "bfloat16"
+    ``weight_dtype="int8"`` quantizes: each output's weights become int8 with one float32 scale
+    (``max |w| / 127``), and every product quantizes each row of x the same way on the fly and
+    sums in exact int32 arithmetic (AVX-512 VNNI where the CPU has it, a portable loop
+    elsewhere), then scales (``src_c/packed_linear.h``; :func:`attncore.reference.linear_int8`
+    is the formula in NumPy, with the same bits). A quarter of float32's bytes; results
+    differ from float32 by the quantization (about 1% of a typical output), not by rounding
+    alone as bfloat16's. ``panels`` is then int8 of shape ``(ceil(out / 64), ceil(in / 4) * 4
+    + 8, 64)`` (weights, then scales and sums); in_features at most 32768.
+
+    weight : (out_features, in_features) array (cast to float32; finite for "int8")
+    weight_dtype : "float32" (default), "bfloat16" or "int8"
     """
 
     __slots__ = ("panels", "shape", "weight_dtype")
@@ -119,7 +128,15 @@ class PackedLinearWeight:
         width = _blas.PANEL_WIDTH
         shape = ((out_features + width - 1) // width, in_features, width)
         # on huge pages where the OS has them: a step streams every panel (see _memory)
-        if weight_dtype == "bfloat16":
+        if weight_dtype == "int8":
+            if in_features > _blas.INT8_MAX_IN_FEATURES:
+                raise ValueError(f"weight: int8 packing takes at most "
+                                 f"{_blas.INT8_MAX_IN_FEATURES} in_features, got {in_features}")
+            if not np.all(np.isfinite(weight)):
+                raise ValueError("weight holds NaN or infinity, which int8 cannot quantize")
+            self.panels = empty_for_streaming(_blas.int8_panels_shape(*weight.shape), np.int8)
+            _blas.pack_panels_i8(weight, self.panels)
+        elif weight_dtype == "bfloat16":
             self.panels = empty_for_streaming(shape, np.uint16)
             _blas.pack_panels_bf16(weight, self.panels)
         else:
@@ -136,9 +153,12 @@ class PackedLinearWeight:
 
     def unpack(self) -> np.ndarray:
         """The (out_features, in_features) float32 weight back (rounded to bfloat16 when so
-        stored), as a new array."""
+        stored; for int8 the dequantized weight, scale times int8 value), as a new array."""
         out_features, in_features = self.shape
         panels = self.panels
+        if self.weight_dtype == "int8":
+            quantized, scales = self.int8_parts()
+            return quantized.astype(np.float32) * scales[:, None]
         if self.weight_dtype == "bfloat16":
             # a row of 64 holds (column c, column c + 16) pairs per half of 32 columns
             width = panels.shape[2]
@@ -147,6 +167,22 @@ class PackedLinearWeight:
             panels = (columns.astype(np.uint32) << 16).view(np.float32)
         full = panels.transpose(0, 2, 1).reshape(-1, in_features)
         return np.ascontiguousarray(full[:out_features])
+
+    def int8_parts(self):
+        """For an int8 weight: its (out_features, in_features) int8 values and (out_features,)
+        float32 scales, read back from the panels."""
+        if self.weight_dtype != "int8":
+            raise ValueError(f"int8_parts: this weight is {self.weight_dtype}, not int8")
+        out_features, in_features = self.shape
+        panels = self.panels
+        groups = (panels.shape[1] - 8) // 4
+        width = panels.shape[2]
+        # (panel, group, column, 4) -> (panel, column, group * 4)
+        body = panels[:, :groups * 4].reshape(panels.shape[0], groups, width, 4)
+        quantized = body.transpose(0, 2, 1, 3).reshape(-1, groups * 4)[:out_features, :in_features]
+        tail = np.ascontiguousarray(panels[:, groups * 4:]).reshape(panels.shape[0], -1)
+        scales = tail[:, :4 * width].copy().view(np.float32).reshape(-1)[:out_features]
+        return np.ascontiguousarray(quantized), scales
 
     def __repr__(self):
         return f"PackedLinearWeight(shape={self.shape}, weight_dtype={self.weight_dtype!r})"

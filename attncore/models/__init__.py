@@ -38,7 +38,8 @@ def load(path, *, weight_dtype: str = "float32") -> Model:
     """Load the model directory ``path`` as the engine class its architecture names.
 
     ``weight_dtype="bfloat16"`` rounds the weight matrices to bfloat16 and streams them at half
-    the bytes in decoding steps (see :class:`~attncore.models.base.Model`)."""
+    the bytes in decoding steps; ``"int8"`` runs the products on int8 weights and per-row
+    quantized inputs, a quarter of the bytes (see :class:`~attncore.models.base.Model`)."""
     return Model.load(path, weight_dtype=weight_dtype)
 
 

@@ -237,7 +237,7 @@ class Model:
         Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
         stored as read-only C-contiguous float32 (a float64 model runs in float32).
     tokenizer : :class:`attncore.tokenizer.Tokenizer`, optional
-    weight_dtype : "float32" (default) or "bfloat16"
+    weight_dtype : "float32" (default), "bfloat16" or "int8"
         ``"bfloat16"`` rounds every weight matrix (each tensor of two or more dimensions:
         embeddings, linear and recurrent weights; not biases or norms) to the nearest bfloat16
         (:func:`attncore.kernels.round_bfloat16`) and keeps the weights decoding steps stream
@@ -245,6 +245,13 @@ class Model:
         what bounds a small batch's decoding speed. Everything still computes in float32 on
         the rounded values: the model is exactly the float32 model of the rounded weights
         (``weights`` then holds those values, and :meth:`save` writes them).
+        ``"int8"`` quantizes: every product on a packed weight (all linear and recurrent
+        matrices; not embeddings) runs on int8 weights with a scale per output and inputs
+        quantized per row on the fly, summed in exact integers (AVX-512 VNNI where the CPU has
+        it; elsewhere a portable loop, slower than float32). A quarter of float32's bytes.
+        Outputs differ from float32 by the quantization, like CTranslate2's int8; they are
+        still deterministic (alone or in a batch, any thread count). ``weights`` keeps the
+        float32 values and :meth:`save` writes them.
 
     Subclasses set :attr:`architecture` and may override :meth:`_prepare`, which derives
     inference-only arrays (transposed / fused weights) once after validation, packing step

@@ -1,0 +1,268 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * int8 panels: y = x . W^T + b with W stored as int8, one scale per output, and each row of x
+ * quantized to int8 (one scale per row) on the fly. See packed_linear.h for the contract.
+ *
+ * Why: a decoding step at a small batch is bound by streaming its weights, and int8 is a
+ * quarter of float32's bytes; on the 2 MiB-L2 Xeon of bench/RESULTS.md the seq2seq step's
+ * float32 weights (8 MB) come from L3 at 29 GB/s where a quarter of them could stay in L2 at
+ * 145 GB/s. AVX-512 VNNI's vpdpbusd multiplies 64 pairs of (uint8, int8) and adds them into
+ * 16 int32 lanes in one instruction, so the products keep up with that stream.
+ *
+ * Arithmetic: integers are exact, so every kernel (VNNI or the portable loop) computes the
+ * same int32 sums, whatever the row blocking, the batch or the thread count; only the last
+ * step is float, one fused multiply-add per output, the same on every path.
+ */
+#include "packed_linear.h"
+#include "simd.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define AC_X86 1
+#include <immintrin.h>
+#endif
+
+#define W AC_PANEL_WIDTH
+/* Bytes of quantized rows held at once (on the stack of the calling thread): rows of x are
+ * quantized in chunks of this size, each chunk then multiplied by every panel. */
+#define QUANT_BYTES (32 * 1024)
+/* Rows of a panel's k groups (4 k values a 32-bit word) and the tail holding scales and sums. */
+#define GROUP_BYTES (4 * W)
+
+static inline ac_index padded_k(ac_index K) { return (K + 3) / 4 * 4; }
+static inline ac_index panel_bytes(ac_index K) { return ac_i8_panel_rows(K) * W; }
+
+/* The int8 nearest to v * inv, clamped to [-127, 127] (round half to even, as the vector
+ * conversion under the default rounding mode). */
+static inline int quantize_one(float v, float inv) {
+    float s = v * inv;
+    s = s > 127.0f ? 127.0f : (s < -127.0f ? -127.0f : s);
+    return (int)nearbyintf(s);
+}
+
+/* The scale of a row whose largest magnitude is amax, and its reciprocal times 127: 0 and 0
+ * for a row of zeros (or one so small that 127 / amax overflows: the row then counts as zero,
+ * an error below 1e-37 a weight). */
+static inline void row_scale(float amax, float *scale, float *inv) {
+    *inv = 127.0f / amax;
+    *scale = amax / 127.0f;
+    if (!(amax > 0.0f) || !isfinite(*inv)) { *inv = 0.0f; *scale = 0.0f; }
+}
+
+int ac_int8_vnni(void) {
+    static int vnni = -1;
+    if (vnni < 0) {
+        int has = 0;
+#ifdef AC_X86
+        __builtin_cpu_init();
+        /* ATTNCORE_FORCE_ISA=avx2 or scalar lowers ac_simd_level below 2: no VNNI then */
+        has = ac_simd_level() == 2 && __builtin_cpu_supports("avx512vnni");
+#endif
+        vnni = has;
+    }
+    return vnni;
+}
+
+void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
+    const ac_index stride = panel_bytes(K), kp = padded_k(K);
+    memset(panels, 0, (size_t)(ac_panel_count(N) * stride));
+    for (ac_index j = 0; j < N; j++) {
+        int8_t *p = panels + (j / W) * stride;
+        const int c = (int)(j % W);
+        const float *src = w + j * K;
+        float amax = 0.0f, scale, inv;
+        for (ac_index k = 0; k < K; k++) amax = fmaxf(amax, fabsf(src[k]));
+        row_scale(amax, &scale, &inv);
+        int32_t sum = 0;
+        for (ac_index k = 0; k < K; k++) {
+            const int q = quantize_one(src[k], inv);
+            p[(k / 4) * GROUP_BYTES + 4 * c + k % 4] = (int8_t)q;
+            sum += q;
+        }
+        float *scales = (float *)(p + kp * W);
+        int32_t *sums = (int32_t *)(p + kp * W + 4 * W);
+        scales[c] = scale;
+        sums[c] = sum;
+    }
+}
+
+/* ---------------------------------------------------------------- quantize rows ----- */
+/* q[i * ldq + k] = round(x[i, k] * 127 / max_k |x[i, k]|) + 128 as uint8 (128 past K up to the
+ * padded K), scales[i] = max_k |x[i, k]| / 127. A row holding NaN or infinity gets scale NaN
+ * (and zeros), so its outputs are NaN as the float32 product's would be. */
+static void quantize_rows_scalar(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                 uint8_t *q, ac_index ldq, float *scales) {
+    for (ac_index i = 0; i < M; i++) {
+        const float *xi = x + i * ldx;
+        uint8_t *qi = q + i * ldq;
+        float amax = 0.0f, nan_probe = 0.0f, scale, inv;
+        for (ac_index k = 0; k < K; k++) {
+            const float a = fabsf(xi[k]);
+            amax = a > amax ? a : amax;
+            nan_probe += xi[k] * 0.0f;   /* NaN iff some x is NaN or infinite */
+        }
+        row_scale(amax, &scale, &inv);
+        if (nan_probe != nan_probe) { scale = NAN; inv = 0.0f; }
+        for (ac_index k = 0; k < K; k++) qi[k] = (uint8_t)(quantize_one(xi[k], inv) + 128);
+        for (ac_index k = K; k < padded_k(K); k++) qi[k] = 128;
+        scales[i] = scale;
+    }
+}
+
+/* ---------------------------------------------------------------- scalar ------------ */
+/* out[i, j0 + c] for M rows and one panel: the int32 sums, then the float step. */
+static void panel_i8_scalar(const uint8_t *q, ac_index ldq, const float *xs, ac_index M,
+                            ac_index K, const int8_t *panel, ac_index ncols, const float *bias,
+                            float *out, ac_index ldo) {
+    const ac_index groups = padded_k(K) / 4;
+    const float *ws = (const float *)(panel + groups * GROUP_BYTES);
+    const int32_t *sums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
+    for (ac_index i = 0; i < M; i++) {
+        const uint8_t *qi = q + i * ldq;
+        for (ac_index c = 0; c < ncols; c++) {
+            int32_t s = 0;
+            for (ac_index g = 0; g < groups; g++) {
+                const int8_t *pw = panel + g * GROUP_BYTES + 4 * c;
+                const uint8_t *pq = qi + 4 * g;
+                s += pq[0] * pw[0] + pq[1] * pw[1] + pq[2] * pw[2] + pq[3] * pw[3];
+            }
+            const float v = (float)(s - 128 * sums[c]);
+            out[i * ldo + c] = fmaf(v, xs[i] * ws[c], bias ? bias[c] : 0.0f);
+        }
+    }
+}
+
+#ifdef AC_X86
+/* ---------------------------------------------------------------- AVX-512 VNNI ------ */
+#define VNNI __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+static VNNI void quantize_rows_vnni(const float *x, ac_index ldx, ac_index M, ac_index K,
+                                    uint8_t *q, ac_index ldq, float *scales) {
+    const __m512 zero = _mm512_setzero_ps(), lo = _mm512_set1_ps(-127.0f),
+                 hi = _mm512_set1_ps(127.0f);
+    const __m512i offset = _mm512_set1_epi32(128);
+    for (ac_index i = 0; i < M; i++) {
+        const float *xi = x + i * ldx;
+        uint8_t *qi = q + i * ldq;
+        __m512 amax = zero, probe = zero;
+        ac_index k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m512 v = _mm512_loadu_ps(xi + k);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            probe = _mm512_add_ps(probe, _mm512_mul_ps(v, zero));
+        }
+        float m = _mm512_reduce_max_ps(amax), nan_probe = _mm512_reduce_add_ps(probe), scale, inv;
+        for (; k < K; k++) {
+            const float a = fabsf(xi[k]);
+            m = a > m ? a : m;
+            nan_probe += xi[k] * 0.0f;
+        }
+        row_scale(m, &scale, &inv);
+        if (nan_probe != nan_probe) { scale = NAN; inv = 0.0f; }
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (k = 0; k + 16 <= K; k += 16) {
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(xi + k), vinv);
+            s = _mm512_min_ps(_mm512_max_ps(s, lo), hi);
+            const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(s), offset);
+            _mm_storeu_si128((__m128i *)(qi + k), _mm512_cvtepi32_epi8(v));
+        }
+        for (; k < K; k++) qi[k] = (uint8_t)(quantize_one(xi[k], inv) + 128);
+        for (; k < padded_k(K); k++) qi[k] = 128;
+        scales[i] = scale;
+    }
+}
+
+/* R rows (R <= 6, a constant after inlining) x one panel: 4R int32 accumulators of 16 lanes,
+ * each k group one 32-bit broadcast of the row's 4 quantized values and 4 vpdpbusd. */
+static inline __attribute__((always_inline)) VNNI void
+panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac_index groups,
+                const int8_t *panel, ac_index ncols, const float *bias, float *out,
+                ac_index ldo) {
+    __m512i acc[6][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
+    for (ac_index g = 0; g < groups; g++) {
+        const int8_t *pg = panel + g * GROUP_BYTES;
+        const __m512i w0 = _mm512_loadu_si512(pg), w1 = _mm512_loadu_si512(pg + 64),
+                      w2 = _mm512_loadu_si512(pg + 128), w3 = _mm512_loadu_si512(pg + 192);
+        for (int r = 0; r < R; r++) {
+            int32_t word;
+            memcpy(&word, q + r * ldq + 4 * g, 4);
+            const __m512i xb = _mm512_set1_epi32(word);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, w0);
+            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, w1);
+            acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], xb, w2);
+            acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], xb, w3);
+        }
+    }
+    const float *ws = (const float *)(panel + groups * GROUP_BYTES);
+    const int32_t *sums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
+    for (int c = 0; c < 4; c++) {
+        const ac_index c0 = 16 * c;
+        if (c0 >= ncols) break;
+        const __mmask16 live = ncols - c0 >= 16 ? (__mmask16)0xffff
+                                                 : (__mmask16)((1u << (ncols - c0)) - 1);
+        const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(sums + c0), 7);  /* 128 sum */
+        const __m512 wsc = _mm512_loadu_ps(ws + c0);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], shift));
+            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), wsc);
+            _mm512_mask_storeu_ps(out + r * ldo + c0, live, _mm512_fmadd_ps(v, scale, b));
+        }
+    }
+}
+
+static VNNI void panel_i8_vnni(const uint8_t *q, ac_index ldq, const float *xs, ac_index M,
+                               ac_index K, const int8_t *panel, ac_index ncols,
+                               const float *bias, float *out, ac_index ldo) {
+    const ac_index groups = padded_k(K) / 4;
+    ac_index i = 0;
+    for (; i + 6 <= M; i += 6)
+        panel_rows_vnni(q + i * ldq, ldq, xs + i, 6, groups, panel, ncols, bias, out + i * ldo,
+                        ldo);
+    const uint8_t *qr = q + i * ldq;
+    float *o = out + i * ldo;
+    switch (M - i) {
+        case 5: panel_rows_vnni(qr, ldq, xs + i, 5, groups, panel, ncols, bias, o, ldo); break;
+        case 4: panel_rows_vnni(qr, ldq, xs + i, 4, groups, panel, ncols, bias, o, ldo); break;
+        case 3: panel_rows_vnni(qr, ldq, xs + i, 3, groups, panel, ncols, bias, o, ldo); break;
+        case 2: panel_rows_vnni(qr, ldq, xs + i, 2, groups, panel, ncols, bias, o, ldo); break;
+        case 1: panel_rows_vnni(qr, ldq, xs + i, 1, groups, panel, ncols, bias, o, ldo); break;
+        default: break;
+    }
+}
+#endif
+
+void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
+                         const int8_t *panels, ac_index N, const float *bias, float *out,
+                         ac_index ldo, int num_threads) {
+    uint8_t q[QUANT_BYTES];
+    float scales[QUANT_BYTES / 4];
+    const ac_index ldq = padded_k(K), stride = panel_bytes(K), n_panels = ac_panel_count(N);
+    const ac_index chunk = AC_MAX(1, QUANT_BYTES / AC_MAX(1, ldq));  /* K <= AC_I8_MAX_K */
+    const int vnni = ac_int8_vnni();
+    for (ac_index i0 = 0; i0 < M; i0 += chunk) {
+        const ac_index rows = AC_MIN(chunk, M - i0);
+        const float *xi = x + i0 * ldx;
+        float *oi = out + i0 * ldo;
+#ifdef AC_X86
+        if (vnni) quantize_rows_vnni(xi, ldx, rows, K, q, ldq, scales);
+        else
+#endif
+            quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * N * K, num_threads))
+        for (ac_index b = 0; b < n_panels; b++) {
+            const int8_t *panel = panels + b * stride;
+            const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
+            const float *bb = bias ? bias + j0 : NULL;
+#ifdef AC_X86
+            if (vnni) panel_i8_vnni(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo);
+            else
+#endif
+                panel_i8_scalar(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo);
+        }
+    }
+}
