@@ -10,13 +10,15 @@
   filled through the spec API (see shared/peers/transformer_peers.py). attncore gets the same
   weights through ``attncore.convert.from_pytorch_transformer``.
 * seq2seq: Bahdanau GRU encoder-decoder (embedding 256, hidden 256, 2 layers, vocab 4000,
-  the d2l.ai layout), 24 -> 24 greedy, batch 1 and 64, against the same model in torch eager.
+  the d2l.ai layout), 24 -> 24 greedy, batch 1 and 64, against the same model in torch eager,
+  in float32 and dynamically quantized to int8 (``torch.ao.quantization.quantize_dynamic``).
 * ran: RAN encode (d 512, 8 heads of 64, window 256, 2 layers) of 2k..100k-token documents:
   tokens/s and peak traced memory, beside an attncore Transformer encoder of the same width
   (2 layers, FFN 2048) on the lengths where quadratic attention stays affordable.
 
-attncore runs twice: float32 weights, and ``weight_dtype="bfloat16"`` (weight matrices rounded
-to bfloat16, half the bytes per decoding step; its token agreement is with attncore float32).
+attncore runs three times: float32 weights, ``weight_dtype="bfloat16"`` (weight matrices rounded
+to bfloat16, half the bytes per decoding step) and ``weight_dtype="int8"`` (products quantized
+to int8, a quarter of the bytes); the token agreement of the last two is with attncore float32.
 
 Every row is measured in one process and the same minute; ratios are what to read. Token
 agreement with the first peer is printed so a fast wrong answer cannot hide. Asked for several
@@ -41,6 +43,8 @@ import attncore  # noqa: E402
 from attncore import io  # noqa: E402
 
 SRC_LEN = TGT_LEN = 24
+# the weight dtypes attncore runs besides float32: (row key, weight_dtype)
+VARIANTS = (("bf16", "bfloat16"), ("int8", "int8"))
 
 
 def _agreement(a, b):
@@ -153,7 +157,7 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
                                      "tgt_embedding": "tgt_emb.weight", "positions": "pe",
                                      "output": "proj.weight", "output_bias": "proj.bias"})
     ours = attncore.load(ours_dir)
-    ours_bf16 = attncore.load(ours_dir, weight_dtype="bfloat16")
+    variants = {name: attncore.load(ours_dir, weight_dtype=dtype) for name, dtype in VARIANTS}
     vocab = _ctranslate2_dir(sd, L, H, D, V, os.path.join(tmp, "ct2")) if ctranslate2 else None
     rng = np.random.default_rng(0)
     for threads in threads_list:
@@ -173,9 +177,11 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
                 row.update(torch=B * TGT_LEN / t_torch,
                            agree=_agreement(got, model.greedy(tsrc, TGT_LEN).numpy().tolist()))
             t_ours = best_time(run_ours, repeats=3, min_time=0)
-            t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=3, min_time=0)
-            row.update({"attncore": B * TGT_LEN / t_ours, "bf16": B * TGT_LEN / t_bf16,
-                        "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)})
+            row["attncore"] = B * TGT_LEN / t_ours
+            for name, variant in variants.items():
+                row[name] = B * TGT_LEN / best_time(lambda: run_ours(variant), repeats=3,
+                                                    min_time=0)
+                row["agree_" + name] = _agreement([r.tokens for r in run_ours(variant)], got)
             if ctranslate2 is not None:
                 for compute in ("float32", "int8"):
                     tr = ctranslate2.Translator(os.path.join(tmp, "ct2"), device="cpu",
@@ -188,9 +194,9 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
                                                   min_decoding_length=TGT_LEN)
                     t = best_time(run_ct2, repeats=3, min_time=0)
                     row[f"ct2-{compute}"] = B * TGT_LEN / t
-                    if compute == "float32":
-                        hyp = [[vocab.index(x) for x in r.hypotheses[0]] for r in run_ct2()]
-                        row["agree_ct2"] = _agreement(got, hyp)
+                    hyp = [[vocab.index(x) for x in r.hypotheses[0]] for r in run_ct2()]
+                    row["agree_ct2" if compute == "float32" else "agree_ct2_int8"] = \
+                        _agreement(got, hyp)
             rows.append(row)
             print(_transformer_line(row), flush=True)
 
@@ -201,11 +207,13 @@ def _transformer_line(r):
     def vs(ours, peer):
         return f"{ours / peer:5.2f}x" if peer else "  -  "
     return (f"| {r['threads']} | {r['batch']:3d} | {r['attncore']:8.1f} | {r['bf16']:8.1f} | "
+            f"{r['int8']:8.1f} | "
             f"{(r['torch'] or float('nan')):8.1f} | {(ct32 or float('nan')):8.1f} | "
             f"{(ct8 or float('nan')):8.1f} | "
             f"{vs(r['attncore'], r['torch'])} | {vs(r['attncore'], ct32)} | "
-            f"{vs(r['bf16'], ct32)} | {vs(r['bf16'], ct8)} | {r['agree']:.2f} / "
-            f"{r.get('agree_ct2', float('nan')):.2f} / {r['agree_bf16']:.2f} |")
+            f"{vs(r['bf16'], ct32)} | {vs(r['int8'], ct8)} | {r['agree']:.2f} / "
+            f"{r.get('agree_ct2', float('nan')):.2f} / {r['agree_bf16']:.2f} / "
+            f"{r['agree_int8']:.2f} / {r.get('agree_ct2_int8', float('nan')):.2f} |")
 
 
 # --------------------------------------------------------------------------------- seq2seq
@@ -279,10 +287,17 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
         print("seq2seq: torch is absent; skipped")
         return
     model = _torch_seq2seq(torch, E, HID, LAYERS, V)
+    # torch's own int8 peer: dynamic quantization of the GRUs and linear layers (int8 weights,
+    # activations quantized per call), as a torch user would quantize this model
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_int8 = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.GRU, torch.nn.Linear}, dtype=torch.qint8)
     ours_dir = _seq2seq_to_attncore(model, E, HID, LAYERS, V,
                                     tempfile.mkdtemp(prefix="attncore-bench-"))
     ours = attncore.load(ours_dir)
-    ours_bf16 = attncore.load(ours_dir, weight_dtype="bfloat16")
+    variants = {name: attncore.load(ours_dir, weight_dtype=dtype) for name, dtype in VARIANTS}
     rng = np.random.default_rng(0)
     for threads in threads_list:
         set_threads(threads)
@@ -290,23 +305,32 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
             src = rng.integers(4, V, size=(B, SRC_LEN))
             tsrc = torch.from_numpy(src)
             t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=5, min_time=0.5)
+            t_torch8 = best_time(lambda: model_int8.greedy(tsrc, TGT_LEN), repeats=5,
+                                 min_time=0.5)
             want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
             sources = [list(r) for r in src]
 
             def run_ours(model=ours):
                 return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
             t_ours = best_time(run_ours, repeats=5, min_time=0.5)
-            t_bf16 = best_time(lambda: run_ours(ours_bf16), repeats=5, min_time=0.5)
             got = [r.tokens for r in run_ours()]
             row = {"threads": threads, "batch": B, "torch": B * TGT_LEN / t_torch,
-                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want),
-                   "bf16": B * TGT_LEN / t_bf16,
-                   "agree_bf16": _agreement([r.tokens for r in run_ours(ours_bf16)], got)}
+                   "torch_int8": B * TGT_LEN / t_torch8,
+                   "agree_torch_int8": _agreement(
+                       got, model_int8.greedy(tsrc, TGT_LEN).numpy().tolist()),
+                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want)}
+            for name, variant in variants.items():
+                row[name] = B * TGT_LEN / best_time(lambda: run_ours(variant), repeats=5,
+                                                    min_time=0.5)
+                row["agree_" + name] = _agreement([r.tokens for r in run_ours(variant)], got)
             rows.append(row)
             print(f"| {threads} | {B:3d} | {row['attncore']:9.1f} | {row['bf16']:9.1f} | "
-                  f"{row['torch']:9.1f} | {row['attncore'] / row['torch']:6.2f}x | "
-                  f"{row['bf16'] / row['torch']:6.2f}x | {row['agree']:.2f} / "
-                  f"{row['agree_bf16']:.2f} |", flush=True)
+                  f"{row['int8']:9.1f} | {row['torch']:9.1f} | {row['torch_int8']:9.1f} | "
+                  f"{row['attncore'] / row['torch']:6.2f}x | "
+                  f"{row['bf16'] / row['torch']:6.2f}x | {row['int8'] / row['torch']:6.2f}x | "
+                  f"{row['int8'] / row['torch_int8']:6.2f}x | "
+                  f"{row['agree']:.2f} / {row['agree_bf16']:.2f} / {row['agree_int8']:.2f} / "
+                  f"{row['agree_torch_int8']:.2f} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------- RAN
@@ -390,17 +414,20 @@ def main(argv=None):
     if "transformer" in args.only:
         steps = "greedy steps" if args.beam == 1 else f"steps of beam search (beam {args.beam})"
         print(f"\n### Transformer-base, 24-token sources, 24 {steps} (target tokens/s)\n")
-        print("| threads | batch | attncore | attncore bf16 | torch (no KV cache) | CT2 float32 | "
-              "CT2 int8 | vs torch | vs CT2 f32 | bf16 vs CT2 f32 | bf16 vs CT2 int8 | "
-              "token agreement (torch / CT2 / bf16 with f32) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| threads | batch | attncore | attncore bf16 | attncore int8 | torch (no KV cache) | "
+              "CT2 float32 | CT2 int8 | vs torch | vs CT2 f32 | bf16 vs CT2 f32 | "
+              "int8 vs CT2 int8 | token agreement with attncore f32 (torch / CT2 / bf16 / int8 / "
+              "CT2 int8) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         bench_transformer(args.threads, [1, 4] if args.quick else [1, 16], torch, args.quick, rows,
                           beam=args.beam)
     if "seq2seq" in args.only:
         print("\n### Bahdanau GRU seq2seq, 24 -> 24 greedy (target tokens/s)\n")
-        print("| threads | batch | attncore | attncore bf16 | torch eager | vs torch | "
-              "bf16 vs torch | token agreement (torch / bf16 with f32) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| threads | batch | attncore | attncore bf16 | attncore int8 | torch eager | "
+              "torch int8 (dynamic) | vs torch | bf16 vs torch | int8 vs torch | "
+              "int8 vs torch int8 | token agreement with attncore f32 (torch / bf16 / int8 / "
+              "torch int8) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         bench_seq2seq(args.threads, [1, 8] if args.quick else [1, 64], torch, args.quick, rows)
     if "ran" in args.only:
         print("\n### RAN encode vs a Transformer encoder of the same width (tokens/s, peak MiB)\n")

@@ -73,7 +73,10 @@ void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
         const int c = (int)(j % W);
         const float *src = w + j * K;
         float amax = 0.0f, scale, inv;
-        for (ac_index k = 0; k < K; k++) amax = fmaxf(amax, fabsf(src[k]));
+        for (ac_index k = 0; k < K; k++) {
+            const float a = fabsf(src[k]);
+            amax = a > amax ? a : amax;   /* (weights are finite: checked by the caller) */
+        }
         row_scale(amax, &scale, &inv);
         int32_t sum = 0;
         for (ac_index k = 0; k < K; k++) {
