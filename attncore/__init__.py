@@ -35,7 +35,7 @@ def __getattr__(name):
 
 def info():
     """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level, whether int8
-    products run on AVX-512 VNNI (a dict)."""
+    products run on AVX-512 VNNI and AMX (a dict)."""
     import numpy as np
     import scipy
 
@@ -46,6 +46,7 @@ def info():
         "num_threads": get_num_threads(),
         "simd": _threads.simd_name(),
         "int8_vnni": _blas.int8_vnni(),
+        "int8_amx": _blas.int8_amx(),
         "blas": threads.BLAS_INFO,
         "numpy": np.__version__,
         "scipy": scipy.__version__,

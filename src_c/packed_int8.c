@@ -22,16 +22,28 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define AC_X86 1
 #include <immintrin.h>
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define W AC_PANEL_WIDTH
 /* Bytes of quantized rows held at once (on the stack of the calling thread): rows of x are
  * quantized in chunks of this size, each chunk then multiplied by every panel. */
-#define QUANT_BYTES (32 * 1024)
+#define QUANT_BYTES (64 * 1024)
 /* Rows of a panel's k groups (4 k values a 32-bit word) and the tail holding scales and sums. */
 #define GROUP_BYTES (4 * W)
+/* K is padded to a multiple of K_STEP: an AMX tile multiplies 64 k values at a time. */
+#define K_STEP 64
+/* Rows of an AMX tile; products run AMX in blocks of it, and a last block of AMX_MIN_ROWS or
+ * more rows too (its tile then also multiplies rows past the block, whose sums are dropped:
+ * at 16 rows AMX ran 500-700 GMAC/s on the Xeon of bench/RESULTS.md, VNNI 130-150). */
+#define AMX_ROWS 16
+#define AMX_MIN_ROWS 2
 
-static inline ac_index padded_k(ac_index K) { return (K + 3) / 4 * 4; }
+static inline ac_index padded_k(ac_index K) { return (K + K_STEP - 1) / K_STEP * K_STEP; }
 static inline ac_index panel_bytes(ac_index K) { return ac_i8_panel_rows(K) * W; }
 
 /* The int8 nearest to v * inv, clamped to [-127, 127] (round half to even, as the vector
@@ -49,6 +61,29 @@ static inline void row_scale(float amax, float *scale, float *inv) {
     *inv = 127.0f / amax;
     *scale = amax / 127.0f;
     if (!(amax > 0.0f) || !isfinite(*inv)) { *inv = 0.0f; *scale = 0.0f; }
+}
+
+/* AMX needs the CPU's AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24 and 25) and, on Linux,
+ * the kernel's permission to use the tile data state, asked once per process. */
+static int amx_usable(void) {
+#if defined(__linux__) && defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+int ac_int8_amx(void) {
+    static int amx = -1;
+    if (amx < 0) {
+        const char *force = getenv("ATTNCORE_FORCE_ISA");
+        /* ATTNCORE_FORCE_ISA=avx512 keeps VNNI and leaves AMX out */
+        amx = ac_int8_vnni() && !(force && strcmp(force, "avx512") == 0) && amx_usable();
+    }
+    return amx;
 }
 
 int ac_int8_vnni(void) {
@@ -218,6 +253,74 @@ panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac
     }
 }
 
+/* ---------------------------------------------------------------- AMX --------------- */
+#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512dq,avx512bw,avx512vl," \
+                                  "avx512vnni,avx2,fma")))
+
+/* The tile configuration of the AMX blocks: tiles 0-3 the int32 sums of 16 rows x 16 columns
+ * (four column groups, a panel), tile 4 the 16 rows' 64 quantized values of a k step, tiles 5-7
+ * a column group's weights of that step (16 rows of 4 k values x 16 columns). */
+struct __attribute__((aligned(64))) tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* A constant in memory: GCC's _tile_loadconfig tells the compiler it reads 8 bytes only, so
+ * a configuration built on the stack could lose the stores to its other 56. */
+static const struct tile_config AMX_CONFIG = {
+    .palette = 1,
+    .bytes_per_row = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS, AMX_ROWS},
+};
+
+static AMX void amx_configure(void) { _tile_loadconfig(&AMX_CONFIG); }
+
+/* m <= 16 rows x one panel: the int32 sums by AMX (tdpbusd: uint8 rows times int8 weights, the
+ * same exact sums as vpdpbusd) over 16 rows of q (all in its buffer), then the float step of
+ * panel_rows_vnni for the m rows. */
+static AMX void panel_rows_amx(const uint8_t *q, ac_index ldq, const float *xs, int m,
+                               ac_index groups, const int8_t *panel, ac_index ncols,
+                               const float *bias, float *out, ac_index ldo) {
+    int32_t sums16[AMX_ROWS * W];
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (ac_index g = 0; g < groups; g += K_STEP / 4) {
+        const int8_t *pg = panel + g * GROUP_BYTES;
+        _tile_loadd(4, q + 4 * g, ldq);
+        _tile_loadd(5, pg, GROUP_BYTES);
+        _tile_dpbusd(0, 4, 5);
+        _tile_loadd(6, pg + 64, GROUP_BYTES);
+        _tile_dpbusd(1, 4, 6);
+        _tile_loadd(7, pg + 128, GROUP_BYTES);
+        _tile_dpbusd(2, 4, 7);
+        _tile_loadd(5, pg + 192, GROUP_BYTES);
+        _tile_dpbusd(3, 4, 5);
+    }
+    _tile_stored(0, sums16, 4 * W);
+    _tile_stored(1, sums16 + 16, 4 * W);
+    _tile_stored(2, sums16 + 32, 4 * W);
+    _tile_stored(3, sums16 + 48, 4 * W);
+    const float *ws = (const float *)(panel + groups * GROUP_BYTES);
+    const int32_t *wsums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
+    for (int c = 0; c < 4; c++) {
+        const ac_index c0 = 16 * c;
+        if (c0 >= ncols) break;
+        const __mmask16 live = ncols - c0 >= 16 ? (__mmask16)0xffff
+                                                 : (__mmask16)((1u << (ncols - c0)) - 1);
+        const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(wsums + c0), 7);
+        const __m512 wsc = _mm512_loadu_ps(ws + c0);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
+        for (int r = 0; r < m; r++) {
+            const __m512i acc = _mm512_loadu_si512(sums16 + r * W + c0);
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
+            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), wsc);
+            _mm512_mask_storeu_ps(out + r * ldo + c0, live, _mm512_fmadd_ps(v, scale, b));
+        }
+    }
+}
+
+static AMX void amx_release(void) { _tile_release(); }
+
 static VNNI void panel_i8_vnni(const uint8_t *q, ac_index ldq, const float *xs, ac_index M,
                                ac_index K, const int8_t *panel, ac_index ncols,
                                const float *bias, float *out, ac_index ldo) {
@@ -243,10 +346,14 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                          const int8_t *panels, ac_index N, const float *bias, float *out,
                          ac_index ldo, int num_threads) {
     uint8_t q[QUANT_BYTES];
-    float scales[QUANT_BYTES / 4];
+    float scales[QUANT_BYTES / K_STEP];
     const ac_index ldq = padded_k(K), stride = panel_bytes(K), n_panels = ac_panel_count(N);
-    const ac_index chunk = AC_MAX(1, QUANT_BYTES / AC_MAX(1, ldq));  /* K <= AC_I8_MAX_K */
+    ac_index chunk = AC_MAX(1, QUANT_BYTES / AC_MAX(K_STEP, ldq));  /* K <= AC_I8_MAX_K */
+    if (chunk > AMX_ROWS) chunk -= chunk % AMX_ROWS;    /* whole AMX blocks */
     const int vnni = ac_int8_vnni();
+#ifdef AC_X86
+    const int amx = ac_int8_amx();
+#endif
     for (ac_index i0 = 0; i0 < M; i0 += chunk) {
         const ac_index rows = AC_MIN(chunk, M - i0);
         const float *xi = x + i0 * ldx;
@@ -256,6 +363,33 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
         else
 #endif
             quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
+#ifdef AC_X86
+        if (amx && rows >= AMX_MIN_ROWS) {
+#pragma omp parallel num_threads(AC_THREADS(rows * N * K, num_threads))
+            {
+                amx_configure();  /* per thread: the tile state is a thread's */
+#pragma omp for schedule(static)
+                for (ac_index b = 0; b < n_panels; b++) {
+                    const int8_t *panel = panels + b * stride;
+                    const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
+                    const float *bb = bias ? bias + j0 : NULL;
+                    ac_index i = 0;
+                    for (; i < rows; i += AMX_ROWS) {
+                        const ac_index m = AC_MIN(AMX_ROWS, rows - i);
+                        /* a short block: its tile reads 16 rows, which must lie in q */
+                        if (m < AMX_MIN_ROWS || (i + AMX_ROWS) * ldq > QUANT_BYTES) break;
+                        panel_rows_amx(q + i * ldq, ldq, scales + i, (int)m, ldq / 4, panel,
+                                       ncols, bb, oi + i * ldo + j0, ldo);
+                    }
+                    if (i < rows)
+                        panel_i8_vnni(q + i * ldq, ldq, scales + i, rows - i, K, panel, ncols,
+                                      bb, oi + i * ldo + j0, ldo);
+                }
+                amx_release();
+            }
+            continue;
+        }
+#endif
 #pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * N * K, num_threads))
         for (ac_index b = 0; b < n_panels; b++) {
             const int8_t *panel = panels + b * stride;

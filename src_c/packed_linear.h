@@ -63,17 +63,21 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  * with the sum in exact int32 arithmetic: the same bits on every kernel, for every row blocking,
  * batch and thread count. A row of x holding NaN or infinity gives NaN outputs. A panel is
  * ac_i8_panel_rows(K) rows of 64 bytes: for each group g of 4 k values (K padded with zeros to
- * a multiple of 4), 64 columns x 4 bytes (byte 4c + t is Wq[64b + c, 4g + t]; one 32-bit lane
+ * a multiple of 64, an AMX tile's k step), 64 columns x 4 bytes (byte 4c + t is Wq[64b + c, 4g + t]; one 32-bit lane
  * of a vector holds a column's 4 weights), then 64 float32 scales and the 64 int32 sums
  * sum_k Wq[j, k] (the VNNI kernel multiplies Xq + 128 as unsigned bytes and takes 128 sum_k
  * Wq[j, k] back off). In features are limited to AC_I8_MAX_K, so that int32 sums cannot
  * overflow and a quantized row fits the kernel's buffer. */
 #define AC_I8_MAX_K 32768
-static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 3) / 4 * 4 + 8; }
+static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 63) / 64 * 64 + 8; }
 void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels);
 /* 1 where the int8 products run on AVX-512 VNNI, 0 where they run a portable loop (much slower:
  * for speed, int8 needs an AVX-512 VNNI machine). */
 int ac_int8_vnni(void);
+/* 1 where products of 16 rows or more run on AMX tiles (AMX-INT8 CPUs whose kernel grants the
+ * tile state; ATTNCORE_FORCE_ISA=avx512 turns it off): the same int32 sums, 16 rows x 16
+ * columns x 64 k values an instruction. */
+int ac_int8_amx(void);
 /* out (M, N) = x . W^T (+ bias) on int8 panels, as above; threads split the panels. */
 void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                          const int8_t *panels, ac_index N, const float *bias, float *out,

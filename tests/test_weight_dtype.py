@@ -228,7 +228,8 @@ def test_bfloat16_dates_model_keeps_its_accuracy():
 
 
 # ------------------------------------------------------------------------------- int8
-INT8_SHAPES = SHAPES + [(4000, 256), (70, 1030)]
+# (40, 4100): 15 rows fill the kernel's buffer, so short AMX blocks there run on VNNI instead
+INT8_SHAPES = SHAPES + [(4000, 256), (70, 1030), (40, 4100)]
 
 
 @pytest.mark.parametrize("n_out,n_in", INT8_SHAPES)
@@ -238,7 +239,7 @@ def test_int8_panels_hold_the_quantized_weight(rng, n_out, n_in):
     packed = PackedLinearWeight(w, "int8")
     assert packed.weight_dtype == "int8" and packed.dtype == F32
     assert packed.panels.dtype == np.int8 and not packed.panels.flags.writeable
-    assert packed.panels.shape == (-(-n_out // 64), -(-n_in // 4) * 4 + 8, 64)
+    assert packed.panels.shape == (-(-n_out // 64), -(-n_in // 64) * 64 + 8, 64)
     values, scales = packed.int8_parts()
     want_values, want_scales = ref.quantize_int8(w)
     assert np.array_equal(values, want_values) and np.array_equal(scales, want_scales)
@@ -254,13 +255,13 @@ def test_int8_panels_hold_the_quantized_weight(rng, n_out, n_in):
 @pytest.mark.parametrize("n_out,n_in", INT8_SHAPES)
 def test_int8_product_is_the_reference_bit_for_bit(rng, n_out, n_in):
     """Integer sums are exact: every row count (the VNNI kernel's blocks of 6 and each
-    remainder; rows quantized in chunks of the kernel's 32 KiB buffer past it), thread count
-    and bias give the bits of ``reference.linear_int8``."""
+    remainder, AMX's blocks of 16 and short blocks; rows quantized in chunks of the kernel's
+    64 KiB buffer past it), thread count and bias give the bits of ``reference.linear_int8``."""
     w = rng.standard_normal((n_out, n_in)).astype(F32)
     bias = rng.standard_normal(n_out).astype(F32)
     packed = PackedLinearWeight(w, "int8")
     values, scales = packed.int8_parts()
-    for rows in (1, 2, 3, 5, 6, 7, 13, 40, 300):
+    for rows in (1, 2, 3, 5, 6, 7, 13, 15, 16, 17, 40, 300):
         x = (rng.standard_normal((rows, n_in)) * rng.uniform(0.1, 100, (rows, 1))).astype(F32)
         for b in (bias, None):
             want = ref.linear_int8(x, values, scales, b)
@@ -298,16 +299,20 @@ def test_int8_packing_refuses_what_it_cannot_quantize():
     with pytest.raises(ValueError, match="weight.*32768"):
         PackedLinearWeight(np.ones((1, 32769), dtype=F32), "int8")
     w = PackedLinearWeight(np.ones((3, 4), dtype=F32), "int8")
-    with pytest.raises(ValueError, match="panels"):   # a shape the panels do not hold
-        _blas.linear_packed(np.ones((1, 5), dtype=F32), w.panels, 3, None,
+    with pytest.raises(ValueError, match="panels"):   # more in_features than the panels hold
+        _blas.linear_packed(np.ones((1, 65), dtype=F32), w.panels, 3, None,
                             np.empty((1, 3), dtype=F32), 0, 1)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        attncore.linear(np.ones((1, 5), dtype=F32), w)
     with pytest.raises(ValueError, match="not int8"):
         PackedLinearWeight(np.ones((3, 4), dtype=F32)).int8_parts()
 
 
-def test_int8_portable_loop_gives_the_vnni_bits(rng, tmp_path):
-    """The same products with ATTNCORE_FORCE_ISA=scalar (the portable loop) in a fresh
-    process: the same bits as this process's kernel (VNNI where the CPU has it)."""
+@pytest.mark.parametrize("isa", ["scalar", "avx512"])
+def test_int8_kernels_give_the_same_bits(rng, tmp_path, isa):
+    """The same products in a fresh process with ATTNCORE_FORCE_ISA=scalar (the portable loop)
+    or avx512 (VNNI without AMX): the bits of this process's kernels (AMX and VNNI where the
+    CPU has them)."""
     import subprocess
     import sys
 
@@ -317,10 +322,11 @@ def test_int8_portable_loop_gives_the_vnni_bits(rng, tmp_path):
     script = ("import numpy as np, attncore, sys\n"
               "from attncore.kernels import PackedLinearWeight, _blas\n"
               f"d = np.load({str(tmp_path / 'io.npz')!r})\n"
-              "assert not _blas.int8_vnni()\n"
+              "assert not _blas.int8_amx()\n"
+              f"assert {isa!r} != 'scalar' or not _blas.int8_vnni()\n"
               "y = attncore.linear(d['x'], PackedLinearWeight(d['w'], 'int8'))\n"
               f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
-    env = dict(os.environ, ATTNCORE_FORCE_ISA="scalar")
+    env = dict(os.environ, ATTNCORE_FORCE_ISA=isa)
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     here = attncore.linear(x, PackedLinearWeight(w, "int8"))
     assert np.array_equal(_bits(np.load(tmp_path / "y.npy")), _bits(here))
@@ -356,9 +362,13 @@ def test_int8_model_decodes_deterministically_near_float32(rng, name):
 def test_int8_steps_hold_a_quarter_of_the_packed_bytes():
     config = CONFIGS["transformer-post-norm"]
     full, quant = (attncore.from_config(config, weight_dtype=d) for d in ("float32", "int8"))
-    # a quarter of the float32 bytes, plus 512 a panel for its 64 scales and sums
+    # one byte a weight (in_features padded to 64), plus 512 a panel for its scales and sums
     panels = full.output_step.panels
-    assert quant.output_step.panels.nbytes == panels.nbytes // 4 + 512 * panels.shape[0]
+    assert quant.output_step.panels.nbytes == panels.shape[0] * (64 * 64 + 512)
+    # so a quarter of the float32 bytes where in_features is a multiple of 64
+    w = PackedLinearWeight(np.ones((4000, 256), dtype=F32))
+    q = PackedLinearWeight(np.ones((4000, 256), dtype=F32), "int8")
+    assert q.panels.nbytes == w.panels.nbytes // 4 + 512 * w.panels.shape[0]
     assert all(layer.packed.linear1.weight_dtype == "int8" for layer in quant.decoder_layers)
     seq2seq = attncore.from_config(CONFIGS["gru-bahdanau-2layer-bidir"], weight_dtype="int8")
     assert seq2seq._decoder_step.weight_dtype == "int8"

@@ -17,7 +17,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 from libc.stdint cimport int8_t, uint16_t
 
-from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_vnni, ac_pack_panels_bf16,
+from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_amx, ac_int8_vnni,
+                              ac_pack_panels_bf16,
                               ac_i8_panel_rows, ac_pack_panels_f32, ac_pack_panels_i8, ac_packed_linear_rows,
                               ac_packed_panel_max_rows, ac_round_bf16_f32, panels_data,
                               panels_shape)
@@ -236,6 +237,11 @@ def int8_vnni():
     return bool(ac_int8_vnni())
 
 
+def int8_amx():
+    """True where int8 products of 16 rows or more run on AMX tiles."""
+    return bool(ac_int8_amx())
+
+
 def round_bf16(const float[::1] x, float[::1] out):
     """out = x rounded to the nearest bfloat16 (ties to even), as float32; as the packers round."""
     with nogil:
@@ -251,7 +257,8 @@ def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] 
     cdef int panel_type
     cdef const void *data = panels_data(panels, &panel_type)
     # the kernel reads N x K weights from the panels: a shape that does not match them (an
-    # edited PackedLinearWeight) must not reach it
+    # edited PackedLinearWeight) must not reach it (int8 panels hold K rounded up to 64, zeros
+    # past it: callers check K against PackedLinearWeight.shape, as linear() does)
     if N < 0 or panels.shape != panels_shape(N, x.shape[1], panels):
         raise ValueError(f"packed weight: panels of shape {panels.shape} do not hold a "
                          f"({N}, {x.shape[1]}) weight")

@@ -11,6 +11,7 @@ cdef extern from "packed_linear.h" nogil:
     Py_ssize_t AC_I8_MAX_K
     Py_ssize_t ac_i8_panel_rows(Py_ssize_t K)
     int ac_int8_vnni()
+    int ac_int8_amx()
     void ac_pack_panels_i8(const float *w, Py_ssize_t N, Py_ssize_t K, int8_t *panels)
     void ac_round_bf16_f32(const float *x, float *y, Py_ssize_t n)
     void ac_pack_panels_f32(const float *w, Py_ssize_t N, Py_ssize_t K, float *panels)

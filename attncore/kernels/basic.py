@@ -109,7 +109,7 @@ class PackedLinearWeight:
     elsewhere), then scales (``src_c/packed_linear.h``; :func:`attncore.reference.linear_int8`
     is the formula in NumPy, with the same bits). A quarter of float32's bytes; results
     differ from float32 by the quantization (about 1% of a typical output), not by rounding
-    alone as bfloat16's. ``panels`` is then int8 of shape ``(ceil(out / 64), ceil(in / 4) * 4
+    alone as bfloat16's. ``panels`` is then int8 of shape ``(ceil(out / 64), ceil(in / 64) * 64
     + 8, 64)`` (weights, then scales and sums); in_features at most 32768.
 
     weight : (out_features, in_features) array (cast to float32; finite for "int8")
