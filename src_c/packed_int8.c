@@ -42,6 +42,13 @@
  * at 16 rows AMX ran 500-700 GMAC/s on the Xeon of bench/RESULTS.md, VNNI 130-150). */
 #define AMX_ROWS 16
 #define AMX_MIN_ROWS 2
+/* AMX products split across threads only when they are large (the tile multiply-adds they run)
+ * or stream weights past a core's L2: on the 2-core Xeon of bench/RESULTS.md smaller ones ran
+ * slower on two threads than on one (16 x 2048 x 512: 30 against 38-43 us, 64 x 768 x 768:
+ * 68 against 72-92), the team's wake-up costing more than the product; 16 x 8000 x 512 (4 MB
+ * of weights) ran 230 against 114-120. */
+#define AMX_PARALLEL_MIN_MACS ((ac_index)48 << 20)
+#define AMX_PARALLEL_MIN_BYTES ((ac_index)2 << 20)
 
 static inline ac_index padded_k(ac_index K) { return (K + K_STEP - 1) / K_STEP * K_STEP; }
 static inline ac_index panel_bytes(ac_index K) { return ac_i8_panel_rows(K) * W; }
@@ -365,7 +372,10 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
             quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
 #ifdef AC_X86
         if (amx && rows >= AMX_MIN_ROWS) {
-#pragma omp parallel num_threads(AC_THREADS(rows * N * K, num_threads))
+            const ac_index tile_macs = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * N * ldq;
+            const int team = (tile_macs >= AMX_PARALLEL_MIN_MACS ||
+                              n_panels * stride >= AMX_PARALLEL_MIN_BYTES) ? num_threads : 1;
+#pragma omp parallel num_threads(team)
             {
                 amx_configure();  /* per thread: the tile state is a thread's */
 #pragma omp for schedule(static)
