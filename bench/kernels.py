@@ -129,15 +129,17 @@ STEP_WEIGHTS = [(256, 256), (768, 512), (768, 256), (768, 256), (768, 256), (400
 
 
 def run_packed(threads, torch, rows, quick):
-    """The products of a decoding step on packed weights, float32 and bfloat16 panels, one
-    after another like the step runs them (2.07M weights: 8.3 / 4.1 MB), against the
-    reference's ``x @ W.T + b`` and torch's ``F.linear`` on the float32 weights."""
+    """The products of a decoding step on packed weights, float32, bfloat16 and int8 panels,
+    one after another like the step runs them (2.07M weights: 8.3 / 4.1 / 2.1 MB), against the
+    reference's ``x @ W.T + b`` and torch's ``F.linear`` on the float32 weights. int8 runs
+    AVX-512 VNNI and AMX where the CPU has them (``attncore.info()``; ATTNCORE_FORCE_ISA=avx512
+    leaves AMX out)."""
     rng = np.random.default_rng(4)
     shapes = [(64, 64), (192, 64)] if quick else STEP_WEIGHTS
     weights = [rng.standard_normal(shape, dtype=np.float32) * 0.05 for shape in shapes]
     biases = [rng.standard_normal(shape[0], dtype=np.float32) for shape in shapes]
     macs = sum(n * k for n, k in shapes)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in attncore.kernels.WEIGHT_DTYPES:
         packed = [attncore.kernels.PackedLinearWeight(w, dtype) for w in weights]
         for m in ([1, 17] if quick else [1, 4, 16, 17, 64]):
             xs = [rng.standard_normal((m, k), dtype=np.float32) for _, k in shapes]
