@@ -9,8 +9,6 @@ measures what the rounding costs in accuracy, on the bundled trained model. int8
 exact integer sums and one fused multiply-add per output, so they too are checked bit for bit,
 against ``reference.linear_int8``; what quantizing costs is measured on the trained model.
 """
-import os
-
 import numpy as np
 import pytest
 
@@ -21,6 +19,7 @@ from attncore.kernels.threads import BLAS_SMALL_GEMM_MACS
 from attncore.models import Seq2SeqAttention
 from attncore.train.seq2seq import Seq2SeqConfig
 from attncore.train.transformer import TransformerConfig
+from conftest import subprocess_env
 
 F32 = np.float32
 
@@ -326,8 +325,9 @@ def test_int8_kernels_give_the_same_bits(rng, tmp_path, isa):
               f"assert {isa!r} != 'scalar' or not _blas.int8_vnni()\n"
               "y = attncore.linear(d['x'], PackedLinearWeight(d['w'], 'int8'))\n"
               f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
-    env = dict(os.environ, ATTNCORE_FORCE_ISA=isa)
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    # from an empty directory, importing the attncore this process imported (conftest)
+    subprocess.run([sys.executable, "-c", script], env=subprocess_env(ATTNCORE_FORCE_ISA=isa),
+                   cwd=tmp_path, check=True, timeout=120)
     here = attncore.linear(x, PackedLinearWeight(w, "int8"))
     assert np.array_equal(_bits(np.load(tmp_path / "y.npy")), _bits(here))
 
