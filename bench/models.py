@@ -13,7 +13,8 @@
   the d2l.ai layout), 24 -> 24 greedy, batch 1 and 64, against the same model in torch eager,
   in float32 and dynamically quantized to int8 (``torch.ao.quantization.quantize_dynamic``).
 * ran: RAN encode (d 512, 8 heads of 64, window 256, 2 layers) of 2k..100k-token documents:
-  tokens/s and peak traced memory, beside an attncore Transformer encoder of the same width
+  tokens/s and peak traced memory (and tokens/s with int8 weights), beside an attncore
+  Transformer encoder of the same width
   (2 layers, FFN 2048) on the lengths where quadratic attention stays affordable.
 
 attncore runs three times: float32 weights, ``weight_dtype="bfloat16"`` (weight matrices rounded
@@ -350,13 +351,15 @@ def _traced(fn):
 def bench_ran(threads_list, lengths, quick, rows):
     d, heads, window, layers = (64, 4, 64, 2) if quick else (512, 8, 256, 2)
     V = 8000
-    ran = attncore.models.from_config({
+    ran_config = {
         "architecture": "ran", "vocab_size": V, "embedding_size": d, "ran_layers": layers,
         "head_num": heads, "head_size": d // heads, "window_size": window,
         "min_window_size": window // 4, "cell_pooling": "last", "causal": False,
         "memory_review": True, "num_classes": 2, "token_head": "none", "num_token_classes": 0,
         "dropout": 0.0, "dtype": "float32", "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3,
-        "tokenizer": None}, seed=0)
+        "tokenizer": None}
+    ran = attncore.models.from_config(ran_config, seed=0)
+    ran_int8 = attncore.models.from_config(ran_config, seed=0, weight_dtype="int8")
     encoder = attncore.models.from_config({
         "architecture": "transformer", "kind": "encoder_only", "src_vocab_size": V,
         "tgt_vocab_size": 0, "d_model": d, "num_heads": heads, "num_encoder_layers": layers,
@@ -375,14 +378,18 @@ def bench_ran(threads_list, lengths, quick, rows):
             ran.encode([doc[:min(T, 4 * window)]])       # warm up
             sec, peak, _ = _traced(lambda: ran.encode([doc]))
             row = {"threads": threads, "T": T, "ran_tps": T / sec, "ran_mib": peak / 2 ** 20}
+            ran_int8.encode([doc[:min(T, 4 * window)]])
+            start = time.perf_counter()
+            ran_int8.encode([doc])
+            row["ran_int8_tps"] = T / (time.perf_counter() - start)
             if T <= transformer_limit:
                 sec_t, peak_t, _ = _traced(lambda: encoder.encode([doc]))
                 row.update(tf_tps=T / sec_t, tf_mib=peak_t / 2 ** 20)
             rows.append(row)
             tf = (f"{row['tf_tps']:9.0f} | {row['tf_mib']:8.1f}" if "tf_tps" in row
                   else "        - |        -")
-            print(f"| {threads} | {T:6d} | {row['ran_tps']:9.0f} | {row['ran_mib']:8.1f} | {tf} |",
-                  flush=True)
+            print(f"| {threads} | {T:6d} | {row['ran_tps']:9.0f} | {row['ran_mib']:8.1f} | "
+                  f"{row['ran_int8_tps']:9.0f} | {tf} |", flush=True)
 
 
 def main(argv=None):
@@ -431,9 +438,9 @@ def main(argv=None):
         bench_seq2seq(args.threads, [1, 8] if args.quick else [1, 64], torch, args.quick, rows)
     if "ran" in args.only:
         print("\n### RAN encode vs a Transformer encoder of the same width (tokens/s, peak MiB)\n")
-        print("| threads | tokens | RAN tok/s | RAN peak MiB | Transformer tok/s | "
+        print("| threads | tokens | RAN tok/s | RAN peak MiB | RAN int8 tok/s | Transformer tok/s | "
               "Transformer peak MiB |")
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         lengths = [512, 2048] if args.quick else [2048, 8192, 32768, 100000]
         bench_ran(args.threads, lengths, args.quick, rows)
     return rows
