@@ -386,3 +386,24 @@ def test_int8_dates_model_keeps_its_accuracy():
     quant = attncore.load(path, weight_dtype="int8").translate(sources)
     assert np.mean([a == b for a, b in zip(quant, full)]) >= 0.98
     assert np.mean([out == target for out, (_, target) in zip(quant, examples)]) >= 0.98
+
+
+def test_int8_python_threads_decoding_at_once_equal_sequential(rng):
+    """Several Python threads decode with one int8 model at once (each its own AMX tile state
+    where AMX runs): the results of running them one after another."""
+    import concurrent.futures
+
+    model = attncore.from_config(CONFIGS["transformer-pre-norm-gelu-tied"], seed=3,
+                                 weight_dtype="int8")
+    jobs = [[rng.integers(4, 30, n).tolist() for n in rng.integers(1, 15, 7)] for _ in range(6)]
+    options = [dict(max_length=10), dict(max_length=10, beam_size=3, num_hypotheses=2)]
+
+    def run(i):
+        return model.generate(jobs[i], **options[i % 2])
+
+    sequential = [run(i) for i in range(len(jobs))]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(run, range(len(jobs))))
+    for seq, par in zip(sequential, parallel):
+        assert [r.hypotheses for r in seq] == [r.hypotheses for r in par]
+        assert [r.scores for r in seq] == [r.scores for r in par]
