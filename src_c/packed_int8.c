@@ -226,9 +226,25 @@ panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac
                 const int8_t *panel, ac_index ncols, const float *bias, float *out,
                 ac_index ldo) {
     __m512i acc[6][4];
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < 6; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
-    for (ac_index g = 0; g < groups; g++) {
+    if (R == 1) {
+        /* one row: even and odd k groups in two sets of accumulators (8 chains; four wait on
+         * vpdpbusd's latency), added at the end -- integer sums, so the same bits */
+        for (ac_index g = 0; g < groups; g += 2) {   /* groups is a multiple of 16 */
+            for (int h = 0; h < 2; h++) {
+                const int8_t *pg = panel + (g + h) * GROUP_BYTES;
+                int32_t word;
+                memcpy(&word, q + 4 * (g + h), 4);
+                const __m512i xb = _mm512_set1_epi32(word);
+                for (int c = 0; c < 4; c++)
+                    acc[h][c] = _mm512_dpbusd_epi32(acc[h][c], xb,
+                                                    _mm512_loadu_si512(pg + 64 * c));
+            }
+        }
+        for (int c = 0; c < 4; c++) acc[0][c] = _mm512_add_epi32(acc[0][c], acc[1][c]);
+    }
+    for (ac_index g = 0; g < (R == 1 ? 0 : groups); g++) {
         const int8_t *pg = panel + g * GROUP_BYTES;
         const __m512i w0 = _mm512_loadu_si512(pg), w1 = _mm512_loadu_si512(pg + 64),
                       w2 = _mm512_loadu_si512(pg + 128), w3 = _mm512_loadu_si512(pg + 192);
