@@ -197,15 +197,33 @@ def linear_int8(x, weight_q, weight_scale, bias=None):
 
         y = fma(sum_k xq[k] wq[j, k], s_x * s_w[j], bias[j])
 
-    (one rounding of the float32 product of the scales, then one of the fused multiply-add,
-    done here in float64, which holds the product exactly)."""
+    (one rounding of the float32 product of the scales, then one of the fused multiply-add)."""
     xq, xs = quantize_int8(x)
     sums = xq.astype(np.int64) @ np.asarray(weight_q, dtype=np.int64).T
     # the int32 sum as a float32 (rounded to nearest, as the kernels convert)
     v = sums.astype(np.float32).astype(np.float64)
     scale = (xs[..., None] * np.asarray(weight_scale, dtype=np.float32)).astype(np.float64)
-    b = 0.0 if bias is None else np.asarray(bias, dtype=np.float32).astype(np.float64)
-    return (v * scale + b).astype(np.float32)
+    b = np.float64(0) if bias is None else np.asarray(bias, dtype=np.float32).astype(np.float64)
+    return _fma_float32(v * scale, b)   # v * scale: 24-bit times 24-bit, exact in float64
+
+
+def _fma_float32(p, b):
+    """float32(p + b) rounded once, for p and b float64 (p exact, b a float32).
+
+    float64(p + b) then float32 would round twice, and differ from a fused multiply-add where
+    the first rounding lands on a float32 midpoint. So: the sum's float64 rounding s and its
+    error e (TwoSum: s + e = p + b exactly), then s rounded to odd (the float64 neighbour of the
+    exact sum with an odd last bit, when e != 0), which float32 rounds correctly (53 bits hold
+    float32's 24 and 2 more)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        p, b = np.broadcast_arrays(np.asarray(p, np.float64), np.asarray(b, np.float64))
+        s = p + b
+        bb = s - p
+        e = (p - (s - bb)) + (b - bb)
+        even = (s.view(np.int64) & 1) == 0
+        toward = np.where(e > 0, np.inf, -np.inf)
+        s = np.where((e != 0) & even & np.isfinite(s), np.nextafter(s, toward), s)
+        return s.astype(np.float32)
 
 
 def matmul(a, b, *, transpose_b=False, alpha=1.0):

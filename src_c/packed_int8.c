@@ -24,6 +24,9 @@
 #include <immintrin.h>
 #include <cpuid.h>
 #endif
+#if defined(__x86_64__)
+#define AC_AMX 1   /* AMX is a 64-bit mode feature */
+#endif
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -54,10 +57,13 @@ static inline ac_index padded_k(ac_index K) { return (K + K_STEP - 1) / K_STEP *
 static inline ac_index panel_bytes(ac_index K) { return ac_i8_panel_rows(K) * W; }
 
 /* The int8 nearest to v * inv, clamped to [-127, 127] (round half to even, as the vector
- * conversion under the default rounding mode). */
+ * conversion under the default rounding mode). NaN (v NaN or infinite in a row whose inv is 0)
+ * gives -127, as the vector clamp's max(s, -127) does, and never reaches the int conversion
+ * (undefined for NaN); such a row's scale is NaN, its outputs NaN. */
 static inline int quantize_one(float v, float inv) {
     float s = v * inv;
-    s = s > 127.0f ? 127.0f : (s < -127.0f ? -127.0f : s);
+    s = s >= -127.0f ? s : -127.0f;
+    s = s <= 127.0f ? s : 127.0f;
     return (int)nearbyintf(s);
 }
 
@@ -107,9 +113,16 @@ int ac_int8_vnni(void) {
     return vnni;
 }
 
+/* The K a panel was packed for, stored after its scales and sums. */
+static inline int32_t *stored_k(int8_t *panel, ac_index K) {
+    return (int32_t *)(panel + padded_k(K) * W + 8 * W);
+}
+
 void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
     const ac_index stride = panel_bytes(K), kp = padded_k(K);
     memset(panels, 0, (size_t)(ac_panel_count(N) * stride));
+    if (K > AC_I8_MAX_K) return;   /* refused by the callers: zero panels, never a stack past q */
+    for (ac_index b = 0; b < ac_panel_count(N); b++) *stored_k(panels + b * stride, K) = (int32_t)K;
     for (ac_index j = 0; j < N; j++) {
         int8_t *p = panels + (j / W) * stride;
         const int c = (int)(j % W);
@@ -276,6 +289,7 @@ panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac
     }
 }
 
+#ifdef AC_AMX
 /* ---------------------------------------------------------------- AMX --------------- */
 #define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512dq,avx512bw,avx512vl," \
                                   "avx512vnni,avx2,fma")))
@@ -343,6 +357,7 @@ static AMX void panel_rows_amx(const uint8_t *q, ac_index ldq, const float *xs, 
 }
 
 static AMX void amx_release(void) { _tile_release(); }
+#endif  /* AC_AMX */
 
 static VNNI void panel_i8_vnni(const uint8_t *q, ac_index ldq, const float *xs, ac_index M,
                                ac_index K, const int8_t *panel, ac_index ncols,
@@ -371,10 +386,17 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
     uint8_t q[QUANT_BYTES];
     float scales[QUANT_BYTES / K_STEP];
     const ac_index ldq = padded_k(K), stride = panel_bytes(K), n_panels = ac_panel_count(N);
+    /* K past AC_I8_MAX_K (a quantized row would not fit q) or panels packed for another K
+     * (the Cython fronts refuse both first): NaN outputs rather than a wrong answer */
+    if (K > AC_I8_MAX_K || *stored_k((int8_t *)panels, K) != (int32_t)K) {
+        for (ac_index i = 0; i < M; i++)
+            for (ac_index j = 0; j < N; j++) out[i * ldo + j] = NAN;
+        return;
+    }
     ac_index chunk = AC_MAX(1, QUANT_BYTES / AC_MAX(K_STEP, ldq));  /* K <= AC_I8_MAX_K */
     if (chunk > AMX_ROWS) chunk -= chunk % AMX_ROWS;    /* whole AMX blocks */
     const int vnni = ac_int8_vnni();
-#ifdef AC_X86
+#ifdef AC_AMX
     const int amx = ac_int8_amx();
 #endif
     for (ac_index i0 = 0; i0 < M; i0 += chunk) {
@@ -386,7 +408,7 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
         else
 #endif
             quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
-#ifdef AC_X86
+#ifdef AC_AMX
         if (amx && rows >= AMX_MIN_ROWS) {
             const ac_index tile_macs = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * N * ldq;
             const int team = (tile_macs >= AMX_PARALLEL_MIN_MACS ||

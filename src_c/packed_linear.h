@@ -63,20 +63,27 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  * with the sum in exact int32 arithmetic: the same bits on every kernel, for every row blocking,
  * batch and thread count. A row of x holding NaN or infinity gives NaN outputs. A panel is
  * ac_i8_panel_rows(K) rows of 64 bytes: for each group g of 4 k values (K padded with zeros to
- * a multiple of 64, an AMX tile's k step), 64 columns x 4 bytes (byte 4c + t is Wq[64b + c, 4g + t]; one 32-bit lane
- * of a vector holds a column's 4 weights), then 64 float32 scales and the 64 int32 sums
- * sum_k Wq[j, k] (the VNNI kernel multiplies Xq + 128 as unsigned bytes and takes 128 sum_k
- * Wq[j, k] back off). In features are limited to AC_I8_MAX_K, so that int32 sums cannot
- * overflow and a quantized row fits the kernel's buffer. */
+ * a multiple of 64, an AMX tile's k step), 64 columns x 4 bytes (byte 4c + t is
+ * Wq[64b + c, 4g + t]; one 32-bit lane of a vector holds a column's 4 weights), then 64 float32
+ * scales, the 64 int32 sums sum_k Wq[j, k] (the VNNI kernel multiplies Xq + 128 as unsigned
+ * bytes and takes 128 sum_k Wq[j, k] back off), and a last row starting with K as an int32: the
+ * padding makes panels of every K in 64 values the same size, so products check it (panels of
+ * another K give NaN outputs; the Cython fronts refuse them first). In features are limited to
+ * AC_I8_MAX_K, so that int32 sums cannot overflow and a quantized row fits the kernel's buffer
+ * (64 KiB on the calling thread's stack); ac_pack_panels_i8 leaves zero panels past it, and
+ * expects finite weights (its callers check). */
 #define AC_I8_MAX_K 32768
-static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 63) / 64 * 64 + 8; }
+static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 63) / 64 * 64 + 9; }
 void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels);
 /* 1 where the int8 products run on AVX-512 VNNI, 0 where they run a portable loop (much slower:
  * for speed, int8 needs an AVX-512 VNNI machine). */
 int ac_int8_vnni(void);
-/* 1 where products of 16 rows or more run on AMX tiles (AMX-INT8 CPUs whose kernel grants the
- * tile state; ATTNCORE_FORCE_ISA=avx512 turns it off): the same int32 sums, 16 rows x 16
- * columns x 64 k values an instruction. */
+/* 1 where products of 2 rows or more run on AMX tiles (x86-64 AMX-INT8 CPUs whose kernel
+ * grants the tile state, asked on the first call; ATTNCORE_FORCE_ISA=avx512 turns it off): the
+ * same int32 sums, 16 rows x 16 columns x 64 k values an instruction, in blocks of 16 rows (a
+ * last block of 2 to 15 too, its tile reading rows of the buffer past it); a last single row
+ * runs VNNI, and so do all rows where K padded is over 4096 (16 rows would not fit the 64 KiB
+ * buffer). */
 int ac_int8_amx(void);
 /* out (M, N) = x . W^T (+ bias) on int8 panels, as above; threads split the panels. */
 void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,

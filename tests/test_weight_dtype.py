@@ -238,7 +238,9 @@ def test_int8_panels_hold_the_quantized_weight(rng, n_out, n_in):
     packed = PackedLinearWeight(w, "int8")
     assert packed.weight_dtype == "int8" and packed.dtype == F32
     assert packed.panels.dtype == np.int8 and not packed.panels.flags.writeable
-    assert packed.panels.shape == (-(-n_out // 64), -(-n_in // 64) * 64 + 8, 64)
+    assert packed.panels.shape == (-(-n_out // 64), -(-n_in // 64) * 64 + 9, 64)
+    # each panel's last row starts with the in_features it was packed for
+    assert (packed.panels[:, -1, :4].copy().view(np.int32) == n_in).all()
     values, scales = packed.int8_parts()
     want_values, want_scales = ref.quantize_int8(w)
     assert np.array_equal(values, want_values) and np.array_equal(scales, want_scales)
@@ -269,9 +271,23 @@ def test_int8_product_is_the_reference_bit_for_bit(rng, n_out, n_in):
                 _blas.linear_packed(x, packed.panels, n_out, b, got, BLAS_SMALL_GEMM_MACS,
                                     threads)
                 assert np.array_equal(_bits(got), _bits(want)), (rows, threads, b is None)
-    # and close to the float32 product: per-row and per-output scales, ~1% of the outputs
-    full = ref.linear(x.astype(np.float64), w.astype(np.float64), bias)
-    assert np.abs(got - full).max() <= 0.03 * np.abs(full).max()
+        # and close to the float32 product: per-row and per-output scales, ~1% of the outputs
+        full = ref.linear(x.astype(np.float64), w.astype(np.float64), bias)
+        assert np.abs(want - full).max() <= 0.03 * np.abs(full).max(), rows
+
+
+def test_int8_reference_rounds_once_as_a_fused_multiply_add():
+    """``reference.linear_int8``'s last step is one rounding of sum * scale + bias, as the
+    kernels' fma: where float64 would round the exact value onto a float32 midpoint, and float32
+    then round that to even, the reference rounds the exact value."""
+    p = np.array([1 + 2.0 ** -24, 1 + 2.0 ** -24, -(1 + 2.0 ** -24), 3.0, np.nan])
+    b = np.array([2.0 ** -80, -2.0 ** -80, -2.0 ** -80, 0.0, 1.0])
+    one, next_up = np.float32(1).view(np.uint32), np.nextafter(F32(1), F32(2)).view(np.uint32)
+    got = ref._fma_float32(p, b)
+    assert np.float32(p[0] + b[0]).view(np.uint32) == one          # twice-rounded: to even
+    assert _bits(got[:4]).tolist() == [next_up, one, next_up | 0x80000000,
+                                       np.float32(3).view(np.uint32)]
+    assert np.isnan(got[4])
 
 
 def test_int8_rows_with_zeros_nan_or_infinity(rng):
@@ -305,6 +321,22 @@ def test_int8_packing_refuses_what_it_cannot_quantize():
         attncore.linear(np.ones((1, 5), dtype=F32), w)
     with pytest.raises(ValueError, match="not int8"):
         PackedLinearWeight(np.ones((3, 4), dtype=F32)).int8_parts()
+    # panels of 4 in_features have the shape of 1 to 64: the K they store refuses the others
+    for k in (3, 5, 64):
+        with pytest.raises(ValueError, match="panels"):
+            _blas.linear_packed(np.ones((2, k), dtype=F32), w.panels, 3, None,
+                                np.empty((2, 3), dtype=F32), 0, 1)
+    # the private packer too: past 32768 in_features (a quantized row would overflow the
+    # kernel's buffer), and non-finite weights
+    with pytest.raises(ValueError, match="32768"):
+        _blas.int8_panels_shape(3, 32769)
+    with pytest.raises(ValueError, match="NaN"):
+        _blas.pack_panels_i8(np.array([[np.inf, 1.0]], dtype=F32),
+                             np.empty(_blas.int8_panels_shape(1, 2), dtype=np.int8))
+    huge = np.zeros((1, 1, 64), dtype=np.int8)       # not the shape of any weight of 65536 in
+    with pytest.raises(ValueError, match="panels"):
+        _blas.linear_packed(np.ones((1, 65536), dtype=F32), huge, 1, None,
+                            np.empty((1, 1), dtype=F32), 0, 1)
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx512"])
@@ -317,18 +349,21 @@ def test_int8_kernels_give_the_same_bits(rng, tmp_path, isa):
 
     w = rng.standard_normal((130, 257)).astype(F32)
     x = rng.standard_normal((23, 257)).astype(F32)
-    np.savez(tmp_path / "io.npz", w=w, x=x)
+    x[5, 7] = np.nan                                 # a NaN row among them: NaN outputs
+    bias = rng.standard_normal(130).astype(F32)
+    np.savez(tmp_path / "io.npz", w=w, x=x, bias=bias)
     script = ("import numpy as np, attncore, sys\n"
               "from attncore.kernels import PackedLinearWeight, _blas\n"
               f"d = np.load({str(tmp_path / 'io.npz')!r})\n"
               "assert not _blas.int8_amx()\n"
               f"assert {isa!r} != 'scalar' or not _blas.int8_vnni()\n"
-              "y = attncore.linear(d['x'], PackedLinearWeight(d['w'], 'int8'))\n"
+              "y = attncore.linear(d['x'], PackedLinearWeight(d['w'], 'int8'), d['bias'])\n"
               f"np.save({str(tmp_path / 'y.npy')!r}, y)\n")
     # from an empty directory, importing the attncore this process imported (conftest)
     subprocess.run([sys.executable, "-c", script], env=subprocess_env(ATTNCORE_FORCE_ISA=isa),
                    cwd=tmp_path, check=True, timeout=120)
-    here = attncore.linear(x, PackedLinearWeight(w, "int8"))
+    here = attncore.linear(x, PackedLinearWeight(w, "int8"), bias)
+    assert np.isnan(here[5]).all() and np.isfinite(np.delete(here, 5, axis=0)).all()
     assert np.array_equal(_bits(np.load(tmp_path / "y.npy")), _bits(here))
 
 
@@ -351,24 +386,26 @@ def test_int8_model_decodes_deterministically_near_float32(rng, name):
     assert alone.hypotheses == batch[4].hypotheses and alone.scores == batch[4].scores
     if attention:
         assert all(np.array_equal(a, b) for a, b in zip(alone.attention, batch[4].attention))
-    # teacher-forced: the int8 model scores the float32 model's output close to its own score
+    # near float32: most greedy outputs the same (measured: 5 to 8 of 8 on these random
+    # models), with scores within 2% (measured: at most 0.4%)
     reference = full.generate(sources, max_length=9)
-    forced = quant.generate(sources, max_length=9, beam_size=1)
-    for got, want in zip(forced, reference):
-        if got.hypotheses[0] == want.hypotheses[0]:
-            assert abs(got.scores[0] - want.scores[0]) <= 0.05 * abs(want.scores[0]) + 0.05
+    same = [got.hypotheses[0] == want.hypotheses[0] for got, want in zip(batch, reference)]
+    assert sum(same) >= 4, same
+    for got, want, agree in zip(batch, reference, same):
+        if agree:
+            assert abs(got.scores[0] - want.scores[0]) <= 0.02 * abs(want.scores[0])
 
 
 def test_int8_steps_hold_a_quarter_of_the_packed_bytes():
     config = CONFIGS["transformer-post-norm"]
     full, quant = (attncore.from_config(config, weight_dtype=d) for d in ("float32", "int8"))
-    # one byte a weight (in_features padded to 64), plus 512 a panel for its scales and sums
+    # one byte a weight (in_features padded to 64), plus 576 a panel for its scales, sums and K
     panels = full.output_step.panels
-    assert quant.output_step.panels.nbytes == panels.shape[0] * (64 * 64 + 512)
+    assert quant.output_step.panels.nbytes == panels.shape[0] * (64 * 64 + 576)
     # so a quarter of the float32 bytes where in_features is a multiple of 64
     w = PackedLinearWeight(np.ones((4000, 256), dtype=F32))
     q = PackedLinearWeight(np.ones((4000, 256), dtype=F32), "int8")
-    assert q.panels.nbytes == w.panels.nbytes // 4 + 512 * w.panels.shape[0]
+    assert q.panels.nbytes == w.panels.nbytes // 4 + 576 * w.panels.shape[0]
     assert all(layer.packed.linear1.weight_dtype == "int8" for layer in quant.decoder_layers)
     seq2seq = attncore.from_config(CONFIGS["gru-bahdanau-2layer-bidir"], weight_dtype="int8")
     assert seq2seq._decoder_step.weight_dtype == "int8"

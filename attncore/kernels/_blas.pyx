@@ -21,7 +21,7 @@ from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_amx, ac_int8_
                               ac_pack_panels_bf16,
                               ac_i8_panel_rows, ac_pack_panels_f32, ac_pack_panels_i8, ac_packed_linear_rows,
                               ac_packed_panel_max_rows, ac_round_bf16_f32, panels_data,
-                              panels_shape)
+                              panels_fit)
 
 cdef extern from "simd.h":
     void ac_small_gemm_f32(const float *x, Py_ssize_t ldx, Py_ssize_t M, Py_ssize_t K,
@@ -219,7 +219,10 @@ def pack_panels_i8(const float[:, ::1] weight, int8_t[:, :, ::1] panels):
     """The int8 panels of ``ac_pack_panels_i8`` (src_c/packed_linear.h): per output a scale
     max |w| / 127 and its weights rounded to int8, with the scales and weight sums after them.
     panels must have the shape ``int8_panels_shape(N, K)``."""
+    import numpy as np
     want = int8_panels_shape(weight.shape[0], weight.shape[1])
+    if not np.all(np.isfinite(np.asarray(weight))):
+        raise ValueError("pack_panels_i8: weight holds NaN or infinity, which int8 cannot quantize")
     if (panels.shape[0], panels.shape[1], panels.shape[2]) != want:
         raise ValueError(f"pack_panels_i8: panels must have shape {want} to hold a "
                          f"({weight.shape[0]}, {weight.shape[1]}) weight")
@@ -228,7 +231,10 @@ def pack_panels_i8(const float[:, ::1] weight, int8_t[:, :, ::1] panels):
 
 
 def int8_panels_shape(Py_ssize_t n_out, Py_ssize_t n_in):
-    """The shape of the int8 panels of an (n_out, n_in) weight."""
+    """The shape of the int8 panels of an (n_out, n_in) weight (n_in at most
+    ``INT8_MAX_IN_FEATURES``)."""
+    if n_in > AC_I8_MAX_K:
+        raise ValueError(f"int8 packing takes at most {AC_I8_MAX_K} in_features, got {n_in}")
     return ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, ac_i8_panel_rows(n_in), AC_PANEL_WIDTH)
 
 
@@ -238,7 +244,8 @@ def int8_vnni():
 
 
 def int8_amx():
-    """True where int8 products of 16 rows or more run on AMX tiles."""
+    """True where int8 products of 2 rows or more run on AMX tiles (x86-64 with AMX-INT8 and
+    the kernel's leave to use the tile state, which the first call asks for)."""
     return bool(ac_int8_amx())
 
 
@@ -257,9 +264,8 @@ def linear_packed(const float[:, ::1] x, panels, Py_ssize_t N, const float[::1] 
     cdef int panel_type
     cdef const void *data = panels_data(panels, &panel_type)
     # the kernel reads N x K weights from the panels: a shape that does not match them (an
-    # edited PackedLinearWeight) must not reach it (int8 panels hold K rounded up to 64, zeros
-    # past it: callers check K against PackedLinearWeight.shape, as linear() does)
-    if N < 0 or panels.shape != panels_shape(N, x.shape[1], panels):
+    # edited PackedLinearWeight) must not reach it (int8 panels, of K rounded up to 64, store K)
+    if not panels_fit(panels, N, x.shape[1]):
         raise ValueError(f"packed weight: panels of shape {panels.shape} do not hold a "
                          f"({N}, {x.shape[1]}) weight")
     if (bias is not None and bias.shape[0] != N) or out.shape[0] != x.shape[0] or \

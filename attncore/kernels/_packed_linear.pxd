@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Declarations of src_c/packed_linear.h (and the BLAS pointer type of attncore.h it takes), for
 the Cython modules that run products on packed weights: _blas, _recurrent, _transformer."""
-from libc.stdint cimport int8_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, uint16_t
+from libc.string cimport memcpy
 
 cdef extern from "packed_linear.h" nogil:
     ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
@@ -27,6 +28,22 @@ cdef inline tuple panels_shape(Py_ssize_t n_out, Py_ssize_t n_in, object panels)
     """The shape ``panels`` (of its dtype) must have to hold an (n_out, n_in) weight."""
     rows = ac_i8_panel_rows(n_in) if panels.dtype.char == "b" else n_in
     return ((n_out + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, rows, AC_PANEL_WIDTH)
+
+
+cdef inline bint panels_fit(object panels, Py_ssize_t n_out, Py_ssize_t n_in) except -1:
+    """Whether ``panels`` hold an (n_out, n_in) weight: their shape, and for int8 panels (whose
+    in features are padded to 64) the in features stored in them."""
+    cdef const int8_t[:, :, ::1] i8
+    cdef int32_t stored
+    if n_out < 0 or n_in < 0 or panels.shape != panels_shape(n_out, n_in, panels):
+        return False
+    if panels.dtype.char == "b":
+        if n_in > AC_I8_MAX_K:
+            return False
+        i8 = panels
+        memcpy(&stored, &i8[0, i8.shape[1] - 1, 0], 4)
+        return stored == n_in
+    return True
 
 
 cdef inline const void *panels_data(object panels, int *panel_type) except NULL:

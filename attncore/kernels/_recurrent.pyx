@@ -21,7 +21,7 @@ from libc.string cimport memcpy, memmove, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_shape
+from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_fit
 
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
@@ -133,7 +133,7 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
     cdef Py_ssize_t s, t, b
     cdef int panel_type
     cdef const void *w_hh = panels_data(weight_hh, &panel_type)
-    if GH != G * H or weight_hh.shape != panels_shape(GH, H, weight_hh) or \
+    if GH != G * H or not panels_fit(weight_hh, GH, H) or \
             bias_hh.shape[0] != GH or lengths.shape[0] != B or h.shape[0] != B or \
             (lstm and (c.shape[0] != B or c.shape[1] != H)) or out.shape[0] != B or \
             out.shape[1] != T or out.shape[2] != H:
@@ -210,7 +210,10 @@ cdef class DecoderStep:
         :func:`linear` on the packed (so, with bfloat16, rounded) columns: a step then reads
         one row of it instead of multiplying E[y] by W_emb (E*G*H of the step's multiply-adds,
         and of the weights it streams). The same sums, rounded once more (the embedding's and
-        the other inputs' parts are added, not one chain). Costs V_tgt*G*H*4 bytes."""
+        the other inputs' parts are added, not one chain); with int8 the two parts are also
+        quantized apart (each its own row and per-output scales), so the step differs from the
+        unfolded int8 step by quantization, as int8 differs from float32. Costs V_tgt*G*H*4
+        bytes."""
         import numpy as np
         from .basic import PackedLinearWeight, linear
         if attention not in ATTENTION_CODES:

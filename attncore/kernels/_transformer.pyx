@@ -22,7 +22,7 @@ from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._packed_linear cimport (AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data,
-                              panels_shape)
+                              panels_fit)
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -77,7 +77,7 @@ cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep
         raise ValueError(f"DecoderStep: {name} must have shape {(n_out, n_in)}, got "
                          f"{tuple(packed.shape)}")
     panels = packed.panels  # PackedLinearWeight made them C-contiguous, of this shape
-    if panels.shape != panels_shape(n_out, n_in, panels):
+    if not panels_fit(panels, n_out, n_in):
         raise ValueError(f"DecoderStep: {name} panels have shape {panels.shape}")
     keep.append(panels)
     w.panels = panels_data(panels, &w.panel_type)

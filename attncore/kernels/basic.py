@@ -110,7 +110,7 @@ class PackedLinearWeight:
     is the formula in NumPy, with the same bits). A quarter of float32's bytes; results
     differ from float32 by the quantization (about 1% of a typical output), not by rounding
     alone as bfloat16's. ``panels`` is then int8 of shape ``(ceil(out / 64), ceil(in / 64) * 64
-    + 8, 64)`` (weights, then scales and sums); in_features at most 32768.
+    + 9, 64)`` (weights, then scales, sums and in_features); in_features at most 32768.
 
     weight : (out_features, in_features) array (cast to float32; finite for "int8")
     weight_dtype : "float32" (default), "bfloat16" or "int8"
@@ -175,7 +175,7 @@ class PackedLinearWeight:
             raise ValueError(f"int8_parts: this weight is {self.weight_dtype}, not int8")
         out_features, in_features = self.shape
         panels = self.panels
-        groups = (panels.shape[1] - 8) // 4
+        groups = (panels.shape[1] - 9) // 4   # then 8 rows of scales and sums, 1 holding K
         width = panels.shape[2]
         # (panel, group, column, 4) -> (panel, column, group * 4)
         body = panels[:, :groups * 4].reshape(panels.shape[0], groups, width, 4)

@@ -40,7 +40,9 @@ _ADDITIVE = ("bahdanau", "luong_concat")
 #: the bench's 256-wide model), and the encoder's first input projection becomes a gather.
 #: A table larger than this many bytes is not made (that layer multiplies as before); 0 turns
 #: folding off. Results match the unfolded model to float32 rounding: the decoder adds the
-#: embedding's part to the other inputs' part instead of running one chain of products.
+#: embedding's part to the other inputs' part instead of running one chain of products (with
+#: weight_dtype="int8" the two parts are quantized apart, each with its own scales: the folded
+#: and unfolded int8 models differ by quantization, both near the float32 model).
 EMBEDDING_FOLD_MAX_BYTES = 64 << 20
 
 
