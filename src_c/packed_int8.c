@@ -92,17 +92,20 @@ static int amx_usable(void) {
 }
 
 int ac_int8_amx(void) {
-    static int amx = -1;
+    static int cache = -1;   /* as ac_simd_level's: racing threads find the same value */
+    int amx = __atomic_load_n(&cache, __ATOMIC_RELAXED);
     if (amx < 0) {
         const char *force = getenv("ATTNCORE_FORCE_ISA");
         /* ATTNCORE_FORCE_ISA=avx512 keeps VNNI and leaves AMX out */
         amx = ac_int8_vnni() && !(force && strcmp(force, "avx512") == 0) && amx_usable();
+        __atomic_store_n(&cache, amx, __ATOMIC_RELAXED);
     }
     return amx;
 }
 
 int ac_int8_vnni(void) {
-    static int vnni = -1;
+    static int cache = -1;
+    int vnni = __atomic_load_n(&cache, __ATOMIC_RELAXED);
     if (vnni < 0) {
         int has = 0;
 #ifdef AC_X86
@@ -111,6 +114,7 @@ int ac_int8_vnni(void) {
         has = ac_simd_level() == 2 && __builtin_cpu_supports("avx512vnni");
 #endif
         vnni = has;
+        __atomic_store_n(&cache, vnni, __ATOMIC_RELAXED);
     }
     return vnni;
 }

@@ -10,10 +10,13 @@
 #endif
 
 /* ---------------------------------------------------------------- dispatch ---------- */
+/* Found on the first call; threads racing on it compute the same value, read and written
+ * atomically (a plain int would be a data race in C11's terms). */
 static int ac_level = -1;
 
 int ac_simd_level(void) {
-    if (ac_level < 0) {
+    int cached = __atomic_load_n(&ac_level, __ATOMIC_RELAXED);
+    if (cached < 0) {
         int level = 0;
 #ifdef AC_X86
         const char *force = getenv("ATTNCORE_FORCE_ISA");
@@ -25,9 +28,10 @@ int ac_simd_level(void) {
         if (force && strcmp(force, "scalar") == 0) level = 0;
         if (force && strcmp(force, "avx2") == 0 && level > 1) level = 1;
 #endif
-        ac_level = level;
+        __atomic_store_n(&ac_level, level, __ATOMIC_RELAXED);
+        cached = level;
     }
-    return ac_level;
+    return cached;
 }
 
 const char *ac_simd_name(void) {
