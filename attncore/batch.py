@@ -483,8 +483,8 @@ class GenerateJob(Job):
 
     ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
     ``2 x its length + 10`` tokens, within a position table), as ``translate`` does, so a line's
-    output does not depend on its batch. With ``do_sample`` each batch draws from ``seed``
-    (reproducible for a fixed batching).
+    output does not depend on its batch. With ``do_sample`` a line draws from the stream of
+    ``seed`` and its index in its batch (reproducible for a fixed batching).
     """
 
     needs = "generate"

@@ -131,13 +131,16 @@ def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_p
            temperature=1.0, top_k=0, top_p=1.0, seed=None, return_attention=False,
            attention_heads="mean"):
     """Ancestral sampling from softmax(log_probs / temperature) restricted to the ``top_k``
-    most likely tokens (0: all) and to the ``top_p`` nucleus, with
-    ``numpy.random.default_rng(seed)``: one uniform draw per live row per step, rows in source
-    order. Recorded log-probabilities are the model's (untempered)."""
-    rng = np.random.default_rng(seed)
+    most likely tokens (0: all) and to the ``top_p`` nucleus. Each source draws from its own
+    stream, one uniform number a step: ``seed`` None gives fresh ones, an int gives source i
+    ``default_rng(SeedSequence(seed, spawn_key=(i,)))``, a sequence one seed per source
+    (``default_rng(seed[i])``: a source then samples the same tokens alone or in any batch).
+    Recorded log-probabilities are the model's (untempered)."""
+    streams = _sampling_streams(seed, len(sources))
 
-    def choose(scores):
-        return _sample_rows(scores, rng, temperature, top_k, top_p)
+    def choose(scores, rows):
+        return _sample_rows(scores, [streams[row] for row in rows.tolist()], temperature,
+                            top_k, top_p)
 
     return _one_row_search(model, sources, choose, bos_id=bos_id, eos_id=eos_id,
                            max_length=max_length, min_length=min_length,
@@ -166,12 +169,25 @@ def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,
     return results
 
 
-def _argmax(scores):
+def _argmax(scores, rows):
     return scores.argmax(axis=1)
 
 
-def _sample_rows(scores, rng, temperature, top_k, top_p):
-    """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64.
+def _sampling_streams(seed, count):
+    """One ``numpy.random.Generator`` per source (see :func:`sample`)."""
+    if seed is None:
+        return [np.random.default_rng(s) for s in np.random.SeedSequence().spawn(count)]
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        if len(seed) != count:
+            raise ValueError(f"seed has {len(seed)} entries for {count} sources")
+        return [np.random.default_rng(s) for s in seed]
+    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+            for i in range(count)]
+
+
+def _sample_rows(scores, streams, temperature, top_k, top_p):
+    """One token per row of log-probs (B, V) (-inf = forbidden), computed in float64, row b
+    drawing one uniform number from ``streams[b]``.
 
     Rankings are by value, equal values by lower id (a stable sort's order), taken with
     :func:`_ranked` (no sort of the whole vocabulary for a few tokens)."""
@@ -197,7 +213,7 @@ def _sample_rows(scores, rng, temperature, top_k, top_p):
         probs = np.stack([_nucleus(row, top_p) for row in probs])
         probs /= probs.sum(axis=1, keepdims=True)
     cdf = np.cumsum(probs, axis=1)
-    draws = rng.random(probs.shape[0]) * cdf[:, -1]
+    draws = np.array([stream.random() for stream in streams]) * cdf[:, -1]
     picked = (cdf <= draws[:, None]).sum(axis=1)
     # guard against rounding at the top end: never pick a zero-probability token
     picked = np.minimum(picked, vocab - 1)
@@ -251,7 +267,7 @@ def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_l
     for step in range(max_length):
         scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
-        chosen = choose(scores)
+        chosen = choose(scores, rows)
         log_prob[rows] += scores[np.arange(len(rows)), chosen]
         if return_attention:
             lengths = [_source_length(sources[row]) for row in rows.tolist()]

@@ -228,6 +228,54 @@ def test_sampling_is_reproducible_with_a_seed():
     assert [r.tokens for r in a] != [r.tokens for r in c]
 
 
+def test_each_source_samples_from_its_own_stream():
+    """An int seed: a source's tokens depend on its index only, not on the other sources
+    (what they are, when they end). One seed per source: the same tokens alone or in a batch."""
+    batch = SOURCES * 3
+    base = _generate(batch, do_sample=True, seed=7, max_length=6)
+    others = [[9, 9, 9, 9]] + batch[1:-1] + [[5]]      # first and last sources replaced
+    changed = _generate(others, do_sample=True, seed=7, max_length=6)
+    assert [r.tokens for r in base[1:-1]] == [r.tokens for r in changed[1:-1]]
+    # copies of a source at other indices draw other numbers (not one stream for all)
+    n = len(SOURCES)
+    assert any(base[i].tokens != base[i + n].tokens for i in range(2 * n))
+    seeds = [11, 12, 13, 14]
+    together = _generate(SOURCES, do_sample=True, seed=seeds, max_length=6)
+    for source, seed, result in zip(SOURCES, seeds, together):
+        alone = _generate([source], do_sample=True, seed=[seed], max_length=6)[0]
+        assert alone.tokens == result.tokens and alone.scores == result.scores
+    with pytest.raises(ValueError, match="seed has 2 entries for 4 sources"):
+        _generate(SOURCES, do_sample=True, seed=[1, 2], max_length=6)
+
+
+def test_sampling_a_real_model_alone_equals_in_a_batch():
+    """Per-source seeds on an engine model (padding, finished rows leaving the batch), and
+    translate-style per-length groups: an int seed gives a source its stream by its index
+    in the call, whichever group it runs in."""
+    import attncore
+    from attncore.models.base import generate_with_default_lengths
+
+    from attncore.train.transformer import TransformerConfig
+
+    config = TransformerConfig(kind="encoder_decoder", src_vocab_size=40, tgt_vocab_size=40,
+                               d_model=16, num_heads=2, dim_feedforward=32, num_encoder_layers=1,
+                               num_decoder_layers=1, max_positions=64).to_dict()
+    model = attncore.from_config(config, seed=1)
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(4, 40, n).tolist() for n in (3, 9, 1, 6, 12)]
+    seeds = [5, 6, 7, 8, 9]
+    batch = model.generate(sources, max_length=8, do_sample=True, seed=seeds)
+    for i, source in enumerate(sources):
+        alone = model.generate([source], max_length=8, do_sample=True, seed=[seeds[i]])[0]
+        assert alone.tokens == batch[i].tokens and alone.scores == batch[i].scores
+    grouped = generate_with_default_lengths(model, sources, do_sample=True, seed=3)
+    for i, source in enumerate(sources):
+        one = model.generate([source], max_length=model.default_max_length(len(source)),
+                             do_sample=True,
+                             seed=[np.random.SeedSequence(3, spawn_key=(i,))])[0]
+        assert one.tokens == grouped[i].tokens
+
+
 def test_degenerate_sampling_is_greedy():
     greedy = [r.tokens for r in _generate(SOURCES, max_length=6)]
     # (temperature 1e-320: every logit / T was -inf, the row NaN, and token 0 came out)
@@ -319,6 +367,9 @@ def test_no_attention_unless_asked():
     (dict(max_length=3, top_p=1.5), ValueError, "top_p"),
     (dict(max_length=3, length_penalty=float("inf")), ValueError, "length_penalty"),
     (dict(max_length=3, seed=-1), ValueError, "seed"),
+    (dict(max_length=3, seed=[1, -2]), ValueError, r"seed\[1\]"),
+    (dict(max_length=3, seed=[1, "a"]), TypeError, r"seed\[1\]"),
+    (dict(max_length=3, seed=1.5), TypeError, "seed"),
     (dict(max_length=3, do_sample="yes"), TypeError, "do_sample"),
     (dict(max_length=3, attention_heads="max"), ValueError, "attention_heads"),
 ])
@@ -430,6 +481,7 @@ def test_sampling_filters_pick_what_full_sorts_pick(vocab):
         options = dict(temperature=[1.0, 0.7, 1.5][case % 3],
                        top_k=[0, 1, 3, 50, vocab - 1, 2 * vocab][case % 6],
                        top_p=[1.0, 0.9, 0.5, 0.999, 0.01][case % 5])
-        got = generation._sample_rows(scores, np.random.default_rng(case), **options)
+        # one stream for every row: its draws one by one are rng.random(6)'s
+        got = generation._sample_rows(scores, [np.random.default_rng(case)] * 6, **options)
         want = _sample_rows_by_sorting(scores, np.random.default_rng(case), **options)
         np.testing.assert_array_equal(got, want, err_msg=f"case {case}: {options}")

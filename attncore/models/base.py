@@ -153,7 +153,8 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
     (``2 * length + 10`` for a model without one), at least ``min_length``. Sources with the
     same limit run as one batch, so a source's result does not depend on which others came
     with it (one limit for the whole batch, from its longest source, made a line's output
-    depend on its batch). With sampling, each group draws from ``seed``."""
+    depend on its batch). With sampling, an int ``seed`` gives source i (its index here) the
+    stream ``SeedSequence(seed, spawn_key=(i,))`` whatever group it runs in, as one call would."""
     if isinstance(sources, (str, bytes)) or not isinstance(sources, (Sequence, np.ndarray)):
         raise TypeError(f"sources must be a list of token-id sequences, got "
                         f"{type(sources).__name__}")
@@ -166,8 +167,16 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
     limits = [max(floor, default(len(source) if hasattr(source, "__len__") else 1))
               for source in sources]
     results: List[Optional[GenerationResult]] = [None] * len(sources)
+    seed = options.get("seed")
+    if seed is not None and not isinstance(seed, (Sequence, np.ndarray)):
+        seed = _check_int(seed, "seed", 0)
+        seed = [np.random.SeedSequence(seed, spawn_key=(i,)) for i in range(len(sources))]
     for limit in sorted(set(limits)):
         rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
+        if seed is not None:
+            if len(seed) != len(sources):
+                raise ValueError(f"seed has {len(seed)} entries for {len(sources)} sources")
+            options["seed"] = [seed[i] for i in rows]
         group = model.generate([sources[i] for i in rows], max_length=limit, **options)
         for i, result in zip(rows, group):
             results[i] = result
@@ -177,6 +186,15 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
 #: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
 #: max_length steps up front; Transformers are bounded by their position table as well).
 MAX_GENERATION_LENGTH = 1 << 20
+
+
+def _check_seed(seed):
+    """A sampling seed: an int >= 0, or a sequence of them (numpy ``SeedSequence`` entries
+    allowed), one per source (generation.sample checks the count)."""
+    if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, (str, bytes)):
+        return [entry if isinstance(entry, np.random.SeedSequence)
+                else _check_int(entry, f"seed[{i}]", 0) for i, entry in enumerate(seed)]
+    return _check_int(seed, "seed", 0)
 
 
 def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypotheses=1,
@@ -210,7 +228,7 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     if do_sample and beam_size != 1:
         raise ValueError(f"beam_size must be 1 when do_sample=True, got {beam_size}")
     if seed is not None:
-        seed = _check_int(seed, "seed", 0)
+        seed = _check_seed(seed)
     if not isinstance(return_attention, (bool, np.bool_)):
         raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
     if attention_heads not in ("mean", "all"):
@@ -443,7 +461,11 @@ class EncoderDecoderModel(Model):
         min_length : int, EOS is forbidden before this many tokens
         beam_size, num_hypotheses : beam search width and the n-best size (<= beam_size)
         length_penalty : float, ``score = log_prob / n ** length_penalty``
-        do_sample, temperature, top_k, top_p, seed : sampling (``beam_size`` must be 1)
+        do_sample, temperature, top_k, top_p : sampling (``beam_size`` must be 1)
+        seed : the sampling streams: None (fresh entropy), an int (source i draws from
+            ``SeedSequence(seed, spawn_key=(i,))``: its own stream, whatever the other sources
+            are and whenever they end) or one seed per source (ints or ``SeedSequence``; source
+            i draws from ``default_rng(seed[i])``: the same tokens alone or in any batch)
         return_attention : bool; attention_heads : "mean" or "all"
 
         Returns
