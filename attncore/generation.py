@@ -173,16 +173,22 @@ def _argmax(scores, rows):
     return scores.argmax(axis=1)
 
 
-def _sampling_streams(seed, count):
-    """One ``numpy.random.Generator`` per source (see :func:`sample`)."""
+def source_seeds(seed, count):
+    """The seed of each of ``count`` sources for a validated ``seed`` (see :func:`sample`):
+    fresh ``SeedSequence`` s for None, ``SeedSequence(seed, spawn_key=(i,))`` for an int, the
+    entries of a sequence (which must have ``count``)."""
     if seed is None:
-        return [np.random.default_rng(s) for s in np.random.SeedSequence().spawn(count)]
+        return np.random.SeedSequence().spawn(count)
     if isinstance(seed, (list, tuple, np.ndarray)):
         if len(seed) != count:
             raise ValueError(f"seed has {len(seed)} entries for {count} sources")
-        return [np.random.default_rng(s) for s in seed]
-    return [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-            for i in range(count)]
+        return list(seed)
+    return [np.random.SeedSequence(seed, spawn_key=(i,)) for i in range(count)]
+
+
+def _sampling_streams(seed, count):
+    """One ``numpy.random.Generator`` per source (see :func:`sample`)."""
+    return [np.random.default_rng(s) for s in source_seeds(seed, count)]
 
 
 def _sample_rows(scores, streams, temperature, top_k, top_p):

@@ -167,16 +167,14 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
     limits = [max(floor, default(len(source) if hasattr(source, "__len__") else 1))
               for source in sources]
     results: List[Optional[GenerationResult]] = [None] * len(sources)
-    seed = options.get("seed")
-    if seed is not None and not isinstance(seed, (Sequence, np.ndarray)):
-        seed = _check_int(seed, "seed", 0)
-        seed = [np.random.SeedSequence(seed, spawn_key=(i,)) for i in range(len(sources))]
+    seeds = None
+    if options.get("seed") is not None:   # each source's seed, by its index here
+        from .. import generation
+        seeds = generation.source_seeds(_check_seed(options["seed"]), len(sources))
     for limit in sorted(set(limits)):
         rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
-        if seed is not None:
-            if len(seed) != len(sources):
-                raise ValueError(f"seed has {len(seed)} entries for {len(sources)} sources")
-            options["seed"] = [seed[i] for i in rows]
+        if seeds is not None:
+            options["seed"] = [seeds[i] for i in rows]
         group = model.generate([sources[i] for i in rows], max_length=limit, **options)
         for i, result in zip(rows, group):
             results[i] = result
