@@ -127,7 +127,7 @@ static inline int32_t *stored_k(int8_t *panel, ac_index K) {
 void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
     const ac_index stride = panel_bytes(K), kp = padded_k(K);
     memset(panels, 0, (size_t)(ac_panel_count(N) * stride));
-    if (K > AC_I8_MAX_K) return;   /* refused by the callers: zero panels, never a stack past q */
+    if (K > AC_I8_MAX_K) return;   /* refused by the callers: zero panels, which products refuse */
     for (ac_index b = 0; b < ac_panel_count(N); b++) *stored_k(panels + b * stride, K) = (int32_t)K;
     for (ac_index j = 0; j < N; j++) {
         int8_t *p = panels + (j / W) * stride;

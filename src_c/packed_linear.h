@@ -69,8 +69,8 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  * bytes and takes 128 sum_k Wq[j, k] back off), and a last row starting with K as an int32: the
  * padding makes panels of every K in 64 values the same size, so products check it (panels of
  * another K give NaN outputs; the Cython fronts refuse them first). In features are limited to
- * AC_I8_MAX_K, so that int32 sums cannot overflow and a quantized row fits the kernel's buffer
- * (64 KiB on the calling thread's stack); ac_pack_panels_i8 leaves zero panels past it, and
+ * AC_I8_MAX_K, so that int32 sums cannot overflow and a quantized row fits the kernel's 64 KiB
+ * buffer; ac_pack_panels_i8 leaves zero panels past it, and
  * expects finite weights (its callers check). */
 #define AC_I8_MAX_K 32768
 static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 63) / 64 * 64 + 9; }
