@@ -47,7 +47,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, NamedTuple
 
 import numpy as np
 
-from .models.base import generate_with_default_lengths
+from .models.base import check_seed, generate_with_default_lengths
 
 __all__ = ["InputError", "Item", "Batching", "Throughput", "Reorderer", "read_lines",
            "count_lines", "plan_batches", "run_batches", "parse_ids", "Frontend", "Job",
@@ -274,7 +274,7 @@ def _split_window(window: Sequence[Item], batching: Batching) -> Iterator[List[I
 
 
 # -------------------------------------------------------------------------------------- running
-def run_batches(items: Iterable[Item], infer: Callable[[List[np.ndarray]], Sequence[Any]],
+def run_batches(items: Iterable[Item], infer: Callable[[List[Item]], Sequence[Any]],
                 batching: Batching, *, throughput: Optional[Throughput] = None,
                 on_batch: Optional[Callable[[int, int], None]] = None,
                 map_batches: Optional[Callable] = None) -> Iterator[tuple]:
@@ -286,7 +286,9 @@ def run_batches(items: Iterable[Item], infer: Callable[[List[np.ndarray]], Seque
         Lines numbered consecutively in reading order; may raise :class:`InputError` while
         being read.
     infer : callable
-        ``infer(list of int64 arrays) -> sequence of results`` (one per source, same order).
+        ``infer(batch) -> sequence of results``: ``batch`` is a list of :class:`Item` (their
+        sources and line numbers), the results one per item, in the same order
+        (``lambda batch: job.run_items(model, batch)`` for a :class:`Job`).
     batching : Batching
     throughput : Throughput, optional
         Updated after every batch.
@@ -318,7 +320,7 @@ def run_batches(items: Iterable[Item], infer: Callable[[List[np.ndarray]], Seque
 def _map_in_turn(infer):
     def map_batches(batches):
         for index, batch in enumerate(batches):
-            yield index, infer([item.source for item in batch])
+            yield index, infer(batch)
     return map_batches
 
 
@@ -355,7 +357,7 @@ def _run_window(window, infer, batching, reorder, throughput, on_batch, map_batc
 
 
 def _infer_checked(infer, batch):
-    results = infer([item.source for item in batch])
+    results = infer(batch)
     if len(results) != len(batch):
         raise RuntimeError(f"inference returned {len(results)} results for {len(batch)} sources")
     return results
@@ -468,9 +470,17 @@ class Job:
         for line, text in lines:
             yield self.parse(line, text, frontend)
 
-    def run(self, model, sources: List[np.ndarray]) -> list:
-        """Results of one batch, one per source (picklable)."""
+    def run(self, model, sources: List[np.ndarray], lines: Optional[Sequence[int]] = None) -> list:
+        """Results of one batch, one per source (picklable).
+
+        ``lines`` are the sources' 1-based input line numbers, when known: a job whose result
+        could depend on where a source sits in its batch (sampling) uses them instead, so a
+        line's output is the same for every batching."""
         raise NotImplementedError
+
+    def run_items(self, model, batch: Sequence[Item]) -> list:
+        """:meth:`run` on a batch of :class:`Item` (the ``infer`` of :func:`run_batches`)."""
+        return self.run(model, [item.source for item in batch], [item.line for item in batch])
 
     def format(self, result, frontend: Frontend) -> str:
         """The output line of one result (no newline)."""
@@ -483,8 +493,12 @@ class GenerateJob(Job):
 
     ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
     ``2 x its length + 10`` tokens, within a position table), as ``translate`` does, so a line's
-    output does not depend on its batch. With ``do_sample`` a line draws from the stream of
-    ``seed`` and its index in its batch (reproducible for a fixed batching).
+    output does not depend on its batch. With ``do_sample`` and an int ``seed``, line ``n``
+    draws from ``SeedSequence(seed, spawn_key=(n - 1,))`` when :meth:`run` is given the line
+    numbers (as :func:`run_batches` does through :meth:`run_items`): the tokens
+    ``model.generate(all_lines, seed=seed)`` gives the line in one call, whatever the batch
+    size, window or worker count. Without line numbers a source is keyed by its index in the
+    batch.
     """
 
     needs = "generate"
@@ -500,17 +514,31 @@ class GenerateJob(Job):
         self.max_length = max_length
         self.options = dict(generate_options)
 
-    def run(self, model, sources):
+    def run(self, model, sources, lines=None):
+        options = self.options
+        if lines is not None and options.get("do_sample") and options.get("seed") is not None:
+            options = dict(options, seed=_line_seeds(options["seed"], lines, len(sources)))
         if self.max_length is None:
-            results = generate_with_default_lengths(model, sources, **self.options)
+            results = generate_with_default_lengths(model, sources, **options)
         else:
-            results = model.generate(sources, max_length=self.max_length, **self.options)
+            results = model.generate(sources, max_length=self.max_length, **options)
         return [list(map(int, result.tokens)) for result in results]
 
     def format(self, result, frontend):
         if self.ids_out:
             return " ".join(map(str, result))
         return frontend.need_tokenizer("text output").decode_target(result)
+
+
+def _line_seeds(seed, lines, count):
+    """One sampling seed per source from an int ``seed`` and the sources' 1-based ``lines``:
+    the seed source ``n - 1`` of a single call over the whole input would get."""
+    if len(lines) != count:
+        raise ValueError(f"lines has {len(lines)} entries for {count} sources")
+    seed = check_seed(seed)
+    if isinstance(seed, list):  # already one seed per source
+        return seed
+    return [np.random.SeedSequence(seed, spawn_key=(int(line) - 1,)) for line in lines]
 
 
 class EncodeJob(Job):
@@ -537,7 +565,7 @@ class EncodeJob(Job):
             raise ValueError(f"pool must be one of {self.POOLING}, got {pool!r}")
         self.pool = pool
 
-    def run(self, model, sources):
+    def run(self, model, sources, lines=None):
         encoded = model.encode(sources)
         document = None
         if isinstance(encoded, tuple):  # RAN: (RANEncoding, state)
@@ -578,7 +606,7 @@ class ClassifyJob(Job):
         super().__init__(**options)
         self.scores = bool(scores)
 
-    def run(self, model, sources):
+    def run(self, model, sources, lines=None):
         logits = model.classify(sources)
         if isinstance(logits, tuple):  # RAN: (logits, state)
             logits = logits[0]

@@ -272,7 +272,7 @@ def _run_lines(args):
 
         items = job.items(batch.read_lines(source), frontend)
         if infer_model is not None:
-            results = batch.run_batches(items, lambda sources: job.run(infer_model, sources),
+            results = batch.run_batches(items, lambda rows: job.run_items(infer_model, rows),
                                         batching, throughput=throughput, on_batch=on_batch)
         else:
             results = distributed.run_on_dask(client, path, job, items, batching,

@@ -26,7 +26,7 @@ How the work is split
   the weights), groups them into batches (:func:`attncore.batch.plan_batches` rules: a bounded
   window sorted by length, row and token budgets), submits a window's batches, and writes the
   results back in input order. The client's memory is bounded by the window.
-* A worker runs ``job.run(model, sources)``. The model is loaded **once per worker process**
+* A worker runs ``job.run_items(model, batch)``. The model is loaded **once per worker process**
   by :func:`cached_model`, keyed by the directory's real path and the modification times of
   its files (a rewritten model directory is reloaded). Workers must see the model directory at
   the same path (a shared file system, or a copy at that path on each machine).
@@ -126,14 +126,15 @@ def _worker_kernel_threads() -> int:
     return max(1, cpus // max(1, int(slots)))
 
 
-def _run_batch(model_path: str, job, sources, kernel_threads: Optional[int],
+def _run_batch(model_path: str, job, batch, kernel_threads: Optional[int],
                weight_dtype: str = "float32"):
-    """A worker task: one batch through ``job`` on the cached model."""
+    """A worker task: one batch (a list of :class:`attncore.batch.Item`) through ``job`` on
+    the cached model."""
     from .kernels import num_threads
 
     model = cached_model(model_path, weight_dtype)
     with num_threads(kernel_threads or _worker_kernel_threads()):
-        return job.run(model, sources)
+        return job.run_items(model, batch)
 
 
 # -------------------------------------------------------------------------------- client side
@@ -218,13 +219,13 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
     model_path = str(Path(model_path).resolve())
     threads = kernel_threads or getattr(client, "attncore_kernel_threads", None)
 
-    def infer(sources):
-        return client.submit(_run_batch, model_path, job, sources, threads, weight_dtype,
+    def infer(batch):
+        return client.submit(_run_batch, model_path, job, batch, threads, weight_dtype,
                              pure=False).result()
 
     def map_batches(batches):
-        futures = {client.submit(_run_batch, model_path, job, [item.source for item in b],
-                                 threads, weight_dtype, pure=False): index
+        futures = {client.submit(_run_batch, model_path, job, b, threads, weight_dtype,
+                                 pure=False): index
                    for index, b in enumerate(batches)}
         try:
             for future in distributed.as_completed(list(futures)):

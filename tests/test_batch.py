@@ -39,8 +39,9 @@ def items_of(lengths, first=1):
     return [Item(first + i, np.arange(1, n + 1, dtype=np.int64)) for i, n in enumerate(lengths)]
 
 
-def identity(sources):
-    return [s.copy() for s in sources]
+def identity(rows):
+    """An ``infer`` for run_batches: each item's source back, as results."""
+    return [item.source.copy() for item in rows]
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -187,7 +188,7 @@ def test_a_line_the_model_refuses_is_named_and_output_is_an_exact_prefix():
     out = []
     with pytest.raises(InputError, match="^line 41: .*token id 13"):
         for item, result in batch.run_batches(job.items(lines, frontend),
-                                              lambda s: job.run(model, s),
+                                              lambda rows: job.run_items(model, rows),
                                               Batching(batch_size=8, window=25)):
             out.append((item.line, job.format(result, frontend)))
     assert [line for line, _ in out] == list(range(1, 41))
@@ -289,15 +290,15 @@ def test_map_batches_may_finish_in_any_order_and_is_closed_on_failure():
     """The hook attncore.distributed uses: batches complete out of order (here: reversed)."""
     closed = []
 
-    def refuse_13(sources):
-        if any(13 in s.tolist() for s in sources):
+    def refuse_13(rows):
+        if any(13 in item.source.tolist() for item in rows):
             raise ValueError("token id 13 refused")
-        return identity(sources)
+        return identity(rows)
 
     def reversed_map(batches):
         try:
             for index in reversed(range(len(batches))):
-                yield index, refuse_13([item.source for item in batches[index]])
+                yield index, refuse_13(batches[index])
         finally:
             closed.append(True)
     lengths = [(i * 5) % 9 + 1 for i in range(50)]

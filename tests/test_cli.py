@@ -220,6 +220,40 @@ def test_a_lines_default_length_does_not_depend_on_its_batch(tmp_path, dates_mod
     assert [len(tokens) for tokens in capped] == limits
 
 
+def test_a_sampled_lines_output_does_not_depend_on_the_batching(tmp_path, dates_model):
+    # line n draws from the stream SeedSequence(seed, spawn_key=(n - 1,)): the tokens one
+    # model.generate call over every line gives it, for any batch size or window
+    from attncore import batch
+    from attncore.models.base import generate_with_default_lengths
+    texts = [form for form in SAMPLES] * 3
+    lines = list(enumerate(texts, 1))
+    sample = dict(do_sample=True, temperature=3.0, seed=11)
+    job = batch.GenerateJob(**sample)
+    frontend = batch.Frontend.from_model(dates_model)
+    outputs = []
+    for batching in (batch.Batching(batch_size=1, window=1), batch.Batching(batch_size=4, window=7),
+                     batch.Batching(batch_size=64)):
+        rows = batch.run_batches(job.items(lines, frontend),
+                                 lambda rows: job.run_items(dates_model, rows), batching)
+        outputs.append([result for _, result in rows])
+    sources = [dates_model.tokenizer.encode_source(text) for text in texts]
+    one_call = generate_with_default_lengths(dates_model, sources, **sample)
+    assert outputs[0] == outputs[1] == outputs[2] == [list(map(int, r.tokens)) for r in one_call]
+    # the temperature makes samples differ: by line, not by place in a batch
+    assert len({tuple(tokens) for tokens in outputs[0]}) > len(SAMPLES)
+    by_place = [job.run(dates_model, [source])[0] for source in sources]  # each at index 0
+    assert by_place != outputs[0]
+
+    text = "".join(f"{t}\n" for t in texts)
+    cli = [attncore_cli(["generate", "--sample", "--temperature", "3", "--seed", "11",
+                         "--batch-size", size, "--no-progress"],
+                        tmp_path, stdin=text) for size in (1, 5)]
+    assert cli[0].returncode == 0 and cli[1].returncode == 0, cli[0].stderr + cli[1].stderr
+    assert cli[0].stdout == cli[1].stdout
+    assert cli[0].stdout.splitlines() == [dates_model.tokenizer.decode_target(r.tokens)
+                                          for r in one_call]
+
+
 def test_unknown_token_stops_at_its_line_after_writing_the_lines_before(tmp_path):
     lines = ["3 March 1998", "4 May 2001", "3 März 1998", "5 June 2005"]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -35,7 +35,8 @@ def single_process(lines, job=None, path=DATES, weight_dtype="float32"):
     frontend = batch.Frontend.from_model(model)
     items = job.items(enumerate(lines, 1), frontend)
     return [(item.line, job.format(result, frontend))
-            for item, result in batch.run_batches(items, lambda s: job.run(model, s), BATCHING)]
+            for item, result in batch.run_batches(items, lambda rows: job.run_items(model, rows),
+                                                           BATCHING)]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,21 @@ def test_ids_and_beam_search_jobs(client):
     job = batch.GenerateJob(ids=True, beam_size=3)
     got = list(distributed.translate_lines(client, DATES, id_lines, batching=BATCHING, job=job))
     assert got == single_process(id_lines, job)
+
+
+def test_sampling_on_workers_equals_one_process_with_other_batches(client):
+    # a sampled line draws from its line number's stream: the batches of the workers and of a
+    # single process one line at a time give the same text
+    job = batch.GenerateJob(do_sample=True, temperature=3.0, seed=5)
+    got = list(distributed.translate_lines(client, DATES, LINES[:40], batching=BATCHING, job=job))
+    from attncore import models
+    model = models.load(DATES)
+    frontend = batch.Frontend.from_model(model)
+    alone = [(item.line, job.format(result, frontend)) for item, result in batch.run_batches(
+        job.items(enumerate(LINES[:40], 1), frontend), lambda rows: job.run_items(model, rows),
+        Batching(batch_size=1, window=1))]
+    assert got == alone
+    assert len({text for _, text in got}) > len(FORMS), "the samples differ line by line"
 
 
 def test_each_worker_loads_the_model_once(client):

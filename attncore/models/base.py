@@ -170,7 +170,7 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
     seeds = None
     if options.get("seed") is not None:   # each source's seed, by its index here
         from .. import generation
-        seeds = generation.source_seeds(_check_seed(options["seed"]), len(sources))
+        seeds = generation.source_seeds(check_seed(options["seed"]), len(sources))
     for limit in sorted(set(limits)):
         rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
         if seeds is not None:
@@ -186,7 +186,7 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
 MAX_GENERATION_LENGTH = 1 << 20
 
 
-def _check_seed(seed):
+def check_seed(seed):
     """A sampling seed: an int >= 0, or a sequence of them (numpy ``SeedSequence`` entries
     allowed), one per source (generation.sample checks the count)."""
     if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, (str, bytes)):
@@ -226,7 +226,7 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     if do_sample and beam_size != 1:
         raise ValueError(f"beam_size must be 1 when do_sample=True, got {beam_size}")
     if seed is not None:
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
     if not isinstance(return_attention, (bool, np.bool_)):
         raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
     if attention_heads not in ("mean", "all"):
