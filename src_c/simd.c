@@ -465,69 +465,76 @@ static inline AVX2 __m256 sigmoid256(__m256 v) {
     return _mm256_andnot_ps(below, s);
 }
 
-/* GELU, x Phi(x) with Phi(x) = 0.5 erfc(-x / sqrt 2), on 8 floats computed in double lanes:
- * e = 0.5 erfc(|z|) from Numerical Recipes' erfcc, t exp(-z^2 + P(t)) with t = 1 / (1 + |z| / 2)
- * and P of degree 9 (1.0e-7 relative everywhere), then Phi = e for x < 0 and 1 - e otherwise.
- * No 1 + erf(z): it cancels for negative x (a rational erf's 6.5e-8 was 2% of the output at
- * x = -4.7 and 200% at x = -5.55, a review found, session 11). The exponential: -z^2 + P(t) =
- * n ln 2 + r in double, exp(r) (|r| <= 0.35) on exp256's float lanes, 2^n into the exponent
- * bits; exactly 0 below -700 (so GELU(-inf) = -inf * 0 = NaN, as the scalar path and the
- * reference). About 2x faster than libm's erf element by element (64 x 2048: 1379 -> 660 us). */
-static inline AVX2 void gelu_erfc_terms_256d(__m256d x, __m256d *t, __m256d *n, __m256d *r,
-                                             __m256d *underflow) {
-    const __m256d z = _mm256_mul_pd(x, _mm256_set1_pd(0.7071067811865476));
-    const __m256d sign = _mm256_set1_pd(-0.0);
-    const __m256d a = _mm256_min_pd(_mm256_set1_pd(30.0), _mm256_andnot_pd(sign, z)); /* |z| */
-    /* t = 1 / d, d in [1, 16]: vrcpps' 12 bits and two Newton steps in double (~1e-14; a
-     * vdivpd a lane took longer than the rest of the function) */
-    const __m256d d = _mm256_fmadd_pd(_mm256_set1_pd(0.5), a, _mm256_set1_pd(1.0));
-    __m256d tt = _mm256_cvtps_pd(_mm_rcp_ps(_mm256_cvtpd_ps(d)));
-    tt = _mm256_mul_pd(tt, _mm256_fnmadd_pd(d, tt, _mm256_set1_pd(2.0)));
-    tt = _mm256_mul_pd(tt, _mm256_fnmadd_pd(d, tt, _mm256_set1_pd(2.0)));
-    *t = tt;
-    __m256d c = _mm256_set1_pd(0.17087277);
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(-0.82215223));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(1.48851587));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(-1.13520398));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(0.27886807));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(-0.18628806));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(0.09678418));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(0.37409196));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(1.00002368));
-    c = _mm256_fmadd_pd(c, *t, _mm256_set1_pd(-1.26551223));
-    __m256d arg = _mm256_fnmadd_pd(a, a, c);                           /* -z^2 + P(t) */
-    *underflow = _mm256_cmp_pd(arg, _mm256_set1_pd(-700.0), _CMP_LT_OQ);
-    arg = _mm256_max_pd(arg, _mm256_set1_pd(-700.0));
-    *n = _mm256_round_pd(_mm256_mul_pd(arg, _mm256_set1_pd(1.4426950408889634)),
-                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    *r = _mm256_fnmadd_pd(*n, _mm256_set1_pd(0.6931471805599453), arg);
-    *r = _mm256_fnmadd_pd(*n, _mm256_set1_pd(2.3190468138462996e-17), *r);
+/* v 2^n for an integral float n in [-300, 64] and |v| < 2^40 where n >= -190, with one
+ * rounding, as vscalefps (AVX-512) gives: 2^(n + 64) is a normal float, the first product is
+ * exact, the second rounds once (gradually underflowing). Below -190 the result is a signed
+ * zero (|v 2^n| < 2^-150 for the |v| < 2^60 GELU passes there; a huge |x| gives a huge v). */
+static inline AVX2 __m256 scale_pow2_256(__m256 v, __m256 n) {
+    const __m256 far = _mm256_cmp_ps(n, _mm256_set1_ps(-190.0f), _CMP_LT_OQ);
+    const __m256i k = _mm256_cvtps_epi32(_mm256_max_ps(n, _mm256_set1_ps(-190.0f)));
+    const __m256 up = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127 + 64)), 23));
+    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(v, up), _mm256_set1_ps(5.421010862427522e-20f));
+    return _mm256_blendv_ps(y, _mm256_mul_ps(v, _mm256_setzero_ps()), far);  /* 2^-64 above */
 }
 
-static inline AVX2 __m256d gelu_finish_256d(__m256d x, __m256d t, __m256d n, __m256 exp_r,
-                                            __m256d underflow) {
-    const __m256i pow2n = _mm256_slli_epi64(
-        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023)),
-        52);
-    const __m256d ex = _mm256_andnot_pd(underflow, _mm256_mul_pd(
-        _mm256_cvtps_pd(_mm256_castps256_ps128(exp_r)), _mm256_castsi256_pd(pow2n)));
-    const __m256d e = _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), t), ex); /* Phi(-|x|) */
-    const __m256d negative = _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_LT_OQ);
-    return _mm256_mul_pd(x, _mm256_blendv_pd(_mm256_sub_pd(_mm256_set1_pd(1.0), e), e, negative));
-}
-
-static inline AVX2 __m256 gelu256(__m256 v) {
-    const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-    const __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-    __m256d t0, n0, r0, u0, t1, n1, r1, u1;
-    gelu_erfc_terms_256d(x0, &t0, &n0, &r0, &u0);
-    gelu_erfc_terms_256d(x1, &t1, &n1, &r1, &u1);
-    const __m256 er = exp256(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(r0)),
-                                                  _mm256_cvtpd_ps(r1), 1));
-    const __m128 lo = _mm256_cvtpd_ps(gelu_finish_256d(x0, t0, n0, er, u0));
-    const __m128 hi = _mm256_cvtpd_ps(
-        gelu_finish_256d(x1, t1, n1, _mm256_castps128_ps256(_mm256_extractf128_ps(er, 1)), u1));
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+/* GELU (erf form), x Phi(x), in float lanes: Phi(-|x|) = 0.5 erfc(|z|), z = x / sqrt 2, from
+ * Numerical Recipes' erfcc, 0.5 t exp(-z^2 + P(t)), t = 1 / (1 + |z| / 2), P of degree 9
+ * (1.2e-7 relative everywhere), and Phi = 1 minus that for x >= 0. No 1 + erf(z): it cancels for
+ * negative x (a rational erf's 6.5e-8 was 2% of the output at x = -4.7 and 200% at -5.55, a
+ * review found, session 11). Float lanes keep the relative accuracy (5e-7 measured) because
+ *  - z^2 = x^2 / 2 enters the exponent exactly: x^2 = hi + lo by an fma, and the range
+ *    reduction subtracts n ln2_hi from -hi / 2 exactly (Cody-Waite), so the exponent's error
+ *    is that of P and r, not 87 * 2^-24 (1e-5 relative at x = -13);
+ *  - 2^n is applied last, to x * 0.5 t exp(r) on the negative side, with one rounding
+ *    (gradually underflowing), so the tail is accurate down to the smallest normal float;
+ *    |x| is clamped to 20 (beyond it the result is x or 0 either way).
+ * t: vrcpps and two Newton steps. GELU(-inf) = NaN (-inf * 0), as the scalar loop and the
+ * reference; NaN propagates. gelu512 (simd_avx512.h) is the same on 16 lanes. Session 14:
+ * about 5x the speed of the double lanes this replaced. */
+static inline AVX2 __m256 gelu256(__m256 x) {
+    const __m256 ax = _mm256_min_ps(_mm256_set1_ps(20.0f),   /* (bound, |x|): NaN stays NaN */
+                                    _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
+    const __m256 d = _mm256_fmadd_ps(_mm256_set1_ps(0.35355339059327373f), ax,  /* 1 + |z|/2 */
+                                     _mm256_set1_ps(1.0f));
+    __m256 t = _mm256_rcp_ps(d);
+    t = _mm256_mul_ps(t, _mm256_fnmadd_ps(d, t, _mm256_set1_ps(2.0f)));
+    t = _mm256_mul_ps(t, _mm256_fnmadd_ps(d, t, _mm256_set1_ps(2.0f)));
+    __m256 c = _mm256_set1_ps(0.17087277f);
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-0.82215223f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(1.48851587f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-1.13520398f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.27886807f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-0.18628806f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.09678418f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.37409196f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(1.00002368f));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-1.26551223f));          /* P(t) */
+    const __m256 hi = _mm256_mul_ps(ax, ax);
+    const __m256 lo = _mm256_fmsub_ps(ax, ax, hi);                      /* x^2 = hi + lo */
+    const __m256 half_hi = _mm256_mul_ps(_mm256_set1_ps(-0.5f), hi);   /* exact */
+    const __m256 n = _mm256_round_ps(
+        _mm256_mul_ps(_mm256_add_ps(half_hi, c), _mm256_set1_ps(EXP_LOG2E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), half_hi);  /* exact */
+    r = _mm256_add_ps(r, c);
+    r = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), lo, r);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);           /* |r| <= ~0.35 */
+    __m256 p = _mm256_set1_ps(EXP_P0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256 half_t_p = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), t), p);
+    /* x >= 0 (and NaN): x (1 - e); x < 0: 2^n (x 0.5 t exp(r)) */
+    const __m256 e = scale_pow2_256(half_t_p, n);
+    const __m256 pos = _mm256_mul_ps(x, _mm256_sub_ps(_mm256_set1_ps(1.0f), e));
+    const __m256 neg = scale_pow2_256(_mm256_mul_ps(x, half_t_p), n);
+    const __m256 y = _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_blendv_ps(y, _mm256_set1_ps(NAN),
+                            _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
 }
 
 /* GELU with the tanh approximation, 0.5 x (1 + tanh u), u = sqrt(2 / pi) (x + 0.044715 x^3),
@@ -803,11 +810,15 @@ void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_
     tanh_split_scores_scalar(ea_half, eb, n_keys, w, n, out);
 }
 void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
-/* float32 GELU (erf) and GELU (tanh) on the AVX2 kernels (AVX-512 machines included); 0 when
- * the caller must take its scalar loop (no AVX2). */
+/* float32 GELU (erf) and GELU (tanh) on the vector kernels; 0 when the caller must take its
+ * scalar loop (no AVX2). */
 int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form) {
 #ifdef AC_X86
-    if (ac_simd_level() >= 1) {
+    if (ac_simd_level() == 2) {
+        gelu_avx512(x, y, n, tanh_form);
+        return 1;
+    }
+    if (ac_simd_level() == 1) {
         gelu_avx2(x, y, n, tanh_form);
         return 1;
     }

@@ -222,6 +222,82 @@ static AVX512 void sigmoid_avx512(const float *x, float *y, ac_index n) {
     }
 }
 
+/* GELU (erf form), x Phi(x), in float lanes: Phi(-|x|) = 0.5 erfc(|z|), z = x / sqrt 2, with
+ * Numerical Recipes' erfcc, 0.5 t exp(-z^2 + P(t)), t = 1 / (1 + |z| / 2), P of degree 9
+ * (1.2e-7 relative everywhere); Phi = that for x < 0 and 1 minus it otherwise (no 1 + erf,
+ * which cancels for negative x). What the double lanes of gelu256 (simd.c) bought, kept here:
+ *  - z^2 = x^2 / 2 enters the exponent exactly: x^2 = hi + lo by an fma, and the range
+ *    reduction subtracts n ln2_hi from -hi / 2 exactly (Cody-Waite), so the exponent's error
+ *    is that of P and r, not 87 * 2^-24 (1e-5 relative at x = -13);
+ *  - 2^n is applied last, to x * 0.5 t exp(r) on the negative side (vscalefps, one rounding,
+ *    gradually underflowing), so the tail keeps its relative accuracy down to the smallest
+ *    normal float; |x| is clamped to 20 (beyond it the result is x or 0 either way).
+ * t comes from vrcp14ps and one Newton step (~2^-28). GELU(-inf) = NaN (-inf * 0), as the
+ * scalar loop and the reference; NaN propagates. About 6x the speed of the double lanes of
+ * gelu256 it replaced on AVX-512 machines (5.5 -> 0.9 ns an element, session 14). */
+static inline AVX512 __m512 gelu512(__m512 x) {
+    const __m512 ax = _mm512_min_ps(_mm512_set1_ps(20.0f),   /* (bound, |x|): NaN stays NaN */
+                                    _mm512_abs_ps(x));
+    const __m512 d = _mm512_fmadd_ps(_mm512_set1_ps(0.35355339059327373f), ax,  /* 1 + |z|/2 */
+                                     _mm512_set1_ps(1.0f));
+    __m512 t = _mm512_rcp14_ps(d);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.0f)));
+    __m512 c = _mm512_set1_ps(0.17087277f);
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-0.82215223f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(1.48851587f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-1.13520398f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.27886807f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-0.18628806f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.09678418f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.37409196f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(1.00002368f));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-1.26551223f));          /* P(t) */
+    const __m512 hi = _mm512_mul_ps(ax, ax);
+    const __m512 lo = _mm512_fmsub_ps(ax, ax, hi);                      /* x^2 = hi + lo */
+    const __m512 half_hi = _mm512_mul_ps(_mm512_set1_ps(-0.5f), hi);   /* exact */
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_mul_ps(_mm512_add_ps(half_hi, c), _mm512_set1_ps(EXP_LOG2E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), half_hi);  /* exact */
+    r = _mm512_add_ps(r, c);
+    r = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), lo, r);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);           /* |r| <= ~0.35 */
+    __m512 p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 half_t_p = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), t), p);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    /* x >= 0 (and NaN): x (1 - e); x < 0: 2^n (x 0.5 t exp(r)) */
+    const __m512 e = _mm512_scalef_ps(half_t_p, n);
+    __m512 y = _mm512_mul_ps(x, _mm512_sub_ps(_mm512_set1_ps(1.0f), e));
+    y = _mm512_mask_scalef_ps(y, negative, _mm512_mul_ps(x, half_t_p), n);
+    const __mmask16 minus_inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+    return _mm512_mask_mov_ps(y, minus_inf, _mm512_set1_ps(NAN));
+}
+
+/* GELU (tanh approximation) as gelu_tanh256 (simd.c): x / (1 + exp(-2u)), exactly 0 where
+ * -2u > 88 (x below about -10). */
+static inline AVX512 __m512 gelu_tanh512(__m512 x) {
+    const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    const __m512 u2 = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216057308f),
+                                    _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+    const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(u2)));
+    const __mmask16 far = _mm512_cmp_ps_mask(u2, _mm512_set1_ps(88.0f), _CMP_GT_OQ);
+    return _mm512_mask_mul_ps(y, far, x, _mm512_setzero_ps());
+}
+
+static AVX512 void gelu_avx512(const float *x, float *y, ac_index n, int tanh_form) {
+    for (ac_index i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        _mm512_mask_storeu_ps(y + i, m, tanh_form ? gelu_tanh512(v) : gelu512(v));
+    }
+}
+
 /* out[i, j] = x_i . w_j (+ bias_j) for rows i < M and weight rows j in [j0, j1): see
  * small_gemm_avx2 in simd.c for why (decoding steps). Every element is accumulated in two FMA
  * chains (16-lane blocks alternating between them; two chains keep a single row from waiting on

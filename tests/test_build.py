@@ -197,10 +197,19 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
         np.testing.assert_allclose(ct, at.astype(np.float64) @ bt + 1, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(attncore.softmax(x), ref.softmax(x.astype(np.float64)),
                                    rtol=1e-5, atol=1e-6)
-        for name in ("tanh", "sigmoid", "swish"):
+        for name in ("tanh", "sigmoid", "swish", "gelu", "gelu_tanh"):
             np.testing.assert_allclose(getattr(attncore, name)(x),
                                        getattr(ref, name)(x.astype(np.float64)),
                                        rtol=1e-5, atol=1e-6)
+        if {forced!r} == "avx2":   # the float-lane erf GELU: relative accuracy in the tail too
+            from scipy.special import ndtr
+            grid = np.linspace(-14, 14, 280001).astype(np.float32)
+            exact = grid.astype(np.float64) * ndtr(grid.astype(np.float64))
+            kept = np.abs(exact) > np.finfo(np.float32).tiny
+            np.testing.assert_allclose(attncore.gelu(grid)[kept], exact[kept], rtol=2e-6, atol=0)
+            special = np.array([-np.inf, np.inf, np.nan, -1e30, 1e30, -3e38], np.float32)
+            np.testing.assert_array_equal(attncore.gelu(special),
+                                          [np.nan, np.inf, np.nan, -0.0, special[4], -0.0])
         a = dict(queries=q[:, 0, :4], keys=k[:, 0], values=v[:, 0],
                  w_q=g.standard_normal((13, 9)).astype(np.float32),
                  w_k=g.standard_normal((13, 9)).astype(np.float32),
