@@ -4,13 +4,15 @@
     python bench/kernels.py            # full table (a few minutes on 2 cores)
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
-    python bench/kernels.py --only additive    # sections: attention decode softmax additive packed matmul
+    python bench/kernels.py --only additive    # sections: attention decode softmax activations
+                                               # additive packed matmul
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
-shapes, softmax vs NumPy, additive attention vs its reference, the products of a decoding step on
-packed float32 and bfloat16 weights vs ``x @ W.T``, float32 matmul / linear vs NumPy; finally the peak memory of
-``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster.
+shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
+the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
+matmul / linear vs NumPy; finally the peak memory of ``attention`` at length 16384 (it must show
+no len^2 buffer). Ratios > 1 mean attncore is faster.
 """
 import argparse
 import resource
@@ -90,6 +92,34 @@ def run_softmax(threads, torch, rows, quick):
             tx = torch.from_numpy(x)
             t_th = H.best_time(lambda: torch.softmax(tx, -1), 10)
         rows.append((threads, f"softmax {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))
+
+
+def run_activations(threads, torch, rows, quick):
+    """GELU (erf and tanh forms), tanh and sigmoid on a Transformer FFN's hidden activations
+    (rows x 2048) against the NumPy reference (float64 erf through scipy for GELU, as the
+    oracle computes it; NumPy's own float32 tanh) and torch's float32 functions."""
+    rng = np.random.default_rng(5)
+    for shape in ([(16, 2048)] if quick else [(64, 2048), (1024, 2048)]):
+        x = (2 * rng.standard_normal(shape)).astype(np.float32)
+        for name, numpy_fn, torch_name in (
+                ("gelu", lambda: reference.gelu(x), "gelu"),
+                ("gelu_tanh", lambda: reference.gelu_tanh(x), "gelu_tanh"),
+                ("tanh", lambda: np.tanh(x), "tanh"),
+                ("sigmoid", lambda: reference.sigmoid(x), "sigmoid")):
+            fn = getattr(attncore, name)
+            t_ac = H.best_time(lambda: fn(x), 20)
+            t_np = H.best_time(numpy_fn, 5)
+            t_th = float("nan")
+            if torch is not None:
+                tx = torch.from_numpy(x)
+                F = torch.nn.functional
+                torch_fn = {"gelu": lambda: F.gelu(tx),
+                            "gelu_tanh": lambda: F.gelu(tx, approximate="tanh"),
+                            "tanh": lambda: torch.tanh(tx),
+                            "sigmoid": lambda: torch.sigmoid(tx)}[torch_name]
+                with torch.inference_mode():
+                    t_th = H.best_time(torch_fn, 20)
+            rows.append((threads, f"{name} {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))
 
 
 def run_additive(threads, torch, rows, quick):
@@ -213,7 +243,7 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "additive", "packed", "matmul")
+SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed", "matmul")
 
 
 def main(argv=None):
@@ -239,6 +269,8 @@ def main(argv=None):
                 run_decode(QUICK_DECODE if args.quick else DECODE, threads, torch, rows)
             if "softmax" in args.only:
                 run_softmax(threads, torch, rows, args.quick)
+            if "activations" in args.only:
+                run_activations(threads, torch, rows, args.quick)
             if "additive" in args.only:
                 run_additive(threads, torch, rows, args.quick)
             if "packed" in args.only:
