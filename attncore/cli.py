@@ -422,7 +422,9 @@ def build_parser():
     generate.add_argument("--temperature", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=0, help="sample from the k best (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    generate.add_argument("--seed", type=int, default=None,
+                          help="sampling seed: line n draws from its own stream, so its output "
+                               "does not depend on --batch-size (default: fresh entropy)")
 
     attention = sub.add_parser("attention", help="cross-attention heat map of one input",
                                description="Generate for one input and draw its cross-attention: "
