@@ -180,3 +180,36 @@ def test_constructor_rejects_weights_that_do_not_fit():
         DecoderStep(**common, layers=[{**good, "self_out": (step.self_out, np.zeros(32))}])
     with pytest.raises(ValueError, match="at least one decoder layer"):
         DecoderStep(**common, layers=[])
+
+
+# -- the KV cache gather of beam search -----------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("filled", [0, 1, 37, 40])
+def test_gather_cache_prefix_copies_the_rows_prefix(threads, filled):
+    from attncore.kernels import _transformer
+    rng = np.random.default_rng(filled)
+    # 64 x 8 x 40 x 64 floats: past the 1 MiB at which the second thread joins
+    cache = rng.standard_normal((16, 8, 40, 64)).astype(np.float32)
+    rows = rng.integers(0, 16, size=64)          # repeats, drops and reorders rows
+    out = np.full((64, 8, 40, 64), np.nan, np.float32)
+    _transformer.gather_cache_prefix(cache, rows, filled, out, threads)
+    np.testing.assert_array_equal(out[:, :, :filled], cache[rows, :, :filled])
+    assert np.isnan(out[:, :, filled:]).all(), "positions past filled are left alone"
+
+
+def test_gather_cache_prefix_rejects_what_would_touch_foreign_memory():
+    from attncore.kernels import _transformer
+    cache = np.zeros((3, 2, 5, 4), np.float32)
+    out = np.zeros((2, 2, 5, 4), np.float32)
+    gather = _transformer.gather_cache_prefix
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\), got 3"):
+        gather(cache, np.array([0, 3]), 5, out, 1)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\), got -1"):
+        gather(cache, np.array([-1, 0]), 5, out, 1)
+    with pytest.raises(ValueError, match=r"filled must lie in \[0, 5\], got 6"):
+        gather(cache, np.array([0, 1]), 6, out, 1)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 2, 5, 4\)"):
+        gather(cache, np.array([0, 1]), 5, np.zeros((2, 2, 4, 4), np.float32), 1)
+    with pytest.raises(ValueError, match="out must not be cache"):
+        gather(cache, np.array([0, 1, 2]), 5, cache, 1)

@@ -19,6 +19,7 @@ own caches.
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._packed_linear cimport (AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data,
@@ -100,6 +101,42 @@ cdef Py_ssize_t _common_length(list arrays, Py_ssize_t B, Py_ssize_t H, Py_ssize
         if a.shape[0] != B or a.shape[1] != H or a.shape[2] != length or a.shape[3] != hd:
             raise ValueError(f"DecoderStep.step: {what} must have shape ({B}, {H}, {length}, {hd})")
     return length
+
+
+#: Bytes a cache gather copies before a second thread joins in (below it the copy is done
+#: before a thread would have started).
+cdef Py_ssize_t _GATHER_PARALLEL_BYTES = 1 << 20
+
+
+def gather_cache_prefix(const float[:, :, :, ::1] cache, const int64_t[::1] rows,
+                        Py_ssize_t filled, float[:, :, :, ::1] out, int num_threads):
+    """``out[i, :, :filled] = cache[rows[i], :, :filled]`` for every i (beam search reordering
+    a KV cache): one memcpy per (row, head) block, without the GIL, over ``num_threads``.
+
+    cache (B, H, capacity, head_dim) and out (R, H, capacity, head_dim) float32, C-contiguous,
+    different arrays; rows (R,) int64 in [0, B); 0 <= filled <= capacity. Positions past
+    ``filled`` of ``out`` are left as they are.
+    """
+    cdef Py_ssize_t B = cache.shape[0], H = cache.shape[1], cap = cache.shape[2]
+    cdef Py_ssize_t D = cache.shape[3], R = rows.shape[0], i, block, row
+    if out.shape[0] != R or out.shape[1] != H or out.shape[2] != cap or out.shape[3] != D:
+        raise ValueError(f"out must have shape ({R}, {H}, {cap}, {D}), got "
+                         f"({out.shape[0]}, {out.shape[1]}, {out.shape[2]}, {out.shape[3]})")
+    if filled < 0 or filled > cap:
+        raise ValueError(f"filled must lie in [0, {cap}], got {filled}")
+    for i in range(R):
+        if rows[i] < 0 or rows[i] >= B:
+            raise ValueError(f"rows must lie in [0, {B}), got {rows[i]}")
+    if R == 0 or H == 0 or filled == 0 or D == 0:
+        return
+    if &out[0, 0, 0, 0] == &cache[0, 0, 0, 0]:
+        raise ValueError("out must not be cache")
+    cdef Py_ssize_t nbytes = filled * D * sizeof(float)
+    cdef int threads = num_threads if R * H * nbytes >= _GATHER_PARALLEL_BYTES else 1
+    with nogil:
+        for block in prange(R * H, schedule="static", num_threads=max(threads, 1)):
+            row = rows[block // H]
+            memcpy(&out[block // H, block % H, 0, 0], &cache[row, block % H, 0, 0], nbytes)
 
 
 cdef class DecoderStep:

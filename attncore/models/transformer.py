@@ -280,11 +280,11 @@ def _check_rows(rows, batch: int) -> np.ndarray:
 def _gather_prefix(cache: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
     """cache[rows] restricted to positions [0, filled) (the tail is left uninitialised).
 
-    Row by row: ``cache[rows, :, :filled]`` made a temporary and copied it again (a beam
-    search step of Transformer-base at 64 rows: 0.50 ms a cache, 0.31 ms this way, 12 caches)."""
+    Compiled, one memcpy per (row, head) block: ``cache[rows, :, :filled]`` made a temporary
+    and copied it again, and a Python loop over rows cost ~1 us a row (a beam-4 batch-16
+    Transformer-base call spent 8% of its time here that way)."""
     out = np.empty((rows.shape[0],) + cache.shape[1:], dtype=cache.dtype)
-    for i, row in enumerate(rows.tolist()):
-        out[i, :, :filled] = cache[row, :, :filled]
+    _transformer.gather_cache_prefix(cache, rows, filled, out, kernels.get_num_threads())
     return out
 
 
