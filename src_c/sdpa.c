@@ -145,8 +145,10 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                                              D, G, o_tile + r0 * D, D, 1);
                     }
             }
+            /* sum 0: the query saw no key (zeros); a NaN score (NaN in q or k) makes the sum
+             * and the row NaN, as the weights path gives -- never a silent zero row */
             for (ac_index i = 0; i < nq; i++) {
-                if (col_sum[i] > 0) ac_scale_f32(o_tile + i * D, D, 1 / col_sum[i]);
+                if (col_sum[i] != 0) ac_scale_f32(o_tile + i * D, D, 1 / col_sum[i]);
                 else memset(o_tile + i * D, 0, sizeof(float) * D);
             }
         }

@@ -135,8 +135,10 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
                 CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)D, (int)nk, 1, scores, (int)block_k,
                                    v_head + j0 * D, (int)D, 1, o_tile, (int)D);
             }
+            /* a row that saw no key has sum 0: zeros. A NaN score (NaN in q or k) makes the
+             * sum NaN, and the row NaN, as the weights path gives: never a silent zero row */
             for (ac_index r = 0; r < nq; r++) {
-                if (row_sum[r] > 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
+                if (row_sum[r] != 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
                 else memset(o_tile + r * D, 0, sizeof(REAL) * D);
             }
         }
@@ -207,12 +209,17 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
             const ac_index bh = row / Lq, i = row % Lq;
             REAL *o = out + row * D;
             REAL mx = -INFINITY, total = 0;
+            int nan_seen = 0;
             for (ac_index c = 0; c < n_chunks; c++) {
-                REAL m = part_max[((bh * n_chunks + c) * Lq) + i];
-                if (m > mx) mx = m;
+                const ac_index p = (bh * n_chunks + c) * Lq + i;
+                const REAL m = part_max[p];
+                if (m != m || part_sum[p] != part_sum[p]) nan_seen = 1;
+                else if (m > mx) mx = m;
             }
-            memset(o, 0, sizeof(REAL) * D);
-            if (mx == -INFINITY) continue;
+            /* a NaN score (NaN in q or k) gives a NaN row, as the weights path does; a row that
+             * saw no key gives zeros */
+            for (ac_index d = 0; d < D; d++) o[d] = nan_seen ? (REAL)NAN : 0;
+            if (nan_seen || mx == -INFINITY) continue;
             for (ac_index c = 0; c < n_chunks; c++) {
                 const ac_index p = (bh * n_chunks + c) * Lq + i;
                 if (part_sum[p] == 0) continue;

@@ -2,6 +2,18 @@
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
+/* A row whose maximum came out -inf holds only -inf and NaN among its valid entries (a vector
+ * max may drop a NaN lane): a NaN makes the row NaN, never a silent "nothing valid" zero row. */
+static int CAT(nan_row_, SUF)(const REAL *x, REAL *y, ac_index n_valid, ac_index n,
+                              const uint8_t *mask) {
+    for (ac_index j = 0; j < n_valid; j++)
+        if ((!mask || mask[j]) && x[j] != x[j]) {
+            for (ac_index t = 0; t < n; t++) y[t] = (REAL)NAN;
+            return 1;
+        }
+    return 0;
+}
+
 void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
                            const int64_t *lengths, const uint8_t *mask, int log_output,
                            int num_threads) {
@@ -18,7 +30,10 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
             if (n_valid == 0) { memset(yr, 0, sizeof(REAL) * n); continue; }
             REAL mx = CAT(ac_max_, SUF)(xr, n_valid);
             /* every valid entry -inf (an additive mask over the whole row): nothing valid */
-            if (mx == -INFINITY) { memset(yr, 0, sizeof(REAL) * n); continue; }
+            if (mx == -INFINITY) {
+                if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, NULL)) memset(yr, 0, sizeof(REAL) * n);
+                continue;
+            }
             if (log_output) {
                 /* the sum only (y may be x: log-softmax runs in place in the seq2seq step) */
                 REAL total = CAT(ac_exp_shift_sum_to_, SUF)(xr, NULL, n_valid, mx);
@@ -39,7 +54,10 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
         int any = 0;
         for (ac_index j = 0; j < n_valid; j++)
             if (mr[j]) { if (!any || xr[j] > mx) mx = xr[j]; any = 1; }
-        if (!any || mx == -INFINITY) { memset(yr, 0, sizeof(REAL) * n); continue; }
+        if (!any || mx == -INFINITY) {
+            if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, mr)) memset(yr, 0, sizeof(REAL) * n);
+            continue;
+        }
         REAL total = 0;
         for (ac_index j = 0; j < n_valid; j++)
             if (mr[j]) total += (REAL)exp((double)(xr[j] - mx));

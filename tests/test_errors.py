@@ -132,6 +132,10 @@ BAD = [
      r"\bv\b"),
     ("luong-dot-width", luong(queries=_o(2, 3, 5)), ValueError, "queries and keys"),
     ("luong-values", luong(values=_o(2, 4, 6)), ValueError, "values"),
+    # other batches: the scores + softmax path (values wider than keys) read past the keys
+    ("luong-batch", luong(queries=_o(4000, 3, 6), values=_o(2, 5, 7)), ValueError, "queries"),
+    ("luong-batch-general", luong(queries=_o(8, 3, 4), values=_o(2, 5, 7), method="general",
+                                  w=_o(4, 6)), ValueError, "queries"),
     ("luong-dtype", luong(keys=_o(2, 5, 6, dtype=F32)), TypeError, "keys"),
     ("luong-lengths", luong(kv_lengths=[-1, 2]), ValueError, "kv_lengths"),
     ("luong-lengths-vdim", luong(values=_o(2, 5, 3), kv_lengths=[9, 2]), ValueError,

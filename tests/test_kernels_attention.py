@@ -624,6 +624,48 @@ def test_luong_attention_matches_reference(rng, ragged, q_len, v_dim, method, dt
     assert_close(out_only, expected, dtype)
 
 
+# ------------------------------------------------------------------ NaN in, NaN out
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("q_len, kv_len", [(1, 3), (1, 700), (4, 300), (16, 300), (200, 300)],
+                         ids=lambda n: str(n))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_in_a_query_or_key_gives_nan_rows_never_zeros(q_len, kv_len, causal, dtype):
+    # every path (split-KV decode, flash on the tile kernel and in C, the weights path) used to
+    # take a row whose scores were all NaN for one with no valid key, and return zeros
+    q, k, v = (np.ones((2, 2, n, 8), dtype) for n in (q_len, kv_len, kv_len))
+    q_bad = q.copy()
+    q_bad[0, 1, -1, 3] = np.nan
+    out = attncore.attention(q_bad, k, v, causal=causal)
+    others = np.ones(out.shape[:3], bool)
+    others[0, 1, -1] = False
+    assert np.isnan(out[0, 1, -1]).all() and np.isfinite(out[others]).all()
+    k_bad = k.copy()
+    k_bad[1, 0, 0, 5] = np.nan           # key 0: seen by every query, causal or not
+    out = attncore.attention(q, k_bad, v, causal=causal)
+    assert np.isnan(out[1, 0]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, 1]).all()
+    out, weights = attncore.attention(q_bad, k, v, causal=causal, return_weights=True)
+    assert np.isnan(out[0, 1, -1]).all() and np.isnan(weights[0, 1, -1]).all()
+
+
+def test_luong_and_softmax_propagate_nan_rows():
+    q = np.ones((1, 2, 4), np.float32)
+    q[0, 0, 0] = np.nan
+    for v_dim in (4, 5):   # the fused kernel, and scores + softmax (values wider than keys)
+        out = attncore.luong_attention(q, np.ones((1, 3, 4), np.float32),
+                                       np.ones((1, 3, v_dim), np.float32))
+        assert np.isnan(out[0, 0]).all() and np.array_equal(out[0, 1], np.ones(v_dim))
+    for n in (2, 3, 8, 17, 40):
+        x = np.full((2, n), np.nan, np.float32)
+        x[0, 0] = -np.inf                 # -inf and NaN only: the max comes out -inf
+        x[1] = 1
+        for out in (attncore.softmax(x), attncore.log_softmax(x),
+                    attncore.softmax(x, mask=np.ones((2, n), bool))):
+            assert np.isnan(out[0]).all() and np.isfinite(out[1]).all(), n
+    nothing_valid = np.full((1, 4), -np.inf, np.float32)
+    assert np.array_equal(attncore.softmax(nothing_valid), np.zeros((1, 4)))
+
+
 # ------------------------------------------------------------------ Nadaraya-Watson
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -102,6 +102,12 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
     cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, col_tiles = (N + TILE - 1) // TILE
     cdef Py_ssize_t t, i0, j0, m, n, i, j
     cdef bint has_bias = bias is not None
+    # the callers check their arguments for users; this guards the memory the loops touch
+    if weight.shape[1] != K or out.shape[0] != M or out.shape[1] != N or \
+            (has_bias and bias.shape[0] != N):
+        raise ValueError(f"linear: inconsistent shapes x ({M}, {K}), weight ({N}, "
+                         f"{weight.shape[1]}), out ({out.shape[0]}, {out.shape[1]})"
+                         + (f", bias ({bias.shape[0]},)" if has_bias else ""))
     if M == 0 or N == 0:
         return
     if K == 0:
@@ -178,6 +184,13 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
     cdef Py_ssize_t batch = a.shape[0], M = a.shape[1], K = a.shape[2], N = out.shape[2]
     cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, bi, i0, j0, m, n
     cdef int ldb = <int>(K if trans_b else N)
+    # the callers check their arguments for users; this guards the memory the loops touch
+    if b.shape[0] != batch or out.shape[0] != batch or out.shape[1] != M or \
+            (trans_b and (b.shape[1] != N or b.shape[2] != K)) or \
+            (not trans_b and (b.shape[1] != K or b.shape[2] != N)):
+        raise ValueError(f"matmul: inconsistent shapes a ({batch}, {M}, {K}), "
+                         f"b ({b.shape[0]}, {b.shape[1]}, {b.shape[2]}), "
+                         f"out ({out.shape[0]}, {out.shape[1]}, {N}), trans_b={bool(trans_b)}")
     if batch == 0 or M == 0 or N == 0:
         return
     if K == 0:
@@ -202,8 +215,19 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
                       &out[bi, i0, j0], <int>N)
 
 
+cdef _check_panels(str name, weight, panels):
+    """ValueError unless panels are (ceil(N / PANEL_WIDTH), K, PANEL_WIDTH) for weight (N, K)."""
+    cdef Py_ssize_t N = weight.shape[0], K = weight.shape[1]
+    want = ((N + AC_PANEL_WIDTH - 1) // AC_PANEL_WIDTH, K, AC_PANEL_WIDTH)
+    got = (panels.shape[0], panels.shape[1], panels.shape[2])
+    if got != want or N == 0 or K == 0:
+        raise ValueError(f"{name}: panels of shape {got} do not hold a ({N}, {K}) weight "
+                         f"(expected {want}, non-zero sizes)")
+
+
 def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
     """panels (ceil(N / PANEL_WIDTH), K, PANEL_WIDTH) <- weight (N, K), zero-padded past N."""
+    _check_panels("pack_panels", weight, panels)
     with nogil:
         ac_pack_panels_f32(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
 
@@ -211,6 +235,7 @@ def pack_panels(const float[:, ::1] weight, float[:, :, ::1] panels):
 def pack_panels_bf16(const float[:, ::1] weight, uint16_t[:, :, ::1] panels):
     """The same panels in bfloat16, each weight rounded to nearest (ties to even), in the pair
     order of ``ac_pack_panels_bf16`` (src_c/packed_linear.h)."""
+    _check_panels("pack_panels_bf16", weight, panels)
     with nogil:
         ac_pack_panels_bf16(&weight[0, 0], weight.shape[0], weight.shape[1], &panels[0, 0, 0])
 
@@ -251,6 +276,8 @@ def int8_amx():
 
 def round_bf16(const float[::1] x, float[::1] out):
     """out = x rounded to the nearest bfloat16 (ties to even), as float32; as the packers round."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"round_bf16: out has {out.shape[0]} entries for {x.shape[0]}")
     with nogil:
         ac_round_bf16_f32(&x[0], &out[0], x.shape[0])
 

@@ -386,6 +386,9 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
     queries = check_float_array(queries, "queries", ndim=3)
     keys = check_float_array(keys, "keys", ndim=3, dtype=queries.dtype)
     values = check_float_array(values, "values", ndim=3, dtype=queries.dtype)
+    if queries.shape[0] != keys.shape[0]:
+        raise ValueError(f"queries must have batch {keys.shape[0]} like keys, got "
+                         f"{queries.shape[0]}")
     if method == "general":
         if w is None:
             raise ValueError("luong_attention(method='general') needs w")
