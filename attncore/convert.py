@@ -233,7 +233,10 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
     except ValueError as error:
         gathered.problems.append(str(error))
         _raise(gathered.problems)
-    spec = io.weight_spec(config.to_dict())
+    try:
+        spec = io.weight_spec(config.to_dict())
+    except ValueError as error:  # (no decoder layers found: report where they were looked for)
+        _raise(gathered.problems + [str(error)])
     _fill_zero_biases(gathered, spec, names, config.attention_bias)
     problems = gathered.problems + _compare(gathered, spec, kind, prefix, names)
     _raise(problems)

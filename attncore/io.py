@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -440,10 +441,18 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
         raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {config['positions']!r}")
     # null means "as norm_first", the trainer's TransformerConfig default
     final_norm = bool(config["norm_first"] if config["final_norm"] is None else config["final_norm"])
+    eps = config["layer_norm_eps"]
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer,
+                                                               np.floating)) \
+            or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"config: layer_norm_eps must be a finite number >= 0, got {eps!r}")
 
     spec: WeightSpec = {}
     has_encoder = kind in ("encoder_decoder", "encoder_only")
     has_decoder = kind in ("encoder_decoder", "decoder_only")
+    if has_decoder and int(config["num_decoder_layers"]) < 1:
+        raise ValueError(f"config: num_decoder_layers must be >= 1 for kind {kind!r}, got "
+                         f"{config['num_decoder_layers']}")
     if has_encoder:
         spec["src_embedding.weight"] = ((int(config["src_vocab_size"]), d_model), dtype)
         if learned:

@@ -461,6 +461,21 @@ def test_bad_weights_are_rejected():
         Seq2SeqAttention([("architecture", "seq2seq_attention")], weights)
 
 
+def test_default_special_ids_outside_a_tiny_vocabulary_are_refused():
+    # a config without bos_id / eos_id decodes from the defaults 1 / 2: with fewer target
+    # tokens they used to index past the embedding table (the stated ids are checked at load)
+    config = _config(**VARIANTS["gru-bahdanau"])
+    config.update(tgt_vocab_size=2, bos_id=0, eos_id=0)
+    engine = Seq2SeqAttention.from_config(config, seed=0)
+    for key in ("bos_id", "eos_id"):
+        del engine.config[key]
+    with pytest.raises(ValueError, match=r"eos_id 2 \(the default: config.json has none\) "
+                                         r"lies outside the target vocabulary \[0, 2\)"):
+        engine.generate([[3, 4]], max_length=2, beam_size=2)
+    engine.config["eos_id"] = 1
+    assert len(engine.generate([[3, 4]], max_length=2)[0].tokens) <= 2
+
+
 def test_weights_are_private_copies():
     config = _config(**VARIANTS["gru-bahdanau"])
     weights = dict(model_from_config(config, 0).state_dict())

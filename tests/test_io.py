@@ -241,10 +241,23 @@ def test_bad_transformer_config_values_are_named():
                                 ("norm_first", "false", "norm_first must be true or false"),
                                 ("final_norm", "no", "final_norm must be true or false"),
                                 ("max_positions", 2 ** 40, "max_positions must lie in [1, 1048576]"),
-                                ("d_model", 16.5, "d_model must be an integer")]:
+                                ("d_model", 16.5, "d_model must be an integer"),
+                                # accepted, and changed every LayerNorm's result
+                                ("layer_norm_eps", -1.0, "layer_norm_eps must be a finite number >= 0"),
+                                ("layer_norm_eps", "1e-5", "layer_norm_eps must be a finite number"),
+                                ("layer_norm_eps", True, "layer_norm_eps must be a finite number"),
+                                ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
+                                # an IndexError while the decoding step was built
+                                ("num_decoder_layers", 0, "num_decoder_layers must be >= 1 for "
+                                                          "kind 'encoder_decoder'")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             io.weight_spec(dict(config, **{key: value}))
     io.weight_spec(dict(config, final_norm=None))   # null: as norm_first
+    io.weight_spec(dict(config, layer_norm_eps=0))
+    missing = dict(config)
+    del missing["layer_norm_eps"]
+    with pytest.raises(ValueError, match="lacks hyper-parameter 'layer_norm_eps'"):
+        io.weight_spec(missing)
 
 
 def test_config_that_is_not_json(model_dir):

@@ -353,11 +353,23 @@ class Model:
 
     @property
     def bos_id(self) -> int:
-        return int(self.config.get("bos_id", 1))
+        return self._target_id("bos_id", 1)
 
     @property
     def eos_id(self) -> int:
-        return int(self.config.get("eos_id", 2))
+        return self._target_id("eos_id", 2)
+
+    def _target_id(self, key: str, default: int) -> int:
+        """A special id of the generated tokens (``config[key]``, else ``default``), checked
+        against the output vocabulary: the config check covers the ids a config states, and a
+        default outside a tiny vocabulary would index past the embedding table."""
+        value = int(self.config.get(key, default))
+        vocab = getattr(self, "target_vocab_size", None) or getattr(self, "vocab_size", None)
+        if vocab and not 0 <= value < int(vocab):
+            given = "" if key in self.config else " (the default: config.json has none)"
+            raise ValueError(f"config: {key} {value}{given} lies outside the target vocabulary "
+                             f"[0, {int(vocab)})")
+        return value
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
