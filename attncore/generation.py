@@ -66,11 +66,19 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
 # helpers
 # ------------------------------------------------------------------------------------------
 
+_NAN_MESSAGE = ("the model's log-probabilities are NaN {where}: its weights or activations "
+                "overflow float32")
+
+
 def _step(model, state, tokens, step, min_length, eos_id, return_attention):
     """One model step -> the float32 log-probs (a copy with EOS masked before ``min_length``)
     and the attention. Callers sum them into float64 (the float32 values convert exactly), so
     no (B, V) float64 copy is made per step."""
     log_probs, attention = model._step(state, tokens)
+    # a NaN logit (or +inf) makes the log-softmax's sum NaN and so its whole row: one column
+    # tells, at O(rows) a step
+    if log_probs.shape[1] and np.isnan(log_probs[:, 0]).any():
+        raise ValueError(_NAN_MESSAGE.format(where=f"at step {step}"))
     if return_attention and attention is None:
         raise ValueError("return_attention: this model has no cross-attention to return")
     if step < min_length:
@@ -155,6 +163,9 @@ def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,
     tokens, counts, ended, log_prob, attention = model._greedy(
         model._start(sources), _first_tokens(bos_id, count), max_length=max_length,
         min_length=min_length, eos_id=eos_id, return_attention=return_attention)
+    if np.isnan(log_prob).any():
+        raise ValueError(_NAN_MESSAGE.format(
+            where=f"for sources[{int(np.flatnonzero(np.isnan(log_prob))[0])}]"))
     results = []
     for i in range(count):
         n = int(counts[i]) + int(ended[i])

@@ -476,6 +476,22 @@ def test_default_special_ids_outside_a_tiny_vocabulary_are_refused():
     assert len(engine.generate([[3, 4]], max_length=2)[0].tokens) <= 2
 
 
+def test_weights_that_overflow_give_an_error_not_tokens(dates):
+    # finite weights of magnitude 3e38 load, then overflow to NaN logits: greedy returned pad
+    # tokens with a NaN score, beam search an empty n-best list (IndexError further on)
+    weights = dict(dates.weights)
+    output = np.array(weights["decoder.output.weight"])
+    output[5], output[6] = 3e38, -3e38
+    weights["decoder.output.weight"] = output
+    broken = type(dates)(dates.config, weights, tokenizer=dates.tokenizer)
+    source = [[5, 9, 12, 2]]
+    for options in ({}, {"beam_size": 3}, {"do_sample": True, "seed": 1},
+                    {"return_attention": True}):
+        with pytest.raises(ValueError, match="log-probabilities are NaN"):
+            broken.generate(source, max_length=6, **options)
+    assert len(dates.generate(source, max_length=6)[0].tokens) > 0
+
+
 def test_weights_are_private_copies():
     config = _config(**VARIANTS["gru-bahdanau"])
     weights = dict(model_from_config(config, 0).state_dict())
