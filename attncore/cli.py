@@ -154,7 +154,10 @@ def _load_model(path, weight_dtype="float32"):
 def _set_threads(args):
     if args.threads is not None:
         import attncore
-        attncore.set_num_threads(args.threads)
+        try:
+            attncore.set_num_threads(args.threads)
+        except ValueError as exc:
+            raise UserError(str(exc).replace("n must", "--threads must", 1)) from None
 
 
 def _job(args):
@@ -177,7 +180,8 @@ def _job(args):
             raise UserError(_one_line(exc).replace("max_length", "--max-length")
                             .replace("min_length", "--min-length")
                             .replace("temperature", "--temperature")
-                            .replace("top_p", "--top-p").replace("top_k", "--top-k")) from None
+                            .replace("top_p", "--top-p").replace("top_k", "--top-k")
+                            .replace("length_penalty", "--length-penalty")) from None
         ids_out = args.ids or getattr(args, "output_ids", False)
         return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
     if args.command == "encode":

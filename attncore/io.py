@@ -262,6 +262,8 @@ def _read_config(directory: Path):
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         return None, [f"{CONFIG_FILE} is not valid JSON: {error}"]
+    except RecursionError:
+        return None, [f"{CONFIG_FILE} is nested too deeply to be a model config"]
     if not isinstance(config, dict):
         return None, [f"{CONFIG_FILE} must hold a JSON object"]
     problems = []

@@ -148,8 +148,9 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
     """The tokenizer ``config["tokenizer"]`` describes, with files read from ``directory``.
 
     Returns None when the entry is absent or null. Raises ValueError for an unknown type, a
-    file name that leaves the directory, a missing file, or a vocabulary larger than the
-    model's ``src_vocab_size`` / ``tgt_vocab_size``.
+    file name that leaves the directory, a missing or unreadable file, a vocabulary larger than
+    the model's ``src_vocab_size`` / ``tgt_vocab_size``, or a target vocabulary smaller than
+    ``tgt_vocab_size`` (ids the model can generate without a text).
     """
     from .data.vocab import load_vocab
 
@@ -173,11 +174,22 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
         path = directory / name
         if not path.is_file():
             raise ValueError(f"config['tokenizer'][{side!r}]: missing file {str(path)!r}")
-        vocab = load_vocab(path)
+        try:
+            vocab = load_vocab(path)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,
+                RecursionError) as exc:   # (json's errors are ValueErrors)
+            detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ValueError(f"config['tokenizer'][{side!r}]: {str(path)!r} is not a readable "
+                             f"vocabulary: {detail}") from None
         size_key = f"{side}_vocab_size"
         if size_key in config and len(vocab) > int(config[size_key]):
             raise ValueError(f"{name} has {len(vocab)} tokens, more than {size_key}="
                              f"{config[size_key]}")
+        if side == "tgt" and size_key in config and len(vocab) < int(config[size_key]):
+            # the model can generate every id of its output layer: each needs a text
+            raise ValueError(f"{name} has {len(vocab)} tokens, fewer than {size_key}="
+                             f"{config[size_key]}: generated ids {len(vocab)} and above would "
+                             f"have no text (pad the vocabulary to the output layer's size)")
         vocabs[side], names[f"{side}_file"] = vocab, name
     if not vocabs:
         raise ValueError("config['tokenizer'] names neither a 'src' nor a 'tgt' file")

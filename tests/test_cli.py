@@ -176,6 +176,8 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["generate", "--sample", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["generate", "--min-length", "-1"], "--min-length must be >= 0"),
     (["generate", "--max-length", "2000000"], "--max-length must be at most 1048576"),
+    (["generate", "--length-penalty", "400"], "--length-penalty must lie in [-10, 10]"),
+    (["generate", "--threads", "5000"], "--threads must lie in [1, 1024], got 5000"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")

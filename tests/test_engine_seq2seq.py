@@ -548,3 +548,27 @@ def test_tokenizer_source_eos_follows_the_sides_and_the_override(tmp_path):
         load_tokenizer(tmp_path, {"tokenizer": dict(entry, source_eos="no")})
     with pytest.raises(ValueError, match="more than src_vocab_size=5"):
         load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 5})
+    # a smaller source vocabulary is fine; a smaller target one leaves ids without a text
+    assert load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 9}) is not None
+    with pytest.raises(ValueError, match=r"7 tokens, fewer than tgt_vocab_size=9: generated "
+                                         r"ids 7 and above would have no text"):
+        load_tokenizer(tmp_path, {"tokenizer": entry, "tgt_vocab_size": 9})
+
+
+@pytest.mark.parametrize("text, detail", [
+    ("[1, 2]", "holds a JSON list"),
+    ('{"format": "attncore.vocab", "version": 1, "level": "char"}', "'tokens' must be a list"),
+    ('{"format": "attncore.vocab", "version": 1, "level": "char", "tokens": 5}',
+     "'tokens' must be a list"),
+    ("{ not json", "Expecting property name"),
+    ("[" * 100000 + "]" * 100000, "not a readable vocabulary"),
+])
+def test_unreadable_vocabulary_files_are_named(tmp_path, text, detail):
+    # (an AttributeError, a KeyError, a TypeError and bare JSON errors before)
+    from attncore.tokenizer import load_tokenizer
+    (tmp_path / "tgt_vocab.json").write_text(text, encoding="utf-8")
+    entry = {"type": "attncore.data.vocab", "tgt": "tgt_vocab.json"}
+    with pytest.raises(ValueError, match=r"config\['tokenizer'\]\['tgt'\]: '.*tgt_vocab.json' "
+                                         r"is not a readable vocabulary") as error:
+        load_tokenizer(tmp_path, {"tokenizer": entry})
+    assert detail in str(error.value)

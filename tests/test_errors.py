@@ -242,8 +242,11 @@ BAD = [
     ("rotary-base", lambda: attncore.rotary(_o(3, 4), base=np.inf), ValueError, "base"),
     ("rotary-int", lambda: attncore.rotary(np.ones((3, 4), int)), TypeError, r"\bx\b"),
     # ---- threads
-    ("threads-0", lambda: attncore.set_num_threads(0), ValueError, r"\bn\b.*>= 1"),
-    ("threads-neg", lambda: attncore.set_num_threads(-1), ValueError, r"\bn\b.*>= 1"),
+    ("threads-0", lambda: attncore.set_num_threads(0), ValueError, r"\bn\b.*\[1, 1024\]"),
+    ("threads-neg", lambda: attncore.set_num_threads(-1), ValueError, r"\bn\b.*\[1, 1024\]"),
+    # accepted, then every kernel call raised a bare OverflowError
+    ("threads-huge", lambda: attncore.set_num_threads(2 ** 31), ValueError, r"\bn\b.*\[1, 1024\]"),
+    ("threads-ctx-huge", lambda: attncore.num_threads(2 ** 40).__enter__(), ValueError, r"\bn\b"),
     ("threads-str", lambda: attncore.set_num_threads("2"), TypeError, r"\bn\b.*integer"),
     ("threads-float", lambda: attncore.set_num_threads(2.0), TypeError, r"\bn\b.*integer"),
     ("threads-bool", lambda: attncore.set_num_threads(True), TypeError, r"\bn\b.*integer"),

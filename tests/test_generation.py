@@ -366,6 +366,9 @@ def test_no_attention_unless_asked():
     (dict(max_length=3, top_p=0.0), ValueError, "top_p"),
     (dict(max_length=3, top_p=1.5), ValueError, "top_p"),
     (dict(max_length=3, length_penalty=float("inf")), ValueError, "length_penalty"),
+    # n ** 400 overflowed in the scoring (OverflowError)
+    (dict(max_length=3, length_penalty=400.0), ValueError, r"length_penalty must lie in \[-10, 10\]"),
+    (dict(max_length=3, length_penalty=-11), ValueError, "length_penalty"),
     (dict(max_length=3, seed=-1), ValueError, "seed"),
     (dict(max_length=3, seed=[1, -2]), ValueError, r"seed\[1\]"),
     (dict(max_length=3, seed=[1, "a"]), TypeError, r"seed\[1\]"),

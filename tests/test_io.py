@@ -266,6 +266,12 @@ def test_config_that_is_not_json(model_dir):
     assert "not valid JSON" in _load_error(path)
 
 
+def test_config_nested_too_deeply(model_dir):
+    path, _ = model_dir   # (a RecursionError before)
+    (path / io.CONFIG_FILE).write_text("[" * 100000 + "]" * 100000)
+    assert "nested too deeply" in _load_error(path)
+
+
 def test_missing_config(model_dir):
     path, _ = model_dir
     (path / io.CONFIG_FILE).unlink()

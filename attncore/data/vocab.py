@@ -199,14 +199,18 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Vocab":
+        if not isinstance(data, dict):
+            raise ValueError(f"a vocabulary is a JSON object, got {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise ValueError(f"not an attncore vocabulary (format={data.get('format')!r})")
         if data.get("version") != _VERSION:
             raise ValueError(f"unsupported vocabulary version {data.get('version')!r}")
-        tokens = data["tokens"]
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("a vocabulary's 'tokens' must be a list of strings")
         if list(tokens[:4]) != list(SPECIAL_TOKENS):
             raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}, got {tokens[:4]}")
-        return cls(tokens[4:], level=data["level"])
+        return cls(tokens[4:], level=data.get("level"))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as UTF-8 JSON to ``path``."""
@@ -233,6 +237,9 @@ def load_vocab(path: str | os.PathLike):
     """
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.fspath(path)!r} holds a JSON {type(data).__name__}, not a "
+                         f"vocabulary object")
     if data.get("format") == _FORMAT:
         return Vocab.from_dict(data)
     if "model" in data and "added_tokens" in data:

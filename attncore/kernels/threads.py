@@ -28,19 +28,24 @@ def _default_num_threads():
         return 1
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
-        return int(env)
+        return min(int(env), MAX_THREADS)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
 
 
+#: The most threads a kernel may be asked for: the C kernels take an int, and asking OpenMP
+#: for millions of threads aborts the process when it cannot create them.
+MAX_THREADS = 1024
+
+
 def _check_count(n, name="n"):
     if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
         raise TypeError(f"{name} must be a positive integer, got {type(n).__name__}")
     n = int(n)
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name} must lie in [1, {MAX_THREADS}], got {n}")
     return n
 
 

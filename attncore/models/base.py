@@ -184,6 +184,9 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
 #: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
 #: max_length steps up front; Transformers are bounded by their position table as well).
 MAX_GENERATION_LENGTH = 1 << 20
+#: Largest |length_penalty|: n ** 10 for n up to MAX_GENERATION_LENGTH stays a float64 with room
+#: to divide log-probs by (400 overflowed in the scoring); usual values are 0 to 2.
+MAX_LENGTH_PENALTY = 10.0
 
 
 def check_seed(seed):
@@ -214,6 +217,9 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     if num_hypotheses > beam_size:
         raise ValueError(f"num_hypotheses ({num_hypotheses}) must be <= beam_size ({beam_size})")
     length_penalty = _check_float(length_penalty, "length_penalty")
+    if not -MAX_LENGTH_PENALTY <= length_penalty <= MAX_LENGTH_PENALTY:
+        raise ValueError(f"length_penalty must lie in [-{MAX_LENGTH_PENALTY:g}, "
+                         f"{MAX_LENGTH_PENALTY:g}], got {length_penalty}")
     if not isinstance(do_sample, (bool, np.bool_)):
         raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
     temperature = _check_float(temperature, "temperature")
