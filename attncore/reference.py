@@ -291,9 +291,10 @@ def embedding(table, ids):
     return np.asarray(table)[np.asarray(ids)]
 
 
-def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
-    """Vaswani et al. table (length, dim): P[p, 2i] = sin(p / base^(2i/dim)), P[p, 2i+1] = cos(...)."""
-    positions = np.arange(length, dtype=np.float64)[:, None]
+def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0, first=0):
+    """Vaswani et al. table (length, dim): P[p, 2i] = sin(p / base^(2i/dim)), P[p, 2i+1] = cos(...),
+    for positions p = first .. first + length - 1."""
+    positions = np.arange(first, first + length, dtype=np.float64)[:, None]
     freqs = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     table = np.zeros((length, dim), dtype=np.float64)
     table[:, 0::2] = np.sin(positions * freqs)

@@ -423,6 +423,7 @@ def test_from_config_uses_the_trainer_initialisation(rng):
     ([np.arange(25) % 5 + 4], ValueError, r"sources\[0\] has 25 tokens, longer than the position table \(24\)"),
     ([np.array([4.0, 5.0])], TypeError, r"sources\[0\] must hold integer token ids"),
     ([np.array([[4, 5]])], ValueError, r"sources\[0\] must be 1-d"),
+    ([[4, [5, 6]]], TypeError, r"sources\[0\] must be a flat sequence"),   # NumPy's message
 ])
 def test_bad_sources_raise_naming_the_argument(sources, error, message):
     _, engine = _pair()

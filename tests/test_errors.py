@@ -240,6 +240,8 @@ BAD = [
     ("rotary-positions-float", lambda: attncore.rotary(_o(3, 4), [0.0, 1.0, 2.0]), TypeError,
      "positions"),
     ("rotary-base", lambda: attncore.rotary(_o(3, 4), base=np.inf), ValueError, "base"),
+    ("rotary-positions-uint64", lambda: attncore.rotary(_o(3, 4), np.array(
+        [0, 1, 2 ** 64 - 1], np.uint64)), ValueError, "positions must fit int64"),   # wrapped
     ("rotary-int", lambda: attncore.rotary(np.ones((3, 4), int)), TypeError, r"\bx\b"),
     # ---- threads
     ("threads-0", lambda: attncore.set_num_threads(0), ValueError, r"\bn\b.*\[1, 1024\]"),

@@ -326,7 +326,8 @@ def embedding(table, ids):
 
 def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
     """Vaswani et al. position table (length, dim): sin on even, cos on odd dimensions,
-    positions from 0. Computed once per model in float64, then cast (a float dtype).
+    positions from 0. Computed once per model in float64, then cast (a float dtype), a block of
+    rows at a time (a whole float64 table and its temporaries were 3x the result's memory).
     length * dim is bounded (2^31 entries), base > 0."""
     length = check_size(length, "length")
     dim = check_size(dim, "dim", minimum=1)
@@ -335,7 +336,13 @@ def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
     base = check_positive_float(base, "base")
     if np.dtype(dtype).kind != "f":
         raise TypeError(f"dtype must be a float dtype, got {np.dtype(dtype)}")
-    return reference.sinusoidal_positions(length, dim, dtype=dtype, base=base)
+    out = np.empty((length, dim), dtype=dtype)
+    rows = max(1, (1 << 20) // dim)          # ~8 MB of float64 a block
+    for first in range(0, length, rows):
+        count = min(rows, length - first)
+        out[first:first + count] = reference.sinusoidal_positions(count, dim, dtype=dtype,
+                                                                  base=base, first=first)
+    return out
 
 
 def rotary(x, positions=None, base=10000.0):
@@ -354,6 +361,9 @@ def rotary(x, positions=None, base=10000.0):
         positions = np.asarray(positions)
         if positions.dtype.kind not in "iu":
             raise TypeError(f"positions must be an integer array, got dtype {positions.dtype}")
+        if positions.dtype.kind == "u" and positions.size and \
+                positions.max() > np.iinfo(np.int64).max:   # (wrapped to negative positions)
+            raise ValueError(f"positions must fit int64, got {positions.max()}")
         if positions.shape != (length,):
             raise ValueError(f"positions must have shape ({length},), got {positions.shape}")
         positions = np.ascontiguousarray(positions, dtype=np.int64)

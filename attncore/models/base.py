@@ -123,7 +123,10 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
         if isinstance(source, (str, bytes)):
             raise TypeError(f"{name}[{i}] must be a sequence of token ids, got a string "
                             f"(use translate() for text)")
-        array = np.asarray(source)
+        try:
+            array = np.asarray(source)
+        except ValueError:   # NumPy's "inhomogeneous shape": a nested, ragged source
+            raise TypeError(f"{name}[{i}] must be a flat sequence of token ids") from None
         if array.dtype == object or array.dtype.kind not in "iu":
             if array.size == 0 and array.ndim == 1:
                 raise ValueError(f"{name}[{i}] is empty")
