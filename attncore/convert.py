@@ -148,10 +148,12 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
 
     Parameters
     ----------
-    state_dict : mapping name -> array, or path to a ``.safetensors`` file
+    state_dict : mapping name -> array, or path to a ``.safetensors`` or ``.npz`` file
         ``model.state_dict()`` with each tensor as a NumPy array (``t.detach().numpy()``; CPU
         torch tensors are accepted too), or a file written by ``safetensors.numpy.save_file`` /
-        ``safetensors.torch.save_file``. float16/float32/float64 tensors are cast to ``dtype``.
+        ``safetensors.torch.save_file`` / ``numpy.savez`` (read with ``allow_pickle=False``).
+        float16/float32/float64 tensors are cast to ``dtype``. With tied embeddings torch lists
+        the shared matrix under both names: put the output layer's key in ``ignore``.
     out_dir : path
         The model directory to write (created if needed).
     names : mapping
@@ -217,13 +219,19 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
     _check_out_dir(out_dir)
     prefix = _check_prefix(prefix)
     ignore = _check_ignore(ignore)
-    arrays = _read_arrays(state_dict, "state_dict", (".safetensors",))
+    arrays = _read_arrays(state_dict, "state_dict", (".safetensors", ".npz"))
     names = _check_names(names, kind)
 
     gathered = _gather(arrays, kind, prefix, names, ignore)
     hparams = _infer_transformer_shapes(gathered, kind, prefix, names, max_positions)
     if hparams is None:  # not even d_model could be found: nothing more to check
         _raise(gathered.problems)
+    # a missing embedding is reported by the shape comparison: its placeholder vocabulary (1)
+    # must not fail the special ids' range check too
+    for side, ids in (("src", (pad_id, unk_id)), ("tgt", (bos_id, eos_id))):
+        if hparams[f"{side}_vocab_size"] and f"{side}_embedding.weight" not in gathered.weights:
+            hparams[f"{side}_vocab_size"] = max([hparams[f"{side}_vocab_size"]]
+                                                + [i + 1 for i in ids if isinstance(i, int)])
     try:
         config = TransformerConfig(
             kind=kind, num_heads=num_heads, activation=activation, norm_first=bool(norm_first),
@@ -451,9 +459,11 @@ def _infer_transformer_shapes(gathered: _Gathered, kind: str, prefix: str, names
     """
     weights, problems = gathered.weights, gathered.problems
     has_encoder, has_decoder = kind != "decoder_only", kind != "encoder_only"
-    d_model = next((d for d in (_dim(weights, "src_embedding.weight", 1), _dim(weights, "tgt_embedding.weight", 1),
-                                _dim(weights, "encoder.layers.0.norm1.weight", 0),
-                                _dim(weights, "decoder.layers.0.norm1.weight", 0)) if d), None)
+    # the layers first: one embedding of the wrong width is then one mismatch, not every layer's
+    d_model = next((d for d in (_dim(weights, "encoder.layers.0.norm1.weight", 0),
+                                _dim(weights, "decoder.layers.0.norm1.weight", 0),
+                                _dim(weights, "src_embedding.weight", 1),
+                                _dim(weights, "tgt_embedding.weight", 1)) if d), None)
     if d_model is None:
         problems.append("cannot infer d_model: no token embedding and no layers.0.norm1.weight found")
         return None

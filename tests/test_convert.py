@@ -136,7 +136,7 @@ def assert_seq2seq_matches(model, path):
 # nn.Transformer parity
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("via", ["arrays", "safetensors"])
+@pytest.mark.parametrize("via", ["arrays", "safetensors", "npz"])
 @pytest.mark.parametrize("learned", [True, False], ids=["learned", "sinusoid_buffer"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
@@ -147,6 +147,9 @@ def test_nn_transformer_logits(tmp_path, norm_first, activation, learned, via):
         from safetensors.numpy import save_file
         save_file(state, str(tmp_path / "model.safetensors"))
         state = tmp_path / "model.safetensors"
+    if via == "npz":   # (the docs said it was read; it was refused)
+        np.savez(tmp_path / "model.npz", **state)
+        state = tmp_path / "model.npz"
     out = from_pytorch_transformer(state, tmp_path / "converted", names=seq2seq_names(learned),
                                    prefix="transformer", num_heads=HEADS, scale_embedding=True,
                                    norm_first=norm_first, activation=activation)
@@ -293,6 +296,25 @@ def test_missing_named_tensor(tmp_path, torch_state):
         convert(state, tmp_path / "m")
 
 
+def test_missing_embedding_is_the_only_problem_named(tmp_path, torch_state):
+    # its placeholder vocabulary of 1 also failed the special ids' range check
+    for key, name in (("src_tok.weight", "src_embedding"), ("tgt_tok.weight", "tgt_embedding")):
+        state = {k: v for k, v in torch_state.items() if k != key}
+        with pytest.raises(ValueError, match=rf"missing tensor '{key}' \(names\['{name}'\]\)") \
+                as error:
+            convert(state, tmp_path / "m")
+        assert "lies outside" not in str(error.value)
+
+
+def test_an_embedding_of_the_wrong_width_is_one_problem(tmp_path, torch_state):
+    # d_model came from the embedding, so every layer tensor was reported instead
+    state = dict(torch_state, **{"src_tok.weight": torch_state["src_tok.weight"][:, :12]})
+    with pytest.raises(ValueError) as error:
+        convert(state, tmp_path / "m")
+    lines = [line for line in str(error.value).splitlines() if "has shape" in line]
+    assert len(lines) == 1 and "'src_tok.weight' has shape [11, 12], expected [11, 16]" in lines[0]
+
+
 def test_wrong_shape(tmp_path, torch_state):
     state = dict(torch_state, **{"transformer.encoder.layers.0.linear2.weight": np.zeros((D, FFN + 1), np.float32)})
     with pytest.raises(ValueError, match=r"'transformer.encoder.layers.0.linear2.weight' has shape \[16, 25\], "
@@ -389,7 +411,7 @@ def test_bad_state_dict_argument(tmp_path):
         convert([1, 2], tmp_path / "m")
     with pytest.raises(ValueError, match=r"state_dict: no such file"):
         convert(tmp_path / "absent.safetensors", tmp_path / "m")
-    with pytest.raises(ValueError, match=r"is not a \.safetensors file"):
+    with pytest.raises(ValueError, match=r"is not a \.safetensors or \.npz file"):
         convert(tmp_path / "model.pt", tmp_path / "m")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match=r"state_dict: cannot read"):
