@@ -467,6 +467,24 @@ def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
                             (dict(pending=([1, 2],)), "state.pending must hold 1-d")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             a.encode(second, dataclasses.replace(state, **change))
+    # edited counts and carried arrays were read as given: a wrong continuation, a NaN one,
+    # or NumPy's errors (found by an audit)
+    assert state.windows[0] >= 1, "the carried arrays of a finished window are checked"
+    carry, rest = state.layers[0][0], state.layers[0][1:]
+
+    def with_carry(**fields):
+        return dict(layers=((dataclasses.replace(carry, **fields),) + rest,))
+    d = a.embedding_size
+    for change, message in [
+            (dict(tokens=(99,)), "state.tokens (99) must be state.windows x window_size"),
+            (dict(windows=(state.windows[0] + 1,)), "state.tokens (9) must be state.windows"),
+            (with_carry(cell=np.full(d, np.nan, np.float32)), "cell holds NaN or infinity"),
+            (with_carry(cell=np.ones(5, np.float32)), f"cell must be an array of shape ({d},)"),
+            (with_carry(memory_keys=None), "memory_keys must be an array of shape"),
+            (with_carry(memory_keys=carry.memory_keys[:1]), "memory_keys must be an array"),
+            (with_carry(g_prev=None), "g_prev must be an array")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            a.encode(second, dataclasses.replace(state, **change))
 
 
 @pytest.mark.parametrize("causal", [False, True])

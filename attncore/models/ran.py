@@ -156,7 +156,9 @@ class RANState:
     causal : bool
         True: exact continuation (see the module docstring); False: official history only.
     window_size : int
-        W of the calls that built it; a continuation must use the same.
+        W of the calls that built it. A causal continuation must use the same (and keeps it
+        when the call gives none); a bidirectional state carries only ``history``, so its next
+        call may use another W.
     tokens : tuple of int
         Tokens seen so far per document.
     history : float32 (B, D)
@@ -597,16 +599,50 @@ class RAN(Model):
             if not isinstance(items, tuple) or len(items) != batch:
                 raise ValueError(f"state.{name} must be a tuple of {batch} entries (one per "
                                  f"document)")
-        for windows, pending in zip(state.windows, state.pending):
+        for tokens, windows, pending in zip(state.tokens, state.windows, state.pending):
             if not isinstance(windows, (int, np.integer)) or windows < 0:
                 raise ValueError(f"state.windows must hold counts >= 0, got {windows!r}")
             if not isinstance(pending, np.ndarray) or pending.ndim != 1 or \
                     pending.dtype.kind not in "iu" or len(pending) >= window:
                 raise ValueError(f"state.pending must hold 1-d integer arrays of fewer than "
                                  f"{window} ids")
-        for layers in state.layers:
+            if tokens != windows * window + len(pending):
+                raise ValueError(f"state.tokens ({tokens!r}) must be state.windows x "
+                                 f"window_size + the pending ids ({windows} x {window} + "
+                                 f"{len(pending)})")
+        for windows, layers in zip(state.windows, state.layers):
             if not isinstance(layers, tuple) or not all(isinstance(c, _LayerCarry) for c in layers):
                 raise ValueError("state.layers must hold tuples of the layers' carried arrays")
+            for carry in layers:
+                self._check_carry(carry, int(windows))
+
+    def _check_carry(self, carry: "_LayerCarry", windows: int) -> None:
+        """One layer's carried arrays: the shapes the model reads, finite values."""
+        d = self.embedding_size
+
+        def check(name, array, shape, allow_minus_inf=False):
+            if not isinstance(array, np.ndarray) or array.shape != shape:
+                got = array.shape if isinstance(array, np.ndarray) else type(array).__name__
+                raise ValueError(f"state.layers: {name} must be an array of shape {shape}, "
+                                 f"got {got}")
+            bad = np.isnan(array) | (array == np.inf) if allow_minus_inf else ~np.isfinite(array)
+            if bad.any():
+                raise ValueError(f"state.layers: {name} holds NaN or infinity")
+
+        check("cell", carry.cell, (d,))
+        check("g_sum", carry.g_sum, (d,))
+        check("g_max", carry.g_max, (d,), allow_minus_inf=windows == 0)  # -inf: no window yet
+        if windows == 0:
+            if carry.g_prev is not None:
+                raise ValueError("state.layers: g_prev must be None before the first window")
+        else:
+            check("g_prev", carry.g_prev, (d,))
+        for name in ("memory_keys", "memory_values"):
+            array = getattr(carry, name)
+            if self.memory_review:
+                check(name, array, (1 + windows, d))
+            elif array is not None:
+                raise ValueError(f"state.layers: {name} must be None without memory review")
 
     def _fingerprint(self) -> str:
         """A digest of the config and the weights (computed once, on the first causal call)."""
