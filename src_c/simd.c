@@ -465,6 +465,20 @@ static inline AVX2 __m256 sigmoid256(__m256 v) {
     return _mm256_andnot_ps(below, s);
 }
 
+/* Numerical Recipes' erfcc: erfc(z) ~ t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0, with
+ * P(t) = ERFCC_P0 + t (ERFCC_P1 + ... + t ERFCC_P9) (1.2e-7 relative everywhere): the GELUs
+ * gelu256 here and gelu512 (simd_avx512.h). */
+#define ERFCC_P9 0.17087277f
+#define ERFCC_P8 -0.82215223f
+#define ERFCC_P7 1.48851587f
+#define ERFCC_P6 -1.13520398f
+#define ERFCC_P5 0.27886807f
+#define ERFCC_P4 -0.18628806f
+#define ERFCC_P3 0.09678418f
+#define ERFCC_P2 0.37409196f
+#define ERFCC_P1 1.00002368f
+#define ERFCC_P0 -1.26551223f
+
 /* v 2^n for an integral float n in [-300, 64] and |v| < 2^40 where n >= -190, with one
  * rounding, as vscalefps (AVX-512) gives: 2^(n + 64) is a normal float, the first product is
  * exact, the second rounds once (gradually underflowing). Below -190 the result is a signed
@@ -500,16 +514,16 @@ static inline AVX2 __m256 gelu256(__m256 x) {
     __m256 t = _mm256_rcp_ps(d);
     t = _mm256_mul_ps(t, _mm256_fnmadd_ps(d, t, _mm256_set1_ps(2.0f)));
     t = _mm256_mul_ps(t, _mm256_fnmadd_ps(d, t, _mm256_set1_ps(2.0f)));
-    __m256 c = _mm256_set1_ps(0.17087277f);
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-0.82215223f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(1.48851587f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-1.13520398f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.27886807f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-0.18628806f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.09678418f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(0.37409196f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(1.00002368f));
-    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(-1.26551223f));          /* P(t) */
+    __m256 c = _mm256_set1_ps(ERFCC_P9);
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P8));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P7));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P6));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P5));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P4));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P3));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P2));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P1));
+    c = _mm256_fmadd_ps(c, t, _mm256_set1_ps(ERFCC_P0));          /* P(t) */
     const __m256 hi = _mm256_mul_ps(ax, ax);
     const __m256 lo = _mm256_fmsub_ps(ax, ax, hi);                      /* x^2 = hi + lo */
     const __m256 half_hi = _mm256_mul_ps(_mm256_set1_ps(-0.5f), hi);   /* exact */

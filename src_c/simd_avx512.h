@@ -242,16 +242,16 @@ static inline AVX512 __m512 gelu512(__m512 x) {
                                      _mm512_set1_ps(1.0f));
     __m512 t = _mm512_rcp14_ps(d);
     t = _mm512_mul_ps(t, _mm512_fnmadd_ps(d, t, _mm512_set1_ps(2.0f)));
-    __m512 c = _mm512_set1_ps(0.17087277f);
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-0.82215223f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(1.48851587f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-1.13520398f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.27886807f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-0.18628806f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.09678418f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(0.37409196f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(1.00002368f));
-    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(-1.26551223f));          /* P(t) */
+    __m512 c = _mm512_set1_ps(ERFCC_P9);
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P8));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P7));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P6));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P5));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P4));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P3));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P2));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P1));
+    c = _mm512_fmadd_ps(c, t, _mm512_set1_ps(ERFCC_P0));          /* P(t) */
     const __m512 hi = _mm512_mul_ps(ax, ax);
     const __m512 lo = _mm512_fmsub_ps(ax, ax, hi);                      /* x^2 = hi + lo */
     const __m512 half_hi = _mm512_mul_ps(_mm512_set1_ps(-0.5f), hi);   /* exact */
