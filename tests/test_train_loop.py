@@ -193,6 +193,40 @@ def test_cli_names_a_bad_out_and_task_option_without_a_traceback(tmp_path, capsy
     assert status == 2 and "nmu_train" in capsys.readouterr().err
 
 
+def test_a_diverged_run_stops_and_exports_nothing(tmp_path, capsys):
+    # a learning rate of 1e30 used to write a NaN model (and checkpoint) and exit 0
+    status = cli_main(["copy", "--arch", "transformer", "--out", str(tmp_path / "m"),
+                       "--steps", "20", "--batch-size", "16", "--no-progress", "--lr", "1e30",
+                       "--schedule", "constant", "--warmup-steps", "0", "--clip-norm", "0",
+                       "--checkpoint-every", "1", "--d-model", "8", "--num-heads", "2",
+                       "--task-option", "num_train=64", "--task-option", "max_len=6"])
+    err = capsys.readouterr().err
+    assert status == 1 and "training diverged at step" in err and "nothing was" in err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    checkpoint = tmp_path / "m" / "checkpoint" / "checkpoint.safetensors"
+    if checkpoint.exists():   # any checkpoint written holds only finite weights
+        from safetensors.numpy import load_file
+        assert all(np.all(np.isfinite(a)) for a in load_file(str(checkpoint)).values())
+
+
+def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    _fit(tmp_path, 2, checkpoint_every=2)
+    from safetensors.numpy import load_file, save_file
+    path = tmp_path / "checkpoint" / "checkpoint.safetensors"
+    arrays = load_file(str(path))
+    name = next(n for n in arrays if n.startswith("model/"))
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    save_file(arrays, str(path))
+    with pytest.raises(ValueError, match=rf"'{name}' holds NaN or infinity"):
+        _fit(tmp_path, 4, resume=True)
+
+
+def test_trainer_relu_keeps_nan():
+    # (np.where(x > 0, x, 0) turned NaN into 0 and hid a diverged weight behind a finite loss)
+    out = ag.relu(np.array([np.nan, -1.0, 2.0])).data
+    assert np.isnan(out[0]) and out[1] == 0 and out[2] == 2
+
+
 def test_cli_reports_an_arch_that_does_not_fit_the_task(tmp_path, capsys):
     status = cli_main(["copy", "--arch", "transformer-classifier", "--out", str(tmp_path), "--steps", "1",
                        "--no-progress"])

@@ -610,10 +610,12 @@ def sigmoid(a: ArrayLike) -> Tensor:
 
 
 def relu(a: ArrayLike) -> Tensor:
-    """``max(a, 0)``; the gradient at exactly 0 is taken as 0."""
+    """``max(a, 0)``; the gradient at exactly 0 is taken as 0. NaN stays NaN (as torch's and the
+    engine's relu: a NaN activation must not be hidden as 0)."""
     a = as_tensor(a)
     positive = a.data > 0
-    return make_op(np.where(positive, a.data, 0).astype(a.dtype), (a,), lambda g: (g * positive,))
+    kept = positive | np.isnan(a.data)
+    return make_op(np.where(kept, a.data, 0).astype(a.dtype), (a,), lambda g: (g * positive,))
 
 
 def gelu(a: ArrayLike) -> Tensor:

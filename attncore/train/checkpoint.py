@@ -81,6 +81,10 @@ def load_checkpoint(directory, model, optimizer) -> dict:
         When the checkpoint was written for a different model config or is unreadable.
     """
     state, arrays = read_checkpoint(directory)
+    bad = [name for name, array in arrays.items() if array.dtype.kind == "f"
+           and not np.all(np.isfinite(array))]
+    if bad:   # (a diverged run's weights, resumed and exported again)
+        raise ValueError(f"checkpoint {str(directory)!r}: {bad[0]!r} holds NaN or infinity")
     if state["config"] != model.config.to_dict():
         raise ValueError(f"checkpoint {str(directory)!r} belongs to another model config")
     model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})

@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``attncore train``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .loop import train
+    from .loop import TrainingDiverged, train
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         # (found only when the final checkpoint was written, after every step)
@@ -120,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, progress=not args.no_progress, task_options=task_options,
                           **model_options)
+    except TrainingDiverged as error:   # a run that failed, not a wrong command line
+        print(f"attncore train: error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         # (TypeError: a task option the task does not take, or of the wrong type)
         print(f"attncore train: error: {error}", file=sys.stderr)

@@ -16,11 +16,12 @@ batches already used and matches an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -227,6 +228,13 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             loss, correct, counted = loss_fn(model, batch)
             loss.backward()
             grad_norm = clip_grad_norm(optimizer.params, clip_norm)
+            # checked before the update: a diverged run stops with its last finite weights and
+            # is never exported (it used to write a NaN model and exit 0)
+            if not (math.isfinite(float(loss.data)) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"training diverged at step {step}: loss {float(loss.data)}, gradient norm "
+                    f"{grad_norm} (lower the learning rate or clip gradients); nothing was "
+                    f"exported")
             optimizer.step(lr)
             elapsed = max(time.perf_counter() - began, 1e-9)
 
@@ -249,11 +257,27 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
                                                          for k, v in result.evaluations[-1].items() if k != "step"),
                               file=sys.stderr)
             if checkpoint_dir is not None and ((checkpoint_every and step % checkpoint_every == 0) or last):
+                _check_finite_weights(optimizer.params, step)
                 save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index)
     finally:
         bar.close()
     model.eval()
     return result
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradients of a training step are not finite."""
+
+
+def _check_finite_weights(params, step: int) -> None:
+    """TrainingDiverged when an update left a weight NaN or infinite (a finite loss can still
+    take a step that overflows): a checkpoint must never hold one."""
+    items = params.items() if isinstance(params, Mapping) else enumerate(params)
+    for name, param in items:
+        if not np.all(np.isfinite(param.data)):
+            raise TrainingDiverged(f"training diverged at step {step}: weight {name!r} is no "
+                                   f"longer finite (lower the learning rate or clip gradients); "
+                                   f"nothing was saved or exported")
 
 
 def _evaluate(model, eval_fn, step) -> dict:
