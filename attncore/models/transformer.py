@@ -375,6 +375,10 @@ class Transformer(EncoderDecoderModel):
         if kind == "encoder_only":
             self.classifier_weight = _f32(weights["classifier.weight"])
             self.classifier_bias = _f32(weights["classifier.bias"])
+            # packed: a document's logits then have the same bits in a batch of any size (the
+            # dense product's kernel changes with the row count), as RAN's classifier
+            self.classifier_packed = kernels.PackedLinearWeight(self.classifier_weight,
+                                                                self.weight_dtype)
             self.pooling = config["pooling"]
 
     def _compiled_decoder_step(self) -> "_transformer.DecoderStep":
@@ -630,4 +634,4 @@ class Transformer(EncoderDecoderModel):
         else:
             pooled = np.stack([memory[b, : lengths[b]].mean(axis=0, dtype=np.float64)
                                for b in range(len(sequences))]).astype(_FLOAT)
-        return kernels.linear(pooled, self.classifier_weight, self.classifier_bias)
+        return kernels.linear(pooled, self.classifier_packed, self.classifier_bias)
