@@ -200,23 +200,59 @@ def _open_input(args):
         raise UserError(f"cannot read input {args.input!r}: {exc.strerror}") from None
 
 
+class _LazyOutput:
+    """The ``--output`` file, emptied and written from the first output line on, or at the end
+    of a run that had none: a run that fails before any output leaves an existing file as it
+    was (it used to be emptied when line 1 failed)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = None
+        try:   # can it be written? (appending creates it, and empties nothing)
+            open(path, "a", encoding="utf-8").close()
+        except OSError as exc:
+            raise UserError(f"cannot write output {path!r}: {exc.strerror}") from None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self.finish()
+        self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def finish(self) -> None:
+        """Empty the file for this run's output (done by the first write)."""
+        if self._file is None:
+            try:
+                self._file = open(self.path, "w", encoding="utf-8", newline="\n")
+            except OSError as exc:
+                raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._file is not None:
+            self._file.close()
+
+
 def _open_output(args):
     if args.output is None or args.output == "-":
         return contextlib.nullcontext(sys.stdout)
-    # opening the output empties it: never when it is the input (it was read as empty)
+    # writing the output empties it: never when it is the input (it was read as empty)
     if args.input not in (None, "-") and os.path.exists(args.output) and \
             os.path.exists(args.input) and os.path.samefile(args.input, args.output):
         raise UserError(f"output {args.output!r} is the input file: write to another file")
-    try:
-        return open(args.output, "w", encoding="utf-8", newline="\n")
-    except OSError as exc:
-        raise UserError(f"cannot write output {args.output!r}: {exc.strerror}") from None
+    return _LazyOutput(args.output)
 
 
 def _progress(args, interactive):
-    """A tqdm bar on stderr for file input (total from a line count of a regular file: a pipe
-    or a FIFO would be read to its end by the count, leaving nothing to run), else None."""
-    if args.no_progress or args.input in (None, "-") or interactive:
+    """A tqdm bar on stderr for file input when stderr is a terminal (total from a line count of
+    a regular file: a pipe or a FIFO would be read to its end by the count, leaving nothing to
+    run), else None. A log file gets no bar frames, only errors and the summary line."""
+    if args.no_progress or args.input in (None, "-") or interactive or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -280,8 +316,12 @@ def _run_lines(args):
                                         batching, throughput=throughput, on_batch=on_batch)
         else:
             results = distributed.run_on_dask(client, path, job, items, batching,
+                                              kernel_threads=args.threads,
                                               throughput=throughput, on_batch=on_batch,
                                               weight_dtype=args.weight_dtype)
+            # closed before the client (the stack unwinds in reverse): its clean-up cancels
+            # futures, which on a closed client printed a traceback after `| head`
+            stack.callback(results.close)
         written = 0
         try:
             for item, result in results:
@@ -296,9 +336,13 @@ def _run_lines(args):
                 f"the {written} line{'s' if written > 1 else ''} before it "
                 f"{'were' if written > 1 else 'was'} written to {where}")
             raise UserError(f"{exc}; stopped there, {done}") from None
+        finish = getattr(sink, "finish", None)
+        if finish is not None:   # (an --output file of a run without output lines: emptied)
+            finish()
         sink.flush()
         if bar is not None:
             bar.close()
+        if not (args.no_progress or args.input in (None, "-") or interactive):
             print(f"{args.command}: {throughput.summary()}", file=sys.stderr)
     return 0
 
@@ -362,15 +406,18 @@ def _attention(args):
 
 
 # -------------------------------------------------------------------------------------- parser
-def _add_model_options(parser, *, lines=True):
+def _add_model_options(parser, *, lines=True, generates=True):
     parser.add_argument("--model", metavar="DIR", default=None,
-                        help="model directory (default: the bundled dates model)")
+                        help="model directory (default: the bundled dates model)" if generates
+                        else "model directory (a RAN or an encoder-only Transformer)")
     parser.add_argument("--input", metavar="FILE", default=None,
                         help="read inputs from FILE, one per line (default: stdin)")
-    parser.add_argument("--ids", action="store_true",
-                        help="inputs are space-separated token ids, given to the model as they are "
-                             "(an attncore encoder-decoder expects its EOS id, 2, last); "
-                             "generated outputs are ids too")
+    ids_help = "inputs are space-separated token ids, given to the model as they are"
+    if generates:
+        ids_help += " (an attncore encoder-decoder expects its EOS id, 2, last)"
+    if generates and lines:
+        ids_help += "; generated outputs are ids too"
+    parser.add_argument("--ids", action="store_true", help=ids_help)
     parser.add_argument("--allow-unknown", action="store_true",
                         help="map text tokens missing from the vocabulary to <unk> instead of "
                              "refusing the line")
@@ -379,9 +426,9 @@ def _add_model_options(parser, *, lines=True):
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16", "int8"),
                         default="float32",
                         help="bfloat16: weight matrices rounded to bfloat16, half the bytes per "
-                             "decoding step; int8: products quantized to int8, a quarter of the "
-                             "bytes (fast on AVX-512 VNNI CPUs) (faster at small batches; see "
-                             "docs/ENGINE.md)")
+                             "decoding step (faster at small batches); int8: products quantized "
+                             "to int8, a quarter of the bytes (fast on AVX-512 VNNI CPUs); see "
+                             "docs/ENGINE.md")
     if lines:
         parser.add_argument("--output", metavar="FILE", default=None,
                             help="write outputs to FILE (default: stdout)")
@@ -443,7 +490,7 @@ def build_parser():
                            help="print the text rendering too (it is printed without --output)")
 
     encode = sub.add_parser("encode", help="encoder vectors as JSON lines (RAN, encoder-only)")
-    _add_model_options(encode)
+    _add_model_options(encode, generates=False)
     encode.add_argument("--pool", choices=("document", "mean", "first", "none"),
                         default="document",
                         help="document: the model's document vector (RAN pooled cell, encoder "
@@ -451,7 +498,7 @@ def build_parser():
                              "none: every token's output (default: document)")
 
     classify = sub.add_parser("classify", help="class ids (RAN, encoder-only Transformer)")
-    _add_model_options(classify)
+    _add_model_options(classify, generates=False)
     classify.add_argument("--scores", action="store_true",
                           help="also write the class log-probabilities (JSON) after a tab")
 

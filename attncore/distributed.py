@@ -154,7 +154,10 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
     network = {"host": "127.0.0.1", "protocol": "tcp://"} if processes else {}
     cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                        processes=processes, dashboard_address="127.0.0.1:0",
-                                       silence_logs=logging.ERROR, **network)
+                                       # a failed task comes back through its future, its
+                                       # line named; the worker's own traceback on stderr
+                                       # would only repeat it
+                                       silence_logs=logging.CRITICAL, **network)
     client = distributed.Client(cluster)
     try:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

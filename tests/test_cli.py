@@ -159,6 +159,20 @@ def test_model_that_does_not_exist(tmp_path):
                       "'missing' does not exist")
 
 
+def test_an_existing_output_is_kept_when_the_first_line_fails(tmp_path):
+    # (it was emptied, then nothing was written to it)
+    (tmp_path / "out.txt").write_text("KEEP\n")
+    proc = attncore_cli(["translate", "--output", "out.txt"], tmp_path, stdin="3 März 1998\n")
+    assert_user_error(proc, "line 1:", "nothing was written")
+    assert (tmp_path / "out.txt").read_text() == "KEEP\n"
+    ok = attncore_cli(["translate", "--output", "out.txt"], tmp_path, stdin="")
+    assert ok.returncode == 0 and (tmp_path / "out.txt").read_text() == "", ok.stderr
+    again = attncore_cli(["translate", "--output", "new.txt", "--no-progress"], tmp_path,
+                         stdin="\ufeff3 March 1998\n4 May 2001\n")   # a byte order mark first
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert (tmp_path / "new.txt").read_text() == "1998-03-03\n2001-05-04\n"
+
+
 def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     assert_user_error(attncore_cli(["translate", "--output", "no/such/dir.txt"], tmp_path,
                                    stdin="3 March 1998\n"), "cannot write output")

@@ -124,6 +124,23 @@ def test_cli_dask_local(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [text for _, text in single_process(LINES[:20])]
+    # a reader that stops early: exit 141 and nothing on stderr (the results' clean-up ran
+    # after the client had closed and printed a traceback); a bad line: its one error line
+    lines = [LINES[i % len(LINES)] for i in range(300)]
+    lines[150] = "3 März 1998"
+    (tmp_path / "big.txt").write_text("".join(f"{line}\n" for line in lines))
+    command = (f"{sys.executable} -m attncore translate --input big.txt --dask local:2 "
+               f"--no-progress --batch-size 4 --threads 1")
+    head = subprocess.run(f"set -o pipefail; {command} | head -1", shell=True,
+                          executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert head.returncode == 141 and head.stderr == "", head.stderr[-2000:]
+    refused = subprocess.run(command.split(), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 1
+    errors = refused.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("attncore translate: error: line 151: ") \
+        and errors[0].endswith("the 150 lines before it were written to stdout"), errors[-20:]
 
 
 def test_connect_refuses_a_bad_worker_count():
