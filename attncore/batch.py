@@ -494,6 +494,9 @@ class GenerateJob(Job):
     """Sequence generation (``model.generate``): one output sequence per line, as text through
     the tokenizer, or as space-separated ids (``ids_out``).
 
+    Text output writes a generated newline or carriage return as the two characters ``\\n`` /
+    ``\\r``, so that each input line has exactly one output line.
+
     ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
     ``2 x its length + 10`` tokens, within a position table), as ``translate`` does, so a line's
     output does not depend on its batch. With ``do_sample`` and an int ``seed``, line ``n``
@@ -530,7 +533,9 @@ class GenerateJob(Job):
     def format(self, result, frontend):
         if self.ids_out:
             return " ".join(map(str, result))
-        return frontend.need_tokenizer("text output").decode_target(result)
+        text = frontend.need_tokenizer("text output").decode_target(result)
+        # one output line per input line, whatever the vocabulary holds
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _line_seeds(seed, lines, count):

@@ -236,6 +236,14 @@ def test_generate_job_text_round_trip_and_unknown_tokens():
         job.parse(3, "   ", frontend)
 
 
+def test_a_generated_newline_does_not_break_one_line_per_input():
+    class Lines:
+        def decode_target(self, ids):
+            return "a\nb\rc"
+    frontend = batch.Frontend(ReverseModel.config, Lines())
+    assert batch.GenerateJob().format([4, 5], frontend) == "a\\nb\\rc"
+
+
 def test_text_jobs_need_a_tokenizer():
     frontend = batch.Frontend(ReverseModel.config, None)
     with pytest.raises(InputError, match="needs a tokenizer.*--ids"):
