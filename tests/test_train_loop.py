@@ -174,6 +174,9 @@ def test_cli_trains_and_exports(tmp_path, capsys):
     ("--clip-norm", "nan", "--clip-norm: expected a finite number"),
     ("--weight-decay", "-1", "--weight-decay: expected a finite number >= 0.0"),
     ("--eval-batches", "0", "--eval-batches: expected a finite number >= 1"),
+    ("--d-model", "0", "--d-model: expected a finite number >= 1"),        # ZeroDivisionError
+    ("--hidden-size", "0", "--hidden-size: expected a finite number >= 1"),
+    ("--dropout", "-0.5", "--dropout: expected a finite number >= 0.0 and < 1.0"),  # taken as 0
 ])
 def test_cli_refuses_meaningless_training_numbers(tmp_path, capsys, option, value, fragment):
     with pytest.raises(SystemExit) as exit_info:

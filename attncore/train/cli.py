@@ -74,13 +74,18 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
         "model (defaults depend on the architecture)",
         "RAN architectures read --d-model, --num-layers and --num-heads as RANConfig's embedding_size, "
         "ran_layers and head_num")
-    for name, kind in [("embed-dim", int), ("hidden-size", int), ("num-layers", int), ("rnn-type", str),
-                       ("bidirectional", _bool), ("attention", str), ("attention-dim", int),
-                       ("input-feeding", _bool), ("d-model", int), ("num-heads", int),
-                       ("num-encoder-layers", int), ("num-decoder-layers", int), ("dim-feedforward", int),
-                       ("activation", str), ("norm-first", _bool), ("positions", str), ("max-positions", int),
-                       ("tie-embeddings", _bool), ("pooling", str), ("dropout", float), ("dtype", str),
-                       ("head-size", int), ("window-size", int), ("min-window-size", int),
+    # sizes checked here: 0 ended in a ZeroDivisionError traceback, a negative dropout was taken
+    # for none
+    size, count = _number(int, 1), _number(int, 0)
+    for name, kind in [("embed-dim", size), ("hidden-size", size), ("num-layers", size),
+                       ("rnn-type", str), ("bidirectional", _bool), ("attention", str),
+                       ("attention-dim", count), ("input-feeding", _bool), ("d-model", size),
+                       ("num-heads", size), ("num-encoder-layers", count),
+                       ("num-decoder-layers", count), ("dim-feedforward", size),
+                       ("activation", str), ("norm-first", _bool), ("positions", str),
+                       ("max-positions", size), ("tie-embeddings", _bool), ("pooling", str),
+                       ("dropout", _number(float, 0.0, below=1.0)), ("dtype", str),
+                       ("head-size", size), ("window-size", size), ("min-window-size", size),
                        ("cell-pooling", str), ("memory-review", _bool)]:
         model.add_argument(f"--{name}", type=kind, default=None)
     return parser
