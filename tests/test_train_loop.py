@@ -196,6 +196,8 @@ def test_cli_names_a_bad_out_and_task_option_without_a_traceback(tmp_path, capsy
     assert status == 2 and "nmu_train" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
 def test_a_diverged_run_stops_and_exports_nothing(tmp_path, capsys):
     # a learning rate of 1e30 used to write a NaN model (and checkpoint) and exit 0
     status = cli_main(["copy", "--arch", "transformer", "--out", str(tmp_path / "m"),
@@ -222,6 +224,32 @@ def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     save_file(arrays, str(path))
     with pytest.raises(ValueError, match=rf"'{name}' holds NaN or infinity"):
         _fit(tmp_path, 4, resume=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda state: "{ not json", "cannot read .*trainer_state.json"),
+    (lambda state: json.dumps({k: v for k, v in state.items() if k != "step"}),
+     r"lacks \['step'\]"),
+    (lambda state: json.dumps(dict(state, batch_index=10 ** 6)), "batch_index 1000000 lies past"),
+    (lambda state: json.dumps(dict(state, step=99)), "at step 99, past the 4 steps"),
+])
+def test_a_damaged_checkpoint_is_named(tmp_path, edit, message):
+    # (bare JSON / KeyError / StopIteration messages, or exit 0 with nothing trained)
+    _fit(tmp_path, 2, checkpoint_every=2)
+    path = tmp_path / "checkpoint" / "trainer_state.json"
+    path.write_text(edit(json.loads(path.read_text())))
+    with pytest.raises(ValueError, match=message):
+        _fit(tmp_path, 4, resume=True)
+
+
+def test_optimizer_moments_of_another_shape_are_refused():
+    model = build_model("seq2seq-bahdanau", 7, 7, seed=0, embed_dim=4, hidden_size=4)
+    optimizer = Adam(model.named_parameters(), lr=0.01)
+    arrays = optimizer.state_arrays()
+    name = next(iter(arrays))
+    arrays[name] = np.zeros(3, arrays[name].dtype)
+    with pytest.raises(ValueError, match="optimizer state: .* is float.* \\[3\\], the parameter"):
+        optimizer.load_state(arrays, optimizer.state_meta())
 
 
 def test_trainer_relu_keeps_nan():

@@ -26,6 +26,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_WEIGHTS", "CHECKPOI
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
+_STATE_KEYS = ("step", "epoch", "batch_index", "optimizer", "dropout_rng", "config")
 
 
 def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_index: int,
@@ -64,7 +65,17 @@ def read_checkpoint(directory) -> Tuple[dict, dict]:
     if not state_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory "
                          f"(needs {CHECKPOINT_STATE} and {CHECKPOINT_WEIGHTS})")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"cannot read {state_path}: {error}") from None
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{state_path} lacks {missing} (not a checkpoint of this trainer?)")
+    for key in ("step", "epoch", "batch_index"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{state_path}: {key} must be an integer >= 0, got {value!r}")
     try:
         arrays = load_file(str(weights_path))
     except Exception as error:

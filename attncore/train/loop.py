@@ -142,8 +142,12 @@ class BatchStream:
 
     def _open(self) -> None:
         self._iterator = iter(self.make_epoch(self.epoch))
-        for _ in range(self.batch_index):
-            next(self._iterator)
+        for skipped in range(self.batch_index):
+            try:
+                next(self._iterator)
+            except StopIteration:   # (a resumed position past the epoch: a bare traceback)
+                raise ValueError(f"batch_index {self.batch_index} lies past epoch "
+                                 f"{self.epoch}, which has {skipped} batches") from None
 
     def __iter__(self):
         return self
@@ -212,6 +216,9 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer_state.json").is_file():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         start_step = state["step"]
+        if start_step > steps:   # (it exited 0, printed null for the steps and re-exported)
+            raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} is at step "
+                             f"{start_step}, past the {steps} steps asked for")
         batches.epoch, batches.batch_index, batches._iterator = state["epoch"], state["batch_index"], None
 
     result = TrainResult()

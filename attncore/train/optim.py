@@ -99,6 +99,13 @@ class Adam:
         missing = [n for n in self.params if f"exp_avg/{n}" not in arrays or f"exp_avg_sq/{n}" not in arrays]
         if missing:
             raise ValueError(f"optimizer state lacks moments for {missing}")
+        for name, param in self.params.items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                array = arrays[f"{moment}/{name}"]
+                if array.shape != param.data.shape or array.dtype != param.data.dtype:
+                    raise ValueError(f"optimizer state: {moment}/{name} is {array.dtype} "
+                                     f"{list(array.shape)}, the parameter {param.data.dtype} "
+                                     f"{list(param.data.shape)}")
         for name in self.params:
             self.exp_avg[name] = np.array(arrays[f"exp_avg/{name}"], copy=True)
             self.exp_avg_sq[name] = np.array(arrays[f"exp_avg_sq/{name}"], copy=True)
