@@ -6,7 +6,7 @@ The pipeline, each stage lazy::
     lines (read one at a time)          read_lines(binary_stream)
       -> items (line number, ids)        job.parse(line, tokenizer)
       -> batches of similar length       plan_batches(items, Batching(...))
-      -> results (model calls)           job.run(model, sources)
+      -> results (model calls)           job.run_items(model, batch) -> job.run(model, sources)
       -> results in input order          run_batches(...) -> (item, result), input order
       -> output lines                    job.format(result, tokenizer)
 
@@ -482,8 +482,10 @@ class Job:
         raise NotImplementedError
 
     def run_items(self, model, batch: Sequence[Item]) -> list:
-        """:meth:`run` on a batch of :class:`Item` (the ``infer`` of :func:`run_batches`)."""
-        return self.run(model, [item.source for item in batch], [item.line for item in batch])
+        """:meth:`run` on a batch of :class:`Item` (the ``infer`` of :func:`run_batches`).
+        Jobs whose results depend on the line numbers (:class:`GenerateJob`'s sampling) pass
+        them on; a subclass written for ``run(model, sources)`` keeps working."""
+        return self.run(model, [item.source for item in batch])
 
     def format(self, result, frontend: Frontend) -> str:
         """The output line of one result (no newline)."""
@@ -519,6 +521,9 @@ class GenerateJob(Job):
             _check_positive("max_length", max_length)
         self.max_length = max_length
         self.options = dict(generate_options)
+
+    def run_items(self, model, batch):
+        return self.run(model, [item.source for item in batch], [item.line for item in batch])
 
     def run(self, model, sources, lines=None):
         options = self.options

@@ -208,10 +208,15 @@ class _LazyOutput:
     def __init__(self, path):
         self.path = path
         self._file = None
-        try:   # can it be written? (appending creates it, and empties nothing)
-            open(path, "a", encoding="utf-8").close()
-        except OSError as exc:
-            raise UserError(f"cannot write output {path!r}: {exc.strerror}") from None
+        # can it be written? Asked without opening it: an open would create the file, or hang
+        # up on the reader of a named pipe
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"cannot write output {path!r}: it is a directory")
+        if not os.path.isdir(parent):
+            raise UserError(f"cannot write output {path!r}: No such file or directory")
+        if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+            raise UserError(f"cannot write output {path!r}: Permission denied")
 
     def write(self, text: str) -> None:
         if self._file is None:

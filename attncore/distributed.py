@@ -123,7 +123,8 @@ def _worker_kernel_threads() -> int:
         slots = getattr(getattr(worker, "state", worker), "nthreads", None) or worker.nthreads
     except (ImportError, ValueError, AttributeError):
         pass
-    return max(1, cpus // max(1, int(slots)))
+    from .kernels.threads import MAX_THREADS
+    return min(max(1, cpus // max(1, int(slots))), MAX_THREADS)
 
 
 def _run_batch(model_path: str, job, batch, kernel_threads: Optional[int],

@@ -97,12 +97,13 @@ class Tokenizer:
         return np.asarray(self.target_vocab.encode(text), dtype=np.int64)
 
     def decode_target(self, ids: Sequence[int]) -> str:
-        """Text of target ids; stops at EOS, drops PAD / BOS."""
-        return self.target_vocab.decode([int(i) for i in ids])
+        """Text of target ids; stops at EOS, drops PAD / BOS. ValueError for an id the
+        vocabulary lacks (a model whose output layer is padded past it)."""
+        return _decode(self.target_vocab, ids, "target")
 
     def decode_source(self, ids: Sequence[int]) -> str:
         """Text of source ids; stops at EOS, drops PAD / BOS."""
-        return self.source_vocab.decode([int(i) for i in ids])
+        return _decode(self.source_vocab, ids, "source")
 
     # -- storage --------------------------------------------------------------------------
     def config(self) -> dict:
@@ -129,6 +130,14 @@ class Tokenizer:
         return f"Tokenizer({sizes})"
 
 
+def _decode(vocab, ids, side: str) -> str:
+    try:
+        return vocab.decode([int(i) for i in ids])
+    except IndexError as exc:   # (a bare IndexError escaped the command line's error lines)
+        raise ValueError(f"cannot decode: {exc}: the {side} vocabulary has {len(vocab)} tokens "
+                         f"(the model's output layer is larger)") from None
+
+
 def _tokens(vocab, text: str):
     tokenize = getattr(vocab, "tokenize", None)
     return tokenize(text) if tokenize is not None else list(text)
@@ -148,9 +157,9 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
     """The tokenizer ``config["tokenizer"]`` describes, with files read from ``directory``.
 
     Returns None when the entry is absent or null. Raises ValueError for an unknown type, a
-    file name that leaves the directory, a missing or unreadable file, a vocabulary larger than
-    the model's ``src_vocab_size`` / ``tgt_vocab_size``, or a target vocabulary smaller than
-    ``tgt_vocab_size`` (ids the model can generate without a text).
+    file name that leaves the directory, a missing or unreadable file, or a vocabulary larger
+    than the model's ``src_vocab_size`` / ``tgt_vocab_size``. A smaller one is allowed (output
+    layers padded past the tokenizer are common); decoding an id it lacks raises ValueError.
     """
     from .data.vocab import load_vocab
 
@@ -185,11 +194,7 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
         if size_key in config and len(vocab) > int(config[size_key]):
             raise ValueError(f"{name} has {len(vocab)} tokens, more than {size_key}="
                              f"{config[size_key]}")
-        if side == "tgt" and size_key in config and len(vocab) < int(config[size_key]):
-            # the model can generate every id of its output layer: each needs a text
-            raise ValueError(f"{name} has {len(vocab)} tokens, fewer than {size_key}="
-                             f"{config[size_key]}: generated ids {len(vocab)} and above would "
-                             f"have no text (pad the vocabulary to the output layer's size)")
+
         vocabs[side], names[f"{side}_file"] = vocab, name
     if not vocabs:
         raise ValueError("config['tokenizer'] names neither a 'src' nor a 'tgt' file")

@@ -128,7 +128,11 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
                         R_SCALE(o_tile + r * D, D, correction);
                     }
                     row_max[r] = new_max;
-                    row_sum[r] += R_EXP_SHIFT_SUM(s, n_valid, new_max);
+                    /* every score -inf so far (finite q . k overflowing): shift by 0, so that
+                     * the row stays "no key" (zeros), as the float32 tile path gives it, not
+                     * exp(-inf + inf) = NaN */
+                    row_sum[r] += R_EXP_SHIFT_SUM(s, n_valid,
+                                                  new_max == -INFINITY ? (REAL)0 : new_max);
                     if (n_valid < nk) memset(s + n_valid, 0, sizeof(REAL) * (nk - n_valid));
                 }
                 /* o_tile (nq, D) += probabilities (nq, nk) . v[j0:j0+nk] */
@@ -197,7 +201,9 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 CAT(ac_scores_, SUF)(q_row, k_head + j0 * D, j1 - j0, D, scale, scores);
                 REAL mx = R_MAX(scores, j1 - j0);
                 part_max[item * Lq + i] = mx;
-                part_sum[item * Lq + i] = R_EXP_SHIFT_SUM(scores, j1 - j0, mx);
+                /* (every score -inf: shift by 0, a sum of 0, as in the flash paths) */
+                part_sum[item * Lq + i] = R_EXP_SHIFT_SUM(scores, j1 - j0,
+                                                          mx == -INFINITY ? (REAL)0 : mx);
                 CAT(ac_weighted_sum_, SUF)(scores, v_head + j0 * D, j1 - j0, D, o);
             }
         }

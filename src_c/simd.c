@@ -479,7 +479,7 @@ static inline AVX2 __m256 sigmoid256(__m256 v) {
 #define ERFCC_P1 1.00002368f
 #define ERFCC_P0 -1.26551223f
 
-/* v 2^n for an integral float n in [-300, 64] and |v| < 2^40 where n >= -190, with one
+/* v 2^n for an integral float n in [-300, 63] and |v| < 2^40 where n >= -190, with one
  * rounding, as vscalefps (AVX-512) gives: 2^(n + 64) is a normal float, the first product is
  * exact, the second rounds once (gradually underflowing). Below -190 the result is a signed
  * zero (|v 2^n| < 2^-150 for the |v| < 2^60 GELU passes there; a huge |x| gives a huge v). */

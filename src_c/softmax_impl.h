@@ -3,15 +3,18 @@
 #define CAT(a, b) CAT_(a, b)
 
 /* A row whose maximum came out -inf holds only -inf and NaN among its valid entries (a vector
- * max may drop a NaN lane): a NaN makes the row NaN, never a silent "nothing valid" zero row. */
+ * max may drop a NaN lane): a NaN makes its valid entries NaN -- never a silent "nothing
+ * valid" zero row -- and the others 0 (-inf for log-softmax), as a row with a finite maximum
+ * and a NaN gets them. */
 static int CAT(nan_row_, SUF)(const REAL *x, REAL *y, ac_index n_valid, ac_index n,
-                              const uint8_t *mask) {
-    for (ac_index j = 0; j < n_valid; j++)
-        if ((!mask || mask[j]) && x[j] != x[j]) {
-            for (ac_index t = 0; t < n; t++) y[t] = (REAL)NAN;
-            return 1;
-        }
-    return 0;
+                              const uint8_t *mask, int log_output) {
+    ac_index j = 0;
+    while (j < n_valid && !((!mask || mask[j]) && x[j] != x[j])) j++;
+    if (j == n_valid) return 0;
+    for (ac_index t = 0; t < n; t++)
+        y[t] = (t < n_valid && (!mask || mask[t])) ? (REAL)NAN
+               : (log_output ? (REAL)-INFINITY : (REAL)0);
+    return 1;
 }
 
 void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
@@ -31,7 +34,8 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
             REAL mx = CAT(ac_max_, SUF)(xr, n_valid);
             /* every valid entry -inf (an additive mask over the whole row): nothing valid */
             if (mx == -INFINITY) {
-                if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, NULL)) memset(yr, 0, sizeof(REAL) * n);
+                if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, NULL, log_output))
+                    memset(yr, 0, sizeof(REAL) * n);
                 continue;
             }
             if (log_output) {
@@ -55,7 +59,8 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
         for (ac_index j = 0; j < n_valid; j++)
             if (mr[j]) { if (!any || xr[j] > mx) mx = xr[j]; any = 1; }
         if (!any || mx == -INFINITY) {
-            if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, mr)) memset(yr, 0, sizeof(REAL) * n);
+            if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, mr, log_output))
+                memset(yr, 0, sizeof(REAL) * n);
             continue;
         }
         REAL total = 0;

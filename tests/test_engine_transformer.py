@@ -279,6 +279,31 @@ def test_a_sentence_gives_the_same_bits_alone_and_in_any_batch(rng, kind, norm_f
             _same(together[row], engine.classify([many[row]])[0])
 
 
+def test_select_takes_rows_of_any_layout(rng):
+    # a strided or broadcast rows array (the compiled gather reads a flat int64 one)
+    _, engine = _pair(seed=2)
+    state = engine._start(_sources(rng, [4, 2, 5, 3], SRC_VOCAB))
+    engine._step(state, np.full(4, engine.bos_id))
+    strided = state.select(np.arange(4)[::2])
+    broadcast = state.select(np.broadcast_to(np.int64(1), (3,)))
+    dense = state.select(np.array([0, 2]))
+    for a, b in zip(strided.self_k, dense.self_k):
+        np.testing.assert_array_equal(a[:, :, :1], b[:, :, :1])
+    assert broadcast.batch_size == 3
+
+
+def test_an_encoder_only_model_without_classes_still_encodes(rng):
+    _, engine = _pair(kind="encoder_only", num_classes=1)
+    config = dict(engine.config, num_classes=0)
+    weights = dict(engine.weights, **{"classifier.weight": np.zeros((0, engine.d_model),
+                                                                    np.float32),
+                                      "classifier.bias": np.zeros(0, np.float32)})
+    without = Transformer(config, weights)
+    sources = _sources(rng, [3, 5], SRC_VOCAB)
+    for a, b in zip(without.encode(sources), engine.encode(sources)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_decoder_only_prompt_alone_equals_inside_a_ragged_batch(rng):
     # rows of a ragged batch sit at different positions (the cache is written per row); alone,
     # a row decodes in lockstep: both must give the same numbers and tokens

@@ -664,6 +664,22 @@ def test_luong_and_softmax_propagate_nan_rows():
             assert np.isnan(out[0]).all() and np.isfinite(out[1]).all(), n
     nothing_valid = np.full((1, 4), -np.inf, np.float32)
     assert np.array_equal(attncore.softmax(nothing_valid), np.zeros((1, 4)))
+    # NaN on the valid entries only: padding stays 0 (-inf for log-softmax), whatever the max
+    x = np.array([[-np.inf, np.nan, 5, 5], [1, np.nan, 5, 5]], np.float32)
+    for out, fill in ((attncore.softmax(x, lengths=[2, 2]), 0.0),
+                      (attncore.log_softmax(x, lengths=[2, 2]), -np.inf),
+                      (attncore.softmax(x, mask=np.array([[1, 1, 0, 0]] * 2, bool)), 0.0)):
+        assert np.isnan(out[:, :2]).all() and (out[:, 2:] == fill).all()
+
+
+@pytest.mark.parametrize("q_len", [1, 4, 200])
+def test_scores_that_all_overflow_to_minus_inf_give_a_zero_row_on_every_path(q_len):
+    # finite q . k past float32's range: every path treats the row as one with no key (the
+    # generic flash and split-KV paths gave exp(-inf + inf) = NaN, the tile path zeros)
+    q = np.full((1, 1, q_len, 4), 1e20, np.float32)
+    k = np.full((1, 1, 300, 4), -1e20, np.float32)
+    out = attncore.attention(q, k, np.ones((1, 1, 300, 4), np.float32))
+    assert np.array_equal(out, np.zeros_like(out))
 
 
 # ------------------------------------------------------------------ Nadaraya-Watson

@@ -211,5 +211,7 @@ def test_gather_cache_prefix_rejects_what_would_touch_foreign_memory():
         gather(cache, np.array([0, 1]), 6, out, 1)
     with pytest.raises(ValueError, match=r"out must have shape \(2, 2, 5, 4\)"):
         gather(cache, np.array([0, 1]), 5, np.zeros((2, 2, 4, 4), np.float32), 1)
-    with pytest.raises(ValueError, match="out must not be cache"):
+    with pytest.raises(ValueError, match="out must not overlap cache"):
         gather(cache, np.array([0, 1, 2]), 5, cache, 1)
+    with pytest.raises(ValueError, match="out must not overlap cache"):
+        gather(cache, np.array([0, 1]), 5, cache[1:], 1)

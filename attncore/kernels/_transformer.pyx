@@ -114,7 +114,7 @@ def gather_cache_prefix(const float[:, :, :, ::1] cache, const int64_t[::1] rows
     a KV cache): one memcpy per (row, head) block, without the GIL, over ``num_threads``.
 
     cache (B, H, capacity, head_dim) and out (R, H, capacity, head_dim) float32, C-contiguous,
-    different arrays; rows (R,) int64 in [0, B); 0 <= filled <= capacity. Positions past
+    not overlapping; rows (R,) int64 in [0, B); 0 <= filled <= capacity. Positions past
     ``filled`` of ``out`` are left as they are.
     """
     cdef Py_ssize_t B = cache.shape[0], H = cache.shape[1], cap = cache.shape[2]
@@ -129,8 +129,10 @@ def gather_cache_prefix(const float[:, :, :, ::1] cache, const int64_t[::1] rows
             raise ValueError(f"rows must lie in [0, {B}), got {rows[i]}")
     if R == 0 or H == 0 or filled == 0 or D == 0:
         return
-    if &out[0, 0, 0, 0] == &cache[0, 0, 0, 0]:
-        raise ValueError("out must not be cache")
+    cdef const char *c0 = <const char *>&cache[0, 0, 0, 0]
+    cdef const char *o0 = <const char *>&out[0, 0, 0, 0]
+    if o0 < c0 + B * H * cap * D * sizeof(float) and c0 < o0 + R * H * cap * D * sizeof(float):
+        raise ValueError("out must not overlap cache")
     cdef Py_ssize_t nbytes = filled * D * sizeof(float)
     cdef int threads = num_threads if R * H * nbytes >= _GATHER_PARALLEL_BYTES else 1
     with nogil:

@@ -30,9 +30,9 @@ def _default_num_threads():
     if env.isdigit() and int(env) > 0:
         return min(int(env), MAX_THREADS)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return min(max(1, len(os.sched_getaffinity(0))), MAX_THREADS)
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        return min(max(1, os.cpu_count() or 1), MAX_THREADS)
 
 
 #: The most threads a kernel may be asked for: the C kernels take an int, and asking OpenMP

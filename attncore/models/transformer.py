@@ -271,7 +271,7 @@ def _check_rows(rows, batch: int) -> np.ndarray:
     rows = np.asarray(rows)
     if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
         raise ValueError(f"rows must be a 1-d integer array, got shape {rows.shape} dtype {rows.dtype}")
-    rows = rows.astype(np.int64, copy=False)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)   # (the compiled gather reads it flat)
     if rows.size and (rows.min() < 0 or rows.max() >= batch):
         raise ValueError(f"rows must lie in [0, {batch}), got {int(rows[(rows < 0) | (rows >= batch)][0])}")
     return rows
@@ -375,10 +375,11 @@ class Transformer(EncoderDecoderModel):
         if kind == "encoder_only":
             self.classifier_weight = _f32(weights["classifier.weight"])
             self.classifier_bias = _f32(weights["classifier.bias"])
-            # packed: a document's logits then have the same bits in a batch of any size (the
-            # dense product's kernel changes with the row count), as RAN's classifier
-            self.classifier_packed = kernels.PackedLinearWeight(self.classifier_weight,
-                                                                self.weight_dtype)
+            # packed (float32: a few rows, nothing to gain from fewer bytes): a document's
+            # logits then have the same bits in a batch of any size (the dense product's kernel
+            # changes with the row count). None without classes (num_classes = 0 loads)
+            self.classifier_packed = (kernels.PackedLinearWeight(self.classifier_weight)
+                                      if self.classifier_weight.size else None)
             self.pooling = config["pooling"]
 
     def _compiled_decoder_step(self) -> "_transformer.DecoderStep":
@@ -634,4 +635,6 @@ class Transformer(EncoderDecoderModel):
         else:
             pooled = np.stack([memory[b, : lengths[b]].mean(axis=0, dtype=np.float64)
                                for b in range(len(sequences))]).astype(_FLOAT)
-        return kernels.linear(pooled, self.classifier_packed, self.classifier_bias)
+        weight = self.classifier_packed if self.classifier_packed is not None \
+            else self.classifier_weight
+        return kernels.linear(pooled, weight, self.classifier_bias)

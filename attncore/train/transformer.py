@@ -130,6 +130,9 @@ class TransformerConfig(ConfigDict):
             (self.kind == "decoder_only" or self.src_vocab_size > 0, "src_vocab_size must be > 0"),
             (self.kind == "encoder_only" or self.tgt_vocab_size > 0, "tgt_vocab_size must be > 0"),
             (self.kind != "encoder_only" or self.num_classes > 0, "encoder_only needs num_classes > 0"),
+            # (the engine refuses a decoder without layers: a run must not train, then fail)
+            (self.kind == "encoder_only" or self.num_decoder_layers >= 1,
+             f"a {self.kind} model needs num_decoder_layers >= 1"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
