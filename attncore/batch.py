@@ -40,6 +40,7 @@ Across machines, :mod:`attncore.distributed` runs the same jobs on Dask workers.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -523,7 +524,10 @@ class GenerateJob(Job):
         self.options = dict(generate_options)
 
     def run_items(self, model, batch):
-        return self.run(model, [item.source for item in batch], [item.line for item in batch])
+        sources = [item.source for item in batch]
+        if "lines" not in inspect.signature(self.run).parameters:   # a subclass's older run()
+            return self.run(model, sources)
+        return self.run(model, sources, [item.line for item in batch])
 
     def run(self, model, sources, lines=None):
         options = self.options

@@ -209,13 +209,15 @@ class _LazyOutput:
         self.path = path
         self._file = None
         # can it be written? Asked without opening it: an open would create the file, or hang
-        # up on the reader of a named pipe
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
+        # up on the reader of a named pipe. (Symlinks followed, as the open will.)
+        target = os.path.realpath(path)
+        parent = os.path.dirname(target)
+        if not path or path.endswith(os.sep) or os.path.isdir(target):
             raise UserError(f"cannot write output {path!r}: it is a directory")
         if not os.path.isdir(parent):
             raise UserError(f"cannot write output {path!r}: No such file or directory")
-        if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        if not (os.access(target, os.W_OK) if os.path.exists(target)
+                else os.access(parent, os.W_OK | os.X_OK)):
             raise UserError(f"cannot write output {path!r}: Permission denied")
 
     def write(self, text: str) -> None:

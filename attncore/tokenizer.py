@@ -131,11 +131,15 @@ class Tokenizer:
 
 
 def _decode(vocab, ids, side: str) -> str:
-    try:
-        return vocab.decode([int(i) for i in ids])
-    except IndexError as exc:   # (a bare IndexError escaped the command line's error lines)
-        raise ValueError(f"cannot decode: {exc}: the {side} vocabulary has {len(vocab)} tokens "
-                         f"(the model's output layer is larger)") from None
+    """``vocab.decode`` of ids checked against the vocabulary first: a JSON vocabulary raised a
+    bare IndexError, and a ``tokenizers`` one dropped the id silently."""
+    ids = [int(i) for i in ids]
+    size = len(vocab)
+    bad = next((i for i in ids if not 0 <= i < size), None)
+    if bad is not None:
+        raise ValueError(f"cannot decode token id {bad}: the {side} vocabulary has {size} "
+                         f"tokens (a model whose output layer is larger than its tokenizer?)")
+    return vocab.decode(ids)
 
 
 def _tokens(vocab, text: str):

@@ -272,8 +272,11 @@ int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 const ac_index n_valid = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
                 if (n_valid > 0) {
                     REAL mx = R_MAX(s, n_valid);
-                    REAL total = R_EXP_SHIFT_SUM(s, n_valid, mx);
-                    R_SCALE(s, n_valid, 1 / total);
+                    /* every score -inf (finite q . k overflowing): shift by 0, a zero row as
+                     * in the fused paths, not exp(-inf + inf) = NaN; a NaN score: NaN row */
+                    REAL total = R_EXP_SHIFT_SUM(s, n_valid, mx == -INFINITY ? (REAL)0 : mx);
+                    if (total != 0) R_SCALE(s, n_valid, 1 / total);
+                    else memset(s, 0, sizeof(REAL) * n_valid);
                 }
                 if (n_valid < Lk) memset(s + n_valid, 0, sizeof(REAL) * (Lk - n_valid));
             }

@@ -236,6 +236,15 @@ def test_generate_job_text_round_trip_and_unknown_tokens():
         job.parse(3, "   ", frontend)
 
 
+def test_job_subclasses_with_the_older_run_signature_still_run():
+    # run(model, sources) without lines: GenerateJob and other jobs alike
+    class Old(batch.GenerateJob):
+        def run(self, model, sources):
+            return [[len(s)] for s in sources]
+    items = [Item(1, np.array([3, 4])), Item(2, np.array([5]))]
+    assert Old().run_items(None, items) == [[2], [1]]
+
+
 def test_a_generated_newline_does_not_break_one_line_per_input():
     class Lines:
         def decode_target(self, ids):

@@ -553,9 +553,10 @@ def test_tokenizer_source_eos_follows_the_sides_and_the_override(tmp_path):
     padded = load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 9,
                                        "tgt_vocab_size": 9})
     assert padded.decode_target([4, 5]) == "ab"
-    with pytest.raises(ValueError, match=r"cannot decode: token id 8 outside \[0, 7\): the "
-                                         r"target vocabulary has 7 tokens"):
-        padded.decode_target([4, 8])
+    for bad in (8, -1):
+        with pytest.raises(ValueError, match=rf"cannot decode token id {bad}: the target "
+                                             r"vocabulary has 7 tokens"):
+            padded.decode_target([4, bad])
 
 
 @pytest.mark.parametrize("text, detail", [

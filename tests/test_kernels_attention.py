@@ -680,6 +680,10 @@ def test_scores_that_all_overflow_to_minus_inf_give_a_zero_row_on_every_path(q_l
     k = np.full((1, 1, 300, 4), -1e20, np.float32)
     out = attncore.attention(q, k, np.ones((1, 1, 300, 4), np.float32))
     assert np.array_equal(out, np.zeros_like(out))
+    out, weights = attncore.attention(q, k, np.ones((1, 1, 300, 4), np.float32),
+                                      return_weights=True)
+    assert np.array_equal(out, np.zeros_like(out))
+    assert np.array_equal(weights, np.zeros_like(weights))
 
 
 # ------------------------------------------------------------------ Nadaraya-Watson
