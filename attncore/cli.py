@@ -303,6 +303,7 @@ def _run_lines(args):
             infer_model = model
         if not args.ids and frontend.tokenizer is None:
             raise UserError("this model has no tokenizer: give token ids with --ids")
+        _check_max_length(args, frontend.config)
         _set_threads(args)
         source = stack.enter_context(_open_input(args))
         sink = stack.enter_context(_open_output(args))
@@ -352,6 +353,16 @@ def _run_lines(args):
         if not (args.no_progress or args.input in (None, "-") or interactive):
             print(f"{args.command}: {throughput.summary()}", file=sys.stderr)
     return 0
+
+
+def _check_max_length(args, config):
+    """--max-length past a Transformer's position table, refused before any line runs (it came
+    back as the error of line 1)."""
+    limit = config.get("max_positions") if config.get("architecture") == "transformer" else None
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and isinstance(limit, int) and max_length > limit:
+        raise UserError(f"--max-length {max_length} is more positions than the model's "
+                        f"position table has (max_positions={limit})")
 
 
 def _frontend(path):

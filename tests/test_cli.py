@@ -386,6 +386,22 @@ def test_ran_classify_and_encode_with_ids(tmp_path):
                                    stdin="4 20\n"), "line 1: token id 20 outside [0, 20)")
 
 
+def test_max_length_past_the_position_table_is_refused_before_any_line(tmp_path):
+    from attncore import models
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(kind="encoder_decoder", src_vocab_size=9, tgt_vocab_size=9,
+                               d_model=8, num_heads=2, dim_feedforward=8, num_encoder_layers=1,
+                               num_decoder_layers=1, max_positions=16).to_dict()
+    models.from_config(config, seed=0).save(tmp_path / "t")
+    proc = attncore_cli(["generate", "--model", tmp_path / "t", "--ids", "--max-length", "30"],
+                        tmp_path, stdin="4 5 2\n")
+    assert_user_error(proc, "--max-length 30 is more positions than the model's position "
+                            "table has (max_positions=16)")
+    ok = attncore_cli(["generate", "--model", tmp_path / "t", "--ids", "--max-length", "16"],
+                      tmp_path, stdin="4 5 2\n")
+    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 1, ok.stderr
+
+
 def test_a_line_the_model_refuses_is_named(tmp_path, encoder_model):
     path, _ = encoder_model
     stdin = "abc\nab\n" + "a" * 20 + "\nabc\n"  # 20 tokens: longer than the position table
