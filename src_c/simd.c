@@ -152,6 +152,18 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
 #define EXP_P4 1.6666665459E-1f
 #define EXP_P5 5.0000001201E-1f
 
+/* exp(r) for a reduced argument |r| <= ~0.35 (x = n ln2 + r): the degree-5 polynomial of
+ * exp256, shared with gelu256's own range reduction. */
+static inline AVX2 __m256 exp_reduced256(__m256 r) {
+    __m256 y = _mm256_set1_ps(EXP_P0);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P5));
+    return _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+}
+
 /* exp(x) for 8 floats, 2^n through the exponent bits. Relative error ~2 ulp. Inputs below
  * EXP_LO (including -inf, used for masked scores) give exactly 0. */
 static inline AVX2 __m256 exp256(__m256 x) {
@@ -164,14 +176,7 @@ static inline AVX2 __m256 exp256(__m256 x) {
     fx = _mm256_floor_ps(fx);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
-    __m256 y = _mm256_set1_ps(EXP_P0);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P1));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P2));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P3));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P4));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(EXP_P5));
-    __m256 x2 = _mm256_mul_ps(x, x);
-    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256 y = exp_reduced256(x);
     __m256i e = _mm256_cvttps_epi32(fx);
     e = _mm256_add_epi32(e, _mm256_set1_epi32(127));
     e = _mm256_slli_epi32(e, 23);
@@ -534,13 +539,7 @@ static inline AVX2 __m256 gelu256(__m256 x) {
     r = _mm256_add_ps(r, c);
     r = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), lo, r);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);           /* |r| <= ~0.35 */
-    __m256 p = _mm256_set1_ps(EXP_P0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256 p = exp_reduced256(r);
     const __m256 half_t_p = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), t), p);
     /* x >= 0 (and NaN): x (1 - e); x < 0: 2^n (x 0.5 t exp(r)) */
     const __m256 e = scale_pow2_256(half_t_p, n);

@@ -19,6 +19,17 @@ static inline AVX512 __mmask16 mask16(ac_index n) {
     return (__mmask16)(n >= 16 ? 0xFFFF : ((1u << n) - 1u));
 }
 
+/* exp_reduced256 (simd.c) on 16 lanes: exp(r), |r| <= ~0.35, shared by exp512 and gelu512. */
+static inline AVX512 __m512 exp_reduced512(__m512 r) {
+    __m512 y = _mm512_set1_ps(EXP_P0);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P5));
+    return _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+}
+
 /* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c, the EXP_*
  * constants), with 2^n applied by `vscalefps`, which needs no integer detour and stays finite
  * up to the clamp at 88.38.
@@ -34,13 +45,7 @@ static inline AVX512 __m512 exp512(__m512 x) {
     fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_HI), x);
     x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_LO), x);
-    __m512 y = _mm512_set1_ps(EXP_P0);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P1));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P2));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P3));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P4));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(EXP_P5));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    const __m512 y = exp_reduced512(x);
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_scalef_ps(y, fx));
 }
 
@@ -262,13 +267,7 @@ static inline AVX512 __m512 gelu512(__m512 x) {
     r = _mm512_add_ps(r, c);
     r = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), lo, r);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);           /* |r| <= ~0.35 */
-    __m512 p = _mm512_set1_ps(EXP_P0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const __m512 p = exp_reduced512(r);
     const __m512 half_t_p = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), t), p);
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     /* x >= 0 (and NaN): x (1 - e); x < 0: 2^n (x 0.5 t exp(r)) */
