@@ -532,7 +532,10 @@ class GenerateJob(Job):
     def run(self, model, sources, lines=None):
         options = self.options
         if lines is not None and options.get("do_sample") and options.get("seed") is not None:
-            options = dict(options, seed=_line_seeds(options["seed"], lines, len(sources)))
+            # line n's stream: the one source n - 1 of a single call over the whole input gets
+            from . import generation
+            options = dict(options, seed=generation.source_seeds(
+                check_seed(options["seed"]), len(sources), keys=[n - 1 for n in lines]))
         if self.max_length is None:
             results = generate_with_default_lengths(model, sources, **options)
         else:
@@ -545,17 +548,6 @@ class GenerateJob(Job):
         text = frontend.need_tokenizer("text output").decode_target(result)
         # one output line per input line, whatever the vocabulary holds
         return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
-def _line_seeds(seed, lines, count):
-    """One sampling seed per source from an int ``seed`` and the sources' 1-based ``lines``:
-    the seed source ``n - 1`` of a single call over the whole input would get."""
-    if len(lines) != count:
-        raise ValueError(f"lines has {len(lines)} entries for {count} sources")
-    seed = check_seed(seed)
-    if isinstance(seed, list):  # already one seed per source
-        return seed
-    return [np.random.SeedSequence(seed, spawn_key=(int(line) - 1,)) for line in lines]
 
 
 class EncodeJob(Job):

@@ -255,11 +255,16 @@ def _open_output(args):
     return _LazyOutput(args.output)
 
 
+def _reports_progress(args, interactive) -> bool:
+    """Whether the run reports on stderr: file input, not interactive, not --no-progress."""
+    return not (args.no_progress or args.input in (None, "-") or interactive)
+
+
 def _progress(args, interactive):
     """A tqdm bar on stderr for file input when stderr is a terminal (total from a line count of
     a regular file: a pipe or a FIFO would be read to its end by the count, leaving nothing to
     run), else None. A log file gets no bar frames, only errors and the summary line."""
-    if args.no_progress or args.input in (None, "-") or interactive or not sys.stderr.isatty():
+    if not _reports_progress(args, interactive) or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -350,7 +355,7 @@ def _run_lines(args):
         sink.flush()
         if bar is not None:
             bar.close()
-        if not (args.no_progress or args.input in (None, "-") or interactive):
+        if _reports_progress(args, interactive):
             print(f"{args.command}: {throughput.summary()}", file=sys.stderr)
     return 0
 

@@ -184,17 +184,22 @@ def _argmax(scores, rows):
     return scores.argmax(axis=1)
 
 
-def source_seeds(seed, count):
+def source_seeds(seed, count, keys=None):
     """The seed of each of ``count`` sources for a validated ``seed`` (see :func:`sample`):
-    fresh ``SeedSequence`` s for None, ``SeedSequence(seed, spawn_key=(i,))`` for an int, the
-    entries of a sequence (which must have ``count``)."""
+    fresh ``SeedSequence`` s for None, ``SeedSequence(seed, spawn_key=(key,))`` for an int, the
+    entries of a sequence (which must have ``count``). ``keys`` (default ``0 .. count - 1``, the
+    index in the call) are what an int seed's streams are keyed by: a batch job passes each
+    line's index in its file."""
     if seed is None:
         return np.random.SeedSequence().spawn(count)
     if isinstance(seed, (list, tuple, np.ndarray)):
         if len(seed) != count:
             raise ValueError(f"seed has {len(seed)} entries for {count} sources")
         return list(seed)
-    return [np.random.SeedSequence(seed, spawn_key=(i,)) for i in range(count)]
+    keys = range(count) if keys is None else keys
+    if len(keys) != count:
+        raise ValueError(f"keys has {len(keys)} entries for {count} sources")
+    return [np.random.SeedSequence(seed, spawn_key=(int(key),)) for key in keys]
 
 
 def _sampling_streams(seed, count):

@@ -198,7 +198,6 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
         if size_key in config and len(vocab) > int(config[size_key]):
             raise ValueError(f"{name} has {len(vocab)} tokens, more than {size_key}="
                              f"{config[size_key]}")
-
         vocabs[side], names[f"{side}_file"] = vocab, name
     if not vocabs:
         raise ValueError("config['tokenizer'] names neither a 'src' nor a 'tgt' file")

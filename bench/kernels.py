@@ -101,11 +101,10 @@ def run_activations(threads, torch, rows, quick):
     rng = np.random.default_rng(5)
     for shape in ([(16, 2048)] if quick else [(64, 2048), (1024, 2048)]):
         x = (2 * rng.standard_normal(shape)).astype(np.float32)
-        for name, numpy_fn, torch_name in (
-                ("gelu", lambda: reference.gelu(x), "gelu"),
-                ("gelu_tanh", lambda: reference.gelu_tanh(x), "gelu_tanh"),
-                ("tanh", lambda: np.tanh(x), "tanh"),
-                ("sigmoid", lambda: reference.sigmoid(x), "sigmoid")):
+        for name, numpy_fn in (("gelu", lambda: reference.gelu(x)),
+                               ("gelu_tanh", lambda: reference.gelu_tanh(x)),
+                               ("tanh", lambda: np.tanh(x)),
+                               ("sigmoid", lambda: reference.sigmoid(x))):
             fn = getattr(attncore, name)
             t_ac = H.best_time(lambda: fn(x), 20)
             t_np = H.best_time(numpy_fn, 5)
@@ -116,7 +115,7 @@ def run_activations(threads, torch, rows, quick):
                 torch_fn = {"gelu": lambda: F.gelu(tx),
                             "gelu_tanh": lambda: F.gelu(tx, approximate="tanh"),
                             "tanh": lambda: torch.tanh(tx),
-                            "sigmoid": lambda: torch.sigmoid(tx)}[torch_name]
+                            "sigmoid": lambda: torch.sigmoid(tx)}[name]
                 with torch.inference_mode():
                     t_th = H.best_time(torch_fn, 20)
             rows.append((threads, f"{name} {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))

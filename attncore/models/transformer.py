@@ -373,13 +373,13 @@ class Transformer(EncoderDecoderModel):
             self.output_step = kernels.PackedLinearWeight(self.output_weight, self.weight_dtype)
             self._decoder_step = self._compiled_decoder_step()
         if kind == "encoder_only":
-            self.classifier_weight = _f32(weights["classifier.weight"])
-            self.classifier_bias = _f32(weights["classifier.bias"])
+            classifier = _f32(weights["classifier.weight"])
             # packed (float32: a few rows, nothing to gain from fewer bytes): a document's
             # logits then have the same bits in a batch of any size (the dense product's kernel
-            # changes with the row count). None without classes (num_classes = 0 loads)
-            self.classifier_packed = (kernels.PackedLinearWeight(self.classifier_weight)
-                                      if self.classifier_weight.size else None)
+            # changes with the row count); without classes (num_classes = 0) the empty array
+            self.classifier_weight = (kernels.PackedLinearWeight(classifier)
+                                      if classifier.size else classifier)
+            self.classifier_bias = _f32(weights["classifier.bias"])
             self.pooling = config["pooling"]
 
     def _compiled_decoder_step(self) -> "_transformer.DecoderStep":
@@ -635,6 +635,4 @@ class Transformer(EncoderDecoderModel):
         else:
             pooled = np.stack([memory[b, : lengths[b]].mean(axis=0, dtype=np.float64)
                                for b in range(len(sequences))]).astype(_FLOAT)
-        weight = self.classifier_packed if self.classifier_packed is not None \
-            else self.classifier_weight
-        return kernels.linear(pooled, weight, self.classifier_bias)
+        return kernels.linear(pooled, self.classifier_weight, self.classifier_bias)
