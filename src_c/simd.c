@@ -152,16 +152,26 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
 #define EXP_P4 1.6666665459E-1f
 #define EXP_P5 5.0000001201E-1f
 
-/* exp(r) for a reduced argument |r| <= ~0.35 (x = n ln2 + r): the degree-5 polynomial of
- * exp256, shared with gelu256's own range reduction. */
-static inline AVX2 __m256 exp_reduced256(__m256 r) {
+/* P(r) of exp(r) = 1 + r + r^2 P(r) for a reduced argument |r| <= ~0.35 (x = n ln2 + r): the
+ * degree-5 polynomial of exp256, shared by exp_reduced256 and expm1_reduced256. */
+static inline AVX2 __m256 exp_poly256(__m256 r) {
     __m256 y = _mm256_set1_ps(EXP_P0);
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P1));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P2));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P3));
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P4));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P5));
-    return _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    return _mm256_fmadd_ps(y, r, _mm256_set1_ps(EXP_P5));
+}
+
+/* exp(r) for a reduced argument (exp256, and gelu256's own range reduction). */
+static inline AVX2 __m256 exp_reduced256(__m256 r) {
+    return _mm256_fmadd_ps(exp_poly256(r), _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+}
+
+/* exp(r) - 1 for a reduced argument, without the cancellation of exp(r) - 1: relatively
+ * accurate down to the smallest float (tanh256). */
+static inline AVX2 __m256 expm1_reduced256(__m256 r) {
+    return _mm256_fmadd_ps(exp_poly256(r), _mm256_mul_ps(r, r), r);
 }
 
 /* exp(x) for 8 floats, 2^n through the exponent bits. Relative error ~2 ulp. Inputs below
@@ -191,13 +201,28 @@ static inline AVX2 float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* tanh(x) = 1 - 2 / (exp(2x) + 1); saturates cleanly for large |x|. */
+/* tanh(x) = sign(x) t, t = -m / (2 + m), m = expm1(-2|x|) in (-1, 0]. m comes from exp256's
+ * range reduction and polynomial without exp's "+ 1": m = 2^n q + (2^n - 1), q = expm1(r), one
+ * fma (for n = 0, |x| <= ln2 / 4, that is q itself). So t keeps its relative accuracy down to
+ * the smallest float, where 1 - 2 / (exp(2x) + 1) cancelled (166% off at |x| = 4e-8, 9e-4 at
+ * 1e-3), at the same speed (A/B, session 15). -2|x| is clamped at TANH_ARG_LO, where m is -1
+ * in float (t = 1); NaN propagates; tanh(-0) = -0. tanh512 (simd_avx512.h) is the same on 16
+ * lanes. (vrcpps with Newton steps instead of vdivps measured no faster here.) */
+#define TANH_ARG_LO -40.0f
 static inline AVX2 __m256 tanh256(__m256 x) {
-    __m256 e = exp256(_mm256_add_ps(x, x));
-    __m256 one = _mm256_set1_ps(1.f);
-    __m256 r = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
-    /* exp overflow clamps at 88.37 -> exp(2x) finite, r -> 1; underflow -> e = 0, r = -1. */
-    return r;
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.f);
+    __m256 v = _mm256_or_ps(_mm256_add_ps(x, x), sign);                 /* -2|x| */
+    v = _mm256_max_ps(_mm256_set1_ps(TANH_ARG_LO), v);                  /* (bound, v): NaN stays */
+    const __m256 n = _mm256_floor_ps(
+        _mm256_fmadd_ps(v, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(                /* 2^n, n >= -58 */
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+    const __m256 m = _mm256_fmadd_ps(s, expm1_reduced256(r), _mm256_sub_ps(s, one));
+    const __m256 d = _mm256_add_ps(m, _mm256_set1_ps(2.f));
+    const __m256 t = _mm256_div_ps(m, d);   /* -t */
+    return _mm256_or_ps(_mm256_andnot_ps(sign, t), _mm256_and_ps(sign, x));
 }
 
 /* argmax_span_scalar's answer, eight lanes at a time in two interleaved sets (vectors at even

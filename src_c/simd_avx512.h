@@ -19,15 +19,22 @@ static inline AVX512 __mmask16 mask16(ac_index n) {
     return (__mmask16)(n >= 16 ? 0xFFFF : ((1u << n) - 1u));
 }
 
-/* exp_reduced256 (simd.c) on 16 lanes: exp(r), |r| <= ~0.35, shared by exp512 and gelu512. */
-static inline AVX512 __m512 exp_reduced512(__m512 r) {
+/* exp_poly256, exp_reduced256 and expm1_reduced256 (simd.c) on 16 lanes. */
+static inline AVX512 __m512 exp_poly512(__m512 r) {
     __m512 y = _mm512_set1_ps(EXP_P0);
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P1));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P2));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P3));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P4));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P5));
-    return _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_fmadd_ps(y, r, _mm512_set1_ps(EXP_P5));
+}
+
+static inline AVX512 __m512 exp_reduced512(__m512 r) {
+    return _mm512_fmadd_ps(exp_poly512(r), _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+}
+
+static inline AVX512 __m512 expm1_reduced512(__m512 r) {
+    return _mm512_fmadd_ps(exp_poly512(r), _mm512_mul_ps(r, r), r);
 }
 
 /* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c, the EXP_*
@@ -49,11 +56,21 @@ static inline AVX512 __m512 exp512(__m512 x) {
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_scalef_ps(y, fx));
 }
 
-/* tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 for large |x|. */
+/* tanh256 (simd.c) on 16 lanes: sign(x) (-m / (2 + m)), m = expm1(-2|x|), 2^n by vscalefps. */
 static inline AVX512 __m512 tanh512(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.f);
-    __m512 e = exp512(_mm512_add_ps(x, x));
-    return _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.f);
+    __m512 v = _mm512_or_ps(_mm512_add_ps(x, x), sign);                 /* -2|x| */
+    v = _mm512_max_ps(_mm512_set1_ps(TANH_ARG_LO), v);                  /* (bound, v): NaN stays */
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_fmadd_ps(v, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f)),
+        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    const __m512 s = _mm512_scalef_ps(one, n);
+    const __m512 m = _mm512_fmadd_ps(s, expm1_reduced512(r), _mm512_sub_ps(s, one));
+    const __m512 d = _mm512_add_ps(m, _mm512_set1_ps(2.f));
+    const __m512 t = _mm512_div_ps(m, d);   /* -t */
+    return _mm512_or_ps(_mm512_andnot_ps(sign, t), _mm512_and_ps(sign, x));
 }
 
 static AVX512 float max_avx512(const float *x, ac_index n) {

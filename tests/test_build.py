@@ -201,6 +201,15 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
             np.testing.assert_allclose(getattr(attncore, name)(x),
                                        getattr(ref, name)(x.astype(np.float64)),
                                        rtol=1e-5, atol=1e-6)
+        # tanh's relative accuracy near 0 (the vector form was 1 - 2 / (exp(2x) + 1), 166% off
+        # at 4e-8) and its exact limits, on every path
+        small = np.logspace(-44, 1.5, 20001).astype(np.float32)
+        small = np.concatenate([small, -small])
+        np.testing.assert_allclose(attncore.tanh(small), np.tanh(small.astype(np.float64)),
+                                   rtol=1e-6, atol=0)
+        edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38], np.float32)
+        np.testing.assert_array_equal(attncore.tanh(edges), [0, 0, 1, -1, np.nan, 1, -1])
+        assert np.signbit(attncore.tanh(edges[:2])).tolist() == [False, True]
         if {forced!r} == "avx2":   # the float-lane erf GELU: relative accuracy in the tail too
             from scipy.special import ndtr
             grid = np.linspace(-14, 14, 280001).astype(np.float32)
