@@ -560,9 +560,9 @@ def _main(argv):
         return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:   # a usage error (argparse's status 2), so a script notices
+        parser.print_help(sys.stderr)
+        return 2
     prog = f"attncore {args.command}"
     try:
         return _COMMANDS[args.command](args)

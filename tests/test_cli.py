@@ -468,6 +468,9 @@ def test_info_and_help(tmp_path):
     helped = attncore_cli(["--help"], tmp_path)
     for command in ("translate", "generate", "attention", "encode", "classify", "train", "bench"):
         assert command in helped.stdout
+    # no command at all is a usage error (it exited 0): the help goes to stderr, status 2
+    bare = attncore_cli([], tmp_path)
+    assert bare.returncode == 2 and bare.stdout == "" and "translate" in bare.stderr
 
 
 def test_bench_runs_the_model_benchmark_script(tmp_path):
