@@ -181,7 +181,8 @@ def _job(args):
                             .replace("min_length", "--min-length")
                             .replace("temperature", "--temperature")
                             .replace("top_p", "--top-p").replace("top_k", "--top-k")
-                            .replace("length_penalty", "--length-penalty")) from None
+                            .replace("length_penalty", "--length-penalty")
+                            .replace("do_sample=True", "--sample")) from None
         ids_out = args.ids or getattr(args, "output_ids", False)
         return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
     if args.command == "encode":

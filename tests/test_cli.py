@@ -189,6 +189,9 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["generate", "--sample", "--temperature", "0"], "--temperature must be > 0"),
     (["generate", "--sample", "--top-p", "2"], "--top-p must be in (0, 1]"),
     (["generate", "--min-length", "-1"], "--min-length must be >= 0"),
+    # a sampling option without --sample was ignored: greedy output, no word
+    (["generate", "--temperature", "0.7"], "--temperature=0.7 only applies to sampling: pass --sample"),
+    (["generate", "--top-k", "5"], "--top-k=5 only applies to sampling"),
     (["generate", "--max-length", "2000000"], "--max-length must be at most 1048576"),
     (["generate", "--length-penalty", "400"], "--length-penalty must lie in [-10, 10]"),
     (["generate", "--threads", "5000"], "--threads must lie in [1, 1024], got 5000"),

@@ -234,6 +234,12 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if do_sample and beam_size != 1:
         raise ValueError(f"beam_size must be 1 when do_sample=True, got {beam_size}")
+    if not do_sample:   # else a search would run and the option be silently ignored
+        for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, 0),
+                                     ("top_p", top_p, 1.0)):
+            if value != default:
+                raise ValueError(f"{name}={value:g} only applies to sampling: pass "
+                                 f"do_sample=True, or leave {name} at {default:g}")
     if seed is not None:
         seed = check_seed(seed)
     if not isinstance(return_attention, (bool, np.bool_)):
@@ -480,7 +486,8 @@ class EncoderDecoderModel(Model):
         min_length : int, EOS is forbidden before this many tokens
         beam_size, num_hypotheses : beam search width and the n-best size (<= beam_size)
         length_penalty : float, ``score = log_prob / n ** length_penalty``
-        do_sample, temperature, top_k, top_p : sampling (``beam_size`` must be 1)
+        do_sample, temperature, top_k, top_p : sampling (``beam_size`` must be 1; the other
+            three need ``do_sample=True`` unless left at their defaults)
         seed : the sampling streams: None (fresh entropy), an int (source i draws from
             ``SeedSequence(seed, spawn_key=(i,))``: its own stream, whatever the other sources
             are and whenever they end) or one seed per source (ints or ``SeedSequence``; source
