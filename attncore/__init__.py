@@ -25,11 +25,21 @@ __all__ = [
 ]
 
 
+# submodules reachable as attncore.NAME after a plain ``import attncore`` (the README's
+# ``attncore.convert.from_pytorch_transformer``), imported on first use: they bring their own
+# dependencies (safetensors readers, dask) that ``import attncore`` should not pay for
+_LAZY_SUBMODULES = ("convert", "distributed", "batch", "generation", "heatmap", "io", "tokenizer",
+                    "train", "reference", "models", "kernels")
+
+
 def __getattr__(name):
     # the engine classes import their modules on first use (attncore.models does the same)
     if name in ("Seq2SeqAttention", "Transformer", "RAN"):
         from . import models
         return getattr(models, name)
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

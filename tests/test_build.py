@@ -302,3 +302,29 @@ def test_packed_harness_builds_and_times_both_paths(tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1:3] == ["1", "17"] and float(cells[3]) > 0 and float(cells[5]) > 0
+
+
+def test_submodules_are_attributes_after_a_plain_import(tmp_path):
+    # the README writes attncore.convert.from_pytorch_transformer and
+    # attncore.distributed.translate_lines after `import attncore`: an AttributeError until the
+    # submodules were imported by hand. They load on first use, so `import attncore` alone
+    # still does not import dask or the converters.
+    code = textwrap.dedent("""
+        import sys
+        import attncore
+        assert "attncore.convert" not in sys.modules and "dask" not in sys.modules
+        assert callable(attncore.convert.from_pytorch_transformer)
+        assert callable(attncore.distributed.translate_lines)
+        assert attncore.heatmap.__name__ == "attncore.heatmap"
+        try:
+            attncore.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
