@@ -404,11 +404,12 @@ def _attention(args):
     try:
         item = job.parse(1, _read_one_input(args), batch.Frontend.from_model(model))
         amap = heatmap.attention_map(model, item.source, max_length=args.max_length,
-                                     beam_size=args.beam)
+                                     beam_size=args.beam, length_penalty=args.length_penalty)
     except batch.InputError as exc:
         raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
     except ValueError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(_one_line(exc).replace("length_penalty", "--length-penalty")
+                        .replace("max_length", "--max-length")) from None
     missing = None
     if args.output is not None and not str(args.output).lower().endswith(".png"):
         raise UserError(f"--output {args.output!r}: the heat map is a PNG, name it *.png")

@@ -69,7 +69,8 @@ def _labels(ids: Sequence[int], vocab) -> List[str]:
 
 
 def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = None,
-                  beam_size: int = 1, eos_label: str = "<eos>") -> AttentionMap:
+                  beam_size: int = 1, length_penalty: float = 1.0,
+                  eos_label: str = "<eos>") -> AttentionMap:
     """Generate for one source and return its labelled cross-attention.
 
     Parameters
@@ -80,6 +81,8 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
         Default ``2 * len(source) + 10`` (as ``translate``).
     beam_size : int
         The best hypothesis' attention is shown.
+    length_penalty : float
+        Ranks the beam's hypotheses (``generate``'s).
 
     Raises
     ------
@@ -90,7 +93,7 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
     if max_length is None:
         max_length = 2 * len(source) + 10
     result = model.generate([source], max_length=max_length, beam_size=beam_size,
-                            return_attention=True)[0]
+                            length_penalty=length_penalty, return_attention=True)[0]
     if not result.attention or result.attention[0] is None:
         raise ValueError("this model returns no cross-attention (it has no encoder)")
     weights = np.asarray(result.attention[0], dtype=np.float32)

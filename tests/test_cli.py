@@ -462,6 +462,10 @@ def test_attention_input_errors(tmp_path):
     assert_user_error(attncore_cli(["attention", "3 March 1998", "--output", "map.jpg"],
                                    tmp_path), "name it *.png")
     assert not (tmp_path / "map.jpg").exists()
+    # the search options reach the search (--length-penalty was accepted and ignored)
+    assert_user_error(attncore_cli(["attention", "3 March 1998", "--beam", "4",
+                                    "--length-penalty", "1000"], tmp_path),
+                      "--length-penalty must lie in [-10, 10]")
 
 
 # -------------------------------------------------------------------------------- other commands

@@ -43,6 +43,20 @@ def test_shades():
         [" ", " ", "░", "▒", "▓", "█", "█"]
 
 
+def test_attention_map_passes_the_search_options_on():
+    # --length-penalty of `attncore attention` was accepted and never reached the search
+    from attncore import models
+    model = models.load(DATES)
+    source = model.tokenizer.encode_source("3 March 1998")
+    for penalty in (0.0, 2.0):
+        amap = heatmap.attention_map(model, source, beam_size=3, length_penalty=penalty)
+        best = model.generate([source], max_length=2 * len(source) + 10, beam_size=3,
+                              length_penalty=penalty, return_attention=True)[0]
+        np.testing.assert_array_equal(amap.weights, best.attention[0])
+    with pytest.raises(ValueError, match="length_penalty"):
+        heatmap.attention_map(model, source, beam_size=3, length_penalty=100.0)
+
+
 def test_attention_map_checks_shapes():
     with pytest.raises(ValueError, match="labels give"):
         heatmap.AttentionMap(["a", "b"], ["x"], np.zeros((1, 3)))
