@@ -36,7 +36,7 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 1."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and exit code 2."""
 
     def error(self, message):
@@ -478,7 +478,7 @@ def _add_generation_options(parser):
 
 def build_parser():
     """The argparse parser of every subcommand but ``train`` and ``bench`` (passed through)."""
-    parser = _Parser(prog="attncore", description="attncore: CPU inference for attention models")
+    parser = OneLineErrorParser(prog="attncore", description="attncore: CPU inference for attention models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     translate = sub.add_parser("translate", help="text in, generated text out (encoder-decoder)",
@@ -531,7 +531,7 @@ def build_parser():
     demo.add_argument("--threads", type=_positive_int, default=None)
     sub.add_parser("info", help="build and runtime facts")
     sub.add_parser("train", help="train a model with the bundled NumPy trainer")
-    sub.add_parser("bench", help="run bench/kernels.py and bench/models.py (source checkout)")
+    sub.add_parser("bench", help="run the benchmark scripts (bench/kernels.py, bench/models.py)")
     return parser
 
 

@@ -182,7 +182,19 @@ def test_cli_refuses_meaningless_training_numbers(tmp_path, capsys, option, valu
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), option, value])
     assert exit_info.value.code == 2
-    assert fragment in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # one line, as every attncore command (it printed a 30-line usage block first)
+    assert fragment in err and len(err.strip().splitlines()) == 1 and "usage:" not in err
+    assert err.startswith("attncore train: error: ")
+
+
+def test_cli_task_option_without_a_value_is_a_one_line_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"),
+                  "--task-option", "num_train"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--task-option needs KEY=VALUE, got 'num_train'" in err
 
 
 def test_cli_names_a_bad_out_and_task_option_without_a_traceback(tmp_path, capsys):

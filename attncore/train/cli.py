@@ -45,7 +45,9 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     from .loop import ARCHITECTURES
     from .optim import SCHEDULES
 
-    parser = argparse.ArgumentParser(
+    from attncore.cli import OneLineErrorParser   # one-line errors, as every attncore command
+
+    parser = OneLineErrorParser(
         prog=prog, description="Train a model with the bundled NumPy trainer and export a model directory.",
         epilog="architectures:\n" + "\n".join(f"  {k:24s}{v}" for k, v in ARCHITECTURES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,8 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for item in args.task_option:
         key, sep, value = item.partition("=")
         if not sep:
-            print(f"--task-option needs KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
+            parser.error(f"--task-option needs KEY=VALUE, got {item!r}")
         try:
             task_options[key] = json.loads(value)
         except ValueError:

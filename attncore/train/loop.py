@@ -308,7 +308,7 @@ ARCHITECTURES = {
     "transformer-prenorm": "encoder-decoder Transformer, pre-norm with final LayerNorm",
     "transformer-lm": "decoder-only Transformer trained as a prefix LM on source <eos> target",
     "transformer-classifier": "encoder-only Transformer with mean pooling (classification tasks)",
-    "ran-classifier": "RAN document classifier on the pooled GPC (long documents; RAN.md)",
+    "ran-classifier": "RAN document classifier on the pooled GPC (long documents; docs/RAN_MODEL.md)",
     "ran-lm": "causal RAN language model, head tied to the embedding, trained on the task's documents",
 }
 
