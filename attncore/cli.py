@@ -5,7 +5,7 @@
     attncore generate [...]    the same for any generative model, with sampling options
     attncore attention [...]   one input -> cross-attention heat map (PNG, or text on stdout)
     attncore encode [...]      input lines -> encoder vectors as JSON lines
-    attncore classify [...]    input lines -> class ids
+    attncore classify [...]    input lines -> class labels (or ids)
     attncore demo              run the kernels on a small batch and check them against NumPy
     attncore info              version, OpenMP, threads, BLAS, SIMD level
     attncore train ...         the bundled NumPy trainer (see ``attncore train --help``)
@@ -522,7 +522,8 @@ def build_parser():
                              "pooled as its classifier); mean / first: of the per-token outputs; "
                              "none: every token's output (default: document)")
 
-    classify = sub.add_parser("classify", help="class ids (RAN, encoder-only Transformer)")
+    classify = sub.add_parser("classify", help="class labels, or ids without label names "
+                                               "(RAN, encoder-only Transformer)")
     _add_model_options(classify, generates=False)
     classify.add_argument("--scores", action="store_true",
                           help="also write the class log-probabilities (JSON) after a tab")
