@@ -98,6 +98,23 @@ static void tanh_scalar(const float *x, float *y, ac_index n) { for (ac_index i 
 static void sigmoid_scalar(const float *x, float *y, ac_index n) {
     for (ac_index i = 0; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
 }
+static inline float sigmoid1(float x) { return 1.f / (1.f + expf(-x)); }
+static void gru_cell_scalar(const float *gx, const float *gh, float *h, ac_index H) {
+    for (ac_index j = 0; j < H; j++) {
+        const float r = sigmoid1(gx[j] + gh[j]), z = sigmoid1(gx[H + j] + gh[H + j]);
+        const float n = tanhf(gx[2 * H + j] + r * gh[2 * H + j]);
+        h[j] = (1.f - z) * n + z * h[j];
+    }
+}
+static void lstm_cell_scalar(const float *gx, const float *gh, float *h, float *c, ac_index H) {
+    for (ac_index j = 0; j < H; j++) {
+        const float i = sigmoid1(gx[j] + gh[j]), f = sigmoid1(gx[H + j] + gh[H + j]);
+        const float g = tanhf(gx[2 * H + j] + gh[2 * H + j]);
+        const float o = sigmoid1(gx[3 * H + j] + gh[3 * H + j]);
+        c[j] = f * c[j] + i * g;
+        h[j] = o * tanhf(c[j]);
+    }
+}
 static void exp_scalar(float *x, ac_index n) { for (ac_index i = 0; i < n; i++) x[i] = expf(x[i]); }
 static void scores_scalar(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
                           float *out) {
@@ -624,6 +641,45 @@ static AVX2 void sigmoid_avx2(const float *x, float *y, ac_index n) {
     }
 }
 
+/* Lanes [0, n) of an 8-lane maskload / maskstore mask, n in [0, 8]. */
+static inline AVX2 __m256i mask8(ac_index n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* ac_gru_cell_f32 / ac_lstm_cell_f32 (simd.h) on 8 lanes; the last partial vector through
+ * masked loads and stores (masked-off lanes compute on zeros and are not stored). */
+static AVX2 void gru_cell_avx2(const float *gx, const float *gh, float *h, ac_index H) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (ac_index j = 0; j < H; j += 8) {
+        const __m256i m = mask8(H - j);
+        const __m256 r = sigmoid256(_mm256_add_ps(_mm256_maskload_ps(gx + j, m),
+                                                  _mm256_maskload_ps(gh + j, m)));
+        const __m256 z = sigmoid256(_mm256_add_ps(_mm256_maskload_ps(gx + H + j, m),
+                                                  _mm256_maskload_ps(gh + H + j, m)));
+        const __m256 n = tanh256(_mm256_add_ps(_mm256_maskload_ps(gx + 2 * H + j, m),
+                                               _mm256_mul_ps(r, _mm256_maskload_ps(gh + 2 * H + j, m))));
+        const __m256 hv = _mm256_maskload_ps(h + j, m);
+        _mm256_maskstore_ps(h + j, m, _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(one, z), n),
+                                                    _mm256_mul_ps(z, hv)));
+    }
+}
+
+static AVX2 void lstm_cell_avx2(const float *gx, const float *gh, float *h, float *c, ac_index H) {
+    for (ac_index j = 0; j < H; j += 8) {
+        const __m256i m = mask8(H - j);
+#define GATE(k) _mm256_add_ps(_mm256_maskload_ps(gx + (k) * H + j, m), \
+                              _mm256_maskload_ps(gh + (k) * H + j, m))
+        const __m256 i = sigmoid256(GATE(0)), f = sigmoid256(GATE(1));
+        const __m256 g = tanh256(GATE(2)), o = sigmoid256(GATE(3));
+#undef GATE
+        const __m256 cv = _mm256_add_ps(_mm256_mul_ps(f, _mm256_maskload_ps(c + j, m)),
+                                        _mm256_mul_ps(i, g));
+        _mm256_maskstore_ps(c + j, m, cv);
+        _mm256_maskstore_ps(h + j, m, _mm256_mul_ps(o, tanh256(cv)));
+    }
+}
+
 /* Four keys at a time: four FMA chains over D, then one transposing reduction (hadd) gives the
  * four dot products in one vector. The D % 8 tail is added in scalar, in a fixed order. */
 /* out[i, j] = x_i . w_j (+ bias_j) for every row i < M and weight row j in [j0, j1).
@@ -848,6 +904,12 @@ void ac_tanh_split_scores_f32(const float *ea_half, const float *eb, ac_index n_
     tanh_split_scores_scalar(ea_half, eb, n_keys, w, n, out);
 }
 void ac_sigmoid_f32(const float *x, float *y, ac_index n) { DISPATCH(sigmoid, x, y, n); }
+void ac_gru_cell_f32(const float *gx, const float *gh, float *h, ac_index H) {
+    DISPATCH(gru_cell, gx, gh, h, H);
+}
+void ac_lstm_cell_f32(const float *gx, const float *gh, float *h, float *c, ac_index H) {
+    DISPATCH(lstm_cell, gx, gh, h, c, H);
+}
 /* float32 GELU (erf) and GELU (tanh) on the vector kernels; 0 when the caller must take its
  * scalar loop (no AVX2). */
 int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form) {

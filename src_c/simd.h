@@ -50,6 +50,13 @@ int ac_all_abs_le_f32(const float *x, ac_index n, float limit);
 /* y[i] = tanh(x[i]) and y[i] = sigmoid(x[i]), in place allowed. */
 void ac_tanh_f32(const float *x, float *y, ac_index n);
 void ac_sigmoid_f32(const float *x, float *y, ac_index n);
+/* One row of a recurrent cell, in place on the state. gx: the input projection x W_ih^T + b_ih
+ * (3H for GRU gates r, z, n; 4H for LSTM gates i, f, g, o), gh: h W_hh^T + b_hh (same layout);
+ *   GRU:  r = s(x_r + g_r), z = s(x_z + g_z), n = tanh(x_n + r g_n), h := (1 - z) n + z h
+ *   LSTM: c := s(x_f + g_f) c + s(x_i + g_i) tanh(x_g + g_g), h := s(x_o + g_o) tanh(c)
+ * (s the sigmoid), one pass over the gates in vector lanes. gx and gh are only read. */
+void ac_gru_cell_f32(const float *gx, const float *gh, float *h, ac_index H);
+void ac_lstm_cell_f32(const float *gx, const float *gh, float *h, float *c, ac_index H);
 /* y[i] = GELU(x[i]) (erf, or tanh_form: the tanh approximation), in place allowed, on the AVX2
  * kernels; returns 0 without them (then the caller computes it). */
 int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form);

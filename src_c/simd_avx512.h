@@ -230,17 +230,53 @@ static AVX512 void tanh_avx512(const float *x, float *y, ac_index n) {
     }
 }
 
-static AVX512 void sigmoid_avx512(const float *x, float *y, ac_index n) {
+/* 1 / (1 + exp(-v)); 0 where exp(-v) overflows float32, as sigmoid256 (simd.c). */
+static inline AVX512 __m512 sigmoid512(__m512 v) {
     const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_set1_ps(AC_SIGMOID_ZERO_BELOW),
+                                              _CMP_LT_OQ);
+    return _mm512_maskz_div_ps((__mmask16)~zero, one, _mm512_add_ps(one, e));
+}
+
+static AVX512 void sigmoid_avx512(const float *x, float *y, ac_index n) {
     for (ac_index i = 0; i < n; i += 16) {
         const __mmask16 m = mask16(n - i);
-        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
-        /* 0 where exp(-x) overflows float32, as sigmoid_avx2 (simd.c) */
-        const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_set1_ps(AC_SIGMOID_ZERO_BELOW),
-                                                  _CMP_LT_OQ);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_maskz_div_ps((__mmask16)~zero, one,
-                                                            _mm512_add_ps(one, e)));
+        _mm512_mask_storeu_ps(y + i, m, sigmoid512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* gru_cell_avx2 / lstm_cell_avx2 (simd.c) on 16 lanes. */
+static AVX512 void gru_cell_avx512(const float *gx, const float *gh, float *h, ac_index H) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (ac_index j = 0; j < H; j += 16) {
+        const __mmask16 m = mask16(H - j);
+        const __m512 r = sigmoid512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gx + j),
+                                                  _mm512_maskz_loadu_ps(m, gh + j)));
+        const __m512 z = sigmoid512(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gx + H + j),
+                                                  _mm512_maskz_loadu_ps(m, gh + H + j)));
+        const __m512 n = tanh512(_mm512_add_ps(
+            _mm512_maskz_loadu_ps(m, gx + 2 * H + j),
+            _mm512_mul_ps(r, _mm512_maskz_loadu_ps(m, gh + 2 * H + j))));
+        const __m512 hv = _mm512_maskz_loadu_ps(m, h + j);
+        _mm512_mask_storeu_ps(h + j, m, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(one, z), n),
+                                                      _mm512_mul_ps(z, hv)));
+    }
+}
+
+static AVX512 void lstm_cell_avx512(const float *gx, const float *gh, float *h, float *c,
+                                    ac_index H) {
+    for (ac_index j = 0; j < H; j += 16) {
+        const __mmask16 m = mask16(H - j);
+#define GATE(k) _mm512_add_ps(_mm512_maskz_loadu_ps(m, gx + (k) * H + j), \
+                              _mm512_maskz_loadu_ps(m, gh + (k) * H + j))
+        const __m512 i = sigmoid512(GATE(0)), f = sigmoid512(GATE(1));
+        const __m512 g = tanh512(GATE(2)), o = sigmoid512(GATE(3));
+#undef GATE
+        const __m512 cv = _mm512_add_ps(_mm512_mul_ps(f, _mm512_maskz_loadu_ps(m, c + j)),
+                                        _mm512_mul_ps(i, g));
+        _mm512_mask_storeu_ps(c + j, m, cv);
+        _mm512_mask_storeu_ps(h + j, m, _mm512_mul_ps(o, tanh512(cv)));
     }
 }
 
