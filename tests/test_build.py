@@ -201,6 +201,32 @@ def test_capped_isa_paths_match_reference(tmp_path, forced):
             np.testing.assert_allclose(getattr(attncore, name)(x),
                                        getattr(ref, name)(x.astype(np.float64)),
                                        rtol=1e-5, atol=1e-6)
+        # the recurrent cells (one vector pass over a row's gates), H = 13: a partial vector
+        from attncore.kernels import _recurrent
+        from attncore.kernels.threads import BLAS_SMALL_GEMM_MACS
+        sig = lambda a: 1 / (1 + np.exp(-a))
+        for lstm in (False, True):
+            G, H, T = (4 if lstm else 3), 13, 5
+            xp = g.standard_normal((3, T, G * H)).astype(np.float32)
+            whh = (0.3 * g.standard_normal((G * H, H))).astype(np.float32)
+            bhh = g.standard_normal(G * H).astype(np.float32)
+            h, c = np.zeros((3, H), np.float32), np.zeros((3, H), np.float32)
+            out = np.empty((3, T, H), np.float32)
+            _recurrent.rnn_scan(xp, attncore.kernels.PackedLinearWeight(whh).panels, bhh,
+                                np.full(3, T, np.int64), True, False, lstm, h, c, out,
+                                BLAS_SMALL_GEMM_MACS, 1)
+            hr, cr = np.zeros((3, H)), np.zeros((3, H))
+            for t in range(T):
+                gx, gh = xp[:, t].astype(np.float64), hr @ whh.T.astype(np.float64) + bhh
+                if lstm:
+                    i, f, o = (sig(gx[:, k * H:(k + 1) * H] + gh[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+                    cr = f * cr + i * np.tanh(gx[:, 2 * H:3 * H] + gh[:, 2 * H:3 * H])
+                    hr = o * np.tanh(cr)
+                else:
+                    r, z = (sig(gx[:, k * H:(k + 1) * H] + gh[:, k * H:(k + 1) * H]) for k in (0, 1))
+                    n = np.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+                    hr = (1 - z) * n + z * hr
+                np.testing.assert_allclose(out[:, t], hr, rtol=1e-5, atol=1e-6)
         # tanh's relative accuracy near 0 (the vector form was 1 - 2 / (exp(2x) + 1), 166% off
         # at 4e-8) and its exact limits, on every path
         small = np.logspace(-44, 1.5, 20001).astype(np.float32)
