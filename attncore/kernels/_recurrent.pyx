@@ -123,10 +123,15 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
     cdef float[:, ::1] h_keep = np.empty((B, H), dtype=np.float32)
     cdef float[:, ::1] c_keep = np.empty((B, H), dtype=np.float32)
     cdef float *cp = &c[0, 0] if lstm else NULL
+    cdef Py_ssize_t shortest = T   # steps t < shortest are inside every row
+    cdef bint keeps
+    for b in range(B):
+        shortest = min(shortest, lengths[b])
     with nogil:
         for s in range(T):
             t = T - 1 - s if reverse else s
-            if packed:  # rows past their length keep their state: save it, restore below
+            keeps = packed and t >= shortest
+            if keeps:  # rows past their length keep their state: save it, restore below
                 memcpy(&h_keep[0, 0], &h[0, 0], B * H * sizeof(float))
                 if lstm:
                     memcpy(&c_keep[0, 0], cp, B * H * sizeof(float))
@@ -134,7 +139,7 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
                     small_gemm_macs, num_threads)
             _cell(lstm, &x_proj[0, t, 0], T * GH, &gh[0, 0], &h[0, 0], cp, B, H, num_threads)
             for b in range(B):
-                if packed and t >= lengths[b]:
+                if keeps and t >= lengths[b]:
                     memcpy(&h[b, 0], &h_keep[b, 0], H * sizeof(float))
                     if lstm:
                         memcpy(&cp[b * H], &c_keep[b, 0], H * sizeof(float))
