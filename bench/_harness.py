@@ -26,6 +26,18 @@ def best_time(fn, repeats=5, min_time=0.2, warmup=1):
     return best
 
 
+def best_times_interleaved(fns, rounds=3, repeats=3, min_time=0.0):
+    """Best wall time of each ``fns[name]()`` (a dict), the engines taking turns: ``rounds``
+    rounds, each running every function's ``best_time`` block in order. A slow stretch of this
+    VM (seconds long, up to 2x) then costs every engine one block instead of one engine its
+    whole measurement, so the ratios between them hold. Returns {name: seconds}."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_time(fn, repeats=repeats, min_time=min_time))
+    return best
+
+
 def set_threads(n):
     """Give every engine in the process ``n`` threads (attncore, NumPy's BLAS, torch)."""
     import attncore

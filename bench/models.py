@@ -21,7 +21,9 @@ attncore runs three times: float32 weights, ``weight_dtype="bfloat16"`` (weight 
 to bfloat16, half the bytes per decoding step) and ``weight_dtype="int8"`` (products quantized
 to int8, a quarter of the bytes); the token agreement of the last two is with attncore float32.
 
-Every row is measured in one process and the same minute; ratios are what to read. Token
+Every row is measured in one process and the same minute, the engines of a row taking turns
+(``best_times_interleaved``: a slow stretch of the VM then costs each of them one block, not one
+of them its whole measurement); ratios are what to read. Token
 agreement with the first peer is printed so a fast wrong answer cannot hide. Asked for several
 families, the script runs each in a process of its own: torch's eager speed depends on what ran
 before it in a process (its batch-1 seq2seq ran 2.7x slower after the Transformer and
@@ -38,7 +40,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import best_time, machine_description, set_threads, try_import_torch  # noqa: E402
+from _harness import (best_time, best_times_interleaved, machine_description,  # noqa: E402
+                      set_threads, try_import_torch)
 
 import attncore  # noqa: E402
 from attncore import io  # noqa: E402
@@ -177,27 +180,31 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
                 t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=3, min_time=0)
                 row.update(torch=B * TGT_LEN / t_torch,
                            agree=_agreement(got, model.greedy(tsrc, TGT_LEN).numpy().tolist()))
-            t_ours = best_time(run_ours, repeats=3, min_time=0)
-            row["attncore"] = B * TGT_LEN / t_ours
-            for name, variant in variants.items():
-                row[name] = B * TGT_LEN / best_time(lambda: run_ours(variant), repeats=3,
-                                                    min_time=0)
-                row["agree_" + name] = _agreement([r.tokens for r in run_ours(variant)], got)
+            engines = {"attncore": run_ours}
+            engines.update({name: (lambda v=variant: run_ours(v))
+                            for name, variant in variants.items()})
+            ct2_runs = {}
             if ctranslate2 is not None:
+                toks = [[vocab[i] for i in r] for r in sources]
                 for compute in ("float32", "int8"):
                     tr = ctranslate2.Translator(os.path.join(tmp, "ct2"), device="cpu",
                                                 compute_type=compute, intra_threads=threads,
                                                 inter_threads=1)
-                    toks = [[vocab[i] for i in r] for r in sources]
-
-                    def run_ct2(tr=tr, toks=toks):
-                        return tr.translate_batch(toks, beam_size=beam, max_decoding_length=TGT_LEN,
-                                                  min_decoding_length=TGT_LEN)
-                    t = best_time(run_ct2, repeats=3, min_time=0)
-                    row[f"ct2-{compute}"] = B * TGT_LEN / t
-                    hyp = [[vocab.index(x) for x in r.hypotheses[0]] for r in run_ct2()]
-                    row["agree_ct2" if compute == "float32" else "agree_ct2_int8"] = \
-                        _agreement(got, hyp)
+                    ct2_runs[f"ct2-{compute}"] = (
+                        lambda tr=tr: tr.translate_batch(toks, beam_size=beam,
+                                                         max_decoding_length=TGT_LEN,
+                                                         min_decoding_length=TGT_LEN))
+            engines.update(ct2_runs)
+            # (torch, 4-6x slower without a KV cache, is timed once above: the contested ratios
+            # are attncore's against CTranslate2's, measured taking turns)
+            times = best_times_interleaved(engines, rounds=2, repeats=2)
+            row.update({name: B * TGT_LEN / t for name, t in times.items()})
+            for name, variant in variants.items():
+                row["agree_" + name] = _agreement([r.tokens for r in run_ours(variant)], got)
+            for name, run_ct2 in ct2_runs.items():
+                hyp = [[vocab.index(x) for x in r.hypotheses[0]] for r in run_ct2()]
+                row["agree_ct2" if name == "ct2-float32" else "agree_ct2_int8"] = \
+                    _agreement(got, hyp)
             rows.append(row)
             print(_transformer_line(row), flush=True)
 
@@ -305,24 +312,24 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
         for B in batches:
             src = rng.integers(4, V, size=(B, SRC_LEN))
             tsrc = torch.from_numpy(src)
-            t_torch = best_time(lambda: model.greedy(tsrc, TGT_LEN), repeats=5, min_time=0.5)
-            t_torch8 = best_time(lambda: model_int8.greedy(tsrc, TGT_LEN), repeats=5,
-                                 min_time=0.5)
             want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
             sources = [list(r) for r in src]
 
             def run_ours(model=ours):
                 return model.generate(sources, max_length=TGT_LEN, min_length=TGT_LEN)
-            t_ours = best_time(run_ours, repeats=5, min_time=0.5)
+            engines = {"torch": lambda: model.greedy(tsrc, TGT_LEN),
+                       "torch_int8": lambda: model_int8.greedy(tsrc, TGT_LEN),
+                       "attncore": run_ours}
+            engines.update({name: (lambda v=variant: run_ours(v))
+                            for name, variant in variants.items()})
+            times = best_times_interleaved(engines, rounds=3, repeats=3, min_time=0.3)
             got = [r.tokens for r in run_ours()]
-            row = {"threads": threads, "batch": B, "torch": B * TGT_LEN / t_torch,
-                   "torch_int8": B * TGT_LEN / t_torch8,
+            row = {"threads": threads, "batch": B,
                    "agree_torch_int8": _agreement(
                        got, model_int8.greedy(tsrc, TGT_LEN).numpy().tolist()),
-                   "attncore": B * TGT_LEN / t_ours, "agree": _agreement(got, want)}
+                   "agree": _agreement(got, want)}
+            row.update({name: B * TGT_LEN / t for name, t in times.items()})
             for name, variant in variants.items():
-                row[name] = B * TGT_LEN / best_time(lambda: run_ours(variant), repeats=5,
-                                                    min_time=0.5)
                 row["agree_" + name] = _agreement([r.tokens for r in run_ours(variant)], got)
             rows.append(row)
             print(f"| {threads} | {B:3d} | {row['attncore']:9.1f} | {row['bf16']:9.1f} | "
