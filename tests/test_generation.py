@@ -369,6 +369,7 @@ def test_no_attention_unless_asked():
     (dict(max_length=3, temperature=0.7), ValueError, "temperature=0.7 only applies to samp"),
     (dict(max_length=3, top_k=5, beam_size=2), ValueError, "top_k=5 only applies to sampling"),
     (dict(max_length=3, top_p=0.9), ValueError, "do_sample=True"),
+    (dict(max_length=3, temperature=1.0000001), ValueError, r"temperature=1\.0000001 only"),
     (dict(max_length=3, length_penalty=float("inf")), ValueError, "length_penalty"),
     # n ** 400 overflowed in the scoring (OverflowError)
     (dict(max_length=3, length_penalty=400.0), ValueError, r"length_penalty must lie in \[-10, 10\]"),

@@ -238,8 +238,8 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
         for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, 0),
                                      ("top_p", top_p, 1.0)):
             if value != default:
-                raise ValueError(f"{name}={value:g} only applies to sampling: pass "
-                                 f"do_sample=True, or leave {name} at {default:g}")
+                raise ValueError(f"{name}={value!r} only applies to sampling: pass "
+                                 f"do_sample=True, or leave {name} at {default!r}")
     if seed is not None:
         seed = check_seed(seed)
     if not isinstance(return_attention, (bool, np.bool_)):

@@ -99,7 +99,8 @@ _TRAINING_KEYS = ("task", "arch", "out", "steps", "batch_size", "lr", "seed", "s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run ``attncore train``; returns the process exit status."""
+    """Run ``attncore train``; returns the process exit status. A bad command line exits
+    through argparse (``SystemExit(2)``, one line on stderr), as every attncore command."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from .loop import TrainingDiverged, train
