@@ -12,7 +12,9 @@ attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and
 shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
 the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
 matmul / linear vs NumPy; finally the peak memory of ``attention`` at length 16384 (it must show
-no len^2 buffer). Ratios > 1 mean attncore is faster.
+no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decode rows,
+attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
+machine falls on both.
 """
 import argparse
 import resource
@@ -38,22 +40,33 @@ def numpy_attention(q, k, v, causal):
     return reference.attention(q, k, v, causal=causal)
 
 
+def _taking_turns(engines, torch, rounds, repeats):
+    """(attncore seconds, torch seconds or NaN): the two taking turns
+    (``_harness.best_times_interleaved``), torch under ``inference_mode`` for the whole
+    measurement (entering it per call would add its cost to torch's time)."""
+    if torch is None:
+        return H.best_times_interleaved(engines, rounds, repeats)["attncore"], float("nan")
+    with torch.inference_mode():
+        times = H.best_times_interleaved(engines, rounds, repeats)
+    return times["attncore"], times["torch"]
+
+
 def run_attention(shapes, threads, torch, rows, quick):
     rng = np.random.default_rng(0)
     for (B, Hh, L, D) in shapes:
         for causal in (False, True):
             q, k, v = (rng.standard_normal((B, Hh, L, D), dtype=np.float32) for _ in range(3))
             flops = 4 * B * Hh * L * L * D * (0.5 if causal else 1.0)
-            repeats = 2 if L >= 4096 else 5
-            t_ac = H.best_time(lambda: attncore.attention(q, k, v, causal=causal), repeats)
-            t_np = (H.best_time(lambda: numpy_attention(q, k, v, causal), 2)
-                    if L <= 2048 else float("nan"))
-            t_th = float("nan")
+            long = L >= 4096
+            engines = {"attncore": lambda: attncore.attention(q, k, v, causal=causal)}
             if torch is not None:
                 tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
                 sdpa = torch.nn.functional.scaled_dot_product_attention
-                with torch.inference_mode():
-                    t_th = H.best_time(lambda: sdpa(tq, tk, tv, is_causal=causal), repeats)
+                engines["torch"] = lambda: sdpa(tq, tk, tv, is_causal=causal)
+            t_ac, t_th = _taking_turns(engines, torch, rounds=2 if long else 3,
+                                       repeats=1 if long else 3)
+            t_np = (H.best_time(lambda: numpy_attention(q, k, v, causal), 2)
+                    if L <= 2048 else float("nan"))
             rows.append((threads, f"attention B={B} H={Hh} L={L} D={D}{' causal' if causal else ''}",
                          t_ac, flops / t_ac / 1e9, t_np, t_th))
 
@@ -65,14 +78,13 @@ def run_decode(shapes, threads, torch, rows):
         q = rng.standard_normal((B, Hh, 1, 64), dtype=np.float32)
         k, v = (rng.standard_normal((B, Hh, L, 64), dtype=np.float32) for _ in range(2))
         flops = 4 * bh * L * 64
-        t_ac = H.best_time(lambda: attncore.attention(q, k, v), 20)
-        t_np = H.best_time(lambda: numpy_attention(q, k, v, False), 5)
-        t_th = float("nan")
+        engines = {"attncore": lambda: attncore.attention(q, k, v)}
         if torch is not None:
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
             sdpa = torch.nn.functional.scaled_dot_product_attention
-            with torch.inference_mode():
-                t_th = H.best_time(lambda: sdpa(tq, tk, tv), 20)
+            engines["torch"] = lambda: sdpa(tq, tk, tv)
+        t_ac, t_th = _taking_turns(engines, torch, rounds=3, repeats=10)
+        t_np = H.best_time(lambda: numpy_attention(q, k, v, False), 5)
         rows.append((threads, f"decode q_len=1 B*H={bh} kv_len={L} D=64", t_ac,
                      flops / t_ac / 1e9, t_np, t_th))
 
