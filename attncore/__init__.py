@@ -43,6 +43,11 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    # tab completion lists what __getattr__ provides too
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | {"Seq2SeqAttention", "Transformer", "RAN"})
+
+
 def info():
     """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level, whether int8
     products run on AVX-512 VNNI and AMX (a dict). Finding out about AMX asks Linux, once per

@@ -342,6 +342,7 @@ def test_submodules_are_attributes_after_a_plain_import(tmp_path):
         assert callable(attncore.convert.from_pytorch_transformer)
         assert callable(attncore.distributed.translate_lines)
         assert attncore.heatmap.__name__ == "attncore.heatmap"
+        assert {"convert", "distributed", "Transformer", "attention"} <= set(dir(attncore))
         try:
             attncore.no_such_name
         except AttributeError as exc:
