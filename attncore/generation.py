@@ -345,14 +345,19 @@ def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hy
     for step in range(max_length):
         scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
-        candidates = scores + np.array([b.log_prob for b in beams])[:, None]
+        groups = _groups(row_source)
+        # each source's best candidates log_prob(beam) + log p(token), ranked in one compiled
+        # pass without forming the (rows, V) float64 sums
+        ranked = _softmax.beam_top_k(
+            np.ascontiguousarray(scores), np.array([b.log_prob for b in beams], dtype=np.float64),
+            np.array([lo for _, lo, _ in groups] + [len(beams)], dtype=np.int64), 2 * beam_size)
         att_rows = (_attention_rows(step_attention,
                                     [_source_length(sources[s]) for s in row_source.tolist()],
                                     attention_heads) if return_attention else None)
         last = step + 1 == max_length
         parents, next_tokens, next_beams, next_source = [], [], [], []
-        for source, lo, hi in _groups(row_source):
-            chosen = _expand(candidates[lo:hi], lo, beam_size, eos_id)
+        for group, (source, lo, hi) in enumerate(groups):
+            chosen = _expand(ranked, group, lo, scores.shape[1], beam_size, eos_id)
             for row, token, value in chosen:
                 beam = beams[row]
                 attention = beam.attention + [att_rows[row]] if return_attention else None
@@ -392,21 +397,19 @@ def _groups(row_source):
     return groups
 
 
-def _expand(candidates, first_row, beam_size, eos_id):
-    """Walk one source's (beams, V) candidate totals best first; stop after ``beam_size``
-    non-EOS tokens. Returns [(row, token, total)] in rank order."""
-    flat = np.ascontiguousarray(candidates, dtype=np.float64).ravel()
-    vocab = candidates.shape[1]
-    # at most beam_size EOS + beam_size live tokens are needed (one EOS per beam); ranked by
-    # value, equal values in (beam, token) order
-    top = _ranked(flat, 2 * beam_size)
+def _expand(ranked, group, first_row, vocab, beam_size, eos_id):
+    """Walk one source's ranked candidates (``_softmax.beam_top_k``'s group ``group``: the best
+    2 * beam_size of its (beams, V) totals, best first, equal values in (beam, token) order --
+    at most beam_size EOS and beam_size live tokens are needed, one EOS per beam); stop after
+    ``beam_size`` non-EOS tokens. Returns [(row, token, total)] in rank order."""
+    index, value, count = ranked
+    n = int(count[group])
     chosen, live = [], 0
-    for index in top.tolist():
-        value = float(flat[index])
-        if value == -np.inf:
+    for flat, total in zip(index[group, :n].tolist(), value[group, :n].tolist()):
+        if total == -np.inf:
             break
-        row, token = divmod(index, vocab)
-        chosen.append((first_row + row, token, value))
+        row, token = divmod(flat, vocab)
+        chosen.append((first_row + row, token, total))
         if token != eos_id:
             live += 1
             if live == beam_size:

@@ -428,6 +428,41 @@ def test_top_k_ranks_by_value_then_index():
         _softmax.top_k(np.ones(3), -1)
 
 
+def test_beam_top_k_ranks_each_source_as_its_flattened_candidates():
+    # _softmax.beam_top_k ranks base[r] + scores[r, t] per group of rows without forming the
+    # float64 sums: the same ranking as top_k of the group's flattened (rows, V) candidates
+    from attncore.kernels import _softmax
+
+    rng = np.random.default_rng(1)
+    for dtype in (np.float32, np.float64):
+        for rows, vocab, k in [(1, 1, 1), (5, 7, 4), (12, 50, 8), (9, 300, 200), (4, 3, 30)]:
+            scores = (rng.integers(-4, 1, (rows, vocab)) / 2).astype(dtype)   # many ties
+            scores[rng.random((rows, vocab)) < 0.1] = -np.inf
+            base = rng.integers(-3, 1, rows).astype(np.float64) / 4
+            cuts = np.sort(rng.choice(np.arange(1, rows), size=min(2, rows - 1), replace=False))
+            bounds = np.concatenate([[0], cuts, [rows]]).astype(np.int64)
+            index, value, count = _softmax.beam_top_k(scores, base, bounds, k)
+            for g in range(len(bounds) - 1):
+                block = (scores[bounds[g]:bounds[g + 1]] + base[bounds[g]:bounds[g + 1], None])
+                flat = np.ascontiguousarray(block, dtype=np.float64).ravel()
+                want = _softmax.top_k(flat, k)
+                assert count[g] == want.size
+                np.testing.assert_array_equal(index[g, :count[g]], want)
+                np.testing.assert_array_equal(value[g, :count[g]], flat[want])
+    # NaN never ranks; an empty group ranks nothing
+    scores = np.array([[0.0, np.nan, -1.0]], np.float32)
+    index, value, count = _softmax.beam_top_k(scores, np.zeros(1), np.array([0, 0, 1]), 3)
+    assert count.tolist() == [0, 2] and index[1, :2].tolist() == [0, 2]
+    for bad, match in [(dict(k=0), "k must be"), (dict(base=np.zeros(2)), "base must"),
+                       (dict(bounds=np.array([0, 2])), "bounds must run"),
+                       (dict(bounds=np.array([0, 1, 0, 1])), "non-decreasing")]:
+        args = dict(scores=scores, base=np.zeros(1), bounds=np.array([0, 1]), k=2)
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            _softmax.beam_top_k(args["scores"], args["base"], args["bounds"].astype(np.int64),
+                                args["k"])
+
+
 class TiedModel(FakeModel):
     """Every token but EOS equally likely at every step: the ranking must fall back to the
     (beam, token) order."""

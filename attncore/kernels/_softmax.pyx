@@ -30,38 +30,91 @@ def softmax_rows(const floating[:, ::1] x, floating[:, ::1] out, const int64_t[:
                            num_threads)
 
 
+cdef inline Py_ssize_t _offer(double v, int64_t i, double *best, int64_t *index,
+                              Py_ssize_t count, Py_ssize_t k) noexcept nogil:
+    """Put (v, i) in its place in the ranking best / index (count entries, descending, room for
+    k >= 1) and return the new count. NaN, and values not above the k-th when full, stay out;
+    an equal value goes after the ones already there (offered in index order, equal values
+    rank by lower index)."""
+    cdef Py_ssize_t p, j
+    if v != v or (count == k and not v > best[k - 1]):
+        return count
+    p = count if count < k else k - 1   # the first place holding a smaller value
+    while p > 0 and best[p - 1] < v:
+        p -= 1
+    if count < k:
+        count += 1
+    for j in range(count - 1, p, -1):
+        best[j] = best[j - 1]
+        index[j] = index[j - 1]
+    best[p] = v
+    index[p] = i
+    return count
+
+
 def top_k(const double[::1] x, Py_ssize_t k):
     """The indices of the k largest values of x (n,), largest first, equal values by lower index
     (a stable, deterministic ranking; NaN never ranks). Returns int64 (min(k, non-NaN count),).
 
     One pass keeping the best k in order: O(n) comparisons against the k-th best, O(k) for the
-    few values that enter. Beam search ranks a source's beams x vocabulary candidates with it.
+    few values that enter.
     """
     import numpy as np
-    cdef Py_ssize_t n = x.shape[0], count = 0, i, j, p
+    cdef Py_ssize_t n = x.shape[0], count = 0, i
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     k = min(k, n)
     cdef double[::1] best = np.empty(max(k, 1), dtype=np.float64)
     out = np.empty(max(k, 1), dtype=np.int64)
     cdef int64_t[::1] index = out
-    cdef double v
     if k == 0:
         return out[:0]
     with nogil:
         for i in range(n):
-            v = x[i]
-            if v != v or (count == k and not v > best[k - 1]):
-                continue
-            # the first place holding a smaller value (equal values keep their earlier index)
-            p = count if count < k else k - 1
-            while p > 0 and best[p - 1] < v:
-                p -= 1
-            if count < k:
-                count += 1
-            for j in range(count - 1, p, -1):
-                best[j] = best[j - 1]
-                index[j] = index[j - 1]
-            best[p] = v
-            index[p] = i
+            count = _offer(x[i], i, &best[0], &index[0], count, k)
     return out[:count]
+
+
+def beam_top_k(const floating[:, ::1] scores, const double[::1] base,
+               const int64_t[::1] bounds, Py_ssize_t k):
+    """Beam search's ranking of each source's candidates without forming them: for each group g
+    of rows bounds[g] <= r < bounds[g + 1] (one source's beams), the k best values
+    base[r] + scores[r, t] (float64 sums of the float32 log-probs, as NumPy adds them), as
+    ``top_k`` ranks the group's (rows, V) block flattened: largest first, equal values by (row,
+    token), NaN never ranks.
+
+    scores (R, V) float32 (or float64), base (R,) float64, bounds (G + 1,) int64 from 0 to R, non-decreasing.
+    Returns index (G, k) int64 (local row * V + token), value (G, k) float64 and count (G,) int64
+    (the first count[g] entries of group g are its ranking).
+    """
+    import numpy as np
+    cdef Py_ssize_t R = scores.shape[0], V = scores.shape[1], G = bounds.shape[0] - 1
+    cdef Py_ssize_t g, r, t, count
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if base.shape[0] != R:
+        raise ValueError(f"base must have shape ({R},), got ({base.shape[0]},)")
+    if G < 0 or bounds[0] != 0 or bounds[G] != R:
+        raise ValueError(f"bounds must run from 0 to {R}")
+    for g in range(G):
+        if bounds[g + 1] < bounds[g]:
+            raise ValueError("bounds must be non-decreasing")
+    index_out = np.zeros((max(G, 0), k), dtype=np.int64)
+    value_out = np.full((max(G, 0), k), -np.inf, dtype=np.float64)
+    count_out = np.zeros(max(G, 0), dtype=np.int64)
+    if G == 0:
+        return index_out, value_out, count_out
+    cdef int64_t[:, ::1] index = index_out
+    cdef double[:, ::1] value = value_out
+    cdef int64_t[::1] counts = count_out
+    cdef double b
+    with nogil:
+        for g in range(G):
+            count = 0
+            for r in range(bounds[g], bounds[g + 1]):
+                b = base[r]
+                for t in range(V):
+                    count = _offer(b + <double>scores[r, t], (r - bounds[g]) * V + t,
+                                   &value[g, 0], &index[g, 0], count, k)
+            counts[g] = count
+    return index_out, value_out, count_out
