@@ -449,6 +449,10 @@ def test_beam_top_k_ranks_each_source_as_its_flattened_candidates():
                 assert count[g] == want.size
                 np.testing.assert_array_equal(index[g, :count[g]], want)
                 np.testing.assert_array_equal(value[g, :count[g]], flat[want])
+    # k past the candidates: the arrays are as wide as the largest group's candidates
+    index, value, count = _softmax.beam_top_k(np.zeros((3, 4), np.float32), np.zeros(3),
+                                              np.array([0, 1, 3]), 10 ** 9)
+    assert index.shape == (2, 8) and count.tolist() == [4, 8]
     # NaN never ranks; an empty group ranks nothing
     scores = np.array([[0.0, np.nan, -1.0]], np.float32)
     index, value, count = _softmax.beam_top_k(scores, np.zeros(1), np.array([0, 0, 1]), 3)

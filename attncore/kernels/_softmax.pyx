@@ -84,8 +84,9 @@ def beam_top_k(const floating[:, ::1] scores, const double[::1] base,
     token), NaN never ranks.
 
     scores (R, V) float32 (or float64), base (R,) float64, bounds (G + 1,) int64 from 0 to R, non-decreasing.
-    Returns index (G, k) int64 (local row * V + token), value (G, k) float64 and count (G,) int64
-    (the first count[g] entries of group g are its ranking).
+    Returns index (G, k') int64 (local row * V + token), value (G, k') float64 and count (G,)
+    int64 (the first count[g] entries of group g are its ranking), k' = min(k, the largest
+    group's candidates).
     """
     import numpy as np
     cdef Py_ssize_t R = scores.shape[0], V = scores.shape[1], G = bounds.shape[0] - 1
@@ -96,9 +97,12 @@ def beam_top_k(const floating[:, ::1] scores, const double[::1] base,
         raise ValueError(f"base must have shape ({R},), got ({base.shape[0]},)")
     if G < 0 or bounds[0] != 0 or bounds[G] != R:
         raise ValueError(f"bounds must run from 0 to {R}")
+    cdef Py_ssize_t widest = 0
     for g in range(G):
         if bounds[g + 1] < bounds[g]:
             raise ValueError("bounds must be non-decreasing")
+        widest = max(widest, bounds[g + 1] - bounds[g])
+    k = min(k, max(widest * V, 1))   # no group has more candidates (a huge beam_size)
     index_out = np.zeros((max(G, 0), k), dtype=np.int64)
     value_out = np.full((max(G, 0), k), -np.inf, dtype=np.float64)
     count_out = np.zeros(max(G, 0), dtype=np.int64)
