@@ -25,6 +25,8 @@ __all__ = [
 ]
 
 
+# the engine classes, imported with their modules on first use
+_ENGINE_CLASSES = ("Seq2SeqAttention", "Transformer", "RAN")
 # submodules reachable as attncore.NAME after a plain ``import attncore`` (the README's
 # ``attncore.convert.from_pytorch_transformer``), imported on first use: they bring their own
 # dependencies (safetensors readers, dask) that ``import attncore`` should not pay for
@@ -34,7 +36,7 @@ _LAZY_SUBMODULES = ("convert", "distributed", "batch", "generation", "heatmap", 
 
 def __getattr__(name):
     # the engine classes import their modules on first use (attncore.models does the same)
-    if name in ("Seq2SeqAttention", "Transformer", "RAN"):
+    if name in _ENGINE_CLASSES:
         from . import models
         return getattr(models, name)
     if name in _LAZY_SUBMODULES:
@@ -45,7 +47,7 @@ def __getattr__(name):
 
 def __dir__():
     # tab completion lists what __getattr__ provides too
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | {"Seq2SeqAttention", "Transformer", "RAN"})
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | set(_ENGINE_CLASSES))
 
 
 def info():

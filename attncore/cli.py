@@ -160,6 +160,18 @@ def _set_threads(args):
             raise UserError(str(exc).replace("n must", "--threads must", 1)) from None
 
 
+# generate()'s argument names in its errors, as the command line spells them
+_OPTION_NAMES = (("max_length", "--max-length"), ("min_length", "--min-length"),
+                 ("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"),
+                 ("length_penalty", "--length-penalty"), ("do_sample=True", "--sample"))
+
+
+def _option_names(message: str) -> str:
+    for name, option in _OPTION_NAMES:
+        message = message.replace(name, option)
+    return message
+
+
 def _job(args):
     from attncore import batch
     common = dict(ids=args.ids, allow_unknown=args.allow_unknown)
@@ -177,12 +189,7 @@ def _job(args):
             check_generation_options(max_length=args.max_length or MAX_GENERATION_LENGTH,
                                      **options)
         except (TypeError, ValueError) as exc:
-            raise UserError(_one_line(exc).replace("max_length", "--max-length")
-                            .replace("min_length", "--min-length")
-                            .replace("temperature", "--temperature")
-                            .replace("top_p", "--top-p").replace("top_k", "--top-k")
-                            .replace("length_penalty", "--length-penalty")
-                            .replace("do_sample=True", "--sample")) from None
+            raise UserError(_option_names(_one_line(exc))) from None
         ids_out = args.ids or getattr(args, "output_ids", False)
         return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
     if args.command == "encode":
@@ -408,8 +415,7 @@ def _attention(args):
     except batch.InputError as exc:
         raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
     except ValueError as exc:
-        raise UserError(_one_line(exc).replace("length_penalty", "--length-penalty")
-                        .replace("max_length", "--max-length")) from None
+        raise UserError(_option_names(_one_line(exc))) from None
     missing = None
     if args.output is not None and not str(args.output).lower().endswith(".png"):
         raise UserError(f"--output {args.output!r}: the heat map is a PNG, name it *.png")

@@ -95,10 +95,10 @@ static void tanh_split_scores_scalar(const float *ea_half, const float *eb, ac_i
     }
 }
 static void tanh_scalar(const float *x, float *y, ac_index n) { for (ac_index i = 0; i < n; i++) y[i] = tanhf(x[i]); }
-static void sigmoid_scalar(const float *x, float *y, ac_index n) {
-    for (ac_index i = 0; i < n; i++) y[i] = 1.f / (1.f + expf(-x[i]));
-}
 static inline float sigmoid1(float x) { return 1.f / (1.f + expf(-x)); }
+static void sigmoid_scalar(const float *x, float *y, ac_index n) {
+    for (ac_index i = 0; i < n; i++) y[i] = sigmoid1(x[i]);
+}
 static void gru_cell_scalar(const float *gx, const float *gh, float *h, ac_index H) {
     for (ac_index j = 0; j < H; j++) {
         const float r = sigmoid1(gx[j] + gh[j]), z = sigmoid1(gx[H + j] + gh[H + j]);
@@ -191,6 +191,20 @@ static inline AVX2 __m256 expm1_reduced256(__m256 r) {
     return _mm256_fmadd_ps(exp_poly256(r), _mm256_mul_ps(r, r), r);
 }
 
+/* The range reduction of exp256 and tanh256: x = n ln2 + r, n = floor(x log2(e) + 1/2) (to *n),
+ * ln2 subtracted in two parts (Cody-Waite); returns r, |r| <= ~0.35. */
+static inline AVX2 __m256 exp_split256(__m256 x, __m256 *n) {
+    *n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(*n, _mm256_set1_ps(EXP_LN2_HI), x);
+    return _mm256_fnmadd_ps(*n, _mm256_set1_ps(EXP_LN2_LO), x);
+}
+
+/* 2^n through the exponent bits, for an integral float n in [-126, 127]. */
+static inline AVX2 __m256 pow2_256(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
 /* exp(x) for 8 floats, 2^n through the exponent bits. Relative error ~2 ulp. Inputs below
  * EXP_LO (including -inf, used for masked scores) give exactly 0. */
 static inline AVX2 __m256 exp256(__m256 x) {
@@ -199,15 +213,9 @@ static inline AVX2 __m256 exp256(__m256 x) {
     __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_min_ps(hi, x);   /* (bound, x): a NaN x stays NaN, as in exp512 */
     x = _mm256_max_ps(lo, x);
-    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f));
-    fx = _mm256_floor_ps(fx);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
-    __m256 y = exp_reduced256(x);
-    __m256i e = _mm256_cvttps_epi32(fx);
-    e = _mm256_add_epi32(e, _mm256_set1_epi32(127));
-    e = _mm256_slli_epi32(e, 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    __m256 fx;
+    x = exp_split256(x, &fx);
+    const __m256 y = _mm256_mul_ps(exp_reduced256(x), pow2_256(fx));
     return _mm256_andnot_ps(underflow, y);
 }
 
@@ -230,12 +238,9 @@ static inline AVX2 __m256 tanh256(__m256 x) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.f);
     __m256 v = _mm256_or_ps(_mm256_add_ps(x, x), sign);                 /* -2|x| */
     v = _mm256_max_ps(_mm256_set1_ps(TANH_ARG_LO), v);                  /* (bound, v): NaN stays */
-    const __m256 n = _mm256_floor_ps(
-        _mm256_fmadd_ps(v, _mm256_set1_ps(EXP_LOG2E), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), v);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
-    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(                /* 2^n, n >= -58 */
-        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+    __m256 n;
+    const __m256 r = exp_split256(v, &n);
+    const __m256 s = pow2_256(n);                                      /* n >= -58 */
     const __m256 m = _mm256_fmadd_ps(s, expm1_reduced256(r), _mm256_sub_ps(s, one));
     const __m256 d = _mm256_add_ps(m, _mm256_set1_ps(2.f));
     const __m256 t = _mm256_div_ps(m, d);   /* -t */

@@ -37,6 +37,14 @@ static inline AVX512 __m512 expm1_reduced512(__m512 r) {
     return _mm512_fmadd_ps(exp_poly512(r), _mm512_mul_ps(r, r), r);
 }
 
+/* exp_split256 (simd.c) on 16 lanes. */
+static inline AVX512 __m512 exp_split512(__m512 x, __m512 *n) {
+    *n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f)),
+                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(*n, _mm512_set1_ps(EXP_LN2_HI), x);
+    return _mm512_fnmadd_ps(*n, _mm512_set1_ps(EXP_LN2_LO), x);
+}
+
 /* exp(x) for 16 floats: the range reduction and polynomial of exp256 (simd.c, the EXP_*
  * constants), with 2^n applied by `vscalefps`, which needs no integer detour and stays finite
  * up to the clamp at 88.38.
@@ -48,10 +56,8 @@ static inline AVX512 __m512 exp512(__m512 x) {
     const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_min_ps(hi, x);
     x = _mm512_max_ps(lo, x);
-    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f));
-    fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_HI), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_LO), x);
+    __m512 fx;
+    x = exp_split512(x, &fx);
     const __m512 y = exp_reduced512(x);
     return _mm512_maskz_mov_ps((__mmask16)~underflow, _mm512_scalef_ps(y, fx));
 }
@@ -61,11 +67,8 @@ static inline AVX512 __m512 tanh512(__m512 x) {
     const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.f);
     __m512 v = _mm512_or_ps(_mm512_add_ps(x, x), sign);                 /* -2|x| */
     v = _mm512_max_ps(_mm512_set1_ps(TANH_ARG_LO), v);                  /* (bound, v): NaN stays */
-    const __m512 n = _mm512_roundscale_ps(
-        _mm512_fmadd_ps(v, _mm512_set1_ps(EXP_LOG2E), _mm512_set1_ps(0.5f)),
-        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), v);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 n;
+    const __m512 r = exp_split512(v, &n);
     const __m512 s = _mm512_scalef_ps(one, n);
     const __m512 m = _mm512_fmadd_ps(s, expm1_reduced512(r), _mm512_sub_ps(s, one));
     const __m512 d = _mm512_add_ps(m, _mm512_set1_ps(2.f));
