@@ -576,3 +576,17 @@ def test_unreadable_vocabulary_files_are_named(tmp_path, text, detail):
                                          r"is not a readable vocabulary") as error:
         load_tokenizer(tmp_path, {"tokenizer": entry})
     assert detail in str(error.value)
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "luong_dot", "luong_general", "luong_concat"])
+def test_a_step_alone_is_bit_identical_to_the_step_in_a_batch(attention):
+    # BLAS calls sized by the batch's padded source width round differently from calls sized
+    # by one source, so a longer neighbour must not change a single bit of a source's scores.
+    config = Seq2SeqConfig(src_vocab_size=90, tgt_vocab_size=80, embed_dim=24, hidden_size=40,
+                           attention=attention).to_dict()
+    engine = Seq2SeqAttention.from_config(config, seed=5)
+    rng = np.random.default_rng(4)
+    short, long_ = rng.integers(4, 90, 7), rng.integers(4, 90, 61)
+    alone, _ = engine._step(engine._start([short]), np.array([1]))
+    batch, _ = engine._step(engine._start([short, long_]), np.array([1, 1]))
+    np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(batch)[0])

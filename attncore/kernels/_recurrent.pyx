@@ -586,20 +586,28 @@ cdef void _dot_attention(const float *q, const float *memory, const int64_t *len
                          int num_threads) noexcept nogil:
     """Luong dot attention per row: weights (B, S) = masked softmax(memory_b . q_b) over the
     first lengths[b] positions (all zeros for an empty source); ctx_b (H) = weights_b . memory_b.
-    q (B, H), memory (B, S, H), ctx (B, H)."""
+    q (B, H), memory (B, S, H), ctx (B, H).
+
+    Each row's BLAS calls span only its own lengths[b] positions, never the padded width S:
+    OpenBLAS blocks (and so rounds) by the problem size, so a call sized by S would make a
+    source's result depend on the longest source it is batched with."""
     cdef Py_ssize_t b
-    cdef int s_ = <int>S, h_ = <int>H, one_i = 1
+    cdef int n_valid, h_ = <int>H, one_i = 1
     cdef float one = 1.0, zero = 0.0
     cdef char ta = b'T', tn = b'N'
     for b in range(B):
-        if S > 0 and H > 0:
-            # column-major memory_b is (H x S): scores = memory_b^T . q_b
-            sgemm(&ta, &tn, &s_, &one_i, &h_, &one, <float *>&memory[b * S * H], &h_,
-                  <float *>&q[b * H], &h_, &zero, &weights[b * S], &s_)
+        n_valid = <int>S if lengths == NULL else <int>min(max(lengths[b], 0), S)
+        # padded positions are masked out by the softmax; zero them so nothing stale is there
+        memset(&weights[b * S + n_valid], 0, (S - n_valid) * sizeof(float))
+        if n_valid > 0 and H > 0:
+            # column-major memory_b is (H x n_valid): scores = memory_b^T . q_b
+            sgemm(&ta, &tn, &n_valid, &one_i, &h_, &one, <float *>&memory[b * S * H], &h_,
+                  <float *>&q[b * H], &h_, &zero, &weights[b * S], &n_valid)
     ac_softmax_f32(weights, weights, B, S, lengths, NULL, 0, num_threads)
     for b in range(B):
-        if S > 0 and H > 0:
-            sgemm(&tn, &tn, &h_, &one_i, &s_, &one, <float *>&memory[b * S * H], &h_,
-                  &weights[b * S], &s_, &zero, &ctx[b * H], &h_)
+        n_valid = <int>S if lengths == NULL else <int>min(max(lengths[b], 0), S)
+        if n_valid > 0 and H > 0:
+            sgemm(&tn, &tn, &h_, &one_i, &n_valid, &one, <float *>&memory[b * S * H], &h_,
+                  &weights[b * S], &n_valid, &zero, &ctx[b * H], &h_)
         else:
             memset(&ctx[b * H], 0, H * sizeof(float))
