@@ -581,6 +581,14 @@ cdef inline void _move_source_row(Py_ssize_t i, Py_ssize_t width, Py_ssize_t to,
         memmove(in_limit + to * new, in_limit + i * width, new)
 
 
+cdef inline int _valid_positions(const int64_t *lengths, Py_ssize_t b,
+                                 Py_ssize_t S) noexcept nogil:
+    """Row b's unpadded source positions: lengths[b] clamped to [0, S]; S without lengths."""
+    if lengths == NULL:
+        return <int>S
+    return <int>min(max(lengths[b], 0), S)
+
+
 cdef void _dot_attention(const float *q, const float *memory, const int64_t *lengths,
                          float *weights, float *ctx, Py_ssize_t B, Py_ssize_t S, Py_ssize_t H,
                          int num_threads) noexcept nogil:
@@ -596,7 +604,7 @@ cdef void _dot_attention(const float *q, const float *memory, const int64_t *len
     cdef float one = 1.0, zero = 0.0
     cdef char ta = b'T', tn = b'N'
     for b in range(B):
-        n_valid = <int>S if lengths == NULL else <int>min(max(lengths[b], 0), S)
+        n_valid = _valid_positions(lengths, b, S)
         # padded positions are masked out by the softmax; zero them so nothing stale is there
         memset(&weights[b * S + n_valid], 0, (S - n_valid) * sizeof(float))
         if n_valid > 0 and H > 0:
@@ -605,7 +613,7 @@ cdef void _dot_attention(const float *q, const float *memory, const int64_t *len
                   <float *>&q[b * H], &h_, &zero, &weights[b * S], &n_valid)
     ac_softmax_f32(weights, weights, B, S, lengths, NULL, 0, num_threads)
     for b in range(B):
-        n_valid = <int>S if lengths == NULL else <int>min(max(lengths[b], 0), S)
+        n_valid = _valid_positions(lengths, b, S)
         if n_valid > 0 and H > 0:
             sgemm(&tn, &tn, &h_, &one_i, &n_valid, &one, <float *>&memory[b * S * H], &h_,
                   &weights[b * S], &n_valid, &zero, &ctx[b * H], &h_)
