@@ -27,8 +27,14 @@ OFFICIAL_LENGTHS = (4, 6, 13, 14, 31)
 # float32 engine vs float64 trainer on the same weights: outputs are stdnorm'ed / LN'ed (unit
 # scale), so 1e-4 relative with a 1e-5 floor for entries near zero.
 RTOL, ATOL = 1e-4, 1e-5
-# A long document fed in chunks vs one call (float32 both, different kernel shapes).
+# A long document fed in chunks vs one call, where a row's bits may depend on the rows
+# around it (scalar builds: BLAS past 16 rows); on AVX2 and AVX-512 machines exactly.
 CHUNK_ATOL = 1e-5
+# The official outputs (TF float32) are within 2e-5 of the float64 trainer
+# (tests/test_train_ran.py); the float32 engine adds its own rounding, which grows with the
+# document: on the 31-token fixture 1.0e-5 from float64 with the AVX kernels, 2.5e-5 on a
+# scalar build (BLAS products, libm exp). Two float32 results: 2e-5 + 2.5e-5.
+OFFICIAL_ATOL = 4.5e-5
 
 
 def make_config(**overrides):
@@ -182,12 +188,10 @@ def official():
 def test_official_rannet_outputs(official, length):
     data, engine = official
     encoding, state = engine.encode([data[f"len{length}::ids"][0]])
-    # Official outputs are TF float32: 2e-5 absolute (docs/RAN_MODEL.md).
-    np.testing.assert_allclose(encoding.sequence[0], data[f"len{length}::sequence"][0], rtol=0,
-                               atol=2e-5)
-    np.testing.assert_allclose(encoding.pooled[0], data[f"len{length}::cell"][0], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(encoding.history[0], data[f"len{length}::history"][0], rtol=0,
-                               atol=2e-5)
+    for name, got in (("sequence", encoding.sequence[0]), ("cell", encoding.pooled[0]),
+                      ("history", encoding.history[0])):
+        np.testing.assert_allclose(got, data[f"len{length}::{name}"][0], rtol=0,
+                                   atol=OFFICIAL_ATOL, err_msg=name)
     np.testing.assert_array_equal(state.history, encoding.history)
 
 
@@ -195,9 +199,10 @@ def test_official_rannet_outputs_as_one_batch(official):
     data, engine = official
     encoding, _ = engine.encode([data[f"len{n}::ids"][0] for n in OFFICIAL_LENGTHS])
     for i, n in enumerate(OFFICIAL_LENGTHS):
-        np.testing.assert_allclose(encoding.sequence[i], data[f"len{n}::sequence"][0], atol=2e-5)
-        np.testing.assert_allclose(encoding.pooled[i], data[f"len{n}::cell"][0], atol=2e-5)
-        np.testing.assert_allclose(encoding.history[i], data[f"len{n}::history"][0], atol=2e-5)
+        for name, got in (("sequence", encoding.sequence[i]), ("cell", encoding.pooled[i]),
+                          ("history", encoding.history[i])):
+            np.testing.assert_allclose(got, data[f"len{n}::{name}"][0], rtol=0,
+                                       atol=OFFICIAL_ATOL, err_msg=f"{name} of len{n}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,6 +228,16 @@ def feed_in_chunks(engine, docs, cuts, method="encode"):
 CUTS = [[0, 1, 4, 6, 11, 12, 16, 23], [0, 3, 4, 8, 9, 10, 13, 17], [0, 1, 2, 3, 4, 5, 8, 9]]
 
 
+def assert_same_as_one_call(chunked, whole, atol=CHUNK_ATOL):
+    """Chunked feeding gives one call's bits on AVX2 and AVX-512 machines (every kernel's
+    result for a row depends on its own inputs only: packed products, flash attention at every
+    query count); elsewhere up to rounding."""
+    if rows_independent():
+        np.testing.assert_array_equal(chunked, whole)
+    else:
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "max"])
 @pytest.mark.parametrize("memory_review", [True, False])
 def test_causal_chunks_equal_one_call(pooling, memory_review):
@@ -232,9 +247,9 @@ def test_causal_chunks_equal_one_call(pooling, memory_review):
     whole, _ = engine.encode(docs)
     sequences, last, state = feed_in_chunks(engine, docs, CUTS)
     for i in range(len(docs)):
-        np.testing.assert_allclose(sequences[i], whole.sequence[i], rtol=0, atol=CHUNK_ATOL)
-    np.testing.assert_allclose(last.pooled, whole.pooled, rtol=0, atol=CHUNK_ATOL)
-    np.testing.assert_allclose(last.history, whole.history, rtol=0, atol=CHUNK_ATOL)
+        assert_same_as_one_call(sequences[i], whole.sequence[i])
+    assert_same_as_one_call(last.pooled, whole.pooled)
+    assert_same_as_one_call(last.history, whole.history)
     assert state.tokens == (23, 17, 9)
     assert state.windows == (5, 4, 2)                          # finished windows of W=4
     assert [len(p) for p in state.pending] == [3, 1, 1]
@@ -249,8 +264,24 @@ def test_causal_chunks_long_document_and_lm_logits():
     rng = np.random.default_rng(0)
     cuts = np.unique(np.concatenate([[0, 200], rng.integers(1, 200, 40)]))
     pieces, _, state = feed_in_chunks(engine, [doc], [list(cuts)], method="token_logits")
-    np.testing.assert_allclose(pieces[0], whole[0], rtol=0, atol=5 * CHUNK_ATOL)  # logits ~ 10x
+    assert_same_as_one_call(pieces[0], whole[0], atol=5 * CHUNK_ATOL)  # logits ~ 10x
     assert state.tokens == (200,) and state.windows == (40,) and len(state.pending[0]) == 0
+
+
+@pytest.mark.parametrize("memory_review", [True, False])
+def test_causal_chunks_ending_inside_a_wide_window(memory_review):
+    # Windows wider than a decode step's few queries: a chunk that ends inside a window leaves
+    # it with a few rows, which one call sees whole (the memory review once took split-KV for
+    # up to 8 rows and flash past that: 8e-7 apart on rows 16..19 of a cut at 20)
+    engine, _ = make_pair(seed=14, vocab_size=90, embedding_size=32, head_num=4, head_size=8,
+                          window_size=16, min_window_size=4, causal=True, token_head="lm",
+                          memory_review=memory_review)
+    doc = documents((40,), vocab=90, seed=1)[0]
+    whole, _ = engine.token_logits([doc])
+    for cuts in ([0, 20, 40], [0, 3, 19, 21, 40], [0, 33, 36, 40]):
+        pieces, _, state = feed_in_chunks(engine, [doc], [cuts], method="token_logits")
+        assert_same_as_one_call(pieces[0], whole[0], atol=5 * CHUNK_ATOL)
+    assert state.windows == (2,) and len(state.pending[0]) == 8
 
 
 def test_causal_state_is_not_changed_by_continuing():

@@ -848,12 +848,13 @@ class RAN(Model):
 
     def _review_group(self, layer, y, out, plan, group, keys, values, causal) -> None:
         """Memory review of the rows of consecutive windows ``group`` of one document."""
-        scale = 1.0 / np.sqrt(self.embedding_size)
         first = int(plan.win_row[group[0]])
         rows = slice(first, int(plan.win_row[group[-1]] + plan.win_width[group[-1]]))
         query = _swish_linear(y[rows], layer.review_query)                     # (n, D)
-        # (flash at every group size, scale 1/sqrt(D) as sequence_attention's default: the
-        # groups follow BLOCK_ROWS, and split-KV for a small group would round differently)
+        # (flash at every group and window size, scale 1/sqrt(D): the groups follow
+        # BLOCK_ROWS, and a causal window cut by a chunk boundary has few rows; split-KV for
+        # a few rows rounds differently, so a window continued in a later call or reached in
+        # one call would not give the same bits)
         if not causal:
             context = sequence_attention(query[None, None], keys, values, kv_lengths=None,
                                          causal=False)[0, 0]
@@ -863,8 +864,9 @@ class RAN(Model):
                 part = slice(int(plan.win_row[w]) - first,
                              int(plan.win_row[w] + plan.win_width[w]) - first)
                 seen = int(plan.win_global[w]) + 1                             # c_0 .. g_{j-1}
-                context[part] = K.attention(query[None, None, part], keys[:, :, :seen],
-                                            values[:, :, :seen], scale=scale)[0, 0]
+                context[part] = sequence_attention(query[None, None, part], keys[:, :, :seen],
+                                                   values[:, :, :seen], kv_lengths=None,
+                                                   causal=False)[0, 0]
         h = _swish_linear(context, layer.review_out) + _glu(query, layer.review_glu)
         out[rows] = _ln(h, layer.review_norm)
 
