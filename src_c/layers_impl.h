@@ -46,10 +46,12 @@ void CAT(ac_layer_norm_, SUF)(const REAL *x, REAL *y, const REAL *gamma, const R
 static inline REAL CAT(act_scalar_, SUF)(REAL v, int kind) {
     switch (kind) {
     case AC_ACT_RELU: return v < 0 ? 0 : v; /* a NaN stays NaN, as np.maximum(x, 0) */
-    case AC_ACT_GELU: return (REAL)(0.5 * v * (1.0 + erf(v * 0.70710678118654752440)));
+    /* forms without cancellation: 1 + erf(x / sqrt 2) and 1 + tanh(u) lose every digit in
+     * the negative tail (x < -8: 1e-16 of noise on a value near 1e-15 or below) */
+    case AC_ACT_GELU: return (REAL)(0.5 * v * erfc(v * -0.70710678118654752440));
     case AC_ACT_GELU_TANH: {
         double u = 0.7978845608028654 * (v + 0.044715 * (double)v * v * v);
-        return (REAL)(0.5 * v * (1.0 + tanh(u)));
+        return (REAL)(v / (1.0 + exp(-2.0 * u)));
     }
     case AC_ACT_SWISH: return (REAL)(v / (1.0 + exp(-(double)v)));
     case AC_ACT_TANH: return (REAL)tanh(v);
