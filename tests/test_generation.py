@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from attncore import generation
+from conftest import rows_independent
 from attncore.models.base import check_generation_options, check_sources
 
 V, BOS, EOS, HEADS = 5, 1, 2, 2
@@ -267,7 +268,11 @@ def test_sampling_a_real_model_alone_equals_in_a_batch():
     batch = model.generate(sources, max_length=8, do_sample=True, seed=seeds)
     for i, source in enumerate(sources):
         alone = model.generate([source], max_length=8, do_sample=True, seed=[seeds[i]])[0]
-        assert alone.tokens == batch[i].tokens and alone.scores == batch[i].scores
+        assert alone.tokens == batch[i].tokens
+        if rows_independent():   # the same bits (scalar builds: BLAS past 16 rows rounds by shape)
+            assert alone.scores == batch[i].scores
+        else:
+            np.testing.assert_allclose(alone.scores, batch[i].scores, rtol=1e-6)
     grouped = generate_with_default_lengths(model, sources, do_sample=True, seed=3)
     for i, source in enumerate(sources):
         one = model.generate([source], max_length=model.default_max_length(len(source)),
