@@ -30,11 +30,11 @@ RTOL, ATOL = 1e-4, 1e-5
 # A long document fed in chunks vs one call, where a row's bits may depend on the rows
 # around it (scalar builds: BLAS past 16 rows); on AVX2 and AVX-512 machines exactly.
 CHUNK_ATOL = 1e-5
-# The official outputs (TF float32) are within 2e-5 of the float64 trainer
-# (tests/test_train_ran.py); the float32 engine adds its own rounding, which grows with the
-# document: on the 31-token fixture 1.0e-5 from float64 with the AVX kernels, 2.5e-5 on a
-# scalar build (BLAS products, libm exp). Two float32 results: 2e-5 + 2.5e-5.
-OFFICIAL_ATOL = 4.5e-5
+# The official outputs (TF float32): within 2e-5 (issue #4's target; the AVX2 and AVX-512
+# kernels are 1.4e-5 off at most). A scalar build rounds differently (BLAS products, libm exp):
+# on the 31-token document it is 2.5e-5 from float64 where the AVX kernels are 1.0e-5 and the
+# fixture itself 1.2e-5, so there two float32 results are up to 2e-5 + 2.5e-5 apart.
+OFFICIAL_ATOL = 2e-5 if attncore.info()["simd"] != "scalar" else 4.5e-5
 
 
 def make_config(**overrides):
