@@ -66,6 +66,12 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
 # helpers
 # ------------------------------------------------------------------------------------------
 
+#: The compiled greedy search allocates its outputs for max_length steps up front (8 bytes a
+#: row and step, 4 more per source position with attention). Past this many bytes the search
+#: runs step by step instead (the same results; memory grows with the steps taken), so a
+#: generous max_length on a batch costs what the search uses, not 75 GiB at the start.
+COMPILED_GREEDY_MAX_BYTES = 64 << 20
+
 _NAN_MESSAGE = ("the model's log-probabilities are NaN {where}: its weights or activations "
                 "overflow float32")
 
@@ -122,8 +128,12 @@ def greedy_search(model, sources, *, bos_id, eos_id, max_length, min_length=0,
     """Argmax decoding (ties -> the lowest id). Returns one-hypothesis results.
 
     A model with a compiled search (``model._greedy``, docs/ENGINE.md) runs it: the same
-    results, bit for bit, without a Python round trip per step."""
-    if getattr(model, "_greedy", None) is not None and bos_id is not None:
+    results, bit for bit, without a Python round trip per step (unless its up-front outputs
+    would pass COMPILED_GREEDY_MAX_BYTES)."""
+    widest = max((_source_length(source) for source in sources), default=0)
+    upfront = len(sources) * max_length * (8 + (4 * widest if return_attention else 0))
+    if getattr(model, "_greedy", None) is not None and bos_id is not None and \
+            upfront <= COMPILED_GREEDY_MAX_BYTES:
         return _compiled_greedy(model, sources, bos_id=bos_id, eos_id=eos_id,
                                 max_length=max_length, min_length=min_length,
                                 length_penalty=length_penalty,

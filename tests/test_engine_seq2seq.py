@@ -243,6 +243,31 @@ def test_compiled_greedy_equals_the_step_by_step_search(name, options):
             assert got.attention is None
 
 
+def test_a_generous_max_length_costs_the_steps_taken():
+    # the compiled search allocates its outputs for max_length steps up front (64 sources of
+    # 300 tokens with attention and max_length 2**20: 75 GiB, a MemoryError); past
+    # COMPILED_GREEDY_MAX_BYTES the step-by-step search runs, with the same results
+    import tracemalloc
+    engine, _ = _pair("gru-bahdanau")
+    bias = engine.weights["decoder.output.bias"].copy()
+    bias[engine.eos_id] = 1e3                          # EOS wins once min_length allows it
+    engine = Seq2SeqAttention(engine.config, dict(engine.weights, **{"decoder.output.bias": bias}))
+    sources = _random_batch(np.random.default_rng(15), 13, [300] * 63 + [17])
+    options = dict(min_length=4, return_attention=True)
+    short = engine.generate(sources, max_length=6, **options)      # the compiled search
+    tracemalloc.start()
+    try:
+        long = engine.generate(sources, max_length=2 ** 20, **options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak
+    for got, want in zip(long, short):
+        assert got.tokens == want.tokens and len(got.tokens) == 4
+        assert got.scores == want.scores
+        np.testing.assert_array_equal(got.attention[0], want.attention[0])
+
+
 def test_compiled_greedy_rejects_inconsistent_calls():
     engine, _ = _pair("gru-bahdanau")
     state = engine._start([np.array([4, 5, 6])])

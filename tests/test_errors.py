@@ -409,3 +409,24 @@ def test_a_huge_max_length_is_named_not_a_memory_error():
     for options in (dict(max_length=2 ** 62), dict(max_length=2 ** 40, return_attention=True)):
         with pytest.raises(ValueError, match=f"max_length must be at most {MAX_GENERATION_LENGTH}"):
             model.generate([[4, 5]], **options)
+
+
+def test_a_huge_beam_or_min_length_is_named():
+    # a beam of 10^9 ran for minutes (candidates grow as beams x vocabulary a step) and 2**62
+    # gave an OverflowError naming nothing; translate's min_length past the longest generation
+    # was reported as max_length, and a numpy integer min_length was ignored there
+    from attncore.models import Seq2SeqAttention
+    from attncore.models.base import MAX_BEAM_SIZE, MAX_GENERATION_LENGTH
+    from attncore.train.seq2seq import Seq2SeqConfig
+    model = Seq2SeqAttention.from_config(Seq2SeqConfig(src_vocab_size=13, tgt_vocab_size=11,
+                                                       embed_dim=6, hidden_size=8).to_dict())
+    for beam in (MAX_BEAM_SIZE + 1, 10 ** 9, 2 ** 62):
+        with pytest.raises(ValueError, match=f"beam_size must be at most {MAX_BEAM_SIZE}"):
+            model.generate([[4, 5]], max_length=6, beam_size=beam)
+    from attncore.models.base import generate_with_default_lengths
+    with pytest.raises(ValueError, match=f"min_length must be at most {MAX_GENERATION_LENGTH}"):
+        generate_with_default_lengths(model, [[4, 5]], min_length=10 ** 7)
+    numpy_floor = generate_with_default_lengths(model, [[4, 5]], min_length=np.int64(30))
+    assert len(numpy_floor[0].tokens) >= 30
+    assert numpy_floor[0].tokens == generate_with_default_lengths(model, [[4, 5]],
+                                                                   min_length=30)[0].tokens

@@ -165,7 +165,12 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
         raise ValueError("sources is an empty batch")
     default = getattr(model, "default_max_length", _default_limit)
     floor = options.get("min_length", 0)
-    floor = floor if isinstance(floor, int) else 0
+    # (a numpy integer counts as one; a floor past the longest generation is min_length's error,
+    # not the max_length it would become)
+    floor = int(floor) if isinstance(floor, (int, np.integer)) and not isinstance(floor, bool) \
+        else 0
+    if floor > MAX_GENERATION_LENGTH:
+        raise ValueError(f"min_length must be at most {MAX_GENERATION_LENGTH}, got {floor}")
     # (an entry without a length is left to generate's checks, which name it)
     limits = [max(floor, default(len(source) if hasattr(source, "__len__") else 1))
               for source in sources]
@@ -187,6 +192,9 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
 #: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
 #: max_length steps up front; Transformers are bounded by their position table as well).
 MAX_GENERATION_LENGTH = 1 << 20
+#: The widest beam ``generate`` accepts: candidates grow as beams x vocabulary a step, and a
+#: beam of 10^9 ran for minutes without an error (usual widths are 1 to 16).
+MAX_BEAM_SIZE = 1024
 #: Largest |length_penalty|: n ** 10 for n up to MAX_GENERATION_LENGTH stays a float64 with room
 #: to divide log-probs by (400 overflowed in the scoring); usual values are 0 to 2.
 MAX_LENGTH_PENALTY = 10.0
@@ -216,6 +224,8 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     if min_length > max_length:
         raise ValueError(f"min_length ({min_length}) must be <= max_length ({max_length})")
     beam_size = _check_int(beam_size, "beam_size", 1)
+    if beam_size > MAX_BEAM_SIZE:
+        raise ValueError(f"beam_size must be at most {MAX_BEAM_SIZE}, got {beam_size}")
     num_hypotheses = _check_int(num_hypotheses, "num_hypotheses", 1)
     if num_hypotheses > beam_size:
         raise ValueError(f"num_hypotheses ({num_hypotheses}) must be <= beam_size ({beam_size})")
