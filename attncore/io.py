@@ -165,7 +165,9 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     problems = check_weights(weight_spec(config), weights)
     if problems:
         raise ValueError(f"weights do not match the {config['architecture']!r} spec:\n  " + "\n  ".join(problems))
-    config_text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON values
+    # (numpy scalars, e.g. a size read from an array, are written as the number they hold; any
+    # other non-JSON value fails here, before anything is written)
+    config_text = json.dumps(config, indent=2, sort_keys=True, default=_json_number)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -192,6 +194,14 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
                 source = Path(source)
                 (directory / source.name).write_bytes(source.read_bytes())
     return directory
+
+
+def _json_number(value):
+    """json.dumps' fallback: a numpy bool / integer / float scalar as the Python one."""
+    if isinstance(value, (np.bool_, np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"config values must be JSON values, got {type(value).__name__} "
+                    f"({value!r})")
 
 
 # Hyper-parameters every architecture reads the same way: flags must be JSON booleans (a

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import attncore
+from attncore.kernels.attention import sequence_attention
 
 F32, F64 = np.float32, np.float64
 
@@ -254,6 +255,28 @@ BAD = [
     ("threads-bool", lambda: attncore.set_num_threads(True), TypeError, r"\bn\b.*integer"),
     ("threads-ctx-0", lambda: attncore.num_threads(0).__enter__(), ValueError, r"\bn\b"),
     ("threads-ctx-str", lambda: attncore.num_threads("1").__enter__(), TypeError, r"\bn\b"),
+    # ---- flags (a truthy string applied the mask / the transpose) and float parameters past
+    # float32's range on float32 inputs (scale 1e39 gave NaN, -1e39 zeros, eps 1e-50 NaN)
+    ("attn-causal-str", attention(causal="False"), TypeError, "causal must be a bool"),
+    ("attn-weights-str", attention(return_weights="no"), TypeError, "return_weights"),
+    ("seqattn-causal-int", lambda: sequence_attention(Q, K, V, kv_lengths=None, causal=1),
+     TypeError, "causal must be a bool"),
+    ("additive-weights-str", additive(return_weights="yes"), TypeError, "return_weights"),
+    ("luong-weights-str", luong(return_weights="yes"), TypeError, "return_weights"),
+    ("nw-weights-str", nw(return_weights="yes"), TypeError, "return_weights"),
+    ("matmul-transpose-str", lambda: attncore.matmul(_o(2, 2), _o(2, 2), transpose_b="False"),
+     TypeError, "transpose_b must be a bool"),
+    ("attn-scale-f32-range", attention(q=Q.astype(F32), k=K.astype(F32), v=V.astype(F32),
+                                       scale=1e39), ValueError, "scale must be within float32"),
+    ("attn-scale-f32-range-neg", attention(q=Q.astype(F32), k=K.astype(F32), v=V.astype(F32),
+                                           scale=-1e39), ValueError, "scale must be within"),
+    ("matmul-alpha-f32-range", lambda: attncore.matmul(_o(2, 2, dtype=F32), _o(2, 2, dtype=F32),
+                                                       alpha=1e39),
+     ValueError, "alpha must be within float32"),
+    ("ln-eps-f32-zero", lambda: attncore.layer_norm(_o(2, 4, dtype=F32), eps=1e-50), ValueError,
+     r"eps \(1e-50\) rounds to 0 in float32"),
+    ("ln-mode-list", lambda: attncore.layer_norm(_o(2, 4), mode=["rms"]), ValueError,
+     "mode must be one of"),
 ]
 
 
@@ -430,3 +453,15 @@ def test_a_huge_beam_or_min_length_is_named():
     assert len(numpy_floor[0].tokens) >= 30
     assert numpy_floor[0].tokens == generate_with_default_lengths(model, [[4, 5]],
                                                                    min_length=30)[0].tokens
+
+
+def test_float64_weights_past_float32_range_are_named():
+    # they were finite as given, turned inf in the float32 copy: all-NaN outputs, a warning only
+    from attncore.models import Seq2SeqAttention
+    from attncore.train.seq2seq import Seq2SeqConfig
+    model = Seq2SeqAttention.from_config(Seq2SeqConfig(src_vocab_size=13, tgt_vocab_size=11,
+                                                       embed_dim=6, hidden_size=8).to_dict())
+    weights = {name: value.astype(np.float64) for name, value in model.weights.items()}
+    weights["decoder.output.weight"] = weights["decoder.output.weight"] * 1e300
+    with pytest.raises(ValueError, match="'decoder.output.weight' holds values beyond float32"):
+        Seq2SeqAttention(model.config, weights)

@@ -64,6 +64,21 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         assert (path / "merges.bin").read_bytes() == b"\x00\x01"
 
 
+def test_numpy_scalars_in_a_config_are_saved_as_numbers(tmp_path):
+    # a size read from an array (np.int64) raised "not JSON serializable" at save
+    model = _seq2seq("float32")
+    config = model.config.to_dict()
+    numpy_config = dict(config, hidden_size=np.int64(config["hidden_size"]),
+                        bidirectional=np.bool_(config["bidirectional"]))
+    io.save_model_dir(tmp_path / "m", numpy_config, model.state_dict())
+    loaded, _ = io.load_model_dir(tmp_path / "m")
+    assert loaded == {**config, "format_version": 1}
+    assert type(loaded["hidden_size"]) is int and type(loaded["bidirectional"]) is bool
+    with pytest.raises(TypeError, match="config values must be JSON values, got set"):
+        io.save_model_dir(tmp_path / "n", dict(config, note={1}), model.state_dict())
+    assert not (tmp_path / "n").exists()
+
+
 def test_config_json_has_format_version_architecture_and_special_ids(model_dir):
     path, model = model_dir
     config = json.loads((path / io.CONFIG_FILE).read_text())

@@ -95,12 +95,29 @@ def check_positive_float(value, name, allow_none=False):
     return value
 
 
-def check_finite_float(value, name):
+def check_bool(value, name):
+    """A flag as a Python bool: ``causal="False"`` was truthy, and applied the mask."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_finite_float(value, name, dtype=None):
+    """A finite real ``value`` as a Python float; with ``dtype`` (the inputs' float dtype, which
+    the kernel computes in) also representable there: a float32 kernel turned 1e39 into inf
+    and 1e-50 into 0 (NaN or zeros out, silently)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if dtype is not None and np.dtype(dtype) == np.float32:
+        info = np.finfo(np.float32)
+        if abs(value) > float(info.max):
+            raise ValueError(f"{name} must be within float32's range (|{name}| <= "
+                             f"{float(info.max):.4g}) for float32 inputs, got {value}")
+        if value != 0 and abs(value) < float(info.smallest_subnormal) / 2:
+            raise ValueError(f"{name} ({value}) rounds to 0 in float32, the inputs' dtype")
     return value
 
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import _additive, _blas, _sdpa, _softmax, _threads
-from ._validation import (check_bool_mask, check_finite_float, check_float_array,
+from ._validation import (check_bool, check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
 from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_threads
 
@@ -138,9 +138,12 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     out : (batch, heads, q_len, head_dim) [, weights]
     """
     q, k, v = _check_qkv(q, k, v)
+    causal = check_bool(causal, "causal")
+    return_weights = check_bool(return_weights, "return_weights")
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else check_finite_float(scale, "scale")
+    scale = (1.0 / math.sqrt(head_dim) if scale is None
+             else check_finite_float(scale, "scale", q.dtype))
     if kv_lengths is not None:
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
     threads = get_num_threads()
@@ -192,6 +195,7 @@ def sequence_attention(q, k, v, *, kv_lengths, causal):
     the batch around it. Arguments as :func:`attention` (checked the same way).
     """
     q, k, v = _check_qkv(q, k, v)
+    causal = check_bool(causal, "causal")
     if kv_lengths is not None:
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (q.shape[0],), k.shape[2])
     out = np.zeros(q.shape, dtype=q.dtype)
@@ -316,6 +320,7 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
     Returns (batch, q_len, v_dim) [, weights (batch, q_len, kv_len)]. The
     batch x q_len x kv_len x hidden tensor of the textbook formula is never formed.
     """
+    return_weights = check_bool(return_weights, "return_weights")
     queries = check_float_array(queries, "queries", ndim=3)
     dtype = queries.dtype
     factors = in_limit = None
@@ -375,6 +380,7 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
     queries (batch, q_len, q_dim), keys (batch, kv_len, k_dim), values (batch, kv_len, v_dim).
     Returns (batch, q_len, v_dim) [, weights (batch, q_len, kv_len)].
     """
+    return_weights = check_bool(return_weights, "return_weights")
     if method == "concat":
         for name, val in (("w_q", w_q), ("w_k", w_k), ("v", v)):
             if val is None:
@@ -433,6 +439,7 @@ def nadaraya_watson(queries, keys, values, bandwidth=1.0, *, return_weights=Fals
     queries (n_q, d) or (n_q,), keys (n_k, d) or (n_k,), values (n_k, d_v) or (n_k,).
     Returns (n_q, d_v) or (n_q,) [, weights (n_q, n_k)].
     """
+    return_weights = check_bool(return_weights, "return_weights")
     queries = check_float_array(queries, "queries")
     keys = check_float_array(keys, "keys", dtype=queries.dtype)
     values = check_float_array(values, "values", dtype=queries.dtype)

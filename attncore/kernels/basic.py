@@ -6,8 +6,9 @@ import numpy as np
 from .. import reference
 from . import _blas, _layers, _softmax
 from ._memory import empty_for_streaming
-from ._validation import (check_axis, check_bool_mask, check_finite_float, check_float_array, n_rows,
-                          check_ids, check_lengths, check_positive_float, check_size)
+from ._validation import (check_axis, check_bool, check_bool_mask, check_finite_float,
+                          check_float_array, check_ids, check_lengths, check_positive_float,
+                          check_size, n_rows)
 from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
 
 __all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16",
@@ -231,7 +232,8 @@ def matmul(a, b, *, transpose_b=False, alpha=1.0):
     b = check_float_array(b, "b", dtype=a.dtype)
     if a.ndim not in (2, 3) or b.ndim != a.ndim:
         raise ValueError(f"a and b must both be 2-D or both 3-D, got shapes {a.shape} and {b.shape}")
-    alpha = check_finite_float(alpha, "alpha")
+    alpha = check_finite_float(alpha, "alpha", a.dtype)
+    transpose_b = check_bool(transpose_b, "transpose_b")
     squeeze = a.ndim == 2
     a3, b3 = (a[None], b[None]) if squeeze else (a, b)
     if a3.shape[0] != b3.shape[0]:
@@ -257,9 +259,9 @@ def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
     gamma, beta : (dim,) or None. Statistics are accumulated in float64.
     """
     x = check_float_array(x, "x", min_ndim=1)
-    if mode not in _NORM_MODES:
+    if not isinstance(mode, str) or mode not in _NORM_MODES:
         raise ValueError(f"mode must be one of {sorted(_NORM_MODES)}, got {mode!r}")
-    eps = check_finite_float(eps, "eps")
+    eps = check_finite_float(eps, "eps", x.dtype)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     dim = x.shape[-1]

@@ -337,7 +337,12 @@ class Model:
             elif not np.all(np.isfinite(array)):
                 problems.append(f"tensor {name!r} holds NaN or infinity")
             else:
-                array = np.array(array, dtype=np.float32, order="C")  # a private copy
+                with np.errstate(over="ignore"):   # (checked on the float32 copy below)
+                    array = np.array(array, dtype=np.float32, order="C")  # a private copy
+                if not np.all(np.isfinite(array)):   # float64 values past float32's range
+                    problems.append(f"tensor {name!r} holds values beyond float32's range "
+                                    f"(~3.4e38)")
+                    continue
                 array.flags.writeable = False
                 stored[name] = array
         if problems:
