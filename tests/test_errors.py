@@ -277,6 +277,10 @@ BAD = [
      r"eps \(1e-50\) rounds to 0 in float32"),
     ("ln-mode-list", lambda: attncore.layer_norm(_o(2, 4), mode=["rms"]), ValueError,
      "mode must be one of"),
+    # a masked array's mask was dropped: the masked entry got weight 1.0
+    ("softmax-masked-array", lambda: attncore.softmax(np.ma.array([1.0, 100.0, 2.0],
+                                                                  mask=[0, 1, 0])),
+     TypeError, r"\bx is a masked array"),
 ]
 
 
@@ -465,3 +469,21 @@ def test_float64_weights_past_float32_range_are_named():
     weights["decoder.output.weight"] = weights["decoder.output.weight"] * 1e300
     with pytest.raises(ValueError, match="'decoder.output.weight' holds values beyond float32"):
         Seq2SeqAttention(model.config, weights)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_big_endian_and_matrix_inputs_give_the_native_results():
+    # they raised Cython's "Big-endian buffer not supported" / "No matching signature found"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4))
+    q, k, v = (rng.standard_normal((1, 2, 3, 4)) for _ in range(3))
+    for dtype in (F32, F64):
+        swapped = np.dtype(dtype).newbyteorder(">")
+        np.testing.assert_array_equal(attncore.softmax(x.astype(swapped)),
+                                      attncore.softmax(x.astype(dtype)))
+        np.testing.assert_array_equal(attncore.linear(x.astype(swapped), x.astype(dtype)),
+                                      attncore.linear(x.astype(dtype), x.astype(dtype)))
+        np.testing.assert_array_equal(
+            attncore.attention(q.astype(swapped), k.astype(dtype), v.astype(swapped)),
+            attncore.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype)))
+    np.testing.assert_array_equal(attncore.relu(np.matrix(x)), attncore.relu(x))

@@ -11,15 +11,20 @@ FLOAT_DTYPES = (np.float32, np.float64)
 
 def check_float_array(x, name, ndim=None, min_ndim=None, dtype=None):
     """Return ``x`` as a C-contiguous float32/float64 ndarray (copying only when needed)."""
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ma.MaskedArray):   # its mask would be silently dropped
+        raise TypeError(f"{name} is a masked array: pass its data and give the kernel the "
+                        f"exclusions (mask= or lengths=)")
+    if type(x) is np.ndarray:
         arr = x
-    else:
+    else:   # (subclasses such as np.matrix as plain arrays)
         try:
             arr = np.asarray(x)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"{name} must be an array of floats: {exc}") from None
     if arr.dtype.type not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {arr.dtype}")
+    if not arr.dtype.isnative:   # big-endian data: the kernels read native floats
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
     if min_ndim is not None and arr.ndim < min_ndim:
