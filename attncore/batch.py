@@ -81,6 +81,10 @@ class Item(NamedTuple):
     source: np.ndarray  # (length,) int64
 
 
+#: A window holds about this many batches' worth of lines (and of tokens under max_tokens).
+WINDOW_BATCHES = 100
+
+
 @dataclass(frozen=True)
 class Batching:
     """How lines are grouped.
@@ -95,6 +99,8 @@ class Batching:
     window : int, optional
         Lines read, sorted by length and batched together; bounds memory. Default
         ``100 * batch_size``. ``1`` processes lines strictly one by one (interactive use).
+        With ``max_tokens`` a window also closes at ``100 * max_tokens`` source tokens (a huge
+        ``batch_size`` left to ``max_tokens`` read the whole input into one window).
     """
 
     batch_size: int = 64
@@ -106,7 +112,7 @@ class Batching:
         if self.max_tokens is not None:
             _check_positive("max_tokens", self.max_tokens)
         if self.window is None:
-            object.__setattr__(self, "window", 100 * int(self.batch_size))
+            object.__setattr__(self, "window", WINDOW_BATCHES * int(self.batch_size))
         _check_positive("window", self.window)
 
 
@@ -244,35 +250,47 @@ def _windows(items: Iterable[Item], batching: Batching) -> Iterator[tuple]:
     """``(window, error)``: lists of up to ``batching.window`` items; ``error`` is the
     InputError that cut the last window short (then iteration ends), else None."""
     iterator = iter(items)
+    token_limit = None if batching.max_tokens is None else WINDOW_BATCHES * batching.max_tokens
     while True:
         window: List[Item] = []
+        tokens, full = 0, False
         try:
             for item in iterator:
                 window.append(item)
-                if len(window) >= batching.window:
+                tokens += len(item.source)
+                full = len(window) >= batching.window or (token_limit is not None
+                                                          and tokens >= token_limit)
+                if full:
                     break
         except InputError as exc:
             yield window, exc
             return
         if window:
             yield window, None
-        if len(window) < batching.window:
+        if not full:
             return
 
 
 def _split_window(window: Sequence[Item], batching: Batching) -> Iterator[List[Item]]:
-    ordered = sorted(window, key=lambda item: (-len(item.source), item.line))
-    batch: List[Item] = []
-    for item in ordered:
+    for positions in _split_positions(window, batching):
+        yield [window[i] for i in positions]
+
+
+def _split_positions(window: Sequence[Item], batching: Batching) -> Iterator[List[int]]:
+    """The window's batches as lists of positions in the window (longest source first, ties
+    in reading order)."""
+    ordered = sorted(range(len(window)), key=lambda i: (-len(window[i].source), i))
+    batch: List[int] = []
+    for i in ordered:
         # Sorted longest first: the batch's first row is its longest, so padding = rows x that.
-        width = len(batch[0].source) if batch else len(item.source)
+        width = len(window[batch[0]].source) if batch else len(window[i].source)
         too_many = len(batch) + 1 > batching.batch_size
         too_big = (batching.max_tokens is not None and batch
                    and (len(batch) + 1) * width > batching.max_tokens)
         if batch and (too_many or too_big):
             yield batch
             batch = []
-        batch.append(item)
+        batch.append(i)
     if batch:
         yield batch
 
@@ -287,8 +305,9 @@ def run_batches(items: Iterable[Item], infer: Callable[[List[Item]], Sequence[An
     Parameters
     ----------
     items : iterable of Item
-        Lines numbered consecutively in reading order; may raise :class:`InputError` while
-        being read.
+        Results come back in this (reading) order; the line numbers only label the items and
+        errors (any numbering: blank lines skipped, repeats). May raise :class:`InputError`
+        while being read.
     infer : callable
         ``infer(batch) -> sequence of results``: ``batch`` is a list of :class:`Item` (their
         sources and line numbers), the results one per item, in the same order
@@ -311,11 +330,8 @@ def run_batches(items: Iterable[Item], infer: Callable[[List[Item]], Sequence[An
         the model refuses (``ValueError``) is re-run one line at a time, in line order, for the
         lines of its window not yet done, so the error names the exact line.
     """
-    reorder: Optional[Reorderer] = None
     for window, error in _windows(items, batching):
-        if reorder is None and window:
-            reorder = Reorderer(window[0].line)
-        yield from _run_window(window, infer, batching, reorder, throughput, on_batch,
+        yield from _run_window(window, infer, batching, throughput, on_batch,
                                map_batches or _map_in_turn(infer))
         if error is not None:
             raise error
@@ -328,8 +344,12 @@ def _map_in_turn(infer):
     return map_batches
 
 
-def _run_window(window, infer, batching, reorder, throughput, on_batch, map_batches):
-    batches = list(_split_window(window, batching))
+def _run_window(window, infer, batching, throughput, on_batch, map_batches):
+    """``(item, result)`` of one window's items, in the window's order (results are put back
+    in order by position in the window: line numbers may have gaps or repeats)."""
+    positions = list(_split_positions(window, batching))
+    batches = [[window[i] for i in batch] for batch in positions]
+    reorder = Reorderer(0)
     done = set()
     mapped = map_batches(batches)
     try:
@@ -339,9 +359,9 @@ def _run_window(window, infer, batching, reorder, throughput, on_batch, map_batc
                 raise RuntimeError(f"inference returned {len(results)} results for "
                                    f"{len(batch)} sources")
             _account(batch, throughput, on_batch)
-            for item, result in zip(batch, results):
-                done.add(item.line)
-                yield from (value for _, value in reorder.push(item.line, (item, result)))
+            for position, item, result in zip(positions[index], batch, results):
+                done.add(position)
+                yield from (value for _, value in reorder.push(position, (item, result)))
         return
     except ValueError:
         pass
@@ -349,15 +369,17 @@ def _run_window(window, infer, batching, reorder, throughput, on_batch, map_batc
         close = getattr(mapped, "close", None)
         if close is not None:
             close()
-    # A batch was refused: rerun the window's remaining lines one by one, in line order.
-    for item in sorted((item for item in window if item.line not in done),
-                       key=lambda item: item.line):
+    # A batch was refused: rerun the window's remaining lines one by one, in reading order.
+    for position in range(len(window)):
+        if position in done:
+            continue
+        item = window[position]
         try:
             result = _infer_checked(infer, [item])[0]
         except ValueError as exc:
             raise InputError(item.line, str(exc)) from None
         _account([item], throughput, on_batch)
-        yield from (value for _, value in reorder.push(item.line, (item, result)))
+        yield from (value for _, value in reorder.push(position, (item, result)))
 
 
 def _infer_checked(infer, batch):

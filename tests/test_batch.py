@@ -145,6 +145,49 @@ def test_run_batches_restores_input_order(batch_size, max_tokens, window):
     assert "203 lines in" in throughput.summary()
 
 
+@pytest.mark.parametrize("numbers", [[1, 3, 4, 9, 10, 11, 30], [5, 5, 6, 2, 2, 7, 1]],
+                         ids=["gaps", "repeats-and-disorder"])
+def test_run_batches_takes_any_line_numbering(numbers):
+    # results come back in reading order whatever the numbers (blank lines skipped but kept
+    # numbered): a gap made the run wait for the missing line and end without error, a repeat
+    # was swallowed as a refused batch and the line dropped
+    rng = np.random.default_rng(0)
+    items = [Item(n, np.arange(1, int(rng.integers(1, 9)) + 1, dtype=np.int64)) for n in numbers]
+    for plan in (Batching(batch_size=2, window=3), Batching(batch_size=64)):
+        out = list(batch.run_batches(iter(items), identity, plan))
+        assert [item for item, _ in out] == items
+        for item, result in out:
+            np.testing.assert_array_equal(result, item.source)
+    # and a refused line among them is still named, after exactly the lines read before it
+    model, job = ReverseModel(), batch.GenerateJob(ids=True)
+    lines = [(n, "4 5" if i != 4 else "5 13") for i, n in enumerate(numbers)]
+    frontend = batch.Frontend.from_model(model)
+    done = []
+    with pytest.raises(InputError, match=f"^line {numbers[4]}: .*token id 13"):
+        for item, _ in batch.run_batches(job.items(lines, frontend),
+                                         lambda rows: job.run_items(model, rows),
+                                         Batching(batch_size=2, window=3)):
+            done.append(item.line)
+    assert done == numbers[:4]
+
+
+def test_a_token_budget_bounds_the_window_too():
+    # --batch-size 1000000 --max-tokens 2048 (the usual way to let the budget cut batches) read
+    # the whole input into one window: memory grew with the file, nothing came out until the end
+    read = []
+
+    def lines():
+        for i in itertools.count(1):
+            read.append(i)
+            yield Item(i, np.arange(1, 11, dtype=np.int64))       # 10 tokens a line
+    plan = Batching(batch_size=10 ** 6, max_tokens=20)             # window: 100 x 20 tokens
+    out = batch.run_batches(lines(), identity, plan)
+    assert [item.line for item, _ in itertools.islice(out, 3)] == [1, 2, 3]
+    assert len(read) <= 201, "one window of 2000 tokens (and one look-ahead) read"
+    windows = [len(w) for w, _ in itertools.islice(batch._windows(lines(), plan), 3)]
+    assert windows == [200, 200, 200]
+
+
 def test_run_batches_reads_lazily_one_window_at_a_time():
     read = []
 
