@@ -23,6 +23,7 @@ line before it has been written and the message names the line and what was writ
 import argparse
 import contextlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -163,7 +164,8 @@ def _set_threads(args):
 # generate()'s argument names in its errors, as the command line spells them
 _OPTION_NAMES = (("max_length", "--max-length"), ("min_length", "--min-length"),
                  ("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"),
-                 ("length_penalty", "--length-penalty"), ("do_sample=True", "--sample"))
+                 ("length_penalty", "--length-penalty"), ("do_sample=True", "--sample"),
+                 ("beam_size", "--beam"), ("seed", "--seed"))
 
 
 def _option_names(message: str) -> str:
@@ -197,8 +199,14 @@ def _job(args):
     return batch.ClassifyJob(scores=args.scores, **common)
 
 
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def _open_input(args):
     if args.input is None or args.input == "-":
+        if sys.stdin is None:   # (started with stdin closed: ``<&-``)
+            raise UserError("stdin is closed: give the input with --input FILE")
         return contextlib.nullcontext(sys.stdin.buffer)
     if os.path.isdir(args.input):
         raise UserError(f"input {args.input!r} is a directory, not a file")
@@ -218,9 +226,11 @@ class _LazyOutput:
         self._file = None
         # can it be written? Asked without opening it: an open would create the file, or hang
         # up on the reader of a named pipe. (Symlinks followed, as the open will.)
+        if not path:
+            raise UserError("--output is an empty path")
         target = os.path.realpath(path)
         parent = os.path.dirname(target)
-        if not path or path.endswith(os.sep) or os.path.isdir(target):
+        if path.endswith(os.sep) or os.path.isdir(target):
             raise UserError(f"cannot write output {path!r}: it is a directory")
         if not os.path.isdir(parent):
             raise UserError(f"cannot write output {path!r}: No such file or directory")
@@ -231,11 +241,17 @@ class _LazyOutput:
     def write(self, text: str) -> None:
         if self._file is None:
             self.finish()
-        self._file.write(text)
+        try:
+            self._file.write(text)
+        except OSError as exc:   # (a full disk: the message names the file)
+            raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as exc:
+                raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def finish(self) -> None:
         """Empty the file for this run's output (done by the first write)."""
@@ -250,17 +266,48 @@ class _LazyOutput:
 
     def __exit__(self, *exc_info):
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            try:
+                file.close()   # (flushes: the last lines' write error shows here)
+            except OSError as exc:
+                if exc_info[0] is None:
+                    raise UserError(f"cannot write output {self.path!r}: "
+                                    f"{exc.strerror}") from None
 
 
 def _open_output(args):
     if args.output is None or args.output == "-":
+        if sys.stdout is None:   # (started with stdout closed: ``>&-``)
+            raise UserError("stdout is closed: give the output with --output FILE")
         return contextlib.nullcontext(sys.stdout)
-    # writing the output empties it: never when it is the input (it was read as empty)
-    if args.input not in (None, "-") and os.path.exists(args.output) and \
-            os.path.exists(args.input) and os.path.samefile(args.input, args.output):
-        raise UserError(f"output {args.output!r} is the input file: write to another file")
+    # writing the output empties it: never when it is the input (it was read as empty), be it
+    # named by --input or read from stdin (``--output F < F``)
+    if os.path.exists(args.output):
+        if args.input not in (None, "-"):
+            same = os.path.exists(args.input) and os.path.samefile(args.input, args.output)
+        else:
+            same = sys.stdin is not None and _same_file(sys.stdin.fileno(), args.output)
+        if same:
+            raise UserError(f"output {args.output!r} is the input file: write to another file")
     return _LazyOutput(args.output)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is the regular file at ``path``."""
+    try:
+        opened, named = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(opened.st_mode) and (opened.st_dev, opened.st_ino) == (named.st_dev,
+                                                                             named.st_ino)
+
+
+def _check_translates(args, model_class, config) -> None:
+    """``translate`` takes encoder-decoder models only (on Dask too: it ran a decoder-only one)."""
+    if args.command == "translate" and (
+            not callable(getattr(model_class, "translate", None))
+            or config.get("kind") in ("decoder_only", "encoder_only")):
+        raise UserError("translate needs an encoder-decoder model; use generate")
 
 
 def _reports_progress(args, interactive) -> bool:
@@ -286,7 +333,7 @@ def _run_lines(args):
     """translate / generate / encode / classify: lines in, one output line per input line."""
     from attncore import batch
     job = _job(args)
-    interactive = (args.input in (None, "-")) and sys.stdin.isatty()
+    interactive = (args.input in (None, "-")) and _stdin_is_terminal()
     # Interactive input answers each line as it is typed: no window to fill.
     batching = batch.Batching(batch_size=1, window=1) if interactive else batch.Batching(
         batch_size=args.batch_size, max_tokens=args.max_tokens)
@@ -295,11 +342,12 @@ def _run_lines(args):
         if args.dask is not None:
             from attncore import distributed, models
             frontend = _frontend(path)
+            model_class = models.model_class(frontend.config.get("architecture"))
             try:
-                job.check_class(models.model_class(frontend.config.get("architecture")),
-                                frontend.config)
+                job.check_class(model_class, frontend.config)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+            _check_translates(args, model_class, frontend.config)
             client = stack.enter_context(distributed.connect(args.dask))
             infer_model = None
         else:
@@ -308,10 +356,7 @@ def _run_lines(args):
                 job.check_model(model)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-            if args.command == "translate" and (
-                    not callable(getattr(model, "translate", None))
-                    or model.config.get("kind") in ("decoder_only", "encoder_only")):
-                raise UserError("translate needs an encoder-decoder model; use generate")
+            _check_translates(args, type(model), model.config)
             frontend = batch.Frontend.from_model(model)
             infer_model = model
         if not args.ids and frontend.tokenizer is None:
@@ -430,6 +475,8 @@ def _attention(args):
             print(f"attncore attention: wrote {args.output} ({len(amap.target_tokens)} generated "
                   f"x {len(amap.source_tokens)} source tokens)", file=sys.stderr)
     if args.as_text or args.output is None or missing is not None:
+        if sys.stdout is None:   # (started with stdout closed: ``>&-``)
+            raise UserError("stdout is closed: write the heat map with --output FILE.png")
         sys.stdout.write(heatmap.render_text(amap))
     if missing is not None:
         raise UserError(f"{args.output} not written: {missing}; the text rendering is on stdout")
@@ -548,9 +595,12 @@ _COMMANDS = {"translate": _run_lines, "generate": _run_lines, "encode": _run_lin
 
 def main(argv=None):
     """Run ``attncore ARGV``; returns the exit status."""
+    if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
+        sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
     try:
         status = _main(argv)
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return status
     except BrokenPipeError:
         # The reader went away (``attncore translate ... | head``): stop quietly. Python flushes

@@ -195,6 +195,8 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["generate", "--max-length", "2000000"], "--max-length must be at most 1048576"),
     (["generate", "--length-penalty", "400"], "--length-penalty must lie in [-10, 10]"),
     (["generate", "--threads", "5000"], "--threads must lie in [1, 1024], got 5000"),
+    (["generate", "--beam", "5000"], "--beam must be at most 1024, got 5000"),
+    (["generate", "--sample", "--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")
@@ -207,6 +209,51 @@ def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
     assert_user_error(attncore_cli(["translate", "--input", "dates.txt", "--output",
                                     "./dates.txt"], tmp_path), "is the input file")
     assert (tmp_path / "dates.txt").read_text() == "3 March 1998\n"
+
+
+def test_output_that_is_the_file_on_stdin_is_refused_and_the_input_kept(tmp_path):
+    # ``--output F < F`` emptied F after the first window was read: the rest read as EOF,
+    # 6555 output lines for 60000 input lines, exit 0
+    (tmp_path / "dates.txt").write_text("3 March 1998\n" * 3)
+    environ = subprocess_env()
+    with open(tmp_path / "dates.txt", "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "attncore", "translate", "--output",
+                               "dates.txt"], stdin=stdin, cwd=tmp_path, env=environ,
+                              capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, "is the input file")
+    assert (tmp_path / "dates.txt").read_text() == "3 March 1998\n" * 3
+
+
+@pytest.mark.parametrize("redirect, fragment, status", [
+    ("<&-", "stdin is closed: give the input with --input FILE", 1),
+    ("< in.txt >&-", "stdout is closed: give the output with --output FILE", 1),
+    ("--input in.txt --output out.txt >&-", None, 0),          # stdout unused: no error
+    ("--input in.txt 2>&-", None, 0),                         # no stderr for the progress bar
+])
+def test_closed_standard_streams_are_named_not_a_traceback(tmp_path, redirect, fragment, status):
+    # they raised AttributeError tracebacks ('NoneType' object has no attribute 'isatty')
+    (tmp_path / "in.txt").write_text("3 March 1998\n")
+    proc = subprocess.run(f"{sys.executable} -m attncore translate {redirect}",
+                          shell=True, cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if fragment is not None:
+        assert_user_error(proc, fragment)
+    if "out.txt" in redirect:
+        assert (tmp_path / "out.txt").read_text() == "1998-03-03\n"
+    elif "2>&-" in redirect:
+        assert proc.stdout == "1998-03-03\n"
+
+
+def test_output_write_errors_name_the_file(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    assert_user_error(attncore_cli(["translate", "--output", "/dev/full"], tmp_path,
+                                   stdin="3 March 1998\n"),
+                      "cannot write output '/dev/full': No space left on device")
+    assert_user_error(attncore_cli(["translate", "--output", ""], tmp_path,
+                                   stdin="3 March 1998\n"), "--output is an empty path")
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
@@ -419,6 +466,21 @@ def test_commands_the_model_cannot_run(tmp_path, encoder_model):
                       "this model (seq2seq_attention) cannot classify")
     assert_user_error(attncore_cli(["translate", "--model", path], tmp_path, stdin="abc\n"),
                       "this model (transformer, encoder_only) cannot generate")
+
+
+@pytest.mark.parametrize("dask", [False, True])
+def test_translate_refuses_a_decoder_only_model(tmp_path, dask):
+    # with --dask it ran one (exit 0); refused before any cluster starts
+    from attncore import models
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(kind="decoder_only", src_vocab_size=10, tgt_vocab_size=10,
+                               d_model=8, num_heads=2, dim_feedforward=12, num_encoder_layers=0,
+                               num_decoder_layers=1, max_positions=16).to_dict()
+    models.from_config(config, seed=3).save(tmp_path / "lm")
+    args = ["translate", "--model", tmp_path / "lm", "--ids"] + (["--dask", "local:1"] if dask
+                                                                  else [])
+    assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
+                      "translate needs an encoder-decoder model; use generate")
 
 
 # ---------------------------------------------------------------------------------- attention
