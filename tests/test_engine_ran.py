@@ -284,6 +284,38 @@ def test_causal_chunks_ending_inside_a_wide_window(memory_review):
     assert state.windows == (2,) and len(state.pending[0]) == 8
 
 
+def test_a_causal_state_continues_in_a_reloaded_copy_but_not_in_another_weight_dtype(tmp_path):
+    # a saved and reloaded copy (its config gains format_version) refused the state; an int8
+    # model (model.weights kept in float32) continued a float32 model's state, 0.1 off
+    engine, _ = make_pair(seed=15, causal=True, token_head="lm")
+    doc = documents((13,), seed=12)[0]
+    _, state = engine.token_logits([doc[:6]])
+    engine.save(tmp_path / "ran")
+    reloaded = load(tmp_path / "ran")
+    continued, _ = reloaded.token_logits([doc[6:]], state)
+    np.testing.assert_array_equal(continued[0], engine.token_logits([doc[6:]], state)[0][0])
+    for weight_dtype in ("int8", "bfloat16"):
+        other = load(tmp_path / "ran", weight_dtype=weight_dtype)
+        with pytest.raises(ValueError, match="state was made by another RAN model"):
+            other.token_logits([doc[6:]], state)
+
+
+def test_a_copied_or_unpickled_causal_state_stays_read_only():
+    import copy
+    import pickle
+    engine, _ = make_pair(seed=16, causal=True)
+    _, state = engine.encode(documents((6, 3), seed=13))
+    for twin in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state)):
+        arrays = [twin.history, *twin.pending] + [
+            a for layers in twin.layers for carry in layers
+            for a in (carry.cell, carry.g_prev, carry.memory_keys, carry.memory_values,
+                      carry.g_sum, carry.g_max) if a is not None]
+        assert len(arrays) > 10 and not any(a.flags.writeable for a in arrays)
+        doc = documents((4, 4), seed=14)
+        np.testing.assert_array_equal(engine.encode(doc, twin)[0].history,
+                                      engine.encode(doc, state)[0].history)
+
+
 def test_causal_state_is_not_changed_by_continuing():
     engine, _ = make_pair(seed=11, causal=True, cell_pooling="max")
     docs = documents((6, 3), seed=9)

@@ -145,6 +145,9 @@ class _LayerCarry:
     g_sum: np.ndarray
     g_max: np.ndarray
 
+    def __setstate__(self, state):
+        _set_read_only(self, state)
+
 
 @dataclass(frozen=True)
 class RANState:
@@ -182,6 +185,9 @@ class RANState:
     pending: Tuple[np.ndarray, ...] = ()
     layers: Tuple[Tuple[_LayerCarry, ...], ...] = field(default=(), repr=False)
     model: str = ""
+
+    def __setstate__(self, state):
+        _set_read_only(self, state)
 
     @property
     def batch_size(self) -> int:
@@ -241,6 +247,21 @@ class RANDecoderState:
         state = self.state.select(rows)
         pending = None if self.pending is None else self.pending[np.asarray(rows, dtype=np.int64)]
         return RANDecoderState(state, pending)
+
+
+def _set_read_only(obj, state: dict) -> None:
+    """A frozen dataclass's ``__setstate__`` (unpickling, ``copy.deepcopy``): its fields from
+    ``state``, every array in them read-only again (they came back writeable, and ``select``
+    shares carried arrays between beams on the promise that nobody writes them)."""
+    def freeze(value):
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False   # (fresh copies: the pickle's or deepcopy's own)
+        elif isinstance(value, tuple):
+            for item in value:
+                freeze(item)
+    for name, value in state.items():
+        freeze(value)
+        object.__setattr__(obj, name, value)
 
 
 def _frozen(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
@@ -650,7 +671,12 @@ class RAN(Model):
         if digest is None:
             import hashlib
             import json
-            h = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode())
+            # the config without its file-format version (a saved and reloaded copy is the same
+            # model), and the weight dtype: int8 keeps model.weights in float32 but computes
+            # other values, so its state must not continue a float32 model's (or the reverse)
+            config = {k: v for k, v in self.config.items() if k != "format_version"}
+            h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+            h.update(self.weight_dtype.encode())
             for name in sorted(self.weights):
                 h.update(name.encode())
                 h.update(np.ascontiguousarray(self.weights[name]).tobytes())
