@@ -316,6 +316,29 @@ def test_a_copied_or_unpickled_causal_state_stays_read_only():
                                       engine.encode(doc, state)[0].history)
 
 
+def test_a_chunk_inside_a_window_shares_the_carried_memory():
+    # the memory review's carried keys / values (1 + windows, D) were copied three times and
+    # scanned once a call: a token at a time, that cost more than the review itself
+    engine, _ = make_pair(seed=17, causal=True, window_size=4)
+    doc = documents((11,), seed=15)[0]
+    _, state = engine.encode([doc[:9]])                    # 2 windows done, 1 token pending
+    _, inside = engine.encode([doc[9:10]], state)         # still inside window 3
+    _, crossing = engine.encode([doc[10:11]], inside)     # one more, the window not yet full
+    for before, after in zip(state.layers[0], inside.layers[0]):
+        assert after.memory_keys is before.memory_keys
+        assert after.memory_values is before.memory_values
+    whole, _ = engine.encode([doc])
+    np.testing.assert_array_equal(engine.encode([doc[:9]])[0].history, state.history)
+    assert_same_as_one_call(crossing.history, whole.history)
+    # a carried array edited after all (made writeable) is checked again, not trusted
+    carry = inside.layers[0][0]
+    keys = carry.memory_keys
+    keys.flags.writeable = True
+    keys[0, 0] = np.nan
+    with pytest.raises(ValueError, match="memory_keys holds NaN"):
+        engine.encode([doc[10:11]], inside)
+
+
 def test_causal_state_is_not_changed_by_continuing():
     engine, _ = make_pair(seed=11, causal=True, cell_pooling="max")
     docs = documents((6, 3), seed=9)
@@ -545,6 +568,8 @@ def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
             (with_carry(cell=np.ones(5, np.float32)), f"cell must be an array of shape ({d},)"),
             (with_carry(memory_keys=None), "memory_keys must be an array of shape"),
             (with_carry(memory_keys=carry.memory_keys[:1]), "memory_keys must be an array"),
+            (with_carry(memory_keys=np.full_like(carry.memory_keys, np.nan)),
+             "memory_keys holds NaN"),
             (with_carry(g_prev=None), "g_prev must be an array")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             a.encode(second, dataclasses.replace(state, **change))

@@ -62,6 +62,7 @@ A causal model with ``token_head="lm"`` implements the decoder protocol of ``doc
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -262,6 +263,33 @@ def _set_read_only(obj, state: dict) -> None:
     for name, value in state.items():
         freeze(value)
         object.__setattr__(obj, name, value)
+
+
+#: Memory-review arrays this module made for a state (id -> array): checked finite when made,
+#: read-only since, so a continuation need not scan them again (they grow with the document).
+_CARRIED_MEMORY: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _carried_memory(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """A memory-review array for a state, without a copy where none is needed: a state's
+    (registered, read-only) array as it is, a fresh one made by this call frozen in place,
+    anything else (the model's c_0 row, a caller's array) a private read-only copy."""
+    if array is None or _is_carried_memory(array):
+        return array
+    if array.base is None and array.flags.writeable and array.flags.c_contiguous \
+            and np.isfinite(array).all():
+        array.flags.writeable = False
+    else:
+        array = _frozen(array)
+        if not np.isfinite(array).all():
+            return array   # (not registered: _check_carry names it when it is read)
+    _CARRIED_MEMORY[id(array)] = array
+    return array
+
+
+def _is_carried_memory(array) -> bool:
+    return isinstance(array, np.ndarray) and _CARRIED_MEMORY.get(id(array)) is array \
+        and not array.flags.writeable
 
 
 def _frozen(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
@@ -661,6 +689,8 @@ class RAN(Model):
         for name in ("memory_keys", "memory_values"):
             array = getattr(carry, name)
             if self.memory_review:
+                if _is_carried_memory(array) and array.shape == (1 + windows, d):
+                    continue   # made (and checked) by this module, read-only since
                 check(name, array, (1 + windows, d))
             elif array is not None:
                 raise ValueError(f"state.layers: {name} must be None without memory review")
@@ -853,12 +883,20 @@ class RAN(Model):
                 keys, values = kv[windows, :D], kv[windows, D:]
             else:
                 old_keys, old_values = memory[b]
-                # g_j sits at row 1 + j (row 0 is c_0): window j sees rows 0..j.
-                keys = np.concatenate([old_keys, kv[windows, :D]])
-                values = np.concatenate([old_values, kv[windows, D:]])
+                # g_j sits at row 1 + j (row 0 is c_0): window j sees rows 0..j, so the call's
+                # last window needs the g of the ones before it, not its own. (A chunk inside
+                # one window, a token at a time, then reads the carried arrays as they are:
+                # copying them every call cost more than the review's attention.)
+                if len(windows) > 1:
+                    keys = np.concatenate([old_keys, kv[windows[:-1], :D]])
+                    values = np.concatenate([old_values, kv[windows[:-1], D:]])
+                else:
+                    keys, values = old_keys, old_values
                 finished = windows[plan.win_final[windows]]
-                memory[b] = (np.concatenate([old_keys, kv[finished, :D]]),
-                             np.concatenate([old_values, kv[finished, D:]]))
+                if len(finished):
+                    memory[b] = (_carried_memory(np.concatenate([old_keys, kv[finished, :D]])),
+                                 _carried_memory(np.concatenate([old_values,
+                                                                 kv[finished, D:]])))
             keys = np.ascontiguousarray(keys)[None, None]                      # (1, 1, m, D)
             values = np.ascontiguousarray(values)[None, None]
             group = [windows[0]]
@@ -923,7 +961,8 @@ class RAN(Model):
                 new_layers[b][index] = _LayerCarry(
                     _frozen(carry["cell"][b]),
                     _frozen(carry["g_prev"][b]) if carry["has_prev"][b] else None,
-                    _frozen(keys), _frozen(values), _frozen(g_sum), _frozen(g_max))
+                    _carried_memory(keys), _carried_memory(values), _frozen(g_sum),
+                    _frozen(g_max))
         pooled = self._pool_causal(plan, g, cell, new_layers, batch)
         sequence = [x[plan.offsets[b] + plan.emit_from[b]:plan.offsets[b + 1]]
                     for b in range(batch)]
