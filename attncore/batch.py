@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence
@@ -180,7 +181,7 @@ class Reorderer:
 def read_lines(stream: BinaryIO, *, first: int = 1) -> Iterator[tuple]:
     """``(line_number, text)`` for each line of a binary stream, read lazily.
 
-    The line ending (``\\n`` or ``\\r\\n``) is removed, and a UTF-8 byte order mark at the start
+    The line ending (``\\n`` or ``\\r\\n``, or ``\\r`` closing the last line) is removed, and a UTF-8 byte order mark at the start
     of the stream; nothing else is stripped. Text must be UTF-8: a line that is not raises
     :class:`InputError` with its number.
     """
@@ -193,8 +194,8 @@ def read_lines(stream: BinaryIO, *, first: int = 1) -> Iterator[tuple]:
             raise InputError(number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
         if text.endswith("\n"):
             text = text[:-1]
-            if text.endswith("\r"):
-                text = text[:-1]
+        if text.endswith("\r"):   # (also a last line "...\r" without its "\n")
+            text = text[:-1]
         yield number, text
 
 
@@ -212,6 +213,9 @@ def count_lines(path: str | os.PathLike, chunk_size: int = 1 << 20) -> int:
     return count + (last != b"\n")
 
 
+_ID_PATTERN = re.compile(r"-?[0-9]+")
+
+
 def parse_ids(text: str, vocab_size: Optional[int] = None) -> np.ndarray:
     """Space-separated token ids -> int64 array; raises ``ValueError`` saying what is wrong."""
     fields = text.split()
@@ -219,10 +223,10 @@ def parse_ids(text: str, vocab_size: Optional[int] = None) -> np.ndarray:
         raise ValueError("empty line (expected space-separated token ids)")
     ids = []
     for token in fields:
-        try:
-            value = int(token)
-        except ValueError:
-            raise ValueError(f"{token!r} is not an integer token id") from None
+        # ASCII digits only: int() also takes "4_0" (40), "+4" and other scripts' digits
+        if not _ID_PATTERN.fullmatch(token):
+            raise ValueError(f"{token!r} is not an integer token id")
+        value = int(token)
         if value < 0 or (vocab_size is not None and value >= vocab_size):
             bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
             raise ValueError(f"token id {value} outside {bound}")

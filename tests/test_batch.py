@@ -49,6 +49,8 @@ def test_read_lines_strips_only_line_endings_and_numbers_from_one():
     stream = io.BytesIO(b"a b\r\n  two spaces  \n\nlast without newline")
     assert list(batch.read_lines(stream)) == [
         (1, "a b"), (2, "  two spaces  "), (3, ""), (4, "last without newline")]
+    # a CRLF file's last line without its "\n" kept the "\r" (an unknown token '\r')
+    assert list(batch.read_lines(io.BytesIO(b"a\r\nb\r"))) == [(1, "a"), (2, "b")]
 
 
 def test_read_lines_names_the_line_that_is_not_utf8():
@@ -76,7 +78,10 @@ def test_count_lines(tmp_path, content, expected):
 
 @pytest.mark.parametrize("text, message", [
     ("", "empty line"), ("1 x 3", "'x' is not an integer"), ("1 -2", "token id -2 outside"),
-    ("5 50", r"token id 50 outside \[0, 50\)")])
+    ("5 50", r"token id 50 outside \[0, 50\)"),
+    # int() took these: "4_0" as 40, Arabic-Indic digits, a sign
+    ("4_0", "'4_0' is not an integer"), ("\u0664", "is not an integer"),
+    ("+4", "'\\+4' is not an integer"), ("--4", "'--4' is not an integer")])
 def test_parse_ids_refuses_malformed_lines(text, message):
     with pytest.raises(ValueError, match=message):
         batch.parse_ids(text, vocab_size=50)
