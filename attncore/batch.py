@@ -181,9 +181,9 @@ class Reorderer:
 def read_lines(stream: BinaryIO, *, first: int = 1) -> Iterator[tuple]:
     """``(line_number, text)`` for each line of a binary stream, read lazily.
 
-    The line ending (``\\n`` or ``\\r\\n``, or ``\\r`` closing the last line) is removed, and a UTF-8 byte order mark at the start
-    of the stream; nothing else is stripped. Text must be UTF-8: a line that is not raises
-    :class:`InputError` with its number.
+    The line ending (``\\n`` or ``\\r\\n``, or ``\\r`` closing the last line) is removed, and
+    a UTF-8 byte order mark at the start of the stream; nothing else is stripped. Text must be
+    UTF-8: a line that is not raises :class:`InputError` with its number.
     """
     for number, raw in enumerate(stream, first):
         if number == first and raw.startswith(b"\xef\xbb\xbf"):   # (Windows editors write one)
