@@ -561,6 +561,11 @@ def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
     def with_carry(**fields):
         return dict(layers=((dataclasses.replace(carry, **fields),) + rest,))
     d = a.embedding_size
+    # uint64 pending ids (a valid integer array) met int64 ones as float64: "ids must be an
+    # integer array, got dtype float64"
+    unsigned = dataclasses.replace(state, pending=(state.pending[0].astype(np.uint64),))
+    np.testing.assert_array_equal(a.encode(second, unsigned)[0].history,
+                                  a.encode(second, state)[0].history)
     for change, message in [
             (dict(tokens=(99,)), "state.tokens (99) must be state.windows x window_size"),
             (dict(windows=(state.windows[0] + 1,)), "state.tokens (9) must be state.windows"),
@@ -570,6 +575,12 @@ def test_a_causal_state_is_continued_only_by_the_model_that_made_it():
             (with_carry(memory_keys=carry.memory_keys[:1]), "memory_keys must be an array"),
             (with_carry(memory_keys=np.full_like(carry.memory_keys, np.nan)),
              "memory_keys holds NaN"),
+            # these failed as NumPy / kernel errors naming other things
+            (with_carry(memory_keys=carry.memory_keys.astype(np.int64)),
+             "memory_keys must be float32, got int64"),
+            (dict(pending=(np.array([999] * len(state.pending[0])),)),
+             "state.pending must hold ids in [0, 40)"),
+            (dict(history=state.history.tolist()), "state.history must be a float array"),
             (with_carry(g_prev=None), "g_prev must be an array")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             a.encode(second, dataclasses.replace(state, **change))

@@ -620,6 +620,9 @@ class RAN(Model):
                              f"{'causal' if self.causal else 'bidirectional'}")
         if state.batch_size != batch:
             raise ValueError(f"state holds {state.batch_size} documents, documents has {batch}")
+        if not isinstance(state.history, np.ndarray) or state.history.dtype.kind != "f":
+            raise ValueError("state.history must be a float array (a state returned by "
+                             "encode, or RANState.from_history)")
         if state.history.shape != (batch, self.embedding_size):
             raise ValueError(f"state.history must have shape ({batch}, {self.embedding_size}), "
                              f"got {state.history.shape}")
@@ -655,6 +658,8 @@ class RAN(Model):
                     pending.dtype.kind not in "iu" or len(pending) >= window:
                 raise ValueError(f"state.pending must hold 1-d integer arrays of fewer than "
                                  f"{window} ids")
+            if len(pending) and (pending.min() < 0 or pending.max() >= self.vocab_size):
+                raise ValueError(f"state.pending must hold ids in [0, {self.vocab_size})")
             if tokens != windows * window + len(pending):
                 raise ValueError(f"state.tokens ({tokens!r}) must be state.windows x "
                                  f"window_size + the pending ids ({windows} x {window} + "
@@ -674,6 +679,10 @@ class RAN(Model):
                 got = array.shape if isinstance(array, np.ndarray) else type(array).__name__
                 raise ValueError(f"state.layers: {name} must be an array of shape {shape}, "
                                  f"got {got}")
+            wanted = np.float64 if name == "g_sum" else np.float32
+            if array.dtype != wanted:
+                raise ValueError(f"state.layers: {name} must be {np.dtype(wanted)}, got "
+                                 f"{array.dtype}")
             bad = np.isnan(array) | (array == np.inf) if allow_minus_inf else ~np.isfinite(array)
             if bad.any():
                 raise ValueError(f"state.layers: {name} holds NaN or infinity")
@@ -944,7 +953,8 @@ class RAN(Model):
         else:
             pending, done = list(state.pending), list(state.windows)
             tokens_before = list(state.tokens)
-        ids = [np.concatenate([p, d]) for p, d in zip(pending, documents)]
+        ids = [np.concatenate([p.astype(np.int64, copy=False), d])   # (uint64 + int64: float)
+               for p, d in zip(pending, documents)]
         plan = _make_plan([len(i) for i in ids], done, [len(p) for p in pending], window,
                           window, causal=True)
         x = self._embed(np.concatenate(ids))
