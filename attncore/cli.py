@@ -414,13 +414,14 @@ def _run_lines(args):
 
 
 def _check_max_length(args, config):
-    """--max-length past a Transformer's position table, refused before any line runs (it came
-    back as the error of line 1)."""
+    """--max-length / --min-length past a Transformer's position table, refused before any line
+    runs (it came back as the error of line 1)."""
     limit = config.get("max_positions") if config.get("architecture") == "transformer" else None
-    max_length = getattr(args, "max_length", None)
-    if max_length is not None and isinstance(limit, int) and max_length > limit:
-        raise UserError(f"--max-length {max_length} is more positions than the model's "
-                        f"position table has (max_positions={limit})")
+    for option in ("max_length", "min_length"):   # (--min-length came back as line 1's error,
+        value = getattr(args, option, None)        # naming a max_length never given)
+        if value is not None and isinstance(limit, int) and value > limit:
+            raise UserError(f"{_option_names(option)} {value} is more positions than the "
+                            f"model's position table has (max_positions={limit})")
 
 
 def _frontend(path):

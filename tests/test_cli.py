@@ -447,6 +447,10 @@ def test_max_length_past_the_position_table_is_refused_before_any_line(tmp_path)
                         tmp_path, stdin="4 5 2\n")
     assert_user_error(proc, "--max-length 30 is more positions than the model's position "
                             "table has (max_positions=16)")
+    proc = attncore_cli(["generate", "--model", tmp_path / "t", "--ids", "--min-length", "30"],
+                        tmp_path, stdin="4 5 2\n")
+    assert_user_error(proc, "--min-length 30 is more positions than the model's position "
+                            "table has (max_positions=16)")
     ok = attncore_cli(["generate", "--model", tmp_path / "t", "--ids", "--max-length", "16"],
                       tmp_path, stdin="4 5 2\n")
     assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 1, ok.stderr
