@@ -448,7 +448,8 @@ def _attention(args):
     from attncore import batch, heatmap
     with contextlib.ExitStack() as stack:
         model = _load_model(_model_path(args, stack), args.weight_dtype)
-    if not callable(getattr(model, "generate", None)):
+    if not callable(getattr(model, "generate", None)) or \
+            model.config.get("kind") in ("decoder_only", "encoder_only"):
         raise UserError("attention needs a generative encoder-decoder model")
     _set_threads(args)
     job = batch.GenerateJob(ids=args.ids, allow_unknown=args.allow_unknown)

@@ -78,7 +78,8 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
     model : an encoder-decoder engine model (``generate(..., return_attention=True)``)
     source : 1-d token ids
     max_length : int, optional
-        Default ``2 * len(source) + 10`` (as ``translate``).
+        Default ``model.default_max_length(len(source))`` (as ``translate``; else
+        ``2 * len(source) + 10``).
     beam_size : int
         The best hypothesis' attention is shown.
     length_penalty : float
@@ -90,8 +91,9 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
         The model returns no cross-attention (a decoder-only model), or bad arguments.
     """
     source = np.asarray(source, dtype=np.int64)
-    if max_length is None:
-        max_length = 2 * len(source) + 10
+    if max_length is None:   # (the model's own default keeps within a position table)
+        default = getattr(model, "default_max_length", None)
+        max_length = default(len(source)) if callable(default) else 2 * len(source) + 10
     result = model.generate([source], max_length=max_length, beam_size=beam_size,
                             length_penalty=length_penalty, return_attention=True)[0]
     if not result.attention or result.attention[0] is None:

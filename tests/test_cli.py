@@ -485,6 +485,9 @@ def test_translate_refuses_a_decoder_only_model(tmp_path, dask):
                                                                   else [])
     assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
                       "translate needs an encoder-decoder model; use generate")
+    # attention named a --max-length the user never gave
+    assert_user_error(attncore_cli(["attention", "--model", tmp_path / "lm", "--ids", "4 5"],
+                                   tmp_path), "attention needs a generative encoder-decoder model")
 
 
 # ---------------------------------------------------------------------------------- attention
