@@ -238,8 +238,23 @@ def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
         _fit(tmp_path, 4, resume=True)
 
 
+def _rewrite_checkpoint_state(directory, state_text):
+    """The checkpoint's weights with ``state_text`` as their embedded trainer state (None: no
+    embedded state, as a checkpoint written before it was embedded)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    path = directory / "checkpoint.safetensors"
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata.pop("trainer_state")
+    if state_text is not None:
+        metadata["trainer_state"] = state_text
+    save_file(arrays, str(path), metadata=metadata)
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda state: "{ not json", "cannot read .*trainer_state.json"),
+    (lambda state: "{ not json", "cannot read the trainer state of .*checkpoint.safetensors"),
     (lambda state: json.dumps({k: v for k, v in state.items() if k != "step"}),
      r"lacks \['step'\]"),
     (lambda state: json.dumps(dict(state, batch_index=10 ** 6)), "batch_index 1000000 lies past"),
@@ -248,10 +263,34 @@ def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
 def test_a_damaged_checkpoint_is_named(tmp_path, edit, message):
     # (bare JSON / KeyError / StopIteration messages, or exit 0 with nothing trained)
     _fit(tmp_path, 2, checkpoint_every=2)
-    path = tmp_path / "checkpoint" / "trainer_state.json"
-    path.write_text(edit(json.loads(path.read_text())))
+    directory = tmp_path / "checkpoint"
+    state = json.loads((directory / "trainer_state.json").read_text())
+    _rewrite_checkpoint_state(directory, edit(state))
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, 4, resume=True)
+
+
+def test_a_checkpoint_without_embedded_state_reads_its_json(tmp_path):
+    _fit(tmp_path, 2, checkpoint_every=2)
+    directory = tmp_path / "checkpoint"
+    _rewrite_checkpoint_state(directory, None)
+    (directory / "trainer_state.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="cannot read the trainer state of .*trainer_state.json"):
+        _fit(tmp_path, 4, resume=True)
+
+
+def test_weights_and_state_of_a_checkpoint_cannot_come_apart(tmp_path):
+    # the two files were renamed one after the other: a run killed between the renames left
+    # step-4 weights beside the step-2 state, and --resume continued the mix with exit 0
+    # (final weights 3.9e-3 off an uninterrupted run); the state now travels in the weights
+    uninterrupted, _ = _fit(tmp_path / "a", 6)
+    _fit(tmp_path / "b", 2, checkpoint_every=2)
+    stale = (tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text()
+    _fit(tmp_path / "b", 4, checkpoint_every=2, resume=True)
+    (tmp_path / "b" / "checkpoint" / "trainer_state.json").write_text(stale)   # the kill
+    resumed, _ = _fit(tmp_path / "b", 6, resume=True)
+    for name, value in uninterrupted.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
 
 
 def test_optimizer_moments_of_another_shape_are_refused():

@@ -10,7 +10,12 @@ A checkpoint directory holds
     state of the model's dropout generator (``numpy.random.Generator.bit_generator.state``,
     plain integers), the model config and free-form ``extra`` data.
 
-Restoring all of it makes a resumed run bit-identical to an uninterrupted one.
+Restoring all of it makes a resumed run bit-identical to an uninterrupted one. The state is
+also written into the safetensors file's metadata (``trainer_state``), and read from there: the
+weights and the state they belong to then appear in one atomic rename. (Written as two files
+only, a run killed between the two renames left step-4 weights and Adam moments beside the
+step-2 state, and ``--resume`` continued that mix with exit 0.) ``trainer_state.json`` stays as
+the readable copy, and is what a checkpoint without the metadata is read from.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_WEIGHTS", "CHECKPOI
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
 _STATE_KEYS = ("step", "epoch", "batch_index", "optimizer", "dropout_rng", "config")
+_STATE_METADATA = "trainer_state"
 
 
 def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_index: int,
@@ -48,7 +54,7 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
         "extra": extra or {},
     }
     temporary = directory / (CHECKPOINT_WEIGHTS + ".tmp")
-    save_file(arrays, str(temporary))
+    save_file(arrays, str(temporary), metadata={_STATE_METADATA: json.dumps(state)})
     os.replace(temporary, directory / CHECKPOINT_WEIGHTS)
     temporary = directory / (CHECKPOINT_STATE + ".tmp")
     temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -58,6 +64,7 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
 
 def read_checkpoint(directory) -> Tuple[dict, dict]:
     """The raw ``(state, arrays)`` of a checkpoint directory."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     directory = Path(directory)
@@ -66,9 +73,18 @@ def read_checkpoint(directory) -> Tuple[dict, dict]:
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory "
                          f"(needs {CHECKPOINT_STATE} and {CHECKPOINT_WEIGHTS})")
     try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        with safe_open(str(weights_path), framework="numpy") as handle:
+            embedded = (handle.metadata() or {}).get(_STATE_METADATA)
+    except Exception as error:
+        raise ValueError(f"cannot read {weights_path}: {type(error).__name__}: {error}") from None
+    if embedded is not None:   # the state written with these weights (see the module doc)
+        state_path, text = weights_path, embedded
+    else:
+        text = state_path.read_bytes()
+    try:
+        state = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ValueError(f"cannot read {state_path}: {error}") from None
+        raise ValueError(f"cannot read the trainer state of {state_path}: {error}") from None
     missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"{state_path} lacks {missing} (not a checkpoint of this trainer?)")
