@@ -226,6 +226,48 @@ def test_a_diverged_run_stops_and_exports_nothing(tmp_path, capsys):
         assert all(np.all(np.isfinite(a)) for a in load_file(str(checkpoint)).values())
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("arch", ["seq2seq-bahdanau", "seq2seq-luong"])
+def test_a_run_diverged_to_a_finite_loss_exports_nothing(tmp_path, capsys, arch):
+    # lr 1e30: weights near 1e30 but finite, "loss": 3.6e29 printed, exit 0 and a model whose
+    # every float32 forward overflowed; a loss past 100 x log(vocabulary) now stops the run
+    status = cli_main(["copy", "--arch", arch, "--out", str(tmp_path / "m"), "--steps", "5",
+                       "--lr", "1e30", "--no-progress", "--embed-dim", "8", "--hidden-size", "8",
+                       "--task-option", "num_train=64"])
+    err = capsys.readouterr().err
+    assert status == 1 and "training diverged at step" in err and "(limit " in err, err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_an_overflowed_optimizer_moment_is_never_checkpointed():
+    from attncore.train.loop import TrainingDiverged, _check_finite_moments
+    model = build_model("seq2seq-bahdanau", 7, 7, seed=0, embed_dim=4, hidden_size=4)
+    optimizer = Adam(model.named_parameters(), lr=0.01)
+    _check_finite_moments(optimizer, 3)
+    name, array = next(iter(optimizer.state_arrays().items()))
+    array.reshape(-1)[0] = np.inf   # (the optimizer's own array: state_arrays shares it)
+    if np.isfinite(optimizer.state_arrays()[name]).all():
+        pytest.skip("state_arrays returns copies")
+    with pytest.raises(TrainingDiverged, match="optimizer state .* is no longer finite"):
+        _check_finite_moments(optimizer, 3)
+
+
+def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_path, capsys):
+    # --out under a file was found after the last step ([Errno 20], the run lost); --min-lr
+    # above --lr made the cosine schedule raise the rate; --out "" trained into the cwd
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="cannot write to out_dir .*afile/sub"):
+        train("copy", "seq2seq-bahdanau", tmp_path / "afile" / "sub", steps=2,
+              task_options={"num_train": 8})
+    for args, message in [(["--out", str(tmp_path / "m"), "--min-lr", "5"],
+                           "--min-lr (5) must be <= --lr (0.001)"),
+                          (["--out", ""], "--out is an empty path")]:
+        with pytest.raises(SystemExit):
+            cli_main(["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", *args])
+        assert message in capsys.readouterr().err
+
+
 def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     _fit(tmp_path, 2, checkpoint_every=2)
     from safetensors.numpy import load_file, save_file

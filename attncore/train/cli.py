@@ -108,6 +108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         # (found only when the final checkpoint was written, after every step)
         parser.error(f"--out {args.out!r} is a file, not a model directory")
+    if not args.out:   # (it trained into the current directory)
+        parser.error("--out is an empty path")
+    if args.min_lr > args.lr:   # (cosine / linear then raised the rate towards --min-lr)
+        parser.error(f"--min-lr ({args.min_lr:g}) must be <= --lr ({args.lr:g})")
 
     task_options = {}
     for item in args.task_option:

@@ -17,6 +17,7 @@ batches already used and matches an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -187,7 +188,8 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         schedule: Optional[Callable[[int], float]] = None, clip_norm: float = 1.0,
         eval_fn: Optional[Callable] = None, eval_every: int = 0,
         checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
-        progress: bool = True, description: str = "train") -> TrainResult:
+        progress: bool = True, description: str = "train",
+        loss_limit: Optional[float] = None) -> TrainResult:
     """Train ``model`` until ``optimizer`` has taken ``steps`` updates.
 
     Parameters
@@ -209,6 +211,10 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         Start from the checkpoint in ``checkpoint_dir`` if there is one.
     progress : bool
         Show a tqdm bar on stderr.
+    loss_limit : float, optional
+        A step whose loss passes it stops the run as diverged (:func:`train` gives 100 x the
+        loss of uniform predictions: the weights can stay finite, 1e30, while the loss reads
+        3.6e29 and every float32 forward pass of the exported model overflows).
     """
     from tqdm.auto import tqdm
 
@@ -237,11 +243,13 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             grad_norm = clip_grad_norm(optimizer.params, clip_norm)
             # checked before the update: a diverged run stops with its last finite weights and
             # is never exported (it used to write a NaN model and exit 0)
-            if not (math.isfinite(float(loss.data)) and math.isfinite(grad_norm)):
+            if not (math.isfinite(float(loss.data)) and math.isfinite(grad_norm)) or \
+                    (loss_limit is not None and float(loss.data) > loss_limit):
                 raise TrainingDiverged(
-                    f"training diverged at step {step}: loss {float(loss.data)}, gradient norm "
-                    f"{grad_norm} (lower the learning rate or clip gradients); nothing was "
-                    f"exported")
+                    f"training diverged at step {step}: loss {float(loss.data):.4g}"
+                    f"{'' if loss_limit is None else f' (limit {loss_limit:.4g})'}, gradient "
+                    f"norm {grad_norm:.4g} (lower the learning rate or clip gradients); nothing "
+                    f"was exported")
             optimizer.step(lr)
             elapsed = max(time.perf_counter() - began, 1e-9)
 
@@ -265,6 +273,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
                               file=sys.stderr)
             if checkpoint_dir is not None and ((checkpoint_every and step % checkpoint_every == 0) or last):
                 _check_finite_weights(optimizer.params, step)
+                _check_finite_moments(optimizer, step)
                 save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index)
     finally:
         bar.close()
@@ -285,6 +294,46 @@ def _check_finite_weights(params, step: int) -> None:
             raise TrainingDiverged(f"training diverged at step {step}: weight {name!r} is no "
                                    f"longer finite (lower the learning rate or clip gradients); "
                                    f"nothing was saved or exported")
+
+
+def _check_finite_moments(optimizer, step: int) -> None:
+    """TrainingDiverged when an optimizer moment overflowed (weights still finite: a checkpoint
+    that --resume would then refuse was written, and the run went on)."""
+    for name, array in optimizer.state_arrays().items():
+        if not np.all(np.isfinite(array)):
+            raise TrainingDiverged(f"training diverged at step {step}: the optimizer state "
+                                   f"{name!r} is no longer finite (lower the learning rate or "
+                                   f"clip gradients); nothing was saved or exported")
+
+
+def _check_trained_model(model, loss_fn, batch) -> None:
+    """TrainingDiverged when the trained model's loss on ``batch`` (eval mode) is not finite:
+    weights can stay finite (1e30) while every forward pass overflows, and such a model was
+    exported with exit 0."""
+    loss = _evaluate(model, lambda m, step: {"loss": float(loss_fn(m, batch)[0].data)}, 0)["loss"]
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged: the trained model's loss on a batch is "
+                               f"{loss} (lower the learning rate or clip gradients); nothing "
+                               f"was exported")
+
+
+def _writable_directory(path, name: str) -> Path:
+    """``path`` created if needed and written to once (a temporary file), before any training
+    step: an unwritable --out was found only after the last step, and the run lost."""
+    if str(path) == "":
+        raise ValueError(f"{name} is an empty path")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".attncore-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to {name} {str(path)!r}: "
+                         f"{error.strerror or error}") from None
+    return path
 
 
 def _evaluate(model, eval_fn, step) -> dict:
@@ -398,6 +447,9 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     -------
     (model, TrainResult)
     """
+    out_dir = _writable_directory(out_dir, "out_dir")
+    if min_lr > lr:   # (the cosine and linear schedules then raised the rate towards min_lr)
+        raise ValueError(f"min_lr ({min_lr}) must be <= lr ({lr})")
     if isinstance(task, str):
         from attncore.data import get_task
         task = get_task(task, seed=seed, **(task_options or {}))
@@ -421,6 +473,8 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     else:
         loss_fn = seq2seq_loss(label_smoothing, model.config.pad_id)
 
+    # uniform predictions over `classes` outcomes a token cost log(classes) nats
+    classes = len(task.labels) if classification else len(tgt_vocab or src_vocab)
     stream = BatchStream(lambda epoch: task.batches("train", batch_size, shuffle=True, seed=seed * 100003 + epoch))
     optimizer = Adam(model.named_parameters(), lr=lr, weight_decay=weight_decay, decoupled=weight_decay > 0)
     lr_schedule = make_schedule(schedule, lr, warmup_steps, steps, min_lr)
@@ -437,11 +491,12 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
             return {"valid_loss": None, "valid_accuracy": None}
         return {"valid_loss": sum(losses) / counted, "valid_accuracy": correct / counted}
 
-    out_dir = Path(out_dir)
     result = fit(model, optimizer, stream, loss_fn, steps, schedule=lr_schedule, clip_norm=clip_norm,
                  eval_fn=evaluate if eval_every else None, eval_every=eval_every,
                  checkpoint_dir=out_dir / "checkpoint", checkpoint_every=checkpoint_every, resume=resume,
-                 progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}")
+                 progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}",
+                 loss_limit=100 * math.log(max(classes, 2)))
+    _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
            labels=list(task.labels) if arch in CLASSIFIERS else None)
     return model, result
