@@ -25,7 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -45,6 +45,10 @@ WeightSpec = Dict[str, Tuple[Tuple[int, ...], str]]
 """name -> (shape, dtype name such as "float32")."""
 
 _SPECS: Dict[str, Callable[[dict], WeightSpec]] = {}
+# Hyper-parameters each architecture's models read, which a config must state (FORMAT.md:
+# nothing is implied by defaults at load time; a RAN without window_size loaded with the
+# default and gave other outputs, a Transformer without activation raised a bare KeyError).
+_REQUIRED_KEYS: Dict[str, Tuple[str, ...]] = {}
 # Architectures whose spec is registered by importing a module (imported on first use).
 _ARCHITECTURE_MODULES = {"ran": "attncore.train.ran"}
 
@@ -53,8 +57,10 @@ _ARCHITECTURE_MODULES = {"ran": "attncore.train.ran"}
 # Spec registry
 # ------------------------------------------------------------------------------------------
 
-def register_architecture(name: str, spec_fn: Callable[[dict], WeightSpec]) -> None:
-    """Declare (or replace) the weight spec of architecture ``name``.
+def register_architecture(name: str, spec_fn: Callable[[dict], WeightSpec],
+                          required_keys: Sequence[str] = ()) -> None:
+    """Declare (or replace) the weight spec of architecture ``name``, and the hyper-parameters
+    ``required_keys`` its models read (a config lacking one is refused at load and save).
 
     Parameters
     ----------
@@ -68,6 +74,7 @@ def register_architecture(name: str, spec_fn: Callable[[dict], WeightSpec]) -> N
     if not callable(spec_fn):
         raise TypeError(f"spec_fn for {name!r} must be callable")
     _SPECS[name] = spec_fn
+    _REQUIRED_KEYS[name] = tuple(required_keys)
 
 
 def registered_architectures() -> List[str]:
@@ -103,6 +110,11 @@ def weight_spec(config: Mapping) -> WeightSpec:
     if "architecture" not in config:
         raise ValueError("config has no 'architecture'")
     spec_fn = _spec_function(config["architecture"])   # (ValueError for a non-string)
+    missing = [key for key in _REQUIRED_KEYS.get(config["architecture"], ()) if key not in config]
+    if missing:
+        raise ValueError(f"config lacks hyper-parameter{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} needed by architecture "
+                         f"{config['architecture']!r}")
     _check_config_values(config)
     try:
         spec = spec_fn(config)
@@ -238,6 +250,11 @@ def _check_config_values(config: Mapping) -> None:
         limit = MAX_POSITIONS if key == "max_positions" else MAX_SIZE
         if not minimum <= value <= limit:
             raise ValueError(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
+    if "dropout" in config:   # (training only, but "x" or 5 was saved and loaded as given)
+        dropout = config["dropout"]
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout < 1:
+            raise ValueError(f"config: dropout must be a number in [0, 1), got {dropout!r}")
     targets = config.get("tgt_vocab_size") or config.get("vocab_size") or 0
     sources = config.get("src_vocab_size") or targets
     for key, vocab, side in (("pad_id", sources, "source"), ("unk_id", sources, "source"),
@@ -510,5 +527,12 @@ def _feedforward_spec(prefix: str, d_model: int, ffn: int, dtype: str) -> Weight
             f"{prefix}.linear2.weight": ((d_model, ffn), dtype), f"{prefix}.linear2.bias": ((d_model,), dtype)}
 
 
-register_architecture("seq2seq_attention", seq2seq_attention_weight_spec)
-register_architecture("transformer", transformer_weight_spec)
+register_architecture("seq2seq_attention", seq2seq_attention_weight_spec, (
+    "src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden_size", "num_layers", "rnn_type",
+    "bidirectional", "attention", "attention_dim", "input_feeding", "packed_source", "dtype",
+    *SPECIAL_TOKEN_KEYS))
+register_architecture("transformer", transformer_weight_spec, (
+    "kind", "src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
+    "num_decoder_layers", "dim_feedforward", "activation", "norm_first", "final_norm",
+    "layer_norm_eps", "positions", "max_positions", "scale_embedding", "fused_qkv",
+    "attention_bias", "tie_embeddings", "num_classes", "pooling", "dtype", *SPECIAL_TOKEN_KEYS))

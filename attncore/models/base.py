@@ -412,8 +412,12 @@ class Model:
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         seed = _check_int(seed, "seed", 0)
-        weights = {name: np.asarray(value) for name, value in
-                   model_from_config(dict(config), seed).state_dict().items()}
+        trainer = model_from_config(dict(config), seed)
+        weights = {name: np.asarray(value) for name, value in trainer.state_dict().items()}
+        # the config completed with the architecture's defaults, as the trainer reads it: a
+        # model directory must state every hyper-parameter (FORMAT.md), so a model made from a
+        # partial config is saved (and loaded again) with all of them
+        config = {**config, **trainer.config.to_dict()}
         target = cls._class_for(config) if cls.architecture is None else cls
         return target(config, weights, tokenizer=tokenizer, weight_dtype=weight_dtype)
 

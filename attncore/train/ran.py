@@ -694,7 +694,10 @@ def from_rannet_variables(mapping: Mapping[str, np.ndarray], config, *,
 def _register() -> None:
     from .. import io as _io
 
-    _io.register_architecture("ran", ran_weight_spec)
+    _io.register_architecture("ran", ran_weight_spec, (
+        "vocab_size", "embedding_size", "ran_layers", "head_num", "head_size", "window_size",
+        "min_window_size", "cell_pooling", "causal", "memory_review", "num_classes",
+        "token_head", "num_token_classes", "dtype", *_io.SPECIAL_TOKEN_KEYS))
 
 
 _register()
