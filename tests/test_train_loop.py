@@ -1,6 +1,7 @@
 """End-to-end: tiny trainings per architecture, export/reload, resume, determinism, CLI."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -266,6 +267,23 @@ def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_pa
         with pytest.raises(SystemExit):
             cli_main(["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", *args])
         assert message in capsys.readouterr().err
+
+
+def test_resuming_with_other_data_options_is_refused(tmp_path):
+    # the saved data position then pointed at other batches (batch size 3 on a batch-8
+    # checkpoint, another seed or task option), and the run went on with exit 0
+    common = dict(steps=2, checkpoint_every=1, progress=False, embed_dim=4, hidden_size=4)
+    train("copy", "seq2seq-bahdanau", tmp_path, batch_size=8, seed=0,
+          task_options={"num_train": 40}, **common)
+    for change, named in [(dict(batch_size=3), "batch_size (8, now 3)"),
+                          (dict(seed=7), "seed (0, now 7)"),
+                          (dict(task_options={"num_train": 41}), "task_options")]:
+        options = dict(batch_size=8, seed=0, task_options={"num_train": 40}, **common)
+        options.update(change, steps=3)
+        with pytest.raises(ValueError, match=re.escape(named)):
+            train("copy", "seq2seq-bahdanau", tmp_path, resume=True, **options)
+    train("copy", "seq2seq-bahdanau", tmp_path, resume=True, batch_size=8, seed=0,
+          task_options={"num_train": 40}, **dict(common, steps=3))     # the same ones go on
 
 
 def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):

@@ -189,7 +189,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         eval_fn: Optional[Callable] = None, eval_every: int = 0,
         checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
         progress: bool = True, description: str = "train",
-        loss_limit: Optional[float] = None) -> TrainResult:
+        loss_limit: Optional[float] = None, data_options: Optional[dict] = None) -> TrainResult:
     """Train ``model`` until ``optimizer`` has taken ``steps`` updates.
 
     Parameters
@@ -211,6 +211,10 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         Start from the checkpoint in ``checkpoint_dir`` if there is one.
     progress : bool
         Show a tqdm bar on stderr.
+    data_options : dict, optional
+        What fixes the batch order (task, its options, batch size, seed), stored in the
+        checkpoints: a resume with other values is refused (the saved data position would
+        point at other batches, and the run went on with exit 0).
     loss_limit : float, optional
         A step whose loss passes it stops the run as diverged (:func:`train` gives 100 x the
         loss of uniform predictions: the weights can stay finite, 1e30, while the loss reads
@@ -221,6 +225,14 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     start_step = 0
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer_state.json").is_file():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
+        saved = (state.get("extra") or {}).get("data_options")
+        if data_options is not None and saved is not None and saved != data_options:
+            changed = sorted(k for k in set(saved) | set(data_options)
+                             if saved.get(k) != data_options.get(k))
+            raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} was trained with other "
+                             + ", ".join(f"{k} ({saved.get(k)!r}, now {data_options.get(k)!r})"
+                                         for k in changed)
+                             + ": resume with the same ones, or train into another directory")
         start_step = state["step"]
         if start_step > steps:   # (it exited 0, printed null for the steps and re-exported)
             raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} is at step "
@@ -274,7 +286,8 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             if checkpoint_dir is not None and ((checkpoint_every and step % checkpoint_every == 0) or last):
                 _check_finite_weights(optimizer.params, step)
                 _check_finite_moments(optimizer, step)
-                save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index)
+                save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index,
+                                extra=None if data_options is None else {"data_options": data_options})
     finally:
         bar.close()
     model.eval()
@@ -315,6 +328,13 @@ def _check_trained_model(model, loss_fn, batch) -> None:
         raise TrainingDiverged(f"training diverged: the trained model's loss on a batch is "
                                f"{loss} (lower the learning rate or clip gradients); nothing "
                                f"was exported")
+
+
+def _json_safe(value):
+    """``value`` as it reads back from the checkpoint's JSON (tuples as lists, other objects
+    by their repr), so a resumed run compares like with like."""
+    import json
+    return json.loads(json.dumps(value, default=repr))
 
 
 def _writable_directory(path, name: str) -> Path:
@@ -495,7 +515,10 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  eval_fn=evaluate if eval_every else None, eval_every=eval_every,
                  checkpoint_dir=out_dir / "checkpoint", checkpoint_every=checkpoint_every, resume=resume,
                  progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}",
-                 loss_limit=100 * math.log(max(classes, 2)))
+                 loss_limit=100 * math.log(max(classes, 2)),
+                 data_options=_json_safe({"task": getattr(task, "name", None),
+                                          "task_options": task_options or {},
+                                          "batch_size": batch_size, "seed": seed}))
     _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
            labels=list(task.labels) if arch in CLASSIFIERS else None)
