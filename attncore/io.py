@@ -250,6 +250,13 @@ def _check_config_values(config: Mapping) -> None:
         limit = MAX_POSITIONS if key == "max_positions" else MAX_SIZE
         if not minimum <= value <= limit:
             raise ValueError(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
+    if "labels" in config:   # class names: one string per class (classify printed ids or
+        labels = config["labels"]   # other names)
+        classes = config.get("num_classes")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or \
+                (isinstance(classes, int) and len(labels) != classes):
+            raise ValueError(f"config: labels must be a list of {classes} class names, got "
+                             f"{labels!r}"[:200])
     if "dropout" in config:   # (training only, but "x" or 5 was saved and loaded as given)
         dropout = config["dropout"]
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float)) \

@@ -95,6 +95,9 @@ def test_rannet_bad_config(tmp_path, official):
         from_rannet(variables, tmp_path / "ran", ran_config(fixture_config, head_num=2))
     with pytest.raises(ValueError, match=r"config: .*head_size must be even"):
         from_rannet(variables, tmp_path / "ran", ran_config(fixture_config, head_num=6, head_size=3))
+    with pytest.raises(ValueError, match=r"config: .*min_window_size \(9\) must be <= window_size"):
+        from_rannet(variables, tmp_path / "ran", ran_config(fixture_config, window_size=8,
+                                                            min_window_size=9))
     assert not (tmp_path / "ran").exists()
 
 

@@ -272,6 +272,7 @@ def test_a_model_from_a_partial_config_is_saved_with_every_hyper_parameter(tmp_p
     ("hidden_size", 0, "hidden_size must lie in [1, "),
     ("src_vocab_size", 2 ** 40, "src_vocab_size must lie in [0, 16777216]"),
     ("architecture", ["seq2seq_attention"], "architecture must be a string"),
+    ("labels", 3, "labels must be a list of"),
     ("dropout", "x", "dropout must be a number in [0, 1), got 'x'"),
     ("dropout", 5, "dropout must be a number in [0, 1), got 5"),
 ])

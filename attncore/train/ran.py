@@ -137,6 +137,9 @@ class RANConfig(ConfigDict):
                      "window_size", "min_window_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_window_size > self.window_size:
+            raise ValueError(f"min_window_size ({self.min_window_size}) must be <= window_size "
+                             f"({self.window_size})")
         if self.head_size % 2:
             raise ValueError(f"head_size must be even (RoPE pairs), got {self.head_size}")
         if self.cell_pooling not in CELL_POOLINGS:
