@@ -269,6 +269,16 @@ def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_pa
         assert message in capsys.readouterr().err
 
 
+def test_an_unknown_task_or_a_negative_seed_is_named(tmp_path, capsys):
+    assert cli_main(["nosuch", "--arch", "transformer", "--out", str(tmp_path), "--steps", "1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attncore train: error: unknown task 'nosuch'; known tasks: "), err
+    with pytest.raises(SystemExit):
+        cli_main(["copy", "--arch", "transformer", "--out", str(tmp_path), "--seed", "-1"])
+    assert "argument --seed: expected a finite number >= 0, got '-1'" in capsys.readouterr().err
+
+
 def test_resuming_with_other_data_options_is_refused(tmp_path):
     # the saved data position then pointed at other batches (batch size 3 on a batch-8
     # checkpoint, another seed or task option), and the run went on with exit 0

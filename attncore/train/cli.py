@@ -58,7 +58,7 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     training.add_argument("--steps", type=_number(int, 1), default=1000)
     training.add_argument("--batch-size", type=_number(int, 1), default=32)
     training.add_argument("--lr", type=_number(float, 0.0, above=True), default=1e-3)
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--seed", type=_number(int, 0), default=0)
     training.add_argument("--schedule", choices=SCHEDULES, default="inverse_sqrt")
     training.add_argument("--warmup-steps", type=_number(int, 0), default=100)
     training.add_argument("--min-lr", type=_number(float, 0.0), default=0.0)
@@ -134,10 +134,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as error:   # a run that failed, not a wrong command line
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
+    except KeyError as error:   # (an unknown task: str() of a KeyError quotes its message)
+        print(f"attncore train: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, ImportError, OSError) as error:
         # (TypeError: a task option the task does not take, or of the wrong type)
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # (a traceback; the last checkpoint stays valid)
+        print("attncore train: interrupted (--resume continues from the last checkpoint, if "
+              "--checkpoint-every wrote one)", file=sys.stderr)
+        return 130
     last = result.history[-1] if result.history else {}
     print(json.dumps({"out": str(args.out), "steps": last.get("step"), "loss": last.get("loss"),
                       "accuracy": last.get("accuracy"), "evaluations": result.evaluations[-1:]}))
