@@ -269,6 +269,21 @@ def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_pa
         assert message in capsys.readouterr().err
 
 
+def test_a_checkpoint_is_not_overwritten_without_being_asked(tmp_path, capsys):
+    # a command re-run without --resume started over from step 0 and overwrote the checkpoint
+    args = ["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), "--steps", "2",
+            "--no-progress", "--embed-dim", "4", "--hidden-size", "4",
+            "--task-option", "num_train=16"]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    weights = (tmp_path / "checkpoint" / "checkpoint.safetensors").read_bytes()
+    assert cli_main(args) == 2
+    assert "holds a checkpoint: resume it (--resume), start over (--overwrite)" in \
+        capsys.readouterr().err
+    assert (tmp_path / "checkpoint" / "checkpoint.safetensors").read_bytes() == weights
+    assert cli_main(args + ["--overwrite"]) == 0
+
+
 def test_an_unknown_task_or_a_negative_seed_is_named(tmp_path, capsys):
     assert cli_main(["nosuch", "--arch", "transformer", "--out", str(tmp_path), "--steps", "1",
                      "--no-progress"]) == 2

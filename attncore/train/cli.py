@@ -69,6 +69,8 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     training.add_argument("--eval-batches", type=_number(int, 1), default=4)
     training.add_argument("--checkpoint-every", type=_number(int, 0), default=0)
     training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    training.add_argument("--overwrite", action="store_true",
+                          help="start from step 0 even when OUT/checkpoint holds a checkpoint")
     training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     training.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                           help="task option, e.g. --task-option num_train=2000 (repeatable)")
@@ -95,7 +97,7 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
 
 _TRAINING_KEYS = ("task", "arch", "out", "steps", "batch_size", "lr", "seed", "schedule", "warmup_steps", "min_lr",
                   "weight_decay", "clip_norm", "label_smoothing", "eval_every", "eval_batches",
-                  "checkpoint_every", "resume", "no_progress", "task_option")
+                  "checkpoint_every", "resume", "overwrite", "no_progress", "task_option")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -129,7 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           weight_decay=args.weight_decay, clip_norm=args.clip_norm,
                           label_smoothing=args.label_smoothing, eval_every=args.eval_every,
                           eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
-                          resume=args.resume, progress=not args.no_progress, task_options=task_options,
+                          resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress, task_options=task_options,
                           **model_options)
     except TrainingDiverged as error:   # a run that failed, not a wrong command line
         print(f"attncore train: error: {error}", file=sys.stderr)

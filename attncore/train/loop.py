@@ -441,7 +441,8 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
           seed: int = 0, schedule: str = "inverse_sqrt", warmup_steps: int = 100, min_lr: float = 0.0,
           weight_decay: float = 0.0, clip_norm: float = 1.0, label_smoothing: float = 0.0,
           eval_every: int = 0, eval_batches: int = 4, checkpoint_every: int = 0, resume: bool = False,
-          progress: bool = True, task_options: Optional[dict] = None, **model_options):
+          progress: bool = True, task_options: Optional[dict] = None, overwrite: bool = False,
+          **model_options):
     """Train ``arch`` on ``task`` and export the model directory ``out_dir``.
 
     Parameters
@@ -460,6 +461,8 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     clip_norm, label_smoothing : float
     eval_every, eval_batches : validation loss/accuracy on ``eval_batches`` batches every ``eval_every`` steps
     checkpoint_every, resume : checkpoints in ``out_dir/checkpoint``; resume from it
+    overwrite : bool   start from step 0 even when ``out_dir/checkpoint`` holds a checkpoint
+        (else refused unless ``resume``)
     progress : bool   tqdm bar on stderr
     **model_options : hyper-parameters of the model config (e.g. ``hidden_size=64``)
 
@@ -468,6 +471,12 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     (model, TrainResult)
     """
     out_dir = _writable_directory(out_dir, "out_dir")
+    if not (resume or overwrite) and (out_dir / "checkpoint" / "checkpoint.safetensors").is_file():
+        # (it was overwritten from step 0 without a word: a long run's progress lost to a
+        # command re-run without --resume)
+        raise ValueError(f"{str(out_dir / 'checkpoint')!r} holds a checkpoint: resume it "
+                         f"(--resume), start over (--overwrite), or train into another "
+                         f"directory")
     if min_lr > lr:   # (the cosine and linear schedules then raised the rate towards min_lr)
         raise ValueError(f"min_lr ({min_lr}) must be <= lr ({lr})")
     if isinstance(task, str):
