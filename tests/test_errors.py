@@ -277,6 +277,11 @@ BAD = [
      r"eps \(1e-50\) rounds to 0 in float32"),
     ("ln-mode-list", lambda: attncore.layer_norm(_o(2, 4), mode=["rms"]), ValueError,
      "mode must be one of"),
+    # ragged lists gave NumPy's "inhomogeneous shape", naming nothing
+    ("attn-kv-lengths-ragged", attention(kv_lengths=[[1, 2], [3]]), ValueError,
+     "kv_lengths must be an array"),
+    ("emb-ids-ragged", lambda: attncore.embedding(_o(5, 3), [[0, 1], [2]]), ValueError,
+     "ids must be an array"),
     # a masked array's mask was dropped: the masked entry got weight 1.0
     ("softmax-masked-array", lambda: attncore.softmax(np.ma.array([1.0, 100.0, 2.0],
                                                                   mask=[0, 1, 0])),

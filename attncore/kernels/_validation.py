@@ -53,7 +53,7 @@ def n_rows(shape):
 
 def check_lengths(lengths, name, shape, max_value):
     """int64 C-contiguous array of ``shape`` with values in [0, max_value]."""
-    arr = np.asarray(lengths)
+    arr = _as_array(lengths, name)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
     if arr.shape != tuple(shape):
@@ -69,7 +69,7 @@ def check_lengths(lengths, name, shape, max_value):
 
 def check_ids(ids, name, vocab_size):
     """int64 array of token ids in [0, vocab_size)."""
-    arr = np.asarray(ids)
+    arr = _as_array(ids, name)
     if arr.size == 0 and arr.dtype.kind in "fb":  # np.asarray([]) is float64: no ids at all
         arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
@@ -100,6 +100,14 @@ def check_positive_float(value, name, allow_none=False):
     return value
 
 
+def _as_array(value, name):
+    """np.asarray(value), its failure named (a ragged list gave NumPy's "inhomogeneous shape")."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name} must be an array: {exc}") from None
+
+
 def check_bool(value, name):
     """A flag as a Python bool: ``causal="False"`` was truthy, and applied the mask."""
     if not isinstance(value, (bool, np.bool_)):
@@ -127,7 +135,7 @@ def check_finite_float(value, name, dtype=None):
 
 
 def check_bool_mask(mask, name, shape):
-    arr = np.asarray(mask)
+    arr = _as_array(mask, name)
     if arr.dtype != np.bool_:
         raise TypeError(f"{name} must be a boolean array (True = keep), got dtype {arr.dtype}")
     try:
