@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -153,12 +154,13 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
     # in-memory transport (no sockets at all).
     # Dask's HTTP endpoints (health, metrics) go to a free port on 127.0.0.1 as well.
     network = {"host": "127.0.0.1", "protocol": "tcp://"} if processes else {}
-    cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
-                                       processes=processes, dashboard_address="127.0.0.1:0",
-                                       # a failed task comes back through its future, its
-                                       # line named; the worker's own traceback on stderr
-                                       # would only repeat it
-                                       silence_logs=logging.CRITICAL, **network)
+    with _workers_ignoring_ctrl_c():
+        cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                           processes=processes, dashboard_address="127.0.0.1:0",
+                                           # a failed task comes back through its future, its
+                                           # line named; the worker's own traceback on stderr
+                                           # would only repeat it
+                                           silence_logs=logging.CRITICAL, **network)
     client = distributed.Client(cluster)
     try:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -167,6 +169,22 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
     finally:
         client.close()
         cluster.close()
+
+
+@contextlib.contextmanager
+def _workers_ignoring_ctrl_c():
+    """SIGINT ignored while the local worker processes start, so they inherit that (Python
+    keeps an ignored SIGINT ignored): Ctrl-C in a terminal reaches the whole process group, and
+    each worker printed a 30-line KeyboardInterrupt traceback while this process, which stops
+    them itself, reported "interrupted". Only in the main thread (where signals can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

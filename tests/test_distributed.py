@@ -143,6 +143,34 @@ def test_cli_dask_local(tmp_path):
         and errors[0].endswith("the 150 lines before it were written to stdout"), errors[-20:]
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="needs process groups")
+def test_ctrl_c_on_a_local_cluster_prints_one_line(tmp_path):
+    # Ctrl-C reaches the terminal's whole process group: each local worker printed a 30-line
+    # KeyboardInterrupt traceback beside "interrupted"; now the workers ignore it and this
+    # process stops them. What was written stays an exact prefix of the output.
+    import signal
+    lines = [LINES[i % len(LINES)] for i in range(200_000)]
+    (tmp_path / "big.txt").write_text("".join(f"{line}\n" for line in lines))
+    proc = subprocess.Popen([sys.executable, "-m", "attncore", "translate", "--input", "big.txt",
+                             "--output", "out.txt", "--dask", "local:1", "--no-progress",
+                             "--threads", "1"], cwd=tmp_path, env=subprocess_env(),
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and (
+            not (tmp_path / "out.txt").exists() or (tmp_path / "out.txt").stat().st_size == 0):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["attncore translate: interrupted"], err[-2000:]
+    written = (tmp_path / "out.txt").read_text().splitlines()
+    expected = [text for _, text in single_process(LINES)]
+    assert 0 < len(written) < len(lines)
+    assert written == [expected[i % len(LINES)] for i in range(len(written))]
+
+
 def test_connect_refuses_a_bad_worker_count():
     with pytest.raises(ValueError, match="positive worker count"):
         with distributed.connect("local:0"):
