@@ -477,7 +477,12 @@ def _infer_transformer_shapes(gathered: _Gathered, kind: str, prefix: str, names
             problems.append(f"no {stack} layers found under {source + 'layers.'!r}"
                             + _prefix_hint(all_keys, kind, stack))
     first_layer = "encoder.layers.0" if has_encoder else "decoder.layers.0"
-    dim_feedforward = _dim(weights, f"{first_layer}.linear1.weight", 0) or 1
+    # the width most of the feed-forward tensors show: read from linear1.weight alone, one
+    # transposed tensor made every correct one of its layers a reported mismatch
+    widths = [w for w in (_dim(weights, f"{first_layer}.linear1.bias", 0),
+                          _dim(weights, f"{first_layer}.linear2.weight", 1),
+                          _dim(weights, f"{first_layer}.linear1.weight", 0)) if w]
+    dim_feedforward = max(widths, key=widths.count) if widths else 1
 
     final = {stack: f"{stack}.norm.weight" in weights or f"{stack}.norm.bias" in weights
              for stack, present in (("encoder", has_encoder), ("decoder", has_decoder)) if present}

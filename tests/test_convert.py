@@ -315,6 +315,17 @@ def test_an_embedding_of_the_wrong_width_is_one_problem(tmp_path, torch_state):
     assert len(lines) == 1 and "'src_tok.weight' has shape [11, 12], expected [11, 16]" in lines[0]
 
 
+def test_a_transposed_feed_forward_weight_is_one_problem(tmp_path, torch_state):
+    # dim_feedforward came from linear1.weight alone: transposed, it made the correct
+    # tensors of the layers the reported mismatches (6 problems, none of them it)
+    key = "transformer.encoder.layers.0.linear1.weight"
+    state = dict(torch_state, **{key: np.ascontiguousarray(torch_state[key].T)})
+    with pytest.raises(ValueError) as error:
+        convert(state, tmp_path / "m")
+    lines = [line for line in str(error.value).splitlines() if "has shape" in line]
+    assert len(lines) == 1 and f"'{key}' has shape [{D}, {FFN}], expected [{FFN}, {D}]" in lines[0]
+
+
 def test_wrong_shape(tmp_path, torch_state):
     state = dict(torch_state, **{"transformer.encoder.layers.0.linear2.weight": np.zeros((D, FFN + 1), np.float32)})
     with pytest.raises(ValueError, match=r"'transformer.encoder.layers.0.linear2.weight' has shape \[16, 25\], "
