@@ -344,6 +344,12 @@ def _rewrite_checkpoint_state(directory, state_text):
      r"lacks \['step'\]"),
     (lambda state: json.dumps(dict(state, batch_index=10 ** 6)), "batch_index 1000000 lies past"),
     (lambda state: json.dumps(dict(state, step=99)), "at step 99, past the 4 steps"),
+    (lambda state: json.dumps(dict(state, optimizer=3)), "checkpoint .*: optimizer state: "),
+    (lambda state: json.dumps(dict(state, optimizer={k: v for k, v in state["optimizer"].items()
+                                                     if k != "step_count"})),
+     "checkpoint .*: optimizer state: lacks 'step_count'"),
+    (lambda state: json.dumps(dict(state, dropout_rng={"bit_generator": "MT19937"})),
+     "checkpoint .*: dropout_rng: "),
 ])
 def test_a_damaged_checkpoint_is_named(tmp_path, edit, message):
     # (bare JSON / KeyError / StopIteration messages, or exit 0 with nothing trained)

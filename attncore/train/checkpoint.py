@@ -115,7 +115,16 @@ def load_checkpoint(directory, model, optimizer) -> dict:
     if state["config"] != model.config.to_dict():
         raise ValueError(f"checkpoint {str(directory)!r} belongs to another model config")
     model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
-    optimizer.load_state({k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")},
-                         state["optimizer"])
-    model.dropout_rng.bit_generator.state = state["dropout_rng"]
+    # (a damaged state failed as "error: 'step_count'" or "'int' object is not subscriptable",
+    # naming neither the checkpoint nor the field)
+    try:
+        optimizer.load_state({k[len("optimizer/"):]: v for k, v in arrays.items()
+                              if k.startswith("optimizer/")}, state["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        detail = f"lacks {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"checkpoint {str(directory)!r}: optimizer state: {detail}") from None
+    try:
+        model.dropout_rng.bit_generator.state = state["dropout_rng"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {str(directory)!r}: dropout_rng: {error}") from None
     return state
