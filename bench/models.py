@@ -163,11 +163,14 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
     ours = attncore.load(ours_dir)
     variants = {name: attncore.load(ours_dir, weight_dtype=dtype) for name, dtype in VARIANTS}
     vocab = _ctranslate2_dir(sd, L, H, D, V, os.path.join(tmp, "ct2")) if ctranslate2 else None
+    # the same sources at every thread count: a row's outputs (and token agreements) then
+    # compare across thread rows, attncore's being identical by design
     rng = np.random.default_rng(0)
+    sources_of = {B: rng.integers(4, V, size=(B, SRC_LEN)) for B in batches}
     for threads in threads_list:
         set_threads(threads)
         for B in batches:
-            src = rng.integers(4, V, size=(B, SRC_LEN))
+            src = sources_of[B]
             sources = [list(r) + [2] for r in src]          # every engine reads the same EOS
             row = {"threads": threads, "batch": B, "torch": None, "agree": float("nan")}
 
@@ -306,11 +309,14 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
                                     tempfile.mkdtemp(prefix="attncore-bench-"))
     ours = attncore.load(ours_dir)
     variants = {name: attncore.load(ours_dir, weight_dtype=dtype) for name, dtype in VARIANTS}
+    # the same sources at every thread count: a row's outputs (and token agreements) then
+    # compare across thread rows, attncore's being identical by design
     rng = np.random.default_rng(0)
+    sources_of = {B: rng.integers(4, V, size=(B, SRC_LEN)) for B in batches}
     for threads in threads_list:
         set_threads(threads)
         for B in batches:
-            src = rng.integers(4, V, size=(B, SRC_LEN))
+            src = sources_of[B]
             tsrc = torch.from_numpy(src)
             want = model.greedy(tsrc, TGT_LEN).numpy().tolist()
             sources = [list(r) for r in src]
