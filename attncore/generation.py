@@ -275,7 +275,9 @@ def _nucleus(probs, top_p):
     for count in (64, vocab):   # a flat distribution's nucleus needs the whole ranking
         order = _ranked(probs, count)
         ranked = probs[order]
-        before = np.cumsum(ranked) - ranked      # mass of the better tokens
+        # mass of the better tokens, as the running sum itself (cumsum - ranked rounds: at a
+        # top_p equal to the best j tokens' mass it kept token j + 1 in 141 of 1125 cases)
+        before = np.concatenate(([0.0], np.cumsum(ranked)[:-1]))
         drop = before >= top_p
         drop[0] = False
         if drop.any() or order.size < count:

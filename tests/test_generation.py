@@ -325,6 +325,22 @@ def test_temperature_top_k_and_top_p_restrict_the_distribution():
     assert np.all(np.abs(counts - n * hot) <= 5 * np.sqrt(n * hot * (1 - hot)) + 1)
 
 
+def test_top_p_equal_to_the_best_tokens_mass_keeps_exactly_them():
+    # the mass ahead of a token was cumsum - p, which can round below the running sum: at a
+    # top_p equal to the best two tokens' mass the third survived
+    probs = np.exp(np.log([0.7, 0.2, 0.1]).astype(np.float32).astype(np.float64))
+    probs /= probs.sum()
+    kept = generation._nucleus(probs, float(probs[0] + probs[1]))
+    assert np.flatnonzero(kept).tolist() == [0, 1]
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        probs = rng.dirichlet(np.ones(7))
+        order = np.argsort(-probs, kind="stable")
+        j = int(rng.integers(1, 7))
+        kept = generation._nucleus(probs, float(np.cumsum(probs[order])[j - 1]))
+        assert sorted(np.flatnonzero(kept).tolist()) == sorted(order[:j].tolist())
+
+
 def test_sampled_log_probs_are_the_models():
     for source, r in zip(SOURCES, _generate(SOURCES, do_sample=True, seed=3, max_length=5,
                                             temperature=0.7)):
@@ -505,7 +521,8 @@ def _sample_rows_by_sorting(scores, rng, temperature, top_k, top_p):
     if top_p < 1.0:
         order = np.argsort(-probs, axis=1, kind="stable")
         sorted_probs = np.take_along_axis(probs, order, axis=1)
-        before = np.cumsum(sorted_probs, axis=1) - sorted_probs
+        before = np.concatenate([np.zeros((len(sorted_probs), 1)),
+                                 np.cumsum(sorted_probs, axis=1)[:, :-1]], axis=1)
         drop = before >= top_p
         drop[:, 0] = False
         sorted_probs[drop] = 0.0
