@@ -238,61 +238,87 @@ static VNNI void quantize_rows_vnni(const float *x, ac_index ldx, ac_index M, ac
     }
 }
 
-/* R rows (R <= 6, a constant after inlining) x one panel: 4R int32 accumulators of 16 lanes,
- * each k group one 32-bit broadcast of the row's 4 quantized values and 4 vpdpbusd. */
+/* The float step of one 16-column group c of a row: (sum - 128 x weight sums) x row scale x
+ * weight scale + bias, stored where the panel has columns (a live mask; none past ncols). */
+static inline __attribute__((always_inline)) VNNI void
+store_group_vnni(__m512i sum, int c, float x_scale, const int8_t *panel, ac_index groups,
+                 ac_index ncols, const float *bias, float *out) {
+    const float *ws = (const float *)(panel + groups * GROUP_BYTES);
+    const int32_t *sums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
+    const ac_index c0 = 16 * c, left = ncols - c0;
+    const __mmask16 live = left >= 16 ? (__mmask16)0xffff
+                                      : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(sums + c0), 7);  /* 128 sum */
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift));
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x_scale), _mm512_loadu_ps(ws + c0));
+    _mm512_mask_storeu_ps(out + c0, live, _mm512_fmadd_ps(v, scale, b));
+}
+
+/* A row's four groups. */
+static inline __attribute__((always_inline)) VNNI void
+store_row_vnni(__m512i s0, __m512i s1, __m512i s2, __m512i s3, float x_scale,
+               const int8_t *panel, ac_index groups, ac_index ncols, const float *bias,
+               float *out) {
+    store_group_vnni(s0, 0, x_scale, panel, groups, ncols, bias, out);
+    store_group_vnni(s1, 1, x_scale, panel, groups, ncols, bias, out);
+    store_group_vnni(s2, 2, x_scale, panel, groups, ncols, bias, out);
+    store_group_vnni(s3, 3, x_scale, panel, groups, ncols, bias, out);
+}
+
+/* R rows (R <= 4, a constant after inlining) x one panel: 4R int32 accumulators of 16 lanes,
+ * each k group one 32-bit broadcast of the row's 4 quantized values and 4 vpdpbusd. Blocks of
+ * 4 rows, not 6: 24 accumulators beside the 4 weight vectors and the broadcast took 29 of the
+ * 32 registers, and GCC 12 then stored every accumulator to the stack after each vpdpbusd
+ * (`objdump` of the 6-row block); 4-row blocks run the six products of the seq2seq step
+ * 1.5-1.75x faster at 16-64 rows on Zen 4, the same sums (bench/RESULTS.md, session 17). */
 static inline __attribute__((always_inline)) VNNI void
 panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac_index groups,
                 const int8_t *panel, ac_index ncols, const float *bias, float *out,
                 ac_index ldo) {
-    __m512i acc[6][4];
-    for (int r = 0; r < 6; r++)
-        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
+#define ACC_ROW(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, \
+                           a##r##2 = a##r##0, a##r##3 = a##r##0;
+    ACC_ROW(0) ACC_ROW(1) ACC_ROW(2) ACC_ROW(3)
+#undef ACC_ROW
+#define DOT_ROW(r, qrow, g, w0, w1, w2, w3) do {                                           \
+        int32_t word_;                                                                     \
+        memcpy(&word_, (qrow) + 4 * (g), 4);                                               \
+        const __m512i xb_ = _mm512_set1_epi32(word_);                                      \
+        a##r##0 = _mm512_dpbusd_epi32(a##r##0, xb_, w0);                                   \
+        a##r##1 = _mm512_dpbusd_epi32(a##r##1, xb_, w1);                                   \
+        a##r##2 = _mm512_dpbusd_epi32(a##r##2, xb_, w2);                                   \
+        a##r##3 = _mm512_dpbusd_epi32(a##r##3, xb_, w3);                                   \
+    } while (0)
     if (R == 1) {
-        /* one row: even and odd k groups in two sets of accumulators (8 chains; four wait on
-         * vpdpbusd's latency), added at the end -- integer sums, so the same bits */
+        /* one row: even and odd k groups in two sets of accumulators (rows 0 and 1's: 8
+         * chains, four wait on vpdpbusd's latency), added at the end -- integer sums, so the
+         * same bits */
         for (ac_index g = 0; g < groups; g += 2) {   /* groups is a multiple of 16 */
-            for (int h = 0; h < 2; h++) {
-                const int8_t *pg = panel + (g + h) * GROUP_BYTES;
-                int32_t word;
-                memcpy(&word, q + 4 * (g + h), 4);
-                const __m512i xb = _mm512_set1_epi32(word);
-                for (int c = 0; c < 4; c++)
-                    acc[h][c] = _mm512_dpbusd_epi32(acc[h][c], xb,
-                                                    _mm512_loadu_si512(pg + 64 * c));
-            }
+            const int8_t *p0 = panel + g * GROUP_BYTES, *p1 = p0 + GROUP_BYTES;
+            DOT_ROW(0, q, g, _mm512_loadu_si512(p0), _mm512_loadu_si512(p0 + 64),
+                    _mm512_loadu_si512(p0 + 128), _mm512_loadu_si512(p0 + 192));
+            DOT_ROW(1, q, g + 1, _mm512_loadu_si512(p1), _mm512_loadu_si512(p1 + 64),
+                    _mm512_loadu_si512(p1 + 128), _mm512_loadu_si512(p1 + 192));
         }
-        for (int c = 0; c < 4; c++) acc[0][c] = _mm512_add_epi32(acc[0][c], acc[1][c]);
+        store_row_vnni(_mm512_add_epi32(a00, a10), _mm512_add_epi32(a01, a11),
+                       _mm512_add_epi32(a02, a12), _mm512_add_epi32(a03, a13), xs[0], panel,
+                       groups, ncols, bias, out);
+        return;
     }
-    for (ac_index g = 0; g < (R == 1 ? 0 : groups); g++) {
+    for (ac_index g = 0; g < groups; g++) {
         const int8_t *pg = panel + g * GROUP_BYTES;
         const __m512i w0 = _mm512_loadu_si512(pg), w1 = _mm512_loadu_si512(pg + 64),
                       w2 = _mm512_loadu_si512(pg + 128), w3 = _mm512_loadu_si512(pg + 192);
-        for (int r = 0; r < R; r++) {
-            int32_t word;
-            memcpy(&word, q + r * ldq + 4 * g, 4);
-            const __m512i xb = _mm512_set1_epi32(word);
-            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, w0);
-            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, w1);
-            acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], xb, w2);
-            acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], xb, w3);
-        }
+        DOT_ROW(0, q, g, w0, w1, w2, w3);
+        if (R > 1) DOT_ROW(1, q + ldq, g, w0, w1, w2, w3);
+        if (R > 2) DOT_ROW(2, q + 2 * ldq, g, w0, w1, w2, w3);
+        if (R > 3) DOT_ROW(3, q + 3 * ldq, g, w0, w1, w2, w3);
     }
-    const float *ws = (const float *)(panel + groups * GROUP_BYTES);
-    const int32_t *sums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
-    for (int c = 0; c < 4; c++) {
-        const ac_index c0 = 16 * c;
-        if (c0 >= ncols) break;
-        const __mmask16 live = ncols - c0 >= 16 ? (__mmask16)0xffff
-                                                 : (__mmask16)((1u << (ncols - c0)) - 1);
-        const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(sums + c0), 7);  /* 128 sum */
-        const __m512 wsc = _mm512_loadu_ps(ws + c0);
-        const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
-        for (int r = 0; r < R; r++) {
-            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], shift));
-            const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), wsc);
-            _mm512_mask_storeu_ps(out + r * ldo + c0, live, _mm512_fmadd_ps(v, scale, b));
-        }
-    }
+#undef DOT_ROW
+    store_row_vnni(a00, a01, a02, a03, xs[0], panel, groups, ncols, bias, out);
+    if (R > 1) store_row_vnni(a10, a11, a12, a13, xs[1], panel, groups, ncols, bias, out + ldo);
+    if (R > 2) store_row_vnni(a20, a21, a22, a23, xs[2], panel, groups, ncols, bias, out + 2 * ldo);
+    if (R > 3) store_row_vnni(a30, a31, a32, a33, xs[3], panel, groups, ncols, bias, out + 3 * ldo);
 }
 
 #ifdef AC_AMX
@@ -370,14 +396,12 @@ static VNNI void panel_i8_vnni(const uint8_t *q, ac_index ldq, const float *xs, 
                                const float *bias, float *out, ac_index ldo) {
     const ac_index groups = padded_k(K) / 4;
     ac_index i = 0;
-    for (; i + 6 <= M; i += 6)
-        panel_rows_vnni(q + i * ldq, ldq, xs + i, 6, groups, panel, ncols, bias, out + i * ldo,
+    for (; i + 4 <= M; i += 4)
+        panel_rows_vnni(q + i * ldq, ldq, xs + i, 4, groups, panel, ncols, bias, out + i * ldo,
                         ldo);
     const uint8_t *qr = q + i * ldq;
     float *o = out + i * ldo;
     switch (M - i) {
-        case 5: panel_rows_vnni(qr, ldq, xs + i, 5, groups, panel, ncols, bias, o, ldo); break;
-        case 4: panel_rows_vnni(qr, ldq, xs + i, 4, groups, panel, ncols, bias, o, ldo); break;
         case 3: panel_rows_vnni(qr, ldq, xs + i, 3, groups, panel, ncols, bias, o, ldo); break;
         case 2: panel_rows_vnni(qr, ldq, xs + i, 2, groups, panel, ncols, bias, o, ldo); break;
         case 1: panel_rows_vnni(qr, ldq, xs + i, 1, groups, panel, ncols, bias, o, ldo); break;
