@@ -19,6 +19,7 @@ from typing import List, Mapping, Optional, Sequence
 import numpy as np
 
 from .. import io
+from ..kernels._validation import check_bool
 from ..kernels.basic import check_weight_dtype, round_bfloat16
 
 __all__ = ["Model", "EncoderDecoderModel", "GenerationResult", "check_sources",
@@ -233,8 +234,7 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     if not -MAX_LENGTH_PENALTY <= length_penalty <= MAX_LENGTH_PENALTY:
         raise ValueError(f"length_penalty must lie in [-{MAX_LENGTH_PENALTY:g}, "
                          f"{MAX_LENGTH_PENALTY:g}], got {length_penalty}")
-    if not isinstance(do_sample, (bool, np.bool_)):
-        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    do_sample = check_bool(do_sample, "do_sample")
     temperature = _check_float(temperature, "temperature")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -252,14 +252,13 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
                                  f"do_sample=True, or leave {name} at {default!r}")
     if seed is not None:
         seed = check_seed(seed)
-    if not isinstance(return_attention, (bool, np.bool_)):
-        raise TypeError(f"return_attention must be a bool, got {type(return_attention).__name__}")
+    return_attention = check_bool(return_attention, "return_attention")
     if attention_heads not in ("mean", "all"):
         raise ValueError(f"attention_heads must be 'mean' or 'all', got {attention_heads!r}")
     return dict(max_length=max_length, min_length=min_length, beam_size=beam_size,
                 num_hypotheses=num_hypotheses, length_penalty=length_penalty,
-                do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
-                seed=seed, return_attention=bool(return_attention),
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                seed=seed, return_attention=return_attention,
                 attention_heads=attention_heads)
 
 
