@@ -241,25 +241,27 @@ class _LazyOutput:
     def write(self, text: str) -> None:
         if self._file is None:
             self.finish()
-        try:
+        with self._errors_named():   # (a full disk: the message names the file)
             self._file.write(text)
-        except OSError as exc:   # (a full disk: the message names the file)
-            raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def flush(self) -> None:
         if self._file is not None:
-            try:
+            with self._errors_named():
                 self._file.flush()
-            except OSError as exc:
-                raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def finish(self) -> None:
         """Empty the file for this run's output (done by the first write)."""
         if self._file is None:
-            try:
+            with self._errors_named():
                 self._file = open(self.path, "w", encoding="utf-8", newline="\n")
-            except OSError as exc:
-                raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
+
+    @contextlib.contextmanager
+    def _errors_named(self):
+        """An OSError of the file as the one-line error naming it."""
+        try:
+            yield
+        except OSError as exc:
+            raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def __enter__(self):
         return self
@@ -267,12 +269,10 @@ class _LazyOutput:
     def __exit__(self, *exc_info):
         if self._file is not None:
             file, self._file = self._file, None
-            try:
-                file.close()   # (flushes: the last lines' write error shows here)
-            except OSError as exc:
-                if exc_info[0] is None:
-                    raise UserError(f"cannot write output {self.path!r}: "
-                                    f"{exc.strerror}") from None
+            # (close flushes: the last lines' write error shows here, unless one is already
+            # on its way out)
+            with self._errors_named() if exc_info[0] is None else contextlib.suppress(OSError):
+                file.close()
 
 
 def _open_output(args):
