@@ -65,16 +65,16 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
 def read_checkpoint(directory) -> Tuple[dict, dict]:
     """The raw ``(state, arrays)`` of a checkpoint directory."""
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     directory = Path(directory)
     state_path, weights_path = directory / CHECKPOINT_STATE, directory / CHECKPOINT_WEIGHTS
     if not state_path.is_file() or not weights_path.is_file():
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory "
                          f"(needs {CHECKPOINT_STATE} and {CHECKPOINT_WEIGHTS})")
-    try:
+    try:   # (one read of the file: its tensors and the state in its metadata)
         with safe_open(str(weights_path), framework="numpy") as handle:
             embedded = (handle.metadata() or {}).get(_STATE_METADATA)
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:
         raise ValueError(f"cannot read {weights_path}: {type(error).__name__}: {error}") from None
     if embedded is not None:   # the state written with these weights (see the module doc)
@@ -92,10 +92,6 @@ def read_checkpoint(directory) -> Tuple[dict, dict]:
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{state_path}: {key} must be an integer >= 0, got {value!r}")
-    try:
-        arrays = load_file(str(weights_path))
-    except Exception as error:
-        raise ValueError(f"cannot read {weights_path}: {type(error).__name__}: {error}") from None
     return state, arrays
 
 
