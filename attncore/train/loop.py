@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import numpy as np
 
 from . import autograd as ag
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
 from .export import export
 from .optim import Adam, clip_grad_norm, make_schedule
 
@@ -223,7 +223,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     from tqdm.auto import tqdm
 
     start_step = 0
-    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / "trainer_state.json").is_file():
+    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         saved = (state.get("extra") or {}).get("data_options")
         if data_options is not None and saved is not None and saved != data_options:
@@ -471,7 +471,7 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     (model, TrainResult)
     """
     out_dir = _writable_directory(out_dir, "out_dir")
-    if not (resume or overwrite) and (out_dir / "checkpoint" / "checkpoint.safetensors").is_file():
+    if not (resume or overwrite) and (out_dir / "checkpoint" / CHECKPOINT_WEIGHTS).is_file():
         # (it was overwritten from step 0 without a word: a long run's progress lost to a
         # command re-run without --resume)
         raise ValueError(f"{str(out_dir / 'checkpoint')!r} holds a checkpoint: resume it "
