@@ -7,6 +7,9 @@ import numbers
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
+# float32's largest finite value and smallest subnormal, for parameters of float32 kernels
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
 
 
 def check_float_array(x, name, ndim=None, min_ndim=None, dtype=None):
@@ -125,11 +128,10 @@ def check_finite_float(value, name, dtype=None):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if dtype is not None and np.dtype(dtype) == np.float32:
-        info = np.finfo(np.float32)
-        if abs(value) > float(info.max):
+        if abs(value) > _FLOAT32_MAX:
             raise ValueError(f"{name} must be within float32's range (|{name}| <= "
-                             f"{float(info.max):.4g}) for float32 inputs, got {value}")
-        if value != 0 and abs(value) < float(info.smallest_subnormal) / 2:
+                             f"{_FLOAT32_MAX:.4g}) for float32 inputs, got {value}")
+        if value != 0 and abs(value) < _FLOAT32_SMALLEST / 2:
             raise ValueError(f"{name} ({value}) rounds to 0 in float32, the inputs' dtype")
     return value
 
