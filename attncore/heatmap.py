@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .models.base import _default_limit
+
 __all__ = ["AttentionMap", "attention_map", "render_text", "save_png", "matplotlib_available",
            "SHADES"]
 
@@ -91,9 +93,8 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
         The model returns no cross-attention (a decoder-only model), or bad arguments.
     """
     source = np.asarray(source, dtype=np.int64)
-    if max_length is None:   # (the model's own default keeps within a position table)
-        default = getattr(model, "default_max_length", None)
-        max_length = default(len(source)) if callable(default) else 2 * len(source) + 10
+    if max_length is None:   # (the model's own, within a position table; else translate's)
+        max_length = getattr(model, "default_max_length", _default_limit)(len(source))
     result = model.generate([source], max_length=max_length, beam_size=beam_size,
                             length_penalty=length_penalty, return_attention=True)[0]
     if not result.attention or result.attention[0] is None:
