@@ -23,9 +23,11 @@ line before it has been written and the message names the line and what was writ
 import argparse
 import contextlib
 import os
+import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 EXIT_ERROR = 1
@@ -52,6 +54,53 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+class _CtrlC:
+    """Ctrl-C that cannot be lost. Python's own handler raises KeyboardInterrupt wherever the
+    main thread is, and where that is a ``__del__`` or a callback (Dask's ``Future.__del__``,
+    say) the exception is printed as "ignored" and the run goes on to exit 0. This handler also
+    remembers the signal, and the output loop asks :meth:`check` after each line."""
+
+    seen = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def watching(cls):
+        cls.seen = False
+        # Only where Python's default is in place and signals can be set: a run started with
+        # SIGINT ignored (``nohup``, ``cmd &`` in a script) keeps ignoring it, and main()
+        # called from a thread leaves the handler alone.
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+        signal.signal(signal.SIGINT, cls._handle)
+        previous_hook = sys.unraisablehook
+
+        def quiet_about_ctrl_c(unraisable):
+            # the swallowed interrupt's "Exception ignored in ... KeyboardInterrupt" traceback:
+            # the run stops at the next line and says "interrupted" once
+            if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+                previous_hook(unraisable)
+
+        sys.unraisablehook = quiet_about_ctrl_c
+        try:
+            yield
+        finally:
+            sys.unraisablehook = previous_hook
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @classmethod
+    def _handle(cls, signum, frame):
+        cls.seen = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls):
+        """Raise KeyboardInterrupt if a Ctrl-C came and was swallowed on its way."""
+        if cls.seen:
+            raise KeyboardInterrupt
 
 
 def _one_line(exc) -> str:
@@ -391,6 +440,7 @@ def _run_lines(args):
         written = 0
         try:
             for item, result in results:
+                _CtrlC.check()
                 sink.write(job.format(result, frontend) + "\n")
                 written += 1
                 if interactive or written % 256 == 0:
@@ -626,7 +676,10 @@ def _main(argv):
         return 2
     prog = f"attncore {args.command}"
     try:
-        return _COMMANDS[args.command](args)
+        with _CtrlC.watching():
+            status = _COMMANDS[args.command](args)
+            _CtrlC.check()   # (one swallowed after the last line: still not a clean run)
+        return status
     except BrokenPipeError:
         raise
     except UserError as exc:

@@ -631,3 +631,34 @@ def _eos_never(model):
     weights["decoder.output.bias"] = bias
     return models.model_class(model.config["architecture"])(model.config, weights,
                                                             tokenizer=model.tokenizer)
+
+
+def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    # Python raises KeyboardInterrupt wherever the main thread is; inside a __del__ (Dask's
+    # Future.__del__ under --dask) it is printed as "ignored" and the run went on to exit 0.
+    import signal
+    from attncore import batch, cli
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+
+    class SignalsOnDelete:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    plain_format = batch.GenerateJob.format
+    calls = []
+
+    def format_then_interrupt_in_a_destructor(self, result, frontend):
+        calls.append(1)
+        if len(calls) == 2:
+            SignalsOnDelete()   # deleted at once: the KeyboardInterrupt is raised in __del__
+        return plain_format(self, result, frontend)
+
+    monkeypatch.setattr(batch.GenerateJob, "format", format_then_interrupt_in_a_destructor)
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in SAMPLES) * 20)
+    status = cli.main(["translate", "--input", str(tmp_path / "in.txt"), "--output",
+                       str(tmp_path / "out.txt"), "--no-progress", "--batch-size", "4"])
+    assert status == 130
+    assert len(calls) == 2   # stopped before the next line, not at the end of the input
+    assert capsys.readouterr().err.splitlines() == ["attncore translate: interrupted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
