@@ -677,7 +677,11 @@ def _main(argv):
     prog = f"attncore {args.command}"
     try:
         with _CtrlC.watching():
-            status = _COMMANDS[args.command](args)
+            try:
+                status = _COMMANDS[args.command](args)
+            except Exception:
+                _CtrlC.check()   # (an error made of the interrupt, by code that caught it)
+                raise
             _CtrlC.check()   # (one swallowed after the last line: still not a clean run)
         return status
     except BrokenPipeError:

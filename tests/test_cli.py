@@ -662,3 +662,25 @@ def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_the_run(tmp_path, monkey
     assert len(calls) == 2   # stopped before the next line, not at the end of the input
     assert capsys.readouterr().err.splitlines() == ["attncore translate: interrupted"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):
+    # code between the signal and the CLI that catches KeyboardInterrupt and raises its own
+    # error (a library's clean-up, say): the run was interrupted, not failed
+    import signal
+    from attncore import batch, cli
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler here")
+
+    def format_interrupted_into_an_oserror(self, result, frontend):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise OSError("connection closed") from None
+
+    monkeypatch.setattr(batch.GenerateJob, "format", format_interrupted_into_an_oserror)
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in SAMPLES))
+    status = cli.main(["translate", "--input", str(tmp_path / "in.txt"), "--output",
+                       str(tmp_path / "out.txt"), "--no-progress"])
+    assert status == 130
+    assert capsys.readouterr().err.splitlines() == ["attncore translate: interrupted"]
