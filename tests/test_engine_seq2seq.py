@@ -444,6 +444,27 @@ def test_bad_generate_input_is_named(dates, sources, options, error, match):
         dates.generate(sources, **options)
 
 
+def test_bad_steps_and_rows_are_named(dates):
+    # the decoder protocol (docs/ENGINE.md) is public to custom searches: a token past the
+    # embedding read other memory (NaN, garbage, or a segfault at 10**6), float rows were
+    # truncated
+    state = dates._start([np.array(dates.tokenizer.encode_source("3 March 1998"))])
+    vocab = dates.target_vocab_size
+    for bad, error, match in [(np.array([vocab]), ValueError, rf"tokens has an id outside \[0, {vocab}\)"),
+                              (np.array([10**6]), ValueError, "tokens has an id outside"),
+                              (np.array([-1]), ValueError, "tokens has an id outside"),
+                              (np.array([1.0]), TypeError, "tokens must be integer ids"),
+                              (np.array([1, 1]), ValueError, r"tokens must have shape \(1,\)")]:
+        with pytest.raises(error, match=match):
+            dates._step(state, bad)
+    with pytest.raises(ValueError, match="rows must be a 1-d integer array"):
+        state.select([0.9])
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 1\), got 1"):
+        state.select([0, 1])
+    log_probs, _ = dates._step(state.select([0, 0]), np.array([dates.bos_id] * 2))
+    assert np.isfinite(log_probs).all() and np.array_equal(log_probs[0], log_probs[1])
+
+
 def test_bad_translate_input_is_named(dates):
     with pytest.raises(TypeError, match="texts"):
         dates.translate("Tuesday, 3 March 1998")

@@ -147,6 +147,32 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
     return out
 
 
+def check_rows(rows, batch: int) -> np.ndarray:
+    """The ``rows`` of a decoder state's ``select`` (docs/ENGINE.md): a 1-d integer sequence
+    in ``[0, batch)`` (rows may repeat, drop or reorder), as C-contiguous int64. Floats are
+    refused, not truncated: a beam search handing over scores instead of indices."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+        raise ValueError(f"rows must be a 1-d integer array, got shape {rows.shape} dtype {rows.dtype}")
+    rows = np.ascontiguousarray(rows, dtype=np.int64)   # (compiled gathers read it flat)
+    if rows.size and (rows.min() < 0 or rows.max() >= batch):
+        raise ValueError(f"rows must lie in [0, {batch}), got {int(rows[(rows < 0) | (rows >= batch)][0])}")
+    return rows
+
+
+def check_step_tokens(tokens, batch: int, vocab_size: int) -> np.ndarray:
+    """The tokens of a decoder ``_step``: integer ids of shape (batch,) in
+    ``[0, vocab_size)``, as C-contiguous int64 (the compiled steps index tables with them)."""
+    tokens = np.asarray(tokens)
+    if tokens.shape != (batch,):
+        raise ValueError(f"tokens must have shape ({batch},), got {tokens.shape}")
+    if tokens.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if batch and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"tokens has an id outside [0, {vocab_size})")
+    return np.ascontiguousarray(tokens, dtype=np.int64)
+
+
 def _default_limit(source_length: int) -> int:
     """``2 * source_length + 10``: the generation limit of a source when none is given."""
     return 2 * int(source_length) + 10

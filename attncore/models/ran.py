@@ -71,7 +71,8 @@ import numpy as np
 from .. import kernels as K
 from ..kernels.attention import sequence_attention
 from ..train.ran_ops import partition_windows
-from .base import GenerationResult, Model, _check_int, check_generation_options, check_sources
+from .base import (GenerationResult, Model, _check_int, check_generation_options, check_rows,
+                   check_sources, check_step_tokens)
 
 __all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
 
@@ -197,13 +198,7 @@ class RANState:
     def select(self, rows) -> "RANState":
         """The state of documents ``rows`` (int, may repeat, drop or reorder): beams of a
         search share their carried arrays, which are read-only, so nothing is copied."""
-        rows = np.asarray(rows)
-        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
-            raise ValueError(f"rows must be a 1-d integer array, got shape {rows.shape} "
-                             f"dtype {rows.dtype}")
-        rows = rows.astype(np.int64, copy=False)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
-            raise ValueError(f"rows must lie in [0, {self.batch_size})")
+        rows = check_rows(rows, self.batch_size)
 
         def pick(items):
             return tuple(items[r] for r in rows) if items else items
@@ -245,8 +240,9 @@ class RANDecoderState:
 
     def select(self, rows) -> "RANDecoderState":
         """Keep / repeat / reorder rows (beams); carried arrays are shared, not copied."""
+        rows = check_rows(rows, self.batch_size)
         state = self.state.select(rows)
-        pending = None if self.pending is None else self.pending[np.asarray(rows, dtype=np.int64)]
+        pending = None if self.pending is None else self.pending[rows]
         return RANDecoderState(state, pending)
 
 
@@ -590,9 +586,7 @@ class RAN(Model):
                 raise ValueError("tokens=None is only valid for the first step after _start")
             log_probs, state.pending = state.pending, None
             return log_probs, None
-        tokens = np.asarray(tokens)
-        if tokens.shape != (state.batch_size,):
-            raise ValueError(f"tokens must have shape ({state.batch_size},), got {tokens.shape}")
+        tokens = check_step_tokens(tokens, state.batch_size, self.vocab_size)
         state.pending = None
         encoding, state.state = self.encode(list(tokens.reshape(-1, 1)), state.state)
         last = np.concatenate(encoding.sequence)                          # (B, D)

@@ -26,7 +26,7 @@ import numpy as np
 from .. import kernels as K
 from ..kernels import _recurrent
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS
-from .base import EncoderDecoderModel
+from .base import EncoderDecoderModel, check_rows, check_step_tokens
 
 __all__ = ["Seq2SeqAttention", "Seq2SeqState", "EMBEDDING_FOLD_MAX_BYTES"]
 
@@ -82,11 +82,7 @@ class Seq2SeqState:
 
     def select(self, rows) -> "Seq2SeqState":
         """A new state of the given rows (int, may repeat / reorder / drop)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.ndim != 1:
-            raise ValueError(f"rows must be 1-d, got shape {rows.shape}")
-        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
-            raise ValueError(f"rows must lie in [0, {self.batch_size})")
+        rows = check_rows(rows, self.batch_size)
         copy = lambda a: np.ascontiguousarray(a[:, rows])  # noqa: E731  (fancy index: a copy)
         sources = self.sources[rows]
         if np.array_equal(sources, self.sources):
@@ -228,9 +224,10 @@ class Seq2SeqAttention(EncoderDecoderModel):
         """
         step = self._decoder_step
         batch, steps = state.memory.shape[0], state.memory.shape[1]
+        tokens = check_step_tokens(tokens, batch, step.vocab)   # (ids index the embedding)
         log_probs = np.empty((batch, step.vocab), dtype=np.float32)
         weights = np.empty((batch, steps), dtype=np.float32)
-        step.step(np.ascontiguousarray(tokens, dtype=np.int64), state.hidden, state.cells,
+        step.step(tokens, state.hidden, state.cells,
                   state.feed, state.memory, state.keys, state.key_factors, state.key_in_limit,
                   state.lengths, log_probs, weights,
                   state.scratch(step.scratch_width), K.get_num_threads())

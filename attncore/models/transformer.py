@@ -46,8 +46,8 @@ from .. import kernels
 from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK, sequence_attention
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS
-from .base import (EncoderDecoderModel, GenerationResult, check_generation_options,
-                   check_sources)
+from .base import (EncoderDecoderModel, GenerationResult, check_generation_options, check_rows,
+                   check_sources, check_step_tokens)
 
 __all__ = ["Transformer", "TransformerDecoderState"]
 
@@ -240,7 +240,7 @@ class TransformerDecoderState:
         are shared unchanged when every kept row still decodes the same source at the same
         index (beams reordered within their sources), and gathered otherwise.
         """
-        rows = _check_rows(rows, self.batch_size)
+        rows = check_rows(rows, self.batch_size)
         filled = int(self.lengths[rows].max()) if rows.size else 0
         self_k = [_gather_prefix(k, rows, filled) for k in self.self_k]
         self_v = [_gather_prefix(v, rows, filled) for v in self.self_v]
@@ -265,16 +265,6 @@ class TransformerDecoderState:
         filled = int(self.lengths.max()) if self.lengths.size else 0
         self.self_k = [_grow(k, capacity, filled) for k in self.self_k]
         self.self_v = [_grow(v, capacity, filled) for v in self.self_v]
-
-
-def _check_rows(rows, batch: int) -> np.ndarray:
-    rows = np.asarray(rows)
-    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
-        raise ValueError(f"rows must be a 1-d integer array, got shape {rows.shape} dtype {rows.dtype}")
-    rows = np.ascontiguousarray(rows, dtype=np.int64)   # (the compiled gather reads it flat)
-    if rows.size and (rows.min() < 0 or rows.max() >= batch):
-        raise ValueError(f"rows must lie in [0, {batch}), got {int(rows[(rows < 0) | (rows >= batch)][0])}")
-    return rows
 
 
 def _gather_prefix(cache: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
@@ -550,7 +540,7 @@ class Transformer(EncoderDecoderModel):
                                  "decoder_only _start")
             log_probs, state.pending = state.pending, None
             return log_probs, None
-        tokens = self._check_step_tokens(tokens, state.batch_size)
+        tokens = check_step_tokens(tokens, state.batch_size, self.target_vocab_size)
         positions = state.lengths
         if positions.size and int(positions.max()) >= self.max_positions:
             raise ValueError(f"max_length: decoding past position {self.max_positions - 1} "
@@ -567,17 +557,6 @@ class Transformer(EncoderDecoderModel):
                                 kernels.get_num_threads())
         state.lengths = positions + 1
         return log_probs, weights
-
-    def _check_step_tokens(self, tokens, batch: int) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        if tokens.shape != (batch,):
-            raise ValueError(f"tokens must have shape ({batch},), got {tokens.shape}")
-        if tokens.dtype.kind not in "iu":
-            raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-        vocab = self.target_vocab_size
-        if batch and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise ValueError(f"tokens has an id outside [0, {vocab})")
-        return np.ascontiguousarray(tokens, dtype=np.int64)
 
     # -- generation -------------------------------------------------------------------------
     def generate(self, sources, *, max_length, **options) -> List[GenerationResult]:
