@@ -70,6 +70,28 @@ def _labels(ids: Sequence[int], vocab) -> List[str]:
     return out
 
 
+def _check_source(source, vocab_size: Optional[int]) -> np.ndarray:
+    """One source's token ids as int64, named ``source`` when they are not: a cast to int64
+    read floats truncated and bools as ids 0 and 1, and drew the map of other tokens."""
+    if isinstance(source, (str, bytes)):
+        raise TypeError("source must be token ids, got a string (encode it first: "
+                        "model.tokenizer.encode_source(text))")
+    try:
+        array = np.asarray(source)
+    except ValueError:   # (NumPy's inhomogeneous shape)
+        raise TypeError("source must be a flat sequence of token ids") from None
+    if array.ndim != 1:
+        raise ValueError(f"source must be 1-d, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError("source is empty")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"source must hold integer token ids, got dtype {array.dtype}")
+    if vocab_size is not None and (array.min() < 0 or array.max() >= vocab_size):
+        bad = int(array.min()) if array.min() < 0 else int(array.max())
+        raise ValueError(f"source has token id {bad} outside [0, {vocab_size})")
+    return array.astype(np.int64)
+
+
 def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = None,
                   beam_size: int = 1, length_penalty: float = 1.0,
                   eos_label: str = "<eos>") -> AttentionMap:
@@ -92,7 +114,7 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
     ValueError
         The model returns no cross-attention (a decoder-only model), or bad arguments.
     """
-    source = np.asarray(source, dtype=np.int64)
+    source = _check_source(source, getattr(model, "source_vocab_size", None))
     if max_length is None:   # (the model's own, within a position table; else translate's)
         max_length = getattr(model, "default_max_length", _default_limit)(len(source))
     result = model.generate([source], max_length=max_length, beam_size=beam_size,
@@ -191,11 +213,14 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
     image = axes.imshow(amap.weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
                         interpolation="nearest")
     x_at, y_at = _label_positions(cols), _label_positions(rows)
-    axes.set_xticks(x_at, [amap.source_tokens[i] for i in x_at], rotation=90, fontsize=8)
-    axes.set_yticks(y_at, [amap.target_tokens[i] for i in y_at], fontsize=8)
+    # tokens and the output are text, never mathtext: "$1-$2" was drawn as math, "$x^$" failed
+    plain = {"parse_math": False}
+    axes.set_xticks(x_at, [amap.source_tokens[i] for i in x_at], rotation=90, fontsize=8, **plain)
+    axes.set_yticks(y_at, [amap.target_tokens[i] for i in y_at], fontsize=8, **plain)
     axes.set_xlabel("source tokens")
     axes.set_ylabel("generated tokens")
-    axes.set_title(title if title is not None else f"cross-attention → {amap.output}", fontsize=9)
+    axes.set_title(title if title is not None else f"cross-attention → {amap.output}", fontsize=9,
+                   **plain)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="attention weight")
     figure.tight_layout()
     figure.savefig(path, dpi=dpi, format="png")

@@ -25,6 +25,7 @@ instead.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -133,6 +134,13 @@ class Tokenizer:
 def _decode(vocab, ids, side: str) -> str:
     """``vocab.decode`` of ids checked against the vocabulary first: a JSON vocabulary raised a
     bare IndexError, and a ``tokenizers`` one dropped the id silently."""
+    if isinstance(ids, (str, bytes)):   # (iterated digit by digit: "56" decoded 5 and 6)
+        raise TypeError("ids must be a sequence of integer token ids, got a string")
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_))
+               for i in ids):   # (int() truncated 5.9 and read True as BOS)
+        bad = next(i for i in ids if not isinstance(i, numbers.Integral)
+                   or isinstance(i, (bool, np.bool_)))
+        raise TypeError(f"ids must be integer token ids, got {bad} ({type(bad).__name__})")
     ids = [int(i) for i in ids]
     size = len(vocab)
     bad = next((i for i in ids if not 0 <= i < size), None)
@@ -162,7 +170,7 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
 
     Returns None when the entry is absent or null. Raises ValueError for an unknown type, a
     file name that leaves the directory, a missing or unreadable file, or a vocabulary larger
-    than the model's ``src_vocab_size`` / ``tgt_vocab_size``. A smaller one is allowed (output
+    than the model's ``src_vocab_size`` / ``tgt_vocab_size`` (a RAN's ``vocab_size``). A smaller one is allowed (output
     layers padded past the tokenizer are common); decoding an id it lacks raises ValueError.
     """
     from .data.vocab import load_vocab
@@ -194,7 +202,8 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
             detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValueError(f"config['tokenizer'][{side!r}]: {str(path)!r} is not a readable "
                              f"vocabulary: {detail}") from None
-        size_key = f"{side}_vocab_size"
+        # (a RAN has one vocabulary for both sides: its vocab_size)
+        size_key = f"{side}_vocab_size" if f"{side}_vocab_size" in config else "vocab_size"
         if size_key in config and len(vocab) > int(config[size_key]):
             raise ValueError(f"{name} has {len(vocab)} tokens, more than {size_key}="
                              f"{config[size_key]}")

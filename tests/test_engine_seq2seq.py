@@ -594,6 +594,10 @@ def test_tokenizer_source_eos_follows_the_sides_and_the_override(tmp_path):
         load_tokenizer(tmp_path, {"tokenizer": dict(entry, source_eos="no")})
     with pytest.raises(ValueError, match="more than src_vocab_size=5"):
         load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 5})
+    # a RAN's one vocab_size bounds both sides (it was not read: the mismatch came out as a
+    # failure of the first document with a token past the table)
+    with pytest.raises(ValueError, match="more than vocab_size=5"):
+        load_tokenizer(tmp_path, {"tokenizer": entry, "vocab_size": 5})
     # smaller vocabularies load (output layers padded past the tokenizer are common); an id
     # without a text is a ValueError naming it (a bare IndexError before)
     padded = load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 9,
@@ -636,3 +640,14 @@ def test_a_step_alone_is_bit_identical_to_the_step_in_a_batch(attention):
     alone, _ = engine._step(engine._start([short]), np.array([1]))
     batch, _ = engine._step(engine._start([short, long_]), np.array([1, 1]))
     np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(batch)[0])
+
+
+
+@pytest.mark.parametrize("ids, match", [([5.9, 6.2], r"got 5\.9 \(float\)"), ("56", "got a string"),
+                                        ([True, 5], r"got True \(bool\)"),
+                                        (np.array([5.0]), r"got 5\.0 \(float64\)")])
+def test_decode_refuses_ids_that_are_not_integers(dates, ids, match):
+    # int() truncated 5.9, read True as BOS and iterated "56" digit by digit: other text
+    with pytest.raises(TypeError, match=match):
+        dates.tokenizer.decode_target(ids)
+    assert dates.tokenizer.decode_target(np.array([5, 6])) == dates.tokenizer.decode_target([5, 6])

@@ -666,3 +666,44 @@ def test_default_lengths_stay_within_the_position_table(rng, kind):
     for source, result in zip(sources, results):
         alone = engine.generate([source], max_length=engine.default_max_length(len(source)))[0]
         assert result.hypotheses == alone.hypotheses
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only"])
+def test_a_min_length_past_the_position_table_is_min_lengths_error(rng, kind):
+    # the floor became each source's max_length, and the error blamed max_length
+    _, engine = _pair(seed=4, kind=kind, max_positions=16)
+    vocab = TGT_VOCAB if kind == "decoder_only" else SRC_VOCAB
+    sources = _sources(rng, [2, 7], vocab)
+    cap = engine.longest_generation(7)
+    assert cap == (16 - 6 if kind == "decoder_only" else 16)
+    results = engine.generate_default_lengths(sources, min_length=cap)   # at the cap: fine
+    assert all(len(r.tokens) >= cap for r in results)
+    first = 1 if kind == "decoder_only" else 0   # (the first source the floor does not fit)
+    with pytest.raises(ValueError, match=rf"min_length is {cap + 1}, more tokens than "
+                                         rf"sources\[{first}\] can have \(at most {cap}"):
+        engine.generate_default_lengths(sources, min_length=cap + 1)
+
+
+def test_errors_of_a_source_in_a_later_length_group_name_its_own_index(rng):
+    # sources run in groups of equal default limits; the error gave the index in the group
+    _, engine = _pair(seed=4)
+    good, bad = np.array([4, 5]), np.array([4, 5, 6, 7, SRC_VOCAB])
+    with pytest.raises(ValueError, match=rf"^sources\[2\] has token id {SRC_VOCAB} outside"):
+        engine.generate_default_lengths([good, good, bad])
+    with pytest.raises(ValueError, match=r"^sources\[1\] is empty"):
+        engine.generate_default_lengths([good, []])
+
+
+def test_translate_names_a_text_past_the_position_table_by_its_index():
+    # generate's "sources[0] ..." of a length group became the text's own index and name
+    # (12 characters and the source EOS: 13 tokens)
+    from attncore import models
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    config = dict(_config(src_vocab_size=10, tgt_vocab_size=10, max_positions=8,
+                          dtype="float32").to_dict(), architecture="transformer")
+    model = models.from_config(config, seed=3, tokenizer=Tokenizer(Vocab("abcdef"), Vocab("abcdef")))
+    with pytest.raises(ValueError, match=r"^texts\[1\] has 13 tokens, longer than the position"):
+        model.translate(["ab", "abcdefabcdef"])
+    with pytest.raises(ValueError, match=r"^texts\[1\] has 13 tokens, longer than the position"):
+        model.translate(["ab", "abcdefabcdef"], max_length=4)

@@ -80,3 +80,28 @@ def test_long_lines_label_every_kth_token_on_a_bounded_figure(tmp_path):
                                 np.full((2, 1500), 1 / 1500), output="x")
     heatmap.save_png(amap, tmp_path / "long.png", dpi=50)
     assert (tmp_path / "long.png").stat().st_size > 0
+
+
+def test_tokens_with_dollar_signs_are_drawn_as_text(tmp_path):
+    # matplotlib read "$...$" in a label or the title as mathtext: "$1-$2" drew "1-", and
+    # "$x^$" failed with a pyparsing error
+    pytest.importorskip("matplotlib")
+    amap = heatmap.AttentionMap(["$x^$", "$1-$2"], ["$", "b"], np.full((2, 2), 0.5),
+                                output="$x^$ costs $1-$2")
+    heatmap.save_png(amap, tmp_path / "dollars.png", dpi=50)
+    assert (tmp_path / "dollars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("source, error, match", [
+    ([True, False], TypeError, "source must hold integer token ids, got dtype bool"),
+    (np.array([4.9, 5.2]), TypeError, "source must hold integer token ids, got dtype float64"),
+    ("3 March", TypeError, "source must be token ids, got a string"),
+    ([], ValueError, "source is empty"),
+    ([[4, 5]], ValueError, r"source must be 1-d, got shape \(1, 2\)"),
+    ([4, 10**6], ValueError, r"source has token id 1000000 outside \[0, "),
+])
+def test_attention_map_names_a_bad_source(source, error, match):
+    # a cast to int64 truncated floats and read bools as ids 1 and 0: a map of other tokens
+    from attncore import models
+    with pytest.raises(error, match=match):
+        heatmap.attention_map(models.load(DATES), source)

@@ -9,9 +9,11 @@ call builds its own decoder state, so several Python threads may run one model a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence
@@ -178,13 +180,15 @@ def _default_limit(source_length: int) -> int:
     return 2 * int(source_length) + 10
 
 
-def generate_with_default_lengths(model, sources, **options) -> List[GenerationResult]:
+def generate_with_default_lengths(model, sources, *, name: str = "sources",
+                                  **options) -> List[GenerationResult]:
     """``model.generate`` with each source's own limit, ``model.default_max_length(length)``
     (``2 * length + 10`` for a model without one), at least ``min_length``. Sources with the
     same limit run as one batch, so a source's result does not depend on which others came
     with it (one limit for the whole batch, from its longest source, made a line's output
     depend on its batch). With sampling, an int ``seed`` gives source i (its index here) the
-    stream ``SeedSequence(seed, spawn_key=(i,))`` whatever group it runs in, as one call would."""
+    stream ``SeedSequence(seed, spawn_key=(i,))`` whatever group it runs in, as one call would.
+    Errors name a source as ``name[i]``, its index here (not in its group)."""
     if isinstance(sources, (str, bytes)) or not isinstance(sources, (Sequence, np.ndarray)):
         raise TypeError(f"sources must be a list of token-id sequences, got "
                         f"{type(sources).__name__}")
@@ -199,8 +203,16 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
     if floor > MAX_GENERATION_LENGTH:
         raise ValueError(f"min_length must be at most {MAX_GENERATION_LENGTH}, got {floor}")
     # (an entry without a length is left to generate's checks, which name it)
-    limits = [max(floor, default(len(source) if hasattr(source, "__len__") else 1))
-              for source in sources]
+    lengths = [len(source) if hasattr(source, "__len__") else 1 for source in sources]
+    longest = getattr(model, "longest_generation", None)
+    for i, length in enumerate(lengths):
+        # (past a position table the floor became a max_length the caller never gave, and the
+        # error blamed that)
+        cap = longest(length) if longest is not None and length else None
+        if cap is not None and 1 <= cap < floor:   # (cap < 1: a prompt too long, generate's)
+            raise ValueError(f"min_length is {floor}, more tokens than {name}[{i}] can have "
+                             f"(at most {cap} for its length: the position table)")
+    limits = [max(floor, default(length)) for length in lengths]
     results: List[Optional[GenerationResult]] = [None] * len(sources)
     seeds = None
     if options.get("seed") is not None:   # each source's seed, by its index here
@@ -210,10 +222,25 @@ def generate_with_default_lengths(model, sources, **options) -> List[GenerationR
         rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
         if seeds is not None:
             options["seed"] = [seeds[i] for i in rows]
-        group = model.generate([sources[i] for i in rows], max_length=limit, **options)
+        with _named_by_index(name, rows):
+            group = model.generate([sources[i] for i in rows], max_length=limit, **options)
         for i, result in zip(rows, group):
             results[i] = result
     return results
+
+
+@contextlib.contextmanager
+def _named_by_index(name: str, rows: Sequence[int]):
+    """An argument error of ``generate`` on a sub-batch, ``sources[k] ...``, re-raised as
+    ``{name}[rows[k]] ...``: the caller's index and argument name."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        match = re.match(r"(sources|prompts)\[(\d+)\]", str(exc))
+        if match is None or int(match.group(2)) >= len(rows):
+            raise
+        message = f"{name}[{rows[int(match.group(2))]}]{str(exc)[match.end():]}"
+        raise type(exc)(message) from None
 
 
 #: The longest generation ``generate`` accepts (a seq2seq search allocates its outputs for
@@ -395,6 +422,11 @@ class Model:
         """The generation limit of a source when the caller gives none: ``2 * its length +
         10`` tokens (models with a position table cap it there)."""
         return _default_limit(source_length)
+
+    def longest_generation(self, source_length: int) -> int:
+        """The largest ``max_length`` :meth:`generate` takes for a source of this length
+        (:data:`MAX_GENERATION_LENGTH`; a Transformer's position table caps it lower)."""
+        return MAX_GENERATION_LENGTH
 
     def generate_default_lengths(self, sources, **options) -> List["GenerationResult"]:
         """:meth:`generate` with each source's own :meth:`default_max_length`
@@ -583,8 +615,9 @@ class EncoderDecoderModel(Model):
         if not sources:
             raise ValueError("texts is an empty batch")
         if max_length is None:
-            results = self.generate_default_lengths(sources, **options)
+            results = generate_with_default_lengths(self, sources, name="texts", **options)
         else:
-            results = self.generate(sources, max_length=max_length, **options)
+            with _named_by_index("texts", range(len(sources))):
+                results = self.generate(sources, max_length=max_length, **options)
         return [self.tokenizer.decode_target(result.tokens) for result in results]
 

@@ -587,8 +587,13 @@ class Transformer(EncoderDecoderModel):
     def default_max_length(self, source_length: int) -> int:
         """``2 * length + 10`` tokens, within the position table: ``max_positions`` for an
         encoder-decoder, what the prompt leaves of it for a decoder-only model."""
-        cap = self.max_positions - (int(source_length) - 1 if self.kind == "decoder_only" else 0)
-        return max(1, min(super().default_max_length(source_length), cap))
+        return max(1, min(super().default_max_length(source_length),
+                          self.longest_generation(source_length)))
+
+    def longest_generation(self, source_length: int) -> int:
+        """What the position table leaves: ``max_positions`` for an encoder-decoder, less
+        the prompt's length - 1 for a decoder-only model."""
+        return self.max_positions - (int(source_length) - 1 if self.kind == "decoder_only" else 0)
 
     # -- encoder API ------------------------------------------------------------------------
     def encode(self, tokens_list) -> List[np.ndarray]:
