@@ -43,9 +43,12 @@ def as_c_contiguous(arr, dtype=None):
     ``np.ascontiguousarray`` a 0-d array stays 0-d."""
     # the common case without np.require's generic path (~2 us per argument: a decoder step's
     # fronts check five or six arrays)
-    if type(arr) is np.ndarray and arr.flags.c_contiguous and (dtype is None or arr.dtype == dtype):
+    if (type(arr) is np.ndarray and arr.flags.c_contiguous and arr.flags.aligned
+            and (dtype is None or arr.dtype == dtype)):
         return arr
-    return np.require(arr, dtype=dtype, requirements="C")
+    # aligned too: an array viewed at an odd byte offset of a buffer reached the C kernels as
+    # a misaligned pointer (undefined behaviour; memoryview refused an int64 one outright)
+    return np.require(arr, dtype=dtype, requirements=["C", "A"])
 
 
 def n_rows(shape):
@@ -67,7 +70,7 @@ def check_lengths(lengths, name, shape, max_value):
     if arr.size and (arr.min() < 0 or arr.max() > max_value):
         bad = arr[(arr < 0) | (arr > max_value)].ravel()[0]
         raise ValueError(f"{name} values must lie in [0, {max_value}], got {int(bad)}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.require(arr, dtype=np.int64, requirements=["C", "A"])
 
 
 def check_ids(ids, name, vocab_size):

@@ -6,9 +6,9 @@ import numpy as np
 from .. import reference
 from . import _blas, _layers, _softmax
 from ._memory import empty_for_streaming
-from ._validation import (check_axis, check_bool, check_bool_mask, check_finite_float,
-                          check_float_array, check_ids, check_lengths, check_positive_float,
-                          check_size, n_rows)
+from ._validation import (as_c_contiguous, check_axis, check_bool, check_bool_mask,
+                          check_finite_float, check_float_array, check_ids, check_lengths,
+                          check_positive_float, check_size, n_rows)
 from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
 
 __all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16",
@@ -368,7 +368,7 @@ def rotary(x, positions=None, base=10000.0):
             raise ValueError(f"positions must fit int64, got {positions.max()}")
         if positions.shape != (length,):
             raise ValueError(f"positions must have shape ({length},), got {positions.shape}")
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        positions = as_c_contiguous(positions, np.int64)
     out = np.array(x, copy=True).reshape(n_rows(x.shape[:-1]), length, dim)
     _layers.rotary(out, positions, base, get_num_threads())
     return out.reshape(x.shape)
