@@ -373,6 +373,14 @@ def test_luong_v_dim_empty_keys_gives_zeros():
     assert out.shape == (2, 3, 4) and not out.any()
 
 
+
+def test_luong_zero_width_queries_keys_and_values():
+    # every width 0: the fused kernel's "q: head_dim must be > 0" named an argument the caller
+    # never passed; now as with values of non-zero width: uniform weights, an empty output
+    out, w = attncore.luong_attention(_o(2, 3, 0), _o(2, 4, 0), _o(2, 4, 0), return_weights=True)
+    assert out.shape == (2, 3, 0) and w.shape == (2, 3, 4)
+    np.testing.assert_allclose(w, 0.25)
+
 @pytest.mark.parametrize("fn", [attncore.softmax, attncore.log_softmax])
 def test_softmax_over_an_empty_axis(fn):
     out = fn(_o(3, 0))

@@ -412,8 +412,9 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
     if values.shape[:2] != keys.shape[:2]:
         raise ValueError(f"values must have shape ({keys.shape[0]}, {keys.shape[1]}, v_dim), got "
                          f"{values.shape}")
-    if values.shape[2] != keys.shape[2]:
-        # the fused kernel wants one head_dim; fall back to scores + masked softmax
+    if values.shape[2] != keys.shape[2] or keys.shape[2] == 0:
+        # the fused kernel wants one head_dim, and a non-zero one (its error named its own
+        # argument q); fall back to scores + masked softmax
         scores = np.empty((queries.shape[0], queries.shape[1], keys.shape[1]), dtype=queries.dtype)
         _blas.matmul(queries, keys, scores, True, 1.0, get_num_threads())
         from .basic import softmax
