@@ -89,8 +89,9 @@ def cached_model(path, weight_dtype: str = "float32"):
     process and then shared.
 
     Keyed by the real path, the modification times of ``config.json`` and
-    ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe, so the threads of a
-    worker share one copy.
+    ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe,
+    so the threads of a worker share one copy. A directory rewritten since replaces its
+    earlier version (of the same ``weight_dtype``): a long-lived worker kept every version.
     """
     from .models import load
 
@@ -99,6 +100,8 @@ def cached_model(path, weight_dtype: str = "float32"):
         model = _models.get(key)
         if model is None:
             model = load(path, weight_dtype=weight_dtype)
+            for stale in [k for k in _models if k[0] == key[0] and k[-1] == weight_dtype]:
+                del _models[stale]
             _models[key] = model
             _loads[key[0]] = _loads.get(key[0], 0) + 1
     return model

@@ -147,6 +147,8 @@ def nadaraya_watson(queries, keys, values, bandwidth=1.0, *, return_weights=Fals
     k2 = keys.reshape(len(keys), -1)
     dist = ((q2[:, None, :] - k2[None, :, :]) ** 2).sum(-1)
     weights = softmax(-dist / (2 * bandwidth ** 2), axis=-1)
+    # a query infinitely far from every key (an infinite query) has no nearest key: NaN
+    weights[np.isposinf(dist).all(axis=-1) & (dist.shape[-1] > 0)] = np.nan
     out = weights @ values
     return (out, weights) if return_weights else out
 

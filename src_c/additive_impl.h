@@ -142,6 +142,13 @@ int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const R
                 dist[j] = sq;
                 if (sq < nearest) nearest = sq;
             }
+            if (nearest == INFINITY) { /* every key infinitely far (an infinite query): no
+                                        * nearest key, NaN as attention gives, not the mean */
+                for (ac_index d = 0; d < Dv; d++) o[d] = (REAL)NAN;
+                if (weights)
+                    for (ac_index j = 0; j < Nk; j++) weights[i * Nk + j] = (REAL)NAN;
+                continue;
+            }
             for (ac_index j = 0; j < Nk; j++)  /* (a NaN distance stays NaN) */
                 scores[j] = dist[j] == nearest ? 0 : (REAL)(-(dist[j] - nearest) * inv);
             REAL mx = CAT(ac_max_, SUF)(scores, Nk);

@@ -102,8 +102,14 @@ def test_cached_model_reloads_a_rewritten_directory(tmp_path):
     assert distributed.load_count(path) == 1
     stamp = time.time() + 5
     os.utime(path / "config.json", (stamp, stamp))
-    assert distributed.cached_model(path) is not first
+    second = distributed.cached_model(path)
+    assert second is not first
     assert distributed.load_count(path) == 2
+    # the earlier version is dropped, not kept beside it (a long-lived worker held every one)
+    real = os.path.realpath(path)
+    assert [model for key, model in distributed._models.items() if key[0] == real] == [second]
+    half = distributed.cached_model(path, "bfloat16")   # another dtype of the same version stays
+    assert distributed.cached_model(path) is second and distributed.cached_model(path, "bfloat16") is half
 
 
 def test_two_worker_processes_on_loopback():

@@ -651,3 +651,20 @@ def test_decode_refuses_ids_that_are_not_integers(dates, ids, match):
     with pytest.raises(TypeError, match=match):
         dates.tokenizer.decode_target(ids)
     assert dates.tokenizer.decode_target(np.array([5, 6])) == dates.tokenizer.decode_target([5, 6])
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "int8"])
+def test_a_discarded_model_is_freed_without_the_cyclic_collector(weight_dtype):
+    # DecoderStep's closures over its list of weights formed a reference cycle: a service
+    # reloading a model held dozens of discarded copies until a full collection ran
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        model = attncore.load(DATES, weight_dtype=weight_dtype)
+        model.translate(["3 March 1998"])
+        weight = weakref.ref(model.out_weight)   # (the step keeps it, as given)
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()

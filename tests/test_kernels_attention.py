@@ -729,6 +729,20 @@ def test_nadaraya_watson_far_queries_stay_finite(rng):
     assert_close(out, expected, np.float64)
 
 
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nadaraya_watson_infinite_query_is_nan_not_the_mean(dtype):
+    # every distance infinite: all scores tied at 0 gave uniform weights, the plain mean of the
+    # values, for a query with no nearest key; now NaN, as attention gives an infinite query
+    keys = np.array([[0.0], [1.0], [2.0]], dtype=dtype)
+    values = np.array([1.0, 2.0, 3.0], dtype=dtype)
+    queries = np.array([[np.inf], [-np.inf], [1.2]], dtype=dtype)
+    out, w = attncore.nadaraya_watson(queries, keys, values, 1.0, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(queries, keys, values, 1.0, return_weights=True)
+    assert np.isnan(out[:2]).all() and np.isnan(w[:2]).all()
+    assert np.isnan(expected[:2]).all() and np.isnan(expected_w[:2]).all()
+    assert_close(out[2:], expected[2:], dtype)
+
 def _unaligned(array):
     """A C-contiguous copy of ``array`` one byte into a buffer: ``flags.aligned`` is False."""
     raw = bytearray(array.nbytes + 1)

@@ -148,6 +148,32 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
                     memcpy(&out[b, t, 0], &h[b, 0], H * sizeof(float))
 
 
+class _Kept:
+    """The arrays a DecoderStep points into, checked and kept alive. A class, not closures
+    over a list inside ``__init__``: those formed a reference cycle (a closure calling another
+    keeps the scope that holds it), and a discarded model's weights waited for the cyclic
+    collector; a service reloading models held dozens of them."""
+
+    def __init__(self, attention, weight_dtype):
+        self.attention, self.weight_dtype, self.arrays = attention, weight_dtype, []
+
+    def f32(self, a, shape, name):
+        import numpy as np
+        if a is None:
+            raise ValueError(f"DecoderStep: {name} is required for attention {self.attention!r}")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if a.shape != shape:
+            raise ValueError(f"DecoderStep: {name} must have shape {shape}, got {a.shape}")
+        self.arrays.append(a)
+        return a
+
+    def packed(self, a, shape, name):
+        from .basic import PackedLinearWeight
+        panels = PackedLinearWeight(self.f32(a, shape, name), self.weight_dtype).panels
+        self.arrays.append(panels)
+        return panels
+
+
 cdef class DecoderStep:
     """The whole decoder step of a GRU/LSTM encoder-decoder with attention, compiled.
 
@@ -207,21 +233,8 @@ cdef class DecoderStep:
         self.lstm, self.num_layers = lstm, len(w_ih)
         self.input_feeding = input_feeding and self.attention != BAHDANAU
         self.feeds_context = self.attention == BAHDANAU or self.input_feeding
-        keep = []
-
-        def f32(a, shape, name):
-            if a is None:
-                raise ValueError(f"DecoderStep: {name} is required for attention {attention!r}")
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            if a.shape != shape:
-                raise ValueError(f"DecoderStep: {name} must have shape {shape}, got {a.shape}")
-            keep.append(a)
-            return a
-
-        def packed(a, shape, name):
-            panels = PackedLinearWeight(f32(a, shape, name), weight_dtype).panels
-            keep.append(panels)
-            return panels
+        keeper = _Kept(attention, weight_dtype)
+        f32, packed = keeper.f32, keeper.packed
 
         cdef const float[:, ::1] m2
         cdef const float[::1] m1
@@ -276,7 +289,7 @@ cdef class DecoderStep:
         self.panel_type, self.weight_dtype = panel_type, weight_dtype
         self.folds_embedding = self.in_table != NULL
         m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
-        self._keep = keep
+        self._keep = keeper.arrays
 
     @property
     def scratch_width(self):
