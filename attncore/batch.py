@@ -481,6 +481,10 @@ class Job:
             architecture = config.get("architecture")
             what = f"{architecture}, {kind}" if kind else str(architecture)
             raise ValueError(f"this model ({what}) cannot {self.needs}")
+        cannot = getattr(model_class, "cannot", None)   # (what the class knows from a config)
+        reason = cannot(self.needs, config) if cannot is not None else None
+        if reason is not None:
+            raise ValueError(reason)
 
     def parse(self, line: int, text: str, frontend: Frontend) -> Item:
         """The :class:`Item` of input line ``line``; InputError when it is malformed."""

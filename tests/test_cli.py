@@ -434,6 +434,14 @@ def test_ran_classify_and_encode_with_ids(tmp_path):
                       "no tokenizer", "--ids")
     assert_user_error(attncore_cli(["classify", "--model", "ran", "--ids"], tmp_path,
                                    stdin="4 20\n"), "line 1: token id 20 outside [0, 20)")
+    # a bidirectional RAN cannot generate: refused up front, not as line 1's error
+    proc = attncore_cli(["generate", "--model", "ran", "--ids"], tmp_path, stdin="4 5\n")
+    line = assert_user_error(proc, "generation needs a causal RAN with token_head='lm'")
+    assert "line 1" not in line
+    config["num_classes"] = 0
+    models.from_config(config, seed=1).save(tmp_path / "no_classes")
+    proc = attncore_cli(["classify", "--model", "no_classes", "--ids"], tmp_path, stdin="4 5\n")
+    assert "line 1" not in assert_user_error(proc, "this RAN has no classifier")
 
 
 def test_max_length_past_the_position_table_is_refused_before_any_line(tmp_path):

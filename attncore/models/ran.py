@@ -524,8 +524,7 @@ class RAN(Model):
     def classify(self, documents, state: Optional[RANState] = None, **window
                  ) -> Tuple[np.ndarray, RANState]:
         """Document logits float32 (B, num_classes) from the pooled GPC, and the new state."""
-        if not self.num_classes:
-            raise ValueError("this RAN has no classifier (num_classes = 0)")
+        self._check_can("classify")
         encoding, state = self.encode(documents, state, **window)
         return K.linear(encoding.pooled, *self.classifier), state
 
@@ -567,9 +566,25 @@ class RAN(Model):
         return generation.generate(self, prompts, bos_id=None, eos_id=self.eos_id, **options)
 
     def _check_lm(self) -> None:
-        if not self.causal or self.token_head_kind != "lm":
-            raise ValueError("generation needs a causal RAN with token_head='lm' (this one has "
-                             f"causal={self.causal}, token_head={self.token_head_kind!r})")
+        self._check_can("generate")
+
+    def _check_can(self, method: str) -> None:
+        reason = self.cannot(method, self.config)
+        if reason is not None:
+            raise ValueError(reason)
+
+    @classmethod
+    def cannot(cls, method: str, config) -> Optional[str]:
+        """Why a RAN of ``config`` cannot run ``method`` (``"generate"``, ``"classify"``), or
+        None: what a batch job checks from the config alone, before any weights load or line
+        runs."""
+        if method == "classify" and not int(config.get("num_classes", 0)):
+            return "this RAN has no classifier (num_classes = 0)"
+        causal, head = bool(config.get("causal", False)), config.get("token_head", "none")
+        if method == "generate" and (not causal or head != "lm"):
+            return ("generation needs a causal RAN with token_head='lm' (this one has "
+                    f"causal={causal}, token_head={head!r})")
+        return None
 
     def _start(self, sources) -> RANDecoderState:
         """Prefill the prompts; the first ``_step(state, None)`` returns their next-token
