@@ -108,6 +108,9 @@ def _stack_attention(steps):
 
 
 def _score(log_prob: float, n: int, length_penalty: float) -> float:
+    # (a Python float whatever log_prob is: greedy's and sampling's scores were np.float64,
+    # beam search's floats)
+    log_prob = float(log_prob)
     return log_prob / float(n) ** length_penalty if length_penalty else log_prob
 
 

@@ -152,6 +152,14 @@ def test_n_best_is_sorted_and_scores_are_penalised_sums_of_log_probs():
                 assert score == pytest.approx(log_prob / n ** penalty, abs=1e-12)
 
 
+
+@pytest.mark.parametrize("options", [{}, {"beam_size": 3}, {"do_sample": True, "seed": 0},
+                                     {"length_penalty": 0.0}])
+def test_scores_and_log_probs_are_python_floats_for_every_search(options):
+    # greedy's and sampling's were np.float64 (repr "np.float64(-1.2)"), beam search's floats
+    for result in _generate(SOURCES, **options):
+        assert all(type(x) is float for x in result.scores + result.log_probs), options
+
 def test_hypotheses_are_distinct():
     for result in _generate(SOURCES, beam_size=6, num_hypotheses=6):
         assert len({tuple(h) for h in result.hypotheses}) == 6
