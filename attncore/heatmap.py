@@ -54,8 +54,17 @@ class AttentionMap:
 
 
 def _label(token: str) -> str:
-    """A token as it is drawn: visible whitespace."""
-    return token.replace(" ", "␣").replace("\t", "⇥").replace("\n", "⏎") or "∅"
+    """A token as it is drawn: visible whitespace, and other unprintable characters (a
+    carriage return, an escape sequence, a direction override) as ``\\x..``/``\\u....``
+    escapes, which a terminal would otherwise obey."""
+    return _printable(token.replace(" ", "␣").replace("\t", "⇥").replace("\n", "⏎")) or "∅"
+
+
+def _printable(text: str) -> str:
+    """``text`` with unprintable characters as their ``repr`` escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _labels(ids: Sequence[int], vocab) -> List[str]:
@@ -155,18 +164,23 @@ def render_text(amap: AttentionMap, *, max_label: int = 8) -> str:
     characters); each row ends with the source token it attends to most and that weight.
     """
     cell = 2
-    cut = [t if len(t) <= max_label else t[:max_label - 1] + "…" for t in amap.source_tokens]
-    row_width = max([len(t) for t in amap.target_tokens] + [6])
+    if isinstance(max_label, bool) or not isinstance(max_label, int) or max_label < 1:
+        raise ValueError(f"max_label must be a positive integer, got {max_label!r}")
+    # (labels made by attention_map are printable already; a hand-made map's may not be)
+    sources = [_printable(t) for t in amap.source_tokens]
+    targets = [_printable(t) for t in amap.target_tokens]
+    cut = [t if len(t) <= max_label else t[:max_label - 1] + "…" for t in sources]
+    row_width = max([len(t) for t in targets] + [6])
     height = max([len(t) for t in cut] + [1])
-    lines = [f"output: {amap.output}", ""]
+    lines = [f"output: {_printable(amap.output)}", ""]
     for k in range(height):
         header = "".join((t[k] if k < len(t) else " ").ljust(cell) for t in cut)
         lines.append(" " * (row_width + 1) + "│" + header.rstrip())
     lines.append(" " * (row_width + 1) + "┼" + "─" * (cell * len(cut)))
-    for label, row in zip(amap.target_tokens, amap.weights):
+    for label, row in zip(targets, amap.weights):
         cells = "".join(_shade(float(w)) * cell for w in row)
         best = int(np.argmax(row)) if row.size else 0
-        focus = f"{amap.source_tokens[best]} {float(row[best]):.2f}" if row.size else ""
+        focus = f"{sources[best]} {float(row[best]):.2f}" if row.size else ""
         lines.append(f"{label:>{row_width}} │{cells}  {focus}")
     legend = "  ".join(f"{char} ≥ {start:.2f}" for start, char in SHADES if char != " ")
     lines += ["", f"rows: generated tokens; columns: source tokens; {legend}"]

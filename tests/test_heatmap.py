@@ -105,3 +105,15 @@ def test_attention_map_names_a_bad_source(source, error, match):
     from attncore import models
     with pytest.raises(error, match=match):
         heatmap.attention_map(models.load(DATES), source)
+
+
+def test_unprintable_token_characters_are_escaped_not_sent_to_the_terminal():
+    # a vocabulary token holding ESC or a direction override reached the terminal raw
+    assert heatmap._label("\x1b[31m") == "\\x1b[31m"
+    assert heatmap._label("\u202eabc") == "\\u202eabc"
+    assert heatmap._label("a b\r") == "a␣b\\r"
+    assert heatmap._label("März") == "März" and heatmap._label("") == "∅"
+    text = heatmap.render_text(heatmap.AttentionMap(["\x1b[2J", "b"], ["c"], np.full((1, 2), 0.5)))
+    assert "\x1b" not in text
+    with pytest.raises(ValueError, match="max_label"):
+        heatmap.render_text(heatmap.AttentionMap(["a"], ["c"], np.ones((1, 1))), max_label=0)
