@@ -2,6 +2,7 @@
 """Shared benchmark helpers: a min-of-repeats timer, thread setup for every engine in the same
 process, and a description of the machine. Benchmarks print tables of ratios measured side by
 side in one run (these machines are noisy); nothing here asserts a time."""
+import argparse
 import os
 import platform
 import time
@@ -38,8 +39,21 @@ def best_times_interleaved(fns, rounds=3, repeats=3, min_time=0.0):
     return best
 
 
-def set_threads(n):
-    """Give every engine in the process ``n`` threads (attncore, NumPy's BLAS, torch)."""
+def thread_count(text):
+    """argparse type of ``--threads``: an int in attncore's range, [1, 1024] (0 or 2000 ended
+    in set_num_threads' traceback after the header had printed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a thread count, got {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"thread counts lie in [1, 1024], got {value}")
+    return value
+
+
+def set_threads(n, with_torch=True):
+    """Give every engine in the process ``n`` threads (attncore, NumPy's BLAS, and torch unless
+    ``with_torch`` is False: ``--no-torch`` runs do not import it)."""
     import attncore
     from threadpoolctl import ThreadpoolController
     attncore.set_num_threads(n)
@@ -50,11 +64,9 @@ def set_threads(n):
     numpy_blas.lib_controllers = [lib for lib in numpy_blas.lib_controllers
                                   if "scipy.libs" not in lib.filepath]
     limits = numpy_blas.limit(limits=n)
-    try:
-        import torch
+    torch = try_import_torch() if with_torch else None
+    if torch is not None:
         torch.set_num_threads(n)
-    except ImportError:
-        pass
     return limits
 
 
@@ -66,7 +78,7 @@ def try_import_torch():
         return None
 
 
-def machine_description():
+def machine_description(with_torch=True):
     import attncore
     cpu = platform.processor() or ""
     try:
@@ -78,10 +90,11 @@ def machine_description():
     except OSError:
         pass
     info = attncore.info()
-    torch = try_import_torch()
+    torch = try_import_torch() if with_torch else None
+    torch_text = torch.__version__ if torch else ("absent" if with_torch else "not used")
     return (f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"numpy {np.__version__}, attncore {info['version']} (OpenMP {info['openmp']}, "
-            f"SIMD {info['simd']}), torch {torch.__version__ if torch else 'absent'}")
+            f"SIMD {info['simd']}), torch {torch_text}")
 
 
 def sgemm_gflops(n=1024, repeats=3):

@@ -33,11 +33,13 @@ SHAPES = [(8, 8, 512, 64), (1, 12, 2048, 64), (1, 8, 8192, 64)]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=H.thread_count, default=1)
     parser.add_argument("--kernel", choices=["default", "blas"], default="default",
                         help="blas: run float32 flash on BLAS even where the tile kernel runs")
     args = parser.parse_args()
-    import torch
+    torch = H.try_import_torch()
+    if torch is None:   # (its reference column and timings are torch's flash kernel)
+        parser.error("needs torch (pip install torch==2.13.0)")
     H.set_threads(args.threads)
     if args.kernel == "blas":
         front.USE_TILE_PRODUCTS = False

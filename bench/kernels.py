@@ -260,18 +260,19 @@ SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    parser.add_argument("--threads", type=H.thread_count, nargs="+", default=[1, 2])
+    parser.add_argument("--no-torch", action="store_true",
+                        help="leave torch out (not even imported)")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run these sections only (the peak-memory check runs with attention)")
     args = parser.parse_args(argv)
     torch = None if args.no_torch else H.try_import_torch()
     print(f"# {' '.join(['python', 'bench/kernels.py'] + (argv if argv is not None else sys.argv[1:]))}")
-    print(f"# machine: {H.machine_description()}")
+    print(f"# machine: {H.machine_description(with_torch=not args.no_torch)}")
     rows = []
     gemm = {}
     for threads in args.threads:
-        with H.set_threads(threads):
+        with H.set_threads(threads, with_torch=not args.no_torch):
             gemm[threads] = H.sgemm_gflops(512 if args.quick else 2048)
             if "attention" in args.only:
                 run_attention(QUICK_PREFILL if args.quick else PREFILL, threads, torch, rows,

@@ -41,10 +41,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import (best_time, best_times_interleaved, machine_description,  # noqa: E402
-                      set_threads, try_import_torch)
+                      set_threads, thread_count, try_import_torch)
 
 import attncore  # noqa: E402
 from attncore import io  # noqa: E402
+from attncore.models.base import MAX_BEAM_SIZE  # noqa: E402
 
 SRC_LEN = TGT_LEN = 24
 # the weight dtypes attncore runs besides float32: (row key, weight_dtype)
@@ -52,9 +53,16 @@ VARIANTS = (("bf16", "bfloat16"), ("int8", "int8"))
 
 
 def _agreement(a, b):
-    """Share of equal tokens between two lists of token lists (position by position)."""
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
-    return float(np.mean([x == y for x, y in pairs])) if pairs else float("nan")
+    """Share of equal tokens between two lists of token lists, position by position over the
+    longer of each pair of rows: a token one side lacks (a shorter or missing row) counts as a
+    disagreement (zip dropped them, and a truncated output agreed 1.00)."""
+    if len(a) < len(b):
+        a = list(a) + [[]] * (len(b) - len(a))
+    if len(b) < len(a):
+        b = list(b) + [[]] * (len(a) - len(b))
+    total = sum(max(len(ra), len(rb)) for ra, rb in zip(a, b))
+    equal = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return equal / total if total else float("nan")
 
 
 # ------------------------------------------------------------------------------ Transformer
@@ -168,7 +176,7 @@ def bench_transformer(threads_list, batches, torch, quick, rows, beam=1):
     rng = np.random.default_rng(0)
     sources_of = {B: rng.integers(4, V, size=(B, SRC_LEN)) for B in batches}
     for threads in threads_list:
-        set_threads(threads)
+        set_threads(threads, with_torch=torch is not None)
         for B in batches:
             src = sources_of[B]
             sources = [list(r) + [2] for r in src]          # every engine reads the same EOS
@@ -314,7 +322,7 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
     rng = np.random.default_rng(0)
     sources_of = {B: rng.integers(4, V, size=(B, SRC_LEN)) for B in batches}
     for threads in threads_list:
-        set_threads(threads)
+        set_threads(threads, with_torch=torch is not None)
         for B in batches:
             src = sources_of[B]
             tsrc = torch.from_numpy(src)
@@ -348,6 +356,13 @@ def bench_seq2seq(threads_list, batches, torch, quick, rows):
 
 
 # ------------------------------------------------------------------------------------- RAN
+
+def _timed(fn):
+    """Seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
 
 def _traced(fn):
     """(seconds, peak bytes traced by tracemalloc -- NumPy reports its buffers -- , result)."""
@@ -385,19 +400,21 @@ def bench_ran(threads_list, lengths, quick, rows):
     transformer_limit = 2048 if quick else 8192
     rng = np.random.default_rng(0)
     for threads in threads_list:
-        set_threads(threads)
+        set_threads(threads, with_torch=False)
         for T in lengths:
             doc = rng.integers(4, V, size=T)
-            ran.encode([doc[:min(T, 4 * window)]])       # warm up
-            sec, peak, _ = _traced(lambda: ran.encode([doc]))
-            row = {"threads": threads, "T": T, "ran_tps": T / sec, "ran_mib": peak / 2 ** 20}
-            ran_int8.encode([doc[:min(T, 4 * window)]])
-            start = time.perf_counter()
-            ran_int8.encode([doc])
-            row["ran_int8_tps"] = T / (time.perf_counter() - start)
+            # every speed untraced, after a warm-up; the peaks from a traced run apart
+            # (tracemalloc slowed the float32 RAN and the Transformer 2-10% at full size, 3x
+            # at --quick, while the int8 RAN ran untraced)
+            row = {"threads": threads, "T": T}
+            for key, model in (("ran", ran), ("ran_int8", ran_int8)):
+                model.encode([doc[:min(T, 4 * window)]])       # warm up
+                row[f"{key}_tps"] = T / _timed(lambda: model.encode([doc]))
+            row["ran_mib"] = _traced(lambda: ran.encode([doc]))[1] / 2 ** 20
             if T <= transformer_limit:
-                sec_t, peak_t, _ = _traced(lambda: encoder.encode([doc]))
-                row.update(tf_tps=T / sec_t, tf_mib=peak_t / 2 ** 20)
+                encoder.encode([doc[:min(T, 4 * window)]])
+                row["tf_tps"] = T / _timed(lambda: encoder.encode([doc]))
+                row["tf_mib"] = _traced(lambda: encoder.encode([doc]))[1] / 2 ** 20
             rows.append(row)
             tf = (f"{row['tf_tps']:9.0f} | {row['tf_mib']:8.1f}" if "tf_tps" in row
                   else "        - |        -")
@@ -407,17 +424,19 @@ def bench_ran(threads_list, lengths, quick, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2])
     parser.add_argument("--only", nargs="+", choices=["transformer", "seq2seq", "ran"],
                         default=["transformer", "seq2seq", "ran"])
     parser.add_argument("--quick", action="store_true", help="small models, for a smoke run")
-    parser.add_argument("--no-torch", action="store_true", help="leave torch out")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="leave torch out (not even imported; the Transformer and seq2seq "
+                             "sections need it for their weights and are skipped)")
     parser.add_argument("--beam", type=int, default=1,
                         help="transformer: beam search of this size, attncore and CTranslate2 "
                              "(the torch model decodes greedily only: no torch column)")
     args = parser.parse_args(argv)
-    if args.beam < 1:
-        parser.error("--beam must be >= 1")
+    if not 1 <= args.beam <= MAX_BEAM_SIZE:   # (2000 failed after every model was built)
+        parser.error(f"--beam must lie in [1, {MAX_BEAM_SIZE}], got {args.beam}")
     if len(args.only) > 1:
         common = (["--threads", *map(str, args.threads)] + ["--quick"] * args.quick
                   + ["--no-torch"] * args.no_torch + ["--beam", str(args.beam)])
@@ -428,7 +447,7 @@ def main(argv=None):
                 raise SystemExit(status)
         return []
     torch = None if args.no_torch else try_import_torch()
-    print(f"machine: {machine_description()}")
+    print(f"machine: {machine_description(with_torch=not args.no_torch)}")
     print(f"command: python bench/models.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     rows = []
     if "transformer" in args.only:

@@ -574,6 +574,37 @@ def test_bench_with_an_unknown_option_fails_with_the_scripts_usage(tmp_path):
     assert proc.returncode != 0 and "--no-such-option" in proc.stderr
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["kernels", "--threads", "0"], "thread counts lie in [1, 1024], got 0"),
+    (["models", "--threads", "1", "2000"], "thread counts lie in [1, 1024], got 2000"),
+    (["models", "--beam", "2000"], "--beam must lie in [1, 1024], got 2000"),
+])
+def test_bench_option_values_are_usage_errors_not_tracebacks(tmp_path, args, fragment):
+    # --threads 0 ended in set_num_threads' traceback after the header had printed, and
+    # --beam 2000 after every model was built
+    proc = attncore_cli(["bench", *args], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in proc.stderr
+
+
+def test_bench_token_agreement_counts_missing_tokens_as_disagreement():
+    # zip dropped a side's extra tokens and rows: a truncated output agreed 1.00
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "models.py")
+    if not os.path.exists(path):
+        pytest.skip("needs a source checkout (bench/)")
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_models", path)
+        models = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(models)
+    finally:
+        sys.path.pop(0)
+    assert models._agreement([[5, 6, 7]], [[5, 6, 7]]) == 1.0
+    assert models._agreement([[5]], [[5, 6, 7]]) == pytest.approx(1 / 3)
+    assert models._agreement([[1, 2], [3]], [[1, 2]]) == pytest.approx(2 / 3)
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_interactive_translate_answers_each_line_as_it_is_typed(tmp_path):
     # stdin a terminal: the answer to a line comes before the next line is typed (no batching
