@@ -668,3 +668,18 @@ def test_a_discarded_model_is_freed_without_the_cyclic_collector(weight_dtype):
         assert weight() is None
     finally:
         gc.enable()
+
+
+def test_a_min_length_above_the_default_limit_leaves_a_step_for_eos(dates):
+    # the floor became the limit itself: every such output was cut at exactly min_length
+    # tokens, never finished
+    source = dates.tokenizer.encode_source("3 March 1998")
+    floor = dates.default_max_length(len(source)) + 4
+    got = dates.generate_default_lengths([source], min_length=floor)[0]
+    expected = dates.generate([source], max_length=floor + 1, min_length=floor)[0]
+    assert got.hypotheses == expected.hypotheses and got.log_probs == expected.log_probs
+    assert floor <= len(got.tokens) <= floor + 1
+    # under the default limit nothing changes
+    below = dates.generate_default_lengths([source], min_length=3)[0]
+    limit = dates.default_max_length(len(source))
+    assert below.hypotheses == dates.generate([source], min_length=3, max_length=limit)[0].hypotheses

@@ -183,7 +183,8 @@ def _default_limit(source_length: int) -> int:
 def generate_with_default_lengths(model, sources, *, name: str = "sources",
                                   **options) -> List[GenerationResult]:
     """``model.generate`` with each source's own limit, ``model.default_max_length(length)``
-    (``2 * length + 10`` for a model without one), at least ``min_length``. Sources with the
+    (``2 * length + 10`` for a model without one), or ``min_length + 1`` where that is more
+    (room for EOS after the floor; at most ``model.longest_generation(length)``). Sources with the
     same limit run as one batch, so a source's result does not depend on which others came
     with it (one limit for the whole batch, from its longest source, made a line's output
     depend on its batch). With sampling, an int ``seed`` gives source i (its index here) the
@@ -212,7 +213,15 @@ def generate_with_default_lengths(model, sources, *, name: str = "sources",
         if cap is not None and 1 <= cap < floor:   # (cap < 1: a prompt too long, generate's)
             raise ValueError(f"min_length is {floor}, more tokens than {name}[{i}] can have "
                              f"(at most {cap} for its length: the position table)")
-    limits = [max(floor, default(length)) for length in lengths]
+    limits = []
+    for length in lengths:
+        limit = default(length)
+        if floor >= limit:
+            # one step more than the floor, for EOS (a limit of exactly min_length cut every
+            # such output there, unfinished), within the room the model has
+            room = longest(length) if longest is not None else MAX_GENERATION_LENGTH
+            limit = max(1, min(floor + 1, room))
+        limits.append(limit)
     results: List[Optional[GenerationResult]] = [None] * len(sources)
     seeds = None
     if options.get("seed") is not None:   # each source's seed, by its index here
