@@ -174,3 +174,19 @@ def test_classification_accuracy_counts_a_confusion_matrix():
     assert result["majority_baseline"] == pytest.approx(2 / 5)
     assert result["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert result["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_a_decoder_only_models_greedy_decodes_as_the_engine(tmp_path):
+    # The trainer's greedy decoder gave a decoder-only model its padded source batch plus
+    # <bos> as the prefix (exact match 0.0 where the engine got 0.83 after 300 steps); now each
+    # unpadded "source <eos>" is the prompt, as training and the engine's generate read it.
+    from attncore.train.evaluate import engine_decode_texts
+    model, _ = train("copy", "transformer-lm", tmp_path, steps=40, batch_size=32, lr=3e-3,
+                     schedule="constant", warmup_steps=0, progress=False, task_options=TOY,
+                     d_model=16, num_heads=2, dim_feedforward=32, num_decoder_layers=1,
+                     dtype="float32")
+    task = get_task("copy", seed=0, **TOY)
+    _, count, details = exact_match(model, task, "test", return_details=True)   # (ragged)
+    _, _, engine = exact_match(model, task, "test", return_details=True, decode=lambda s, n:
+                               engine_decode_texts(tmp_path, task, s, beam_size=1, max_len=n))
+    assert count == len(task.examples("test")) and details == engine

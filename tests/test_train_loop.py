@@ -460,3 +460,37 @@ def test_cli_classify_prints_the_label_names_of_a_trained_ran(tmp_path):
                           env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert all(line in ("no", "yes") for line in proc.stdout.split()) and len(proc.stdout.split()) == 2
+
+
+def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_path, monkeypatch,
+                                                                       capsys):
+    # its divergence limit came from the number of labels (100 ln 2) not the vocabulary, and
+    # the evaluate CLI sent it to class accuracy, which needs a classifier
+    from attncore.data.task import ClassificationTask
+    from attncore.train import evaluate, loop
+
+    class Reviews(ClassificationTask):
+        name = "reviews"
+
+        def __init__(self):
+            super().__init__()
+            self.vocab = Vocab(list("abcdefgh"), level="char")
+            self.labels = ["neg", "pos"]
+
+        def _make_examples(self, split):
+            rng = np.random.default_rng(len(split))
+            return [("".join(rng.choice(list("abcdefgh"), 12)), ["neg", "pos"][i % 2])
+                    for i in range(32)]
+
+    limits = []
+    real_fit = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: limits.append(k["loss_limit"]) or real_fit(*a, **k))
+    model, _ = train(Reviews(), "ran-lm", tmp_path, steps=2, batch_size=8, progress=False,
+                     warmup_steps=0, **SMALL_RAN)
+    assert limits == [pytest.approx(100 * np.log(len(Reviews().vocab)))]
+    import attncore.data
+    monkeypatch.setattr(attncore.data, "get_task", lambda name, seed=0, **options: Reviews())
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(tmp_path), "--task", "reviews"])
+    assert exit_info.value.code == 2
+    assert "has no classifier" in capsys.readouterr().err

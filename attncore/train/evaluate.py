@@ -216,6 +216,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_model(args.model_dir)
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
     if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
+        if not getattr(model.config, "num_classes", 0):   # (a ran-lm trained on the documents)
+            parser.error(f"{args.model_dir} has no classifier (num_classes = 0): class accuracy "
+                         f"on {args.task!r} needs a classifier model")
         result = classification_accuracy(model, task, args.split, batch_size=min(args.batch_size, 16))
         if args.json:
             print(json.dumps({**head, **result}))

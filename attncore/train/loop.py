@@ -503,7 +503,9 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
         loss_fn = seq2seq_loss(label_smoothing, model.config.pad_id)
 
     # uniform predictions over `classes` outcomes a token cost log(classes) nats
-    classes = len(task.labels) if classification else len(tgt_vocab or src_vocab)
+    # (a ran-lm predicts tokens whatever the task: its outcomes are the vocabulary)
+    classes = (len(task.labels) if classification and arch != "ran-lm"
+               else len(tgt_vocab or src_vocab))
     stream = BatchStream(lambda epoch: task.batches("train", batch_size, shuffle=True, seed=seed * 100003 + epoch))
     optimizer = Adam(model.named_parameters(), lr=lr, weight_decay=weight_decay, decoupled=weight_decay > 0)
     lr_schedule = make_schedule(schedule, lr, warmup_steps, steps, min_lr)

@@ -449,8 +449,27 @@ class Transformer(Module):
         return logits[:, -1, :], dataclasses.replace(state, tokens=tokens), weights
 
     def greedy_decode(self, src: np.ndarray, src_lengths: np.ndarray, max_len: int) -> np.ndarray:
-        """Greedy decoding from ``bos_id`` (encoder_decoder); see :func:`attncore.train.decoding.greedy_decode`."""
-        return greedy_decode(self, src, src_lengths, max_len)
+        """Greedy decoding of at most ``max_len`` tokens; see
+        :func:`attncore.train.decoding.greedy_decode` for the result.
+
+        encoder_decoder: from ``bos_id`` after the encoded source. decoder_only: each row's
+        unpadded source (``source <eos>``, as :func:`attncore.train.loop.prefix_lm_batch`
+        trains it) is the prompt, and the first token is predicted from it, as the engine's
+        ``generate`` does (the padded batch plus ``bos_id`` as a prefix decoded other text).
+        """
+        if self.config.kind != "decoder_only":
+            return greedy_decode(self, src, src_lengths, max_len)
+        src = np.asarray(src)
+        lengths = (np.full(len(src), src.shape[1]) if src_lengths is None
+                   else np.asarray(src_lengths))
+        out = np.full((len(src), max_len), self.config.pad_id, dtype=np.int64)
+        used = 0
+        for length in np.unique(lengths):   # (prompts of one length decode as one batch)
+            rows = np.flatnonzero(lengths == length)
+            new = self.generate(src[rows, :length], max_len)
+            out[rows, :new.shape[1]] = new
+            used = max(used, new.shape[1])
+        return out[:, :used]
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """decoder_only greedy continuation of an unpadded prompt (B, P) (must start with ``bos_id``).
