@@ -46,7 +46,9 @@ static inline int ac_thread_id(void) {
  * cores, a barrier may wait a whole time slice for a descheduled thread. Chosen from the shapes
  * only; the work split of every kernel is fixed by its shapes, so results never depend on it. */
 #define AC_PARALLEL_MIN_WORK ((ac_index)1 << 16)
-#define AC_THREADS(work, n) ((ac_index)(work) >= AC_PARALLEL_MIN_WORK ? (n) : 1)
+/* (a count below 1 from a direct call of a private module runs one thread: libgomp read a
+ * negative one as a huge unsigned team and aborted the process) */
+#define AC_THREADS(work, n) ((ac_index)(work) >= AC_PARALLEL_MIN_WORK && (n) > 1 ? (n) : 1)
 
 #define AC_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define AC_MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -39,10 +39,22 @@ def additive(const floating[:, :, ::1] q_proj, const floating[:, :, ::1] k_proj,
         if key_factors.shape[0] and key_factors.shape[1] and key_factors.shape[2]:
             factors = &key_factors[0, 0, 0]
             in_limit = &key_in_limit[0, 0]
-    cdef floating *w_ptr = &weights[0, 0, 0] if weights is not None else NULL
     cdef Py_ssize_t B = q_proj.shape[0], Lq = q_proj.shape[1], Hd = q_proj.shape[2]
     cdef Py_ssize_t Lk = k_proj.shape[1], Dv = values.shape[2]
     cdef int status
+    # the shapes the kernel indexes by, again: a direct call past the front wrote past the
+    # scores scratch with kv_lengths > Lk
+    if (k_proj.shape[0] != B or k_proj.shape[2] != Hd or w_v.shape[0] != Hd
+            or values.shape[0] != B or values.shape[1] != Lk or out is None
+            or out.shape[0] != B or out.shape[1] != Lq or out.shape[2] != Dv
+            or (weights is not None and (weights.shape[0] != B or weights.shape[1] != Lq
+                                         or weights.shape[2] != Lk))):
+        raise ValueError("additive: inconsistent shapes")
+    if kv_lengths is not None:
+        lengths = [kv_lengths[i] for i in range(kv_lengths.shape[0])]
+        if len(lengths) != B or (B and not 0 <= min(lengths) <= max(lengths) <= Lk):
+            raise ValueError("additive: kv_lengths must be (B,) in [0, Lk]")
+    cdef floating *w_ptr = &weights[0, 0, 0] if weights is not None else NULL
     with nogil:
         if floating is float:
             status = ac_additive_f32(&q_proj[0, 0, 0], &k_proj[0, 0, 0], factors, in_limit,
@@ -60,10 +72,14 @@ def nadaraya_watson(const floating[:, ::1] queries, const floating[:, ::1] keys,
                     const floating[:, ::1] values, floating[:, ::1] out,
                     floating[:, ::1] weights, double bandwidth, int num_threads):
     """out (Nq, Dv) = Gaussian-kernel weighted average of values (Nk, Dv)."""
-    cdef floating *w_ptr = &weights[0, 0] if weights is not None else NULL
     cdef Py_ssize_t Nq = queries.shape[0], D = queries.shape[1]
     cdef Py_ssize_t Nk = keys.shape[0], Dv = values.shape[1]
     cdef int status
+    if (keys.shape[1] != D or values.shape[0] != Nk or out is None or out.shape[0] != Nq
+            or out.shape[1] != Dv or (weights is not None and (weights.shape[0] != Nq
+                                                                or weights.shape[1] != Nk))):
+        raise ValueError("nadaraya_watson: inconsistent shapes")
+    cdef floating *w_ptr = &weights[0, 0] if weights is not None else NULL
     with nogil:
         if floating is float:
             status = ac_nadaraya_watson_f32(&queries[0, 0], &keys[0, 0], &values[0, 0],

@@ -70,7 +70,7 @@ def tile_matmul_used(Py_ssize_t K):
 
 
 cdef inline int threads_for(Py_ssize_t macs, int num_threads) noexcept nogil:
-    return num_threads if macs >= PARALLEL_MIN_MACS else 1
+    return num_threads if macs >= PARALLEL_MIN_MACS and num_threads > 1 else 1
 
 
 cdef inline void gemm_rowmajor(bint trans_b, int m, int n, int k, floating alpha,

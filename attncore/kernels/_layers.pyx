@@ -21,14 +21,33 @@ cdef extern from "layers.h" nogil:
                           Py_ssize_t D, int num_threads)
 
 
+cdef bint _in_range(const int64_t[::1] values, int64_t low, int64_t high) noexcept nogil:
+    """Every value in [low, high)."""
+    cdef Py_ssize_t i
+    for i in range(values.shape[0]):
+        if values[i] < low or values[i] >= high:
+            return False
+    return True
+
+
+# The shapes each kernel indexes by are checked again here (the fronts check them for users):
+# a direct call of this private module with a short out, gamma or positions, or an id past the
+# table, read or wrote past the arrays.
+
 def layer_norm(const floating[:, ::1] x, floating[:, ::1] out, const floating[::1] gamma,
                const floating[::1] beta, double eps, int mode, int num_threads):
     """Row-wise normalisation of x (rows, D); mode 0 standard, 1 uncentred (RAN), 2 RMS."""
-    cdef const floating *g = &gamma[0] if gamma is not None else NULL
-    cdef const floating *b = &beta[0] if beta is not None else NULL
     cdef Py_ssize_t rows = x.shape[0], D = x.shape[1]
+    if (out is None or out.shape[0] != rows or out.shape[1] != D
+            or (gamma is not None and gamma.shape[0] != D)
+            or (beta is not None and beta.shape[0] != D)):
+        raise ValueError("layer_norm: out must be x's shape, gamma and beta (D,)")
+    if not 0 <= mode <= 2:
+        raise ValueError("layer_norm: mode must be 0, 1 or 2")
     if rows == 0 or D == 0:
         return
+    cdef const floating *g = &gamma[0] if gamma is not None else NULL
+    cdef const floating *b = &beta[0] if beta is not None else NULL
     with nogil:
         if floating is float:
             ac_layer_norm_f32(&x[0, 0], &out[0, 0], g, b, rows, D, <float>eps, mode, num_threads)
@@ -39,6 +58,8 @@ def layer_norm(const floating[:, ::1] x, floating[:, ::1] out, const floating[::
 def activation(const floating[::1] x, floating[::1] out, int kind, int num_threads):
     """Element-wise activation of a flat array (kinds: see layers.h)."""
     cdef Py_ssize_t n = x.shape[0]
+    if out is None or out.shape[0] != n:
+        raise ValueError("activation: out must be x's shape")
     if n == 0:
         return
     with nogil:
@@ -51,6 +72,8 @@ def activation(const floating[::1] x, floating[::1] out, int kind, int num_threa
 def rotary(floating[:, :, ::1] x, const int64_t[::1] positions, double base, int num_threads):
     """Interleaved rotary embedding, in place over x (N, L, D) with positions (L,)."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], D = x.shape[2]
+    if positions is None or positions.shape[0] != L:
+        raise ValueError("rotary: positions must be (L,)")
     if N == 0 or L == 0 or D == 0:
         return
     with nogil:
@@ -64,6 +87,10 @@ def embedding(const floating[:, ::1] table, const int64_t[::1] ids, floating[:, 
               int num_threads):
     """out (rows, D) = table[ids]."""
     cdef Py_ssize_t rows = ids.shape[0], D = table.shape[1]
+    if out is None or out.shape[0] != rows or out.shape[1] != D:
+        raise ValueError("embedding: out must be (len(ids), D)")
+    if not _in_range(ids, 0, table.shape[0]):
+        raise ValueError("embedding: ids must lie in [0, rows of table)")
     if rows == 0 or D == 0:
         return
     with nogil:

@@ -33,14 +33,31 @@ cdef inline tuple panels_shape(Py_ssize_t n_out, Py_ssize_t n_in, object panels)
 cdef inline bint panels_fit(object panels, Py_ssize_t n_out, Py_ssize_t n_in) except -1:
     """Whether ``panels`` hold an (n_out, n_in) weight: their shape, and for int8 panels (whose
     in features are padded to 64) the in features stored in them."""
+    cdef const float[:, :, ::1] f32
+    cdef const uint16_t[:, :, ::1] bf16
     cdef const int8_t[:, :, ::1] i8
     cdef int32_t stored
-    if n_out < 0 or n_in < 0 or panels.shape != panels_shape(n_out, n_in, panels):
+    cdef tuple held
+    if n_out < 0 or n_in < 0:
+        return False
+    # the buffer's own shape, as panels_data will read it (an array subclass's .shape could
+    # claim more than the buffer holds)
+    if panels.dtype.char == "b":
+        i8 = panels
+        held = (i8.shape[0], i8.shape[1], i8.shape[2])
+    elif panels.dtype.char == "H":
+        bf16 = panels
+        held = (bf16.shape[0], bf16.shape[1], bf16.shape[2])
+    else:
+        f32 = panels
+        held = (f32.shape[0], f32.shape[1], f32.shape[2])
+    if held != panels_shape(n_out, n_in, panels):
         return False
     if panels.dtype.char == "b":
         if n_in > AC_I8_MAX_K:
             return False
-        i8 = panels
+        if i8.shape[0] == 0:   # (no output feature: nothing stored, nothing read)
+            return True
         memcpy(&stored, &i8[0, i8.shape[1] - 1, 0], 4)
         return stored == n_in
     return True

@@ -84,7 +84,7 @@ cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, const float *gh, flo
     vector lanes, sigmoid and tanh on registers (libm calls per element cost more than the
     GEMMs; separate passes over the gate blocks cost ~5% of a batch-64 seq2seq call)."""
     cdef Py_ssize_t b, G = 4 if lstm else 3
-    for b in prange(B, schedule="static", num_threads=num_threads if B * H >= 8192 else 1):
+    for b in prange(B, schedule="static", num_threads=num_threads if B * H >= 8192 and num_threads > 1 else 1):
         if lstm:
             ac_lstm_cell_f32(gx + b * ldx, gh + b * G * H, h + b * H, c + b * H, H)
         else:
@@ -148,6 +148,15 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
                     memcpy(&out[b, t, 0], &h[b, 0], H * sizeof(float))
 
 
+def _check_tokens(const int64_t[::1] tokens, Py_ssize_t vocab, str name):
+    """Token ids in [0, vocab): they index the embedding (a direct call of this private
+    module with an id past it read other memory)."""
+    cdef Py_ssize_t b
+    for b in range(tokens.shape[0]):
+        if not 0 <= tokens[b] < vocab:
+            raise ValueError(f"DecoderStep: {name}[{b}] = {tokens[b]} is outside [0, {vocab})")
+
+
 class _Kept:
     """The arrays a DecoderStep points into, checked and kept alive. A class, not closures
     over a list inside ``__init__``: those formed a reference cycle (a closure calling another
@@ -188,6 +197,7 @@ cdef class DecoderStep:
     cdef readonly str weight_dtype  # how the matrices are held: "float32", "bfloat16", "int8"
     cdef int panel_type
     cdef object _keep               # the weight arrays, alive as long as the pointers below
+    cdef bint _built                # __init__ ran to the end (once: the pointers stay valid)
     # matrices are held as the panels of a PackedLinearWeight (shapes below are the weights')
     cdef const float *emb
     # embedding folded into layer 0's input product (``fold_embedding``): in_table (V_tgt, G*H)
@@ -225,6 +235,8 @@ cdef class DecoderStep:
         bytes."""
         import numpy as np
         from .basic import PackedLinearWeight, linear
+        if self._built:   # (a second __init__ repointed into arrays it might then free)
+            raise RuntimeError("DecoderStep: already built; make a new one")
         if attention not in ATTENTION_CODES:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_CODES)}, got {attention!r}")
         if not 1 <= len(w_ih) <= 64 or not len(w_ih) == len(w_hh) == len(b_ih) == len(b_hh):
@@ -289,7 +301,11 @@ cdef class DecoderStep:
         self.panel_type, self.weight_dtype = panel_type, weight_dtype
         self.folds_embedding = self.in_table != NULL
         m1 = f32(out_bias, (V,), "out_bias"); self.out_b = &m1[0]
+        if np.shape(embedding)[0] != V:   # (greedy feeds its argmax tokens, < V, back in)
+            raise ValueError(f"DecoderStep: embedding must have {V} rows (the output "
+                             f"vocabulary), got {np.shape(embedding)[0]}")
         self._keep = keeper.arrays
+        self._built = True
 
     @property
     def scratch_width(self):
@@ -320,6 +336,7 @@ cdef class DecoderStep:
                 weights.shape[0] != B or weights.shape[1] != S or \
                 scratch.shape[0] != B * self.scratch_width:
             raise ValueError("DecoderStep.step: inconsistent shapes")
+        _check_tokens(tokens, self.vocab, "tokens")
         if B == 0:
             return
         cdef int status
@@ -369,8 +386,10 @@ cdef class DecoderStep:
                                             attention.shape[1] < max_length or
                                             attention.shape[2] != S)):
             raise ValueError("DecoderStep.greedy: inconsistent shapes")
+        _check_tokens(first_tokens, V, "first_tokens")
         if B == 0:
             return
+        counts[:] = 0   # (out_tokens[row, counts[row]] is written: counts start at 0 here)
         import numpy as np
         cdef int64_t[::1] tokens = np.array(first_tokens, dtype=np.int64)
         cdef int64_t[::1] source = np.arange(B, dtype=np.int64)    # source row of each live row
@@ -432,9 +451,17 @@ cdef class DecoderStep:
                           const float[:, :, ::1] keys, const float[:, :, ::1] key_factors,
                           const uint8_t[:, ::1] key_in_limit,
                           const int64_t[::1] lengths) except -1:
-        """The shape checks of the state arrays that :meth:`step` and :meth:`greedy` read."""
+        """The checks of the state arrays that :meth:`step` and :meth:`greedy` read: shapes,
+        and lengths in [0, S] (past S the attention read and wrote past its arrays)."""
         cdef Py_ssize_t L = self.num_layers, H = self.hidden, A = self.attention_dim
-        cdef Py_ssize_t S = memory.shape[1]
+        cdef Py_ssize_t S = memory.shape[1], b
+        if not self._built:
+            raise ValueError("DecoderStep: not built (__init__ did not complete)")
+        if lengths.shape[0] == B:
+            for b in range(B):
+                if not 0 <= lengths[b] <= S:
+                    raise ValueError(f"DecoderStep: lengths[{b}] = {lengths[b]} is outside "
+                                     f"[0, {S}]")
         if h.shape[0] != L or h.shape[1] != B or h.shape[2] != H or memory.shape[0] != B or \
                 memory.shape[2] != H or lengths.shape[0] != B or feed.shape[0] != B or \
                 feed.shape[1] != H or \

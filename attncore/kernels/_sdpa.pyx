@@ -12,11 +12,16 @@ cdef _check(int status):
         raise MemoryError("attncore.attention: could not allocate kernel scratch memory")
 
 
-def _check_args(q, k, v, out, kv_lengths):
-    """q, out (B, H, Lq, D) (out may be None where the kernel can skip it); k, v
-    (B, Hkv, Lk, D) with H % Hkv == 0; kv_lengths None or (B,) in [0, Lk]: the shapes the
+def _check_args(q, k, v, out, kv_lengths, out_needed=True):
+    """q, out (B, H, Lq, D) (out None only where the kernel skips it: ``out_needed=False``);
+    k, v (B, Hkv, Lk, D) with H % Hkv == 0, no dimension 0 (attention() answers those without
+    a kernel; here Lq = 0 divided by zero); kv_lengths None or (B,) in [0, Lk]: the shapes the
     kernels index by."""
     B, H, Lq, D = q.shape[:4]
+    if out is None and out_needed:
+        raise ValueError("out is required")
+    if 0 in tuple(q.shape[:4]) or 0 in tuple(k.shape[:4]):
+        raise ValueError("q and k must have no dimension of size 0")
     if tuple(k.shape[:4]) != tuple(v.shape[:4]) or k.shape[0] != B or k.shape[3] != D:
         raise ValueError("k and v must be (B, Hkv, Lk, D) with q's B and D")
     if k.shape[1] <= 0 or H % k.shape[1]:
@@ -108,6 +113,8 @@ def split_kv(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
     _check_args(q, k, v, out, kv_lengths)
+    if chunk <= 0:
+        raise ValueError("chunk must be > 0")
     with nogil:
         if floating is float:
             status = ac_sdpa_splitkv_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
@@ -129,7 +136,7 @@ def weights_only(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
-    _check_args(q, k, k, None, kv_lengths)
+    _check_args(q, k, k, None, kv_lengths, out_needed=False)
     if (weights.shape[0] != B or weights.shape[1] != H or weights.shape[2] != Lq
             or weights.shape[3] != Lk):
         raise ValueError("weights must be (B, H, Lq, Lk)")

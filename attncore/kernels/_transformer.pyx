@@ -172,9 +172,11 @@ cdef class DecoderStep:
     cdef Linear output
     cdef Layer *layers
     cdef object _keep               # every array the pointers above point into
+    cdef bint _built                # __init__ ran to the end (once: the pointers stay valid)
 
     def __cinit__(self):
         self.layers = NULL
+        self._built = False
 
     def __dealloc__(self):
         free(self.layers)
@@ -183,6 +185,8 @@ cdef class DecoderStep:
                  bint norm_first, bint gelu, double eps, embed_scale, double attention_scale,
                  Py_ssize_t decode_chunk, Py_ssize_t small_gemm_macs, embedding, positions,
                  final_norm, output, output_bias, list layers):
+        if self._built:   # (a second __init__ repointed into arrays it might then free)
+            raise RuntimeError("DecoderStep: already built; make a new one")
         if d_model <= 0 or num_heads <= 0 or d_model % num_heads or dim_feedforward <= 0:
             raise ValueError(f"DecoderStep: d_model ({d_model}) must be a positive multiple of "
                              f"num_heads ({num_heads}), dim_feedforward ({dim_feedforward}) > 0")
@@ -217,10 +221,11 @@ cdef class DecoderStep:
         if self.output.bias == NULL:
             raise ValueError("DecoderStep: output_bias is required")
 
+        free(self.layers)   # (the table of an __init__ that failed part-way)
+        self.num_layers = 0
         self.layers = <Layer *>malloc(len(layers) * sizeof(Layer))
         if self.layers == NULL:
             raise MemoryError("DecoderStep: could not allocate the layer table")
-        self.num_layers = len(layers)
         for i, spec in enumerate(layers):
             layer = &self.layers[i]
             name = f"layers[{i}]."
@@ -242,7 +247,9 @@ cdef class DecoderStep:
             for j, (gamma, beta) in enumerate(norms):
                 m1 = f32(gamma, (d,), f"{name}norms[{j}] gamma"); layer.norm_weight[j] = &m1[0]
                 m1 = f32(beta, (d,), f"{name}norms[{j}] beta"); layer.norm_bias[j] = &m1[0]
+        self.num_layers = len(layers)   # (only now is every layer filled)
         self._keep = keep
+        self._built = True
 
     def step(self, const int64_t[::1] tokens, const int64_t[::1] positions, list k_caches,
              list v_caches, list cross_k, list cross_v, const int64_t[::1] src_lengths,
@@ -264,6 +271,8 @@ cdef class DecoderStep:
         cdef Py_ssize_t capacity = -1, S = 0, b, layer_index
         cdef float[:, :, :, ::1] cache
         cdef const float[:, :, :, ::1] source
+        if not self._built:
+            raise ValueError("DecoderStep.step: not built (__init__ did not complete)")
         if positions.shape[0] != B or log_probs.shape[0] != B or log_probs.shape[1] != self.vocab:
             raise ValueError(f"DecoderStep.step: tokens ({B},), positions ({B},) and log_probs "
                              f"({B}, {self.vocab}) disagree")
@@ -308,12 +317,16 @@ cdef class DecoderStep:
         cdef float **v_ptr = k_ptr + L
         cdef float **ck_ptr = k_ptr + 2 * L
         cdef float **cv_ptr = k_ptr + 3 * L
-        for layer_index in range(L):
-            cache = k_caches[layer_index]; k_ptr[layer_index] = &cache[0, 0, 0, 0]
-            cache = v_caches[layer_index]; v_ptr[layer_index] = &cache[0, 0, 0, 0]
-            if self.has_cross:
-                source = cross_k[layer_index]; ck_ptr[layer_index] = <float *>&source[0, 0, 0, 0]
-                source = cross_v[layer_index]; cv_ptr[layer_index] = <float *>&source[0, 0, 0, 0]
+        try:   # (a read-only cache fails its memoryview here: the tables must not leak)
+            for layer_index in range(L):
+                cache = k_caches[layer_index]; k_ptr[layer_index] = &cache[0, 0, 0, 0]
+                cache = v_caches[layer_index]; v_ptr[layer_index] = &cache[0, 0, 0, 0]
+                if self.has_cross:
+                    source = cross_k[layer_index]; ck_ptr[layer_index] = <float *>&source[0, 0, 0, 0]
+                    source = cross_v[layer_index]; cv_ptr[layer_index] = <float *>&source[0, 0, 0, 0]
+        except BaseException:
+            free(k_ptr); free(scratch); free(kv_lengths)
+            raise
         cdef const int64_t *src_len = &src_lengths[0] if self.has_cross else NULL
         cdef float *weights_out = &weights[0, 0, 0] if weights is not None else NULL
         cdef int status = 0
