@@ -534,7 +534,8 @@ class GenerateJob(Job):
     ``\\r``, so that each input line has exactly one output line.
 
     ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
-    ``2 x its length + 10`` tokens, within a position table), as ``translate`` does, so a line's
+    ``2 x its length + 10`` tokens, within a position table, or ``min_length + 1`` where that
+    is more), as ``translate`` does, so a line's
     output does not depend on its batch. With ``do_sample`` and an int ``seed``, line ``n``
     draws from ``SeedSequence(seed, spawn_key=(n - 1,))`` when :meth:`run` is given the line
     numbers (as :func:`run_batches` does through :meth:`run_items`): the tokens

@@ -17,7 +17,8 @@ in input order (:mod:`attncore.batch`); the default model is the bundled dates m
 
 Errors a user can make (a missing file, a directory that is not a model, a malformed input
 line, an unknown token, a bad option) give one line on stderr and a non-zero exit code, never a
-traceback: 2 for a bad command line, 1 for everything else. When an input line fails, every
+traceback: 2 when argparse rejects the command line, 1 for other errors (option values checked
+after parsing included), 130 on Ctrl-C, 141 when the reader of stdout goes away. When an input line fails, every
 line before it has been written and the message names the line and what was written.
 """
 import argparse
@@ -576,7 +577,8 @@ def _add_model_options(parser, *, lines=True, generates=True):
 def _add_generation_options(parser):
     parser.add_argument("--beam", type=_positive_int, default=1, help="beam size (default 1: greedy)")
     parser.add_argument("--max-length", type=_positive_int, default=None,
-                        help="most generated tokens (default: each line its own, 2 x its length + 10)")
+                        help="most generated tokens (default: each line its own, 2 x its length + 10, "
+                             "or --min-length + 1 where that is more)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are log-prob / length ** this (default 1)")
 

@@ -145,7 +145,8 @@ def _run_batch(model_path: str, job, batch, kernel_threads: Optional[int],
 # -------------------------------------------------------------------------------- client side
 @contextlib.contextmanager
 def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: Optional[int] = None):
-    """A Dask client on a local cluster (no dashboard), closed on exit.
+    """A Dask client on a local cluster, closed on exit (its dashboard, when bokeh is
+    installed, listens on a free port of 127.0.0.1 only).
 
     ``n_workers`` workers with one task slot each, as processes on 127.0.0.1, or with
     ``processes=False`` as threads of this process (they then share one cached model). The client's ``attncore_kernel_threads``

@@ -96,7 +96,9 @@ class PackedLinearWeight:
     ``[b * 64, b * 64 + 64)`` of the weight, transposed, zero-padded past ``out_features`` (see
     ``src_c/packed_linear.h``). :func:`linear` with a packed weight runs products of up to 256
     rows (decoding steps; 16 without AVX2) on attncore's panel kernel, which reads each panel as
-    one sequential stream and never re-packs; larger products run BLAS on the panels in place. Models pack
+    one sequential stream and never re-packs; larger products run the tile kernel (AVX2 /
+    AVX-512; BLAS elsewhere) reading the panels in place, and int8 weights their int8 kernel
+    at any row count. Models pack
     their decoder weights at load; the packed copy costs as much memory as the weight.
 
     ``weight_dtype="bfloat16"`` stores the panels in bfloat16 (``panels`` is then uint16, its

@@ -601,7 +601,8 @@ class EncoderDecoderModel(Model):
         ----------
         texts : list of str
         max_length : int, optional
-            Default: each text's own ``default_max_length`` (``2 * its length + 10`` tokens).
+            Default: each text's own ``default_max_length`` (``2 * its length + 10`` tokens),
+            or ``min_length + 1`` where that is more (:func:`generate_with_default_lengths`).
         **options : the other :meth:`generate` options
 
         Returns

@@ -576,8 +576,8 @@ class RAN(Model):
     @classmethod
     def cannot(cls, method: str, config) -> Optional[str]:
         """Why a RAN of ``config`` cannot run ``method`` (``"generate"``, ``"classify"``), or
-        None: what a batch job checks from the config alone, before any weights load or line
-        runs."""
+        None: what a batch job checks from the config alone, before any line runs (with
+        ``--dask``, before any weights load)."""
         if method == "classify" and not int(config.get("num_classes", 0)):
             return "this RAN has no classifier (num_classes = 0)"
         causal, head = bool(config.get("causal", False)), config.get("token_head", "none")

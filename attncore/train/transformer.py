@@ -472,7 +472,7 @@ class Transformer(Module):
         return out[:, :used]
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        """decoder_only greedy continuation of an unpadded prompt (B, P) (must start with ``bos_id``).
+        """decoder_only greedy continuation of an unpadded prompt (B, P), used as given.
 
         Returns the new tokens (B, <= max_new_tokens), ``pad_id`` after ``eos_id``.
         """
