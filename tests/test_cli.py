@@ -194,7 +194,6 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["generate", "--top-k", "5"], "--top-k=5 only applies to sampling"),
     (["generate", "--max-length", "2000000"], "--max-length must be at most 1048576"),
     (["generate", "--length-penalty", "400"], "--length-penalty must lie in [-10, 10]"),
-    (["generate", "--threads", "5000"], "--threads must lie in [1, 1024], got 5000"),
     (["generate", "--beam", "5000"], "--beam must be at most 1024, got 5000"),
     (["generate", "--sample", "--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
@@ -202,6 +201,14 @@ def test_bad_options(tmp_path, args, fragment):
     proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")
     code = 1 if args[0] == "generate" else 2
     assert_user_error(proc, fragment, code=code)
+
+
+@pytest.mark.parametrize("value, fragment", [("0", "expected a positive integer, got 0"),
+                                             ("5000", "expected at most 1024 threads, got 5000")])
+def test_thread_counts_out_of_range_are_usage_errors(tmp_path, value, fragment):
+    # 5000 exited 1 after parsing while 0 exited 2: both are usage errors
+    proc = attncore_cli(["translate", "--threads", value], tmp_path, stdin="3 March 1998\n")
+    assert_user_error(proc, "--threads", fragment, code=2)
 
 
 def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path):
