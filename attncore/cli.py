@@ -78,14 +78,14 @@ class _CtrlC:
     @classmethod
     @contextlib.contextmanager
     def watching(cls):
-        cls.seen = False
         # Only where Python's default is in place and signals can be set: a run started with
         # SIGINT ignored (``nohup``, ``cmd &`` in a script) keeps ignoring it, and main()
-        # called from a thread leaves the handler alone.
+        # called from a thread leaves the handler (and the main thread's flag) alone.
         if (threading.current_thread() is not threading.main_thread()
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return
+        cls.seen = False
         signal.signal(signal.SIGINT, cls._handle)
         previous_hook = sys.unraisablehook
 
