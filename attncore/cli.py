@@ -101,6 +101,7 @@ class _CtrlC:
         finally:
             sys.unraisablehook = previous_hook
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            cls.seen = False   # (not left for a later run, in this thread or another)
 
     @classmethod
     def _handle(cls, signum, frame):

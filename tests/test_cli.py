@@ -708,6 +708,16 @@ def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_the_run(tmp_path, monkey
     assert len(calls) == 2   # stopped before the next line, not at the end of the input
     assert capsys.readouterr().err.splitlines() == ["attncore translate: interrupted"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the interrupt is not left behind for a later run, in this thread or another
+    import threading
+    monkeypatch.setattr(batch.GenerateJob, "format", plain_format)
+    statuses = []
+    args = ["translate", "--input", str(tmp_path / "in.txt"), "--output",
+            str(tmp_path / "again.txt"), "--no-progress"]
+    worker = threading.Thread(target=lambda: statuses.append(cli.main(args)))
+    worker.start()
+    worker.join()
+    assert statuses == [0] and cli.main(args) == 0
 
 
 def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):
