@@ -312,7 +312,8 @@ def test_job_refuses_a_model_without_the_method():
         batch.ClassifyJob().check_model(ReverseModel())
 
 
-def test_default_max_length_is_per_batch():
+def test_an_explicit_max_length_caps_every_line():
+    # (the default limit, per line, is test_cli::test_a_lines_default_length_does_not_depend_on_its_batch)
     model = ReverseModel()
     job = batch.GenerateJob(ids=True, max_length=2)
     assert job.run(model, [np.array([1, 2, 3, 4])]) == [[4, 3]]

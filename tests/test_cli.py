@@ -15,6 +15,7 @@ import pytest
 
 import attncore
 from conftest import subprocess_env
+from attncore.cli import main as cli_main
 
 DATES = os.path.join(os.path.dirname(os.path.abspath(attncore.__file__)), "assets", "dates")
 SAMPLES = {  # input -> ISO date, unambiguous forms of several kinds
@@ -100,6 +101,26 @@ def test_ids_in_ids_out_agrees_with_text(tmp_path, dates_model):
     decoded = [tokenizer.decode_target([int(t) for t in line.split()])
                for line in proc.stdout.splitlines()]
     assert decoded == list(SAMPLES.values())
+
+
+def test_model_and_search_options_reach_the_model(monkeypatch, tmp_path, capsys):
+    # the dates model translates these dates alike in float32 and bfloat16, and whatever the
+    # length penalty: what reaches attncore.load and the heat map's search is checked directly
+    from attncore import heatmap, models
+    loads, searches = [], []
+    plain_load, plain_map = models.load, heatmap.attention_map
+    monkeypatch.setattr(models, "load", lambda path, **options: loads.append(options)
+                        or plain_load(path, **options))
+    monkeypatch.setattr(heatmap, "attention_map", lambda model, source, **options:
+                        searches.append(options) or plain_map(model, source, **options))
+    (tmp_path / "in.txt").write_text("3 March 1998\n")
+    assert cli_main(["translate", "--input", str(tmp_path / "in.txt"), "--weight-dtype",
+                     "bfloat16", "--no-progress"]) == 0
+    assert cli_main(["attention", "3 March 1998", "--beam", "3", "--length-penalty", "2",
+                     "--max-length", "14", "--weight-dtype", "int8"]) == 0
+    assert loads == [{"weight_dtype": "bfloat16"}, {"weight_dtype": "int8"}]
+    assert searches == [dict(max_length=14, beam_size=3, length_penalty=2.0)]
+    assert "1998-03-03" in capsys.readouterr().out
 
 
 def test_beam_search_and_generate_agree_with_greedy_on_the_dates_model(tmp_path):

@@ -299,7 +299,6 @@ def test_bad_input_raises_named_error(call, exc, match):
 
 def test_every_public_kernel_is_in_the_bad_input_matrix():
     """A new kernel front without a bad-input case fails here."""
-    names = " ".join(case[0] for case in BAD)
     covered = {"attention": "attn-", "additive_attention": "add-", "project_keys": "project-keys",
                "AdditiveKeys": "add-keys-object",
                "luong_attention": "luong-", "nadaraya_watson": "nw-", "softmax": "softmax-",
@@ -313,8 +312,13 @@ def test_every_public_kernel_is_in_the_bad_input_matrix():
     # validate, or a constant
     public = set(attncore.kernels.__all__)
     assert public - set(covered) - shared_front == set()
+    # a case belongs to the longest prefix its id starts with ("add-keys-object-..." is
+    # AdditiveKeys', not additive_attention's; "log-softmax-..." is not softmax's)
+    prefixes = set(covered.values())
+    owners = {max((p for p in prefixes if case[0].startswith(p)), key=len, default=None)
+              for case in BAD}
     for name, prefix in covered.items():
-        assert prefix in names, name
+        assert prefix in owners, f"{name}: no bad-input case of its own ({prefix}...)"
 
 
 @pytest.mark.parametrize("fn", [attncore.softmax, attncore.log_softmax])
@@ -323,12 +327,20 @@ def test_softmax_of_a_scalar_raises(fn):
         fn(np.float64(2.0))
 
 
-def test_errors_happen_before_any_output_is_touched():
-    """Valid arrays are not modified by a call that is rejected for another argument."""
+def test_errors_happen_before_any_kernel_runs(monkeypatch):
+    """A call rejected for one argument is rejected by the front, naming it, before any
+    compiled kernel runs (the private kernels' own checks would raise too, unnamed)."""
+    from attncore.kernels import _sdpa
+    ran = []
+    for name in ("flash", "split_kv", "weights_only"):
+        monkeypatch.setattr(_sdpa, name, lambda *args, name=name: ran.append(name))
     q = Q.copy()
-    with pytest.raises(ValueError):
-        attncore.attention(q, K, V, kv_lengths=[9, 9])
-    assert np.array_equal(q, Q)
+    for q_len in (1, Q.shape[2]):   # (the decode and the flash path)
+        with pytest.raises(ValueError, match="kv_lengths"):
+            attncore.attention(q[:, :, :q_len], K, V, kv_lengths=[9, 9])
+    assert ran == [] and np.array_equal(q, Q)
+    attncore.attention(q, K, V)   # (the spies are in place: a valid call reaches them)
+    assert ran
 
 
 # ------------------------------------------------------------------ empty inputs

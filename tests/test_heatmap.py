@@ -55,6 +55,13 @@ def test_attention_map_passes_the_search_options_on():
         np.testing.assert_array_equal(amap.weights, best.attention[0])
     with pytest.raises(ValueError, match="length_penalty"):
         heatmap.attention_map(model, source, beam_size=3, length_penalty=100.0)
+    # (on this input every penalty picks the same best hypothesis: what reaches generate is
+    # checked directly)
+    calls = []
+    plain_generate = model.generate
+    model.generate = lambda sources, **options: calls.append(options) or plain_generate(sources, **options)
+    heatmap.attention_map(model, source, beam_size=3, length_penalty=2.0, max_length=15)
+    assert calls == [dict(max_length=15, beam_size=3, length_penalty=2.0, return_attention=True)]
 
 
 def test_attention_map_checks_shapes():

@@ -752,7 +752,7 @@ def _unaligned(array):
     return out
 
 
-@pytest.mark.parametrize("q_len", [1, 5])   # the split-KV decode and the flash path
+@pytest.mark.parametrize("q_len", [1, 5, 12])   # split-KV decode up to DECODE_MAX_Q, then flash
 def test_unaligned_arrays_give_the_aligned_results(rng, q_len):
     # an int64 kv_lengths at an odd offset raised "NotImplementedError: memoryview: unsupported
     # format =q"; float arrays reached the C kernels as misaligned pointers

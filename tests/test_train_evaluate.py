@@ -112,9 +112,13 @@ def test_cli_prints_exact_match(trained, capsys):
     assert evaluate_main([str(out), "--task", "copy", "--n", "10", "--json", *options]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n_evaluated"] == 10
-    assert 0.0 <= result["exact_match"] <= 1.0
+    # the figure of the saved model, as exact_match gives it (not merely a number in [0, 1])
+    from attncore.train.export import load_model
+    task = get_task("copy", seed=0, **TOY)
+    expected, count = exact_match(load_model(out), task, "test", n=10)
+    assert count == 10 and result["exact_match"] == pytest.approx(expected)
     assert evaluate_main([str(out), "--task", "copy", *options]) == 0
-    assert "exact match" in capsys.readouterr().out
+    assert f"exact match {exact_match(load_model(out), task, 'test')[0]:.4%}" in capsys.readouterr().out
 
 
 def test_engine_beam_1_decodes_as_the_trainer_greedy(trained):
@@ -140,9 +144,16 @@ def test_cli_reports_bleu_for_a_task_with_bleu(trained, capsys, monkeypatch):
     assert evaluate_main([str(out), "--task", "copy", "--json", "--beam", "2", *options]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["decoder"] == "engine beam 2"
-    assert 0.0 <= result["bleu"] <= 100.0
-    if result["exact_match"] == 1.0:
-        assert result["bleu"] == pytest.approx(100.0)
+    # corpus BLEU of the same beam-2 decodings (not merely a number in [0, 100])
+    from attncore.train.evaluate import engine_decode_texts
+    from attncore.train.export import load_model
+    task = get_task("copy", seed=0, **TOY)
+    accuracy, _, details = exact_match(
+        load_model(out), task, "test", return_details=True,
+        decode=lambda s, n: engine_decode_texts(out, task, s, beam_size=2, max_len=n))
+    expected = bleu([d[2] for d in details], [d[1] for d in details])
+    assert 0.0 < expected < 100.0   # (a score that tells a wrong figure from the right one)
+    assert result["bleu"] == pytest.approx(expected) and result["exact_match"] == pytest.approx(accuracy)
     assert bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
 
 

@@ -118,9 +118,15 @@ def test_decoder_only_generate_continues_the_prompt_like_teacher_forcing():
     prompt = np.array([[1, 4, 5], [1, 6, 6]])
     generated = model.generate(prompt, max_new_tokens=4)
     assert generated.shape[0] == 2 and 1 <= generated.shape[1] <= 4
-    sequence = np.concatenate([prompt, generated[:, :1]], axis=1)
-    logits = model(sequence[:, :-1])
-    np.testing.assert_array_equal(logits.data[:, -1].argmax(-1), generated[:, 0])
+    # every generated token is the teacher-forced argmax after the prompt and the tokens before
+    # it (until the row's EOS; pad after it)
+    for step in range(generated.shape[1]):
+        sequence = np.concatenate([prompt, generated[:, :step]], axis=1)
+        with ag.no_grad():
+            logits = model(sequence)
+        running = ~np.any(generated[:, :step] == model.config.eos_id, axis=1)
+        np.testing.assert_array_equal(logits.data[running, -1].argmax(-1),
+                                      generated[running, step])
 
 
 @pytest.mark.parametrize("make", [lambda: _seq2seq(attention="luong_general", input_feeding=True),

@@ -347,6 +347,8 @@ def test_int8_kernels_give_the_same_bits(rng, tmp_path, isa):
     import subprocess
     import sys
 
+    if isa == "avx512" and not _blas.int8_amx():   # (it would compare this kernel with itself)
+        pytest.skip("without AMX this process already runs the AVX-512 VNNI kernel")
     w = rng.standard_normal((130, 257)).astype(F32)
     x = rng.standard_normal((23, 257)).astype(F32)
     x[5, 7] = np.nan                                 # a NaN row among them: NaN outputs
