@@ -239,6 +239,15 @@ def test_layer_norm_bit_identical_across_thread_counts(dtype, seed, rows, dim, m
     _same_for_every_thread_count(lambda: attncore.layer_norm(x, gamma, beta, mode=mode))
 
 
+@pytest.mark.parametrize("mode", ["standard", "uncentred", "rms"])
+def test_layer_norm_past_the_parallel_threshold_is_thread_independent(rng, mode):
+    # (kernels run one thread below 2^16 operations: few drawn examples above reach two)
+    x = rng.standard_normal((1000, 300)).astype(np.float32)
+    gamma, beta = (rng.standard_normal(300).astype(np.float32) for _ in range(2))
+    assert x.size >= 1 << 16
+    _same_for_every_thread_count(lambda: attncore.layer_norm(x, gamma, beta, mode=mode))
+
+
 @PROPERTY_SETTINGS
 @given(dtype=dtypes, seed=seeds, batch=st.integers(1, 4), q_len=st.integers(1, 40),
        kv_len=st.integers(1, 200), hidden=st.integers(1, 40), ragged=st.booleans(),
