@@ -146,6 +146,21 @@ def check_weights(spec: WeightSpec, weights: Mapping[str, np.ndarray]) -> List[s
 # Saving and loading
 # ------------------------------------------------------------------------------------------
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file, 0o666 less the umask: safetensors' ``save_file``
+    writes 0o600, and a model other users could read the config of was unreadable to them."""
+    try:
+        with open("/proc/self/status") as status:   # (reading it leaves the umask alone)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)   # (elsewhere: read it by setting it, and put it back)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapping[str, np.ndarray],
                    tokenizer_files: Optional[Union[Mapping[str, Union[str, bytes]], Iterable[os.PathLike]]] = None
                    ) -> Path:
@@ -188,6 +203,7 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     temporary_weights = directory / (WEIGHTS_FILE + ".tmp")
     save_file(arrays, str(temporary_weights),
               metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
+    os.chmod(temporary_weights, new_file_mode())
     os.replace(temporary_weights, directory / WEIGHTS_FILE)
     temporary_config = directory / (CONFIG_FILE + ".tmp")
     temporary_config.write_text(config_text + "\n", encoding="utf-8")

@@ -378,3 +378,29 @@ def test_transformer_spec_reads_null_final_norm_as_norm_first():
         config["final_norm"] = None
         assert io.weight_spec(config) == explicit
         assert ("encoder.norm.weight" in explicit) == norm_first
+
+
+def test_saved_weights_are_as_readable_as_the_config(tmp_path):
+    # safetensors' save_file writes 0o600: other users could read config.json (0o644 under
+    # umask 022) but not the weights beside it, nor a checkpoint's
+    import os
+    import stat
+    from pathlib import Path
+
+    import attncore
+    from attncore import models
+    from attncore.train.checkpoint import save_checkpoint
+    from attncore.train.loop import build_model
+    from attncore.train.optim import Adam
+    previous = os.umask(0o022)
+    try:
+        model = models.load(Path(attncore.__file__).parent / "assets" / "dates")
+        model.save(tmp_path / "model")
+        trainer = build_model("transformer", 8, 8, d_model=8, num_heads=2, dim_feedforward=8,
+                              num_encoder_layers=1, num_decoder_layers=1)
+        save_checkpoint(tmp_path / "checkpoint", trainer, Adam(trainer.named_parameters()), 1, 0, 0)
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json",
+                 tmp_path / "checkpoint" / "checkpoint.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path

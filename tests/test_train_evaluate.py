@@ -201,3 +201,13 @@ def test_a_decoder_only_models_greedy_decodes_as_the_engine(tmp_path):
     _, _, engine = exact_match(model, task, "test", return_details=True, decode=lambda s, n:
                                engine_decode_texts(tmp_path, task, s, beam_size=1, max_len=n))
     assert count == len(task.examples("test")) and details == engine
+
+
+def test_evaluate_refuses_a_model_that_does_not_fit_the_task(trained, capsys):
+    # a model of another task or task options came out as AttributeError / IndexError
+    _, out = trained
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--task", "copy", "--task-option=num_symbols=9",
+                       *[f"--task-option={k}={v}" for k, v in TOY.items() if k != "num_symbols"]])
+    assert exit_info.value.code == 2
+    assert "does not fit task 'copy': its src_vocab_size is" in capsys.readouterr().err

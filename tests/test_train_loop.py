@@ -494,3 +494,20 @@ def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_pa
         evaluate.main([str(tmp_path), "--task", "reviews"])
     assert exit_info.value.code == 2
     assert "has no classifier" in capsys.readouterr().err
+
+
+def test_a_refused_training_leaves_no_out_directory_and_resume_with_overwrite_is_refused(tmp_path):
+    # the directory was made before the task and architecture were checked; --resume with
+    # --overwrite resumed silently
+    out = tmp_path / "runs" / "nothing"
+    with pytest.raises(ValueError, match="does not fit task"):
+        train("copy", "ran-classifier", out, steps=1, progress=False, task_options=TOY)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="contradict"):
+        train("copy", "transformer", out, steps=1, progress=False, resume=True, overwrite=True)
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(ValueError, match="does not fit task"):
+        train("copy", "ran-classifier", kept, steps=1, progress=False, task_options=TOY)
+    assert kept.is_dir()   # (a directory the caller made stays)

@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import io
+
 __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_WEIGHTS", "CHECKPOINT_STATE"]
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -55,6 +57,7 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
     }
     temporary = directory / (CHECKPOINT_WEIGHTS + ".tmp")
     save_file(arrays, str(temporary), metadata={_STATE_METADATA: json.dumps(state)})
+    os.chmod(temporary, io.new_file_mode())   # (save_file writes 0o600)
     os.replace(temporary, directory / CHECKPOINT_WEIGHTS)
     temporary = directory / (CHECKPOINT_STATE + ".tmp")
     temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")

@@ -178,6 +178,29 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
     return accuracy, len(pairs)
 
 
+def _misfit(model, task) -> Optional[str]:
+    """Why ``model`` (a trainer model) cannot be evaluated on ``task``, or None: the task kind
+    it needs, and vocabularies and classes of the sizes the model was built for."""
+    config = model.config
+    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    if classification:
+        if not getattr(config, "num_classes", 0):   # (a ran-lm trained on the documents)
+            return "it has no classifier (num_classes = 0)"
+        if config.num_classes != len(task.labels):
+            return f"it has {config.num_classes} classes, the task {len(task.labels)}"
+        sizes = {"vocab_size": len(task.vocab), "src_vocab_size": len(task.vocab)}
+    else:
+        if not callable(getattr(model, "greedy_decode", None)) or \
+                getattr(config, "kind", None) == "encoder_only" or getattr(config, "num_classes", 0):
+            return "it does not decode sequences (a classifier or a language model)"
+        sizes = {"src_vocab_size": len(task.src_vocab), "tgt_vocab_size": len(task.tgt_vocab)}
+    for key, size in sizes.items():
+        held = getattr(config, key, None)
+        if held is not None and held != size and not (key == "src_vocab_size" and held == 0):
+            return f"its {key} is {held}, the task's vocabulary has {size} tokens"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attncore.train.evaluate",
                                      description="Greedy-decoding exact match of a model directory on a task split "
@@ -215,11 +238,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     task = get_task(args.task, seed=args.seed, **options)
     model = load_model(args.model_dir)
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
+    problem = _misfit(model, task)
+    if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
+        parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
+                     f"trained on another task, or with other --task-option values?)")
     if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
-        if not getattr(model.config, "num_classes", 0):   # (a ran-lm trained on the documents)
-            parser.error(f"{args.model_dir} has no classifier (num_classes = 0): class accuracy "
-                         f"on {args.task!r} needs a classifier model")
-        result = classification_accuracy(model, task, args.split, batch_size=min(args.batch_size, 16))
+        try:
+            result = classification_accuracy(model, task, args.split,
+                                             batch_size=min(args.batch_size, 16))
+        except ValueError as exc:   # (e.g. documents past a Transformer's position table)
+            parser.error(f"{args.model_dir} on {args.task!r}: {exc}")
         if args.json:
             print(json.dumps({**head, **result}))
         else:
@@ -232,8 +260,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.beam:
         def decode(sources, max_len):
             return engine_decode_texts(args.model_dir, task, sources, beam_size=args.beam, max_len=max_len)
-    accuracy, count, details = exact_match(model, task, args.split, n=args.n, batch_size=args.batch_size,
-                                           return_details=True, decode=decode)
+    try:
+        accuracy, count, details = exact_match(model, task, args.split, n=args.n,
+                                               batch_size=args.batch_size, return_details=True,
+                                               decode=decode)
+    except ValueError as exc:   # (e.g. sources past a Transformer's position table)
+        parser.error(f"{args.model_dir} on {args.task!r}: {exc}")
     wrong = [d for d in details if d[1] != d[2]]
     decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
     score = {}

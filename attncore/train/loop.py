@@ -470,7 +470,31 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     -------
     (model, TrainResult)
     """
+    if resume and overwrite:   # (resume won silently: the old checkpoint went on)
+        raise ValueError("resume and overwrite contradict each other: resume continues the "
+                         "checkpoint, overwrite starts from step 0")
+    created = not Path(out_dir).exists() if str(out_dir) else False
     out_dir = _writable_directory(out_dir, "out_dir")
+    try:
+        return _train(task, arch, out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      schedule=schedule, warmup_steps=warmup_steps, min_lr=min_lr,
+                      weight_decay=weight_decay, clip_norm=clip_norm,
+                      label_smoothing=label_smoothing, eval_every=eval_every,
+                      eval_batches=eval_batches, checkpoint_every=checkpoint_every,
+                      resume=resume, progress=progress, task_options=task_options,
+                      overwrite=overwrite, **model_options)
+    except BaseException:
+        # a refused or interrupted run leaves no empty --out directory of its own making
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _train(task, arch: str, out_dir: Path, *, steps, batch_size, lr, seed, schedule,
+           warmup_steps, min_lr, weight_decay, clip_norm, label_smoothing, eval_every,
+           eval_batches, checkpoint_every, resume, progress, task_options, overwrite,
+           **model_options):
+    """:func:`train` after its ``out_dir`` checks."""
     if not (resume or overwrite) and (out_dir / "checkpoint" / CHECKPOINT_WEIGHTS).is_file():
         # (it was overwritten from step 0 without a word: a long run's progress lost to a
         # command re-run without --resume)
