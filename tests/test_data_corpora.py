@@ -110,6 +110,22 @@ def test_kjv_task(label, num_classes):
 
 
 @needs_kjv
+def test_a_saved_kjv_vocabulary_tokenizes_raw_text_as_the_task(tmp_path):
+    # the task lower-cased and split off punctuation, the saved word vocabulary split on
+    # whitespace: a served model read "God" and "earth." as unknown, and mislabelled chapters
+    from attncore.data.vocab import load_vocab
+    from attncore.tokenizer import Tokenizer
+    task = get_task("kjv", seed=0, label="testament", max_len=512)
+    text = "In the beginning God created the heaven and the earth."
+    task.vocab.save(tmp_path / "vocab.json")
+    served = Tokenizer(src=load_vocab(tmp_path / "vocab.json"), source_eos=False)
+    assert served.encode_source(text, strict=True).tolist() == task.encode(text)
+    assert 3 not in task.encode(text)   # (no <unk>: every word is in the vocabulary)
+    for chapter, _ in task.examples("test")[:5]:
+        assert served.encode_source(chapter).tolist()[:512] == task.encode(chapter)
+
+
+@needs_kjv
 def test_kjv_book_split_holds_out_books():
     task = get_task("kjv", seed=0, split_by="book", label="genre")
     books = {s: {c.book for c in task.chapters if task.split_of_chapter[c.osis_id] == s}

@@ -12,21 +12,20 @@ Labels (``label=``):
   conventional grouping, written out in :data:`GENRE_OF_BOOK`; Acts counts as History);
 * ``"book"``: the 66 OSIS book ids.
 
-Tokens are lower-cased words and punctuation marks (``level="word"``, vocabulary learnt on
-the training split) or BPE subwords (``level="bpe"``). Chapters are split at random, or whole
+Tokens are lower-cased words and punctuation marks (``level="word"``: a vocabulary of the
+"words" level, which tokenizes raw text so, learnt on the training split) or BPE subwords (``level="bpe"``). Chapters are split at random, or whole
 books are held out (``split_by="book"``), which avoids near-duplicate leakage between, e.g.,
 Kings and Chronicles.
 """
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
 from .sword import KJV_MODULE_DIR, read_chapters
 from .task import ClassificationTask
-from .vocab import Vocab
+from .vocab import Vocab, tokenize_words
 
 __all__ = ["GENRE_OF_BOOK", "KJVTask", "tokenize_words"]
 
@@ -42,12 +41,6 @@ _GENRES = {
 }
 GENRE_OF_BOOK = {book: genre for genre, books in _GENRES.items() for book in books.split()}
 
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def tokenize_words(text: str) -> list[str]:
-    """Lower-cased words and single punctuation marks: ``"Amen."`` -> ``["amen", "."]``."""
-    return _WORD.findall(text.lower())
 
 
 class KJVTask(ClassificationTask):
@@ -116,7 +109,10 @@ class KJVTask(ClassificationTask):
 
         train_texts = [t for t, _ in self._split_docs["train"]]
         if level == "word":
-            self.vocab = Vocab.build((tokenize_words(t) for t in train_texts), level="word",
+            # (level "words": the saved vocabulary tokenizes raw text as the task does; a
+            # "word" vocabulary split on whitespace only, and a served model read "God" and
+            # "earth." as unknown)
+            self.vocab = Vocab.build((tokenize_words(t) for t in train_texts), level="words",
                                      min_freq=min_freq)
         else:
             from .bpe import BPEVocab
@@ -131,7 +127,7 @@ class KJVTask(ClassificationTask):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a chapter's text (cut to ``max_len``)."""
-        ids = self.vocab.encode(tokenize_words(text) if self.level == "word" else text)
+        ids = self.vocab.encode(text)
         return ids[:self.max_len] if self.max_len else ids
 
     def _make_examples(self, split: str) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from typing import Iterable, Sequence
 
 __all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "Vocab", "load_vocab"]
@@ -34,7 +35,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # layout of the JSON ever changes.
 _FORMAT = "attncore.vocab"
 _VERSION = 1
-_LEVELS = ("char", "word")
+_LEVELS = ("char", "word", "words")
 
 
 class Vocab:
@@ -45,8 +46,9 @@ class Vocab:
     tokens : iterable of str
         The ordinary tokens, in id order; they get ids 4, 5, ... Special tokens in
         the iterable are ignored (they always keep ids 0..3). Duplicates raise.
-    level : {"char", "word"}
-        How :meth:`tokenize` splits a string: into characters, or on whitespace.
+    level : {"char", "word", "words"}
+        How :meth:`tokenize` splits a string: into characters, on whitespace, or ("words")
+        lower-cased into words and single punctuation marks (:func:`tokenize_words`).
         :meth:`decode` joins with ``""`` or ``" "`` accordingly.
 
     Examples
@@ -73,7 +75,7 @@ class Vocab:
                 continue
             if not isinstance(tok, str) or tok == "":
                 raise ValueError(f"tokens must be non-empty strings, got {tok!r}")
-            if level == "word" and any(c.isspace() for c in tok):
+            if level != "char" and any(c.isspace() for c in tok):
                 raise ValueError(f"word-level tokens cannot contain spaces, got {tok!r}")
             itos.append(tok)
         stoi = {tok: i for i, tok in enumerate(itos)}
@@ -224,8 +226,20 @@ class Vocab:
             return cls.from_dict(json.load(f))
 
 
+#: The "words" level's tokens: runs of word characters, and single punctuation marks.
+_WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
+
+
+def tokenize_words(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks: ``"Amen."`` -> ``["amen", "."]`` (the
+    "words" level; the KJV task's tokenization)."""
+    return _WORD_OR_MARK.findall(text.lower())
+
+
 def _split(text: str, level: str) -> list[str]:
-    return list(text) if level == "char" else text.split()
+    if level == "char":
+        return list(text)
+    return tokenize_words(text) if level == "words" else text.split()
 
 
 def load_vocab(path: str | os.PathLike):
