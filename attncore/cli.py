@@ -463,7 +463,8 @@ def _run_lines(args):
             done = "nothing was written" if written == 0 else (
                 f"the {written} line{'s' if written > 1 else ''} before it "
                 f"{'were' if written > 1 else 'was'} written to {where}")
-            raise UserError(f"{exc}; stopped there, {done}") from None
+            # (a line's error from the model names generate's arguments: say the options)
+            raise UserError(f"{_option_names(str(exc))}; stopped there, {done}") from None
         finish = getattr(sink, "finish", None)
         if finish is not None:   # (an --output file of a run without output lines: emptied)
             finish()

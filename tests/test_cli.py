@@ -490,6 +490,14 @@ def test_max_length_past_the_position_table_is_refused_before_any_line(tmp_path)
     ok = attncore_cli(["generate", "--model", tmp_path / "t", "--ids", "--max-length", "16"],
                       tmp_path, stdin="4 5 2\n")
     assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 1, ok.stderr
+    # a decoder-only prompt whose length with --max-length passes the table: that line's error,
+    # in the command line's option names (it said "max_length")
+    config.update(kind="decoder_only", num_encoder_layers=0, src_vocab_size=0)
+    models.from_config(config, seed=0).save(tmp_path / "lm")
+    proc = attncore_cli(["generate", "--model", tmp_path / "lm", "--ids", "--max-length", "14"],
+                        tmp_path, stdin="4 5\n4 5 6 7 8 4 5 6\n")
+    line = assert_user_error(proc, "line 2:", "--max-length")
+    assert "max_length" not in line
 
 
 def test_a_line_the_model_refuses_is_named(tmp_path, encoder_model):
