@@ -83,3 +83,12 @@ def test_bad_split_and_batch_size():
         task.examples("dev")
     with pytest.raises(ValueError, match="batch_size"):
         next(task.batches("train", 0))
+
+
+def test_each_toy_kind_draws_its_own_sources():
+    # the stream was keyed by len(kind): copy and sort drew the same source lists
+    sources = {kind: [s for s, _ in get_task(kind, seed=0, num_train=50, num_valid=5,
+                                              num_test=5).examples("train")]
+               for kind in ("copy", "reverse", "sort")}
+    assert sources["copy"] != sources["sort"] and sources["copy"] != sources["reverse"]
+    assert sources["sort"] != sources["reverse"]
