@@ -21,12 +21,11 @@ __all__ = ["ToyTask", "TOY_TASKS"]
 
 TOY_TASKS = ("copy", "reverse", "sort")
 
-
-
 #: Each kind's random stream, with the seed. The key was len(kind), which "copy" and "sort"
 #: share: the two tasks drew the same sources. copy and reverse keep their keys (4, 7), so
 #: their data, and results recorded on it, stay as they were; sort now has its own.
 _STREAM_OF_KIND = {"copy": 4, "reverse": 7, "sort": 104}
+
 
 class ToyTask(Seq2SeqTask):
     """``copy`` / ``reverse`` / ``sort`` of random symbol lists.
