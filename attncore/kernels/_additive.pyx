@@ -4,6 +4,8 @@ Validation lives in ``attncore.kernels.additive_attention`` / ``nadaraya_watson`
 from libc.stdint cimport int64_t, uint8_t
 from cython cimport floating
 
+from ._checks cimport first_outside
+
 
 def key_factors(const float[:, ::1] k_proj, float[:, ::1] factors, uint8_t[::1] in_limit,
                 int num_threads):
@@ -50,10 +52,9 @@ def additive(const floating[:, :, ::1] q_proj, const floating[:, :, ::1] k_proj,
             or (weights is not None and (weights.shape[0] != B or weights.shape[1] != Lq
                                          or weights.shape[2] != Lk))):
         raise ValueError("additive: inconsistent shapes")
-    if kv_lengths is not None:
-        lengths = [kv_lengths[i] for i in range(kv_lengths.shape[0])]
-        if len(lengths) != B or (B and not 0 <= min(lengths) <= max(lengths) <= Lk):
-            raise ValueError("additive: kv_lengths must be (B,) in [0, Lk]")
+    if kv_lengths is not None and (kv_lengths.shape[0] != B
+                                   or first_outside(kv_lengths, 0, Lk) >= 0):
+        raise ValueError("additive: kv_lengths must be (B,) in [0, Lk]")
     cdef floating *w_ptr = &weights[0, 0, 0] if weights is not None else NULL
     with nogil:
         if floating is float:

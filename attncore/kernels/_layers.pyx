@@ -4,6 +4,8 @@ Validation lives in the fronts of ``attncore.kernels``."""
 from libc.stdint cimport int64_t
 from cython cimport floating
 
+from ._checks cimport first_outside
+
 cdef extern from "layers.h" nogil:
     void ac_layer_norm_f32(const float *x, float *y, const float *gamma, const float *beta,
                            Py_ssize_t rows, Py_ssize_t D, float eps, int mode, int num_threads)
@@ -19,15 +21,6 @@ cdef extern from "layers.h" nogil:
                           Py_ssize_t D, int num_threads)
     void ac_embedding_f64(const double *table, const int64_t *ids, double *out, Py_ssize_t rows,
                           Py_ssize_t D, int num_threads)
-
-
-cdef bint _in_range(const int64_t[::1] values, int64_t low, int64_t high) noexcept nogil:
-    """Every value in [low, high)."""
-    cdef Py_ssize_t i
-    for i in range(values.shape[0]):
-        if values[i] < low or values[i] >= high:
-            return False
-    return True
 
 
 # The shapes each kernel indexes by are checked again here (the fronts check them for users):
@@ -89,7 +82,7 @@ def embedding(const floating[:, ::1] table, const int64_t[::1] ids, floating[:, 
     cdef Py_ssize_t rows = ids.shape[0], D = table.shape[1]
     if out is None or out.shape[0] != rows or out.shape[1] != D:
         raise ValueError("embedding: out must be (len(ids), D)")
-    if not _in_range(ids, 0, table.shape[0]):
+    if first_outside(ids, 0, table.shape[0] - 1) >= 0:
         raise ValueError("embedding: ids must lie in [0, rows of table)")
     if rows == 0 or D == 0:
         return

@@ -21,6 +21,7 @@ from libc.string cimport memcpy, memmove, memset
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
+from ._checks cimport first_outside
 from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_fit
 
 cdef extern from "simd.h":
@@ -151,10 +152,9 @@ def rnn_scan(const float[:, :, ::1] x_proj, weight_hh,
 def _check_tokens(const int64_t[::1] tokens, Py_ssize_t vocab, str name):
     """Token ids in [0, vocab): they index the embedding (a direct call of this private
     module with an id past it read other memory)."""
-    cdef Py_ssize_t b
-    for b in range(tokens.shape[0]):
-        if not 0 <= tokens[b] < vocab:
-            raise ValueError(f"DecoderStep: {name}[{b}] = {tokens[b]} is outside [0, {vocab})")
+    cdef Py_ssize_t b = first_outside(tokens, 0, vocab - 1)
+    if b >= 0:
+        raise ValueError(f"DecoderStep: {name}[{b}] = {tokens[b]} is outside [0, {vocab})")
 
 
 class _Kept:
@@ -457,11 +457,9 @@ cdef class DecoderStep:
         cdef Py_ssize_t S = memory.shape[1], b
         if not self._built:
             raise ValueError("DecoderStep: not built (__init__ did not complete)")
-        if lengths.shape[0] == B:
-            for b in range(B):
-                if not 0 <= lengths[b] <= S:
-                    raise ValueError(f"DecoderStep: lengths[{b}] = {lengths[b]} is outside "
-                                     f"[0, {S}]")
+        b = first_outside(lengths, 0, S) if lengths.shape[0] == B else -1
+        if b >= 0:
+            raise ValueError(f"DecoderStep: lengths[{b}] = {lengths[b]} is outside [0, {S}]")
         if h.shape[0] != L or h.shape[1] != B or h.shape[2] != H or memory.shape[0] != B or \
                 memory.shape[2] != H or lengths.shape[0] != B or feed.shape[0] != B or \
                 feed.shape[1] != H or \

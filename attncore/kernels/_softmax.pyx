@@ -4,6 +4,8 @@
 from libc.stdint cimport int64_t, uint8_t
 from cython cimport floating
 
+from ._checks cimport first_outside
+
 cdef extern from "softmax.h" nogil:
     void ac_softmax_f32(const float *x, float *y, Py_ssize_t n_rows, Py_ssize_t n,
                         const int64_t *lengths, const uint8_t *mask, int log_output,
@@ -16,17 +18,15 @@ cdef extern from "softmax.h" nogil:
 def softmax_rows(const floating[:, ::1] x, floating[:, ::1] out, const int64_t[::1] lengths,
                  const uint8_t[:, ::1] mask, bint log_output, int num_threads):
     """out (n_rows, n) = (log-)softmax of each row of x (n_rows, n); lengths/mask may be None."""
-    cdef Py_ssize_t n_rows = x.shape[0], n = x.shape[1], i
+    cdef Py_ssize_t n_rows = x.shape[0], n = x.shape[1]
     # (checked again for a direct call of this private module: a short out, lengths or mask,
     # or a length past n, read or wrote past the arrays)
     if (out is None or out.shape[0] != n_rows or out.shape[1] != n
             or (lengths is not None and lengths.shape[0] != n_rows)
             or (mask is not None and (mask.shape[0] != n_rows or mask.shape[1] != n))):
         raise ValueError("softmax_rows: out must be x's shape, lengths (n_rows,), mask x's shape")
-    if lengths is not None:
-        for i in range(n_rows):
-            if not 0 <= lengths[i] <= n:
-                raise ValueError("softmax_rows: lengths must lie in [0, n]")
+    if lengths is not None and first_outside(lengths, 0, n) >= 0:
+        raise ValueError("softmax_rows: lengths must lie in [0, n]")
     if n_rows == 0 or n == 0:
         return
     cdef const int64_t *lengths_ptr = &lengths[0] if lengths is not None else NULL
