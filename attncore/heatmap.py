@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .models.base import _default_limit
+from .models.base import _default_limit, check_token_ids
 
 __all__ = ["AttentionMap", "attention_map", "render_text", "save_png", "matplotlib_available",
            "SHADES"]
@@ -82,23 +82,10 @@ def _labels(ids: Sequence[int], vocab) -> List[str]:
 def _check_source(source, vocab_size: Optional[int]) -> np.ndarray:
     """One source's token ids as int64, named ``source`` when they are not: a cast to int64
     read floats truncated and bools as ids 0 and 1, and drew the map of other tokens."""
-    if isinstance(source, (str, bytes)):
+    if isinstance(source, (str, bytes)):   # (this entry point's own hint)
         raise TypeError("source must be token ids, got a string (encode it first: "
                         "model.tokenizer.encode_source(text))")
-    try:
-        array = np.asarray(source)
-    except ValueError:   # (NumPy's inhomogeneous shape)
-        raise TypeError("source must be a flat sequence of token ids") from None
-    if array.ndim != 1:
-        raise ValueError(f"source must be 1-d, got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError("source is empty")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"source must hold integer token ids, got dtype {array.dtype}")
-    if vocab_size is not None and (array.min() < 0 or array.max() >= vocab_size):
-        bad = int(array.min()) if array.min() < 0 else int(array.max())
-        raise ValueError(f"source has token id {bad} outside [0, {vocab_size})")
-    return array.astype(np.int64)
+    return check_token_ids(source, "source", vocab_size)
 
 
 def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = None,

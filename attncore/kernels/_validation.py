@@ -70,7 +70,7 @@ def check_lengths(lengths, name, shape, max_value):
     if arr.size and (arr.min() < 0 or arr.max() > max_value):
         bad = arr[(arr < 0) | (arr > max_value)].ravel()[0]
         raise ValueError(f"{name} values must lie in [0, {max_value}], got {int(bad)}")
-    return np.require(arr, dtype=np.int64, requirements=["C", "A"])
+    return as_c_contiguous(arr, np.int64)
 
 
 def check_ids(ids, name, vocab_size):

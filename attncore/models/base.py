@@ -121,32 +121,37 @@ def check_sources(sources, vocab_size: int, max_source_length: Optional[int] = N
         raise TypeError(f"{name} must be a list of token-id sequences, got {type(sources).__name__}")
     if len(sources) == 0:
         raise ValueError(f"{name} is an empty batch")
-    out = []
-    for i, source in enumerate(sources):
-        if isinstance(source, (str, bytes)):
-            raise TypeError(f"{name}[{i}] must be a sequence of token ids, got a string "
-                            f"(use translate() for text)")
-        try:
-            array = np.asarray(source)
-        except ValueError:   # NumPy's "inhomogeneous shape": a nested, ragged source
-            raise TypeError(f"{name}[{i}] must be a flat sequence of token ids") from None
-        if array.dtype == object or array.dtype.kind not in "iu":
-            if array.size == 0 and array.ndim == 1:
-                raise ValueError(f"{name}[{i}] is empty")
-            raise TypeError(f"{name}[{i}] must hold integer token ids, got dtype {array.dtype}")
-        if array.ndim != 1:
-            raise ValueError(f"{name}[{i}] must be 1-d, got shape {array.shape}")
-        if array.size == 0:
-            raise ValueError(f"{name}[{i}] is empty")
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name}[{i}] has token id {bad} outside [0, {vocab_size})")
-        if max_source_length is not None and array.size > max_source_length:
-            raise ValueError(f"{name}[{i}] has {array.size} tokens, longer than the position "
-                             f"table ({max_source_length})")
-        out.append(np.ascontiguousarray(array, dtype=np.int64))
-    return out
+    return [check_token_ids(source, f"{name}[{i}]", vocab_size, max_source_length)
+            for i, source in enumerate(sources)]
+
+
+def check_token_ids(source, label: str, vocab_size: Optional[int],
+                    max_source_length: Optional[int] = None) -> np.ndarray:
+    """One non-empty 1-d sequence of integer token ids in ``[0, vocab_size)`` (no range check
+    when ``vocab_size`` is None), as C-contiguous int64; errors name it ``label``."""
+    if isinstance(source, (str, bytes)):
+        raise TypeError(f"{label} must be a sequence of token ids, got a string "
+                        f"(use translate() for text)")
+    try:
+        array = np.asarray(source)
+    except ValueError:   # NumPy's "inhomogeneous shape": a nested, ragged source
+        raise TypeError(f"{label} must be a flat sequence of token ids") from None
+    if array.dtype == object or array.dtype.kind not in "iu":
+        if array.size == 0 and array.ndim == 1:
+            raise ValueError(f"{label} is empty")
+        raise TypeError(f"{label} must hold integer token ids, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{label} must be 1-d, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{label} is empty")
+    low, high = int(array.min()), int(array.max())
+    if vocab_size is not None and (low < 0 or high >= vocab_size):
+        bad = low if low < 0 else high
+        raise ValueError(f"{label} has token id {bad} outside [0, {vocab_size})")
+    if max_source_length is not None and array.size > max_source_length:
+        raise ValueError(f"{label} has {array.size} tokens, longer than the position "
+                         f"table ({max_source_length})")
+    return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def check_rows(rows, batch: int) -> np.ndarray:

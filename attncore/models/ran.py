@@ -560,13 +560,10 @@ class RAN(Model):
         """
         from .. import generation
 
-        self._check_lm()
+        self._check_can("generate")
         options = check_generation_options(max_length=max_length, **options)
         prompts = check_sources(prompts, self.vocab_size, name="prompts")
         return generation.generate(self, prompts, bos_id=None, eos_id=self.eos_id, **options)
-
-    def _check_lm(self) -> None:
-        self._check_can("generate")
 
     def _check_can(self, method: str) -> None:
         reason = self.cannot(method, self.config)
@@ -589,7 +586,7 @@ class RAN(Model):
     def _start(self, sources) -> RANDecoderState:
         """Prefill the prompts; the first ``_step(state, None)`` returns their next-token
         log-probs."""
-        self._check_lm()
+        self._check_can("generate")
         encoding, state = self.encode(sources)
         last = np.stack([s[-1] for s in encoding.sequence])
         return RANDecoderState(state, K.log_softmax(self.token_head(last)))
