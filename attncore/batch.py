@@ -241,7 +241,7 @@ def plan_batches(items: Iterable[Item], batching: Batching) -> Iterator[List[Ite
     """Group items into batches of similar length, one window at a time.
 
     Each window of ``batching.window`` items is sorted by source length (longest first, ties
-    in line order) and cut greedily: a batch closes when one more row would exceed
+    in reading order) and cut greedily: a batch closes when one more row would exceed
     ``batch_size`` rows or ``max_tokens`` padded tokens. When reading an item raises
     (a malformed line), the items read before it are still batched and yielded, then the error
     is raised.

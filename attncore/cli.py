@@ -693,10 +693,8 @@ def _main(argv):
         with _CtrlC.watching():
             try:
                 status = _COMMANDS[args.command](args)
-            except Exception:
-                _CtrlC.check()   # (an error made of the interrupt, by code that caught it)
-                raise
-            _CtrlC.check()   # (one swallowed after the last line: still not a clean run)
+            finally:   # (a Ctrl-C swallowed after the last line, or made into another error
+                _CtrlC.check()   # by code that caught it: still an interrupted run)
         return status
     except BrokenPipeError:
         raise

@@ -16,6 +16,7 @@ batches already used and matches an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -338,13 +339,16 @@ def _json_safe(value):
 
 
 def _writable_directory(path, name: str) -> Path:
-    """``path`` created if needed and written to once (a temporary file), before any training
-    step: an unwritable --out was found only after the last step, and the run lost."""
+    """``path`` written to once (a temporary file), before any training step: an unwritable
+    --out was found only after the last step, and the run lost. The directories made for the
+    probe are removed again (checkpoints and the export make them when they write), so a run
+    refused or interrupted before writing anything leaves no empty --out behind."""
     if str(path) == "":
         raise ValueError(f"{name} is an empty path")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a file, not a directory")
+    made = [p for p in (path, *path.parents) if not p.exists()]   # (deepest first)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".attncore-write-test-{os.getpid()}"
@@ -353,6 +357,10 @@ def _writable_directory(path, name: str) -> Path:
     except OSError as error:
         raise ValueError(f"cannot write to {name} {str(path)!r}: "
                          f"{error.strerror or error}") from None
+    finally:
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
     return path
 
 
@@ -473,28 +481,7 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     if resume and overwrite:   # (resume won silently: the old checkpoint went on)
         raise ValueError("resume and overwrite contradict each other: resume continues the "
                          "checkpoint, overwrite starts from step 0")
-    created = not Path(out_dir).exists() if str(out_dir) else False
     out_dir = _writable_directory(out_dir, "out_dir")
-    try:
-        return _train(task, arch, out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      schedule=schedule, warmup_steps=warmup_steps, min_lr=min_lr,
-                      weight_decay=weight_decay, clip_norm=clip_norm,
-                      label_smoothing=label_smoothing, eval_every=eval_every,
-                      eval_batches=eval_batches, checkpoint_every=checkpoint_every,
-                      resume=resume, progress=progress, task_options=task_options,
-                      overwrite=overwrite, **model_options)
-    except BaseException:
-        # a refused or interrupted run leaves no empty --out directory of its own making
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-
-
-def _train(task, arch: str, out_dir: Path, *, steps, batch_size, lr, seed, schedule,
-           warmup_steps, min_lr, weight_decay, clip_norm, label_smoothing, eval_every,
-           eval_batches, checkpoint_every, resume, progress, task_options, overwrite,
-           **model_options):
-    """:func:`train` after its ``out_dir`` checks."""
     if not (resume or overwrite) and (out_dir / "checkpoint" / CHECKPOINT_WEIGHTS).is_file():
         # (it was overwritten from step 0 without a word: a long run's progress lost to a
         # command re-run without --resume)
