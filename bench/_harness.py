@@ -40,14 +40,15 @@ def best_times_interleaved(fns, rounds=3, repeats=3, min_time=0.0):
 
 
 def thread_count(text):
-    """argparse type of ``--threads``: an int in attncore's range, [1, 1024] (0 or 2000 ended
-    in set_num_threads' traceback after the header had printed)."""
+    """argparse type of ``--threads``: an int in attncore's range, [1, MAX_THREADS] (0 or
+    2000 ended in set_num_threads' traceback after the header had printed)."""
+    from attncore.kernels.threads import MAX_THREADS
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a thread count, got {text!r}") from None
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"thread counts lie in [1, 1024], got {value}")
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"thread counts lie in [1, {MAX_THREADS}], got {value}")
     return value
 
 

@@ -66,12 +66,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 17, 64, 256])
     args = parser.parse_args(argv)
+    # (importing attncore's threads module also holds SciPy's BLAS at one thread)
+    from attncore.kernels.threads import BLAS_SMALL_GEMM_MACS, MAX_THREADS
     # (0 and negative counts printed rows of negative GMAC/s with exit 0)
-    if not all(1 <= t <= 1024 for t in args.threads):
-        parser.error(f"--threads: counts lie in [1, 1024], got {args.threads}")
+    if not all(1 <= t <= MAX_THREADS for t in args.threads):
+        parser.error(f"--threads: counts lie in [1, {MAX_THREADS}], got {args.threads}")
     if not all(r >= 1 for r in args.rows):
         parser.error(f"--rows: counts must be >= 1, got {args.rows}")
-    from attncore.kernels.threads import BLAS_SMALL_GEMM_MACS  # also holds SciPy's BLAS at 1
     with tempfile.TemporaryDirectory() as directory:
         lib = build(directory)
         sgemm = scipy_sgemm()

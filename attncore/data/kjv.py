@@ -13,7 +13,8 @@ Labels (``label=``):
 * ``"book"``: the 66 OSIS book ids.
 
 Tokens are lower-cased words and punctuation marks (``level="word"``: a vocabulary of the
-"words" level, which tokenizes raw text so, learnt on the training split) or BPE subwords (``level="bpe"``). Chapters are split at random, or whole
+"words" level, which tokenizes raw text the same way, learnt on the training split) or BPE
+subwords (``level="bpe"``). Chapters are split at random, or whole
 books are held out (``split_by="book"``), which avoids near-duplicate leakage between, e.g.,
 Kings and Chronicles.
 """
@@ -40,7 +41,6 @@ _GENRES = {
     "Apocalyptic": "Rev",
 }
 GENRE_OF_BOOK = {book: genre for genre, books in _GENRES.items() for book in books.split()}
-
 
 
 class KJVTask(ClassificationTask):
