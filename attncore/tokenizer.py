@@ -21,6 +21,10 @@ Unknown tokens: by default a token the source vocabulary lacks maps to ``<unk>``
 in training (the vocabularies were built with a frequency cut-off, so unseen tokens are
 normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
 instead.
+
+Special tokens: text is text. ``"<eos>"``, ``"<pad>"``... typed in a string never become
+the control ids (an EOS or PAD inside a source, a RAN document's "no token" id): a word-level
+vocabulary reads them as unknown words, a BPE one splits them into ordinary pieces.
 """
 from __future__ import annotations
 
@@ -81,14 +85,12 @@ class Tokenizer:
         unk = getattr(vocab, "unk", 3)
         if strict and (ids == unk).any():
             # what the text holds there (a BPE vocabulary spells an unknown character <unk>);
-            # a literal "<unk>" in the text is meant
+            # a literal "<unk>" typed in the text is unknown text like any other
             pieces = getattr(vocab, "unknown_pieces", None)
             found = pieces(text) if pieces is not None else \
                 [tok for tok, i in zip(_tokens(vocab, text), ids) if i == unk]
-            unknown = sorted({piece for piece in found if piece != "<unk>"})
-            if unknown:
-                raise ValueError(f"text has tokens missing from the source vocabulary: "
-                                 f"{unknown[:10]}")
+            raise ValueError(f"text has tokens missing from the source vocabulary: "
+                             f"{sorted(set(found))[:10]}")
         return ids
 
     def encode_target(self, text: str) -> np.ndarray:

@@ -104,3 +104,36 @@ def test_strict_encoding_names_the_characters_a_bpe_vocabulary_does_not_know():
         tokenizer.encode_source("hello \u2603 world", strict=True)
     assert v.unknown_pieces("hello \u2603 world \u2604") == ["\u2603", "\u2604"]
     tokenizer.encode_source("hello world", strict=True)        # all known: no error
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_special_token_spellings_in_text_are_text(kind):
+    # "<eos>" typed by a user encoded to the control id: an EOS or a PAD (a RAN's "no token")
+    # in the middle of a source. Text never yields ids 0-2; a token list still names them.
+    if kind == "bpe":
+        pytest.importorskip("tokenizers")
+        from attncore.data.bpe import BPEVocab
+        v = BPEVocab.train(["hello world <x>", "hello there", "world peace"] * 5,
+                           vocab_size=60, min_frequency=1)
+    else:
+        v = Vocab.build(["hello world", "hello there"], level="word")
+    text = "hello <eos> world <pad> <bos> <unk> there"
+    ids = v.encode(text, add_bos=True, add_eos=True)
+    inner = ids[1:-1]
+    assert ids[0] == v.bos and ids[-1] == v.eos
+    assert not {v.pad, v.bos, v.eos} & set(inner), inner
+    if kind == "word":
+        assert inner == [4, 3, v.token_to_id("world"), 3, 3, 3, v.token_to_id("there")]
+        assert v.encode(["hello", "<eos>"]) == [4, v.eos]     # token lists: as given
+    else:
+        assert "<" in v.tokenize(text)                        # split like other characters
+
+
+def test_strict_encoding_refuses_a_literal_unk_typed_in_text():
+    from attncore.tokenizer import Tokenizer
+    v = Vocab.build(["hello world"], level="word")
+    tokenizer = Tokenizer(v, v)
+    with pytest.raises(ValueError, match=r"missing from the source vocabulary: \['<unk>'\]"):
+        tokenizer.encode_source("hello <unk> world", strict=True)
+    ids = tokenizer.encode_source("hello <eos> world")
+    assert list(ids) == [4, 3, 5, 2]           # the one EOS is the appended one

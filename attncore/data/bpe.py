@@ -22,7 +22,7 @@ try:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 except ImportError as exc:  # pragma: no cover - exercised only without the package
     raise ImportError("BPE vocabularies need the 'tokenizers' package: "
-                      "pip install 'tokenizers>=0.15'") from exc
+                      "pip install 'tokenizers>=0.15.1'") from exc
 
 __all__ = ["BPEVocab"]
 
@@ -36,7 +36,9 @@ class BPEVocab:
     ----------
     tokenizer : tokenizers.Tokenizer
         Must map ``<pad> <bos> <eos> <unk>`` to ids 0..3 (true for tokenizers made by
-        :meth:`train`).
+        :meth:`train`). Its ``encode_special_tokens`` is switched on: text is text, so a
+        ``"<eos>"`` typed in a string is split like any other characters instead of becoming
+        the control id (as :meth:`attncore.data.vocab.Vocab.encode` does).
     """
 
     pad = 0
@@ -49,6 +51,7 @@ class BPEVocab:
         got = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if got != [0, 1, 2, 3]:
             raise ValueError(f"tokenizer must give {SPECIAL_TOKENS} ids 0..3, got {got}")
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
 
     @classmethod

@@ -153,6 +153,10 @@ class Vocab:
                add_eos: bool = False) -> list[int]:
         """Map a string (tokenized first) or a token list to ids.
 
+        Text is text: a ``"<eos>"`` (or another special token's spelling) inside a string is
+        an unknown word (``unk``), never the control id, so user input cannot end or pad a
+        sequence. A token *list* is looked up as given (specials included).
+
         Parameters
         ----------
         text : str or sequence of str
@@ -163,8 +167,13 @@ class Vocab:
         -------
         list of int
         """
-        toks = self.tokenize(text) if isinstance(text, str) else text
-        ids = [self._stoi.get(t, self.unk) for t in toks]
+        stoi, unk = self._stoi, self.unk
+        if isinstance(text, str):
+            # (the special ids are the four lowest)
+            ids = [i if i >= len(SPECIAL_TOKENS) else unk
+                   for i in (stoi.get(t, unk) for t in self.tokenize(text))]
+        else:
+            ids = [stoi.get(t, unk) for t in text]
         if add_bos:
             ids.insert(0, self.bos)
         if add_eos:
