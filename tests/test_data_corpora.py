@@ -62,6 +62,21 @@ def test_translation_bpe_and_batches(translation_task):
     assert again.tgt_vocab == task.tgt_vocab and isinstance(again.tgt_vocab, BPEVocab)
 
 
+def test_translation_vocabularies_clean_raw_text_as_the_task_cleaned_its_data(translation_task):
+    # the task lower-cases its corpus, but its saved BPE vocabularies read user text as typed:
+    # a served model saw "Ich" where training had "ich" (other pieces, often <unk>)
+    from attncore.data.translation import _normalize, read_ding_pairs, tokenizer_normalizer
+    task = translation_task
+    raw = "Ich  habe\u00a0Hunger, \u201eDANKE\u201c sagte er\u2019s.  "
+    assert task.src_vocab.encode(raw) == task.src_vocab.encode(_normalize(raw, True))
+    assert task.src_vocab.encode(raw.upper()) == task.src_vocab.encode(raw.lower())
+    normalizer = tokenizer_normalizer(True)
+    for de, en in read_ding_pairs():
+        for text in (de, en.upper()):
+            assert normalizer.normalize_str(text) == _normalize(text, True), text
+    assert tokenizer_normalizer(False).normalize_str(" A\u202fB ") == "A B"
+
+
 def test_translation_missing_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install -y trans-de-en"):
         get_task("translation", path=tmp_path / "absent")

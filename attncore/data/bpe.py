@@ -56,7 +56,7 @@ class BPEVocab:
 
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int = 4000,
-              min_frequency: int = 2) -> "BPEVocab":
+              min_frequency: int = 2, normalizer=None) -> "BPEVocab":
         """Learn a BPE vocabulary from ``texts``.
 
         Parameters
@@ -67,8 +67,14 @@ class BPEVocab:
             Size including the four specials and the single characters.
         min_frequency : int
             A pair must occur this often to be merged.
+        normalizer : tokenizers.normalizers.Normalizer, optional
+            Applied to every text before pre-tokenisation, and saved with the vocabulary: a
+            task that cleans its data (lower-casing...) passes the same cleaning here, so a
+            served model reads raw user text as training read the cleaned text.
         """
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        if normalizer is not None:
+            tok.normalizer = normalizer
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
         tok.decoder = decoders.Metaspace()

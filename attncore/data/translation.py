@@ -84,6 +84,18 @@ def _normalize(text: str, lowercase: bool) -> str:
     return text.lower() if lowercase else text
 
 
+def tokenizer_normalizer(lowercase: bool):
+    """:func:`_normalize` as a ``tokenizers`` normalizer, saved in the BPE vocabularies: a model
+    trained on the cleaned corpus then reads raw text ("Ich habe Hunger.") as it read the
+    training data (lower-cased...). The same strings on every Ding sentence (a test)."""
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.Replace("\u202f", " "), normalizers.Replace("\xa0", " "),
+             normalizers.Replace("\u2019", "'"), normalizers.Replace(Regex(r"\s+"), " "),
+             normalizers.Strip()]
+    return normalizers.Sequence(steps + ([normalizers.Lowercase()] if lowercase else []))
+
+
 class TranslationTask(Seq2SeqTask):
     """German -> English (or English -> German) sentence translation with BPE subwords.
 
@@ -141,10 +153,10 @@ class TranslationTask(Seq2SeqTask):
             self.src_vocab, self.tgt_vocab = BPEVocab.load(src_file), BPEVocab.load(tgt_file)
         else:
             train = self._split_pairs["train"]
-            self.src_vocab = BPEVocab.train((s for s, _ in train), vocab_size=vocab_size,
-                                            min_frequency=min_frequency)
-            self.tgt_vocab = BPEVocab.train((t for _, t in train), vocab_size=vocab_size,
-                                            min_frequency=min_frequency)
+            bpe = dict(vocab_size=vocab_size, min_frequency=min_frequency,
+                       normalizer=tokenizer_normalizer(lowercase))
+            self.src_vocab = BPEVocab.train((s for s, _ in train), **bpe)
+            self.tgt_vocab = BPEVocab.train((t for _, t in train), **bpe)
             if tokenizer_dir is not None:
                 os.makedirs(tokenizer_dir, exist_ok=True)
                 self.src_vocab.save(src_file)
