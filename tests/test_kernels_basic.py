@@ -284,6 +284,22 @@ def test_float32_tile_products_are_row_and_thread_independent(rng, M, K, N, tran
         np.testing.assert_array_equal(attncore.linear(a[1:], b, bias), lin[1:])
 
 
+def test_products_refuse_rows_past_blas_int_range(tmp_path):
+    # BLAS takes int dimensions: a row of 2^31 elements wrapped its stride. Sparse files hold
+    # the 8 GiB operands without writing them; the refusal comes before any read.
+    K = 2 ** 31
+    try:
+        x = np.memmap(tmp_path / "x", dtype=np.float32, mode="w+", shape=(1, K))
+        w = np.memmap(tmp_path / "w", dtype=np.float32, mode="w+", shape=(1, K))
+    except OSError as exc:   # (a file system without sparse files)
+        pytest.skip(f"no 8 GiB sparse file here: {exc}")
+    out = np.zeros((1, 1), np.float32)
+    with pytest.raises(ValueError, match="linear: rows of 2147483648 elements"):
+        _blas.linear(x, w, None, out, 1)
+    with pytest.raises(ValueError, match="matmul: rows of 2147483648 elements"):
+        _blas.matmul(x.reshape(1, 1, K), w.reshape(1, 1, K), out.reshape(1, 1, 1), True, 1.0, 1)
+
+
 def test_matmul_empty_inner_dimension_is_zero():
     out = attncore.matmul(np.ones((2, 0)), np.ones((0, 3)), alpha=2.0)
     assert np.array_equal(out, np.zeros((2, 3)))

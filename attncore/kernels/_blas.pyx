@@ -15,6 +15,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
+from libc.limits cimport INT_MAX
 from libc.stdint cimport int8_t, uint16_t
 
 from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_amx, ac_int8_vnni,
@@ -95,6 +96,14 @@ cdef inline void add_bias(floating *out, Py_ssize_t ldo, const floating *bias, P
             out[i * ldo + j] = out[i * ldo + j] + bias[j]
 
 
+cdef _check_blas_int(str name, Py_ssize_t K, Py_ssize_t N):
+    """ValueError where BLAS's int row strides (K, N) would wrap: a product with rows of 2^31
+    elements or more (8 GiB a row in float32) is refused, not computed from wrapped strides."""
+    if K > INT_MAX or N > INT_MAX:
+        raise ValueError(f"{name}: rows of {max(K, N)} elements are past BLAS's int range "
+                         f"(at most {INT_MAX})")
+
+
 def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floating[::1] bias,
            floating[:, ::1] out, int num_threads):
     """out (M, N) = x (M, K) . weight (N, K)^T + bias (N) -- torch ``nn.Linear`` layout."""
@@ -108,6 +117,7 @@ def linear(const floating[:, ::1] x, const floating[:, ::1] weight, const floati
         raise ValueError(f"linear: inconsistent shapes x ({M}, {K}), weight ({N}, "
                          f"{weight.shape[1]}), out ({out.shape[0]}, {out.shape[1]})"
                          + (f", bias ({bias.shape[0]},)" if has_bias else ""))
+    _check_blas_int("linear", K, N)
     if M == 0 or N == 0:
         return
     if K == 0:
@@ -183,7 +193,7 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
     op(b) = b^T with b (batch, N, K) when trans_b, else b (batch, K, N)."""
     cdef Py_ssize_t batch = a.shape[0], M = a.shape[1], K = a.shape[2], N = out.shape[2]
     cdef Py_ssize_t row_tiles = (M + TILE - 1) // TILE, t, bi, i0, j0, m, n
-    cdef int ldb = <int>(K if trans_b else N)
+    cdef int ldb
     # the callers check their arguments for users; this guards the memory the loops touch
     if b.shape[0] != batch or out.shape[0] != batch or out.shape[1] != M or \
             (trans_b and (b.shape[1] != N or b.shape[2] != K)) or \
@@ -191,6 +201,8 @@ def matmul(const floating[:, :, ::1] a, const floating[:, :, ::1] b, floating[:,
         raise ValueError(f"matmul: inconsistent shapes a ({batch}, {M}, {K}), "
                          f"b ({b.shape[0]}, {b.shape[1]}, {b.shape[2]}), "
                          f"out ({out.shape[0]}, {out.shape[1]}, {N}), trans_b={bool(trans_b)}")
+    _check_blas_int("matmul", K, N)
+    ldb = <int>(K if trans_b else N)
     if batch == 0 or M == 0 or N == 0:
         return
     if K == 0:
