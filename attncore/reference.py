@@ -199,14 +199,28 @@ def linear_int8(x, weight_q, weight_scale, bias=None):
 
         y = fma(sum_k xq[k] wq[j, k], s_x * s_w[j], bias[j])
 
-    (one rounding of the float32 product of the scales, then one of the fused multiply-add)."""
+    (one rounding of the float32 product of the scales, then one of the fused multiply-add),
+    except where that float32 product overflows or is subnormal while neither scale is 0: there
+    float32(sum * (s_x * s_w[j]) + bias[j]) in float64, the sum's product rounded before the
+    add (an inf scale turned a 0 sum into NaN; a subnormal one kept a few bits)."""
     xq, xs = quantize_int8(x)
     sums = xq.astype(np.int64) @ np.asarray(weight_q, dtype=np.int64).T
     # the int32 sum as a float32 (rounded to nearest, as the kernels convert)
     v = sums.astype(np.float32).astype(np.float64)
-    scale = (xs[..., None] * np.asarray(weight_scale, dtype=np.float32)).astype(np.float64)
+    ws = np.asarray(weight_scale, dtype=np.float32)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        scale32 = xs[..., None] * ws
+    scale = scale32.astype(np.float64)
     b = np.float64(0) if bias is None else np.asarray(bias, dtype=np.float32).astype(np.float64)
-    return _fma_float32(v * scale, b)   # v * scale: 24-bit times 24-bit, exact in float64
+    out = _fma_float32(v * scale, b)    # v * scale: 24-bit times 24-bit, exact in float64
+    tiny = np.finfo(np.float32).tiny
+    off = (np.abs(scale32) > np.finfo(np.float32).max) | \
+        ((np.abs(scale32) < tiny) & (xs[..., None] != 0) & (ws != 0))
+    if off.any():
+        wide = xs[..., None].astype(np.float64) * ws.astype(np.float64)   # exact
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.where(off, (v * wide + b).astype(np.float32), out)
+    return out
 
 
 def _fma_float32(p, b):

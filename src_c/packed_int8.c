@@ -15,6 +15,7 @@
  */
 #include "packed_linear.h"
 #include "simd.h"
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,23 @@ static inline void row_scale(float amax, float *scale, float *inv) {
     *inv = 127.0f / amax;
     *scale = amax / 127.0f;
     if (!(amax > 0.0f) || !isfinite(*inv)) { *inv = 0.0f; *scale = 0.0f; }
+}
+
+/* The float step of one output, sum x x_scale x w_scale + bias, is fma(sum, x_scale * w_scale,
+ * bias) with the scales' product in float32, unless that product is not a normal float although
+ * neither scale is 0: it overflows (x 1e30 by w 1e13: an inf that turned a 0 sum into NaN) or
+ * is subnormal (x and w near 1e-20: a few bits of scale, 13% off). Such outputs come from
+ * finish_wide: the scales' product in double (exact), times the sum, plus the bias, then float.
+ * NaN scales (a row with NaN or inf) stay on the fma: NaN either way. */
+static inline int scales_off_range(float x_scale, float w_scale) {
+    const float p = fabsf(x_scale * w_scale);
+    return p > FLT_MAX || (p < FLT_MIN && x_scale != 0.0f && w_scale != 0.0f);
+}
+
+static float finish_wide(float sum, float x_scale, float w_scale, float bias) {
+    /* (volatile: the product rounds to double before the add, as reference.linear_int8's) */
+    volatile double p = (double)sum * ((double)x_scale * (double)w_scale);
+    return (float)(p + (double)bias);
 }
 
 /* AMX needs the CPU's AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24 and 25) and, on Linux,
@@ -192,8 +210,9 @@ static void panel_i8_scalar(const uint8_t *q, ac_index ldq, const float *xs, ac_
                 const uint8_t *pq = qi + 4 * g;
                 s += pq[0] * pw[0] + pq[1] * pw[1] + pq[2] * pw[2] + pq[3] * pw[3];
             }
-            const float v = (float)(s - 128 * sums[c]);
-            out[i * ldo + c] = fmaf(v, xs[i] * ws[c], bias ? bias[c] : 0.0f);
+            const float v = (float)(s - 128 * sums[c]), b = bias ? bias[c] : 0.0f;
+            out[i * ldo + c] = scales_off_range(xs[i], ws[c]) ? finish_wide(v, xs[i], ws[c], b)
+                                                              : fmaf(v, xs[i] * ws[c], b);
         }
     }
 }
@@ -238,6 +257,25 @@ static VNNI void quantize_rows_vnni(const float *x, ac_index ldx, ac_index M, ac
     }
 }
 
+/* The outputs of a stored group whose scales' product is out of float32's normal range
+ * (scales_off_range), again through finish_wide. A compare and a test per group otherwise. */
+static inline __attribute__((always_inline)) VNNI void
+finish_off_range_vnni(__m512 v, __m512 scale, float x_scale, const float *ws, __m512 b,
+                      __mmask16 live, float *out) {
+    if (x_scale == 0.0f) return;
+    const __m512 magnitude = _mm512_abs_ps(scale);
+    __mmask16 off = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MAX), _CMP_GT_OQ) |
+        (_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
+         _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(live, ws), _mm512_setzero_ps(), _CMP_NEQ_OQ));
+    off &= live;
+    if (!off) return;
+    float sums[16], biases[16];
+    _mm512_storeu_ps(sums, v);
+    _mm512_storeu_ps(biases, b);
+    for (int c = 0; c < 16; c++)
+        if ((off >> c) & 1) out[c] = finish_wide(sums[c], x_scale, ws[c], biases[c]);
+}
+
 /* The float step of one 16-column group c of a row: (sum - 128 x weight sums) x row scale x
  * weight scale + bias, stored where the panel has columns (a live mask; none past ncols). */
 static inline __attribute__((always_inline)) VNNI void
@@ -253,6 +291,7 @@ store_group_vnni(__m512i sum, int c, float x_scale, const int8_t *panel, ac_inde
     const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift));
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x_scale), _mm512_loadu_ps(ws + c0));
     _mm512_mask_storeu_ps(out + c0, live, _mm512_fmadd_ps(v, scale, b));
+    finish_off_range_vnni(v, scale, x_scale, ws + c0, b, live, out + c0);
 }
 
 /* A row's four groups. */
@@ -384,6 +423,7 @@ static AMX void panel_rows_amx(const uint8_t *q, ac_index ldq, const float *xs, 
             const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
             const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), wsc);
             _mm512_mask_storeu_ps(out + r * ldo + c0, live, _mm512_fmadd_ps(v, scale, b));
+            finish_off_range_vnni(v, scale, xs[r], ws + c0, b, live, out + r * ldo + c0);
         }
     }
 }

@@ -308,6 +308,37 @@ def test_int8_rows_with_zeros_nan_or_infinity(rng):
     assert np.array_equal(out[~np.isnan(out)], want[~np.isnan(want)])
 
 
+def test_int8_scales_whose_product_leaves_float32s_normal_range(rng):
+    """The float step multiplied the row and weight scales in float32 first: x near 1e30 by w
+    near 1e13 made an inf scale that turned a 0 sum into NaN (float32 gives the bias there),
+    and x 2e-20 by w 2e-21 a subnormal one, 13% off though every value quantizes exactly.
+    Such outputs are now computed from the scales' product in double."""
+    K = 4096
+    w = rng.standard_normal((40, K)).astype(F32)
+    w[3, :K // 2] = 0
+    w[3, K // 2:] *= 1e13
+    w[5] = 2e-21
+    bias = rng.standard_normal(40).astype(F32)
+    bias[5] = 0
+    x = rng.standard_normal((6, K)).astype(F32)
+    x[1, :K // 2] *= 1e30
+    x[1, K // 2:] = 0                  # orthogonal to w[3]: a sum of 0
+    x[2] *= 1e30                       # overflows float32 however computed: inf
+    x[3] = 2e-20
+    packed = PackedLinearWeight(w, "int8")
+    values, scales = packed.int8_parts()
+    want = ref.linear_int8(x, values, scales, bias)
+    assert want[1, 3] == bias[3]
+    assert want[3, 5] == pytest.approx(K * 2e-20 * 2e-21, rel=1e-6)
+    for rows in (slice(0, 6), slice(1, 2), slice(3, 4), slice(1, 5)):
+        for threads in (1, 2):
+            got = np.empty((x[rows].shape[0], 40), dtype=F32)
+            _blas.linear_packed(x[rows], packed.panels, 40, bias, got, BLAS_SMALL_GEMM_MACS,
+                                threads)
+            assert np.array_equal(_bits(got), _bits(want[rows])), (rows, threads)
+    assert np.isinf(want[2, 3]) and np.isfinite(np.delete(want, 2, axis=0)).all()
+
+
 def test_int8_packing_refuses_what_it_cannot_quantize():
     with pytest.raises(ValueError, match="weight.*NaN"):
         PackedLinearWeight(np.array([[1.0, np.nan]], dtype=F32), "int8")
@@ -352,6 +383,8 @@ def test_int8_kernels_give_the_same_bits(rng, tmp_path, isa):
     w = rng.standard_normal((130, 257)).astype(F32)
     x = rng.standard_normal((23, 257)).astype(F32)
     x[5, 7] = np.nan                                 # a NaN row among them: NaN outputs
+    x[6] *= 1e-20                                    # scales whose float32 product is
+    w[4] *= 1e-20                                    # subnormal (the float step in double)
     bias = rng.standard_normal(130).astype(F32)
     np.savez(tmp_path / "io.npz", w=w, x=x, bias=bias)
     script = ("import numpy as np, attncore, sys\n"
