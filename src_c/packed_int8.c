@@ -259,21 +259,30 @@ static VNNI void quantize_rows_vnni(const float *x, ac_index ldx, ac_index M, ac
 
 /* The outputs of a stored group whose scales' product is out of float32's normal range
  * (scales_off_range), again through finish_wide. A compare and a test per group otherwise. */
-static inline __attribute__((always_inline)) VNNI void
-finish_off_range_vnni(__m512 v, __m512 scale, float x_scale, const float *ws, __m512 b,
-                      __mmask16 live, float *out) {
-    if (x_scale == 0.0f) return;
-    const __m512 magnitude = _mm512_abs_ps(scale);
-    __mmask16 off = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MAX), _CMP_GT_OQ) |
-        (_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
-         _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(live, ws), _mm512_setzero_ps(), _CMP_NEQ_OQ));
-    off &= live;
-    if (!off) return;
+static __attribute__((noinline)) VNNI void
+finish_lanes_wide(__mmask16 off, __m512 v, float x_scale, const float *ws, __m512 b,
+                  float *out) {
     float sums[16], biases[16];
     _mm512_storeu_ps(sums, v);
     _mm512_storeu_ps(biases, b);
     for (int c = 0; c < 16; c++)
         if ((off >> c) & 1) out[c] = finish_wide(sums[c], x_scale, ws[c], biases[c]);
+}
+
+static inline __attribute__((always_inline)) VNNI void
+finish_off_range_vnni(__m512 v, __m512 scale, float x_scale, const float *ws, __m512 b,
+                      __mmask16 live, float *out) {
+    const __m512 magnitude = _mm512_abs_ps(scale);
+    /* (a lane is off range only if its scale is not 0: the zero-weight test runs rarely) */
+    __mmask16 off = _mm512_mask_cmp_ps_mask(live, magnitude, _mm512_set1_ps(FLT_MAX),
+                                            _CMP_GT_OQ) |
+                    _mm512_mask_cmp_ps_mask(live, magnitude, _mm512_set1_ps(FLT_MIN),
+                                            _CMP_LT_OQ);
+    if (__builtin_expect(off != 0, 0) && x_scale != 0.0f) {
+        off &= _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(live, ws), _mm512_setzero_ps(),
+                                  _CMP_NEQ_OQ);
+        if (off) finish_lanes_wide(off, v, x_scale, ws, b, out);
+    }
 }
 
 /* The float step of one 16-column group c of a row: (sum - 128 x weight sums) x row scale x
