@@ -393,6 +393,7 @@ def _progress(args, interactive):
 def _run_lines(args):
     """translate / generate / encode / classify: lines in, one output line per input line."""
     from attncore import batch
+    from attncore.distributed import ClusterError   # (imports no Dask)
     job = _job(args)
     interactive = (args.input in (None, "-")) and _stdin_is_terminal()
     # Interactive input answers each line as it is typed: no window to fill.
@@ -450,6 +451,14 @@ def _run_lines(args):
             # futures, which on a closed client printed a traceback after `| head`
             stack.callback(results.close)
         written = 0
+
+        def done():
+            sink.flush()
+            where = "stdout" if args.output in (None, "-") else repr(args.output)
+            return "nothing was written" if written == 0 else (
+                f"the {written} line{'s' if written > 1 else ''} before it "
+                f"{'were' if written > 1 else 'was'} written to {where}")
+
         try:
             for item, result in results:
                 _CtrlC.check()
@@ -458,13 +467,10 @@ def _run_lines(args):
                 if interactive or written % 256 == 0:
                     sink.flush()
         except batch.InputError as exc:
-            sink.flush()
-            where = "stdout" if args.output in (None, "-") else repr(args.output)
-            done = "nothing was written" if written == 0 else (
-                f"the {written} line{'s' if written > 1 else ''} before it "
-                f"{'were' if written > 1 else 'was'} written to {where}")
             # (a line's error from the model names generate's arguments: say the options)
-            raise UserError(f"{_option_names(str(exc))}; stopped there, {done}") from None
+            raise UserError(f"{_option_names(_one_line(exc))}; stopped there, {done()}") from None
+        except ClusterError as exc:   # (--dask: workers lost, none came, a model they can't load)
+            raise UserError(f"{_one_line(exc)}; stopped there, {done()}") from None
         finish = getattr(sink, "finish", None)
         if finish is not None:   # (an --output file of a run without output lines: emptied)
             finish()

@@ -31,26 +31,45 @@ How the work is split
   its files (a rewritten model directory is reloaded). Workers must see the model directory at
   the same path (a shared file system, or a copy at that path on each machine).
 * Threads: each batch runs under ``attncore.num_threads(kernel_threads)``. ``local:N``
-  starts N worker processes with one task slot each and ``cores // N`` kernel threads, so
-  N x (cores / N) = cores: no oversubscription. On an existing cluster the default is the
-  worker's usable CPUs divided by its task slots (``nthreads``).
+  starts N worker processes with one task slot each and ``max(1, T // N)`` kernel threads,
+  where T is :func:`attncore.get_num_threads` (``OMP_NUM_THREADS`` or the usable cores): N x
+  (T / N) = T, no oversubscription while N <= T (more workers than cores run one thread each).
+  On an existing cluster the default is the worker's usable CPUs divided by its task slots
+  (``nthreads``).
 * Errors keep the :mod:`attncore.batch` promise: a malformed line or a line the model refuses
-  stops the run after every earlier line has been delivered, and names the line.
+  stops the run after every earlier line has been delivered, and names the line. What is not
+  a line's fault raises :class:`ClusterError` (after the same earlier lines): a worker that
+  cannot load the model, workers lost (``KilledWorker``), a lost scheduler, or no worker at
+  all for :data:`NO_WORKER_TIMEOUT` seconds (Dask would queue the batches forever).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
 import signal
 import threading
-from pathlib import Path
+import time
 from typing import Iterable, Iterator, Optional, Union
 
 from . import batch as _batch
+from .kernels.threads import _check_count
 
 __all__ = ["cached_model", "load_count", "local_client", "connect", "run_on_dask",
-           "translate_lines", "available"]
+           "translate_lines", "available", "ClusterError", "NO_WORKER_TIMEOUT"]
+
+#: Seconds a run waits while the cluster has no worker (none joined yet, or the last one was
+#: lost) before it raises ClusterError.
+NO_WORKER_TIMEOUT = 60.0
+
+# how often a waiting client looks at the worker count
+_POLL_SECONDS = 1.0
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster failed a run for a reason that is no input line's: a worker could not
+    load the model, workers or the scheduler were lost, or no worker came."""
 
 _models: dict = {}
 _loads: dict = {}
@@ -78,7 +97,10 @@ def _model_key(path) -> tuple:
     stamps = []
     for name in ("config.json", "model.safetensors"):
         try:
-            stamps.append(os.stat(os.path.join(real, name)).st_mtime_ns)
+            # (the change time and inode too: `cp -p`, `rsync -a` or `tar` keep a rewritten
+            # file's modification time, and a worker kept serving the old weights)
+            st = os.stat(os.path.join(real, name))
+            stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
         except OSError:
             stamps.append(None)
     return (real, *stamps)
@@ -88,8 +110,8 @@ def cached_model(path, weight_dtype: str = "float32"):
     """The engine model of directory ``path`` (loaded with ``weight_dtype``), loaded once per
     process and then shared.
 
-    Keyed by the real path, the modification times of ``config.json`` and
-    ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe,
+    Keyed by the real path, the modification and change times, inodes and sizes of
+    ``config.json`` and ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe,
     so the threads of a worker share one copy. A directory rewritten since replaces its
     earlier version (of the same ``weight_dtype``): a long-lived worker kept every version.
     """
@@ -137,7 +159,12 @@ def _run_batch(model_path: str, job, batch, kernel_threads: Optional[int],
     the cached model."""
     from .kernels import num_threads
 
-    model = cached_model(model_path, weight_dtype)
+    try:
+        model = cached_model(model_path, weight_dtype)
+    except Exception as exc:   # (a ValueError would read as the batch's lines being refused)
+        message = str(exc) or type(exc).__name__
+        raise ClusterError(f"a Dask worker could not load the model {model_path!r}: "
+                           f"{message}") from None
     with num_threads(kernel_threads or _worker_kernel_threads()):
         return job.run_items(model, batch)
 
@@ -149,26 +176,30 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
     installed, listens on a free port of 127.0.0.1 only).
 
     ``n_workers`` workers with one task slot each, as processes on 127.0.0.1, or with
-    ``processes=False`` as threads of this process (they then share one cached model). The client's ``attncore_kernel_threads``
-    attribute is ``cores // n_workers`` unless given, and :func:`run_on_dask` uses it.
+    ``processes=False`` as threads of this process (they then share one cached model). The
+    client's ``attncore_kernel_threads`` attribute is ``kernel_threads``, by default
+    ``max(1, attncore.get_num_threads() // n_workers)``, and :func:`run_on_dask` uses it.
     """
     distributed = _require()
     _batch._check_positive("n_workers", n_workers)
+    if kernel_threads is not None:
+        kernel_threads = _check_count(kernel_threads, "kernel_threads")
     # Worker processes talk TCP on the loopback interface only; in-process workers use Dask's
-    # in-memory transport (no sockets at all).
-    # Dask's HTTP endpoints (health, metrics) go to a free port on 127.0.0.1 as well.
+    # in-memory transport. Dask's HTTP endpoints (the dashboard; each worker's health and
+    # metrics) go to free ports of 127.0.0.1 (in-process workers listened on every interface).
     network = {"host": "127.0.0.1", "protocol": "tcp://"} if processes else {}
     with _workers_ignoring_ctrl_c():
         cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                            processes=processes, dashboard_address="127.0.0.1:0",
+                                           worker_dashboard_address="127.0.0.1:0",
                                            # a failed task comes back through its future, its
                                            # line named; the worker's own traceback on stderr
                                            # would only repeat it
                                            silence_logs=logging.CRITICAL, **network)
     client = distributed.Client(cluster)
     try:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        client.attncore_kernel_threads = kernel_threads or max(1, (cpus or 1) // n_workers)
+        from .kernels.threads import get_num_threads
+        client.attncore_kernel_threads = kernel_threads or max(1, get_num_threads() // n_workers)
         yield client
     finally:
         client.close()
@@ -207,10 +238,16 @@ def connect(address: str):
         client = distributed.Client(address, timeout="10s")
     except (OSError, TimeoutError) as exc:
         raise OSError(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
+    # (a lost scheduler is a ClusterError of the run; the client's own log lines on stderr,
+    # tracebacks included, would only repeat it)
+    log = logging.getLogger("distributed.client")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         yield client
     finally:
         client.close()
+        log.setLevel(level)
 
 
 def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching: _batch.Batching,
@@ -241,26 +278,67 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
         return
     from .kernels.basic import check_weight_dtype
     weight_dtype = check_weight_dtype(weight_dtype)  # here, not as a worker's error
-    distributed = _require()
-    model_path = str(Path(model_path).resolve())
+    if kernel_threads is not None:
+        kernel_threads = _check_count(kernel_threads, "kernel_threads")
+    _require()
+    # (absolute, not resolved: the workers resolve links on their own file system)
+    model_path = os.path.abspath(model_path)
     threads = kernel_threads or getattr(client, "attncore_kernel_threads", None)
 
-    def infer(batch):
+    def submit(batch):
         return client.submit(_run_batch, model_path, job, batch, threads, weight_dtype,
-                             pure=False).result()
+                             pure=False)
+
+    def infer(batch):
+        return _result(client, submit(batch))
 
     def map_batches(batches):
-        futures = {client.submit(_run_batch, model_path, job, b, threads, weight_dtype,
-                                 pure=False): index
-                   for index, b in enumerate(batches)}
+        # waited for in submission order: the output needs them in order anyway, and a wait on
+        # one future can watch the cluster
+        futures = [submit(b) for b in batches]
         try:
-            for future in distributed.as_completed(list(futures)):
-                yield futures[future], future.result()
+            for index, future in enumerate(futures):
+                yield index, _result(client, future)
         finally:
             client.cancel([f for f in futures if not f.done()])
 
     yield from _batch.run_batches(items, infer, batching, throughput=throughput,
                                   on_batch=on_batch, map_batches=map_batches)
+
+
+def _result(client, future):
+    """``future.result()``, with the cluster's own failures as ClusterError: workers lost
+    (``KilledWorker``), the scheduler lost (a cancelled future, a closed connection), or no
+    worker for NO_WORKER_TIMEOUT seconds while the batch waits."""
+    from distributed.scheduler import KilledWorker
+
+    workerless_since = None
+    while True:
+        try:
+            return future.result(timeout=_POLL_SECONDS)
+        except TimeoutError:
+            pass
+        except KilledWorker as exc:
+            raise ClusterError(f"the Dask workers running a batch died: {exc}") from None
+        except (concurrent.futures.CancelledError, OSError) as exc:
+            if isinstance(exc, OSError) and type(exc).__module__.split(".")[0] != "distributed":
+                raise
+            raise ClusterError(f"lost the Dask scheduler or the batch: "
+                               f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+        if _worker_count(client):
+            workerless_since = None
+        elif workerless_since is None:
+            workerless_since = time.monotonic()
+        elif time.monotonic() - workerless_since > NO_WORKER_TIMEOUT:
+            raise ClusterError(f"the Dask cluster has had no worker for "
+                               f"{NO_WORKER_TIMEOUT:g} s")
+
+
+def _worker_count(client) -> int:
+    try:
+        return len(client.scheduler_info().get("workers", {}))
+    except Exception:   # (a client losing its scheduler: the future says so next)
+        return 1
 
 
 def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,

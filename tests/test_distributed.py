@@ -193,3 +193,120 @@ def test_bfloat16_workers_equal_the_bfloat16_model(client, tmp_path):
     assert half.weight_dtype == "bfloat16" and distributed.cached_model(path) is not half
     with pytest.raises(ValueError, match="weight_dtype"):
         next(distributed.translate_lines(client, path, LINES[:3], weight_dtype="int4"))
+
+
+def test_a_model_the_workers_cannot_load_is_a_cluster_error(client, tmp_path):
+    # a worker's load error is a ValueError: it read as "the model refused the batch", and the
+    # one-by-one rerun blamed line 1 (over 17 lines of stderr on the command line)
+    path = tmp_path / "dates"
+    shutil.copytree(DATES, path)
+    (path / "model.safetensors").write_bytes(b"\x10\x00")           # truncated
+    with pytest.raises(distributed.ClusterError, match="(?s)could not load the model .*safetensors"):
+        list(distributed.translate_lines(client, path, LINES[:5], batching=BATCHING))
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in LINES[:5]))
+    proc = subprocess.run([sys.executable, "-m", "attncore", "translate", "--model", str(path), "--input",
+                           "in.txt", "--dask", "local:1", "--no-progress", "--threads", "1"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    errors = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert "could not load the model" in errors[0] and "line 1" not in errors[0]
+    assert errors[0].endswith("stopped there, nothing was written")
+
+
+class _Future:
+    """A stand-in for a Dask future: raises ``error`` (or times out) on result()."""
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def result(self, timeout=None):
+        raise self.error if self.error is not None else TimeoutError()
+
+
+class _Client:
+    def __init__(self, workers):
+        self.workers = workers
+
+    def scheduler_info(self):
+        return {"workers": dict.fromkeys(range(self.workers))}
+
+
+def test_cluster_failures_are_cluster_errors(monkeypatch):
+    # no worker (none joined, or the last one died): Dask queues the batch forever and the
+    # command line hung without a word; lost workers and scheduler printed tracebacks
+    import concurrent.futures
+    from types import SimpleNamespace
+    from distributed.scheduler import KilledWorker
+    from distributed.comm import CommClosedError
+    monkeypatch.setattr(distributed, "NO_WORKER_TIMEOUT", 0.2)
+    monkeypatch.setattr(distributed, "_POLL_SECONDS", 0.02)
+    started = time.monotonic()
+    with pytest.raises(distributed.ClusterError, match="no worker for 0.2 s"):
+        distributed._result(_Client(0), _Future())
+    assert time.monotonic() - started < 5
+    for error, words in [(KilledWorker("task", SimpleNamespace(address="tcp://w"), 3),
+                          "workers running a batch died"),
+                         (concurrent.futures.CancelledError("gone"), "lost the Dask scheduler"),
+                         (CommClosedError("closed"), "lost the Dask scheduler")]:
+        with pytest.raises(distributed.ClusterError, match=words):
+            distributed._result(_Client(1), _Future(error))
+    # errors of the job itself pass through as they are
+    for error in (ValueError("line"), OSError("disk")):
+        with pytest.raises(type(error)) as raised:
+            distributed._result(_Client(1), _Future(error))
+        assert raised.value is error
+
+
+def test_cached_model_reloads_a_directory_rewritten_with_its_old_times(tmp_path):
+    # cp -p / rsync -a / tar keep a file's modification time: the worker kept the old weights
+    path = tmp_path / "dates"
+    shutil.copytree(DATES, path)
+    first = distributed.cached_model(path)
+    weights = path / "model.safetensors"
+    stat = weights.stat()
+    replacement = tmp_path / "new.safetensors"
+    shutil.copy2(weights, replacement)                  # the same bytes, another inode
+    os.replace(replacement, weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert distributed.cached_model(path) is not first
+
+
+def test_kernel_threads_are_checked_where_given(client):
+    for bad, error in [(0, ValueError), (-1, ValueError), (2000, ValueError), ("2", TypeError),
+                       (1.5, TypeError)]:
+        with pytest.raises(error, match="kernel_threads"):
+            with distributed.local_client(1, processes=False, kernel_threads=bad):
+                pass
+        with pytest.raises(error, match="kernel_threads"):
+            next(distributed.translate_lines(client, DATES, LINES[:2], kernel_threads=bad))
+
+
+def test_in_process_workers_serve_http_on_loopback_only(client):
+    # the workers' health and metrics endpoints listened on every interface
+    hosts = client.run(lambda dask_worker: [
+        sock.getsockname()[0] for server in dask_worker.http_server._sockets.values()
+        for sock in [server]])
+    assert hosts and all(set(names) <= {"127.0.0.1"} for names in hosts.values()), hosts
+
+
+def test_workers_get_the_path_as_given_not_its_link_target(client, tmp_path):
+    # (a worker with another mount may not have the client's link target)
+    link = tmp_path / "link"
+    link.symlink_to(DATES)
+    seen = tmp_path / "seen.txt"
+    original = distributed._run_batch
+
+    def spy(model_path, *args):   # (tasks are serialized even in-process: a file records)
+        with open(seen, "a") as f:
+            f.write(model_path + "\n")
+        return original(model_path, *args)
+
+    try:
+        distributed._run_batch = spy
+        got = list(distributed.translate_lines(client, link, LINES[:3], batching=BATCHING))
+    finally:
+        distributed._run_batch = original
+    assert got == single_process(LINES[:3])
+    assert set(seen.read_text().split()) == {str(link)}
