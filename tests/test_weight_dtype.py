@@ -186,6 +186,24 @@ def test_bfloat16_load_and_save(tmp_path):
     assert all(np.array_equal(again.weights[k], w) for k, w in half.weights.items())
 
 
+def test_weight_dtype_may_be_a_str_subclass():
+    # (numpy.str_ passed the check, then a Cython argument typed str refused it)
+    for name in ("gru-luong-concat", "transformer-post-norm"):
+        for dtype in ("int8", "bfloat16"):
+            model = attncore.from_config(CONFIGS[name], weight_dtype=np.str_(dtype))
+            assert type(model.weight_dtype) is str and model.weight_dtype == dtype
+
+
+def test_int8_width_limit_names_the_tensor():
+    # the packer's error named no tensor; the float32 and bfloat16 models of it run
+    config = _transformer_config(num_encoder_layers=1, num_decoder_layers=1,
+                                 dim_feedforward=32800)
+    with pytest.raises(ValueError, match=r"tensor 'decoder.layers.0.linear2.weight' has 32800 "
+                                         r"in_features; int8 weights take at most 32768"):
+        attncore.from_config(config, weight_dtype="int8")
+    attncore.from_config(config, weight_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("value,error,match", [
     ("float16", ValueError, "weight_dtype"), ("int4", ValueError, "weight_dtype"),
     (16, TypeError, "weight_dtype"), (None, TypeError, "weight_dtype"),

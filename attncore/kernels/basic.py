@@ -68,7 +68,7 @@ def check_weight_dtype(weight_dtype, name="weight_dtype") -> str:
         raise TypeError(f"{name} must be a str, got {type(weight_dtype).__name__}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"{name} must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    return weight_dtype
+    return str(weight_dtype)   # (a numpy.str_ failed where Cython takes an exact str)
 
 
 def round_bfloat16(x):

@@ -384,6 +384,8 @@ class Model:
         self.weights = self._check_weights(spec, weights)
         if weight_dtype == "bfloat16":
             self.weights = self._rounded_to_bfloat16(self.weights)
+        if weight_dtype == "int8":
+            self._check_int8_widths(self.weights)
         self.weight_dtype = weight_dtype
         self.tokenizer = tokenizer
         self._prepare()
@@ -428,6 +430,18 @@ class Model:
                 array.flags.writeable = False
             rounded[name] = array
         return rounded
+
+    @staticmethod
+    def _check_int8_widths(weights: dict) -> None:
+        """ValueError naming the first matrix wider than int8 packing takes (the packer's own
+        error named no tensor). Matrices that stay float32 count too: their width is a model
+        dimension some packed matrix shares."""
+        from ..kernels._blas import INT8_MAX_IN_FEATURES
+        for name, array in sorted(weights.items()):
+            if array.ndim == 2 and array.shape[1] > INT8_MAX_IN_FEATURES:
+                raise ValueError(f"tensor {name!r} has {array.shape[1]} in_features; int8 "
+                                 f"weights take at most {INT8_MAX_IN_FEATURES}: load it with "
+                                 f"weight_dtype='float32' or 'bfloat16'")
 
     def _prepare(self) -> None:
         """Hook: derive inference arrays from ``self.weights`` (called once by ``__init__``)."""
