@@ -133,12 +133,14 @@ class _Gathered:
     origin: Dict[str, str] = field(default_factory=dict)      # trainer name -> source description
     unused: List[str] = field(default_factory=list)           # source keys that map to nothing
     problems: List[str] = field(default_factory=list)
+    missing_named: set = field(default_factory=set)           # targets whose named key is absent
 
 
 def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLike], out_dir: PathLike, *,
                              names: Mapping[str, str], num_heads: int, scale_embedding: bool,
                              kind: str = "encoder_decoder", prefix: str = "", norm_first: bool = False,
                              activation: str = "relu", layer_norm_eps: float = 1e-5,
+                             bias: bool = True, final_norm: Optional[bool] = None,
                              max_positions: Optional[int] = None, pooling: str = "mean",
                              ignore: Iterable[str] = (), dtype: str = "float32",
                              pad_id: int = 0, bos_id: int = 1, eos_id: int = 2, unk_id: int = 3,
@@ -183,9 +185,18 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
         optional ``norm.*``), run without a mask (encoder) or with a causal mask (decoder).
     prefix : str
         The Transformer's module path in the state dict (``"transformer."``); ``""`` for none.
-    norm_first, activation, layer_norm_eps
+    norm_first, activation, layer_norm_eps, bias
         As given to ``nn.Transformer`` (defaults are torch's). ``activation`` is ``"relu"`` or
-        ``"gelu"`` (torch's exact erf GELU).
+        ``"gelu"`` (torch's exact erf GELU). ``bias=False``: the model has no attention, FFN or
+        LayerNorm biases (its norms ``LayerNorm(bias=False)``; the FFN and norm biases become
+        zeros). Given, not inferred: a bias-free ``nn.RMSNorm`` leaves the same tensors as a
+        bias-free LayerNorm and would convert into another model. Every norm must be a
+        ``LayerNorm``.
+    final_norm : bool, optional
+        Whether the stacks end with a norm (``nn.Transformer`` always; an
+        ``nn.TransformerEncoder`` when given ``norm=``). Default: inferred from the ``norm.*``
+        tensors. A final ``LayerNorm(elementwise_affine=False)`` has none: pass True (its
+        weight and bias are then ones and zeros).
     max_positions : int, optional
         Longest sequence. Default: the rows of the position table (truncated when smaller),
         else :data:`DEFAULT_SINUSOIDAL_POSITIONS`.
@@ -215,7 +226,7 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
     from .train.transformer import TransformerConfig
 
     _check_transformer_arguments(kind, num_heads, scale_embedding, norm_first, activation,
-                                 layer_norm_eps, max_positions, pooling, dtype)
+                                 layer_norm_eps, bias, final_norm, max_positions, pooling, dtype)
     _check_out_dir(out_dir)
     prefix = _check_prefix(prefix)
     ignore = _check_ignore(ignore)
@@ -226,6 +237,7 @@ def from_pytorch_transformer(state_dict: Union[Mapping[str, np.ndarray], PathLik
     hparams = _infer_transformer_shapes(gathered, kind, prefix, names, max_positions)
     if hparams is None:  # not even d_model could be found: nothing more to check
         _raise(gathered.problems)
+    _check_bias_and_final_norm(gathered, hparams, bool(bias), final_norm)
     # a missing embedding is reported by the shape comparison: its placeholder vocabulary (1)
     # must not fail the special ids' range check too
     for side, ids in (("src", (pad_id, unk_id)), ("tgt", (bos_id, eos_id))):
@@ -265,7 +277,8 @@ def _raise(problems: List[str]) -> None:
 
 
 def _check_transformer_arguments(kind, num_heads, scale_embedding, norm_first, activation,
-                                 layer_norm_eps, max_positions, pooling, dtype) -> None:
+                                 layer_norm_eps, bias, final_norm, max_positions, pooling,
+                                 dtype) -> None:
     """ValueError naming the first bad scalar argument (before any array is read)."""
     def is_int(x):
         return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
@@ -275,6 +288,9 @@ def _check_transformer_arguments(kind, num_heads, scale_embedding, norm_first, a
         (is_int(num_heads) and num_heads >= 1, f"num_heads must be a positive int, got {num_heads!r}"),
         (isinstance(scale_embedding, (bool, np.bool_)), f"scale_embedding must be a bool, got {scale_embedding!r}"),
         (isinstance(norm_first, (bool, np.bool_)), f"norm_first must be a bool, got {norm_first!r}"),
+        (isinstance(bias, (bool, np.bool_)), f"bias must be a bool, got {bias!r}"),
+        (final_norm is None or isinstance(final_norm, (bool, np.bool_)),
+         f"final_norm must be a bool or None, got {final_norm!r}"),
         (activation in ("relu", "gelu"),
          f"activation must be 'relu' or 'gelu' (exact erf GELU, torch's default), got {activation!r}"),
         (isinstance(layer_norm_eps, (int, float, np.floating)) and not isinstance(layer_norm_eps, bool)
@@ -379,6 +395,7 @@ def _gather(arrays: Mapping[str, np.ndarray], kind: str, prefix: str, names: Map
             gathered.origin[target] = source
         else:
             gathered.problems.append(f"missing tensor {source!r} (names[{key!r}])")
+            gathered.missing_named.add(target)
     stacks = _stack_prefixes(kind, prefix)
     for key, array in arrays.items():
         if key in named_keys or any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):
@@ -493,11 +510,14 @@ def _infer_transformer_shapes(gathered: _Gathered, kind: str, prefix: str, names
     hparams = dict(
         d_model=d_model, num_encoder_layers=counts["encoder"], num_decoder_layers=counts["decoder"],
         dim_feedforward=dim_feedforward, final_norm=any(final.values()),
-        attention_bias=any(name.endswith("attn.in_proj_bias") for name in weights),
         src_vocab_size=(_dim(weights, "src_embedding.weight", 0) or 1) if has_encoder else 0,
-        tgt_vocab_size=(_dim(weights, "tgt_embedding.weight", 0) or 1) if has_decoder else 0,
+        # (a missing embedding: the output layer's rows, else a placeholder whose mismatches
+        # are left unreported; the missing tensor is the problem)
+        tgt_vocab_size=(_dim(weights, "tgt_embedding.weight", 0) or _dim(weights, "output.weight", 0)
+                        or _dim(weights, "output.bias", 0) or 1) if has_decoder else 0,
         tie_embeddings=has_decoder and names.get("output") == names.get("tgt_embedding"),
-        num_classes=(_dim(weights, "classifier.weight", 0) or 1) if kind == "encoder_only" else 0,
+        num_classes=(_dim(weights, "classifier.weight", 0) or _dim(weights, "classifier.bias", 0)
+                     or 1) if kind == "encoder_only" else 0,
     )
     hparams.update(_positions(gathered, names, max_positions))
     return hparams
@@ -523,20 +543,52 @@ def _positions(gathered: _Gathered, names: Mapping[str, str], max_positions: Opt
     return {"positions": "learned", "max_positions": int(limit)}
 
 
+def _check_bias_and_final_norm(gathered: _Gathered, hparams: dict, bias: bool,
+                               final_norm: Optional[bool]) -> None:
+    """``attention_bias`` and ``final_norm`` of ``hparams`` from the arguments, with a problem
+    where the weights say otherwise (one line, not a missing tensor a layer)."""
+    weights, problems = gathered.weights, gathered.problems
+    found = any(name.endswith("attn.in_proj_bias") for name in weights)
+    if bias and not found:
+        problems.append("the attention layers have no in_proj_bias: for a model built with "
+                        "bias=False pass bias=False (its norms must be LayerNorms, not RMSNorm)")
+    elif not bias and found:
+        problems.append("bias=False, but the attention layers have in_proj_bias tensors")
+    # (the spec follows the weights: a wrong bias is then this one problem, not a missing or
+    # unexpected tensor in every layer)
+    hparams["attention_bias"] = found
+    if final_norm is None:
+        return
+    present = [name for name in weights if re.match(r"(encoder|decoder)\.norm\.", name)]
+    if not final_norm and present:
+        problems.append(f"final_norm=False, but the state dict has final norm tensors "
+                        f"({gathered.origin[sorted(present)[0]]!r})")
+    if final_norm and not present:
+        # a LayerNorm(elementwise_affine=False): the identity affine map
+        d = hparams["d_model"]
+        for stack, count in (("encoder", hparams["num_encoder_layers"]),
+                             ("decoder", hparams["num_decoder_layers"])):
+            if count:
+                for part, fill in (("weight", np.ones), ("bias", np.zeros)):
+                    weights[f"{stack}.norm.{part}"] = fill(d, dtype=np.float32)
+                    gathered.origin[f"{stack}.norm.{part}"] = f"{fill.__name__} (final_norm=True)"
+    hparams["final_norm"] = final_norm
+
+
 def _fill_zero_biases(gathered: _Gathered, spec: io.WeightSpec, names: Mapping[str, str],
-                      attention_bias: bool) -> None:
+                      bias: bool) -> None:
     """Zero biases where the torch model has none but the trainer always keeps one.
 
     * ``output.bias`` / ``classifier.bias`` when ``names`` gives no bias (a bias-free Linear);
-    * ``linear{1,2}.bias`` and ``norm*.bias`` of ``nn.Transformer(bias=False)``, recognised by
-      its attention having no ``in_proj_bias`` either.
+    * ``linear{1,2}.bias`` and ``norm*.bias`` of ``nn.Transformer(bias=False)`` (no
+      attention biases either: ``bias`` is ``config.attention_bias``).
     """
     weights, origin = gathered.weights, gathered.origin
     for target, key in (("output.bias", "output_bias"), ("classifier.bias", "classifier_bias")):
         if target in spec and key not in names:
             weights[target] = np.zeros(spec[target][0], dtype=spec[target][1])
             origin[target] = f"zeros (names has no {key!r})"
-    if not attention_bias:
+    if not bias:
         for target, (shape, dtype) in spec.items():
             if target not in weights and _BIAS_FREE_TORCH.search(target):
                 weights[target] = np.zeros(shape, dtype=dtype)
@@ -560,6 +612,8 @@ def _compare(gathered: _Gathered, spec: io.WeightSpec, kind: str, prefix: str,
     weights, origin = gathered.weights, gathered.origin
     problems = []
     for target, (shape, _) in spec.items():
+        if target in gathered.missing_named:
+            continue   # (named and reported missing already)
         if target not in weights:
             problems.append(f"missing tensor {_expected_source(target, kind, prefix, names)!r} "
                             f"(expected shape {list(shape)}, for {target})")
