@@ -215,6 +215,20 @@ def test_window_size_override():
 # Causal mode
 # ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("embedding_size", [64, 256])
+def test_lm_starts_near_uniform_predictions(embedding_size):
+    # the tied head multiplies a unit-variance LayerNorm output by the embedding: N(0, 1) rows
+    # gave logits of spread sqrt(D) and an initial loss of 29-60 nats where ln V is 6.9
+    vocab = 1000
+    model = RAN(small_config(vocab_size=vocab, embedding_size=embedding_size, head_num=4,
+                             head_size=embedding_size // 4, causal=True, token_head="lm",
+                             dtype="float32"), seed=3)
+    ids = np.random.default_rng(0).integers(4, vocab, (3, 40))
+    with ag.no_grad():
+        loss = float(model.lm_loss(ids).data)
+    assert abs(loss - np.log(vocab)) < 0.5, loss
+
+
 def causal_model(**overrides):
     return RAN(small_config(causal=True, token_head="lm", **overrides), seed=7)
 
