@@ -11,13 +11,18 @@ name           what                                                   needs
 ``sort``       sort it                                                --
 ``translation``  German -> English sentences, BPE subwords            ``apt trans-de-en``, ``tokenizers``
 ``kjv``        KJV chapter -> testament / genre / book                ``apt sword-text-kjv``
+``pairs``      your ``source<TAB>target`` files                       (``tokenizers`` for BPE)
+``labelled``   your ``label<TAB>text`` files (classification)         (``tokenizers`` for BPE)
 =============  =====================================================  ==========================
+
+``pairs`` and ``labelled`` read files named by options (``train``, ``valid``, ``test``; see
+:mod:`attncore.data.files`).
 
 Sequence-to-sequence tasks (:class:`~attncore.data.task.Seq2SeqTask`) expose ``src_vocab``,
 ``tgt_vocab``, ``examples(split)`` (text pairs) and ``batches(split, batch_size, *, shuffle,
 seed)`` yielding ``(src_ids, src_lengths, tgt_ids, tgt_lengths)`` int64 arrays: sources end
 in ``<eos>``, targets are ``<bos> ... <eos>``, padding is 0 (see :mod:`attncore.data.task`).
-The classification task ``kjv`` yields ``(ids, lengths, labels)`` instead.
+The classification tasks (``kjv``, ``labelled``) yield ``(ids, lengths, labels)`` instead.
 
 Vocabularies share the special ids ``pad=0, bos=1, eos=2, unk=3`` and are saved as JSON
 (:class:`~attncore.data.vocab.Vocab`, :class:`~attncore.data.bpe.BPEVocab`,
@@ -59,6 +64,16 @@ def _kjv(seed=0, **opts):
     return KJVTask(seed, **opts)
 
 
+def _pairs(seed=0, **opts):
+    from .files import PairsTask
+    return PairsTask(seed, **opts)
+
+
+def _labelled(seed=0, **opts):
+    from .files import LabelledTask
+    return LabelledTask(seed, **opts)
+
+
 # Factories import their module lazily so optional dependencies (babel, tokenizers) are
 # only needed by the tasks that use them.
 _REGISTRY: dict[str, Callable] = {
@@ -68,6 +83,8 @@ _REGISTRY: dict[str, Callable] = {
     "sort": _toy("sort"),
     "translation": _translation,
     "kjv": _kjv,
+    "pairs": _pairs,
+    "labelled": _labelled,
 }
 
 

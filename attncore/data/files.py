@@ -1,0 +1,229 @@
+"""Tasks read from your own files: text pairs (sequence to sequence) and labelled texts
+(classification), so ``attncore train`` is not limited to the bundled corpora::
+
+    attncore train pairs --arch transformer --out my-model \\
+        --task-option train=train.tsv --task-option valid=valid.tsv --task-option level=bpe
+    attncore train labelled --arch ran-classifier --out my-classifier \\
+        --task-option train=reviews.tsv
+
+Files are UTF-8 text, one example a line, two fields separated by one tab:
+
+* ``pairs``: ``source<TAB>target`` (:class:`PairsTask`);
+* ``labelled``: ``label<TAB>text`` (:class:`LabelledTask`).
+
+Blank lines are skipped; any other line must hold exactly one tab (a text with a tab in it
+could not be told from its fields) and two non-empty fields, else a ``ValueError`` names the
+file and line. Without a ``valid`` file, a ``holdout`` fraction of the training lines, drawn
+with the task's seed, is the validation split; without a ``test`` file the test split is
+the validation split.
+
+Vocabularies are built on the training split only, at ``level``:
+
+* ``"words"`` (default): lower-cased words and single punctuation marks
+  (:func:`attncore.data.vocab.tokenize_words`), tokens seen fewer than ``min_freq`` times
+  left to ``<unk>``;
+* ``"word"``: whitespace-separated tokens as they are; ``"char"``: characters;
+* ``"bpe"``: ``vocab_size`` subwords (the ``tokenizers`` package), ``lowercase`` applied as
+  the vocabulary's normalizer (so the exported model lower-cases what it is given too).
+
+The vocabulary travels with the exported model, which therefore reads raw text the way
+training did. Targets are kept as the vocabulary writes them back (``"Amen."`` is ``"amen ."``
+at the "words" level), so exact match and BLEU compare what a model can produce. ``shared_vocab=True`` (pairs) builds one vocabulary for both sides, which a
+decoder-only ``transformer-lm`` needs.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .metrics import bleu
+from .task import ClassificationTask, Seq2SeqTask
+from .vocab import Vocab, tokenize_words
+
+__all__ = ["read_tab_file", "PairsTask", "LabelledTask"]
+
+LEVELS = ("words", "word", "char", "bpe")
+
+
+def read_tab_file(path, argument: str = "file") -> List[Tuple[str, str]]:
+    """The ``(first, second)`` fields of each non-blank line of a two-column tab file.
+
+    Raises FileNotFoundError naming ``argument`` for a missing file, ValueError naming the
+    file and line for a line without exactly one tab or with an empty field.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{argument}: no file {os.fspath(path)!r}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+                found = (f"{len(fields) - 1} tabs" if len(fields) != 2 else "an empty field")
+                raise ValueError(f"{argument} {os.fspath(path)!r} line {number}: expected two "
+                                 f"non-empty fields separated by one tab, found {found}")
+            rows.append((fields[0].strip(), fields[1].strip()))
+    if not rows:
+        raise ValueError(f"{argument} {os.fspath(path)!r} holds no examples")
+    return rows
+
+
+def _check_options(level, holdout, min_freq, vocab_size):
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or \
+            not 0 < holdout < 1:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    for name, value in (("min_freq", min_freq), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _splits(seed: int, train, valid, test, holdout: float, argument_rows) -> dict:
+    """{"train", "valid", "test"} example lists: the files given, else a seeded holdout."""
+    rows = argument_rows(train, "train")
+    if valid is None:
+        if len(rows) < 2:
+            raise ValueError("train: at least 2 examples are needed to hold some out for "
+                             "validation (or give a valid file)")
+        order = np.random.default_rng([seed, 13]).permutation(len(rows))
+        held = max(1, int(round(holdout * len(rows))))
+        valid_rows = [rows[i] for i in sorted(order[:held])]
+        rows = [rows[i] for i in sorted(order[held:])]
+    else:
+        valid_rows = argument_rows(valid, "valid")
+    test_rows = valid_rows if test is None else argument_rows(test, "test")
+    return {"train": rows, "valid": valid_rows, "test": test_rows}
+
+
+def _as_decoded(text: str, level: str, lowercase: bool) -> str:
+    """``text`` as the vocabulary of ``level`` writes it back (words lower-cased and split from
+    punctuation, runs of spaces as one...): targets are kept so, and exact match and BLEU then
+    compare what a model can produce (the same ids either way)."""
+    if level == "words":
+        return " ".join(tokenize_words(text))
+    if level == "char":
+        return text
+    text = " ".join(text.split())
+    return text.lower() if lowercase else text
+
+
+def _build_vocab(texts: List[str], level: str, min_freq: int, vocab_size: int,
+                 lowercase: bool):
+    if level == "bpe":
+        from .bpe import BPEVocab
+        from tokenizers import normalizers
+        normalizer = normalizers.Lowercase() if lowercase else None
+        return BPEVocab.train(texts, vocab_size=vocab_size, normalizer=normalizer)
+    if lowercase and level != "words":    # ("words" lower-cases by itself)
+        raise ValueError(f"lowercase applies to the 'words' and 'bpe' levels; level {level!r} "
+                         f"reads text as it is")
+    tokenized = (tokenize_words(t) for t in texts) if level == "words" else \
+        (t.split() for t in texts) if level == "word" else (list(t) for t in texts)
+    return Vocab.build(tokenized, level=level, min_freq=min_freq)
+
+
+class PairsTask(Seq2SeqTask):
+    """Sequence to sequence on ``source<TAB>target`` files (see the module docstring).
+
+    Parameters
+    ----------
+    seed : int
+        Draws the validation holdout when no ``valid`` file is given.
+    train, valid, test : path
+        Tab-separated files; ``train`` is required.
+    level : {"words", "word", "char", "bpe"}
+    shared_vocab : bool
+        One vocabulary for sources and targets (a decoder-only model needs it).
+    holdout : float
+        Fraction of the training lines held out without a ``valid`` file.
+    min_freq : int
+        Word and character levels: tokens seen fewer times become ``<unk>``.
+    vocab_size : int
+        BPE level: the vocabulary size of each side.
+    lowercase : bool
+        BPE level: lower-case text (the "words" level always does).
+    """
+
+    name = "pairs"
+
+    def __init__(self, seed: int = 0, *, train=None, valid=None, test=None,
+                 level: str = "words", shared_vocab: bool = False, holdout: float = 0.05,
+                 min_freq: int = 1, vocab_size: int = 8000, lowercase: bool = False):
+        super().__init__()
+        if train is None:
+            raise ValueError("the pairs task needs a training file: --task-option train=FILE "
+                             "(lines of source<TAB>target)")
+        _check_options(level, holdout, min_freq, vocab_size)
+        self.seed, self.level = int(seed), level
+
+        def pairs(path, argument):
+            return [(source, _as_decoded(target, level, lowercase))
+                    for source, target in read_tab_file(path, argument)]
+
+        self._split_pairs = _splits(self.seed, train, valid, test, holdout, pairs)
+        sources = [s for s, _ in self._split_pairs["train"]]
+        targets = [t for _, t in self._split_pairs["train"]]
+        if shared_vocab:
+            self.src_vocab = self.tgt_vocab = _build_vocab(sources + targets, level, min_freq,
+                                                           vocab_size, lowercase)
+        else:
+            self.src_vocab = _build_vocab(sources, level, min_freq, vocab_size, lowercase)
+            self.tgt_vocab = _build_vocab(targets, level, min_freq, vocab_size, lowercase)
+
+    def _make_examples(self, split: str) -> list[tuple[str, str]]:
+        return list(self._split_pairs[split])
+
+    def bleu(self, hyps, split: str = "test") -> float:
+        """Corpus BLEU of ``hyps`` (one per example of ``split``, in order)."""
+        return bleu(hyps, [t for _, t in self.examples(split)])
+
+
+class LabelledTask(ClassificationTask):
+    """Document classification on ``label<TAB>text`` files (see the module docstring).
+
+    Parameters are those of :class:`PairsTask` (no ``shared_vocab``), and ``max_len``: cut
+    documents to their first ``max_len`` tokens. The labels are the training file's, sorted;
+    a label of the validation or test file that training never saw is a ValueError.
+    """
+
+    name = "labelled"
+
+    def __init__(self, seed: int = 0, *, train=None, valid=None, test=None,
+                 level: str = "words", holdout: float = 0.05, min_freq: int = 1,
+                 vocab_size: int = 8000, lowercase: bool = False,
+                 max_len: Optional[int] = None):
+        super().__init__(max_len=max_len)
+        if train is None:
+            raise ValueError("the labelled task needs a training file: --task-option "
+                             "train=FILE (lines of label<TAB>text)")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                    or max_len < 1):
+            raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+        _check_options(level, holdout, min_freq, vocab_size)
+        self.seed, self.level = int(seed), level
+
+        def documents(path, argument):   # (files hold label<TAB>text; examples are (text, label))
+            return [(text, label) for label, text in read_tab_file(path, argument)]
+
+        self._split_docs = _splits(self.seed, train, valid, test, holdout, documents)
+        self.labels = sorted({label for _, label in self._split_docs["train"]})
+        if len(self.labels) < 2:
+            raise ValueError(f"train: a classifier needs at least 2 labels, the file has "
+                             f"{self.labels}")
+        for split in ("valid", "test"):
+            unseen = sorted({label for _, label in self._split_docs[split]} - set(self.labels))
+            if unseen:
+                raise ValueError(f"{split}: labels the training file does not have: "
+                                 f"{unseen[:10]}")
+        self.vocab = _build_vocab([t for t, _ in self._split_docs["train"]], level, min_freq,
+                                  vocab_size, lowercase)
+
+    def _make_examples(self, split: str) -> list[tuple[str, str]]:
+        return list(self._split_docs[split])
