@@ -39,6 +39,8 @@ def test_tab_files_name_the_line_that_is_not_two_fields(tmp_path):
     path = tmp_path / "data.tsv"
     path.write_text("a b\tc\n\n  \nd\te\n", encoding="utf-8")
     assert read_tab_file(path) == [("a b", "c"), ("d", "e")]     # blank lines skipped
+    path.write_bytes("\ufeffa b\tc\r\nd\te\r\n".encode("utf-8"))   # a BOM, CRLF ends
+    assert read_tab_file(path) == [("a b", "c"), ("d", "e")]
     for text, found in [("a\tb\nno tab\n", "0 tabs"), ("a\tb\nx\ty\tz\n", "2 tabs"),
                         ("a\tb\n \ty\n", "an empty field")]:
         path.write_text(text, encoding="utf-8")

@@ -6,7 +6,8 @@
     attncore train labelled --arch ran-classifier --out my-classifier \\
         --task-option train=reviews.tsv
 
-Files are UTF-8 text, one example a line, two fields separated by one tab:
+Files are UTF-8 text (a byte-order mark and CRLF line ends are fine), one example a line, two
+fields separated by one tab:
 
 * ``pairs``: ``source<TAB>target`` (:class:`PairsTask`);
 * ``labelled``: ``label<TAB>text`` (:class:`LabelledTask`).
@@ -58,7 +59,7 @@ def read_tab_file(path, argument: str = "file") -> List[Tuple[str, str]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{argument}: no file {os.fspath(path)!r}")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # (a byte-order mark is no text)
         for number, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
