@@ -211,3 +211,22 @@ def test_evaluate_refuses_a_model_that_does_not_fit_the_task(trained, capsys):
                        *[f"--task-option={k}={v}" for k, v in TOY.items() if k != "num_symbols"]])
     assert exit_info.value.code == 2
     assert "does not fit task 'copy': its src_vocab_size is" in capsys.readouterr().err
+
+
+def test_engine_decodings_write_a_stray_pad_or_bos_as_the_trainer_greedy_does(monkeypatch):
+    # the trainer's decoder writes them out (an error when scored); the engine's path dropped
+    # them, so the same output scored right there
+    import attncore
+    from attncore.train.evaluate import _text, engine_decode_texts
+    task = get_task("copy", seed=0, **TOY)
+    row = [5, 0, 6, 1, 7]
+
+    class Engine:
+        config = {"eos_id": 2}
+
+        def generate(self, sources, **options):
+            return [SimpleNamespace(tokens=row) for _ in sources]
+
+    monkeypatch.setattr(attncore, "load", lambda path: Engine())
+    got = engine_decode_texts("unused", task, ["a"], max_len=8)
+    assert got == [_text(task, row + [2], 2)] and "<pad>" in got[0] and "<bos>" in got[0]

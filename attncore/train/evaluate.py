@@ -86,7 +86,9 @@ def _text(task, row, eos_id: int) -> str:
 def engine_decode_texts(model_dir, task, sources: List[str], *, beam_size: int = 1,
                         max_len: int = 32, batch_size: int = 64) -> List[str]:
     """Decodings of ``sources`` by the inference engine (``attncore.load(model_dir)``), beam
-    search of width ``beam_size``, as text. Needs the compiled extensions."""
+    search of width ``beam_size``, as text (a stray ``<bos>``/``<pad>`` written out, as
+    :func:`decode_texts` does: the two decoders are scored alike). Needs the compiled
+    extensions."""
     import attncore
 
     engine = attncore.load(model_dir)
@@ -94,7 +96,7 @@ def engine_decode_texts(model_dir, task, sources: List[str], *, beam_size: int =
     for start in range(0, len(sources), batch_size):
         chunk = [np.asarray(task.encode_src(s), dtype=np.int64) for s in sources[start:start + batch_size]]
         results = engine.generate(chunk, max_length=max_len, beam_size=beam_size)
-        out.extend(task.decode_tgt(r.tokens) for r in results)
+        out.extend(_text(task, r.tokens, engine.config["eos_id"]) for r in results)
     return out
 
 
