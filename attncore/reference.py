@@ -212,7 +212,8 @@ def linear_int8(x, weight_q, weight_scale, bias=None):
         scale32 = xs[..., None] * ws
     scale = scale32.astype(np.float64)
     b = np.float64(0) if bias is None else np.asarray(bias, dtype=np.float32).astype(np.float64)
-    out = _fma_float32(v * scale, b)    # v * scale: 24-bit times 24-bit, exact in float64
+    with np.errstate(invalid="ignore"):   # (0 x an inf scale: replaced below)
+        out = _fma_float32(v * scale, b)    # v * scale: 24-bit times 24-bit, exact in float64
     tiny = np.finfo(np.float32).tiny
     off = (np.abs(scale32) > np.finfo(np.float32).max) | \
         ((np.abs(scale32) < tiny) & (xs[..., None] != 0) & (ws != 0))
