@@ -54,7 +54,7 @@ import time
 from typing import Iterable, Iterator, Optional, Union
 
 from . import batch as _batch
-from .kernels.threads import _check_count
+from .kernels.threads import _check_count, get_num_threads
 
 __all__ = ["cached_model", "load_count", "local_client", "connect", "run_on_dask",
            "translate_lines", "available", "ClusterError", "NO_WORKER_TIMEOUT"]
@@ -111,8 +111,8 @@ def cached_model(path, weight_dtype: str = "float32"):
     process and then shared.
 
     Keyed by the real path, the modification and change times, inodes and sizes of
-    ``config.json`` and ``model.safetensors``, and ``weight_dtype``. Engine models are immutable and thread-safe,
-    so the threads of a worker share one copy. A directory rewritten since replaces its
+    ``config.json`` and ``model.safetensors``, and ``weight_dtype``. Engine models are
+    immutable and thread-safe, so the threads of a worker share one copy. A directory rewritten since replaces its
     earlier version (of the same ``weight_dtype``): a long-lived worker kept every version.
     """
     from .models import load
@@ -198,7 +198,6 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
                                            silence_logs=logging.CRITICAL, **network)
     client = distributed.Client(cluster)
     try:
-        from .kernels.threads import get_num_threads
         client.attncore_kernel_threads = kernel_threads or max(1, get_num_threads() // n_workers)
         yield client
     finally:
