@@ -22,6 +22,9 @@ in training (the vocabularies were built with a frequency cut-off, so unseen tok
 normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
 instead.
 
+Surrounding whitespace is stripped from sources (training data is), and a classifier trained
+on documents cut to their first N tokens cuts them the same way (``"max_source_tokens": N``).
+
 Special tokens: text is text. ``"<eos>"``, ``"<pad>"``... typed in a string never become
 the control ids (an EOS or PAD inside a source, a RAN document's "no token" id): a word-level
 vocabulary reads them as unknown words, a BPE one splits them into ordinary pieces.
@@ -51,14 +54,24 @@ class Tokenizer:
     source_eos : bool, optional
         Append ``<eos>`` to encoded sources; default: when both vocabularies are given
         (an encoder-decoder, see the module docstring).
+    max_source_tokens : int, optional
+        Cut encoded sources to their first this many tokens, as training cut its documents
+        (a classification task's ``max_len``); default: no cut.
     """
 
     def __init__(self, src=None, tgt=None, *, src_file: str = "src_vocab.json",
-                 tgt_file: str = "tgt_vocab.json", source_eos: Optional[bool] = None):
+                 tgt_file: str = "tgt_vocab.json", source_eos: Optional[bool] = None,
+                 max_source_tokens: Optional[int] = None):
         if src is None and tgt is None:
             raise ValueError("a tokenizer needs a src or a tgt vocabulary")
         if source_eos is not None and not isinstance(source_eos, bool):
             raise TypeError(f"source_eos must be a bool, got {type(source_eos).__name__}")
+        if max_source_tokens is not None and (
+                isinstance(max_source_tokens, bool) or not isinstance(max_source_tokens, int)
+                or max_source_tokens < 1):
+            raise ValueError(f"max_source_tokens must be a positive integer, got "
+                             f"{max_source_tokens!r}")
+        self.max_source_tokens = max_source_tokens
         self.src, self.tgt = src, tgt
         self._files = {"src": src_file, "tgt": tgt_file}
         self._default_eos = src is not None and tgt is not None
@@ -73,12 +86,17 @@ class Tokenizer:
         return self.tgt if self.tgt is not None else self.src
 
     def encode_source(self, text: str, *, strict: bool = False) -> np.ndarray:
-        """int64 (n,) source ids of ``text`` (then ``<eos>`` when :attr:`source_eos`). Unknown
-        tokens -> ``<unk>``, or a ValueError naming them when ``strict``."""
+        """int64 (n,) source ids of ``text`` stripped of surrounding whitespace, cut to
+        :attr:`max_source_tokens` (then ``<eos>`` when :attr:`source_eos`). Unknown tokens ->
+        ``<unk>``, or a ValueError naming them when ``strict``."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         vocab = self.source_vocab
+        # (training data is stripped, and a character vocabulary would read the spaces)
+        text = text.strip()
         ids = vocab.encode(text)
+        if self.max_source_tokens is not None:
+            ids = ids[:self.max_source_tokens]
         if self.source_eos and ids:  # an empty text stays empty: callers reject it
             ids.append(getattr(vocab, "eos", 2))
         ids = np.asarray(ids, dtype=np.int64)
@@ -117,6 +135,8 @@ class Tokenizer:
                 entry[side] = self._files[side]
         if self.source_eos != self._default_eos:
             entry["source_eos"] = self.source_eos
+        if self.max_source_tokens is not None:
+            entry["max_source_tokens"] = self.max_source_tokens
         return entry
 
     def files(self) -> Dict[str, str]:
@@ -216,4 +236,8 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
     if source_eos is not None and not isinstance(source_eos, bool):
         raise ValueError(f"config['tokenizer']['source_eos'] must be true or false, got "
                          f"{source_eos!r}")
-    return Tokenizer(**vocabs, **names, source_eos=source_eos)
+    cut = entry.get("max_source_tokens")
+    if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
+        raise ValueError(f"config['tokenizer']['max_source_tokens'] must be a positive "
+                         f"integer, got {cut!r}")
+    return Tokenizer(**vocabs, **names, source_eos=source_eos, max_source_tokens=cut)

@@ -114,7 +114,7 @@ def test_labelled_task(tmp_path):
                                          r"\['neutral'\]"):
         LabelledTask(train=str(train), valid=str(bad))
     one = tmp_path / "one.tsv"
-    one.write_text("pos\tthe cat\npos\ta dog\n", encoding="utf-8")
+    one.write_text("".join(f"pos\tthe cat {i}\n" for i in range(30)), encoding="utf-8")
     with pytest.raises(ValueError, match="at least 2 labels"):
         LabelledTask(train=str(one))
 
@@ -155,3 +155,116 @@ def test_cli_trains_on_a_file_and_names_a_bad_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("attncore train: error: train 'pairs.tsv' line 2: expected "
                                    "two non-empty fields separated by one tab, found 0 tabs")
+
+
+def test_tab_files_read_lines_as_the_command_line_does(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_bytes(b"a\tb\r\nc\rx\td\n\xef\xbb\xbfe\tf\n")   # a CR inside, a BOM mid-file
+    assert read_tab_file(path) == [("a", "b"), ("c\rx", "d"), ("e", "f")]
+    path.write_bytes(b"a\tb\nd\xfcr\tc\n")                       # latin-1
+    with pytest.raises(ValueError, match=r"line 2: not valid UTF-8 .*save the file as UTF-8"):
+        read_tab_file(path, "train")
+
+
+@pytest.mark.parametrize("option", ["shared_vocab", "lowercase"])
+def test_flag_options_must_be_booleans(tmp_path, option):
+    # (--task-option shared_vocab=no reached the task as the string "no": true)
+    train = write_pairs(tmp_path / "train.tsv")
+    with pytest.raises(TypeError, match=f"{option} must be true or false, got 'no'"):
+        PairsTask(train=str(train), **{option: "no"})
+
+
+def test_holdouts_keep_duplicates_and_labels_whole(tmp_path):
+    # a duplicated line was held out with its twin in training (34 of 38 held-out examples
+    # seen in training); a label's only example could be held out, "missing" from training
+    twice = tmp_path / "twice.tsv"
+    twice.write_text(write_pairs(tmp_path / "train.tsv").read_text() * 2, encoding="utf-8")
+    task = PairsTask(train=str(twice))
+    train_sources = {s for s, _ in task.examples("train")}
+    assert task.num_examples("valid") and \
+        not {s for s, _ in task.examples("valid")} & train_sources
+    labelled = write_labelled(tmp_path / "lab.tsv", n=60)
+    with open(labelled, "a", encoding="utf-8") as f:
+        f.write("rare label ✓\tthe one text of its label\n")
+    for seed in range(20):
+        task = LabelledTask(seed, train=str(labelled), holdout=0.3)
+        assert "rare label ✓" in task.labels
+        assert not {t for t, _ in task.examples("valid")} & {t for t, _ in task.examples("train")}
+    one = tmp_path / "one.tsv"
+    one.write_text("a\tb\na\tc\n", encoding="utf-8")              # one distinct source
+    with pytest.raises(ValueError, match="holds none out for validation: give a valid file"):
+        PairsTask(train=str(one))
+
+
+def test_targets_as_the_vocabulary_writes_them_train_on_the_file_text(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("".join(f"x{i % 7}\thallo welt {i % 7} !\n" for i in range(40))
+                    + "x9\tRare words here !\n", encoding="utf-8")
+    task = PairsTask(train=str(path), valid=str(path), min_freq=2)
+    assert ("x9", "<unk> <unk> <unk> !") in task.examples("valid")
+    # batches encode the file's text: <unk> ids, not the pieces of the written "<unk>"
+    src, _, tgt, _ = next(task.batches("valid", 64))
+    row = [list(task.examples("valid")).index(("x9", "<unk> <unk> <unk> !"))][0]
+    assert list(tgt[row][:6]) == [1, 3, 3, 3, task.tgt_vocab.token_to_id("!"), 2]
+
+
+def test_a_long_example_is_refused_before_the_first_step(tmp_path):
+    from attncore.train.loop import train
+    path = write_pairs(tmp_path / "train.tsv", n=50)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(" ".join(["cat"] * 300) + "\tdog\n")
+    with pytest.raises(ValueError, match=r"example \d+ \('cat cat .*'\.\.\.\) has 301 tokens "
+                                         r"\(source or <bos> \+ target\), more than "
+                                         r"max_positions=256: raise --max-positions"):
+        train("pairs", "transformer", tmp_path / "m", steps=5, progress=False,
+              task_options={"train": str(path), "holdout": 0.5}, d_model=16, num_heads=2,
+              dim_feedforward=16, num_encoder_layers=1, num_decoder_layers=1)
+    assert not (tmp_path / "m" / "checkpoint").exists()
+
+
+def test_resuming_after_the_training_file_changed_is_refused(tmp_path):
+    # the options were the same, the file edited: the checkpoint's embedding rows then meant
+    # other words, and the run went on with exit 0
+    from attncore.train.loop import train
+    path = write_pairs(tmp_path / "train.tsv", n=80)
+    options = dict(task_options={"train": str(path)}, progress=False, hidden_size=16,
+                   embed_dim=8, checkpoint_every=2)
+    train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=2, **options)
+    train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=3, resume=True, **options)
+    path.write_text(path.read_text().replace("cat", "lion"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"trained with other data \(its training examples or "
+                                         r"vocabularies changed\)"):
+        train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=4, resume=True, **options)
+
+
+def test_classifiers_cut_served_documents_as_training_did(tmp_path):
+    from attncore.train.loop import train
+    labelled = write_labelled(tmp_path / "lab.tsv")
+    train("labelled", "transformer-classifier", tmp_path / "c", steps=2, progress=False,
+          task_options={"train": str(labelled), "max_len": 3}, d_model=16, num_heads=2,
+          dim_feedforward=16, num_encoder_layers=1, max_positions=4)
+    model = attncore.load(tmp_path / "c")
+    assert model.tokenizer.max_source_tokens == 3
+    long = " ".join(["cat"] * 50)                        # past the 4 positions: cut, as trained
+    assert list(model.tokenizer.encode_source("  " + long)) == [model.tokenizer.src.token_to_id(
+        "cat")] * 3
+    assert model.classify([model.tokenizer.encode_source(long)]).shape == (1, 2)
+
+
+def test_evaluate_refuses_vocabularies_the_model_was_not_trained_with(tmp_path, capsys):
+    from attncore.train.evaluate import main as evaluate_main
+    from attncore.train.loop import train
+    path = write_pairs(tmp_path / "train.tsv", n=120)
+    train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=2, seed=5, progress=False,
+          task_options={"train": str(path)}, hidden_size=16, embed_dim=8)
+    assert evaluate_main([str(tmp_path / "m"), "--task", "pairs", "--seed", "5",
+                          "--task-option", f"train={path}"]) == 0
+    for argv, words in [(["--seed", "0", "--task-option", f"train={path}"],
+                         "vocabulary is not the task's"),
+                        (["--task-option", f"train={tmp_path / 'absent.tsv'}"], "no file"),
+                        (["--seed", "5", "--task-option", f"train={path}", "--n", "0"],
+                         "--n must be at least 1")]:
+        with pytest.raises(SystemExit) as exited:
+            evaluate_main([str(tmp_path / "m"), "--task", "pairs", *argv])
+        assert exited.value.code == 2
+        assert words in capsys.readouterr().err

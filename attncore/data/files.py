@@ -12,11 +12,12 @@ fields separated by one tab:
 * ``pairs``: ``source<TAB>target`` (:class:`PairsTask`);
 * ``labelled``: ``label<TAB>text`` (:class:`LabelledTask`).
 
-Blank lines are skipped; any other line must hold exactly one tab (a text with a tab in it
-could not be told from its fields) and two non-empty fields, else a ``ValueError`` names the
-file and line. Without a ``valid`` file, a ``holdout`` fraction of the training lines, drawn
-with the task's seed, is the validation split; without a ``test`` file the test split is
-the validation split.
+Blank lines are skipped; any other line must be UTF-8 and hold exactly one tab (a text with a
+tab in it could not be told from its fields) and two non-empty fields, else a ``ValueError``
+names the file and line. Without a ``valid`` file, a ``holdout`` fraction of the distinct
+training sources (pairs) or texts (labelled, the same share of each label), drawn with the
+task's seed, is the validation split; without a ``test`` file the test split is the
+validation split.
 
 Vocabularies are built on the training split only, at ``level``:
 
@@ -29,7 +30,8 @@ Vocabularies are built on the training split only, at ``level``:
 
 The vocabulary travels with the exported model, which therefore reads raw text the way
 training did. Targets are kept as the vocabulary writes them back (``"Amen."`` is ``"amen ."``
-at the "words" level), so exact match and BLEU compare what a model can produce. ``shared_vocab=True`` (pairs) builds one vocabulary for both sides, which a
+at the "words" level, a word it lacks ``<unk>``), so exact match and BLEU compare what a model
+can produce. ``shared_vocab=True`` (pairs) builds one vocabulary for both sides, which a
 decoder-only ``transformer-lm`` needs.
 """
 from __future__ import annotations
@@ -51,31 +53,43 @@ LEVELS = ("words", "word", "char", "bpe")
 def read_tab_file(path, argument: str = "file") -> List[Tuple[str, str]]:
     """The ``(first, second)`` fields of each non-blank line of a two-column tab file.
 
+    Lines end at ``\\n`` (a ``\\r`` before it is removed; one inside a line is text, as the
+    command line reads input); a byte-order mark opening a line is dropped (files joined with
+    ``cat`` carry one per part); fields are stripped of surrounding spaces.
+
     Raises FileNotFoundError naming ``argument`` for a missing file, ValueError naming the
-    file and line for a line without exactly one tab or with an empty field.
+    file and line for a line that is not UTF-8, has no or several tabs, or an empty field.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{argument}: no file {os.fspath(path)!r}")
+    where = f"{argument} {os.fspath(path)!r}"
     rows = []
-    with open(path, encoding="utf-8-sig") as f:   # (a byte-order mark is no text)
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where} line {number}: not valid UTF-8 ({exc.reason} at byte "
+                                 f"{exc.start}); save the file as UTF-8") from None
+            line = line[:-1] if line.endswith("\n") else line
+            line = line[:-1] if line.endswith("\r") else line
+            line = line.lstrip("\ufeff")
             if not line.strip():
                 continue
             fields = line.split("\t")
             if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
                 found = (f"{len(fields) - 1} tabs" if len(fields) != 2 else "an empty field")
-                raise ValueError(f"{argument} {os.fspath(path)!r} line {number}: expected two "
-                                 f"non-empty fields separated by one tab, found {found}")
+                raise ValueError(f"{where} line {number}: expected two non-empty fields "
+                                 f"separated by one tab, found {found}")
             rows.append((fields[0].strip(), fields[1].strip()))
     if not rows:
-        raise ValueError(f"{argument} {os.fspath(path)!r} holds no examples")
+        raise ValueError(f"{where} holds no examples")
     return rows
 
 
-def _check_options(level, holdout, min_freq, vocab_size):
+def _check_options(level, holdout, min_freq, vocab_size, **flags):
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or \
@@ -84,35 +98,46 @@ def _check_options(level, holdout, min_freq, vocab_size):
     for name, value in (("min_freq", min_freq), ("vocab_size", vocab_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in flags.items():   # (a command line's "no" was a true string)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r}")
 
 
-def _splits(seed: int, train, valid, test, holdout: float, argument_rows) -> dict:
-    """{"train", "valid", "test"} example lists: the files given, else a seeded holdout."""
-    rows = argument_rows(train, "train")
+def _splits(seed: int, train, valid, test, holdout: float, read, key, stratum=None) -> dict:
+    """{"train", "valid", "test"} example lists: the files given, else a seeded holdout.
+
+    The holdout takes whole groups of examples with the same ``key`` (a source or a document
+    text: its duplicates, or other targets of it, in training would make the held-out score a
+    training score), and with ``stratum`` (a label) per stratum, leaving each at least one
+    group in training (a label held out entirely could not be learnt).
+    """
+    rows = read(train, "train")
     if valid is None:
-        if len(rows) < 2:
-            raise ValueError("train: at least 2 examples are needed to hold some out for "
-                             "validation (or give a valid file)")
-        order = np.random.default_rng([seed, 13]).permutation(len(rows))
-        held = max(1, int(round(holdout * len(rows))))
-        valid_rows = [rows[i] for i in sorted(order[:held])]
-        rows = [rows[i] for i in sorted(order[held:])]
+        groups: dict = {}
+        for row in rows:
+            groups.setdefault(key(row), []).append(row)
+        keys = list(groups)
+        order = np.random.default_rng([seed, 13]).permutation(len(keys))
+        strata: dict = {}
+        for index in order:
+            strata.setdefault(stratum(groups[keys[index]][0]) if stratum else None,
+                              []).append(keys[index])
+        held = set()
+        for members in strata.values():
+            share = int(round(holdout * len(members)))
+            held.update(members[:min(share, len(members) - 1)])
+        largest = max(strata.values(), key=len)
+        if not held and len(largest) > 1:   # (a small file: one example rather than none)
+            held.add(largest[0])
+        if not held:
+            raise ValueError(f"train: holdout {holdout} of {len(keys)} distinct examples holds "
+                             f"none out for validation: give a valid file or a larger holdout")
+        valid_rows = [row for row in rows if key(row) in held]
+        rows = [row for row in rows if key(row) not in held]
     else:
-        valid_rows = argument_rows(valid, "valid")
-    test_rows = valid_rows if test is None else argument_rows(test, "test")
+        valid_rows = read(valid, "valid")
+    test_rows = valid_rows if test is None else read(test, "test")
     return {"train": rows, "valid": valid_rows, "test": test_rows}
-
-
-def _as_decoded(text: str, level: str, lowercase: bool) -> str:
-    """``text`` as the vocabulary of ``level`` writes it back (words lower-cased and split from
-    punctuation, runs of spaces as one...): targets are kept so, and exact match and BLEU then
-    compare what a model can produce (the same ids either way)."""
-    if level == "words":
-        return " ".join(tokenize_words(text))
-    if level == "char":
-        return text
-    text = " ".join(text.split())
-    return text.lower() if lowercase else text
 
 
 def _build_vocab(texts: List[str], level: str, min_freq: int, vocab_size: int,
@@ -143,7 +168,8 @@ class PairsTask(Seq2SeqTask):
     shared_vocab : bool
         One vocabulary for sources and targets (a decoder-only model needs it).
     holdout : float
-        Fraction of the training lines held out without a ``valid`` file.
+        Fraction of the distinct training sources held out (with all their lines) without a
+        ``valid`` file.
     min_freq : int
         Word and character levels: tokens seen fewer times become ``<unk>``.
     vocab_size : int
@@ -161,25 +187,38 @@ class PairsTask(Seq2SeqTask):
         if train is None:
             raise ValueError("the pairs task needs a training file: --task-option train=FILE "
                              "(lines of source<TAB>target)")
-        _check_options(level, holdout, min_freq, vocab_size)
+        _check_options(level, holdout, min_freq, vocab_size, shared_vocab=shared_vocab,
+                       lowercase=lowercase)
         self.seed, self.level = int(seed), level
-
-        def pairs(path, argument):
-            return [(source, _as_decoded(target, level, lowercase))
-                    for source, target in read_tab_file(path, argument)]
-
-        self._split_pairs = _splits(self.seed, train, valid, test, holdout, pairs)
-        sources = [s for s, _ in self._split_pairs["train"]]
-        targets = [t for _, t in self._split_pairs["train"]]
+        # (held out by source: its duplicates or other targets in training would make the
+        # held-out score a training score)
+        splits = _splits(self.seed, train, valid, test, holdout, read_tab_file,
+                         key=lambda pair: pair[0])
+        sources = [s for s, _ in splits["train"]]
+        targets = [t for _, t in splits["train"]]
         if shared_vocab:
             self.src_vocab = self.tgt_vocab = _build_vocab(sources + targets, level, min_freq,
                                                            vocab_size, lowercase)
         else:
             self.src_vocab = _build_vocab(sources, level, min_freq, vocab_size, lowercase)
             self.tgt_vocab = _build_vocab(targets, level, min_freq, vocab_size, lowercase)
+        # examples hold the targets as the target vocabulary writes them back (lower-cased,
+        # spaced, <unk> for what it lacks): what a model can produce. Batches encode the
+        # file's text (a written-back "<unk>" would read as three tokens).
+        vocab = self.tgt_vocab
+        self._file_pairs = splits
+        self._split_pairs = {split: [(s, vocab.decode(vocab.encode(t))) for s, t in pairs]
+                             for split, pairs in splits.items()}
 
     def _make_examples(self, split: str) -> list[tuple[str, str]]:
         return list(self._split_pairs[split])
+
+    def _encoded_split(self, split: str):
+        if split not in self._encoded:
+            pairs = self._file_pairs[split]
+            self._encoded[split] = ([self.encode_src(s) for s, _ in pairs],
+                                    [self.encode_tgt(t) for _, t in pairs])
+        return self._encoded[split]
 
     def bleu(self, hyps, split: str = "test") -> float:
         """Corpus BLEU of ``hyps`` (one per example of ``split``, in order)."""
@@ -190,8 +229,10 @@ class LabelledTask(ClassificationTask):
     """Document classification on ``label<TAB>text`` files (see the module docstring).
 
     Parameters are those of :class:`PairsTask` (no ``shared_vocab``), and ``max_len``: cut
-    documents to their first ``max_len`` tokens. The labels are the training file's, sorted;
-    a label of the validation or test file that training never saw is a ValueError.
+    documents to their first ``max_len`` tokens (the exported model cuts what it classifies
+    the same way). The labels are the training file's, sorted; a label of the validation or
+    test file that training never saw is a ValueError. The holdout takes distinct texts, the
+    same share of each label's, and leaves every label at least one text in training.
     """
 
     name = "labelled"
@@ -207,13 +248,14 @@ class LabelledTask(ClassificationTask):
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
                                     or max_len < 1):
             raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
-        _check_options(level, holdout, min_freq, vocab_size)
+        _check_options(level, holdout, min_freq, vocab_size, lowercase=lowercase)
         self.seed, self.level = int(seed), level
 
         def documents(path, argument):   # (files hold label<TAB>text; examples are (text, label))
             return [(text, label) for label, text in read_tab_file(path, argument)]
 
-        self._split_docs = _splits(self.seed, train, valid, test, holdout, documents)
+        self._split_docs = _splits(self.seed, train, valid, test, holdout, documents,
+                                   key=lambda doc: doc, stratum=lambda doc: doc[1])
         self.labels = sorted({label for _, label in self._split_docs["train"]})
         if len(self.labels) < 2:
             raise ValueError(f"train: a classifier needs at least 2 labels, the file has "

@@ -203,8 +203,31 @@ def _misfit(model, task) -> Optional[str]:
     return None
 
 
+def _vocabulary_misfit(model_dir, task) -> Optional[str]:
+    """Why the task's vocabularies or labels are not the model directory's, or None. The task
+    rebuilds them (from its files, with its seed and options): of the same size but other, ids
+    meant other tokens and the score was silently wrong (15.8% for a model at 100%)."""
+    from attncore import io
+    from attncore.tokenizer import load_tokenizer
+    config = io.read_config(model_dir)
+    tokenizer = load_tokenizer(model_dir, config)
+    if tokenizer is None:
+        return None
+    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    pairs = [("source", task.src_vocab, tokenizer.source_vocab)]
+    if not classification and tokenizer.tgt is not None:
+        pairs.append(("target", task.tgt_vocab, tokenizer.target_vocab))
+    for side, ours, theirs in pairs:
+        if getattr(ours, "tokens", None) != getattr(theirs, "tokens", None):
+            return f"its {side} vocabulary is not the task's"
+    if classification and config.get("labels") not in (None, list(task.labels)):
+        return f"its labels {config['labels']} are not the task's {list(task.labels)}"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attncore.train.evaluate",
+    from attncore.cli import OneLineErrorParser   # one-line errors, as every attncore command
+    parser = OneLineErrorParser(prog="python -m attncore.train.evaluate",
                                      description="Greedy-decoding exact match of a model directory on a task split "
                                                  "(inputs the task marks ambiguous are left out).")
     parser.add_argument("model_dir")
@@ -234,16 +257,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             options[key] = json.loads(value)
         except ValueError:
             options[key] = value
+    if args.n is not None and args.n < 1:   # (0 reached sacrebleu with no sentences)
+        parser.error(f"--n must be at least 1, got {args.n}")
     if args.n is not None and args.task == "dates":
         # Make the split large enough; the dates task's validation/test splits hold no ambiguous input.
         options.setdefault(f"num_{args.split}", args.n)
-    task = get_task(args.task, seed=args.seed, **options)
-    model = load_model(args.model_dir)
+    try:   # (a bad task option, file or model directory: one line, not a traceback)
+        task = get_task(args.task, seed=args.seed, **options)
+        model = load_model(args.model_dir)
+    except KeyError as exc:
+        parser.error(exc.args[0] if exc.args else str(exc))
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        parser.error(str(exc))
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
-    problem = _misfit(model, task)
+    problem = _misfit(model, task) or _vocabulary_misfit(args.model_dir, task)
     if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
         parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
-                     f"trained on another task, or with other --task-option values?)")
+                     f"trained on another task, or with other --task-option or --seed values?)")
     if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
         try:
             result = classification_accuracy(model, task, args.split,

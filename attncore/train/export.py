@@ -12,11 +12,13 @@ from pathlib import Path
 __all__ = ["export", "load_model", "model_from_config"]
 
 
-def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None) -> Path:
+def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
+           max_source_tokens=None) -> Path:
     """Write ``model`` as an attncore model directory.
 
     ``labels`` (class names of a classifier, in logit order) go to ``config["labels"]``, so
-    ``attncore classify`` prints names. Vocabularies (objects with ``save(path)``, e.g.
+    ``attncore classify`` prints names. ``max_source_tokens`` (a classification task's
+    ``max_len``) makes the served tokenizer cut documents as training did. Vocabularies (objects with ``save(path)``, e.g.
     :class:`attncore.data.Vocab`) are saved as
     ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
     ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
@@ -37,6 +39,8 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None) -> Path:
         files["tgt"] = tgt_vocab
     if files:
         config["tokenizer"] = {"type": "attncore.data.vocab", **{side: f"{side}_vocab.json" for side in files}}
+        if max_source_tokens is not None:
+            config["tokenizer"]["max_source_tokens"] = int(max_source_tokens)
     directory = io.save_model_dir(Path(out_dir), config, model.state_dict())
     for side, vocab in files.items():
         vocab.save(directory / f"{side}_vocab.json")  # JSON, written by the vocabulary itself

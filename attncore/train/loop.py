@@ -227,11 +227,15 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         saved = (state.get("extra") or {}).get("data_options")
+        if saved is not None and data_options is not None and "data_sha256" not in saved:
+            data_options = {k: v for k, v in data_options.items() if k != "data_sha256"}
         if data_options is not None and saved is not None and saved != data_options:
             changed = sorted(k for k in set(saved) | set(data_options)
                              if saved.get(k) != data_options.get(k))
             raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} was trained with other "
-                             + ", ".join(f"{k} ({saved.get(k)!r}, now {data_options.get(k)!r})"
+                             + ", ".join("data (its training examples or vocabularies changed)"
+                                         if k == "data_sha256" else
+                                         f"{k} ({saved.get(k)!r}, now {data_options.get(k)!r})"
                                          for k in changed)
                              + ": resume with the same ones, or train into another directory")
         start_step = state["step"]
@@ -329,6 +333,52 @@ def _check_trained_model(model, loss_fn, batch) -> None:
         raise TrainingDiverged(f"training diverged: the trained model's loss on a batch is "
                                f"{loss} (lower the learning rate or clip gradients); nothing "
                                f"was exported")
+
+
+def _data_digest(task) -> str:
+    """SHA-256 of the task's training batches (ids, in split order) and vocabularies: what a
+    resumed run must find again. Options alone missed a training file edited in between (the
+    ids of the checkpoint's embeddings then meant other words, and the run went on)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in ("src_vocab", "tgt_vocab", "vocab"):
+        tokens = getattr(getattr(task, name, None), "tokens", None)
+        digest.update(repr((name, tokens)).encode())
+    digest.update(repr(list(getattr(task, "labels", []) or [])).encode())
+    for batch in task.batches("train", 1024):
+        for array in batch:
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _check_lengths(task, model, arch: str, classification: bool) -> None:
+    """ValueError before the first step for a training or validation example longer than a
+    Transformer's position table (it stopped the run at whichever step drew it, with nothing
+    saved), naming the example."""
+    limit = getattr(model.config, "max_positions", None)
+    if limit is None or not arch.startswith("transformer"):
+        return
+    for split in ("train", "valid"):
+        start = 0
+        for batch in task.batches(split, 1024):
+            if classification:
+                lengths, what = batch[1], "tokens"
+            elif arch == "transformer-lm":   # source <eos> target, less the last token
+                lengths, what = batch[1] + batch[3] - 2, "tokens of source and target"
+            else:                             # the source, or the decoder's input <bos> target
+                lengths = np.maximum(batch[1], batch[3] - 1)
+                what = "tokens (source or <bos> + target)"
+            over = np.flatnonzero(lengths > limit)
+            if over.size:
+                index = start + int(over[0])
+                text = task.examples(split)[index][0]
+                raise ValueError(
+                    f"{split} example {index + 1} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
+                    f" has {int(lengths[over[0]])} {what}, more than max_positions={limit}: "
+                    f"raise --max-positions, or leave such examples out"
+                    + (" (a classification task's max_len cuts documents)"
+                       if classification else ""))
+            start += len(lengths)
 
 
 def _json_safe(value):
@@ -503,6 +553,7 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
         raise ValueError("transformer-lm needs a task whose source and target share one vocabulary")
     model = build_model(arch, len(src_vocab), len(tgt_vocab) if tgt_vocab is not None else len(src_vocab), seed=seed,
                         num_classes=len(task.labels) if classification else 0, **model_options)
+    _check_lengths(task, model, arch, classification)
 
     if arch == "ran-lm":
         loss_fn = document_lm_loss(label_smoothing, model.config.pad_id)
@@ -540,8 +591,10 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  loss_limit=100 * math.log(max(classes, 2)),
                  data_options=_json_safe({"task": getattr(task, "name", None),
                                           "task_options": task_options or {},
-                                          "batch_size": batch_size, "seed": seed}))
+                                          "batch_size": batch_size, "seed": seed,
+                                          "data_sha256": _data_digest(task)}))
     _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
-           labels=list(task.labels) if arch in CLASSIFIERS else None)
+           labels=list(task.labels) if arch in CLASSIFIERS else None,
+           max_source_tokens=getattr(task, "max_len", None) if arch in CLASSIFIERS else None)
     return model, result
