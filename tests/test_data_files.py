@@ -259,6 +259,13 @@ def test_evaluate_refuses_vocabularies_the_model_was_not_trained_with(tmp_path, 
           task_options={"train": str(path)}, hidden_size=16, embed_dim=8)
     assert evaluate_main([str(tmp_path / "m"), "--task", "pairs", "--seed", "5",
                           "--task-option", f"train={path}"]) == 0
+    # by default the task, options and seed of the run (training.json)
+    training = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert (training["task"], training["seed"], training["task_options"]) == \
+        ("pairs", 5, {"train": str(path)})
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path / "m")]) == 0
+    assert "pairs/test examples" in capsys.readouterr().out
     for argv, words in [(["--seed", "0", "--task-option", f"train={path}"],
                          "vocabulary is not the task's"),
                         (["--task-option", f"train={tmp_path / 'absent.tsv'}"], "no file"),

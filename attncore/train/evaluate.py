@@ -7,12 +7,14 @@ marks ambiguous (the dates task: numeric day/month inputs that read as two diffe
 
 Command line::
 
-    python -m attncore.train.evaluate MODEL_DIR --task dates [--n 2000] [--split test] [--seed 0]
+    python -m attncore.train.evaluate MODEL_DIR [--task dates] [--n 2000] [--split test] [--seed 0]
 
 loads the model with :func:`attncore.train.export.load_model` and prints the exact match and
 the number of examples evaluated (also as a JSON line with ``--json``). The task must be built
-with the seed the model was trained with (``--seed``, default 0): that seed decides which
-calendar days are held out.
+with the seed and options the model was trained with (they decide which calendar days, or
+which lines of your files, are held out, and the vocabularies): by default those of the model
+directory's ``training.json``, which the trainer writes; a vocabulary other than the model's
+is refused.
 
 * Tasks with a ``bleu(hyps, split)`` method (translation) also report corpus BLEU (sacrebleu).
 * ``--beam N`` decodes with the inference engine (``attncore.load``, beam search of width N)
@@ -25,12 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from attncore.data.task import pad_sequences
+
+from .export import TRAINING_FILE
 
 __all__ = ["exact_match", "decode_texts", "engine_decode_texts", "classification_accuracy",
            "ambiguity_check", "main"]
@@ -203,6 +208,17 @@ def _misfit(model, task) -> Optional[str]:
     return None
 
 
+def _training_run(model_dir) -> dict:
+    """The model directory's training.json (the trainer's task, options and seed), or {}."""
+    path = os.path.join(model_dir, TRAINING_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _vocabulary_misfit(model_dir, task) -> Optional[str]:
     """Why the task's vocabularies or labels are not the model directory's, or None. The task
     rebuilds them (from its files, with its seed and options): of the same size but other, ids
@@ -231,11 +247,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Greedy-decoding exact match of a model directory on a task split "
                                                  "(inputs the task marks ambiguous are left out).")
     parser.add_argument("model_dir")
-    parser.add_argument("--task", required=True, help="task name for attncore.data.get_task (e.g. dates)")
+    parser.add_argument("--task", default=None,
+                        help="task name for attncore.data.get_task (e.g. dates); default: the one "
+                             "the model was trained on, with its --task-option values and --seed "
+                             "(the model directory's training.json)")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
     parser.add_argument("--n", type=int, default=None,
                         help="examples to evaluate (the split is generated with num_<split>=N; default: the split as is)")
-    parser.add_argument("--seed", type=int, default=0, help="task seed (the one the model was trained with)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="task seed (default: the training run's, else 0)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--errors", type=int, default=0, help="print up to this many wrong decodings")
@@ -248,7 +268,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from attncore.data import get_task
     from .export import load_model
 
-    options = {}
+    training = _training_run(args.model_dir)
+    if args.task is None:
+        if not training.get("task"):
+            parser.error(f"--task is needed: {args.model_dir} has no {TRAINING_FILE} naming the "
+                         f"task it was trained on")
+        args.task = training["task"]
+    same_task = args.task == training.get("task")
+    if args.seed is None:
+        args.seed = int(training.get("seed", 0)) if same_task else 0
+    options = dict(training.get("task_options") or {}) if same_task else {}
     for item in args.task_option:
         key, sep, value = item.partition("=")
         if not sep:

@@ -12,13 +12,19 @@ from pathlib import Path
 __all__ = ["export", "load_model", "model_from_config"]
 
 
+#: What the trainer writes beside the model about the run (task, its options, seed...): read by
+#: ``python -m attncore.train.evaluate MODEL_DIR`` when it is given no --task; the engine ignores it.
+TRAINING_FILE = "training.json"
+
+
 def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
-           max_source_tokens=None) -> Path:
+           max_source_tokens=None, training=None) -> Path:
     """Write ``model`` as an attncore model directory.
 
     ``labels`` (class names of a classifier, in logit order) go to ``config["labels"]``, so
     ``attncore classify`` prints names. ``max_source_tokens`` (a classification task's
-    ``max_len``) makes the served tokenizer cut documents as training did. Vocabularies (objects with ``save(path)``, e.g.
+    ``max_len``) makes the served tokenizer cut documents as training did. ``training`` (a
+    JSON-ready dict: task, task options, seed...) is written as :data:`TRAINING_FILE`. Vocabularies (objects with ``save(path)``, e.g.
     :class:`attncore.data.Vocab`) are saved as
     ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
     ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
@@ -44,6 +50,10 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
     directory = io.save_model_dir(Path(out_dir), config, model.state_dict())
     for side, vocab in files.items():
         vocab.save(directory / f"{side}_vocab.json")  # JSON, written by the vocabulary itself
+    if training is not None:
+        import json
+        (directory / TRAINING_FILE).write_text(json.dumps(training, indent=1) + "\n",
+                                               encoding="utf-8")
     return directory
 
 

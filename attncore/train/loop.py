@@ -596,5 +596,8 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
            labels=list(task.labels) if arch in CLASSIFIERS else None,
-           max_source_tokens=getattr(task, "max_len", None) if arch in CLASSIFIERS else None)
+           max_source_tokens=getattr(task, "max_len", None) if arch in CLASSIFIERS else None,
+           training=_json_safe({"task": getattr(task, "name", None), "task_options": task_options or {},
+                                "seed": seed, "arch": arch, "steps": steps,
+                                "batch_size": batch_size}))
     return model, result
