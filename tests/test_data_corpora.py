@@ -90,6 +90,7 @@ def test_bleu():
     assert bleu(refs, refs) == pytest.approx(100.0)
     assert 0 < bleu(["the cat sat on a mat .", "i enjoyed supper ."], refs) < 100
     assert exact_match(["a", "b "], ["a", "c"]) == 0.5
+    assert exact_match(["a "], ["a"]) == 0.0          # exact, as models are scored
     with pytest.raises(ValueError):
         bleu(["a"], ["a", "b"])
 

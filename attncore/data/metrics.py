@@ -7,12 +7,13 @@ __all__ = ["exact_match", "bleu"]
 
 
 def exact_match(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    """Fraction of hypotheses equal to their reference (after stripping outer spaces)."""
+    """Fraction of hypotheses equal to their reference, character for character (0.0 for none):
+    the one definition, :func:`attncore.train.evaluate.exact_match` scores models with it."""
     if len(hyps) != len(refs):
         raise ValueError(f"hyps and refs differ in length: {len(hyps)} vs {len(refs)}")
     if not refs:
         return 0.0
-    return sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / len(refs)
+    return sum(h == r for h, r in zip(hyps, refs)) / len(refs)
 
 
 def bleu(hyps: Sequence[str], refs: Sequence[str], *, tokenize: str = "13a",

@@ -33,6 +33,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from attncore.data import metrics
 from attncore.data.task import pad_sequences
 
 from .export import TRAINING_FILE
@@ -178,8 +179,7 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
     max_len = _max_len(task, targets)
     decoded = (decode(sources, max_len) if decode is not None
                else decode_texts(model, task, sources, batch_size, max_len))
-    correct = sum(d == t for d, t in zip(decoded, targets))
-    accuracy = correct / len(pairs)
+    accuracy = metrics.exact_match(decoded, targets)
     if return_details:
         return accuracy, len(pairs), list(zip(sources, targets, decoded))
     return accuracy, len(pairs)
@@ -331,8 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
     score = {}
     if callable(getattr(task, "bleu", None)):  # a translation task: corpus BLEU of the same decodings
-        from attncore.data.metrics import bleu
-        score["bleu"] = bleu([d[2] for d in details], [d[1] for d in details])
+        score["bleu"] = metrics.bleu([d[2] for d in details], [d[1] for d in details])
     if args.json:
         print(json.dumps({**head, "decoder": decoder, "exact_match": accuracy, "n_evaluated": count,
                           "errors": len(wrong), **score}))
