@@ -22,7 +22,8 @@ in training (the vocabularies were built with a frequency cut-off, so unseen tok
 normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
 instead.
 
-Surrounding whitespace is stripped from sources (training data is), and a classifier trained
+Surrounding whitespace is stripped from sources (training data is; a RAN language model's
+prompts keep their trailing space, which is text in a prefix), and a classifier trained
 on documents cut to their first N tokens cuts them the same way (``"max_source_tokens": N``).
 
 Special tokens: text is text. ``"<eos>"``, ``"<pad>"``... typed in a string never become
@@ -57,11 +58,15 @@ class Tokenizer:
     max_source_tokens : int, optional
         Cut encoded sources to their first this many tokens, as training cut its documents
         (a classification task's ``max_len``); default: no cut.
+    keep_trailing_space : bool
+        Strip only leading whitespace from sources: a document language model's prompt is a
+        prefix, and "the " asks for the next word, not for a space (set by
+        :func:`load_tokenizer` for a RAN with an LM head).
     """
 
     def __init__(self, src=None, tgt=None, *, src_file: str = "src_vocab.json",
                  tgt_file: str = "tgt_vocab.json", source_eos: Optional[bool] = None,
-                 max_source_tokens: Optional[int] = None):
+                 max_source_tokens: Optional[int] = None, keep_trailing_space: bool = False):
         if src is None and tgt is None:
             raise ValueError("a tokenizer needs a src or a tgt vocabulary")
         if source_eos is not None and not isinstance(source_eos, bool):
@@ -72,6 +77,7 @@ class Tokenizer:
             raise ValueError(f"max_source_tokens must be a positive integer, got "
                              f"{max_source_tokens!r}")
         self.max_source_tokens = max_source_tokens
+        self.keep_trailing_space = bool(keep_trailing_space)
         self.src, self.tgt = src, tgt
         self._files = {"src": src_file, "tgt": tgt_file}
         self._default_eos = src is not None and tgt is not None
@@ -86,14 +92,15 @@ class Tokenizer:
         return self.tgt if self.tgt is not None else self.src
 
     def encode_source(self, text: str, *, strict: bool = False) -> np.ndarray:
-        """int64 (n,) source ids of ``text`` stripped of surrounding whitespace, cut to
+        """int64 (n,) source ids of ``text`` stripped of surrounding whitespace (leading only
+        with :attr:`keep_trailing_space`), cut to
         :attr:`max_source_tokens` (then ``<eos>`` when :attr:`source_eos`). Unknown tokens ->
         ``<unk>``, or a ValueError naming them when ``strict``."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         vocab = self.source_vocab
         # (training data is stripped, and a character vocabulary would read the spaces)
-        text = text.strip()
+        text = text.lstrip() if self.keep_trailing_space else text.strip()
         ids = vocab.encode(text)
         if self.max_source_tokens is not None:
             ids = ids[:self.max_source_tokens]
@@ -240,4 +247,7 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
     if cut is not None and (isinstance(cut, bool) or not isinstance(cut, int) or cut < 1):
         raise ValueError(f"config['tokenizer']['max_source_tokens'] must be a positive "
                          f"integer, got {cut!r}")
-    return Tokenizer(**vocabs, **names, source_eos=source_eos, max_source_tokens=cut)
+    # (a RAN language model continues prompts: their trailing space is text)
+    prefix_prompts = config.get("architecture") == "ran" and config.get("token_head") == "lm"
+    return Tokenizer(**vocabs, **names, source_eos=source_eos, max_source_tokens=cut,
+                     keep_trailing_space=prefix_prompts)

@@ -275,3 +275,68 @@ def test_evaluate_refuses_vocabularies_the_model_was_not_trained_with(tmp_path, 
             evaluate_main([str(tmp_path / "m"), "--task", "pairs", *argv])
         assert exited.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_the_holdout_is_its_share_of_all_texts_spread_over_the_labels(tmp_path):
+    # a share rounded per label gave small labels none: 20 labels of 9 texts held out 1 text,
+    # and 400 + 10 x 9 texts held out only the big label's
+    path = tmp_path / "lab.tsv"
+    path.write_text("".join(f"L{label}\tdoc {label} {i}\n" for label in range(20)
+                            for i in range(9)), encoding="utf-8")
+    assert LabelledTask(train=str(path)).num_examples("valid") == 9
+    path.write_text("".join(f"big\tbig {i}\n" for i in range(400))
+                    + "".join(f"small{label}\tsmall {label} {i}\n" for label in range(10)
+                              for i in range(9)), encoding="utf-8")
+    held = [label for _, label in LabelledTask(train=str(path)).examples("valid")]
+    assert len(held) == 24 and 0 < sum(label != "big" for label in held) <= 10
+    # a text filed under two labels stays on one side
+    path.write_text("".join(f"A\ttext {i}\nB\ttext {i}\n" for i in range(200)), encoding="utf-8")
+    task = LabelledTask(train=str(path), holdout=0.1)
+    assert task.num_examples("valid") == 40
+    assert not {t for t, _ in task.examples("valid")} & {t for t, _ in task.examples("train")}
+
+
+def test_a_ran_language_model_keeps_a_prompts_trailing_space(tmp_path):
+    # "the " asks for the next word: stripped, the model re-emitted the space
+    from attncore.train.loop import train
+    path = write_pairs(tmp_path / "train.tsv", n=40)
+    train("pairs", "ran-lm", tmp_path / "lm", steps=1, progress=False,
+          task_options={"train": str(path), "level": "char"}, d_model=16, num_heads=2,
+          head_size=8, window_size=8, min_window_size=2)
+    tokenizer = attncore.load(tmp_path / "lm").tokenizer
+    space = tokenizer.src.token_to_id(" ")
+    assert list(tokenizer.encode_source("  the ")) == [tokenizer.src.token_to_id(c)
+                                                       for c in "the"] + [space]
+    train("pairs", "seq2seq-bahdanau", tmp_path / "s2s", steps=1, progress=False,
+          task_options={"train": str(path), "level": "char"}, hidden_size=8, embed_dim=4)
+    assert space not in list(attncore.load(tmp_path / "s2s").tokenizer.encode_source(" the "))
+
+
+def test_a_file_named_another_way_resumes_and_evaluates_from_elsewhere(tmp_path, monkeypatch,
+                                                                       capsys):
+    from attncore.train.evaluate import main as evaluate_main
+    from attncore.train.loop import train
+    write_pairs(tmp_path / "train.tsv", n=60)
+    monkeypatch.chdir(tmp_path)
+    options = dict(progress=False, hidden_size=8, embed_dim=4, checkpoint_every=1)
+    train("pairs", "seq2seq-bahdanau", "m", steps=1, task_options={"train": "train.tsv"},
+          **options)
+    train("pairs", "seq2seq-bahdanau", "m", steps=2, resume=True,
+          task_options={"train": "./train.tsv"}, **options)
+    training = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert training["task_options"]["train"] == str(tmp_path / "train.tsv")
+    monkeypatch.chdir(tmp_path.parent)
+    assert evaluate_main([str(tmp_path / "m")]) == 0
+    assert "pairs/test examples" in capsys.readouterr().out
+
+
+def test_evaluate_n_limits_a_classifier_too(tmp_path):
+    from attncore.train.evaluate import classification_accuracy
+    from attncore.train.loop import train
+    path = write_labelled(tmp_path / "lab.tsv", n=200)
+    model, _ = train("labelled", "transformer-classifier", tmp_path / "c", steps=1,
+                     progress=False, task_options={"train": str(path), "holdout": 0.2},
+                     d_model=16, num_heads=2, dim_feedforward=16, num_encoder_layers=1)
+    task = LabelledTask(train=str(path), holdout=0.2)
+    assert classification_accuracy(model, task, "test", batch_size=16, n=21)["n_evaluated"] == 21
+    assert classification_accuracy(model, task, "test")["n_evaluated"] == task.num_examples("test")

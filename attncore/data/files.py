@@ -108,8 +108,9 @@ def _splits(seed: int, train, valid, test, holdout: float, read, key, stratum=No
 
     The holdout takes whole groups of examples with the same ``key`` (a source or a document
     text: its duplicates, or other targets of it, in training would make the held-out score a
-    training score), and with ``stratum`` (a label) per stratum, leaving each at least one
-    group in training (a label held out entirely could not be learnt).
+    training score), ``round(holdout x groups)`` of them in all; with ``stratum`` (a label)
+    spread over the strata by largest remainder, leaving each at least one group in training
+    (a label held out entirely could not be learnt).
     """
     rows = read(train, "train")
     if valid is None:
@@ -122,13 +123,18 @@ def _splits(seed: int, train, valid, test, holdout: float, read, key, stratum=No
         for index in order:
             strata.setdefault(stratum(groups[keys[index]][0]) if stratum else None,
                               []).append(keys[index])
-        held = set()
-        for members in strata.values():
-            share = int(round(holdout * len(members)))
-            held.update(members[:min(share, len(members) - 1)])
-        largest = max(strata.values(), key=len)
-        if not held and len(largest) > 1:   # (a small file: one example rather than none)
-            held.add(largest[0])
+        # round(holdout x groups) in all, shared by largest remainder (a share rounded per label
+        # gave small labels none: 20 labels of 9 texts held out 1 text, not 9)
+        total = max(1, int(round(holdout * len(keys))))
+        quota = {name: holdout * len(members) for name, members in strata.items()}
+        take = {name: min(int(quota[name]), len(members) - 1)
+                for name, members in strata.items()}
+        for name in sorted(strata, key=lambda name: int(quota[name]) - quota[name]):
+            if sum(take.values()) >= total:
+                break
+            if take[name] < len(strata[name]) - 1:
+                take[name] += 1
+        held = {k for name, members in strata.items() for k in members[:take[name]]}
         if not held:
             raise ValueError(f"train: holdout {holdout} of {len(keys)} distinct examples holds "
                              f"none out for validation: give a valid file or a larger holdout")
@@ -254,8 +260,9 @@ class LabelledTask(ClassificationTask):
         def documents(path, argument):   # (files hold label<TAB>text; examples are (text, label))
             return [(text, label) for label, text in read_tab_file(path, argument)]
 
+        # (by text: a text filed under two labels stays on one side)
         self._split_docs = _splits(self.seed, train, valid, test, holdout, documents,
-                                   key=lambda doc: doc, stratum=lambda doc: doc[1])
+                                   key=lambda doc: doc[0], stratum=lambda doc: doc[1])
         self.labels = sorted({label for _, label in self._split_docs["train"]})
         if len(self.labels) < 2:
             raise ValueError(f"train: a classifier needs at least 2 labels, the file has "

@@ -106,13 +106,16 @@ def engine_decode_texts(model_dir, task, sources: List[str], *, beam_size: int =
     return out
 
 
-def classification_accuracy(model, task, split: str = "test", batch_size: int = 16) -> dict:
+def classification_accuracy(model, task, split: str = "test", batch_size: int = 16,
+                            n: Optional[int] = None) -> dict:
     """Accuracy of a document classifier on ``split`` of a classification task.
 
     Parameters
     ----------
     model : callable ``model(ids, lengths) -> logits (B, C)`` (a trainer classifier)
     task : ClassificationTask (``labels``, ``batches(split, batch_size)``, ``class_counts``)
+    n : int, optional
+        Evaluate the first ``n`` documents of the split (default: all of them).
 
     Returns
     -------
@@ -129,8 +132,12 @@ def classification_accuracy(model, task, split: str = "test", batch_size: int = 
     try:
         with ag.no_grad():
             for ids, lengths, truth in task.batches(split, batch_size):
+                left = None if n is None else int(n) - int(confusion.sum())
+                if left is not None and left <= 0:
+                    break
+                ids, lengths, truth = ids[:left], lengths[:left], np.asarray(truth)[:left]
                 predicted = model(ids, lengths).data.argmax(axis=-1)
-                np.add.at(confusion, (np.asarray(truth), predicted), 1)
+                np.add.at(confusion, (truth, predicted), 1)
     finally:
         model.train(was_training)
     total = int(confusion.sum())
@@ -306,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
         try:
             result = classification_accuracy(model, task, args.split,
-                                             batch_size=min(args.batch_size, 16))
+                                             batch_size=min(args.batch_size, 16), n=args.n)
         except ValueError as exc:   # (e.g. documents past a Transformer's position table)
             parser.error(f"{args.model_dir} on {args.task!r}: {exc}")
         if args.json:

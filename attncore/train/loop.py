@@ -227,6 +227,9 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         saved = (state.get("extra") or {}).get("data_options")
+        if isinstance(saved, dict) and isinstance(saved.get("task_options"), dict):
+            # (a checkpoint of a run that named its files relative to this directory)
+            saved = dict(saved, task_options=_absolute_paths(saved["task_options"]))
         if saved is not None and data_options is not None and "data_sha256" not in saved:
             data_options = {k: v for k, v in data_options.items() if k != "data_sha256"}
         if data_options is not None and saved is not None and saved != data_options:
@@ -333,6 +336,14 @@ def _check_trained_model(model, loss_fn, batch) -> None:
         raise TrainingDiverged(f"training diverged: the trained model's loss on a batch is "
                                f"{loss} (lower the learning rate or clip gradients); nothing "
                                f"was exported")
+
+
+def _absolute_paths(options: dict) -> dict:
+    """``options`` with every string naming an existing file or directory made absolute: a
+    resume that named the same file ``./train.tsv`` was refused, and evaluate run from another
+    directory read training.json's relative ``train.tsv`` there."""
+    return {key: os.path.abspath(value) if isinstance(value, str) and value and
+            os.path.exists(value) else value for key, value in options.items()}
 
 
 def _data_digest(task) -> str:
@@ -590,14 +601,15 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  progress=progress, description=f"{arch} on {getattr(task, 'name', 'task')}",
                  loss_limit=100 * math.log(max(classes, 2)),
                  data_options=_json_safe({"task": getattr(task, "name", None),
-                                          "task_options": task_options or {},
+                                          "task_options": _absolute_paths(task_options or {}),
                                           "batch_size": batch_size, "seed": seed,
                                           "data_sha256": _data_digest(task)}))
     _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
            labels=list(task.labels) if arch in CLASSIFIERS else None,
            max_source_tokens=getattr(task, "max_len", None) if arch in CLASSIFIERS else None,
-           training=_json_safe({"task": getattr(task, "name", None), "task_options": task_options or {},
+           training=_json_safe({"task": getattr(task, "name", None),
+                                "task_options": _absolute_paths(task_options or {}),
                                 "seed": seed, "arch": arch, "steps": steps,
                                 "batch_size": batch_size}))
     return model, result
