@@ -463,18 +463,23 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                          const int8_t *panels, ac_index N, const float *bias, float *out,
                          ac_index ldo, int num_threads) {
     const ac_index ldq = padded_k(K), stride = panel_bytes(K), n_panels = ac_panel_count(N);
-    /* quantized rows, then their scales */
-    uint8_t *q = malloc(QUANT_BYTES + QUANT_BYTES / K_STEP * sizeof(float));
-    float *scales = (float *)(q + QUANT_BYTES);
-    /* K past AC_I8_MAX_K (a quantized row would not fit q), panels packed for another K (the
-     * Cython fronts refuse both first) or no memory for q: NaN outputs, never a wrong answer */
-    if (!q || K > AC_I8_MAX_K || *stored_k((int8_t *)panels, K) != (int32_t)K) {
+    /* K past AC_I8_MAX_K (a quantized row would not fit q) or panels packed for another K (the
+     * Cython fronts refuse both first): NaN outputs, never a wrong answer */
+    if (K > AC_I8_MAX_K || *stored_k((int8_t *)panels, K) != (int32_t)K) {
         for (ac_index i = 0; i < M; i++)
             for (ac_index j = 0; j < N; j++) out[i * ldo + j] = NAN;
-        free(q);
         return;
     }
-    ac_index chunk = AC_MAX(1, QUANT_BYTES / AC_MAX(K_STEP, ldq));  /* K <= AC_I8_MAX_K */
+    /* quantized rows, then their scales. Without memory for them (a process at its address-
+     * space limit: the outputs were NaN, silently), one row at a time in a buffer on this
+     * thread's stack: slower, the same bits (rows are quantized and summed independently). */
+    uint8_t one_row[AC_I8_MAX_K] __attribute__((aligned(64)));
+    float one_scale[1];
+    uint8_t *heap = malloc(QUANT_BYTES + QUANT_BYTES / K_STEP * sizeof(float));
+    uint8_t *q = heap ? heap : one_row;
+    float *scales = heap ? (float *)(heap + QUANT_BYTES) : one_scale;
+    const ac_index capacity = heap ? QUANT_BYTES : (ac_index)sizeof(one_row);
+    ac_index chunk = heap ? AC_MAX(1, QUANT_BYTES / AC_MAX(K_STEP, ldq)) : 1;
     if (chunk > AMX_ROWS) chunk -= chunk % AMX_ROWS;    /* whole AMX blocks */
     const int vnni = ac_int8_vnni();
 #ifdef AC_AMX
@@ -507,7 +512,7 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                     for (; i < rows; i += AMX_ROWS) {
                         const ac_index m = AC_MIN(AMX_ROWS, rows - i);
                         /* a short block: its tile reads 16 rows, which must lie in q */
-                        if (m < AMX_MIN_ROWS || (i + AMX_ROWS) * ldq > QUANT_BYTES) break;
+                        if (m < AMX_MIN_ROWS || (i + AMX_ROWS) * ldq > capacity) break;
                         panel_rows_amx(q + i * ldq, ldq, scales + i, (int)m, ldq / 4, panel,
                                        ncols, bb, oi + i * ldo + j0, ldo);
                     }
@@ -532,5 +537,5 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                 panel_i8_scalar(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo);
         }
     }
-    free(q);
+    free(heap);
 }

@@ -9,6 +9,10 @@ measures what the rounding costs in accuracy, on the bundled trained model. int8
 exact integer sums and one fused multiply-add per output, so they too are checked bit for bit,
 against ``reference.linear_int8``; what quantizing costs is measured on the trained model.
 """
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -355,6 +359,48 @@ def test_int8_scales_whose_product_leaves_float32s_normal_range(rng):
                                 threads)
             assert np.array_equal(_bits(got), _bits(want[rows])), (rows, threads)
     assert np.isinf(want[2, 3]) and np.isfinite(np.delete(want, 2, axis=0)).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS")
+def test_int8_product_without_memory_for_its_buffer_is_still_right(tmp_path):
+    """At its address-space limit a process could not malloc the product's 68 KiB of quantized
+    rows, and the outputs were NaN, silently (an encoder's outputs, a classifier's logits). Now
+    the rows go one at a time through a buffer on the stack: the same bits."""
+    script = textwrap.dedent("""
+        import resource, numpy as np, attncore
+        from attncore.kernels import PackedLinearWeight
+        attncore.set_num_threads(1)
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((64, 256)).astype(np.float32)
+        x = rng.standard_normal((3, 256)).astype(np.float32)
+        packed = PackedLinearWeight(w, "int8")
+        good = attncore.linear(x, packed)
+        out = np.empty_like(good)
+        size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (size, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        ballast = []
+        try:
+            while True:
+                ballast.append(bytes(69632 + 64))
+        except MemoryError:
+            pass
+        try:
+            bytes(69632)
+            pressed = False
+        except MemoryError:
+            pressed = True
+        from attncore.kernels import _blas
+        _blas.linear_packed(x, packed.panels, 64, None, out, 0, 1)
+        del ballast
+        print(pressed, np.array_equal(out.view(np.uint32), good.view(np.uint32)))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pressed, same = proc.stdout.split()
+    if pressed != "True":
+        pytest.skip("could not exhaust the heap under the limit here")
+    assert same == "True"
 
 
 def test_int8_packing_refuses_what_it_cannot_quantize():
