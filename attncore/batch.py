@@ -333,8 +333,9 @@ def run_batches(items: Iterable[Item], infer: Callable[[List[Item]], Sequence[An
     ------
     InputError
         After every line before the offending one has been yielded, and none after it. A batch
-        the model refuses (``ValueError``) is re-run one line at a time, in line order, for the
-        lines of its window not yet done, so the error names the exact line.
+        the model refuses (``ValueError``), or that runs out of memory, is re-run one line at a
+        time, in line order, for the lines of its window not yet done, so the error names the
+        exact line.
     """
     for window, error in _windows(items, batching):
         yield from _run_window(window, infer, batching, throughput, on_batch,
@@ -369,7 +370,7 @@ def _run_window(window, infer, batching, throughput, on_batch, map_batches):
                 done.add(position)
                 yield from (value for _, value in reorder.push(position, (item, result)))
         return
-    except ValueError:
+    except (ValueError, MemoryError):   # (a 42 MB line padded its batch to 182 GiB)
         pass
     finally:
         close = getattr(mapped, "close", None)
@@ -385,6 +386,9 @@ def _run_window(window, infer, batching, throughput, on_batch, map_batches):
         except ValueError as exc:
             # (the model named the row "sources[0]": its index in this rerun's batch of one)
             raise InputError(item.line, _ONE_ROW.sub("this line", str(exc))) from None
+        except MemoryError as exc:
+            raise InputError(item.line, f"not enough memory for this line "
+                                        f"({str(exc) or 'MemoryError'})") from None
         _account([item], throughput, on_batch)
         yield from (value for _, value in reorder.push(position, (item, result)))
 

@@ -708,6 +708,8 @@ def _main(argv):
         print(f"{prog}: error: {exc}", file=sys.stderr)
     except (ValueError, TypeError, OSError) as exc:
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+    except MemoryError as exc:   # (a traceback before; numpy's names the allocation)
+        print(f"{prog}: error: out of memory ({_one_line(exc)})", file=sys.stderr)
     except ImportError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

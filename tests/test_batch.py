@@ -243,6 +243,31 @@ def test_a_line_the_model_refuses_is_named_and_output_is_an_exact_prefix():
     assert out[2] == (3, " ".join(str(t) for t in range(4, 0, -1)))
 
 
+def test_a_batch_out_of_memory_is_rerun_by_line_and_the_line_named():
+    # a 42 MB line padded its whole batch past memory: a traceback, and the good lines lost
+    items = items_of([3] * 30)
+    items[20] = Item(21, np.arange(1, 1001, dtype=np.int64))      # the one too big alone
+
+    def infer(batch):
+        if max(len(item.source) for item in batch) > 100:
+            raise MemoryError("Unable to allocate 182. GiB")
+        return [item.source[::-1] for item in batch]
+
+    out = []
+    with pytest.raises(InputError, match=r"^line 21: not enough memory for this line "
+                                         r"\(Unable to allocate 182. GiB\)"):
+        for item, result in batch.run_batches(iter(items), infer,
+                                              Batching(batch_size=8, window=16)):
+            out.append(item.line)
+    assert out == list(range(1, 21))
+
+
+def test_default_generation_limits_stay_within_the_longest_generation():
+    from attncore.models.base import MAX_GENERATION_LENGTH, _default_limit
+    assert _default_limit(5) == 20
+    assert _default_limit(600_000) == MAX_GENERATION_LENGTH   # (1.2M was max_length's error)
+
+
 def test_reorderer():
     reorder = batch.Reorderer(first=5)
     assert reorder.push(6, "b") == []

@@ -769,3 +769,16 @@ def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monk
                        str(tmp_path / "out.txt"), "--no-progress"])
     assert status == 130
     assert capsys.readouterr().err.splitlines() == ["attncore translate: interrupted"]
+
+
+def test_out_of_memory_is_one_error_line(monkeypatch, capsys):
+    # a MemoryError (numpy's names the allocation) printed a traceback
+    from attncore import cli
+
+    def command(args):
+        raise MemoryError("Unable to allocate 182. GiB for an array")
+
+    monkeypatch.setitem(cli._COMMANDS, "translate", command)
+    assert cli.main(["translate"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err == ("attncore translate: error: out of memory (Unable to "
+                                       "allocate 182. GiB for an array)\n")

@@ -181,8 +181,10 @@ def check_step_tokens(tokens, batch: int, vocab_size: int) -> np.ndarray:
 
 
 def _default_limit(source_length: int) -> int:
-    """``2 * source_length + 10``: the generation limit of a source when none is given."""
-    return 2 * int(source_length) + 10
+    """``2 * source_length + 10``: the generation limit of a source when none is given, at most
+    :data:`MAX_GENERATION_LENGTH` (a 600k-token source was refused for a max_length nobody
+    gave)."""
+    return min(2 * int(source_length) + 10, MAX_GENERATION_LENGTH)
 
 
 def generate_with_default_lengths(model, sources, *, name: str = "sources",
