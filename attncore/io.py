@@ -361,8 +361,17 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
         else:
             try:
                 weights = load_file(str(weights_path))
-            except Exception as error:  # safetensors raises its own error types for bad files
-                problems.append(f"cannot read {WEIGHTS_FILE} (truncated or corrupt?): {type(error).__name__}: {error}")
+            except MemoryError:   # (an intact file, reported as corrupt)
+                raise
+            except BaseException as error:   # safetensors raises its own error types for bad
+                # files, and a Rust panic (pyo3's PanicException, a BaseException: it escaped
+                # every handler) when, e.g., an allocation fails
+                panic = type(error).__name__ == "PanicException"
+                if not (isinstance(error, Exception) or panic):
+                    raise   # (KeyboardInterrupt, SystemExit)
+                cause = "out of memory, or a corrupt file?" if panic else "truncated or corrupt?"
+                problems.append(f"cannot read {WEIGHTS_FILE} ({cause}): "
+                                f"{type(error).__name__}: {error}")
                 weights = None
         spec = None
         architecture = config.get("architecture")

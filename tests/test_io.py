@@ -404,3 +404,45 @@ def test_saved_weights_are_as_readable_as_the_config(tmp_path):
     for path in (tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json",
                  tmp_path / "checkpoint" / "checkpoint.safetensors"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+def test_loading_out_of_memory_is_a_memory_error_not_a_corrupt_file(tmp_path, monkeypatch):
+    # an intact file read under memory pressure was "truncated or corrupt?"; safetensors'
+    # Rust panic (a BaseException) escaped every handler as a traceback
+    import errno
+    import mmap
+
+    import safetensors.numpy
+
+    import attncore
+    from attncore.kernels import _memory
+    config = Seq2SeqConfig(src_vocab_size=9, tgt_vocab_size=8, embed_dim=4, hidden_size=4)
+    attncore.from_config(dict(config.to_dict(), architecture="seq2seq_attention"),
+                         seed=0).save(tmp_path / "m")
+
+    def out_of_memory(path):
+        raise MemoryError("Cannot allocate memory")
+
+    monkeypatch.setattr(safetensors.numpy, "load_file", out_of_memory)
+    with pytest.raises(MemoryError):
+        attncore.load(tmp_path / "m")
+
+    class PanicException(BaseException):
+        pass
+
+    def panic(path):
+        raise PanicException("PyObject pointer is null")
+
+    monkeypatch.setattr(safetensors.numpy, "load_file", panic)
+    with pytest.raises(ValueError, match=r"out of memory, or a corrupt file\?\): "
+                                         r"PanicException"):
+        attncore.load(tmp_path / "m")
+    monkeypatch.undo()
+
+    def no_map(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", no_map)
+    monkeypatch.setattr(_memory, "_chunk", None)
+    with pytest.raises(MemoryError, match="cannot map"):
+        _memory.empty_for_streaming((4096, 1024), np.float32)

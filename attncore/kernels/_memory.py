@@ -18,6 +18,7 @@ model's freed weights can stay resident (at most one chunk's worth) while weight
 model loaded after it share their chunk. Elsewhere (no ``mmap.MADV_HUGEPAGE``) arrays come from
 ``numpy.empty``.
 """
+import errno
 import mmap
 import threading
 
@@ -38,7 +39,12 @@ def _new_chunk(nbytes: int) -> np.ndarray:
     """A zeroed uint8 array of at least ``nbytes``, 2 MiB-aligned, advised for huge pages."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     # private: a shared anonymous mapping is shmem, which THP leaves alone by default
-    area = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:   # (ENOMEM came out as an OSError, which `except MemoryError` missed)
+        if exc.errno != errno.ENOMEM:
+            raise
+        raise MemoryError(f"cannot map {size + HUGE_PAGE} bytes for packed weights") from None
     raw = np.frombuffer(area, dtype=np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     try:
