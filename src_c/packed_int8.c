@@ -142,6 +142,14 @@ static inline int32_t *stored_k(int8_t *panel, ac_index K) {
     return (int32_t *)(panel + padded_k(K) * W + 8 * W);
 }
 
+/* The largest and the smallest non-zero weight scale of the whole weight (0 and 0 for zero
+ * rows only), stored after K in the first panel's last row: a row's outputs need the float step
+ * in double (finish_wide) only if the row's scale times one of them leaves float32's normal
+ * range, so a product tests its rows once and its kernels test every 16 outputs only then. */
+static inline float *scale_range(int8_t *panels, ac_index K) {
+    return (float *)(stored_k(panels, K) + 1);
+}
+
 void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
     const ac_index stride = panel_bytes(K), kp = padded_k(K);
     memset(panels, 0, (size_t)(ac_panel_count(N) * stride));
@@ -168,6 +176,14 @@ void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
         scales[c] = scale;
         sums[c] = sum;
     }
+    float high = 0.0f, low = 0.0f;
+    for (ac_index j = 0; j < N; j++) {
+        const float scale = ((const float *)(panels + (j / W) * stride + kp * W))[j % W];
+        high = scale > high ? scale : high;
+        if (scale > 0.0f && (low == 0.0f || scale < low)) low = scale;
+    }
+    scale_range(panels, K)[0] = high;
+    scale_range(panels, K)[1] = low;
 }
 
 /* ---------------------------------------------------------------- quantize rows ----- */
@@ -288,8 +304,8 @@ finish_off_range_vnni(__m512 v, __m512 scale, float x_scale, const float *ws, __
 /* The float step of one 16-column group c of a row: (sum - 128 x weight sums) x row scale x
  * weight scale + bias, stored where the panel has columns (a live mask; none past ncols). */
 static inline __attribute__((always_inline)) VNNI void
-store_group_vnni(__m512i sum, int c, float x_scale, const int8_t *panel, ac_index groups,
-                 ac_index ncols, const float *bias, float *out) {
+store_group_vnni(__m512i sum, int c, float x_scale, int check, const int8_t *panel,
+                 ac_index groups, ac_index ncols, const float *bias, float *out) {
     const float *ws = (const float *)(panel + groups * GROUP_BYTES);
     const int32_t *sums = (const int32_t *)(panel + groups * GROUP_BYTES + 4 * W);
     const ac_index c0 = 16 * c, left = ncols - c0;
@@ -300,18 +316,18 @@ store_group_vnni(__m512i sum, int c, float x_scale, const int8_t *panel, ac_inde
     const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, shift));
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(x_scale), _mm512_loadu_ps(ws + c0));
     _mm512_mask_storeu_ps(out + c0, live, _mm512_fmadd_ps(v, scale, b));
-    finish_off_range_vnni(v, scale, x_scale, ws + c0, b, live, out + c0);
+    if (check) finish_off_range_vnni(v, scale, x_scale, ws + c0, b, live, out + c0);
 }
 
-/* A row's four groups. */
+/* A row's four groups (the off-range test only with checks: see scale_range). */
 static inline __attribute__((always_inline)) VNNI void
 store_row_vnni(__m512i s0, __m512i s1, __m512i s2, __m512i s3, float x_scale,
                const int8_t *panel, ac_index groups, ac_index ncols, const float *bias,
-               float *out) {
-    store_group_vnni(s0, 0, x_scale, panel, groups, ncols, bias, out);
-    store_group_vnni(s1, 1, x_scale, panel, groups, ncols, bias, out);
-    store_group_vnni(s2, 2, x_scale, panel, groups, ncols, bias, out);
-    store_group_vnni(s3, 3, x_scale, panel, groups, ncols, bias, out);
+               float *out, int checks) {
+    store_group_vnni(s0, 0, x_scale, checks, panel, groups, ncols, bias, out);
+    store_group_vnni(s1, 1, x_scale, checks, panel, groups, ncols, bias, out);
+    store_group_vnni(s2, 2, x_scale, checks, panel, groups, ncols, bias, out);
+    store_group_vnni(s3, 3, x_scale, checks, panel, groups, ncols, bias, out);
 }
 
 /* R rows (R <= 4, a constant after inlining) x one panel: 4R int32 accumulators of 16 lanes,
@@ -323,7 +339,7 @@ store_row_vnni(__m512i s0, __m512i s1, __m512i s2, __m512i s3, float x_scale,
 static inline __attribute__((always_inline)) VNNI void
 panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac_index groups,
                 const int8_t *panel, ac_index ncols, const float *bias, float *out,
-                ac_index ldo) {
+                ac_index ldo, int checks) {
 #define ACC_ROW(r) __m512i a##r##0 = _mm512_setzero_si512(), a##r##1 = a##r##0, \
                            a##r##2 = a##r##0, a##r##3 = a##r##0;
     ACC_ROW(0) ACC_ROW(1) ACC_ROW(2) ACC_ROW(3)
@@ -350,7 +366,7 @@ panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac
         }
         store_row_vnni(_mm512_add_epi32(a00, a10), _mm512_add_epi32(a01, a11),
                        _mm512_add_epi32(a02, a12), _mm512_add_epi32(a03, a13), xs[0], panel,
-                       groups, ncols, bias, out);
+                       groups, ncols, bias, out, checks);
         return;
     }
     for (ac_index g = 0; g < groups; g++) {
@@ -363,10 +379,15 @@ panel_rows_vnni(const uint8_t *q, ac_index ldq, const float *xs, const int R, ac
         if (R > 3) DOT_ROW(3, q + 3 * ldq, g, w0, w1, w2, w3);
     }
 #undef DOT_ROW
-    store_row_vnni(a00, a01, a02, a03, xs[0], panel, groups, ncols, bias, out);
-    if (R > 1) store_row_vnni(a10, a11, a12, a13, xs[1], panel, groups, ncols, bias, out + ldo);
-    if (R > 2) store_row_vnni(a20, a21, a22, a23, xs[2], panel, groups, ncols, bias, out + 2 * ldo);
-    if (R > 3) store_row_vnni(a30, a31, a32, a33, xs[3], panel, groups, ncols, bias, out + 3 * ldo);
+    store_row_vnni(a00, a01, a02, a03, xs[0], panel, groups, ncols, bias, out, checks);
+    if (R > 1)
+        store_row_vnni(a10, a11, a12, a13, xs[1], panel, groups, ncols, bias, out + ldo, checks);
+    if (R > 2)
+        store_row_vnni(a20, a21, a22, a23, xs[2], panel, groups, ncols, bias, out + 2 * ldo,
+                       checks);
+    if (R > 3)
+        store_row_vnni(a30, a31, a32, a33, xs[3], panel, groups, ncols, bias, out + 3 * ldo,
+                       checks);
 }
 
 #ifdef AC_AMX
@@ -398,7 +419,7 @@ static AMX void amx_configure(void) { _tile_loadconfig(&AMX_CONFIG); }
  * panel_rows_vnni for the m rows. */
 static AMX void panel_rows_amx(const uint8_t *q, ac_index ldq, const float *xs, int m,
                                ac_index groups, const int8_t *panel, ac_index ncols,
-                               const float *bias, float *out, ac_index ldo) {
+                               const float *bias, float *out, ac_index ldo, int checks) {
     int32_t sums16[AMX_ROWS * W];
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (ac_index g = 0; g < groups; g += K_STEP / 4) {
@@ -432,7 +453,8 @@ static AMX void panel_rows_amx(const uint8_t *q, ac_index ldq, const float *xs, 
             const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
             const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(xs[r]), wsc);
             _mm512_mask_storeu_ps(out + r * ldo + c0, live, _mm512_fmadd_ps(v, scale, b));
-            finish_off_range_vnni(v, scale, xs[r], ws + c0, b, live, out + r * ldo + c0);
+            if (checks)
+                finish_off_range_vnni(v, scale, xs[r], ws + c0, b, live, out + r * ldo + c0);
         }
     }
 }
@@ -442,18 +464,21 @@ static AMX void amx_release(void) { _tile_release(); }
 
 static VNNI void panel_i8_vnni(const uint8_t *q, ac_index ldq, const float *xs, ac_index M,
                                ac_index K, const int8_t *panel, ac_index ncols,
-                               const float *bias, float *out, ac_index ldo) {
+                               const float *bias, float *out, ac_index ldo, int checks) {
     const ac_index groups = padded_k(K) / 4;
     ac_index i = 0;
     for (; i + 4 <= M; i += 4)
         panel_rows_vnni(q + i * ldq, ldq, xs + i, 4, groups, panel, ncols, bias, out + i * ldo,
-                        ldo);
+                        ldo, checks);
     const uint8_t *qr = q + i * ldq;
     float *o = out + i * ldo;
     switch (M - i) {
-        case 3: panel_rows_vnni(qr, ldq, xs + i, 3, groups, panel, ncols, bias, o, ldo); break;
-        case 2: panel_rows_vnni(qr, ldq, xs + i, 2, groups, panel, ncols, bias, o, ldo); break;
-        case 1: panel_rows_vnni(qr, ldq, xs + i, 1, groups, panel, ncols, bias, o, ldo); break;
+        case 3: panel_rows_vnni(qr, ldq, xs + i, 3, groups, panel, ncols, bias, o, ldo, checks);
+                break;
+        case 2: panel_rows_vnni(qr, ldq, xs + i, 2, groups, panel, ncols, bias, o, ldo, checks);
+                break;
+        case 1: panel_rows_vnni(qr, ldq, xs + i, 1, groups, panel, ncols, bias, o, ldo, checks);
+                break;
         default: break;
     }
 }
@@ -480,6 +505,7 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
     float *scales = heap ? (float *)(heap + QUANT_BYTES) : one_scale;
     const ac_index capacity = heap ? QUANT_BYTES : (ac_index)sizeof(one_row);
     ac_index chunk = heap ? AC_MAX(1, QUANT_BYTES / AC_MAX(K_STEP, ldq)) : 1;
+    const float *range = scale_range((int8_t *)panels, K), high = range[0], low = range[1];
     if (chunk > AMX_ROWS) chunk -= chunk % AMX_ROWS;    /* whole AMX blocks */
     const int vnni = ac_int8_vnni();
 #ifdef AC_AMX
@@ -494,6 +520,11 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
         else
 #endif
             quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
+        /* whether any row of the chunk may need the float step in double against some panel:
+         * almost never, and then the kernels skip the per-row test too */
+        int checks = 0;
+        for (ac_index i = 0; i < rows && !checks; i++)
+            checks = scales_off_range(scales[i], high) || scales_off_range(scales[i], low);
 #ifdef AC_AMX
         if (amx && rows >= AMX_MIN_ROWS) {
             const ac_index tile_macs = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * N * ldq;
@@ -514,11 +545,11 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
                         /* a short block: its tile reads 16 rows, which must lie in q */
                         if (m < AMX_MIN_ROWS || (i + AMX_ROWS) * ldq > capacity) break;
                         panel_rows_amx(q + i * ldq, ldq, scales + i, (int)m, ldq / 4, panel,
-                                       ncols, bb, oi + i * ldo + j0, ldo);
+                                       ncols, bb, oi + i * ldo + j0, ldo, checks);
                     }
                     if (i < rows)
                         panel_i8_vnni(q + i * ldq, ldq, scales + i, rows - i, K, panel, ncols,
-                                      bb, oi + i * ldo + j0, ldo);
+                                      bb, oi + i * ldo + j0, ldo, checks);
                 }
                 amx_release();
             }
@@ -531,7 +562,8 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
             const ac_index j0 = b * W, ncols = AC_MIN(W, N - j0);
             const float *bb = bias ? bias + j0 : NULL;
 #ifdef AC_X86
-            if (vnni) panel_i8_vnni(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo);
+            if (vnni)
+                panel_i8_vnni(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo, checks);
             else
 #endif
                 panel_i8_scalar(q, ldq, scales, rows, K, panel, ncols, bb, oi + j0, ldo);

@@ -330,35 +330,36 @@ def test_int8_rows_with_zeros_nan_or_infinity(rng):
     assert np.array_equal(out[~np.isnan(out)], want[~np.isnan(want)])
 
 
-def test_int8_scales_whose_product_leaves_float32s_normal_range(rng):
+@pytest.mark.parametrize("n_out, big, tiny", [(40, 3, 5), (200, 131, 197)])
+def test_int8_scales_whose_product_leaves_float32s_normal_range(rng, n_out, big, tiny):
     """The float step multiplied the row and weight scales in float32 first: x near 1e30 by w
     near 1e13 made an inf scale that turned a 0 sum into NaN (float32 gives the bias there),
     and x 2e-20 by w 2e-21 a subnormal one, 13% off though every value quantizes exactly.
     Such outputs are now computed from the scales' product in double."""
     K = 4096
-    w = rng.standard_normal((40, K)).astype(F32)
-    w[3, :K // 2] = 0
-    w[3, K // 2:] *= 1e13
-    w[5] = 2e-21
-    bias = rng.standard_normal(40).astype(F32)
-    bias[5] = 0
+    w = rng.standard_normal((n_out, K)).astype(F32)
+    w[big, :K // 2] = 0
+    w[big, K // 2:] *= 1e13
+    w[tiny] = 2e-21
+    bias = rng.standard_normal(n_out).astype(F32)
+    bias[tiny] = 0
     x = rng.standard_normal((6, K)).astype(F32)
     x[1, :K // 2] *= 1e30
-    x[1, K // 2:] = 0                  # orthogonal to w[3]: a sum of 0
+    x[1, K // 2:] = 0                  # orthogonal to w[big]: a sum of 0
     x[2] *= 1e30                       # overflows float32 however computed: inf
     x[3] = 2e-20
     packed = PackedLinearWeight(w, "int8")
     values, scales = packed.int8_parts()
     want = ref.linear_int8(x, values, scales, bias)
-    assert want[1, 3] == bias[3]
-    assert want[3, 5] == pytest.approx(K * 2e-20 * 2e-21, rel=1e-6)
+    assert want[1, big] == bias[big]
+    assert want[3, tiny] == pytest.approx(K * 2e-20 * 2e-21, rel=1e-6)
     for rows in (slice(0, 6), slice(1, 2), slice(3, 4), slice(1, 5)):
         for threads in (1, 2):
-            got = np.empty((x[rows].shape[0], 40), dtype=F32)
-            _blas.linear_packed(x[rows], packed.panels, 40, bias, got, BLAS_SMALL_GEMM_MACS,
+            got = np.empty((x[rows].shape[0], n_out), dtype=F32)
+            _blas.linear_packed(x[rows], packed.panels, n_out, bias, got, BLAS_SMALL_GEMM_MACS,
                                 threads)
             assert np.array_equal(_bits(got), _bits(want[rows])), (rows, threads)
-    assert np.isinf(want[2, 3]) and np.isfinite(np.delete(want, 2, axis=0)).all()
+    assert np.isinf(want[2, big]) and np.isfinite(np.delete(want, 2, axis=0)).all()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS")
