@@ -61,16 +61,21 @@ void ac_pack_panels_bf16(const float *w, ac_index N, ac_index K, uint16_t *panel
  *     out[i, j] = fma((float)(sum_k Xq[i, k] Wq[j, k]), scale_x[i] * scale[j], bias[j])
  *
  * with the sum in exact int32 arithmetic: the same bits on every kernel, for every row blocking,
- * batch and thread count. A row of x holding NaN or infinity gives NaN outputs. A panel is
+ * batch and thread count (where scale_x[i] * scale[j] overflows or is subnormal in float32, that
+ * output is (float)(sum * ((double)scale_x[i] * scale[j]) + bias[j]) instead). A row of x
+ * holding NaN or infinity gives NaN outputs. A panel is
  * ac_i8_panel_rows(K) rows of 64 bytes: for each group g of 4 k values (K padded with zeros to
  * a multiple of 64, an AMX tile's k step), 64 columns x 4 bytes (byte 4c + t is
  * Wq[64b + c, 4g + t]; one 32-bit lane of a vector holds a column's 4 weights), then 64 float32
  * scales, the 64 int32 sums sum_k Wq[j, k] (the VNNI kernel multiplies Xq + 128 as unsigned
  * bytes and takes 128 sum_k Wq[j, k] back off), and a last row starting with K as an int32: the
  * padding makes panels of every K in 64 values the same size, so products check it (panels of
- * another K give NaN outputs; the Cython fronts refuse them first). In features are limited to
+ * another K give NaN outputs; the Cython fronts refuse them first). The first panel's last row
+ * holds after K the weight's largest and smallest non-zero scale[j] (two float32): a product
+ * tests its rows against them for the double finish once, not every output. In features are limited to
  * AC_I8_MAX_K, so that int32 sums cannot overflow and a quantized row fits the kernel's 64 KiB
- * buffer; ac_pack_panels_i8 leaves zero panels past it, and
+ * buffer (or, without memory for it, a 32 KiB one on the stack, a row at a time);
+ * ac_pack_panels_i8 leaves zero panels past it, and
  * expects finite weights (its callers check). */
 #define AC_I8_MAX_K 32768
 static inline ac_index ac_i8_panel_rows(ac_index K) { return (K + 63) / 64 * 64 + 9; }

@@ -289,6 +289,12 @@ def test_the_holdout_is_its_share_of_all_texts_spread_over_the_labels(tmp_path):
                               for i in range(9)), encoding="utf-8")
     held = [label for _, label in LabelledTask(train=str(path)).examples("valid")]
     assert len(held) == 24 and 0 < sum(label != "big" for label in held) <= 10
+    # a label whose only text is shared with another label keeps it in training
+    path.write_text("".join(f"A\ta {i}\nC\tc {i}\n" for i in range(20))
+                    + "A\tshared text\nB\tshared text\n", encoding="utf-8")
+    for seed in range(10):
+        task = LabelledTask(seed, train=str(path), holdout=0.2)
+        assert task.labels == ["A", "B", "C"] and ("shared text", "B") in task.examples("train")
     # a text filed under two labels stays on one side
     path.write_text("".join(f"A\ttext {i}\nB\ttext {i}\n" for i in range(200)), encoding="utf-8")
     task = LabelledTask(train=str(path), holdout=0.1)
@@ -325,6 +331,10 @@ def test_a_file_named_another_way_resumes_and_evaluates_from_elsewhere(tmp_path,
           task_options={"train": "./train.tsv"}, **options)
     training = json.loads((tmp_path / "m" / "training.json").read_text())
     assert training["task_options"]["train"] == str(tmp_path / "train.tsv")
+    from attncore.train.loop import _absolute_paths
+    (tmp_path / "char").mkdir()               # (a value beside a directory of its name)
+    assert _absolute_paths({"level": "char", "valid": "v.tsv"}) == \
+        {"level": "char", "valid": str(tmp_path / "v.tsv")}
     monkeypatch.chdir(tmp_path.parent)
     assert evaluate_main([str(tmp_path / "m")]) == 0
     assert "pairs/test examples" in capsys.readouterr().out

@@ -135,6 +135,14 @@ def _splits(seed: int, train, valid, test, holdout: float, read, key, stratum=No
             if take[name] < len(strata[name]) - 1:
                 take[name] += 1
         held = {k for name, members in strata.items() for k in members[:take[name]]}
+        if stratum:   # (a label filed only beside another on shared texts has no stratum of
+            carriers: dict = {}   # its own: keep one of its texts in training)
+            for k in keys:
+                for label in {stratum(row) for row in groups[k]}:
+                    carriers.setdefault(label, []).append(k)
+            for label, texts in carriers.items():
+                if all(k in held for k in texts):
+                    held.discard(texts[0])
         if not held:
             raise ValueError(f"train: holdout {holdout} of {len(keys)} distinct examples holds "
                              f"none out for validation: give a valid file or a larger holdout")

@@ -338,12 +338,17 @@ def _check_trained_model(model, loss_fn, batch) -> None:
                                f"was exported")
 
 
+#: Task options that name files or directories (the file tasks' and the corpora's).
+PATH_OPTIONS = ("train", "valid", "test", "path", "tokenizer_dir", "module_dir")
+
+
 def _absolute_paths(options: dict) -> dict:
-    """``options`` with every string naming an existing file or directory made absolute: a
-    resume that named the same file ``./train.tsv`` was refused, and evaluate run from another
-    directory read training.json's relative ``train.tsv`` there."""
-    return {key: os.path.abspath(value) if isinstance(value, str) and value and
-            os.path.exists(value) else value for key, value in options.items()}
+    """``options`` with the paths of :data:`PATH_OPTIONS` made absolute: a resume that named the
+    same file ``./train.tsv`` was refused, and evaluate run from another directory read
+    training.json's relative ``train.tsv`` there. (Other values stay: ``level=char`` is no path
+    even beside a directory named ``char``.)"""
+    return {key: os.path.abspath(value) if key in PATH_OPTIONS and isinstance(value, str)
+            and value else value for key, value in options.items()}
 
 
 def _data_digest(task) -> str:
