@@ -57,13 +57,17 @@ def _positive_int(text):
     return value
 
 
-def _thread_count(text):
-    """--threads: a positive integer up to attncore's limit (2000 exited 1 after parsing, 0
-    exited 2 as a usage error: both are usage errors now)."""
+def thread_count(text):
+    """argparse type of every ``--threads`` (these commands' and the bench scripts'): an int in
+    [1, MAX_THREADS] (0 and 2000 were a usage error here and a traceback after a bench's header
+    there)."""
     from attncore.kernels.threads import MAX_THREADS
-    value = _positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a thread count, got {text!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"thread counts lie in [1, {MAX_THREADS}], got {value}")
     return value
 
 
@@ -570,7 +574,7 @@ def _add_model_options(parser, *, lines=True, generates=True):
     parser.add_argument("--allow-unknown", action="store_true",
                         help="map text tokens missing from the vocabulary to <unk> instead of "
                              "refusing the line")
-    parser.add_argument("--threads", type=_thread_count, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="kernel threads (default: OMP_NUM_THREADS or every usable CPU)")
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16", "int8"),
                         default="float32",
@@ -654,7 +658,7 @@ def build_parser():
                           help="also write the class log-probabilities (JSON) after a tab")
 
     demo = sub.add_parser("demo", help="run the kernels and check them against NumPy")
-    demo.add_argument("--threads", type=_thread_count, default=None)
+    demo.add_argument("--threads", type=thread_count, default=None)
     sub.add_parser("info", help="build and runtime facts")
     sub.add_parser("train", help="train a model with the bundled NumPy trainer")
     sub.add_parser("bench", help="run the benchmark scripts (bench/kernels.py, bench/models.py)")

@@ -2,12 +2,13 @@
 """Shared benchmark helpers: a min-of-repeats timer, thread setup for every engine in the same
 process, and a description of the machine. Benchmarks print tables of ratios measured side by
 side in one run (these machines are noisy); nothing here asserts a time."""
-import argparse
 import os
 import platform
 import time
 
 import numpy as np
+
+from attncore.cli import thread_count  # noqa: F401  (the one --threads type, for the scripts)
 
 
 def best_time(fn, repeats=5, min_time=0.2, warmup=1):
@@ -37,19 +38,6 @@ def best_times_interleaved(fns, rounds=3, repeats=3, min_time=0.0):
         for name, fn in fns.items():
             best[name] = min(best[name], best_time(fn, repeats=repeats, min_time=min_time))
     return best
-
-
-def thread_count(text):
-    """argparse type of ``--threads``: an int in attncore's range, [1, MAX_THREADS] (0 or
-    2000 ended in set_num_threads' traceback after the header had printed)."""
-    from attncore.kernels.threads import MAX_THREADS
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a thread count, got {text!r}") from None
-    if not 1 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"thread counts lie in [1, {MAX_THREADS}], got {value}")
-    return value
 
 
 def set_threads(n, with_torch=True):

@@ -224,8 +224,9 @@ def test_bad_options(tmp_path, args, fragment):
     assert_user_error(proc, fragment, code=code)
 
 
-@pytest.mark.parametrize("value, fragment", [("0", "expected a positive integer, got 0"),
-                                             ("5000", "expected at most 1024 threads, got 5000")])
+@pytest.mark.parametrize("value, fragment", [("0", "thread counts lie in [1, 1024], got 0"),
+                                             ("5000", "thread counts lie in [1, 1024], got 5000"),
+                                             ("two", "expected a thread count, got 'two'")])
 def test_thread_counts_out_of_range_are_usage_errors(tmp_path, value, fragment):
     # 5000 exited 1 after parsing while 0 exited 2: both are usage errors
     proc = attncore_cli(["translate", "--threads", value], tmp_path, stdin="3 March 1998\n")
