@@ -511,3 +511,26 @@ def test_a_refused_training_leaves_no_out_directory_and_resume_with_overwrite_is
     with pytest.raises(ValueError, match="does not fit task"):
         train("copy", "ran-classifier", kept, steps=1, progress=False, task_options=TOY)
     assert kept.is_dir()   # (a directory the caller made stays)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_validation_reports_the_plain_cross_entropy_too(tmp_path, smoothing):
+    # valid_loss is the training objective (label-smoothed, with a floor above 0); valid_nll is
+    # the plain cross-entropy of the same batches, comparable across smoothing values
+    from attncore.data import get_task
+    model, result = train("copy", "seq2seq-bahdanau", tmp_path, steps=10, batch_size=16,
+                          lr=0.01, schedule="constant", warmup_steps=1, label_smoothing=smoothing,
+                          task_options=TOY, progress=False, eval_every=10, eval_batches=2,
+                          **SMALL_RNN)
+    last = result.evaluations[-1]
+    task = get_task("copy", seed=0, **TOY)
+    plain, counted = 0.0, 0
+    model.eval()
+    with ag.no_grad():
+        for index, batch in enumerate(task.batches("valid", 16)):
+            if index >= 2:
+                break
+            loss, _, n = seq2seq_loss(0.0, model.config.pad_id)(model, batch)
+            plain, counted = plain + float(loss.data) * n, counted + n
+    assert last["valid_nll"] == pytest.approx(plain / counted, rel=1e-5)
+    assert (last["valid_loss"] == last["valid_nll"]) == (smoothing == 0.0)

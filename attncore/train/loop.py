@@ -571,14 +571,19 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                         num_classes=len(task.labels) if classification else 0, **model_options)
     _check_lengths(task, model, arch, classification)
 
-    if arch == "ran-lm":
-        loss_fn = document_lm_loss(label_smoothing, model.config.pad_id)
-    elif classification:
-        loss_fn = classification_loss(label_smoothing)
-    elif arch == "transformer-lm":
-        loss_fn = prefix_lm_loss(label_smoothing, model.config.pad_id)
-    else:
-        loss_fn = seq2seq_loss(label_smoothing, model.config.pad_id)
+    def make_loss(smoothing):
+        if arch == "ran-lm":
+            return document_lm_loss(smoothing, model.config.pad_id)
+        if classification:
+            return classification_loss(smoothing)
+        if arch == "transformer-lm":
+            return prefix_lm_loss(smoothing, model.config.pad_id)
+        return seq2seq_loss(smoothing, model.config.pad_id)
+
+    loss_fn = make_loss(label_smoothing)
+    # validation also reports the plain cross-entropy, valid_nll: a label-smoothed loss has a
+    # floor above 0 and does not compare across --label-smoothing values
+    nll_fn = make_loss(0.0) if label_smoothing else loss_fn
 
     # uniform predictions over `classes` outcomes a token cost log(classes) nats
     # (a ran-lm predicts tokens whatever the task: its outcomes are the vocabulary)
@@ -589,16 +594,18 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     lr_schedule = make_schedule(schedule, lr, warmup_steps, steps, min_lr)
 
     def evaluate(model, step):
-        losses, correct, counted = [], 0, 0
+        losses, nlls, correct, counted = [], [], 0, 0
         for index, batch in enumerate(task.batches("valid", batch_size)):
             if index >= eval_batches:
                 break
             loss, c, n = loss_fn(model, batch)
             losses.append(float(loss.data) * n)
+            nlls.append(losses[-1] if nll_fn is loss_fn else float(nll_fn(model, batch)[0].data) * n)
             correct, counted = correct + c, counted + n
         if counted == 0:  # an empty validation split: nothing measured (not a loss of 0)
-            return {"valid_loss": None, "valid_accuracy": None}
-        return {"valid_loss": sum(losses) / counted, "valid_accuracy": correct / counted}
+            return {"valid_loss": None, "valid_nll": None, "valid_accuracy": None}
+        return {"valid_loss": sum(losses) / counted, "valid_nll": sum(nlls) / counted,
+                "valid_accuracy": correct / counted}
 
     result = fit(model, optimizer, stream, loss_fn, steps, schedule=lr_schedule, clip_norm=clip_norm,
                  eval_fn=evaluate if eval_every else None, eval_every=eval_every,
