@@ -27,7 +27,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["SPLITS", "Seq2SeqBatch", "ClassificationBatch", "pad_sequences",
+__all__ = ["SPLITS", "Seq2SeqBatch", "ClassificationBatch", "pad_sequences", "is_classification",
            "Seq2SeqTask", "ClassificationTask"]
 
 SPLITS = ("train", "valid", "test")
@@ -46,6 +46,12 @@ class ClassificationBatch(NamedTuple):
     ids: np.ndarray      # (batch, max_len) int64
     lengths: np.ndarray  # (batch,) int64
     labels: np.ndarray   # (batch,) int64
+
+
+def is_classification(task) -> bool:
+    """Whether ``task`` yields ``(ids, lengths, labels)`` batches (it has ``labels`` and no
+    ``tgt_vocab``), the test the trainer and the evaluation use for any task object."""
+    return hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from attncore.data import metrics
-from attncore.data.task import pad_sequences
+from attncore.data.task import is_classification, pad_sequences
 
 from .export import TRAINING_FILE
 
@@ -196,7 +196,7 @@ def _misfit(model, task) -> Optional[str]:
     """Why ``model`` (a trainer model) cannot be evaluated on ``task``, or None: the task kind
     it needs, and vocabularies and classes of the sizes the model was built for."""
     config = model.config
-    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    classification = is_classification(task)
     if classification:
         if not getattr(config, "num_classes", 0):   # (a ran-lm trained on the documents)
             return "it has no classifier (num_classes = 0)"
@@ -236,7 +236,7 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
     tokenizer = load_tokenizer(model_dir, config)
     if tokenizer is None:
         return None
-    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    classification = is_classification(task)
     pairs = [("source", task.src_vocab, tokenizer.source_vocab)]
     if not classification and tokenizer.tgt is not None:
         pairs.append(("target", task.tgt_vocab, tokenizer.target_vocab))
@@ -310,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
         parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
                      f"trained on another task, or with other --task-option or --seed values?)")
-    if hasattr(task, "labels") and not hasattr(task, "tgt_vocab"):
+    if is_classification(task):
         try:
             result = classification_accuracy(model, task, args.split,
                                              batch_size=min(args.batch_size, 16), n=args.n)

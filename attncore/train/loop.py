@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import numpy as np
 
+from attncore.data.task import is_classification
+
 from . import autograd as ag
 from .checkpoint import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
 from .export import export
@@ -559,7 +561,7 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     if isinstance(task, str):
         from attncore.data import get_task
         task = get_task(task, seed=seed, **(task_options or {}))
-    classification = hasattr(task, "labels") and not hasattr(task, "tgt_vocab")
+    classification = is_classification(task)
     if arch != "ran-lm" and classification != (arch in CLASSIFIERS):
         raise ValueError(f"arch {arch!r} does not fit task {getattr(task, 'name', task)!r} "
                          f"({'classification' if classification else 'sequence-to-sequence'})")
