@@ -100,6 +100,22 @@ _TRAINING_KEYS = ("task", "arch", "out", "steps", "batch_size", "lr", "seed", "s
                   "checkpoint_every", "resume", "overwrite", "no_progress", "task_option")
 
 
+def parse_task_options(items: List[str], parser: argparse.ArgumentParser) -> dict:
+    """``--task-option KEY=VALUE`` items as a dict: VALUE read as JSON, else kept as a string
+    (``train=data.tsv``); an item without ``=`` is the parser's usage error. Shared with
+    ``python -m attncore.train.evaluate``."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--task-option needs KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run ``attncore train``; returns the process exit status. A bad command line exits
     through argparse (``SystemExit(2)``, one line on stderr), as every attncore command."""
@@ -115,15 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.min_lr > args.lr:   # (cosine / linear then raised the rate towards --min-lr)
         parser.error(f"--min-lr ({args.min_lr:g}) must be <= --lr ({args.lr:g})")
 
-    task_options = {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--task-option needs KEY=VALUE, got {item!r}")
-        try:
-            task_options[key] = json.loads(value)
-        except ValueError:
-            task_options[key] = value
+    task_options = parse_task_options(args.task_option, parser)
     model_options = {k: v for k, v in vars(args).items() if k not in _TRAINING_KEYS and v is not None}
     try:
         _, result = train(args.task, args.arch, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -273,6 +273,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from attncore.data import get_task
+    from .cli import parse_task_options
     from .export import load_model
 
     training = _training_run(args.model_dir)
@@ -285,14 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seed is None:
         args.seed = int(training.get("seed", 0)) if same_task else 0
     options = dict(training.get("task_options") or {}) if same_task else {}
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--task-option needs KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
+    options.update(parse_task_options(args.task_option, parser))
     if args.n is not None and args.n < 1:   # (0 reached sacrebleu with no sentences)
         parser.error(f"--n must be at least 1, got {args.n}")
     if args.n is not None and args.task == "dates":
