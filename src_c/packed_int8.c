@@ -155,6 +155,7 @@ void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
     memset(panels, 0, (size_t)(ac_panel_count(N) * stride));
     if (K > AC_I8_MAX_K) return;   /* refused by the callers: zero panels, which products refuse */
     for (ac_index b = 0; b < ac_panel_count(N); b++) *stored_k(panels + b * stride, K) = (int32_t)K;
+    float high = 0.0f, low = 0.0f;   /* the extremes of scale_range */
     for (ac_index j = 0; j < N; j++) {
         int8_t *p = panels + (j / W) * stride;
         const int c = (int)(j % W);
@@ -175,10 +176,6 @@ void ac_pack_panels_i8(const float *w, ac_index N, ac_index K, int8_t *panels) {
         int32_t *sums = (int32_t *)(p + kp * W + 4 * W);
         scales[c] = scale;
         sums[c] = sum;
-    }
-    float high = 0.0f, low = 0.0f;
-    for (ac_index j = 0; j < N; j++) {
-        const float scale = ((const float *)(panels + (j / W) * stride + kp * W))[j % W];
         high = scale > high ? scale : high;
         if (scale > 0.0f && (low == 0.0f || scale < low)) low = scale;
     }
@@ -520,8 +517,8 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
         else
 #endif
             quantize_rows_scalar(xi, ldx, rows, K, q, ldq, scales);
-        /* whether any row of the chunk may need the float step in double against some panel:
-         * almost never, and then the kernels skip the per-row test too */
+        /* whether any row of the chunk may need the float step in double (scale_range): almost
+         * never, and otherwise the kernels skip their test of every 16 outputs */
         int checks = 0;
         for (ac_index i = 0; i < rows && !checks; i++)
             checks = scales_off_range(scales[i], high) || scales_off_range(scales[i], low);
