@@ -112,8 +112,9 @@ def cached_model(path, weight_dtype: str = "float32"):
 
     Keyed by the real path, the modification and change times, inodes and sizes of
     ``config.json`` and ``model.safetensors``, and ``weight_dtype``. Engine models are
-    immutable and thread-safe, so the threads of a worker share one copy. A directory rewritten since replaces its
-    earlier version (of the same ``weight_dtype``): a long-lived worker kept every version.
+    immutable and thread-safe, so the threads of a worker share one copy. A directory
+    rewritten since replaces its earlier version (of the same ``weight_dtype``): a long-lived
+    worker kept every version.
     """
     from .models import load
 

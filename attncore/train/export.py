@@ -7,6 +7,7 @@ the inference engine with the NumPy reference forward pass on the very same weig
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 __all__ = ["export", "load_model", "model_from_config"]
@@ -24,8 +25,8 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
     ``labels`` (class names of a classifier, in logit order) go to ``config["labels"]``, so
     ``attncore classify`` prints names. ``max_source_tokens`` (a classification task's
     ``max_len``) makes the served tokenizer cut documents as training did. ``training`` (a
-    JSON-ready dict: task, task options, seed...) is written as :data:`TRAINING_FILE`. Vocabularies (objects with ``save(path)``, e.g.
-    :class:`attncore.data.Vocab`) are saved as
+    JSON-ready dict: task, task options, seed...) is written as :data:`TRAINING_FILE`.
+    Vocabularies (objects with ``save(path)``, e.g. :class:`attncore.data.Vocab`) are saved as
     ``src_vocab.json`` / ``tgt_vocab.json`` and referenced from ``config["tokenizer"]`` as
     ``{"type": "attncore.data.vocab", "src": "src_vocab.json", "tgt": "tgt_vocab.json"}``.
     """
@@ -51,7 +52,6 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
     for side, vocab in files.items():
         vocab.save(directory / f"{side}_vocab.json")  # JSON, written by the vocabulary itself
     if training is not None:
-        import json
         (directory / TRAINING_FILE).write_text(json.dumps(training, indent=1) + "\n",
                                                encoding="utf-8")
     return directory
