@@ -111,6 +111,65 @@ def test_num_threads_is_thread_local():
                     "worker_after": 2}
 
 
+_FORK_SCRIPT = textwrap.dedent("""
+    import os, sys, time, warnings
+    import numpy as np
+    import attncore
+    attncore.set_num_threads(2)
+    q = np.random.default_rng(0).standard_normal((2, 8, 256, 64)).astype(np.float32)
+    if sys.argv[1] == "after":  # big enough for a team of two: OpenMP starts its pool here
+        expected = attncore.attention(q, q, q)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            threads = attncore.get_num_threads()
+            out = attncore.attention(q, q, q)
+            attncore.linear(q[0, 0], q[0, 1])
+        with attncore.num_threads(1):
+            same = np.array_equal(out, attncore.attention(q, q, q))
+        os.write(write_end, f"{threads} {same} {len(caught)} {caught[0].message if caught else ''}"
+                 .encode())
+        os._exit(0)
+    os.close(write_end)
+    for _ in range(600):  # a child that hangs is killed after a minute, not left behind
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        sys.exit("the forked child hung")
+    print(os.read(read_end, 4096).decode(), "|", status)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not attncore.info()["openmp"],
+                    reason="needs fork() and an OpenMP build")
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_forked_child_runs_kernels_instead_of_hanging(tmp_path, when):
+    """GNU OpenMP's pool does not survive fork(): a child forked after a two-thread kernel used to
+    wait forever in its first parallel region (a multiprocessing "fork" pool, a pre-forking
+    server). It now runs on one thread, says so once, and gets the same bits. A child forked
+    before any team started keeps its threads."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), when], env=subprocess_env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    child, status = proc.stdout.rsplit("|", 1)
+    assert status.strip() == "0"
+    threads, same, n_warnings, message = child.split(" ", 3)
+    assert same == "True"
+    if when == "after":
+        assert (threads, n_warnings) == ("1", "1")
+        assert "forked after attncore had started OpenMP threads" in message
+        assert "'spawn' or 'forkserver'" in message
+    else:
+        assert (threads, n_warnings, message.strip()) == ("2", "0", "")
+
+
 def test_kernels_run_concurrently_from_python_threads(rng):
     """Kernels release the GIL and keep no shared state: concurrent calls from several Python
     threads (each with its own thread budget) give the single-threaded answers."""

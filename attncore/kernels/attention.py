@@ -23,7 +23,7 @@ import numpy as np
 from . import _additive, _blas, _sdpa, _softmax, _threads
 from ._validation import (check_bool, check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
-from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, get_num_threads
+from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, kernel_threads
 
 __all__ = ["attention", "additive_attention", "project_keys", "AdditiveKeys", "luong_attention",
            "nadaraya_watson"]
@@ -146,7 +146,7 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
              else check_finite_float(scale, "scale", q.dtype))
     if kv_lengths is not None:
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
-    threads = get_num_threads()
+    threads = kernel_threads()
     empty = batch * heads * q_len * head_dim == 0 or kv_len == 0
     # every path below writes each element of out; only an empty problem returns it as made
     out = (np.zeros if empty else np.empty)((batch, heads, q_len, head_dim), dtype=q.dtype)
@@ -201,7 +201,7 @@ def sequence_attention(q, k, v, *, kv_lengths, causal):
     out = np.zeros(q.shape, dtype=q.dtype)
     if q.size and k.shape[2]:
         _flash(q, k, v, out, kv_lengths, bool(causal), 1.0 / math.sqrt(q.shape[3]),
-               get_num_threads())
+               kernel_threads())
     return out
 
 
@@ -238,7 +238,7 @@ def project_keys(keys, w_k):
     rows = keys.shape[0] * keys.shape[1]
     out = np.empty((1, rows, w_k.shape[1]), dtype=keys.dtype)
     _blas.matmul(keys.reshape(1, rows, keys.shape[2]), w_k[None], out, False, 1.0,
-                 get_num_threads())
+                 kernel_threads())
     return out.reshape(keys.shape[0], keys.shape[1], w_k.shape[1])
 
 
@@ -284,7 +284,7 @@ class AdditiveKeys:
             factors = np.empty(projected.shape, dtype=np.float32)
             in_limit = np.empty((batch, kv_len), dtype=np.uint8)
             _additive.key_factors(projected.reshape(-1, hidden), factors.reshape(-1, hidden),
-                                  in_limit.reshape(-1), get_num_threads())
+                                  in_limit.reshape(-1), kernel_threads())
             factors.flags.writeable = False
             self.factors, self.in_limit = factors, in_limit.view(bool)
             self.in_limit.flags.writeable = False
@@ -358,7 +358,7 @@ def additive_attention(queries, keys, values, w_q, w_k, w_v, *, kv_lengths=None,
     kv_len = keys.shape[1]
     if kv_lengths is not None:
         kv_lengths = check_lengths(kv_lengths, "kv_lengths", (batch,), kv_len)
-    threads = get_num_threads()
+    threads = kernel_threads()
     q_proj = np.empty((1, batch * q_len, hidden), dtype=dtype)
     _blas.matmul(queries.reshape(1, batch * q_len, q_dim), w_q[None], q_proj, False, 1.0, threads)
     out = np.zeros((batch, q_len, values.shape[2]), dtype=dtype)
@@ -404,7 +404,7 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
         rows = queries.shape[0] * queries.shape[1]
         q2 = np.empty((1, rows, w.shape[1]), dtype=queries.dtype)
         _blas.matmul(queries.reshape(1, rows, queries.shape[2]), w[None], q2, False, 1.0,
-                     get_num_threads())
+                     kernel_threads())
         queries = q2.reshape(queries.shape[0], queries.shape[1], w.shape[1])
     if queries.shape[2] != keys.shape[2]:
         raise ValueError(f"dot scores need queries and keys of one width, got {queries.shape[2]} "
@@ -416,14 +416,14 @@ def luong_attention(queries, keys, values, *, method="dot", w=None, w_q=None, w_
         # the fused kernel wants one head_dim, and a non-zero one (its error named its own
         # argument q); fall back to scores + masked softmax
         scores = np.empty((queries.shape[0], queries.shape[1], keys.shape[1]), dtype=queries.dtype)
-        _blas.matmul(queries, keys, scores, True, 1.0, get_num_threads())
+        _blas.matmul(queries, keys, scores, True, 1.0, kernel_threads())
         from .basic import softmax
         lengths = None if kv_lengths is None else np.broadcast_to(
             check_lengths(kv_lengths, "kv_lengths", (keys.shape[0],), keys.shape[1])[:, None],
             scores.shape[:2])
         weights = softmax(scores, lengths=lengths)
         out = np.empty((queries.shape[0], queries.shape[1], values.shape[2]), dtype=queries.dtype)
-        _blas.matmul(np.ascontiguousarray(weights), values, out, False, 1.0, get_num_threads())
+        _blas.matmul(np.ascontiguousarray(weights), values, out, False, 1.0, kernel_threads())
         return (out, weights) if return_weights else out
     result = attention(queries[:, None], keys[:, None], values[:, None], kv_lengths=kv_lengths,
                        scale=1.0, return_weights=return_weights)
@@ -462,6 +462,6 @@ def nadaraya_watson(queries, keys, values, bandwidth=1.0, *, return_weights=Fals
     weights = np.zeros((q2.shape[0], k2.shape[0]), dtype=queries.dtype) if return_weights else None
     if q2.shape[0] and k2.shape[0]:
         _additive.nadaraya_watson(np.ascontiguousarray(q2), np.ascontiguousarray(k2), v2, out,
-                                  weights, bandwidth, get_num_threads())
+                                  weights, bandwidth, kernel_threads())
     out = out.reshape(-1) if values.ndim == 1 else out
     return (out, weights) if return_weights else out

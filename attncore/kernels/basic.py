@@ -9,7 +9,7 @@ from ._memory import empty_for_streaming
 from ._validation import (as_c_contiguous, check_axis, check_bool, check_bool_mask,
                           check_finite_float, check_float_array, check_ids, check_lengths,
                           check_positive_float, check_size, n_rows)
-from .threads import BLAS_SMALL_GEMM_MACS, get_num_threads
+from .threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 
 __all__ = ["softmax", "log_softmax", "linear", "PackedLinearWeight", "round_bfloat16",
            "WEIGHT_DTYPES", "matmul", "layer_norm", "relu", "gelu", "gelu_tanh", "swish", "tanh",
@@ -33,7 +33,7 @@ def _softmax_front(x, axis, lengths, mask, log_output, name):
         mask_rows = np.ascontiguousarray(np.moveaxis(m, axis, -1)).reshape(n_rows(moved.shape), n).view(np.uint8)
     x2 = moved.reshape(n_rows(moved.shape), n)
     out = np.empty_like(x2)
-    _softmax.softmax_rows(x2, out, lengths_rows, mask_rows, log_output, get_num_threads())
+    _softmax.softmax_rows(x2, out, lengths_rows, mask_rows, log_output, kernel_threads())
     return np.moveaxis(out.reshape(moved.shape), -1, axis)
 
 
@@ -218,9 +218,9 @@ def linear(x, weight, bias=None):
     out = np.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype)
     if packed:
         _blas.linear_packed(x2, weight.panels, weight.shape[0], bias, out, BLAS_SMALL_GEMM_MACS,
-                            get_num_threads())
+                            kernel_threads())
     else:
-        _blas.linear(x2, weight, bias, out, get_num_threads())
+        _blas.linear(x2, weight, bias, out, kernel_threads())
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
@@ -246,7 +246,7 @@ def matmul(a, b, *, transpose_b=False, alpha=1.0):
                          f"{'columns (transpose_b=True)' if transpose_b else 'rows'}")
     n = b3.shape[1] if transpose_b else b3.shape[2]
     out = np.empty((a3.shape[0], a3.shape[1], n), dtype=a.dtype)
-    _blas.matmul(a3, b3, out, bool(transpose_b), alpha, get_num_threads())
+    _blas.matmul(a3, b3, out, bool(transpose_b), alpha, kernel_threads())
     return out[0] if squeeze else out
 
 
@@ -276,7 +276,7 @@ def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
         params.append(p)
     x2 = x.reshape(n_rows(x.shape), dim)
     out = np.empty_like(x2)
-    _layers.layer_norm(x2, out, params[0], params[1], eps, _NORM_MODES[mode], get_num_threads())
+    _layers.layer_norm(x2, out, params[0], params[1], eps, _NORM_MODES[mode], kernel_threads())
     return out.reshape(x.shape)
 
 
@@ -284,7 +284,7 @@ def _activation(x, kind):
     x = check_float_array(x, "x")
     flat = x.reshape(-1)
     out = np.empty_like(flat)
-    _layers.activation(flat, out, kind, get_num_threads())
+    _layers.activation(flat, out, kind, kernel_threads())
     return out.reshape(x.shape)
 
 
@@ -324,7 +324,7 @@ def embedding(table, ids):
     ids = check_ids(ids, "ids", table.shape[0])
     flat = ids.reshape(-1)
     out = np.empty((flat.shape[0], table.shape[1]), dtype=table.dtype)
-    _layers.embedding(table, flat, out, get_num_threads())
+    _layers.embedding(table, flat, out, kernel_threads())
     return out.reshape(ids.shape + (table.shape[1],))
 
 
@@ -372,5 +372,5 @@ def rotary(x, positions=None, base=10000.0):
             raise ValueError(f"positions must have shape ({length},), got {positions.shape}")
         positions = as_c_contiguous(positions, np.int64)
     out = np.array(x, copy=True).reshape(n_rows(x.shape[:-1]), length, dim)
-    _layers.rotary(out, positions, base, get_num_threads())
+    _layers.rotary(out, positions, base, kernel_threads())
     return out.reshape(x.shape)

@@ -12,10 +12,15 @@
   is done once and only for SciPy's own BLAS library: NumPy's BLAS (a separate library) is left
   as the user configured it.
 * Results never depend on the thread count: kernels split work by shape, never by threads.
+* Forks: GNU OpenMP's thread pool does not survive ``fork()`` (a multiprocessing "fork" pool, a
+  pre-forking server). A process forked after attncore handed a kernel two or more threads runs
+  its kernels on one thread, with a ``RuntimeWarning`` once, instead of hanging in its first
+  parallel region. Processes started by "spawn" or "forkserver" keep the full budget.
 """
 import contextlib
 import os
 import threading
+import warnings
 
 from . import _threads
 
@@ -61,12 +66,36 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call in this Python thread will use."""
-    override = getattr(_local, "num_threads", None)
-    if override is not None:
-        return override
-    if _state["default"] is None:
-        _state["default"] = _default_num_threads()
-    return _state["default"]
+    n = getattr(_local, "num_threads", None)
+    if n is None:
+        if _state["default"] is None:
+            _state["default"] = _default_num_threads()
+        n = _state["default"]
+    if n > 1 and _threads.forked_after_team():
+        _warn_forked_once(n)
+        return 1
+    return n
+
+
+def kernel_threads():
+    """The thread count to hand a kernel: ``get_num_threads()``, remembering that OpenMP may
+    now have started its pool (which a forked child cannot use)."""
+    n = get_num_threads()
+    if n > 1:
+        _threads.note_team()
+    return n
+
+
+def _warn_forked_once(n):
+    if _state.get("warned_fork"):
+        return
+    _state["warned_fork"] = True
+    warnings.warn(
+        f"attncore runs on 1 thread instead of {n} in this process: it was forked after attncore "
+        "had started OpenMP threads, and GNU OpenMP's threads do not survive a fork. Start "
+        "worker processes with multiprocessing's 'spawn' or 'forkserver' method to use more "
+        "threads, or call attncore.set_num_threads(1) in them to silence this warning.",
+        RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import kernels as K
 from ..kernels import _recurrent
-from ..kernels.threads import BLAS_SMALL_GEMM_MACS
+from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 from .base import EncoderDecoderModel, check_rows, check_step_tokens
 
 __all__ = ["Seq2SeqAttention", "Seq2SeqState", "EMBEDDING_FOLD_MAX_BYTES"]
@@ -212,7 +212,7 @@ class Seq2SeqAttention(EncoderDecoderModel):
         outputs = np.empty((batch, steps, units), dtype=np.float32)
         _recurrent.rnn_scan(projected, w_hh.panels, b_hh, lengths, self.packed, reverse,
                             self.cell == "lstm", h, c, outputs, BLAS_SMALL_GEMM_MACS,
-                            K.get_num_threads())
+                            kernel_threads())
         return outputs, (h, c)
 
     # -- one decoder step -------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Seq2SeqAttention(EncoderDecoderModel):
         step.step(tokens, state.hidden, state.cells,
                   state.feed, state.memory, state.keys, state.key_factors, state.key_in_limit,
                   state.lengths, log_probs, weights,
-                  state.scratch(step.scratch_width), K.get_num_threads())
+                  state.scratch(step.scratch_width), kernel_threads())
         return log_probs, weights[:, None, :]
 
     def _greedy(self, state: Seq2SeqState, tokens: np.ndarray, *, max_length: int,
@@ -257,7 +257,7 @@ class Seq2SeqAttention(EncoderDecoderModel):
             np.ascontiguousarray(tokens, dtype=np.int64), own(state.hidden), own(state.cells),
             own(state.feed), own(state.memory), own(state.keys), own(state.key_factors),
             own(state.key_in_limit), own(state.lengths), max_length, min_length, eos_id,
-            out_tokens, counts, ended, log_prob, attention, K.get_num_threads())
+            out_tokens, counts, ended, log_prob, attention, kernel_threads())
         if attention is not None:
             attention = attention[:, :, None, :]
         return out_tokens, counts, ended.astype(bool), log_prob, attention

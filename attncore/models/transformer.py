@@ -45,7 +45,7 @@ import numpy as np
 from .. import kernels
 from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK, sequence_attention
-from ..kernels.threads import BLAS_SMALL_GEMM_MACS
+from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 from .base import (EncoderDecoderModel, GenerationResult, check_generation_options, check_rows,
                    check_sources, check_step_tokens)
 
@@ -274,7 +274,7 @@ def _gather_prefix(cache: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarr
     and copied it again, and a Python loop over rows cost ~1 us a row (a beam-4 batch-16
     Transformer-base call spent 8% of its time here that way)."""
     out = np.empty((rows.shape[0],) + cache.shape[1:], dtype=cache.dtype)
-    _transformer.gather_cache_prefix(cache, rows, filled, out, kernels.get_num_threads())
+    _transformer.gather_cache_prefix(cache, rows, filled, out, kernel_threads())
     return out
 
 
@@ -554,7 +554,7 @@ class Transformer(EncoderDecoderModel):
                    if cross else None)
         self._decoder_step.step(tokens, positions, state.self_k, state.self_v, state.cross_k,
                                 state.cross_v, state.src_lengths, log_probs, weights,
-                                kernels.get_num_threads())
+                                kernel_threads())
         state.lengths = positions + 1
         return log_probs, weights
 
