@@ -139,10 +139,8 @@ def load_count(path=None):
 
 
 def _worker_kernel_threads() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
+    from .kernels.threads import MAX_THREADS, available_cpus
+    cpus = available_cpus()
     slots = 1
     try:
         from distributed import get_worker
@@ -150,7 +148,6 @@ def _worker_kernel_threads() -> int:
         slots = getattr(getattr(worker, "state", worker), "nthreads", None) or worker.nthreads
     except (ImportError, ValueError, AttributeError):
         pass
-    from .kernels.threads import MAX_THREADS
     return min(max(1, cpus // max(1, int(slots))), MAX_THREADS)
 
 

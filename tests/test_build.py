@@ -2,6 +2,7 @@
 """What the build produced and the thread API: OpenMP must be on (a sequential fallback is
 allowed but never silent: set ATTNCORE_SKIP_OPENMP_TEST=1 to accept it), a SIMD level and a
 BLAS are reported, and thread counts are process-wide settings with a thread-local override."""
+import math
 import os
 import shutil
 import subprocess
@@ -66,8 +67,66 @@ def test_set_and_get_num_threads():
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         assert default == int(env)
-    elif hasattr(os, "sched_getaffinity"):
-        assert default == len(os.sched_getaffinity(0))
+    elif hasattr(os, "sched_getaffinity") and attncore.info()["openmp"]:
+        from attncore.kernels.threads import cgroup_cpu_limit
+        quota = cgroup_cpu_limit()
+        cpus = len(os.sched_getaffinity(0))
+        assert default == (cpus if quota is None else min(cpus, max(1, math.ceil(quota))))
+
+
+def _cgroup_tree(tmp_path, proc_lines, files):
+    """A fake /proc/self/cgroup and /sys/fs/cgroup: ``files`` maps paths under the root to text."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    return str(proc), str(root)
+
+
+@pytest.mark.parametrize("proc_lines, files, expected", [
+    # cgroup v2: the tightest quota of the process's cgroup and those above it
+    (["0::/kubepods/pod1/ctr"], {"cgroup.controllers": "cpu", "cpu.max": "max 100000",
+                                 "kubepods/pod1/cpu.max": "150000 100000",
+                                 "kubepods/pod1/ctr/cpu.max": "max 100000"}, 1.5),
+    (["0::/user.slice"], {"cgroup.controllers": "cpu", "user.slice/cpu.max": "max 100000"}, None),
+    # a container: /proc/self/cgroup names the host's path, the mount is the container's cgroup
+    (["0::/docker/abc"], {"cgroup.controllers": "cpu", "cpu.max": "200000 100000"}, 2.0),
+    # cgroup v1, hybrid hierarchy with an empty unified line
+    (["4:memory:/x", "3:cpu,cpuacct:/job", "0::/"],
+     {"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000",
+      "cpu,cpuacct/job/cpu.cfs_quota_us": "50000", "cpu,cpuacct/job/cpu.cfs_period_us": "100000"},
+     0.5),
+    (["3:cpu,cpuacct:/"], {"cpu,cpuacct/cpu.cfs_quota_us": "-1",
+                           "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+    # unreadable or odd files give no quota rather than an error
+    (["0::/a"], {"cgroup.controllers": "cpu", "a/cpu.max": "lots 100000"}, None),
+    (["0::/a"], {"cgroup.controllers": "cpu", "a/cpu.max": "100000 0"}, None),
+    (["garbage"], {}, None),
+    (["0::/../../etc"], {"cgroup.controllers": "cpu", "cpu.max": "300000 100000"}, 3.0),
+])
+def test_cgroup_cpu_quota_is_read(tmp_path, proc_lines, files, expected):
+    from attncore.kernels.threads import cgroup_cpu_limit
+    proc, root = _cgroup_tree(tmp_path, proc_lines, files)
+    assert cgroup_cpu_limit(proc, root) == expected
+    assert cgroup_cpu_limit(str(tmp_path / "missing"), root) is None
+
+
+@pytest.mark.parametrize("quota, expected", [(None, 2), (0.5, 1), (1.0, 1), (1.2, 2), (8.0, 2)])
+def test_default_thread_count_follows_a_cpu_quota(monkeypatch, quota, expected):
+    """A quota does not show in the affinity mask: 64 threads under a 2-CPU quota wait at
+    barriers, throttled. The default takes the smaller, rounded up; OMP_NUM_THREADS overrides."""
+    from attncore.kernels import threads
+    if not attncore.info()["openmp"]:
+        pytest.skip("a build without OpenMP runs on one thread")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: quota)
+    assert threads._default_num_threads() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads._default_num_threads() == 3
 
 
 def test_num_threads_context_manager_restores_and_nests():

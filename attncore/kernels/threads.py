@@ -4,8 +4,10 @@
 * One thread budget for everything: ``set_num_threads(n)`` / ``get_num_threads()`` and the
   ``num_threads(n)`` context manager (thread-local, so concurrent Python threads can each pick
   their own intra-op budget). The default is ``OMP_NUM_THREADS`` when set, else the CPUs this
-  process may run on (``os.sched_getaffinity``, which follows cgroup/taskset limits), and always 1
-  when the extensions were built without OpenMP.
+  process may run on (``os.sched_getaffinity``, which follows cpusets and taskset), capped by a
+  cgroup CPU quota (``docker --cpus``, a Kubernetes CPU limit), rounded up; always 1 when the
+  extensions were built without OpenMP. A quota does not show in the affinity mask: 64 threads
+  under a 2-CPU quota spend most of each period throttled, waiting at barriers.
 * No oversubscription: every kernel parallelises with OpenMP and calls BLAS from inside its
   parallel region, so SciPy's BLAS (the one ``scipy.linalg.cython_blas`` uses) is limited to a
   single thread, once, when attncore is imported. threadpoolctl limits are process-wide, so this
@@ -18,6 +20,7 @@
   parallel region. Processes started by "spawn" or "forkserver" keep the full budget.
 """
 import contextlib
+import math
 import os
 import threading
 import warnings
@@ -34,10 +37,93 @@ def _default_num_threads():
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return min(int(env), MAX_THREADS)
+    return min(available_cpus(), MAX_THREADS)
+
+
+def available_cpus():
+    """The CPUs this process may run on, capped by its cgroup CPU quota rounded up (>= 1)."""
     try:
-        return min(max(1, len(os.sched_getaffinity(0))), MAX_THREADS)
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return min(max(1, os.cpu_count() or 1), MAX_THREADS)
+        cpus = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_limit()
+    return cpus if quota is None else min(cpus, max(1, math.ceil(quota)))
+
+
+def cgroup_cpu_limit(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The CPUs this process's cgroup CPU quota allows (a float, the tightest of its cgroup and
+    the cgroups above it), or None without a quota or where it cannot be read.
+
+    cgroup v2 states the quota as ``cpu.max`` ("<quota> <period>" or "max <period>"), v1 as
+    ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``, in the cpu controller's
+    hierarchy. Inside a container the controller's mount is the container's own cgroup while
+    ``/proc/self/cgroup`` may still name the host's path: then the mount's root is read.
+    """
+    try:
+        with open(proc_cgroup, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2 (unified)
+            base = root if os.path.exists(os.path.join(root, "cgroup.controllers")) else None
+            read = _read_cpu_max
+        elif "cpu" in controllers.split(","):
+            base = next((os.path.join(root, name) for name in ("cpu,cpuacct", "cpuacct,cpu", "cpu")
+                         if os.path.isdir(os.path.join(root, name))), None)
+            read = _read_cfs_quota
+        else:
+            continue
+        if base is not None:
+            limits += [limit for limit in map(read, _cgroup_dirs(base, path)) if limit]
+    return min(limits) if limits else None
+
+
+def _cgroup_dirs(base, path):
+    """``base/path`` and the directories above it up to ``base`` (just ``base`` when the path is
+    not under it, as in a container whose mount is its own cgroup)."""
+    here = os.path.normpath(os.path.join(base, path.lstrip("/")))
+    if not os.path.isdir(here) or os.path.commonpath([here, base]) != os.path.normpath(base):
+        return [base]
+    dirs = [here]
+    while os.path.normpath(here) != os.path.normpath(base):
+        here = os.path.dirname(here)
+        dirs.append(here)
+    return dirs
+
+
+def _read_number_pair(path_a, path_b=None):
+    try:
+        with open(path_a, encoding="ascii") as f:
+            words = f.read().split()
+        if path_b is not None:
+            with open(path_b, encoding="ascii") as f:
+                words += f.read().split()
+    except (OSError, ValueError):
+        return None
+    return words if len(words) == 2 else None
+
+
+def _quota_over_period(words):
+    try:
+        quota, period = int(words[0]), int(words[1])
+    except (TypeError, ValueError):  # "max", or no file
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _read_cpu_max(directory):
+    return _quota_over_period(_read_number_pair(os.path.join(directory, "cpu.max")))
+
+
+def _read_cfs_quota(directory):
+    return _quota_over_period(_read_number_pair(os.path.join(directory, "cpu.cfs_quota_us"),
+                                                os.path.join(directory, "cpu.cfs_period_us")))
 
 
 #: The most threads a kernel may be asked for: the C kernels take an int, and asking OpenMP
