@@ -51,7 +51,8 @@ def __dir__():
 
 
 def info():
-    """Build and runtime facts: version, OpenMP, thread count, BLAS, SIMD level, whether int8
+    """Build and runtime facts: version, OpenMP, thread count, the CPUs this process may use, BLAS,
+    SIMD level, whether int8
     products run on AVX-512 VNNI and AMX (a dict). Finding out about AMX asks Linux, once per
     process, for leave to use the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), as the
     first int8 product would: afterwards the process's threads save a larger state on each
@@ -64,6 +65,7 @@ def info():
         "version": __version__,
         "openmp": _threads.openmp_enabled(),
         "num_threads": get_num_threads(),
+        "cpus": threads.available_cpus(),  # affinity capped by a cgroup CPU quota
         "simd": _threads.simd_name(),
         "int8_vnni": _blas.int8_vnni(),
         "int8_amx": _blas.int8_amx(),

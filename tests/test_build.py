@@ -31,6 +31,7 @@ def test_info_reports_build_facts():
     assert isinstance(info["openmp"], bool)
     assert info["simd"] in ("avx512", "avx2+fma", "scalar")
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+    assert isinstance(info["cpus"], int) and info["cpus"] >= 1
 
 
 @pytest.mark.skipif(os.environ.get("ATTNCORE_SKIP_OPENMP_TEST") == "1",
