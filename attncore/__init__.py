@@ -51,12 +51,12 @@ def __dir__():
 
 
 def info():
-    """Build and runtime facts: version, OpenMP, thread count, the CPUs this process may use, BLAS,
-    SIMD level, whether int8
-    products run on AVX-512 VNNI and AMX (a dict). Finding out about AMX asks Linux, once per
-    process, for leave to use the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), as the
-    first int8 product would: afterwards the process's threads save a larger state on each
-    context switch (8 KiB more, only in threads that used the tiles)."""
+    """Build and runtime facts: version, OpenMP, thread count, the CPUs this process may use,
+    BLAS, SIMD level, whether int8 products run on AVX-512 VNNI and AMX (a dict). Finding out
+    about AMX asks Linux, once per process, for leave to use the AMX tile state
+    (``arch_prctl(ARCH_REQ_XCOMP_PERM)``), as the first int8 product would: afterwards the
+    process's threads save a larger state on each context switch (8 KiB more, only in threads
+    that used the tiles)."""
     import numpy as np
     import scipy
 
