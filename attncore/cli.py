@@ -71,13 +71,32 @@ def thread_count(text):
     return value
 
 
-class _CtrlC:
-    """Ctrl-C that cannot be lost. Python's own handler raises KeyboardInterrupt wherever the
-    main thread is, and where that is a ``__del__`` or a callback (Dask's ``Future.__del__``,
-    say) the exception is printed as "ignored" and the run goes on to exit 0. This handler also
-    remembers the signal, and the output loop asks :meth:`check` after each line."""
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by ``signum`` (SIGINT, SIGTERM or SIGHUP). A KeyboardInterrupt, so
+    code that handles Ctrl-C handles the others the same way."""
 
-    seen = False
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+    def report(self, prog: str, note: str = "") -> int:
+        """Say so on stderr; return the shell's status for the signal, 128 + its number."""
+        how = "interrupted" if self.signum == signal.SIGINT else \
+            f"stopped by {signal.Signals(self.signum).name}"
+        print(f"{prog}: {how}" + (f" ({note})" if note else ""), file=sys.stderr)
+        return 128 + int(self.signum)
+
+
+class StopSignals:
+    """Ctrl-C (and SIGTERM, SIGHUP) that cannot be lost. Python's own handler raises
+    KeyboardInterrupt wherever the main thread is, and where that is a ``__del__`` or a callback
+    (Dask's ``Future.__del__``, say) the exception is printed as "ignored" and the run goes on
+    to exit 0. This handler also remembers the signal, and the output loop asks :meth:`check`
+    after each line. SIGTERM (what ``timeout``, systemd, Kubernetes and Slurm send) and SIGHUP
+    used to end the run at once, saying nothing: they now stop it as Ctrl-C does, between lines,
+    with a message and the status 128 + the signal's number."""
+
+    seen = 0   # the signal that came, or 0
 
     @classmethod
     @contextlib.contextmanager
@@ -89,8 +108,15 @@ class _CtrlC:
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return
-        cls.seen = False
+        cls.seen = 0
         signal.signal(signal.SIGINT, cls._handle)
+        # (SIGTERM and SIGHUP likewise only where they have their default action: ``nohup``
+        # ignores SIGHUP, and a caller's own handler stays)
+        others = [signum for signum in (getattr(signal, "SIGTERM", None),
+                                        getattr(signal, "SIGHUP", None))
+                  if signum is not None and signal.getsignal(signum) == signal.SIG_DFL]
+        for signum in others:
+            signal.signal(signum, cls._handle)
         previous_hook = sys.unraisablehook
 
         def quiet_about_ctrl_c(unraisable):
@@ -105,18 +131,20 @@ class _CtrlC:
         finally:
             sys.unraisablehook = previous_hook
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            cls.seen = False   # (not left for a later run, in this thread or another)
+            for signum in others:
+                signal.signal(signum, signal.SIG_DFL)
+            cls.seen = 0   # (not left for a later run, in this thread or another)
 
     @classmethod
     def _handle(cls, signum, frame):
-        cls.seen = True
-        raise KeyboardInterrupt
+        cls.seen = cls.seen or signum
+        raise Stopped(signum)
 
     @classmethod
     def check(cls):
-        """Raise KeyboardInterrupt if a Ctrl-C came and was swallowed on its way."""
+        """Raise :class:`Stopped` if a signal came and was swallowed on its way."""
         if cls.seen:
-            raise KeyboardInterrupt
+            raise Stopped(cls.seen)
 
 
 def _one_line(exc) -> str:
@@ -341,30 +369,65 @@ class _LazyOutput:
 
 
 def _open_output(args):
+    # The output must not be the input: an --output file is emptied by the first line written
+    # (the input then reads as empty), and stdout appending to the input (``--input F >> F``)
+    # feeds the run its own output lines, forever.
+    input_file = args.input if args.input not in (None, "-") else _file_number(sys.stdin)
     if args.output is None or args.output == "-":
         if sys.stdout is None:   # (started with stdout closed: ``>&-``)
             raise UserError("stdout is closed: give the output with --output FILE")
-        return contextlib.nullcontext(sys.stdout)
-    # writing the output empties it: never when it is the input (it was read as empty), be it
-    # named by --input or read from stdin (``--output F < F``)
-    if os.path.exists(args.output):
-        if args.input not in (None, "-"):
-            same = os.path.exists(args.input) and os.path.samefile(args.input, args.output)
-        else:
-            same = sys.stdin is not None and _same_file(sys.stdin.fileno(), args.output)
-        if same:
-            raise UserError(f"output {args.output!r} is the input file: write to another file")
+        if _same_file(_file_number(sys.stdout), input_file):
+            raise UserError("stdout is the input file: write to another file")
+        return contextlib.nullcontext(_NamedStdout(sys.stdout))
+    if _same_file(args.output, input_file):
+        raise UserError(f"output {args.output!r} is the input file: write to another file")
     return _LazyOutput(args.output)
 
 
-def _same_file(fd: int, path: str) -> bool:
-    """Whether the open file ``fd`` is the regular file at ``path``."""
+class _NamedStdout:
+    """stdout for the output lines, whose write errors (not a reader going away) name it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        with self._errors_named():
+            self._stream.write(text)
+
+    def flush(self) -> None:
+        with self._errors_named():
+            self._stream.flush()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors_named():
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise UserError(f"cannot write to stdout: {exc.strerror}") from None
+
+
+def _file_number(stream):
+    """The file descriptor behind a standard stream, or None (closed, or replaced by an object
+    without one)."""
     try:
-        opened, named = os.fstat(fd), os.stat(path)
-    except OSError:
+        return stream.fileno() if stream is not None else None
+    except (AttributeError, OSError, ValueError):   # (io.UnsupportedOperation is both)
+        return None
+
+
+def _same_file(a, b) -> bool:
+    """Whether ``a`` and ``b`` (paths or open file descriptors) are one regular file."""
+    if a is None or b is None:
         return False
-    return stat.S_ISREG(opened.st_mode) and (opened.st_dev, opened.st_ino) == (named.st_dev,
-                                                                             named.st_ino)
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(first.st_mode) and (first.st_dev, first.st_ino) == (second.st_dev,
+                                                                           second.st_ino)
 
 
 def _check_translates(args, model_class, config) -> None:
@@ -465,7 +528,7 @@ def _run_lines(args):
 
         try:
             for item, result in results:
-                _CtrlC.check()
+                StopSignals.check()
                 sink.write(job.format(result, frontend) + "\n")
                 written += 1
                 if interactive or written % 256 == 0:
@@ -673,17 +736,31 @@ def main(argv=None):
     """Run ``attncore ARGV``; returns the exit status."""
     if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
+    status = EXIT_ERROR
     try:
-        status = _main(argv)
+        try:
+            status = _main(argv)
+        except SystemExit as exc:   # (argparse's --help and usage errors: stdout still to flush)
+            status = exc.code
         if sys.stdout is not None:
             sys.stdout.flush()
         return status
     except BrokenPipeError:
-        # The reader went away (``attncore translate ... | head``): stop quietly. Python flushes
-        # stdout again at exit, so point it at /dev/null to keep that silent too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The reader went away (``attncore translate ... | head``): stop quietly.
+        _discard_stdout()
         return 141
+    except OSError as exc:   # (stdout's last lines on a full disk, say)
+        _discard_stdout()
+        if status == 0:   # (else the run's own error line has said it)
+            print(f"attncore: error: cannot write to stdout: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _discard_stdout():
+    """Python flushes stdout again at exit: point it at /dev/null, so what is left in its buffer
+    goes nowhere quietly instead of as a second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _main(argv):
@@ -700,11 +777,11 @@ def _main(argv):
         return 2
     prog = f"attncore {args.command}"
     try:
-        with _CtrlC.watching():
+        with StopSignals.watching():
             try:
                 status = _COMMANDS[args.command](args)
             finally:   # (a Ctrl-C swallowed after the last line, or made into another error
-                _CtrlC.check()   # by code that caught it: still an interrupted run)
+                StopSignals.check()   # by code that caught it: still an interrupted run)
         return status
     except BrokenPipeError:
         raise
@@ -716,7 +793,6 @@ def _main(argv):
         print(f"{prog}: error: out of memory ({_one_line(exc)})", file=sys.stderr)
     except ImportError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return (exc if isinstance(exc, Stopped) else Stopped()).report(prog)
     return EXIT_ERROR

@@ -285,6 +285,112 @@ def test_output_write_errors_name_the_file(tmp_path):
                                    stdin="3 March 1998\n"), "--output is an empty path")
 
 
+def _buffered_env():
+    """The environment of a user's shell: stdout block-buffered, so its write errors show at
+    the final flush (``PYTHONUNBUFFERED``, set in some sandboxes, hides them)."""
+    environ = subprocess_env()
+    environ.pop("PYTHONUNBUFFERED", None)
+    return environ
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["translate", "--input", "in.txt"], ["info"], ["--help"],
+                                  ["translate", "--help"]])
+def test_stdout_write_errors_are_one_line(tmp_path, args):
+    # a full disk on stdout: a traceback, "Exception ignored", and exit 120
+    (tmp_path / "in.txt").write_text("3 March 1998\n")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "attncore", *args], stdout=full,
+                              stderr=subprocess.PIPE, cwd=tmp_path, env=_buffered_env(),
+                              text=True, timeout=300)
+    assert_user_error(proc, "cannot write to stdout: No space left on device")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["translate", "--help"], ["info"]])
+def test_a_closed_pipe_on_stdout_is_a_quiet_141_for_every_command(tmp_path, args):
+    # ``attncore --help | true``: "Exception ignored ... BrokenPipeError" and exit 120
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "attncore", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, cwd=tmp_path, env=_buffered_env(),
+                              text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("how", ["--input", "stdin"])
+def test_stdout_appending_to_the_input_is_refused(tmp_path, how):
+    # ``attncore translate --input F >> F`` read its own output lines (dates are valid input)
+    # and never ended: 20,000 lines grew past 130,000 in ten seconds
+    lines = "3 March 1998\n" * 3
+    (tmp_path / "in.txt").write_text(lines)
+    args = ["--input", "in.txt"] if how == "--input" else []
+    with open(tmp_path / "in.txt", "a") as stdout, open(tmp_path / "in.txt", "rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "attncore", "translate", *args],
+                              stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, cwd=tmp_path,
+                              env=subprocess_env(), text=True, timeout=60)
+    assert_user_error(proc, "stdout is the input file")
+    assert (tmp_path / "in.txt").read_text() == lines
+
+
+_SIGNAL_AT_LINE_2 = """
+import signal, sys
+from attncore import batch, cli
+plain_format, calls = batch.GenerateJob.format, []
+def format_then_signal(self, result, frontend):
+    calls.append(1)
+    if len(calls) == 2:
+        signal.raise_signal(getattr(signal, sys.argv[1]))
+    return plain_format(self, result, frontend)
+batch.GenerateJob.format = format_then_signal
+status = cli.main(["translate", "--input", "in.txt", "--output", "out.txt", "--no-progress",
+                   "--batch-size", "2"])
+print(status, len(calls))
+"""
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status):
+    # what timeout, systemd, Kubernetes and Slurm send: the run ended at once and said nothing,
+    # leaving an output that looked complete
+    import signal
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} here")
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in SAMPLES) * 4)
+    (tmp_path / "run.py").write_text(_SIGNAL_AT_LINE_2)
+    proc = subprocess.run([sys.executable, "run.py", name], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr   # (the script itself, not killed by the signal)
+    assert proc.stdout.split() == [str(status), "2"]   # stopped before the next line
+    assert proc.stderr.splitlines() == [f"attncore translate: stopped by {name}"]
+    assert (tmp_path / "out.txt").read_text() == "".join(f"{iso}\n" for iso in
+                                                         list(SAMPLES.values())[:1])
+
+
+_TRAIN_SIGNALLED = """
+import signal
+from attncore.train import cli, loop
+def train(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    raise AssertionError("not stopped")
+loop.train = train
+print(cli.main(["copy", "--arch", "transformer", "--out", "model", "--steps", "5"]))
+"""
+
+
+def test_sigterm_stops_training_with_the_resume_hint(tmp_path):
+    # a preempted training job (Slurm, Kubernetes) ended without a word
+    (tmp_path / "run.py").write_text(_TRAIN_SIGNALLED)
+    proc = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "143"), proc.stderr
+    assert proc.stderr.splitlines() == [
+        "attncore train: stopped by SIGTERM (--resume continues from the last checkpoint, if "
+        "--checkpoint-every wrote one)"]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
 def test_input_from_a_named_pipe_is_translated(tmp_path):
     # the progress bar counted the lines first, reading the pipe to its end: no output, exit 0

@@ -133,15 +133,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     task_options = parse_task_options(args.task_option, parser)
     model_options = {k: v for k, v in vars(args).items() if k not in _TRAINING_KEYS and v is not None}
+    from ..cli import Stopped, StopSignals
     try:
-        _, result = train(args.task, args.arch, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, schedule=args.schedule, warmup_steps=args.warmup_steps, min_lr=args.min_lr,
-                          weight_decay=args.weight_decay, clip_norm=args.clip_norm,
-                          label_smoothing=args.label_smoothing, eval_every=args.eval_every,
-                          eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
-                          resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress, task_options=task_options,
-                          **model_options)
+        with StopSignals.watching():   # (SIGTERM, as Slurm or Kubernetes send, like Ctrl-C)
+            _, result = train(
+                args.task, args.arch, args.out, steps=args.steps, batch_size=args.batch_size,
+                lr=args.lr, seed=args.seed, schedule=args.schedule,
+                warmup_steps=args.warmup_steps, min_lr=args.min_lr,
+                weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+                label_smoothing=args.label_smoothing, eval_every=args.eval_every,
+                eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
+                resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                task_options=task_options, **model_options)
     except TrainingDiverged as error:   # a run that failed, not a wrong command line
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 1
@@ -152,10 +155,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # (TypeError: a task option the task does not take, or of the wrong type)
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:   # (a traceback; the last checkpoint stays valid)
-        print("attncore train: interrupted (--resume continues from the last checkpoint, if "
-              "--checkpoint-every wrote one)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:   # (a traceback; the last checkpoint stays valid)
+        return (exc if isinstance(exc, Stopped) else Stopped()).report(
+            "attncore train", "--resume continues from the last checkpoint, if "
+            "--checkpoint-every wrote one")
     last = result.history[-1] if result.history else {}
     print(json.dumps({"out": str(args.out), "steps": last.get("step"), "loss": last.get("loss"),
                       "accuracy": last.get("accuracy"), "evaluations": result.evaluations[-1:]}))
