@@ -18,8 +18,9 @@ in input order (:mod:`attncore.batch`); the default model is the bundled dates m
 Errors a user can make (a missing file, a directory that is not a model, a malformed input
 line, an unknown token, a bad option) give one line on stderr and a non-zero exit code, never a
 traceback: 2 when argparse rejects the command line, 1 for other errors (option values checked
-after parsing included), 130 on Ctrl-C, 141 when the reader of stdout goes away. When an input line fails, every
-line before it has been written and the message names the line and what was written.
+after parsing included), 130 on Ctrl-C (143 on SIGTERM, 129 on SIGHUP), 141 when the reader of
+stdout goes away. When an input line fails, every line before it has been written and the
+message names the line and what was written.
 """
 import argparse
 import contextlib
