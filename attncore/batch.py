@@ -660,18 +660,33 @@ class ClassifyJob(Job):
         logits = np.asarray(logits, dtype=np.float64)
         if logits.ndim == 1:  # a model that returns class ids directly
             return [(int(label), None) for label in logits]
-        shifted = logits - logits.max(axis=1, keepdims=True)
+        finite = np.isfinite(logits).all(axis=1)
+        # (argmax of a NaN row is 0: a class, silently; such a row has no label, and
+        # format refuses it)
+        shifted = np.where(finite[:, None], logits - logits.max(axis=1, keepdims=True), 0.0)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        return [(int(np.argmax(row)), row.astype(np.float32)) for row in log_probs]
+        return [(int(np.argmax(row)), row.astype(np.float32)) if ok else (None, None)
+                for row, ok in zip(log_probs, finite)]
 
     def format(self, result, frontend):
         label, log_probs = result
+        if label is None:
+            raise ValueError("the model's class scores are not finite (NaN or infinity)")
         names = frontend.config.get("labels")
         if isinstance(names, list) and 0 <= label < len(names):
             label = names[label]  # a classifier exported with its class names
         if self.scores and log_probs is not None:
             return f"{label}\t{json_array(log_probs)}"
         return str(label)
+
+
+def format_result(job: Job, item: Item, result, frontend: Frontend) -> str:
+    """``job.format(result, frontend)``, where a result the output cannot hold (a NaN in JSON,
+    a classifier's NaN scores) is the :class:`InputError` of its line."""
+    try:
+        return job.format(result, frontend)
+    except ValueError as exc:
+        raise InputError(item.line, str(exc)) from None
 
 
 def json_array(array) -> str:

@@ -530,7 +530,7 @@ def _run_lines(args):
         try:
             for item, result in results:
                 StopSignals.check()
-                sink.write(job.format(result, frontend) + "\n")
+                sink.write(batch.format_result(job, item, result, frontend) + "\n")
                 written += 1
                 if interactive or written % 256 == 0:
                     sink.flush()

@@ -192,15 +192,25 @@ def local_client(n_workers: int = 2, *, processes: bool = True, kernel_threads: 
                                            worker_dashboard_address="127.0.0.1:0",
                                            # a failed task comes back through its future, its
                                            # line named; the worker's own traceback on stderr
-                                           # would only repeat it
-                                           silence_logs=logging.CRITICAL, **network)
+                                           # would only repeat it. Above CRITICAL: a Ctrl-C
+                                           # racing the shutdown logged "CRITICAL - Closed comm"
+                                           # with two tracebacks, now and then
+                                           silence_logs=logging.CRITICAL + 1, **network)
     client = distributed.Client(cluster)
+    # (and in this process until the cluster is closed: its scheduler's shutdown, when a Ctrl-C
+    # raced it, logged past silence_logs, which ends before the scheduler has closed)
+    log = logging.getLogger("distributed")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
     try:
         client.attncore_kernel_threads = kernel_threads or max(1, get_num_threads() // n_workers)
         yield client
     finally:
-        client.close()
-        cluster.close()
+        try:
+            client.close()
+            cluster.close()
+        finally:
+            log.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -354,4 +364,4 @@ def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,
     items = job.items(numbered, frontend)
     for item, result in run_on_dask(client, model_path, job, items, batching or _batch.Batching(),
                                     kernel_threads=kernel_threads, weight_dtype=weight_dtype):
-        yield item.line, job.format(result, frontend)
+        yield item.line, _batch.format_result(job, item, result, frontend)

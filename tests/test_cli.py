@@ -545,6 +545,26 @@ def test_classify_and_encode_an_encoder_only_model(tmp_path, encoder_model):
     assert document.stdout == vectors.stdout
 
 
+def test_outputs_that_are_not_finite_are_the_error_of_their_line(tmp_path, encoder_model):
+    # a model whose embedding overflows on 'f' (3e38): encode said "cannot write nan as JSON"
+    # without a line, and classify printed class 0 for the NaN scores (argmax of NaN), exit 0
+    from attncore import models
+    path, model = encoder_model
+    weights = dict(model.weights)
+    table = weights["src_embedding.weight"].copy()
+    table[model.tokenizer.encode_source("f")[0]] = 3e38
+    weights["src_embedding.weight"] = table
+    broken = tmp_path / "overflows"
+    type(model)(model.config, weights, tokenizer=model.tokenizer).save(broken)
+    stdin = "abc\nabc\nfed\nabc\n"
+    for args in (["classify"], ["classify", "--scores"], ["encode"]):
+        with np.errstate(all="ignore"):
+            proc = attncore_cli([*args, "--model", broken], tmp_path, stdin=stdin,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        assert_user_error(proc, "line 3: ", "stopped there, the 2 lines before it were written")
+        assert len(proc.stdout.splitlines()) == 2
+
+
 def test_ran_classify_and_encode_with_ids(tmp_path):
     from attncore import models
     from attncore.train.ran import RANConfig

@@ -156,6 +156,18 @@ def test_progress_bar_reports_loss_accuracy_and_tokens_per_second_on_stderr(tmp_
     assert "loss=" not in captured.out
 
 
+def test_a_log_file_gets_plain_lines_not_bar_frames(tmp_path, capsys):
+    # stderr redirected to a file filled it with carriage-return bar frames
+    train("copy", "transformer", tmp_path, steps=40, batch_size=8, task_options=TOY,
+          progress=True, **SMALL_TRANSFORMER)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if re.search(r": step \d+/40: loss=", line)]
+    assert [int(re.search(r"step (\d+)/", line).group(1)) for line in lines] == \
+        list(range(2, 41, 2))
+    assert all("acc=" in line and "tok_s=" in line for line in lines)
+
+
 def test_cli_trains_and_exports(tmp_path, capsys):
     status = cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), "--steps", "3",
                        "--batch-size", "8", "--hidden-size", "8", "--embed-dim", "4", "--no-progress",

@@ -251,8 +251,11 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
 
     result = TrainResult()
     model.train()
-    bar = tqdm(total=steps, initial=start_step, file=sys.stderr, disable=not progress, desc=description,
-               dynamic_ncols=True, leave=True)
+    # A log file (stderr not a terminal) gets plain lines, about 20 a run, not bar frames.
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    bar = tqdm(total=steps, initial=start_step, file=sys.stderr, disable=not (progress and terminal),
+               desc=description, dynamic_ncols=True, leave=True)
+    log_every = max(1, steps // 20) if progress and not terminal else 0
     smoothed_loss, smoothed_accuracy = None, None
     try:
         for step in range(start_step + 1, steps + 1):
@@ -285,6 +288,10 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             bar.set_postfix(loss=f"{smoothed_loss:.3f}", acc=f"{smoothed_accuracy:.3f}",
                             tok_s=f"{counted / elapsed:.0f}", refresh=False)
             bar.update(1)
+            if log_every and (step % log_every == 0 or step == steps):
+                print(f"{description}: step {step}/{steps}: loss={smoothed_loss:.3f}, "
+                      f"acc={smoothed_accuracy:.3f}, tok_s={counted / elapsed:.0f}",
+                      file=sys.stderr, flush=True)
 
             last = step == steps
             if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
