@@ -310,6 +310,22 @@ def _open_input(args):
         raise UserError(f"cannot read input {args.input!r}: {exc.strerror}") from None
 
 
+def _read_lines_named(source, args):
+    """``batch.read_lines(source)``, whose read errors (an I/O error past the open) name the
+    input."""
+    from attncore import batch
+    lines = batch.read_lines(source)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except OSError as exc:
+            where = "stdin" if args.input in (None, "-") else repr(args.input)
+            raise UserError(f"cannot read input {where}: {exc.strerror or exc}") from None
+        yield line
+
+
 class _LazyOutput:
     """The ``--output`` file, emptied and written from the first output line on, or at the end
     of a run that had none: a run that fails before any output leaves an existing file as it
@@ -379,6 +395,11 @@ def _open_output(args):
             raise UserError("stdout is closed: give the output with --output FILE")
         if _same_file(_file_number(sys.stdout), input_file):
             raise UserError("stdout is the input file: write to another file")
+        # Lines are UTF-8 in and out, as in an --output file: an ASCII locale's stdout (LC_ALL=C
+        # without Python's UTF-8 mode) failed on the first non-ASCII output.
+        encoding = (getattr(sys.stdout, "encoding", None) or "").replace("-", "").lower()
+        if encoding not in ("utf8", "") and hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(encoding="utf-8")
         return contextlib.nullcontext(_NamedStdout(sys.stdout))
     if _same_file(args.output, input_file):
         raise UserError(f"output {args.output!r} is the input file: write to another file")
@@ -506,7 +527,7 @@ def _run_lines(args):
                 bar.set_postfix_str(f"{throughput.source_tokens / max(throughput.seconds, 1e-9):.0f} "
                                     f"tok/s", refresh=False)
 
-        items = job.items(batch.read_lines(source), frontend)
+        items = job.items(_read_lines_named(source, args), frontend)
         if infer_model is not None:
             results = batch.run_batches(items, lambda rows: job.run_items(infer_model, rows),
                                         batching, throughput=throughput, on_batch=on_batch)
@@ -673,6 +694,7 @@ def build_parser():
     """The argparse parser of every subcommand but ``train`` and ``bench`` (passed through)."""
     parser = OneLineErrorParser(prog="attncore", description="attncore: CPU inference for attention models")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices   # name -> sub-command parser
 
     translate = sub.add_parser("translate", help="text in, generated text out (encoder-decoder)",
                                description="Translate each input line with an encoder-decoder "
@@ -772,7 +794,10 @@ def _main(argv):
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # (the sub-command's error, under its name: argparse gave the top level's)
+        command = parser.commands.get(args.command, parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:   # a usage error (argparse's status 2), so a script notices
         parser.print_help(sys.stderr)
         return 2

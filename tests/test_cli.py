@@ -202,7 +202,9 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["translate", "--beam", "0"], "--beam: expected a positive integer, got 0"),
     (["translate", "--batch-size", "x"], "--batch-size: expected a positive integer, got 'x'"),
-    (["translate", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["translate", "--no-such-option"],    # (it was the top level's error, "attncore: ...")
+     "attncore translate: error: unrecognized arguments: --no-such-option (see attncore "
+     "translate --help)"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
     (["translate", "--weight-dtype", "int4"], "--weight-dtype: invalid choice: 'int4'"),
     (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
@@ -273,6 +275,13 @@ def test_closed_standard_streams_are_named_not_a_traceback(tmp_path, redirect, f
         assert (tmp_path / "out.txt").read_text() == "1998-03-03\n"
     elif "2>&-" in redirect:
         assert proc.stdout == "1998-03-03\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs /proc/self/mem")
+def test_input_read_errors_name_the_input(tmp_path):
+    # an I/O error past the open said "[Errno 5] Input/output error", naming nothing
+    assert_user_error(attncore_cli(["translate", "--input", "/proc/self/mem"], tmp_path),
+                      "cannot read input '/proc/self/mem': Input/output error")
 
 
 def test_output_write_errors_name_the_file(tmp_path):
@@ -563,6 +572,25 @@ def test_outputs_that_are_not_finite_are_the_error_of_their_line(tmp_path, encod
                                 env=dict(os.environ, PYTHONWARNINGS="ignore"))
         assert_user_error(proc, "line 3: ", "stopped there, the 2 lines before it were written")
         assert len(proc.stdout.splitlines()) == 2
+
+
+def test_outputs_are_utf8_in_an_ascii_locale(tmp_path, encoder_model):
+    # LC_ALL=C without Python's UTF-8 mode: "'ascii' codec can't encode character", no line
+    path, model = encoder_model
+    names = ["café", "thé", "zoë"]
+    labelled = tmp_path / "labelled"
+    type(model)(dict(model.config, labels=names), model.weights,
+                tokenizer=model.tokenizer).save(labelled)
+    environ = subprocess_env()
+    environ.update(LC_ALL="C", LANG="C", PYTHONUTF8="0")
+    environ.pop("PYTHONIOENCODING", None)
+    proc = subprocess.run([sys.executable, "-m", "attncore", "classify", "--model", str(labelled)],
+                          input=b"abc\nfed\n", capture_output=True, cwd=tmp_path, env=environ,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = [names[int(np.argmax(row))] for row in
+                model.classify([model.tokenizer.encode_source(t) for t in ("abc", "fed")])]
+    assert proc.stdout.decode("utf-8").splitlines() == expected
 
 
 def test_ran_classify_and_encode_with_ids(tmp_path):
