@@ -239,7 +239,9 @@ def _model_path(args, stack):
 def _load_model(path, weight_dtype="float32"):
     from attncore import models
     if not os.path.exists(path):
-        raise UserError(f"model directory {path!r} does not exist")
+        raise UserError(f"model directory {path!r} " + (
+            "is a symbolic link to nothing (broken, or a loop)" if os.path.islink(path)
+            else "does not exist"))
     try:
         return models.load(path, weight_dtype=weight_dtype)
     except (ValueError, TypeError, OSError) as exc:
@@ -585,7 +587,9 @@ def _check_max_length(args, config):
 def _frontend(path):
     from attncore import batch
     if not os.path.exists(path):
-        raise UserError(f"model directory {path!r} does not exist")
+        raise UserError(f"model directory {path!r} " + (
+            "is a symbolic link to nothing (broken, or a loop)" if os.path.islink(path)
+            else "does not exist"))
     try:
         return batch.Frontend.from_path(path)
     except (ValueError, TypeError, OSError) as exc:

@@ -300,14 +300,26 @@ def read_config(path: Union[str, os.PathLike]) -> dict:
     return config
 
 
+def _not_there(path: Path) -> str:
+    """Why nothing can be read at ``path``, which is not a directory or not a regular file."""
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing (broken, or a loop)"
+    if not path.exists():
+        return "missing"
+    return "a directory" if path.is_dir() else "not a regular file"
+
+
 def _read_config(directory: Path):
     if not directory.exists():
-        return None, ["path does not exist"]
+        why = _not_there(directory)
+        return None, ["path does not exist" if why == "missing" else f"path is {why}"]
     if not directory.is_dir():
         return None, ["not a directory (a model is a directory with config.json and model.safetensors)"]
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        return None, [f"missing {CONFIG_FILE} (not an attncore model directory?)"]
+        why = _not_there(config_path)
+        return None, [f"missing {CONFIG_FILE} (not an attncore model directory?)" if why == "missing"
+                      else f"{CONFIG_FILE} is {why}"]
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -357,7 +369,9 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
     weights_path = directory / WEIGHTS_FILE
     if config is not None:
         if not weights_path.is_file():
-            problems.append(f"missing {WEIGHTS_FILE}")
+            why = _not_there(weights_path)
+            problems.append(f"missing {WEIGHTS_FILE}" if why == "missing"
+                            else f"{WEIGHTS_FILE} is {why}")
         else:
             try:
                 weights = load_file(str(weights_path))

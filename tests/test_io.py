@@ -341,6 +341,22 @@ def test_path_that_does_not_exist(tmp_path):
     assert "does not exist" in _load_error(tmp_path / "nowhere")
 
 
+def test_files_that_are_not_files_are_named_as_such(model_dir, tmp_path):
+    # a weights file that is a directory, or a link loop, was reported as "missing"
+    path, _ = model_dir
+    (path / io.WEIGHTS_FILE).unlink()
+    (path / io.WEIGHTS_FILE).mkdir()
+    assert "model.safetensors is a directory" in _load_error(path)
+    (path / io.WEIGHTS_FILE).rmdir()
+    (path / io.WEIGHTS_FILE).symlink_to(path / io.WEIGHTS_FILE)
+    assert "model.safetensors is a symbolic link to nothing" in _load_error(path)
+    (path / io.CONFIG_FILE).unlink()
+    (path / io.CONFIG_FILE).symlink_to(tmp_path / "gone.json")
+    assert "config.json is a symbolic link to nothing" in _load_error(path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert "path is a symbolic link to nothing (broken, or a loop)" in _load_error(tmp_path / "loop")
+
+
 def test_save_refuses_weights_that_do_not_match_and_writes_nothing(tmp_path):
     model = _seq2seq()
     weights = model.state_dict()
