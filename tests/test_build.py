@@ -179,6 +179,9 @@ _FORK_SCRIPT = textwrap.dedent("""
     q = np.random.default_rng(0).standard_normal((2, 8, 256, 64)).astype(np.float32)
     if sys.argv[1] == "after":  # big enough for a team of two: OpenMP starts its pool here
         expected = attncore.attention(q, q, q)
+    elif sys.argv[1] == "one thread":  # a pre-forking server's model loaded on one thread
+        with attncore.num_threads(1):
+            expected = attncore.attention(q, q, q)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -207,12 +210,12 @@ _FORK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not attncore.info()["openmp"],
                     reason="needs fork() and an OpenMP build")
-@pytest.mark.parametrize("when", ["after", "before"])
+@pytest.mark.parametrize("when", ["after", "before", "one thread"])
 def test_a_forked_child_runs_kernels_instead_of_hanging(tmp_path, when):
     """GNU OpenMP's pool does not survive fork(): a child forked after a two-thread kernel used to
     wait forever in its first parallel region (a multiprocessing "fork" pool, a pre-forking
     server). It now runs on one thread, says so once, and gets the same bits. A child forked
-    before any team started keeps its threads."""
+    before any team started, or after kernels ran on one thread only, keeps its threads."""
     script = tmp_path / "fork_child.py"
     script.write_text(_FORK_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), when], env=subprocess_env(),
