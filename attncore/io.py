@@ -115,7 +115,7 @@ def weight_spec(config: Mapping) -> WeightSpec:
         raise ValueError(f"config lacks hyper-parameter{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(map(repr, missing))} needed by architecture "
                          f"{config['architecture']!r}")
-    _check_config_values(config)
+    check_config_values(config)
     try:
         spec = spec_fn(config)
     except KeyError as error:
@@ -249,7 +249,7 @@ MAX_SIZE = 1 << 24
 MAX_POSITIONS = 1 << 20
 
 
-def _check_config_values(config: Mapping) -> None:
+def check_config_values(config: Mapping) -> None:
     """ValueError naming the hyper-parameter whose value has the wrong kind or range, and for
     special token ids outside the vocabulary they index (pad_id / unk_id: the sources';
     bos_id / eos_id: the targets')."""
@@ -292,7 +292,7 @@ def read_config(path: Union[str, os.PathLike]) -> dict:
     config, problems = _read_config(Path(path))
     if not problems:  # (load_model_dir checks them through weight_spec)
         try:
-            _check_config_values(config)
+            check_config_values(config)
         except ValueError as error:
             problems.append(str(error))
     if problems:
@@ -454,7 +454,8 @@ def seq2seq_attention_weight_spec(config: Mapping) -> WeightSpec:
     if bidirectional and hidden % 2:
         raise ValueError(f"a bidirectional encoder needs an even hidden_size, got {hidden}")
     attention_dim = int(config["attention_dim"]) or hidden
-    src_vocab, tgt_vocab = int(config["src_vocab_size"]), int(config["tgt_vocab_size"])
+    src_vocab = _used_vocabulary(config, "src_vocab_size", "an encoder")
+    tgt_vocab = _used_vocabulary(config, "tgt_vocab_size", "a decoder")
     directions = 2 if bidirectional else 1
 
     spec = {"encoder.embedding.weight": ((src_vocab, embed), dtype)}
@@ -473,6 +474,15 @@ def seq2seq_attention_weight_spec(config: Mapping) -> WeightSpec:
     spec["decoder.output.weight"] = ((tgt_vocab, hidden), dtype)
     spec["decoder.output.bias"] = ((tgt_vocab,), dtype)
     return spec
+
+
+def _used_vocabulary(config: Mapping, key: str, user: str) -> int:
+    """``config[key]``, a vocabulary size that may be 0 where no layer reads it, for a model with
+    ``user`` (an encoder, a decoder), which needs at least one token."""
+    size = int(config[key])
+    if size < 1:
+        raise ValueError(f"config: {key} must be >= 1 for a model with {user}, got {size}")
+    return size
 
 
 def _attention_spec(prefix: str, d_model: int, fused: bool, bias: bool, dtype: str) -> WeightSpec:
@@ -519,8 +529,9 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
     eps = config["layer_norm_eps"]
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer,
                                                                np.floating)) \
-            or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"config: layer_norm_eps must be a finite number >= 0, got {eps!r}")
+            or not math.isfinite(eps) or eps <= 0:
+        # (0 divides by zero on a row of equal values: every row when d_model is 1)
+        raise ValueError(f"config: layer_norm_eps must be a finite number > 0, got {eps!r}")
 
     spec: WeightSpec = {}
     has_encoder = kind in ("encoder_decoder", "encoder_only")
@@ -529,7 +540,8 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
         raise ValueError(f"config: num_decoder_layers must be >= 1 for kind {kind!r}, got "
                          f"{config['num_decoder_layers']}")
     if has_encoder:
-        spec["src_embedding.weight"] = ((int(config["src_vocab_size"]), d_model), dtype)
+        spec["src_embedding.weight"] = ((_used_vocabulary(config, "src_vocab_size", "an encoder"),
+                                         d_model), dtype)
         if learned:
             spec["src_position.weight"] = ((int(config["max_positions"]), d_model), dtype)
         for i in range(int(config["num_encoder_layers"])):
@@ -541,7 +553,7 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
         if final_norm:
             spec.update(_norm_spec("encoder.norm", d_model, dtype))
     if has_decoder:
-        tgt_vocab = int(config["tgt_vocab_size"])
+        tgt_vocab = _used_vocabulary(config, "tgt_vocab_size", "a decoder")
         spec["tgt_embedding.weight"] = ((tgt_vocab, d_model), dtype)
         if learned:
             spec["tgt_position.weight"] = ((int(config["max_positions"]), d_model), dtype)

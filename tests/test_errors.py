@@ -2,6 +2,8 @@
 """The bad-input matrix: every kernel front rejects malformed input with a ValueError or
 TypeError whose message names the offending argument -- before any nogil code runs, so nothing
 crashes. And the opposite edge: empty inputs are valid and give zeros of the right shape."""
+import re
+
 import numpy as np
 import pytest
 
@@ -599,3 +601,31 @@ def test_decoder_steps_are_built_once_and_check_their_tokens_and_lengths():
         run([1], [S + 1])
     run([1], [S])
     assert np.isfinite(state["h"]).all()
+
+
+@pytest.mark.parametrize("architecture, key, value, message", [
+    # the trainer's arithmetic on them came first: ZeroDivisionError, or NumPy's own message
+    ("transformer", "num_heads", 0, "config: num_heads must lie in [1, "),
+    ("transformer", "d_model", 0, "config: d_model must lie in [1, "),
+    ("transformer", "dim_feedforward", 0, "config: dim_feedforward must lie in [1, "),
+    ("transformer", "tgt_vocab_size", 0, "tgt_vocab_size must be > 0"),
+    ("transformer", "layer_norm_eps", 0.0, "layer_norm_eps must be > 0"),
+    ("seq2seq", "hidden_size", 0, "config: hidden_size must lie in [1, "),
+    ("seq2seq", "attention_dim", -1, "config: attention_dim must lie in [0, "),
+    ("seq2seq", "tgt_vocab_size", 0, "tgt_vocab_size must be >= 1 for a model with a decoder"),
+])
+def test_from_config_names_a_bad_size(architecture, key, value, message):
+    from attncore.models import Seq2SeqAttention, Transformer
+    from attncore.train.seq2seq import Seq2SeqConfig
+    from attncore.train.transformer import TransformerConfig
+    if architecture == "transformer":
+        model_class = Transformer
+        config = TransformerConfig(kind="encoder_decoder", src_vocab_size=9, tgt_vocab_size=9,
+                                   d_model=6, num_heads=2, dim_feedforward=5,
+                                   max_positions=6).to_dict()
+    else:
+        model_class = Seq2SeqAttention
+        config = Seq2SeqConfig(src_vocab_size=10, tgt_vocab_size=10, embed_dim=4,
+                               hidden_size=6).to_dict()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_class.from_config(dict(config, **{key: value}))

@@ -297,7 +297,14 @@ def test_bad_transformer_config_values_are_named():
                                 ("max_positions", 2 ** 40, "max_positions must lie in [1, 1048576]"),
                                 ("d_model", 16.5, "d_model must be an integer"),
                                 # accepted, and changed every LayerNorm's result
-                                ("layer_norm_eps", -1.0, "layer_norm_eps must be a finite number >= 0"),
+                                ("layer_norm_eps", -1.0, "layer_norm_eps must be a finite number > 0"),
+                                # 0/0 on a row of equal values (each row at d_model 1): NaN
+                                ("layer_norm_eps", 0, "layer_norm_eps must be a finite number > 0"),
+                                # a NumPy error about a (0, d) weight, naming no parameter
+                                ("tgt_vocab_size", 0, "tgt_vocab_size must be >= 1 for a model "
+                                                      "with a decoder"),
+                                ("src_vocab_size", 0, "src_vocab_size must be >= 1 for a model "
+                                                      "with an encoder"),
                                 ("layer_norm_eps", "1e-5", "layer_norm_eps must be a finite number"),
                                 ("layer_norm_eps", True, "layer_norm_eps must be a finite number"),
                                 ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
@@ -307,7 +314,7 @@ def test_bad_transformer_config_values_are_named():
         with pytest.raises(ValueError, match=re.escape(message)):
             io.weight_spec(dict(config, **{key: value}))
     io.weight_spec(dict(config, final_norm=None))   # null: as norm_first
-    io.weight_spec(dict(config, layer_norm_eps=0))
+    io.weight_spec(dict(config, kind="decoder_only", src_vocab_size=0))   # (no encoder)
     missing = dict(config)
     del missing["layer_norm_eps"]
     with pytest.raises(ValueError, match="lacks hyper-parameter 'layer_norm_eps'"):

@@ -499,6 +499,9 @@ class Model:
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
         seed = _check_int(seed, "seed", 0)
+        # the values given, checked as a model directory's are (the trainer's arithmetic on a
+        # num_heads or hidden_size of 0 was a ZeroDivisionError)
+        io.check_config_values(config)
         trainer = model_from_config(dict(config), seed)
         weights = {name: np.asarray(value) for name, value in trainer.state_dict().items()}
         # the config completed with the architecture's defaults, as the trainer reads it: a

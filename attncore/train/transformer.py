@@ -122,7 +122,10 @@ class TransformerConfig(ConfigDict):
             self.final_norm = bool(self.norm_first)
         checks = [
             (self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}"),
-            (self.d_model % self.num_heads == 0, f"d_model {self.d_model} not divisible by num_heads {self.num_heads}"),
+            (self.num_heads >= 1 and self.d_model >= 1, "d_model and num_heads must be >= 1"),
+            (self.num_heads < 1 or self.d_model % self.num_heads == 0,
+             f"d_model {self.d_model} not divisible by num_heads {self.num_heads}"),
+            (self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps}"),
             (self.activation in ("relu", "gelu"), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
             (self.positions in ("sinusoidal", "learned"), f"positions must be sinusoidal or learned, got {self.positions!r}"),
             (self.pooling in ("mean", "first"), f"pooling must be 'mean' or 'first', got {self.pooling!r}"),
