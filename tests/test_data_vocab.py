@@ -1,5 +1,6 @@
 """Vocab and BPEVocab: special ids, encode/decode, JSON round trips."""
 import json
+import re
 
 import pytest
 
@@ -137,3 +138,80 @@ def test_strict_encoding_refuses_a_literal_unk_typed_in_text():
         tokenizer.encode_source("hello <unk> world", strict=True)
     ids = tokenizer.encode_source("hello <eos> world")
     assert list(ids) == [4, 3, 5, 2]           # the one EOS is the appended one
+
+
+def _bpe_file(tmp_path, change):
+    """A trained BPE vocabulary's JSON, changed by ``change(data)``, written to a file."""
+    from attncore.data.bpe import BPEVocab
+    texts = ["the cat sat on the mat.", "the dog sat on the log!"] * 20
+    data = BPEVocab.train(texts, vocab_size=60, min_frequency=2).to_dict()
+    change(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set(key, value):
+    return lambda data: data.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, message", [
+    # a Replace with a long content multiplied the text: 10^7 ids from 100 characters, and an
+    # OOM kill at 1000
+    (_set("normalizer", {"type": "Replace", "pattern": {"String": "a"}, "content": "t " * 500}),
+     "Replace pattern and content must be strings of at most 16"),
+    # a backtracking regex: minutes a line, or a Rust panic that escapes ``except Exception``
+    (_set("pre_tokenizer", {"type": "Split", "pattern": {"Regex": "(a+)+b"},
+                            "behavior": "Isolated", "invert": False}),
+     "pre_tokenizer 'Split' is not supported"),
+    (_set("normalizer", {"type": "Replace", "pattern": {"Regex": "(a|a){1,22}b"},
+                         "content": ""}), "Replace regex '(a|a){1,22}b' is not supported"),
+    # a Rust panic while parsing
+    (_set("normalizer", {"type": "Precompiled", "precompiled_charsmap": "AAAA"}),
+     "normalizer 'Precompiled' is not supported"),
+    # honoured silently: the model read other ids than the text's
+    (_set("truncation", {"direction": "Right", "max_length": 2, "strategy": "LongestFirst",
+                         "stride": 0}), "tokenizer has truncation settings"),
+    (_set("padding", {"strategy": {"Fixed": 16}, "direction": "Left", "pad_to_multiple_of": None,
+                      "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}),
+     "tokenizer has padding settings"),
+    (lambda data: data["model"].__setitem__("dropout", 0.9), "BPE dropout 0.9"),
+    (lambda data: data["model"].__setitem__("type", "WordPiece"), "model must be BPE"),
+    # malformed: a bare Exception naming no file
+    (lambda data: data["model"].pop("merges"), "not a tokenizers JSON file: Missing vocab/merges"),
+    (lambda data: data["model"]["vocab"].__setitem__("sat", 2 ** 40),
+     "not a tokenizers JSON file: invalid value"),
+])
+def test_bpe_files_are_refused_where_they_would_cost_or_change_the_ids(tmp_path, change, message):
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    path = _bpe_file(tmp_path, change)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BPEVocab.load(path)
+
+
+def test_bpe_ids_with_a_gap_are_refused(tmp_path):
+    # an id past the gap passed the size check and decoded as nothing ('cat sat cat' -> 'cat cat')
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+
+    def gap(data):
+        vocab = data["model"]["vocab"]
+        token = max(vocab, key=vocab.get)
+        vocab[token] += 5
+    with pytest.raises(ValueError, match="ids must be 0..[0-9]+ without gaps"):
+        BPEVocab.load(_bpe_file(tmp_path, gap))
+    # the translation task's own normalizer (a whitespace regex) still loads
+    from attncore.data.translation import tokenizer_normalizer
+    texts = ["The  cat\u202fsat.", "the dog sat!"] * 20
+    trained = BPEVocab.train(texts, vocab_size=60, normalizer=tokenizer_normalizer(True))
+    trained.save(tmp_path / "t.json")
+    assert BPEVocab.load(tmp_path / "t.json") == trained
+
+
+def test_a_word_vocabulary_repeating_a_special_token_is_refused(tmp_path):
+    # the constructor skips specials: 'b' after a second '<eos>' got id 5, not 6
+    data = Vocab("ab", level="char").to_dict()
+    data["tokens"] = data["tokens"][:5] + ["<eos>"] + data["tokens"][5:]
+    with pytest.raises(ValueError, match=re.escape("repeats the special tokens ['<eos>']")):
+        Vocab.from_dict(data)

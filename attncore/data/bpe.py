@@ -51,6 +51,11 @@ class BPEVocab:
         got = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if got != [0, 1, 2, 3]:
             raise ValueError(f"tokenizer must give {SPECIAL_TOKENS} ids 0..3, got {got}")
+        _check_pipeline(json.loads(tokenizer.to_str()))
+        ids = sorted(tokenizer.get_vocab(with_added_tokens=True).values())
+        if ids != list(range(len(ids))):
+            # (an id past a gap passed the size check, and tokenizers decoded it as nothing)
+            raise ValueError(f"tokenizer ids must be 0..{len(ids) - 1} without gaps")
         tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
 
@@ -142,9 +147,89 @@ class BPEVocab:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPEVocab":
-        """Open a file written by :meth:`save` (or any compatible ``tokenizer.json``)."""
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        """Open a file written by :meth:`save` (or a compatible ``tokenizer.json``: a BPE model
+        with the pieces listed in :func:`_check_pipeline`). ValueError for anything else."""
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a tokenizers JSON file holds an object, got {type(data).__name__}")
+        _check_pipeline(data)   # (before tokenizers parses a piece it may panic on)
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except MemoryError:
+            raise
+        except BaseException as error:
+            # tokenizers raises a bare Exception for a malformed file, and a Rust panic
+            # (pyo3's PanicException, a BaseException that escapes ``except Exception``) for
+            # some
+            if not (isinstance(error, Exception) or type(error).__name__ == "PanicException"):
+                raise   # (KeyboardInterrupt, SystemExit)
+            message = " ".join(str(error).split())[:300]
+            raise ValueError(f"not a tokenizers JSON file: {message}") from None
+        return cls(tokenizer)
 
     def to_dict(self) -> dict:
         return json.loads(self.tokenizer.to_str())
+
+
+# What a vocabulary file may ask of ``tokenizers``: the pieces :meth:`BPEVocab.train` and the
+# bundled tasks write, and common fixed ones. A model directory can come from anywhere, and
+# other pieces turn text into something else than the model read in training, or cost without
+# bound: a regex ``Split`` or ``Replace`` can backtrack for minutes on a line (or panic), a
+# ``Replace`` with a long content multiplies the text (10^7 ids from 100 characters), and
+# truncation, padding or BPE dropout change the ids the model reads, silently.
+_NORMALIZERS = {"Sequence", "Lowercase", "Strip", "StripAccents", "NFC", "NFD", "NFKC", "NFKD",
+                "Replace", "Prepend"}
+_PRE_TOKENIZERS = {"Sequence", "Metaspace", "Punctuation", "Whitespace", "WhitespaceSplit",
+                   "ByteLevel", "Digits", "CharDelimiterSplit"}
+_DECODERS = {"Sequence", "Metaspace", "ByteLevel", "BPEDecoder", "Fuse", "Strip", "ByteFallback",
+             "Replace"}
+#: the regular expressions a ``Replace`` may use (the translation task's whitespace runs)
+_REGEXES = {r"\s+"}
+#: at most this many characters in a ``Replace``'s pattern or content, a ``Prepend``'s text
+_REPLACE_MAX = 16
+
+
+def _check_pipeline(data: dict) -> None:
+    """ValueError naming the first piece of a ``tokenizers`` JSON outside the allowed set."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"tokenizer model must be BPE, got {model.get('type')!r}")
+    if model.get("dropout") not in (None, 0, 0.0):
+        raise ValueError(f"tokenizer model has BPE dropout {model.get('dropout')!r}: encodings "
+                         f"would change from call to call")
+    for key in ("truncation", "padding"):
+        if data.get(key) is not None:
+            raise ValueError(f"tokenizer has {key} settings: the model must read every token "
+                             f"as given")
+    for key, allowed in (("normalizer", _NORMALIZERS), ("pre_tokenizer", _PRE_TOKENIZERS),
+                         ("decoder", _DECODERS)):
+        _check_piece(data.get(key), key, allowed)
+
+
+def _check_piece(piece, where: str, allowed: set) -> None:
+    if piece is None:
+        return
+    kind = piece.get("type") if isinstance(piece, dict) else None
+    if kind not in allowed:
+        raise ValueError(f"tokenizer {where} {kind!r} is not supported (supported: "
+                         f"{', '.join(sorted(allowed))})")
+    if kind == "Sequence":
+        children = piece.get("normalizers") or piece.get("pretokenizers") or \
+            piece.get("decoders") or []
+        for child in children:
+            _check_piece(child, where, allowed)
+    elif kind == "Replace":
+        pattern = piece.get("pattern") or {}
+        text = pattern.get("String", pattern.get("Regex"))
+        if "Regex" in pattern and text not in _REGEXES:
+            raise ValueError(f"tokenizer {where} Replace regex {text!r} is not supported "
+                             f"(supported: {', '.join(sorted(_REGEXES))})")
+        if not isinstance(text, str) or len(text) > _REPLACE_MAX or \
+                len(str(piece.get("content", ""))) > _REPLACE_MAX:
+            raise ValueError(f"tokenizer {where} Replace pattern and content must be strings of "
+                             f"at most {_REPLACE_MAX} characters")
+    elif kind == "Prepend" and len(str(piece.get("prepend", ""))) > _REPLACE_MAX:
+        raise ValueError(f"tokenizer {where} Prepend text longer than {_REPLACE_MAX} characters")
 

@@ -219,8 +219,12 @@ class Vocab:
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ValueError("a vocabulary's 'tokens' must be a list of strings")
+        # (the file's tokens are not echoed: a message can travel further than the file)
         if list(tokens[:4]) != list(SPECIAL_TOKENS):
-            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}, got {tokens[:4]}")
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        repeated = sorted(set(SPECIAL_TOKENS) & set(tokens[4:]))
+        if repeated:   # (the constructor skips them: every later token's id moved down one)
+            raise ValueError(f"vocabulary repeats the special tokens {repeated} after its start")
         return cls(tokens[4:], level=data.get("level"))
 
     def save(self, path: str | os.PathLike) -> None:
