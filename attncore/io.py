@@ -118,13 +118,15 @@ def weight_spec(config: Mapping) -> WeightSpec:
     check_config_values(config)
     try:
         spec = spec_fn(config)
+        return {name: (tuple(int(d) for d in shape), str(np.dtype(dtype)))
+                for name, (shape, dtype) in spec.items()}
     except KeyError as error:
         raise ValueError(f"config lacks hyper-parameter {error.args[0]!r} needed by "
                          f"architecture {config['architecture']!r}") from None
     except (TypeError, ArithmeticError) as error:  # a value of the wrong kind the checks missed
+        # (OverflowError is one: int() of an infinite size)
         raise ValueError(f"config: invalid hyper-parameters for architecture "
                          f"{config['architecture']!r}: {error}") from None
-    return {name: (tuple(int(d) for d in shape), str(np.dtype(dtype))) for name, (shape, dtype) in spec.items()}
 
 
 def check_weights(spec: WeightSpec, weights: Mapping[str, np.ndarray]) -> List[str]:
@@ -139,7 +141,18 @@ def check_weights(spec: WeightSpec, weights: Mapping[str, np.ndarray]) -> List[s
             problems.append(f"tensor {name!r} has shape {list(array.shape)}, expected {list(shape)}")
         if str(array.dtype) != dtype:
             problems.append(f"tensor {name!r} has dtype {array.dtype}, expected {dtype}")
-    return sorted(problems)
+    return _at_most(sorted(problems))
+
+
+#: the most problems a load error lists one by one
+MAX_PROBLEMS = 50
+
+
+def _at_most(problems: List[str], limit: int = MAX_PROBLEMS) -> List[str]:
+    """The first ``limit`` problems, and how many more there are."""
+    if len(problems) <= limit:
+        return problems
+    return problems[:limit] + [f"... and {len(problems) - limit} more"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,11 +255,19 @@ _SIZE_KEYS = {"hidden_size": 1, "embed_dim": 1, "num_layers": 1, "attention_dim"
               "num_heads": 1, "dim_feedforward": 1, "num_encoder_layers": 0,
               "num_decoder_layers": 0, "num_classes": 0, "embedding_size": 1, "ran_layers": 1,
               "head_num": 1, "head_size": 1, "window_size": 1, "min_window_size": 1,
-              "max_positions": 1}
-#: The largest size a config may declare (vocabularies, widths, layers); max_positions has its
-#: own bound (MAX_POSITIONS): a sinusoidal table is made at load without a stored tensor.
+              "max_positions": 1, "num_token_classes": 0}
+#: The largest size a config may declare (vocabularies, widths); max_positions and layer counts
+#: have their own bounds: a sinusoidal table is made at load without a stored tensor, and each
+#: layer adds a dozen tensors to the spec (2^24 layers: a 650-byte config.json spent gigabytes
+#: listing the tensors it lacked).
 MAX_SIZE = 1 << 24
 MAX_POSITIONS = 1 << 20
+MAX_LAYERS = 1 << 12
+#: The largest sinusoidal position table (bytes of float32) a config may ask for: it is made at
+#: load without a stored tensor, so a few-KB model directory could otherwise take gigabytes
+#: (up to 8 GiB within MAX_POSITIONS and MAX_SIZE). 65536 positions of 1024 features fit.
+MAX_SINUSOID_BYTES = 1 << 28
+_LAYER_KEYS = ("num_layers", "num_encoder_layers", "num_decoder_layers", "ran_layers")
 
 
 def check_config_values(config: Mapping) -> None:
@@ -263,7 +284,8 @@ def check_config_values(config: Mapping) -> None:
         value = config[key]
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"config: {key} must be an integer, got {value!r}")
-        limit = MAX_POSITIONS if key == "max_positions" else MAX_SIZE
+        limit = (MAX_POSITIONS if key == "max_positions" else
+                 MAX_LAYERS if key in _LAYER_KEYS else MAX_SIZE)
         if not minimum <= value <= limit:
             raise ValueError(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
     if "labels" in config:   # class names: one string per class (classify printed ids or
@@ -330,7 +352,7 @@ def _read_config(directory: Path):
         return None, [f"{CONFIG_FILE} must hold a JSON object"]
     problems = []
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:   # (true and 1.0 equal 1)
         problems.append(f"unsupported format_version {version!r} (this attncore reads {FORMAT_VERSION})")
     if "architecture" not in config:
         problems.append(f"{CONFIG_FILE} has no 'architecture'")
@@ -524,6 +546,12 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
     learned = config["positions"] == "learned"
     if config["positions"] not in ("sinusoidal", "learned"):
         raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {config['positions']!r}")
+    table_bytes = 4 * int(config["max_positions"]) * d_model
+    if not learned and table_bytes > MAX_SINUSOID_BYTES:
+        raise ValueError(f"config: a sinusoidal table of max_positions x d_model = "
+                         f"{config['max_positions']} x {d_model} takes {table_bytes / 2**20:.0f} "
+                         f"MiB, made at load; at most {MAX_SINUSOID_BYTES >> 20} MiB: lower "
+                         f"max_positions")
     # null means "as norm_first", the trainer's TransformerConfig default
     final_norm = bool(config["norm_first"] if config["final_norm"] is None else config["final_norm"])
     eps = config["layer_norm_eps"]

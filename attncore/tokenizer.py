@@ -239,6 +239,13 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
         vocabs[side], names[f"{side}_file"] = vocab, name
     if not vocabs:
         raise ValueError("config['tokenizer'] names neither a 'src' nor a 'tgt' file")
+    vocab = next(iter(vocabs.values()))
+    for key, fixed in (("pad_id", vocab.pad), ("bos_id", vocab.bos), ("eos_id", vocab.eos),
+                       ("unk_id", vocab.unk)):
+        # (an eos_id of 4 stopped generation on a real token while sources ended with 2)
+        if key in config and config[key] != fixed:
+            raise ValueError(f"config: {key} {config[key]!r} is not the tokenizer's {fixed}: "
+                             f"text would be read and written with other ids than the model's")
     source_eos = entry.get("source_eos")
     if source_eos is not None and not isinstance(source_eos, bool):
         raise ValueError(f"config['tokenizer']['source_eos'] must be true or false, got "

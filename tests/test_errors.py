@@ -629,3 +629,63 @@ def test_from_config_names_a_bad_size(architecture, key, value, message):
                                hidden_size=6).to_dict()
     with pytest.raises(ValueError, match=re.escape(message)):
         model_class.from_config(dict(config, **{key: value}))
+
+
+def _encoder_only(weights_changed=()):
+    from attncore.data.vocab import Vocab
+    from attncore.models import Transformer
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(kind="encoder_only", src_vocab_size=10, tgt_vocab_size=0,
+                               d_model=8, num_heads=2, dim_feedforward=12, num_encoder_layers=1,
+                               num_decoder_layers=0, max_positions=16, num_classes=3).to_dict()
+    config["architecture"] = "transformer"
+    model = Transformer.from_config(config, seed=3, tokenizer=Tokenizer(src=Vocab("abcdef")))
+    weights = dict(model.weights)
+    for name, value in dict(weights_changed).items():
+        weights[name] = np.full_like(weights[name], value)
+    return Transformer(model.config, weights, tokenizer=model.tokenizer)
+
+
+def test_outputs_that_overflow_are_an_error_not_nan():
+    # classify and encode handed back NaN / inf, where generation already raised
+    sources = [np.array([4, 5, 6])]
+    assert np.isfinite(_encoder_only().classify(sources)).all()
+    with pytest.raises(ValueError, match="class logits are not finite"):
+        _encoder_only({"encoder.layers.0.norm2.bias": 10.0,   # (pooled features of 10)
+                       "classifier.weight": 1e38}).classify(sources)
+    with pytest.raises(ValueError, match="encoder outputs are not finite"), \
+            np.errstate(over="ignore"):
+        _encoder_only({"src_embedding.weight": 3e38}).encode(sources)
+    from attncore.models import RAN
+    from attncore.train.ran import RANConfig
+    config = RANConfig(vocab_size=9, embedding_size=8, head_num=2, head_size=4,
+                       num_classes=3).to_dict()
+    config["architecture"] = "ran"
+    ran = RAN.from_config(config, seed=1)
+    weights = dict(ran.weights, **{"embedding_norm.weight": np.full(
+        ran.weights["embedding_norm.weight"].shape, 3e38, np.float32)})
+    with pytest.raises(ValueError, match="encoder outputs are not finite"):
+        RAN(ran.config, weights).encode([np.array([4, 5, 6])])
+
+
+def test_an_encoder_without_classes_cannot_classify():
+    # logits of shape (1, 0), and argmax of an empty sequence in the caller
+    from attncore.models import Transformer
+    model = _encoder_only()
+    empty = dict(model.weights, **{"classifier.weight": np.zeros((0, 8), np.float32),
+                                   "classifier.bias": np.zeros((0,), np.float32)})
+    with pytest.raises(ValueError, match=re.escape("no classifier (num_classes = 0)")):
+        Transformer(dict(model.config, num_classes=0), empty).classify([np.array([4, 5])])
+
+
+def test_special_ids_must_be_the_tokenizers(tmp_path):
+    # eos_id 4 stopped generation on a real token while the tokenizer ended sources with 2
+    import json
+    from attncore import io, models
+    model = _encoder_only()
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / io.CONFIG_FILE).read_text())
+    (tmp_path / "m" / io.CONFIG_FILE).write_text(json.dumps(dict(config, unk_id=5)))
+    with pytest.raises(ValueError, match=re.escape("config: unk_id 5 is not the tokenizer's 3")):
+        models.load(tmp_path / "m")

@@ -469,3 +469,60 @@ def test_loading_out_of_memory_is_a_memory_error_not_a_corrupt_file(tmp_path, mo
     monkeypatch.setattr(_memory, "_chunk", None)
     with pytest.raises(MemoryError, match="cannot map"):
         _memory.empty_for_streaming((4096, 1024), np.float32)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    config.update(changes)
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_a_huge_layer_count_is_refused_before_its_spec_is_built(model_dir):
+    # a 650-byte config.json with 262144 layers took 2 GB and 22 s to list the missing tensors
+    path, _ = model_dir
+    _edit_config(path, num_layers=262144)
+    message = _load_error(path)
+    assert "config: num_layers must lie in [1, 4096], got 262144" in message
+    assert len(message) < 500
+
+
+def test_a_load_error_lists_at_most_fifty_problems(model_dir):
+    path, _ = model_dir
+    _edit_config(path, num_layers=400)   # (allowed; the file holds one layer's tensors)
+    message = _load_error(path)
+    lines = message.splitlines()
+    assert len(lines) == 1 + io.MAX_PROBLEMS + 1 and re.fullmatch(r"  \.\.\. and \d+ more",
+                                                                  lines[-1])
+
+
+def test_a_sinusoidal_table_past_its_memory_bound_is_refused(tmp_path):
+    # a 5 KB directory asked for a 2 GiB table at load (up to 8 GiB within the size bounds)
+    config = TransformerConfig(kind="encoder_only", src_vocab_size=5, tgt_vocab_size=0,
+                               d_model=512, num_heads=8, dim_feedforward=8, num_encoder_layers=0,
+                               num_decoder_layers=0, num_classes=2, max_positions=8).to_dict()
+    config["architecture"] = "transformer"
+    with pytest.raises(ValueError, match=r"sinusoidal table of max_positions x d_model = "
+                                         r"1048576 x 512 takes 2048 MiB"):
+        io.weight_spec(dict(config, max_positions=1 << 20))
+    io.weight_spec(dict(config, max_positions=1 << 17))            # 256 MiB: allowed
+    io.weight_spec(dict(config, max_positions=1 << 20, positions="learned"))   # stored weights
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_format_version_must_be_the_integer(model_dir, version):
+    # true and 1.0 equal 1 in Python, and were read as version 1
+    path, _ = model_dir
+    _edit_config(path, format_version=version)
+    assert f"unsupported format_version {version!r}" in _load_error(path)
+
+
+@pytest.mark.parametrize("value", [2.9, float("inf"), -1])
+def test_ran_num_token_classes_is_a_size(value):
+    # 2.9 loaded (and stayed 2.9); infinity was a bare OverflowError
+    from attncore.train.ran import RANConfig
+    config = RANConfig(vocab_size=9, embedding_size=8, head_num=2, head_size=4,
+                       token_head="tag", num_token_classes=2).to_dict()
+    config["architecture"] = "ran"
+    with pytest.raises(ValueError, match="num_token_classes must be an integer|num_token_classes "
+                                         "must lie in"):
+        io.weight_spec(dict(config, num_token_classes=value))

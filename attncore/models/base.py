@@ -154,6 +154,17 @@ def check_token_ids(source, label: str, vocab_size: Optional[int],
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
+def check_finite(outputs, what: str):
+    """``outputs`` (an array or a list of arrays), or ValueError when one holds NaN or
+    infinity: weights or activations that overflow float32 are never handed back silently
+    (generation raises the same way)."""
+    for array in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        if not np.isfinite(array).all():
+            raise ValueError(f"the model's {what} are not finite (NaN or infinity): its weights "
+                             f"or activations overflow float32")
+    return outputs
+
+
 def check_rows(rows, batch: int) -> np.ndarray:
     """The ``rows`` of a decoder state's ``select`` (docs/ENGINE.md): a 1-d integer sequence
     in ``[0, batch)`` (rows may repeat, drop or reorder), as C-contiguous int64. Floats are

@@ -71,8 +71,8 @@ import numpy as np
 from .. import kernels as K
 from ..kernels.attention import sequence_attention
 from ..train.ran_ops import partition_windows
-from .base import (GenerationResult, Model, _check_int, check_generation_options, check_rows,
-                   check_sources, check_step_tokens)
+from .base import (GenerationResult, Model, _check_int, check_finite, check_generation_options,
+                   check_rows, check_sources, check_step_tokens)
 
 __all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
 
@@ -518,15 +518,18 @@ class RAN(Model):
         window, minimum = self._windows(window_size, min_window_size, state)
         state = self._check_state(state, len(documents), window)
         if self.causal:
-            return self._encode_causal(documents, state, window)
-        return self._encode_bidirectional(documents, state, window, minimum)
+            encoding, state = self._encode_causal(documents, state, window)
+        else:
+            encoding, state = self._encode_bidirectional(documents, state, window, minimum)
+        check_finite(encoding.sequence + [encoding.pooled], "encoder outputs")
+        return encoding, state
 
     def classify(self, documents, state: Optional[RANState] = None, **window
                  ) -> Tuple[np.ndarray, RANState]:
         """Document logits float32 (B, num_classes) from the pooled GPC, and the new state."""
         self._check_can("classify")
         encoding, state = self.encode(documents, state, **window)
-        return K.linear(encoding.pooled, *self.classifier), state
+        return check_finite(K.linear(encoding.pooled, *self.classifier), "class logits"), state
 
     def token_logits(self, documents, state: Optional[RANState] = None, **window
                      ) -> Tuple[List[np.ndarray], RANState]:
@@ -536,7 +539,8 @@ class RAN(Model):
             raise ValueError("this RAN has no token head (token_head = 'none')")
         encoding, state = self.encode(documents, state, **window)
         sizes = [len(s) for s in encoding.sequence]
-        logits = self.token_head(np.concatenate(encoding.sequence, axis=0))
+        logits = check_finite(self.token_head(np.concatenate(encoding.sequence, axis=0)),
+                              "token logits")
         return np.split(logits, np.cumsum(sizes)[:-1]), state
 
     def token_head(self, sequence: np.ndarray) -> np.ndarray:

@@ -46,8 +46,8 @@ from .. import kernels
 from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK, sequence_attention
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
-from .base import (EncoderDecoderModel, GenerationResult, check_generation_options, check_rows,
-                   check_sources, check_step_tokens)
+from .base import (EncoderDecoderModel, GenerationResult, check_finite, check_generation_options,
+                   check_rows, check_sources, check_step_tokens)
 
 __all__ = ["Transformer", "TransformerDecoderState"]
 
@@ -604,13 +604,16 @@ class Transformer(EncoderDecoderModel):
         sequences = self._check_sequences(tokens_list, "tokens_list")
         ids, lengths = self._pad(sequences)
         memory = self._encoder_forward(ids, lengths)
-        return [memory[b, : lengths[b]].copy() for b in range(len(sequences))]
+        return check_finite([memory[b, : lengths[b]].copy() for b in range(len(sequences))],
+                            "encoder outputs")
 
     def classify(self, tokens_list) -> np.ndarray:
         """encoder_only class logits, float32 (B, num_classes): the classifier over the encoder
         output pooled as in the trainer (mean over the real tokens, or the first token)."""
         if self.kind != "encoder_only":
             raise ValueError(f"classify needs an encoder_only Transformer, this one is {self.kind}")
+        if self.classifier_weight.shape[0] == 0:   # (logits of shape (B, 0) before)
+            raise ValueError("this Transformer has no classifier (num_classes = 0)")
         sequences = self._check_sequences(tokens_list, "tokens_list")
         ids, lengths = self._pad(sequences)
         memory = self._encoder_forward(ids, lengths)
@@ -619,4 +622,5 @@ class Transformer(EncoderDecoderModel):
         else:
             pooled = np.stack([memory[b, : lengths[b]].mean(axis=0, dtype=np.float64)
                                for b in range(len(sequences))]).astype(_FLOAT)
-        return kernels.linear(pooled, self.classifier_weight, self.classifier_bias)
+        return check_finite(kernels.linear(pooled, self.classifier_weight, self.classifier_bias),
+                            "class logits")
