@@ -322,7 +322,7 @@ def read_config(path: Union[str, os.PathLike]) -> dict:
     return config
 
 
-def _not_there(path: Path) -> str:
+def not_there(path: Path) -> str:
     """Why nothing can be read at ``path``, which is not a directory or not a regular file."""
     if path.is_symlink() and not path.exists():
         return "a symbolic link to nothing (broken, or a loop)"
@@ -333,13 +333,13 @@ def _not_there(path: Path) -> str:
 
 def _read_config(directory: Path):
     if not directory.exists():
-        why = _not_there(directory)
+        why = not_there(directory)
         return None, ["path does not exist" if why == "missing" else f"path is {why}"]
     if not directory.is_dir():
         return None, ["not a directory (a model is a directory with config.json and model.safetensors)"]
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        why = _not_there(config_path)
+        why = not_there(config_path)
         return None, [f"missing {CONFIG_FILE} (not an attncore model directory?)" if why == "missing"
                       else f"{CONFIG_FILE} is {why}"]
     try:
@@ -391,7 +391,7 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
     weights_path = directory / WEIGHTS_FILE
     if config is not None:
         if not weights_path.is_file():
-            why = _not_there(weights_path)
+            why = not_there(weights_path)
             problems.append(f"missing {WEIGHTS_FILE}" if why == "missing"
                             else f"{WEIGHTS_FILE} is {why}")
         else:

@@ -223,7 +223,10 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
                              f"directory, got {name!r}")
         path = directory / name
         if not path.is_file():
-            raise ValueError(f"config['tokenizer'][{side!r}]: missing file {str(path)!r}")
+            from .io import not_there
+            why = not_there(path)
+            raise ValueError(f"config['tokenizer'][{side!r}]: " + (
+                f"missing file {str(path)!r}" if why == "missing" else f"{str(path)!r} is {why}"))
         try:
             vocab = load_vocab(path)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,

@@ -689,3 +689,17 @@ def test_special_ids_must_be_the_tokenizers(tmp_path):
     (tmp_path / "m" / io.CONFIG_FILE).write_text(json.dumps(dict(config, unk_id=5)))
     with pytest.raises(ValueError, match=re.escape("config: unk_id 5 is not the tokenizer's 3")):
         models.load(tmp_path / "m")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs a named pipe")
+def test_a_vocabulary_that_is_not_a_file_is_named_as_such(tmp_path):
+    # a FIFO (or a directory) was reported as a "missing file"
+    import json
+    import os
+    from attncore import io, models
+    _encoder_only().save(tmp_path / "m")
+    name = json.loads((tmp_path / "m" / io.CONFIG_FILE).read_text())["tokenizer"]["src"]
+    os.remove(tmp_path / "m" / name)
+    os.mkfifo(tmp_path / "m" / name)
+    with pytest.raises(ValueError, match=re.escape(f"{name}' is not a regular file")):
+        models.load(tmp_path / "m")
