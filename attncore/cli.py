@@ -47,6 +47,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):
+        # argparse swallows write errors here (``--help > /dev/full`` exited 0 on an
+        # unbuffered stdout): main() reports them
+        if message:
+            (file or sys.stderr).write(message)
+
 
 def _positive_int(text):
     try:
@@ -102,27 +108,27 @@ class StopSignals:
     @classmethod
     @contextlib.contextmanager
     def watching(cls):
-        # Only where Python's default is in place and signals can be set: a run started with
-        # SIGINT ignored (``nohup``, ``cmd &`` in a script) keeps ignoring it, and main()
-        # called from a thread leaves the handler (and the main thread's flag) alone.
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        # Each signal only where it has Python's default: a run started with SIGINT ignored
+        # (``nohup``, ``cmd &`` in a script) keeps ignoring it, as ``nohup`` keeps SIGHUP
+        # ignored, and a caller's own handler stays. main() called from a thread leaves the
+        # handlers (and the main thread's flag) alone.
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
+        defaults = {signal.SIGINT: signal.default_int_handler}
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                defaults[getattr(signal, name)] = signal.SIG_DFL
+        watched = {signum: default for signum, default in defaults.items()
+                   if signal.getsignal(signum) == default}
         cls.seen = 0
-        signal.signal(signal.SIGINT, cls._handle)
-        # (SIGTERM and SIGHUP likewise only where they have their default action: ``nohup``
-        # ignores SIGHUP, and a caller's own handler stays)
-        others = [signum for signum in (getattr(signal, "SIGTERM", None),
-                                        getattr(signal, "SIGHUP", None))
-                  if signum is not None and signal.getsignal(signum) == signal.SIG_DFL]
-        for signum in others:
+        for signum in watched:
             signal.signal(signum, cls._handle)
         previous_hook = sys.unraisablehook
 
         def quiet_about_ctrl_c(unraisable):
-            # the swallowed interrupt's "Exception ignored in ... KeyboardInterrupt" traceback:
-            # the run stops at the next line and says "interrupted" once
+            # the swallowed signal's "Exception ignored in ... KeyboardInterrupt" traceback:
+            # the run stops at the next line and says once that it was stopped
             if not issubclass(unraisable.exc_type, KeyboardInterrupt):
                 previous_hook(unraisable)
 
@@ -131,9 +137,8 @@ class StopSignals:
             yield
         finally:
             sys.unraisablehook = previous_hook
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for signum in others:
-                signal.signal(signum, signal.SIG_DFL)
+            for signum, default in watched.items():
+                signal.signal(signum, default)
             cls.seen = 0   # (not left for a later run, in this thread or another)
 
     @classmethod
@@ -239,9 +244,11 @@ def _model_path(args, stack):
 def _load_model(path, weight_dtype="float32"):
     from attncore import models
     if not os.path.exists(path):
-        raise UserError(f"model directory {path!r} " + (
-            "is a symbolic link to nothing (broken, or a loop)" if os.path.islink(path)
-            else "does not exist"))
+        from pathlib import Path
+
+        from attncore.io import absent
+        raise UserError(absent(Path(path), f"model directory {path!r} does not exist",
+                               f"model directory {path!r}"))
     try:
         return models.load(path, weight_dtype=weight_dtype)
     except (ValueError, TypeError, OSError) as exc:
@@ -402,35 +409,46 @@ def _open_output(args):
         encoding = (getattr(sys.stdout, "encoding", None) or "").replace("-", "").lower()
         if encoding not in ("utf8", "") and hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(encoding="utf-8")
-        return contextlib.nullcontext(_NamedStdout(sys.stdout))
+        return contextlib.nullcontext(sys.stdout)
     if _same_file(args.output, input_file):
         raise UserError(f"output {args.output!r} is the input file: write to another file")
     return _LazyOutput(args.output)
 
 
+class _StdoutError(OSError):
+    """A write error of stdout (a full disk; not a reader going away), worded to name it."""
+
+    def __str__(self):
+        return str(self.strerror)
+
+
 class _NamedStdout:
-    """stdout for the output lines, whose write errors (not a reader going away) name it."""
+    """stdout while a command runs: its write errors name it (a ``print`` of ``attncore info``
+    on a full disk said "[Errno 28] No space left on device")."""
 
     def __init__(self, stream):
         self._stream = stream
 
-    def write(self, text: str) -> None:
+    def write(self, text: str) -> int:
         with self._errors_named():
-            self._stream.write(text)
+            return self._stream.write(text)
 
     def flush(self) -> None:
         with self._errors_named():
             self._stream.flush()
+
+    def __getattr__(self, name):   # (fileno, isatty, reconfigure, buffer, encoding...)
+        return getattr(self._stream, name)
 
     @staticmethod
     @contextlib.contextmanager
     def _errors_named():
         try:
             yield
-        except BrokenPipeError:
+        except (BrokenPipeError, _StdoutError):
             raise
         except OSError as exc:
-            raise UserError(f"cannot write to stdout: {exc.strerror}") from None
+            raise _StdoutError(exc.errno, f"cannot write to stdout: {exc.strerror}") from None
 
 
 def _file_number(stream):
@@ -491,6 +509,10 @@ def _run_lines(args):
     batching = batch.Batching(batch_size=1, window=1) if interactive else batch.Batching(
         batch_size=args.batch_size, max_tokens=args.max_tokens)
     with contextlib.ExitStack() as stack:
+        # (an overflowing model is a line's one-line error, from the outputs' finiteness
+        # check; NumPy's RuntimeWarnings on its way there would add lines to stderr)
+        import numpy as np
+        stack.enter_context(np.errstate(over="ignore", invalid="ignore", divide="ignore"))
         path = _model_path(args, stack)
         if args.dask is not None:
             from attncore import distributed, models
@@ -587,9 +609,11 @@ def _check_max_length(args, config):
 def _frontend(path):
     from attncore import batch
     if not os.path.exists(path):
-        raise UserError(f"model directory {path!r} " + (
-            "is a symbolic link to nothing (broken, or a loop)" if os.path.islink(path)
-            else "does not exist"))
+        from pathlib import Path
+
+        from attncore.io import absent
+        raise UserError(absent(Path(path), f"model directory {path!r} does not exist",
+                               f"model directory {path!r}"))
     try:
         return batch.Frontend.from_path(path)
     except (ValueError, TypeError, OSError) as exc:
@@ -763,7 +787,10 @@ def main(argv=None):
     """Run ``attncore ARGV``; returns the exit status."""
     if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
-    status = EXIT_ERROR
+    status = None   # (not yet known: a write error then is this run's only error)
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _NamedStdout(stdout)
     try:
         try:
             status = _main(argv)
@@ -778,9 +805,11 @@ def main(argv=None):
         return 141
     except OSError as exc:   # (stdout's last lines on a full disk, say)
         _discard_stdout()
-        if status == 0:   # (else the run's own error line has said it)
-            print(f"attncore: error: cannot write to stdout: {exc.strerror}", file=sys.stderr)
+        if status in (None, 0):   # (else the run's own error line has said it)
+            print(f"attncore: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        sys.stdout = stdout
 
 
 def _discard_stdout():
@@ -799,8 +828,9 @@ def _main(argv):
         return _bench(argv[1:])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:   # (the sub-command's error, under its name: argparse gave the top level's)
-        command = parser.commands.get(args.command, parser)
+    if unknown:   # (the sub-command's error, under its name, when it follows the command)
+        after = args.command in argv and unknown[0] in argv[argv.index(args.command) + 1:]
+        command = parser.commands[args.command] if after else parser
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:   # a usage error (argparse's status 2), so a script notices
         parser.print_help(sys.stderr)

@@ -130,7 +130,8 @@ def weight_spec(config: Mapping) -> WeightSpec:
 
 
 def check_weights(spec: WeightSpec, weights: Mapping[str, np.ndarray]) -> List[str]:
-    """Every difference between ``weights`` and ``spec`` as a list of messages (empty if none)."""
+    """The differences between ``weights`` and ``spec`` as a list of messages (empty if none):
+    at most :data:`MAX_PROBLEMS`, then one saying how many more there are."""
     problems = [f"missing tensor {name!r} (expected shape {list(shape)} {dtype})"
                 for name, (shape, dtype) in spec.items() if name not in weights]
     problems += [f"unexpected tensor {name!r}" for name in weights if name not in spec]
@@ -331,17 +332,22 @@ def not_there(path: Path) -> str:
     return "a directory" if path.is_dir() else "not a regular file"
 
 
+def absent(path: Path, missing: str, name: str) -> str:
+    """The problem of a file that cannot be read at ``path``: ``missing`` when there is nothing
+    there, else ``"<name> is <why>"`` (a directory, a broken link...)."""
+    why = not_there(path)
+    return missing if why == "missing" else f"{name} is {why}"
+
+
 def _read_config(directory: Path):
     if not directory.exists():
-        why = not_there(directory)
-        return None, ["path does not exist" if why == "missing" else f"path is {why}"]
+        return None, [absent(directory, "path does not exist", "path")]
     if not directory.is_dir():
         return None, ["not a directory (a model is a directory with config.json and model.safetensors)"]
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        why = not_there(config_path)
-        return None, [f"missing {CONFIG_FILE} (not an attncore model directory?)" if why == "missing"
-                      else f"{CONFIG_FILE} is {why}"]
+        return None, [absent(config_path, f"missing {CONFIG_FILE} (not an attncore model "
+                                          f"directory?)", CONFIG_FILE)]
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -391,9 +397,7 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
     weights_path = directory / WEIGHTS_FILE
     if config is not None:
         if not weights_path.is_file():
-            why = not_there(weights_path)
-            problems.append(f"missing {WEIGHTS_FILE}" if why == "missing"
-                            else f"{WEIGHTS_FILE} is {why}")
+            problems.append(absent(weights_path, f"missing {WEIGHTS_FILE}", WEIGHTS_FILE))
         else:
             try:
                 weights = load_file(str(weights_path))

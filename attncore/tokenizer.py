@@ -223,10 +223,9 @@ def load_tokenizer(directory, config: dict) -> Optional[Tokenizer]:
                              f"directory, got {name!r}")
         path = directory / name
         if not path.is_file():
-            from .io import not_there
-            why = not_there(path)
-            raise ValueError(f"config['tokenizer'][{side!r}]: " + (
-                f"missing file {str(path)!r}" if why == "missing" else f"{str(path)!r} is {why}"))
+            from .io import absent
+            raise ValueError(f"config['tokenizer'][{side!r}]: "
+                             + absent(path, f"missing file {str(path)!r}", repr(str(path))))
         try:
             vocab = load_vocab(path)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError,

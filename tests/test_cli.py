@@ -206,6 +206,7 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
      "attncore translate: error: unrecognized arguments: --no-such-option (see attncore "
      "translate --help)"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
+    (["--bogus", "info"], "attncore: error: unrecognized arguments: --bogus (see attncore --help)"),
     (["translate", "--weight-dtype", "int4"], "--weight-dtype: invalid choice: 'int4'"),
     (["generate", "--sample", "--beam", "2"], "--sample draws one sequence"),
     # checked before any line runs (they came back as an error of "line 1")
@@ -294,35 +295,40 @@ def test_output_write_errors_name_the_file(tmp_path):
                                    stdin="3 March 1998\n"), "--output is an empty path")
 
 
-def _buffered_env():
-    """The environment of a user's shell: stdout block-buffered, so its write errors show at
-    the final flush (``PYTHONUNBUFFERED``, set in some sandboxes, hides them)."""
+def _stdout_env(unbuffered):
+    """The environment of a user's shell, with stdout block-buffered (write errors show at the
+    final flush) or unbuffered (``PYTHONUNBUFFERED``, as many containers set: at each write)."""
     environ = subprocess_env()
     environ.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        environ["PYTHONUNBUFFERED"] = "1"
     return environ
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("args", [["translate", "--input", "in.txt"], ["info"], ["--help"],
-                                  ["translate", "--help"]])
-def test_stdout_write_errors_are_one_line(tmp_path, args):
-    # a full disk on stdout: a traceback, "Exception ignored", and exit 120
+                                  ["translate", "--help"], ["train", "--help"]])
+def test_stdout_write_errors_are_one_line(tmp_path, args, unbuffered):
+    # a full disk on stdout: a traceback, "Exception ignored", and exit 120; unbuffered,
+    # argparse swallowed the error of --help and exited 0
     (tmp_path / "in.txt").write_text("3 March 1998\n")
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-m", "attncore", *args], stdout=full,
-                              stderr=subprocess.PIPE, cwd=tmp_path, env=_buffered_env(),
+                              stderr=subprocess.PIPE, cwd=tmp_path, env=_stdout_env(unbuffered),
                               text=True, timeout=300)
     assert_user_error(proc, "cannot write to stdout: No space left on device")
 
 
+@pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("args", [["--help"], ["translate", "--help"], ["info"]])
-def test_a_closed_pipe_on_stdout_is_a_quiet_141_for_every_command(tmp_path, args):
+def test_a_closed_pipe_on_stdout_is_a_quiet_141_for_every_command(tmp_path, args, unbuffered):
     # ``attncore --help | true``: "Exception ignored ... BrokenPipeError" and exit 120
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         proc = subprocess.run([sys.executable, "-m", "attncore", *args], stdout=write_end,
-                              stderr=subprocess.PIPE, cwd=tmp_path, env=_buffered_env(),
+                              stderr=subprocess.PIPE, cwd=tmp_path, env=_stdout_env(unbuffered),
                               text=True, timeout=300)
     finally:
         os.close(write_end)
@@ -347,6 +353,8 @@ def test_stdout_appending_to_the_input_is_refused(tmp_path, how):
 _SIGNAL_AT_LINE_2 = """
 import signal, sys
 from attncore import batch, cli
+if sys.argv[2:] == ["SIGINT ignored"]:   # (a background job of a script: cmd &)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 plain_format, calls = batch.GenerateJob.format, []
 def format_then_signal(self, result, frontend):
     calls.append(1)
@@ -360,8 +368,9 @@ print(status, len(calls))
 """
 
 
-@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
-def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status):
+@pytest.mark.parametrize("name, status, how", [("SIGTERM", 143, ""), ("SIGHUP", 129, ""),
+                                               ("SIGTERM", 143, "SIGINT ignored")])
+def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status, how):
     # what timeout, systemd, Kubernetes and Slurm send: the run ended at once and said nothing,
     # leaving an output that looked complete
     import signal
@@ -369,8 +378,8 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status):
         pytest.skip(f"no {name} here")
     (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in SAMPLES) * 4)
     (tmp_path / "run.py").write_text(_SIGNAL_AT_LINE_2)
-    proc = subprocess.run([sys.executable, "run.py", name], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "run.py", name, how], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr   # (the script itself, not killed by the signal)
     assert proc.stdout.split() == [str(status), "2"]   # stopped before the next line
     assert proc.stderr.splitlines() == [f"attncore translate: stopped by {name}"]
@@ -568,8 +577,7 @@ def test_outputs_that_are_not_finite_are_the_error_of_their_line(tmp_path, encod
     stdin = "abc\nabc\nfed\nabc\n"
     for args in (["classify"], ["classify", "--scores"], ["encode"]):
         with np.errstate(all="ignore"):
-            proc = attncore_cli([*args, "--model", broken], tmp_path, stdin=stdin,
-                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            proc = attncore_cli([*args, "--model", broken], tmp_path, stdin=stdin)
         assert_user_error(proc, "line 3: ", "stopped there, the 2 lines before it were written")
         assert len(proc.stdout.splitlines()) == 2
 

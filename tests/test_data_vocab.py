@@ -159,7 +159,19 @@ def _set(key, value):
     # a Replace with a long content multiplied the text: 10^7 ids from 100 characters, and an
     # OOM kill at 1000
     (_set("normalizer", {"type": "Replace", "pattern": {"String": "a"}, "content": "t " * 500}),
-     "Replace pattern and content must be strings of at most 16"),
+     "is longer than what it replaces"),
+    # chained, or from an empty pattern (between every character), short ones grew it too:
+    # x2 (or x17) a step
+    (_set("normalizer", {"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}] * 12}),
+     "Replace content 'aa' is longer than what it replaces"),
+    (_set("normalizer", {"type": "Replace", "pattern": {"String": ""}, "content": "x"}),
+     "Replace pattern must hold 1 to 16 characters"),
+    (_set("normalizer", {"type": "Sequence", "normalizers": [{"type": "Lowercase"}] * 33}),
+     "Sequence must list at most 32 pieces"),
+    (_set("model", "BPE"), "tokenizer model must be BPE, got 'BPE'"),   # (an AttributeError)
+    (_set("normalizer", {"type": "Replace", "pattern": "a", "content": ""}),
+     "Replace needs a string or regex pattern"),
     # a backtracking regex: minutes a line, or a Rust panic that escapes ``except Exception``
     (_set("pre_tokenizer", {"type": "Split", "pattern": {"Regex": "(a+)+b"},
                             "behavior": "Isolated", "invert": False}),
@@ -215,3 +227,16 @@ def test_a_word_vocabulary_repeating_a_special_token_is_refused(tmp_path):
     data["tokens"] = data["tokens"][:5] + ["<eos>"] + data["tokens"][5:]
     with pytest.raises(ValueError, match=re.escape("repeats the special tokens ['<eos>']")):
         Vocab.from_dict(data)
+
+
+def test_bpe_training_refuses_a_normalizer_a_model_directory_could_not_hold(monkeypatch):
+    # it trained fully, then refused the result
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, normalizers
+    from attncore.data.bpe import BPEVocab
+    trained = []
+    monkeypatch.setattr(Tokenizer, "train_from_iterator",
+                        lambda self, *a, **k: trained.append(1), raising=False)
+    with pytest.raises(ValueError, match="normalizer 'BertNormalizer' is not supported"):
+        BPEVocab.train(["a b c"] * 5, vocab_size=30, normalizer=normalizers.BertNormalizer())
+    assert trained == []

@@ -148,12 +148,35 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 
 # -- progress bar and CLI ---------------------------------------------------------------------------
 
-def test_progress_bar_reports_loss_accuracy_and_tokens_per_second_on_stderr(tmp_path, capsys):
+def test_progress_bar_reports_loss_accuracy_and_tokens_per_second_on_a_terminal(tmp_path,
+                                                                              monkeypatch):
+    import io as text_io
+    import sys
+
+    class Terminal(text_io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train("copy", "transformer", tmp_path, steps=3, batch_size=8, task_options=TOY, progress=True,
+          **SMALL_TRANSFORMER)
+    err = terminal.getvalue()
+    assert "\r" in err and "3/3" in err   # (bar frames)
+    assert "loss=" in err and "acc=" in err and "tok_s=" in err
+    assert ": step 1/3: loss=" not in err   # (the log file's lines are not written there)
+
+
+def test_progress_lines_go_to_stderr_only(tmp_path, capsys, monkeypatch):
+    import sys
     train("copy", "transformer", tmp_path, steps=3, batch_size=8, task_options=TOY, progress=True,
           **SMALL_TRANSFORMER)
     captured = capsys.readouterr()
-    assert "loss=" in captured.err and "acc=" in captured.err and "tok_s=" in captured.err
-    assert "loss=" not in captured.out
+    assert "loss=" in captured.err and "loss=" not in captured.out
+    monkeypatch.setattr(sys, "stderr", None)   # (print(file=None) writes to stdout)
+    train("copy", "transformer", tmp_path / "b", steps=3, batch_size=8, task_options=TOY,
+          progress=True, **SMALL_TRANSFORMER)
+    assert "loss=" not in capsys.readouterr().out
 
 
 def test_a_log_file_gets_plain_lines_not_bar_frames(tmp_path, capsys):

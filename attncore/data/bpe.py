@@ -75,7 +75,10 @@ class BPEVocab:
         normalizer : tokenizers.normalizers.Normalizer, optional
             Applied to every text before pre-tokenisation, and saved with the vocabulary: a
             task that cleans its data (lower-casing...) passes the same cleaning here, so a
-            served model reads raw user text as training read the cleaned text.
+            served model reads raw user text as training read the cleaned text. One of the
+            pieces a model directory may hold (:func:`_check_pipeline`): Lowercase, Strip,
+            StripAccents, the NF* forms, Prepend, Replace that never lengthens the text, and
+            Sequences of them.
         """
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         if normalizer is not None:
@@ -83,6 +86,7 @@ class BPEVocab:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
         tok.decoder = decoders.Metaspace()
+        _check_pipeline(json.loads(tok.to_str()))   # (before training, not after it)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=False)
         tok.train_from_iterator(list(texts), trainer)
@@ -193,9 +197,10 @@ _REPLACE_MAX = 16
 
 def _check_pipeline(data: dict) -> None:
     """ValueError naming the first piece of a ``tokenizers`` JSON outside the allowed set."""
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"tokenizer model must be BPE, got {model.get('type')!r}")
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise ValueError(f"tokenizer model must be BPE, got "
+                         f"{model.get('type') if isinstance(model, dict) else model!r}")
     if model.get("dropout") not in (None, 0, 0.0):
         raise ValueError(f"tokenizer model has BPE dropout {model.get('dropout')!r}: encodings "
                          f"would change from call to call")
@@ -208,6 +213,13 @@ def _check_pipeline(data: dict) -> None:
         _check_piece(data.get(key), key, allowed)
 
 
+#: a Sequence's children, by the kind of piece
+_SEQUENCE_KEYS = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers",
+                  "decoder": "decoders"}
+#: the most pieces a Sequence may hold
+_SEQUENCE_MAX = 32
+
+
 def _check_piece(piece, where: str, allowed: set) -> None:
     if piece is None:
         return
@@ -216,20 +228,37 @@ def _check_piece(piece, where: str, allowed: set) -> None:
         raise ValueError(f"tokenizer {where} {kind!r} is not supported (supported: "
                          f"{', '.join(sorted(allowed))})")
     if kind == "Sequence":
-        children = piece.get("normalizers") or piece.get("pretokenizers") or \
-            piece.get("decoders") or []
+        children = piece.get(_SEQUENCE_KEYS[where])
+        if not isinstance(children, list) or len(children) > _SEQUENCE_MAX:
+            raise ValueError(f"tokenizer {where} Sequence must list at most {_SEQUENCE_MAX} "
+                             f"pieces")
         for child in children:
             _check_piece(child, where, allowed)
     elif kind == "Replace":
-        pattern = piece.get("pattern") or {}
-        text = pattern.get("String", pattern.get("Regex"))
-        if "Regex" in pattern and text not in _REGEXES:
-            raise ValueError(f"tokenizer {where} Replace regex {text!r} is not supported "
-                             f"(supported: {', '.join(sorted(_REGEXES))})")
-        if not isinstance(text, str) or len(text) > _REPLACE_MAX or \
-                len(str(piece.get("content", ""))) > _REPLACE_MAX:
-            raise ValueError(f"tokenizer {where} Replace pattern and content must be strings of "
-                             f"at most {_REPLACE_MAX} characters")
+        _check_replace(piece, where)
     elif kind == "Prepend" and len(str(piece.get("prepend", ""))) > _REPLACE_MAX:
         raise ValueError(f"tokenizer {where} Prepend text longer than {_REPLACE_MAX} characters")
+
+
+def _check_replace(piece: dict, where: str) -> None:
+    """A Replace never lengthens the text (chained ones grew it exponentially): a string
+    pattern of 1 to 16 characters by at most as many, the whitespace regex by at most one."""
+    pattern, content = piece.get("pattern"), piece.get("content")
+    text = pattern.get("String", pattern.get("Regex")) if isinstance(pattern, dict) else None
+    if not isinstance(text, str) or not isinstance(content, str):
+        raise ValueError(f"tokenizer {where} Replace needs a string or regex pattern and a "
+                         f"string content")
+    if "Regex" in pattern:
+        if text not in _REGEXES:
+            raise ValueError(f"tokenizer {where} Replace regex {text!r} is not supported "
+                             f"(supported: {', '.join(sorted(_REGEXES))})")
+        longest = 1
+    else:
+        longest = len(text)
+        if not 1 <= len(text) <= _REPLACE_MAX:
+            raise ValueError(f"tokenizer {where} Replace pattern must hold 1 to {_REPLACE_MAX} "
+                             f"characters")
+    if len(content) > longest:
+        raise ValueError(f"tokenizer {where} Replace content {content!r} is longer than what "
+                         f"it replaces: text could grow without bound")
 

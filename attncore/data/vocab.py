@@ -219,7 +219,7 @@ class Vocab:
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ValueError("a vocabulary's 'tokens' must be a list of strings")
-        # (the file's tokens are not echoed: a message can travel further than the file)
+        # (its start is not echoed: a message can travel further than the file)
         if list(tokens[:4]) != list(SPECIAL_TOKENS):
             raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
         repeated = sorted(set(SPECIAL_TOKENS) & set(tokens[4:]))

@@ -22,7 +22,9 @@ cdef extern from *:
        such a child; it only stores an int, as a handler between fork and exec must. */
     static volatile int ac_team_may_exist = 0;
     static volatile int ac_forked_after_team = 0;
-    #if defined(_OPENMP) && !defined(_WIN32)
+    /* (GCC's libgomp only: LLVM's and Intel's runtimes start their threads again in a forked
+       child themselves) */
+    #if defined(_OPENMP) && !defined(_WIN32) && defined(__GNUC__) && !defined(__clang__)
     #include <pthread.h>
     static void ac_after_fork_in_child(void) {
         if (ac_team_may_exist) ac_forked_after_team = 1;
@@ -31,7 +33,7 @@ cdef extern from *:
         return pthread_atfork(NULL, NULL, ac_after_fork_in_child);
     }
     #else
-    static int ac_watch_forks(void) { return 0; }  /* no OpenMP pool, or no fork */
+    static int ac_watch_forks(void) { return 0; }  /* no GNU OpenMP pool, or no fork */
     #endif
     static void ac_note_team(void) { ac_team_may_exist = 1; }
     static int ac_forked_after_team_started(void) { return ac_forked_after_team; }

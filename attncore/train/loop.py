@@ -255,7 +255,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     terminal = sys.stderr is not None and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=start_step, file=sys.stderr, disable=not (progress and terminal),
                desc=description, dynamic_ncols=True, leave=True)
-    log_every = max(1, steps // 20) if progress and not terminal else 0
+    log_every = max(1, steps // 20) if progress and sys.stderr is not None and not terminal else 0
     smoothed_loss, smoothed_accuracy = None, None
     try:
         for step in range(start_step + 1, steps + 1):
@@ -296,7 +296,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             last = step == steps
             if eval_fn is not None and ((eval_every and step % eval_every == 0) or last):
                 result.evaluations.append({"step": step, **_evaluate(model, eval_fn, step)})
-                if progress:
+                if progress and sys.stderr is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in result.evaluations[-1].items() if k != "step"),
                               file=sys.stderr)
@@ -579,6 +579,10 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     model = build_model(arch, len(src_vocab), len(tgt_vocab) if tgt_vocab is not None else len(src_vocab), seed=seed,
                         num_classes=len(task.labels) if classification else 0, **model_options)
     _check_lengths(task, model, arch, classification)
+    # the engine's bounds on the exported config (layer counts, a sinusoidal table's size),
+    # before training rather than at export
+    from attncore import io
+    io.weight_spec(model.config.to_dict())
 
     def make_loss(smoothing):
         if arch == "ran-lm":
