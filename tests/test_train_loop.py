@@ -569,3 +569,12 @@ def test_validation_reports_the_plain_cross_entropy_too(tmp_path, smoothing):
             plain, counted = plain + float(loss.data) * n, counted + n
     assert last["valid_nll"] == pytest.approx(plain / counted, rel=1e-5)
     assert (last["valid_loss"] == last["valid_nll"]) == (smoothing == 0.0)
+
+
+def test_the_engines_bounds_are_checked_before_training(tmp_path):
+    # 4097 layers trained to the end and wrote a checkpoint, then failed at export
+    options = dict(SMALL_TRANSFORMER, num_encoder_layers=4097)
+    with pytest.raises(ValueError, match=r"num_encoder_layers must lie in \[0, 4096\]"):
+        train("copy", "transformer", tmp_path, steps=1, batch_size=8, task_options=TOY,
+              progress=False, **options)
+    assert not (tmp_path / "checkpoint").exists()
