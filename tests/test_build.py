@@ -502,3 +502,27 @@ def test_source_distribution_carries_the_suite_and_the_docs(tmp_path):
     missing = sorted(set(tracked) - inside - {".gitignore", ".ci/run"})
     assert not missing, missing
     assert not [name for name in inside if name.endswith((".so", ".pyc"))]
+
+
+def test_the_package_imports_on_the_oldest_python_it_claims():
+    """pyproject says Python >= 3.9, where ``bool | None`` in an annotation is evaluated at
+    import and fails (attncore.kernels.attention did, so nothing imported there). Every module
+    either defers its annotations (``from __future__ import annotations``) or spells them
+    without PEP 604 unions, and parses as 3.9 syntax."""
+    import ast
+    import pathlib
+    package = pathlib.Path(attncore.__file__).parent
+    problems = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
+        if any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
+               and any(alias.name == "annotations" for alias in node.names) for node in tree.body):
+            continue
+        annotations = [node.annotation for node in ast.walk(tree)
+                       if isinstance(node, (ast.arg, ast.AnnAssign)) and node.annotation]
+        annotations += [node.returns for node in ast.walk(tree)
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns]
+        problems += [f"{path.name}:{a.lineno}: {ast.unparse(a)}" for a in annotations
+                     if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr)
+                            for n in ast.walk(a))]
+    assert not problems, problems

@@ -70,7 +70,7 @@ DECODE_CHUNK = 256
 
 
 def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KERNEL,
-                tile_products: bool | None = None, causal: bool = False):
+                tile_products: "bool | None" = None, causal: bool = False):
     """(block_q, block_k) of the flash path for this head_dim (see the comment above); the
     tiles depend on the shape and the kernels of the process only, never on the thread count.
     tile_products: whether the tile kernel runs the products (default: USE_TILE_PRODUCTS)."""
