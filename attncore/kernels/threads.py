@@ -28,7 +28,15 @@ import warnings
 from . import _threads
 
 _state = {"default": None}
-_local = threading.local()
+class _ThreadBudget(threading.local):
+    """This Python thread's ``num_threads(n)`` override (None: the process-wide count). A class
+    default, so that reading it when unset is a plain attribute lookup: ``getattr(local, name,
+    None)`` raised and caught an AttributeError on every kernel call (0.4 us)."""
+
+    num_threads = None
+
+
+_local = _ThreadBudget()
 
 
 def _default_num_threads():
@@ -152,7 +160,7 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call in this Python thread will use."""
-    n = getattr(_local, "num_threads", None)
+    n = _local.num_threads
     if n is None:
         if _state["default"] is None:
             _state["default"] = _default_num_threads()
@@ -192,7 +200,7 @@ def num_threads(n):
     ...     out = attncore.attention(q, k, v)
     """
     n = _check_count(n)
-    previous = getattr(_local, "num_threads", None)
+    previous = _local.num_threads
     _local.num_threads = n if _threads.openmp_enabled() else 1
     try:
         yield n
