@@ -7,7 +7,7 @@
     attncore encode [...]      input lines -> encoder vectors as JSON lines
     attncore classify [...]    input lines -> class labels (or ids)
     attncore demo              run the kernels on a small batch and check them against NumPy
-    attncore info              version, OpenMP, threads, BLAS, SIMD level
+    attncore info              version, OpenMP, threads, usable CPUs, SIMD level, BLAS
     attncore train ...         the bundled NumPy trainer (see ``attncore train --help``)
     attncore bench [kernels|models] [...]   bench/kernels.py and bench/models.py
 
@@ -688,7 +688,7 @@ def _add_model_options(parser, *, lines=True, generates=True):
                         help="map text tokens missing from the vocabulary to <unk> instead of "
                              "refusing the line")
     parser.add_argument("--threads", type=thread_count, default=None,
-                        help="kernel threads (default: OMP_NUM_THREADS or every usable CPU)")
+                        help="kernel threads (default: OMP_NUM_THREADS, else every usable CPU within a CPU quota)")
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16", "int8"),
                         default="float32",
                         help="bfloat16: weight matrices rounded to bfloat16, half the bytes per "

@@ -197,7 +197,8 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     Raises
     ------
     ValueError
-        Listing every mismatch between ``weights`` and the spec; nothing is written then.
+        Listing the mismatches between ``weights`` and the spec (at most ``MAX_PROBLEMS``, then a
+        count); nothing is written then.
     """
     from safetensors.numpy import save_file
 
@@ -384,10 +385,10 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
     Raises
     ------
     ValueError
-        Naming ``path`` and listing *all* problems found: not a directory, missing or invalid
-        config, unknown format version or architecture, missing hyper-parameters, missing or
-        unreadable (truncated, corrupt) weights file, and every missing, unexpected,
-        wrongly shaped or wrongly typed tensor.
+        Naming ``path`` and listing the problems found (at most ``MAX_PROBLEMS``, then a
+        count): not a directory, missing or invalid config, unknown format version or
+        architecture, missing hyper-parameters, missing or unreadable (truncated, corrupt)
+        weights file, and missing, unexpected, wrongly shaped or wrongly typed tensors.
     """
     from safetensors.numpy import load_file
 

@@ -71,7 +71,7 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     training.add_argument("--overwrite", action="store_true",
                           help="start from step 0 even when OUT/checkpoint holds a checkpoint")
-    training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    training.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     training.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                           help="task option, e.g. --task-option num_train=2000 (repeatable)")
     model = parser.add_argument_group(

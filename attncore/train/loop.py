@@ -3,7 +3,8 @@
 :func:`fit` is model-agnostic: it draws batches from a :class:`BatchStream`, computes a loss with
 a *loss function* ``loss_fn(model, batch) -> (loss Tensor, correct, counted)``, back-propagates,
 clips the global gradient norm, steps the optimiser with the scheduled learning rate, shows a
-tqdm progress bar on stderr (loss, accuracy, tokens/s), calls an evaluation callback every
+tqdm progress bar on a terminal's stderr, or about 20 plain lines when stderr is a file (loss,
+accuracy, tokens/s), calls an evaluation callback every
 ``eval_every`` steps, and writes resumable checkpoints.
 
 :func:`train` builds a task (:func:`attncore.data.get_task`), a model for ``arch``
