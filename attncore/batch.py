@@ -25,8 +25,8 @@ the full output, never a silently truncated or reordered one.
 Threads
 -------
 One batch runs at a time, and the kernels inside it use every core (``attncore``'s thread budget,
-``--threads`` / ``OMP_NUM_THREADS``; the default is the CPUs this process may use, capped by a cgroup CPU quota). Chosen over
-"N worker processes x 1 thread" because:
+``--threads`` / ``OMP_NUM_THREADS``; the default is the CPUs this process may use, capped by a
+cgroup CPU quota). Chosen over "N worker processes x 1 thread" because:
 
 * every kernel on the decode path is OpenMP-parallel over batch rows (and heads), and a batch of
   tens of sources gives each core whole rows to work on, so one batch keeps the cores busy;

@@ -688,7 +688,8 @@ def _add_model_options(parser, *, lines=True, generates=True):
                         help="map text tokens missing from the vocabulary to <unk> instead of "
                              "refusing the line")
     parser.add_argument("--threads", type=thread_count, default=None,
-                        help="kernel threads (default: OMP_NUM_THREADS, else every usable CPU within a CPU quota)")
+                        help="kernel threads (default: OMP_NUM_THREADS, else every usable CPU "
+                             "within a CPU quota)")
     parser.add_argument("--weight-dtype", choices=("float32", "bfloat16", "int8"),
                         default="float32",
                         help="bfloat16: weight matrices rounded to bfloat16, half the bytes per "

@@ -28,6 +28,8 @@ import warnings
 from . import _threads
 
 _state = {"default": None}
+
+
 class _ThreadBudget(threading.local):
     """This Python thread's ``num_threads(n)`` override (None: the process-wide count). A class
     default, so that reading it when unset is a plain attribute lookup: ``getattr(local, name,
