@@ -226,10 +226,29 @@ def _bench(argv):
         wanted = " and ".join(f"bench/{name}.py" for name in chosen)
         print(f"attncore bench: {wanted} not found in this installation", file=sys.stderr)
         return EXIT_USAGE
-    status = 0
     for script in present:
-        status = max(status, subprocess.call([sys.executable, script] + argv))
-    return status
+        status = _run_script([sys.executable, script] + argv)
+        if status:   # (the next script would run its whole benchmark before failing the same way)
+            return status
+    return 0
+
+
+def _run_script(command) -> int:
+    """``command``'s exit status, 128 + the signal's number when a signal ended it (a negative
+    return code, e.g. the OOM killer's SIGKILL, was taken as success). A signal that stops this
+    process (Ctrl-C, SIGTERM) stops the script too, then is reported as this command's."""
+    process = subprocess.Popen(command)
+    try:
+        with StopSignals.watching():
+            status = process.wait()
+    except KeyboardInterrupt:
+        process.terminate()   # (Ctrl-C reached it too, from the terminal; SIGTERM did not)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    return 128 - status if status < 0 else status
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -786,6 +805,14 @@ _COMMANDS = {"translate": _run_lines, "generate": _run_lines, "encode": _run_lin
 
 def main(argv=None):
     """Run ``attncore ARGV``; returns the exit status."""
+    return run_command(_main, argv)
+
+
+def run_command(function, *args):
+    """Run a command's ``function(*args)`` (returning its exit status) as every attncore command
+    runs (``attncore``, ``python -m attncore.train.cli``, ``python -m attncore.train.evaluate``):
+    stdout's write errors are one line naming it and exit 1, a reader going away is a quiet
+    141, and argparse's exits (``--help``, usage errors) pass through the same handling."""
     if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
     status = None   # (not yet known: a write error then is this run's only error)
@@ -794,7 +821,7 @@ def main(argv=None):
         sys.stdout = _NamedStdout(stdout)
     try:
         try:
-            status = _main(argv)
+            status = function(*args)
         except SystemExit as exc:   # (argparse's --help and usage errors: stdout still to flush)
             status = exc.code
         if sys.stdout is not None:
@@ -826,7 +853,10 @@ def _main(argv):
         from attncore.train.cli import main as train_main
         return train_main(argv[1:])
     if argv and argv[0] == "bench":
-        return _bench(argv[1:])
+        try:
+            return _bench(argv[1:])
+        except KeyboardInterrupt as exc:
+            return (exc if isinstance(exc, Stopped) else Stopped()).report("attncore bench")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:   # (the sub-command's error, under its name, when it follows the command)

@@ -8,7 +8,27 @@ import time
 
 import numpy as np
 
+from attncore.cli import OneLineErrorParser  # noqa: F401  (one-line usage errors, as attncore's)
 from attncore.cli import thread_count  # noqa: F401  (the one --threads type, for the scripts)
+
+
+def run_main(main):
+    """Run a bench script's ``main()`` as attncore's commands run: stdout's write errors are one
+    line, a closed pipe a quiet 141, Ctrl-C "interrupted" (130) and SIGTERM "stopped by
+    SIGTERM" (143), never a traceback. Exits with the status."""
+    import sys
+
+    from attncore.cli import Stopped, StopSignals, run_command
+    name = os.path.basename(sys.argv[0])
+
+    def guarded():
+        try:
+            with StopSignals.watching():
+                main()
+        except KeyboardInterrupt as exc:
+            return (exc if isinstance(exc, Stopped) else Stopped()).report(name)
+        return 0
+    sys.exit(run_command(guarded))
 
 
 def best_time(fn, repeats=5, min_time=0.2, warmup=1):

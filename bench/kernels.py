@@ -16,7 +16,6 @@ no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decod
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
 """
-import argparse
 import resource
 import subprocess
 import sys
@@ -258,7 +257,7 @@ SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = H.OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--threads", type=H.thread_count, nargs="+", default=[1, 2])
     parser.add_argument("--no-torch", action="store_true",
@@ -325,4 +324,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    H.run_main(main)

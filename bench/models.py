@@ -29,7 +29,6 @@ families, the script runs each in a process of its own: torch's eager speed depe
 before it in a process (its batch-1 seq2seq ran 2.7x slower after the Transformer and
 CTranslate2 rows), and a ratio should not measure that.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -40,8 +39,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (best_time, best_times_interleaved, machine_description,  # noqa: E402
-                      set_threads, thread_count, try_import_torch)
+from _harness import (OneLineErrorParser, best_time, best_times_interleaved,  # noqa: E402
+                      machine_description, run_main, set_threads, thread_count, try_import_torch)
 
 import attncore  # noqa: E402
 from attncore import io  # noqa: E402
@@ -423,7 +422,7 @@ def bench_ran(threads_list, lengths, quick, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2])
     parser.add_argument("--only", nargs="+", choices=["transformer", "seq2seq", "ran"],
                         default=["transformer", "seq2seq", "ran"])
@@ -443,8 +442,8 @@ def main(argv=None):
         for family in args.only:
             status = subprocess.call([sys.executable, os.path.abspath(__file__), "--only", family,
                                       *common])
-            if status:
-                raise SystemExit(status)
+            if status:   # (a signal's negative code: 128 + its number, as a shell says)
+                raise SystemExit(128 - status if status < 0 else status)
         return []
     torch = None if args.no_torch else try_import_torch()
     print(f"machine: {machine_description(with_torch=not args.no_torch)}")
@@ -479,4 +478,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -780,10 +780,25 @@ def test_bench_with_an_unknown_option_fails_with_the_scripts_usage(tmp_path):
 ])
 def test_bench_option_values_are_usage_errors_not_tracebacks(tmp_path, args, fragment):
     # --threads 0 ended in set_num_threads' traceback after the header had printed, and
-    # --beam 2000 after every model was built
+    # --beam 2000 after every model was built; then argparse's usage block came with the line
     proc = attncore_cli(["bench", *args], tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert fragment in proc.stderr
+    assert_user_error(proc, fragment, code=2)
+
+
+def test_bench_stops_at_the_first_script_that_fails(tmp_path):
+    # an option only models.py takes: kernels.py refused it, then the whole model benchmark ran
+    proc = attncore_cli(["bench", "--beam", "2", "--quick", "--threads", "1", "--no-torch"],
+                        tmp_path)
+    assert_user_error(proc, "kernels.py: error: unrecognized arguments: --beam 2", code=2)
+    assert proc.stdout == ""
+
+
+def test_a_benchmark_ended_by_a_signal_is_not_a_success():
+    # the OOM killer's SIGKILL gave a return code of -9, which max(0, -9) made exit 0
+    from attncore import cli
+    command = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert cli._run_script(command) == 128 + 9
+    assert cli._run_script([sys.executable, "-c", "raise SystemExit(3)"]) == 3
 
 
 def test_bench_token_agreement_counts_missing_tokens_as_disagreement():

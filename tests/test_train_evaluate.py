@@ -230,3 +230,47 @@ def test_engine_decodings_write_a_stray_pad_or_bos_as_the_trainer_greedy_does(mo
     monkeypatch.setattr(attncore, "load", lambda path: Engine())
     got = engine_decode_texts("unused", task, ["a"], max_len=8)
     assert got == [_text(task, row + [2], 2)] and "<pad>" in got[0] and "<bos>" in got[0]
+
+
+def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
+    # a bad vocabulary file was a 15-line traceback; a load error took two lines
+    import shutil
+    _, out = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "src_vocab.json").write_text("[1, 2]")
+    for args, fragment in (([str(broken)], "src_vocab.json"),
+                           ([str(tmp_path / "nowhere"), "--task", "copy"], "path does not exist"),
+                           ([str(out), "--errors", "-1"], "--errors must be >= 0")):
+        with pytest.raises(SystemExit) as info:
+            evaluate_main(args)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+_EVALUATE_SIGNALLED = """
+import signal, sys
+from attncore.train import evaluate
+def exact_match(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    raise AssertionError("not stopped")
+evaluate.exact_match = exact_match
+print(evaluate.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_evaluate_with_one_line(trained, tmp_path):
+    # Ctrl-C printed a traceback, SIGTERM ended it silently
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    _, out = trained
+    (tmp_path / "run.py").write_text(_EVALUATE_SIGNALLED)
+    options = [f"--task-option={k}={v}" for k, v in TOY.items()]
+    proc = subprocess.run([sys.executable, "run.py", str(out), "--task", "copy", *options],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "143"), proc.stderr
+    assert proc.stderr.splitlines() == ["python -m attncore.train.evaluate: stopped by SIGTERM"]

@@ -578,3 +578,44 @@ def test_the_engines_bounds_are_checked_before_training(tmp_path):
         train("copy", "transformer", tmp_path, steps=1, batch_size=8, task_options=TOY,
               progress=False, **options)
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_resume_without_the_readable_state_copy_still_resumes(tmp_path):
+    # the state is in the weights file; without trainer_state.json the run started over from
+    # step 0 and overwrote the checkpoint
+    uninterrupted, _ = _fit(tmp_path / "a", 12)
+    _fit(tmp_path / "b", 5, checkpoint_every=5)
+    (tmp_path / "b" / "checkpoint" / "trainer_state.json").unlink()
+    resumed, _ = _fit(tmp_path / "b", 12, resume=True)
+    for name, value in uninterrupted.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[name], value, err_msg=name)
+
+
+def test_training_into_a_model_directory_needs_overwrite(tmp_path):
+    # a shipped model (no checkpoint) was replaced without a word
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a model: train into another directory, or "
+                                         r"replace it \(--overwrite\)"):
+        train("copy", "transformer", tmp_path, steps=1, batch_size=8, task_options=TOY,
+              progress=False, **SMALL_TRANSFORMER)
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("error, fragment", [
+    (MemoryError("Unable to allocate 2.13 PiB"), "out of memory (Unable to allocate 2.13 PiB)"),
+    ("safetensors", "cannot write the model or its checkpoint: No space left on device"),
+])
+def test_train_memory_and_write_errors_are_one_line(monkeypatch, capsys, error, fragment):
+    # tracebacks of 36 and 25 lines
+    from attncore.train import loop
+    if error == "safetensors":
+        from safetensors import SafetensorError
+        error = SafetensorError("No space left on device")
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "train", failing)
+    assert cli_main(["copy", "--arch", "transformer", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"attncore train: error: {fragment}"]

@@ -71,9 +71,9 @@ def read_checkpoint(directory) -> Tuple[dict, dict]:
 
     directory = Path(directory)
     state_path, weights_path = directory / CHECKPOINT_STATE, directory / CHECKPOINT_WEIGHTS
-    if not state_path.is_file() or not weights_path.is_file():
+    if not weights_path.is_file():   # (the state copy alone may be gone: the weights hold it)
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory "
-                         f"(needs {CHECKPOINT_STATE} and {CHECKPOINT_WEIGHTS})")
+                         f"(needs {CHECKPOINT_WEIGHTS})")
     try:   # (one read of the file: its tensors and the state in its metadata)
         with safe_open(str(weights_path), framework="numpy") as handle:
             embedded = (handle.metadata() or {}).get(_STATE_METADATA)
@@ -83,7 +83,11 @@ def read_checkpoint(directory) -> Tuple[dict, dict]:
     if embedded is not None:   # the state written with these weights (see the module doc)
         state_path, text = weights_path, embedded
     else:
-        text = state_path.read_bytes()
+        try:
+            text = state_path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read the trainer state {str(state_path)!r}: "
+                             f"{error.strerror}") from None
     try:
         state = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:

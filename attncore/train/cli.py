@@ -155,6 +155,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         # (TypeError: a task option the task does not take, or of the wrong type)
         print(f"attncore train: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError as exc:   # (a traceback before; numpy's names the allocation)
+        print(f"attncore train: error: out of memory ({exc})", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # safetensors' own error type (not an OSError) for a checkpoint or an export that
+        # cannot be written, such as on a full disk: a traceback before
+        if type(exc).__module__.split(".")[0] != "safetensors":
+            raise
+        print(f"attncore train: error: cannot write the model or its checkpoint: {exc}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:   # (a traceback; the last checkpoint stays valid)
         return (exc if isinstance(exc, Stopped) else Stopped()).report(
             "attncore train", "--resume continues from the last checkpoint, if "
@@ -166,4 +177,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from attncore.cli import run_command
+    sys.exit(run_command(main))

@@ -249,7 +249,19 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from attncore.cli import OneLineErrorParser   # one-line errors, as every attncore command
+    """Run the evaluation command; returns the exit status. Ctrl-C and SIGTERM stop it as they
+    stop every attncore command (one line, 130 / 143)."""
+    from attncore.cli import Stopped, StopSignals
+    try:
+        with StopSignals.watching():
+            return _main(argv)
+    except KeyboardInterrupt as exc:
+        return (exc if isinstance(exc, Stopped) else Stopped()).report(
+            "python -m attncore.train.evaluate")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from attncore.cli import OneLineErrorParser, _one_line   # one-line errors, as every command
     parser = OneLineErrorParser(prog="python -m attncore.train.evaluate",
                                      description="Greedy-decoding exact match of a model directory on a task split "
                                                  "(inputs the task marks ambiguous are left out).")
@@ -271,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="decode with the inference engine, beam search of this width (default: the "
                              "trainer's greedy decoder)")
     args = parser.parse_args(argv)
+    if sys.stdout is None:   # (started with stdout closed: the result went nowhere, exit 0)
+        parser.error("stdout is closed: the result has nowhere to go")
+    if args.errors < 0:   # (-1 printed all wrong decodings but one)
+        parser.error(f"--errors must be >= 0, got {args.errors}")
 
     from attncore.data import get_task
     from .cli import parse_task_options
@@ -295,12 +311,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:   # (a bad task option, file or model directory: one line, not a traceback)
         task = get_task(args.task, seed=args.seed, **options)
         model = load_model(args.model_dir)
+        problem = _misfit(model, task) or _vocabulary_misfit(args.model_dir, task)
     except KeyError as exc:
         parser.error(exc.args[0] if exc.args else str(exc))
     except (ValueError, TypeError, OSError, ImportError) as exc:
-        parser.error(str(exc))
+        parser.error(_one_line(exc))
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
-    problem = _misfit(model, task) or _vocabulary_misfit(args.model_dir, task)
     if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
         parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
                      f"trained on another task, or with other --task-option or --seed values?)")
@@ -309,7 +325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result = classification_accuracy(model, task, args.split,
                                              batch_size=min(args.batch_size, 16), n=args.n)
         except ValueError as exc:   # (e.g. documents past a Transformer's position table)
-            parser.error(f"{args.model_dir} on {args.task!r}: {exc}")
+            parser.error(f"{args.model_dir} on {args.task!r}: {_one_line(exc)}")
         if args.json:
             print(json.dumps({**head, **result}))
         else:
@@ -327,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                batch_size=args.batch_size, return_details=True,
                                                decode=decode)
     except ValueError as exc:   # (e.g. sources past a Transformer's position table)
-        parser.error(f"{args.model_dir} on {args.task!r}: {exc}")
+        parser.error(f"{args.model_dir} on {args.task!r}: {_one_line(exc)}")
     wrong = [d for d in details if d[1] != d[2]]
     decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
     score = {}
@@ -346,4 +362,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from attncore.cli import run_command
+    sys.exit(run_command(main))

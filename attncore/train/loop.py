@@ -31,7 +31,7 @@ import numpy as np
 from attncore.data.task import is_classification
 
 from . import autograd as ag
-from .checkpoint import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_WEIGHTS, load_checkpoint, save_checkpoint
 from .export import export
 from .optim import Adam, clip_grad_norm, make_schedule
 
@@ -227,7 +227,9 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     from tqdm.auto import tqdm
 
     start_step = 0
-    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_STATE).is_file():
+    # (the weights file holds the state; trainer_state.json is its readable copy, and a run
+    # whose copy was gone started over from step 0, overwriting the checkpoint)
+    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
         saved = (state.get("extra") or {}).get("data_options")
         if isinstance(saved, dict) and isinstance(saved.get("task_options"), dict):
@@ -564,6 +566,11 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
         raise ValueError(f"{str(out_dir / 'checkpoint')!r} holds a checkpoint: resume it "
                          f"(--resume), start over (--overwrite), or train into another "
                          f"directory")
+    if not overwrite and (out_dir / "config.json").exists() and \
+            not (out_dir / "checkpoint" / CHECKPOINT_WEIGHTS).is_file():
+        # (a model without a checkpoint, such as a shipped one, was replaced without a word)
+        raise ValueError(f"{str(out_dir)!r} holds a model: train into another directory, or "
+                         f"replace it (--overwrite)")
     if min_lr > lr:   # (the cosine and linear schedules then raised the rate towards min_lr)
         raise ValueError(f"min_lr ({min_lr}) must be <= lr ({lr})")
     if isinstance(task, str):
