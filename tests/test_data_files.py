@@ -51,6 +51,11 @@ def test_tab_files_name_the_line_that_is_not_two_fields(tmp_path):
         read_tab_file(path)
     with pytest.raises(FileNotFoundError, match="valid: no file"):
         read_tab_file(tmp_path / "absent.tsv", "valid")
+    # a directory or a device was "no file" too
+    with pytest.raises(FileNotFoundError, match="train: '.*' is a directory"):
+        read_tab_file(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="train: '/dev/null' is not a regular file"):
+        read_tab_file("/dev/null", "train")
 
 
 def test_pairs_splits_and_vocabularies(tmp_path):

@@ -619,3 +619,14 @@ def test_train_memory_and_write_errors_are_one_line(monkeypatch, capsys, error, 
     assert cli_main(["copy", "--arch", "transformer", "--out", "unused"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"attncore train: error: {fragment}"]
+
+
+def test_resuming_a_finished_run_reports_its_step(tmp_path, capsys):
+    # a checkpoint already at --steps printed {"steps": null, ...}
+    args = ["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), "--steps", "3",
+            "--batch-size", "8", "--hidden-size", "8", "--embed-dim", "4", "--no-progress",
+            "--task-option", "num_train=200", "--task-option", "max_len=4"]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    assert cli_main(args + ["--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3

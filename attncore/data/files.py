@@ -62,8 +62,13 @@ def read_tab_file(path, argument: str = "file") -> List[Tuple[str, str]]:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{argument} must be a file path, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{argument}: no file {os.fspath(path)!r}")
+    if not os.path.isfile(path):   # (a directory, a FIFO or /dev/null was "no file" too)
+        from pathlib import Path
+
+        from ..io import absent
+        raise FileNotFoundError(f"{argument}: " + absent(Path(path), f"no file "
+                                                         f"{os.fspath(path)!r}",
+                                                         repr(os.fspath(path))))
     where = f"{argument} {os.fspath(path)!r}"
     rows = []
     with open(path, "rb") as f:

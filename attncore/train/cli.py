@@ -170,7 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return (exc if isinstance(exc, Stopped) else Stopped()).report(
             "attncore train", "--resume continues from the last checkpoint, if "
             "--checkpoint-every wrote one")
-    last = result.history[-1] if result.history else {}
+    # (a resumed run that had no step left to take: the checkpoint's step, not null)
+    last = result.history[-1] if result.history else {"step": result.start_step}
     print(json.dumps({"out": str(args.out), "steps": last.get("step"), "loss": last.get("loss"),
                       "accuracy": last.get("accuracy"), "evaluations": result.evaluations[-1:]}))
     return 0

@@ -182,10 +182,12 @@ class TrainResult:
 
     history : one dict per step: step, loss, accuracy, lr, grad_norm, tokens
     evaluations : one dict per evaluation: step plus whatever ``eval_fn`` returned
+    start_step : the step a resumed run started after (0 for a new run)
     """
 
     history: List[dict] = field(default_factory=list)
     evaluations: List[dict] = field(default_factory=list)
+    start_step: int = 0
 
 
 def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: int, *,
@@ -252,7 +254,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
                              f"{start_step}, past the {steps} steps asked for")
         batches.epoch, batches.batch_index, batches._iterator = state["epoch"], state["batch_index"], None
 
-    result = TrainResult()
+    result = TrainResult(start_step=start_step)
     model.train()
     # A log file (stderr not a terminal) gets plain lines, about 20 a run, not bar frames.
     terminal = sys.stderr is not None and sys.stderr.isatty()
