@@ -143,6 +143,11 @@ def test_models_trained_on_your_files_serve_raw_text(tmp_path):
           dim_feedforward=32, num_encoder_layers=1)
     classifier = attncore.load(tmp_path / "c")
     assert classifier.config["labels"] == ["neg", "pos"]
+    # evaluate --beam on a classifier was ignored silently
+    from attncore.train.evaluate import main as evaluate_main
+    with pytest.raises(SystemExit) as info:
+        evaluate_main([str(tmp_path / "c"), "--beam", "4"])
+    assert info.value.code == 2
 
 
 def test_cli_trains_on_a_file_and_names_a_bad_line(tmp_path):

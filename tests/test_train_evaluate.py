@@ -241,7 +241,8 @@ def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
     (broken / "src_vocab.json").write_text("[1, 2]")
     for args, fragment in (([str(broken)], "src_vocab.json"),
                            ([str(tmp_path / "nowhere"), "--task", "copy"], "path does not exist"),
-                           ([str(out), "--errors", "-1"], "--errors must be >= 0")):
+                           ([str(out), "--errors", "-1"], "--errors must be >= 0"),
+                           ([str(out), "--seed", "-1"], "--seed must be >= 0")):
         with pytest.raises(SystemExit) as info:
             evaluate_main(args)
         assert info.value.code == 2

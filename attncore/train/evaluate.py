@@ -287,6 +287,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         parser.error("stdout is closed: the result has nowhere to go")
     if args.errors < 0:   # (-1 printed all wrong decodings but one)
         parser.error(f"--errors must be >= 0, got {args.errors}")
+    if args.seed is not None and args.seed < 0:   # (the task's message did not name --seed)
+        parser.error(f"--seed must be >= 0, got {args.seed}")
 
     from attncore.data import get_task
     from .cli import parse_task_options
@@ -321,6 +323,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
                      f"trained on another task, or with other --task-option or --seed values?)")
     if is_classification(task):
+        if args.beam:   # (ignored before: the accuracy of a classifier involves no search)
+            parser.error("--beam applies to sequence models; this one is a classifier")
         try:
             result = classification_accuracy(model, task, args.split,
                                              batch_size=min(args.batch_size, 16), n=args.n)
