@@ -630,3 +630,34 @@ def test_resuming_a_finished_run_reports_its_step(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(args + ["--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3
+
+
+def test_a_diverging_cli_run_is_one_line(tmp_path):
+    # --lr 1e300 printed NumPy's overflow warnings before the "training diverged" line
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    proc = subprocess.run([sys.executable, "-m", "attncore", "train", "copy", "--arch",
+                           "transformer", "--out", "m", "--steps", "5", "--lr", "1e300",
+                           "--d-model", "16", "--num-heads", "2", "--dim-feedforward", "16",
+                           "--num-encoder-layers", "1", "--num-decoder-layers", "1",
+                           "--no-progress", "--task-option", "num_train=200"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged" in lines[0], proc.stderr
+
+
+def test_train_refuses_a_closed_stdout(tmp_path):
+    # the result line went nowhere and the run exited 0
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    proc = subprocess.run(f"{sys.executable} -m attncore train copy --arch transformer --out m "
+                          f"--steps 1 >&-", shell=True, cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "stdout is closed" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()

@@ -130,12 +130,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--out is an empty path")
     if args.min_lr > args.lr:   # (cosine / linear then raised the rate towards --min-lr)
         parser.error(f"--min-lr ({args.min_lr:g}) must be <= --lr ({args.lr:g})")
+    if sys.stdout is None:   # (started with stdout closed: the result line went nowhere, exit 0)
+        parser.error("stdout is closed: the result line has nowhere to go")
 
     task_options = parse_task_options(args.task_option, parser)
     model_options = {k: v for k, v in vars(args).items() if k not in _TRAINING_KEYS and v is not None}
+    import numpy as np
+
     from ..cli import Stopped, StopSignals
     try:
-        with StopSignals.watching():   # (SIGTERM, as Slurm or Kubernetes send, like Ctrl-C)
+        # (a diverging run is the one-line "training diverged" error; NumPy's overflow warnings
+        # on its way there were extra lines before it)
+        with StopSignals.watching(), np.errstate(over="ignore", invalid="ignore",
+                                                 divide="ignore"):
             _, result = train(
                 args.task, args.arch, args.out, steps=args.steps, batch_size=args.batch_size,
                 lr=args.lr, seed=args.seed, schedule=args.schedule,
