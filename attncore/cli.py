@@ -93,6 +93,12 @@ class Stopped(KeyboardInterrupt):
         print(f"{prog}: {how}" + (f" ({note})" if note else ""), file=sys.stderr)
         return 128 + int(self.signum)
 
+    @classmethod
+    def report_of(cls, exc: KeyboardInterrupt, prog: str, note: str = "") -> int:
+        """:meth:`report` for a caught KeyboardInterrupt: a plain one (Python's own Ctrl-C, where
+        no :class:`StopSignals` watched) reads as SIGINT."""
+        return (exc if isinstance(exc, cls) else cls()).report(prog, note)
+
 
 class StopSignals:
     """Ctrl-C (and SIGTERM, SIGHUP) that cannot be lost. Python's own handler raises
@@ -260,14 +266,19 @@ def _model_path(args, stack):
     return str(stack.enter_context(resources.as_file(resource)))
 
 
-def _load_model(path, weight_dtype="float32"):
-    from attncore import models
+def _check_model_dir(path) -> None:
+    """UserError for a model directory that is not there (missing, or a broken link)."""
     if not os.path.exists(path):
         from pathlib import Path
 
         from attncore.io import absent
         raise UserError(absent(Path(path), f"model directory {path!r} does not exist",
                                f"model directory {path!r}"))
+
+
+def _load_model(path, weight_dtype="float32"):
+    from attncore import models
+    _check_model_dir(path)
     try:
         return models.load(path, weight_dtype=weight_dtype)
     except (ValueError, TypeError, OSError) as exc:
@@ -627,12 +638,7 @@ def _check_max_length(args, config):
 
 def _frontend(path):
     from attncore import batch
-    if not os.path.exists(path):
-        from pathlib import Path
-
-        from attncore.io import absent
-        raise UserError(absent(Path(path), f"model directory {path!r} does not exist",
-                               f"model directory {path!r}"))
+    _check_model_dir(path)
     try:
         return batch.Frontend.from_path(path)
     except (ValueError, TypeError, OSError) as exc:
@@ -856,7 +862,7 @@ def _main(argv):
         try:
             return _bench(argv[1:])
         except KeyboardInterrupt as exc:
-            return (exc if isinstance(exc, Stopped) else Stopped()).report("attncore bench")
+            return Stopped.report_of(exc, "attncore bench")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:   # (the sub-command's error, under its name, when it follows the command)
@@ -885,5 +891,5 @@ def _main(argv):
     except ImportError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt as exc:
-        return (exc if isinstance(exc, Stopped) else Stopped()).report(prog)
+        return Stopped.report_of(exc, prog)
     return EXIT_ERROR
