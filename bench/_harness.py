@@ -26,7 +26,7 @@ def run_main(main):
             with StopSignals.watching():
                 main()
         except KeyboardInterrupt as exc:
-            return (exc if isinstance(exc, Stopped) else Stopped()).report(name)
+            return Stopped.report_of(exc, name)
         return 0
     sys.exit(run_command(guarded))
 

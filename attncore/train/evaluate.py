@@ -256,8 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with StopSignals.watching():
             return _main(argv)
     except KeyboardInterrupt as exc:
-        return (exc if isinstance(exc, Stopped) else Stopped()).report(
-            "python -m attncore.train.evaluate")
+        return Stopped.report_of(exc, "python -m attncore.train.evaluate")
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
