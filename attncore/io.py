@@ -324,6 +324,12 @@ def read_config(path: Union[str, os.PathLike]) -> dict:
     return config
 
 
+def is_rust_panic(error: BaseException) -> bool:
+    """Whether ``error`` is a Rust panic of safetensors or tokenizers (pyo3's PanicException, a
+    BaseException that escapes ``except Exception``)."""
+    return type(error).__name__ == "PanicException"
+
+
 def not_there(path: Path) -> str:
     """Why nothing can be read at ``path``, which is not a directory or not a regular file."""
     if path.is_symlink() and not path.exists():
@@ -407,7 +413,7 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
             except BaseException as error:   # safetensors raises its own error types for bad
                 # files, and a Rust panic (pyo3's PanicException, a BaseException: it escaped
                 # every handler) when, e.g., an allocation fails
-                panic = type(error).__name__ == "PanicException"
+                panic = is_rust_panic(error)
                 if not (isinstance(error, Exception) or panic):
                     raise   # (KeyboardInterrupt, SystemExit)
                 cause = "out of memory, or a corrupt file?" if panic else "truncated or corrupt?"

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
+from ..io import is_rust_panic
 from .vocab import SPECIAL_TOKENS
 
 try:
@@ -167,7 +168,7 @@ class BPEVocab:
             # tokenizers raises a bare Exception for a malformed file, and a Rust panic
             # (pyo3's PanicException, a BaseException that escapes ``except Exception``) for
             # some
-            if not (isinstance(error, Exception) or type(error).__name__ == "PanicException"):
+            if not (isinstance(error, Exception) or is_rust_panic(error)):
                 raise   # (KeyboardInterrupt, SystemExit)
             message = " ".join(str(error).split())[:300]
             raise ValueError(f"not a tokenizers JSON file: {message}") from None
