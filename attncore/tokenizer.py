@@ -22,6 +22,10 @@ in training (the vocabularies were built with a frequency cut-off, so unseen tok
 normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
 instead.
 
+Text is read in Unicode NFC (:func:`attncore.data.vocab.normalize_text`, as in training): an
+accent typed as a combining character is the composed character. A str holding a lone
+surrogate is not text: ValueError.
+
 Surrounding whitespace is stripped from sources (training data is; a RAN language model's
 prompts keep their trailing space, which is text in a prefix), and a classifier trained
 on documents cut to their first N tokens cuts them the same way (``"max_source_tokens": N``).

@@ -93,6 +93,16 @@ def test_pairs_bpe_vocabularies_lower_case_served_text(tmp_path):
         PairsTask(train=str(tmp_path / "train.tsv"), level="char", lowercase=True)
 
 
+def test_pairs_bpe_vocabularies_read_tabs_and_no_break_spaces_as_spaces(tmp_path):
+    # (the saved normalizer was Lowercase or nothing: Metaspace splits on " " only, so a tab
+    # or a no-break space in served text was <unk> and the next word lost its word start)
+    pytest.importorskip("tokenizers")
+    task = PairsTask(train=str(write_pairs(tmp_path / "train.tsv")), level="bpe", vocab_size=80)
+    plain = task.src_vocab.encode("the cat sat")
+    for spaced in ("the\tcat sat", "the\u00a0cat  sat", " the cat\u2009sat "):
+        assert task.src_vocab.encode(spaced) == plain
+
+
 @pytest.mark.parametrize("options, error, match", [
     ({}, ValueError, "needs a training file"),
     ({"level": "bytes"}, ValueError, "level must be one of"),

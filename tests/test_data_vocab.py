@@ -240,3 +240,56 @@ def test_bpe_training_refuses_a_normalizer_a_model_directory_could_not_hold(monk
     with pytest.raises(ValueError, match="normalizer 'BertNormalizer' is not supported"):
         BPEVocab.train(["a b c"] * 5, vocab_size=30, normalizer=normalizers.BertNormalizer())
     assert trained == []
+
+
+def test_words_level_keeps_combining_marks_inside_their_words():
+    # (\w alone read Devanagari vowel signs and viramas as punctuation: "नमस्ते" was six
+    # tokens and decoded as "नमस ् त े")
+    from attncore.data.vocab import tokenize_words
+
+    text = "नमस्ते दुनिया"
+    assert tokenize_words(text) == ["नमस्ते", "दुनिया"]
+    vocab = Vocab.build([text], level="words")
+    assert vocab.decode(vocab.encode(text)) == text
+    # a zero-width joiner inside a word, Hebrew points, and punctuation still split off
+    assert tokenize_words("क्\u200dष, שָׁלוֹם!") == ["क्\u200dष", ",", "שָׁלוֹם", "!"]
+
+
+@pytest.mark.parametrize("level", ["char", "word", "words", "bpe"])
+def test_decomposed_accents_read_as_the_composed_characters(level):
+    # (text in NFD -- "e" then U+0301, from macOS or a PDF -- was <unk> at every level)
+    composed = "le café est ouvert. " * 3
+    decomposed = composed.replace("é", "e\u0301")
+    if level == "bpe":
+        pytest.importorskip("tokenizers")
+        from attncore.data.bpe import BPEVocab
+        vocab = BPEVocab.train([composed] * 5, vocab_size=60)
+    else:
+        vocab = Vocab.build([composed], level=level)
+    assert vocab.encode(decomposed) == vocab.encode(composed)
+    assert vocab.unk not in vocab.encode(decomposed)
+
+
+@pytest.mark.parametrize("level", ["char", "bpe"])
+def test_a_lone_surrogate_is_a_value_error_naming_it(level):
+    # (a BPE vocabulary raised tokenizers' "TypeError: TextInputSequence must be str")
+    if level == "bpe":
+        pytest.importorskip("tokenizers")
+        from attncore.data.bpe import BPEVocab
+        vocab = BPEVocab.train(["abcd"] * 5, vocab_size=40)
+    else:
+        vocab = Vocab.build(["abcd"], level=level)
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 2"):
+        vocab.encode("ab\ud800cd")
+
+
+def test_bpe_text_normalizer_reads_any_whitespace_run_as_one_space():
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab, text_normalizer
+
+    vocab = BPEVocab.train(["the cat sat on the mat."] * 5, vocab_size=60,
+                           normalizer=text_normalizer())
+    plain = vocab.tokenize("the cat sat.")
+    assert plain == ["▁the", "▁cat", "▁sat", "."]
+    for spaced in ("the\tcat sat.", "the\u00a0cat sat.", "the  cat\n sat. "):
+        assert vocab.tokenize(spaced) == plain

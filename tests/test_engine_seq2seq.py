@@ -320,6 +320,13 @@ def test_dates_translate(dates):
     assert dates.translate(["Tuesday, 3 March 1998"], beam_size=4) == ["1998-03-03"]
 
 
+def test_translate_names_the_text_that_is_not_unicode(dates):
+    with pytest.raises(ValueError, match=r"texts\[1\]: text holds a lone surrogate"):
+        dates.translate(["3 March 1998", "3 March \ud8001998"])
+    # decomposed accents are the composed characters (the bundled model is char-level)
+    assert dates.translate(["3 Ma\u0301rz 1998"]) == dates.translate(["3 M\u00e1rz 1998"])
+
+
 def test_dates_matches_the_trainer(dates):
     trainer = load_model(DATES)
     sources = [dates.tokenizer.encode_source(t) for t in DATE_TEXTS]

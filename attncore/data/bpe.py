@@ -17,7 +17,7 @@ import os
 from typing import Iterable, Sequence
 
 from ..io import is_rust_panic
-from .vocab import SPECIAL_TOKENS
+from .vocab import SPECIAL_TOKENS, normalize_text
 
 try:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the pack
     raise ImportError("BPE vocabularies need the 'tokenizers' package: "
                       "pip install 'tokenizers>=0.15.1'") from exc
 
-__all__ = ["BPEVocab"]
+__all__ = ["BPEVocab", "text_normalizer"]
 
 
 class BPEVocab:
@@ -117,13 +117,21 @@ class BPEVocab:
             raise IndexError(f"token id {index} outside [0, {len(self)})")
         return tok
 
+    def _encoding(self, text: str):
+        # NFC first, as for a Vocab (vocabularies whose normalizer lacks it: those trained
+        # before it was the default, or from elsewhere; NFD and NFKC after it give what they
+        # give on the raw text)
+        return self.tokenizer.encode(normalize_text(text), add_special_tokens=False)
+
     def tokenize(self, text: str) -> list[str]:
         """Subword strings of ``text`` (``▁`` marks a word start)."""
-        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+        return self._encoding(text).tokens
 
     def unknown_pieces(self, text: str) -> list[str]:
-        """The pieces of ``text`` (its own characters) that encode to ``<unk>``: a BPE token
-        of an unknown character is spelled ``<unk>``, which would hide what was unknown."""
+        """The pieces of ``text`` (its own characters, in NFC) that encode to ``<unk>``: a BPE
+        token of an unknown character is spelled ``<unk>``, which would hide what was
+        unknown."""
+        text = normalize_text(text)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         return [text[start:end] for i, (start, end) in zip(encoding.ids, encoding.offsets)
                 if i == self.unk]
@@ -132,7 +140,7 @@ class BPEVocab:
                add_eos: bool = False) -> list[int]:
         """Ids of a string, or of an already tokenized list of subword strings."""
         if isinstance(text, str):
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+            ids = list(self._encoding(text).ids)
         else:
             ids = [self.token_to_id(t) for t in text]
         return ([self.bos] if add_bos else []) + ids + ([self.eos] if add_eos else [])
@@ -176,6 +184,22 @@ class BPEVocab:
 
     def to_dict(self) -> dict:
         return json.loads(self.tokenizer.to_str())
+
+
+def text_normalizer(lowercase: bool = False, replacements=()):
+    """The normalizer of the BPE vocabularies the bundled tasks train: NFC, the
+    ``(old, new)`` ``replacements`` (strings), any run of whitespace (tab, no-break space,
+    newline...) read as one space, the ends stripped, and lower-casing when asked. The word
+    levels split on any whitespace; without this a BPE vocabulary split on " " only, and
+    "the\\tcat" read the tab as ``<unk>`` and "cat" as a word's continuation."""
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.NFC()]
+    steps += [normalizers.Replace(old, new) for old, new in replacements]
+    steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if lowercase:
+        steps.append(normalizers.Lowercase())
+    return normalizers.Sequence(steps)
 
 
 # What a vocabulary file may ask of ``tokenizers``: the pieces :meth:`BPEVocab.train` and the

@@ -25,8 +25,11 @@ Vocabularies are built on the training split only, at ``level``:
   (:func:`attncore.data.vocab.tokenize_words`), tokens seen fewer than ``min_freq`` times
   left to ``<unk>``;
 * ``"word"``: whitespace-separated tokens as they are; ``"char"``: characters;
-* ``"bpe"``: ``vocab_size`` subwords (the ``tokenizers`` package), ``lowercase`` applied as
-  the vocabulary's normalizer (so the exported model lower-cases what it is given too).
+* ``"bpe"``: ``vocab_size`` subwords (the ``tokenizers`` package); the vocabulary's normalizer
+  (:func:`attncore.data.bpe.text_normalizer`) reads any whitespace run as one space and
+  applies ``lowercase``, so the exported model reads what it is given the same way.
+
+Every level reads text in Unicode NFC (:func:`attncore.data.vocab.normalize_text`).
 
 The vocabulary travels with the exported model, which therefore reads raw text the way
 training did. Targets are kept as the vocabulary writes them back (``"Amen."`` is ``"amen ."``
@@ -43,7 +46,7 @@ import numpy as np
 
 from .metrics import bleu
 from .task import ClassificationTask, Seq2SeqTask
-from .vocab import Vocab, tokenize_words
+from .vocab import Vocab
 
 __all__ = ["read_tab_file", "PairsTask", "LabelledTask"]
 
@@ -162,16 +165,14 @@ def _splits(seed: int, train, valid, test, holdout: float, read, key, stratum=No
 def _build_vocab(texts: List[str], level: str, min_freq: int, vocab_size: int,
                  lowercase: bool):
     if level == "bpe":
-        from .bpe import BPEVocab
-        from tokenizers import normalizers
-        normalizer = normalizers.Lowercase() if lowercase else None
-        return BPEVocab.train(texts, vocab_size=vocab_size, normalizer=normalizer)
+        from .bpe import BPEVocab, text_normalizer
+        return BPEVocab.train(texts, vocab_size=vocab_size,
+                              normalizer=text_normalizer(lowercase))
     if lowercase and level != "words":    # ("words" lower-cases by itself)
         raise ValueError(f"lowercase applies to the 'words' and 'bpe' levels; level {level!r} "
                          f"reads text as it is")
-    tokenized = (tokenize_words(t) for t in texts) if level == "words" else \
-        (t.split() for t in texts) if level == "word" else (list(t) for t in texts)
-    return Vocab.build(tokenized, level=level, min_freq=min_freq)
+    # (the level's own tokenize: NFC first, as the exported vocabulary reads served text)
+    return Vocab.build(texts, level=level, min_freq=min_freq)
 
 
 class PairsTask(Seq2SeqTask):

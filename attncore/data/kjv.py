@@ -115,8 +115,9 @@ class KJVTask(ClassificationTask):
             self.vocab = Vocab.build((tokenize_words(t) for t in train_texts), level="words",
                                      min_freq=min_freq)
         else:
-            from .bpe import BPEVocab
-            self.vocab = BPEVocab.train(train_texts, vocab_size=vocab_size)
+            from .bpe import BPEVocab, text_normalizer
+            self.vocab = BPEVocab.train(train_texts, vocab_size=vocab_size,
+                                        normalizer=text_normalizer())
 
     def _label_of(self, chapter) -> str:
         if self.label == "testament":

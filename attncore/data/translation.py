@@ -22,6 +22,7 @@ import numpy as np
 
 from .metrics import bleu
 from .task import Seq2SeqTask
+from .vocab import normalize_text
 
 __all__ = ["DING_PATH", "read_ding_pairs", "TranslationTask", "bleu"]
 
@@ -78,8 +79,14 @@ def _read_ding_cached(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, s
     return tuple(pairs)
 
 
+#: what the cleaning replaces before whitespace runs become one space
+_REPLACEMENTS = (("\u202f", " "), ("\xa0", " "), ("\u2019", "'"))
+
+
 def _normalize(text: str, lowercase: bool) -> str:
-    text = text.replace("\u202f", " ").replace("\xa0", " ").replace("\u2019", "'")
+    text = normalize_text(text)
+    for old, new in _REPLACEMENTS:
+        text = text.replace(old, new)
     text = " ".join(text.split())
     return text.lower() if lowercase else text
 
@@ -88,12 +95,9 @@ def tokenizer_normalizer(lowercase: bool):
     """:func:`_normalize` as a ``tokenizers`` normalizer, saved in the BPE vocabularies: a model
     trained on the cleaned corpus then reads raw text ("Ich habe Hunger.") as it read the
     training data (lower-cased...). The same strings on every Ding sentence (a test)."""
-    from tokenizers import Regex, normalizers
+    from .bpe import text_normalizer
 
-    steps = [normalizers.Replace("\u202f", " "), normalizers.Replace("\xa0", " "),
-             normalizers.Replace("\u2019", "'"), normalizers.Replace(Regex(r"\s+"), " "),
-             normalizers.Strip()]
-    return normalizers.Sequence(steps + ([normalizers.Lowercase()] if lowercase else []))
+    return text_normalizer(lowercase, _REPLACEMENTS)
 
 
 class TranslationTask(Seq2SeqTask):

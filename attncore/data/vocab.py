@@ -21,12 +21,16 @@ either from its JSON file. No pickle is used anywhere.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
+import sys
+import unicodedata
 from typing import Iterable, Sequence
 
-__all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "Vocab", "load_vocab"]
+__all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "Vocab", "load_vocab", "normalize_text",
+           "tokenize_words"]
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -239,20 +243,56 @@ class Vocab:
             return cls.from_dict(json.load(f))
 
 
-#: The "words" level's tokens: runs of word characters, and single punctuation marks.
-_WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
+@functools.lru_cache(maxsize=None)
+def _word_or_mark() -> "re.Pattern":
+    """The "words" level's tokens: runs of word characters, and single punctuation marks.
+
+    A word character is ``\\w``, a combining mark (Unicode category M) or a zero-width
+    (non-)joiner: ``\\w`` alone reads the vowel signs and viramas of Indic scripts (and
+    Arabic or Hebrew points) as punctuation, so "नमस्ते" came out as six tokens and decoded
+    as "नमस ् त े". Built on first use (a 0.1 s scan of the code points)."""
+    marks, start, previous = [], None, None
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code))[0] == "M":
+            if start is None or code != previous + 1:
+                if start is not None:
+                    marks.append((start, previous))
+                start = code
+            previous = code
+    marks.append((start, previous))
+    ranges = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in marks)
+    return re.compile(rf"[\w{ranges}\u200c\u200d]+|[^\w\s]")
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC of ``text``, applied to every text a vocabulary reads (in training and in
+    serving): "é" typed as "e" and a combining accent (macOS file names, some PDFs) is the
+    same token as the one code point "é", instead of ``<unk>``. ValueError for a lone
+    surrogate (a str that is not Unicode text, such as JSON's ``"\\ud800"``: a BPE
+    vocabulary's ``tokenizers`` raised a bare TypeError on it)."""
+    if unicodedata.is_normalized("NFC", text):
+        normal = text
+    else:
+        normal = unicodedata.normalize("NFC", text)
+    try:
+        normal.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone surrogate {text[exc.start]!r} at index "
+                         f"{exc.start}: not valid Unicode text") from None
+    return normal
 
 
 def tokenize_words(text: str) -> list[str]:
-    """Lower-cased words and single punctuation marks: ``"Amen."`` -> ``["amen", "."]`` (the
-    "words" level; the KJV task's tokenization)."""
-    return _WORD_OR_MARK.findall(text.lower())
+    """Lower-cased words and single punctuation marks of NFC ``text``: ``"Amen."`` ->
+    ``["amen", "."]`` (the "words" level; the KJV task's tokenization)."""
+    return _word_or_mark().findall(normalize_text(text).lower())
 
 
 def _split(text: str, level: str) -> list[str]:
-    if level == "char":
-        return list(text)
-    return tokenize_words(text) if level == "words" else text.split()
+    if level == "words":
+        return tokenize_words(text)
+    text = normalize_text(text)
+    return list(text) if level == "char" else text.split()
 
 
 def load_vocab(path: str | os.PathLike):

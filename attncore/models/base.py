@@ -653,7 +653,10 @@ class EncoderDecoderModel(Model):
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            ids = self.tokenizer.encode_source(text)
+            try:
+                ids = self.tokenizer.encode_source(text)
+            except ValueError as exc:   # (a lone surrogate: not Unicode text)
+                raise ValueError(f"texts[{i}]: {exc}") from None
             if len(ids) == 0:
                 raise ValueError(f"texts[{i}] is empty (no tokens)")
             sources.append(ids)
