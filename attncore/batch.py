@@ -182,11 +182,13 @@ def read_lines(stream: BinaryIO, *, first: int = 1) -> Iterator[tuple]:
     """``(line_number, text)`` for each line of a binary stream, read lazily.
 
     The line ending (``\\n`` or ``\\r\\n``, or ``\\r`` closing the last line) is removed, and
-    a UTF-8 byte order mark at the start of the stream; nothing else is stripped. Text must be
-    UTF-8: a line that is not raises :class:`InputError` with its number.
+    a UTF-8 byte order mark at the start of a line (Windows editors write one at the start of a
+    file, and ``cat a.txt b.txt`` puts b's inside; training drops them the same way); nothing
+    else is stripped. Text must be UTF-8: a line that is not raises :class:`InputError` with
+    its number.
     """
     for number, raw in enumerate(stream, first):
-        if number == first and raw.startswith(b"\xef\xbb\xbf"):   # (Windows editors write one)
+        if raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
             text = raw.decode("utf-8")
@@ -530,12 +532,21 @@ class Job:
         raise NotImplementedError
 
 
+#: ``str.translate`` table of text output: the backslash and every character
+#: ``str.splitlines`` ends a line at, written as in a Python string literal
+LINE_ESCAPES = {ord(c): c.encode("unicode_escape").decode("ascii")
+                for c in "\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class GenerateJob(Job):
     """Sequence generation (``model.generate``): one output sequence per line, as text through
     the tokenizer, or as space-separated ids (``ids_out``).
 
-    Text output writes a generated newline or carriage return as the two characters ``\\n`` /
-    ``\\r``, so that each input line has exactly one output line.
+    Text output escapes what a generated text could break its line on, as a Python string
+    literal does (:data:`LINE_ESCAPES`: ``\\n``, ``\\r``, ``\\x0b``, ``\\x0c``, ``\\x1c``-``\\x1e``,
+    ``\\x85``, ``\\u2028``, ``\\u2029``, and a backslash as ``\\\\``), so that each input line
+    has exactly one output line for any reader (``str.splitlines`` included) and the text
+    reads back unambiguously.
 
     ``max_length=None`` gives each line its own limit (the model's ``default_max_length``:
     ``2 x its length + 10`` tokens, within a position table, or ``min_length + 1`` where that
@@ -585,7 +596,7 @@ class GenerateJob(Job):
             return " ".join(map(str, result))
         text = frontend.need_tokenizer("text output").decode_target(result)
         # one output line per input line, whatever the vocabulary holds
-        return text.replace("\r", "\\r").replace("\n", "\\n")
+        return text.translate(LINE_ESCAPES)
 
 
 class EncodeJob(Job):
