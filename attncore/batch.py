@@ -557,6 +557,11 @@ class GenerateJob(Job):
     ``model.generate(all_lines, seed=seed)`` gives the line in one call, whatever the batch
     size, window or worker count. Without line numbers a source is keyed by its index in the
     batch.
+
+    ``blank_lines=True`` (``attncore translate``) gives an empty or whitespace-only input line
+    an empty output line, without a model call (a document's paragraph breaks, as Marian and
+    CTranslate2 translate them); by default such a line is an :class:`InputError`, as for
+    every job (a prompt or a document needs tokens).
     """
 
     needs = "generate"
@@ -564,19 +569,33 @@ class GenerateJob(Job):
 
     def __init__(self, *, ids: bool = False, ids_out: Optional[bool] = None,
                  allow_unknown: bool = False, max_length: Optional[int] = None,
-                 **generate_options):
+                 blank_lines: bool = False, **generate_options):
         super().__init__(ids=ids, allow_unknown=allow_unknown)
         self.ids_out = self.ids if ids_out is None else bool(ids_out)
         if max_length is not None:
             _check_positive("max_length", max_length)
         self.max_length = max_length
+        self.blank_lines = bool(blank_lines)
         self.options = dict(generate_options)
 
+    def parse(self, line: int, text: str, frontend: Frontend) -> Item:
+        if self.blank_lines and not text.strip():
+            return Item(line, np.zeros(0, dtype=np.int64))   # (no tokens: no model call)
+        return super().parse(line, text, frontend)
+
     def run_items(self, model, batch):
-        sources = [item.source for item in batch]
+        results = [[] for _ in batch]   # (a blank line's empty output)
+        batch = [(i, item) for i, item in enumerate(batch) if len(item.source)]
+        if not batch:
+            return results
+        sources = [item.source for _, item in batch]
         if "lines" not in inspect.signature(self.run).parameters:   # a subclass's older run()
-            return self.run(model, sources)
-        return self.run(model, sources, [item.line for item in batch])
+            done = self.run(model, sources)
+        else:
+            done = self.run(model, sources, [item.line for _, item in batch])
+        for (i, _), result in zip(batch, done):
+            results[i] = result
+        return results
 
     def run(self, model, sources, lines=None):
         options = self.options

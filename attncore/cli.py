@@ -326,7 +326,9 @@ def _job(args):
         except (TypeError, ValueError) as exc:
             raise UserError(_option_names(_one_line(exc))) from None
         ids_out = args.ids or getattr(args, "output_ids", False)
-        return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length, **common, **options)
+        # (translate: a document's blank lines stay blank lines; a prompt needs tokens)
+        return batch.GenerateJob(ids_out=ids_out, max_length=args.max_length,
+                                 blank_lines=args.command == "translate", **common, **options)
     if args.command == "encode":
         return batch.EncodeJob(pool=args.pool, **common)
     return batch.ClassifyJob(scores=args.scores, **common)

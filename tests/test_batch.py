@@ -347,6 +347,19 @@ def test_generated_text_is_one_line_for_any_reader_and_reads_back():
     assert ast.literal_eval('"' + line.replace('"', '\\"') + '"') == text
 
 
+def test_blank_lines_get_empty_results_without_a_model_call():
+    model = ReverseModel()
+    job = batch.GenerateJob(ids=True, max_length=10, blank_lines=True)
+    frontend = batch.Frontend(ReverseModel.config)
+    items = [job.parse(n, text, frontend) for n, text in enumerate(["4 5", "", " \t", "6"], 1)]
+    assert job.run_items(model, items) == [[5, 4], [], [], [6]]
+    assert model.calls == [[2, 1]]
+    assert job.run_items(model, items[1:3]) == [[], []] and len(model.calls) == 1
+    assert job.format([], frontend) == ""
+    with pytest.raises(InputError, match="^line 2: empty line"):
+        batch.GenerateJob(ids=True).parse(2, " ", frontend)
+
+
 def test_text_jobs_need_a_tokenizer():
     frontend = batch.Frontend(ReverseModel.config, None)
     with pytest.raises(InputError, match="needs a tokenizer.*--ids"):

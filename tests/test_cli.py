@@ -486,14 +486,29 @@ def test_unknown_token_stops_at_its_line_after_writing_the_lines_before(tmp_path
 
 
 @pytest.mark.parametrize("args, stdin, fragment, written", [
-    ([], "3 March 1998\n\n4 May 2001\n", "line 2: empty line", 1),
-    (["--ids"], "9 4 2\n9 x 2\n9 4 2\n", "line 2: 'x' is not an integer token id", 1),
-    (["--ids"], "9 700 2\n", "line 1: token id 700 outside [0, 63)", 0),
+    (["generate"], "3 March 1998\n\n4 May 2001\n", "line 2: empty line", 1),
+    (["translate", "--ids"], "9 4 2\n9 x 2\n9 4 2\n", "line 2: 'x' is not an integer token id",
+     1),
+    (["translate", "--ids"], "9 700 2\n", "line 1: token id 700 outside [0, 63)", 0),
 ])
 def test_malformed_lines(tmp_path, args, stdin, fragment, written):
-    proc = attncore_cli(["translate", *args], tmp_path, stdin=stdin)
+    proc = attncore_cli(args, tmp_path, stdin=stdin)
     assert_user_error(proc, fragment)
     assert len(proc.stdout.splitlines()) == written, "the lines before the bad one, no more"
+
+
+@pytest.mark.parametrize("ids", [False, True])
+def test_translate_keeps_blank_lines_blank(tmp_path, ids):
+    # (a document's paragraph break stopped the run: "line 2: empty line")
+    text = "3 March 1998\n\n \t\n4 May 2001\n" if not ids else "9 4 2\n\n  \n9 4 2\n"
+    proc = attncore_cli(["translate", "--batch-size", "2"] + (["--ids"] if ids else []),
+                        tmp_path, stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert len(lines) == 5 and lines[1:3] == ["", ""] and lines[4] == ""
+    assert lines[0] and lines[3]
+    if not ids:
+        assert lines[0] == "1998-03-03" and lines[3] == "2001-05-04"
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
