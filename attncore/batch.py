@@ -8,7 +8,7 @@ The pipeline, each stage lazy::
       -> batches of similar length       plan_batches(items, Batching(...))
       -> results (model calls)           job.run_items(model, batch) -> job.run(model, sources)
       -> results in input order          run_batches(...) -> (item, result), input order
-      -> output lines                    job.format(result, tokenizer)
+      -> output lines                    job.format_item(item, result, frontend)
 
 Memory is bounded by the *window*: at most ``Batching.window`` lines (default 100 x
 ``batch_size``) are held at once. Within a window the lines are sorted by length and cut into
@@ -531,6 +531,11 @@ class Job:
         """The output line of one result (no newline)."""
         raise NotImplementedError
 
+    def format_item(self, item: Item, result, frontend: Frontend) -> str:
+        """The output line of ``item``'s result: :meth:`format` unless the line's input matters
+        (a decoder-only model's text continues its prompt)."""
+        return self.format(result, frontend)
+
 
 #: ``str.translate`` table of text output: the backslash and every character
 #: ``str.splitlines`` ends a line at, written as in a Python string literal
@@ -615,6 +620,17 @@ class GenerateJob(Job):
             return " ".join(map(str, result))
         text = frontend.need_tokenizer("text output").decode_target(result)
         # one output line per input line, whatever the vocabulary holds
+        return text.translate(LINE_ESCAPES)
+
+    def format_item(self, item, result, frontend):
+        """A decoder-only model's text output is what follows its prompt (its leading space
+        included: prompt + output is the whole text, with a BPE vocabulary too)."""
+        config = frontend.config
+        if self.ids_out or not len(item.source) or not (
+                config.get("kind") == "decoder_only" or config.get("architecture") == "ran"):
+            return self.format(result, frontend)
+        text = frontend.need_tokenizer("text output").decode_continuation(
+            item.source.tolist(), result)
         return text.translate(LINE_ESCAPES)
 
 
@@ -711,10 +727,10 @@ class ClassifyJob(Job):
 
 
 def format_result(job: Job, item: Item, result, frontend: Frontend) -> str:
-    """``job.format(result, frontend)``, where a result the output cannot hold (a NaN in JSON,
-    a classifier's NaN scores) is the :class:`InputError` of its line."""
+    """``job.format_item(item, result, frontend)``, where a result the output cannot hold (a
+    NaN in JSON, a classifier's NaN scores) is the :class:`InputError` of its line."""
     try:
-        return job.format(result, frontend)
+        return job.format_item(item, result, frontend)
     except ValueError as exc:
         raise InputError(item.line, str(exc)) from None
 

@@ -275,7 +275,7 @@ def run_on_dask(client, model_path, job, items: Iterable[_batch.Item], batching:
 
     Yields
     ------
-    ``(item, result)`` in input order; ``job.format(result, frontend)`` makes the text.
+    ``(item, result)`` in input order; ``job.format_item(item, result, frontend)`` makes the text.
     """
     if isinstance(client, str):
         with connect(client) as live:

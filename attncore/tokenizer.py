@@ -27,7 +27,7 @@ accent typed as a combining character is the composed character. A str holding a
 surrogate is not text: ValueError.
 
 Surrounding whitespace is stripped from sources (training data is; a RAN language model's
-prompts keep their trailing space, which is text in a prefix), and a classifier trained
+prompts keep their trailing space at the character level, where it is text in a prefix), and a classifier trained
 on documents cut to their first N tokens cuts them the same way (``"max_source_tokens": N``).
 
 Special tokens: text is text. ``"<eos>"``, ``"<pad>"``... typed in a string never become
@@ -103,8 +103,11 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         vocab = self.source_vocab
-        # (training data is stripped, and a character vocabulary would read the spaces)
-        text = text.lstrip() if self.keep_trailing_space else text.strip()
+        # (training data is stripped, and a character vocabulary would read the spaces; a
+        # BPE one read a prompt's trailing space as a lone "▁" its training never showed
+        # before a word: a prompt's next word starts a piece by itself)
+        keep = self.keep_trailing_space and getattr(vocab, "level", None) == "char"
+        text = text.lstrip() if keep else text.strip()
         ids = vocab.encode(text)
         if self.max_source_tokens is not None:
             ids = ids[:self.max_source_tokens]
@@ -132,6 +135,18 @@ class Tokenizer:
         """Text of target ids; stops at EOS, drops PAD / BOS. ValueError for an id the
         vocabulary lacks (a model whose output layer is padded past it)."""
         return _decode(self.target_vocab, ids, "target")
+
+    def decode_continuation(self, prompt: Sequence[int], ids: Sequence[int]) -> str:
+        """The text that ``ids`` add after the token ids ``prompt``: ``prompt``'s text followed
+        by it is the text of ``prompt + ids``. A decoder-only model's output: decoded alone,
+        a BPE continuation lost its word start ("unto" after "said" and "id" after "sa" both
+        read as a word), and a word-level one the space before it."""
+        prompt = list(prompt)
+        head = _decode(self.target_vocab, prompt, "target")
+        whole = _decode(self.target_vocab, prompt + list(ids), "target")
+        if whole.startswith(head):
+            return whole[len(head):]
+        return _decode(self.target_vocab, ids, "target")   # (a decoder that rewrites the head)
 
     def decode_source(self, ids: Sequence[int]) -> str:
         """Text of source ids; stops at EOS, drops PAD / BOS."""

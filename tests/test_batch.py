@@ -439,3 +439,37 @@ def test_map_batches_may_finish_in_any_order_and_is_closed_on_failure():
                                          map_batches=reversed_map):
             lines.append(item.line)
     assert lines == list(range(1, 30))
+
+
+@pytest.mark.parametrize("level", ["bpe", "words", "char"])
+def test_a_decoder_only_model_writes_what_follows_its_prompt(level):
+    # (decoded alone, a BPE continuation lost its word start: "unto" after "and god said"
+    # and "id" after "and god sa" both read as words; prompt + output is now the whole text)
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+
+    texts = ["and god said unto moses, let there be light."] * 30
+    if level == "bpe":
+        pytest.importorskip("tokenizers")
+        from attncore.data.bpe import BPEVocab   # (no normalizer: "said " keeps its space)
+        vocab = BPEVocab.train(texts, vocab_size=90)
+    else:
+        vocab = Vocab.build(texts, level=level)
+    tokenizer = Tokenizer(src=vocab, keep_trailing_space=True)
+    frontend = batch.Frontend({"architecture": "ran", "vocab_size": len(vocab)}, tokenizer)
+    job = batch.GenerateJob()
+    whole = vocab.encode("and god said unto moses")
+    for prompt_text, cut in (("and god said", "and god said"), ("and god said ", "and god said ")):
+        item = job.parse(1, prompt_text, frontend)
+        if level != "char":   # (a BPE prompt's trailing space was a lone "▁" piece)
+            assert item.source.tolist() == vocab.encode("and god said")
+        result = whole[len(item.source):]
+        line = job.format_item(item, result, frontend)
+        assert tokenizer.decode_source(item.source.tolist()) + line == \
+            vocab.decode(item.source.tolist() + result)
+        assert line.startswith(" unto") or (level == "char" and line.startswith("unto")), line
+    # an encoder-decoder's output is its own text
+    seq2seq = batch.Frontend({"architecture": "transformer", "kind": "encoder_decoder"},
+                             Tokenizer(vocab, vocab))
+    item = job.parse(1, "and god said", seq2seq)
+    assert job.format_item(item, vocab.encode("unto moses"), seq2seq) == "unto moses"
