@@ -15,6 +15,7 @@ multi-head models), so it sums to 1.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -137,6 +138,39 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
                         weights, output)
 
 
+def _char_width(char: str) -> int:
+    """Terminal columns of one character: 0 for a combining mark or a zero-width format
+    character, 2 for an East Asian wide or full-width one, else 1."""
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _width(text: str) -> int:
+    return sum(_char_width(char) for char in text)
+
+
+def _clusters(text: str) -> List[str]:
+    """``text`` as what a terminal draws in one place: each character with the combining
+    marks (and joiners) after it, a leading mark on a dotted circle (it would merge into the
+    padding before it). "नमस्ते" is four clusters, not six characters."""
+    out: List[str] = []
+    for char in text:
+        joins = unicodedata.category(char)[0] == "M" or char in "\u200c\u200d"
+        if joins and out:
+            out[-1] += char
+        else:
+            out.append("\u25cc" + char if joins else char)
+    return out
+
+
+def _pad(text: str, width: int, *, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (``str.ljust`` counts
+    characters: a wide character or a combining mark shifted every column after it)."""
+    fill = " " * max(0, width - _width(text))
+    return fill + text if right else text + fill
+
+
 def _shade(weight: float) -> str:
     for start, char in SHADES:
         if weight >= start:
@@ -156,19 +190,21 @@ def render_text(amap: AttentionMap, *, max_label: int = 8) -> str:
     # (labels made by attention_map are printable already; a hand-made map's may not be)
     sources = [_printable(t) for t in amap.source_tokens]
     targets = [_printable(t) for t in amap.target_tokens]
-    cut = [t if len(t) <= max_label else t[:max_label - 1] + "…" for t in sources]
-    row_width = max([len(t) for t in targets] + [6])
+    # labels drawn vertically, a terminal cluster (a character and its marks) a row
+    cut = [_clusters(t) for t in sources]
+    cut = [t if len(t) <= max_label else t[:max_label - 1] + ["…"] for t in cut]
+    row_width = max([_width(t) for t in targets] + [6])
     height = max([len(t) for t in cut] + [1])
     lines = [f"output: {_printable(amap.output)}", ""]
     for k in range(height):
-        header = "".join((t[k] if k < len(t) else " ").ljust(cell) for t in cut)
+        header = "".join(_pad(t[k] if k < len(t) else "", cell) for t in cut)
         lines.append(" " * (row_width + 1) + "│" + header.rstrip())
     lines.append(" " * (row_width + 1) + "┼" + "─" * (cell * len(cut)))
     for label, row in zip(targets, amap.weights):
         cells = "".join(_shade(float(w)) * cell for w in row)
         best = int(np.argmax(row)) if row.size else 0
         focus = f"{sources[best]} {float(row[best]):.2f}" if row.size else ""
-        lines.append(f"{label:>{row_width}} │{cells}  {focus}")
+        lines.append(f"{_pad(label, row_width, right=True)} │{cells}  {focus}")
     legend = "  ".join(f"{char} ≥ {start:.2f}" for start, char in SHADES if char != " ")
     lines += ["", f"rows: generated tokens; columns: source tokens; {legend}"]
     return "\n".join(lines) + "\n"

@@ -63,9 +63,9 @@ class Tokenizer:
         Cut encoded sources to their first this many tokens, as training cut its documents
         (a classification task's ``max_len``); default: no cut.
     keep_trailing_space : bool
-        Strip only leading whitespace from sources: a document language model's prompt is a
-        prefix, and "the " asks for the next word, not for a space (set by
-        :func:`load_tokenizer` for a RAN with an LM head).
+        Strip only leading whitespace from sources of a character vocabulary: a document
+        language model's prompt is a prefix, and "the " asks for the next word, not for a
+        space (set by :func:`load_tokenizer` for a RAN with an LM head).
     """
 
     def __init__(self, src=None, tgt=None, *, src_file: str = "src_vocab.json",

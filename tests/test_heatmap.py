@@ -124,3 +124,27 @@ def test_unprintable_token_characters_are_escaped_not_sent_to_the_terminal():
     assert "\x1b" not in text
     with pytest.raises(ValueError, match="max_label"):
         heatmap.render_text(heatmap.AttentionMap(["a"], ["c"], np.ones((1, 1))), max_label=0)
+
+
+def _columns(text):
+    """Terminal columns of ``text`` (wide characters 2, combining marks 0)."""
+    import unicodedata
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def test_text_map_columns_stay_aligned_with_wide_characters_and_marks():
+    # (str.ljust counts characters: under a "日" label every later column moved one to the
+    # right, so the weight of "b" was drawn under "a"; a lone combining mark merged into the
+    # space before it)
+    amap = heatmap.AttentionMap(["日", "本", "a", "\u0301", "b"], ["x", "日本"],
+                                np.array([[0, 0, 0, 0, 1], [1, 0, 0, 0, 0]], np.float32), "o")
+    lines = heatmap.render_text(amap).splitlines()
+    header, row_x, row_wide = lines[2], lines[4], lines[5]
+    bar = {_columns(line[:line.index("│")]) for line in (header, row_x, row_wide)}
+    assert len(bar) == 1   # the row labels "x" and "日本" padded to the same width
+    start = bar.pop() + 1
+    # the shade of "b" (column 4, two terminal columns a source token) sits under "b"
+    assert _columns(header[:header.index("b")]) == start + 2 * 4
+    assert _columns(row_x[:row_x.index("█")]) == start + 2 * 4
+    assert "\u25cc\u0301" in header   # a lone mark on a dotted circle
