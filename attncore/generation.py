@@ -259,35 +259,53 @@ def _sample_rows(scores, streams, temperature, top_k, top_p):
 
 
 def _ranked(values, count):
-    """The indices of the ``count`` largest of values (V,) float64, largest first, equal values
-    by lower index: the one-pass top-k for a few (its cost grows with count), a stable sort of
-    the whole row for many."""
+    """The indices of the ``count`` largest of values (V,) float64 (no NaN), largest first,
+    equal values by lower index: the one-pass top-k for a few (its cost grows with count);
+    for more, a partition finds the count-th largest value, and only the tokens above it (and
+    the lowest-id ones equal to it) are sorted, not the whole row (a stable sort of 8000
+    values cost 0.55 ms a row and step where a flat distribution's nucleus passed 64)."""
+    vocab = values.shape[0]
     if count <= 256:
         return _softmax.top_k(values, count)
-    return np.argsort(-values, kind="stable")[:count]
+    if count >= vocab:
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, vocab - count)[vocab - count]
+    above = np.flatnonzero(values > kth)
+    tied = np.flatnonzero(values == kth)[:count - above.size]
+    # (every kept value above kth is larger than every tied one: a stable sort of the
+    # concatenation orders equal values by index)
+    chosen = np.concatenate((above, tied))
+    return chosen[np.argsort(-values[chosen], kind="stable")]
 
 
 def _nucleus(probs, top_p):
     """probs (V,) float64 with every token outside the top-p nucleus set to 0: the smallest
     prefix of the ranking whose mass reaches top_p (never empty). A trained model's nucleus
-    is usually a few tokens: the ranking's first 64 tokens come from the one-pass top-k, and
-    the whole vocabulary is sorted only when the nucleus is larger. Cumulative sums over a
-    prefix of the ranking are those of the whole ranking, so the result is the same either
-    way."""
+    is usually a few tokens: the ranking's first 64 come from the one-pass top-k. A larger
+    one is found from the row's values sorted alone (no index sort: ties have equal values,
+    so the running sums are the ranking's), as the tokens above the smallest kept value and
+    the lowest-id ones equal to it. Either way the ranking's own prefix."""
     vocab = probs.shape[0]
-    for count in (64, vocab):   # a flat distribution's nucleus needs the whole ranking
-        order = _ranked(probs, count)
-        ranked = probs[order]
-        # mass of the better tokens, as the running sum itself (cumsum - ranked rounds: at a
-        # top_p equal to the best j tokens' mass it kept token j + 1 in 141 of 1125 cases)
-        before = np.concatenate(([0.0], np.cumsum(ranked)[:-1]))
-        drop = before >= top_p
-        drop[0] = False
-        if drop.any() or order.size < count:
-            break
-    ranked[drop] = 0.0
-    kept = np.zeros_like(probs)
-    kept[order] = ranked
+    order = _ranked(probs, 64)
+    ranked = probs[order]
+    # mass of the better tokens, as the running sum itself (cumsum - ranked rounds: at a
+    # top_p equal to the best j tokens' mass it kept token j + 1 in 141 of 1125 cases)
+    before = np.concatenate(([0.0], np.cumsum(ranked)[:-1]))
+    drop = before >= top_p
+    drop[0] = False
+    if drop.any() or order.size == vocab:
+        ranked[drop] = 0.0
+        kept = np.zeros_like(probs)
+        kept[order] = ranked
+        return kept
+    # (a stable argsort of the row cost 0.55 ms a row and step at 8000 tokens)
+    values = np.sort(probs)[::-1]
+    before = np.concatenate(([0.0], np.cumsum(values)[:-1]))
+    size = max(1, int(np.count_nonzero(before < top_p)))
+    smallest = values[size - 1]
+    above = probs > smallest
+    kept = np.where(above, probs, 0.0)
+    kept[np.flatnonzero(probs == smallest)[:size - int(np.count_nonzero(above))]] = smallest
     return kept
 
 

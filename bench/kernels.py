@@ -5,13 +5,13 @@
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
     python bench/kernels.py --only additive    # sections: attention decode softmax activations
-                                               # additive packed matmul
+                                               # additive packed matmul sampling
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
 shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
 the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
-matmul / linear vs NumPy; finally the peak memory of ``attention`` at length 16384 (it must show
+matmul / linear vs NumPy, a top-p sampling step vs NumPy and torch; finally the peak memory of ``attention`` at length 16384 (it must show
 no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
@@ -234,6 +234,54 @@ def run_matmul(threads, torch, rows, quick):
                          t_np, t_th))
 
 
+def _numpy_top_p(scores, stream, top_p):
+    """A plain NumPy nucleus draw for one row (the reference): softmax, a stable sort of the
+    whole row, the smallest prefix reaching ``top_p``, one uniform number."""
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    keep = np.concatenate(([0.0], np.cumsum(ranked)[:-1])) < top_p
+    keep[0] = True
+    cdf = np.cumsum(ranked[keep])
+    return order[min(int(np.searchsorted(cdf, stream.random() * cdf[-1], "right")),
+                     int(keep.sum()) - 1)]
+
+
+def run_sampling(threads, torch, rows, quick):
+    """One sampling step's token choice for one row of log-probabilities, top_p=0.9
+    (``generation._sample_rows``, what ``generate(do_sample=True)`` runs a step), against the
+    plain NumPy nucleus above and torch's (a descending sort, softmax, cumsum, mask,
+    ``multinomial``: transformers' TopPLogitsWarper). A flat row (a nucleus of thousands of
+    tokens: an open-ended language model) and a peaked one (hundreds)."""
+    from attncore import generation
+    rng = np.random.default_rng(6)
+    for vocab in ([2000] if quick else [8000, 32000]):
+        for kind, alpha in (("flat", 1.0), ("peaked", 0.05)):
+            logp = np.log(rng.dirichlet(np.full(vocab, alpha)) + 1e-30).astype(np.float32)
+            scores = logp[None, :]
+            stream = np.random.default_rng(0)
+            t_ac = H.best_time(lambda: generation._sample_rows(scores, [stream], 1.0, 0, 0.9),
+                               20)
+            row = logp.astype(np.float64)
+            t_np = H.best_time(lambda: _numpy_top_p(row, stream, 0.9), 20)
+            t_th = float("nan")
+            if torch is not None:
+                logits = torch.from_numpy(scores.copy())
+
+                def theirs():
+                    ranked, order = torch.sort(logits, descending=True)
+                    mass = ranked.softmax(-1).cumsum(-1)
+                    drop = mass > 0.9
+                    drop[..., 1:] = drop[..., :-1].clone()
+                    drop[..., 0] = False
+                    masked = logits.scatter(1, order, ranked.masked_fill(drop, -float("inf")))
+                    return torch.multinomial(masked.softmax(-1), 1)
+                t_th = H.best_time(theirs, 20)
+            rows.append((threads, f"sample top_p=0.9 V={vocab} ({kind})", t_ac, float("nan"),
+                         t_np, t_th))
+
+
 PEAK_SNIPPET = """
 import resource, sys, numpy as np, attncore
 L = int(sys.argv[1])
@@ -253,7 +301,8 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed", "matmul")
+SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed", "matmul",
+            "sampling")
 
 
 def main(argv=None):
@@ -288,6 +337,8 @@ def main(argv=None):
                 run_packed(threads, torch, rows, args.quick)
             if "matmul" in args.only:
                 run_matmul(threads, torch, rows, args.quick)
+            if "sampling" in args.only:
+                run_sampling(threads, torch, rows, args.quick)
     print()
     print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|")

@@ -349,6 +349,22 @@ def test_top_p_equal_to_the_best_tokens_mass_keeps_exactly_them():
         assert sorted(np.flatnonzero(kept).tolist()) == sorted(order[:j].tolist())
 
 
+def test_a_large_nucleus_is_the_stable_ranking_prefix():
+    # a flat distribution's nucleus passes the first 64 (and 512) ranked tokens: the longer
+    # rankings are partitions, not sorts of the vocabulary; the same tokens either way
+    rng = np.random.default_rng(7)
+    for vocab, top_p in ((8000, 0.9), (8000, 0.5), (3000, 0.999), (300, 0.95), (8000, 1e-9)):
+        for flat in (rng.random(vocab) + 1.0, np.round(rng.random(vocab) * 4) + 1.0):
+            probs = flat / flat.sum()
+            order = np.lexsort((np.arange(vocab), -probs))
+            before = np.concatenate(([0.0], np.cumsum(probs[order])[:-1]))
+            keep = before < top_p
+            keep[0] = True
+            kept = generation._nucleus(probs, top_p)
+            assert sorted(np.flatnonzero(kept).tolist()) == sorted(order[keep].tolist())
+            np.testing.assert_array_equal(kept[order[keep]], probs[order[keep]])
+
+
 def test_sampled_log_probs_are_the_models():
     for source, r in zip(SOURCES, _generate(SOURCES, do_sample=True, seed=3, max_length=5,
                                             temperature=0.7)):
@@ -448,11 +464,13 @@ def test_top_k_ranks_by_value_then_index():
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, want, err_msg=f"n={n} k={k}")
     assert _softmax.top_k(np.ones(3), 0).size == 0
-    # generation._ranked: the top-k for a few, a stable sort past 256: one ranking
-    x = rng.integers(-5, 5, 5000).astype(np.float64)
-    for k in (1, 256, 257, 600):
-        np.testing.assert_array_equal(generation._ranked(x, k),
-                                      np.lexsort((np.arange(x.size), -x))[:k])
+    # generation._ranked: the top-k for a few, a partition and a sort of the kept past 256:
+    # one ranking, ties (at the cut too) by lower index
+    for x in (rng.integers(-5, 5, 5000).astype(np.float64), rng.random(5000),
+              np.where(rng.random(5000) < 0.9, -np.inf, rng.integers(-2, 2, 5000))):
+        for k in (1, 256, 257, 600, 4097, 4999, 5000, 6000):
+            np.testing.assert_array_equal(generation._ranked(x, k),
+                                          np.lexsort((np.arange(x.size), -x))[:k])
     with pytest.raises(ValueError, match="k must be"):
         _softmax.top_k(np.ones(3), -1)
 
