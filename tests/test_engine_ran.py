@@ -403,6 +403,14 @@ def test_from_config_save_and_load(tmp_path):
                                   engine.encode(doc)[0].sequence[0])
 
 
+def test_trainer_refuses_a_zero_window_override():
+    # (window_size=0 fell back to the configured W through "or")
+    _, trainer = make_pair(seed=15)
+    for options in ({"window_size": 0}, {"min_window_size": 0}):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            trainer.encode(np.array([[4, 5, 6]]), **options)
+
+
 def test_bad_arguments():
     engine, _ = make_pair(seed=15, num_classes=0)
     causal, _ = make_pair(seed=15, causal=True)
@@ -417,6 +425,10 @@ def test_bad_arguments():
         (lambda: engine.encode("abc"), TypeError, "documents"),
         (lambda: engine.encode(good, window_size=0), ValueError, "window_size"),
         (lambda: engine.encode(good, min_window_size=True), TypeError, "min_window_size"),
+        # (the config's bounds: these ran, a causal document staying pending whole)
+        (lambda: causal.encode(good, window_size=2 ** 40), ValueError, "window_size must be <="),
+        (lambda: engine.encode(good, window_size=2, min_window_size=5), ValueError,
+         r"min_window_size \(5\) must be <= window_size \(2\)"),
         (lambda: engine.encode(good, state=np.zeros((1, 12))), TypeError, "state"),
         (lambda: engine.encode(good, RANState.from_history(np.full((1, 12), np.nan))), ValueError,
          "NaN"),

@@ -70,6 +70,7 @@ import numpy as np
 
 from .. import kernels as K
 from ..kernels.attention import sequence_attention
+from ..io import MAX_SIZE
 from ..train.ran_ops import partition_windows
 from .base import (GenerationResult, Model, _check_int, check_finite, check_generation_options,
                    check_rows, check_sources, check_step_tokens)
@@ -119,8 +120,10 @@ class RANEncoding:
     sequence : list of float32 (n_b, D)
         Last layer's outputs for the tokens of this call, one array per document.
     pooled : float32 (B, D)
-        Last layer's pooled GPC (``cell_pooling``) over the document so far: the document
-        vector the classifier reads.
+        Last layer's pooled GPC (``cell_pooling``): the document vector the classifier reads.
+        A causal model pools over the document so far; a bidirectional one over this call's
+        windows (its state carries the history cell only: earlier chunks reach this vector
+        through it).
     history : float32 (B, D)
         Last layer's last carried cell (the official ``return_history``).
     """
@@ -614,6 +617,13 @@ class RAN(Model):
                   else _check_int(window_size, "window_size", 1))
         minimum = (self.min_window_size if min_window_size is None
                    else _check_int(min_window_size, "min_window_size", 1))
+        # the config's bounds (a W of 2**40 kept a causal document pending, re-encoded whole
+        # by every later call); a W given alone may be below the configured m (every tail
+        # then merges, as in the trainer)
+        if window > MAX_SIZE:
+            raise ValueError(f"window_size must be <= {MAX_SIZE}, got {window}")
+        if min_window_size is not None and minimum > window:
+            raise ValueError(f"min_window_size ({minimum}) must be <= window_size ({window})")
         if self.causal and window_size is None and isinstance(state, RANState):
             window = state.window_size  # a causal continuation keeps its partition
         return window, minimum

@@ -509,8 +509,14 @@ class RAN(Module):
         c = self.config
         ids = np.asarray(ids)
         lengths = self._lengths(ids, lengths)
-        layout = window_layout(lengths, ids.shape[1], window_size or c.window_size,
-                               min_window_size or c.min_window_size, merge_tail=not c.causal)
+        # (None, not any falsy value: window_size=0 ran the configured W, where the engine
+        # refuses it)
+        window = c.window_size if window_size is None else int(window_size)
+        minimum = c.min_window_size if min_window_size is None else int(min_window_size)
+        if window < 1 or minimum < 1:
+            raise ValueError(f"window_size and min_window_size must be >= 1, got {window} and "
+                             f"{minimum}")
+        layout = window_layout(lengths, ids.shape[1], window, minimum, merge_tail=not c.causal)
         x = self.embedding_norm(ag.embedding(self.embedding.weight, ids))
         x = ag.dropout(x, c.dropout, self.dropout_rng, self.training)
         cell = None
