@@ -1,77 +1,122 @@
 """Build attncore's Cython/C extensions.
 
-* OpenMP: probed by compiling and running a tiny program with ``-fopenmp``. Without it the build
+* OpenMP: probed by compiling and linking a tiny OpenMP function with ``-fopenmp`` (the build's
+  own compiler command, nothing run). Without it the build
   still succeeds (single-threaded) and ``attncore.info()`` says so; ``ATTNCORE_FAIL_NO_OPENMP=1``
   makes a missing OpenMP fatal.
 * Flags: portable ``-O3`` by default. SIMD (AVX2/FMA) is used through ``target`` attributes with
   run-time dispatch inside the C kernels, never a global ``-march=native``; ``ATTNCORE_NATIVE=1``
   opts into a native build. No global ``-ffast-math``: masked softmax relies on ``-inf`` semantics.
-* ``ATTNCORE_DEBUG=1`` turns Cython bounds/wraparound checks on.
+* ``ATTNCORE_DEBUG=1`` turns Cython bounds/wraparound checks on and keeps debug information
+  (``-g0`` otherwise: Python's ``-g`` made the libraries six times larger).
+* A change of these switches (or of the compiler command) rebuilds everything: the last build's
+  are recorded under ``build/``.
 """
 import glob
+import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import textwrap
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError, LinkError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_C = "src_c"
 
 
-def _probe_openmp(compiler_exe="cc"):
-    """Return True when ``compiler_exe -fopenmp`` compiles, links and runs an OpenMP program."""
-    code = textwrap.dedent("""
-        #include <omp.h>
-        #include <stdio.h>
-        int main(void) { int n = 0;
-        #pragma omp parallel reduction(+:n)
-          n += 1;
-          printf("%d", n > 0); return 0; }
-    """)
-    tmp = tempfile.mkdtemp()
+#: an OpenMP function, compiled and linked as the extensions are (nothing is run)
+_OPENMP_PROBE = textwrap.dedent("""
+    #include <omp.h>
+    int attncore_openmp_probe(void) { int n = 0;
+    #pragma omp parallel reduction(+:n)
+      n += omp_get_num_threads();
+      return n; }
+""")
+
+
+def _probe_openmp(compiler, directory):
+    """``(True, "")`` when the build's own compiler command compiles ``-fopenmp`` code and links
+    it into a shared object, as the extensions are built; else ``(False, why)``.
+
+    The compiler object's full command is used (``CC="ccache gcc"`` probed ``ccache -fopenmp``)
+    and nothing is executed (a ``noexec`` temporary directory read as no OpenMP): linking
+    already needs the OpenMP runtime."""
+    os.makedirs(directory, exist_ok=True)
+    source = os.path.join(directory, "openmp_probe.c")
+    with open(source, "w") as f:
+        f.write(_OPENMP_PROBE)
     try:
-        src = os.path.join(tmp, "probe.c")
-        exe = os.path.join(tmp, "probe")
-        with open(src, "w") as f:
-            f.write(code)
-        result = subprocess.run([compiler_exe, "-fopenmp", src, "-o", exe],
-                                capture_output=True)
-        if result.returncode != 0:
-            return False
-        return subprocess.run([exe], capture_output=True).stdout.strip() == b"1"
-    except OSError:
-        return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        objects = compiler.compile([source], output_dir=directory, extra_postargs=["-fopenmp"])
+        compiler.link_shared_object(objects, os.path.join(directory, "openmp_probe.so"),
+                                    extra_postargs=["-fopenmp"])
+    except CompileError:
+        return False, "it refused to compile -fopenmp code: its error is above"
+    except LinkError:
+        return False, "-fopenmp code did not link (no OpenMP runtime?): the error is above"
+    return True, ""
+
+
+def _flags_changed(path, flags):
+    """Whether ``flags`` differ from those the last finished build recorded at ``path``
+    (:func:`_record_flags`). Setuptools and Cython rebuild on timestamps only:
+    ``ATTNCORE_NATIVE=1`` on a built tree compiled nothing, and a native build packaged later
+    kept its ``-march=native``. A changed record is removed, so that an interrupted build
+    forces the next one too."""
+    try:
+        with open(path) as f:
+            if json.load(f) == flags:
+                return False
+        os.remove(path)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+def _record_flags(path, flags):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(flags, f)
+    except OSError:   # (a read-only tree: every build is a full one)
+        pass
 
 
 class BuildExt(build_ext):
     def build_extensions(self):
-        compiler_exe = self.compiler.compiler_so[0] if hasattr(self.compiler, "compiler_so") else "cc"
-        has_openmp = _probe_openmp(compiler_exe)
+        has_openmp, why = _probe_openmp(self.compiler, os.path.join(self.build_temp,
+                                                                     "openmp_probe"))
         if not has_openmp:
-            msg = "attncore: the compiler has no working OpenMP; building single-threaded kernels."
             if os.environ.get("ATTNCORE_FAIL_NO_OPENMP") == "1":
-                raise RuntimeError(msg)
-            print("WARNING: " + msg, file=sys.stderr)
+                raise RuntimeError(f"attncore: the compiler has no working OpenMP ({why}) and "
+                                   f"ATTNCORE_FAIL_NO_OPENMP=1")
+            print(f"WARNING: attncore: the compiler has no working OpenMP ({why}); building "
+                  f"single-threaded kernels.", file=sys.stderr)
         native = os.environ.get("ATTNCORE_NATIVE") == "1"
         for ext in self.extensions:
             ext.extra_compile_args = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function",
                                       "-fno-math-errno"]
+            if not debug:   # (Python's CFLAGS carry -g: 19 MB of .so files, 3 MB without)
+                ext.extra_compile_args.append("-g0")
             if native:
                 ext.extra_compile_args.append("-march=native")
                 ext.define_macros.append(("ATTNCORE_NATIVE", "1"))
             if has_openmp:
                 ext.extra_compile_args.append("-fopenmp")
                 ext.extra_link_args = ["-fopenmp"]
+            else:   # (the kernels' "#pragma omp" lines: 116 warnings)
+                ext.extra_compile_args.append("-Wno-unknown-pragmas")
+        flags = {"native": native, "openmp": has_openmp, "debug": debug,
+                 "compiler": list(getattr(self.compiler, "compiler_so", [])),
+                 "arguments": self.extensions[0].extra_compile_args}
+        record = os.path.join(self.build_temp, "attncore-flags.json")
+        if _flags_changed(record, flags):
+            self.force = True
         super().build_extensions()
+        _record_flags(record, flags)
 
 
 def kernel_extension(name, c_sources=()):
@@ -100,17 +145,20 @@ extensions = [
                                       "softmax.c", "simd.c"]),
 ]
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={
-            "language_level": 3,
-            "boundscheck": debug,
-            "wraparound": debug,
-            "initializedcheck": debug,
-            "cdivision": True,
-            "embedsignature": True,
-        },
-    ),
-    cmdclass={"build_ext": BuildExt},
+# (Cython regenerates the C on timestamps only: a change of ATTNCORE_DEBUG must force it)
+CYTHON_RECORD = os.path.join(HERE, "build", "attncore-cython-flags.json")
+debug_changed = _flags_changed(CYTHON_RECORD, {"debug": debug})
+ext_modules = cythonize(
+    extensions,
+    force=debug_changed,
+    compiler_directives={
+        "language_level": 3,
+        "boundscheck": debug,
+        "wraparound": debug,
+        "initializedcheck": debug,
+        "cdivision": True,
+        "embedsignature": True,
+    },
 )
+_record_flags(CYTHON_RECORD, {"debug": debug})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

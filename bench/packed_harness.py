@@ -25,6 +25,9 @@ SRC = os.path.join(HERE, "..", "src_c")
 
 def build(directory):
     """The harness as a shared library in ``directory``."""
+    if not os.path.isfile(os.path.join(SRC, "packed_linear.c")):   # (a FileNotFoundError)
+        sys.exit("packed_harness: needs a source checkout of attncore (src_c/ beside bench/); "
+                 "an installed package has no C sources")
     source = open(os.path.join(SRC, "packed_linear.c")).read()
     rule = "if (M <= ac_packed_panel_max_rows() || K == 0)"
     if rule not in source:

@@ -25,8 +25,11 @@
 #include <immintrin.h>
 #include <cpuid.h>
 #endif
-#if defined(__x86_64__)
-#define AC_AMX 1   /* AMX is a 64-bit mode feature */
+/* AMX is a 64-bit mode feature; its intrinsics came with GCC 11 and clang 12 (an older
+   compiler builds the VNNI and portable paths only) */
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define AC_AMX 1
 #endif
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>

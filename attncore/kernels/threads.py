@@ -205,7 +205,7 @@ def num_threads(n):
     previous = _local.num_threads
     _local.num_threads = n if _threads.openmp_enabled() else 1
     try:
-        yield n
+        yield _local.num_threads
     finally:
         _local.num_threads = previous
 
