@@ -217,7 +217,7 @@ def count_lines(path: str | os.PathLike, chunk_size: int = 1 << 20) -> int:
 
 _ID_PATTERN = re.compile(r"-?[0-9]+")
 # a one-line rerun's row as the model names it (its index in that batch of one, not the file)
-_ONE_ROW = re.compile(r"\b(?:sources|documents|prompts|tokens_list)\[0\]")
+ONE_ROW = re.compile(r"\b(?:sources|documents|prompts|tokens_list)\[0\]")
 
 
 def parse_ids(text: str, vocab_size: Optional[int] = None) -> np.ndarray:
@@ -387,7 +387,7 @@ def _run_window(window, infer, batching, throughput, on_batch, map_batches):
             result = _infer_checked(infer, [item])[0]
         except ValueError as exc:
             # (the model named the row "sources[0]": its index in this rerun's batch of one)
-            raise InputError(item.line, _ONE_ROW.sub("this line", str(exc))) from None
+            raise InputError(item.line, ONE_ROW.sub("this line", str(exc))) from None
         except MemoryError as exc:
             raise InputError(item.line, f"not enough memory for this line "
                                         f"({str(exc) or 'MemoryError'})") from None

@@ -674,8 +674,8 @@ def _attention(args):
                                      beam_size=args.beam, length_penalty=args.length_penalty)
     except batch.InputError as exc:
         raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
-    except ValueError as exc:
-        raise UserError(_option_names(_one_line(exc))) from None
+    except ValueError as exc:   # ("sources[0] has 101 tokens": the one input)
+        raise UserError(batch.ONE_ROW.sub("the input", _option_names(_one_line(exc)))) from None
     missing = None
     if args.output is not None and not str(args.output).lower().endswith(".png"):
         raise UserError(f"--output {args.output!r}: the heat map is a PNG, name it *.png")

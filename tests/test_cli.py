@@ -695,6 +695,19 @@ def test_commands_the_model_cannot_run(tmp_path, encoder_model):
                       "this model (transformer, encoder_only) cannot generate")
 
 
+def test_attention_names_the_input_not_a_batch_row(tmp_path):
+    # (the one input was "sources[0]", as in a batch the user never made)
+    from attncore import models
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(src_vocab_size=10, tgt_vocab_size=10, d_model=8, num_heads=2,
+                               dim_feedforward=12, num_encoder_layers=1, num_decoder_layers=1,
+                               max_positions=8).to_dict()
+    models.from_config(config, seed=3).save(tmp_path / "tiny")
+    proc = attncore_cli(["attention", "--model", tmp_path / "tiny", "--ids",
+                         " ".join(["4", "5", "6"] * 4)], tmp_path)
+    assert_user_error(proc, "the input has 12 tokens, longer than the position table (8)")
+
+
 @pytest.mark.parametrize("dask", [False, True])
 def test_translate_refuses_a_decoder_only_model(tmp_path, dask):
     # with --dask it ran one (exit 0); refused before any cluster starts
