@@ -36,7 +36,7 @@ import numpy as np
 from .kernels import _softmax
 from .models.base import GenerationResult
 
-__all__ = ["generate", "greedy_search", "beam_search", "sample"]
+__all__ = ["generate", "generate_tokens", "greedy_search", "beam_search", "sample"]
 
 
 def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id: int,
@@ -167,6 +167,27 @@ def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_p
                            max_length=max_length, min_length=min_length,
                            length_penalty=length_penalty, return_attention=return_attention,
                            attention_heads=attention_heads)
+
+
+def generate_tokens(model, source, *, bos_id, eos_id, max_length, min_length=0,
+                    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+    """Yield ``(token, log_prob)`` for one source as greedy search (or sampling) chooses them,
+    EOS not yielded: the steps of :func:`_one_row_search` for a batch of one (its draws:
+    source 0's stream of ``seed``), each handed on when it is made. Arguments are validated
+    by the caller (:meth:`attncore.models.base.GenerateTokensMixin.generate_tokens`)."""
+    state = model._start([source])
+    tokens = _first_tokens(bos_id, 1)
+    streams = _sampling_streams(seed, 1) if do_sample else None
+    for step in range(max_length):
+        scores, _ = _step(model, state, tokens, step, min_length, eos_id, False)
+        if streams is None:
+            token = int(_argmax(scores, None)[0])
+        else:
+            token = int(_sample_rows(scores, streams, temperature, top_k, top_p)[0])
+        if token == eos_id:
+            return
+        yield token, float(scores[0, token])
+        tokens = np.array([token], dtype=np.int64)
 
 
 def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,

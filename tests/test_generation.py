@@ -580,3 +580,75 @@ def test_sampling_filters_pick_what_full_sorts_pick(vocab):
         got = generation._sample_rows(scores, [np.random.default_rng(case)] * 6, **options)
         want = _sample_rows_by_sorting(scores, np.random.default_rng(case), **options)
         np.testing.assert_array_equal(got, want, err_msg=f"case {case}: {options}")
+
+
+# -- streaming: generate_tokens ------------------------------------------------------------------
+def _streaming_models():
+    from attncore import models
+    from attncore.train.ran import RANConfig
+    from attncore.train.seq2seq import Seq2SeqConfig
+    from attncore.train.transformer import TransformerConfig
+    common = dict(d_model=16, num_heads=2, dim_feedforward=24, max_positions=64)
+    configs = {
+        "seq2seq": Seq2SeqConfig(src_vocab_size=30, tgt_vocab_size=30, embed_dim=8,
+                                 hidden_size=12).to_dict(),
+        "transformer": TransformerConfig(src_vocab_size=30, tgt_vocab_size=30,
+                                         num_encoder_layers=1, num_decoder_layers=2,
+                                         **common).to_dict(),
+        "decoder_only": TransformerConfig(kind="decoder_only", src_vocab_size=30,
+                                          tgt_vocab_size=30, num_encoder_layers=0,
+                                          num_decoder_layers=2, **common).to_dict(),
+        "ran_lm": RANConfig(vocab_size=30, embedding_size=12, ran_layers=1, head_num=2,
+                            head_size=4, window_size=4, min_window_size=2, num_classes=0,
+                            causal=True, token_head="lm", dtype="float32").to_dict(),
+    }
+    return {name: models.from_config(config, seed=5) for name, config in configs.items()}
+
+
+@pytest.fixture(scope="module")
+def streaming_models():
+    return _streaming_models()
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])
+@pytest.mark.parametrize("options", [{}, {"min_length": 6},
+                                     {"do_sample": True, "seed": 7, "top_p": 0.8},
+                                     {"do_sample": True, "seed": [11], "temperature": 0.5}])
+def test_generate_tokens_streams_what_generate_returns(streaming_models, name, options):
+    model = streaming_models[name]
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        source = rng.integers(3, 30, int(rng.integers(1, 9)))
+        result = model.generate([source], max_length=12, **options)[0]
+        streamed = list(model.generate_tokens(source, max_length=12, **options))
+        assert [token for token, _ in streamed] == result.tokens
+        # the same float32 step log-probabilities; the result also counts a generated EOS
+        total = sum(log_prob for _, log_prob in streamed)
+        if len(result.tokens) == 12:
+            assert total == pytest.approx(result.log_probs[0], abs=1e-9)
+        else:
+            assert total > result.log_probs[0]
+
+
+def test_generate_tokens_checks_first_and_stops_when_the_caller_does(streaming_models):
+    model = streaming_models["transformer"]
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        model.generate_tokens([4, 5], max_length=0)   # (at the call, not at the first next())
+    with pytest.raises(ValueError, match="sources"):
+        model.generate_tokens([4, 99], max_length=3)
+    with pytest.raises(TypeError):
+        model.generate_tokens([4, 5], max_length=3, beam_size=2)   # (beam search cannot stream)
+    steps = []
+    real_step = model._step
+
+    def counting(state, tokens):
+        steps.append(1)
+        return real_step(state, tokens)
+    model._step = counting
+    try:
+        stream = model.generate_tokens([4, 5, 6], max_length=30, min_length=30)
+        first = [next(stream) for _ in range(2)]
+        stream.close()
+    finally:
+        del model._step
+    assert len(first) == 2 and len(steps) == 2

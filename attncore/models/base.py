@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -562,7 +562,35 @@ class Model:
                f"parameters={size}{dtype})"
 
 
-class EncoderDecoderModel(Model):
+class GenerateTokensMixin:
+    """:meth:`generate_tokens` for a model with ``_generation_inputs`` (every generating
+    model)."""
+
+    def generate_tokens(self, source, *, max_length, min_length=0, do_sample=False,
+                        temperature=1.0, top_k=0, top_p=1.0, seed=None
+                        ) -> Iterator[Tuple[int, float]]:
+        """Stream one source's (or prompt's) generated tokens as they are chosen.
+
+        Yields ``(token id, log-probability)`` a step, greedy (the default) or sampled
+        (``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed`` as in
+        :meth:`generate`), and stops at EOS (not yielded) or after ``max_length`` tokens:
+        the tokens and log-probabilities ``generate([source], ...)`` returns with the same
+        options, each as soon as its step is done (a service sends it on; a caller that
+        stops iterating stops the decoding). Beam search ranks whole hypotheses at the end,
+        so it cannot stream. Arguments are checked here, before the first token.
+        """
+        from .. import generation
+
+        sources, bos_id, options = self._generation_inputs([source], dict(
+            max_length=max_length, min_length=min_length, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        return generation.generate_tokens(
+            self, sources[0], bos_id=bos_id, eos_id=self.eos_id,
+            **{key: options[key] for key in ("max_length", "min_length", "do_sample",
+                                             "temperature", "top_k", "top_p", "seed")})
+
+
+class EncoderDecoderModel(GenerateTokensMixin, Model):
     """An encoder-decoder engine model: the decoder protocol of ``docs/ENGINE.md``
     (``_start``, ``_step``, ``state.select``) plus the public :meth:`generate` /
     :meth:`translate`.
@@ -620,14 +648,19 @@ class EncoderDecoderModel(Model):
         """
         from .. import generation
 
-        options = check_generation_options(
+        sources, bos_id, options = self._generation_inputs(sources, dict(
             max_length=max_length, min_length=min_length, beam_size=beam_size,
             num_hypotheses=num_hypotheses, length_penalty=length_penalty, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            return_attention=return_attention, attention_heads=attention_heads)
+            return_attention=return_attention, attention_heads=attention_heads))
+        return generation.generate(self, sources, bos_id=bos_id, eos_id=self.eos_id, **options)
+
+    def _generation_inputs(self, sources, options: dict):
+        """``(sources, bos_id, options)`` checked for a search: what :meth:`generate` and
+        :meth:`generate_tokens` run (a decoder-only model's ``bos_id`` is None)."""
+        options = check_generation_options(**options)
         sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
-        return generation.generate(self, sources, bos_id=self.bos_id, eos_id=self.eos_id,
-                                   **options)
+        return sources, self.bos_id, options
 
     def translate(self, texts, *, max_length=None, **options) -> List[str]:
         """Text in, text out, through the model's tokenizer.

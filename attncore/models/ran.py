@@ -72,8 +72,8 @@ from .. import kernels as K
 from ..kernels.attention import sequence_attention
 from ..io import MAX_SIZE
 from ..train.ran_ops import partition_windows
-from .base import (GenerationResult, Model, _check_int, check_finite, check_generation_options,
-                   check_rows, check_sources, check_step_tokens)
+from .base import (GenerateTokensMixin, GenerationResult, Model, _check_int, check_finite,
+                   check_generation_options, check_rows, check_sources, check_step_tokens)
 
 __all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
 
@@ -407,7 +407,7 @@ def _fuse(*arrays: np.ndarray) -> np.ndarray:
 # The model
 # ------------------------------------------------------------------------------------------
 
-class RAN(Model):
+class RAN(GenerateTokensMixin, Model):
     """RAN encoder (bidirectional or causal) with its document and token heads, on the kernels.
 
     Build it with ``RAN(config, weights)``, ``RAN.from_config(config, seed)`` or
@@ -567,10 +567,15 @@ class RAN(Model):
         """
         from .. import generation
 
+        prompts, bos_id, options = self._generation_inputs(prompts, dict(max_length=max_length,
+                                                                         **options))
+        return generation.generate(self, prompts, bos_id=bos_id, eos_id=self.eos_id, **options)
+
+    def _generation_inputs(self, prompts, options: dict):
+        """(prompts, None, options) checked (:meth:`generate`, :meth:`generate_tokens`)."""
         self._check_can("generate")
-        options = check_generation_options(max_length=max_length, **options)
-        prompts = check_sources(prompts, self.vocab_size, name="prompts")
-        return generation.generate(self, prompts, bos_id=None, eos_id=self.eos_id, **options)
+        options = check_generation_options(**options)
+        return check_sources(prompts, self.vocab_size, name="prompts"), None, options
 
     def _check_can(self, method: str) -> None:
         reason = self.cannot(method, self.config)

@@ -568,12 +568,13 @@ class Transformer(EncoderDecoderModel):
         Every generated token needs a row of the position table, so ``max_length`` (plus the
         longest prompt less one, for decoder-only) may not exceed ``max_positions``.
         """
-        from .. import generation
+        return super().generate(sources, max_length=max_length, **options)
 
+    def _generation_inputs(self, sources, options: dict):
         if not self.has_decoder:
             raise ValueError("generate needs a decoder; an encoder_only Transformer has none "
                              "(use encode or classify)")
-        options = check_generation_options(max_length=max_length, **options)
+        options = check_generation_options(**options)
         sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
         decoder_only = self.kind == "decoder_only"
         needed = options["max_length"] + (max(len(s) for s in sources) - 1 if decoder_only else 0)
@@ -581,8 +582,7 @@ class Transformer(EncoderDecoderModel):
             what = "the longest prompt plus max_length - 1" if decoder_only else "max_length"
             raise ValueError(f"max_length: {what} is {needed}, more positions than the position "
                              f"table has (max_positions={self.max_positions})")
-        return generation.generate(self, sources, bos_id=None if decoder_only else self.bos_id,
-                                   eos_id=self.eos_id, **options)
+        return sources, None if decoder_only else self.bos_id, options
 
     def default_max_length(self, source_length: int) -> int:
         """``2 * length + 10`` tokens, within the position table: ``max_positions`` for an
