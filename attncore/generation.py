@@ -303,9 +303,10 @@ def _nucleus(probs, top_p):
     """probs (V,) float64 with every token outside the top-p nucleus set to 0: the smallest
     prefix of the ranking whose mass reaches top_p (never empty). A trained model's nucleus
     is usually a few tokens: the ranking's first 64 come from the one-pass top-k. A larger
-    one is found from the row's values sorted alone (no index sort: ties have equal values,
-    so the running sums are the ranking's), as the tokens above the smallest kept value and
-    the lowest-id ones equal to it. Either way the ranking's own prefix."""
+    one is found from the row's values sorted alone (``_softmax.nucleus``, a radix sort; no
+    index sort: ties have equal values, so the running sums are the ranking's), as the tokens
+    above the smallest kept value and the lowest-id ones equal to it. Either way the
+    ranking's own prefix."""
     vocab = probs.shape[0]
     order = _ranked(probs, 64)
     ranked = probs[order]
@@ -319,14 +320,10 @@ def _nucleus(probs, top_p):
         kept = np.zeros_like(probs)
         kept[order] = ranked
         return kept
-    # (a stable argsort of the row cost 0.55 ms a row and step at 8000 tokens)
-    values = np.sort(probs)[::-1]
-    before = np.concatenate(([0.0], np.cumsum(values)[:-1]))
-    size = max(1, int(np.count_nonzero(before < top_p)))
-    smallest = values[size - 1]
-    above = probs > smallest
-    kept = np.where(above, probs, 0.0)
-    kept[np.flatnonzero(probs == smallest)[:size - int(np.count_nonzero(above))]] = smallest
+    # (a stable argsort of the row cost 0.55 ms a row and step at 8000 tokens, NumPy's sort
+    # of its values 0.2 ms; the compiled radix sort 0.03 ms)
+    kept = np.empty_like(probs)
+    _softmax.nucleus(np.ascontiguousarray(probs, dtype=np.float64), float(top_p), kept)
     return kept
 
 

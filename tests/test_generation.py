@@ -365,6 +365,39 @@ def test_a_large_nucleus_is_the_stable_ranking_prefix():
             np.testing.assert_array_equal(kept[order[keep]], probs[order[keep]])
 
 
+def _nucleus_reference(probs, top_p):
+    order = np.lexsort((np.arange(probs.size), -probs))   # the stable ranking
+    before = np.concatenate(([0.0], np.cumsum(probs[order])[:-1]))
+    keep = before < top_p
+    keep[0] = True
+    kept = np.zeros_like(probs)
+    kept[order[keep]] = probs[order[keep]]
+    return kept, int(keep.sum())
+
+
+def test_compiled_nucleus_is_the_stable_ranking_prefix():
+    from attncore.kernels import _softmax
+    rng = np.random.default_rng(11)
+    rows = [rng.dirichlet(np.ones(5000)), rng.dirichlet(np.full(3000, 0.05)),
+            np.round(rng.random(4000) * 6) / 7,                      # many ties
+            np.concatenate((np.zeros(50), rng.random(50) * 1e-310)),   # zeros, subnormals
+            np.array([0.5]), np.array([-0.0, 0.0, 1.0, 1.0])]
+    for probs in rows:
+        order = np.lexsort((np.arange(probs.size), -probs))
+        sums = np.cumsum(probs[order])
+        # top_p exactly at running sums (the boundary), between them, and past the total
+        for top_p in [1e-12, 0.3, 0.9, 1.0, 2.0 * sums[-1] + 1.0] + list(
+                sums[:: max(1, sums.size // 7)]):
+            want, want_size = _nucleus_reference(probs, top_p)
+            got = np.empty_like(probs)
+            assert _softmax.nucleus(probs, top_p, got) == want_size
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="out must have 3"):
+        _softmax.nucleus(np.ones(3), 0.5, np.empty(2))
+    with pytest.raises(ValueError, match="top_p must be > 0"):
+        _softmax.nucleus(np.ones(3), 0.0, np.empty(3))
+
+
 def test_sampled_log_probs_are_the_models():
     for source, r in zip(SOURCES, _generate(SOURCES, do_sample=True, seed=3, max_length=5,
                                             temperature=0.7)):
