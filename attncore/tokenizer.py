@@ -27,8 +27,9 @@ accent typed as a combining character is the composed character. A str holding a
 surrogate is not text: ValueError.
 
 Surrounding whitespace is stripped from sources (training data is; a RAN language model's
-prompts keep their trailing space at the character level, where it is text in a prefix), and a classifier trained
-on documents cut to their first N tokens cuts them the same way (``"max_source_tokens": N``).
+prompts keep their trailing space at the character level, where it is text in a prefix), and
+a classifier trained on documents cut to their first N tokens cuts them the same way
+(``"max_source_tokens": N``).
 
 Special tokens: text is text. ``"<eos>"``, ``"<pad>"``... typed in a string never become
 the control ids (an EOS or PAD inside a source, a RAN document's "no token" id): a word-level

@@ -11,8 +11,8 @@ Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical refer
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
 shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
 the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
-matmul / linear vs NumPy, a top-p sampling step vs NumPy and torch; finally the peak memory of ``attention`` at length 16384 (it must show
-no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decode rows,
+matmul / linear vs NumPy, a top-p sampling step vs NumPy and torch; finally the peak memory of
+``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
 """
