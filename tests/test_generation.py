@@ -529,6 +529,29 @@ def test_beam_top_k_ranks_each_source_as_its_flattened_candidates():
                 assert count[g] == want.size
                 np.testing.assert_array_equal(index[g, :count[g]], want)
                 np.testing.assert_array_equal(value[g, :count[g]], flat[want])
+    # vocabularies of many 256-score blocks, skipped whole when their max cannot enter (float32
+    # rows): ties with the k-th exactly (dyadic scores and bases), NaN and -inf blocks, a row
+    # whose base is -inf, values near float32's largest, log-probabilities
+    for rows, vocab, k in [(4, 257, 8), (6, 1000, 8), (8, 8000, 16), (3, 5000, 300)]:
+        tied = (rng.integers(-40, 1, (rows, vocab)) / 8).astype(np.float32)
+        real = np.log(rng.dirichlet(np.full(vocab, 0.1), size=rows)).astype(np.float32)
+        huge = np.where(rng.random((rows, vocab)) < 0.5, np.float32(3e38), np.float32(-3e38))
+        for scores in (tied, real, huge):
+            scores = scores.copy()
+            scores[:, 256:512] = np.nan
+            scores[:, 600:900] = -np.inf
+            scores[rng.random((rows, vocab)) < 0.01] = np.nan
+            base = rng.integers(-8, 1, rows).astype(np.float64) / 4
+            base[-1] = -np.inf
+            bounds = np.array([0, 1, rows - 1, rows], dtype=np.int64)
+            index, value, count = _softmax.beam_top_k(scores, base, bounds, k)
+            for g in range(len(bounds) - 1):
+                block = (scores[bounds[g]:bounds[g + 1]].astype(np.float64)
+                         + base[bounds[g]:bounds[g + 1], None])
+                want = _softmax.top_k(block.ravel(), k)
+                assert count[g] == want.size
+                np.testing.assert_array_equal(index[g, :count[g]], want)
+                np.testing.assert_array_equal(value[g, :count[g]], block.ravel()[want])
     # k past the candidates: the arrays are as wide as the largest group's candidates
     index, value, count = _softmax.beam_top_k(np.zeros((3, 4), np.float32), np.zeros(3),
                                               np.array([0, 1, 3]), 10 ** 9)
