@@ -11,8 +11,9 @@ Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical refer
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
 shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
 the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
-matmul / linear vs NumPy, a top-p sampling step vs NumPy and torch; finally the peak memory of
-``attention`` at length 16384 (it must show no len^2 buffer). Ratios > 1 mean attncore is faster. In the attention and decode rows,
+matmul / linear vs NumPy, a top-p sampling step and a beam-search ranking vs NumPy and torch;
+finally the peak memory of ``attention`` at length 16384 (it must show no len^2 buffer).
+Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
 """
@@ -249,12 +250,13 @@ def _numpy_top_p(scores, stream, top_p):
 
 
 def run_sampling(threads, torch, rows, quick):
-    """One sampling step's token choice for one row of log-probabilities, top_p=0.9
+    """The per-step work of the searches besides the model. One sampling step's token choice for one row of log-probabilities, top_p=0.9
     (``generation._sample_rows``, what ``generate(do_sample=True)`` runs a step), against the
     plain NumPy nucleus above and torch's (a descending sort, softmax, cumsum, mask,
     ``multinomial``: transformers' TopPLogitsWarper). A flat row (a nucleus of thousands of
     tokens: an open-ended language model) and a peaked one (hundreds)."""
     from attncore import generation
+    from attncore.kernels import _softmax
     rng = np.random.default_rng(6)
     for vocab in ([2000] if quick else [8000, 32000]):
         for kind, alpha in (("flat", 1.0), ("peaked", 0.05)):
@@ -280,6 +282,30 @@ def run_sampling(threads, torch, rows, quick):
                 t_th = H.best_time(theirs, 20)
             rows.append((threads, f"sample top_p=0.9 V={vocab} ({kind})", t_ac, float("nan"),
                          t_np, t_th))
+    # beam search's ranking a step: each source's best 2 x beam of its beams' cumulative
+    # log-prob + token log-probs (_softmax.beam_top_k), against NumPy (the float64 sums, a
+    # partition per source and a sort of the kept) and torch (transformers' beam search: topk
+    # of the flattened sums)
+    beam = 4
+    for sources in ([2] if quick else [1, 16]):
+        vocab = 2000 if quick else 8000
+        scores = np.log(rng.dirichlet(np.full(vocab, 0.1), size=sources * beam)).astype(np.float32)
+        base = rng.standard_normal(sources * beam) - 5.0
+        bounds = np.arange(0, sources * beam + 1, beam, dtype=np.int64)
+        t_ac = H.best_time(lambda: _softmax.beam_top_k(scores, base, bounds, 2 * beam), 20)
+
+        def numpy_ranking():
+            sums = (scores.astype(np.float64) + base[:, None]).reshape(sources, -1)
+            kept = [np.argpartition(-row, 2 * beam)[:2 * beam] for row in sums]
+            return [part[np.argsort(-row[part], kind="stable")] for row, part in zip(sums, kept)]
+        t_np = H.best_time(numpy_ranking, 10)
+        t_th = float("nan")
+        if torch is not None:
+            tscores, tbase = torch.from_numpy(scores), torch.from_numpy(base)
+            t_th = H.best_time(lambda: torch.topk((tscores.double() + tbase[:, None])
+                                                  .view(sources, -1), 2 * beam), 20)
+        rows.append((threads, f"beam ranking beam={beam} sources={sources} V={vocab}", t_ac,
+                     float("nan"), t_np, t_th))
 
 
 PEAK_SNIPPET = """
