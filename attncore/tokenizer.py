@@ -141,8 +141,15 @@ class Tokenizer:
         """The text that ``ids`` add after the token ids ``prompt``: ``prompt``'s text followed
         by it is the text of ``prompt + ids``. A decoder-only model's output: decoded alone,
         a BPE continuation lost its word start ("unto" after "said" and "id" after "sa" both
-        read as a word), and a word-level one the space before it."""
+        read as a word), and a word-level one the space before it. A prompt holding EOS
+        (``source <eos>``, what a pairs-trained language model reads) is followed by a text of
+        its own: ``ids`` decoded alone."""
         prompt = list(prompt)
+        if getattr(self.target_vocab, "eos", 2) in prompt:
+            # a prompt that ends a text (a pairs-trained language model reads "source <eos>"
+            # and writes the target): what follows is a text of its own (decoding the whole
+            # stopped at that EOS: every output was "")
+            return _decode(self.target_vocab, ids, "target")
         head = _decode(self.target_vocab, prompt, "target")
         whole = _decode(self.target_vocab, prompt + list(ids), "target")
         if whole.startswith(head):

@@ -468,8 +468,12 @@ def test_a_decoder_only_model_writes_what_follows_its_prompt(level):
         assert tokenizer.decode_source(item.source.tolist()) + line == \
             vocab.decode(item.source.tolist() + result)
         assert line.startswith(" unto") or (level == "char" and line.startswith("unto")), line
-    # an encoder-decoder's output is its own text
-    seq2seq = batch.Frontend({"architecture": "transformer", "kind": "encoder_decoder"},
-                             Tokenizer(vocab, vocab))
-    item = job.parse(1, "and god said", seq2seq)
-    assert job.format_item(item, vocab.encode("unto moses"), seq2seq) == "unto moses"
+    # an encoder-decoder's output is its own text; so is a pairs-trained language model's,
+    # whose prompts end with EOS (two-sided tokenizer: "source <eos>", then the target; the
+    # whole decoded stopped at that EOS, and every output line was empty)
+    for kind in ("encoder_decoder", "decoder_only"):
+        paired = batch.Frontend({"architecture": "transformer", "kind": kind},
+                                Tokenizer(vocab, vocab))
+        item = job.parse(1, "and god said", paired)
+        assert item.source[-1] == vocab.eos
+        assert job.format_item(item, vocab.encode("unto moses"), paired) == "unto moses"

@@ -695,6 +695,27 @@ def test_commands_the_model_cannot_run(tmp_path, encoder_model):
                       "this model (transformer, encoder_only) cannot generate")
 
 
+def test_generate_writes_a_paired_language_models_target_text(tmp_path):
+    # (a transformer-lm trained on pairs reads "source <eos>": its text output was empty for
+    # every line, the ids right)
+    from attncore import models
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.transformer import TransformerConfig
+    vocab = Vocab("abcdefgh", level="char")
+    config = TransformerConfig(kind="decoder_only", src_vocab_size=len(vocab),
+                               tgt_vocab_size=len(vocab), d_model=8, num_heads=2,
+                               dim_feedforward=12, num_encoder_layers=0, num_decoder_layers=1,
+                               max_positions=32).to_dict()
+    models.from_config(config, seed=4, tokenizer=Tokenizer(vocab, vocab)).save(tmp_path / "lm")
+    args = ["generate", "--model", tmp_path / "lm", "--min-length", "4", "--max-length", "6"]
+    text = attncore_cli(args, tmp_path, stdin="abcd\nhgfe\n")
+    ids = attncore_cli(args + ["--output-ids"], tmp_path, stdin="abcd\nhgfe\n")
+    assert text.returncode == ids.returncode == 0, text.stderr + ids.stderr
+    expected = [vocab.decode([int(i) for i in line.split()]) for line in ids.stdout.splitlines()]
+    assert text.stdout.splitlines() == expected and any(expected)
+
+
 def test_attention_names_the_input_not_a_batch_row(tmp_path):
     # (the one input was "sources[0]", as in a batch the user never made)
     from attncore import models
