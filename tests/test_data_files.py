@@ -93,6 +93,17 @@ def test_pairs_bpe_vocabularies_lower_case_served_text(tmp_path):
         PairsTask(train=str(tmp_path / "train.tsv"), level="char", lowercase=True)
 
 
+def test_character_level_pairs_score_bleu_on_characters(tmp_path):
+    # (sacrebleu's 13a read each space-less output as one word: BLEU 0.00 beside 100% exact)
+    pytest.importorskip("sacrebleu")
+    path = tmp_path / "train.tsv"
+    path.write_text("".join(f"{w}\t{w[::-1]}\n" for w in ("abcdef", "ghijkl", "mnopqr") * 20))
+    task = PairsTask(train=str(path), level="char", holdout=0.3)
+    targets = [t for _, t in task.examples("test")]
+    assert task.bleu_tokenize == "char" and task.bleu(targets) == pytest.approx(100.0)
+    assert PairsTask(train=str(path), level="word", holdout=0.3).bleu_tokenize == "13a"
+
+
 def test_pairs_bpe_vocabularies_read_tabs_and_no_break_spaces_as_spaces(tmp_path):
     # (the saved normalizer was Lowercase or nothing: Metaspace splits on " " only, so a tab
     # or a no-break space in served text was <unk> and the next word lost its word start)

@@ -351,14 +351,22 @@ def _main(argv: Optional[List[str]] = None) -> int:
     decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
     score = {}
     if callable(getattr(task, "bleu", None)):  # a translation task: corpus BLEU of the same decodings
-        score["bleu"] = metrics.bleu([d[2] for d in details], [d[1] for d in details])
+        tokenize = getattr(task, "bleu_tokenize", "13a")
+        score["bleu"] = metrics.bleu([d[2] for d in details], [d[1] for d in details],
+                                     tokenize=tokenize)
+        if tokenize != "13a":
+            score["bleu_tokenize"] = tokenize
     if args.json:
         print(json.dumps({**head, "decoder": decoder, "exact_match": accuracy, "n_evaluated": count,
                           "errors": len(wrong), **score}))
     else:
         bleu_text = f", BLEU {score['bleu']:.2f}" if score else ""
+        if "bleu_tokenize" in score:
+            bleu_text += f" (sacrebleu tokenize={score['bleu_tokenize']})"
+        # (only a task with an ambiguity check excludes inputs: the dates task)
+        excluded = "; ambiguous inputs excluded" if ambiguity_check(task) is not None else ""
         print(f"{args.model_dir}: exact match {accuracy:.4%}{bleu_text} on {count} {args.task}/{args.split} "
-              f"examples, {decoder} ({len(wrong)} wrong; ambiguous inputs excluded)")
+              f"examples, {decoder} ({len(wrong)} wrong{excluded})")
     for src, tgt, hyp in wrong[:args.errors]:
         print(f"  {src!r}: expected {tgt}, got {hyp}", file=sys.stderr)
     return 0
