@@ -661,7 +661,10 @@ def _attention(args):
     from attncore import batch, heatmap
     with contextlib.ExitStack() as stack:
         model = _load_model(_model_path(args, stack), args.weight_dtype)
-    if not callable(getattr(model, "generate", None)) or \
+    from attncore.models.base import EncoderDecoderModel
+    # (a RAN, classifier or language model, is none: it was refused only after the text was
+    # read, with "tokens missing from the source vocabulary" or "return_attention: ...")
+    if not isinstance(model, EncoderDecoderModel) or \
             model.config.get("kind") in ("decoder_only", "encoder_only"):
         raise UserError("attention needs a generative encoder-decoder model")
     _set_threads(args)
@@ -737,11 +740,14 @@ def _add_model_options(parser, *, lines=True, generates=True):
                                  "'local' / 'local:N' for N local worker processes")
 
 
-def _add_generation_options(parser):
+def _add_generation_options(parser, *, min_length=False):
+    """--beam, --max-length, --length-penalty; ``min_length``: the parser also has
+    --min-length (generate), which the --max-length help then names."""
     parser.add_argument("--beam", type=_positive_int, default=1, help="beam size (default 1: greedy)")
     parser.add_argument("--max-length", type=_positive_int, default=None,
-                        help="most generated tokens (default: each line its own, 2 x its length + 10, "
-                             "or --min-length + 1 where that is more)")
+                        help="most generated tokens (default: each line its own, 2 x its length + 10"
+                             + (", or --min-length + 1 where that is more)" if min_length
+                                else ")"))
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are log-prob / length ** this (default 1)")
 
@@ -762,7 +768,7 @@ def build_parser():
                               description="Generate a sequence for each input line (greedy, beam "
                                           "search or sampling).")
     _add_model_options(generate)
-    _add_generation_options(generate)
+    _add_generation_options(generate, min_length=True)
     generate.add_argument("--output-ids", action="store_true", help="write token ids, not text")
     generate.add_argument("--min-length", type=int, default=0, help="no EOS before this many tokens")
     generate.add_argument("--sample", action="store_true", help="sample instead of searching")

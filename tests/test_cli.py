@@ -794,6 +794,27 @@ def test_attention_input_errors(tmp_path):
                       "--length-penalty must lie in [-10, 10]")
 
 
+def test_attention_refuses_a_ran_before_reading_the_text(tmp_path):
+    # (a RAN classifier reported the text's unknown words; a RAN language model
+    # "return_attention: this model has no cross-attention to return")
+    from attncore import models
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.ran import RANConfig
+    vocab = Vocab("abcdef", level="char")
+    for name, extra in (("classifier", dict(num_classes=2)),
+                        ("lm", dict(num_classes=0, causal=True, token_head="lm"))):
+        config = RANConfig(vocab_size=len(vocab), embedding_size=8, ran_layers=1, head_num=2,
+                           head_size=4, window_size=4, min_window_size=2, **extra).to_dict()
+        models.from_config(config, seed=1, tokenizer=Tokenizer(src=vocab)).save(tmp_path / name)
+        for text in ("zzz", "abc"):
+            assert_user_error(attncore_cli(["attention", text, "--model", tmp_path / name],
+                                           tmp_path),
+                              "attention needs a generative encoder-decoder model")
+    helped = attncore_cli(["translate", "--help"], tmp_path).stdout
+    assert "--min-length" not in helped   # (its --max-length help named an option it lacks)
+
+
 # -------------------------------------------------------------------------------- other commands
 def test_info_and_help(tmp_path):
     info = attncore_cli(["info"], tmp_path)
