@@ -134,6 +134,14 @@ def test_engine_beam_1_decodes_as_the_trainer_greedy(trained):
     assert beam[1] == count and 0.0 <= beam[0] <= 1.0
 
 
+def test_cli_names_a_model_directory_that_is_not_there(tmp_path, capsys):
+    # (it asked for --task: "... has no training.json naming the task it was trained on")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main([str(tmp_path / "nosuch")])
+    assert exit_.value.code == 2
+    assert f"model directory '{tmp_path / 'nosuch'}' does not exist" in capsys.readouterr().err
+
+
 def test_cli_reports_bleu_for_a_task_with_bleu(trained, capsys, monkeypatch):
     pytest.importorskip("sacrebleu")
     _, out = trained
@@ -240,7 +248,7 @@ def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
     shutil.copytree(out, broken)
     (broken / "src_vocab.json").write_text("[1, 2]")
     for args, fragment in (([str(broken)], "src_vocab.json"),
-                           ([str(tmp_path / "nowhere"), "--task", "copy"], "path does not exist"),
+                           ([str(tmp_path / "nowhere"), "--task", "copy"], "does not exist"),
                            ([str(out), "--errors", "-1"], "--errors must be >= 0"),
                            ([str(out), "--seed", "-1"], "--seed must be >= 0")):
         with pytest.raises(SystemExit) as info:

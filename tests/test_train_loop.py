@@ -327,6 +327,12 @@ def test_an_unknown_task_or_a_negative_seed_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["copy", "--arch", "transformer", "--out", str(tmp_path), "--seed", "-1"])
     assert "argument --seed: expected a finite number >= 0, got '-1'" in capsys.readouterr().err
+    # a misspelt task option is named (it read "ToyTask.__init__() got an unexpected keyword
+    # argument")
+    assert cli_main(["copy", "--arch", "transformer", "--out", str(tmp_path), "--steps", "1",
+                     "--no-progress", "--task-option", "num_trian=16"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "attncore train: error: task 'copy' has no option 'num_trian'")
 
 
 def test_resuming_with_other_data_options_is_refused(tmp_path):

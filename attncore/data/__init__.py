@@ -30,6 +30,7 @@ Vocabularies share the special ids ``pad=0, bos=1, eos=2, unk=3`` and are saved 
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from .metrics import bleu, exact_match
@@ -114,4 +115,12 @@ def get_task(name: str, seed: int = 0, **opts):
         factory = _REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}") from None
-    return factory(seed=seed, **opts)
+    try:
+        return factory(seed=seed, **opts)
+    except TypeError as exc:
+        # (a misspelt option read "PairsTask.__init__() got an unexpected keyword argument")
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown is None or unknown.group(1) not in opts:
+            raise
+        raise ValueError(f"task {name!r} has no option {unknown.group(1)!r} (its options: "
+                         f"docs/TRAINING.md)") from None

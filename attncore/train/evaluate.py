@@ -293,6 +293,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
     from .cli import parse_task_options
     from .export import load_model
 
+    if not os.path.exists(args.model_dir):   # (it asked for --task: "has no training.json")
+        from pathlib import Path
+
+        from attncore.io import absent
+        parser.error(absent(Path(args.model_dir), f"model directory {args.model_dir!r} does "
+                            f"not exist", f"model directory {args.model_dir!r}"))
     training = _training_run(args.model_dir)
     if args.task is None:
         if not training.get("task"):
