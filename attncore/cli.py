@@ -232,18 +232,29 @@ def _bench(argv):
         wanted = " and ".join(f"bench/{name}.py" for name in chosen)
         print(f"attncore bench: {wanted} not found in this installation", file=sys.stderr)
         return EXIT_USAGE
+    def environment(script, **extra):
+        # (its messages name "attncore bench kernels", not "kernels.py")
+        name = os.path.splitext(os.path.basename(script))[0]
+        return dict(os.environ, ATTNCORE_BENCH_PROG=f"attncore bench {name}", **extra)
+
+    if len(present) > 1:   # (an option one script refuses failed after the other's whole run)
+        for script in present:
+            status = _run_script([sys.executable, script] + argv,
+                                 env=environment(script, ATTNCORE_BENCH_CHECK="1"))
+            if status:
+                return status
     for script in present:
-        status = _run_script([sys.executable, script] + argv)
+        status = _run_script([sys.executable, script] + argv, env=environment(script))
         if status:   # (the next script would run its whole benchmark before failing the same way)
             return status
     return 0
 
 
-def _run_script(command) -> int:
+def _run_script(command, env=None) -> int:
     """``command``'s exit status, 128 + the signal's number when a signal ended it (a negative
     return code, e.g. the OOM killer's SIGKILL, was taken as success). A signal that stops this
     process (Ctrl-C, SIGTERM) stops the script too, then is reported as this command's."""
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     try:
         with StopSignals.watching():
             status = process.wait()

@@ -12,6 +12,23 @@ from attncore.cli import OneLineErrorParser  # noqa: F401  (one-line usage error
 from attncore.cli import thread_count  # noqa: F401  (the one --threads type, for the scripts)
 
 
+#: set by ``attncore bench``: the name the script's messages give it ("attncore bench
+#: kernels"), and "1" for a run that only checks its arguments (before any script runs, so that
+#: a bad option fails at once rather than after the first script's whole benchmark)
+PROG_VARIABLE, CHECK_VARIABLE = "ATTNCORE_BENCH_PROG", "ATTNCORE_BENCH_CHECK"
+
+
+def bench_prog():
+    """The script's name for its parser: ``attncore bench NAME`` when run through it, else
+    None (argparse's default, the file's name)."""
+    return os.environ.get(PROG_VARIABLE) or None
+
+
+def checking_arguments() -> bool:
+    """Whether this run only checks its arguments (``attncore bench``'s first pass)."""
+    return os.environ.get(CHECK_VARIABLE) == "1"
+
+
 def run_main(main):
     """Run a bench script's ``main()`` as attncore's commands run: stdout's write errors are one
     line, a closed pipe a quiet 141, Ctrl-C "interrupted" (130) and SIGTERM "stopped by
@@ -19,7 +36,7 @@ def run_main(main):
     import sys
 
     from attncore.cli import Stopped, StopSignals, run_command
-    name = os.path.basename(sys.argv[0])
+    name = bench_prog() or os.path.basename(sys.argv[0])
 
     def guarded():
         try:

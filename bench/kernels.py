@@ -332,7 +332,7 @@ SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed
 
 
 def main(argv=None):
-    parser = H.OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = H.OneLineErrorParser(prog=H.bench_prog(), description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--threads", type=H.thread_count, nargs="+", default=[1, 2])
     parser.add_argument("--no-torch", action="store_true",
@@ -340,6 +340,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                         help="run these sections only (the peak-memory check runs with attention)")
     args = parser.parse_args(argv)
+    if H.checking_arguments():
+        return 0
     torch = None if args.no_torch else H.try_import_torch()
     print(f"# {' '.join(['python', 'bench/kernels.py'] + (argv if argv is not None else sys.argv[1:]))}")
     print(f"# machine: {H.machine_description(with_torch=not args.no_torch)}")
@@ -384,12 +386,14 @@ def main(argv=None):
         by_name.setdefault(name, {})[threads] = t_ac
     if len(args.threads) >= 2:
         a, b = args.threads[0], args.threads[1]
-        print()
-        print(f"| workload | speed-up {b} vs {a} threads |")
-        print("|---|---:|")
-        for name, ts in by_name.items():
-            if a in ts and b in ts and name.startswith("attention") and "L=128" not in name:
-                print(f"| {name} | {ts[a] / ts[b]:.2f}x |")
+        scaling = [(name, ts[a] / ts[b]) for name, ts in by_name.items()
+                   if a in ts and b in ts and name.startswith("attention") and "L=128" not in name]
+        if scaling:   # (the large attention shapes only: no header without them)
+            print()
+            print(f"| workload | speed-up {b} vs {a} threads |")
+            print("|---|---:|")
+            for name, speedup in scaling:
+                print(f"| {name} | {speedup:.2f}x |")
     if "attention" not in args.only:
         return
     L = 2048 if args.quick else 16384

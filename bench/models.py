@@ -39,8 +39,9 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (OneLineErrorParser, best_time, best_times_interleaved,  # noqa: E402
-                      machine_description, run_main, set_threads, thread_count, try_import_torch)
+from _harness import (OneLineErrorParser, bench_prog, best_time,  # noqa: E402
+                      best_times_interleaved, checking_arguments, machine_description, run_main,
+                      set_threads, thread_count, try_import_torch)
 
 import attncore  # noqa: E402
 from attncore import io  # noqa: E402
@@ -422,7 +423,7 @@ def bench_ran(threads_list, lengths, quick, rows):
 
 
 def main(argv=None):
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog=bench_prog(), description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2])
     parser.add_argument("--only", nargs="+", choices=["transformer", "seq2seq", "ran"],
                         default=["transformer", "seq2seq", "ran"])
@@ -436,6 +437,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 1 <= args.beam <= MAX_BEAM_SIZE:   # (2000 failed after every model was built)
         parser.error(f"--beam must lie in [1, {MAX_BEAM_SIZE}], got {args.beam}")
+    if checking_arguments():
+        return 0
     if len(args.only) > 1:
         common = (["--threads", *map(str, args.threads)] + ["--quick"] * args.quick
                   + ["--no-torch"] * args.no_torch + ["--beam", str(args.beam)])

@@ -859,7 +859,15 @@ def test_bench_stops_at_the_first_script_that_fails(tmp_path):
     # an option only models.py takes: kernels.py refused it, then the whole model benchmark ran
     proc = attncore_cli(["bench", "--beam", "2", "--quick", "--threads", "1", "--no-torch"],
                         tmp_path)
-    assert_user_error(proc, "kernels.py: error: unrecognized arguments: --beam 2", code=2)
+    assert_user_error(proc, "attncore bench kernels: error: unrecognized arguments: --beam 2",
+                      code=2)
+    assert proc.stdout == ""
+    # an option only kernels.py takes fails before the kernel benchmark runs (it failed in
+    # models.py after the whole kernel table; the messages named the script files)
+    proc = attncore_cli(["bench", "--only", "softmax", "--quick", "--threads", "1",
+                         "--no-torch"], tmp_path)
+    assert_user_error(proc, "attncore bench models: error: argument --only: invalid choice: "
+                            "'softmax'", code=2)
     assert proc.stdout == ""
 
 
