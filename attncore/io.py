@@ -207,6 +207,9 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     problems = check_weights(weight_spec(config), weights)
     if problems:
         raise ValueError(f"weights do not match the {config['architecture']!r} spec:\n  " + "\n  ".join(problems))
+    if tokenizer_files is not None and not isinstance(tokenizer_files, Mapping):
+        tokenizer_files = [Path(source) for source in tokenizer_files]
+    _check_tokenizer_files(config, tokenizer_files, Path(path))
     # (numpy scalars, e.g. a size read from an array, are written as the number they hold; any
     # other non-JSON value fails here, before anything is written)
     config_text = json.dumps(config, indent=2, sort_keys=True, default=_json_number)
@@ -237,6 +240,25 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
                 source = Path(source)
                 (directory / source.name).write_bytes(source.read_bytes())
     return directory
+
+
+def _check_tokenizer_files(config: Mapping, tokenizer_files, directory: Path) -> None:
+    """ValueError when ``config["tokenizer"]`` names a vocabulary file that neither
+    ``tokenizer_files`` gives nor ``directory`` holds: the directory written would not load
+    (``save_model_dir(dst, *load_model_dir(src))`` kept the names and lost the files)."""
+    entry = config.get("tokenizer")
+    if not isinstance(entry, Mapping):
+        return
+    given = set(tokenizer_files) if isinstance(tokenizer_files, Mapping) else \
+        {source.name for source in tokenizer_files or ()}
+    for side in ("src", "tgt"):
+        name = entry.get(side)
+        if isinstance(name, str) and name not in given and not (directory / name).is_file():
+            raise ValueError(f"config['tokenizer'][{side!r}] names {name!r}, which "
+                             f"tokenizer_files does not give and {str(directory)!r} does not "
+                             f"hold: pass the vocabulary files (load_model_dir returns none; "
+                             f"copy them from the source directory), or set "
+                             f"config['tokenizer'] to None")
 
 
 def _json_number(value):

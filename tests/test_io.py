@@ -45,6 +45,30 @@ def _load_error(path) -> str:
 
 # -- round trips -----------------------------------------------------------------------------
 
+def test_a_copy_through_load_and_save_needs_the_vocabulary_files(tmp_path):
+    # (save_model_dir(dst, *load_model_dir(src)) kept config["tokenizer"]'s file names and wrote
+    # no files: dst would not load, "missing file src_vocab.json")
+    model = _seq2seq()
+    config = dict(model.config.to_dict(), tokenizer={"type": "attncore.data.vocab",
+                                                     "src": "src.json", "tgt": "tgt.json"})
+    vocab = '{"format": "attncore.vocab", "version": 1, "level": "char", "tokens": []}'
+    with pytest.raises(ValueError, match=r"config\['tokenizer'\]\['src'\] names 'src.json'"):
+        io.save_model_dir(tmp_path / "a", config, model.state_dict())
+    assert not (tmp_path / "a").exists()   # (nothing written)
+    with pytest.raises(ValueError, match="names 'tgt.json'"):
+        io.save_model_dir(tmp_path / "a", config, model.state_dict(),
+                          tokenizer_files={"src.json": vocab})
+    io.save_model_dir(tmp_path / "a", config, model.state_dict(),
+                      tokenizer_files={"src.json": vocab, "tgt.json": vocab})
+    (tmp_path / "copies").mkdir()
+    for name in ("src.json", "tgt.json"):   # (as paths to copy, or already in the directory)
+        (tmp_path / "copies" / name).write_text(vocab)
+    io.save_model_dir(tmp_path / "b", *io.load_model_dir(tmp_path / "a"),
+                      tokenizer_files=(tmp_path / "copies" / n for n in ("src.json", "tgt.json")))
+    io.save_model_dir(tmp_path / "b", *io.load_model_dir(tmp_path / "a"))
+    assert (tmp_path / "b" / "tgt.json").read_text() == vocab
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_round_trip_is_bit_exact(tmp_path, dtype):
     for model in (_seq2seq(dtype, num_layers=2, bidirectional=True, rnn_type="lstm"),
