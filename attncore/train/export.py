@@ -8,6 +8,7 @@ the inference engine with the NumPy reference forward pass on the very same weig
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 __all__ = ["export", "load_model", "model_from_config"]
@@ -48,9 +49,15 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
         config["tokenizer"] = {"type": "attncore.data.vocab", **{side: f"{side}_vocab.json" for side in files}}
         if max_source_tokens is not None:
             config["tokenizer"]["max_source_tokens"] = int(max_source_tokens)
-    directory = io.save_model_dir(Path(out_dir), config, model.state_dict())
-    for side, vocab in files.items():
-        vocab.save(directory / f"{side}_vocab.json")  # JSON, written by the vocabulary itself
+    # each vocabulary's JSON as the vocabulary itself writes it, handed to save_model_dir
+    # (which refuses a tokenizer entry naming files it does not get)
+    texts = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for side, vocab in files.items():
+            vocab.save(Path(scratch) / f"{side}_vocab.json")
+            texts[f"{side}_vocab.json"] = (Path(scratch) / f"{side}_vocab.json").read_bytes()
+    directory = io.save_model_dir(Path(out_dir), config, model.state_dict(),
+                                  tokenizer_files=texts)
     if training is not None:
         (directory / TRAINING_FILE).write_text(json.dumps(training, indent=1) + "\n",
                                                encoding="utf-8")
