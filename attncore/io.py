@@ -111,11 +111,13 @@ def weight_spec(config: Mapping) -> WeightSpec:
         raise ValueError("config has no 'architecture'")
     spec_fn = _spec_function(config["architecture"])   # (ValueError for a non-string)
     missing = [key for key in _REQUIRED_KEYS.get(config["architecture"], ()) if key not in config]
-    if missing:
-        raise ValueError(f"config lacks hyper-parameter{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(map(repr, missing))} needed by architecture "
-                         f"{config['architecture']!r}")
-    check_config_values(config)
+    problems = config_value_problems(config)
+    if missing:   # (and the values present: every problem in one error)
+        problems.insert(0, f"config lacks hyper-parameter{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(map(repr, missing))} needed by architecture "
+                           f"{config['architecture']!r}")
+    if problems:
+        raise ValueError("\n  ".join(problems))
     try:
         spec = spec_fn(config)
         return {name: (tuple(int(d) for d in shape), str(np.dtype(dtype)))
@@ -295,52 +297,71 @@ _LAYER_KEYS = ("num_layers", "num_encoder_layers", "num_decoder_layers", "ran_la
 
 
 def check_config_values(config: Mapping) -> None:
-    """ValueError naming the hyper-parameter whose value has the wrong kind or range, and for
-    special token ids outside the vocabulary they index (pad_id / unk_id: the sources';
-    bos_id / eos_id: the targets')."""
+    """ValueError listing every hyper-parameter whose value has the wrong kind or range
+    (:func:`config_value_problems`), one a line."""
+    problems = config_value_problems(config)
+    if problems:
+        raise ValueError("\n  ".join(problems))
+
+
+def config_value_problems(config: Mapping) -> List[str]:
+    """What is wrong with the values of ``config``, one message each (all of them: a
+    directory with three bad values named one, and the next load the next): flags that are
+    not booleans, sizes and layer counts that are not integers in range, labels, dropout,
+    layer_norm_eps, and special token ids outside the vocabulary they index (pad_id / unk_id:
+    the sources'; bos_id / eos_id: the targets')."""
+    problems = []
     for key in _FLAG_KEYS + _OPTIONAL_FLAG_KEYS:
         if key in config and not isinstance(config[key], (bool, np.bool_)) and \
                 not (key in _OPTIONAL_FLAG_KEYS and config[key] is None):
-            raise ValueError(f"config: {key} must be true or false, got {config[key]!r}")
+            problems.append(f"config: {key} must be true or false, got {config[key]!r}")
+    integers = {}
     for key, minimum in list(_SIZE_KEYS.items()) + [(k, 0) for k in SPECIAL_TOKEN_KEYS]:
         if key not in config:
             continue
         value = config[key]
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"config: {key} must be an integer, got {value!r}")
+            problems.append(f"config: {key} must be an integer, got {value!r}")
+            continue
         limit = (MAX_POSITIONS if key == "max_positions" else
                  MAX_LAYERS if key in _LAYER_KEYS else MAX_SIZE)
         if not minimum <= value <= limit:
-            raise ValueError(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
+            problems.append(f"config: {key} must lie in [{minimum}, {limit}], got {value}")
+            continue
+        integers[key] = int(value)
     if "labels" in config:   # class names: one string per class (classify printed ids or
         labels = config["labels"]   # other names)
         classes = config.get("num_classes")
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or \
                 (isinstance(classes, int) and len(labels) != classes):
-            raise ValueError(f"config: labels must be a list of {classes} class names, got "
-                             f"{labels!r}"[:200])
+            problems.append(f"config: labels must be a list of {classes} class names, got "
+                            f"{labels!r}"[:200])
     if "dropout" in config:   # (training only, but "x" or 5 was saved and loaded as given)
         dropout = config["dropout"]
         if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, (int, float)) \
                 or not 0 <= dropout < 1:
-            raise ValueError(f"config: dropout must be a number in [0, 1), got {dropout!r}")
-    targets = config.get("tgt_vocab_size") or config.get("vocab_size") or 0
-    sources = config.get("src_vocab_size") or targets
+            problems.append(f"config: dropout must be a number in [0, 1), got {dropout!r}")
+    if "layer_norm_eps" in config:
+        eps = config["layer_norm_eps"]
+        if isinstance(eps, (bool, np.bool_)) or not isinstance(
+                eps, (int, float, np.integer, np.floating)) or not math.isfinite(eps) or eps <= 0:
+            # (0 divides by zero on a row of equal values: every row when d_model is 1)
+            problems.append(f"config: layer_norm_eps must be a finite number > 0, got {eps!r}")
+    targets = integers.get("tgt_vocab_size") or integers.get("vocab_size") or 0
+    sources = integers.get("src_vocab_size") or targets
     for key, vocab, side in (("pad_id", sources, "source"), ("unk_id", sources, "source"),
                              ("bos_id", targets, "target"), ("eos_id", targets, "target")):
-        if key in config and vocab and config[key] >= vocab:
-            raise ValueError(f"config: {key} {config[key]} lies outside the {side} vocabulary "
-                             f"[0, {vocab})")
+        if key in integers and vocab and integers[key] >= vocab:
+            problems.append(f"config: {key} {integers[key]} lies outside the {side} vocabulary "
+                            f"[0, {vocab})")
+    return problems
 
 
 def read_config(path: Union[str, os.PathLike]) -> dict:
     """Read and check ``config.json`` of a model directory (no weights)."""
     config, problems = _read_config(Path(path))
     if not problems:  # (load_model_dir checks them through weight_spec)
-        try:
-            check_config_values(config)
-        except ValueError as error:
-            problems.append(str(error))
+        problems += config_value_problems(config)
     if problems:
         raise ValueError(f"invalid model directory {str(path)!r}:\n  " + "\n  ".join(problems))
     return config
@@ -447,8 +468,8 @@ def load_model_dir(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.nd
         if architecture is not None and _spec_function(architecture, required=False) is not None:
             try:
                 spec = weight_spec(config)
-            except ValueError as error:  # a missing or inconsistent hyper-parameter
-                problems.append(str(error))
+            except ValueError as error:  # missing or inconsistent hyper-parameters
+                problems.extend(str(error).split("\n  "))
         if spec is not None and weights is not None:
             problems.extend(check_weights(spec, weights))
     if problems:

@@ -609,7 +609,7 @@ def test_decoder_steps_are_built_once_and_check_their_tokens_and_lengths():
     ("transformer", "d_model", 0, "config: d_model must lie in [1, "),
     ("transformer", "dim_feedforward", 0, "config: dim_feedforward must lie in [1, "),
     ("transformer", "tgt_vocab_size", 0, "tgt_vocab_size must be > 0"),
-    ("transformer", "layer_norm_eps", 0.0, "layer_norm_eps must be > 0"),
+    ("transformer", "layer_norm_eps", 0.0, "layer_norm_eps must be a finite number > 0"),
     ("seq2seq", "hidden_size", 0, "config: hidden_size must lie in [1, "),
     ("seq2seq", "attention_dim", -1, "config: attention_dim must lie in [0, "),
     ("seq2seq", "tgt_vocab_size", 0, "tgt_vocab_size must be >= 1 for a model with a decoder"),

@@ -311,6 +311,24 @@ def test_bad_config_values_are_named(model_dir, key, value, message):
         io.weight_spec(config)
 
 
+def test_every_bad_config_value_is_named_in_one_error(model_dir):
+    # (only the first was: a directory with three bad values took three loads to mend, and a
+    # missing hyper-parameter hid the others)
+    path, _ = model_dir
+    config = json.loads((path / io.CONFIG_FILE).read_text())
+    config.update(hidden_size="8", bidirectional=1, dropout=5)
+    del config["embed_dim"]
+    (path / io.CONFIG_FILE).write_text(json.dumps(config))
+    message = _load_error(path)
+    for fragment in ("lacks hyper-parameter 'embed_dim'", "hidden_size must be an integer",
+                     "bidirectional must be true or false", "dropout must be a number"):
+        assert fragment in message
+    assert len(message.splitlines()) == 5   # the path, then one line a problem
+    with pytest.raises(ValueError) as error:
+        io.check_config_values(config)
+    assert len(str(error.value).splitlines()) == 3
+
+
 def test_bad_transformer_config_values_are_named():
     config = TransformerConfig(kind="encoder_decoder", src_vocab_size=9, tgt_vocab_size=9,
                                d_model=8, num_heads=2, dim_feedforward=8, num_encoder_layers=1,
