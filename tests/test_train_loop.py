@@ -319,6 +319,16 @@ def test_a_checkpoint_is_not_overwritten_without_being_asked(tmp_path, capsys):
     assert cli_main(args + ["--overwrite"]) == 0
 
 
+def test_the_result_line_holds_every_evaluation(tmp_path, capsys):
+    # (only the last: with --no-progress the earlier evaluations were shown nowhere)
+    assert cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"),
+                     "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--no-progress",
+                     "--embed-dim", "4", "--hidden-size", "4",
+                     "--task-option", "num_train=16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [e["step"] for e in result["evaluations"]] == [2, 4]
+
+
 def test_an_unknown_task_or_a_negative_seed_is_named(tmp_path, capsys):
     assert cli_main(["nosuch", "--arch", "transformer", "--out", str(tmp_path), "--steps", "1",
                      "--no-progress"]) == 2
@@ -534,7 +544,10 @@ def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([str(tmp_path), "--task", "reviews"])
     assert exit_info.value.code == 2
-    assert "has no classifier" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # (a language model's kind, not the task: it suggested "another task, or other options")
+    assert "has nothing evaluate can score" in err and "has no classifier" in err
+    assert "another task" not in err
 
 
 def test_a_refused_training_leaves_no_out_directory_and_resume_with_overwrite_is_refused(tmp_path):

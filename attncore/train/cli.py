@@ -179,7 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # (a resumed run that had no step left to take: the checkpoint's step, not null)
     last = result.history[-1] if result.history else {"step": result.start_step}
     print(json.dumps({"out": str(args.out), "steps": last.get("step"), "loss": last.get("loss"),
-                      "accuracy": last.get("accuracy"), "evaluations": result.evaluations[-1:]}))
+                      "accuracy": last.get("accuracy"),
+                      # (every evaluation: with --no-progress the earlier ones were shown nowhere)
+                      "evaluations": result.evaluations}))
     return 0
 
 

@@ -192,6 +192,12 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
     return accuracy, len(pairs)
 
 
+#: _misfit's reasons that are the model's kind (a language model): no task would fit it
+_NO_CLASSIFIER = "it has no classifier (num_classes = 0)"
+_NO_DECODER = "it does not decode sequences (a classifier or a language model)"
+_UNSCORABLE = (_NO_CLASSIFIER, _NO_DECODER)
+
+
 def _misfit(model, task) -> Optional[str]:
     """Why ``model`` (a trainer model) cannot be evaluated on ``task``, or None: the task kind
     it needs, and vocabularies and classes of the sizes the model was built for."""
@@ -199,14 +205,14 @@ def _misfit(model, task) -> Optional[str]:
     classification = is_classification(task)
     if classification:
         if not getattr(config, "num_classes", 0):   # (a ran-lm trained on the documents)
-            return "it has no classifier (num_classes = 0)"
+            return _NO_CLASSIFIER
         if config.num_classes != len(task.labels):
             return f"it has {config.num_classes} classes, the task {len(task.labels)}"
         sizes = {"vocab_size": len(task.vocab), "src_vocab_size": len(task.vocab)}
     else:
         if not callable(getattr(model, "greedy_decode", None)) or \
                 getattr(config, "kind", None) == "encoder_only" or getattr(config, "num_classes", 0):
-            return "it does not decode sequences (a classifier or a language model)"
+            return _NO_DECODER
         sizes = {"src_vocab_size": len(task.src_vocab), "tgt_vocab_size": len(task.tgt_vocab)}
     for key, size in sizes.items():
         held = getattr(config, key, None)
@@ -325,6 +331,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         parser.error(_one_line(exc))
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
     if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
+        if problem in _UNSCORABLE:   # (the model's kind, not the task: no other options help)
+            parser.error(f"{args.model_dir} has nothing evaluate can score on task "
+                         f"{args.task!r}: {problem} (evaluate scores classifiers and "
+                         f"sequence-to-sequence models)")
         parser.error(f"{args.model_dir} does not fit task {args.task!r}: {problem} (a model "
                      f"trained on another task, or with other --task-option or --seed values?)")
     if is_classification(task):
