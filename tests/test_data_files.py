@@ -244,7 +244,9 @@ def test_a_long_example_is_refused_before_the_first_step(tmp_path):
     path = write_pairs(tmp_path / "train.tsv", n=50)
     with open(path, "a", encoding="utf-8") as f:
         f.write(" ".join(["cat"] * 300) + "\tdog\n")
-    with pytest.raises(ValueError, match=r"example \d+ \('cat cat .*'\.\.\.\) has 301 tokens "
+    # (numbered within its split, and said so: "train example 2" read as the file's line 2)
+    with pytest.raises(ValueError, match=r"(train|valid)-split example \d+ \('cat cat .*'\.\.\.\) "
+                                         r"has 301 tokens "
                                          r"\(source or <bos> \+ target\), more than "
                                          r"max_positions=256: raise --max-positions"):
         train("pairs", "transformer", tmp_path / "m", steps=5, progress=False,
@@ -381,3 +383,12 @@ def test_evaluate_n_limits_a_classifier_too(tmp_path):
     task = LabelledTask(train=str(path), holdout=0.2)
     assert classification_accuracy(model, task, "test", batch_size=16, n=21)["n_evaluated"] == 21
     assert classification_accuracy(model, task, "test")["n_evaluated"] == task.num_examples("test")
+
+
+def test_a_language_model_on_two_vocabularies_names_the_option_that_shares_one(tmp_path):
+    from attncore.train.loop import train
+    path = write_pairs(tmp_path / "train.tsv", n=40)
+    with pytest.raises(ValueError, match=r"share one vocabulary \(pairs: --task-option "
+                                         r"shared_vocab=true\)"):
+        train("pairs", "transformer-lm", tmp_path / "m", steps=1, progress=False,
+              task_options={"train": str(path)}, d_model=16, num_heads=2, dim_feedforward=16)

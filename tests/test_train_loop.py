@@ -319,6 +319,19 @@ def test_a_checkpoint_is_not_overwritten_without_being_asked(tmp_path, capsys):
     assert cli_main(args + ["--overwrite"]) == 0
 
 
+def test_resuming_another_model_config_names_what_differs(tmp_path, capsys):
+    # ("belongs to another model config", without saying which setting)
+    args = ["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"), "--steps", "2",
+            "--checkpoint-every", "1", "--no-progress", "--embed-dim", "4", "--hidden-size", "4",
+            "--task-option", "num_train=16"]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    args[args.index("--embed-dim") + 1] = "6"
+    assert cli_main(args[:5] + ["--steps", "3", "--resume"] + args[7:]) == 2
+    assert "belongs to another model config (embed_dim 4 there, 6 here)" in \
+        capsys.readouterr().err
+
+
 def test_the_result_line_holds_every_evaluation(tmp_path, capsys):
     # (only the last: with --no-progress the earlier evaluations were shown nowhere)
     assert cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"),

@@ -116,7 +116,12 @@ def load_checkpoint(directory, model, optimizer) -> dict:
     if bad:   # (a diverged run's weights, resumed and exported again)
         raise ValueError(f"checkpoint {str(directory)!r}: {bad[0]!r} holds NaN or infinity")
     if state["config"] != model.config.to_dict():
-        raise ValueError(f"checkpoint {str(directory)!r} belongs to another model config")
+        saved, now = state["config"], model.config.to_dict()
+        differ = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+        shown = ", ".join(f"{key} {saved.get(key)!r} there, {now.get(key)!r} here"
+                          for key in differ[:5])
+        raise ValueError(f"checkpoint {str(directory)!r} belongs to another model config "
+                         f"({shown}{', ...' if len(differ) > 5 else ''})")
     model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")})
     # (a damaged state failed as "error: 'step_count'" or "'int' object is not subscriptable",
     # naming neither the checkpoint nor the field)

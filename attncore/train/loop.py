@@ -402,8 +402,11 @@ def _check_lengths(task, model, arch: str, classification: bool) -> None:
             if over.size:
                 index = start + int(over[0])
                 text = task.examples(split)[index][0]
+                # (numbered within the split: a file's line numbers differ when a holdout
+                # drew the validation split from the same file)
                 raise ValueError(
-                    f"{split} example {index + 1} ({text[:60]!r}{'...' if len(text) > 60 else ''})"
+                    f"{split}-split example {index + 1} "
+                    f"({text[:60]!r}{'...' if len(text) > 60 else ''})"
                     f" has {int(lengths[over[0]])} {what}, more than max_positions={limit}: "
                     f"raise --max-positions, or leave such examples out"
                     + (" (a classification task's max_len cuts documents)"
@@ -585,7 +588,8 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     src_vocab = task.src_vocab
     tgt_vocab = None if classification or arch == "ran-lm" else task.tgt_vocab
     if arch == "transformer-lm" and src_vocab.tokens != tgt_vocab.tokens:
-        raise ValueError("transformer-lm needs a task whose source and target share one vocabulary")
+        raise ValueError("transformer-lm needs a task whose source and target share one "
+                         "vocabulary (pairs: --task-option shared_vocab=true)")
     model = build_model(arch, len(src_vocab), len(tgt_vocab) if tgt_vocab is not None else len(src_vocab), seed=seed,
                         num_classes=len(task.labels) if classification else 0, **model_options)
     _check_lengths(task, model, arch, classification)
