@@ -302,6 +302,10 @@ def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_pa
         with pytest.raises(SystemExit):
             cli_main(["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", *args])
         assert message in capsys.readouterr().err
+    # the command names its option (train()'s out_dir is --out)
+    assert cli_main(["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", "--no-progress",
+                     "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write to --out '" in capsys.readouterr().err
 
 
 def test_a_checkpoint_is_not_overwritten_without_being_asked(tmp_path, capsys):

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -159,8 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"attncore train: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, ImportError, OSError) as error:
-        # (TypeError: a task option the task does not take, or of the wrong type)
-        print(f"attncore train: error: {error}", file=sys.stderr)
+        # (TypeError: a task option the task does not take, or of the wrong type; train()'s
+        # out_dir is this command's --out)
+        message = re.sub(r"\bout_dir\b", "--out", str(error))
+        print(f"attncore train: error: {message}", file=sys.stderr)
         return 2
     except MemoryError as exc:   # (a traceback before; numpy's names the allocation)
         print(f"attncore train: error: out of memory ({exc})", file=sys.stderr)
