@@ -356,6 +356,10 @@ def translate_lines(client, model_path, lines: Iterable[Union[str, tuple]], *,
 
     ``lines`` are strings (numbered from 1) or ``(line_number, text)`` pairs; ``job`` defaults
     to greedy :class:`attncore.batch.GenerateJob`; ``weight_dtype`` as in :func:`run_on_dask`.
+    As on the command line (unlike ``Model.translate``): a line with a token the source
+    vocabulary lacks is an :class:`attncore.batch.InputError` unless the job has
+    ``allow_unknown=True``, and output text is escaped to one line
+    (:data:`attncore.batch.LINE_ESCAPES`).
     """
     job = job or _batch.GenerateJob()
     frontend = _batch.Frontend.from_path(model_path)
