@@ -686,11 +686,34 @@ def test_generate_tokens_streams_what_generate_returns(streaming_models, name, o
             assert total > result.log_probs[0]
 
 
+def test_generate_tokens_names_its_source(streaming_models):
+    # (its errors named "sources[0]" or "prompts[0]", a list the caller never passed)
+    for name in ("transformer", "decoder_only", "ran_lm"):
+        model = streaming_models[name]
+        with pytest.raises(ValueError, match=r"^source has token id 99 outside"):
+            model.generate_tokens([4, 99], max_length=3)
+        with pytest.raises(ValueError, match=r"^source must be 1-d, got shape \(1, 3\)"):
+            model.generate_tokens([[5, 6, 2]], max_length=3)
+
+
+def test_return_attention_is_refused_at_the_call_without_cross_attention(streaming_models):
+    # (accepted by the option checks, refused at step 0 after the prompts were encoded)
+    for name in ("decoder_only", "ran_lm"):
+        model = streaming_models[name]
+        real_start = model._start
+        model._start = lambda *a: pytest.fail("_start ran before the refusal")
+        try:
+            with pytest.raises(ValueError, match="return_attention: a .* has no cross-attention"):
+                model.generate([[4, 5]], max_length=3, return_attention=True)
+        finally:
+            model._start = real_start
+
+
 def test_generate_tokens_checks_first_and_stops_when_the_caller_does(streaming_models):
     model = streaming_models["transformer"]
     with pytest.raises(ValueError, match="max_length must be >= 1"):
         model.generate_tokens([4, 5], max_length=0)   # (at the call, not at the first next())
-    with pytest.raises(ValueError, match="sources"):
+    with pytest.raises(ValueError, match="source has token id 99"):
         model.generate_tokens([4, 99], max_length=3)
     with pytest.raises(TypeError):
         model.generate_tokens([4, 5], max_length=3, beam_size=2)   # (beam search cannot stream)
@@ -708,3 +731,12 @@ def test_generate_tokens_checks_first_and_stops_when_the_caller_does(streaming_m
     finally:
         del model._step
     assert len(first) == 2 and len(steps) == 2
+
+
+def test_a_model_refuses_a_tokenizer_that_is_not_one(streaming_models):
+    # (a path was accepted, and translate / save failed later with AttributeErrors)
+    from attncore import models
+    config = streaming_models["transformer"].config
+    with pytest.raises(TypeError, match="tokenizer must be an attncore.tokenizer.Tokenizer or "
+                                        "None, got str"):
+        models.from_config(config, seed=1, tokenizer="src_vocab.json")

@@ -400,6 +400,13 @@ class Model:
         if weight_dtype == "int8":
             self._check_int8_widths(self.weights)
         self.weight_dtype = weight_dtype
+        if tokenizer is not None and not all(
+                callable(getattr(tokenizer, name, None))
+                for name in ("encode_source", "decode_target", "config", "files")):
+            # (a path or a vocabulary passed here failed later, in translate or save, with an
+            # AttributeError)
+            raise TypeError(f"tokenizer must be an attncore.tokenizer.Tokenizer or None, got "
+                            f"{type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self._prepare()
 
@@ -562,6 +569,10 @@ class Model:
                f"parameters={size}{dtype})"
 
 
+#: the one source of generate_tokens as the batch checks name it
+_ONE_SOURCE = re.compile(r"\b(?:sources|prompts)\[0\]")
+
+
 class GenerateTokensMixin:
     """:meth:`generate_tokens` for a model with ``_generation_inputs`` (every generating
     model)."""
@@ -581,9 +592,12 @@ class GenerateTokensMixin:
         """
         from .. import generation
 
-        sources, bos_id, options = self._generation_inputs([source], dict(
-            max_length=max_length, min_length=min_length, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        try:
+            sources, bos_id, options = self._generation_inputs([source], dict(
+                max_length=max_length, min_length=min_length, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        except (TypeError, ValueError) as exc:   # ("sources[0] has token id 99": the source)
+            raise type(exc)(_ONE_SOURCE.sub("source", str(exc))) from None
         return generation.generate_tokens(
             self, sources[0], bos_id=bos_id, eos_id=self.eos_id,
             **{key: options[key] for key in ("max_length", "min_length", "do_sample",

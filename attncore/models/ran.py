@@ -575,6 +575,8 @@ class RAN(GenerateTokensMixin, Model):
         """(prompts, None, options) checked (:meth:`generate`, :meth:`generate_tokens`)."""
         self._check_can("generate")
         options = check_generation_options(**options)
+        if options.get("return_attention"):   # (refused at the first step, after the prompts)
+            raise ValueError("return_attention: a RAN language model has no cross-attention")
         return check_sources(prompts, self.vocab_size, name="prompts"), None, options
 
     def _check_can(self, method: str) -> None:

@@ -575,8 +575,10 @@ class Transformer(EncoderDecoderModel):
             raise ValueError("generate needs a decoder; an encoder_only Transformer has none "
                              "(use encode or classify)")
         options = check_generation_options(**options)
-        sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
         decoder_only = self.kind == "decoder_only"
+        if decoder_only and options.get("return_attention"):   # (refused at the first step)
+            raise ValueError("return_attention: a decoder-only model has no cross-attention")
+        sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
         needed = options["max_length"] + (max(len(s) for s in sources) - 1 if decoder_only else 0)
         if needed > self.max_positions:
             what = "the longest prompt plus max_length - 1" if decoder_only else "max_length"
