@@ -46,7 +46,7 @@ def test_vocab_json_round_trip(tmp_path):
     path = tmp_path / "vocab.json"
     v.save(path)
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["format"] == "attncore.vocab" and data["version"] == 1
+    assert data["format"] == "attncore.vocab" and data["version"] == 2
     for loaded in (Vocab.load(path), load_vocab(path)):
         assert loaded == v
         assert loaded.encode("wörld") == v.encode("wörld")
@@ -262,12 +262,31 @@ def test_decomposed_accents_read_as_the_composed_characters(level):
     decomposed = composed.replace("é", "e\u0301")
     if level == "bpe":
         pytest.importorskip("tokenizers")
-        from attncore.data.bpe import BPEVocab
-        vocab = BPEVocab.train([composed] * 5, vocab_size=60)
+        from attncore.data.bpe import BPEVocab, text_normalizer
+        vocab = BPEVocab.train([composed] * 5, vocab_size=60, normalizer=text_normalizer())
     else:
         vocab = Vocab.build([composed], level=level)
     assert vocab.encode(decomposed) == vocab.encode(composed)
     assert vocab.unk not in vocab.encode(decomposed)
+
+
+def test_a_version_1_vocabulary_keeps_the_rules_it_was_built_with(tmp_path):
+    # (version 2 reads NFC and keeps combining marks in words: applied to a file saved before,
+    # an exported Hindi classifier read every word as <unk>, and a character model built on
+    # decomposed text its accents)
+    hindi = "नमस्ते दुनिया"
+    old_words = re.findall(r"\w+|[^\w\s]", hindi.lower())
+    nfd = "cafe\u0301"
+    for level, tokens, text in (("words", old_words, hindi), ("char", list(nfd), nfd)):
+        path = tmp_path / f"{level}.json"
+        path.write_text(json.dumps({"format": "attncore.vocab", "version": 1, "level": level,
+                                    "tokens": ["<pad>", "<bos>", "<eos>", "<unk>"] + tokens}),
+                        encoding="utf-8")
+        vocab = load_vocab(path)
+        assert vocab.version == 1 and vocab.unk not in vocab.encode(text)
+        vocab.save(tmp_path / "again.json")   # (saved again as what it is)
+        assert json.loads((tmp_path / "again.json").read_text())["version"] == 1
+    assert Vocab.build([hindi], level="words").version == 2
 
 
 @pytest.mark.parametrize("level", ["char", "bpe"])
@@ -281,6 +300,9 @@ def test_a_lone_surrogate_is_a_value_error_naming_it(level):
         vocab = Vocab.build(["abcd"], level=level)
     with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 2"):
         vocab.encode("ab\ud800cd")
+    # (the index is the text's own: NFC shortened the text before it was read)
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 4"):
+        vocab.encode("e\u0301ab\ud800")
 
 
 def test_bpe_text_normalizer_reads_any_whitespace_run_as_one_space():

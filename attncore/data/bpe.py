@@ -17,7 +17,7 @@ import os
 from typing import Iterable, Sequence
 
 from ..io import is_rust_panic
-from .vocab import SPECIAL_TOKENS, normalize_text
+from .vocab import SPECIAL_TOKENS, _check_unicode
 
 try:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -118,21 +118,20 @@ class BPEVocab:
         return tok
 
     def _encoding(self, text: str):
-        # NFC first, as for a Vocab (vocabularies whose normalizer lacks it: those trained
-        # before it was the default, or from elsewhere; NFD and NFKC after it give what they
-        # give on the raw text)
-        return self.tokenizer.encode(normalize_text(text), add_special_tokens=False)
+        # (the file's own normalizer decides: NFC is in text_normalizer's, and a vocabulary
+        # saved without it reads text as its training did; a lone surrogate is a ValueError
+        # naming it, where tokenizers raised a bare TypeError)
+        _check_unicode(text)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def tokenize(self, text: str) -> list[str]:
         """Subword strings of ``text`` (``▁`` marks a word start)."""
         return self._encoding(text).tokens
 
     def unknown_pieces(self, text: str) -> list[str]:
-        """The pieces of ``text`` (its own characters, in NFC) that encode to ``<unk>``: a BPE
-        token of an unknown character is spelled ``<unk>``, which would hide what was
-        unknown."""
-        text = normalize_text(text)
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        """The pieces of ``text`` (its own characters) that encode to ``<unk>``: a BPE token
+        of an unknown character is spelled ``<unk>``, which would hide what was unknown."""
+        encoding = self._encoding(text)
         return [text[start:end] for i, (start, end) in zip(encoding.ids, encoding.offsets)
                 if i == self.unk]
 

@@ -35,10 +35,13 @@ __all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "Vocab", "load_vocab", 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 
-# Format tag written into every saved plain vocabulary; bump ``_VERSION`` if the
-# layout of the JSON ever changes.
+# Format tag written into every saved plain vocabulary, and its version: 2 reads text in NFC
+# and keeps combining marks inside "words" words; a version-1 file (saved before) keeps its
+# own rules (raw code points; ``\w+|[^\w\s]``), so a model exported then reads text as its
+# training did.
 _FORMAT = "attncore.vocab"
-_VERSION = 1
+_VERSION = 2
+_VERSIONS = (1, 2)
 _LEVELS = ("char", "word", "words")
 
 
@@ -69,10 +72,13 @@ class Vocab:
     eos = 2
     unk = 3
 
-    def __init__(self, tokens: Iterable[str], *, level: str = "char"):
+    def __init__(self, tokens: Iterable[str], *, level: str = "char", version: int = _VERSION):
         if level not in _LEVELS:
             raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        if version not in _VERSIONS:
+            raise ValueError(f"unsupported vocabulary version {version!r}")
         self.level = level
+        self.version = version
         itos = list(SPECIAL_TOKENS)
         for tok in tokens:
             if tok in SPECIAL_TOKENS:
@@ -129,7 +135,8 @@ class Vocab:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Vocab) and type(other) is type(self)
-                and self.level == other.level and self._itos == other._itos)
+                and self.level == other.level and self.version == other.version
+                and self._itos == other._itos)
 
     def __repr__(self) -> str:
         return f"Vocab(size={len(self)}, level={self.level!r})"
@@ -151,7 +158,7 @@ class Vocab:
 
     def tokenize(self, text: str) -> list[str]:
         """Split ``text`` into tokens: characters, or whitespace-separated words."""
-        return _split(text, self.level)
+        return _split(text, self.level, self.version)
 
     def encode(self, text: str | Sequence[str], *, add_bos: bool = False,
                add_eos: bool = False) -> list[int]:
@@ -209,7 +216,7 @@ class Vocab:
     # ------------------------------------------------------------------ storage
     def to_dict(self) -> dict:
         """JSON-ready description (format tag, version, level, all tokens)."""
-        return {"format": _FORMAT, "version": _VERSION, "level": self.level,
+        return {"format": _FORMAT, "version": self.version, "level": self.level,
                 "tokens": self.tokens}
 
     @classmethod
@@ -218,8 +225,9 @@ class Vocab:
             raise ValueError(f"a vocabulary is a JSON object, got {type(data).__name__}")
         if data.get("format") != _FORMAT:
             raise ValueError(f"not an attncore vocabulary (format={data.get('format')!r})")
-        if data.get("version") != _VERSION:
-            raise ValueError(f"unsupported vocabulary version {data.get('version')!r}")
+        version = data.get("version")
+        if isinstance(version, bool) or version not in _VERSIONS:
+            raise ValueError(f"unsupported vocabulary version {version!r}")
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ValueError("a vocabulary's 'tokens' must be a list of strings")
@@ -229,7 +237,7 @@ class Vocab:
         repeated = sorted(set(SPECIAL_TOKENS) & set(tokens[4:]))
         if repeated:   # (the constructor skips them: every later token's id moved down one)
             raise ValueError(f"vocabulary repeats the special tokens {repeated} after its start")
-        return cls(tokens[4:], level=data.get("level"))
+        return cls(tokens[4:], level=data.get("level"), version=version)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as UTF-8 JSON to ``path``."""
@@ -270,16 +278,19 @@ def normalize_text(text: str) -> str:
     same token as the one code point "é", instead of ``<unk>``. ValueError for a lone
     surrogate (a str that is not Unicode text, such as JSON's ``"\\ud800"``: a BPE
     vocabulary's ``tokenizers`` raised a bare TypeError on it)."""
+    _check_unicode(text)
     if unicodedata.is_normalized("NFC", text):
-        normal = text
-    else:
-        normal = unicodedata.normalize("NFC", text)
+        return text
+    return unicodedata.normalize("NFC", text)
+
+
+def _check_unicode(text: str) -> None:
+    """ValueError naming a lone surrogate of ``text`` (its index in ``text``)."""
     try:
-        normal.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"text holds a lone surrogate {text[exc.start]!r} at index "
                          f"{exc.start}: not valid Unicode text") from None
-    return normal
 
 
 def tokenize_words(text: str) -> list[str]:
@@ -288,7 +299,16 @@ def tokenize_words(text: str) -> list[str]:
     return _word_or_mark().findall(normalize_text(text).lower())
 
 
-def _split(text: str, level: str) -> list[str]:
+#: version 1's "words" tokens (a combining mark was punctuation of its own)
+_WORD_OR_MARK_V1 = re.compile(r"\w+|[^\w\s]")
+
+
+def _split(text: str, level: str, version: int = _VERSION) -> list[str]:
+    if version == 1:   # (a file saved before version 2: its own rules; no surrogate is text)
+        _check_unicode(text)
+        if level == "words":
+            return _WORD_OR_MARK_V1.findall(text.lower())
+        return list(text) if level == "char" else text.split()
     if level == "words":
         return tokenize_words(text)
     text = normalize_text(text)
