@@ -237,7 +237,9 @@ def _bench(argv):
         name = os.path.splitext(os.path.basename(script))[0]
         return dict(os.environ, ATTNCORE_BENCH_PROG=f"attncore bench {name}", **extra)
 
-    if len(present) > 1:   # (an option one script refuses failed after the other's whole run)
+    # (an option one script refuses failed after the other's whole run; --help exits 0 from
+    # the check and was printed twice)
+    if len(present) > 1 and not {"-h", "--help"} & set(argv):
         for script in present:
             status = _run_script([sys.executable, script] + argv,
                                  env=environment(script, ATTNCORE_BENCH_CHECK="1"))

@@ -174,10 +174,19 @@ def generate_tokens(model, source, *, bos_id, eos_id, max_length, min_length=0,
     """Yield ``(token, log_prob)`` for one source as greedy search (or sampling) chooses them,
     EOS not yielded: the steps of :func:`_one_row_search` for a batch of one (its draws:
     source 0's stream of ``seed``), each handed on when it is made. Arguments are validated
-    by the caller (:meth:`attncore.models.base.GenerateTokensMixin.generate_tokens`)."""
+    by the caller (:meth:`attncore.models.base.GenerateTokensMixin.generate_tokens`); the
+    sampling stream is made here, at the call (a seed list of another length is refused
+    before the first ``next()``)."""
+    streams = _sampling_streams(seed, 1) if do_sample else None
+    return _token_stream(model, source, streams, bos_id=bos_id, eos_id=eos_id,
+                         max_length=max_length, min_length=min_length, temperature=temperature,
+                         top_k=top_k, top_p=top_p)
+
+
+def _token_stream(model, source, streams, *, bos_id, eos_id, max_length, min_length,
+                  temperature, top_k, top_p):
     state = model._start([source])
     tokens = _first_tokens(bos_id, 1)
-    streams = _sampling_streams(seed, 1) if do_sample else None
     for step in range(max_length):
         scores, _ = _step(model, state, tokens, step, min_length, eos_id, False)
         if streams is None:

@@ -343,8 +343,12 @@ def config_value_problems(config: Mapping) -> List[str]:
             problems.append(f"config: dropout must be a number in [0, 1), got {dropout!r}")
     if "layer_norm_eps" in config:
         eps = config["layer_norm_eps"]
+        try:   # (an integer of 400 digits: OverflowError in isfinite)
+            finite = math.isfinite(eps)
+        except (TypeError, OverflowError):
+            finite = False
         if isinstance(eps, (bool, np.bool_)) or not isinstance(
-                eps, (int, float, np.integer, np.floating)) or not math.isfinite(eps) or eps <= 0:
+                eps, (int, float, np.integer, np.floating)) or not finite or eps <= 0:
             # (0 divides by zero on a row of equal values: every row when d_model is 1)
             problems.append(f"config: layer_norm_eps must be a finite number > 0, got {eps!r}")
     targets = integers.get("tgt_vocab_size") or integers.get("vocab_size") or 0

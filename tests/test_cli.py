@@ -855,6 +855,12 @@ def test_bench_option_values_are_usage_errors_not_tracebacks(tmp_path, args, fra
     assert_user_error(proc, fragment, code=2)
 
 
+def test_bench_help_prints_each_scripts_help_once(tmp_path):
+    # (the option check exits 0 on --help, and the real pass printed it again)
+    proc = attncore_cli(["bench", "--help"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.count("usage:") == 2
+
+
 def test_bench_stops_at_the_first_script_that_fails(tmp_path):
     # an option only models.py takes: kernels.py refused it, then the whole model benchmark ran
     proc = attncore_cli(["bench", "--beam", "2", "--quick", "--threads", "1", "--no-torch"],

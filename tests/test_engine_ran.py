@@ -403,6 +403,17 @@ def test_from_config_save_and_load(tmp_path):
                                   engine.encode(doc)[0].sequence[0])
 
 
+def test_a_causal_continuation_checks_min_window_size_against_its_own_window():
+    # (the check used the config's W=4 where the continuation runs the state's W=16)
+    engine, _ = make_pair(seed=15, causal=True, window_size=4, min_window_size=2)
+    doc = [np.arange(4, 24) % 40]
+    _, state = engine.encode(doc, window_size=16)
+    engine.encode(doc, state, min_window_size=8)          # 8 <= 16: accepted
+    _, narrow = engine.encode(doc, window_size=2, min_window_size=1)
+    with pytest.raises(ValueError, match=r"min_window_size \(3\) must be <= window_size \(2\)"):
+        engine.encode(doc, narrow, min_window_size=3)
+
+
 def test_trainer_refuses_a_zero_window_override():
     # (window_size=0 fell back to the configured W through "or")
     _, trainer = make_pair(seed=15)

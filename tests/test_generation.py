@@ -717,6 +717,8 @@ def test_generate_tokens_checks_first_and_stops_when_the_caller_does(streaming_m
         model.generate_tokens([4, 99], max_length=3)
     with pytest.raises(TypeError):
         model.generate_tokens([4, 5], max_length=3, beam_size=2)   # (beam search cannot stream)
+    with pytest.raises(ValueError, match="seed has 2 entries for one source"):   # (at next())
+        model.generate_tokens([4, 5], max_length=3, do_sample=True, seed=[1, 2])
     steps = []
     real_step = model._step
 

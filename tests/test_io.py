@@ -329,6 +329,15 @@ def test_every_bad_config_value_is_named_in_one_error(model_dir):
     assert len(str(error.value).splitlines()) == 3
 
 
+def test_a_huge_integer_layer_norm_eps_is_a_named_error():
+    # (an OverflowError from math.isfinite escaped the value checks)
+    config = TransformerConfig(src_vocab_size=9, tgt_vocab_size=9, d_model=8, num_heads=2,
+                               dim_feedforward=8).to_dict()
+    config["layer_norm_eps"] = 10 ** 400
+    assert any("layer_norm_eps must be a finite number > 0" in problem
+               for problem in io.config_value_problems(config))
+
+
 def test_bad_transformer_config_values_are_named():
     config = TransformerConfig(kind="encoder_decoder", src_vocab_size=9, tgt_vocab_size=9,
                                d_model=8, num_heads=2, dim_feedforward=8, num_encoder_layers=1,

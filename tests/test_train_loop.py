@@ -306,6 +306,16 @@ def test_an_unwritable_out_or_a_min_lr_past_lr_is_refused_before_training(tmp_pa
     assert cli_main(["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", "--no-progress",
                      "--out", str(tmp_path / "afile" / "sub")]) == 2
     assert "cannot write to --out '" in capsys.readouterr().err
+    # (only the option's name: a path holding "out_dir" was rewritten too)
+    held = tmp_path / "out_dir"
+    args = ["copy", "--arch", "seq2seq-bahdanau", "--steps", "1", "--no-progress",
+            "--embed-dim", "4", "--hidden-size", "4", "--task-option", "num_train=8",
+            "--out", str(held)]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    (held / "checkpoint").mkdir(exist_ok=True)
+    assert cli_main(args) == 2
+    assert f"'{held}" in capsys.readouterr().err
 
 
 def test_a_checkpoint_is_not_overwritten_without_being_asked(tmp_path, capsys):

@@ -624,6 +624,8 @@ class RAN(GenerateTokensMixin, Model):
                   else _check_int(window_size, "window_size", 1))
         minimum = (self.min_window_size if min_window_size is None
                    else _check_int(min_window_size, "min_window_size", 1))
+        if self.causal and window_size is None and isinstance(state, RANState):
+            window = state.window_size  # a causal continuation keeps its partition
         # the config's bounds (a W of 2**40 kept a causal document pending, re-encoded whole
         # by every later call); a W given alone may be below the configured m (every tail
         # then merges, as in the trainer)
@@ -631,8 +633,6 @@ class RAN(GenerateTokensMixin, Model):
             raise ValueError(f"window_size must be <= {MAX_SIZE}, got {window}")
         if min_window_size is not None and minimum > window:
             raise ValueError(f"min_window_size ({minimum}) must be <= window_size ({window})")
-        if self.causal and window_size is None and isinstance(state, RANState):
-            window = state.window_size  # a causal continuation keeps its partition
         return window, minimum
 
     def _check_state(self, state, batch: int, window: int) -> Optional[RANState]:

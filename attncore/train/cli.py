@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, ImportError, OSError) as error:
         # (TypeError: a task option the task does not take, or of the wrong type; train()'s
         # out_dir is this command's --out)
-        message = re.sub(r"\bout_dir\b", "--out", str(error))
+        message = re.sub(r"\bout_dir (?=['\"])", "--out ", str(error))   # (not in a path)
         print(f"attncore train: error: {message}", file=sys.stderr)
         return 2
     except MemoryError as exc:   # (a traceback before; numpy's names the allocation)
