@@ -22,9 +22,11 @@ in training (the vocabularies were built with a frequency cut-off, so unseen tok
 normal input). ``encode_source(text, strict=True)`` raises ``ValueError`` naming the token
 instead.
 
-Text is read in Unicode NFC (:func:`attncore.data.vocab.normalize_text`, as in training): an
-accent typed as a combining character is the composed character. A str holding a lone
-surrogate is not text: ValueError.
+Text is read as the vocabulary's training read it: in Unicode NFC for the vocabularies the
+trainer writes now (version-2 files, :func:`attncore.data.vocab.normalize_text`; BPE files
+whose normalizer has NFC), so an accent typed as a combining character is the composed
+character; a file saved before keeps its own rules. A str holding a lone surrogate is not
+text: ValueError.
 
 Surrounding whitespace is stripped from sources (training data is; a RAN language model's
 prompts keep their trailing space at the character level, where it is text in a prefix), and
