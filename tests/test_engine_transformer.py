@@ -707,3 +707,29 @@ def test_translate_names_a_text_past_the_position_table_by_its_index():
         model.translate(["ab", "abcdefabcdef"])
     with pytest.raises(ValueError, match=r"^texts\[1\] has 13 tokens, longer than the position"):
         model.translate(["ab", "abcdefabcdef"], max_length=4)
+
+
+def test_a_decoder_only_models_translate_writes_what_follows_each_prompt():
+    # (as `attncore generate` does: decoded alone, a BPE continuation lost its word start)
+    pytest.importorskip("tokenizers")
+    from attncore import models
+    from attncore.data.bpe import BPEVocab
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.transformer import TransformerConfig
+    vocab = BPEVocab.train(["and god said unto moses, let there be light."] * 30, vocab_size=60)
+    config = TransformerConfig(kind="decoder_only", src_vocab_size=len(vocab),
+                               tgt_vocab_size=len(vocab), d_model=16, num_heads=2,
+                               dim_feedforward=24, num_encoder_layers=0, num_decoder_layers=1,
+                               max_positions=64).to_dict()
+    prompts = ["and god", "and god sa"]
+    for tokenizer in (Tokenizer(src=vocab), Tokenizer(vocab, vocab)):   # plain LM; pairs LM
+        model = models.from_config(config, seed=2, tokenizer=tokenizer)
+        texts = model.translate(prompts, max_length=6, min_length=6)
+        ids = [tokenizer.encode_source(p) for p in prompts]
+        results = model.generate(ids, max_length=6, min_length=6)
+        assert texts == [tokenizer.decode_continuation(i.tolist(), r.tokens)
+                         for i, r in zip(ids, results)]
+        if tokenizer.tgt is None:   # (a continuation that starts a word shows its space)
+            starts = [vocab.id_to_token(r.tokens[0]).startswith("▁") for r in results]
+            assert any(starts)
+            assert [t.startswith(" ") for t in texts] == starts

@@ -692,7 +692,8 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
 
         Returns
         -------
-        list of str, the best hypothesis of each text
+        list of str, the best hypothesis of each text (a decoder-only model's: the text that
+        follows its prompt, :meth:`attncore.tokenizer.Tokenizer.decode_continuation`)
         """
         if self.tokenizer is None:
             raise ValueError("translate needs a tokenizer; this model has none "
@@ -717,5 +718,10 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
         else:
             with _named_by_index("texts", range(len(sources))):
                 results = self.generate(sources, max_length=max_length, **options)
+        if self.config.get("kind") == "decoder_only":
+            # what follows each prompt, as `attncore generate` writes it (decoded alone, a BPE
+            # continuation lost its word start; a pairs-trained model's target is its own text)
+            return [self.tokenizer.decode_continuation(source.tolist(), result.tokens)
+                    for source, result in zip(sources, results)]
         return [self.tokenizer.decode_target(result.tokens) for result in results]
 
