@@ -281,12 +281,10 @@ def _model_path(args, stack):
 
 def _check_model_dir(path) -> None:
     """UserError for a model directory that is not there (missing, or a broken link)."""
-    if not os.path.exists(path):
-        from pathlib import Path
-
-        from attncore.io import absent
-        raise UserError(absent(Path(path), f"model directory {path!r} does not exist",
-                               f"model directory {path!r}"))
+    from attncore.io import missing_model_dir
+    problem = missing_model_dir(path)
+    if problem:
+        raise UserError(problem)
 
 
 def _load_model(path, weight_dtype="float32"):

@@ -342,15 +342,9 @@ def config_value_problems(config: Mapping) -> List[str]:
                 or not 0 <= dropout < 1:
             problems.append(f"config: dropout must be a number in [0, 1), got {dropout!r}")
     if "layer_norm_eps" in config:
-        eps = config["layer_norm_eps"]
-        try:   # (an integer of 400 digits: OverflowError in isfinite)
-            finite = math.isfinite(eps)
-        except (TypeError, OverflowError):
-            finite = False
-        if isinstance(eps, (bool, np.bool_)) or not isinstance(
-                eps, (int, float, np.integer, np.floating)) or not finite or eps <= 0:
-            # (0 divides by zero on a row of equal values: every row when d_model is 1)
-            problems.append(f"config: layer_norm_eps must be a finite number > 0, got {eps!r}")
+        problem = _layer_norm_eps_problem(config["layer_norm_eps"])
+        if problem:
+            problems.append(problem)
     targets = integers.get("tgt_vocab_size") or integers.get("vocab_size") or 0
     sources = integers.get("src_vocab_size") or targets
     for key, vocab, side in (("pad_id", sources, "source"), ("unk_id", sources, "source"),
@@ -359,6 +353,19 @@ def config_value_problems(config: Mapping) -> List[str]:
             problems.append(f"config: {key} {integers[key]} lies outside the {side} vocabulary "
                             f"[0, {vocab})")
     return problems
+
+
+def _layer_norm_eps_problem(eps) -> Optional[str]:
+    """What is wrong with a ``layer_norm_eps``, or None: it must be a finite number > 0 (0
+    divides by zero on a row of equal values: every row when d_model is 1)."""
+    try:   # (an integer of 400 digits: OverflowError in isfinite)
+        finite = math.isfinite(eps)
+    except (TypeError, OverflowError):
+        finite = False
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(
+            eps, (int, float, np.integer, np.floating)) or not finite or eps <= 0:
+        return f"config: layer_norm_eps must be a finite number > 0, got {eps!r}"
+    return None
 
 
 def read_config(path: Union[str, os.PathLike]) -> dict:
@@ -384,6 +391,15 @@ def not_there(path: Path) -> str:
     if not path.exists():
         return "missing"
     return "a directory" if path.is_dir() else "not a regular file"
+
+
+def missing_model_dir(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The problem of a model directory that is not there (missing, or a broken link), or None:
+    the one message of every command that takes a model directory."""
+    if os.path.exists(path):
+        return None
+    return absent(Path(path), f"model directory {str(path)!r} does not exist",
+                  f"model directory {str(path)!r}")
 
 
 def absent(path: Path, missing: str, name: str) -> str:
@@ -612,12 +628,9 @@ def transformer_weight_spec(config: Mapping) -> WeightSpec:
                          f"max_positions")
     # null means "as norm_first", the trainer's TransformerConfig default
     final_norm = bool(config["norm_first"] if config["final_norm"] is None else config["final_norm"])
-    eps = config["layer_norm_eps"]
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer,
-                                                               np.floating)) \
-            or not math.isfinite(eps) or eps <= 0:
-        # (0 divides by zero on a row of equal values: every row when d_model is 1)
-        raise ValueError(f"config: layer_norm_eps must be a finite number > 0, got {eps!r}")
+    problem = _layer_norm_eps_problem(config["layer_norm_eps"])   # (called directly, too)
+    if problem:
+        raise ValueError(problem)
 
     spec: WeightSpec = {}
     has_encoder = kind in ("encoder_decoder", "encoder_only")

@@ -300,12 +300,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
     from .cli import parse_task_options
     from .export import load_model
 
-    if not os.path.exists(args.model_dir):   # (it asked for --task: "has no training.json")
-        from pathlib import Path
-
-        from attncore.io import absent
-        parser.error(absent(Path(args.model_dir), f"model directory {args.model_dir!r} does "
-                            f"not exist", f"model directory {args.model_dir!r}"))
+    from attncore.io import missing_model_dir
+    problem = missing_model_dir(args.model_dir)
+    if problem:   # (it asked for --task: "has no training.json")
+        parser.error(problem)
     training = _training_run(args.model_dir)
     if args.task is None:
         if not training.get("task"):
