@@ -296,7 +296,7 @@ def _check_unicode(text: str) -> None:
 def tokenize_words(text: str) -> list[str]:
     """Lower-cased words and single punctuation marks of NFC ``text``: ``"Amen."`` ->
     ``["amen", "."]`` (the "words" level; the KJV task's tokenization)."""
-    return _word_or_mark().findall(normalize_text(text).lower())
+    return _split(text, "words")
 
 
 #: version 1's "words" tokens (a combining mark was punctuation of its own)
@@ -306,12 +306,11 @@ _WORD_OR_MARK_V1 = re.compile(r"\w+|[^\w\s]")
 def _split(text: str, level: str, version: int = _VERSION) -> list[str]:
     if version == 1:   # (a file saved before version 2: its own rules; no surrogate is text)
         _check_unicode(text)
-        if level == "words":
-            return _WORD_OR_MARK_V1.findall(text.lower())
-        return list(text) if level == "char" else text.split()
+    else:
+        text = normalize_text(text)
     if level == "words":
-        return tokenize_words(text)
-    text = normalize_text(text)
+        words = _WORD_OR_MARK_V1 if version == 1 else _word_or_mark()
+        return words.findall(text.lower())
     return list(text) if level == "char" else text.split()
 
 
