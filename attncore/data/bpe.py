@@ -153,9 +153,14 @@ class BPEVocab:
             ids = [i for i in ids if i not in (self.pad, self.bos)]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON text :meth:`save` writes (``Tokenizer.save``'s pretty form)."""
+        return self.tokenizer.to_str(pretty=True)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the ``tokenizers`` JSON file."""
-        self.tokenizer.save(os.fspath(path))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPEVocab":

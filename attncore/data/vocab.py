@@ -239,10 +239,14 @@ class Vocab:
             raise ValueError(f"vocabulary repeats the special tokens {repeated} after its start")
         return cls(tokens[4:], level=data.get("level"), version=version)
 
+    def to_json(self) -> str:
+        """The JSON text :meth:`save` writes."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=0)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as UTF-8 JSON to ``path``."""
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocab":

@@ -8,7 +8,6 @@ the inference engine with the NumPy reference forward pass on the very same weig
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 __all__ = ["export", "load_model", "model_from_config"]
@@ -51,11 +50,7 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
             config["tokenizer"]["max_source_tokens"] = int(max_source_tokens)
     # each vocabulary's JSON as the vocabulary itself writes it, handed to save_model_dir
     # (which refuses a tokenizer entry naming files it does not get)
-    texts = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for side, vocab in files.items():
-            vocab.save(Path(scratch) / f"{side}_vocab.json")
-            texts[f"{side}_vocab.json"] = (Path(scratch) / f"{side}_vocab.json").read_bytes()
+    texts = {f"{side}_vocab.json": vocab.to_json() for side, vocab in files.items()}
     directory = io.save_model_dir(Path(out_dir), config, model.state_dict(),
                                   tokenizer_files=texts)
     if training is not None:
