@@ -237,7 +237,8 @@ def source_seeds(seed, count, keys=None):
         return np.random.SeedSequence().spawn(count)
     if isinstance(seed, (list, tuple, np.ndarray)):
         if len(seed) != count:
-            raise ValueError(f"seed has {len(seed)} entries for {count} sources")
+            raise ValueError(f"seed has {len(seed)} entries for "
+                             f"{'one source' if count == 1 else f'{count} sources'}")
         return list(seed)
     keys = range(count) if keys is None else keys
     if len(keys) != count:

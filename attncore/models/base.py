@@ -598,9 +598,6 @@ class GenerateTokensMixin:
                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         except (TypeError, ValueError) as exc:   # ("sources[0] has token id 99": the source)
             raise type(exc)(_ONE_SOURCE.sub("source", str(exc))) from None
-        if isinstance(options["seed"], (list, tuple, np.ndarray)) and len(options["seed"]) != 1:
-            raise ValueError(f"seed has {len(options['seed'])} entries for one source (give an "
-                             f"int, or a list of one)")
         return generation.generate_tokens(
             self, sources[0], bos_id=bos_id, eos_id=self.eos_id,
             **{key: options[key] for key in ("max_length", "min_length", "do_sample",
