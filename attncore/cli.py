@@ -217,6 +217,11 @@ def _info(args):
     return 0
 
 
+#: what ``attncore bench`` tells a bench script (bench/_harness.py reads them): the name its
+#: messages give it, and "1" for a run that only checks its arguments
+BENCH_PROG_VARIABLE, BENCH_CHECK_VARIABLE = "ATTNCORE_BENCH_PROG", "ATTNCORE_BENCH_CHECK"
+
+
 def _bench(argv):
     """``attncore bench [kernels|models] [options]``: the named script with the options, or
     every script present (kernels, then models) when none is named."""
@@ -235,14 +240,14 @@ def _bench(argv):
     def environment(script, **extra):
         # (its messages name "attncore bench kernels", not "kernels.py")
         name = os.path.splitext(os.path.basename(script))[0]
-        return dict(os.environ, ATTNCORE_BENCH_PROG=f"attncore bench {name}", **extra)
+        return dict(os.environ, **{BENCH_PROG_VARIABLE: f"attncore bench {name}"}, **extra)
 
     # (an option one script refuses failed after the other's whole run; --help exits 0 from
     # the check and was printed twice)
     if len(present) > 1 and not {"-h", "--help"} & set(argv):
         for script in present:
             status = _run_script([sys.executable, script] + argv,
-                                 env=environment(script, ATTNCORE_BENCH_CHECK="1"))
+                                 env=environment(script, **{BENCH_CHECK_VARIABLE: "1"}))
             if status:
                 return status
     for script in present:

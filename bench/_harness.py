@@ -8,25 +8,23 @@ import time
 
 import numpy as np
 
+# (set by ``attncore bench``: the name the script's messages give it, "attncore bench
+# kernels", and "1" for a run that only checks its arguments, so that a bad option fails before
+# any script runs rather than after the first script's whole benchmark)
+from attncore.cli import BENCH_CHECK_VARIABLE, BENCH_PROG_VARIABLE
 from attncore.cli import OneLineErrorParser  # noqa: F401  (one-line usage errors, as attncore's)
 from attncore.cli import thread_count  # noqa: F401  (the one --threads type, for the scripts)
-
-
-#: set by ``attncore bench``: the name the script's messages give it ("attncore bench
-#: kernels"), and "1" for a run that only checks its arguments (before any script runs, so that
-#: a bad option fails at once rather than after the first script's whole benchmark)
-PROG_VARIABLE, CHECK_VARIABLE = "ATTNCORE_BENCH_PROG", "ATTNCORE_BENCH_CHECK"
 
 
 def bench_prog():
     """The script's name for its parser: ``attncore bench NAME`` when run through it, else
     None (argparse's default, the file's name)."""
-    return os.environ.get(PROG_VARIABLE) or None
+    return os.environ.get(BENCH_PROG_VARIABLE) or None
 
 
 def checking_arguments() -> bool:
     """Whether this run only checks its arguments (``attncore bench``'s first pass)."""
-    return os.environ.get(CHECK_VARIABLE) == "1"
+    return os.environ.get(BENCH_CHECK_VARIABLE) == "1"
 
 
 def run_main(main):
