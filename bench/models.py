@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Model benchmarks: attncore's engine beside PyTorch and CTranslate2 on identical weights.
 
-    python bench/models.py [--threads 1 2] [--only transformer seq2seq ran] [--quick] [--beam 4]
+    python bench/models.py [--threads 1 2] [--only transformer seq2seq ran ran-lm] [--quick]
+                           [--beam 4]
 
 * transformer: Transformer-base (d 512, 6+6 layers, 8 heads, FFN 2048, vocab 8000, pre-norm),
   24-token sources, exactly 24 greedy steps (``--beam N``: beam search, attncore and
@@ -16,6 +17,11 @@
   tokens/s and peak traced memory (and tokens/s with int8 weights), beside an attncore
   Transformer encoder of the same width
   (2 layers, FFN 2048) on the lengths where quadratic attention stays affordable.
+* ran-lm: generation with a causal RAN language model of the same shape (``token_head="lm"``):
+  200-token prompts continued by 128 greedy tokens (crossing a window's end), batch 1 and 4,
+  beside the same tokens fed one call at a time through ``token_logits`` with the carried
+  state (the window recomputed at each token, as ``generate`` did before its window cache),
+  and an attncore decoder-only Transformer of the same width (2 layers, FFN 2048, KV cache).
 
 attncore runs three times: float32 weights, ``weight_dtype="bfloat16"`` (weight matrices rounded
 to bfloat16, half the bytes per decoding step) and ``weight_dtype="int8"`` (products quantized
@@ -422,11 +428,63 @@ def bench_ran(threads_list, lengths, quick, rows):
                   f"{row['ran_int8_tps']:9.0f} | {tf} |", flush=True)
 
 
+def bench_ran_lm(threads_list, batches, quick, rows):
+    d, heads, window, layers = (64, 4, 64, 2) if quick else (512, 8, 256, 2)
+    V, prompt_len, steps = 8000, 200, 128
+    ran = attncore.models.from_config({
+        "architecture": "ran", "vocab_size": V, "embedding_size": d, "ran_layers": layers,
+        "head_num": heads, "head_size": d // heads, "window_size": window,
+        "min_window_size": window // 4, "cell_pooling": "last", "causal": True,
+        "memory_review": True, "num_classes": 0, "token_head": "lm", "dropout": 0.0,
+        "dtype": "float32", "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3,
+        "tokenizer": None}, seed=0)
+    decoder = attncore.models.from_config({
+        "architecture": "transformer", "kind": "decoder_only", "src_vocab_size": 0,
+        "tgt_vocab_size": V, "d_model": d, "num_heads": heads, "num_encoder_layers": 0,
+        "num_decoder_layers": layers, "dim_feedforward": 4 * d, "activation": "relu",
+        "norm_first": True, "final_norm": True, "layer_norm_eps": 1e-5, "positions": "sinusoidal",
+        "max_positions": prompt_len + steps, "scale_embedding": True, "fused_qkv": True,
+        "attention_bias": True, "tie_embeddings": False, "dropout": 0.0, "dtype": "float32",
+        "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "tokenizer": None}, seed=0)
+    rng = np.random.default_rng(0)
+    prompts_of = {B: [rng.integers(4, V, size=prompt_len) for _ in range(B)] for B in batches}
+
+    def token_by_token(prompts):
+        """Greedy through the public encode path: one token per call, the state carried."""
+        logits, state = ran.token_logits(prompts)
+        tokens = [[] for _ in prompts]
+        for _ in range(steps):
+            nxt = [int(np.argmax(row[-1])) for row in logits]
+            for out, t in zip(tokens, nxt):
+                out.append(t)
+            logits, state = ran.token_logits([np.array([t]) for t in nxt], state)
+        return tokens
+
+    for threads in threads_list:
+        set_threads(threads, with_torch=False)
+        for B in batches:
+            prompts = prompts_of[B]
+
+            def generate(model=ran):
+                return model.generate(prompts, max_length=steps, min_length=steps)
+            got = [r.tokens for r in generate()]
+            agree = _agreement(got, token_by_token(prompts))
+            times = best_times_interleaved({
+                "cache": generate, "recompute": lambda: token_by_token(prompts),
+                "decoder": lambda: generate(decoder)}, rounds=2, repeats=1)
+            row = {"threads": threads, "batch": B, "agree": agree,
+                   **{k: B * steps / t for k, t in times.items()}}
+            rows.append(row)
+            print(f"| {threads} | {B} | {row['cache']:8.1f} | {row['recompute']:8.1f} | "
+                  f"{row['cache'] / row['recompute']:5.2f}x | {row['decoder']:8.1f} | "
+                  f"{row['cache'] / row['decoder']:5.2f}x | {agree:.2f} |", flush=True)
+
+
 def main(argv=None):
     parser = OneLineErrorParser(prog=bench_prog(), description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=thread_count, nargs="+", default=[1, 2])
-    parser.add_argument("--only", nargs="+", choices=["transformer", "seq2seq", "ran"],
-                        default=["transformer", "seq2seq", "ran"])
+    parser.add_argument("--only", nargs="+", choices=["transformer", "seq2seq", "ran", "ran-lm"],
+                        default=["transformer", "seq2seq", "ran", "ran-lm"])
     parser.add_argument("--quick", action="store_true", help="small models, for a smoke run")
     parser.add_argument("--no-torch", action="store_true",
                         help="leave torch out (not even imported; the Transformer and seq2seq "
@@ -477,6 +535,13 @@ def main(argv=None):
         print("|---|---|---|---|---|---|---|")
         lengths = [512, 2048] if args.quick else [2048, 8192, 32768, 100000]
         bench_ran(args.threads, lengths, args.quick, rows)
+    if "ran-lm" in args.only:
+        print("\n### RAN language model: 200-token prompts, 128 greedy tokens (tokens/s)\n")
+        print("| threads | batch | RAN generate | RAN token by token through encode | "
+              "speed-up | Transformer decoder (same width) | vs Transformer | "
+              "token agreement |")
+        print("|---|---|---|---|---|---|---|---|")
+        bench_ran_lm(args.threads, [1, 4], args.quick, rows)
     return rows
 
 

@@ -532,6 +532,38 @@ def test_greedy_generation_matches_full_recomputation():
         np.testing.assert_allclose(result.log_probs[0], total, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_review", [True, False])
+@pytest.mark.parametrize("weight_dtype", ["float32", "int8"])
+def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, weight_dtype):
+    # A step inside a window is one row through the layers against the window's cached keys
+    # and values; a step that completes a window goes through encode. Prompts of lengths
+    # around the window, rows completing windows at different steps, finished rows leaving and
+    # rows repeated (select): each step's log-probs are those of one call over the sequence.
+    engine, _ = make_pair(seed=19, causal=True, token_head="lm", window_size=4,
+                          memory_review=memory_review)
+    engine = RAN(engine.config, engine.weights, weight_dtype=weight_dtype)
+    prompts = documents((1, 3, 4, 6, 9), vocab=40, seed=20)
+    state = engine._start(prompts)
+    sequences = [list(p) for p in prompts]
+    log_probs, _ = engine._step(state, None)
+    rng = np.random.default_rng(21)
+    for step in range(14):
+        for row, sequence in enumerate(sequences):
+            whole, _ = engine.token_logits([np.array(sequence)])
+            assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
+                                    atol=5 * CHUNK_ATOL)
+        if step == 6:   # finished rows leave, a row is repeated (beams)
+            keep = np.array([4, 1, 1, 3])
+            state = state.select(keep)
+            sequences = [list(sequences[r]) for r in keep]
+        tokens = rng.integers(0, 40, len(sequences))
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        log_probs, _ = engine._step(state, tokens)
+    assert state.state.tokens == tuple(len(s) - len(f) for s, f in zip(sequences, state.fed))
+    assert all(len(p) + len(f) < 4 for p, f in zip(state.state.pending, state.fed))
+
+
 def test_beam_search_and_sampling_run():
     engine, _ = make_pair(seed=17, causal=True, token_head="lm", window_size=3)
     prompts = documents((4, 6), vocab=30, seed=14)

@@ -221,32 +221,67 @@ class RANState:
         return cls(False, 0, (0,) * len(history), _frozen(history.astype(np.float32)))
 
 
+class _WindowCache:
+    """Every layer's keys and values of each row's unfinished window, so that a decoding step
+    computes only its new token's row (the window's earlier rows are the same at every step).
+
+    Attributes
+    ----------
+    keys, values : list (per layer) of float32 (B, H, 1 + W, d)
+        Row 0: the incoming cell's key/value (no rotation); rows 1..filled[b]: the window's
+        tokens, rotated at their positions; later rows unused (``kv_lengths`` leaves them out).
+    filled : int64 (B,), tokens of the unfinished window held
+    """
+
+    __slots__ = ("keys", "values", "filled")
+
+    def __init__(self, keys: List[np.ndarray], values: List[np.ndarray], filled: np.ndarray):
+        self.keys, self.values, self.filled = keys, values, filled
+
+    def select(self, rows: np.ndarray) -> "_WindowCache":
+        return _WindowCache([k[rows] for k in self.keys], [v[rows] for v in self.values],
+                            self.filled[rows])
+
+
 class RANDecoderState:
     """Decoding state of a causal RAN language model (``docs/ENGINE.md`` decoder protocol).
 
     Attributes
     ----------
-    state : RANState, the documents generated so far (prompt included)
+    state : RANState, each row's state after its last full ``encode`` call: the prompt, and
+        then the tokens up to the last finished window
+    fed : tuple of int64 arrays, per row the tokens fed since ``state`` (held in ``cache``,
+        fewer than a window)
+    cache : _WindowCache of the rows' unfinished windows
     pending : float32 (B, V) or None: the prompt's next-token log-probs, returned by the
         first ``_step(state, None)``
     """
 
-    __slots__ = ("state", "pending")
+    __slots__ = ("state", "fed", "cache", "pending")
 
-    def __init__(self, state: RANState, pending: Optional[np.ndarray]):
-        self.state = state
-        self.pending = pending
+    def __init__(self, state: RANState, fed: Tuple[np.ndarray, ...], cache: _WindowCache,
+                 pending: Optional[np.ndarray]):
+        self.state, self.fed, self.cache, self.pending = state, fed, cache, pending
 
     @property
     def batch_size(self) -> int:
         return self.state.batch_size
 
     def select(self, rows) -> "RANDecoderState":
-        """Keep / repeat / reorder rows (beams); carried arrays are shared, not copied."""
+        """Keep / repeat / reorder rows (beams); carried arrays are shared, the window caches
+        copied."""
         rows = check_rows(rows, self.batch_size)
-        state = self.state.select(rows)
-        pending = None if self.pending is None else self.pending[rows]
-        return RANDecoderState(state, pending)
+        return RANDecoderState(self.state.select(rows), tuple(self.fed[r] for r in rows),
+                               self.cache.select(rows),
+                               None if self.pending is None else self.pending[rows])
+
+
+def _concat_states(first: RANState, second: RANState) -> RANState:
+    """The documents of ``first`` then those of ``second`` (two states of one model)."""
+    return RANState(first.causal, first.window_size, first.tokens + second.tokens,
+                    _frozen(np.concatenate([first.history, second.history])),
+                    first.windows + second.windows, first.pending + second.pending,
+                    first.layers + second.layers, first.model)
 
 
 def _set_read_only(obj, state: dict) -> None:
@@ -562,8 +597,9 @@ class RAN(GenerateTokensMixin, Model):
 
         Options as :meth:`attncore.models.EncoderDecoderModel.generate` (greedy, beam search,
         sampling); the first generated token is predicted from the prompt itself. Each step
-        feeds one token through the carried state (the unfinished window is recomputed:
-        O(W (D^2 + W H d) + W n D) per token).
+        feeds one token through the carried state: one row through every layer against its
+        window's cached keys and values, O(D^2 + W H d + n D) per token (n windows so far),
+        and a full window's commit once every W tokens.
         """
         from .. import generation
 
@@ -601,12 +637,21 @@ class RAN(GenerateTokensMixin, Model):
         """Prefill the prompts; the first ``_step(state, None)`` returns their next-token
         log-probs."""
         self._check_can("generate")
-        encoding, state = self.encode(sources)
+        encoding, state, cache = self._encode_for_decoding(sources, None)
         last = np.stack([s[-1] for s in encoding.sequence])
-        return RANDecoderState(state, K.log_softmax(self.token_head(last)))
+        empty = np.zeros(0, dtype=np.int64)
+        return RANDecoderState(state, (empty,) * len(sources), cache,
+                               K.log_softmax(self.token_head(last)))
 
     def _step(self, state: RANDecoderState, tokens):
-        """One token per row -> (log_probs float32 (B, V), None)."""
+        """One token per row -> (log_probs float32 (B, V), None).
+
+        A token inside its row's window is one row through the layers, against the window's
+        cached keys and values and the carried memory review; a token that completes a window
+        goes through ``encode`` with the row's tokens since its last full call, which commits
+        the window (the same bits either way: every kernel's result for a row depends on that
+        row's inputs only, see :func:`sequence_attention`).
+        """
         if tokens is None:
             if state.pending is None:
                 raise ValueError("tokens=None is only valid for the first step after _start")
@@ -614,9 +659,100 @@ class RAN(GenerateTokensMixin, Model):
             return log_probs, None
         tokens = check_step_tokens(tokens, state.batch_size, self.vocab_size)
         state.pending = None
-        encoding, state.state = self.encode(list(tokens.reshape(-1, 1)), state.state)
-        last = np.concatenate(encoding.sequence)                          # (B, D)
-        return K.log_softmax(self.token_head(last)), None
+        window = state.state.window_size
+        held = np.array([len(p) + len(f) for p, f in zip(state.state.pending, state.fed)])
+        full = np.flatnonzero(held + 1 == window)
+        out = np.empty((state.batch_size, self.embedding_size), dtype=np.float32)
+        fed = list(state.fed)
+        if len(full) < state.batch_size:
+            rows = np.flatnonzero(held + 1 < window)
+            out[rows] = self._cached_step(state, rows, tokens[rows])
+            for r in rows:
+                fed[r] = np.append(fed[r], tokens[r])
+        if len(full):
+            documents = [np.append(state.fed[r], tokens[r]) for r in full]
+            encoding, finished, cache = self._encode_for_decoding(documents,
+                                                                  state.state.select(full))
+            out[full] = np.concatenate([s[-1:] for s in encoding.sequence])
+            for k, v, new_k, new_v in zip(state.cache.keys, state.cache.values, cache.keys,
+                                          cache.values):
+                k[full], v[full] = new_k, new_v
+            state.cache.filled[full] = cache.filled
+            for r in full:
+                fed[r] = np.zeros(0, dtype=np.int64)
+            if len(full) == state.batch_size:
+                state.state = finished
+            else:
+                kept = np.flatnonzero(held + 1 < window)
+                order = np.argsort(np.concatenate([kept, full]), kind="stable")
+                state.state = _concat_states(state.state.select(kept), finished).select(order)
+        state.fed = tuple(fed)
+        return K.log_softmax(self.token_head(out)), None
+
+    def _encode_for_decoding(self, documents, state: Optional[RANState]):
+        """``encode(documents, state)`` of a causal model, and the window cache of the new
+        state: the keys and values of each document's unfinished window as the call computed
+        them, or only the incoming cell's row where every window is finished."""
+        documents = check_sources(documents, self.vocab_size, name="documents")
+        window = self.window_size if state is None else state.window_size
+        state = self._check_state(state, len(documents), window)
+        captured = [{} for _ in range(self.num_layers)]
+        encoding, state = self._encode_causal(documents, state, window, captured)
+        check_finite(encoding.sequence, "encoder outputs")
+        batch, H, d = len(documents), self.head_num, self.head_size
+        filled = np.array([len(p) for p in state.pending], dtype=np.int64)
+        keys, values = [], []
+        for index, (layer, windows) in enumerate(zip(self.layers, captured)):
+            k = np.zeros((batch, H, 1 + window, d), dtype=np.float32)
+            v = np.zeros_like(k)
+            fresh = [b for b in range(batch) if b not in windows]
+            if fresh:   # no unfinished window: row 0 from the carried cell, as a window's step
+                cells = np.stack([state.layers[b][index].cell for b in fresh])
+                p0 = _swish_linear(_ln(cells, layer.concat_norm), layer.qkv)
+                p0 = p0.reshape(len(fresh), 3, H, d)
+                k[fresh, :, 0], v[fresh, :, 0] = p0[:, 1], p0[:, 2]
+            for b, (kb, vb) in windows.items():
+                k[b, :, :kb.shape[1]], v[b, :, :vb.shape[1]] = kb, vb   # 1 + filled[b] rows
+            keys.append(k)
+            values.append(v)
+        return encoding, state, _WindowCache(keys, values, filled)
+
+    def _cached_step(self, state: RANDecoderState, rows: np.ndarray, tokens: np.ndarray
+                     ) -> np.ndarray:
+        """The last layer's outputs float32 (n, D) of one new token per row of ``rows``, each
+        inside its unfinished window (appended to the window cache)."""
+        H, d = self.head_num, self.head_size
+        n, every = len(rows), len(rows) == state.batch_size
+        cache = state.cache
+        position = cache.filled[rows] + 1                                      # window row
+        x = self._embed(tokens)
+        for index, layer in enumerate(self.layers):
+            z = _ln(x, layer.concat_norm)
+            p = _swish_linear(z, layer.qkv).reshape(n, 3, H, d)
+            qk = K.rotary(np.ascontiguousarray(p[:, :2].transpose(1, 2, 0, 3)), position)
+            keys, values = cache.keys[index], cache.values[index]             # (B, H, 1+W, d)
+            keys[rows, :, position] = qk[1].transpose(1, 0, 2)
+            values[rows, :, position] = p[:, 2]
+            q = np.ascontiguousarray(qk[0].transpose(1, 0, 2)[:, :, None])     # (n, H, 1, d)
+            o = sequence_attention(q, keys if every else keys[rows],
+                                   values if every else values[rows],
+                                   kv_lengths=position + 1, causal=False)
+            h = _swish_linear(o.reshape(n, H * d), layer.attn_out) + _glu(z, layer.attn_glu)
+            y = _stdnorm(_ln(h, layer.attn_norm))
+            if self.memory_review:
+                query = _swish_linear(y, layer.review_query)                   # (n, D)
+                context = np.empty_like(query)
+                for i, r in enumerate(rows):
+                    carry = state.state.layers[r][index]
+                    context[i] = sequence_attention(
+                        query[None, None, i:i + 1], carry.memory_keys[None, None],
+                        carry.memory_values[None, None], kv_lengths=None, causal=False)[0, 0, 0]
+                h = _swish_linear(context, layer.review_out) + _glu(query, layer.review_glu)
+                x = _ln(h, layer.review_norm)
+            else:
+                x = _ln(y, layer.output_norm)
+        cache.filled[rows] = position
+        return check_finite(x, "encoder outputs")
 
     # -- argument checks ------------------------------------------------------------------
     def _windows(self, window_size, min_window_size, state) -> Tuple[int, int]:
@@ -786,7 +922,7 @@ class RAN(GenerateTokensMixin, Model):
 
     # -- one layer --------------------------------------------------------------------------
     def _layer(self, layer: _Layer, x: np.ndarray, plan: _Plan, cell: np.ndarray,
-               carry: Optional[dict], memory: Optional[list]):
+               carry: Optional[dict], memory: Optional[list], captured: Optional[dict] = None):
         """Run one RAN layer over every window of the call.
 
         Parameters
@@ -796,6 +932,8 @@ class RAN(GenerateTokensMixin, Model):
         carry : dict or None (causal continuation): ``g_prev`` (B, D), ``has_prev`` (B,) bool;
             updated in place with the committed ``cell``/``g_prev``/``has_prev`` (the values
             after each document's last finished window)
+        captured : dict or None (causal): receives, per document with an unfinished window,
+            that window's keys and values (H, 1 + w, d) each (row 0 the cell's), for decoding
         memory : causal only, per document a (keys, values) pair (m_b, D) of the committed
             memory review; the new finished windows' entries are appended in place
 
@@ -813,14 +951,16 @@ class RAN(GenerateTokensMixin, Model):
         g_all = np.empty((len(plan.win_doc), D), dtype=np.float32)
         y = np.empty((plan.num_rows, D), dtype=np.float32)
         for lo, hi in _window_blocks(plan, self.causal):
-            self._window_block(layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry)
+            self._window_block(layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry,
+                               captured)
         if self.memory_review:
             out = self._memory_review(layer, y, g_all, plan, memory)
         else:
             out = _ln(y, layer.output_norm)
         return out, cell, g_all
 
-    def _window_block(self, layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry):
+    def _window_block(self, layer, x, plan, lo, hi, cell, g_prev, has_prev, g_all, y, carry,
+                      captured=None):
         """Windows [lo, hi) (step-major; see _window_blocks): project the block's token rows,
         run the recurrence over the steps they belong to, then the token rows' attention;
         writes g_all and y for the block's windows (cell, g_prev, has_prev updated in place).
@@ -891,6 +1031,12 @@ class RAN(GenerateTokensMixin, Model):
             g_prev[docs] = g
             has_prev[docs] = True
             g_all[lo + a:lo + b] = g
+
+        if captured is not None:
+            for i in np.flatnonzero(~plan.win_final[lo:hi]):
+                rows_held = 1 + int(width[i])
+                captured[int(plan.win_doc[lo + i])] = (k[i, :, :rows_held].copy(),
+                                                       v[i, :, :rows_held].copy())
 
         # Token rows: all windows of the block in one call (row i sees keys < kv_lengths and,
         # when causal, keys <= i: the cell and earlier tokens, not the summary slot).
@@ -971,7 +1117,7 @@ class RAN(GenerateTokensMixin, Model):
         out[rows] = _ln(h, layer.review_norm)
 
     # -- causal ---------------------------------------------------------------------------
-    def _encode_causal(self, documents, state, window):
+    def _encode_causal(self, documents, state, window, captured=None):
         batch, L = len(documents), self.num_layers
         if state is None:
             pending = [np.zeros(0, dtype=np.int64)] * batch
@@ -989,7 +1135,8 @@ class RAN(GenerateTokensMixin, Model):
         for index, layer in enumerate(self.layers):
             carry, memory = self._carry_in(index, layer, state, batch)
             start_sum, start_max = (carry.pop("g_sum"), carry.pop("g_max"))
-            x, cell, g = self._layer(layer, x, plan, carry.pop("start_cell"), carry, memory)
+            x, cell, g = self._layer(layer, x, plan, carry.pop("start_cell"), carry, memory,
+                                     None if captured is None else captured[index])
             for b in range(batch):
                 final = plan.doc_windows[b][plan.win_final[plan.doc_windows[b]]]
                 g_sum = start_sum[b] + g[final].astype(np.float64).sum(axis=0)
