@@ -25,6 +25,11 @@ def _o(*shape, dtype=F64):
 Q, K, V = _o(2, 4, 3, 8), _o(2, 2, 5, 8), _o(2, 2, 5, 8)
 
 
+def _huge(shape):
+    """A float64 array of ``shape`` that holds one number (a broadcast view: no memory)."""
+    return np.broadcast_to(np.zeros(1), shape)
+
+
 def attention(**changes):
     args = {"q": Q, "k": K, "v": V}
     args.update(changes)
@@ -74,6 +79,18 @@ BAD = [
      "kv_heads"),
     ("attn-head-dim-0", attention(q=_o(2, 4, 3, 0), k=_o(2, 2, 5, 0), v=_o(2, 2, 5, 0)),
      ValueError, "head_dim"),
+    # ---- attention: sizes past BLAS's int dimensions (2^31 keys wrapped negative: BLAS
+    # refused the product and the weights came back uniform; broadcast views, never copied)
+    ("attn-kv-len-int", attention(k=_huge((2, 2, 2 ** 31, 8)), v=_huge((2, 2, 2 ** 31, 8))),
+     ValueError, r"\bk\b: kv_len of 2147483648"),
+    ("attn-kv-len-wrap", attention(k=_huge((2, 2, 2 ** 32 + 4, 8)),
+                                   v=_huge((2, 2, 2 ** 32 + 4, 8))), ValueError, r"kv_len"),
+    ("attn-q-len-int", attention(q=_huge((2, 4, 2 ** 31, 8))), ValueError, r"\bq\b: q_len"),
+    ("attn-head-dim-int", attention(q=_huge((2, 4, 3, 2 ** 31)), k=_huge((2, 2, 5, 2 ** 31)),
+                                    v=_huge((2, 2, 5, 2 ** 31))), ValueError, r"head_dim"),
+    ("seq-attn-kv-len-int", lambda: sequence_attention(
+        Q, _huge((2, 2, 2 ** 31, 8)), _huge((2, 2, 2 ** 31, 8)), kv_lengths=None,
+        causal=False), ValueError, r"kv_len"),
     # ---- attention: dtypes
     ("attn-int", attention(q=np.ones((2, 4, 3, 8), dtype=np.int64)), TypeError, r"\bq\b"),
     ("attn-f16", attention(k=K.astype(np.float16)), TypeError, r"\bk\b"),

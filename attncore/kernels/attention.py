@@ -91,7 +91,26 @@ def flash_tiles(head_dim: int, small_matrix_kernel: bool = BLAS_SMALL_MATRIX_KER
     return BLOCK_Q, BLOCK_K
 
 
+BLAS_INT_MAX = 2 ** 31 - 1   # BLAS's int dimensions and leading dimensions
+
+
+def _check_blas_range(q, k) -> None:
+    """ValueError for a q_len, kv_len or head_dim past BLAS's int range (the flash path and the
+    weights pass them to sgemm as int: 2^31 keys wrapped to a negative size, BLAS refused the
+    call and the weights came back uniform; 2^32 + 4 keys wrapped to 4, silently). Read from
+    the shapes before any copy, so a broadcast view is refused without being materialised."""
+    for name, array, axes in (("q", q, ("q_len", "head_dim")), ("k", k, ("kv_len", "head_dim"))):
+        shape = np.shape(array)
+        if len(shape) != 4:
+            continue   # (check_float_array names the wrong ndim)
+        for axis, size in zip(axes, shape[2:]):
+            if size > BLAS_INT_MAX:
+                raise ValueError(f"{name}: {axis} of {size} is past BLAS's int range (at most "
+                                 f"{BLAS_INT_MAX})")
+
+
 def _check_qkv(q, k, v):
+    _check_blas_range(q, k)
     q = check_float_array(q, "q", ndim=4)
     k = check_float_array(k, "k", ndim=4, dtype=q.dtype)
     v = check_float_array(v, "v", ndim=4, dtype=q.dtype)
