@@ -231,8 +231,10 @@ def parse_ids(text: str, vocab_size: Optional[int] = None) -> np.ndarray:
         if not _ID_PATTERN.fullmatch(token):
             raise ValueError(f"{token!r} is not an integer token id")
         value = int(token)
-        if value < 0 or (vocab_size is not None and value >= vocab_size):
-            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        if value < 0 or value >= (vocab_size if vocab_size is not None else 2 ** 63):
+            # (without a vocabulary, an id past int64 raised OverflowError, which ended a
+            # batch job instead of naming its line)
+            bound = f"[0, {vocab_size})" if vocab_size is not None else "[0, 2**63)"
             raise ValueError(f"token id {value} outside {bound}")
         ids.append(value)
     return np.asarray(ids, dtype=np.int64)

@@ -94,6 +94,20 @@ def test_parse_ids_refuses_malformed_lines(text, message):
         batch.parse_ids(text, vocab_size=50)
 
 
+def test_parse_ids_without_a_vocabulary_refuses_ids_past_int64():
+    # (an OverflowError, which a batch job does not report as a bad line, ended the run)
+    assert batch.parse_ids("9223372036854775807").tolist() == [2 ** 63 - 1]
+    with pytest.raises(ValueError, match=r"token id 9223372036854775808 outside \[0, 2\*\*63\)"):
+        batch.parse_ids("3 9223372036854775808")
+
+
+def test_check_token_ids_without_a_vocabulary_refuses_uint64_ids_past_int64():
+    from attncore.models.base import check_token_ids
+    assert check_token_ids(np.array([7], np.uint64), "source", None).tolist() == [7]
+    with pytest.raises(ValueError, match="source has token id 18446744073709551615, past int64"):
+        check_token_ids(np.array([2 ** 64 - 1], np.uint64), "source", None)
+
+
 def test_parse_ids():
     ids = batch.parse_ids(" 4  7 49 ", vocab_size=50)
     assert ids.dtype == np.int64 and ids.tolist() == [4, 7, 49]

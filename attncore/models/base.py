@@ -148,6 +148,8 @@ def check_token_ids(source, label: str, vocab_size: Optional[int],
     if vocab_size is not None and (low < 0 or high >= vocab_size):
         bad = low if low < 0 else high
         raise ValueError(f"{label} has token id {bad} outside [0, {vocab_size})")
+    if high > np.iinfo(np.int64).max:   # (uint64 ids wrapped to negative ones)
+        raise ValueError(f"{label} has token id {high}, past int64")
     if max_source_length is not None and array.size > max_source_length:
         raise ValueError(f"{label} has {array.size} tokens, longer than the position "
                          f"table ({max_source_length})")
