@@ -552,11 +552,15 @@ class RAN(GenerateTokensMixin, Model):
         -------
         (RANEncoding, RANState)
         """
+        return self._encode(documents, state, window_size, min_window_size)
+
+    def _encode(self, documents, state, window_size, min_window_size, captured=None):
+        """:meth:`encode`; ``captured`` (causal): see :meth:`_layer`, one dict per layer."""
         documents = check_sources(documents, self.vocab_size, name="documents")
         window, minimum = self._windows(window_size, min_window_size, state)
         state = self._check_state(state, len(documents), window)
         if self.causal:
-            encoding, state = self._encode_causal(documents, state, window)
+            encoding, state = self._encode_causal(documents, state, window, captured)
         else:
             encoding, state = self._encode_bidirectional(documents, state, window, minimum)
         check_finite(encoding.sequence + [encoding.pooled], "encoder outputs")
@@ -693,13 +697,9 @@ class RAN(GenerateTokensMixin, Model):
         """``encode(documents, state)`` of a causal model, and the window cache of the new
         state: the keys and values of each document's unfinished window as the call computed
         them, or only the incoming cell's row where every window is finished."""
-        documents = check_sources(documents, self.vocab_size, name="documents")
-        window = self.window_size if state is None else state.window_size
-        state = self._check_state(state, len(documents), window)
         captured = [{} for _ in range(self.num_layers)]
-        encoding, state = self._encode_causal(documents, state, window, captured)
-        check_finite(encoding.sequence, "encoder outputs")
-        batch, H, d = len(documents), self.head_num, self.head_size
+        encoding, state = self._encode(documents, state, None, None, captured)
+        batch, H, d, window = len(documents), self.head_num, self.head_size, state.window_size
         filled = np.array([len(p) for p in state.pending], dtype=np.int64)
         keys, values = [], []
         for index, (layer, windows) in enumerate(zip(self.layers, captured)):
