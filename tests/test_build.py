@@ -177,6 +177,29 @@ def test_num_threads_is_thread_local():
                     "main_own_override": threads_of(3), "worker_after": threads_of(2)}
 
 
+def test_num_threads_is_per_asyncio_task():
+    """Tasks interleaving on one event-loop thread each keep their own budget while open, and
+    the loop thread's budget is the default again once they are done (a thread-local saved and
+    restored per block left it at the value the last task to exit had saved)."""
+    import asyncio
+    attncore.set_num_threads(2)
+    seen = []
+
+    async def handler(n, steps):
+        with attncore.num_threads(n):
+            for _ in range(steps):
+                seen.append((n, attncore.get_num_threads()))
+                await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(handler(1, 3), handler(3, 5))
+        return attncore.get_num_threads()
+
+    assert asyncio.run(main()) == threads_of(2)
+    assert attncore.get_num_threads() == threads_of(2)
+    assert sorted(set(seen)) == [(1, 1), (3, threads_of(3))]
+
+
 _FORK_SCRIPT = textwrap.dedent("""
     import os, sys, time, warnings
     import numpy as np

@@ -2,8 +2,8 @@
 """The one module that owns threads.
 
 * One thread budget for everything: ``set_num_threads(n)`` / ``get_num_threads()`` and the
-  ``num_threads(n)`` context manager (thread-local, so concurrent Python threads can each pick
-  their own intra-op budget). The default is ``OMP_NUM_THREADS`` when set, else the CPUs this
+  ``num_threads(n)`` context manager (per Python thread and per asyncio task, so concurrent
+  threads and tasks can each pick their own intra-op budget). The default is ``OMP_NUM_THREADS`` when set, else the CPUs this
   process may run on (``os.sched_getaffinity``, which follows cpusets and taskset), capped by a
   cgroup CPU quota (``docker --cpus``, a Kubernetes CPU limit), rounded up; always 1 when the
   extensions were built without OpenMP. A quota does not show in the affinity mask: 64 threads
@@ -20,9 +20,9 @@
   parallel region. Processes started by "spawn" or "forkserver" keep the full budget.
 """
 import contextlib
+import contextvars
 import math
 import os
-import threading
 import warnings
 
 from . import _threads
@@ -30,15 +30,13 @@ from . import _threads
 _state = {"default": None}
 
 
-class _ThreadBudget(threading.local):
-    """This Python thread's ``num_threads(n)`` override (None: the process-wide count). A class
-    default, so that reading it when unset is a plain attribute lookup: ``getattr(local, name,
-    None)`` raised and caught an AttributeError on every kernel call (0.4 us)."""
-
-    num_threads = None
-
-
-_local = _ThreadBudget()
+#: This context's ``num_threads(n)`` override (None: the process-wide count). A context
+#: variable rather than a thread-local: every Python thread starts with an empty context (its
+#: own budget, as before), and each asyncio task runs in a copy of its creator's, so tasks that
+#: interleave on one event-loop thread keep their own budgets (a thread-local, saved and
+#: restored by each ``with`` block, left the loop thread with whichever task exited last's
+#: saved value, and ran one task's kernels on the other's budget while both were open).
+_budget = contextvars.ContextVar("attncore_num_threads", default=None)
 
 
 def _default_num_threads():
@@ -162,7 +160,7 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call in this Python thread will use."""
-    n = _local.num_threads
+    n = _budget.get()
     if n is None:
         if _state["default"] is None:
             _state["default"] = _default_num_threads()
@@ -196,18 +194,22 @@ def _warn_forked_once(n):
 
 @contextlib.contextmanager
 def num_threads(n):
-    """Context manager: use ``n`` threads for kernels called from this Python thread.
+    """Context manager: use ``n`` threads for kernels called from this Python thread (or
+    asyncio task: each task keeps its own budget, see ``_budget``).
 
     >>> with attncore.num_threads(1):
     ...     out = attncore.attention(q, k, v)
     """
     n = _check_count(n)
-    previous = _local.num_threads
-    _local.num_threads = n if _threads.openmp_enabled() else 1
+    previous = _budget.get()
+    token = _budget.set(n if _threads.openmp_enabled() else 1)
     try:
-        yield _local.num_threads
+        yield _budget.get()
     finally:
-        _local.num_threads = previous
+        try:
+            _budget.reset(token)
+        except ValueError:   # left in another context than the one it was entered in
+            _budget.set(previous)
 
 
 def _limit_scipy_blas():
