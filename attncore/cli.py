@@ -171,12 +171,15 @@ def _one_line(exc) -> str:
 
 # ------------------------------------------------------------------------------ existing commands
 def _demo(args):
+    with _thread_budget(args):
+        return _demo_run()
+
+
+def _demo_run():
     import numpy as np
 
     import attncore
     from attncore import reference
-    if args.threads:
-        attncore.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     batch, heads, kv_heads, length, head_dim = 4, 8, 2, 512, 64
     q = rng.standard_normal((batch, heads, length, head_dim), dtype=np.float32)
@@ -301,13 +304,15 @@ def _load_model(path, weight_dtype="float32"):
         raise UserError(_one_line(exc)) from None
 
 
-def _set_threads(args):
-    if args.threads is not None:
-        import attncore
-        try:
-            attncore.set_num_threads(args.threads)
-        except ValueError as exc:
-            raise UserError(str(exc).replace("n must", "--threads must", 1)) from None
+def _thread_budget(args):
+    """``--threads N`` as a context manager for the run: ``attncore.num_threads(N)``, so a run
+    from a library caller's thread changes no other thread's budget and leaves its own as it
+    was (``set_num_threads`` changed every thread's, for good, and lost to a caller's
+    ``num_threads`` block); without the option, the budget the run finds."""
+    if args.threads is None:   # (a given count was checked by argparse: thread_count)
+        return contextlib.nullcontext()
+    import attncore
+    return attncore.num_threads(args.threads)
 
 
 # generate()'s argument names in its errors, as the command line spells them
@@ -585,7 +590,7 @@ def _run_lines(args):
         if not args.ids and frontend.tokenizer is None:
             raise UserError("this model has no tokenizer: give token ids with --ids")
         _check_max_length(args, frontend.config)
-        _set_threads(args)
+        stack.enter_context(_thread_budget(args))
         source = stack.enter_context(_open_input(args))
         sink = stack.enter_context(_open_output(args))
         bar = _progress(args, interactive)
@@ -683,14 +688,15 @@ def _attention(args):
     if not isinstance(model, EncoderDecoderModel) or \
             model.config.get("kind") in ("decoder_only", "encoder_only"):
         raise UserError("attention needs a generative encoder-decoder model")
-    _set_threads(args)
+    budget = _thread_budget(args)
     job = batch.GenerateJob(ids=args.ids, allow_unknown=args.allow_unknown)
     if not args.ids and model.tokenizer is None:
         raise UserError("this model has no tokenizer: give token ids with --ids")
     try:
         item = job.parse(1, _read_one_input(args), batch.Frontend.from_model(model))
-        amap = heatmap.attention_map(model, item.source, max_length=args.max_length,
-                                     beam_size=args.beam, length_penalty=args.length_penalty)
+        with budget:
+            amap = heatmap.attention_map(model, item.source, max_length=args.max_length,
+                                         beam_size=args.beam, length_penalty=args.length_penalty)
     except batch.InputError as exc:
         raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
     except ValueError as exc:   # ("sources[0] has 101 tokens": the one input)

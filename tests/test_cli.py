@@ -1011,6 +1011,33 @@ def test_a_ctrl_c_swallowed_by_a_destructor_still_stops_the_run(tmp_path, monkey
     assert statuses == [0] and cli.main(args) == 0
 
 
+def test_threads_option_holds_for_the_run_only(tmp_path, monkeypatch):
+    # --threads was set_num_threads: a run from a library caller's thread changed every
+    # thread's budget for good, and inside a caller's num_threads block it was ignored
+    from attncore import batch, cli
+    seen = []
+    plain_run = batch.GenerateJob.run_items
+
+    def run_items_noting_threads(self, model, items):
+        seen.append(attncore.get_num_threads())
+        return plain_run(self, model, items)
+
+    monkeypatch.setattr(batch.GenerateJob, "run_items", run_items_noting_threads)
+    (tmp_path / "in.txt").write_text("".join(f"{line}\n" for line in SAMPLES))
+    args = ["translate", "--input", str(tmp_path / "in.txt"), "--output",
+            str(tmp_path / "out.txt"), "--no-progress", "--threads", "1"]
+    attncore.set_num_threads(3)
+    try:
+        three = attncore.get_num_threads()
+        with attncore.num_threads(2):
+            assert cli.main(args) == 0
+            assert attncore.get_num_threads() == min(2, three)   # (1 without OpenMP)
+        assert attncore.get_num_threads() == three
+        assert seen and set(seen) == {1}
+    finally:
+        attncore.set_num_threads(None)
+
+
 def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):
     # code between the signal and the CLI that catches KeyboardInterrupt and raises its own
     # error (a library's clean-up, say): the run was interrupted, not failed
