@@ -100,9 +100,9 @@ def _check_blas_range(q, k) -> None:
     call and the weights came back uniform; 2^32 + 4 keys wrapped to 4, silently). Read from
     the shapes before any copy, so a broadcast view is refused without being materialised."""
     for name, array, axes in (("q", q, ("q_len", "head_dim")), ("k", k, ("kv_len", "head_dim"))):
-        shape = np.shape(array)
+        shape = array.shape if isinstance(array, np.ndarray) else ()
         if len(shape) != 4:
-            continue   # (check_float_array names the wrong ndim)
+            continue   # (check_float_array names the wrong ndim, converts and checks others)
         for axis, size in zip(axes, shape[2:]):
             if size > BLAS_INT_MAX:
                 raise ValueError(f"{name}: {axis} of {size} is past BLAS's int range (at most "
