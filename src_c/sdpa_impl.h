@@ -265,8 +265,13 @@ int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
             const REAL *v_head = out ? v + (b * Hkv + g) * Lk * D : NULL;
             REAL *w = weights + bh * Lq * Lk;
             for (ac_index x = 0; x < Lq * D; x++) q_scaled[x] = q_head[x] * scale;
-            CAT(gemm_abt_, SUF)(gemm, (int)Lq, (int)Lk, (int)D, 1, q_scaled, (int)D, k_head,
-                                (int)D, 0, w, (int)Lk);
+            /* Only the row's valid keys go through the products (kv_valid columns, then
+             * kv_valid terms): BLAS rounds by the problem's shape, so products over the padded
+             * width Lk made a sentence's weights (a Transformer's attention map) depend on the
+             * longest source of its batch, in the last bits. */
+            if (kv_valid > 0)
+                CAT(gemm_abt_, SUF)(gemm, (int)Lq, (int)kv_valid, (int)D, 1, q_scaled, (int)D,
+                                    k_head, (int)D, 0, w, (int)Lk);
             for (ac_index i = 0; i < Lq; i++) {
                 REAL *s = w + i * Lk;
                 const ac_index n_valid = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
@@ -280,9 +285,11 @@ int CAT(ac_sdpa_weights_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 }
                 if (n_valid < Lk) memset(s + n_valid, 0, sizeof(REAL) * (Lk - n_valid));
             }
-            if (out) /* NULL: the weights alone (callers take the output from another path) */
-                CAT(gemm_ab_, SUF)(gemm, (int)Lq, (int)D, (int)Lk, 1, w, (int)Lk, v_head, (int)D,
-                                   0, out + bh * Lq * D, (int)D);
+            if (out && kv_valid > 0) /* NULL: the weights alone (the output from elsewhere) */
+                CAT(gemm_ab_, SUF)(gemm, (int)Lq, (int)D, (int)kv_valid, 1, w, (int)Lk, v_head,
+                                   (int)D, 0, out + bh * Lq * D, (int)D);
+            else if (out)
+                memset(out + bh * Lq * D, 0, sizeof(REAL) * Lq * D);
         }
         free(q_scaled);
     }
