@@ -686,6 +686,18 @@ def test_generate_tokens_streams_what_generate_returns(streaming_models, name, o
             assert total > result.log_probs[0]
 
 
+@pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])
+def test_generate_tokens_decodes_the_source_given_at_the_call(streaming_models, name):
+    # the stream starts at its first next(): it read the caller's int64 array then, so a
+    # buffer reused in between (a service's next request) was decoded instead, unchecked
+    model = streaming_models[name]
+    source = np.array([4, 5, 6, 7], dtype=np.int64)
+    expected = list(model.generate_tokens(source.copy(), max_length=8, do_sample=True, seed=1))
+    stream = model.generate_tokens(source, max_length=8, do_sample=True, seed=1)
+    source[:] = 10_000
+    assert list(stream) == expected
+
+
 def test_generate_tokens_names_its_source(streaming_models):
     # (its errors named "sources[0]" or "prompts[0]", a list the caller never passed)
     for name in ("transformer", "decoder_only", "ran_lm"):

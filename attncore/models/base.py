@@ -600,8 +600,10 @@ class GenerateTokensMixin:
                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         except (TypeError, ValueError) as exc:   # ("sources[0] has token id 99": the source)
             raise type(exc)(_ONE_SOURCE.sub("source", str(exc))) from None
+        # a copy: the stream starts at its first next(), and a caller's buffer reused by then
+        # (a service's next request) was decoded instead of the source checked here
         return generation.generate_tokens(
-            self, sources[0], bos_id=bos_id, eos_id=self.eos_id,
+            self, sources[0].copy(), bos_id=bos_id, eos_id=self.eos_id,
             **{key: options[key] for key in ("max_length", "min_length", "do_sample",
                                              "temperature", "top_k", "top_p", "seed")})
 
