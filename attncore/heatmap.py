@@ -15,7 +15,10 @@ multi-head models), so it sums to 1.
 """
 from __future__ import annotations
 
+import re
+import textwrap
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -256,8 +259,45 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
     axes.set_yticks(y_at, [amap.target_tokens[i] for i in y_at], fontsize=8, **plain)
     axes.set_xlabel("source tokens")
     axes.set_ylabel("generated tokens")
-    axes.set_title(title if title is not None else f"cross-attention → {amap.output}", fontsize=9,
-                   **plain)
+    title = title if title is not None else f"cross-attention → {amap.output}"
+    axes.set_title(_fit_title(title, figure.get_figwidth()), fontsize=9, **plain)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="attention weight")
-    figure.tight_layout()
-    figure.savefig(path, dpi=dpi, format="png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.tight_layout()
+        figure.savefig(path, dpi=dpi, format="png")
+    _warn_missing_glyphs(caught)
+
+
+#: Title lines at most, and the width of a 9-point character in inches (a wide estimate)
+TITLE_LINES, TITLE_CHAR_INCHES = 3, 0.075
+
+
+def _fit_title(title: str, figure_inches: float) -> str:
+    """``title`` wrapped to the figure's width, at most TITLE_LINES lines, the last ending in
+    "…" when cut (a long output's one-line title ran past both edges of a narrow figure)."""
+    width = max(10, int(figure_inches / TITLE_CHAR_INCHES))
+    lines = textwrap.wrap(title, width, break_long_words=True, break_on_hyphens=False)
+    if len(lines) > TITLE_LINES:
+        lines = lines[:TITLE_LINES]
+        lines[-1] = lines[-1][:width - 1] + "…"
+    return "\n".join(lines)
+
+
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+
+
+def _warn_missing_glyphs(caught) -> None:
+    """matplotlib's warnings of a draw, passed on; its "Glyph N missing from font(s)" ones (one
+    per character and draw: a CJK label gave 12) as one warning naming the characters."""
+    missing = []
+    for item in caught:
+        found = _GLYPH.search(str(item.message))
+        if found is None:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        elif chr(int(found.group(1))) not in missing:
+            missing.append(chr(int(found.group(1))))
+    if missing:
+        warnings.warn(f"the heat map's font has no glyph for {''.join(missing)!r}: drawn as "
+                      f"empty boxes (matplotlib's rcParams['font.family'] can name a font that "
+                      f"has them)", UserWarning, stacklevel=3)

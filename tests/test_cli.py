@@ -769,6 +769,24 @@ def test_attention_png(tmp_path):
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_attention_png_warnings_are_one_line_each(tmp_path, monkeypatch, capsys):
+    # (a font without a label's glyphs warned as Python does: file, line and source, per glyph)
+    from attncore import cli, heatmap
+
+    def save_png_warning(amap, path, **options):
+        import warnings
+        warnings.warn("the heat map's font has no glyph for '東京'", UserWarning)
+        path_of = tmp_path / "map.png"
+        path_of.write_bytes(b"\x89PNG")
+
+    monkeypatch.setattr(heatmap, "save_png", save_png_warning)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["attention", "3 March 1998", "--output", "map.png"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "attncore attention: warning: the heat map's font has no glyph for '東京'"
+    assert err[1].startswith("attncore attention: wrote map.png") and len(err) == 2
+
+
 def test_attention_without_matplotlib_prints_text_and_fails(tmp_path):
     # A stand-in 'matplotlib' whose import fails, first on the path: as if it were not installed.
     fake = tmp_path / "fake" / "matplotlib"

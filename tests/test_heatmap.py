@@ -99,6 +99,37 @@ def test_tokens_with_dollar_signs_are_drawn_as_text(tmp_path):
     assert (tmp_path / "dollars.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_long_title_is_wrapped_to_the_figure():
+    # (a 59-character output's one-line title ran past both edges of a 4-inch figure)
+    title = "cross-attention → " + "the quick brown fox jumps over the lazy dog " * 9
+    fitted = heatmap._fit_title(title, 4.0)
+    width = int(4.0 / heatmap.TITLE_CHAR_INCHES)
+    lines = fitted.split("\n")
+    assert len(lines) == heatmap.TITLE_LINES and all(len(line) <= width for line in lines)
+    assert lines[-1].endswith("…") and lines[0].startswith("cross-attention → the quick")
+    assert heatmap._fit_title("cross-attention → 1998-03-03", 4.0) == \
+        "cross-attention → 1998-03-03"
+    assert "…" not in heatmap._fit_title("a" * 120, 4.0)   # (3 lines of 53: not cut)
+
+
+def test_missing_glyphs_are_one_warning(tmp_path):
+    # matplotlib's default font has no CJK glyphs: it warned once per character and draw (12
+    # warnings for two labels), each two lines on the command line's stderr
+    pytest.importorskip("matplotlib")
+    import warnings
+    amap = heatmap.AttentionMap(["▁東京", "<eos>"], ["▁大阪", "<eos>"], np.full((2, 2), 0.5),
+                                output="大阪")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        heatmap.save_png(amap, tmp_path / "cjk.png", dpi=50)
+    messages = [str(item.message) for item in caught]
+    assert not [m for m in messages if m.startswith("Glyph")], messages
+    assert len(messages) <= 1   # (none where the font has the glyphs)
+    if messages:
+        assert "no glyph for '東京大阪'" in messages[0]
+    assert (tmp_path / "cjk.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("source, error, match", [
     ([True, False], TypeError, "source must hold integer token ids, got dtype bool"),
     (np.array([4.9, 5.2]), TypeError, "source must hold integer token ids, got dtype float64"),
