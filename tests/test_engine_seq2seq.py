@@ -268,6 +268,37 @@ def test_a_generous_max_length_costs_the_steps_taken():
         np.testing.assert_array_equal(got.attention[0], want.attention[0])
 
 
+def test_ctrl_c_stops_the_compiled_greedy_search():
+    # the whole search runs in one nogil call: a Ctrl-C (or the CLI's SIGTERM handler) waited
+    # for its end, minutes at max_length 2**20; now it stops within SIGNAL_CHECK_SECONDS of CPU
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("needs the main thread and Python's default SIGINT handler")
+    engine, _ = _pair("gru-bahdanau")
+    steps = 2 ** 20
+
+    class Spy:   # the compiled step, noting the outputs the search writes
+        def __init__(self, real):
+            self.real, self.args = real, None
+
+        def greedy(self, *args):
+            self.args = args
+            return self.real.greedy(*args)
+
+    spy = engine._decoder_step = Spy(engine._decoder_step)
+    timer = threading.Timer(0.2, signal.raise_signal, (signal.SIGINT,))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate([[4, 5, 6]], max_length=steps, min_length=steps)
+    finally:
+        timer.cancel()
+    counts = spy.args[13]
+    assert 0 < counts[0] < steps   # stopped inside the search, the steps done written
+
+
 def test_compiled_greedy_rejects_inconsistent_calls():
     engine, _ = _pair("gru-bahdanau")
     state = engine._start([np.array([4, 5, 6])])

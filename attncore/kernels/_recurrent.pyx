@@ -18,11 +18,26 @@ from cython.parallel cimport prange
 from libc.stdint cimport int64_t, uint8_t
 from libc.math cimport INFINITY
 from libc.string cimport memcpy, memmove, memset
+from libc.time cimport CLOCKS_PER_SEC, clock, clock_t
 from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
 from ._checks cimport first_outside
 from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_fit
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals()   # (GIL held; -1 with the handler's exception set)
+
+#: How often a compiled search looks for signals, in seconds of the process's CPU time: a
+#: Ctrl-C or SIGTERM (the CLI's handlers) then stops it within that, not at the end of a search
+#: of 2^20 steps (minutes); rarely enough that taking the GIL costs nothing a step.
+SIGNAL_CHECK_SECONDS = 0.05
+
+
+cdef int _raise_pending() except -1:
+    """Let the exception PyErr_CheckSignals set propagate."""
+    return -1
+
 
 cdef extern from "simd.h":
     void ac_tanh_f32(const float *x, float *y, Py_ssize_t n) nogil
@@ -373,7 +388,9 @@ cdef class DecoderStep:
         row; the rest is left as it was), counts (B,), ended (B,) 1 where EOS was chosen,
         log_prob (B,) float64 (start from zeros), attention (B, max_length, S) the weights of
         each step a row ran (its first counts[b] + ended[b] steps; the rest is left as it was),
-        or None.
+        or None. Called from the main thread, it looks for signals every
+        SIGNAL_CHECK_SECONDS of CPU time: a handler's exception (KeyboardInterrupt) stops the
+        search there and propagates, the outputs holding the steps done.
         """
         cdef Py_ssize_t B = first_tokens.shape[0], S = memory.shape[1], V = self.vocab
         self._check_state(B, h, c, feed, memory, keys, key_factors, key_in_limit, lengths)
@@ -411,8 +428,20 @@ cdef class DecoderStep:
             fac, lim = &key_factors[0, 0, 0], &key_in_limit[0, 0]
         cdef float *att = &attention[0, 0, 0] if attention is not None else NULL
         cdef Py_ssize_t att_row = attention.shape[1] * S if attention is not None else 0
+        # signals: handled in the main thread only (elsewhere PyErr_CheckSignals does nothing)
+        import threading
+        cdef bint watch = threading.current_thread() is threading.main_thread()
+        cdef clock_t every = <clock_t>(SIGNAL_CHECK_SECONDS * CLOCKS_PER_SEC)
+        cdef clock_t next_check = clock() + every
+        cdef int interrupted = 0
         with nogil:
             for t in range(max_length):
+                if watch and clock() >= next_check:
+                    with gil:
+                        interrupted = PyErr_CheckSignals()
+                    if interrupted:
+                        break
+                    next_check = clock() + every
                 status = self._advance(&tokens[0], live, width, hp, cp, fp, mp, kp, fac, lim,
                                        &lengths[0], &log_probs[0, 0], &weights[0, 0],
                                        &scratch[0], num_threads)
@@ -443,6 +472,8 @@ cdef class DecoderStep:
                     width = _compact(&keep[0], kept, live, width, L, H, A, hp, cp, fp, mp, kp,
                                      fac, lim, &lengths[0], self.lstm)
                 live = kept
+        if interrupted:
+            _raise_pending()
         if status:
             raise MemoryError("DecoderStep.greedy: out of memory for attention scratch")
 
