@@ -858,8 +858,13 @@ def run_command(function, *args):
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
     status = None   # (not yet known: a write error then is this run's only error)
     stdout = sys.stdout
-    if stdout is not None:
-        sys.stdout = _NamedStdout(stdout)
+    # One wrapper at a time, taken away only by the run that put it there and only while it is
+    # still there: runs overlapping in threads each restored what they had found, and the
+    # last to end put the other's wrapper back for good.
+    named = _NamedStdout(stdout) if stdout is not None and \
+        not isinstance(stdout, _NamedStdout) else None
+    if named is not None:
+        sys.stdout = named
     try:
         try:
             status = function(*args)
@@ -878,7 +883,8 @@ def run_command(function, *args):
             print(f"attncore: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        sys.stdout = stdout
+        if named is not None and sys.stdout is named:
+            sys.stdout = stdout
 
 
 def _discard_stdout():

@@ -1056,6 +1056,36 @@ def test_threads_option_holds_for_the_run_only(tmp_path, monkeypatch):
         attncore.set_num_threads(None)
 
 
+def test_overlapping_runs_in_threads_leave_stdout_as_it_was(monkeypatch):
+    # each run wrapped sys.stdout and put back what it had found: with A starting first and B
+    # ending last, B put A's wrapper back, for good
+    import sys
+    import threading
+    from attncore import cli
+    original = sys.stdout
+    a_started, b_started, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def command(args):
+        if args.command == "info":        # run A
+            a_started.set()
+            assert b_started.wait(10)
+        else:                             # run B, started while A runs, ends after it
+            b_started.set()
+            assert a_done.wait(10)
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "info", command)
+    monkeypatch.setitem(cli._COMMANDS, "translate", command)
+    a = threading.Thread(target=lambda: (cli.main(["info"]), a_done.set()))
+    a.start()
+    assert a_started.wait(10)
+    b = threading.Thread(target=lambda: cli.main(["translate"]))
+    b.start()
+    a.join(10)
+    b.join(10)
+    assert sys.stdout is original
+
+
 def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):
     # code between the signal and the CLI that catches KeyboardInterrupt and raises its own
     # error (a library's clean-up, say): the run was interrupted, not failed
