@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from attncore.data import Vocab, get_task, pad_sequences
+from attncore.data import Vocab, get_task, metrics, pad_sequences
 from attncore.data.task import Seq2SeqTask
 from attncore.train import train
 from attncore.train.evaluate import exact_match, main as evaluate_main
@@ -256,6 +256,47 @@ def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def _edited_copy(out, tmp_path, name, edit):
+    """A copy of model directory ``out`` with ``edit(weights)`` applied to its weights."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    copy = tmp_path / name
+    shutil.copytree(out, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(copy / "model.safetensors"))
+    return copy
+
+
+def test_evaluate_refuses_a_broken_model_instead_of_scoring_it(trained, tmp_path, capsys):
+    # NaN weights: the trainer's greedy decoder took the argmax of NaN logits and evaluate
+    # printed "exact match 0.0%" (a classifier: the majority class's share); finite weights
+    # whose logits overflow did the same. The engine path (--beam) already refused them.
+    _, out = trained
+    nan = _edited_copy(out, tmp_path, "nan", lambda w: w["decoder.output.bias"].__setitem__(3, np.nan))
+    huge = _edited_copy(out, tmp_path, "huge",
+                        lambda w: w["decoder.output.weight"].__imul__(np.float32(3e38)))
+    options = [f"--task-option={k}={v}" for k, v in TOY.items()]
+    for model_dir, fragment in ((nan, "tensor 'decoder.output.bias' holds NaN or infinity"),
+                                (huge, "logits are not finite")):
+        with pytest.raises(SystemExit) as info:
+            evaluate_main([str(model_dir), "--task", "copy", *options])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_refuses_an_empty_split(trained, capsys):
+    # (BLEU tasks failed with sacrebleu's IndexError traceback; the others printed 0.0%)
+    _, out = trained
+    options = [f"--task-option={k}={v}" for k, v in {**TOY, "num_test": 0}.items()]
+    with pytest.raises(SystemExit) as info:
+        evaluate_main([str(out), "--task", "copy", *options])
+    assert info.value.code == 2
+    assert "the test split of task 'copy' holds no examples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="BLEU needs at least one sentence"):
+        metrics.bleu([], [])
 
 
 _EVALUATE_SIGNALLED = """

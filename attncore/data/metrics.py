@@ -34,6 +34,8 @@ def bleu(hyps: Sequence[str], refs: Sequence[str], *, tokenize: str = "13a",
     """
     if len(hyps) != len(refs):
         raise ValueError(f"hyps and refs differ in length: {len(hyps)} vs {len(refs)}")
+    if not hyps:   # (sacrebleu failed with an IndexError)
+        raise ValueError("hyps and refs are empty: BLEU needs at least one sentence")
     try:
         import sacrebleu
     except ImportError as exc:

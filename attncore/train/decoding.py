@@ -11,7 +11,16 @@ import numpy as np
 
 from . import autograd as ag
 
-__all__ = ["greedy_decode"]
+__all__ = ["greedy_decode", "check_finite_logits"]
+
+
+def check_finite_logits(logits: np.ndarray) -> np.ndarray:
+    """``logits``, or ValueError when they hold NaN or infinity (an argmax of them names a
+    token all the same: a broken model was scored as one that decodes badly)."""
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("the model's logits are not finite (NaN or infinity): its weights or "
+                         "activations overflow float32")
+    return logits
 
 
 def greedy_decode(model, src: np.ndarray, src_lengths: np.ndarray, max_len: int) -> np.ndarray:
@@ -41,6 +50,7 @@ def greedy_decode(model, src: np.ndarray, src_lengths: np.ndarray, max_len: int)
             outputs = []
             for _ in range(max_len):
                 logits, state, _ = model.decode_step(state, token)
+                check_finite_logits(logits.data)
                 token = np.where(finished, config.pad_id, logits.data.argmax(axis=-1)).astype(np.int64)
                 outputs.append(token)
                 finished |= token == config.eos_id

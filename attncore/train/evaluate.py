@@ -36,6 +36,7 @@ import numpy as np
 from attncore.data import metrics
 from attncore.data.task import is_classification, pad_sequences
 
+from .decoding import check_finite_logits
 from .export import TRAINING_FILE
 
 __all__ = ["exact_match", "decode_texts", "engine_decode_texts", "classification_accuracy",
@@ -136,7 +137,7 @@ def classification_accuracy(model, task, split: str = "test", batch_size: int = 
                 if left is not None and left <= 0:
                     break
                 ids, lengths, truth = ids[:left], lengths[:left], np.asarray(truth)[:left]
-                predicted = model(ids, lengths).data.argmax(axis=-1)
+                predicted = check_finite_logits(model(ids, lengths).data).argmax(axis=-1)
                 np.add.at(confusion, (truth, predicted), 1)
     finally:
         model.train(was_training)
@@ -254,12 +255,19 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
     return None
 
 
+def _nothing_to_evaluate(args) -> str:
+    return (f"the {args.split} split of task {args.task!r} holds no examples to evaluate (its "
+            f"size comes from the task options, e.g. --task-option num_{args.split}=N)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the evaluation command; returns the exit status. Ctrl-C and SIGTERM stop it as they
     stop every attncore command (one line, 130 / 143)."""
     from attncore.cli import Stopped, StopSignals
     try:
-        with StopSignals.watching():
+        # (outputs are checked for NaN and infinity: NumPy's overflow warnings on the way
+        # there would only add lines before the one error line)
+        with StopSignals.watching(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return _main(argv)
     except KeyboardInterrupt as exc:
         return Stopped.report_of(exc, "python -m attncore.train.evaluate")
@@ -344,6 +352,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
                                              batch_size=min(args.batch_size, 16), n=args.n)
         except ValueError as exc:   # (e.g. documents past a Transformer's position table)
             parser.error(f"{args.model_dir} on {args.task!r}: {_one_line(exc)}")
+        if not result["n_evaluated"]:
+            parser.error(_nothing_to_evaluate(args))
         if args.json:
             print(json.dumps({**head, **result}))
         else:
@@ -362,6 +372,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
                                                decode=decode)
     except ValueError as exc:   # (e.g. sources past a Transformer's position table)
         parser.error(f"{args.model_dir} on {args.task!r}: {_one_line(exc)}")
+    if not count:   # (BLEU failed with sacrebleu's IndexError; exact match read 0.0%)
+        parser.error(_nothing_to_evaluate(args))
     wrong = [d for d in details if d[1] != d[2]]
     decoder = f"engine beam {args.beam}" if args.beam else "trainer greedy"
     score = {}
