@@ -285,8 +285,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
                              "(the model directory's training.json)")
     parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
     parser.add_argument("--n", type=int, default=None,
-                        help="evaluate the split's first N examples (the dates task generates its "
-                             "split with num_<split>=N; default: the whole split)")
+                        help="evaluate the split's first N examples, ambiguous inputs left out (the "
+                             "dates task generates its split with num_<split>=N, so its train "
+                             "split, which holds ambiguous inputs, gives fewer; default: the "
+                             "whole split)")
     parser.add_argument("--seed", type=int, default=None,
                         help="task seed (default: the training run's, else 0)")
     parser.add_argument("--batch-size", type=int, default=256)
