@@ -564,6 +564,66 @@ def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, we
     assert all(len(p) + len(f) < 4 for p, f in zip(state.state.pending, state.fed))
 
 
+def test_decoding_steps_in_a_wide_window_equal_one_call():
+    # Windows past the flash kernel's key tile (96 on AVX-512; 192 causal, 96 not, on AVX2):
+    # the cached step's attention ran with the non-causal tiles, so on AVX2 its keys were
+    # grouped otherwise than the window's own call (4.8e-7 apart past ~96 keys).
+    engine, _ = make_pair(seed=23, causal=True, token_head="lm", window_size=210,
+                          embedding_size=16, head_num=2, head_size=8, vocab_size=30)
+    prompts = documents((120, 205, 3), vocab=30, seed=24)
+    state = engine._start(prompts)
+    sequences = [list(p) for p in prompts]
+    log_probs, _ = engine._step(state, None)
+    for step in range(8):   # the second prompt's window completes at step 4
+        tokens = np.argmax(log_probs, axis=1)
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        log_probs, _ = engine._step(state, tokens)
+    whole, _ = engine.token_logits([np.array(s) for s in sequences])
+    for row, logits in enumerate(whole):
+        assert_same_as_one_call(log_probs[row], attncore.log_softmax(logits[-1]),
+                                atol=5 * CHUNK_ATOL)
+    assert state.state.windows == (0, 1, 0)
+
+
+def test_the_window_cache_holds_the_rows_in_use_not_the_window():
+    # sized (B, H, 1 + W, d) a layer, 8 beams at W = 16384 held 1 GiB, copied by every select
+    engine, _ = make_pair(seed=25, causal=True, token_head="lm", window_size=16384)
+    state = engine._start(documents((10, 3), seed=26))
+    engine._step(state, None)
+    for _ in range(30):
+        engine._step(state, np.array([5, 6]))
+        state = state.select([0, 1])    # (as a search does at every step)
+    assert state.cache.filled.tolist() == [40, 33]
+    assert 41 < state.cache.capacity <= 64
+    assert state.select([1]).cache.capacity <= 64
+
+
+def test_an_interrupted_step_can_be_retried():
+    # a step mixing cached rows and a window's commit: an exception in the commit left the
+    # cached rows one token ahead of the tokens fed, and the retried step read the wrong keys
+    engine, _ = make_pair(seed=27, causal=True, token_head="lm", window_size=4)
+    prompts = documents((3, 2), seed=28)
+    state = engine._start(prompts)
+    engine._step(state, None)
+    real = engine._encode_for_decoding
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    engine._encode_for_decoding = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine._step(state, np.array([7, 8]))    # row 0 completes its window
+    finally:
+        del engine._encode_for_decoding
+    log_probs, _ = engine._step(state, np.array([7, 8]))
+    for row, prompt in enumerate(prompts):
+        whole, _ = engine.token_logits([np.append(prompt, [7, 8][row])])
+        assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
+                                atol=5 * CHUNK_ATOL)
+
+
 def test_beam_search_and_sampling_run():
     engine, _ = make_pair(seed=17, causal=True, token_head="lm", window_size=3)
     prompts = documents((4, 6), vocab=30, seed=14)

@@ -227,20 +227,55 @@ class _WindowCache:
 
     Attributes
     ----------
-    keys, values : list (per layer) of float32 (B, H, 1 + W, d)
+    keys, values : list (per layer) of float32 (B, H, capacity, d)
         Row 0: the incoming cell's key/value (no rotation); rows 1..filled[b]: the window's
         tokens, rotated at their positions; later rows unused (``kv_lengths`` leaves them out).
+        The capacity follows the tokens held (doubling, at most 1 + W), not the window size:
+        sized by W, a cache of 8 beams at W = 16384 held 1 GiB and each ``select`` copied it.
     filled : int64 (B,), tokens of the unfinished window held
+    window : int, W
     """
 
-    __slots__ = ("keys", "values", "filled")
+    __slots__ = ("keys", "values", "filled", "window")
 
-    def __init__(self, keys: List[np.ndarray], values: List[np.ndarray], filled: np.ndarray):
-        self.keys, self.values, self.filled = keys, values, filled
+    def __init__(self, keys: List[np.ndarray], values: List[np.ndarray], filled: np.ndarray,
+                 window: int):
+        self.keys, self.values, self.filled, self.window = keys, values, filled, window
+
+    @staticmethod
+    def capacity_for(rows: int, window: int) -> int:
+        """The capacity that holds ``rows`` rows: a power of two (at least 8), at most 1 + W."""
+        return min(1 + window, max(8, 1 << (max(rows, 1) - 1).bit_length()))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows a window (the arrays reallocated, their rows kept)."""
+        if rows <= self.capacity:
+            return
+        capacity = self.capacity_for(max(rows, 2 * self.capacity), self.window)
+        for arrays in (self.keys, self.values):
+            for i, old in enumerate(arrays):
+                new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=old.dtype)
+                new[:, :, :old.shape[2]] = old
+                arrays[i] = new
 
     def select(self, rows: np.ndarray) -> "_WindowCache":
-        return _WindowCache([k[rows] for k in self.keys], [v[rows] for v in self.values],
-                            self.filled[rows])
+        """The cache of ``rows`` (copies, of the rows held and room for the next token)."""
+        held = 2 + int(self.filled[rows].max()) if len(rows) else 1
+        capacity = min(self.capacity, self.capacity_for(held, self.window))
+        return _WindowCache([k[rows, :, :capacity] for k in self.keys],
+                            [v[rows, :, :capacity] for v in self.values], self.filled[rows],
+                            self.window)
+
+    def assign(self, rows: np.ndarray, other: "_WindowCache") -> None:
+        """Rows ``rows`` become ``other``'s (a cache of len(rows) rows)."""
+        self.reserve(other.capacity)
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[rows, :, :theirs.shape[2]] = theirs
+        self.filled[rows] = other.filled
 
 
 class RANDecoderState:
@@ -665,33 +700,34 @@ class RAN(GenerateTokensMixin, Model):
         state.pending = None
         window = state.state.window_size
         held = np.array([len(p) + len(f) for p, f in zip(state.state.pending, state.fed)])
-        full = np.flatnonzero(held + 1 == window)
+        inside, full = np.flatnonzero(held + 1 < window), np.flatnonzero(held + 1 == window)
         out = np.empty((state.batch_size, self.embedding_size), dtype=np.float32)
-        fed = list(state.fed)
-        if len(full) < state.batch_size:
-            rows = np.flatnonzero(held + 1 < window)
-            out[rows] = self._cached_step(state, rows, tokens[rows])
-            for r in rows:
-                fed[r] = np.append(fed[r], tokens[r])
+        if len(inside):
+            out[inside] = self._cached_step(state, inside, tokens[inside])
         if len(full):
             documents = [np.append(state.fed[r], tokens[r]) for r in full]
             encoding, finished, cache = self._encode_for_decoding(documents,
                                                                   state.state.select(full))
             out[full] = np.concatenate([s[-1:] for s in encoding.sequence])
-            for k, v, new_k, new_v in zip(state.cache.keys, state.cache.values, cache.keys,
-                                          cache.values):
-                k[full], v[full] = new_k, new_v
-            state.cache.filled[full] = cache.filled
+        log_probs = K.log_softmax(self.token_head(out))
+        # Nothing raises past this point: the step is committed whole or not at all (an
+        # interrupt in the commit above left the cached rows one token ahead of `fed`, and a
+        # retried step then read the wrong keys).
+        fed = list(state.fed)
+        state.cache.filled[inside] += 1
+        for r in inside:
+            fed[r] = np.append(fed[r], tokens[r])
+        if len(full):
+            state.cache.assign(full, cache)
             for r in full:
                 fed[r] = np.zeros(0, dtype=np.int64)
             if len(full) == state.batch_size:
                 state.state = finished
             else:
-                kept = np.flatnonzero(held + 1 < window)
-                order = np.argsort(np.concatenate([kept, full]), kind="stable")
-                state.state = _concat_states(state.state.select(kept), finished).select(order)
+                order = np.argsort(np.concatenate([inside, full]), kind="stable")
+                state.state = _concat_states(state.state.select(inside), finished).select(order)
         state.fed = tuple(fed)
-        return K.log_softmax(self.token_head(out)), None
+        return log_probs, None
 
     def _encode_for_decoding(self, documents, state: Optional[RANState]):
         """``encode(documents, state)`` of a causal model, and the window cache of the new
@@ -701,9 +737,10 @@ class RAN(GenerateTokensMixin, Model):
         encoding, state = self._encode(documents, state, None, None, captured)
         batch, H, d, window = len(documents), self.head_num, self.head_size, state.window_size
         filled = np.array([len(p) for p in state.pending], dtype=np.int64)
+        capacity = _WindowCache.capacity_for(2 + int(filled.max()), window)   # (+ next token)
         keys, values = [], []
         for index, (layer, windows) in enumerate(zip(self.layers, captured)):
-            k = np.zeros((batch, H, 1 + window, d), dtype=np.float32)
+            k = np.zeros((batch, H, capacity, d), dtype=np.float32)
             v = np.zeros_like(k)
             fresh = [b for b in range(batch) if b not in windows]
             if fresh:   # no unfinished window: row 0 from the carried cell, as a window's step
@@ -715,28 +752,33 @@ class RAN(GenerateTokensMixin, Model):
                 k[b, :, :kb.shape[1]], v[b, :, :vb.shape[1]] = kb, vb   # 1 + filled[b] rows
             keys.append(k)
             values.append(v)
-        return encoding, state, _WindowCache(keys, values, filled)
+        return encoding, state, _WindowCache(keys, values, filled, window)
 
     def _cached_step(self, state: RANDecoderState, rows: np.ndarray, tokens: np.ndarray
                      ) -> np.ndarray:
         """The last layer's outputs float32 (n, D) of one new token per row of ``rows``, each
-        inside its unfinished window (appended to the window cache)."""
+        inside its unfinished window (its keys and values written to the cache's next row;
+        ``filled`` is the caller's to advance)."""
         H, d = self.head_num, self.head_size
         n, every = len(rows), len(rows) == state.batch_size
         cache = state.cache
         position = cache.filled[rows] + 1                                      # window row
+        cache.reserve(int(position.max()) + 1)
         x = self._embed(tokens)
         for index, layer in enumerate(self.layers):
             z = _ln(x, layer.concat_norm)
             p = _swish_linear(z, layer.qkv).reshape(n, 3, H, d)
             qk = K.rotary(np.ascontiguousarray(p[:, :2].transpose(1, 2, 0, 3)), position)
-            keys, values = cache.keys[index], cache.values[index]             # (B, H, 1+W, d)
+            keys, values = cache.keys[index], cache.values[index]             # (B, H, cap, d)
             keys[rows, :, position] = qk[1].transpose(1, 0, 2)
             values[rows, :, position] = p[:, 2]
             q = np.ascontiguousarray(qk[0].transpose(1, 0, 2)[:, :, None])     # (n, H, 1, d)
+            # causal, as the window's own call: the flash tiles follow the causal flag (AVX2:
+            # 48 x 192 causal, 128 x 96 not), and keys grouped into other tiles round otherwise;
+            # one query aligned bottom-right sees every key, kv_lengths stops it at its own
             o = sequence_attention(q, keys if every else keys[rows],
                                    values if every else values[rows],
-                                   kv_lengths=position + 1, causal=False)
+                                   kv_lengths=position + 1, causal=True)
             h = _swish_linear(o.reshape(n, H * d), layer.attn_out) + _glu(z, layer.attn_glu)
             y = _stdnorm(_ln(h, layer.attn_norm))
             if self.memory_review:
@@ -751,7 +793,6 @@ class RAN(GenerateTokensMixin, Model):
                 x = _ln(h, layer.review_norm)
             else:
                 x = _ln(y, layer.output_norm)
-        cache.filled[rows] = position
         return check_finite(x, "encoder outputs")
 
     # -- argument checks ------------------------------------------------------------------
