@@ -97,8 +97,12 @@ class BuildExt(build_ext):
                   f"single-threaded kernels.", file=sys.stderr)
         native = os.environ.get("ATTNCORE_NATIVE") == "1"
         for ext in self.extensions:
+            # -ffp-contract=off: a * b + c rounds twice, as written (GCC's default fuses it
+            # where the target has FMA -- aarch64 always, x86 in target-attribute functions --
+            # and the compiled Transformer step then missed the bits of its kernel-by-kernel
+            # composition); the kernels call fmaf or FMA intrinsics where they mean one rounding
             ext.extra_compile_args = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function",
-                                      "-fno-math-errno"]
+                                      "-fno-math-errno", "-ffp-contract=off"]
             if not debug:   # (Python's CFLAGS carry -g: 19 MB of .so files, 3 MB without)
                 ext.extra_compile_args.append("-g0")
             if native:

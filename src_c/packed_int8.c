@@ -13,6 +13,9 @@
  * same int32 sums, whatever the row blocking, the batch or the thread count; only the last
  * step is float, one fused multiply-add per output, the same on every path.
  */
+#ifndef _GNU_SOURCE   /* syscall() (the AMX permission request): declared only with it under -std=c99 */
+#define _GNU_SOURCE
+#endif
 #include "packed_linear.h"
 #include "simd.h"
 #include <float.h>
@@ -25,9 +28,15 @@
 #include <immintrin.h>
 #include <cpuid.h>
 #endif
-/* AMX is a 64-bit mode feature; its intrinsics came with GCC 11 and clang 12 (an older
-   compiler builds the VNNI and portable paths only) */
-#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+/* AMX is a 64-bit mode feature; its intrinsics came with GCC 11 and LLVM 12 (an older
+   compiler builds the VNNI and portable paths only). Apple clang numbers its own releases:
+   its 12 is LLVM 10, its 13 LLVM 12. */
+#if defined(__apple_build_version__)
+#define AC_CLANG_HAS_AMX (__clang_major__ >= 13)
+#elif defined(__clang__)
+#define AC_CLANG_HAS_AMX (__clang_major__ >= 12)
+#endif
+#if defined(__x86_64__) && ((defined(__clang__) && AC_CLANG_HAS_AMX) || \
                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define AC_AMX 1
 #endif
