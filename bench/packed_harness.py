@@ -44,12 +44,24 @@ def build(directory):
         f.write(source.replace(rule, "if (M <= g_panel_rows || K == 0)")
                 .replace(tile_rule, "const int tile_kernel = 0;"))
     library = os.path.join(directory, "packed_harness.so")
-    subprocess.check_call(["gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-I" + SRC,
-                           os.path.join(HERE, "packed_harness.c"), patched,
-                           os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
-                           os.path.join(SRC, "packed_int8.c"),
-                           "-lm", "-o", library])
+    command = [*c_compiler(), "-O3", "-ffp-contract=off", "-fPIC", "-shared", "-I" + SRC,
+               os.path.join(HERE, "packed_harness.c"), patched,
+               os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
+               os.path.join(SRC, "packed_int8.c"), "-lm", "-o", library]
+    try:
+        subprocess.check_call(command[:1] + ["-fopenmp"] + command[1:],
+                              stderr=subprocess.DEVNULL)
+    except subprocess.CalledProcessError:   # (no OpenMP, e.g. Apple's clang: one thread)
+        subprocess.check_call(command)
     return ctypes.CDLL(library)
+
+
+def c_compiler():
+    """The C compiler command: ``$CC``, else the one Python was built with, else ``cc`` (a
+    hard-coded gcc is Apple's clang on a Mac, or missing)."""
+    import shlex
+    import sysconfig
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
 
 
 def scipy_sgemm():

@@ -32,8 +32,10 @@ cdef extern from *:
     static int ac_watch_forks(void) {
         return pthread_atfork(NULL, NULL, ac_after_fork_in_child);
     }
+    static int ac_forks_watched(void) { return 1; }
     #else
     static int ac_watch_forks(void) { return 0; }  /* no GNU OpenMP pool, or no fork */
+    static int ac_forks_watched(void) { return 0; }
     #endif
     static void ac_note_team(void) { ac_team_may_exist = 1; }
     static int ac_forked_after_team_started(void) { return ac_forked_after_team; }
@@ -41,6 +43,7 @@ cdef extern from *:
     int ac_openmp_enabled() nogil
     int ac_omp_max_threads() nogil
     int ac_watch_forks() nogil
+    int ac_forks_watched() nogil
     void ac_note_team() nogil
     int ac_forked_after_team_started() nogil
 
@@ -68,6 +71,12 @@ def simd_name():
 def note_team():
     """Record that a kernel was handed more than one thread, so OpenMP may have started a pool."""
     ac_note_team()
+
+
+def forks_watched():
+    """True where a child forked after a team falls back to one thread (GNU OpenMP, whose pool
+    does not survive a fork); LLVM's and Intel's runtimes restart their threads themselves."""
+    return bool(ac_forks_watched())
 
 
 def forked_after_team():
