@@ -3,7 +3,9 @@
 * OpenMP: probed by compiling and linking a tiny OpenMP function with ``-fopenmp`` (the build's
   own compiler command, nothing run). Without it the build
   still succeeds (single-threaded) and ``attncore.info()`` says so; ``ATTNCORE_FAIL_NO_OPENMP=1``
-  makes a missing OpenMP fatal.
+  makes a missing OpenMP fatal. ``ATTNCORE_OPENMP_CFLAGS`` / ``ATTNCORE_OPENMP_LDFLAGS`` replace
+  ``-fopenmp`` in the compile / link commands, probe included (Apple's clang takes OpenMP only
+  as ``-Xpreprocessor -fopenmp`` with a separate libomp, e.g. Homebrew's).
 * Flags: portable ``-O3`` by default. SIMD (AVX2/FMA) is used through ``target`` attributes with
   run-time dispatch inside the C kernels, never a global ``-march=native``; ``ATTNCORE_NATIVE=1``
   opts into a native build. No global ``-ffast-math``: masked softmax relies on ``-inf`` semantics.
@@ -38,6 +40,13 @@ _OPENMP_PROBE = textwrap.dedent("""
 """)
 
 
+def _openmp_flags():
+    """(compile flags, link flags) of OpenMP: ``-fopenmp`` each, or the environment's."""
+    import shlex
+    return (shlex.split(os.environ.get("ATTNCORE_OPENMP_CFLAGS", "-fopenmp")),
+            shlex.split(os.environ.get("ATTNCORE_OPENMP_LDFLAGS", "-fopenmp")))
+
+
 def _probe_openmp(compiler, directory):
     """``(True, "")`` when the build's own compiler command compiles ``-fopenmp`` code and links
     it into a shared object, as the extensions are built; else ``(False, why)``.
@@ -49,14 +58,17 @@ def _probe_openmp(compiler, directory):
     source = os.path.join(directory, "openmp_probe.c")
     with open(source, "w") as f:
         f.write(_OPENMP_PROBE)
+    compile_flags, link_flags = _openmp_flags()
     try:
-        objects = compiler.compile([source], output_dir=directory, extra_postargs=["-fopenmp"])
+        objects = compiler.compile([source], output_dir=directory, extra_postargs=compile_flags)
         compiler.link_shared_object(objects, os.path.join(directory, "openmp_probe.so"),
-                                    extra_postargs=["-fopenmp"])
+                                    extra_postargs=link_flags)
     except CompileError:
-        return False, "it refused to compile -fopenmp code: its error is above"
+        return False, (f"it refused to compile OpenMP code with {' '.join(compile_flags)}: its "
+                       f"error is above (ATTNCORE_OPENMP_CFLAGS sets the flags)")
     except LinkError:
-        return False, "-fopenmp code did not link (no OpenMP runtime?): the error is above"
+        return False, (f"OpenMP code did not link with {' '.join(link_flags)} (no OpenMP "
+                       f"runtime?): the error is above (ATTNCORE_OPENMP_LDFLAGS sets the flags)")
     return True, ""
 
 
@@ -109,13 +121,14 @@ class BuildExt(build_ext):
                 ext.extra_compile_args.append("-march=native")
                 ext.define_macros.append(("ATTNCORE_NATIVE", "1"))
             if has_openmp:
-                ext.extra_compile_args.append("-fopenmp")
-                ext.extra_link_args = ["-fopenmp"]
+                ext.extra_compile_args.extend(_openmp_flags()[0])
+                ext.extra_link_args = list(_openmp_flags()[1])
             else:   # (the kernels' "#pragma omp" lines: 116 warnings)
                 ext.extra_compile_args.append("-Wno-unknown-pragmas")
         flags = {"native": native, "openmp": has_openmp, "debug": debug,
                  "compiler": list(getattr(self.compiler, "compiler_so", [])),
-                 "arguments": self.extensions[0].extra_compile_args}
+                 "arguments": self.extensions[0].extra_compile_args,
+                 "link": self.extensions[0].extra_link_args}
         record = os.path.join(self.build_temp, "attncore-flags.json")
         if _flags_changed(record, flags):
             self.force = True
