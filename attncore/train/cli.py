@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from typing import List, Optional
 
@@ -122,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     through argparse (``SystemExit(2)``, one line on stderr), as every attncore command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .loop import TrainingDiverged, train
+    from .loop import TrainingDiverged, _writable_directory, train
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         # (found only when the final checkpoint was written, after every step)
@@ -144,6 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # on its way there were extra lines before it)
         with StopSignals.watching(), np.errstate(over="ignore", invalid="ignore",
                                                  divide="ignore"):
+            _writable_directory(args.out, "--out")   # (train() checks it again as out_dir)
             _, result = train(
                 args.task, args.arch, args.out, steps=args.steps, batch_size=args.batch_size,
                 lr=args.lr, seed=args.seed, schedule=args.schedule,
@@ -160,10 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"attncore train: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, ImportError, OSError) as error:
-        # (TypeError: a task option the task does not take, or of the wrong type; train()'s
-        # out_dir is this command's --out)
-        message = re.sub(r"\bout_dir (?=['\"])", "--out ", str(error))   # (not in a path)
-        print(f"attncore train: error: {message}", file=sys.stderr)
+        # (TypeError: a task option the task does not take, or of the wrong type)
+        print(f"attncore train: error: {error}", file=sys.stderr)
         return 2
     except MemoryError as exc:   # (a traceback before; numpy's names the allocation)
         print(f"attncore train: error: out of memory ({exc})", file=sys.stderr)
