@@ -389,6 +389,72 @@ def test_resuming_with_other_data_options_is_refused(tmp_path):
           task_options={"num_train": 40}, **dict(common, steps=3))     # the same ones go on
 
 
+def test_resuming_with_other_optimisation_options_is_refused(tmp_path):
+    # each of these resumed with exit 0 and gave another model than one run; a cosine run
+    # ended at --steps 2 and resumed to 3 had decayed its rate to min_lr and jumped back up
+    common = dict(batch_size=8, seed=0, task_options={"num_train": 40}, checkpoint_every=1,
+                  progress=False, embed_dim=4, hidden_size=4, schedule="cosine", warmup_steps=0)
+    train("copy", "seq2seq-bahdanau", tmp_path, steps=2, **common)
+    for change, named in [(dict(lr=0.01), "lr (0.001, now 0.01)"),
+                          (dict(weight_decay=0.1), "weight_decay (0.0, now 0.1)"),
+                          (dict(clip_norm=0.5), "clip_norm (1.0, now 0.5)"),
+                          (dict(label_smoothing=0.2), "label_smoothing (0.0, now 0.2)"),
+                          (dict(warmup_steps=1), "warmup_steps (0, now 1)"),
+                          (dict(schedule="constant"), "schedule ('cosine', now 'constant')"),
+                          (dict(steps=3), "steps (2, now 3)")]:
+        options = dict(common, steps=2)
+        options.update(change)
+        with pytest.raises(ValueError, match=re.escape(named)):
+            train("copy", "seq2seq-bahdanau", tmp_path, resume=True, **options)
+    train("copy", "seq2seq-bahdanau", tmp_path, resume=True, steps=2, **common)   # the same
+    # a schedule that does not span the run may go on past it
+    constant = dict(common, schedule="constant", warmup_steps=0)
+    train("copy", "seq2seq-bahdanau", tmp_path / "c", steps=2, **constant)
+    train("copy", "seq2seq-bahdanau", tmp_path / "c", steps=3, resume=True, **constant)
+
+
+def test_a_resumed_run_keeps_its_evaluations_and_last_step(tmp_path):
+    # its result (and the CLI's result line) held only the evaluations after the checkpoint,
+    # and a run resumed at its end reported no loss
+    common = dict(batch_size=8, seed=0, task_options={"num_train": 40}, checkpoint_every=1,
+                  eval_every=1, progress=False, embed_dim=4, hidden_size=4,
+                  schedule="constant", warmup_steps=0)
+    _, straight = train("copy", "seq2seq-bahdanau", tmp_path / "a", steps=3, **common)
+    train("copy", "seq2seq-bahdanau", tmp_path / "b", steps=2, **common)
+    _, resumed = train("copy", "seq2seq-bahdanau", tmp_path / "b", steps=3, resume=True,
+                       **common)
+    assert resumed.evaluations == straight.evaluations
+    _, again = train("copy", "seq2seq-bahdanau", tmp_path / "b", steps=3, resume=True, **common)
+    assert again.history == [] and again.last == straight.history[-1]
+    assert again.evaluations == straight.evaluations
+
+
+def test_resuming_after_the_validation_file_changed_is_refused(tmp_path):
+    # (the training file was checked; an edited validation file mixed two data sets in one
+    # run's validation history)
+    (tmp_path / "train.tsv").write_text("".join(f"a{i} b\tx{i} y\n" for i in range(20)))
+    (tmp_path / "valid.tsv").write_text("a1 b\tx1 y\na2 b\tx2 y\n")
+    options = dict(batch_size=4, checkpoint_every=1, progress=False, embed_dim=4,
+                   hidden_size=4, task_options={"train": str(tmp_path / "train.tsv"),
+                                                "valid": str(tmp_path / "valid.tsv")})
+    train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=2, **options)
+    (tmp_path / "valid.tsv").write_text("a1 b\tx2 y\na2 b\tx1 y\n")
+    with pytest.raises(ValueError, match=r"other validation data \(its validation examples "
+                                         r"changed\)"):
+        train("pairs", "seq2seq-bahdanau", tmp_path / "m", steps=3, resume=True, **options)
+
+
+def test_a_stale_readable_state_copy_is_rewritten(tmp_path):
+    # a run stopped between the checkpoint's two renames kept the older trainer_state.json
+    # for good (a resume with no step left never wrote it again)
+    _fit(tmp_path, 4, checkpoint_every=2)
+    copy = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(copy.read_text())
+    copy.write_text(json.dumps(dict(state, step=2), indent=2))
+    _fit(tmp_path, 4, resume=True)
+    assert json.loads(copy.read_text()) == state
+
+
 def test_resuming_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     _fit(tmp_path, 2, checkpoint_every=2)
     from safetensors.numpy import load_file, save_file

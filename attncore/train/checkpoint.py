@@ -65,6 +65,22 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
     return directory
 
 
+def _refresh_state_copy(directory: Path, state: dict) -> None:
+    """Rewrite the readable ``trainer_state.json`` where it is not the weights file's state (a
+    run stopped between a checkpoint's two renames kept the older copy for good: a resume that
+    had no step left never wrote it again). A read-only directory keeps it as it is."""
+    text = json.dumps(state, indent=2)
+    path = directory / CHECKPOINT_STATE
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        temporary = directory / (CHECKPOINT_STATE + ".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
 def read_checkpoint(directory) -> Tuple[dict, dict]:
     """The raw ``(state, arrays)`` of a checkpoint directory."""
     from safetensors import safe_open
@@ -111,6 +127,7 @@ def load_checkpoint(directory, model, optimizer) -> dict:
         When the checkpoint was written for a different model config or is unreadable.
     """
     state, arrays = read_checkpoint(directory)
+    _refresh_state_copy(Path(directory), state)
     bad = [name for name, array in arrays.items() if array.dtype.kind == "f"
            and not np.all(np.isfinite(array))]
     if bad:   # (a diverged run's weights, resumed and exported again)

@@ -177,8 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as exc:   # (a traceback; the last checkpoint stays valid)
         return Stopped.report_of(exc, "attncore train", "--resume continues from the last "
                                  "checkpoint, if --checkpoint-every wrote one")
-    # (a resumed run that had no step left to take: the checkpoint's step, not null)
-    last = result.history[-1] if result.history else {"step": result.start_step}
+    # (a resumed run that had no step left to take: the checkpoint's last step, not null)
+    last = result.last or {"step": result.start_step}
     print(json.dumps({"out": str(args.out), "steps": last.get("step"), "loss": last.get("loss"),
                       "accuracy": last.get("accuracy"),
                       # (every evaluation: with --no-progress the earlier ones were shown nowhere)

@@ -180,14 +180,17 @@ class BatchStream:
 class TrainResult:
     """What :func:`fit` returns.
 
-    history : one dict per step: step, loss, accuracy, lr, grad_norm, tokens
-    evaluations : one dict per evaluation: step plus whatever ``eval_fn`` returned
+    history : one dict per step of this call: step, loss, accuracy, lr, grad_norm, tokens
+    evaluations : one dict per evaluation of the run: step plus whatever ``eval_fn`` returned
+        (a resumed run's include those before its checkpoint)
     start_step : the step a resumed run started after (0 for a new run)
+    last : the run's last step's dict (a resumed run that took no step: its checkpoint's)
     """
 
     history: List[dict] = field(default_factory=list)
     evaluations: List[dict] = field(default_factory=list)
     start_step: int = 0
+    last: Optional[dict] = None
 
 
 def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: int, *,
@@ -195,7 +198,8 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         eval_fn: Optional[Callable] = None, eval_every: int = 0,
         checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
         progress: bool = True, description: str = "train",
-        loss_limit: Optional[float] = None, data_options: Optional[dict] = None) -> TrainResult:
+        loss_limit: Optional[float] = None, data_options: Optional[dict] = None,
+        run_options: Optional[dict] = None) -> TrainResult:
     """Train ``model`` until ``optimizer`` has taken ``steps`` updates.
 
     Parameters
@@ -221,6 +225,11 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         What fixes the batch order (task, its options, batch size, seed), stored in the
         checkpoints: a resume with other values is refused (the saved data position would
         point at other batches, and the run went on with exit 0).
+    run_options : dict, optional
+        What else decides the weights (learning rate, schedule and the steps it spans,
+        warm-up, weight decay, clipping, label smoothing), stored and checked the same way: a
+        resume with another --lr, or a cosine run ended at --steps 5 and resumed to 12 (its
+        rate had decayed to 0 and jumped back), gave another model than one run, with exit 0.
     loss_limit : float, optional
         A step whose loss passes it stops the run as diverged (:func:`train` gives 100 x the
         loss of uniform predictions: the weights can stay finite, 1e30, while the loss reads
@@ -233,20 +242,16 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     # whose copy was gone started over from step 0, overwriting the checkpoint)
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
-        saved = (state.get("extra") or {}).get("data_options")
+        extra = state.get("extra") or {}
+        saved = extra.get("data_options")
         if isinstance(saved, dict) and isinstance(saved.get("task_options"), dict):
             # (a checkpoint of a run that named its files relative to this directory)
             saved = dict(saved, task_options=_absolute_paths(saved["task_options"]))
-        if saved is not None and data_options is not None and "data_sha256" not in saved:
-            data_options = {k: v for k, v in data_options.items() if k != "data_sha256"}
-        if data_options is not None and saved is not None and saved != data_options:
-            changed = sorted(k for k in set(saved) | set(data_options)
-                             if saved.get(k) != data_options.get(k))
+        changed = (_changed_options(saved, data_options)
+                   + _changed_options(extra.get("run_options"), run_options))
+        if changed:
             raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} was trained with other "
-                             + ", ".join("data (its training examples or vocabularies changed)"
-                                         if k == "data_sha256" else
-                                         f"{k} ({saved.get(k)!r}, now {data_options.get(k)!r})"
-                                         for k in changed)
+                             + ", ".join(changed)
                              + ": resume with the same ones, or train into another directory")
         start_step = state["step"]
         if start_step > steps:   # (it exited 0, printed null for the steps and re-exported)
@@ -255,13 +260,18 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
         batches.epoch, batches.batch_index, batches._iterator = state["epoch"], state["batch_index"], None
 
     result = TrainResult(start_step=start_step)
+    smoothed_loss, smoothed_accuracy = None, None
+    if start_step:   # what the run had logged before its checkpoint
+        extra = state.get("extra") or {}
+        result.evaluations = list(extra.get("evaluations") or [])
+        result.last = extra.get("last_step") or {"step": start_step}
+        smoothed_loss, smoothed_accuracy = extra.get("smoothed") or (None, None)
     model.train()
     # A log file (stderr not a terminal) gets plain lines, about 20 a run, not bar frames.
     terminal = sys.stderr is not None and sys.stderr.isatty()
     bar = tqdm(total=steps, initial=start_step, file=sys.stderr, disable=not (progress and terminal),
                desc=description, dynamic_ncols=True, leave=True)
     log_every = max(1, steps // 20) if progress and sys.stderr is not None and not terminal else 0
-    smoothed_loss, smoothed_accuracy = None, None
     try:
         for step in range(start_step + 1, steps + 1):
             began = time.perf_counter()
@@ -287,6 +297,7 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             accuracy = correct / max(counted, 1)
             result.history.append({"step": step, "loss": loss_value, "accuracy": accuracy, "lr": lr,
                                    "grad_norm": grad_norm, "tokens": counted})
+            result.last = result.history[-1]
             # Exponential moving averages make the bar readable on tiny, noisy batches.
             smoothed_loss = loss_value if smoothed_loss is None else 0.9 * smoothed_loss + 0.1 * loss_value
             smoothed_accuracy = accuracy if smoothed_accuracy is None else 0.9 * smoothed_accuracy + 0.1 * accuracy
@@ -308,12 +319,29 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
             if checkpoint_dir is not None and ((checkpoint_every and step % checkpoint_every == 0) or last):
                 _check_finite_weights(optimizer.params, step)
                 _check_finite_moments(optimizer, step)
-                save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch, batches.batch_index,
-                                extra=None if data_options is None else {"data_options": data_options})
+                extra = _json_safe({"evaluations": result.evaluations, "last_step": result.last,
+                                    "smoothed": [smoothed_loss, smoothed_accuracy]})
+                if data_options is not None:
+                    extra["data_options"] = data_options
+                if run_options is not None:
+                    extra["run_options"] = run_options
+                save_checkpoint(checkpoint_dir, model, optimizer, step, batches.epoch,
+                                batches.batch_index, extra=extra)
     finally:
         bar.close()
     model.eval()
     return result
+
+
+def _changed_options(saved: Optional[dict], now: Optional[dict]) -> List[str]:
+    """What differs between a checkpoint's ``saved`` options and this run's, one phrase each
+    (options the checkpoint does not record -- an older one's -- are not compared)."""
+    if not isinstance(saved, dict) or now is None:
+        return []
+    phrases = {"data_sha256": "data (its training examples or vocabularies changed)",
+               "valid_sha256": "validation data (its validation examples changed)"}
+    return [phrases.get(key) or f"{key} ({saved[key]!r}, now {now.get(key)!r})"
+            for key in sorted(saved) if saved[key] != now.get(key)]
 
 
 class TrainingDiverged(ValueError):
@@ -365,17 +393,18 @@ def _absolute_paths(options: dict) -> dict:
             and value else value for key, value in options.items()}
 
 
-def _data_digest(task) -> str:
-    """SHA-256 of the task's training batches (ids, in split order) and vocabularies: what a
+def _data_digest(task, split: str = "train") -> str:
+    """SHA-256 of the task's ``split`` batches (ids, in split order) and vocabularies: what a
     resumed run must find again. Options alone missed a training file edited in between (the
-    ids of the checkpoint's embeddings then meant other words, and the run went on)."""
+    ids of the checkpoint's embeddings then meant other words, and the run went on); an edited
+    validation file mixed two data sets in one run's validation history."""
     import hashlib
     digest = hashlib.sha256()
     for name in ("src_vocab", "tgt_vocab", "vocab"):
         tokens = getattr(getattr(task, name, None), "tokens", None)
         digest.update(repr((name, tokens)).encode())
     digest.update(repr(list(getattr(task, "labels", []) or [])).encode())
-    for batch in task.batches("train", 1024):
+    for batch in task.batches(split, 1024):
         for array in batch:
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
     return digest.hexdigest()
@@ -415,10 +444,11 @@ def _check_lengths(task, model, arch: str, classification: bool) -> None:
 
 
 def _json_safe(value):
-    """``value`` as it reads back from the checkpoint's JSON (tuples as lists, other objects
-    by their repr), so a resumed run compares like with like."""
+    """``value`` as it reads back from the checkpoint's JSON (tuples as lists, NumPy scalars
+    as numbers, other objects by their repr), so a resumed run compares like with like."""
     import json
-    return json.loads(json.dumps(value, default=repr))
+    return json.loads(json.dumps(
+        value, default=lambda item: item.item() if isinstance(item, np.generic) else repr(item)))
 
 
 def _writable_directory(path, name: str) -> Path:
@@ -642,7 +672,16 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
                  data_options=_json_safe({"task": getattr(task, "name", None),
                                           "task_options": _absolute_paths(task_options or {}),
                                           "batch_size": batch_size, "seed": seed,
-                                          "data_sha256": _data_digest(task)}))
+                                          "data_sha256": _data_digest(task),
+                                          "valid_sha256": _data_digest(task, "valid")}),
+                 run_options=_json_safe({"lr": lr, "schedule": schedule,
+                                         "warmup_steps": warmup_steps, "min_lr": min_lr,
+                                         "weight_decay": weight_decay, "clip_norm": clip_norm,
+                                         "label_smoothing": label_smoothing,
+                                         # (the steps a decaying schedule spans; the others
+                                         # may be extended)
+                                         **({"steps": steps} if schedule in ("cosine", "linear")
+                                            else {})}))
     _check_trained_model(model, loss_fn, next(iter(task.batches("train", batch_size))))
     export(model, out_dir, src_vocab, tgt_vocab,
            labels=list(task.labels) if arch in CLASSIFIERS else None,
