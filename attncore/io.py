@@ -177,6 +177,26 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's ``__metadata__`` with its keys sorted, in place: safetensors
+    writes them from a hash map, in an order that changes from process to process, so two saves
+    of one model differed in bytes. The header keeps its length (the same entries, reordered),
+    so the tensors' offsets, which count from its end, stay as they are."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        entries = json.loads(header)
+        metadata = entries.get("__metadata__")
+        if not isinstance(metadata, dict):
+            return
+        entries["__metadata__"] = dict(sorted(metadata.items()))
+        text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:   # (another writer's spacing: leave the file as it is)
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))   # (the format pads headers with spaces)
+
+
 def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapping[str, np.ndarray],
                    tokenizer_files: Optional[Union[Mapping[str, Union[str, bytes]], Iterable[os.PathLike]]] = None
                    ) -> Path:
@@ -223,6 +243,7 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
     temporary_weights = directory / (WEIGHTS_FILE + ".tmp")
     save_file(arrays, str(temporary_weights),
               metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
+    _sort_metadata(temporary_weights)
     os.chmod(temporary_weights, new_file_mode())
     os.replace(temporary_weights, directory / WEIGHTS_FILE)
     temporary_config = directory / (CONFIG_FILE + ".tmp")

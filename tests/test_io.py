@@ -577,3 +577,24 @@ def test_ran_num_token_classes_is_a_size(value):
     with pytest.raises(ValueError, match="num_token_classes must be an integer|num_token_classes "
                                          "must lie in"):
         io.weight_spec(dict(config, num_token_classes=value))
+
+
+def test_saving_a_model_twice_gives_the_same_bytes(tmp_path):
+    # safetensors wrote the metadata's keys from a hash map, in an order that changed between
+    # saves (and processes): one model, different files. Now sorted, the header's length kept.
+    from attncore.models import Transformer as Engine, load
+    config = TransformerConfig(src_vocab_size=12, tgt_vocab_size=12, d_model=8, num_heads=2,
+                               dim_feedforward=8, num_encoder_layers=1, num_decoder_layers=1,
+                               max_positions=16, dtype="float32").to_dict()
+    model = Engine.from_config(config, seed=0)
+    files = []
+    for i in range(8):
+        model.save(tmp_path / str(i))
+        files.append((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert all(data == files[0] for data in files)
+    size = int.from_bytes(files[0][:8], "little")
+    header = json.loads(files[0][8:8 + size])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    loaded = load(tmp_path / "7")
+    for name, value in model.weights.items():
+        np.testing.assert_array_equal(loaded.weights[name], value)
