@@ -299,6 +299,32 @@ def test_evaluate_refuses_an_empty_split(trained, capsys):
         metrics.bleu([], [])
 
 
+def test_a_model_whose_vocabulary_reads_text_by_older_rules_is_refused_for_that(tmp_path,
+                                                                               capsys):
+    # a version-1 vocabulary (attncore before 2026-12-07): the task rebuilds a version-2 one,
+    # and evaluate said "does not fit ... (another task, or other --task-option or --seed?)"
+    (tmp_path / "data.tsv").write_text("".join(f"{'pos' if i % 2 else 'neg'}\tword{i} text\n"
+                                               for i in range(40)))
+    out = tmp_path / "m"
+    train("labelled", "transformer-classifier", out, steps=1, batch_size=8, progress=False,
+          task_options={"train": str(tmp_path / "data.tsv")}, d_model=8, num_heads=2,
+          dim_feedforward=8, num_encoder_layers=1)
+    assert evaluate_main([str(out)]) == 0
+    capsys.readouterr()
+    (vocab_file,) = [p for p in out.iterdir() if p.name.endswith("vocab.json")]
+    data = json.loads(vocab_file.read_text())
+    vocab_file.write_text(json.dumps(dict(data, version=1)))   # (the same tokens: evaluated)
+    assert evaluate_main([str(out)]) == 0
+    capsys.readouterr()
+    tokens = data["tokens"][:-1] + ["wörd"]   # (tokens the task no longer builds)
+    vocab_file.write_text(json.dumps(dict(data, version=1, tokens=tokens)))
+    with pytest.raises(SystemExit) as info:
+        evaluate_main([str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "its source vocabulary reads text by other rules" in err
+    assert "--seed" not in err
+
+
 _EVALUATE_SIGNALLED = """
 import signal, sys
 from attncore.train import evaluate

@@ -255,6 +255,45 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
     return None
 
 
+def _text_rules(vocab):
+    """What turns text into ``vocab``'s tokens besides the tokens themselves: a plain
+    vocabulary's version, a BPE vocabulary's normalizer and pre-tokenizer (as JSON)."""
+    if hasattr(vocab, "version"):
+        return ("plain", vocab.level, vocab.version)
+    tokenizer = getattr(vocab, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    data = json.loads(tokenizer.to_str())
+    return ("bpe",) + tuple(json.dumps(data.get(key), sort_keys=True)
+                            for key in ("normalizer", "pre_tokenizer"))
+
+
+def _older_text_rules(model_dir, task) -> Optional[str]:
+    """Whether the task's rebuilt vocabularies read text by other rules than the model
+    directory's (a version-1 vocabulary, a BPE normalizer without NFC: files written before
+    this attncore's rules): the reason, or None. Asked when they differ: evaluate blamed the
+    task's options, seed or another task."""
+    from attncore import io
+    from attncore.tokenizer import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(model_dir, io.read_config(model_dir))
+    except (ValueError, OSError):
+        return None   # (the other checks say what is wrong with the directory)
+    if tokenizer is None:
+        return None
+    sides = [("source", getattr(task, "src_vocab", None), tokenizer.source_vocab)]
+    if not is_classification(task) and tokenizer.tgt is not None:
+        sides.append(("target", getattr(task, "tgt_vocab", None), tokenizer.target_vocab))
+    for side, ours, theirs in sides:
+        if ours is None or theirs is None or _text_rules(ours) == _text_rules(theirs):
+            continue
+        return (f"its {side} vocabulary reads text by other rules than the ones this attncore "
+                f"builds the task's with (a version-1 vocabulary, or a BPE normalizer without "
+                f"NFC: written by an attncore from before 2026-12-07), so the task cannot "
+                f"rebuild it: evaluate it with the attncore that trained it, or train it again")
+    return None
+
+
 def _nothing_to_evaluate(args) -> str:
     return (f"the {args.split} split of task {args.task!r} holds no examples to evaluate (its "
             f"size comes from the task options, e.g. --task-option num_{args.split}=N)")
@@ -334,12 +373,18 @@ def _main(argv: Optional[List[str]] = None) -> int:
         task = get_task(args.task, seed=args.seed, **options)
         model = load_model(args.model_dir)
         problem = _misfit(model, task) or _vocabulary_misfit(args.model_dir, task)
+        # (vocabularies that differ because they read text by older rules: no options help;
+        # older files whose tokens the task rebuilds as they were are evaluated as before)
+        older = _older_text_rules(args.model_dir, task) if problem else None
+        problem = older or problem
     except KeyError as exc:
         parser.error(exc.args[0] if exc.args else str(exc))
     except (ValueError, TypeError, OSError, ImportError) as exc:
         parser.error(_one_line(exc))
     head = {"model_dir": str(args.model_dir), "task": args.task, "split": args.split, "seed": args.seed}
     if problem:   # (they came out as AttributeErrors and IndexErrors from deep inside)
+        if problem == older:   # (no task options help either)
+            parser.error(f"{args.model_dir} cannot be evaluated on task {args.task!r}: {problem}")
         if problem in _UNSCORABLE:   # (the model's kind, not the task: no other options help)
             parser.error(f"{args.model_dir} has nothing evaluate can score on task "
                          f"{args.task!r}: {problem} (evaluate scores classifiers and "
