@@ -253,7 +253,7 @@ def test_a_sentence_s_attention_map_is_the_same_alone_and_in_any_batch(rng):
         inside = engine.generate([_sources(rng, [width], SRC_VOCAB)[0], short], max_length=6,
                                  return_attention=True)[1]
         assert inside.tokens == alone.tokens
-        np.testing.assert_array_equal(inside.attention[0], alone.attention[0])
+        _same(inside.attention[0], alone.attention[0])   # (exact where rows are independent)
 
 
 @pytest.mark.parametrize("kind, norm_first", [("encoder_decoder", True),
