@@ -594,29 +594,28 @@ def test_the_window_cache_holds_the_rows_in_use_not_the_window():
     for _ in range(30):
         engine._step(state, np.array([5, 6]))
         state = state.select([0, 1])    # (as a search does at every step)
-    assert state.cache.filled.tolist() == [40, 33]
+    assert state.tokens_held().tolist() == [40, 33]
     assert 41 < state.cache.capacity <= 64
     assert state.select([1]).cache.capacity <= 64
 
 
-def test_an_interrupted_step_can_be_retried():
+@pytest.mark.parametrize("where", ["_encode_for_decoding", "assign", "token_head"])
+def test_an_interrupted_step_can_be_retried(monkeypatch, where):
     # a step mixing cached rows and a window's commit: an exception in the commit left the
     # cached rows one token ahead of the tokens fed, and the retried step read the wrong keys
+    from attncore.models import ran
     engine, _ = make_pair(seed=27, causal=True, token_head="lm", window_size=4)
     prompts = documents((3, 2), seed=28)
     state = engine._start(prompts)
     engine._step(state, None)
-    real = engine._encode_for_decoding
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    engine._encode_for_decoding = interrupted
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(ran._WindowCache if where == "assign" else engine, where, interrupted)
         with pytest.raises(KeyboardInterrupt):
             engine._step(state, np.array([7, 8]))    # row 0 completes its window
-    finally:
-        del engine._encode_for_decoding
     log_probs, _ = engine._step(state, np.array([7, 8]))
     for row, prompt in enumerate(prompts):
         whole, _ = engine.token_logits([np.append(prompt, [7, 8][row])])

@@ -73,7 +73,8 @@ from ..kernels.attention import sequence_attention
 from ..io import MAX_SIZE
 from ..train.ran_ops import partition_windows
 from .base import (GenerateTokensMixin, GenerationResult, Model, _check_int, check_finite,
-                   check_generation_options, check_rows, check_sources, check_step_tokens)
+                   check_generation_options, check_rows, check_sources, check_step_tokens,
+                   gather_cache_prefix, grow_cache)
 
 __all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
 
@@ -228,19 +229,18 @@ class _WindowCache:
     Attributes
     ----------
     keys, values : list (per layer) of float32 (B, H, capacity, d)
-        Row 0: the incoming cell's key/value (no rotation); rows 1..filled[b]: the window's
-        tokens, rotated at their positions; later rows unused (``kv_lengths`` leaves them out).
-        The capacity follows the tokens held (doubling, at most 1 + W), not the window size:
-        sized by W, a cache of 8 beams at W = 16384 held 1 GiB and each ``select`` copied it.
-    filled : int64 (B,), tokens of the unfinished window held
+        Row 0: the incoming cell's key/value (no rotation); rows 1..n: the window's n tokens
+        (n = the row's pending and fed tokens, :meth:`RANDecoderState.rows_held`), rotated at
+        their positions; later rows unused (``kv_lengths`` leaves them out). The capacity
+        follows the rows held (doubling, at most 1 + W), not the window size: sized by W, a
+        cache of 8 beams at W = 16384 held 1 GiB from the start, copied by each ``select``.
     window : int, W
     """
 
-    __slots__ = ("keys", "values", "filled", "window")
+    __slots__ = ("keys", "values", "window")
 
-    def __init__(self, keys: List[np.ndarray], values: List[np.ndarray], filled: np.ndarray,
-                 window: int):
-        self.keys, self.values, self.filled, self.window = keys, values, filled, window
+    def __init__(self, keys: List[np.ndarray], values: List[np.ndarray], window: int):
+        self.keys, self.values, self.window = keys, values, window
 
     @staticmethod
     def capacity_for(rows: int, window: int) -> int:
@@ -251,31 +251,24 @@ class _WindowCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def reserve(self, rows: int) -> None:
-        """Room for ``rows`` rows a window (the arrays reallocated, their rows kept)."""
-        if rows <= self.capacity:
-            return
-        capacity = self.capacity_for(max(rows, 2 * self.capacity), self.window)
-        for arrays in (self.keys, self.values):
-            for i, old in enumerate(arrays):
-                new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=old.dtype)
-                new[:, :, :old.shape[2]] = old
-                arrays[i] = new
+    def reserve(self, rows: int, held: int) -> None:
+        """Room for ``rows`` rows a window; ``held``: the rows in use, which are kept."""
+        if rows > self.capacity:
+            capacity = self.capacity_for(max(rows, 2 * self.capacity), self.window)
+            self.keys = [grow_cache(k, capacity, held) for k in self.keys]
+            self.values = [grow_cache(v, capacity, held) for v in self.values]
 
-    def select(self, rows: np.ndarray) -> "_WindowCache":
-        """The cache of ``rows`` (copies, of the rows held and room for the next token)."""
-        held = 2 + int(self.filled[rows].max()) if len(rows) else 1
-        capacity = min(self.capacity, self.capacity_for(held, self.window))
-        return _WindowCache([k[rows, :, :capacity] for k in self.keys],
-                            [v[rows, :, :capacity] for v in self.values], self.filled[rows],
+    def select(self, rows: np.ndarray, held: int) -> "_WindowCache":
+        """The cache of ``rows`` (copies of their first ``held`` rows)."""
+        return _WindowCache([gather_cache_prefix(k, rows, held) for k in self.keys],
+                            [gather_cache_prefix(v, rows, held) for v in self.values],
                             self.window)
 
-    def assign(self, rows: np.ndarray, other: "_WindowCache") -> None:
-        """Rows ``rows`` become ``other``'s (a cache of len(rows) rows)."""
-        self.reserve(other.capacity)
+    def assign(self, rows: np.ndarray, other: "_WindowCache", other_held: int) -> None:
+        """Rows ``rows`` take ``other``'s first ``other_held`` rows (a cache of len(rows) rows;
+        :meth:`reserve` first, so that nothing is allocated here)."""
         for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
-            mine[rows, :, :theirs.shape[2]] = theirs
-        self.filled[rows] = other.filled
+            mine[rows, :, :other_held] = theirs[:, :, :other_held]
 
 
 class RANDecoderState:
@@ -302,12 +295,19 @@ class RANDecoderState:
     def batch_size(self) -> int:
         return self.state.batch_size
 
+    def tokens_held(self) -> np.ndarray:
+        """int64 (B,): the tokens of each row's unfinished window (pending, then fed); the
+        cache holds 1 + that many rows of each."""
+        return np.array([len(p) + len(f) for p, f in zip(self.state.pending, self.fed)],
+                        dtype=np.int64)
+
     def select(self, rows) -> "RANDecoderState":
         """Keep / repeat / reorder rows (beams); carried arrays are shared, the window caches
-        copied."""
+        copied (the rows in use)."""
         rows = check_rows(rows, self.batch_size)
+        held = 1 + int(self.tokens_held()[rows].max()) if len(rows) else 1
         return RANDecoderState(self.state.select(rows), tuple(self.fed[r] for r in rows),
-                               self.cache.select(rows),
+                               self.cache.select(rows, held),
                                None if self.pending is None else self.pending[rows])
 
 
@@ -699,34 +699,36 @@ class RAN(GenerateTokensMixin, Model):
         tokens = check_step_tokens(tokens, state.batch_size, self.vocab_size)
         state.pending = None
         window = state.state.window_size
-        held = np.array([len(p) + len(f) for p, f in zip(state.state.pending, state.fed)])
+        held = state.tokens_held()
         inside, full = np.flatnonzero(held + 1 < window), np.flatnonzero(held + 1 == window)
         out = np.empty((state.batch_size, self.embedding_size), dtype=np.float32)
-        if len(inside):
-            out[inside] = self._cached_step(state, inside, tokens[inside])
+        if len(inside):   # (writes the cache's row 1 + held: unused until fed says so)
+            out[inside] = self._cached_step(state, inside, tokens[inside], held)
+        fed = list(state.fed)
+        for r in inside:
+            fed[r] = np.append(fed[r], tokens[r])
+        new_state = state.state
         if len(full):
             documents = [np.append(state.fed[r], tokens[r]) for r in full]
             encoding, finished, cache = self._encode_for_decoding(documents,
                                                                   state.state.select(full))
             out[full] = np.concatenate([s[-1:] for s in encoding.sequence])
-        log_probs = K.log_softmax(self.token_head(out))
-        # Nothing raises past this point: the step is committed whole or not at all (an
-        # interrupt in the commit above left the cached rows one token ahead of `fed`, and a
-        # retried step then read the wrong keys).
-        fed = list(state.fed)
-        state.cache.filled[inside] += 1
-        for r in inside:
-            fed[r] = np.append(fed[r], tokens[r])
-        if len(full):
-            state.cache.assign(full, cache)
             for r in full:
                 fed[r] = np.zeros(0, dtype=np.int64)
             if len(full) == state.batch_size:
-                state.state = finished
+                new_state = finished
             else:
                 order = np.argsort(np.concatenate([inside, full]), kind="stable")
-                state.state = _concat_states(state.state.select(inside), finished).select(order)
-        state.fed = tuple(fed)
+                new_state = _concat_states(state.state.select(inside), finished).select(order)
+            state.cache.reserve(cache.capacity, 2 + int(held.max()))   # (the rows just written)
+            # (the committed rows' cache: read only once the state below says so)
+            state.cache.assign(full, cache, 1 + max(len(p) for p in finished.pending))
+        log_probs = K.log_softmax(self.token_head(out))
+        # The step takes effect here, in one assignment: before it the state is the one the
+        # step started from (the cache rows written above are past what it holds), so an
+        # interrupted step can be taken again (the cached rows were once counted ahead of the
+        # tokens fed, and the retried step read the wrong keys).
+        state.state, state.fed = new_state, tuple(fed)
         return log_probs, None
 
     def _encode_for_decoding(self, documents, state: Optional[RANState]):
@@ -736,8 +738,8 @@ class RAN(GenerateTokensMixin, Model):
         captured = [{} for _ in range(self.num_layers)]
         encoding, state = self._encode(documents, state, None, None, captured)
         batch, H, d, window = len(documents), self.head_num, self.head_size, state.window_size
-        filled = np.array([len(p) for p in state.pending], dtype=np.int64)
-        capacity = _WindowCache.capacity_for(2 + int(filled.max()), window)   # (+ next token)
+        held = 1 + max(len(p) for p in state.pending)
+        capacity = _WindowCache.capacity_for(held + 1, window)   # (and the next token's row)
         keys, values = [], []
         for index, (layer, windows) in enumerate(zip(self.layers, captured)):
             k = np.zeros((batch, H, capacity, d), dtype=np.float32)
@@ -749,21 +751,21 @@ class RAN(GenerateTokensMixin, Model):
                 p0 = p0.reshape(len(fresh), 3, H, d)
                 k[fresh, :, 0], v[fresh, :, 0] = p0[:, 1], p0[:, 2]
             for b, (kb, vb) in windows.items():
-                k[b, :, :kb.shape[1]], v[b, :, :vb.shape[1]] = kb, vb   # 1 + filled[b] rows
+                k[b, :, :kb.shape[1]], v[b, :, :vb.shape[1]] = kb, vb   # 1 + pending rows
             keys.append(k)
             values.append(v)
-        return encoding, state, _WindowCache(keys, values, filled, window)
+        return encoding, state, _WindowCache(keys, values, window)
 
-    def _cached_step(self, state: RANDecoderState, rows: np.ndarray, tokens: np.ndarray
-                     ) -> np.ndarray:
+    def _cached_step(self, state: RANDecoderState, rows: np.ndarray, tokens: np.ndarray,
+                     held: np.ndarray) -> np.ndarray:
         """The last layer's outputs float32 (n, D) of one new token per row of ``rows``, each
-        inside its unfinished window (its keys and values written to the cache's next row;
-        ``filled`` is the caller's to advance)."""
+        inside its unfinished window of ``held[row]`` tokens (its keys and values written to
+        the cache's next row)."""
         H, d = self.head_num, self.head_size
         n, every = len(rows), len(rows) == state.batch_size
         cache = state.cache
-        position = cache.filled[rows] + 1                                      # window row
-        cache.reserve(int(position.max()) + 1)
+        position = held[rows] + 1                                              # window row
+        cache.reserve(int(position.max()) + 1, 1 + int(held.max()))
         x = self._embed(tokens)
         for index, layer in enumerate(self.layers):
             z = _ln(x, layer.concat_norm)

@@ -47,6 +47,7 @@ from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK, sequence_attention
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 from .base import (EncoderDecoderModel, GenerationResult, check_finite, check_generation_options,
+                   gather_cache_prefix, grow_cache,
                    check_rows, check_sources, check_step_tokens)
 
 __all__ = ["Transformer", "TransformerDecoderState"]
@@ -242,8 +243,8 @@ class TransformerDecoderState:
         """
         rows = check_rows(rows, self.batch_size)
         filled = int(self.lengths[rows].max()) if rows.size else 0
-        self_k = [_gather_prefix(k, rows, filled) for k in self.self_k]
-        self_v = [_gather_prefix(v, rows, filled) for v in self.self_v]
+        self_k = [gather_cache_prefix(k, rows, filled) for k in self.self_k]
+        self_v = [gather_cache_prefix(v, rows, filled) for v in self.self_v]
         cross_k, cross_v, src_lengths, source_rows = (self.cross_k, self.cross_v,
                                                       self.src_lengths, self.source_rows)
         if source_rows is not None:
@@ -263,25 +264,8 @@ class TransformerDecoderState:
             return
         capacity = min(max(needed, 2 * self.capacity), self.max_positions)
         filled = int(self.lengths.max()) if self.lengths.size else 0
-        self.self_k = [_grow(k, capacity, filled) for k in self.self_k]
-        self.self_v = [_grow(v, capacity, filled) for v in self.self_v]
-
-
-def _gather_prefix(cache: np.ndarray, rows: np.ndarray, filled: int) -> np.ndarray:
-    """cache[rows] restricted to positions [0, filled) (the tail is left uninitialised).
-
-    Compiled, one memcpy per (row, head) block: ``cache[rows, :, :filled]`` made a temporary
-    and copied it again, and a Python loop over rows cost ~1 us a row (a beam-4 batch-16
-    Transformer-base call spent 8% of its time here that way)."""
-    out = np.empty((rows.shape[0],) + cache.shape[1:], dtype=cache.dtype)
-    _transformer.gather_cache_prefix(cache, rows, filled, out, kernel_threads())
-    return out
-
-
-def _grow(cache: np.ndarray, capacity: int, filled: int) -> np.ndarray:
-    out = np.empty(cache.shape[:2] + (capacity,) + cache.shape[3:], dtype=cache.dtype)
-    out[:, :, :filled] = cache[:, :, :filled]
-    return out
+        self.self_k = [grow_cache(k, capacity, filled) for k in self.self_k]
+        self.self_v = [grow_cache(v, capacity, filled) for v in self.self_v]
 
 
 def _sublayer(x: np.ndarray, norm, fn, norm_first: bool, eps: float) -> np.ndarray:
