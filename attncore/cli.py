@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -707,11 +706,8 @@ def _attention(args):
         raise UserError(f"--output {args.output!r}: the heat map is a PNG, name it *.png")
     if args.output is not None:
         try:
-            with warnings.catch_warnings(record=True) as caught:   # (one line each, as errors)
-                warnings.simplefilter("always")
-                heatmap.save_png(amap, args.output)
-            for item in caught:
-                print(f"attncore attention: warning: {_one_line(item.message)}", file=sys.stderr)
+            for note in heatmap.save_png(amap, args.output, warn=False):   # (one line each)
+                print(f"attncore attention: warning: {note}", file=sys.stderr)
         except ImportError as exc:  # matplotlib absent: the text rendering instead, and say so
             missing = exc
         except OSError as exc:

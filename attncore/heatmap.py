@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import threading
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -229,8 +230,13 @@ def _label_positions(count: int) -> list:
     return list(range(0, count, step))
 
 
-def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int = 150) -> None:
+def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int = 150,
+             warn: bool = True) -> List[str]:
     """Write the heat map as a PNG (matplotlib's Agg canvas; the global backend is untouched).
+
+    The default title (the output) is wrapped to the figure's width; a ``title`` given is
+    drawn as it is. Returns notes on the drawing: the characters matplotlib's font has no glyph
+    for (drawn as empty boxes), each also a ``UserWarning`` unless ``warn=False``.
 
     Raises
     ------
@@ -259,14 +265,24 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
     axes.set_yticks(y_at, [amap.target_tokens[i] for i in y_at], fontsize=8, **plain)
     axes.set_xlabel("source tokens")
     axes.set_ylabel("generated tokens")
-    title = title if title is not None else f"cross-attention → {amap.output}"
-    axes.set_title(_fit_title(title, figure.get_figwidth()), fontsize=9, **plain)
+    if title is None:
+        title = _fit_title(f"cross-attention → {amap.output}", figure.get_figwidth())
+    axes.set_title(title, fontsize=9, **plain)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="attention weight")
-    with warnings.catch_warnings(record=True) as caught:
+    # (catch_warnings swaps process-wide state: two threads' blocks interleaving left the
+    # filters at "always" for good; heat maps drawn at once take turns here)
+    with _DRAWING, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         figure.tight_layout()
         figure.savefig(path, dpi=dpi, format="png")
-    _warn_missing_glyphs(caught)
+    notes = _glyph_notes(caught)
+    if warn:
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
+    return notes
+
+
+_DRAWING = threading.Lock()
 
 
 #: Title lines at most, and the width of a 9-point character in inches (a wide estimate)
@@ -284,12 +300,15 @@ def _fit_title(title: str, figure_inches: float) -> str:
     return "\n".join(lines)
 
 
-_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+#: matplotlib's warning for a character its font lacks ("missing from font(s) DejaVu Sans",
+#: before 3.6 "missing from current font")
+_GLYPH = re.compile(r"Glyph (\d+)\b.*missing from (?:current )?font")
 
 
-def _warn_missing_glyphs(caught) -> None:
-    """matplotlib's warnings of a draw, passed on; its "Glyph N missing from font(s)" ones (one
-    per character and draw: a CJK label gave 12) as one warning naming the characters."""
+def _glyph_notes(caught) -> List[str]:
+    """The note naming the characters of matplotlib's "Glyph N missing from font" warnings of a
+    draw (one per character and draw: a CJK label gave 12), or none; its other warnings are
+    passed on as they were."""
     missing = []
     for item in caught:
         found = _GLYPH.search(str(item.message))
@@ -297,7 +316,7 @@ def _warn_missing_glyphs(caught) -> None:
             warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
         elif chr(int(found.group(1))) not in missing:
             missing.append(chr(int(found.group(1))))
-    if missing:
-        warnings.warn(f"the heat map's font has no glyph for {''.join(missing)!r}: drawn as "
-                      f"empty boxes (matplotlib's rcParams['font.family'] can name a font that "
-                      f"has them)", UserWarning, stacklevel=3)
+    if not missing:
+        return []
+    return [f"the heat map's font has no glyph for {''.join(missing)!r}: drawn as empty boxes "
+            f"(matplotlib's rcParams['font.family'] can name a font that has them)"]

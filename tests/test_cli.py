@@ -769,17 +769,16 @@ def test_attention_png(tmp_path):
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_attention_png_warnings_are_one_line_each(tmp_path, monkeypatch, capsys):
+def test_attention_png_notes_are_one_line_each(tmp_path, monkeypatch, capsys):
     # (a font without a label's glyphs warned as Python does: file, line and source, per glyph)
     from attncore import cli, heatmap
 
-    def save_png_warning(amap, path, **options):
-        import warnings
-        warnings.warn("the heat map's font has no glyph for '東京'", UserWarning)
-        path_of = tmp_path / "map.png"
-        path_of.write_bytes(b"\x89PNG")
+    def save_png_with_a_note(amap, path, warn=True, **options):
+        assert warn is False   # (the command prints the notes itself)
+        (tmp_path / "map.png").write_bytes(b"\x89PNG")
+        return ["the heat map's font has no glyph for '東京'"]
 
-    monkeypatch.setattr(heatmap, "save_png", save_png_warning)
+    monkeypatch.setattr(heatmap, "save_png", save_png_with_a_note)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["attention", "3 March 1998", "--output", "map.png"]) == 0
     err = capsys.readouterr().err.splitlines()

@@ -121,13 +121,40 @@ def test_missing_glyphs_are_one_warning(tmp_path):
                                 output="大阪")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        heatmap.save_png(amap, tmp_path / "cjk.png", dpi=50)
+        notes = heatmap.save_png(amap, tmp_path / "cjk.png", dpi=50)
     messages = [str(item.message) for item in caught]
     assert not [m for m in messages if m.startswith("Glyph")], messages
-    assert len(messages) <= 1   # (none where the font has the glyphs)
-    if messages:
-        assert "no glyph for '東京大阪'" in messages[0]
+    assert messages == notes and len(notes) <= 1   # (none where the font has the glyphs)
+    if notes:
+        assert "no glyph for '東京大阪'" in notes[0]
     assert (tmp_path / "cjk.png").read_bytes()[:4] == b"\x89PNG"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert heatmap.save_png(amap, tmp_path / "cjk.png", dpi=50, warn=False) == notes
+    assert not caught
+
+
+@pytest.mark.parametrize("message", [
+    "Glyph 26481 (\\N{CJK UNIFIED IDEOGRAPH-6771}) missing from font(s) DejaVu Sans.",
+    "Glyph 26481 missing from current font.",   # (matplotlib before 3.6)
+])
+def test_both_wordings_of_the_missing_glyph_warning_are_grouped(message):
+    import warnings
+    caught = [warnings.WarningMessage(UserWarning(message), UserWarning, "f.py", 1)] * 2
+    assert heatmap._glyph_notes(caught) == [
+        "the heat map's font has no glyph for '東': drawn as empty boxes (matplotlib's "
+        "rcParams['font.family'] can name a font that has them)"]
+
+
+def test_a_title_given_is_drawn_as_it_is(tmp_path, monkeypatch):
+    # (the default title is wrapped to the figure; a caller's lost its own line breaks)
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    amap = heatmap.AttentionMap(["a", "b"], ["x", "y"], np.full((2, 2), 0.5), output="x y")
+    heatmap.save_png(amap, tmp_path / "t.png", dpi=50, title="Model A\nbeam 4, sentence 12")
+    assert titles == ["Model A\nbeam 4, sentence 12"]
 
 
 @pytest.mark.parametrize("source, error, match", [
