@@ -853,14 +853,7 @@ def run_command(function, *args):
     if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
     status = None   # (not yet known: a write error then is this run's only error)
-    stdout = sys.stdout
-    # One wrapper at a time, taken away only by the run that put it there and only while it is
-    # still there: runs overlapping in threads each restored what they had found, and the
-    # last to end put the other's wrapper back for good.
-    named = _NamedStdout(stdout) if stdout is not None and \
-        not isinstance(stdout, _NamedStdout) else None
-    if named is not None:
-        sys.stdout = named
+    _named_stdout_enter()
     try:
         try:
             status = function(*args)
@@ -879,8 +872,32 @@ def run_command(function, *args):
             print(f"attncore: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        if named is not None and sys.stdout is named:
-            sys.stdout = stdout
+        _named_stdout_exit()
+
+
+# One stdout wrapper for all the runs that overlap (in library callers' threads), put in place
+# by the first and taken away by the last, while it is still the one in place: each run
+# restoring what it had found put another run's wrapper back for good, or took it away while
+# that run still wrote.
+_STDOUT = {"lock": threading.Lock(), "runs": 0, "original": None, "named": None}
+
+
+def _named_stdout_enter() -> None:
+    with _STDOUT["lock"]:
+        if _STDOUT["runs"] == 0 and sys.stdout is not None and \
+                not isinstance(sys.stdout, _NamedStdout):
+            _STDOUT["original"], _STDOUT["named"] = sys.stdout, _NamedStdout(sys.stdout)
+            sys.stdout = _STDOUT["named"]
+        _STDOUT["runs"] += 1
+
+
+def _named_stdout_exit() -> None:
+    with _STDOUT["lock"]:
+        _STDOUT["runs"] -= 1
+        if _STDOUT["runs"] == 0:
+            if _STDOUT["named"] is not None and sys.stdout is _STDOUT["named"]:
+                sys.stdout = _STDOUT["original"]
+            _STDOUT["original"] = _STDOUT["named"] = None
 
 
 def _discard_stdout():

@@ -44,15 +44,15 @@ def build(directory):
         f.write(source.replace(rule, "if (M <= g_panel_rows || K == 0)")
                 .replace(tile_rule, "const int tile_kernel = 0;"))
     library = os.path.join(directory, "packed_harness.so")
-    command = [*c_compiler(), "-O3", "-ffp-contract=off", "-fPIC", "-shared", "-I" + SRC,
-               os.path.join(HERE, "packed_harness.c"), patched,
-               os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
-               os.path.join(SRC, "packed_int8.c"), "-lm", "-o", library]
-    try:
-        subprocess.check_call(command[:1] + ["-fopenmp"] + command[1:],
-                              stderr=subprocess.DEVNULL)
+    compiler = c_compiler()
+    arguments = ["-O3", "-ffp-contract=off", "-fPIC", "-shared", "-I" + SRC,
+                 os.path.join(HERE, "packed_harness.c"), patched,
+                 os.path.join(SRC, "tile_gemm.c"), os.path.join(SRC, "simd.c"),
+                 os.path.join(SRC, "packed_int8.c"), "-lm", "-o", library]
+    try:   # (after the whole compiler command: CC="ccache gcc" took "ccache -fopenmp gcc")
+        subprocess.check_call(compiler + ["-fopenmp"] + arguments, stderr=subprocess.DEVNULL)
     except subprocess.CalledProcessError:   # (no OpenMP, e.g. Apple's clang: one thread)
-        subprocess.check_call(command)
+        subprocess.check_call(compiler + arguments)
     return ctypes.CDLL(library)
 
 

@@ -1063,6 +1063,7 @@ def test_overlapping_runs_in_threads_leave_stdout_as_it_was(monkeypatch):
     from attncore import cli
     original = sys.stdout
     a_started, b_started, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = []
 
     def command(args):
         if args.command == "info":        # run A
@@ -1071,6 +1072,7 @@ def test_overlapping_runs_in_threads_leave_stdout_as_it_was(monkeypatch):
         else:                             # run B, started while A runs, ends after it
             b_started.set()
             assert a_done.wait(10)
+            seen.append(type(sys.stdout).__name__)   # (A's end took B's wrapper away)
         return 0
 
     monkeypatch.setitem(cli._COMMANDS, "info", command)
@@ -1082,7 +1084,7 @@ def test_overlapping_runs_in_threads_leave_stdout_as_it_was(monkeypatch):
     b.start()
     a.join(10)
     b.join(10)
-    assert sys.stdout is original
+    assert sys.stdout is original and seen == ["_NamedStdout"]
 
 
 def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):

@@ -59,24 +59,25 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
     save_file(arrays, str(temporary), metadata={_STATE_METADATA: json.dumps(state)})
     os.chmod(temporary, io.new_file_mode())   # (save_file writes 0o600)
     os.replace(temporary, directory / CHECKPOINT_WEIGHTS)
+    _write_state_copy(directory, state)
+    return directory
+
+
+def _write_state_copy(directory: Path, state: dict) -> None:
+    """``trainer_state.json``, the readable copy of the weights file's state (atomically)."""
     temporary = directory / (CHECKPOINT_STATE + ".tmp")
     temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
     os.replace(temporary, directory / CHECKPOINT_STATE)
-    return directory
 
 
 def _refresh_state_copy(directory: Path, state: dict) -> None:
     """Rewrite the readable ``trainer_state.json`` where it is not the weights file's state (a
     run stopped between a checkpoint's two renames kept the older copy for good: a resume that
     had no step left never wrote it again). A read-only directory keeps it as it is."""
-    text = json.dumps(state, indent=2)
     path = directory / CHECKPOINT_STATE
     try:
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            return
-        temporary = directory / (CHECKPOINT_STATE + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        if not (path.is_file() and path.read_text(encoding="utf-8") == json.dumps(state, indent=2)):
+            _write_state_copy(directory, state)
     except OSError:
         pass
 

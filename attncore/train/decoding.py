@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.base import check_finite
 from . import autograd as ag
 
-__all__ = ["greedy_decode", "check_finite_logits"]
-
-
-def check_finite_logits(logits: np.ndarray) -> np.ndarray:
-    """``logits``, or ValueError when they hold NaN or infinity (an argmax of them names a
-    token all the same: a broken model was scored as one that decodes badly)."""
-    if not np.all(np.isfinite(logits)):
-        raise ValueError("the model's logits are not finite (NaN or infinity): its weights or "
-                         "activations overflow float32")
-    return logits
+__all__ = ["greedy_decode"]
 
 
 def greedy_decode(model, src: np.ndarray, src_lengths: np.ndarray, max_len: int) -> np.ndarray:
@@ -50,7 +42,9 @@ def greedy_decode(model, src: np.ndarray, src_lengths: np.ndarray, max_len: int)
             outputs = []
             for _ in range(max_len):
                 logits, state, _ = model.decode_step(state, token)
-                check_finite_logits(logits.data)
+                # (an argmax of NaN names a token all the same: a broken model was scored as
+                # one that decodes badly)
+                check_finite(logits.data, "logits")
                 token = np.where(finished, config.pad_id, logits.data.argmax(axis=-1)).astype(np.int64)
                 outputs.append(token)
                 finished |= token == config.eos_id

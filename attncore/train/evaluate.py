@@ -36,7 +36,7 @@ import numpy as np
 from attncore.data import metrics
 from attncore.data.task import is_classification, pad_sequences
 
-from .decoding import check_finite_logits
+from attncore.models.base import check_finite
 from .export import TRAINING_FILE
 
 __all__ = ["exact_match", "decode_texts", "engine_decode_texts", "classification_accuracy",
@@ -137,7 +137,7 @@ def classification_accuracy(model, task, split: str = "test", batch_size: int = 
                 if left is not None and left <= 0:
                     break
                 ids, lengths, truth = ids[:left], lengths[:left], np.asarray(truth)[:left]
-                predicted = check_finite_logits(model(ids, lengths).data).argmax(axis=-1)
+                predicted = check_finite(model(ids, lengths).data, "logits").argmax(axis=-1)
                 np.add.at(confusion, (truth, predicted), 1)
     finally:
         model.train(was_training)
@@ -256,16 +256,17 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
 
 
 def _text_rules(vocab):
-    """What turns text into ``vocab``'s tokens besides the tokens themselves: a plain
-    vocabulary's version, a BPE vocabulary's normalizer and pre-tokenizer (as JSON)."""
+    """What turns text into ``vocab``'s tokens besides the tokens themselves: (kind, level,
+    rules): a plain vocabulary's level and version, a BPE vocabulary's pre-tokenizer and
+    normalizer (as JSON)."""
     if hasattr(vocab, "version"):
         return ("plain", vocab.level, vocab.version)
     tokenizer = getattr(vocab, "tokenizer", None)
     if tokenizer is None:
         return None
     data = json.loads(tokenizer.to_str())
-    return ("bpe",) + tuple(json.dumps(data.get(key), sort_keys=True)
-                            for key in ("normalizer", "pre_tokenizer"))
+    return ("bpe", json.dumps(data.get("pre_tokenizer"), sort_keys=True),
+            json.dumps(data.get("normalizer"), sort_keys=True))
 
 
 def _older_text_rules(model_dir, task) -> Optional[str]:
@@ -285,12 +286,14 @@ def _older_text_rules(model_dir, task) -> Optional[str]:
     if not is_classification(task) and tokenizer.tgt is not None:
         sides.append(("target", getattr(task, "tgt_vocab", None), tokenizer.target_vocab))
     for side, ours, theirs in sides:
-        if ours is None or theirs is None or _text_rules(ours) == _text_rules(theirs):
+        ours, theirs = _text_rules(ours), _text_rules(theirs)
+        # (another kind or level is another task's vocabulary, not an older one)
+        if ours is None or theirs is None or ours[:2] != theirs[:2] or ours == theirs:
             continue
         return (f"its {side} vocabulary reads text by other rules than the ones this attncore "
                 f"builds the task's with (a version-1 vocabulary, or a BPE normalizer without "
-                f"NFC: written by an attncore from before 2026-12-07), so the task cannot "
-                f"rebuild it: evaluate it with the attncore that trained it, or train it again")
+                f"NFC: written by an older attncore), so the task cannot rebuild it: evaluate "
+                f"it with the attncore that trained it, or train it again")
     return None
 
 

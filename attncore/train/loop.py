@@ -334,14 +334,15 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
 
 
 def _changed_options(saved: Optional[dict], now: Optional[dict]) -> List[str]:
-    """What differs between a checkpoint's ``saved`` options and this run's, one phrase each
-    (options the checkpoint does not record -- an older one's -- are not compared)."""
+    """What differs between a checkpoint's ``saved`` options and this run's, one phrase each.
+    Options only one side records are not compared: an older checkpoint's missing ones, and
+    the ``steps`` of a decaying schedule when the run now has another (whose change says it)."""
     if not isinstance(saved, dict) or now is None:
         return []
     phrases = {"data_sha256": "data (its training examples or vocabularies changed)",
                "valid_sha256": "validation data (its validation examples changed)"}
-    return [phrases.get(key) or f"{key} ({saved[key]!r}, now {now.get(key)!r})"
-            for key in sorted(saved) if saved[key] != now.get(key)]
+    return [phrases.get(key) or f"{key} ({saved[key]!r}, now {now[key]!r})"
+            for key in sorted(saved) if key in now and saved[key] != now[key]]
 
 
 class TrainingDiverged(ValueError):
