@@ -853,7 +853,7 @@ def run_command(function, *args):
     if sys.stderr is None:   # (started with stderr closed: errors then go nowhere, the status
         sys.stderr = open(os.devnull, "w")   # still tells; print(file=None) wrote to stdout)
     status = None   # (not yet known: a write error then is this run's only error)
-    _named_stdout_enter()
+    named = _named_stdout_enter()
     try:
         try:
             status = function(*args)
@@ -872,39 +872,56 @@ def run_command(function, *args):
             print(f"attncore: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        _named_stdout_exit()
+        _named_stdout_exit(named)
 
 
-# One stdout wrapper for all the runs that overlap (in library callers' threads), put in place
-# by the first and taken away by the last, while it is still the one in place: each run
-# restoring what it had found put another run's wrapper back for good, or took it away while
-# that run still wrote.
-_STDOUT = {"lock": threading.Lock(), "runs": 0, "original": None, "named": None}
+# The stdout wrappers of runs in progress: wrapper -> [the stream it wraps, runs using it].
+# A run wraps the stdout it finds unless it is a wrapper already (another run's, which it then
+# shares), and the last run using a wrapper takes it away, while it is still the one in place:
+# runs overlapping in library callers' threads each restored what they had found, and put
+# another run's wrapper back for good, or took it away while that run still wrote.
+_STDOUT_LOCK = threading.Lock()
+_STDOUT_RUNS: dict = {}
 
 
-def _named_stdout_enter() -> None:
-    with _STDOUT["lock"]:
-        if _STDOUT["runs"] == 0 and sys.stdout is not None and \
-                not isinstance(sys.stdout, _NamedStdout):
-            _STDOUT["original"], _STDOUT["named"] = sys.stdout, _NamedStdout(sys.stdout)
-            sys.stdout = _STDOUT["named"]
-        _STDOUT["runs"] += 1
+def _named_stdout_enter():
+    """The wrapper this run writes through (None: stdout is closed)."""
+    with _STDOUT_LOCK:
+        current = sys.stdout
+        if current is None:
+            return None
+        if not isinstance(current, _NamedStdout):
+            current = sys.stdout = _NamedStdout(current)
+            _STDOUT_RUNS[current] = [current._stream, 0]
+        _STDOUT_RUNS.setdefault(current, [None, 0])[1] += 1   # (None: not ours to take away)
+        return current
 
 
-def _named_stdout_exit() -> None:
-    with _STDOUT["lock"]:
-        _STDOUT["runs"] -= 1
-        if _STDOUT["runs"] == 0:
-            if _STDOUT["named"] is not None and sys.stdout is _STDOUT["named"]:
-                sys.stdout = _STDOUT["original"]
-            _STDOUT["original"] = _STDOUT["named"] = None
+def _named_stdout_exit(named) -> None:
+    if named is None:
+        return
+    with _STDOUT_LOCK:
+        entry = _STDOUT_RUNS[named]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _STDOUT_RUNS[named]
+            if entry[0] is not None and sys.stdout is named:
+                sys.stdout = entry[0]
 
 
 def _discard_stdout():
     """Python flushes stdout again at exit: point it at /dev/null, so what is left in its buffer
-    goes nowhere quietly instead of as a second error."""
+    goes nowhere quietly instead of as a second error. (A stdout without a file descriptor, a
+    caller's redirect to a stream, is left to its owner.)"""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):   # (io.UnsupportedOperation is both)
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
 
 
 def _main(argv):

@@ -21,7 +21,7 @@ import threading
 import unicodedata
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -235,8 +235,9 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
     """Write the heat map as a PNG (matplotlib's Agg canvas; the global backend is untouched).
 
     The default title (the output) is wrapped to the figure's width; a ``title`` given is
-    drawn as it is. Returns notes on the drawing: the characters matplotlib's font has no glyph
-    for (drawn as empty boxes), each also a ``UserWarning`` unless ``warn=False``.
+    drawn as it is. Returns notes on the drawing, one line each: the characters matplotlib's
+    font has no glyph for (drawn as empty boxes; one note for all of them) and matplotlib's
+    other warnings, each also issued as a warning unless ``warn=False``.
 
     Raises
     ------
@@ -275,10 +276,11 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
         warnings.simplefilter("always")
         figure.tight_layout()
         figure.savefig(path, dpi=dpi, format="png")
-    notes = _glyph_notes(caught)
-    if warn:
-        for note in notes:
-            warnings.warn(note, UserWarning, stacklevel=2)
+    notes = []
+    for category, note in _drawing_notes(caught):
+        notes.append(note)
+        if warn:
+            warnings.warn(note, category, stacklevel=2)
     return notes
 
 
@@ -305,18 +307,19 @@ def _fit_title(title: str, figure_inches: float) -> str:
 _GLYPH = re.compile(r"Glyph (\d+)\b.*missing from (?:current )?font")
 
 
-def _glyph_notes(caught) -> List[str]:
-    """The note naming the characters of matplotlib's "Glyph N missing from font" warnings of a
-    draw (one per character and draw: a CJK label gave 12), or none; its other warnings are
-    passed on as they were."""
-    missing = []
+def _drawing_notes(caught) -> List[Tuple[type, str]]:
+    """(category, one-line message) of a draw's warnings: matplotlib's "Glyph N missing from
+    font" ones (one per character and draw: a CJK label gave 12) as one note naming the
+    characters, the others as they came (the command line prints each as one line)."""
+    notes, missing = [], []
     for item in caught:
         found = _GLYPH.search(str(item.message))
         if found is None:
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+            notes.append((item.category, " ".join(str(item.message).split())))
         elif chr(int(found.group(1))) not in missing:
             missing.append(chr(int(found.group(1))))
-    if not missing:
-        return []
-    return [f"the heat map's font has no glyph for {''.join(missing)!r}: drawn as empty boxes "
-            f"(matplotlib's rcParams['font.family'] can name a font that has them)"]
+    if missing:
+        notes.append((UserWarning, f"the heat map's font has no glyph for "
+                                   f"{''.join(missing)!r}: drawn as empty boxes (matplotlib's "
+                                   f"rcParams['font.family'] can name a font that has them)"))
+    return notes

@@ -1087,6 +1087,34 @@ def test_overlapping_runs_in_threads_leave_stdout_as_it_was(monkeypatch):
     assert sys.stdout is original and seen == ["_NamedStdout"]
 
 
+def test_a_run_inside_another_names_the_stdout_it_finds(capsys):
+    # a run started while another ran (nested, or in another thread) wrote through whatever
+    # stdout it found, unwrapped: a full disk under a redirect read "[Errno 28] ..." unnamed
+    import contextlib
+    import errno
+    import io
+    import sys
+    from attncore import cli
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def inner():
+        print("a line")
+        return 0
+
+    def outer():
+        with contextlib.redirect_stdout(Full()):
+            return cli.run_command(inner)
+
+    original = sys.stdout
+    assert cli.run_command(outer) == cli.EXIT_ERROR
+    assert "attncore: error: cannot write to stdout: No space left on device" in \
+        capsys.readouterr().err
+    assert sys.stdout is original
+
+
 def test_a_ctrl_c_turned_into_an_error_still_reads_as_interrupted(tmp_path, monkeypatch, capsys):
     # code between the signal and the CLI that catches KeyboardInterrupt and raises its own
     # error (a library's clean-up, say): the run was interrupted, not failed

@@ -623,6 +623,36 @@ def test_an_interrupted_step_can_be_retried(monkeypatch, where):
                                 atol=5 * CHUNK_ATOL)
 
 
+def test_a_step_interrupted_while_the_cache_grows_can_be_retried(monkeypatch):
+    # the keys were grown and set before the values: an interrupt between left them at two
+    # capacities, and every retried step failed with an IndexError
+    from attncore.models import ran
+    engine, _ = make_pair(seed=29, causal=True, token_head="lm", window_size=64)
+    prompt = documents((6,), seed=30)[0]
+    state = engine._start([prompt])
+    engine._step(state, None)
+    sequence = list(prompt)
+    real, calls = ran.grow_cache, []
+
+    def interrupted_once_keys_grew(cache, capacity, filled):
+        calls.append(1)
+        if len(calls) == engine.num_layers + 1:   # (the first of the values)
+            raise KeyboardInterrupt
+        return real(cache, capacity, filled)
+
+    monkeypatch.setattr(ran, "grow_cache", interrupted_once_keys_grew)
+    for token in range(4, 12):
+        try:
+            log_probs, _ = engine._step(state, np.array([token]))
+        except KeyboardInterrupt:
+            log_probs, _ = engine._step(state, np.array([token]))
+        sequence.append(token)
+    assert len(calls) > engine.num_layers   # (the cache grew, interrupted once)
+    whole, _ = engine.token_logits([np.array(sequence)])
+    assert_same_as_one_call(log_probs[0], attncore.log_softmax(whole[0][-1]),
+                            atol=5 * CHUNK_ATOL)
+
+
 def test_beam_search_and_sampling_run():
     engine, _ = make_pair(seed=17, causal=True, token_head="lm", window_size=3)
     prompts = documents((4, 6), vocab=30, seed=14)

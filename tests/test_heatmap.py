@@ -141,9 +141,12 @@ def test_missing_glyphs_are_one_warning(tmp_path):
 def test_both_wordings_of_the_missing_glyph_warning_are_grouped(message):
     import warnings
     caught = [warnings.WarningMessage(UserWarning(message), UserWarning, "f.py", 1)] * 2
-    assert heatmap._glyph_notes(caught) == [
-        "the heat map's font has no glyph for '東': drawn as empty boxes (matplotlib's "
-        "rcParams['font.family'] can name a font that has them)"]
+    other = warnings.WarningMessage(UserWarning("Tight layout not\napplied."), UserWarning,
+                                    "f.py", 2)
+    assert heatmap._drawing_notes(caught + [other]) == [
+        (UserWarning, "Tight layout not applied."),   # (one line, as the command prints it)
+        (UserWarning, "the heat map's font has no glyph for '東': drawn as empty boxes "
+                      "(matplotlib's rcParams['font.family'] can name a font that has them)")]
 
 
 def test_a_title_given_is_drawn_as_it_is(tmp_path, monkeypatch):

@@ -230,7 +230,7 @@ class _WindowCache:
     ----------
     keys, values : list (per layer) of float32 (B, H, capacity, d)
         Row 0: the incoming cell's key/value (no rotation); rows 1..n: the window's n tokens
-        (n = the row's pending and fed tokens, :meth:`RANDecoderState.rows_held`), rotated at
+        (n = the row's pending and fed tokens, :meth:`RANDecoderState.tokens_held`), rotated at
         their positions; later rows unused (``kv_lengths`` leaves them out). The capacity
         follows the rows held (doubling, at most 1 + W), not the window size: sized by W, a
         cache of 8 beams at W = 16384 held 1 GiB from the start, copied by each ``select``.
@@ -253,10 +253,12 @@ class _WindowCache:
 
     def reserve(self, rows: int, held: int) -> None:
         """Room for ``rows`` rows a window; ``held``: the rows in use, which are kept."""
-        if rows > self.capacity:
+        if rows > self.capacity:   # (both lists made, then both set: an interrupt in
+            # between once left keys grown and values not, and every retried step failed)
             capacity = self.capacity_for(max(rows, 2 * self.capacity), self.window)
-            self.keys = [grow_cache(k, capacity, held) for k in self.keys]
-            self.values = [grow_cache(v, capacity, held) for v in self.values]
+            keys = [grow_cache(k, capacity, held) for k in self.keys]
+            values = [grow_cache(v, capacity, held) for v in self.values]
+            self.keys, self.values = keys, values
 
     def select(self, rows: np.ndarray, held: int) -> "_WindowCache":
         """The cache of ``rows`` (copies of their first ``held`` rows)."""
