@@ -177,6 +177,13 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def first_nonfinite(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
+    """The name of the first float array of ``arrays`` holding NaN or infinity, or None (a
+    checkpoint's or a model directory's tensors, before a trainer model takes them)."""
+    return next((name for name, array in arrays.items()
+                 if array.dtype.kind == "f" and not np.all(np.isfinite(array))), None)
+
+
 def _sort_metadata(path: Path) -> None:
     """Rewrite a safetensors file's ``__metadata__`` with its keys sorted, in place: safetensors
     writes them from a hash map, in an order that changes from process to process, so two saves

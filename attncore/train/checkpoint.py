@@ -129,10 +129,9 @@ def load_checkpoint(directory, model, optimizer) -> dict:
     """
     state, arrays = read_checkpoint(directory)
     _refresh_state_copy(Path(directory), state)
-    bad = [name for name, array in arrays.items() if array.dtype.kind == "f"
-           and not np.all(np.isfinite(array))]
-    if bad:   # (a diverged run's weights, resumed and exported again)
-        raise ValueError(f"checkpoint {str(directory)!r}: {bad[0]!r} holds NaN or infinity")
+    bad = io.first_nonfinite(arrays)
+    if bad is not None:   # (a diverged run's weights, resumed and exported again)
+        raise ValueError(f"checkpoint {str(directory)!r}: {bad!r} holds NaN or infinity")
     if state["config"] != model.config.to_dict():
         saved, now = state["config"], model.config.to_dict()
         differ = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))

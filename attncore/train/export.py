@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["export", "load_model", "model_from_config"]
 
 
@@ -83,9 +81,9 @@ def load_model(path):
     config, weights = io.load_model_dir(path)
     # (the engine refuses these when it builds a model; the trainer's decoder took NaN logits'
     # argmax, and evaluate scored a broken model instead of saying so)
-    bad = [name for name, array in weights.items() if not np.all(np.isfinite(array))]
-    if bad:
-        raise ValueError(f"{str(path)!r}: tensor {bad[0]!r} holds NaN or infinity")
+    bad = io.first_nonfinite(weights)
+    if bad is not None:
+        raise ValueError(f"{str(path)!r}: tensor {bad!r} holds NaN or infinity")
     model = model_from_config(config)
     model.load_state_dict(weights)
     model.eval()
