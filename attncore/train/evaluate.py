@@ -237,22 +237,30 @@ def _vocabulary_misfit(model_dir, task) -> Optional[str]:
     """Why the task's vocabularies or labels are not the model directory's, or None. The task
     rebuilds them (from its files, with its seed and options): of the same size but other, ids
     meant other tokens and the score was silently wrong (15.8% for a model at 100%)."""
+    config, pairs = _vocabulary_pairs(model_dir, task)
+    if pairs is None:
+        return None
+    for side, ours, theirs in pairs:
+        if getattr(ours, "tokens", None) != getattr(theirs, "tokens", None):
+            return f"its {side} vocabulary is not the task's"
+    if is_classification(task) and config.get("labels") not in (None, list(task.labels)):
+        return f"its labels {config['labels']} are not the task's {list(task.labels)}"
+    return None
+
+
+def _vocabulary_pairs(model_dir, task):
+    """(config, [(side, the task's vocabulary, the directory's)]) of a model directory, the
+    pairs None when it has no tokenizer."""
     from attncore import io
     from attncore.tokenizer import load_tokenizer
     config = io.read_config(model_dir)
     tokenizer = load_tokenizer(model_dir, config)
     if tokenizer is None:
-        return None
-    classification = is_classification(task)
+        return config, None
     pairs = [("source", task.src_vocab, tokenizer.source_vocab)]
-    if not classification and tokenizer.tgt is not None:
+    if not is_classification(task) and tokenizer.tgt is not None:
         pairs.append(("target", task.tgt_vocab, tokenizer.target_vocab))
-    for side, ours, theirs in pairs:
-        if getattr(ours, "tokens", None) != getattr(theirs, "tokens", None):
-            return f"its {side} vocabulary is not the task's"
-    if classification and config.get("labels") not in (None, list(task.labels)):
-        return f"its labels {config['labels']} are not the task's {list(task.labels)}"
-    return None
+    return config, pairs
 
 
 def _text_rules(vocab):
@@ -274,18 +282,11 @@ def _older_text_rules(model_dir, task) -> Optional[str]:
     directory's (a version-1 vocabulary, a BPE normalizer without NFC: files written before
     this attncore's rules): the reason, or None. Asked when they differ: evaluate blamed the
     task's options, seed or another task."""
-    from attncore import io
-    from attncore.tokenizer import load_tokenizer
     try:
-        tokenizer = load_tokenizer(model_dir, io.read_config(model_dir))
-    except (ValueError, OSError):
+        _, pairs = _vocabulary_pairs(model_dir, task)
+    except (ValueError, OSError, AttributeError):   # (AttributeError: a task without src_vocab)
         return None   # (the other checks say what is wrong with the directory)
-    if tokenizer is None:
-        return None
-    sides = [("source", getattr(task, "src_vocab", None), tokenizer.source_vocab)]
-    if not is_classification(task) and tokenizer.tgt is not None:
-        sides.append(("target", getattr(task, "tgt_vocab", None), tokenizer.target_vocab))
-    for side, ours, theirs in sides:
+    for side, ours, theirs in pairs or ():
         ours, theirs = _text_rules(ours), _text_rules(theirs)
         # (another kind or level is another task's vocabulary, not an older one)
         if ours is None or theirs is None or ours[:2] != theirs[:2] or ours == theirs:
