@@ -237,18 +237,18 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     """
     from tqdm.auto import tqdm
 
-    start_step = 0
+    start_step, resumed = 0, {}   # (resumed: the checkpoint's "extra" record)
     # (the weights file holds the state; trainer_state.json is its readable copy, and a run
     # whose copy was gone started over from step 0, overwriting the checkpoint)
     if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT_WEIGHTS).exists():
         state = load_checkpoint(checkpoint_dir, model, optimizer)
-        extra = state.get("extra") or {}
-        saved = extra.get("data_options")
+        resumed = state.get("extra") or {}
+        saved = resumed.get("data_options")
         if isinstance(saved, dict) and isinstance(saved.get("task_options"), dict):
             # (a checkpoint of a run that named its files relative to this directory)
             saved = dict(saved, task_options=_absolute_paths(saved["task_options"]))
         changed = (_changed_options(saved, data_options)
-                   + _changed_options(extra.get("run_options"), run_options))
+                   + _changed_options(resumed.get("run_options"), run_options))
         if changed:
             raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} was trained with other "
                              + ", ".join(changed)
@@ -262,10 +262,9 @@ def fit(model, optimizer: Adam, batches: BatchStream, loss_fn: Callable, steps: 
     result = TrainResult(start_step=start_step)
     smoothed_loss, smoothed_accuracy = None, None
     if start_step:   # what the run had logged before its checkpoint
-        extra = state.get("extra") or {}
-        result.evaluations = list(extra.get("evaluations") or [])
-        result.last = extra.get("last_step") or {"step": start_step}
-        smoothed_loss, smoothed_accuracy = extra.get("smoothed") or (None, None)
+        result.evaluations = list(resumed.get("evaluations") or [])
+        result.last = resumed.get("last_step") or {"step": start_step}
+        smoothed_loss, smoothed_accuracy = resumed.get("smoothed") or (None, None)
     model.train()
     # A log file (stderr not a terminal) gets plain lines, about 20 a run, not bar frames.
     terminal = sys.stderr is not None and sys.stderr.isatty()
