@@ -160,6 +160,8 @@ extensions = [
                                     "simd.c"]),
     kernel_extension("_transformer", ["packed_linear.c", "packed_int8.c", "layers.c", "sdpa.c", "tile_gemm.c",
                                       "softmax.c", "simd.c"]),
+    kernel_extension("_ran", ["packed_linear.c", "packed_int8.c", "layers.c", "sdpa.c", "tile_gemm.c",
+                              "softmax.c", "simd.c"]),
 ]
 
 # (Cython regenerates the C on timestamps only: a change of ATTNCORE_DEBUG must force it)

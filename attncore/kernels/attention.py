@@ -194,11 +194,19 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     return out, weights
 
 
+def flash_plan(head_dim: int, causal: bool, dtype=np.float32) -> "tuple[int, int, bool]":
+    """(block_q, block_k, tile_kernel) of the flash path at this head_dim: the tiles
+    (:func:`flash_tiles`) and whether attncore's tile kernel runs the products (float32 where
+    it is built, AVX2 / AVX-512) rather than BLAS. Compiled model steps take it from here, so
+    that they run the flash path exactly as :func:`sequence_attention` does."""
+    own = USE_TILE_PRODUCTS and np.dtype(dtype) == np.float32
+    block_q, block_k = flash_tiles(head_dim, tile_products=own, causal=causal)
+    return block_q, block_k, bool(own and block_q % 16 == 0)
+
+
 def _flash(q, k, v, out, kv_lengths, causal, scale, threads):
     """The flash path into out, on the tile kernel where it runs (float32, AVX2)."""
-    own = USE_TILE_PRODUCTS and q.dtype == np.float32
-    block_q, block_k = flash_tiles(q.shape[3], tile_products=own, causal=causal)
-    own = own and block_q % 16 == 0
+    block_q, block_k, own = flash_plan(q.shape[3], causal, q.dtype)
     _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads)
 
 

@@ -69,7 +69,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import kernels as K
-from ..kernels.attention import sequence_attention
+from ..kernels import _ran
+from ..kernels.attention import flash_plan, sequence_attention
+from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 from ..io import MAX_SIZE
 from ..train.ran_ops import partition_windows
 from .base import (GenerateTokensMixin, GenerationResult, Model, _check_int, check_finite,
@@ -79,6 +81,7 @@ from .base import (GenerateTokensMixin, GenerationResult, Model, _check_int, che
 __all__ = ["RAN", "RANEncoding", "RANState", "RANDecoderState"]
 
 LN_EPS = 1e-7          # langml LayerNorm epsilon (RAN.md §2.3)
+ROTARY_BASE = 10000.0  # RoPE base of the window attention
 BLOCK_ROWS = 8192      # padded window rows (windows x R) whose projections are held at once
 
 
@@ -570,6 +573,23 @@ class RAN(GenerateTokensMixin, Model):
             self.lm_output = K.PackedLinearWeight(w["embedding.weight"], self.weight_dtype)
         elif self.token_head_kind == "tag":
             self.tagger = linear("tagger")
+        self._decoding_step = (self._compiled_decoding_step()
+                               if self.cannot("generate", c) is None else None)
+
+    def _compiled_decoding_step(self) -> "_ran.RANStep":
+        """A causal LM's per-token work inside a window, and its LM head, as compiled calls
+        (attncore.kernels._ran)."""
+        names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm"] + (
+            ["review_query", "review_out", "review_glu", "review_norm"] if self.memory_review
+            else ["output_norm"])
+        return _ran.RANStep(
+            embedding_size=self.embedding_size, head_num=self.head_num,
+            head_size=self.head_size, eps=LN_EPS, rotary_base=ROTARY_BASE,
+            memory_review=self.memory_review, small_gemm_macs=BLAS_SMALL_GEMM_MACS,
+            embedding=self.weights["embedding.weight"], embedding_norm=self.embedding_norm,
+            layers=[{name: getattr(layer, name) for name in names} for layer in self.layers],
+            lm_dense=self.lm_dense, lm_norm=self.lm_norm, lm_output=self.lm_output,
+            lm_bias=self.lm_bias)
 
     # -- public ---------------------------------------------------------------------------
     def encode(self, documents, state: Optional[RANState] = None, *,
@@ -682,7 +702,7 @@ class RAN(GenerateTokensMixin, Model):
         last = np.stack([s[-1] for s in encoding.sequence])
         empty = np.zeros(0, dtype=np.int64)
         return RANDecoderState(state, (empty,) * len(sources), cache,
-                               K.log_softmax(self.token_head(last)))
+                               self._next_log_probs(last))
 
     def _step(self, state: RANDecoderState, tokens):
         """One token per row -> (log_probs float32 (B, V), None).
@@ -725,7 +745,7 @@ class RAN(GenerateTokensMixin, Model):
             state.cache.reserve(cache.capacity, 2 + int(held.max()))   # (the rows just written)
             # (the committed rows' cache: read only once the state below says so)
             state.cache.assign(full, cache, 1 + max(len(p) for p in finished.pending))
-        log_probs = K.log_softmax(self.token_head(out))
+        log_probs = self._next_log_probs(out)
         # The step takes effect here, in one assignment: before it the state is the one the
         # step started from (the cache rows written above are past what it holds), so an
         # interrupted step can be taken again (the cached rows were once counted ahead of the
@@ -762,42 +782,30 @@ class RAN(GenerateTokensMixin, Model):
                      held: np.ndarray) -> np.ndarray:
         """The last layer's outputs float32 (n, D) of one new token per row of ``rows``, each
         inside its unfinished window of ``held[row]`` tokens (its keys and values written to
-        the cache's next row)."""
-        H, d = self.head_num, self.head_size
-        n, every = len(rows), len(rows) == state.batch_size
+        the cache's next row): one compiled call (:class:`attncore.kernels._ran.RANStep`,
+        the kernels of a window's own call in its order, so the same bits)."""
         cache = state.cache
         position = held[rows] + 1                                              # window row
         cache.reserve(int(position.max()) + 1, 1 + int(held.max()))
-        x = self._embed(tokens)
-        for index, layer in enumerate(self.layers):
-            z = _ln(x, layer.concat_norm)
-            p = _swish_linear(z, layer.qkv).reshape(n, 3, H, d)
-            qk = K.rotary(np.ascontiguousarray(p[:, :2].transpose(1, 2, 0, 3)), position)
-            keys, values = cache.keys[index], cache.values[index]             # (B, H, cap, d)
-            keys[rows, :, position] = qk[1].transpose(1, 0, 2)
-            values[rows, :, position] = p[:, 2]
-            q = np.ascontiguousarray(qk[0].transpose(1, 0, 2)[:, :, None])     # (n, H, 1, d)
-            # causal, as the window's own call: the flash tiles follow the causal flag (AVX2:
-            # 48 x 192 causal, 128 x 96 not), and keys grouped into other tiles round otherwise;
-            # one query aligned bottom-right sees every key, kv_lengths stops it at its own
-            o = sequence_attention(q, keys if every else keys[rows],
-                                   values if every else values[rows],
-                                   kv_lengths=position + 1, causal=True)
-            h = _swish_linear(o.reshape(n, H * d), layer.attn_out) + _glu(z, layer.attn_glu)
-            y = _stdnorm(_ln(h, layer.attn_norm))
-            if self.memory_review:
-                query = _swish_linear(y, layer.review_query)                   # (n, D)
-                context = np.empty_like(query)
-                for i, r in enumerate(rows):
-                    carry = state.state.layers[r][index]
-                    context[i] = sequence_attention(
-                        query[None, None, i:i + 1], carry.memory_keys[None, None],
-                        carry.memory_values[None, None], kv_lengths=None, causal=False)[0, 0, 0]
-                h = _swish_linear(context, layer.review_out) + _glu(query, layer.review_glu)
-                x = _ln(h, layer.review_norm)
-            else:
-                x = _ln(y, layer.output_norm)
-        return check_finite(x, "encoder outputs")
+        memory_keys = memory_values = None
+        if self.memory_review:
+            carried = [carry for r in rows for carry in state.state.layers[r]]
+            memory_keys = [carry.memory_keys for carry in carried]
+            memory_values = [carry.memory_values for carry in carried]
+        out = np.empty((len(rows), self.embedding_size), dtype=np.float32)
+        self._decoding_step.step(
+            np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(rows, np.int64),
+            np.ascontiguousarray(position, np.int64), cache.keys, cache.values, memory_keys,
+            memory_values, out, flash_plan(self.head_size, True),
+            flash_plan(self.embedding_size, False), kernel_threads())
+        return check_finite(out, "encoder outputs")
+
+    def _next_log_probs(self, x: np.ndarray) -> np.ndarray:
+        """``log_softmax(token_head(x))`` (N, V) of last-layer outputs x (N, D), compiled."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        log_probs = np.empty((len(x), self.vocab_size), dtype=np.float32)
+        self._decoding_step.head(x, log_probs, kernel_threads())
+        return log_probs
 
     # -- argument checks ------------------------------------------------------------------
     def _windows(self, window_size, min_window_size, state) -> Tuple[int, int]:
@@ -1030,7 +1038,7 @@ class RAN(GenerateTokensMixin, Model):
         heads = np.ascontiguousarray(
             padded.reshape(nb, R, 3, H, d).transpose(2, 0, 3, 1, 4))           # (3, nb, H, R, d)
         del padded
-        qk = K.rotary(heads[:2], np.arange(R, dtype=np.int64))                 # row = position
+        qk = K.rotary(heads[:2], np.arange(R, dtype=np.int64), ROTARY_BASE)   # row = position
         q, k, v = qk[0], qk[1], heads[2]
         kv_lengths = 1 + width + (1 if self.causal else 0)
 
