@@ -49,7 +49,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, NamedTuple
 
 import numpy as np
 
-from .models.base import check_seed, generate_with_default_lengths
+from .models.base import check_seed, continues_prompts, generate_with_default_lengths
 
 __all__ = ["InputError", "Item", "Batching", "Throughput", "Reorderer", "read_lines",
            "count_lines", "plan_batches", "run_batches", "parse_ids", "Frontend", "Job",
@@ -627,9 +627,7 @@ class GenerateJob(Job):
     def format_item(self, item, result, frontend):
         """A decoder-only model's text output is what follows its prompt (its leading space
         included: prompt + output is the whole text, with a BPE vocabulary too)."""
-        config = frontend.config
-        if self.ids_out or not len(item.source) or not (
-                config.get("kind") == "decoder_only" or config.get("architecture") == "ran"):
+        if self.ids_out or not len(item.source) or not continues_prompts(frontend.config):
             return self.format(result, frontend)
         text = frontend.need_tokenizer("text output").decode_continuation(
             item.source.tolist(), result)

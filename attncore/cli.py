@@ -527,9 +527,10 @@ def _same_file(a, b) -> bool:
 
 def _check_translates(args, model_class, config) -> None:
     """``translate`` takes encoder-decoder models only (on Dask too: it ran a decoder-only one)."""
+    from attncore.models.base import continues_prompts
     if args.command == "translate" and (
             not callable(getattr(model_class, "translate", None))
-            or config.get("kind") in ("decoder_only", "encoder_only")):
+            or continues_prompts(config) or config.get("kind") == "encoder_only"):
         raise UserError("translate needs an encoder-decoder model; use generate")
 
 

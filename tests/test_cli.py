@@ -738,10 +738,15 @@ def test_translate_refuses_a_decoder_only_model(tmp_path, dask):
                                d_model=8, num_heads=2, dim_feedforward=12, num_encoder_layers=0,
                                num_decoder_layers=1, max_positions=16).to_dict()
     models.from_config(config, seed=3).save(tmp_path / "lm")
-    args = ["translate", "--model", tmp_path / "lm", "--ids"] + (["--dask", "local:1"] if dask
-                                                                  else [])
-    assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
-                      "translate needs an encoder-decoder model; use generate")
+    # a RAN language model too (its library translate continues prompts, as generate does)
+    models.from_config(dict(architecture="ran", vocab_size=10, embedding_size=8, ran_layers=1,
+                            head_num=2, head_size=4, window_size=4, causal=True,
+                            token_head="lm"), seed=3).save(tmp_path / "ran")
+    for model in ("lm", "ran"):
+        args = ["translate", "--model", tmp_path / model, "--ids"] + (
+            ["--dask", "local:1"] if dask else [])
+        assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
+                          "translate needs an encoder-decoder model; use generate")
     # attention named a --max-length the user never gave
     assert_user_error(attncore_cli(["attention", "--model", tmp_path / "lm", "--ids", "4 5"],
                                    tmp_path), "attention needs a generative encoder-decoder model")

@@ -667,6 +667,29 @@ def test_beam_search_and_sampling_run():
     assert [r.tokens for r in samples] == [r.tokens for r in again]
 
 
+def test_translate_continues_text_prompts(tmp_path):
+    # text in, text out, as for a decoder-only Transformer: what follows each prompt, as
+    # `attncore generate` writes it (the prompt's trailing space kept: it asks for a word)
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    vocab = Vocab("abcdefgh ", level="char")
+    engine, _ = make_pair(seed=27, causal=True, token_head="lm", window_size=4,
+                          vocab_size=len(vocab))
+    RAN(engine.config, engine.weights, tokenizer=Tokenizer(src=vocab)).save(tmp_path / "lm")
+    model = load(tmp_path / "lm")
+    prompts = ["abc ", "hag", "  fed cab "]
+    texts = model.translate(prompts, max_length=7, min_length=7)
+    ids = [model.tokenizer.encode_source(p) for p in prompts]
+    assert [len(i) for i in ids] == [4, 3, 8]
+    results = model.generate(ids, max_length=7, min_length=7)
+    assert texts == [vocab.decode(r.tokens) for r in results]
+    assert all(len(t) == 7 for t in texts)
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        model.translate(["ab", "   "])
+    with pytest.raises(ValueError, match="translate needs a tokenizer"):
+        engine.translate(["abc"])
+
+
 def test_generation_needs_a_causal_lm():
     engine, _ = make_pair(seed=18, token_head="lm")
     with pytest.raises(ValueError, match="causal"):

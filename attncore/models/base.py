@@ -598,9 +598,15 @@ class Model:
 _ONE_SOURCE = re.compile(r"\b(?:sources|prompts)\[0\]")
 
 
+def continues_prompts(config: Mapping) -> bool:
+    """Whether a model of ``config`` continues its inputs (a language model: a decoder-only
+    Transformer or a causal RAN), so that its text output is what follows each prompt."""
+    return config.get("kind") == "decoder_only" or config.get("architecture") == "ran"
+
+
 class GenerateTokensMixin:
-    """:meth:`generate_tokens` for a model with ``_generation_inputs`` (every generating
-    model)."""
+    """:meth:`generate_tokens` and :meth:`translate` (text in, text out) for a model with
+    ``_generation_inputs`` (every generating model)."""
 
     def generate_tokens(self, source, *, max_length, min_length=0, do_sample=False,
                         temperature=1.0, top_k=0, top_p=1.0, seed=None
@@ -630,11 +636,57 @@ class GenerateTokensMixin:
             **{key: options[key] for key in ("max_length", "min_length", "do_sample",
                                              "temperature", "top_k", "top_p", "seed")})
 
+    def translate(self, texts, *, max_length=None, **options) -> List[str]:
+        """Text in, text out, through the model's tokenizer.
+
+        Parameters
+        ----------
+        texts : list of str
+        max_length : int, optional
+            Default: each text's own ``default_max_length`` (``2 * its length + 10`` tokens),
+            or ``min_length + 1`` where that is more (:func:`generate_with_default_lengths`).
+        **options : the other :meth:`generate` options
+
+        Returns
+        -------
+        list of str, the best hypothesis of each text (a language model's -- a decoder-only
+        Transformer's or a causal RAN's: the text that follows its prompt,
+        :meth:`attncore.tokenizer.Tokenizer.decode_continuation`)
+        """
+        if self.tokenizer is None:
+            raise ValueError("translate needs a tokenizer; this model has none "
+                             "(config['tokenizer'] is empty): use generate() with token ids")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        sources = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+            try:
+                ids = self.tokenizer.encode_source(text)
+            except ValueError as exc:   # (a lone surrogate: not Unicode text)
+                raise ValueError(f"texts[{i}]: {exc}") from None
+            if len(ids) == 0:
+                raise ValueError(f"texts[{i}] is empty (no tokens)")
+            sources.append(ids)
+        if not sources:
+            raise ValueError("texts is an empty batch")
+        if max_length is None:
+            results = generate_with_default_lengths(self, sources, name="texts", **options)
+        else:
+            with _named_by_index("texts", range(len(sources))):
+                results = self.generate(sources, max_length=max_length, **options)
+        if continues_prompts(self.config):
+            # what follows each prompt, as `attncore generate` writes it (decoded alone, a BPE
+            # continuation lost its word start; a pairs-trained model's target is its own text)
+            return [self.tokenizer.decode_continuation(source.tolist(), result.tokens)
+                    for source, result in zip(sources, results)]
+        return [self.tokenizer.decode_target(result.tokens) for result in results]
+
 
 class EncoderDecoderModel(GenerateTokensMixin, Model):
     """An encoder-decoder engine model: the decoder protocol of ``docs/ENGINE.md``
-    (``_start``, ``_step``, ``state.select``) plus the public :meth:`generate` /
-    :meth:`translate`.
+    (``_start``, ``_step``, ``state.select``) plus the public :meth:`generate`.
 
     Subclasses implement ``_start(sources) -> state`` and ``_step(state, tokens) ->
     (log_probs (B, V) float32, attention (B, H, S_max) float32)``, and may override
@@ -702,50 +754,3 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
         options = check_generation_options(**options)
         sources = check_sources(sources, self.source_vocab_size, self.max_source_length)
         return sources, self.bos_id, options
-
-    def translate(self, texts, *, max_length=None, **options) -> List[str]:
-        """Text in, text out, through the model's tokenizer.
-
-        Parameters
-        ----------
-        texts : list of str
-        max_length : int, optional
-            Default: each text's own ``default_max_length`` (``2 * its length + 10`` tokens),
-            or ``min_length + 1`` where that is more (:func:`generate_with_default_lengths`).
-        **options : the other :meth:`generate` options
-
-        Returns
-        -------
-        list of str, the best hypothesis of each text (a decoder-only model's: the text that
-        follows its prompt, :meth:`attncore.tokenizer.Tokenizer.decode_continuation`)
-        """
-        if self.tokenizer is None:
-            raise ValueError("translate needs a tokenizer; this model has none "
-                             "(config['tokenizer'] is empty): use generate() with token ids")
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
-        sources = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-            try:
-                ids = self.tokenizer.encode_source(text)
-            except ValueError as exc:   # (a lone surrogate: not Unicode text)
-                raise ValueError(f"texts[{i}]: {exc}") from None
-            if len(ids) == 0:
-                raise ValueError(f"texts[{i}] is empty (no tokens)")
-            sources.append(ids)
-        if not sources:
-            raise ValueError("texts is an empty batch")
-        if max_length is None:
-            results = generate_with_default_lengths(self, sources, name="texts", **options)
-        else:
-            with _named_by_index("texts", range(len(sources))):
-                results = self.generate(sources, max_length=max_length, **options)
-        if self.config.get("kind") == "decoder_only":
-            # what follows each prompt, as `attncore generate` writes it (decoded alone, a BPE
-            # continuation lost its word start; a pairs-trained model's target is its own text)
-            return [self.tokenizer.decode_continuation(source.tolist(), result.tokens)
-                    for source, result in zip(sources, results)]
-        return [self.tokenizer.decode_target(result.tokens) for result in results]
-
