@@ -1,5 +1,6 @@
 """Readers of installed corpora (skipped when the Debian packages are absent) and BLEU."""
 import os
+import warnings
 
 import pytest
 
@@ -55,11 +56,40 @@ def test_translation_bpe_and_batches(translation_task):
     pairs = task.examples("valid")[:32]
     roundtrip = sum(task.decode_tgt(tgt_ids[i]) == pairs[i][1] for i in range(32))
     assert roundtrip >= 30  # BPE can only lose characters it never saw in training
-    # a second task with the same tokenizer_dir reuses the saved vocabularies
+    # a second task with the same tokenizer_dir and options reuses the saved vocabularies
     from attncore.data.bpe import BPEVocab
     assert os.path.exists(os.path.join(task.tokenizer_dir, "tgt_tokenizer.json"))
-    again = get_task("translation", seed=0, vocab_size=100, tokenizer_dir=task.tokenizer_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = get_task("translation", seed=0, vocab_size=2000, tokenizer_dir=task.tokenizer_dir)
     assert again.tgt_vocab == task.tgt_vocab and isinstance(again.tgt_vocab, BPEVocab)
+
+
+def test_a_tokenizer_cache_of_other_pairs_or_options_is_learnt_again(tmp_path):
+    # scripts/train_translation.sh keeps one tokenizer_dir: run again with direction=en-de, the
+    # English sources were read with the German vocabulary (sizes matched: nothing noticed)
+    if not os.path.exists(DING_PATH):
+        pytest.skip("apt-get install -y trans-de-en")
+    pytest.importorskip("tokenizers")
+    small = dict(seed=0, num_train=1500, vocab_size=300)
+    de_en = get_task("translation", **small, tokenizer_dir=tmp_path)
+    with pytest.warns(UserWarning, match="learnt from other training pairs or options"):
+        en_de = get_task("translation", **small, direction="en-de", tokenizer_dir=tmp_path)
+    fresh = get_task("translation", **small, direction="en-de")
+    assert en_de.src_vocab == fresh.src_vocab and en_de.tgt_vocab == fresh.tgt_vocab
+    assert en_de.src_vocab != de_en.src_vocab
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # (the cache now holds en-de's: reused as they are)
+        assert get_task("translation", **small, direction="en-de",
+                        tokenizer_dir=tmp_path).src_vocab == fresh.src_vocab
+    with pytest.warns(UserWarning):
+        resized = get_task("translation", **{**small, "vocab_size": 200}, direction="en-de",
+                           tokenizer_dir=tmp_path)
+    assert len(resized.src_vocab) == 200
+    # a cache written before its source was recorded is learnt again
+    os.remove(tmp_path / "vocabulary_source.json")
+    with pytest.warns(UserWarning):
+        get_task("translation", **small, tokenizer_dir=tmp_path)
 
 
 def test_translation_vocabularies_clean_raw_text_as_the_task_cleaned_its_data(translation_task):

@@ -15,8 +15,11 @@ vocabulary per language is learnt on the training split only.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
+import warnings
 
 import numpy as np
 
@@ -100,6 +103,47 @@ def tokenizer_normalizer(lowercase: bool):
     return text_normalizer(lowercase, _REPLACEMENTS)
 
 
+_VOCABULARY_FILES = ("src_tokenizer.json", "tgt_tokenizer.json")
+_VOCABULARY_SOURCE = "vocabulary_source.json"
+
+
+def _vocabulary_source(train, vocab_size, min_frequency, lowercase) -> dict:
+    """What a task's BPE vocabularies are learnt from: its options and a digest of its
+    training pairs (another direction, seed, split or data file gives other pairs)."""
+    digest = hashlib.sha256()
+    for src, tgt in train:
+        digest.update(json.dumps([src, tgt]).encode())
+    return {"vocab_size": int(vocab_size), "min_frequency": int(min_frequency),
+            "lowercase": bool(lowercase), "train_sha256": digest.hexdigest()}
+
+
+def _cached_vocabularies(directory) -> dict | None:
+    """The ``vocabulary_source.json`` of a tokenizer cache holding both vocabularies, or None
+    (a cache written before it existed is learnt again: its source is unknown)."""
+    if not all(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES):
+        return None
+    try:
+        with open(os.path.join(directory, _VOCABULARY_SOURCE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_vocabularies(directory, vocabularies, source: dict) -> None:
+    replaced = any(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES)
+    if replaced:
+        # (a fixed cache directory reused with direction=en-de trained English sources on the
+        # German vocabulary, silently: the sizes still matched)
+        warnings.warn(f"tokenizer_dir {os.fspath(directory)!r} held vocabularies learnt from "
+                      f"other training pairs or options: they are learnt again and replaced",
+                      stacklevel=4)
+    os.makedirs(directory, exist_ok=True)
+    for vocabulary, name in zip(vocabularies, _VOCABULARY_FILES):
+        vocabulary.save(os.path.join(directory, name))
+    with open(os.path.join(directory, _VOCABULARY_SOURCE), "w", encoding="utf-8") as f:
+        json.dump(source, f, indent=1, sort_keys=True)
+
+
 class TranslationTask(Seq2SeqTask):
     """German -> English (or English -> German) sentence translation with BPE subwords.
 
@@ -121,8 +165,11 @@ class TranslationTask(Seq2SeqTask):
     vocab_size : int
         BPE vocabulary size per language.
     tokenizer_dir : str, optional
-        If it holds ``src_tokenizer.json`` and ``tgt_tokenizer.json`` they are loaded;
-        otherwise the vocabularies are learnt and written there.
+        A cache of the learnt vocabularies: ``src_tokenizer.json`` and
+        ``tgt_tokenizer.json`` are loaded from it when its ``vocabulary_source.json`` says
+        they were learnt from this task's training pairs (direction, split and cleaning
+        included) with these BPE options; otherwise they are learnt and written there (with
+        a warning where they replace others).
 
     Attributes
     ----------
@@ -149,22 +196,18 @@ class TranslationTask(Seq2SeqTask):
         if direction == "en-de":
             self._split_pairs = {k: [(e, d) for d, e in v] for k, v in self._split_pairs.items()}
 
-        src_file = tgt_file = None
-        if tokenizer_dir is not None:
-            src_file = os.path.join(tokenizer_dir, "src_tokenizer.json")
-            tgt_file = os.path.join(tokenizer_dir, "tgt_tokenizer.json")
-        if src_file and os.path.exists(src_file) and os.path.exists(tgt_file):
-            self.src_vocab, self.tgt_vocab = BPEVocab.load(src_file), BPEVocab.load(tgt_file)
+        train = self._split_pairs["train"]
+        bpe = dict(vocab_size=vocab_size, min_frequency=min_frequency,
+                   normalizer=tokenizer_normalizer(lowercase))
+        learnt_from = _vocabulary_source(train, vocab_size, min_frequency, lowercase)
+        if tokenizer_dir is not None and _cached_vocabularies(tokenizer_dir) == learnt_from:
+            self.src_vocab, self.tgt_vocab = (BPEVocab.load(os.path.join(tokenizer_dir, name))
+                                              for name in _VOCABULARY_FILES)
         else:
-            train = self._split_pairs["train"]
-            bpe = dict(vocab_size=vocab_size, min_frequency=min_frequency,
-                       normalizer=tokenizer_normalizer(lowercase))
             self.src_vocab = BPEVocab.train((s for s, _ in train), **bpe)
             self.tgt_vocab = BPEVocab.train((t for _, t in train), **bpe)
             if tokenizer_dir is not None:
-                os.makedirs(tokenizer_dir, exist_ok=True)
-                self.src_vocab.save(src_file)
-                self.tgt_vocab.save(tgt_file)
+                _cache_vocabularies(tokenizer_dir, (self.src_vocab, self.tgt_vocab), learnt_from)
 
     @staticmethod
     def _clean_pairs(pairs, lowercase, max_words):
