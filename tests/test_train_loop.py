@@ -224,6 +224,31 @@ def test_cli_refuses_meaningless_training_numbers(tmp_path, capsys, option, valu
     assert err.startswith("attncore train: error: ")
 
 
+@pytest.mark.parametrize("option, value, error, fragment", [
+    ("steps", 0, ValueError, "steps must be a finite number >= 1, got 0"),   # exported untrained
+    ("steps", -5, ValueError, "steps must be a finite number >= 1"),
+    ("steps", 2.5, TypeError, "steps must be an int, got float"),
+    ("lr", 0, ValueError, "lr must be a finite number > 0.0, got 0"),        # never moved
+    ("lr", -1, ValueError, "lr must be a finite number > 0.0"),   # (it blamed min_lr)
+    ("lr", float("nan"), ValueError, "lr must be a finite number > 0.0"),
+    ("label_smoothing", 1.5, ValueError, "label_smoothing must be a finite number >= 0.0 and "
+                                         "< 1.0, got 1.5"),
+    ("weight_decay", -1.0, ValueError, "weight_decay must be a finite number >= 0.0"),
+    ("clip_norm", -1, ValueError, "clip_norm must be a finite number >= 0.0"),
+    ("batch_size", True, TypeError, "batch_size must be an int, got bool"),
+    ("warmup_steps", "10", TypeError, "warmup_steps must be an int, got str"),
+])
+def test_train_refuses_what_the_command_line_refuses(tmp_path, option, value, error, fragment):
+    # the command line's bounds held for `attncore train` only: the Python API trained with
+    # them and exported a model
+    options = dict(steps=1, batch_size=2, progress=False, embed_dim=8, hidden_size=8,
+                   task_options={"num_train": 20})
+    options[option] = value
+    with pytest.raises(error, match=re.escape(fragment)):
+        train("copy", "seq2seq-bahdanau", tmp_path / "m", **options)
+    assert not (tmp_path / "m" / "config.json").exists()
+
+
 def test_cli_task_option_without_a_value_is_a_one_line_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path / "m"),

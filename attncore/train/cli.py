@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import List, Optional
@@ -26,19 +25,28 @@ def _bool(text: str) -> bool:
 
 
 def _number(kind, minimum, *, above=False, below=None):
-    """An argparse type: a finite ``kind`` >= minimum (> with ``above``), < ``below`` if given."""
+    """An argparse type: a finite ``kind`` >= minimum (> with ``above``), < ``below`` if given
+    (the bounds of ``loop.TRAINING_NUMBERS``, which ``train`` checks again)."""
+    from .loop import in_bounds, number_bounds
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (above and value == minimum) or \
-                (below is not None and value >= below):
-            wanted = (f"> {minimum}" if above else f">= {minimum}") + \
-                (f" and < {below}" if below is not None else "")
-            raise argparse.ArgumentTypeError(f"expected a finite number {wanted}, got {text!r}")
+        if not in_bounds(value, minimum, above, below):
+            raise argparse.ArgumentTypeError(f"expected a finite number "
+                                             f"{number_bounds(minimum, above, below)}, got "
+                                             f"{text!r}")
         return value
     return parse
+
+
+def _training_number(name: str):
+    """The argparse type of :func:`attncore.train.train`'s numeric option ``name``."""
+    from .loop import TRAINING_NUMBERS
+    kind, minimum, above, below = TRAINING_NUMBERS[name]
+    return _number(kind, minimum, above=above, below=below)
 
 
 def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
@@ -55,19 +63,19 @@ def build_parser(prog: str = "attncore train") -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=sorted(ARCHITECTURES))
     parser.add_argument("--out", required=True, help="output model directory")
     training = parser.add_argument_group("training")
-    training.add_argument("--steps", type=_number(int, 1), default=1000)
-    training.add_argument("--batch-size", type=_number(int, 1), default=32)
-    training.add_argument("--lr", type=_number(float, 0.0, above=True), default=1e-3)
-    training.add_argument("--seed", type=_number(int, 0), default=0)
+    training.add_argument("--steps", type=_training_number("steps"), default=1000)
+    training.add_argument("--batch-size", type=_training_number("batch_size"), default=32)
+    training.add_argument("--lr", type=_training_number("lr"), default=1e-3)
+    training.add_argument("--seed", type=_training_number("seed"), default=0)
     training.add_argument("--schedule", choices=SCHEDULES, default="inverse_sqrt")
-    training.add_argument("--warmup-steps", type=_number(int, 0), default=100)
-    training.add_argument("--min-lr", type=_number(float, 0.0), default=0.0)
-    training.add_argument("--weight-decay", type=_number(float, 0.0), default=0.0, help="> 0 selects AdamW")
-    training.add_argument("--clip-norm", type=_number(float, 0.0), default=1.0, help="global gradient-norm limit (0: off)")
-    training.add_argument("--label-smoothing", type=_number(float, 0.0, below=1.0), default=0.0)
-    training.add_argument("--eval-every", type=_number(int, 0), default=0)
-    training.add_argument("--eval-batches", type=_number(int, 1), default=4)
-    training.add_argument("--checkpoint-every", type=_number(int, 0), default=0)
+    training.add_argument("--warmup-steps", type=_training_number("warmup_steps"), default=100)
+    training.add_argument("--min-lr", type=_training_number("min_lr"), default=0.0)
+    training.add_argument("--weight-decay", type=_training_number("weight_decay"), default=0.0, help="> 0 selects AdamW")
+    training.add_argument("--clip-norm", type=_training_number("clip_norm"), default=1.0, help="global gradient-norm limit (0: off)")
+    training.add_argument("--label-smoothing", type=_training_number("label_smoothing"), default=0.0)
+    training.add_argument("--eval-every", type=_training_number("eval_every"), default=0)
+    training.add_argument("--eval-batches", type=_training_number("eval_batches"), default=4)
+    training.add_argument("--checkpoint-every", type=_training_number("checkpoint_every"), default=0)
     training.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     training.add_argument("--overwrite", action="store_true",
                           help="start from step 0 even when OUT/checkpoint holds a checkpoint")

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -558,6 +558,45 @@ def build_model(arch: str, src_vocab_size: int, tgt_vocab_size: int, seed: int =
     return Transformer(config, seed=seed)
 
 
+#: The numeric options of :func:`train`: (type, minimum, strictly above it, upper bound
+#: (exclusive) or None). ``attncore train``'s option types are built from the same table.
+TRAINING_NUMBERS = {
+    "steps": (int, 1, False, None), "batch_size": (int, 1, False, None),
+    "lr": (float, 0.0, True, None), "seed": (int, 0, False, None),
+    "warmup_steps": (int, 0, False, None), "min_lr": (float, 0.0, False, None),
+    "weight_decay": (float, 0.0, False, None), "clip_norm": (float, 0.0, False, None),
+    "label_smoothing": (float, 0.0, False, 1.0), "eval_every": (int, 0, False, None),
+    "eval_batches": (int, 1, False, None), "checkpoint_every": (int, 0, False, None),
+}
+
+
+def number_bounds(minimum, above: bool, below) -> str:
+    """The wording of a bound of :data:`TRAINING_NUMBERS`: ``>= 1``, ``> 0.0 and < 1.0``."""
+    return (f"> {minimum}" if above else f">= {minimum}") + \
+        (f" and < {below}" if below is not None else "")
+
+
+def in_bounds(value, minimum, above: bool, below) -> bool:
+    return math.isfinite(value) and value >= minimum and not (above and value == minimum) \
+        and (below is None or value < below)
+
+
+def _check_training_numbers(values: Mapping[str, object]) -> None:
+    """TypeError / ValueError naming the first of :func:`train`'s numeric options outside
+    :data:`TRAINING_NUMBERS` (the command line refused them, the Python API trained with
+    them: steps=0 exported an untrained model, lr=0 never moved, label_smoothing=1.5)."""
+    import numbers
+    for name, (kind, minimum, above, below) in TRAINING_NUMBERS.items():
+        value = values[name]
+        wanted = numbers.Integral if kind is int else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'}, got "
+                            f"{type(value).__name__}")
+        if not in_bounds(value, minimum, above, below):
+            raise ValueError(f"{name} must be a finite number "
+                             f"{number_bounds(minimum, above, below)}, got {value!r}")
+
+
 def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
           seed: int = 0, schedule: str = "inverse_sqrt", warmup_steps: int = 100, min_lr: float = 0.0,
           weight_decay: float = 0.0, clip_norm: float = 1.0, label_smoothing: float = 0.0,
@@ -591,6 +630,11 @@ def train(task, arch: str, out_dir, *, steps: int = 1000, batch_size: int = 32, 
     -------
     (model, TrainResult)
     """
+    _check_training_numbers(dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=warmup_steps,
+        min_lr=min_lr, weight_decay=weight_decay, clip_norm=clip_norm,
+        label_smoothing=label_smoothing, eval_every=eval_every, eval_batches=eval_batches,
+        checkpoint_every=checkpoint_every))
     if resume and overwrite:   # (resume won silently: the old checkpoint went on)
         raise ValueError("resume and overwrite contradict each other: resume continues the "
                          "checkpoint, overwrite starts from step 0")
