@@ -668,6 +668,43 @@ def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_pa
     assert "another task" not in err
 
 
+def test_evaluate_on_the_other_kind_of_task_names_the_mismatch(tmp_path, monkeypatch, capsys):
+    # a sequence-to-sequence model on a classification task was "nothing evaluate can score
+    # ... (evaluate scores classifiers and sequence-to-sequence models)": it is one
+    from attncore.data.task import ClassificationTask
+    from attncore.train import evaluate
+
+    class Reviews(ClassificationTask):
+        name = "reviews"
+
+        def __init__(self):
+            super().__init__()
+            self.vocab = Vocab(list("abcdefgh"), level="char")
+            self.labels = ["neg", "pos"]
+
+        def _make_examples(self, split):
+            return [("abc", "neg"), ("fed", "pos")] * 4
+
+    train("copy", "seq2seq-bahdanau", tmp_path / "s2s", steps=1, batch_size=4, progress=False,
+          task_options=TOY, **SMALL_RNN)
+    train(Reviews(), "ran-classifier", tmp_path / "clf", steps=1, batch_size=4, progress=False,
+          **SMALL_RAN)
+    import attncore.data
+    real_get_task = attncore.data.get_task
+    for model, task, said in (("s2s", "reviews", "it is a sequence-to-sequence model, the task "
+                                                 "a classification task"),
+                              ("clf", "copy", "it is a classifier, the task a "
+                                              "sequence-to-sequence task")):
+        monkeypatch.setattr(attncore.data, "get_task", lambda name, seed=0, **options: (
+            Reviews() if name == "reviews" else real_get_task(name, seed=seed, **TOY)))
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main([str(tmp_path / model), "--task", task])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "does not fit task" in err and said in err, err
+        assert "nothing evaluate can score" not in err
+
+
 def test_a_refused_training_leaves_no_out_directory_and_resume_with_overwrite_is_refused(tmp_path):
     # the directory was made before the task and architecture were checked; --resume with
     # --overwrite resumed silently

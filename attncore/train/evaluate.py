@@ -195,7 +195,7 @@ def exact_match(model, task, split: str = "test", n: Optional[int] = None, batch
 
 #: _misfit's reasons that are the model's kind (a language model): no task would fit it
 _NO_CLASSIFIER = "it has no classifier (num_classes = 0)"
-_NO_DECODER = "it does not decode sequences (a classifier or a language model)"
+_NO_DECODER = "it does not decode sequences (a language model or an encoder)"
 _UNSCORABLE = (_NO_CLASSIFIER, _NO_DECODER)
 
 
@@ -204,15 +204,21 @@ def _misfit(model, task) -> Optional[str]:
     it needs, and vocabularies and classes of the sizes the model was built for."""
     config = model.config
     classification = is_classification(task)
+    classifier = bool(getattr(config, "num_classes", 0))
+    decoder = callable(getattr(model, "greedy_decode", None)) and not classifier and \
+        getattr(config, "kind", None) != "encoder_only"
     if classification:
-        if not getattr(config, "num_classes", 0):   # (a ran-lm trained on the documents)
+        if decoder:   # (scorable, on another kind of task: it said nothing could be scored)
+            return "it is a sequence-to-sequence model, the task a classification task"
+        if not classifier:   # (a ran-lm trained on the documents)
             return _NO_CLASSIFIER
         if config.num_classes != len(task.labels):
             return f"it has {config.num_classes} classes, the task {len(task.labels)}"
         sizes = {"vocab_size": len(task.vocab), "src_vocab_size": len(task.vocab)}
     else:
-        if not callable(getattr(model, "greedy_decode", None)) or \
-                getattr(config, "kind", None) == "encoder_only" or getattr(config, "num_classes", 0):
+        if classifier:
+            return "it is a classifier, the task a sequence-to-sequence task"
+        if not decoder:
             return _NO_DECODER
         sizes = {"src_vocab_size": len(task.src_vocab), "tgt_vocab_size": len(task.tgt_vocab)}
     for key, size in sizes.items():
