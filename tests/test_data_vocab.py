@@ -92,6 +92,24 @@ def test_bpe_round_trip(tmp_path):
         assert loaded.encode("a dog and a cat.") == v.encode("a dog and a cat.")
 
 
+@pytest.mark.parametrize("bad", ["negative", "size", "huge"])
+def test_both_vocabularies_refuse_ids_outside_them_alike(bad):
+    # BPEVocab.decode dropped an unknown id silently and id_to_token(-1) raised OverflowError
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    texts = ["the cat sat on the mat.", "the dog sat on the log!", "a cat and a dog?"] * 20
+    bpe = BPEVocab.train(texts, vocab_size=120, min_frequency=2)
+    chars = Vocab(list("abcdefghijklmnopqrstuvwxyz"), level="char")
+    for vocab in (bpe, chars):
+        size = len(vocab)
+        wrong = {"negative": -1, "size": size, "huge": 2 ** 40}[bad]
+        with pytest.raises(IndexError, match=rf"token id {wrong} outside \[0, {size}\)"):
+            vocab.id_to_token(wrong)
+        with pytest.raises(IndexError, match=rf"token id {wrong} outside \[0, {size}\)"):
+            vocab.decode([5, wrong])
+        assert vocab.decode([5, vocab.eos, wrong]) == vocab.decode([5])   # (past the end)
+
+
 def test_strict_encoding_names_the_characters_a_bpe_vocabulary_does_not_know():
     # BPE spells an unknown character "<unk>", which the strict check skipped as a literal
     # "<unk>": a line with a character outside the vocabulary then ran with <unk> ids

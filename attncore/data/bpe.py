@@ -112,10 +112,11 @@ class BPEVocab:
         return self.unk if i is None else i
 
     def id_to_token(self, index: int) -> str:
-        tok = self.tokenizer.id_to_token(int(index))
-        if tok is None:
+        """Token string of ``index``; raises IndexError outside ``[0, len)``, as
+        :meth:`Vocab.id_to_token` (tokenizers raised OverflowError for -1 and 2**40)."""
+        if not 0 <= int(index) < len(self):
             raise IndexError(f"token id {index} outside [0, {len(self)})")
-        return tok
+        return self.tokenizer.id_to_token(int(index))
 
     def _encoding(self, text: str):
         # (the file's own normalizer decides: NFC is in text_normalizer's, and a vocabulary
@@ -145,12 +146,18 @@ class BPEVocab:
         return ([self.bos] if add_bos else []) + ids + ([self.eos] if add_eos else [])
 
     def decode(self, ids: Iterable[int], *, strip_special: bool = True) -> str:
-        """Text of ``ids``; by default stops at the first ``eos`` and drops ``pad``/``bos``."""
+        """Text of ``ids``; by default stops at the first ``eos`` and drops ``pad``/``bos``.
+        An id outside ``[0, len)`` raises IndexError, as :meth:`Vocab.decode` (tokenizers
+        dropped it silently)."""
         ids = [int(i) for i in ids]
         if strip_special:
             if self.eos in ids:
                 ids = ids[:ids.index(self.eos)]
             ids = [i for i in ids if i not in (self.pad, self.bos)]
+        size = len(self)
+        for i in ids:
+            if not 0 <= i < size:
+                raise IndexError(f"token id {i} outside [0, {size})")
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def to_json(self) -> str:
