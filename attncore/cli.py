@@ -402,8 +402,11 @@ class _LazyOutput:
             raise UserError("--output is an empty path")
         target = os.path.realpath(path)
         parent = os.path.dirname(target)
-        if path.endswith(os.sep) or os.path.isdir(target):
+        if os.path.isdir(target):
             raise UserError(f"cannot write output {path!r}: it is a directory")
+        if path.endswith(os.sep):   # (a directory that does not exist: "it is a directory")
+            raise UserError(f"cannot write output {path!r}: a file name may not end with "
+                            f"{os.sep!r}")
         if not os.path.isdir(parent):
             raise UserError(f"cannot write output {path!r}: No such file or directory")
         if not (os.access(target, os.W_OK) if os.path.exists(target)

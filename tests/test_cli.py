@@ -197,6 +197,12 @@ def test_an_existing_output_is_kept_when_the_first_line_fails(tmp_path):
 def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     assert_user_error(attncore_cli(["translate", "--output", "no/such/dir.txt"], tmp_path,
                                    stdin="3 March 1998\n"), "cannot write output")
+    # (a directory path that does not exist was "it is a directory")
+    (tmp_path / "here").mkdir()
+    for path, said in (("newdir/", "a file name may not end with '/'"),
+                       ("here", "it is a directory"), ("here/", "it is a directory")):
+        proc = attncore_cli(["translate", "--output", path], tmp_path, stdin="3 March 1998\n")
+        assert_user_error(proc, f"cannot write output {path!r}: {said}")
 
 
 @pytest.mark.parametrize("args, fragment", [
