@@ -17,7 +17,6 @@ Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
 """
-import resource
 import subprocess
 import sys
 import os

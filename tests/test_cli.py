@@ -587,7 +587,6 @@ def test_classify_and_encode_an_encoder_only_model(tmp_path, encoder_model):
 def test_outputs_that_are_not_finite_are_the_error_of_their_line(tmp_path, encoder_model):
     # a model whose embedding overflows on 'f' (3e38): encode said "cannot write nan as JSON"
     # without a line, and classify printed class 0 for the NaN scores (argmax of NaN), exit 0
-    from attncore import models
     path, model = encoder_model
     weights = dict(model.weights)
     table = weights["src_embedding.weight"].copy()

@@ -95,9 +95,7 @@ def check_size(value, name, minimum=0, maximum=1 << 31):
     return int(value)
 
 
-def check_positive_float(value, name, allow_none=False):
-    if value is None and allow_none:
-        return None
+def check_positive_float(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)

@@ -25,11 +25,10 @@ is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import numpy as np
 

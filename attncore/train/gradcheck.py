@@ -9,16 +9,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .autograd import Tensor, no_grad, sum as tensor_sum
+from .autograd import Tensor, no_grad
 
 __all__ = ["gradcheck", "gradcheck_module", "numerical_gradient"]
-
-
-def _objective(fn: Callable, tensors: Sequence[Tensor], projection: np.ndarray | None):
-    out = fn(*tensors)
-    if projection is None:
-        return out, tensor_sum(out * np.ones(out.shape))
-    return out, tensor_sum(out * projection)
 
 
 def numerical_gradient(fn: Callable, arrays: Sequence[np.ndarray], index: int,

@@ -33,8 +33,8 @@ Weight names and shapes (torch ``nn.Linear`` / ``nn.GRU`` / ``nn.LSTM`` layouts,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 
