@@ -430,6 +430,11 @@ def _pack_split_projections(gathered: _Gathered) -> None:
             gathered.problems.append(
                 f"cannot pack {[origin[p] for p in parts]} into in_proj_weight: shapes "
                 f"{[list(a.shape) for a in arrays]} differ or are not 2-D")
+            # one cause, one problem (the packed weight was also reported missing and each
+            # part unexpected, with advice to ignore them that would lose the projection)
+            gathered.missing_named.add(base + "in_proj_weight")
+            for part in parts:
+                del weights[part], origin[part]
             continue
         weights[base + "in_proj_weight"] = np.concatenate(arrays, axis=0)
         origin[base + "in_proj_weight"] = " + ".join(origin[p] for p in parts)

@@ -416,6 +416,38 @@ def test_classify_and_encode_jobs_format():
         batch.EncodeJob(pool="max")
 
 
+@pytest.mark.parametrize("architecture", ["transformer", "ran"])
+def test_encode_pool_first_writes_each_lines_first_encoder_output(architecture):
+    # `attncore encode --pool first` on a real model: line i's model.encode(...)[i][0]
+    import json
+
+    from attncore import models
+    if architecture == "ran":
+        from attncore.train.ran import RANConfig
+        config = RANConfig(vocab_size=30, embedding_size=8, ran_layers=1, head_num=2,
+                           head_size=4, window_size=4, min_window_size=2, num_classes=2).to_dict()
+    else:
+        from attncore.train.transformer import TransformerConfig
+        config = TransformerConfig(kind="encoder_only", src_vocab_size=30, tgt_vocab_size=0,
+                                   d_model=8, num_heads=2, dim_feedforward=12,
+                                   num_encoder_layers=1, num_decoder_layers=0,
+                                   num_classes=2).to_dict()
+    model = models.from_config(config, seed=1)
+    frontend = batch.Frontend.from_model(model)
+    job = batch.EncodeJob(pool="first", ids=True)
+    job.check_model(model)
+    items = [job.parse(n, text, frontend) for n, text in enumerate(["4 5 6 7", "9", "8 4"], 1)]
+    lines = [job.format_item(item, result, frontend)
+             for item, result in zip(items, job.run_items(model, items))]
+    encoded = model.encode([item.source for item in items])
+    sequences = encoded[0].sequence if architecture == "ran" else encoded
+    for line, sequence in zip(lines, sequences):
+        np.testing.assert_array_equal(np.asarray(json.loads(line), dtype=np.float32),
+                                      np.asarray(sequence, dtype=np.float32)[0])
+    mean = batch.EncodeJob(pool="mean", ids=True).run_items(model, items)
+    assert np.abs(np.asarray(json.loads(lines[0])) - mean[0]).max() > 1e-3   # (not the mean)
+
+
 def test_json_array_round_trips_float32():
     values = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     import json

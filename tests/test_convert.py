@@ -3,6 +3,7 @@
 running the trainer model loaded from the written directory against torch on the same inputs.
 (The rannet converter is tested in test_convert_rannet.py, which needs no torch.)"""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -231,6 +232,57 @@ def test_split_qkv_is_packed(tmp_path):
     assert_seq2seq_matches(model, out)
 
 
+def split_projections(state):
+    """``state`` with every ``in_proj_weight`` as separate q/k/v_proj_weight tensors."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith("in_proj_weight")]:
+        base = key[: -len("in_proj_weight")]
+        state.update(zip((base + p + "_proj_weight" for p in "qkv"), np.split(state.pop(key), 3)))
+    return state
+
+
+def test_split_qkv_converts_to_the_same_directory_as_fused(tmp_path):
+    state = numpy_state(randomise(TorchSeq2Seq(norm_first=True, activation="relu", learned=True)))
+    options = dict(names=seq2seq_names(True), prefix="transformer", num_heads=HEADS,
+                   scale_embedding=True, norm_first=True)
+    fused = io.load_model_dir(from_pytorch_transformer(state, tmp_path / "fused", **options))
+    split = io.load_model_dir(from_pytorch_transformer(split_projections(state), tmp_path / "split",
+                                                       **options))
+    assert split[0] == fused[0] and split[1].keys() == fused[1].keys()
+    for name, array in fused[1].items():
+        np.testing.assert_array_equal(split[1][name], array, err_msg=name)
+
+
+def test_split_qkv_of_different_shapes_are_named(tmp_path, torch_state):
+    state = split_projections(torch_state)
+    base = "transformer.decoder.layers.1.multihead_attn."
+    state[base + "k_proj_weight"] = state[base + "k_proj_weight"][:, :12]
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot pack {[base + p + '_proj_weight' for p in 'qkv']} into in_proj_weight: "
+            f"shapes [[16, 16], [16, 12], [16, 16]] differ")):
+        convert(state, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    # of one shape but not (d, d): the packed tensor is the one named, with its sources
+    state = split_projections(torch_state)
+    base = "transformer.encoder.layers.0.self_attn."
+    for p in "qkv":
+        state[base + p + "_proj_weight"] = np.zeros((D, D + 1), np.float32)
+    with pytest.raises(ValueError, match=r"\(1 problems\):\n  tensor '" + re.escape(
+            " + ".join(base + p + "_proj_weight" for p in "qkv")) + r"' has shape \[48, 17\], "
+            r"expected \[48, 16\]"):
+        convert(state, tmp_path / "m")
+
+
+def test_split_qkv_of_different_shapes_are_one_problem(tmp_path, torch_state):
+    # (they were also 3 "unexpected" tensors, with advice to ignore them, and a missing
+    # in_proj_weight: 4 more problems for the one cause)
+    state = split_projections(torch_state)
+    key = "transformer.decoder.layers.1.multihead_attn.k_proj_weight"
+    state[key] = state[key][:, :12]
+    with pytest.raises(ValueError, match=r"\(1 problems\):\n  cannot pack "):
+        convert(state, tmp_path / "m")
+
+
 def test_tied_output(tmp_path):
     model = randomise(TorchSeq2Seq(norm_first=True, activation="relu", learned=True))
     model.generator.weight = model.tgt_tok.weight  # tie as torch projects do
@@ -250,6 +302,21 @@ def test_torch_tensors_and_float64(tmp_path):
     _, weights = io.load_model_dir(out)
     assert weights["src_embedding.weight"].dtype == np.float64
     assert_seq2seq_matches(model, out)
+
+
+def test_bfloat16_torch_tensors(tmp_path):
+    # NumPy has no bfloat16: the tensors go through float32, every value kept exactly
+    model = randomise(TorchSeq2Seq(norm_first=False, activation="relu", learned=True))
+    state = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    out = from_pytorch_transformer(state, tmp_path / "m", names=seq2seq_names(True),
+                                   prefix="transformer", num_heads=HEADS, scale_embedding=True)
+    _, weights = io.load_model_dir(out)
+    assert weights["src_embedding.weight"].dtype == np.float32
+    for name, key in (("src_embedding.weight", "src_tok.weight"),
+                      ("encoder.layers.1.self_attn.in_proj_weight",
+                       "transformer.encoder.layers.1.self_attn.in_proj_weight")):
+        np.testing.assert_array_equal(weights[name], state[key].float().numpy())
+    assert_seq2seq_matches(model.to(torch.bfloat16).float(), out)
 
 
 def test_decoder_only_stack(tmp_path):
@@ -388,6 +455,25 @@ def test_unknown_tensor(tmp_path, torch_state):
     assert "unexpected tensor 'extra.weight'" in str(error.value)
     # ... unless ignored
     convert(state, tmp_path / "m", ignore=["extra.*", "*.bias_k"])
+
+
+def test_ignore_may_be_one_string(tmp_path, torch_state):
+    # one pattern, not its characters (whose "*" would leave out every tensor)
+    state = dict(torch_state, **{"extra.weight": np.zeros(3, np.float32)})
+    for ignore in ("extra.*", "extra.weight"):
+        out = convert(state, tmp_path / ignore, ignore=ignore)
+        np.testing.assert_array_equal(io.load_model_dir(out)[1]["src_embedding.weight"],
+                                      torch_state["src_tok.weight"])
+
+
+def test_a_final_norm_in_one_stack_only_is_named(tmp_path, torch_state):
+    for present, absent in (("encoder", "decoder"), ("decoder", "encoder")):
+        state = {k: v for k, v in torch_state.items()
+                 if not k.startswith(f"transformer.{absent}.norm.")}
+        with pytest.raises(ValueError, match=r"the encoder and decoder must both have a final "
+                                             rf"norm or neither; found only {present}.norm"):
+            convert(state, tmp_path / "m")
+        assert not (tmp_path / "m").exists()
 
 
 def test_every_problem_in_one_error(tmp_path, torch_state):

@@ -177,3 +177,17 @@ def test_kjv_book_split_holds_out_books():
     books = {s: {c.book for c in task.chapters if task.split_of_chapter[c.osis_id] == s}
              for s in ("train", "test")}
     assert books["test"] and not books["test"] & books["train"]
+
+
+@needs_kjv
+def test_kjv_bpe_level():
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    task = get_task("kjv", seed=0, level="bpe", vocab_size=400, max_len=64)
+    assert isinstance(task.vocab, BPEVocab) and len(task.vocab) == 400
+    text, label = task.examples("test")[0]
+    ids = task.encode(text)
+    assert len(ids) == 64 and min(ids) > 3   # cut to max_len; no special or unknown ids
+    assert text.startswith(task.vocab.decode(ids)) and len(task.vocab.decode(ids)) > 64
+    ids, lengths, labels = next(task.batches("test", 4))
+    assert ids.shape == (4, 64) and (lengths == 64).all() and set(labels) <= {0, 1}

@@ -664,6 +664,47 @@ def test_unreadable_vocabulary_files_are_named(tmp_path, text, detail):
     assert detail in str(error.value)
 
 
+def _saved_and_loaded(tmp_path, tokenizer, vocab_size):
+    """A random seq2seq model with ``tokenizer``, and the model saved and loaded again."""
+    config = Seq2SeqConfig(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, embed_dim=6,
+                           hidden_size=8).to_dict()
+    model = models.from_config(config, seed=2, tokenizer=tokenizer)
+    return model, models.load(model.save(tmp_path / "m"))
+
+
+def test_a_saved_tokenizers_source_cut_reads_back(tmp_path):
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    vocab = Vocab("abcdef", level="char")
+    model, loaded = _saved_and_loaded(tmp_path, Tokenizer(vocab, vocab, max_source_tokens=3), 13)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tokenizer"][
+        "max_source_tokens"] == 3
+    assert loaded.tokenizer.max_source_tokens == 3
+    assert loaded.tokenizer.encode_source("abcdef").tolist() == [4, 5, 6, 2]   # cut, then <eos>
+    assert loaded.tokenizer.config() == model.tokenizer.config()
+    texts = ["abcdef", "abcfed", "fa"]   # (the first two read alike once cut)
+    assert loaded.translate(texts, max_length=5) == model.translate(texts, max_length=5)
+    assert loaded.translate(texts[:1], max_length=5) == loaded.translate(texts[1:2], max_length=5)
+
+
+def test_a_saved_bpe_tokenizer_reads_back(tmp_path):
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    from attncore.tokenizer import Tokenizer
+    vocab = BPEVocab.train(["in the beginning god created the heaven and the earth.",
+                            "and the earth was without form, and void."] * 5, vocab_size=60)
+    model, loaded = _saved_and_loaded(tmp_path, Tokenizer(vocab, vocab), len(vocab))
+    assert isinstance(loaded.tokenizer.src, BPEVocab) and loaded.tokenizer.src == vocab
+    for text in ("and the earth", "the heaven was void", "unseen words, too"):
+        ids = model.tokenizer.encode_source(text)
+        assert loaded.tokenizer.encode_source(text).tolist() == ids.tolist()
+        assert loaded.tokenizer.decode_target(ids.tolist()) == \
+            model.tokenizer.decode_target(ids.tolist())
+    assert loaded.tokenizer.decode_target(vocab.encode("and the earth")) == "and the earth"
+    assert loaded.translate(["and the earth"], max_length=6) == \
+        model.translate(["and the earth"], max_length=6)
+
+
 @pytest.mark.parametrize("attention", ["bahdanau", "luong_dot", "luong_general", "luong_concat"])
 def test_a_step_alone_is_bit_identical_to_the_step_in_a_batch(attention):
     # BLAS calls sized by the batch's padded source width round differently from calls sized

@@ -598,3 +598,30 @@ def test_saving_a_model_twice_gives_the_same_bytes(tmp_path):
     loaded = load(tmp_path / "7")
     for name, value in model.weights.items():
         np.testing.assert_array_equal(loaded.weights[name], value)
+
+
+# -- training checkpoints ------------------------------------------------------------------------
+
+def test_resuming_a_truncated_checkpoint_is_one_error_naming_it(tmp_path, capsys):
+    # a run killed while the disk filled, or a partial copy: one ValueError naming the file,
+    # which is left as it was (and the exported model too); `attncore train --resume`: one line
+    from attncore.train import train
+    from attncore.train.cli import main as train_main
+    options = dict(batch_size=8, checkpoint_every=1, progress=False, embed_dim=4, hidden_size=4,
+                   task_options={"num_train": 40})
+    train("copy", "seq2seq-bahdanau", tmp_path, steps=2, **options)
+    path = tmp_path / "checkpoint" / "checkpoint.safetensors"
+    data, exported = path.read_bytes(), (tmp_path / io.WEIGHTS_FILE).read_bytes()
+    for cut in (len(data) // 2, 5):   # (in the tensors; in the header's length)
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"^cannot read {re.escape(str(path))}: "):
+            train("copy", "seq2seq-bahdanau", tmp_path, steps=3, resume=True, **options)
+        assert path.read_bytes() == data[:cut]
+        assert (tmp_path / io.WEIGHTS_FILE).read_bytes() == exported
+    assert train_main(["copy", "--arch", "seq2seq-bahdanau", "--out", str(tmp_path), "--steps",
+                       "3", "--resume", "--batch-size", "8", "--checkpoint-every", "1",
+                       "--embed-dim", "4", "--hidden-size", "4", "--no-progress",
+                       "--task-option", "num_train=40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attncore train: error: cannot read {path}: ")
+    assert len(err.strip().splitlines()) == 1, err

@@ -350,3 +350,60 @@ def test_sigterm_stops_evaluate_with_one_line(trained, tmp_path):
                           timeout=300)
     assert (proc.returncode, proc.stdout.strip()) == (0, "143"), proc.stderr
     assert proc.stderr.splitlines() == ["python -m attncore.train.evaluate: stopped by SIGTERM"]
+
+
+# -- command-line paths: classifier --json, --errors, the dates task's --n ----------------------
+
+def test_cli_classifier_json_holds_its_accuracy(tmp_path, capsys):
+    from attncore.train.evaluate import classification_accuracy
+    from attncore.train.export import load_model
+    (tmp_path / "data.tsv").write_text("".join(f"{'pos' if i % 3 else 'neg'}\tword{i % 7} text\n"
+                                               for i in range(60)))
+    out = tmp_path / "m"
+    train("labelled", "transformer-classifier", out, steps=2, batch_size=8, progress=False,
+          task_options={"train": str(tmp_path / "data.tsv")}, d_model=8, num_heads=2,
+          dim_feedforward=8, num_encoder_layers=1)
+    assert evaluate_main([str(out), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    task = get_task("labelled", seed=0, train=str(tmp_path / "data.tsv"))
+    expected = classification_accuracy(load_model(out), task, "test")
+    assert result["task"] == "labelled" and result["split"] == "test"
+    assert expected["n_evaluated"] > 0
+    assert {k: result[k] for k in expected} == expected   # (accuracy, baseline, per class...)
+
+
+def test_cli_errors_lists_the_first_wrong_decodings(trained, capsys):
+    _, out = trained
+    from attncore.train.export import load_model
+    options = [f"--task-option={k}={v}" for k, v in TOY.items()]
+    task = get_task("copy", seed=0, **TOY)
+    _, _, details = exact_match(load_model(out), task, "test", return_details=True)
+    wrong = [d for d in details if d[1] != d[2]]
+    assert len(wrong) > 2, "the fixture's model must make errors for this test"
+    assert evaluate_main([str(out), "--task", "copy", "--errors", "2", *options]) == 0
+    captured = capsys.readouterr()
+    assert f"({len(wrong)} wrong)" in captured.out
+    assert captured.err.splitlines() == [f"  {s!r}: expected {t}, got {h}" for s, t, h in wrong[:2]]
+    assert evaluate_main([str(out), "--task", "copy", *options]) == 0   # (default: none)
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_n_sizes_the_dates_split_it_evaluates(capsys):
+    # --n N generates the dates split with num_<split>=N: the train split, which holds
+    # ambiguous inputs, gives fewer than N
+    from pathlib import Path
+
+    import attncore
+    from attncore.train.evaluate import ambiguity_check
+    dates = Path(attncore.__file__).parent / "assets" / "dates"   # (the bundled dates model)
+    task = get_task("dates", seed=0, num_train=30)
+    expected = sum(not ambiguity_check(task)(s) for s, _ in task.examples("train"))
+    assert expected < 30
+    for split, n, count in (("train", 30, expected), ("test", 7, 7)):
+        assert evaluate_main([str(dates), "--task", "dates", "--split", split, "--n", str(n),
+                              "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["split"], result["n_evaluated"]) == (split, count)
+        assert result["exact_match"] == 1.0   # (the bundled model reads these dates right)

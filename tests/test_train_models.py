@@ -308,3 +308,37 @@ def test_invalid_configs_raise():
         Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=5, hidden_size=5, bidirectional=True)
     with pytest.raises(ValueError, match="not divisible"):
         TransformerConfig(src_vocab_size=5, tgt_vocab_size=5, d_model=6, num_heads=4)
+
+
+# -- `attncore train` true/false model options -------------------------------------------------
+
+TINY_CLI = {"seq2seq": ["--embed-dim", "4", "--hidden-size", "4"],
+            "transformer": ["--d-model", "8", "--num-heads", "2", "--dim-feedforward", "8",
+                            "--num-encoder-layers", "1", "--num-decoder-layers", "1"],
+            "ran": ["--d-model", "8", "--num-heads", "2", "--head-size", "4", "--window-size", "4",
+                    "--min-window-size", "2", "--num-layers", "1"]}
+
+
+@pytest.mark.parametrize("arch, option, value, key, expected", [
+    ("seq2seq-bahdanau", "--bidirectional", "true", "bidirectional", True),
+    ("seq2seq-luong", "--input-feeding", "no", "input_feeding", False),   # (luong's default: on)
+    ("transformer-prenorm", "--norm-first", "OFF", "norm_first", False),
+    ("transformer", "--tie-embeddings", "1", "tie_embeddings", True),
+    ("ran-lm", "--memory-review", "False", "memory_review", False),
+])
+def test_train_cli_true_false_options_reach_the_config(tmp_path, capsys, arch, option, value, key,
+                                                       expected):
+    import json
+
+    from attncore.train.cli import main as train_main
+    args = ["copy", "--arch", arch, "--steps", "1", "--batch-size", "4", "--no-progress",
+            "--task-option", "num_train=16", *TINY_CLI[arch.split("-")[0]]]
+    assert train_main([*args, "--out", str(tmp_path / "m"), option, value]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())[key] is expected
+    assert json.loads(capsys.readouterr().out)["steps"] == 1
+    with pytest.raises(SystemExit) as info:
+        train_main([*args, "--out", str(tmp_path / "n"), option, "maybe"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"argument {option}: expected true/false, got 'maybe'" in err
+    assert not (tmp_path / "n").exists()
