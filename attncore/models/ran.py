@@ -58,7 +58,10 @@ Generation
 ----------
 A causal model with ``token_head="lm"`` implements the decoder protocol of ``docs/ENGINE.md``
 (``_start`` prefills the prompts, ``_step`` feeds one token per row through the state), so
-``RAN.generate`` offers greedy search, beam search and sampling.
+``RAN.generate`` offers greedy search, beam search and sampling. A token inside its window
+runs through the layers and the LM head as two compiled calls with the GIL released
+(:class:`attncore.kernels._ran.RANStep`); one that completes a window commits it through
+``encode``.
 """
 from __future__ import annotations
 
