@@ -631,12 +631,9 @@ def test_cli_classify_prints_the_label_names_of_a_trained_ran(tmp_path):
     assert all(line in ("no", "yes") for line in proc.stdout.split()) and len(proc.stdout.split()) == 2
 
 
-def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_path, monkeypatch,
-                                                                       capsys):
-    # its divergence limit came from the number of labels (100 ln 2) not the vocabulary, and
-    # the evaluate CLI sent it to class accuracy, which needs a classifier
+def _reviews_task():
+    """A small two-label classification task (character documents)."""
     from attncore.data.task import ClassificationTask
-    from attncore.train import evaluate, loop
 
     class Reviews(ClassificationTask):
         name = "reviews"
@@ -651,6 +648,15 @@ def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_pa
             return [("".join(rng.choice(list("abcdefgh"), 12)), ["neg", "pos"][i % 2])
                     for i in range(32)]
 
+    return Reviews
+
+
+def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_path, monkeypatch,
+                                                                       capsys):
+    # its divergence limit came from the number of labels (100 ln 2) not the vocabulary, and
+    # the evaluate CLI sent it to class accuracy, which needs a classifier
+    from attncore.train import evaluate, loop
+    Reviews = _reviews_task()
     limits = []
     real_fit = loop.fit
     monkeypatch.setattr(loop, "fit", lambda *a, **k: limits.append(k["loss_limit"]) or real_fit(*a, **k))
@@ -671,20 +677,8 @@ def test_a_ran_lm_on_a_classification_task_is_a_language_model_throughout(tmp_pa
 def test_evaluate_on_the_other_kind_of_task_names_the_mismatch(tmp_path, monkeypatch, capsys):
     # a sequence-to-sequence model on a classification task was "nothing evaluate can score
     # ... (evaluate scores classifiers and sequence-to-sequence models)": it is one
-    from attncore.data.task import ClassificationTask
     from attncore.train import evaluate
-
-    class Reviews(ClassificationTask):
-        name = "reviews"
-
-        def __init__(self):
-            super().__init__()
-            self.vocab = Vocab(list("abcdefgh"), level="char")
-            self.labels = ["neg", "pos"]
-
-        def _make_examples(self, split):
-            return [("abc", "neg"), ("fed", "pos")] * 4
-
+    Reviews = _reviews_task()
     train("copy", "seq2seq-bahdanau", tmp_path / "s2s", steps=1, batch_size=4, progress=False,
           task_options=TOY, **SMALL_RNN)
     train(Reviews(), "ran-classifier", tmp_path / "clf", steps=1, batch_size=4, progress=False,

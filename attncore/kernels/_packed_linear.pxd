@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Declarations of src_c/packed_linear.h (and the BLAS pointer type of attncore.h it takes), for
-the Cython modules that run products on packed weights: _blas, _recurrent, _transformer."""
+the Cython modules that run products on packed weights: _blas, _recurrent, _transformer, _ran;
+and the checked weight table entries of the compiled model steps (_transformer, _ran)."""
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.string cimport memcpy
 
@@ -82,3 +83,44 @@ cdef inline const void *panels_data(object panels, int *panel_type) except NULL:
     f32 = panels
     panel_type[0] = AC_PANELS_F32
     return &f32[0, 0, 0]
+
+
+cdef struct Linear:         # one product of a compiled model step, on a PackedLinearWeight
+    const void *panels      # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
+    int panel_type          # float32, bfloat16 or int8 panels
+    const float *bias       # (n_out,) or NULL
+    Py_ssize_t n_out, n_in
+
+
+cdef inline object float32_array(object a, tuple shape, str owner, str name, list keep):
+    """a as given if it is a C-contiguous float32 array of ``shape`` (kept alive in keep), else
+    ValueError "``owner``: ``name`` must be ..."."""
+    import numpy as np
+    a = np.asarray(a)
+    if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != shape:
+        raise ValueError(f"{owner}: {name} must be a C-contiguous float32 array of shape "
+                         f"{shape}, got {a.dtype} {a.shape}")
+    keep.append(a)
+    return a
+
+
+cdef inline Linear packed_linear(object pair, Py_ssize_t n_out, Py_ssize_t n_in, str owner,
+                                 str name, list keep) except *:
+    """The Linear of a (PackedLinearWeight, bias or None) pair, checked against (n_out, n_in);
+    the panels and the bias are kept alive in keep."""
+    cdef Linear w
+    cdef const float[::1] bias
+    packed, bias_array = pair
+    if tuple(packed.shape) != (n_out, n_in):
+        raise ValueError(f"{owner}: {name} must have shape {(n_out, n_in)}, got "
+                         f"{tuple(packed.shape)}")
+    panels = packed.panels  # PackedLinearWeight made them C-contiguous, of this shape
+    if not panels_fit(panels, n_out, n_in):
+        raise ValueError(f"{owner}: {name} panels have shape {panels.shape}")
+    keep.append(panels)
+    w.panels = panels_data(panels, &w.panel_type)
+    w.bias, w.n_out, w.n_in = NULL, n_out, n_in
+    if bias_array is not None:
+        bias = float32_array(bias_array, (n_out,), owner, name + " bias", keep)
+        w.bias = &bias[0]
+    return w

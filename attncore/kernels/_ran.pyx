@@ -22,7 +22,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport ac_packed_linear_rows, panels_data, panels_fit
+from ._packed_linear cimport Linear, ac_packed_linear_rows, float32_array, packed_linear
 from ._sdpa cimport ac_sdpa_flash_f32, ac_sdpa_flash_tiles_f32, ac_tile_gemm_available
 
 import numpy as np
@@ -40,12 +40,6 @@ cdef extern from "softmax.h" nogil:
                         const int64_t *lengths, const unsigned char *mask, int log_output,
                         int num_threads)
 
-
-cdef struct Linear:
-    const void *panels      # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
-    int panel_type          # float32, bfloat16 or int8 panels
-    const float *bias       # (n_out,)
-    Py_ssize_t n_out, n_in
 
 cdef struct Norm:
     const float *gamma      # (D,)
@@ -65,32 +59,14 @@ cdef struct Flash:
 
 
 def _f32(a, shape, name, list keep):
-    """a as given if it is a C-contiguous float32 array of ``shape`` (kept alive in keep)."""
-    a = np.asarray(a)
-    if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != shape:
-        raise ValueError(f"RANStep: {name} must be a C-contiguous float32 array of shape "
-                         f"{shape}, got {a.dtype} {a.shape}")
-    keep.append(a)
-    return a
+    return float32_array(a, shape, "RANStep", name, keep)
 
 
 cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep) except *:
-    """The Linear of a (PackedLinearWeight, bias) pair, checked against (n_out, n_in)."""
-    cdef Linear w
-    cdef const float[::1] bias
-    packed, bias_array = pair
-    if tuple(packed.shape) != (n_out, n_in):
-        raise ValueError(f"RANStep: {name} must have shape {(n_out, n_in)}, got "
-                         f"{tuple(packed.shape)}")
-    panels = packed.panels
-    if not panels_fit(panels, n_out, n_in):
-        raise ValueError(f"RANStep: {name} panels have shape {panels.shape}")
-    keep.append(panels)
-    w.panels = panels_data(panels, &w.panel_type)
-    w.n_out, w.n_in = n_out, n_in
-    bias = _f32(bias_array, (n_out,), name + " bias", keep)
-    w.bias = &bias[0]
-    return w
+    """The Linear of a (PackedLinearWeight, bias) pair (the bias required)."""
+    if pair[1] is None:
+        raise ValueError(f"RANStep: {name} needs its bias")
+    return packed_linear(pair, n_out, n_in, "RANStep", name, keep)
 
 
 cdef Norm _norm(pair, Py_ssize_t D, str name, list keep) except *:

@@ -22,8 +22,7 @@ from libc.string cimport memcpy
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport (AC_PANEL_WIDTH, ac_packed_linear_rows, ac_sgemm_fn, panels_data,
-                              panels_fit)
+from ._packed_linear cimport Linear, ac_packed_linear_rows, float32_array, packed_linear
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -40,12 +39,6 @@ cdef extern from "softmax.h" nogil:
                         int num_threads)
 
 
-cdef struct Linear:
-    const void *panels      # (ceil(n_out / 64), n_in, 64), see src_c/packed_linear.h
-    int panel_type          # float32, bfloat16 or int8 panels
-    const float *bias       # (n_out,) or NULL
-    Py_ssize_t n_out, n_in
-
 cdef struct Layer:
     Linear self_qkv, self_out, cross_q, cross_out, linear1, linear2
     const float *norm_weight[3]    # norm1, norm2 (+ norm3 with cross-attention), each (d,)
@@ -60,33 +53,11 @@ cdef inline void _linear(const float *x, Py_ssize_t rows, Linear w, float *out,
 
 
 def _f32(a, shape, name, list keep):
-    """a as given if it is a C-contiguous float32 array of ``shape`` (kept alive in keep)."""
-    a = np.asarray(a)
-    if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape != shape:
-        raise ValueError(f"DecoderStep: {name} must be a C-contiguous float32 array of shape "
-                         f"{shape}, got {a.dtype} {a.shape}")
-    keep.append(a)
-    return a
+    return float32_array(a, shape, "DecoderStep", name, keep)
 
 
 cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep) except *:
-    """The Linear of a (PackedLinearWeight, bias or None) pair, checked against (n_out, n_in)."""
-    cdef Linear w
-    cdef const float[::1] bias
-    packed, bias_array = pair
-    if tuple(packed.shape) != (n_out, n_in):
-        raise ValueError(f"DecoderStep: {name} must have shape {(n_out, n_in)}, got "
-                         f"{tuple(packed.shape)}")
-    panels = packed.panels  # PackedLinearWeight made them C-contiguous, of this shape
-    if not panels_fit(panels, n_out, n_in):
-        raise ValueError(f"DecoderStep: {name} panels have shape {panels.shape}")
-    keep.append(panels)
-    w.panels = panels_data(panels, &w.panel_type)
-    w.bias, w.n_out, w.n_in = NULL, n_out, n_in
-    if bias_array is not None:
-        bias = _f32(bias_array, (n_out,), name + " bias", keep)
-        w.bias = &bias[0]
-    return w
+    return packed_linear(pair, n_out, n_in, "DecoderStep", name, keep)
 
 
 cdef Py_ssize_t _common_length(list arrays, Py_ssize_t B, Py_ssize_t H, Py_ssize_t hd,
