@@ -538,31 +538,31 @@ def test_big_endian_and_matrix_inputs_give_the_native_results():
 # code indexes by, so a direct call cannot corrupt memory (each of these crashed the process:
 # a division by zero, a NULL or out-of-bounds write, or libgomp aborting).
 
-def _z(*shape, dtype=np.float32):
+def _z32(*shape, dtype=np.float32):
     return np.zeros(shape, dtype=dtype)
 
 
 def _private_calls():
     from attncore.kernels import _additive, _layers, _sdpa, _softmax
-    q0, k4, o0 = _z(1, 1, 0, 8), _z(1, 1, 4, 8), _z(1, 1, 0, 8)
-    q1, o1 = _z(1, 1, 1, 8), _z(1, 1, 1, 8)
+    q0, k4, o0 = _z32(1, 1, 0, 8), _z32(1, 1, 4, 8), _z32(1, 1, 0, 8)
+    q1, o1 = _z32(1, 1, 1, 8), _z32(1, 1, 1, 8)
     return {
         "flash q_len 0": lambda: _sdpa.flash(q0, k4, k4, o0, None, False, 0.3, 64, 64, False, 1),
         "flash out None": lambda: _sdpa.flash(q1, k4, k4, None, None, False, 0.3, 64, 64, False, 1),
         "split_kv chunk 0": lambda: _sdpa.split_kv(q1, k4, k4, o1, None, False, 0.3, 0, 1),
-        "softmax short out": lambda: _softmax.softmax_rows(_z(8, 4), _z(1, 4), None, None, False, 1),
+        "softmax short out": lambda: _softmax.softmax_rows(_z32(8, 4), _z32(1, 4), None, None, False, 1),
         "softmax length past n": lambda: _softmax.softmax_rows(
-            _z(1, 4), _z(1, 4), np.array([9]), None, False, 1),
-        "embedding id past table": lambda: _layers.embedding(_z(3, 4), np.array([1 << 40]),
-                                                             _z(1, 4), 1),
-        "layer_norm short gamma": lambda: _layers.layer_norm(_z(2, 8), _z(2, 8), _z(1), None,
+            _z32(1, 4), _z32(1, 4), np.array([9]), None, False, 1),
+        "embedding id past table": lambda: _layers.embedding(_z32(3, 4), np.array([1 << 40]),
+                                                             _z32(1, 4), 1),
+        "layer_norm short gamma": lambda: _layers.layer_norm(_z32(2, 8), _z32(2, 8), _z32(1), None,
                                                              1e-5, 0, 1),
-        "rotary short positions": lambda: _layers.rotary(_z(1, 8, 4), np.array([0]), 1e4, 1),
+        "rotary short positions": lambda: _layers.rotary(_z32(1, 8, 4), np.array([0]), 1e4, 1),
         "additive length past keys": lambda: _additive.additive(
-            _z(1, 1, 8), _z(1, 4, 8), np.ones(8, np.float32), _z(1, 4, 8), _z(1, 1, 8), None,
+            _z32(1, 1, 8), _z32(1, 4, 8), np.ones(8, np.float32), _z32(1, 4, 8), _z32(1, 1, 8), None,
             np.array([5]), 1),
         "nadaraya short values": lambda: _additive.nadaraya_watson(
-            _z(1, 2), _z(64, 2), _z(1, 1), _z(1, 1), None, 1.0, 1),
+            _z32(1, 2), _z32(64, 2), _z32(1, 1), _z32(1, 1), None, 1.0, 1),
     }
 
 
@@ -588,30 +588,30 @@ def test_int8_panels_of_no_output_feature_are_not_read():
     # panels_fit read the stored in-feature count from an empty int8 panel array
     from attncore.kernels import _blas
     panels = np.zeros((0, _blas.int8_panels_shape(1, 64)[1], 64), np.int8)
-    out = _z(3, 0)
-    _blas.linear_packed(_z(3, 64), panels, 0, None, out, 0, 1)
+    out = _z32(3, 0)
+    _blas.linear_packed(_z32(3, 64), panels, 0, None, out, 0, 1)
     assert out.shape == (3, 0)
 
 
 def test_decoder_steps_are_built_once_and_check_their_tokens_and_lengths():
     from attncore.kernels import _recurrent
     E, H, V, A, G = 4, 8, 5, 6, 3
-    args = lambda emb: ("bahdanau", False, False, emb, [_z(G * H, E + H)], [_z(G * H, H)],  # noqa: E731
-                        [_z(G * H)], [_z(G * H)], _z(A, H), _z(A), None, None, _z(V, H), _z(V),
+    args = lambda emb: ("bahdanau", False, False, emb, [_z32(G * H, E + H)], [_z32(G * H, H)],  # noqa: E731
+                        [_z32(G * H)], [_z32(G * H)], _z32(A, H), _z32(A), None, None, _z32(V, H), _z32(V),
                         0, "float32", False)
     with pytest.raises(ValueError, match="embedding must have 5 rows"):
-        _recurrent.DecoderStep(*args(_z(1, E)))   # (greedy's argmax tokens index it)
-    step = _recurrent.DecoderStep(*args(_z(V, E)))
+        _recurrent.DecoderStep(*args(_z32(1, E)))   # (greedy's argmax tokens index it)
+    step = _recurrent.DecoderStep(*args(_z32(V, E)))
     with pytest.raises(RuntimeError, match="already built"):
-        step.__init__(*args(_z(V, E)))
+        step.__init__(*args(_z32(V, E)))
     B, S = 1, 3
-    state = dict(h=_z(1, B, H), c=_z(1, B, H), feed=_z(B, H), memory=_z(B, S, H),
-                 keys=_z(B, S, A))
+    state = dict(h=_z32(1, B, H), c=_z32(1, B, H), feed=_z32(B, H), memory=_z32(B, S, H),
+                 keys=_z32(B, S, A))
 
     def run(tokens, lengths):
         step.step(np.array(tokens), state["h"], state["c"], state["feed"], state["memory"],
-                  state["keys"], None, None, np.array(lengths), _z(B, V), _z(B, S),
-                  _z(B * step.scratch_width), 1)
+                  state["keys"], None, None, np.array(lengths), _z32(B, V), _z32(B, S),
+                  _z32(B * step.scratch_width), 1)
     with pytest.raises(ValueError, match=r"tokens\[0\] = 5 is outside \[0, 5\)"):
         run([5], [S])
     with pytest.raises(ValueError, match=r"lengths\[0\] = 4 is outside \[0, 3\]"):
