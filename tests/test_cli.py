@@ -1158,3 +1158,21 @@ def test_out_of_memory_is_one_error_line(monkeypatch, capsys):
     assert cli.main(["translate"]) == cli.EXIT_ERROR
     assert capsys.readouterr().err == ("attncore translate: error: out of memory (Unable to "
                                        "allocate 182. GiB for an array)\n")
+
+
+def test_generate_and_translate_options_reach_the_generation(monkeypatch, tmp_path):
+    # (the options were checked, then some were dropped on the way to generate)
+    from attncore import batch
+    seen = []
+    plain = batch.GenerateJob.run
+    monkeypatch.setattr(batch.GenerateJob, "run", lambda self, model, sources, lines=None:
+                        seen.append(dict(self.options)) or plain(self, model, sources, lines))
+    (tmp_path / "in.txt").write_text("3 March 1998\n")
+    assert cli_main(["generate", "--input", str(tmp_path / "in.txt"), "--no-progress",
+                     "--sample", "--seed", "3", "--temperature", "0.5", "--top-k", "5",
+                     "--top-p", "0.9", "--min-length", "2", "--length-penalty", "0.5"]) == 0
+    assert cli_main(["translate", "--input", str(tmp_path / "in.txt"), "--no-progress",
+                     "--beam", "3", "--length-penalty", "2"]) == 0
+    assert seen == [dict(beam_size=1, length_penalty=0.5, min_length=2, do_sample=True,
+                         temperature=0.5, top_k=5, top_p=0.9, seed=3),
+                    dict(beam_size=3, length_penalty=2.0)]

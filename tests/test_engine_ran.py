@@ -784,3 +784,37 @@ def test_short_documents_beside_a_long_one_hold_rows_for_their_own_windows():
     blocks = ran_module._window_blocks(plan, False)
     padded = sum((hi - lo) * (1 + int(plan.win_width[lo:hi].max())) for lo, hi in blocks)
     assert padded <= 2 * (401 + 256) + ran_module.BLOCK_ROWS // 8
+
+
+def test_every_step_after_a_select_equals_one_call_over_the_sequence():
+    # select copies each row's unfinished window from the cache: all of its held rows (the
+    # incoming cell's, then every token's), at every step, in any order
+    engine, _ = make_pair(seed=31, causal=True, token_head="lm", window_size=8)
+    prompts = documents((1, 3, 5), seed=32)
+    state = engine._start(prompts)
+    sequences = [list(p) for p in prompts]
+    engine._step(state, None)
+    rng = np.random.default_rng(33)
+    for _ in range(10):
+        order = rng.permutation(len(sequences))
+        state = state.select(order)
+        sequences = [list(sequences[r]) for r in order]
+        tokens = rng.integers(0, 40, len(sequences))
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        log_probs, _ = engine._step(state, tokens)
+        for row, sequence in enumerate(sequences):
+            whole, _ = engine.token_logits([np.array(sequence)])
+            assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
+                                    atol=5 * CHUNK_ATOL)
+
+
+def test_a_selected_bidirectional_state_continues_its_own_documents():
+    engine, _ = make_pair(seed=34)
+    _, state = engine.classify(documents((5, 9, 3), seed=35))
+    chunk = documents((4, 6, 2), seed=36)
+    order = [2, 0, 1]
+    np.testing.assert_array_equal(state.select(order).history, state.history[order])
+    logits, _ = engine.classify(chunk, state)
+    reordered, _ = engine.classify([chunk[i] for i in order], state.select(order))
+    np.testing.assert_allclose(reordered, logits[order], rtol=0, atol=1e-6)

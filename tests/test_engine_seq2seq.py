@@ -760,3 +760,46 @@ def test_a_min_length_above_the_default_limit_leaves_a_step_for_eos(dates):
     below = dates.generate_default_lengths([source], min_length=3)[0]
     limit = dates.default_max_length(len(source))
     assert below.hypotheses == dates.generate([source], min_length=3, max_length=limit)[0].hypotheses
+
+
+def test_a_min_length_equal_to_the_default_limit_leaves_a_step_for_eos(dates):
+    # (floor == limit: the "at or above" case of docs/ENGINE.md; > limit kept the limit and cut
+    # every output at exactly min_length tokens, never finished)
+    source = dates.tokenizer.encode_source("3 March 1998")
+    floor = dates.default_max_length(len(source))
+    got = dates.generate_default_lengths([source], min_length=floor)[0]
+    expected = dates.generate([source], max_length=floor + 1, min_length=floor)[0]
+    assert got.hypotheses == expected.hypotheses and got.log_probs == expected.log_probs
+
+
+@pytest.mark.parametrize("name", ["gru-bahdanau", "lstm-luong-dot-unpacked-bidir"])
+def test_select_that_swaps_sources_takes_their_memory_along(name):
+    # rows that change source at the same batch size (a permutation) must not share the memory
+    engine, _ = _pair(name)
+    rng = np.random.default_rng(5)
+    sources = _random_batch(rng, 13, [3, 6])
+    state = engine._start(sources)
+    engine._step(state, np.full(2, engine.bos_id, dtype=np.int64))
+    swapped = state.select(np.array([1, 0]))
+    fresh = engine._start(sources[::-1])
+    engine._step(fresh, np.full(2, engine.bos_id, dtype=np.int64))
+    tokens = np.array([5, 6], dtype=np.int64)
+    got, got_attention = engine._step(swapped, tokens)
+    expected, expected_attention = engine._step(fresh, tokens)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_attention, expected_attention, rtol=0, atol=1e-6)
+
+
+def test_tokenizer_cuts_a_source_before_its_eos_and_checks_the_vocabulary_size(tmp_path):
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer, load_tokenizer
+
+    vocab = Vocab("abc", level="char")                            # 7 ids
+    cut = Tokenizer(vocab, vocab, max_source_tokens=2)
+    assert cut.encode_source("abc").tolist() == [4, 5, 2]         # cut to 2, then <eos>
+    entry = Tokenizer(vocab, vocab).config()
+    for name, text in Tokenizer(vocab, vocab).files().items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    assert load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 7}) is not None
+    with pytest.raises(ValueError, match="more than src_vocab_size=6"):
+        load_tokenizer(tmp_path, {"tokenizer": entry, "src_vocab_size": 6})

@@ -747,3 +747,20 @@ def test_a_decoder_only_models_translate_writes_what_follows_each_prompt():
             starts = [vocab.id_to_token(r.tokens[0]).startswith("▁") for r in results]
             assert any(starts)
             assert [t.startswith(" ") for t in texts] == starts
+
+
+def test_select_that_swaps_sources_takes_their_cross_attention_along(rng):
+    # a permutation across sources keeps the batch size: the cross K/V (and source lengths)
+    # must follow the rows, not be shared as for beams reordered within a source
+    _, engine = _pair(seed=2)
+    sources = _sources(rng, [4, 7])
+    state = engine._start(sources)
+    engine._step(state, np.full(2, engine.bos_id))
+    swapped = state.select(np.array([1, 0]))
+    fresh = engine._start(sources[::-1])
+    engine._step(fresh, np.full(2, engine.bos_id))
+    step = np.array([5, 6])
+    got, got_attention = engine._step(swapped, step)
+    expected, expected_attention = engine._step(fresh, step)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_attention, expected_attention, rtol=0, atol=1e-6)

@@ -625,3 +625,19 @@ def test_resuming_a_truncated_checkpoint_is_one_error_naming_it(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"attncore train: error: cannot read {path}: ")
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_exactly_fifty_problems_are_all_listed():
+    problems = [f"problem {i}" for i in range(io.MAX_PROBLEMS)]
+    assert io._at_most(problems) == problems
+    assert io._at_most(problems + ["one more"])[-1] == "... and 1 more"
+
+
+def test_save_sets_the_format_version_it_writes(tmp_path):
+    # (a config read from a newer file kept its format_version, and the directory then failed
+    # to load as "unsupported format_version")
+    model = _seq2seq()
+    io.save_model_dir(tmp_path / "m", dict(model.config.to_dict(), format_version=7),
+                      model.state_dict())
+    config, _ = io.load_model_dir(tmp_path / "m")
+    assert config["format_version"] == io.FORMAT_VERSION

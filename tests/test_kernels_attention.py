@@ -791,3 +791,18 @@ def test_unaligned_arrays_give_the_aligned_results(rng, q_len):
     row_lengths = np.array([0, 2, 5], dtype=np.int64)
     np.testing.assert_array_equal(attncore.softmax(_unaligned(x), lengths=_unaligned(row_lengths)),
                                   attncore.softmax(x, lengths=row_lengths))
+
+
+def test_additive_keys_past_the_limit_in_the_last_valid_position(rng):
+    """The flags of every valid key decide the path, the last one's too: a key past the split's
+    limit at position kv_length - 1 keeps its batch element on the exact tanh."""
+    hidden = 24
+    b = rng.standard_normal((2, 6, hidden))
+    b[0, 5, 0] = 45.0        # the last key of batch 0
+    b[1, 3, 1] = 45.0        # the last valid key of batch 1 (kv_lengths 4)
+    a = rng.standard_normal((2, 1, hidden))
+    args = _projected_additive_inputs(rng, a, b)
+    keys = attncore.AdditiveKeys(args["keys"])
+    got = attncore.additive_attention(**{**args, "keys": keys}, kv_lengths=[6, 4])
+    expected = reference.additive_attention(*as64(*args.values()), kv_lengths=[6, 4])
+    assert_close(got, expected, np.float32, atol=score_atol(np.float32, np.abs(args["w_v"]).sum()))

@@ -769,3 +769,17 @@ def test_nadaraya_watson_stays_finite_at_extreme_bandwidths_and_distances(dtype)
     np.testing.assert_array_equal(far, [[2.0]])   # every key 1e40 away (in double): the mean
     tie = attncore.nadaraya_watson(np.array([[0.5]], dtype), keys, values, bandwidth=1e-20)
     np.testing.assert_allclose(tie, [[1.5]])                    # two nearest keys share it
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_a_masked_out_nan_is_out_like_any_masked_entry(log, dtype):
+    # valid entries all -inf, a NaN only where the mask excludes it: nothing valid (zeros,
+    # as the reference), never a NaN row
+    x = np.array([[-np.inf, np.nan, -np.inf, 3.0], [0.5, np.nan, -np.inf, 3.0]], dtype)
+    mask = np.array([[True, False, True, False], [True, False, True, False]])
+    kernel = attncore.log_softmax if log else attncore.softmax
+    oracle = reference.log_softmax if log else reference.softmax
+    out = kernel(x, mask=mask)
+    np.testing.assert_array_equal(out, oracle(x, mask=mask).astype(dtype))
+    assert not np.isnan(out).any()

@@ -184,3 +184,10 @@ def test_second_backward_through_a_freed_graph_raises():
     loss.backward()
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
+
+
+def test_max_shares_the_gradient_between_tied_maxima():
+    # (not differentiable there: finite differences cannot see it; the documented rule)
+    x = ag.Tensor(np.array([[1.0, 3.0, 3.0], [2.0, 0.0, 1.0]]), requires_grad=True)
+    ag.max(x, axis=1).sum().backward()
+    np.testing.assert_array_equal(x.grad, [[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])

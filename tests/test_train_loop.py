@@ -829,3 +829,47 @@ def test_train_refuses_a_closed_stdout(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "stdout is closed" in proc.stderr, proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_prefix_lm_batch_predicts_every_target_token_after_the_separator():
+    src = np.array([[5, 6, 2], [7, 2, 0]])
+    tgt = np.array([[1, 8, 9, 2], [1, 4, 2, 0]])
+    inputs, lengths, labels = prefix_lm_batch((src, np.array([3, 2]), tgt, np.array([4, 3])))
+    # rows: 5 6 2 | 8 9 2  and  7 2 | 4 2
+    np.testing.assert_array_equal(inputs, [[5, 6, 2, 8, 9], [7, 2, 4, 2, 0]])
+    np.testing.assert_array_equal(lengths, [5, 3])
+    np.testing.assert_array_equal(labels, [[0, 0, 8, 9, 2], [0, 4, 2, 0, 0]])
+
+
+def test_document_lm_loss_counts_the_real_next_tokens_only():
+    from attncore.train.loop import document_lm_loss
+
+    class Uniform:   # logits of zeros: loss log(V), argmax 0 (the pad id) everywhere
+        def __call__(self, ids, lengths):
+            return ag.Tensor(np.zeros(ids.shape + (5,)), requires_grad=True)
+
+    ids = np.array([[3, 4, 2, 0, 0], [1, 3, 4, 4, 2]])
+    loss, correct, counted = document_lm_loss()(Uniform(), (ids, np.array([3, 5])))
+    assert (counted, correct) == (2 + 4, 0)
+    assert float(loss.data) == pytest.approx(np.log(5))
+
+
+def test_a_negative_position_in_a_checkpoint_is_named(tmp_path):
+    _fit(tmp_path, 2, checkpoint_every=2)
+    directory = tmp_path / "checkpoint"
+    state = json.loads((directory / "trainer_state.json").read_text())
+    for key in ("step", "epoch", "batch_index"):
+        _rewrite_checkpoint_state(directory, json.dumps(dict(state, **{key: -1})))
+        with pytest.raises(ValueError, match=f"{key} must be an integer >= 0, got -1"):
+            _fit(tmp_path, 4, resume=True)
+
+
+def test_optimizer_moments_of_another_dtype_are_refused():
+    model = build_model("seq2seq-bahdanau", 7, 7, seed=0, embed_dim=4, hidden_size=4)
+    optimizer = Adam(model.named_parameters(), lr=0.01)
+    arrays = optimizer.state_arrays()
+    name = next(iter(arrays))
+    other = np.float32 if arrays[name].dtype == np.float64 else np.float64
+    arrays[name] = arrays[name].astype(other)
+    with pytest.raises(ValueError, match=f"optimizer state: .* is {np.dtype(other)} "):
+        optimizer.load_state(arrays, optimizer.state_meta())

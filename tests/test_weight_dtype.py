@@ -544,3 +544,14 @@ def test_int8_python_threads_decoding_at_once_equal_sequential(rng):
     for seq, par in zip(sequential, parallel):
         assert [r.hypotheses for r in seq] == [r.hypotheses for r in par]
         assert [r.scores for r in seq] == [r.scores for r in par]
+
+
+def test_reference_round_bfloat16_rounds_exact_ties_to_even(rng):
+    # random float32s almost never sit on a tie (low 16 bits 0x8000), so the comparison with
+    # the kernel above does not reach the oracle's tie rule: ties of both parities, both signs
+    high = rng.integers(0, 0x7F7F, 4000, dtype=np.uint32)
+    sign = rng.integers(0, 2, 4000, dtype=np.uint32) << 31
+    ties = ((high << 16) | 0x8000 | sign).view(F32)
+    assert np.array_equal(_bits(ref.round_bfloat16(ties)), _bits(round_bfloat16(ties)))
+    assert ref.round_bfloat16(np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)],
+                                       F32)).tolist() == [1.0, 1 + 2 ** -6, -1.0]
