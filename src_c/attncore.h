@@ -47,8 +47,12 @@ static inline int ac_thread_id(void) {
  * only; the work split of every kernel is fixed by its shapes, so results never depend on it. */
 #define AC_PARALLEL_MIN_WORK ((ac_index)1 << 16)
 /* (a count below 1 from a direct call of a private module runs one thread: libgomp read a
- * negative one as a huge unsigned team and aborted the process) */
-#define AC_THREADS(work, n) ((ac_index)(work) >= AC_PARALLEL_MIN_WORK && (n) > 1 ? (n) : 1)
+ * negative one as a huge unsigned team and aborted the process; one past AC_MAX_THREADS,
+ * attncore.kernels.threads.MAX_THREADS, runs that many: 100000 crashed it, 2**31 - 1 made
+ * libgomp abort) */
+#define AC_MAX_THREADS 1024
+#define AC_TEAM(n) ((n) > AC_MAX_THREADS ? AC_MAX_THREADS : (n) > 1 ? (n) : 1)
+#define AC_THREADS(work, n) ((ac_index)(work) >= AC_PARALLEL_MIN_WORK ? AC_TEAM(n) : 1)
 
 #define AC_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define AC_MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -537,9 +537,9 @@ void ac_packed_linear_i8(const float *x, ac_index ldx, ac_index M, ac_index K,
 #ifdef AC_AMX
         if (amx && rows >= AMX_MIN_ROWS) {
             const ac_index tile_macs = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * N * ldq;
-            const int team = (tile_macs >= AMX_PARALLEL_MIN_MACS ||
-                              n_panels * stride >= AMX_PARALLEL_MIN_BYTES) && num_threads > 1
-                                 ? num_threads : 1;
+            const int team = tile_macs >= AMX_PARALLEL_MIN_MACS ||
+                                     n_panels * stride >= AMX_PARALLEL_MIN_BYTES
+                                 ? AC_TEAM(num_threads) : 1;
 #pragma omp parallel num_threads(team)
             {
                 amx_configure();  /* per thread: the tile state is a thread's */

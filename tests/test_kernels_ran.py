@@ -179,6 +179,7 @@ def _step_arguments(model, n=2):
     (dict(tokens=np.array([0, VOCAB])), r"tokens\[1\] = 37 is outside \[0, 37\)"),
     (dict(tokens=np.array([-1, 0])), r"tokens\[0\] = -1"),
     (dict(rows=np.array([0, 2])), r"rows\[1\] = 2 is outside \[0, 2\)"),
+    (dict(rows=np.array([1, 1])), "rows must be distinct"),      # (one cache row written twice)
     (dict(positions=np.array([0, 1 << 40])), r"positions\[1\] = 1099511627776 is outside"),
     (dict(positions=np.array([0])), "disagree"),
     (dict(out=np.empty((2, 5), np.float32)), "disagree"),
@@ -248,3 +249,105 @@ def test_head_and_constructor_reject_what_does_not_fit():
         RANStep(**common, layers=[])
     with pytest.raises(ValueError, match=r"head_size \(7, even\)"):
         RANStep(**{**common, "head_size": 7}, layers=[layer])
+
+
+@pytest.mark.parametrize("change", [
+    dict(embedding=None), dict(embedding=np.float32(1)), dict(embedding_norm=("gamma",)),
+    dict(lm_norm=[]), dict(lm_dense=("weight",)), dict(layer_qkv=("weight",)),
+])
+def test_constructor_refuses_malformed_tables_without_reading_past_them(change):
+    # (built without bounds checks: indexing a short tuple, or a 0-d shape, read past it and
+    # crashed the interpreter)
+    from attncore.kernels._ran import RANStep
+    model = _engine()
+    names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm", "review_query",
+             "review_out", "review_glu", "review_norm"]
+    layer = {name: getattr(model.layers[0], name) for name in names}
+    common = dict(embedding_size=24, head_num=2, head_size=8, eps=LN_EPS,
+                  rotary_base=ROTARY_BASE, memory_review=True, small_gemm_macs=0,
+                  embedding=model.weights["embedding.weight"],
+                  embedding_norm=model.embedding_norm, lm_dense=model.lm_dense,
+                  lm_norm=model.lm_norm, lm_output=model.lm_output, lm_bias=model.lm_bias)
+    if "layer_qkv" in change:
+        layer["qkv"] = change.pop("layer_qkv")
+    with pytest.raises(ValueError, match="RANStep: "):
+        RANStep(**{**common, **change}, layers=[layer])
+
+
+def test_a_layer_list_growing_during_construction_is_not_read_past_its_table():
+    from attncore.kernels._ran import RANStep
+    model = _engine()
+    names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm", "review_query",
+             "review_out", "review_glu", "review_norm"]
+    layer = {name: getattr(model.layers[0], name) for name in names}
+    layers = [layer]
+
+    class Growing:   # a norm whose conversion appends layers to the caller's list
+        def __init__(self, array):
+            self.array = array
+
+        def __array__(self, dtype=None, copy=None):
+            layers.extend([layer] * 50)
+            return self.array
+    grown = dict(layer, concat_norm=(Growing(layer["concat_norm"][0]), layer["concat_norm"][1]))
+    layers[0] = grown
+    step = RANStep(embedding_size=24, head_num=2, head_size=8, eps=LN_EPS,
+                   rotary_base=ROTARY_BASE, memory_review=True, small_gemm_macs=0,
+                   embedding=model.weights["embedding.weight"],
+                   embedding_norm=model.embedding_norm, lm_dense=model.lm_dense,
+                   lm_norm=model.lm_norm, lm_output=model.lm_output, lm_bias=model.lm_bias,
+                   layers=layers)
+    assert step.num_layers == 1 and len(layers) == 51
+
+
+def test_emptying_the_argument_lists_during_a_step_frees_nothing_under_it():
+    # the step read raw pointers into the caller's lists' arrays with the GIL released:
+    # another thread emptying the lists freed them under it
+    model = _engine(embedding_size=64, head_num=2, head_size=32)
+    arguments = _step_arguments(model, n=2)
+    arguments["out"] = np.empty((2, 64), np.float32)
+    arguments["window_flash"] = flash_plan(32, True)
+    arguments["review_flash"] = flash_plan(64, False)
+    # a long memory review (each row's memory: 400k cells) so the step outlasts the clearing
+    rng = np.random.default_rng(0)
+    big = [rng.standard_normal((400_000, 64)).astype(np.float32) for _ in range(4)]
+    arguments["memory_keys"], arguments["memory_values"] = list(big), list(big)
+    expected = np.empty_like(arguments["out"])
+    model._decoding_step.step(*{**arguments, "out": expected}.values())
+    del big
+    started = threading.Event()
+
+    def clear():
+        started.wait()
+        for name in ("memory_keys", "memory_values", "k_caches", "v_caches"):
+            arguments[name].clear()
+    thread = threading.Thread(target=clear)
+    thread.start()
+    values = list(arguments.values())
+    started.set()
+    try:
+        model._decoding_step.step(*values)
+    except ValueError:   # (the lists emptied before the step began: refused, as it should)
+        thread.join()
+        return
+    thread.join()
+    np.testing.assert_array_equal(arguments["out"], expected)
+
+
+def test_a_huge_thread_count_runs_at_most_max_threads():
+    # (100000 crashed the process; 2**31 - 1 made libgomp abort)
+    from attncore.kernels import _sdpa
+    model = _engine()
+    x = np.random.default_rng(1).standard_normal((600, 24)).astype(np.float32)
+    expected = np.empty((600, VOCAB), np.float32)
+    model._decoding_step.head(x, expected, 1)
+    for threads in (100_000, 2 ** 31 - 1):
+        got = np.empty_like(expected)
+        model._decoding_step.head(x, got, threads)
+        np.testing.assert_array_equal(got, expected)
+    q = np.random.default_rng(2).standard_normal((1, 2, 300, 8)).astype(np.float32)
+    out, again = np.empty_like(q), np.empty_like(q)
+    block_q, block_k, tiles = flash_plan(8, False)
+    _sdpa.flash(q, q, q, out, None, False, 0.35, block_q, block_k, tiles, 1)
+    _sdpa.flash(q, q, q, again, None, False, 0.35, block_q, block_k, tiles, 100_000)
+    np.testing.assert_array_equal(again, out)

@@ -18,7 +18,7 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 from libc.limits cimport INT_MAX
 from libc.stdint cimport int8_t, uint16_t
 
-from ._packed_linear cimport (AC_I8_MAX_K, AC_PANEL_WIDTH, ac_int8_amx, ac_int8_vnni,
+from ._packed_linear cimport (AC_I8_MAX_K, AC_MAX_THREADS, AC_PANEL_WIDTH, ac_int8_amx, ac_int8_vnni,
                               ac_pack_panels_bf16,
                               ac_i8_panel_rows, ac_pack_panels_f32, ac_pack_panels_i8, ac_packed_linear_rows,
                               ac_packed_panel_max_rows, ac_round_bf16_f32, panels_data,
@@ -71,7 +71,9 @@ def tile_matmul_used(Py_ssize_t K):
 
 
 cdef inline int threads_for(Py_ssize_t macs, int num_threads) noexcept nogil:
-    return num_threads if macs >= PARALLEL_MIN_MACS and num_threads > 1 else 1
+    if macs < PARALLEL_MIN_MACS or num_threads <= 1:
+        return 1
+    return min(num_threads, AC_MAX_THREADS)   # (a direct call's 100000 crashed the process)
 
 
 cdef inline void gemm_rowmajor(bint trans_b, int m, int n, int k, floating alpha,

@@ -5,6 +5,10 @@ and the checked weight table entries of the compiled model steps (_transformer, 
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.string cimport memcpy
 
+cdef extern from "attncore.h" nogil:
+    int AC_MAX_THREADS      # the most threads a parallel region runs (threads.MAX_THREADS)
+
+
 cdef extern from "packed_linear.h" nogil:
     ctypedef void (*ac_sgemm_fn)(char *, char *, int *, int *, int *, float *, float *, int *,
                                  float *, int *, float *, float *, int *)
@@ -104,13 +108,34 @@ cdef inline object float32_array(object a, tuple shape, str owner, str name, lis
     return a
 
 
+cdef inline object float32_table(object a, Py_ssize_t width, str owner, str name, list keep):
+    """a as given if it is a C-contiguous float32 (rows, width) array (an embedding or position
+    table: any number of rows), else ValueError (checked before its shape is read: these
+    modules index without bounds checks)."""
+    import numpy as np
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"{owner}: {name} must be a 2-d float32 array, got {a.ndim} dimensions")
+    return float32_array(a, (a.shape[0], width), owner, name, keep)
+
+
+cdef inline tuple two_parts(object pair, str owner, str name):
+    """``pair`` as a 2-tuple, else ValueError naming it (indexing a shorter tuple read past
+    its end: these modules index without bounds checks)."""
+    try:
+        first, second = pair
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a pair, got {type(pair).__name__}") from None
+    return first, second
+
+
 cdef inline Linear packed_linear(object pair, Py_ssize_t n_out, Py_ssize_t n_in, str owner,
                                  str name, list keep) except *:
     """The Linear of a (PackedLinearWeight, bias or None) pair, checked against (n_out, n_in);
     the panels and the bias are kept alive in keep."""
     cdef Linear w
     cdef const float[::1] bias
-    packed, bias_array = pair
+    packed, bias_array = two_parts(pair, owner, name)
     if tuple(packed.shape) != (n_out, n_in):
         raise ValueError(f"{owner}: {name} must have shape {(n_out, n_in)}, got "
                          f"{tuple(packed.shape)}")

@@ -22,7 +22,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport Linear, ac_packed_linear_rows, float32_array, packed_linear
+from ._packed_linear cimport (Linear, ac_packed_linear_rows, float32_array, float32_table,
+                              packed_linear, two_parts)
 from ._sdpa cimport ac_sdpa_flash_f32, ac_sdpa_flash_tiles_f32, ac_tile_gemm_available
 
 import numpy as np
@@ -64,7 +65,7 @@ def _f32(a, shape, name, list keep):
 
 cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep) except *:
     """The Linear of a (PackedLinearWeight, bias) pair (the bias required)."""
-    if pair[1] is None:
+    if two_parts(pair, "RANStep", name)[1] is None:
         raise ValueError(f"RANStep: {name} needs its bias")
     return packed_linear(pair, n_out, n_in, "RANStep", name, keep)
 
@@ -72,8 +73,9 @@ cdef Linear _packed(pair, Py_ssize_t n_out, Py_ssize_t n_in, str name, list keep
 cdef Norm _norm(pair, Py_ssize_t D, str name, list keep) except *:
     cdef Norm n
     cdef const float[::1] a
-    a = _f32(pair[0], (D,), name + " gamma", keep); n.gamma = &a[0]
-    a = _f32(pair[1], (D,), name + " beta", keep); n.beta = &a[0]
+    gamma, beta = two_parts(pair, "RANStep", name)
+    a = _f32(gamma, (D,), name + " gamma", keep); n.gamma = &a[0]
+    a = _f32(beta, (D,), name + " beta", keep); n.beta = &a[0]
     return n
 
 
@@ -138,14 +140,15 @@ cdef class RANStep:
         free(self.layers)
 
     def __init__(self, *, Py_ssize_t embedding_size, Py_ssize_t head_num, Py_ssize_t head_size,
-                 double eps, double rotary_base, bint memory_review, Py_ssize_t small_gemm_macs, embedding, embedding_norm, list layers, lm_dense,
-                 lm_norm, lm_output, lm_bias):
+                 double eps, double rotary_base, bint memory_review, Py_ssize_t small_gemm_macs,
+                 embedding, embedding_norm, layers, lm_dense, lm_norm, lm_output, lm_bias):
         if self._built:
             raise RuntimeError("RANStep: already built; make a new one")
         cdef Py_ssize_t D = embedding_size
         if D <= 0 or head_num <= 0 or head_size <= 0 or head_size % 2:
             raise ValueError(f"RANStep: embedding_size ({D}), head_num ({head_num}) and "
                              f"head_size ({head_size}, even) must be > 0")
+        layers = list(layers)   # (once: an __array__ below could grow the caller's list)
         if not layers:
             raise ValueError("RANStep: layers must hold at least one RAN layer")
         cdef const float[:, ::1] m2
@@ -155,7 +158,7 @@ cdef class RANStep:
         cdef Py_ssize_t A = head_num * head_size   # the attention width
         self.eps, self.rotary_base, self.memory_review = eps, rotary_base, memory_review
         self.small_gemm_macs = small_gemm_macs
-        m2 = _f32(embedding, (np.shape(embedding)[0], D), "embedding", keep)
+        m2 = float32_table(embedding, D, "RANStep", "embedding", keep)
         self.embedding, self.vocab = &m2[0, 0], m2.shape[0]
         self.embedding_norm = _norm(embedding_norm, D, "embedding_norm", keep)
         self.lm_dense = _packed(lm_dense, D, D, "lm_dense", keep)
@@ -194,7 +197,7 @@ cdef class RANStep:
              int num_threads):
         """Feed one token per row of ``rows`` through every layer; in place on the caches.
 
-        tokens (n,) in [0, V); rows (n,) the cache rows in [0, B); positions (n,) each token's
+        tokens (n,) in [0, V); rows (n,) distinct cache rows in [0, B); positions (n,) each token's
         row in its window (its keys and values are written there, and it attends to window
         rows [0, position]), < the cache capacity;
         k_caches, v_caches : one (B, H, capacity, d) float32 array per layer;
@@ -213,6 +216,11 @@ cdef class RANStep:
         cdef const float[:, ::1] memory
         if not self._built:
             raise ValueError("RANStep.step: not built (__init__ did not complete)")
+        # this call's own lists: they hold the arrays while the GIL is released (another
+        # thread emptying the caller's lists freed them under the step)
+        k_caches, v_caches = list(k_caches), list(v_caches)
+        memory_keys = list(memory_keys) if memory_keys is not None else None
+        memory_values = list(memory_values) if memory_values is not None else None
         if rows.shape[0] != n or positions.shape[0] != n or out.shape[0] != n or \
                 out.shape[1] != D:
             raise ValueError(f"RANStep.step: tokens ({n},), rows ({n},), positions ({n},) and "
@@ -244,6 +252,8 @@ cdef class RANStep:
             if not 0 <= positions[i] < capacity:
                 raise ValueError(f"RANStep.step: positions[{i}] = {positions[i]} is outside "
                                  f"[0, {capacity})")
+        if np.unique(np.asarray(rows)).size != n:   # (two tokens would write one cache row)
+            raise ValueError("RANStep.step: rows must be distinct")
         if self.memory_review and (len(memory_keys) != n * L or len(memory_values) != n * L):
             raise ValueError(f"RANStep.step: memory_keys and memory_values need {n} x {L} arrays")
 

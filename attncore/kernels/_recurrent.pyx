@@ -23,7 +23,8 @@ from scipy.linalg.cython_blas cimport sgemm
 
 from ._additive cimport ac_additive_f32
 from ._checks cimport first_outside
-from ._packed_linear cimport AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data, panels_fit
+from ._packed_linear cimport (AC_MAX_THREADS, AC_PANEL_WIDTH, ac_packed_linear_rows, panels_data,
+                              panels_fit)
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals()   # (GIL held; -1 with the handler's exception set)
@@ -100,7 +101,7 @@ cdef void _cell(bint lstm, const float *gx, Py_ssize_t ldx, const float *gh, flo
     vector lanes, sigmoid and tanh on registers (libm calls per element cost more than the
     GEMMs; separate passes over the gate blocks cost ~5% of a batch-64 seq2seq call)."""
     cdef Py_ssize_t b, G = 4 if lstm else 3
-    for b in prange(B, schedule="static", num_threads=num_threads if B * H >= 8192 and num_threads > 1 else 1):
+    for b in prange(B, schedule="static", num_threads=min(num_threads, AC_MAX_THREADS) if B * H >= 8192 and num_threads > 1 else 1):
         if lstm:
             ac_lstm_cell_f32(gx + b * ldx, gh + b * G * H, h + b * H, c + b * H, H)
         else:

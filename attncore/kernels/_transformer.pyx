@@ -22,7 +22,8 @@ from libc.string cimport memcpy
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport Linear, ac_packed_linear_rows, float32_array, packed_linear
+from ._packed_linear cimport (AC_MAX_THREADS, Linear, ac_packed_linear_rows, float32_array,
+                              float32_table, packed_linear, two_parts)
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -107,7 +108,7 @@ def gather_cache_prefix(const float[:, :, :, ::1] cache, const int64_t[::1] rows
     cdef Py_ssize_t nbytes = filled * D * sizeof(float)
     cdef int threads = num_threads if R * H * nbytes >= _GATHER_PARALLEL_BYTES else 1
     with nogil:
-        for block in prange(R * H, schedule="static", num_threads=max(threads, 1)):
+        for block in prange(R * H, schedule="static", num_threads=min(max(threads, 1), AC_MAX_THREADS)):
             row = rows[block // H]
             memcpy(&out[block // H, block % H, 0, 0], &cache[row, block % H, 0, 0], nbytes)
 
@@ -155,12 +156,13 @@ cdef class DecoderStep:
     def __init__(self, *, Py_ssize_t d_model, Py_ssize_t num_heads, Py_ssize_t dim_feedforward,
                  bint norm_first, bint gelu, double eps, embed_scale, double attention_scale,
                  Py_ssize_t decode_chunk, Py_ssize_t small_gemm_macs, embedding, positions,
-                 final_norm, output, output_bias, list layers):
+                 final_norm, output, output_bias, layers):
         if self._built:   # (a second __init__ repointed into arrays it might then free)
             raise RuntimeError("DecoderStep: already built; make a new one")
         if d_model <= 0 or num_heads <= 0 or d_model % num_heads or dim_feedforward <= 0:
             raise ValueError(f"DecoderStep: d_model ({d_model}) must be a positive multiple of "
                              f"num_heads ({num_heads}), dim_feedforward ({dim_feedforward}) > 0")
+        layers = list(layers)   # (once: an __array__ below could grow the caller's list)
         if not layers:
             raise ValueError("DecoderStep: layers must hold at least one decoder layer")
         if decode_chunk <= 0:
@@ -179,14 +181,15 @@ cdef class DecoderStep:
         self.attention_scale, self.decode_chunk = attention_scale, decode_chunk
         self.small_gemm_macs = small_gemm_macs
         self.has_cross = layers[0]["cross_q"] is not None
-        m2 = f32(embedding, (np.shape(embedding)[0], d), "embedding")
+        m2 = float32_table(embedding, d, "DecoderStep", "embedding", keep)
         self.embedding, self.embedding_rows = &m2[0, 0], m2.shape[0]
-        m2 = f32(positions, (np.shape(positions)[0], d), "positions")
+        m2 = float32_table(positions, d, "DecoderStep", "positions", keep)
         self.positions, self.position_rows = &m2[0, 0], m2.shape[0]
         self.final_weight = self.final_bias = NULL
         if final_norm is not None:
-            m1 = f32(final_norm[0], (d,), "final_norm weight"); self.final_weight = &m1[0]
-            m1 = f32(final_norm[1], (d,), "final_norm bias"); self.final_bias = &m1[0]
+            gamma, beta = two_parts(final_norm, "DecoderStep", "final_norm")
+            m1 = f32(gamma, (d,), "final_norm weight"); self.final_weight = &m1[0]
+            m1 = f32(beta, (d,), "final_norm bias"); self.final_bias = &m1[0]
         self.vocab = output.shape[0]
         self.output = _packed((output, output_bias), self.vocab, d, "output", keep)
         if self.output.bias == NULL:
@@ -244,6 +247,11 @@ cdef class DecoderStep:
         cdef const float[:, :, :, ::1] source
         if not self._built:
             raise ValueError("DecoderStep.step: not built (__init__ did not complete)")
+        # this call's own lists: they hold the arrays while the GIL is released (another
+        # thread emptying the caller's lists freed them under the step)
+        k_caches, v_caches = list(k_caches), list(v_caches)
+        cross_k = list(cross_k) if cross_k is not None else None
+        cross_v = list(cross_v) if cross_v is not None else None
         if positions.shape[0] != B or log_probs.shape[0] != B or log_probs.shape[1] != self.vocab:
             raise ValueError(f"DecoderStep.step: tokens ({B},), positions ({B},) and log_probs "
                              f"({B}, {self.vocab}) disagree")
