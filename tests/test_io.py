@@ -641,3 +641,53 @@ def test_save_sets_the_format_version_it_writes(tmp_path):
                       model.state_dict())
     config, _ = io.load_model_dir(tmp_path / "m")
     assert config["format_version"] == io.FORMAT_VERSION
+
+
+# -- pickling engine models ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16", "int8"])
+def test_every_engine_model_pickles_and_deep_copies(weight_dtype):
+    # a model with a compiled decoding step (a causal RAN LM, a Transformer decoder) failed:
+    # "no default __reduce__ due to non-trivial __cinit__" (multiprocessing, joblib)
+    import copy
+    import pickle
+
+    from attncore import models
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    from attncore.train.ran import RANConfig
+    from attncore.train.seq2seq import Seq2SeqConfig
+    from attncore.train.transformer import TransformerConfig
+    vocab = Vocab("abcdefgh", level="char")
+    ran = dict(vocab_size=len(vocab), embedding_size=16, ran_layers=1, head_num=2, head_size=8,
+               window_size=4, min_window_size=2)
+    configs = [
+        Seq2SeqConfig(src_vocab_size=len(vocab), tgt_vocab_size=len(vocab), embed_dim=8,
+                      hidden_size=8).to_dict(),
+        TransformerConfig(kind="encoder_decoder", src_vocab_size=len(vocab),
+                          tgt_vocab_size=len(vocab), d_model=16, num_heads=2,
+                          dim_feedforward=16, num_encoder_layers=1, num_decoder_layers=1,
+                          max_positions=32).to_dict(),
+        TransformerConfig(kind="decoder_only", src_vocab_size=len(vocab),
+                          tgt_vocab_size=len(vocab), d_model=16, num_heads=2,
+                          dim_feedforward=16, num_encoder_layers=0, num_decoder_layers=1,
+                          max_positions=32).to_dict(),
+        RANConfig(**ran, causal=True, token_head="lm").to_dict(),
+        RANConfig(**ran, num_classes=3).to_dict(),
+    ]
+    prompt = [np.array([4, 5, 6, 2])]
+    for config in configs:
+        model = models.from_config(config, seed=3, tokenizer=Tokenizer(vocab, vocab),
+                                   weight_dtype=weight_dtype)
+        generates = model.cannot("generate", config) is None if hasattr(model, "cannot") \
+            else True
+        for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert type(twin) is type(model) and twin.weight_dtype == weight_dtype
+            assert twin.tokenizer.encode_source("abc").tolist() == \
+                model.tokenizer.encode_source("abc").tolist()
+            if generates:
+                options = dict(max_length=5, beam_size=2)
+                assert [r.tokens for r in twin.generate(prompt, **options)] == \
+                    [r.tokens for r in model.generate(prompt, **options)]
+            else:
+                np.testing.assert_array_equal(twin.classify(prompt)[0], model.classify(prompt)[0])

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The engine's model objects: :class:`Model`, :class:`GenerationResult` and
-:class:`EncoderDecoderModel` (the public ``generate`` / ``translate``).
+"""The engine's model objects: :class:`Model`, :class:`GenerationResult`,
+:class:`GenerateTokensMixin` (``generate_tokens`` and ``translate`` of every generating model)
+and :class:`EncoderDecoderModel` (the public ``generate``).
 
 A model is a config dict, a dict of read-only C-contiguous float32 weights (checked against
 :func:`attncore.io.weight_spec`) and an optional tokenizer. It holds no per-call state: every
@@ -435,6 +436,12 @@ class Model:
         self.tokenizer = tokenizer
         self._prepare()
 
+    def __reduce__(self):
+        """Pickled (and deep-copied) as what builds it: the compiled decoding steps hold raw
+        pointers into the packed weights, so an unpickled model packs them again."""
+        return (_rebuilt_model, (type(self), self.config, dict(self.weights), self.tokenizer,
+                                 self.weight_dtype))
+
     @staticmethod
     def _check_weights(spec, weights) -> dict:
         problems = [f"missing tensor {name!r}" for name in spec if name not in weights]
@@ -598,10 +605,18 @@ class Model:
 _ONE_SOURCE = re.compile(r"\b(?:sources|prompts)\[0\]")
 
 
+def _rebuilt_model(cls, config, weights, tokenizer, weight_dtype) -> "Model":
+    """:meth:`Model.__reduce__`'s constructor."""
+    return cls(config, weights, tokenizer, weight_dtype=weight_dtype)
+
+
 def continues_prompts(config: Mapping) -> bool:
     """Whether a model of ``config`` continues its inputs (a language model: a decoder-only
-    Transformer or a causal RAN), so that its text output is what follows each prompt."""
-    return config.get("kind") == "decoder_only" or config.get("architecture") == "ran"
+    Transformer or a causal RAN with an LM head), so that its text output is what follows
+    each prompt."""
+    if config.get("architecture") == "ran":
+        return bool(config.get("causal", False)) and config.get("token_head", "none") == "lm"
+    return config.get("kind") == "decoder_only"
 
 
 class GenerateTokensMixin:
