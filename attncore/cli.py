@@ -533,8 +533,11 @@ def _check_translates(args, model_class, config) -> None:
     from attncore.models.base import continues_prompts
     if args.command == "translate" and (
             not callable(getattr(model_class, "translate", None))
-            or continues_prompts(config) or config.get("kind") == "encoder_only"):
-        raise UserError("translate needs an encoder-decoder model; use generate")
+            or config.get("architecture") == "ran"
+            or config.get("kind") in ("decoder_only", "encoder_only")):
+        # (a language model generates; a classifier or an encoder does neither)
+        raise UserError("translate needs an encoder-decoder model" +
+                        ("; use generate" if continues_prompts(config) else ""))
 
 
 def _reports_progress(args, interactive) -> bool:
@@ -575,20 +578,20 @@ def _run_lines(args):
             from attncore import distributed, models
             frontend = _frontend(path)
             model_class = models.model_class(frontend.config.get("architecture"))
+            _check_translates(args, model_class, frontend.config)   # (the command's own word first)
             try:
                 job.check_class(model_class, frontend.config)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-            _check_translates(args, model_class, frontend.config)
             client = stack.enter_context(distributed.connect(args.dask))
             infer_model = None
         else:
             model = _load_model(path, args.weight_dtype)
+            _check_translates(args, type(model), model.config)
             try:
                 job.check_model(model)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-            _check_translates(args, type(model), model.config)
             frontend = batch.Frontend.from_model(model)
             infer_model = model
         if not args.ids and frontend.tokenizer is None:

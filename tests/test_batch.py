@@ -502,7 +502,8 @@ def test_a_decoder_only_model_writes_what_follows_its_prompt(level):
     else:
         vocab = Vocab.build(texts, level=level)
     tokenizer = Tokenizer(src=vocab, keep_trailing_space=True)
-    frontend = batch.Frontend({"architecture": "ran", "vocab_size": len(vocab)}, tokenizer)
+    frontend = batch.Frontend({"architecture": "ran", "vocab_size": len(vocab), "causal": True,
+                               "token_head": "lm"}, tokenizer)
     job = batch.GenerateJob()
     whole = vocab.encode("and god said unto moses")
     for prompt_text, cut in (("and god said", "and god said"), ("and god said ", "and god said ")):

@@ -696,8 +696,12 @@ def test_commands_the_model_cannot_run(tmp_path, encoder_model):
     path, _ = encoder_model
     assert_user_error(attncore_cli(["classify"], tmp_path, stdin="3 March 1998\n"),
                       "this model (seq2seq_attention) cannot classify")
-    assert_user_error(attncore_cli(["translate", "--model", path], tmp_path, stdin="abc\n"),
+    assert_user_error(attncore_cli(["generate", "--model", path], tmp_path, stdin="abc\n"),
                       "this model (transformer, encoder_only) cannot generate")
+    line = assert_user_error(attncore_cli(["translate", "--model", path], tmp_path,
+                                          stdin="abc\n"),
+                             "translate needs an encoder-decoder model")
+    assert "use generate" not in line   # (it cannot generate either)
 
 
 def test_generate_writes_a_paired_language_models_target_text(tmp_path):
@@ -747,11 +751,16 @@ def test_translate_refuses_a_decoder_only_model(tmp_path, dask):
     models.from_config(dict(architecture="ran", vocab_size=10, embedding_size=8, ran_layers=1,
                             head_num=2, head_size=4, window_size=4, causal=True,
                             token_head="lm"), seed=3).save(tmp_path / "ran")
-    for model in ("lm", "ran"):
+    # a RAN classifier neither translates nor generates: not told to use generate
+    models.from_config(dict(architecture="ran", vocab_size=10, embedding_size=8, ran_layers=1,
+                            head_num=2, head_size=4, window_size=4, num_classes=2),
+                       seed=3).save(tmp_path / "classifier")
+    for model in ("lm", "ran", "classifier"):
         args = ["translate", "--model", tmp_path / model, "--ids"] + (
             ["--dask", "local:1"] if dask else [])
-        assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
-                          "translate needs an encoder-decoder model; use generate")
+        line = assert_user_error(attncore_cli(args, tmp_path, stdin="4 5\n"),
+                                 "translate needs an encoder-decoder model")
+        assert line.endswith("; use generate") == (model != "classifier"), line
     # attention named a --max-length the user never gave
     assert_user_error(attncore_cli(["attention", "--model", tmp_path / "lm", "--ids", "4 5"],
                                    tmp_path), "attention needs a generative encoder-decoder model")
