@@ -92,6 +92,36 @@ def test_a_tokenizer_cache_of_other_pairs_or_options_is_learnt_again(tmp_path):
         get_task("translation", **small, tokenizer_dir=tmp_path)
 
 
+def test_a_tokenizer_cache_cut_short_or_damaged_is_learnt_again(tmp_path, monkeypatch):
+    # a write interrupted after the first vocabulary left the old source file, which then
+    # vouched for a replaced src_tokenizer.json: English BPE on German sources, silently
+    if not os.path.exists(DING_PATH):
+        pytest.skip("apt-get install -y trans-de-en")
+    pytest.importorskip("tokenizers")
+    import attncore.data.translation as translation
+    small = dict(seed=0, num_train=1500, vocab_size=300)
+    de_en = get_task("translation", **small, tokenizer_dir=tmp_path)
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:   # (after src_tokenizer.json)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(translation.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        get_task("translation", **small, direction="en-de", tokenizer_dir=tmp_path)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="learnt again"):
+        again = get_task("translation", **small, tokenizer_dir=tmp_path)
+    assert again.src_vocab == de_en.src_vocab and again.tgt_vocab == de_en.tgt_vocab
+    (tmp_path / "tgt_tokenizer.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="or unreadable ones"):
+        repaired = get_task("translation", **small, tokenizer_dir=tmp_path)
+    assert repaired.tgt_vocab == de_en.tgt_vocab
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
 def test_translation_vocabularies_clean_raw_text_as_the_task_cleaned_its_data(translation_task):
     # the task lower-cases its corpus, but its saved BPE vocabularies read user text as typed:
     # a served model saw "Ich" where training had "ich" (other pieces, often <unk>)

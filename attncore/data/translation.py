@@ -14,11 +14,13 @@ vocabulary per language is learnt on the training split only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -117,31 +119,46 @@ def _vocabulary_source(train, vocab_size, min_frequency, lowercase) -> dict:
             "lowercase": bool(lowercase), "train_sha256": digest.hexdigest()}
 
 
-def _cached_vocabularies(directory) -> dict | None:
-    """The ``vocabulary_source.json`` of a tokenizer cache holding both vocabularies, or None
-    (a cache written before it existed is learnt again: its source is unknown)."""
-    if not all(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES):
-        return None
+def _cached_vocabularies(directory, source: dict):
+    """The (source, target) vocabularies a tokenizer cache holds if its
+    ``vocabulary_source.json`` is ``source``, else None. A cache written before that file
+    existed, or one unreadable in part, is learnt again."""
+    from .bpe import BPEVocab
     try:
         with open(os.path.join(directory, _VOCABULARY_SOURCE), encoding="utf-8") as f:
-            return json.load(f)
+            if json.load(f) != source:
+                return None
+        return tuple(BPEVocab.load(os.path.join(directory, name)) for name in _VOCABULARY_FILES)
     except (OSError, ValueError):
         return None
 
 
 def _cache_vocabularies(directory, vocabularies, source: dict) -> None:
-    replaced = any(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES)
-    if replaced:
+    """Write the vocabularies and, last, their ``vocabulary_source.json``: each file whole
+    (a temporary name, then a rename), and the old source removed first, so that a write cut
+    short, or two tasks writing at once, never leaves a source naming other vocabularies."""
+    source_path = os.path.join(directory, _VOCABULARY_SOURCE)
+    if any(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES):
         # (a fixed cache directory reused with direction=en-de trained English sources on the
         # German vocabulary, silently: the sizes still matched)
         warnings.warn(f"tokenizer_dir {os.fspath(directory)!r} held vocabularies learnt from "
-                      f"other training pairs or options: they are learnt again and replaced",
-                      stacklevel=4)
+                      f"other training pairs or options, or unreadable ones: they are learnt "
+                      f"again and replaced", stacklevel=4)
     os.makedirs(directory, exist_ok=True)
-    for vocabulary, name in zip(vocabularies, _VOCABULARY_FILES):
-        vocabulary.save(os.path.join(directory, name))
-    with open(os.path.join(directory, _VOCABULARY_SOURCE), "w", encoding="utf-8") as f:
-        json.dump(source, f, indent=1, sort_keys=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(source_path)
+    texts = [(os.path.join(directory, name), vocabulary.to_json())
+             for vocabulary, name in zip(vocabularies, _VOCABULARY_FILES)]
+    texts.append((source_path, json.dumps(source, indent=1, sort_keys=True)))
+    for path, text in texts:
+        partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(partial, path)
+        finally:   # (gone once renamed; a write cut short leaves nothing behind)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
 
 
 class TranslationTask(Seq2SeqTask):
@@ -200,9 +217,10 @@ class TranslationTask(Seq2SeqTask):
         bpe = dict(vocab_size=vocab_size, min_frequency=min_frequency,
                    normalizer=tokenizer_normalizer(lowercase))
         learnt_from = _vocabulary_source(train, vocab_size, min_frequency, lowercase)
-        if tokenizer_dir is not None and _cached_vocabularies(tokenizer_dir) == learnt_from:
-            self.src_vocab, self.tgt_vocab = (BPEVocab.load(os.path.join(tokenizer_dir, name))
-                                              for name in _VOCABULARY_FILES)
+        cached = None if tokenizer_dir is None else _cached_vocabularies(tokenizer_dir,
+                                                                          learnt_from)
+        if cached is not None:
+            self.src_vocab, self.tgt_vocab = cached
         else:
             self.src_vocab = BPEVocab.train((s for s, _ in train), **bpe)
             self.tgt_vocab = BPEVocab.train((t for _, t in train), **bpe)
