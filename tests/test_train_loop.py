@@ -237,6 +237,7 @@ def test_cli_refuses_meaningless_training_numbers(tmp_path, capsys, option, valu
     ("clip_norm", -1, ValueError, "clip_norm must be a finite number >= 0.0"),
     ("batch_size", True, TypeError, "batch_size must be an int, got bool"),
     ("warmup_steps", "10", TypeError, "warmup_steps must be an int, got str"),
+    ("steps", 10 ** 400, ValueError, "steps must be a finite number >= 1"),  # (OverflowError)
 ])
 def test_train_refuses_what_the_command_line_refuses(tmp_path, option, value, error, fragment):
     # the command line's bounds held for `attncore train` only: the Python API trained with
@@ -685,9 +686,9 @@ def test_evaluate_on_the_other_kind_of_task_names_the_mismatch(tmp_path, monkeyp
           **SMALL_RAN)
     import attncore.data
     real_get_task = attncore.data.get_task
-    for model, task, said in (("s2s", "reviews", "it is a sequence-to-sequence model, the task "
-                                                 "a classification task"),
-                              ("clf", "copy", "it is a classifier, the task a "
+    for model, task, said in (("s2s", "reviews", "it decodes sequences, the task is a "
+                                                 "classification task"),
+                              ("clf", "copy", "it is a classifier, the task is a "
                                               "sequence-to-sequence task")):
         monkeypatch.setattr(attncore.data, "get_task", lambda name, seed=0, **options: (
             Reviews() if name == "reviews" else real_get_task(name, seed=seed, **TOY)))

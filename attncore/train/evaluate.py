@@ -208,7 +208,7 @@ def _misfit(model, task) -> Optional[str]:
         getattr(config, "kind", None) != "encoder_only"
     if classification:
         if decoder:   # (scorable, on another kind of task: it said nothing could be scored)
-            return "it is a sequence-to-sequence model, the task a classification task"
+            return "it decodes sequences, the task is a classification task"
         if not classifier:   # (a ran-lm trained on the documents)
             return _NO_CLASSIFIER
         if config.num_classes != len(task.labels):
@@ -216,7 +216,7 @@ def _misfit(model, task) -> Optional[str]:
         sizes = {"vocab_size": len(task.vocab), "src_vocab_size": len(task.vocab)}
     else:
         if classifier:
-            return "it is a classifier, the task a sequence-to-sequence task"
+            return "it is a classifier, the task is a sequence-to-sequence task"
         if not decoder:
             return _NO_DECODER
         sizes = {"src_vocab_size": len(task.src_vocab), "tgt_vocab_size": len(task.tgt_vocab)}

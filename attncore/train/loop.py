@@ -577,7 +577,11 @@ def number_bounds(minimum, above: bool, below) -> str:
 
 
 def in_bounds(value, minimum, above: bool, below) -> bool:
-    return math.isfinite(value) and value >= minimum and not (above and value == minimum) \
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:   # (an int past float's range: 10**400 steps)
+        return False
+    return finite and value >= minimum and not (above and value == minimum) \
         and (below is None or value < below)
 
 
