@@ -180,6 +180,13 @@ def test_constructor_rejects_weights_that_do_not_fit():
         DecoderStep(**common, layers=[{**good, "self_out": (step.self_out, np.zeros(32))}])
     with pytest.raises(ValueError, match="at least one decoder layer"):
         DecoderStep(**common, layers=[])
+    # (built without bounds checks, these read past a short tuple or a 0-d shape: a crash)
+    for change in (dict(embedding=None), dict(positions=np.float32(1)),
+                   dict(final_norm=("gamma",))):
+        with pytest.raises(ValueError, match="DecoderStep: "):
+            DecoderStep(**{**common, **change}, layers=[good])
+    with pytest.raises(ValueError, match=r"DecoderStep: layers\[0\].linear1 must be a pair"):
+        DecoderStep(**common, layers=[{**good, "linear1": (step.linear1,)}])
 
 
 # -- the KV cache gather of beam search -----------------------------------------------------------
