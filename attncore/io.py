@@ -39,6 +39,9 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The trainer's record of the run that made the weights beside it (task, options, seed; read
+#: by ``python -m attncore.train.evaluate``): a save of other weights removes a stale one.
+TRAINING_FILE = "training.json"
 SPECIAL_TOKEN_KEYS = ("pad_id", "bos_id", "eos_id", "unk_id")
 
 WeightSpec = Dict[str, Tuple[Tuple[int, ...], str]]
@@ -205,19 +208,28 @@ def _sort_metadata(path: Path) -> None:
 
 
 def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapping[str, np.ndarray],
-                   tokenizer_files: Optional[Union[Mapping[str, Union[str, bytes]], Iterable[os.PathLike]]] = None
-                   ) -> Path:
+                   tokenizer_files: Optional[Union[Mapping[str, Union[str, bytes]], Iterable[os.PathLike]]] = None,
+                   *, training: Optional[str] = None) -> Path:
     """Write a model directory after checking ``weights`` against the architecture's spec.
 
     Parameters
     ----------
     path : path-like
-        Created if needed; existing ``config.json`` / ``model.safetensors`` are replaced.
+        Created if needed; a model it holds is replaced.
     config : mapping
         JSON-serialisable; must contain ``architecture``. ``format_version`` is set to 1.
     weights : mapping name -> np.ndarray
         Exactly the tensors of ``weight_spec(config)``.
     tokenizer_files : mapping filename -> str | bytes, or iterable of paths to copy, optional
+    training : str, optional
+        The text of :data:`TRAINING_FILE` (the trainer's export); without it a
+        :data:`TRAINING_FILE` the directory holds is removed (it described other weights).
+
+    Every file is written whole under a temporary name first (a failure there, a full disk
+    or an interrupt, leaves the directory as it was); then the old ``config.json`` is removed,
+    the other files are renamed into place, and the new ``config.json`` comes last. A save cut
+    short while renaming leaves a directory without ``config.json``, which does not load,
+    never the old config with new weights or vocabularies (or the reverse) loading silently.
 
     Returns
     -------
@@ -245,31 +257,75 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, so a crash never leaves a half-written model.
-    arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
-    temporary_weights = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(arrays, str(temporary_weights),
-              metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
-    _sort_metadata(temporary_weights)
-    os.chmod(temporary_weights, new_file_mode())
-    os.replace(temporary_weights, directory / WEIGHTS_FILE)
-    temporary_config = directory / (CONFIG_FILE + ".tmp")
-    temporary_config.write_text(config_text + "\n", encoding="utf-8")
-    os.replace(temporary_config, directory / CONFIG_FILE)
-
-    if tokenizer_files:
-        if isinstance(tokenizer_files, Mapping):
-            for filename, content in tokenizer_files.items():
-                target = directory / filename
-                if isinstance(content, bytes):
-                    target.write_bytes(content)
-                else:
-                    target.write_text(content, encoding="utf-8")
-        else:
-            for source in tokenizer_files:
-                source = Path(source)
-                (directory / source.name).write_bytes(source.read_bytes())
+    texts: Dict[str, Union[str, bytes]] = {}
+    if isinstance(tokenizer_files, Mapping):
+        texts.update(tokenizer_files)
+    elif tokenizer_files:
+        texts.update({source.name: source.read_bytes() for source in tokenizer_files})
+    if training is not None:
+        texts[TRAINING_FILE] = training
+    staged: List[Tuple[Path, Path]] = []   # (temporary, final), config.json last
+    try:
+        arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
+        temporary = directory / (WEIGHTS_FILE + ".tmp")
+        staged.append((temporary, directory / WEIGHTS_FILE))
+        save_file(arrays, str(temporary),
+                  metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
+        _sort_metadata(temporary)
+        _flush_to_disk(temporary)
+        for filename, content in list(texts.items()) + [(CONFIG_FILE, config_text + "\n")]:
+            temporary = directory / (filename + ".tmp")
+            staged.append((temporary, directory / filename))
+            _write_durably(temporary, content)
+        for temporary, _ in staged:
+            os.chmod(temporary, new_file_mode())
+        # commit: no config.json while the files change, the new one last
+        _remove_if_present(directory / CONFIG_FILE)
+        if training is None:
+            _remove_if_present(directory / TRAINING_FILE)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+        _flush_directory(directory)
+    finally:   # (each renamed one is gone: what is left is a staged file of a failed save)
+        for temporary, _ in staged:
+            _remove_if_present(temporary)
     return directory
+
+
+def _remove_if_present(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_durably(path: Path, content: Union[str, bytes]) -> None:
+    """``content`` (text as UTF-8) into ``path``, on disk before this returns."""
+    with open(path, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file written by another library (safetensors): a rename over the old file
+    must not reach the disk before the new file's data (a power cut then left an empty one)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _flush_directory(directory: Path) -> None:
+    """fsync a directory's entries (the renames), where the platform allows it."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:   # (Windows: directories cannot be opened)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _check_tokenizer_files(config: Mapping, tokenizer_files, directory: Path) -> None:

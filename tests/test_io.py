@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import re
 
 import numpy as np
@@ -691,3 +692,88 @@ def test_every_engine_model_pickles_and_deep_copies(weight_dtype):
                     [r.tokens for r in model.generate(prompt, **options)]
             else:
                 np.testing.assert_array_equal(twin.classify(prompt)[0], model.classify(prompt)[0])
+
+
+# -- replacing a model directory --------------------------------------------------------------------
+
+def _two_models_of_the_same_shapes():
+    """(A, B): Transformers whose weights fit each other's config, told apart by their outputs
+    (post-norm ReLU against pre-norm GELU)."""
+    from attncore.models import Transformer as Engine
+    from attncore.data.vocab import Vocab
+    from attncore.tokenizer import Tokenizer
+    common = dict(src_vocab_size=12, tgt_vocab_size=12, d_model=8, num_heads=2,
+                  dim_feedforward=8, num_encoder_layers=1, num_decoder_layers=1,
+                  max_positions=16, dtype="float32")
+    a = Engine.from_config(TransformerConfig(**common).to_dict(), seed=0,
+                           tokenizer=Tokenizer(Vocab("abcdefgh"), Vocab("abcdefgh")))
+    b = Engine.from_config(TransformerConfig(**common, norm_first=True,
+                                             activation="gelu").to_dict(), seed=1,
+                           tokenizer=Tokenizer(Vocab("hgfedcba"), Vocab("hgfedcba")))
+    return a, b
+
+
+@pytest.mark.parametrize("failing_call", [1, 2, 3, 4])
+def test_a_save_cut_short_while_renaming_leaves_no_model_that_loads(tmp_path, monkeypatch,
+                                                                   failing_call):
+    # the weights were renamed in, then config.json, then the vocabularies were written in
+    # place: a kill between them left A's config with B's weights (or B's config with A's
+    # vocabularies) loading silently, with other outputs than either
+    from attncore.models import load
+    a, b = _two_models_of_the_same_shapes()
+    a.save(tmp_path / "m")
+    real_replace, calls = os.replace, []
+
+    def interrupted(source, target):
+        calls.append(target)
+        if len(calls) == failing_call:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        b.save(tmp_path / "m")
+    monkeypatch.undo()
+    with pytest.raises((ValueError, FileNotFoundError), match="config.json"):
+        load(tmp_path / "m")
+    assert not [p.name for p in (tmp_path / "m").iterdir() if p.name.endswith(".tmp")]
+    b.save(tmp_path / "m")                                  # (a save run again completes)
+    again = load(tmp_path / "m")
+    assert again.tokenizer.encode_source("abc").tolist() == \
+        b.tokenizer.encode_source("abc").tolist()
+
+
+def test_a_save_that_fails_before_renaming_leaves_the_old_model(tmp_path, monkeypatch):
+    # (a full disk or an interrupt while the files are written: the old model stays whole)
+    from attncore.models import load
+    a, b = _two_models_of_the_same_shapes()
+    a.save(tmp_path / "m")
+    source = [np.array([4, 5, 6, 2])]
+    expected = [r.tokens for r in a.generate(source, max_length=6)]
+    real_write = io._write_durably
+
+    def full_disk(path, content):
+        if path.name == "config.json.tmp":
+            raise OSError(28, "No space left on device")
+        real_write(path, content)
+    monkeypatch.setattr(io, "_write_durably", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        b.save(tmp_path / "m")
+    monkeypatch.undo()
+    kept = load(tmp_path / "m")
+    assert [r.tokens for r in kept.generate(source, max_length=6)] == expected
+    assert kept.tokenizer.encode_source("abc").tolist() == \
+        a.tokenizer.encode_source("abc").tolist()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == \
+        ["config.json", "model.safetensors", "src_vocab.json", "tgt_vocab.json"]
+
+
+def test_a_save_of_other_weights_removes_a_stale_training_record(tmp_path):
+    # evaluate read the old run's task and seed beside the new weights and scored them on it
+    from attncore.models import load
+    from attncore.train import train
+    train("copy", "seq2seq-bahdanau", tmp_path / "m", steps=1, batch_size=4, progress=False,
+          embed_dim=4, hidden_size=4, task_options={"num_train": 20, "max_len": 4})
+    record = json.loads((tmp_path / "m" / io.TRAINING_FILE).read_text())
+    assert record["task"] == "copy"
+    load(tmp_path / "m").save(tmp_path / "m")
+    assert not (tmp_path / "m" / io.TRAINING_FILE).exists()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["export", "load_model", "model_from_config"]
+# TRAINING_FILE: what the trainer writes beside the model about the run (task, its options,
+# seed...), read by ``python -m attncore.train.evaluate MODEL_DIR`` when it is given no --task;
+# the engine ignores it (``attncore.io.save_model_dir`` writes it with the model, or removes a
+# stale one)
+from attncore.io import TRAINING_FILE
 
-
-#: What the trainer writes beside the model about the run (task, its options, seed...): read by
-#: ``python -m attncore.train.evaluate MODEL_DIR`` when it is given no --task; the engine ignores it.
-TRAINING_FILE = "training.json"
+__all__ = ["export", "load_model", "model_from_config", "TRAINING_FILE"]
 
 
 def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
@@ -51,12 +52,9 @@ def export(model, out_dir, src_vocab=None, tgt_vocab=None, labels=None,
     # each vocabulary's JSON as the vocabulary itself writes it, handed to save_model_dir
     # (which refuses a tokenizer entry naming files it does not get)
     texts = {f"{side}_vocab.json": vocab.to_json() for side, vocab in files.items()}
-    directory = io.save_model_dir(Path(out_dir), config, model.state_dict(),
-                                  tokenizer_files=texts)
-    if training is not None:
-        (directory / TRAINING_FILE).write_text(json.dumps(training, indent=1) + "\n",
-                                               encoding="utf-8")
-    return directory
+    return io.save_model_dir(Path(out_dir), config, model.state_dict(), tokenizer_files=texts,
+                             training=None if training is None
+                             else json.dumps(training, indent=1) + "\n")
 
 
 def model_from_config(config: dict, seed: int = 0):
