@@ -120,6 +120,13 @@ def test_a_tokenizer_cache_cut_short_or_damaged_is_learnt_again(tmp_path, monkey
         repaired = get_task("translation", **small, tokenizer_dir=tmp_path)
     assert repaired.tgt_vocab == de_en.tgt_vocab
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+    # another task's writer replaced a vocabulary after this record was written (two tasks
+    # sharing the directory): the record names the files it was written with
+    other = get_task("translation", **small, direction="en-de")
+    (tmp_path / "src_tokenizer.json").write_text(other.src_vocab.to_json(), encoding="utf-8")
+    with pytest.warns(UserWarning, match="learnt again"):
+        mixed = get_task("translation", **small, tokenizer_dir=tmp_path)
+    assert mixed.src_vocab == de_en.src_vocab
 
 
 def test_translation_vocabularies_clean_raw_text_as_the_task_cleaned_its_data(translation_task):

@@ -174,7 +174,12 @@ class BPEVocab:
         """Open a file written by :meth:`save` (or a compatible ``tokenizer.json``: a BPE model
         with the pieces listed in :func:`_check_pipeline`). ValueError for anything else."""
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return cls.from_json(f.read())
+
+    @classmethod
+    def from_json(cls, text: str) -> "BPEVocab":
+        """The vocabulary of a ``tokenizers`` JSON text (what :meth:`to_json` gives and
+        :meth:`load` reads). ValueError for anything else."""
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"a tokenizers JSON file holds an object, got {type(data).__name__}")

@@ -121,22 +121,37 @@ def _vocabulary_source(train, vocab_size, min_frequency, lowercase) -> dict:
 
 def _cached_vocabularies(directory, source: dict):
     """The (source, target) vocabularies a tokenizer cache holds if its
-    ``vocabulary_source.json`` is ``source``, else None. A cache written before that file
-    existed, or one unreadable in part, is learnt again."""
+    ``vocabulary_source.json`` is ``source`` and names these very files (their digests), else
+    None. A cache written before that file existed, one unreadable in part, or one another
+    task rewrote meanwhile, is learnt again."""
     from .bpe import BPEVocab
     try:
         with open(os.path.join(directory, _VOCABULARY_SOURCE), encoding="utf-8") as f:
-            if json.load(f) != source:
+            record = json.load(f)
+        if not isinstance(record, dict) or record.get("learnt_from") != source:
+            return None
+        vocabularies = []
+        for name in _VOCABULARY_FILES:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                text = f.read()
+            if record.get("files", {}).get(name) != _digest(text):
                 return None
-        return tuple(BPEVocab.load(os.path.join(directory, name)) for name in _VOCABULARY_FILES)
+            vocabularies.append(BPEVocab.from_json(text))
+        return tuple(vocabularies)
     except (OSError, ValueError):
         return None
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _cache_vocabularies(directory, vocabularies, source: dict) -> None:
-    """Write the vocabularies and, last, their ``vocabulary_source.json``: each file whole
-    (a temporary name, then a rename), and the old source removed first, so that a write cut
-    short, or two tasks writing at once, never leaves a source naming other vocabularies."""
+    """Write the vocabularies and, last, their ``vocabulary_source.json`` (what they were
+    learnt from, and each file's digest), each file whole (a temporary name, then a rename),
+    the old record removed first: a write cut short leaves no record vouching for replaced
+    files, and of two tasks writing at once, a record names the files it was written with
+    (checked on reading)."""
     source_path = os.path.join(directory, _VOCABULARY_SOURCE)
     if any(os.path.exists(os.path.join(directory, name)) for name in _VOCABULARY_FILES):
         # (a fixed cache directory reused with direction=en-de trained English sources on the
@@ -147,10 +162,12 @@ def _cache_vocabularies(directory, vocabularies, source: dict) -> None:
     os.makedirs(directory, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(source_path)
-    texts = [(os.path.join(directory, name), vocabulary.to_json())
-             for vocabulary, name in zip(vocabularies, _VOCABULARY_FILES)]
-    texts.append((source_path, json.dumps(source, indent=1, sort_keys=True)))
-    for path, text in texts:
+    texts = [(name, vocabulary.to_json()) for vocabulary, name in zip(vocabularies,
+                                                                      _VOCABULARY_FILES)]
+    record = {"learnt_from": source, "files": {name: _digest(text) for name, text in texts}}
+    texts.append((_VOCABULARY_SOURCE, json.dumps(record, indent=1, sort_keys=True)))
+    for name, text in texts:
+        path = os.path.join(directory, name)
         partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
         try:
             with open(partial, "w", encoding="utf-8") as f:
