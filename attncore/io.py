@@ -272,7 +272,7 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
         save_file(arrays, str(temporary),
                   metadata={"format": "attncore", "format_version": str(FORMAT_VERSION)})
         _sort_metadata(temporary)
-        _flush_to_disk(temporary)
+        flush_file(temporary)
         for filename, content in list(texts.items()) + [(CONFIG_FILE, config_text + "\n")]:
             temporary = directory / (filename + ".tmp")
             staged.append((temporary, directory / filename))
@@ -285,7 +285,7 @@ def save_model_dir(path: Union[str, os.PathLike], config: Mapping, weights: Mapp
             _remove_if_present(directory / TRAINING_FILE)
         for temporary, final in staged:
             os.replace(temporary, final)
-        _flush_directory(directory)
+        flush_directory(directory)
     finally:   # (each renamed one is gone: what is left is a staged file of a failed save)
         for temporary, _ in staged:
             _remove_if_present(temporary)
@@ -307,14 +307,14 @@ def _write_durably(path: Path, content: Union[str, bytes]) -> None:
         os.fsync(f.fileno())
 
 
-def _flush_to_disk(path: Path) -> None:
+def flush_file(path: Path) -> None:
     """fsync a file written by another library (safetensors): a rename over the old file
     must not reach the disk before the new file's data (a power cut then left an empty one)."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _flush_directory(directory: Path) -> None:
+def flush_directory(directory: Path) -> None:
     """fsync a directory's entries (the renames), where the platform allows it."""
     try:
         descriptor = os.open(directory, os.O_RDONLY)

@@ -58,7 +58,11 @@ def save_checkpoint(directory, model, optimizer, step: int, epoch: int, batch_in
     temporary = directory / (CHECKPOINT_WEIGHTS + ".tmp")
     save_file(arrays, str(temporary), metadata={_STATE_METADATA: json.dumps(state)})
     os.chmod(temporary, io.new_file_mode())   # (save_file writes 0o600)
+    # on disk before it replaces the last good checkpoint (after a power cut a renamed,
+    # unflushed file could come back empty: the run's only resume point lost)
+    io.flush_file(temporary)
     os.replace(temporary, directory / CHECKPOINT_WEIGHTS)
+    io.flush_directory(directory)
     _write_state_copy(directory, state)
     return directory
 
