@@ -272,10 +272,13 @@ def save_png(amap: AttentionMap, path, *, title: Optional[str] = None, dpi: int 
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="attention weight")
     # (catch_warnings swaps process-wide state: two threads' blocks interleaving left the
     # filters at "always" for good; heat maps drawn at once take turns here)
-    with _DRAWING, warnings.catch_warnings(record=True) as caught:
+    # (a PNG cut short by a full disk or a kill replaced the good one with a truncated file)
+    from .io import replaced_whole
+    with _DRAWING, warnings.catch_warnings(record=True) as caught, \
+            replaced_whole(path) as temporary:
         warnings.simplefilter("always")
         figure.tight_layout()
-        figure.savefig(path, dpi=dpi, format="png")
+        figure.savefig(temporary, dpi=dpi, format="png")
     notes = []
     for category, note in _drawing_notes(caught):
         notes.append(note)

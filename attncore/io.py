@@ -20,10 +20,12 @@ live in another module: :data:`_ARCHITECTURE_MODULES` names the module whose imp
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -305,6 +307,26 @@ def _write_durably(path: Path, content: Union[str, bytes]) -> None:
         f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Union[str, os.PathLike]):
+    """Yields a temporary path beside ``path`` for the caller to write; when the block ends
+    the file is flushed and renamed over ``path``, and on an error it is removed: a write cut
+    short (a kill, a full disk) leaves ``path`` as it was, never a truncated file. A symbolic
+    link's target is what is replaced; a path that exists but is no regular file (a device
+    such as /dev/stdout, a named pipe) is yielded as it is, written in place."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        yield path
+        return
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield temporary
+        flush_file(temporary)
+        os.replace(temporary, path)
+    finally:
+        _remove_if_present(temporary)
 
 
 def flush_file(path: Path) -> None:

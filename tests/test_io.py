@@ -777,3 +777,24 @@ def test_a_save_of_other_weights_removes_a_stale_training_record(tmp_path):
     assert record["task"] == "copy"
     load(tmp_path / "m").save(tmp_path / "m")
     assert not (tmp_path / "m" / io.TRAINING_FILE).exists()
+
+
+def test_replaced_whole_leaves_the_old_file_when_a_write_fails(tmp_path):
+    # (vocabularies and heat maps were written in place: a full disk or a kill left a
+    # truncated file where the good one was)
+    from attncore.data.vocab import Vocab
+    path = tmp_path / "vocab.json"
+    Vocab("abc").save(path)
+    good = path.read_text()
+    with pytest.raises(OSError):
+        with io.replaced_whole(path) as temporary:
+            temporary.write_text("{trunc")
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == good and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["vocab.json"]
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    Vocab("xyz").save(link)                       # (the link's target is replaced)
+    assert link.is_symlink() and Vocab.load(path).tokens == Vocab("xyz").tokens
+    with io.replaced_whole("/dev/null") as target:   # (no regular file: written in place)
+        assert str(target) == "/dev/null"

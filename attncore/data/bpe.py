@@ -165,9 +165,11 @@ class BPEVocab:
         return self.tokenizer.to_str(pretty=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the ``tokenizers`` JSON file."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        """Write the ``tokenizers`` JSON file (whole or not at all: an existing file is
+        replaced only once the new one is written)."""
+        from attncore.io import replaced_whole
+        with replaced_whole(path) as temporary:
+            temporary.write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BPEVocab":

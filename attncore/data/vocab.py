@@ -244,9 +244,11 @@ class Vocab:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=0)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary as UTF-8 JSON to ``path``."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        """Write the vocabulary as UTF-8 JSON to ``path`` (whole or not at all: an existing
+        file is replaced only once the new one is written)."""
+        from attncore.io import replaced_whole
+        with replaced_whole(path) as temporary:
+            temporary.write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocab":
