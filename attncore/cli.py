@@ -432,10 +432,16 @@ class _LazyOutput:
 
     @contextlib.contextmanager
     def _errors_named(self):
-        """An OSError of the file as the one-line error naming it."""
+        """An OSError of the file as the one-line error naming it; the file then keeps its
+        whole lines only (a full disk had cut the last one in the middle: ``2013-11-1``)."""
         try:
             yield
         except OSError as exc:
+            if self._file is not None:
+                file, self._file = self._file, None
+                with contextlib.suppress(OSError):   # (its buffer cannot be written either)
+                    file.close()
+                _trim_to_whole_lines(self.path)
             raise UserError(f"cannot write output {self.path!r}: {exc.strerror}") from None
 
     def __enter__(self):
@@ -448,6 +454,22 @@ class _LazyOutput:
             # on its way out)
             with self._errors_named() if exc_info[0] is None else contextlib.suppress(OSError):
                 file.close()
+
+
+def _trim_to_whole_lines(path) -> None:
+    """Cut a file back to just after its last newline (best effort: an output file whose
+    last write failed)."""
+    with contextlib.suppress(OSError), open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)
 
 
 def _open_output(args):

@@ -311,6 +311,25 @@ def _stdout_env(unbuffered):
     return environ
 
 
+def test_an_output_file_that_fills_keeps_whole_lines(tmp_path):
+    # (a file size limit or a full disk cut the last line in the middle: "...2013-11-1")
+    import resource
+    lines = "".join(f"{d} March {1900 + d * 3}\n" for d in range(1, 29)) * 40
+    (tmp_path / "in.txt").write_text(lines)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+    proc = subprocess.run([sys.executable, "-m", "attncore", "translate", "--input", "in.txt",
+                           "--output", "out.txt", "--no-progress"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 1 and "cannot write output 'out.txt': File too large" in \
+        proc.stderr, proc.stderr
+    written = (tmp_path / "out.txt").read_text()
+    assert 0 < len(written) <= 6000 and written.endswith("\n")
+    assert all(len(line) == 10 for line in written.splitlines())   # (whole YYYY-MM-DD lines)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("unbuffered", [False, True])
 @pytest.mark.parametrize("args", [["translate", "--input", "in.txt"], ["info"], ["--help"],
