@@ -524,3 +524,46 @@ def test_a_decoder_only_model_writes_what_follows_its_prompt(level):
         item = job.parse(1, "and god said", paired)
         assert item.source[-1] == vocab.eos
         assert job.format_item(item, vocab.encode("unto moses"), paired) == "unto moses"
+
+
+# ------------------------------------------------------- mutation-testing round 2: small gaps
+def test_every_character_str_splitlines_breaks_on_is_escaped():
+    # LINE_ESCAPES must hold every line boundary of str.splitlines (\x1d and \x1e included)
+    breaks = [chr(c) for c in range(0x10000) if len(f"a{chr(c)}b".splitlines()) > 1]
+    assert "\x1d" in breaks and "\x1e" in breaks
+
+    class Lines:
+        def decode_target(self, ids):
+            return "x".join(breaks)
+    line = batch.GenerateJob().format([4], batch.Frontend(ReverseModel.config, Lines()))
+    assert line.splitlines() == [line] and not set(breaks) & set(line)
+
+
+def test_sources_of_the_same_length_are_batched_in_reading_order():
+    batches = list(batch.plan_batches(items_of([3, 3, 3, 3, 3]), Batching(batch_size=2)))
+    assert [[i.line for i in b] for b in batches] == [[1, 2], [3, 4], [5]]
+
+
+def test_a_decoder_only_models_ids_are_checked_against_its_target_vocabulary():
+    frontend = batch.Frontend({"architecture": "transformer", "kind": "decoder_only",
+                               "src_vocab_size": 0, "tgt_vocab_size": 30})
+    assert frontend.source_vocab_size == 30
+    job = batch.GenerateJob(ids=True)
+    assert job.parse(1, "4 29", frontend).source.tolist() == [4, 29]
+    with pytest.raises(InputError, match=r"line 2: token id 30 outside \[0, 30\)"):
+        job.parse(2, "4 30", frontend)
+
+
+def test_encode_document_pooling_of_a_first_token_transformer_is_its_first_output():
+    # --pool document (the default) writes what the model's classifier reads: with
+    # config pooling="first" that is the first token's output, not the mean
+    from attncore import models
+    from attncore.train.transformer import TransformerConfig
+    config = TransformerConfig(kind="encoder_only", src_vocab_size=30, tgt_vocab_size=0,
+                               d_model=8, num_heads=2, dim_feedforward=12, num_encoder_layers=1,
+                               num_decoder_layers=0, num_classes=2, pooling="first").to_dict()
+    model = models.from_config(config, seed=1)
+    sources = [np.array([4, 5, 6, 7]), np.array([9, 8])]
+    document = batch.EncodeJob().run(model, sources)
+    for vector, sequence in zip(document, model.encode(sources)):
+        np.testing.assert_array_equal(vector, np.asarray(sequence, dtype=np.float32)[0])

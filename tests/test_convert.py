@@ -567,3 +567,26 @@ def test_max_positions_truncates_learned_table(tmp_path, torch_state):
     config, weights = io.load_model_dir(out)
     assert config["max_positions"] == 12 and weights["src_position.weight"].shape == (12, D)
     np.testing.assert_array_equal(weights["tgt_position.weight"], torch_state["pos.weight"][:12])
+
+
+def test_a_batch_first_position_buffer_is_read_as_a_table(tmp_path):
+    # a (1, P, d) buffer (batch-first tutorials) is the same table as the (P, 1, d) one
+    model = randomise(TorchSeq2Seq(norm_first=False, activation="relu", learned=False))
+    state = numpy_state(model)
+    state["pe"] = np.ascontiguousarray(state["pe"].transpose(1, 0, 2))
+    assert state["pe"].shape == (1, MAX_LEN, D)
+    out = from_pytorch_transformer(state, tmp_path / "m", names=seq2seq_names(False),
+                                   prefix="transformer", num_heads=HEADS, scale_embedding=True)
+    assert io.read_config(out)["max_positions"] == MAX_LEN
+    assert_seq2seq_matches(model, out)
+
+
+def test_max_positions_past_the_shorter_of_two_tables_is_named(tmp_path, torch_state):
+    state = dict(torch_state, src_pos=torch_state["pos.weight"],
+                 tgt_pos=torch_state["pos.weight"][:12])
+    del state["pos.weight"]
+    names = dict(SEQ2SEQ_NAMES, src_positions="src_pos", tgt_positions="tgt_pos")
+    with pytest.raises(ValueError, match=r"max_positions 16 exceeds the 12 rows of the position table"):
+        convert(state, tmp_path / "m", names=names, max_positions=16)
+    config, weights = io.load_model_dir(convert(state, tmp_path / "m", names=names))
+    assert config["max_positions"] == 12 and weights["src_position.weight"].shape == (12, D)

@@ -141,3 +141,21 @@ def test_rannet_bad_arguments(tmp_path, official):
     nan[key] = np.full_like(nan[key], np.nan)
     with pytest.raises(ValueError, match=r"variables: weights \['embedding_norm.weight'\] contain NaN"):
         from_rannet(nan, tmp_path / "ran", ran_config(fixture_config))
+
+
+def test_rannet_mlm_head_variables_make_an_lm_token_head(tmp_path, official):
+    # token_head defaults to "lm" when the MLM head's variables are there
+    data, fixture_config, variables = official
+    d = fixture_config["embedding_size"]
+    rng = np.random.default_rng(0)
+    head = {"MLM-Hidden/Dense/kernel:0": rng.standard_normal((d, d)).astype(np.float32),
+            "MLM-Hidden/Dense/bias:0": np.zeros(d, np.float32),
+            "MLM-Hidden/LayerNorm/gamma:0": np.ones(d, np.float32),
+            "MLM-Hidden/LayerNorm/beta:0": np.zeros(d, np.float32),
+            "MLM-Matching/bias:0": np.zeros(fixture_config["vocab_size"], np.float32)}
+    out = from_rannet(dict(variables, **head), tmp_path / "ran", ran_config(fixture_config))
+    config, weights = io.load_model_dir(out)
+    assert config["token_head"] == "lm"
+    np.testing.assert_array_equal(weights["lm_head.dense.weight"],
+                                  head["MLM-Hidden/Dense/kernel:0"].T)
+    assert_ran_matches(data, out)

@@ -132,3 +132,32 @@ def test_vocab_covers_inputs_and_batches(task):
 def test_case_variants_optional():
     plain = get_task("dates", seed=0, num_train=300, num_valid=10, num_test=10, case_variants=False)
     assert all(r.src == render_date(r.date, _fmt(r), r.locale) for r in plain.records("train"))
+
+
+def test_ordinal_suffixes():
+    fmt = DateFormat("MMMM d'§', y", "en_US", "")
+    days = {1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th",
+            21: "21st", 22: "22nd", 23: "23rd", 30: "30th", 31: "31st"}
+    for day, text in days.items():
+        assert render_date(dt.date(1998, 1, day), fmt) == f"January {text}, 1998"
+
+
+def test_case_variants_lower_and_upper_case_their_shares(task):
+    # 15 % lower-cased and 10 % upper-cased (among inputs that have letters to change)
+    letters = [r.src for r in task.records("train") if r.src.upper() != r.src.lower()]
+    upper = sum(s == s.upper() for s in letters) / len(letters)
+    lower = sum(s == s.lower() for s in letters) / len(letters)
+    assert 0.06 < upper < 0.14 and 0.11 < lower < 0.20
+    plain = get_task("dates", seed=0, num_train=300, num_valid=10, num_test=10,
+                     case_variants=False)
+    assert not any(s == s.upper() for s, _ in plain.examples("train") if s.upper() != s.lower())
+
+
+def test_a_month_of_13_is_not_ambiguous():
+    assert not is_ambiguous("04/13/1885") and not is_ambiguous("4.13.85")
+
+
+@pytest.mark.parametrize("valid, test", [(0.5, 0.5), (0.0, 0.1), (0.1, 0.0), (0.7, 0.4)])
+def test_split_fractions_must_leave_days_for_training(valid, test):
+    with pytest.raises(ValueError, match="valid_fraction and test_fraction"):
+        get_task("dates", seed=0, num_train=10, valid_fraction=valid, test_fraction=test)

@@ -392,3 +392,14 @@ def test_a_language_model_on_two_vocabularies_names_the_option_that_shares_one(t
                                          r"shared_vocab=true\)"):
         train("pairs", "transformer-lm", tmp_path / "m", steps=1, progress=False,
               task_options={"train": str(path)}, d_model=16, num_heads=2, dim_feedforward=16)
+
+
+def test_labelled_documents_are_cut_to_their_first_max_len_tokens(tmp_path):
+    train = write_labelled(tmp_path / "train.tsv")
+    cut = get_task("labelled", train=str(train), max_len=4)
+    whole = get_task("labelled", train=str(train))
+    text = "the cat " * 5
+    assert len(whole.encode(text)) == 10
+    assert cut.encode(text) == whole.encode(text)[:4]
+    ids, lengths, _ = next(cut.batches("train", 120))
+    assert lengths.max() == 4 and ids.shape[1] == 4

@@ -92,3 +92,9 @@ def test_each_toy_kind_draws_its_own_sources():
                for kind in ("copy", "reverse", "sort")}
     assert sources["copy"] != sources["sort"] and sources["copy"] != sources["reverse"]
     assert sources["sort"] != sources["reverse"]
+
+
+def test_drop_last_keeps_every_full_batch():
+    task = get_task("copy", seed=0, num_train=48, num_valid=4, num_test=4)
+    assert [len(b.src_ids) for b in task.batches("train", 16, drop_last=True)] == [16, 16, 16]
+    assert [len(b.src_ids) for b in task.batches("train", 20, drop_last=True)] == [20, 20]

@@ -333,3 +333,13 @@ def test_bpe_text_normalizer_reads_any_whitespace_run_as_one_space():
     assert plain == ["▁the", "▁cat", "▁sat", "."]
     for spaced in ("the\tcat sat.", "the\u00a0cat sat.", "the  cat\n sat. "):
         assert vocab.tokenize(spaced) == plain
+
+
+def test_a_bpe_token_list_looks_unknown_pieces_up_as_unk():
+    # (as Vocab.encode of a token list: a piece the vocabulary lacks is <unk>, never None)
+    pytest.importorskip("tokenizers")
+    from attncore.data.bpe import BPEVocab
+    v = BPEVocab.train(["the cat sat on the mat."] * 20, vocab_size=60, min_frequency=2)
+    pieces = v.tokenize("the cat")
+    assert v.encode(pieces + ["no such piece"], add_eos=True) == \
+        v.encode("the cat") + [v.unk, v.eos]

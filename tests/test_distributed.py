@@ -310,3 +310,53 @@ def test_workers_get_the_path_as_given_not_its_link_target(client, tmp_path):
         distributed._run_batch = original
     assert got == single_process(LINES[:3])
     assert set(seen.read_text().split()) == {str(link)}
+
+
+# ------------------------------------------------- mutation-testing round 2: thread budgets
+def test_worker_kernel_threads_are_the_cpus_of_one_task_slot(monkeypatch):
+    import distributed as dask_distributed
+    from types import SimpleNamespace
+    from attncore.kernels import threads
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    for slots, expected in [(1, 8), (2, 4), (3, 2), (16, 1)]:
+        monkeypatch.setattr(dask_distributed, "get_worker",
+                            lambda slots=slots: SimpleNamespace(nthreads=slots))
+        assert distributed._worker_kernel_threads() == expected
+
+
+def test_a_local_cluster_splits_the_thread_budget_between_its_workers(monkeypatch):
+    monkeypatch.setattr(distributed, "get_num_threads", lambda: 8)
+    with distributed.local_client(n_workers=2, processes=False) as live:
+        assert live.attncore_kernel_threads == 4
+
+
+class _Recording:
+    """A client that runs nothing: it records the kernel threads each batch is sent with."""
+    attncore_kernel_threads = 3
+
+    def __init__(self):
+        self.threads = []
+
+    def submit(self, function, model_path, job, rows, threads, weight_dtype, pure):
+        import concurrent.futures
+        self.threads.append(threads)
+        future = concurrent.futures.Future()
+        future.set_result([[int(item.source[0])] for item in rows])
+        return future
+
+    def cancel(self, futures):
+        pass
+
+    def scheduler_info(self):
+        return {"workers": {0: None}}
+
+
+def test_run_on_dask_sends_the_clients_kernel_threads_unless_given():
+    import numpy as np
+    items = [batch.Item(n, np.array([n])) for n in range(1, 6)]
+    for given, expected in [(None, 3), (1, 1)]:
+        client = _Recording()
+        out = list(distributed.run_on_dask(client, DATES, batch.GenerateJob(ids=True), items,
+                                           Batching(batch_size=2), kernel_threads=given))
+        assert [result for _, result in out] == [[n] for n in range(1, 6)]
+        assert client.threads == [expected] * 3

@@ -818,3 +818,64 @@ def test_a_selected_bidirectional_state_continues_its_own_documents():
     logits, _ = engine.classify(chunk, state)
     reordered, _ = engine.classify([chunk[i] for i in order], state.select(order))
     np.testing.assert_allclose(reordered, logits[order], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Mutation-testing round 2: state bookkeeping and checks
+# ------------------------------------------------------------------------------------------
+
+def test_a_history_row_with_some_zero_entries_is_used_as_given():
+    # only an all-zero row means "no history" (V3, per row): a row with zeros among non-zero
+    # entries is a cell, as in the trainer
+    engine, trainer = make_pair(seed=40)
+    first, second = documents((9, 7), seed=41)
+    history = np.array(engine.encode([first])[1].history)
+    history[:, ::2] = 0.0
+    encoding, _ = engine.encode([second], RANState.from_history(history))
+    ref = trainer_alone(trainer, second, history=history.astype(np.float64))
+    np.testing.assert_allclose(encoding.sequence[0], ref.sequence.data[0], RTOL, ATOL)
+    assert np.abs(encoding.sequence[0] - engine.encode([second])[0].sequence[0]).max() > 1e-3
+
+
+def test_a_bidirectional_state_counts_every_token_seen():
+    engine, _ = make_pair(seed=42)
+    docs = documents((9, 3), seed=43)
+    _, state = engine.encode(docs)
+    assert state.tokens == (9, 3)
+    _, state = engine.encode(documents((7, 2), seed=44), state)
+    assert state.tokens == (16, 5)
+
+
+def test_a_causal_state_with_a_full_pending_window_or_no_running_max_is_refused():
+    import dataclasses
+    engine, _ = make_pair(seed=45, causal=True, cell_pooling="max")   # W = 4
+    state = engine.encode(documents((9,), seed=46))[1]
+    assert state.windows == (2,) and len(state.pending[0]) == 1
+    more = documents((3,), seed=47)
+    # a pending window of W ids is a finished one that was never committed
+    full = dataclasses.replace(state, pending=(np.arange(4, 8),), tokens=(12,))
+    with pytest.raises(ValueError, match=re.escape("state.pending must hold 1-d integer arrays "
+                                                   "of fewer than 4 ids")):
+        engine.encode(more, full)
+    # g_max may be -inf only before the first window
+    carry = state.layers[0][0]
+    no_max = dataclasses.replace(carry, g_max=np.full_like(carry.g_max, -np.inf))
+    edited = dataclasses.replace(state, layers=((no_max,) + state.layers[0][1:],))
+    with pytest.raises(ValueError, match="g_max holds NaN or infinity"):
+        engine.encode(more, edited)
+
+
+def test_the_window_cache_never_holds_more_than_one_window():
+    engine, _ = make_pair(seed=48, causal=True, token_head="lm", window_size=4)
+    state = engine._start(documents((2, 1), seed=49))
+    assert state.cache.capacity == 5   # 1 + W (the power of two would be 8)
+
+
+def test_a_selected_state_is_read_only_too():
+    for causal in (False, True):
+        engine, _ = make_pair(seed=50, causal=causal)
+        _, state = engine.encode(documents((5, 6), seed=51))
+        picked = state.select([1, 0, 1])
+        assert not picked.history.flags.writeable
+        with pytest.raises(ValueError):
+            picked.history[0, 0] = 1.0

@@ -209,3 +209,23 @@ def test_text_map_columns_stay_aligned_with_wide_characters_and_marks():
     assert _columns(header[:header.index("b")]) == start + 2 * 4
     assert _columns(row_x[:row_x.index("█")]) == start + 2 * 4
     assert "\u25cc\u0301" in header   # a lone mark on a dotted circle
+
+
+def test_a_multi_head_models_weights_are_averaged_over_its_heads():
+    # (steps, heads, S) attention is drawn as each step's mean over the heads
+    from types import SimpleNamespace
+    weights = np.random.default_rng(0).dirichlet(np.ones(4), size=(3, 2)).astype(np.float32)
+
+    class Heads:
+        tokenizer = None
+
+        def generate(self, sources, **options):
+            return [SimpleNamespace(tokens=[5, 6], attention=[weights])]
+    amap = heatmap.attention_map(Heads(), [7, 8, 9])
+    np.testing.assert_allclose(amap.weights, weights.mean(axis=1), rtol=1e-6)
+    assert amap.source_tokens == ["7", "8", "9", "<eos>"]
+    assert amap.target_tokens == ["5", "6", "<eos>"] and amap.output == "5 6"
+
+
+def test_whitespace_in_labels_is_drawn_visibly():
+    assert heatmap._label("a\tb c\n") == "a⇥b␣c⏎"
