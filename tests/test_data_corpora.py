@@ -119,7 +119,7 @@ def test_a_tokenizer_cache_cut_short_or_damaged_is_learnt_again(tmp_path, monkey
     with pytest.warns(UserWarning, match="or unreadable ones"):
         repaired = get_task("translation", **small, tokenizer_dir=tmp_path)
     assert repaired.tgt_vocab == de_en.tgt_vocab
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]   # (none left over)
     # another task's writer replaced a vocabulary after this record was written (two tasks
     # sharing the directory): the record names the files it was written with
     other = get_task("translation", **small, direction="en-de")

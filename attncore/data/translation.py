@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import warnings
 
 import numpy as np
@@ -166,16 +165,10 @@ def _cache_vocabularies(directory, vocabularies, source: dict) -> None:
                                                                       _VOCABULARY_FILES)]
     record = {"learnt_from": source, "files": {name: _digest(text) for name, text in texts}}
     texts.append((_VOCABULARY_SOURCE, json.dumps(record, indent=1, sort_keys=True)))
+    from attncore.io import replaced_whole
     for name, text in texts:
-        path = os.path.join(directory, name)
-        partial = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
-        try:
-            with open(partial, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(partial, path)
-        finally:   # (gone once renamed; a write cut short leaves nothing behind)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
+        with replaced_whole(os.path.join(directory, name)) as temporary:
+            temporary.write_text(text, encoding="utf-8")
 
 
 class TranslationTask(Seq2SeqTask):
