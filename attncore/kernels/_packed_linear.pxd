@@ -4,6 +4,7 @@ the Cython modules that run products on packed weights: _blas, _recurrent, _tran
 and the checked weight table entries of the compiled model steps (_transformer, _ran)."""
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport sgemm
 
 cdef extern from "attncore.h" nogil:
     int AC_MAX_THREADS      # the most threads a parallel region runs (threads.MAX_THREADS)
@@ -94,6 +95,14 @@ cdef struct Linear:         # one product of a compiled model step, on a PackedL
     int panel_type          # float32, bfloat16 or int8 panels
     const float *bias       # (n_out,) or NULL
     Py_ssize_t n_out, n_in
+
+
+cdef inline void linear_rows(const float *x, Py_ssize_t rows, Linear w, float *out,
+                             Py_ssize_t small_gemm_macs, int num_threads) noexcept nogil:
+    """out (rows, n_out) = x (rows, n_in) . W^T + bias on the packed panels (BLAS past the
+    panel kernel's rows)."""
+    ac_packed_linear_rows(x, w.n_in, rows, w.n_in, w.panels, w.panel_type, w.n_out, w.bias, out,
+                          w.n_out, sgemm, small_gemm_macs, num_threads)
 
 
 cdef inline object float32_array(object a, tuple shape, str owner, str name, list keep):

@@ -22,8 +22,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport (Linear, ac_packed_linear_rows, float32_array, float32_table,
-                              packed_linear, two_parts)
+from ._packed_linear cimport (Linear, float32_array, float32_table, linear_rows, packed_linear,
+                              two_parts)
 from ._sdpa cimport ac_sdpa_flash_f32, ac_sdpa_flash_tiles_f32, ac_tile_gemm_available
 
 import numpy as np
@@ -324,8 +324,7 @@ cdef class RANStep:
     cdef inline void _linear(self, const float *x, Py_ssize_t rows, Linear w, float *out,
                              int num_threads) noexcept nogil:
         """out (rows, n_out) = x (rows, n_in) . W^T + bias on the packed panels."""
-        ac_packed_linear_rows(x, w.n_in, rows, w.n_in, w.panels, w.panel_type, w.n_out, w.bias,
-                              out, w.n_out, sgemm, self.small_gemm_macs, num_threads)
+        linear_rows(x, rows, w, out, self.small_gemm_macs, num_threads)
 
     cdef inline void _norm(self, const float *x, float *y, Py_ssize_t rows, Norm norm,
                            int num_threads) noexcept nogil:

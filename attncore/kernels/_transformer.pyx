@@ -22,8 +22,8 @@ from libc.string cimport memcpy
 from cython.parallel cimport prange
 from scipy.linalg.cython_blas cimport sgemm
 
-from ._packed_linear cimport (AC_MAX_THREADS, Linear, ac_packed_linear_rows, float32_array,
-                              float32_table, packed_linear, two_parts)
+from ._packed_linear cimport (AC_MAX_THREADS, Linear, float32_array, float32_table, linear_rows,
+                              packed_linear, two_parts)
 from ._sdpa cimport ac_sdpa_splitkv_f32, ac_sdpa_weights_f32
 
 import numpy as np
@@ -44,13 +44,6 @@ cdef struct Layer:
     Linear self_qkv, self_out, cross_q, cross_out, linear1, linear2
     const float *norm_weight[3]    # norm1, norm2 (+ norm3 with cross-attention), each (d,)
     const float *norm_bias[3]
-
-
-cdef inline void _linear(const float *x, Py_ssize_t rows, Linear w, float *out,
-                         Py_ssize_t small_gemm_macs, int num_threads) noexcept nogil:
-    """out (rows, n_out) = x (rows, n_in) . W^T + bias on the packed panels."""
-    ac_packed_linear_rows(x, w.n_in, rows, w.n_in, w.panels, w.panel_type, w.n_out, w.bias, out,
-                          w.n_out, sgemm, small_gemm_macs, num_threads)
 
 
 def _f32(a, shape, name, list keep):
@@ -350,7 +343,7 @@ cdef class DecoderStep:
             layer = &self.layers[i]
             # self-attention: one fused QKV product; K and V go straight into the cache
             src = self._sublayer_input(x, hn, B, layer, 0, num_threads)
-            _linear(src, B, layer.self_qkv, wide, self.small_gemm_macs, num_threads)
+            linear_rows(src, B, layer.self_qkv, wide, self.small_gemm_macs, num_threads)
             for b in range(B):
                 for h in range(H):
                     dst = k_caches[i] + ((b * H + h) * capacity + positions[b]) * hd
@@ -368,7 +361,7 @@ cdef class DecoderStep:
             # cross-attention over the source K/V projected once per source
             if self.has_cross:
                 src = self._sublayer_input(x, hn, B, layer, 1, num_threads)
-                _linear(src, B, layer.cross_q, q, self.small_gemm_macs, num_threads)
+                linear_rows(src, B, layer.cross_q, q, self.small_gemm_macs, num_threads)
                 status = ac_sdpa_splitkv_f32(q, cross_k[i], cross_v[i], att, B, H, H, 1, S, hd,
                                              src_lengths, 0, self.attention_scale,
                                              self.decode_chunk, num_threads)
@@ -385,7 +378,7 @@ cdef class DecoderStep:
             # feed-forward
             norm_index = 2 if self.has_cross else 1
             src = self._sublayer_input(x, hn, B, layer, norm_index, num_threads)
-            _linear(src, B, layer.linear1, wide, self.small_gemm_macs, num_threads)
+            linear_rows(src, B, layer.linear1, wide, self.small_gemm_macs, num_threads)
             ac_activation_f32(wide, wide, B * F, AC_ACT_GELU if self.gelu else AC_ACT_RELU,
                               num_threads)
             self._project_residual(x, wide, B, layer.linear2, layer, norm_index, hn, num_threads)
@@ -393,7 +386,7 @@ cdef class DecoderStep:
         if self.final_weight != NULL:
             ac_layer_norm_f32(x, x, self.final_weight, self.final_bias, B, d, self.eps,
                               AC_NORM_STANDARD, num_threads)
-        _linear(x, B, self.output, log_probs, self.small_gemm_macs, num_threads)
+        linear_rows(x, B, self.output, log_probs, self.small_gemm_macs, num_threads)
         ac_softmax_f32(log_probs, log_probs, B, self.vocab, NULL, NULL, 1, num_threads)
         return 0
 
@@ -413,7 +406,7 @@ cdef class DecoderStep:
         """x = x + y_in W^T (pre-norm) or norm(x + y_in W^T) (post-norm); y is (B, d) scratch
         (it may be the buffer the sublayer input was normed into: that input is spent)."""
         cdef Py_ssize_t n = B * self.d_model, j
-        _linear(y_in, B, w, y, self.small_gemm_macs, num_threads)
+        linear_rows(y_in, B, w, y, self.small_gemm_macs, num_threads)
         for j in range(n):
             x[j] = x[j] + y[j]
         if not self.norm_first:
