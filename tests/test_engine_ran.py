@@ -238,6 +238,15 @@ def assert_same_as_one_call(chunked, whole, atol=CHUNK_ATOL):
         np.testing.assert_allclose(chunked, whole, rtol=0, atol=atol)
 
 
+def assert_steps_equal_one_call(engine, log_probs, sequences):
+    """A decoding step's log-probs (B, V) are, row by row, those of one ``token_logits`` call
+    over that row's whole sequence (its last token's)."""
+    for row, sequence in enumerate(sequences):
+        whole, _ = engine.token_logits([np.asarray(sequence)])
+        assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
+                                atol=5 * CHUNK_ATOL)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "max"])
 @pytest.mark.parametrize("memory_review", [True, False])
 def test_causal_chunks_equal_one_call(pooling, memory_review):
@@ -548,10 +557,7 @@ def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, we
     log_probs, _ = engine._step(state, None)
     rng = np.random.default_rng(21)
     for step in range(14):
-        for row, sequence in enumerate(sequences):
-            whole, _ = engine.token_logits([np.array(sequence)])
-            assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
-                                    atol=5 * CHUNK_ATOL)
+        assert_steps_equal_one_call(engine, log_probs, sequences)
         if step == 6:   # finished rows leave, a row is repeated (beams)
             keep = np.array([4, 1, 1, 3])
             state = state.select(keep)
@@ -617,10 +623,8 @@ def test_an_interrupted_step_can_be_retried(monkeypatch, where):
         with pytest.raises(KeyboardInterrupt):
             engine._step(state, np.array([7, 8]))    # row 0 completes its window
     log_probs, _ = engine._step(state, np.array([7, 8]))
-    for row, prompt in enumerate(prompts):
-        whole, _ = engine.token_logits([np.append(prompt, [7, 8][row])])
-        assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
-                                atol=5 * CHUNK_ATOL)
+    fed = [np.append(prompt, token) for prompt, token in zip(prompts, [7, 8])]
+    assert_steps_equal_one_call(engine, log_probs, fed)
 
 
 def test_a_step_interrupted_while_the_cache_grows_can_be_retried(monkeypatch):
@@ -648,9 +652,7 @@ def test_a_step_interrupted_while_the_cache_grows_can_be_retried(monkeypatch):
             log_probs, _ = engine._step(state, np.array([token]))
         sequence.append(token)
     assert len(calls) > engine.num_layers   # (the cache grew, interrupted once)
-    whole, _ = engine.token_logits([np.array(sequence)])
-    assert_same_as_one_call(log_probs[0], attncore.log_softmax(whole[0][-1]),
-                            atol=5 * CHUNK_ATOL)
+    assert_steps_equal_one_call(engine, log_probs, [sequence])
 
 
 def test_beam_search_and_sampling_run():
@@ -803,10 +805,7 @@ def test_every_step_after_a_select_equals_one_call_over_the_sequence():
         for sequence, token in zip(sequences, tokens):
             sequence.append(int(token))
         log_probs, _ = engine._step(state, tokens)
-        for row, sequence in enumerate(sequences):
-            whole, _ = engine.token_logits([np.array(sequence)])
-            assert_same_as_one_call(log_probs[row], attncore.log_softmax(whole[0][-1]),
-                                    atol=5 * CHUNK_ATOL)
+        assert_steps_equal_one_call(engine, log_probs, sequences)
 
 
 def test_a_selected_bidirectional_state_continues_its_own_documents():

@@ -223,12 +223,8 @@ def test_step_rejects_caches_and_memories_of_the_wrong_shape():
         model._decoding_step.step(*arguments.values())
 
 
-def test_head_and_constructor_reject_what_does_not_fit():
-    from attncore.kernels._ran import RANStep
-    model = _engine()
-    with pytest.raises(ValueError, match=r"x must be \(3, 24\) and log_probs \(3, 37\)"):
-        model._decoding_step.head(np.zeros((3, 24), np.float32),
-                                  np.zeros((3, 36), np.float32), 1)
+def _constructor_arguments(model):
+    """(RANStep keyword arguments but layers, layer 0's table) of the model of _engine()."""
     names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm", "review_query",
              "review_out", "review_glu", "review_norm"]
     layer = {name: getattr(model.layers[0], name) for name in names}
@@ -237,6 +233,16 @@ def test_head_and_constructor_reject_what_does_not_fit():
                   embedding=model.weights["embedding.weight"],
                   embedding_norm=model.embedding_norm, lm_dense=model.lm_dense,
                   lm_norm=model.lm_norm, lm_output=model.lm_output, lm_bias=model.lm_bias)
+    return common, layer
+
+
+def test_head_and_constructor_reject_what_does_not_fit():
+    from attncore.kernels._ran import RANStep
+    model = _engine()
+    with pytest.raises(ValueError, match=r"x must be \(3, 24\) and log_probs \(3, 37\)"):
+        model._decoding_step.head(np.zeros((3, 24), np.float32),
+                                  np.zeros((3, 36), np.float32), 1)
+    common, layer = _constructor_arguments(model)
     RANStep(**common, layers=[layer])                                  # consistent: builds
     with pytest.raises(ValueError, match=r"layers\[0\].qkv must have shape \(54, 24\)"):
         RANStep(**{**common, "head_num": 3, "head_size": 6}, layers=[layer])
@@ -260,14 +266,7 @@ def test_constructor_refuses_malformed_tables_without_reading_past_them(change):
     # crashed the interpreter)
     from attncore.kernels._ran import RANStep
     model = _engine()
-    names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm", "review_query",
-             "review_out", "review_glu", "review_norm"]
-    layer = {name: getattr(model.layers[0], name) for name in names}
-    common = dict(embedding_size=24, head_num=2, head_size=8, eps=LN_EPS,
-                  rotary_base=ROTARY_BASE, memory_review=True, small_gemm_macs=0,
-                  embedding=model.weights["embedding.weight"],
-                  embedding_norm=model.embedding_norm, lm_dense=model.lm_dense,
-                  lm_norm=model.lm_norm, lm_output=model.lm_output, lm_bias=model.lm_bias)
+    common, layer = _constructor_arguments(model)
     if "layer_qkv" in change:
         layer["qkv"] = change.pop("layer_qkv")
     with pytest.raises(ValueError, match="RANStep: "):
@@ -277,9 +276,7 @@ def test_constructor_refuses_malformed_tables_without_reading_past_them(change):
 def test_a_layer_list_growing_during_construction_is_not_read_past_its_table():
     from attncore.kernels._ran import RANStep
     model = _engine()
-    names = ["concat_norm", "qkv", "attn_out", "attn_glu", "attn_norm", "review_query",
-             "review_out", "review_glu", "review_norm"]
-    layer = {name: getattr(model.layers[0], name) for name in names}
+    common, layer = _constructor_arguments(model)
     layers = [layer]
 
     class Growing:   # a norm whose conversion appends layers to the caller's list
@@ -291,12 +288,7 @@ def test_a_layer_list_growing_during_construction_is_not_read_past_its_table():
             return self.array
     grown = dict(layer, concat_norm=(Growing(layer["concat_norm"][0]), layer["concat_norm"][1]))
     layers[0] = grown
-    step = RANStep(embedding_size=24, head_num=2, head_size=8, eps=LN_EPS,
-                   rotary_base=ROTARY_BASE, memory_review=True, small_gemm_macs=0,
-                   embedding=model.weights["embedding.weight"],
-                   embedding_norm=model.embedding_norm, lm_dense=model.lm_dense,
-                   lm_norm=model.lm_norm, lm_output=model.lm_output, lm_bias=model.lm_bias,
-                   layers=layers)
+    step = RANStep(**common, layers=layers)
     assert step.num_layers == 1 and len(layers) == 51
 
 

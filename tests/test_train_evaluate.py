@@ -299,16 +299,23 @@ def test_evaluate_refuses_an_empty_split(trained, capsys):
         metrics.bleu([], [])
 
 
+def _labelled_classifier(tmp_path, examples, steps):
+    """A tiny transformer classifier trained on the ``labelled`` task's (label, text) lines,
+    written to tmp_path / "data.tsv"; returns its model directory, tmp_path / "m"."""
+    (tmp_path / "data.tsv").write_text("".join(f"{label}\t{text}\n" for label, text in examples))
+    out = tmp_path / "m"
+    train("labelled", "transformer-classifier", out, steps=steps, batch_size=8, progress=False,
+          task_options={"train": str(tmp_path / "data.tsv")}, d_model=8, num_heads=2,
+          dim_feedforward=8, num_encoder_layers=1)
+    return out
+
+
 def test_a_model_whose_vocabulary_reads_text_by_older_rules_is_refused_for_that(tmp_path,
                                                                                capsys):
     # a version-1 vocabulary (attncore before 2026-12-07): the task rebuilds a version-2 one,
     # and evaluate said "does not fit ... (another task, or other --task-option or --seed?)"
-    (tmp_path / "data.tsv").write_text("".join(f"{'pos' if i % 2 else 'neg'}\tword{i} text\n"
-                                               for i in range(40)))
-    out = tmp_path / "m"
-    train("labelled", "transformer-classifier", out, steps=1, batch_size=8, progress=False,
-          task_options={"train": str(tmp_path / "data.tsv")}, d_model=8, num_heads=2,
-          dim_feedforward=8, num_encoder_layers=1)
+    out = _labelled_classifier(tmp_path, [("pos" if i % 2 else "neg", f"word{i} text")
+                                          for i in range(40)], steps=1)
     assert evaluate_main([str(out)]) == 0
     capsys.readouterr()
     (vocab_file,) = [p for p in out.iterdir() if p.name.endswith("vocab.json")]
@@ -357,12 +364,8 @@ def test_sigterm_stops_evaluate_with_one_line(trained, tmp_path):
 def test_cli_classifier_json_holds_its_accuracy(tmp_path, capsys):
     from attncore.train.evaluate import classification_accuracy
     from attncore.train.export import load_model
-    (tmp_path / "data.tsv").write_text("".join(f"{'pos' if i % 3 else 'neg'}\tword{i % 7} text\n"
-                                               for i in range(60)))
-    out = tmp_path / "m"
-    train("labelled", "transformer-classifier", out, steps=2, batch_size=8, progress=False,
-          task_options={"train": str(tmp_path / "data.tsv")}, d_model=8, num_heads=2,
-          dim_feedforward=8, num_encoder_layers=1)
+    out = _labelled_classifier(tmp_path, [("pos" if i % 3 else "neg", f"word{i % 7} text")
+                                          for i in range(60)], steps=2)
     assert evaluate_main([str(out), "--json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
