@@ -570,6 +570,52 @@ def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, we
     assert all(len(p) + len(f) < 4 for p, f in zip(state.state.pending, state.fed))
 
 
+def assert_same_carried_state(got, want):
+    """Two causal states of one document hold the same carried values (one call's bits on
+    AVX2 and AVX-512 machines, see assert_same_as_one_call)."""
+    assert (got.tokens, got.windows, got.model) == (want.tokens, want.windows, want.model)
+    np.testing.assert_array_equal(got.pending[0], want.pending[0])
+    assert_same_as_one_call(got.history, want.history)
+    for mine, theirs in zip(got.layers[0], want.layers[0], strict=True):
+        for name in ("cell", "g_prev", "memory_keys", "memory_values", "g_sum", "g_max"):
+            a, b = getattr(mine, name), getattr(theirs, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.dtype == b.dtype and not a.flags.writeable, name
+                assert_same_as_one_call(a, b)
+
+
+@pytest.mark.parametrize("memory_review", [True, False])
+def test_a_committed_window_carries_what_one_call_carries(memory_review):
+    # A step completing its window commits it from the window's cache (the summary slot's
+    # query and the cell recurrence, per layer): each row's carried cells, g, memory review
+    # and pooled sums are then those of one encode call over the row's sequence.
+    engine, _ = make_pair(seed=31, causal=True, token_head="lm", window_size=4, ran_layers=3,
+                          cell_pooling="mean", memory_review=memory_review)
+    prompts = documents((3, 1, 4, 7), vocab=40, seed=32)
+    state = engine._start(prompts)
+    engine._step(state, None)
+    sequences = [list(p) for p in prompts]
+    rng = np.random.default_rng(33)
+    for _ in range(9):
+        tokens = rng.integers(0, 40, len(sequences))
+        engine._step(state, tokens)
+        for sequence, token in zip(sequences, tokens):
+            sequence.append(int(token))
+        for row, sequence in enumerate(sequences):
+            committed = state.state.select([row])
+            _, want = engine.encode([np.asarray(sequence[:committed.tokens[0]])])
+            assert_same_carried_state(committed, want)
+    assert state.state.windows == (3, 2, 3, 4)
+    # and the pooled document vector of the whole sequence, through the carried sums
+    encoding, _ = engine.encode([np.asarray(s) for s in sequences])
+    continued = [row for row in range(len(sequences)) if len(state.fed[row])]
+    assert continued == [1, 2]
+    for row in continued:
+        rest, _ = engine.encode([state.fed[row]], state.state.select([row]))
+        assert_same_as_one_call(rest.pooled[0], encoding.pooled[row])
+
+
 def test_decoding_steps_in_a_wide_window_equal_one_call():
     # Windows past the flash kernel's key tile (96 on AVX-512; 192 causal, 96 not, on AVX2):
     # the cached step's attention ran with the non-causal tiles, so on AVX2 its keys were
@@ -605,11 +651,11 @@ def test_the_window_cache_holds_the_rows_in_use_not_the_window():
     assert state.select([1]).cache.capacity <= 64
 
 
-@pytest.mark.parametrize("where", ["_encode_for_decoding", "assign", "_next_log_probs"])
+@pytest.mark.parametrize("where", ["_start_windows", "_commit_windows", "_next_log_probs"])
 def test_an_interrupted_step_can_be_retried(monkeypatch, where):
-    # a step mixing cached rows and a window's commit: an exception in the commit left the
-    # cached rows one token ahead of the tokens fed, and the retried step read the wrong keys
-    from attncore.models import ran
+    # steps mixing cached rows, a window's commit and a window's first token, each interrupted
+    # once: an exception in the commit left the cached rows one token ahead of the tokens fed,
+    # and the retried step read the wrong keys
     engine, _ = make_pair(seed=27, causal=True, token_head="lm", window_size=4)
     prompts = documents((3, 2), seed=28)
     state = engine._start(prompts)
@@ -618,13 +664,23 @@ def test_an_interrupted_step_can_be_retried(monkeypatch, where):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(ran._WindowCache if where == "assign" else engine, where, interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            engine._step(state, np.array([7, 8]))    # row 0 completes its window
-    log_probs, _ = engine._step(state, np.array([7, 8]))
-    fed = [np.append(prompt, token) for prompt, token in zip(prompts, [7, 8])]
-    assert_steps_equal_one_call(engine, log_probs, fed)
+    fed, interruptions = [list(prompt) for prompt in prompts], 0
+    # row 0 commits; row 1 commits while row 0 starts a window; row 1 starts one
+    for tokens in ([7, 8], [9, 10], [11, 12]):
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, where, interrupted)
+            try:
+                log_probs, _ = engine._step(state, np.array(tokens))
+            except KeyboardInterrupt:
+                interruptions += 1
+                log_probs = None
+        if log_probs is None:   # (taken again)
+            log_probs, _ = engine._step(state, np.array(tokens))
+        for row, token in zip(fed, tokens):
+            row.append(token)
+        assert_steps_equal_one_call(engine, log_probs, fed)
+    assert interruptions == (2 if where == "_commit_windows" else 3)
+    assert state.state.windows == (1, 1)
 
 
 def test_a_step_interrupted_while_the_cache_grows_can_be_retried(monkeypatch):

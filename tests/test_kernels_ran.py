@@ -50,6 +50,7 @@ def _composed_layers(model: RAN, state, rows, tokens, held):
     cache = state.cache
     position = held[rows] + 1
     cache.reserve(int(position.max()) + 1, 1 + int(held.max()))
+    model._start_windows(state, rows[held[rows] == 0])   # (row 0 of a window's first step)
     x = _ln(K.embedding(model.weights["embedding.weight"], tokens), model.embedding_norm)
     for index, layer in enumerate(model.layers):
         z = _ln(x, layer.concat_norm)

@@ -60,8 +60,9 @@ A causal model with ``token_head="lm"`` implements the decoder protocol of ``doc
 (``_start`` prefills the prompts, ``_step`` feeds one token per row through the state), so
 ``RAN.generate`` offers greedy search, beam search and sampling. A token inside its window
 runs through the layers and the LM head as two compiled calls with the GIL released
-(:class:`attncore.kernels._ran.RANStep`); one that completes a window commits it through
-``encode``.
+(:class:`attncore.kernels._ran.RANStep`); so does one that completes its window, which is then
+committed from the window's cached keys and values: per layer the summary slot's one query row
+and the cell recurrence, not the W token rows again.
 """
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ class _WindowCache:
     Attributes
     ----------
     keys, values : list (per layer) of float32 (B, H, capacity, d)
-        Row 0: the incoming cell's key/value (no rotation); rows 1..n: the window's n tokens
+        Row 0: the incoming cell's key/value (no rotation; a window without tokens yet gets
+        it at its first step, :meth:`RAN._start_windows`); rows 1..n: the window's n tokens
         (n = the row's pending and fed tokens, :meth:`RANDecoderState.tokens_held`), rotated at
         their positions; later rows unused (``kv_lengths`` leaves them out). The capacity
         follows the rows held (doubling, at most 1 + W), not the window size: sized by W, a
@@ -271,12 +273,6 @@ class _WindowCache:
         return _WindowCache([gather_cache_prefix(k, rows, held) for k in self.keys],
                             [gather_cache_prefix(v, rows, held) for v in self.values],
                             self.window)
-
-    def assign(self, rows: np.ndarray, other: "_WindowCache", other_held: int) -> None:
-        """Rows ``rows`` take ``other``'s first ``other_held`` rows (a cache of len(rows) rows;
-        :meth:`reserve` first, so that nothing is allocated here)."""
-        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
-            mine[rows, :, :other_held] = theirs[:, :, :other_held]
 
 
 class RANDecoderState:
@@ -317,6 +313,13 @@ class RANDecoderState:
         return RANDecoderState(self.state.select(rows), tuple(self.fed[r] for r in rows),
                                self.cache.select(rows, held),
                                None if self.pending is None else self.pending[rows])
+
+
+def _pooled_sums(g_sum: np.ndarray, g_max: np.ndarray, g: np.ndarray):
+    """The running sum (float64) and max (D,) of a document's finished windows' g, with the
+    rows ``g`` (n, D) of its newly finished windows added."""
+    return (g_sum + g.astype(np.float64).sum(axis=0),
+            np.max(np.vstack([g_max[None], g]), axis=0))
 
 
 def _concat_states(first: RANState, second: RANState) -> RANState:
@@ -710,11 +713,12 @@ class RAN(GenerateTokensMixin, Model):
     def _step(self, state: RANDecoderState, tokens):
         """One token per row -> (log_probs float32 (B, V), None).
 
-        A token inside its row's window is one row through the layers, against the window's
-        cached keys and values and the carried memory review; a token that completes a window
-        goes through ``encode`` with the row's tokens since its last full call, which commits
-        the window (the same bits either way: every kernel's result for a row depends on that
-        row's inputs only, see :func:`sequence_attention`).
+        Every token is one row through the layers, against its window's cached keys and
+        values and the carried memory review; a token that completes its window then commits
+        it (:meth:`_commit_windows`). The same bits as one ``encode`` call over each row's
+        sequence: every kernel's result for a row depends on that row's inputs only (see
+        :func:`sequence_attention`), and the commit runs the kernels of ``encode``'s window
+        recurrence.
         """
         if tokens is None:
             if state.pending is None:
@@ -723,43 +727,78 @@ class RAN(GenerateTokensMixin, Model):
             return log_probs, None
         tokens = check_step_tokens(tokens, state.batch_size, self.vocab_size)
         state.pending = None
-        window = state.state.window_size
         held = state.tokens_held()
-        inside, full = np.flatnonzero(held + 1 < window), np.flatnonzero(held + 1 == window)
-        out = np.empty((state.batch_size, self.embedding_size), dtype=np.float32)
-        if len(inside):   # (writes the cache's row 1 + held: unused until fed says so)
-            out[inside] = self._cached_step(state, inside, tokens[inside], held)
-        fed = list(state.fed)
-        for r in inside:
-            fed[r] = np.append(fed[r], tokens[r])
+        every = np.arange(state.batch_size)
+        # (a token completing its window is that window's row W, like any other in it)
+        out = self._cached_step(state, every, tokens, held)
+        full = np.flatnonzero(held + 1 == state.state.window_size)
+        fed = [np.append(f, t) for f, t in zip(state.fed, tokens)]
         new_state = state.state
         if len(full):
-            documents = [np.append(state.fed[r], tokens[r]) for r in full]
-            encoding, finished, cache = self._encode_for_decoding(documents,
-                                                                  state.state.select(full))
-            out[full] = np.concatenate([s[-1:] for s in encoding.sequence])
+            committed = self._commit_windows(state, full)
             for r in full:
                 fed[r] = np.zeros(0, dtype=np.int64)
             if len(full) == state.batch_size:
-                new_state = finished
+                new_state = committed
             else:
+                inside = np.flatnonzero(held + 1 < state.state.window_size)
                 order = np.argsort(np.concatenate([inside, full]), kind="stable")
-                new_state = _concat_states(state.state.select(inside), finished).select(order)
-            state.cache.reserve(cache.capacity, 2 + int(held.max()))   # (the rows just written)
-            # (the committed rows' cache: read only once the state below says so)
-            state.cache.assign(full, cache, 1 + max(len(p) for p in finished.pending))
+                new_state = _concat_states(state.state.select(inside), committed).select(order)
         log_probs = self._next_log_probs(out)
         # The step takes effect here, in one assignment: before it the state is the one the
-        # step started from (the cache rows written above are past what it holds), so an
-        # interrupted step can be taken again (the cached rows were once counted ahead of the
-        # tokens fed, and the retried step read the wrong keys).
+        # step started from (the cache rows written above are past what it holds, and a
+        # committed row's next window gets its row 0 at its first step, from the state), so
+        # an interrupted step can be taken again (the cached rows were once counted ahead of
+        # the tokens fed, and the retried step read the wrong keys).
         state.state, state.fed = new_state, tuple(fed)
         return log_probs, None
+
+    def _commit_windows(self, state: RANDecoderState, rows: np.ndarray) -> RANState:
+        """The states of ``rows`` once their full windows (held in the cache, rows 0..W, the
+        last token's included) are committed: per layer the summary slot attends over the
+        window, which gives g and the next cell, and g joins the memory review and the pooled
+        sums. The kernels and row counts of the window's recurrence step in ``encode`` (so
+        the same bits as one call), without recomputing the window's W token rows there.
+        Writes nothing: the caller's assignment makes it take effect."""
+        old = state.state.select(rows)
+        n, W, H, d, D = (len(rows), old.window_size, self.head_num, self.head_size,
+                         self.embedding_size)
+        carried = [[None] * self.num_layers for _ in range(n)]
+        kv_lengths = np.full(n, W + 2, dtype=np.int64)   # the cell, W tokens, the summary
+        for index, layer in enumerate(self.layers):
+            before = [old.layers[i][index] for i in range(n)]
+            k = np.empty((n, H, W + 2, d), dtype=np.float32)
+            v = np.empty_like(k)
+            k[:, :, :W + 1] = state.cache.keys[index][rows, :, :W + 1]
+            v[:, :, :W + 1] = state.cache.values[index][rows, :, :W + 1]
+            summary = layer.summary_qkv.reshape(3, 1, H, 1, d)
+            qk = K.rotary(summary[:2], np.array([W + 1]), ROTARY_BASE)     # (2, 1, H, 1, d)
+            k[:, :, W + 1], v[:, :, W + 1] = qk[1, 0, :, 0], summary[2, 0, :, 0]
+            has_prev = np.array([c.g_prev is not None for c in before])
+            g_prev = np.stack([np.zeros_like(c.cell) if c.g_prev is None else c.g_prev
+                               for c in before])
+            query = np.repeat(qk[0, :, :, 0], n, axis=0)                      # (n, H, d)
+            g, cell = self._window_cells(layer, query, k, v, kv_lengths, layer.summary_glu,
+                                         g_prev, has_prev)
+            review = _swish_linear(g, layer.review_kv) if self.memory_review else None
+            for i, c in enumerate(before):
+                keys = values = None
+                if review is not None:
+                    keys = _carried_memory(np.concatenate([c.memory_keys, review[i:i + 1, :D]]))
+                    values = _carried_memory(np.concatenate([c.memory_values,
+                                                             review[i:i + 1, D:]]))
+                g_sum, g_max = _pooled_sums(c.g_sum, c.g_max, g[i:i + 1])
+                carried[i][index] = _LayerCarry(_frozen(cell[i]), _frozen(g[i]), keys, values,
+                                                _frozen(g_sum), _frozen(g_max))
+        empty = _frozen(np.zeros(0, dtype=np.int64))
+        return RANState(True, W, tuple(t + len(state.fed[r]) + 1 for t, r in zip(old.tokens, rows)),
+                        _frozen(cell), tuple(w + 1 for w in old.windows), (empty,) * n,
+                        tuple(tuple(layers) for layers in carried), old.model)
 
     def _encode_for_decoding(self, documents, state: Optional[RANState]):
         """``encode(documents, state)`` of a causal model, and the window cache of the new
         state: the keys and values of each document's unfinished window as the call computed
-        them, or only the incoming cell's row where every window is finished."""
+        them (a document whose windows are all finished gets its row 0 at its first step)."""
         captured = [{} for _ in range(self.num_layers)]
         encoding, state = self._encode(documents, state, None, None, captured)
         batch, H, d, window = len(documents), self.head_num, self.head_size, state.window_size
@@ -769,12 +808,6 @@ class RAN(GenerateTokensMixin, Model):
         for index, (layer, windows) in enumerate(zip(self.layers, captured)):
             k = np.zeros((batch, H, capacity, d), dtype=np.float32)
             v = np.zeros_like(k)
-            fresh = [b for b in range(batch) if b not in windows]
-            if fresh:   # no unfinished window: row 0 from the carried cell, as a window's step
-                cells = np.stack([state.layers[b][index].cell for b in fresh])
-                p0 = _swish_linear(_ln(cells, layer.concat_norm), layer.qkv)
-                p0 = p0.reshape(len(fresh), 3, H, d)
-                k[fresh, :, 0], v[fresh, :, 0] = p0[:, 1], p0[:, 2]
             for b, (kb, vb) in windows.items():
                 k[b, :, :kb.shape[1]], v[b, :, :vb.shape[1]] = kb, vb   # 1 + pending rows
             keys.append(k)
@@ -790,6 +823,7 @@ class RAN(GenerateTokensMixin, Model):
         cache = state.cache
         position = held[rows] + 1                                              # window row
         cache.reserve(int(position.max()) + 1, 1 + int(held.max()))
+        self._start_windows(state, rows[held[rows] == 0])
         memory_keys = memory_values = None
         if self.memory_review:
             carried = [carry for r in rows for carry in state.state.layers[r]]
@@ -802,6 +836,21 @@ class RAN(GenerateTokensMixin, Model):
             memory_values, out, flash_plan(self.head_size, True),
             flash_plan(self.embedding_size, False), kernel_threads())
         return check_finite(out, "encoder outputs")
+
+    def _start_windows(self, state: RANDecoderState, rows: np.ndarray) -> None:
+        """Row 0 of the window cache of ``rows``, whose windows hold no token yet: the key and
+        value of each row's carried cell (no rotation), as a window's recurrence step computes
+        them. Written at the window's first step rather than by the commit before it, so that
+        the committing step, interrupted, can be taken again from the window it started in
+        (writing them twice writes the same values)."""
+        if not len(rows):
+            return
+        H, d = self.head_num, self.head_size
+        for index, layer in enumerate(self.layers):
+            cells = np.stack([state.state.layers[r][index].cell for r in rows])
+            p0 = _swish_linear(_ln(cells, layer.concat_norm), layer.qkv).reshape(len(rows), 3, H, d)
+            state.cache.keys[index][rows, :, 0] = p0[:, 1]
+            state.cache.values[index][rows, :, 0] = p0[:, 2]
 
     def _next_log_probs(self, x: np.ndarray) -> np.ndarray:
         """``log_softmax(token_head(x))`` (N, V) of last-layer outputs x (N, D), compiled."""
@@ -1064,16 +1113,8 @@ class RAN(GenerateTokensMixin, Model):
             else:
                 query = p0[:, 0]                                               # the cell row
                 residual = _glu(z0, layer.attn_glu)
-            o = K.attention(np.ascontiguousarray(query[:, :, None]), k[a:b], v[a:b],
-                            kv_lengths=kv_lengths[a:b])                        # (n, H, 1, d)
-            h = _swish_linear(o.reshape(b - a, HD), layer.attn_out) + residual
-            g = _stdnorm(_ln(h, layer.attn_norm))
-            new_cell = g.copy()
-            later = has_prev[docs]
-            if later.any():
-                # c = LN_cellres(g + GLU_cell(g_prev)) with the *raw* previous g (V3)
-                new_cell[later] = _ln(g[later] + _glu(g_prev[docs[later]], layer.cell_glu),
-                                      layer.cell_norm)
+            g, new_cell = self._window_cells(layer, query, k[a:b], v[a:b], kv_lengths[a:b],
+                                             residual, g_prev[docs], has_prev[docs])
             if carry is not None:
                 final = plan.win_final[lo + a:lo + b]
                 if (~final).any():  # the unfinished window's effects are not committed
@@ -1102,6 +1143,23 @@ class RAN(GenerateTokensMixin, Model):
         o = o.transpose(0, 2, 1, 3)[:, 1:1 + W].reshape(nb, W, HD)[valid]      # (n_tok, HD)
         h = _swish_linear(o, layer.attn_out) + _glu(z, layer.attn_glu)
         y[rows] = _stdnorm(_ln(h, layer.attn_norm))
+
+    def _window_cells(self, layer: _Layer, query, k, v, kv_lengths, residual, g_prev,
+                      has_prev) -> Tuple[np.ndarray, np.ndarray]:
+        """The recurrence step of n windows: ``query`` float32 (n, H, d) (the cell row, or the
+        summary row when causal) attends over each window's first ``kv_lengths`` keys/values
+        (n, H, R, d); ``residual`` (n or 1, D) is added after the output projection. Returns
+        the raw g (n, D) and the next cell (n, D): g, or where ``has_prev`` (n,) bool,
+        LN_cellres(g + GLU_cell(g_prev)) with the *raw* previous g (V3)."""
+        o = K.attention(np.ascontiguousarray(query[:, :, None]), k, v,
+                        kv_lengths=kv_lengths)                                 # (n, H, 1, d)
+        h = _swish_linear(o.reshape(len(query), -1), layer.attn_out) + residual
+        g = _stdnorm(_ln(h, layer.attn_norm))
+        cell = g.copy()
+        if has_prev.any():
+            cell[has_prev] = _ln(g[has_prev] + _glu(g_prev[has_prev], layer.cell_glu),
+                                 layer.cell_norm)
+        return g, cell
 
     def _memory_review(self, layer: _Layer, y: np.ndarray, g_all: np.ndarray, plan: _Plan,
                        memory: Optional[list]) -> np.ndarray:
@@ -1195,8 +1253,7 @@ class RAN(GenerateTokensMixin, Model):
                                      None if captured is None else captured[index])
             for b in range(batch):
                 final = plan.doc_windows[b][plan.win_final[plan.doc_windows[b]]]
-                g_sum = start_sum[b] + g[final].astype(np.float64).sum(axis=0)
-                g_max = np.max(np.vstack([start_max[b][None], g[final]]), axis=0)
+                g_sum, g_max = _pooled_sums(start_sum[b], start_max[b], g[final])
                 keys, values = memory[b] if memory is not None else (None, None)
                 new_layers[b][index] = _LayerCarry(
                     _frozen(carry["cell"][b]),
