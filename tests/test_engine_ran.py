@@ -544,8 +544,8 @@ def test_greedy_generation_matches_full_recomputation():
 @pytest.mark.parametrize("memory_review", [True, False])
 @pytest.mark.parametrize("weight_dtype", ["float32", "int8"])
 def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, weight_dtype):
-    # A step inside a window is one row through the layers against the window's cached keys
-    # and values; a step that completes a window goes through encode. Prompts of lengths
+    # A step is one row through the layers against the window's cached keys and values; a
+    # step that completes a window then commits it from them. Prompts of lengths
     # around the window, rows completing windows at different steps, finished rows leaving and
     # rows repeated (select): each step's log-probs are those of one call over the sequence.
     engine, _ = make_pair(seed=19, causal=True, token_head="lm", window_size=4,

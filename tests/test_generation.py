@@ -661,6 +661,19 @@ def _streaming_models():
     return {name: models.from_config(config, seed=5) for name, config in configs.items()}
 
 
+@pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])
+def test_a_state_with_no_rows_left_steps_to_no_rows(name):
+    # (select may drop every row; stepping that state failed with a NumPy reduction error
+    # in the Transformer and, for a while, the RAN LM)
+    model = _streaming_models()[name]
+    state = model._start([np.array([5, 6, 2]), np.array([7, 2])])
+    if name in ("decoder_only", "ran_lm"):
+        model._step(state, None)
+    log_probs, _ = model._step(state.select(np.array([], dtype=np.int64)),
+                               np.array([], dtype=np.int64))
+    assert log_probs.shape == (0, 30) and log_probs.dtype == np.float32
+
+
 @pytest.fixture(scope="module")
 def streaming_models():
     return _streaming_models()

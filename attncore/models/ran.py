@@ -280,8 +280,8 @@ class RANDecoderState:
 
     Attributes
     ----------
-    state : RANState, each row's state after its last full ``encode`` call: the prompt, and
-        then the tokens up to the last finished window
+    state : RANState, each row's state after the prompt's ``encode`` call or its last
+        committed window: the tokens up to the last finished window, then its pending ones
     fed : tuple of int64 arrays, per row the tokens fed since ``state`` (held in ``cache``,
         fewer than a window)
     cache : _WindowCache of the rows' unfinished windows
@@ -301,7 +301,8 @@ class RANDecoderState:
 
     def tokens_held(self) -> np.ndarray:
         """int64 (B,): the tokens of each row's unfinished window (pending, then fed); the
-        cache holds 1 + that many rows of each."""
+        cache holds 1 + that many rows of each (row 0 of a window with no token yet is
+        written at its first step)."""
         return np.array([len(p) + len(f) for p, f in zip(self.state.pending, self.fed)],
                         dtype=np.int64)
 
@@ -704,7 +705,7 @@ class RAN(GenerateTokensMixin, Model):
         """Prefill the prompts; the first ``_step(state, None)`` returns their next-token
         log-probs."""
         self._check_can("generate")
-        encoding, state, cache = self._encode_for_decoding(sources, None)
+        encoding, state, cache = self._encode_prompts(sources)
         last = np.stack([s[-1] for s in encoding.sequence])
         empty = np.zeros(0, dtype=np.int64)
         return RANDecoderState(state, (empty,) * len(sources), cache,
@@ -727,6 +728,8 @@ class RAN(GenerateTokensMixin, Model):
             return log_probs, None
         tokens = check_step_tokens(tokens, state.batch_size, self.vocab_size)
         state.pending = None
+        if state.batch_size == 0:   # (every row has left: nothing to run)
+            return self._next_log_probs(np.empty((0, self.embedding_size), np.float32)), None
         held = state.tokens_held()
         every = np.arange(state.batch_size)
         # (a token completing its window is that window's row W, like any other in it)
@@ -746,10 +749,11 @@ class RAN(GenerateTokensMixin, Model):
                 new_state = _concat_states(state.state.select(inside), committed).select(order)
         log_probs = self._next_log_probs(out)
         # The step takes effect here, in one assignment: before it the state is the one the
-        # step started from (the cache rows written above are past what it holds, and a
-        # committed row's next window gets its row 0 at its first step, from the state), so
-        # an interrupted step can be taken again (the cached rows were once counted ahead of
-        # the tokens fed, and the retried step read the wrong keys).
+        # step started from (the new token's cache rows are past what it holds, and row 0 of
+        # a window with no token yet, written from the state's carried cell, gets the same
+        # values when written again), so an interrupted step can be taken again (the cached
+        # rows were once counted ahead of the tokens fed, and the retried step read the
+        # wrong keys). A committed row's next window gets its row 0 at its first step.
         state.state, state.fed = new_state, tuple(fed)
         return log_probs, None
 
@@ -757,9 +761,10 @@ class RAN(GenerateTokensMixin, Model):
         """The states of ``rows`` once their full windows (held in the cache, rows 0..W, the
         last token's included) are committed: per layer the summary slot attends over the
         window, which gives g and the next cell, and g joins the memory review and the pooled
-        sums. The kernels and row counts of the window's recurrence step in ``encode`` (so
-        the same bits as one call), without recomputing the window's W token rows there.
-        Writes nothing: the caller's assignment makes it take effect."""
+        sums. The kernels of the window's recurrence step in ``encode``, in its order, so the
+        same bits as one call (each row's result depends on its own inputs only, whatever the
+        number of rows), without recomputing the window's W token rows. Writes nothing: the
+        caller's assignment makes it take effect."""
         old = state.state.select(rows)
         n, W, H, d, D = (len(rows), old.window_size, self.head_num, self.head_size,
                          self.embedding_size)
@@ -778,8 +783,8 @@ class RAN(GenerateTokensMixin, Model):
             g_prev = np.stack([np.zeros_like(c.cell) if c.g_prev is None else c.g_prev
                                for c in before])
             query = np.repeat(qk[0, :, :, 0], n, axis=0)                      # (n, H, d)
-            g, cell = self._window_cells(layer, query, k, v, kv_lengths, layer.summary_glu,
-                                         g_prev, has_prev)
+            g, cells = self._window_cells(layer, query, k, v, kv_lengths, layer.summary_glu,
+                                          g_prev, has_prev)
             review = _swish_linear(g, layer.review_kv) if self.memory_review else None
             for i, c in enumerate(before):
                 keys = values = None
@@ -788,19 +793,20 @@ class RAN(GenerateTokensMixin, Model):
                     values = _carried_memory(np.concatenate([c.memory_values,
                                                              review[i:i + 1, D:]]))
                 g_sum, g_max = _pooled_sums(c.g_sum, c.g_max, g[i:i + 1])
-                carried[i][index] = _LayerCarry(_frozen(cell[i]), _frozen(g[i]), keys, values,
+                carried[i][index] = _LayerCarry(_frozen(cells[i]), _frozen(g[i]), keys, values,
                                                 _frozen(g_sum), _frozen(g_max))
         empty = _frozen(np.zeros(0, dtype=np.int64))
+        # (history: the last layer's cells)
         return RANState(True, W, tuple(t + len(state.fed[r]) + 1 for t, r in zip(old.tokens, rows)),
-                        _frozen(cell), tuple(w + 1 for w in old.windows), (empty,) * n,
+                        _frozen(cells), tuple(w + 1 for w in old.windows), (empty,) * n,
                         tuple(tuple(layers) for layers in carried), old.model)
 
-    def _encode_for_decoding(self, documents, state: Optional[RANState]):
-        """``encode(documents, state)`` of a causal model, and the window cache of the new
-        state: the keys and values of each document's unfinished window as the call computed
-        them (a document whose windows are all finished gets its row 0 at its first step)."""
+    def _encode_prompts(self, documents):
+        """``encode(documents)`` of a causal model, and the window cache of its state: the
+        keys and values of each document's unfinished window as the call computed them (a
+        document whose windows are all finished gets its row 0 at its first step)."""
         captured = [{} for _ in range(self.num_layers)]
-        encoding, state = self._encode(documents, state, None, None, captured)
+        encoding, state = self._encode(documents, None, None, None, captured)
         batch, H, d, window = len(documents), self.head_num, self.head_size, state.window_size
         held = 1 + max(len(p) for p in state.pending)
         capacity = _WindowCache.capacity_for(held + 1, window)   # (and the next token's row)
@@ -818,7 +824,8 @@ class RAN(GenerateTokensMixin, Model):
                      held: np.ndarray) -> np.ndarray:
         """The last layer's outputs float32 (n, D) of one new token per row of ``rows``, each
         inside its unfinished window of ``held[row]`` tokens (its keys and values written to
-        the cache's next row): one compiled call (:class:`attncore.kernels._ran.RANStep`,
+        the cache's next row, after row 0 where the window holds no token yet,
+        :meth:`_start_windows`): one compiled call (:class:`attncore.kernels._ran.RANStep`,
         the kernels of a window's own call in its order, so the same bits)."""
         cache = state.cache
         position = held[rows] + 1                                              # window row
@@ -1148,7 +1155,7 @@ class RAN(GenerateTokensMixin, Model):
                       has_prev) -> Tuple[np.ndarray, np.ndarray]:
         """The recurrence step of n windows: ``query`` float32 (n, H, d) (the cell row, or the
         summary row when causal) attends over each window's first ``kv_lengths`` keys/values
-        (n, H, R, d); ``residual`` (n or 1, D) is added after the output projection. Returns
+        (n, H, R, d); ``residual`` (n, D) or (D,) is added after the output projection. Returns
         the raw g (n, D) and the next cell (n, D): g, or where ``has_prev`` (n,) bool,
         LN_cellres(g + GLU_cell(g_prev)) with the *raw* previous g (V3)."""
         o = K.attention(np.ascontiguousarray(query[:, :, None]), k, v,

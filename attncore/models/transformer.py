@@ -530,7 +530,7 @@ class Transformer(EncoderDecoderModel):
             raise ValueError(f"max_length: decoding past position {self.max_positions - 1} "
                              f"exceeds the position table (max_positions={self.max_positions})")
         state.pending = None
-        state._reserve(int(positions.max()) + 1)
+        state._reserve(int(positions.max(initial=0)) + 1)
         batch = state.batch_size
         cross = state.cross_k is not None
         log_probs = np.empty((batch, self.target_vocab_size), dtype=_FLOAT)
