@@ -319,7 +319,8 @@ def _thread_budget(args):
 _OPTION_NAMES = (("max_length", "--max-length"), ("min_length", "--min-length"),
                  ("temperature", "--temperature"), ("top_p", "--top-p"), ("top_k", "--top-k"),
                  ("length_penalty", "--length-penalty"), ("do_sample=True", "--sample"),
-                 ("beam_size", "--beam"), ("seed", "--seed"))
+                 ("beam_size", "--beam"), ("seed", "--seed"),
+                 ("no_repeat_ngram_size", "--no-repeat-ngram-size"))
 
 
 def _option_names(message: str) -> str:
@@ -332,7 +333,8 @@ def _job(args):
     from attncore import batch
     common = dict(ids=args.ids, allow_unknown=args.allow_unknown)
     if args.command in ("translate", "generate"):
-        options = dict(beam_size=args.beam, length_penalty=args.length_penalty)
+        options = dict(beam_size=args.beam, length_penalty=args.length_penalty,
+                       no_repeat_ngram_size=args.no_repeat_ngram_size)
         if args.command == "generate":
             options.update(min_length=args.min_length, do_sample=args.sample,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -725,7 +727,8 @@ def _attention(args):
         item = job.parse(1, _read_one_input(args), batch.Frontend.from_model(model))
         with budget:
             amap = heatmap.attention_map(model, item.source, max_length=args.max_length,
-                                         beam_size=args.beam, length_penalty=args.length_penalty)
+                                         beam_size=args.beam, length_penalty=args.length_penalty,
+                                         no_repeat_ngram_size=args.no_repeat_ngram_size)
     except batch.InputError as exc:
         raise UserError(f"input {exc.message}" if args.text is not None else str(exc)) from None
     except ValueError as exc:   # ("sources[0] has 101 tokens": the one input)
@@ -793,8 +796,8 @@ def _add_model_options(parser, *, lines=True, generates=True):
 
 
 def _add_generation_options(parser, *, min_length=False):
-    """--beam, --max-length, --length-penalty; ``min_length``: the parser also has
-    --min-length (generate), which the --max-length help then names."""
+    """--beam, --max-length, --length-penalty, --no-repeat-ngram-size; ``min_length``: the
+    parser also has --min-length (generate), which the --max-length help then names."""
     parser.add_argument("--beam", type=_positive_int, default=1, help="beam size (default 1: greedy)")
     parser.add_argument("--max-length", type=_positive_int, default=None,
                         help="most generated tokens (default: each line its own, 2 x its length + 10"
@@ -802,6 +805,9 @@ def _add_generation_options(parser, *, min_length=False):
                                 else ")"))
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are log-prob / length ** this (default 1)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="never repeat an N-gram of the decoder sequence (a language "
+                             "model's prompt included; default 0: off)")
 
 
 def build_parser():

@@ -15,6 +15,11 @@ Conventions (all searches)
     * Finished rows leave the batch (``state.select``), so late steps run on fewer rows.
     * Ties are broken towards the lower token id (and, in beam search, the earlier beam), so
       a source's result never depends on the other sources of the batch.
+    * ``no_repeat_ngram_size=n`` (> 0) forbids, at each step of a hypothesis, every token that
+      would complete an n-gram already in its decoder sequence: the start token (encoder-
+      decoder models) or the prompt (language models), then the tokens generated so far --
+      the sequence ``transformers``' ``no_repeat_ngram_size`` reads. EOS is never forbidden
+      by it (it ends the hypothesis; it repeats nothing in the output).
 
 Beam search
     All live beams of all sources run in one batch. At each step a source ranks the
@@ -32,6 +37,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .kernels import _softmax
 from .models.base import GenerationResult
@@ -43,8 +49,8 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
              max_length: int, min_length: int = 0, beam_size: int = 1, num_hypotheses: int = 1,
              length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-             return_attention: bool = False, attention_heads: str = "mean"
-             ) -> List[GenerationResult]:
+             return_attention: bool = False, attention_heads: str = "mean",
+             no_repeat_ngram_size: int = 0) -> List[GenerationResult]:
     """Dispatch to :func:`sample`, :func:`beam_search` or :func:`greedy_search`.
 
     ``bos_id=None`` is for decoder-only models: the first ``_step`` gets ``tokens=None`` and
@@ -52,7 +58,7 @@ def generate(model, sources: List[np.ndarray], *, bos_id: Optional[int], eos_id:
     """
     common = dict(bos_id=bos_id, eos_id=eos_id, max_length=max_length, min_length=min_length,
                   length_penalty=length_penalty, return_attention=return_attention,
-                  attention_heads=attention_heads)
+                  attention_heads=attention_heads, no_repeat_ngram_size=no_repeat_ngram_size)
     if do_sample:
         return sample(model, sources, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, **common)
@@ -93,6 +99,59 @@ def _step(model, state, tokens, step, min_length, eos_id, return_attention):
     return log_probs, attention
 
 
+def _repeating_tokens(sequence: np.ndarray, size: int) -> np.ndarray:
+    """The tokens that would complete an n-gram of ``size`` tokens already in ``sequence``
+    (int64 1-d): the tokens after each earlier occurrence of its last ``size - 1`` tokens
+    (every token of it when ``size`` is 1). O(len x size), in NumPy."""
+    if size == 1:
+        return sequence
+    length = len(sequence)
+    if length < size:
+        return sequence[:0]
+    earlier = sliding_window_view(sequence[:length - 1], size - 1)   # starts 0 .. length-size
+    found = np.flatnonzero((earlier == sequence[length - size + 1:]).all(axis=1))
+    return sequence[found + size - 1]
+
+
+def _ban_repeated_ngrams(scores, sequences, size, eos_id):
+    """``scores`` (B, V) with -inf at each row's tokens that would repeat an n-gram of
+    ``size`` tokens in ``sequences[b]`` (its decoder sequence, int64 1-d), EOS excepted: the
+    array itself when nothing is banned, else a copy (the model's log-probs are not
+    written). ``size`` 0: off."""
+    if not size:
+        return scores
+    banned = [(row, tokens) for row, tokens in
+              enumerate(_repeating_tokens(sequence, size) for sequence in sequences)
+              if tokens.size]
+    if banned:
+        scores = scores.copy()
+        for row, tokens in banned:
+            scores[row, tokens[tokens != eos_id]] = -np.inf
+    return scores
+
+
+def _check_tokens_left(scores, groups, step, size):
+    """A ValueError where every row of a source has no finite entry left in ``scores``
+    (``groups``: (source, first row, end row) of each source's rows; only
+    no_repeat_ngram_size, with min_length forbidding EOS, can do that)."""
+    if not scores.shape[1]:
+        return
+    best = scores.max(axis=1)
+    for source, lo, hi in groups:
+        if best[lo:hi].max() == -np.inf:
+            raise ValueError(f"no_repeat_ngram_size={size} forbids every token but EOS for "
+                             f"sources[{source}] at step {step}, and min_length forbids EOS "
+                             f"there")
+
+
+def _decoder_starts(sources, bos_id):
+    """The start of each source's decoder sequence (what no_repeat_ngram_size reads): the
+    prompt of a language model (``bos_id`` None), else the start token."""
+    if bos_id is None:
+        return [np.asarray(source, dtype=np.int64) for source in sources]
+    return [np.array([bos_id], dtype=np.int64)] * len(sources)
+
+
 def _attention_rows(attention, lengths, heads):
     """This step's attention (B, H, S_max) as one array per row, (S_i,) (heads averaged) or
     (H, S_i) (``"all"``), cut to the row's source length ``lengths[i]`` (the batch width may
@@ -127,16 +186,17 @@ def _first_tokens(bos_id, batch):
 # ------------------------------------------------------------------------------------------
 
 def greedy_search(model, sources, *, bos_id, eos_id, max_length, min_length=0,
-                  length_penalty=1.0, return_attention=False, attention_heads="mean"):
+                  length_penalty=1.0, return_attention=False, attention_heads="mean",
+                  no_repeat_ngram_size=0):
     """Argmax decoding (ties -> the lowest id). Returns one-hypothesis results.
 
     A model with a compiled search (``model._greedy``, docs/ENGINE.md) runs it: the same
     results, bit for bit, without a Python round trip per step (unless its up-front outputs
-    would pass COMPILED_GREEDY_MAX_BYTES)."""
+    would pass COMPILED_GREEDY_MAX_BYTES, or n-grams are banned)."""
     widest = max((_source_length(source) for source in sources), default=0)
     upfront = len(sources) * max_length * (8 + (4 * widest if return_attention else 0))
     if getattr(model, "_greedy", None) is not None and bos_id is not None and \
-            upfront <= COMPILED_GREEDY_MAX_BYTES:
+            upfront <= COMPILED_GREEDY_MAX_BYTES and not no_repeat_ngram_size:
         return _compiled_greedy(model, sources, bos_id=bos_id, eos_id=eos_id,
                                 max_length=max_length, min_length=min_length,
                                 length_penalty=length_penalty,
@@ -145,12 +205,13 @@ def greedy_search(model, sources, *, bos_id, eos_id, max_length, min_length=0,
     return _one_row_search(model, sources, _argmax, bos_id=bos_id, eos_id=eos_id,
                            max_length=max_length, min_length=min_length,
                            length_penalty=length_penalty, return_attention=return_attention,
-                           attention_heads=attention_heads)
+                           attention_heads=attention_heads,
+                           no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_penalty=1.0,
            temperature=1.0, top_k=0, top_p=1.0, seed=None, return_attention=False,
-           attention_heads="mean"):
+           attention_heads="mean", no_repeat_ngram_size=0):
     """Ancestral sampling from softmax(log_probs / temperature) restricted to the ``top_k``
     most likely tokens (0: all) and to the ``top_p`` nucleus. Each source draws from its own
     stream, one uniform number a step: ``seed`` None gives fresh ones, an int gives source i
@@ -166,11 +227,13 @@ def sample(model, sources, *, bos_id, eos_id, max_length, min_length=0, length_p
     return _one_row_search(model, sources, choose, bos_id=bos_id, eos_id=eos_id,
                            max_length=max_length, min_length=min_length,
                            length_penalty=length_penalty, return_attention=return_attention,
-                           attention_heads=attention_heads)
+                           attention_heads=attention_heads,
+                           no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def generate_tokens(model, source, *, bos_id, eos_id, max_length, min_length=0,
-                    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+                    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                    no_repeat_ngram_size=0):
     """Yield ``(token, log_prob)`` for one source as greedy search (or sampling) chooses them,
     EOS not yielded: the steps of :func:`_one_row_search` for a batch of one (its draws:
     source 0's stream of ``seed``), each handed on when it is made. Arguments are validated
@@ -180,15 +243,18 @@ def generate_tokens(model, source, *, bos_id, eos_id, max_length, min_length=0,
     streams = _sampling_streams(seed, 1) if do_sample else None
     return _token_stream(model, source, streams, bos_id=bos_id, eos_id=eos_id,
                          max_length=max_length, min_length=min_length, temperature=temperature,
-                         top_k=top_k, top_p=top_p)
+                         top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 def _token_stream(model, source, streams, *, bos_id, eos_id, max_length, min_length,
-                  temperature, top_k, top_p):
+                  temperature, top_k, top_p, no_repeat_ngram_size):
     state = model._start([source])
     tokens = _first_tokens(bos_id, 1)
+    sequence = _decoder_starts([source], bos_id)[0]
     for step in range(max_length):
         scores, _ = _step(model, state, tokens, step, min_length, eos_id, False)
+        scores = _ban_repeated_ngrams(scores, [sequence], no_repeat_ngram_size, eos_id)
+        _check_tokens_left(scores, [(0, 0, 1)], step, no_repeat_ngram_size)
         if streams is None:
             token = int(_argmax(scores, None)[0])
         else:
@@ -197,6 +263,8 @@ def _token_stream(model, source, streams, *, bos_id, eos_id, max_length, min_len
             return
         yield token, float(scores[0, token])
         tokens = np.array([token], dtype=np.int64)
+        if no_repeat_ngram_size:
+            sequence = np.append(sequence, tokens)
 
 
 def _compiled_greedy(model, sources, *, bos_id, eos_id, max_length, min_length,
@@ -338,8 +406,9 @@ def _nucleus(probs, top_p):
 
 
 def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_length,
-                    length_penalty, return_attention, attention_heads):
+                    length_penalty, return_attention, attention_heads, no_repeat_ngram_size=0):
     count = len(sources)
+    starts = _decoder_starts(sources, bos_id) if no_repeat_ngram_size else None
     state = model._start(sources)
     rows = np.arange(count)                     # source index of each live row
     tokens = _first_tokens(bos_id, count)
@@ -350,6 +419,12 @@ def _one_row_search(model, sources, choose, *, bos_id, eos_id, max_length, min_l
     for step in range(max_length):
         scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
+        if no_repeat_ngram_size:
+            scores = _ban_repeated_ngrams(
+                scores, [np.concatenate([starts[row], hypotheses[row]]).astype(np.int64)
+                         for row in rows.tolist()], no_repeat_ngram_size, eos_id)
+            _check_tokens_left(scores, [(row, i, i + 1) for i, row in enumerate(rows.tolist())],
+                               step, no_repeat_ngram_size)
         chosen = choose(scores, rows)
         log_prob[rows] += scores[np.arange(len(rows)), chosen]
         if return_attention:
@@ -393,10 +468,11 @@ class _Beam:
 
 def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hypotheses=1,
                 min_length=0, length_penalty=1.0, return_attention=False,
-                attention_heads="mean"):
+                attention_heads="mean", no_repeat_ngram_size=0):
     """Batched beam search (see the module docstring). Returns ``num_hypotheses``-best
     results sorted by score."""
     count = len(sources)
+    starts = _decoder_starts(sources, bos_id) if no_repeat_ngram_size else None
     state = model._start(sources)
     # live rows of the batch, grouped by source in source order
     row_source = np.arange(count)
@@ -407,6 +483,13 @@ def beam_search(model, sources, *, bos_id, eos_id, max_length, beam_size, num_hy
         scores, step_attention = _step(model, state, tokens, step, min_length, eos_id,
                                           return_attention)
         groups = _groups(row_source)
+        if no_repeat_ngram_size:
+            scores = _ban_repeated_ngrams(
+                scores, [np.concatenate([starts[source], beam.tokens]).astype(np.int64)
+                         for source, beam in zip(row_source.tolist(), beams)],
+                no_repeat_ngram_size, eos_id)
+            # (a source is stuck only when none of its beams has a token left)
+            _check_tokens_left(scores, groups, step, no_repeat_ngram_size)
         # each source's best candidates log_prob(beam) + log p(token), ranked in one compiled
         # pass without forming the (rows, V) float64 sums
         ranked = _softmax.beam_top_k(

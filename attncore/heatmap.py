@@ -95,7 +95,7 @@ def _check_source(source, vocab_size: Optional[int]) -> np.ndarray:
 
 def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = None,
                   beam_size: int = 1, length_penalty: float = 1.0,
-                  eos_label: str = "<eos>") -> AttentionMap:
+                  eos_label: str = "<eos>", no_repeat_ngram_size: int = 0) -> AttentionMap:
     """Generate for one source and return its labelled cross-attention.
 
     Parameters
@@ -109,6 +109,8 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
         The best hypothesis' attention is shown.
     length_penalty : float
         Ranks the beam's hypotheses (``generate``'s).
+    no_repeat_ngram_size : int
+        ``generate``'s (0: off), so the map is that of what ``translate`` gives with it.
 
     Raises
     ------
@@ -119,7 +121,8 @@ def attention_map(model, source: Sequence[int], *, max_length: Optional[int] = N
     if max_length is None:   # (the model's own, within a position table; else translate's)
         max_length = getattr(model, "default_max_length", _default_limit)(len(source))
     result = model.generate([source], max_length=max_length, beam_size=beam_size,
-                            length_penalty=length_penalty, return_attention=True)[0]
+                            length_penalty=length_penalty, return_attention=True,
+                            no_repeat_ngram_size=no_repeat_ngram_size)[0]
     if not result.attention or result.attention[0] is None:
         raise ValueError("this model returns no cross-attention (it has no encoder)")
     weights = np.asarray(result.attention[0], dtype=np.float32)

@@ -117,9 +117,11 @@ def test_model_and_search_options_reach_the_model(monkeypatch, tmp_path, capsys)
     assert cli_main(["translate", "--input", str(tmp_path / "in.txt"), "--weight-dtype",
                      "bfloat16", "--no-progress"]) == 0
     assert cli_main(["attention", "3 March 1998", "--beam", "3", "--length-penalty", "2",
-                     "--max-length", "14", "--weight-dtype", "int8"]) == 0
+                     "--max-length", "14", "--weight-dtype", "int8",
+                     "--no-repeat-ngram-size", "4"]) == 0
     assert loads == [{"weight_dtype": "bfloat16"}, {"weight_dtype": "int8"}]
-    assert searches == [dict(max_length=14, beam_size=3, length_penalty=2.0)]
+    assert searches == [dict(max_length=14, beam_size=3, length_penalty=2.0,
+                             no_repeat_ngram_size=4)]
     assert "1998-03-03" in capsys.readouterr().out
 
 
@@ -226,6 +228,7 @@ def test_output_in_a_missing_directory_fails_before_reading(tmp_path):
     (["generate", "--length-penalty", "400"], "--length-penalty must lie in [-10, 10]"),
     (["generate", "--beam", "5000"], "--beam must be at most 1024, got 5000"),
     (["generate", "--sample", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["generate", "--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be >= 0"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     proc = attncore_cli(args, tmp_path, stdin="3 March 1998\n")
@@ -1200,7 +1203,7 @@ def test_generate_and_translate_options_reach_the_generation(monkeypatch, tmp_pa
                      "--sample", "--seed", "3", "--temperature", "0.5", "--top-k", "5",
                      "--top-p", "0.9", "--min-length", "2", "--length-penalty", "0.5"]) == 0
     assert cli_main(["translate", "--input", str(tmp_path / "in.txt"), "--no-progress",
-                     "--beam", "3", "--length-penalty", "2"]) == 0
-    assert seen == [dict(beam_size=1, length_penalty=0.5, min_length=2, do_sample=True,
-                         temperature=0.5, top_k=5, top_p=0.9, seed=3),
-                    dict(beam_size=3, length_penalty=2.0)]
+                     "--beam", "3", "--length-penalty", "2", "--no-repeat-ngram-size", "3"]) == 0
+    assert seen == [dict(beam_size=1, length_penalty=0.5, no_repeat_ngram_size=0, min_length=2,
+                         do_sample=True, temperature=0.5, top_k=5, top_p=0.9, seed=3),
+                    dict(beam_size=3, length_penalty=2.0, no_repeat_ngram_size=3)]

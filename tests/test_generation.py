@@ -220,6 +220,83 @@ def test_min_length_forbids_early_eos():
         assert exhaustive.tokens == best[2]
 
 
+# -- no_repeat_ngram_size ------------------------------------------------------------------------
+
+def _repeats_an_ngram(sequence, size, first=0):
+    """Whether an n-gram of ``size`` tokens ending at index ``first`` or later occurs earlier
+    in ``sequence``."""
+    sequence = [int(t) for t in sequence]
+    for end in range(max(first, size - 1), len(sequence)):
+        gram = sequence[end - size + 1:end + 1]
+        if any(sequence[i:i + size] == gram for i in range(end - size + 1)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_beam_finds_the_brute_force_n_best_without_repeats(size):
+    # exhaustive beam: the n-best of the sequences whose decoder sequence (BOS, then the
+    # generated tokens; a final EOS is never forbidden) repeats no n-gram of `size` tokens
+    max_length = 4
+    results = _generate(SOURCES, max_length=max_length, beam_size=(V - 1) ** max_length,
+                        num_hypotheses=4, length_penalty=0.0, no_repeat_ngram_size=size)
+    for source, result in zip(SOURCES, results):
+        allowed = [item for item in _brute_force(source, max_length)
+                   if not _repeats_an_ngram([BOS] + item[2], size)]
+        assert result.hypotheses == [tokens for _, _, tokens in allowed[:4]]
+        np.testing.assert_allclose(result.scores, [s for s, _, _ in allowed[:4]], rtol=0,
+                                   atol=1e-9)
+    # and the constraint bites: without it some source's n-best holds a repeat (of 2-grams
+    # and shorter; a repeated 3-gram needs 5 tokens of a 5-token sequence, x y x y x)
+    if size < 3:
+        plain = _generate(SOURCES, max_length=max_length, beam_size=256, num_hypotheses=4,
+                          length_penalty=0.0)
+        assert any(_repeats_an_ngram([BOS] + h, size) for r in plain for h in r.hypotheses)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_no_repeat_ngram_greedy_takes_the_best_token_left(size):
+    for source, result in zip(SOURCES, _generate(SOURCES, max_length=6, min_length=2,
+                                                  no_repeat_ngram_size=size)):
+        prefix = []
+        while len(prefix) < 6:
+            log_probs = _log_probs(source, prefix).astype(np.float64)
+            if len(prefix) < 2:
+                log_probs[EOS] = -np.inf
+            for token in range(V):
+                if token != EOS and _repeats_an_ngram([BOS] + prefix + [token], size):
+                    log_probs[token] = -np.inf
+            token = int(np.argmax(log_probs))
+            if token == EOS:
+                break
+            prefix.append(token)
+        assert result.tokens == prefix
+
+
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=3, num_hypotheses=2),
+                                     dict(do_sample=True, seed=[4, 5, 6, 7])])
+def test_no_repeat_ngram_alone_equals_in_a_batch(options):
+    options = dict(options, max_length=6, no_repeat_ngram_size=2)
+    batch = _generate(SOURCES, **options)
+    for i, source in enumerate(SOURCES):
+        alone = _generate([source], **dict(options, seed=[options["seed"][i]])
+                          if "seed" in options else options)[0]
+        assert alone.hypotheses == batch[i].hypotheses and alone.scores == batch[i].scores
+        assert not any(_repeats_an_ngram([BOS] + h, 2) for h in alone.hypotheses)
+
+
+def test_no_repeat_ngram_with_every_token_used_and_eos_forbidden_is_an_error():
+    # size 1 bans each generated token: V - 1 = 4 non-EOS tokens (BOS among them) last three
+    # steps after BOS, and min_length forbids the EOS that would end the hypothesis
+    for options in (dict(), dict(beam_size=2), dict(do_sample=True, seed=0)):
+        with pytest.raises(ValueError, match=r"no_repeat_ngram_size=1 forbids every token "
+                                             r"but EOS for sources\[0\] at step 3"):
+            _generate(SOURCES[:1], max_length=6, min_length=5, no_repeat_ngram_size=1,
+                      **options)
+    assert len(_generate(SOURCES[:1], max_length=6, min_length=3,
+                         no_repeat_ngram_size=1)[0].tokens) == 3   # (EOS allowed in time)
+
+
 def test_max_length_caps_the_output():
     for result in _generate(SOURCES, max_length=2, beam_size=3, num_hypotheses=3):
         assert all(len(h) <= 2 for h in result.hypotheses)
@@ -458,6 +535,8 @@ def test_no_attention_unless_asked():
     (dict(max_length=3, seed=1.5), TypeError, "seed"),
     (dict(max_length=3, do_sample="yes"), TypeError, "do_sample"),
     (dict(max_length=3, attention_heads="max"), ValueError, "attention_heads"),
+    (dict(max_length=3, no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size"),
+    (dict(max_length=3, no_repeat_ngram_size=2.0), TypeError, "no_repeat_ngram_size"),
 ])
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):
@@ -682,7 +761,9 @@ def streaming_models():
 @pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])
 @pytest.mark.parametrize("options", [{}, {"min_length": 6},
                                      {"do_sample": True, "seed": 7, "top_p": 0.8},
-                                     {"do_sample": True, "seed": [11], "temperature": 0.5}])
+                                     {"do_sample": True, "seed": [11], "temperature": 0.5},
+                                     {"no_repeat_ngram_size": 1},
+                                     {"do_sample": True, "seed": 3, "no_repeat_ngram_size": 2}])
 def test_generate_tokens_streams_what_generate_returns(streaming_models, name, options):
     model = streaming_models[name]
     rng = np.random.default_rng(3)
@@ -697,6 +778,38 @@ def test_generate_tokens_streams_what_generate_returns(streaming_models, name, o
             assert total == pytest.approx(result.log_probs[0], abs=1e-9)
         else:
             assert total > result.log_probs[0]
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=3), dict(do_sample=True, seed=1)])
+def test_real_models_repeat_no_ngram_of_their_decoder_sequence(streaming_models, name, options):
+    # a language model's prompt is part of its decoder sequence (as in transformers); an
+    # encoder-decoder's starts at BOS. Greedy runs step by step (the compiled seq2seq search
+    # has no n-gram ban) and is still the argmax of what is left.
+    model = streaming_models[name]
+    language_model = name in ("decoder_only", "ran_lm")
+    rng = np.random.default_rng(5)
+    sources = [rng.integers(3, 30, int(n)) for n in (3, 7, 12)]
+    for size in (1, 2, 3):
+        results = model.generate(sources, max_length=14, no_repeat_ngram_size=size, **options)
+        for source, result in zip(sources, results):
+            start = list(source) if language_model else [model.bos_id]
+            for tokens in result.hypotheses:
+                assert not _repeats_an_ngram(start + tokens, size, first=len(start))
+            if not options:   # greedy = the step-by-step argmax over the allowed tokens
+                state = model._start([source])
+                first = None if language_model else np.array([model.bos_id])
+                log_probs, _ = model._step(state, first)
+                sequence = list(start)
+                for token in result.tokens:
+                    allowed = log_probs[0].astype(np.float64)
+                    for banned in range(len(allowed)):
+                        if banned != model.eos_id and _repeats_an_ngram(
+                                sequence + [banned], size, first=len(sequence)):
+                            allowed[banned] = -np.inf
+                    assert token == int(np.argmax(allowed))
+                    sequence.append(token)
+                    log_probs, _ = model._step(state, np.array([token]))
 
 
 @pytest.mark.parametrize("name", ["seq2seq", "transformer", "decoder_only", "ran_lm"])

@@ -60,8 +60,10 @@ def test_attention_map_passes_the_search_options_on():
     calls = []
     plain_generate = model.generate
     model.generate = lambda sources, **options: calls.append(options) or plain_generate(sources, **options)
-    heatmap.attention_map(model, source, beam_size=3, length_penalty=2.0, max_length=15)
-    assert calls == [dict(max_length=15, beam_size=3, length_penalty=2.0, return_attention=True)]
+    heatmap.attention_map(model, source, beam_size=3, length_penalty=2.0, max_length=15,
+                          no_repeat_ngram_size=2)
+    assert calls == [dict(max_length=15, beam_size=3, length_penalty=2.0, return_attention=True,
+                          no_repeat_ngram_size=2)]
 
 
 def test_attention_map_checks_shapes():

@@ -319,7 +319,7 @@ def check_seed(seed):
 def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypotheses=1,
                              length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0,
                              top_p=1.0, seed=None, return_attention=False,
-                             attention_heads="mean") -> dict:
+                             attention_heads="mean", no_repeat_ngram_size=0) -> dict:
     """Validate the options of ``generate`` (docs/ENGINE.md) and return them normalised.
 
     Raises TypeError / ValueError naming the offending argument.
@@ -361,11 +361,12 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
     return_attention = check_bool(return_attention, "return_attention")
     if attention_heads not in ("mean", "all"):
         raise ValueError(f"attention_heads must be 'mean' or 'all', got {attention_heads!r}")
+    no_repeat_ngram_size = _check_int(no_repeat_ngram_size, "no_repeat_ngram_size", 0)
     return dict(max_length=max_length, min_length=min_length, beam_size=beam_size,
                 num_hypotheses=num_hypotheses, length_penalty=length_penalty,
                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                 seed=seed, return_attention=return_attention,
-                attention_heads=attention_heads)
+                attention_heads=attention_heads, no_repeat_ngram_size=no_repeat_ngram_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -624,13 +625,13 @@ class GenerateTokensMixin:
     ``_generation_inputs`` (every generating model)."""
 
     def generate_tokens(self, source, *, max_length, min_length=0, do_sample=False,
-                        temperature=1.0, top_k=0, top_p=1.0, seed=None
+                        temperature=1.0, top_k=0, top_p=1.0, seed=None, no_repeat_ngram_size=0
                         ) -> Iterator[Tuple[int, float]]:
         """Stream one source's (or prompt's) generated tokens as they are chosen.
 
         Yields ``(token id, log-probability)`` a step, greedy (the default) or sampled
         (``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed`` as in
-        :meth:`generate`), and stops at EOS (not yielded) or after ``max_length`` tokens:
+        :meth:`generate`; ``no_repeat_ngram_size`` too), and stops at EOS (not yielded) or after ``max_length`` tokens:
         the tokens and log-probabilities ``generate([source], ...)`` returns with the same
         options, each as soon as its step is done (a service sends it on; a caller that
         stops iterating stops the decoding). Beam search ranks whole hypotheses at the end,
@@ -641,7 +642,8 @@ class GenerateTokensMixin:
         try:
             sources, bos_id, options = self._generation_inputs([source], dict(
                 max_length=max_length, min_length=min_length, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                no_repeat_ngram_size=no_repeat_ngram_size))
         except (TypeError, ValueError) as exc:   # ("sources[0] has token id 99": the source)
             raise type(exc)(_ONE_SOURCE.sub("source", str(exc))) from None
         # a copy: the stream starts at its first next(), and a caller's buffer reused by then
@@ -649,7 +651,8 @@ class GenerateTokensMixin:
         return generation.generate_tokens(
             self, sources[0].copy(), bos_id=bos_id, eos_id=self.eos_id,
             **{key: options[key] for key in ("max_length", "min_length", "do_sample",
-                                             "temperature", "top_k", "top_p", "seed")})
+                                             "temperature", "top_k", "top_p", "seed",
+                                             "no_repeat_ngram_size")})
 
     def translate(self, texts, *, max_length=None, **options) -> List[str]:
         """Text in, text out, through the model's tokenizer.
@@ -729,8 +732,8 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
 
     def generate(self, sources, *, max_length, min_length=0, beam_size=1, num_hypotheses=1,
                  length_penalty=1.0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-                 seed=None, return_attention=False, attention_heads="mean"
-                 ) -> List[GenerationResult]:
+                 seed=None, return_attention=False, attention_heads="mean",
+                 no_repeat_ngram_size=0) -> List[GenerationResult]:
         """Generate target sequences for a batch of token-id sources.
 
         Parameters
@@ -749,6 +752,9 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
             are and whenever they end) or one seed per source (ints or ``SeedSequence``; source
             i draws from ``default_rng(seed[i])``: the same tokens alone or in any batch)
         return_attention : bool; attention_heads : "mean" or "all"
+        no_repeat_ngram_size : int >= 0, no hypothesis repeats an n-gram of this many tokens
+            of its decoder sequence (the start token, or a language model's prompt, then the
+            generated tokens; EOS is never forbidden by it); 0 (the default): off
 
         Returns
         -------
@@ -760,7 +766,8 @@ class EncoderDecoderModel(GenerateTokensMixin, Model):
             max_length=max_length, min_length=min_length, beam_size=beam_size,
             num_hypotheses=num_hypotheses, length_penalty=length_penalty, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            return_attention=return_attention, attention_heads=attention_heads))
+            return_attention=return_attention, attention_heads=attention_heads,
+            no_repeat_ngram_size=no_repeat_ngram_size))
         return generation.generate(self, sources, bos_id=bos_id, eos_id=self.eos_id, **options)
 
     def _generation_inputs(self, sources, options: dict):
