@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import rows_independent
+
 import attncore
 import attncore.models as models
 from attncore.models import Seq2SeqAttention
@@ -177,6 +179,48 @@ def test_a_sentence_alone_equals_the_sentence_in_a_batch(name):
             if options:
                 for a, b in zip(alone.attention, in_batch.attention):
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gru-bahdanau", "lstm-bahdanau-2layer-bidir",
+                                  "gru-luong-general-feeding-bidir", "gru-bahdanau-unpacked"])
+def test_a_ragged_batch_is_encoded_in_length_groups(name, monkeypatch):
+    # packed sources: each length group padded to its own longest (one 30-token source made
+    # every row scan 30 steps); the state, keys and split-tanh factors included, has the bits
+    # of the rows encoded alone. Unpacked: one padded batch, the model's own semantics.
+    engine, _ = _pair(name, seed=8)
+    sources = _random_batch(np.random.default_rng(4), 13, [3, 30, 2, 4, 3, 29, 1, 4, 2, 3])
+    shapes = []
+    plain = engine._encode_padded
+    monkeypatch.setattr(engine, "_encode_padded", lambda group: shapes.append(
+        (len(group), max(len(s) for s in group))) or plain(group))
+    state = engine._start(sources)
+    if "unpacked" in name:
+        assert shapes == [(10, 30)]
+        return
+    assert shapes == [(2, 30), (8, 4)]
+    # (bit for bit on AVX2 and AVX-512 machines; a scalar build's BLAS rounds by the shape)
+    same = (np.testing.assert_array_equal if rows_independent() else
+            lambda a, b, err_msg="": np.testing.assert_allclose(a, b, rtol=0, atol=1e-6,
+                                                                err_msg=err_msg))
+    for row, source in enumerate(sources):
+        alone = engine._start([source])
+        n = len(source)
+        for name_, whole, single in (("memory", state.memory, alone.memory),
+                                     ("keys", state.keys, alone.keys),
+                                     ("key_factors", state.key_factors, alone.key_factors)):
+            if whole is not None:
+                same(whole[row, :n], single[0, :n], err_msg=name_)
+        if state.key_in_limit is not None:
+            np.testing.assert_array_equal(state.key_in_limit[row, :n], alone.key_in_limit[0])
+        same(state.hidden[:, row], alone.hidden[:, 0])
+        same(state.cells[:, row], alone.cells[:, 0])
+        assert not state.memory[row, n:].any()   # (padded positions: zero rows, as before)
+    tokens = np.full(len(sources), engine.bos_id)
+    grouped, _ = engine._step(state, tokens)
+    monkeypatch.setattr("attncore.models.seq2seq.length_groups",
+                        lambda lengths: [np.arange(len(lengths))])   # one padded batch
+    padded, _ = engine._step(engine._start(sources), tokens)
+    same(grouped, padded)
 
 
 def _stepwise_greedy(engine, sources, max_length, min_length=0, length_penalty=1.0,

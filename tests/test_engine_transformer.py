@@ -293,6 +293,38 @@ def test_a_sentence_gives_the_same_bits_alone_and_in_any_batch(rng, kind, norm_f
             _same(together[row], engine.classify([many[row]])[0])
 
 
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only", "encoder_only"])
+def test_a_ragged_batch_runs_in_length_groups(rng, kind, monkeypatch):
+    # one 40-token source among short ones no longer pads them all to 40: the encoder (or the
+    # prompt's prefill) runs each length group padded to its own longest, with the bits of
+    # one padded batch (and of each sentence alone)
+    _, engine = _pair(seed=6, kind=kind, max_positions=48,
+                      num_classes=3 if kind == "encoder_only" else 0)
+    vocab = TGT_VOCAB if kind == "decoder_only" else SRC_VOCAB
+    batch = _sources(rng, [3, 40, 2, 4, 3, 39, 1, 4, 2, 3], vocab)
+    padded = []
+    plain_pad = engine._pad
+    monkeypatch.setattr(engine, "_pad", lambda sequences: padded.append(
+        plain_pad(sequences)[0].shape) or plain_pad(sequences))
+    if kind == "encoder_only":
+        outputs, logits = engine.encode(batch), engine.classify(batch)
+        for row, source in enumerate(batch):
+            _same(outputs[row], engine.encode([source])[0])
+            _same(logits[row], engine.classify([source])[0])
+    else:
+        state = engine._start(batch)
+        steps = [engine._step(state, None)[0]] if kind == "decoder_only" else []
+        steps.append(engine._step(state, np.full(len(batch), 5))[0])
+        padded_in_batch = list(padded)
+        for row, source in enumerate(batch):
+            alone = engine._start([source])
+            alone_steps = [engine._step(alone, None)[0]] if kind == "decoder_only" else []
+            alone_steps.append(engine._step(alone, np.array([5]))[0])
+            _same(np.stack(steps)[:, row], np.stack(alone_steps)[:, 0])
+        padded = padded_in_batch
+    assert padded[:2] == [(2, 40), (8, 4)]    # 112 padded rows, not 10 x 40
+
+
 def test_select_takes_rows_of_any_layout(rng):
     # a strided or broadcast rows array (the compiled gather reads a flat int64 one)
     _, engine = _pair(seed=2)

@@ -12,7 +12,7 @@ import pytest
 
 from attncore import generation
 from conftest import rows_independent
-from attncore.models.base import check_generation_options, check_sources
+from attncore.models.base import check_generation_options, check_sources, length_groups
 
 V, BOS, EOS, HEADS = 5, 1, 2, 2
 
@@ -880,3 +880,48 @@ def test_a_model_refuses_a_tokenizer_that_is_not_one(streaming_models):
     with pytest.raises(TypeError, match="tokenizer must be an attncore.tokenizer.Tokenizer or "
                                         "None, got str"):
         models.from_config(config, seed=1, tokenizer="src_vocab.json")
+
+
+# -- length groups of a ragged batch ---------------------------------------------------------
+
+def _group_cost(lengths, groups, overhead):
+    return sum(overhead + len(rows) * int(max(lengths[r] for r in rows)) for rows in groups)
+
+
+def _best_cost_by_brute_force(lengths, overhead):
+    """The cheapest split of the distinct lengths (longest first) into consecutive runs."""
+    distinct = sorted(set(lengths), reverse=True)
+    count = {n: lengths.count(n) for n in distinct}
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(distinct) - 1):
+        cost, start = 0, 0
+        for end in range(1, len(distinct) + 1):
+            if end == len(distinct) or cuts[end - 1]:
+                cost += overhead + sum(count[n] for n in distinct[start:end]) * distinct[start]
+                start = end
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_length_groups_split_a_ragged_batch_at_the_least_cost(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(n) for n in rng.integers(1, 60, int(rng.integers(1, 13)))]   # (2^11 splits)
+    for overhead in (0, 5, 32, 1000):
+        groups = length_groups(lengths, overhead)
+        rows = np.concatenate(groups)
+        assert sorted(rows.tolist()) == list(range(len(lengths)))    # every row once
+        assert all(g.dtype == np.int64 for g in groups)
+        longest = [max(lengths[r] for r in g) for g in groups]
+        assert longest == sorted(longest, reverse=True)              # longest group first
+        for a, b in zip(groups, groups[1:]):                         # equal lengths together
+            assert min(lengths[r] for r in a) > max(lengths[r] for r in b)
+        assert _group_cost(lengths, groups, overhead) == _best_cost_by_brute_force(lengths,
+                                                                                   overhead)
+    assert len(length_groups(lengths, 10 ** 9)) == 1
+
+
+def test_one_long_source_gets_a_group_of_its_own():
+    groups = length_groups([10] * 63 + [400])
+    assert [g.tolist() for g in groups] == [[63], list(range(63))]
+    assert len(length_groups([7, 7, 7])) == 1

@@ -191,6 +191,40 @@ def grow_cache(cache: np.ndarray, capacity: int, filled: int) -> np.ndarray:
     return out
 
 
+#: What running one more padded batch costs, in padded rows: the kernel calls of a whole
+#: encoder pass (a few per layer, ~1 ms for Transformer-base at one thread) against one
+#: row's products (0.04-0.4 ms a row across the benchmark models), rounded up so that
+#: small models split only where the padding is a real cost.
+GROUP_OVERHEAD_ROWS = 32
+
+
+def length_groups(lengths, overhead_rows: int = GROUP_OVERHEAD_ROWS) -> List[np.ndarray]:
+    """The rows of a ragged batch (``lengths`` (B,)) split into groups that are each padded
+    to their own longest: int64 row arrays, longest group first, rows of equal length never
+    split. The split minimises ``sum(overhead_rows + rows * longest)`` over the groups, so
+    one long source no longer pads every short one to its length (a 400-token source among
+    63 of 10 tokens made a Transformer encode 25x the rows it needed). Exact over the
+    distinct lengths (a dynamic programme, O(distinct^2) NumPy work: a few hundred at most).
+    The models' per-row results do not depend on the batch, so grouping changes no bit."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    distinct, counts = np.unique(lengths, return_counts=True)
+    distinct, counts = distinct[::-1], counts[::-1]                        # longest first
+    before = np.concatenate(([0], np.cumsum(counts)))                      # rows before u
+    best = np.zeros(len(distinct) + 1)
+    cut = np.zeros(len(distinct) + 1, dtype=np.int64)
+    for end in range(1, len(distinct) + 1):   # groups over distinct[:end], the last [i, end)
+        costs = best[:end] + overhead_rows + (before[end] - before[:end]) * distinct[:end]
+        cut[end] = int(np.argmin(costs))
+        best[end] = costs[cut[end]]
+    bounds, end = [], len(distinct)
+    while end:
+        bounds.append((distinct[end - 1], distinct[cut[end]]))             # (shortest, longest)
+        end = cut[end]
+    order = np.argsort(-lengths, kind="stable")
+    return [order[(lengths[order] >= low) & (lengths[order] <= high)]
+            for low, high in reversed(bounds)]
+
+
 def check_rows(rows, batch: int) -> np.ndarray:
     """The ``rows`` of a decoder state's ``select`` (docs/ENGINE.md): a 1-d integer sequence
     in ``[0, batch)`` (rows may repeat, drop or reorder), as C-contiguous int64. Floats are

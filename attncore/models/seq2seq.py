@@ -6,8 +6,11 @@ It reproduces the trainer's equations exactly (see that module's docstring):
 
 * Encoder: embedding -> stacked GRU/LSTM over the padded batch (B, S_max). With
   ``packed_source`` a row's state stops changing after its length and its memory rows past the
-  length are 0; without it the RNN runs over the padding like the trainer (so a source's
-  result then depends on the batch's longest source -- the model's own semantics).
+  length are 0, and the batch is encoded in length groups, each padded to its own longest
+  (:func:`~attncore.models.base.length_groups`: the same bits, and one long source no
+  longer makes every row scan its length); without it the RNN runs over the padding like the
+  trainer (so a source's result then depends on the batch's longest source -- the model's
+  own semantics).
   Bidirectional: H/2 units per direction, memory and final states are [forward; backward].
 * Bahdanau step: ``q = h_{t-1}`` (top layer), additive scores on keys projected once per
   source, ``h_t = RNN([c ; E[y]], h_{t-1})``, ``logits = W_out h_t + b``.
@@ -26,7 +29,7 @@ import numpy as np
 from .. import kernels as K
 from ..kernels import _recurrent
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
-from .base import EncoderDecoderModel, check_rows, check_step_tokens
+from .base import EncoderDecoderModel, check_rows, check_step_tokens, length_groups
 
 __all__ = ["Seq2SeqAttention", "Seq2SeqState", "EMBEDDING_FOLD_MAX_BYTES"]
 
@@ -168,6 +171,44 @@ class Seq2SeqAttention(EncoderDecoderModel):
         """Encode validated int64 sources; the initial decoder state (docs/ENGINE.md)."""
         lengths = np.array([len(s) for s in sources], dtype=np.int64)
         batch, steps = len(sources), int(lengths.max())
+        groups = length_groups(lengths) if self.packed else [np.arange(batch)]
+        if len(groups) == 1:
+            memory, hidden, cells = self._encode_padded(sources)
+            keys = self._projected_keys(memory)
+        else:   # each group padded to its own longest, its rows placed in the batch's arrays
+            memory = np.zeros((batch, steps, self.hidden_size), dtype=np.float32)
+            hidden = np.empty((len(self.encoder_layers), batch, self.hidden_size), np.float32)
+            cells = np.empty_like(hidden)
+            # (past a source's length: the keys of a zero memory row, as one padded batch has)
+            keys = [None if part is None else np.repeat(np.repeat(part, batch, 0), steps, 1)
+                    for part in self._projected_keys(memory[:1, :1])]
+            for rows in groups:
+                m, h, c = self._encode_padded([sources[r] for r in rows])
+                memory[rows, :m.shape[1]] = m
+                hidden[:, rows], cells[:, rows] = h, c
+                for whole, part in zip(keys, self._projected_keys(m)):
+                    if part is not None:
+                        whole[rows, :m.shape[1]] = part
+        feed = np.zeros((batch, self.hidden_size), dtype=np.float32)
+        return Seq2SeqState(memory, keys[0], lengths, hidden, cells, feed, keys[1], keys[2])
+
+    def _projected_keys(self, memory: np.ndarray):
+        """The additive keys of ``memory`` (n, S, H), projected once per source with the
+        split tanh's factors for every step: (projected float32 (n, S, A), factors float32
+        (n, S, A) or None, in_limit uint8 (n, S) or None); (n, S, 0), None, None without
+        additive scores."""
+        if self.kind not in _ADDITIVE:
+            return np.zeros(memory.shape[:2] + (0,), dtype=np.float32), None, None
+        keys = K.AdditiveKeys.project(memory, self.w_key)
+        if keys.factors is None:
+            return keys.projected, None, None
+        return keys.projected, keys.factors, keys.in_limit.view(np.uint8)
+
+    def _encode_padded(self, sources: List[np.ndarray]):
+        """The encoder over ``sources`` padded to their longest (S): memory float32 (n, S, H)
+        and the final h and c of each layer, float32 (L, n, H) each (the decoder's start)."""
+        lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        batch, steps = len(sources), int(lengths.max())
         ids = np.full((batch, steps), self.pad_id, dtype=np.int64)
         for row, source in enumerate(sources):
             ids[row, :len(source)] = source
@@ -188,15 +229,7 @@ class Seq2SeqAttention(EncoderDecoderModel):
             hidden.append(np.concatenate([f[0] for f in finals], axis=1))
             cells.append(np.concatenate([f[1] for f in finals], axis=1))
         memory = np.ascontiguousarray(layer_input, dtype=np.float32)   # (B, S, H)
-        hidden, cells = np.stack(hidden), np.stack(cells)
-        feed = np.zeros((batch, self.hidden_size), dtype=np.float32)
-        if self.kind not in _ADDITIVE:
-            keys = np.zeros((batch, steps, 0), dtype=np.float32)
-            return Seq2SeqState(memory, keys, lengths, hidden, cells, feed)
-        # projected once per source, with the split tanh's key factors for every step
-        keys = K.AdditiveKeys.project(memory, self.w_key)
-        return Seq2SeqState(memory, keys.projected, lengths, hidden, cells, feed, keys.factors,
-                            keys.in_limit.view(np.uint8))
+        return memory, np.stack(hidden), np.stack(cells)
 
     def _encode_direction(self, projected, lengths, weights, reverse):
         """One direction of one encoder layer: the compiled time scan over ``projected``

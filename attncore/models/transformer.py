@@ -32,7 +32,10 @@ What the engine adds over the trainer's recomputing oracle:
   :class:`attncore.kernels._transformer.DecoderStep` with the GIL released, on the same C
   kernels as the rest of the engine; Python only validates the tokens and grows the caches.
 * **Ragged batches.** Sources (and decoder-only prompts) of different lengths are padded with
-  ``pad_id`` and masked with ``kv_lengths``; every row keeps its own decoding position.
+  ``pad_id`` and masked with ``kv_lengths``; every row keeps its own decoding position. The
+  encoder and the prompt's prefill run the batch in length groups
+  (:func:`~attncore.models.base.length_groups`), each padded to its own longest, so one long
+  source does not pad every short one to its length (the same bits: rows are independent).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from ..kernels import _transformer
 from ..kernels.attention import DECODE_CHUNK, sequence_attention
 from ..kernels.threads import BLAS_SMALL_GEMM_MACS, kernel_threads
 from .base import (EncoderDecoderModel, GenerationResult, check_finite, check_generation_options,
-                   gather_cache_prefix, grow_cache,
+                   gather_cache_prefix, grow_cache, length_groups,
                    check_rows, check_sources, check_step_tokens)
 
 __all__ = ["Transformer", "TransformerDecoderState"]
@@ -415,6 +418,23 @@ class Transformer(EncoderDecoderModel):
             ids[row, : len(seq)] = seq
         return ids, lengths
 
+    def _padded_groups(self, sequences: List[np.ndarray]):
+        """``(rows, ids, lengths)`` of each length group of ``sequences``
+        (:func:`~attncore.models.base.length_groups`): its rows of the batch, their ids
+        padded to the group's longest, their lengths."""
+        for rows in length_groups([len(s) for s in sequences]):
+            ids, lengths = self._pad([sequences[r] for r in rows])
+            yield rows, ids, lengths
+
+    def _encoded(self, sequences: List[np.ndarray]) -> List[np.ndarray]:
+        """The encoder outputs float32 (len_i, d) of each sequence, group by group."""
+        outputs: List[Optional[np.ndarray]] = [None] * len(sequences)
+        for rows, ids, lengths in self._padded_groups(sequences):
+            memory = self._encoder_forward(ids, lengths)
+            for row, out, length in zip(rows.tolist(), memory, lengths.tolist()):
+                outputs[row] = out[:length].copy()
+        return outputs
+
     # -- full-sequence pieces ---------------------------------------------------------------
     def _embed(self, ids: np.ndarray, table: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(B, L) ids -> (B, L, d): scaled token embedding + the position rows 0..L-1."""
@@ -475,15 +495,19 @@ class Transformer(EncoderDecoderModel):
             return self._prefill(self._check_sequences(sources, "sources"),
                                  max_length)
         sources = self._check_sequences(sources, "sources")
-        ids, src_lengths = self._pad(sources)
-        memory = self._encoder_forward(ids, src_lengths)
-        cross_k, cross_v = [], []
-        for layer in self.decoder_layers:
-            k, v = _split_heads(kernels.linear(memory, layer.packed.cross_kv,
-                                               layer.cross.kv_bias), 2, self.num_heads)
-            cross_k.append(k)
-            cross_v.append(v)
         batch = len(sources)
+        src_lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        # (positions past a source's length are never read: kv_lengths)
+        shape = (batch, self.num_heads, int(src_lengths.max()), self.head_dim)
+        cross_k = [np.zeros(shape, dtype=_FLOAT) for _ in self.decoder_layers]
+        cross_v = [np.zeros(shape, dtype=_FLOAT) for _ in self.decoder_layers]
+        for rows, ids, lengths in self._padded_groups(sources):
+            memory = self._encoder_forward(ids, lengths)
+            for index, layer in enumerate(self.decoder_layers):
+                k, v = _split_heads(kernels.linear(memory, layer.packed.cross_kv,
+                                                   layer.cross.kv_bias), 2, self.num_heads)
+                cross_k[index][rows, :, :k.shape[2]] = k
+                cross_v[index][rows, :, :v.shape[2]] = v
         self_k, self_v = self._new_caches(batch, self._initial_capacity(0, max_length))
         return TransformerDecoderState(self_k, self_v, np.zeros(batch, dtype=np.int64), cross_k,
                                        cross_v, src_lengths, np.arange(batch, dtype=np.int64),
@@ -494,22 +518,27 @@ class Transformer(EncoderDecoderModel):
         return max(1, min(prefix + extra, self.max_positions))
 
     def _prefill(self, prompts: List[np.ndarray], max_length: Optional[int]) -> TransformerDecoderState:
-        """decoder_only: run the causal decoder over the padded prompts, filling the caches."""
-        ids, lengths = self._pad(prompts)
-        batch, prompt_len = ids.shape
-        self_k, self_v = self._new_caches(batch, self._initial_capacity(prompt_len, max_length))
-        x = self._embed(ids, self.tgt_embedding, self.tgt_positions)
-        for index, layer in enumerate(self.decoder_layers):
-            def attend(h, layer=layer, index=index):
-                out, k, v = self._self_attention(layer, h, lengths, True)
-                self_k[index][:, :, :prompt_len] = k
-                self_v[index][:, :, :prompt_len] = v
-                return out
-            x = _sublayer(x, layer.norms[0], attend, self.norm_first, self.eps)
-            x = _sublayer(x, layer.norms[1], lambda h, layer=layer: _feedforward(layer, h, self.gelu),
-                          self.norm_first, self.eps)
-        last = x[np.arange(batch), lengths - 1]                            # (B, d)
-        return TransformerDecoderState(self_k, self_v, lengths, None, None, None, None,
+        """decoder_only: run the causal decoder over the prompts (padded, length group by
+        length group), filling the caches."""
+        batch = len(prompts)
+        prompt_lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        self_k, self_v = self._new_caches(
+            batch, self._initial_capacity(int(prompt_lengths.max()), max_length))
+        last = np.empty((batch, self.d_model), dtype=_FLOAT)                 # (B, d)
+        for rows, ids, lengths in self._padded_groups(prompts):
+            x = self._embed(ids, self.tgt_embedding, self.tgt_positions)
+            for index, layer in enumerate(self.decoder_layers):
+                def attend(h, layer=layer, index=index):
+                    out, k, v = self._self_attention(layer, h, lengths, True)
+                    self_k[index][rows, :, :k.shape[2]] = k
+                    self_v[index][rows, :, :v.shape[2]] = v
+                    return out
+                x = _sublayer(x, layer.norms[0], attend, self.norm_first, self.eps)
+                x = _sublayer(x, layer.norms[1],
+                              lambda h, layer=layer: _feedforward(layer, h, self.gelu),
+                              self.norm_first, self.eps)
+            last[rows] = x[np.arange(len(rows)), lengths - 1]
+        return TransformerDecoderState(self_k, self_v, prompt_lengths, None, None, None, None,
                                        self._log_probs(last), self.max_positions)
 
     def _step(self, state: TransformerDecoderState, tokens):
@@ -588,10 +617,7 @@ class Transformer(EncoderDecoderModel):
         if not self.has_encoder:
             raise ValueError("a decoder_only Transformer has no encoder")
         sequences = self._check_sequences(tokens_list, "tokens_list")
-        ids, lengths = self._pad(sequences)
-        memory = self._encoder_forward(ids, lengths)
-        return check_finite([memory[b, : lengths[b]].copy() for b in range(len(sequences))],
-                            "encoder outputs")
+        return check_finite(self._encoded(sequences), "encoder outputs")
 
     def classify(self, tokens_list) -> np.ndarray:
         """encoder_only class logits, float32 (B, num_classes): the classifier over the encoder
@@ -600,13 +626,11 @@ class Transformer(EncoderDecoderModel):
             raise ValueError(f"classify needs an encoder_only Transformer, this one is {self.kind}")
         if self.classifier_weight.shape[0] == 0:   # (logits of shape (B, 0) before)
             raise ValueError("this Transformer has no classifier (num_classes = 0)")
-        sequences = self._check_sequences(tokens_list, "tokens_list")
-        ids, lengths = self._pad(sequences)
-        memory = self._encoder_forward(ids, lengths)
+        outputs = self._encoded(self._check_sequences(tokens_list, "tokens_list"))
         if self.pooling == "first":
-            pooled = np.ascontiguousarray(memory[:, 0])
+            pooled = np.stack([out[0] for out in outputs])
         else:
-            pooled = np.stack([memory[b, : lengths[b]].mean(axis=0, dtype=np.float64)
-                               for b in range(len(sequences))]).astype(_FLOAT)
+            pooled = np.stack([out.mean(axis=0, dtype=np.float64)
+                               for out in outputs]).astype(_FLOAT)
         return check_finite(kernels.linear(pooled, self.classifier_weight, self.classifier_bias),
                             "class logits")
