@@ -53,26 +53,33 @@ void CAT(ac_softmax_, SUF)(const REAL *x, REAL *y, ac_index n_rows, ac_index n,
             }
             continue;
         }
-        /* general mask: scalar path */
-        REAL mx = -INFINITY;
+        /* general mask: the entries it leaves out (and those past the length) are -inf in y,
+         * then the vectorised path runs over the whole row (exp(-inf) is exactly 0). It was a
+         * scalar loop with two double exps an entry, 20-30x the unmasked row. (y may be x:
+         * only left-out entries are overwritten, and nan_row reads the valid ones.) */
         int any = 0;
-        for (ac_index j = 0; j < n_valid; j++)
-            if (mr[j]) { if (!any || xr[j] > mx) mx = xr[j]; any = 1; }
-        if (!any || mx == -INFINITY) {
+        for (ac_index j = 0; j < n; j++) {
+            const int keep = j < n_valid && mr[j];
+            any |= keep;
+            yr[j] = keep ? xr[j] : (REAL)-INFINITY;
+        }
+        REAL mx = any ? CAT(ac_max_, SUF)(yr, n) : (REAL)-INFINITY;
+        if (mx == -INFINITY) {
             if (!CAT(nan_row_, SUF)(xr, yr, n_valid, n, mr, log_output))
                 memset(yr, 0, sizeof(REAL) * n);
             continue;
         }
-        REAL total = 0;
-        for (ac_index j = 0; j < n_valid; j++)
-            if (mr[j]) total += (REAL)exp((double)(xr[j] - mx));
+        REAL total;
         if (log_output) {
+            total = CAT(ac_exp_shift_sum_to_, SUF)(yr, NULL, n, mx);
             REAL log_total = (REAL)log((double)total);
-            for (ac_index j = 0; j < n; j++)
-                yr[j] = (j < n_valid && mr[j]) ? (xr[j] - mx) - log_total : -INFINITY;
+            for (ac_index j = 0; j < n; j++) yr[j] = (yr[j] - mx) - log_total;   /* -inf stays */
         } else {
-            for (ac_index j = 0; j < n; j++)
-                yr[j] = (j < n_valid && mr[j]) ? (REAL)exp((double)(xr[j] - mx)) / total : 0;
+            total = CAT(ac_exp_shift_sum_to_, SUF)(yr, yr, n, mx);
+            CAT(ac_scale_, SUF)(yr, n, 1 / total);
         }
+        if (total != total)   /* a NaN among the valid entries: the left-out ones stay 0 / -inf */
+            for (ac_index j = 0; j < n; j++)
+                if (!(j < n_valid && mr[j])) yr[j] = log_output ? (REAL)-INFINITY : (REAL)0;
     }
 }

@@ -241,15 +241,16 @@ def _masked_weights(q, k, scale, causal, kv_lengths, mask, threads):
         keep &= np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
     if kv_lengths is not None:
         keep &= np.arange(kv_len) < kv_lengths[:, None, None, None]
-    weights = np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
-    if weights.size == 0:
-        return weights
+    if batch * heads * q_len * kv_len == 0:
+        return np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
     group = heads // k.shape[1]
     k_full = np.ascontiguousarray(np.repeat(k, group, axis=1)) if group > 1 else k
-    scores = np.empty_like(weights)
+    # the scores become the weights in place (the masked softmax writes every entry): one
+    # (batch, heads, q_len, kv_len) array, not a zeroed one and the scores beside it
+    weights = np.empty((batch, heads, q_len, kv_len), dtype=q.dtype)
     _blas.matmul(q.reshape(-1, q_len, head_dim), k_full.reshape(-1, kv_len, head_dim),
-                 scores.reshape(-1, q_len, kv_len), True, scale, threads)
-    _softmax.softmax_rows(scores.reshape(-1, kv_len), weights.reshape(-1, kv_len), None,
+                 weights.reshape(-1, q_len, kv_len), True, scale, threads)
+    _softmax.softmax_rows(weights.reshape(-1, kv_len), weights.reshape(-1, kv_len), None,
                           np.ascontiguousarray(keep).reshape(-1, kv_len).view(np.uint8), False,
                           threads)
     return weights
