@@ -11,6 +11,7 @@
  *  ac_rotary: interleaved rotary embedding in place over x (N, L, D): for pair i of position
  *    p = positions[l], theta = p * base^(-2i/D): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
  *  ac_embedding: out[r, :] = table[ids[r], :].
+ *  ac_swap_last_axes: y (P, B, A) = x (P, A, B) transposed in its last two axes (blocked).
  */
 #ifndef ATTNCORE_LAYERS_H
 #define ATTNCORE_LAYERS_H
@@ -27,7 +28,9 @@ enum { AC_ACT_RELU = 0, AC_ACT_GELU = 1, AC_ACT_GELU_TANH = 2, AC_ACT_SWISH = 3,
     void ac_rotary_##SUF(REAL *x, const int64_t *positions, ac_index N, ac_index L, ac_index D,  \
                          double base, int num_threads);                                          \
     void ac_embedding_##SUF(const REAL *table, const int64_t *ids, REAL *out, ac_index rows,     \
-                            ac_index D, int num_threads);
+                            ac_index D, int num_threads);                                        \
+    void ac_swap_last_axes_##SUF(const REAL *x, REAL *y, ac_index P, ac_index A, ac_index B,     \
+                                 int num_threads);
 
 AC_LAYERS_DECLARE(f32, float)
 AC_LAYERS_DECLARE(f64, double)

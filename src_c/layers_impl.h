@@ -119,3 +119,30 @@ void CAT(ac_embedding_, SUF)(const REAL *table, const int64_t *ids, REAL *out, a
     for (ac_index r = 0; r < rows; r++) memcpy(out + r * D, table + ids[r] * D, sizeof(REAL) * D);
 }
 #undef ACT_CHUNK
+
+/* y (P, B, A) = x (P, A, B) with its last two axes swapped, in 32 x 32 blocks: NumPy's copy of
+ * a moved axis reads one element per cache line (30 ms for a 4096 x 1024 float32 softmax over
+ * axis 0, against 1.6 ms for the softmax itself). */
+#define SWAP_BLOCK 32
+void CAT(ac_swap_last_axes_, SUF)(const REAL *x, REAL *y, ac_index P, ac_index A, ac_index B,
+                                  int num_threads) {
+    const ac_index blocks_a = (A + SWAP_BLOCK - 1) / SWAP_BLOCK;
+    const ac_index blocks_b = (B + SWAP_BLOCK - 1) / SWAP_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(P * A * B, num_threads))
+    for (ac_index item = 0; item < P * blocks_a * blocks_b; item++) {
+        const ac_index p = item / (blocks_a * blocks_b), rest = item % (blocks_a * blocks_b);
+        const ac_index a0 = rest / blocks_b * SWAP_BLOCK, b0 = rest % blocks_b * SWAP_BLOCK;
+        const ac_index a1 = AC_MIN(A, a0 + SWAP_BLOCK), b1 = AC_MIN(B, b0 + SWAP_BLOCK);
+        const REAL *xp = x + p * A * B;
+        REAL *yp = y + p * A * B;
+        /* through a tile, so that x's and y's rows are each read / written whole: at a
+         * power-of-two stride the 32 rows of a block share one cache set, and a row touched
+         * an element at a time was evicted between its elements (4 GB/s) */
+        REAL tile[SWAP_BLOCK][SWAP_BLOCK + 1];
+        for (ac_index a = a0; a < a1; a++)
+            for (ac_index b = b0; b < b1; b++) tile[a - a0][b - b0] = xp[a * B + b];
+        for (ac_index b = b0; b < b1; b++)
+            for (ac_index a = a0; a < a1; a++) yp[b * A + a] = tile[a - a0][b - b0];
+    }
+}
+#undef SWAP_BLOCK

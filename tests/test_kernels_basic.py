@@ -23,6 +23,10 @@ SOFTMAX_CASES = [
     pytest.param((2, 5, 257), 1, id="axis1"),
     pytest.param((2, 5, 257), -2, id="axis-2"),
     pytest.param((4, 1000), -1, id="4x1000"),
+    # axes after the softmax axis spanning >= 256 elements: moved by the blocked transpose,
+    # edges of its 32 x 32 blocks included
+    pytest.param((45, 300), 0, id="45x300-axis0"),
+    pytest.param((3, 33, 2, 130), 1, id="axis1-of-4d"),
 ]
 
 
@@ -783,3 +787,25 @@ def test_a_masked_out_nan_is_out_like_any_masked_entry(log, dtype):
     out = kernel(x, mask=mask)
     np.testing.assert_array_equal(out, oracle(x, mask=mask).astype(dtype))
     assert not np.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 31, 33), (3, 64, 96), (2, 100, 7), (1, 0, 5)])
+def test_swap_last_axes_is_a_transpose(rng, shape, dtype):
+    from attncore.kernels import _layers
+    x = rng.standard_normal(shape).astype(dtype)
+    out = np.full((shape[0], shape[2], shape[1]), np.nan, dtype)
+    for threads in (1, 2):
+        _layers.swap_last_axes(x, out, threads)
+        np.testing.assert_array_equal(out, x.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match="swap_last_axes: out must have shape"):
+        _layers.swap_last_axes(x, np.empty(shape, dtype) if shape[1] != shape[2] else
+                               np.empty((shape[0] + 1,) + shape[1:], dtype), 1)
+
+
+def test_softmax_over_a_moved_axis_is_contiguous_in_the_input_layout(rng):
+    x = rng.standard_normal((40, 300)).astype(np.float32)
+    out = attncore.softmax(x, axis=0)
+    assert out.shape == x.shape and out.flags.c_contiguous
+    np.testing.assert_allclose(out, reference.softmax(x.astype(np.float64), axis=0), rtol=1e-5,
+                               atol=1e-7)

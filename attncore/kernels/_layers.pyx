@@ -21,6 +21,10 @@ cdef extern from "layers.h" nogil:
                           Py_ssize_t D, int num_threads)
     void ac_embedding_f64(const double *table, const int64_t *ids, double *out, Py_ssize_t rows,
                           Py_ssize_t D, int num_threads)
+    void ac_swap_last_axes_f32(const float *x, float *y, Py_ssize_t P, Py_ssize_t A,
+                               Py_ssize_t B, int num_threads)
+    void ac_swap_last_axes_f64(const double *x, double *y, Py_ssize_t P, Py_ssize_t A,
+                               Py_ssize_t B, int num_threads)
 
 
 # The shapes each kernel indexes by are checked again here (the fronts check them for users):
@@ -91,3 +95,17 @@ def embedding(const floating[:, ::1] table, const int64_t[::1] ids, floating[:, 
             ac_embedding_f32(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)
         else:
             ac_embedding_f64(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)
+
+
+def swap_last_axes(const floating[:, :, ::1] x, floating[:, :, ::1] out, int num_threads):
+    """out (P, B, A) = x (P, A, B) with its last two axes swapped (a blocked transpose)."""
+    cdef Py_ssize_t P = x.shape[0], A = x.shape[1], B = x.shape[2]
+    if out is None or out.shape[0] != P or out.shape[1] != B or out.shape[2] != A:
+        raise ValueError("swap_last_axes: out must have shape (P, B, A) for x (P, A, B)")
+    if P == 0 or A == 0 or B == 0:
+        return
+    with nogil:
+        if floating is float:
+            ac_swap_last_axes_f32(&x[0, 0, 0], &out[0, 0, 0], P, A, B, num_threads)
+        else:
+            ac_swap_last_axes_f64(&x[0, 0, 0], &out[0, 0, 0], P, A, B, num_threads)
