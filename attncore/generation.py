@@ -130,17 +130,19 @@ def _ban_repeated_ngrams(scores, sequences, size, eos_id):
     return scores
 
 
-def _check_tokens_left(scores, groups, step, size):
+def _check_tokens_left(scores, groups, step, size, label="sources[{}]"):
     """A ValueError where every row of a source has no finite entry left in ``scores``
     (``groups``: (source, first row, end row) of each source's rows; only
-    no_repeat_ngram_size, with min_length forbidding EOS, can do that)."""
+    no_repeat_ngram_size, with min_length forbidding EOS, can do that). The message starts
+    with the source (``label`` of its index), as argument errors do, so a caller running
+    sub-batches renames it to its own index (``models.base._named_by_index``)."""
     if not scores.shape[1]:
         return
     best = scores.max(axis=1)
     for source, lo, hi in groups:
         if best[lo:hi].max() == -np.inf:
-            raise ValueError(f"no_repeat_ngram_size={size} forbids every token but EOS for "
-                             f"sources[{source}] at step {step}, and min_length forbids EOS "
+            raise ValueError(f"{label.format(source)}: no_repeat_ngram_size={size} forbids "
+                             f"every token but EOS at step {step}, and min_length forbids EOS "
                              f"there")
 
 
@@ -254,7 +256,7 @@ def _token_stream(model, source, streams, *, bos_id, eos_id, max_length, min_len
     for step in range(max_length):
         scores, _ = _step(model, state, tokens, step, min_length, eos_id, False)
         scores = _ban_repeated_ngrams(scores, [sequence], no_repeat_ngram_size, eos_id)
-        _check_tokens_left(scores, [(0, 0, 1)], step, no_repeat_ngram_size)
+        _check_tokens_left(scores, [(0, 0, 1)], step, no_repeat_ngram_size, label="source")
         if streams is None:
             token = int(_argmax(scores, None)[0])
         else:

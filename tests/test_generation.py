@@ -285,12 +285,26 @@ def test_no_repeat_ngram_alone_equals_in_a_batch(options):
         assert not any(_repeats_an_ngram([BOS] + h, 2) for h in alone.hypotheses)
 
 
+def test_no_repeat_ngram_dead_end_names_the_caller_s_source(streaming_models):
+    # the message starts with the source, so a caller running sub-batches (translate's
+    # length groups) names its own index; a stream names "source" (both said sources[0])
+    from attncore.models.base import generate_with_default_lengths
+    model = streaming_models["decoder_only"]
+    prompts = [np.array([5]), np.arange(3, 13)]           # limits 21 / 30: two sub-batches
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: no_repeat_ngram_size=1"):
+        generate_with_default_lengths(model, prompts, name="prompts", min_length=20,
+                                      no_repeat_ngram_size=1)
+    with pytest.raises(ValueError, match=r"^source: no_repeat_ngram_size=1 forbids"):
+        list(streaming_models["transformer"].generate_tokens(
+            np.array([5, 6, 7]), max_length=45, min_length=31, no_repeat_ngram_size=1))
+
+
 def test_no_repeat_ngram_with_every_token_used_and_eos_forbidden_is_an_error():
     # size 1 bans each generated token: V - 1 = 4 non-EOS tokens (BOS among them) last three
     # steps after BOS, and min_length forbids the EOS that would end the hypothesis
     for options in (dict(), dict(beam_size=2), dict(do_sample=True, seed=0)):
-        with pytest.raises(ValueError, match=r"no_repeat_ngram_size=1 forbids every token "
-                                             r"but EOS for sources\[0\] at step 3"):
+        with pytest.raises(ValueError, match=r"^sources\[0\]: no_repeat_ngram_size=1 forbids "
+                                             r"every token but EOS at step 3"):
             _generate(SOURCES[:1], max_length=6, min_length=5, no_repeat_ngram_size=1,
                       **options)
     assert len(_generate(SOURCES[:1], max_length=6, min_length=3,

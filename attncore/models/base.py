@@ -665,8 +665,9 @@ class GenerateTokensMixin:
 
         Yields ``(token id, log-probability)`` a step, greedy (the default) or sampled
         (``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed`` as in
-        :meth:`generate`; ``no_repeat_ngram_size`` too), and stops at EOS (not yielded) or after ``max_length`` tokens:
-        the tokens and log-probabilities ``generate([source], ...)`` returns with the same
+        :meth:`generate`; ``no_repeat_ngram_size`` too), and stops at EOS (not yielded) or
+        after ``max_length`` tokens: the tokens and log-probabilities ``generate([source],
+        ...)`` returns with the same
         options, each as soon as its step is done (a service sends it on; a caller that
         stops iterating stops the decoding). Beam search ranks whole hypotheses at the end,
         so it cannot stream. Arguments are checked here, before the first token.
