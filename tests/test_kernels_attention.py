@@ -806,3 +806,27 @@ def test_additive_keys_past_the_limit_in_the_last_valid_position(rng):
     got = attncore.additive_attention(**{**args, "keys": keys}, kv_lengths=[6, 4])
     expected = reference.additive_attention(*as64(*args.values()), kv_lengths=[6, 4])
     assert_close(got, expected, np.float32, atol=score_atol(np.float32, np.abs(args["w_v"]).sum()))
+
+
+def test_a_dense_mask_never_makes_the_whole_score_tensor(rng):
+    # 1 x 8 x 1024 x 1024 with a (1024, 1024) mask: the scores, the weights and the mask's
+    # copy were each a (batch, heads, q_len, kv_len) array (32 + 32 + 8 MB); now chunks of
+    # MASKED_CHUNK_BYTES, and the whole tensor only when the weights are asked for
+    import importlib
+    import tracemalloc
+    front = importlib.import_module("attncore.kernels.attention")   # (the module, not the function)
+    q, k, v = (rng.standard_normal((1, 8, 1024, 32)).astype(np.float32) for _ in range(3))
+    mask = np.tril(np.ones((1024, 1024), bool))
+    tracemalloc.start()
+    try:
+        out = attncore.attention(q, k, v, mask=mask)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole = 8 * 1024 * 1024 * 4                       # one (1, 8, 1024, 1024) float32 tensor
+    slice_bytes = max(front.MASKED_CHUNK_BYTES, 1024 * 1024 * 4)   # (at least one head's)
+    assert peak < min(whole / 2, 2 * slice_bytes + 2 * out.nbytes), peak
+    np.testing.assert_allclose(out, attncore.attention(q, k, v, causal=True), rtol=0, atol=2e-6)
+    with_weights, weights = attncore.attention(q, k, v, mask=mask, return_weights=True)
+    np.testing.assert_array_equal(with_weights, out)   # (the same chunks either way)
+    assert weights.shape == (1, 8, 1024, 1024)

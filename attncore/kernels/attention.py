@@ -160,7 +160,7 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     causal = check_bool(causal, "causal")
     return_weights = check_bool(return_weights, "return_weights")
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kv_len = k.shape[2]
     scale = (1.0 / math.sqrt(head_dim) if scale is None
              else check_finite_float(scale, "scale", q.dtype))
     if kv_lengths is not None:
@@ -171,13 +171,10 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     out = (np.zeros if empty else np.empty)((batch, heads, q_len, head_dim), dtype=q.dtype)
     if mask is not None:
         mask = check_bool_mask(mask, "mask", (batch, heads, q_len, kv_len))
-        weights = _masked_weights(q, k, scale, causal, kv_lengths, mask, threads)
+        weights = (np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
+                   if return_weights else None)
         if not empty:
-            group = heads // kv_heads
-            v_full = np.repeat(v, group, axis=1) if group > 1 else v
-            _blas.matmul(weights.reshape(-1, q_len, kv_len),
-                         np.ascontiguousarray(v_full).reshape(-1, kv_len, head_dim),
-                         out.reshape(-1, q_len, head_dim), False, 1.0, threads)
+            _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, threads)
         return (out, weights) if return_weights else out
     if not empty:
         if q_len <= DECODE_MAX_Q:
@@ -232,28 +229,48 @@ def sequence_attention(q, k, v, *, kv_lengths, causal):
     return out
 
 
-def _masked_weights(q, k, scale, causal, kv_lengths, mask, threads):
-    """Materialised weights for the dense-mask path: BLAS scores + masked softmax kernel."""
+#: The dense-mask path materialises the scores of this many bytes of (batch, head) slices at
+#: a time (at least one slice): no (batch, heads, q_len, kv_len) array is made unless the
+#: weights are asked for (it made two, and a copy of the mask as large: 1.1 GB at 1 x 8 x
+#: 4096 x 4096 for a (4096, 4096) mask), and the scores stay in cache from their product
+#: through the masked softmax to the product with V.
+MASKED_CHUNK_BYTES = 2 << 20
+
+
+def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, threads):
+    """The dense-mask path into out: BLAS scores, the masked softmax, the product with V,
+    chunk by chunk of (batch, head) slices; ``weights`` (batch, heads, q_len, kv_len) or None
+    receives the probabilities (the same chunks either way, so asking for the weights never
+    changes an output bit). ``mask`` is the caller's, broadcast (batch, heads, q_len, kv_len):
+    only a chunk of it is copied at a time, with the causal and length limits applied."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    keep = np.array(mask, dtype=bool)  # a private, writable copy of the broadcast mask
-    if causal:
-        keep &= np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
-    if kv_lengths is not None:
-        keep &= np.arange(kv_len) < kv_lengths[:, None, None, None]
-    if batch * heads * q_len * kv_len == 0:
-        return np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
     group = heads // k.shape[1]
     k_full = np.ascontiguousarray(np.repeat(k, group, axis=1)) if group > 1 else k
-    # the scores become the weights in place (the masked softmax writes every entry): one
-    # (batch, heads, q_len, kv_len) array, not a zeroed one and the scores beside it
-    weights = np.empty((batch, heads, q_len, kv_len), dtype=q.dtype)
-    _blas.matmul(q.reshape(-1, q_len, head_dim), k_full.reshape(-1, kv_len, head_dim),
-                 weights.reshape(-1, q_len, kv_len), True, scale, threads)
-    _softmax.softmax_rows(weights.reshape(-1, kv_len), weights.reshape(-1, kv_len), None,
-                          np.ascontiguousarray(keep).reshape(-1, kv_len).view(np.uint8), False,
-                          threads)
-    return weights
+    v_full = np.ascontiguousarray(np.repeat(v, group, axis=1)) if group > 1 else v
+    slices = batch * heads
+    q3, out3 = q.reshape(slices, q_len, head_dim), out.reshape(slices, q_len, head_dim)
+    k3, v3 = k_full.reshape(slices, kv_len, head_dim), v_full.reshape(slices, kv_len, head_dim)
+    allowed = None   # the causal limit, the same for every slice
+    if causal:
+        allowed = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
+    per = max(1, MASKED_CHUNK_BYTES // (q_len * kv_len * q.dtype.itemsize))
+    scratch = None if weights is not None else np.empty((min(per, slices), q_len, kv_len),
+                                                        dtype=q.dtype)
+    for s0 in range(0, slices, per):
+        s1 = min(slices, s0 + per)
+        keep = np.stack([mask[s // heads, s % heads] for s in range(s0, s1)])  # (a copy)
+        if allowed is not None:
+            keep &= allowed
+        if kv_lengths is not None:
+            keep &= (np.arange(kv_len) < kv_lengths[np.arange(s0, s1) // heads, None, None])
+        w = (weights.reshape(slices, q_len, kv_len)[s0:s1] if weights is not None
+             else scratch[:s1 - s0])
+        _blas.matmul(q3[s0:s1], k3[s0:s1], w, True, scale, threads)
+        # (in place: the masked softmax writes every entry)
+        _softmax.softmax_rows(w.reshape(-1, kv_len), w.reshape(-1, kv_len), None,
+                              keep.reshape(-1, kv_len).view(np.uint8), False, threads)
+        _blas.matmul(w, v3[s0:s1], out3[s0:s1], False, 1.0, threads)
 
 
 def project_keys(keys, w_k):
