@@ -5,8 +5,9 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* a dense ``mask``: the weights are materialised anyway (the mask itself is
-  batch x heads x q_len x kv_len), so scores go through BLAS and the masked softmax.
+* a dense ``mask``: scores through BLAS and the masked softmax, chunk by chunk of (batch,
+  head) slices (:data:`MASKED_CHUNK_BYTES`), then the product with V; the whole
+  batch x heads x q_len x kv_len weights only when they are asked for.
 * ``return_weights=True`` without a mask: the output comes from the path it would take without
   weights (below), and the weights from a pass of their own (one more q k^T), so asking for
   them never changes an output bit.
@@ -146,7 +147,8 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     kv_lengths : (batch,) int, optional
         Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
     mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
-        False = masked. Dense masks materialise the scores; prefer causal / kv_lengths.
+        False = masked. Dense masks compute every score (a chunk of heads at a time); prefer
+        causal / kv_lengths, which skip what they exclude.
     scale : float, optional
         Default 1 / sqrt(head_dim).
     return_weights : bool
