@@ -830,3 +830,23 @@ def test_a_dense_mask_never_makes_the_whole_score_tensor(rng):
     with_weights, weights = attncore.attention(q, k, v, mask=mask, return_weights=True)
     np.testing.assert_array_equal(with_weights, out)   # (the same chunks either way)
     assert weights.shape == (1, 8, 1024, 1024)
+
+
+@pytest.mark.parametrize("shape", [(512, 8, 8, 16), (3, 5, 300, 16), (2, 3, 700, 8)])
+def test_dense_mask_chunks_read_the_right_slices_and_leave_the_mask_alone(rng, shape):
+    # chunks of many small (batch, head) slices, of a few heads of a batch entry, and of one
+    # head: each copies its own slices of the mask (per batch entry here), then the causal and
+    # length limits; the caller's mask is never written
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    length = shape[2]
+    per_batch = rng.random((shape[0], 1, length, length)) < 0.7
+    full = np.ascontiguousarray(np.broadcast_to(per_batch, shape[:2] + (length, length)))
+    before = full.copy()
+    kv_lengths = rng.integers(0, length + 1, shape[0])
+    out = attncore.attention(q, k, v, mask=full, causal=True, kv_lengths=kv_lengths)
+    np.testing.assert_array_equal(full, before)
+    expected = reference.attention(*(a.astype(np.float64) for a in (q, k, v)), mask=full,
+                                   causal=True, kv_lengths=kv_lengths)
+    assert_close(out, expected, np.float32)
+    np.testing.assert_array_equal(
+        attncore.attention(q, k, v, mask=per_batch, causal=True, kv_lengths=kv_lengths), out)

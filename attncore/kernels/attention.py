@@ -261,7 +261,17 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
                                                         dtype=q.dtype)
     for s0 in range(0, slices, per):
         s1 = min(slices, s0 + per)
-        keep = np.stack([mask[s // heads, s % heads] for s in range(s0, s1)])  # (a copy)
+        # the chunk's slices of the broadcast mask, copied: the batch entries they lie in (at
+        # most two heads' worth more than the chunk when it holds a whole entry's heads), else
+        # the heads of the one or two entries it touches
+        b0, b1 = s0 // heads, (s1 - 1) // heads + 1
+        if s1 - s0 >= heads:
+            keep = np.array(mask[b0:b1], dtype=bool, order="C").reshape(-1, q_len, kv_len)[
+                s0 - b0 * heads:s1 - b0 * heads]
+        else:
+            keep = np.ascontiguousarray(np.concatenate(
+                [mask[b, max(s0 - b * heads, 0):min(s1 - b * heads, heads)]
+                 for b in range(b0, b1)]))
         if allowed is not None:
             keep &= allowed
         if kv_lengths is not None:
