@@ -95,7 +95,11 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     if mask is not None:
         keep &= np.broadcast_to(np.asarray(mask, dtype=bool), scores.shape)
     weights = softmax(scores, axis=-1, mask=keep)
-    out = (weights @ v).astype(q.dtype)
+    if np.isfinite(v).all():
+        out = weights @ v
+    else:   # a key a query does not see adds nothing, whatever its value (0 x NaN would)
+        out = np.einsum("bhqk,bhqkd->bhqd", weights, np.where(keep[..., None], v[:, :, None], 0))
+    out = out.astype(q.dtype)
     return (out, weights) if return_weights else out
 
 

@@ -850,3 +850,36 @@ def test_dense_mask_chunks_read_the_right_slices_and_leave_the_mask_alone(rng, s
     assert_close(out, expected, np.float32)
     np.testing.assert_array_equal(
         attncore.attention(q, k, v, mask=per_batch, causal=True, kv_lengths=kv_lengths), out)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("excluded_by", ["kv_lengths", "causal", "mask"])
+def test_a_value_no_query_sees_cannot_poison_the_dense_mask_path(rng, dtype, excluded_by):
+    # NaN in V at key 8, out of every query's reach: a padded cache's tail. The product with V
+    # took it times a weight of 0 (NaN), so adding an all-True mask to a causal or kv_lengths
+    # call turned its finite output into NaN. A row that does see a NaN value stays NaN.
+    q_len = 9 if excluded_by == "causal" else 5   # (causal: queries 0-7 do not see key 8)
+    q = rng.standard_normal((2, 4, q_len, 8)).astype(dtype)
+    k, v = (rng.standard_normal((2, 2, 9, 8)).astype(dtype) for _ in range(2))
+    v[:, :, 8] = np.nan
+    mask = np.ones((q_len, 9), bool)
+    options = {"kv_lengths": dict(kv_lengths=np.array([8, 5])), "causal": dict(causal=True),
+               "mask": {}}[excluded_by]
+    if excluded_by == "mask":
+        mask[:, 8] = False
+    out = attncore.attention(q, k, v, mask=mask, **options)[:, :, :5]   # (the rows blind to 8)
+    assert np.isfinite(out).all()
+    expected = reference.attention(*(as64(a) for a in (q, k, v)), mask=mask, **options)
+    assert_close(out, expected[:, :, :5], dtype)
+    if excluded_by == "kv_lengths":   # the same as the call without a mask (the causal flash
+        # path still multiplies a tile's zero weights by a NaN value a later row sees)
+        assert_close(out, attncore.attention(q, k, v, **options)[:, :, :5], dtype)
+    # one query row that does see key 8 (only it): NaN there, finite elsewhere
+    seeing = np.zeros((2, 4, q_len, 9), bool)
+    seeing[..., :5] = True
+    seeing[1, 2, 3, 8] = True
+    out = attncore.attention(q, k, v, mask=seeing)
+    assert np.isnan(out[1, 2, 3]).all()
+    others = np.ones(out.shape[:3], bool)
+    others[1, 2, 3] = False
+    assert np.isfinite(out[others]).all()
