@@ -264,9 +264,9 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
                                                         dtype=q.dtype)
     for s0 in range(0, slices, per):
         s1 = min(slices, s0 + per)
-        # the chunk's slices of the broadcast mask, copied: the batch entries they lie in (at
-        # most two heads' worth more than the chunk when it holds a whole entry's heads), else
-        # the heads of the one or two entries it touches
+        # the chunk's slices of the broadcast mask, copied: the batch entries they lie in when
+        # the chunk holds a whole entry's heads (at most 2 (heads - 1) slices more than the
+        # chunk: a partial entry at each end), else the heads of the one or two it touches
         b0, b1 = s0 // heads, (s1 - 1) // heads + 1
         if s1 - s0 >= heads:
             keep = np.array(mask[b0:b1], dtype=bool, order="C").reshape(-1, q_len, kv_len)[
