@@ -238,6 +238,15 @@ def assert_same_as_one_call(chunked, whole, atol=CHUNK_ATOL):
         np.testing.assert_allclose(chunked, whole, rtol=0, atol=atol)
 
 
+def step_random_tokens(engine, state, sequences, rng, vocab=40):
+    """One decoding step of a random token per row, each appended to its row's sequence;
+    the step's log-probs (B, V)."""
+    tokens = rng.integers(0, vocab, len(sequences))
+    for sequence, token in zip(sequences, tokens):
+        sequence.append(int(token))
+    return engine._step(state, tokens)[0]
+
+
 def assert_steps_equal_one_call(engine, log_probs, sequences):
     """A decoding step's log-probs (B, V) are, row by row, those of one ``token_logits`` call
     over that row's whole sequence (its last token's)."""
@@ -562,10 +571,7 @@ def test_every_decoding_step_equals_one_call_over_the_sequence(memory_review, we
             keep = np.array([4, 1, 1, 3])
             state = state.select(keep)
             sequences = [list(sequences[r]) for r in keep]
-        tokens = rng.integers(0, 40, len(sequences))
-        for sequence, token in zip(sequences, tokens):
-            sequence.append(int(token))
-        log_probs, _ = engine._step(state, tokens)
+        log_probs = step_random_tokens(engine, state, sequences, rng)
     assert state.state.tokens == tuple(len(s) - len(f) for s, f in zip(sequences, state.fed))
     assert all(len(p) + len(f) < 4 for p, f in zip(state.state.pending, state.fed))
 
@@ -598,10 +604,7 @@ def test_a_committed_window_carries_what_one_call_carries(memory_review):
     sequences = [list(p) for p in prompts]
     rng = np.random.default_rng(33)
     for _ in range(9):
-        tokens = rng.integers(0, 40, len(sequences))
-        engine._step(state, tokens)
-        for sequence, token in zip(sequences, tokens):
-            sequence.append(int(token))
+        step_random_tokens(engine, state, sequences, rng)
         for row, sequence in enumerate(sequences):
             committed = state.state.select([row])
             _, want = engine.encode([np.asarray(sequence[:committed.tokens[0]])])
@@ -857,10 +860,7 @@ def test_every_step_after_a_select_equals_one_call_over_the_sequence():
         order = rng.permutation(len(sequences))
         state = state.select(order)
         sequences = [list(sequences[r]) for r in order]
-        tokens = rng.integers(0, 40, len(sequences))
-        for sequence, token in zip(sequences, tokens):
-            sequence.append(int(token))
-        log_probs, _ = engine._step(state, tokens)
+        log_probs = step_random_tokens(engine, state, sequences, rng)
         assert_steps_equal_one_call(engine, log_probs, sequences)
 
 
