@@ -852,10 +852,9 @@ class RAN(GenerateTokensMixin, Model):
         (writing them twice writes the same values)."""
         if not len(rows):
             return
-        H, d = self.head_num, self.head_size
         for index, layer in enumerate(self.layers):
-            cells = np.stack([state.state.layers[r][index].cell for r in rows])
-            p0 = _swish_linear(_ln(cells, layer.concat_norm), layer.qkv).reshape(len(rows), 3, H, d)
+            _, p0 = self._cell_rows(layer, np.stack([state.state.layers[r][index].cell
+                                                     for r in rows]))
             state.cache.keys[index][rows, :, 0] = p0[:, 1]
             state.cache.values[index][rows, :, 0] = p0[:, 2]
 
@@ -1110,8 +1109,7 @@ class RAN(GenerateTokensMixin, Model):
             a = max(int(plan.step_bounds[step]), lo) - lo
             b = min(int(plan.step_bounds[step + 1]), hi) - lo
             docs = plan.win_doc[lo + a:lo + b]
-            z0 = _ln(cell[docs], layer.concat_norm)                            # (n, D)
-            p0 = _swish_linear(z0, layer.qkv).reshape(b - a, 3, H, d)
+            z0, p0 = self._cell_rows(layer, cell[docs])               # (n, D), (n, 3, H, d)
             k[a:b, :, 0] = p0[:, 1]                                            # position 0:
             v[a:b, :, 0] = p0[:, 2]                                            # no rotation
             if self.causal:
@@ -1150,6 +1148,15 @@ class RAN(GenerateTokensMixin, Model):
         o = o.transpose(0, 2, 1, 3)[:, 1:1 + W].reshape(nb, W, HD)[valid]      # (n_tok, HD)
         h = _swish_linear(o, layer.attn_out) + _glu(z, layer.attn_glu)
         y[rows] = _stdnorm(_ln(h, layer.attn_norm))
+
+    def _cell_rows(self, layer: _Layer, cells: np.ndarray):
+        """Row 0 of windows whose incoming cells are ``cells`` float32 (n, D): its
+        ``LN_concat`` z (n, D) and swish QKV projections (n, 3, H, d), unrotated (position 0).
+        The window recurrence in ``encode`` and a decoding window's first step both take them
+        from here, so the decoding cache's row 0 has the bits of one call's."""
+        z = _ln(cells, layer.concat_norm)
+        return z, _swish_linear(z, layer.qkv).reshape(len(cells), 3, self.head_num,
+                                                      self.head_size)
 
     def _window_cells(self, layer: _Layer, query, k, v, kv_lengths, residual, g_prev,
                       has_prev) -> Tuple[np.ndarray, np.ndarray]:
