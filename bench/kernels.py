@@ -5,11 +5,11 @@
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
     python bench/kernels.py --only additive    # sections: attention decode softmax activations
-                                               # additive packed matmul sampling
+                                               # norm additive packed matmul sampling
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
-shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, additive attention vs its reference,
+shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive attention vs its reference,
 the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
 matmul / linear vs NumPy, a top-p sampling step and a beam-search ranking vs NumPy and torch;
 finally the peak memory of ``attention`` at length 16384 (it must show no len^2 buffer).
@@ -129,6 +129,30 @@ def run_activations(threads, torch, rows, quick):
                             "sigmoid": lambda: torch.sigmoid(tx)}[name]
                 with torch.inference_mode():
                     t_th = H.best_time(torch_fn, 20)
+            rows.append((threads, f"{name} {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))
+
+
+def run_norm(threads, torch, rows, quick):
+    """float32 layer norm (with gamma and beta) and RMS norm over rows of a Transformer's width
+    against the NumPy reference (on the float32 input, as a user would call it) and torch's
+    ``layer_norm`` / ``rms_norm``."""
+    rng = np.random.default_rng(6)
+    for shape in ([(16, 512)] if quick else [(64, 512), (4096, 512), (1024, 2048)]):
+        x = (1 + 2 * rng.standard_normal(shape)).astype(np.float32)
+        gamma, beta = rng.standard_normal((2, shape[1])).astype(np.float32)
+        for mode in ("standard", "rms"):
+            affine = (gamma, beta) if mode == "standard" else (gamma, None)
+            t_ac = H.best_time(lambda: attncore.layer_norm(x, *affine, mode=mode), 20)
+            t_np = H.best_time(lambda: reference.layer_norm(x, *affine, mode=mode), 5)
+            t_th = float("nan")
+            if torch is not None:
+                tx, tg, tb = (torch.from_numpy(a) for a in (x, gamma, beta))
+                F = torch.nn.functional
+                torch_fn = ((lambda: F.layer_norm(tx, (shape[1],), tg, tb, 1e-5)) if mode == "standard"
+                            else (lambda: F.rms_norm(tx, (shape[1],), tg, 1e-5)))
+                with torch.inference_mode():
+                    t_th = H.best_time(torch_fn, 20)
+            name = "layer_norm" if mode == "standard" else "rms_norm"
             rows.append((threads, f"{name} {shape[0]}x{shape[1]}", t_ac, float("nan"), t_np, t_th))
 
 
@@ -326,8 +350,8 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "activations", "additive", "packed", "matmul",
-            "sampling")
+SECTIONS = ("attention", "decode", "softmax", "activations", "norm", "additive", "packed",
+            "matmul", "sampling")
 
 
 def main(argv=None):
@@ -358,6 +382,8 @@ def main(argv=None):
                 run_softmax(threads, torch, rows, args.quick)
             if "activations" in args.only:
                 run_activations(threads, torch, rows, args.quick)
+            if "norm" in args.only:
+                run_norm(threads, torch, rows, args.quick)
             if "additive" in args.only:
                 run_additive(threads, torch, rows, args.quick)
             if "packed" in args.only:

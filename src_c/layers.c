@@ -3,6 +3,7 @@
 #include <string.h>
 #include "layers.h"
 #include "real_ops.h"
+#include "simd.h"
 
 /* float32 tanh / sigmoid / swish / GELU go through the SIMD row functions; relu has its own
  * loop (layers_impl.h); float64 stays scalar. */
@@ -20,14 +21,22 @@
         }                                                                                        \
         continue;                                                                                \
     }
+/* float32 layer-norm rows go through simd.c (one pass of float64 statistics, float32 output,
+ * vector kernels with the scalar version's bits); float64 takes the two-pass loop below. */
+#define LAYER_NORM_VECTOR_HOOK(xr, yr, gamma, beta, D, eps, mode)                                \
+    ac_layer_norm_row_f32((xr), (yr), (gamma), (beta), (D), (eps), (mode) == AC_NORM_STANDARD,    \
+                          (mode) != AC_NORM_RMS);                                                \
+    continue;
 #define REAL float
 #define SUF f32
 #include "layers_impl.h"
 #undef REAL
 #undef SUF
 #undef ACT_VECTOR_HOOK
+#undef LAYER_NORM_VECTOR_HOOK
 
 #define ACT_VECTOR_HOOK(xp, yp, cnt, kind)
+#define LAYER_NORM_VECTOR_HOOK(xr, yr, gamma, beta, D, eps, mode)
 #define REAL double
 #define SUF f64
 #include "layers_impl.h"

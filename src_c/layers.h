@@ -6,7 +6,9 @@
  *      mode AC_NORM_STANDARD:  c = mean(x), m2 = mean((x - mean)^2)   (the usual LayerNorm)
  *      mode AC_NORM_UNCENTRED: c = mean(x), m2 = mean(x^2)            (RAN / langml LayerNorm)
  *      mode AC_NORM_RMS:       c = 0,       m2 = mean(x^2)            (RMSNorm)
- *    gamma / beta may be NULL (then 1 / 0).
+ *    gamma / beta may be NULL (then 1 / 0). float64: two passes of float64 sums; float32: a row
+ *    goes through simd.h's ac_layer_norm_row_f32 (one float64 pass over the row shifted by its
+ *    first element, the output in float32 arithmetic; the same bits on every instruction set).
  *  ac_activation: y = f(x) element-wise, f one of AC_ACT_*; parallel over fixed chunks.
  *  ac_rotary: interleaved rotary embedding in place over x (N, L, D): for pair i of position
  *    p = positions[l], theta = p * base^(-2i/D): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).

@@ -9,6 +9,7 @@ void CAT(ac_layer_norm_, SUF)(const REAL *x, REAL *y, const REAL *gamma, const R
     for (ac_index r = 0; r < rows; r++) {
         const REAL *xr = x + r * D;
         REAL *yr = y + r * D;
+        LAYER_NORM_VECTOR_HOOK(xr, yr, gamma, beta, D, eps, mode) /* float32 rows leave here */
         /* the two sums in 8 interleaved chains (lane j takes d = j mod 8) added in a fixed
          * order: one chain waited on each add's latency (~8 cycles an element, 6% of a RAN
          * encode), these run as vectors; a row's result still depends on its values only */

@@ -150,6 +150,53 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
     }
 }
 
+/* Layer-norm row (simd.h). The chains' sums, the statistics and the output tail are shared by
+ * the three versions, so their bits agree: the vector loops give lane j of their accumulators
+ * exactly chain j's sequence of adds. */
+#define LN_CHAINS 16
+typedef struct { double center, inv; } ln_stats;
+static void ln_chains_tail(const float *x, ac_index d0, ac_index D, double k, double *s1,
+                           double *s2) {
+    for (ac_index d = d0; d < D; d++) {
+        const double t = (double)x[d] - k;
+        s1[d % LN_CHAINS] += t;
+        s2[d % LN_CHAINS] += t * t;
+    }
+}
+static double ln_sum_chains(const double *s) {
+    double half[8];
+    for (int j = 0; j < 8; j++) half[j] = s[j] + s[j + 8];
+    return ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]));
+}
+static ln_stats ln_finish(const double *s1, const double *s2, ac_index D, double k, float eps,
+                          int center_stats, int center_output) {
+    const double m1 = ln_sum_chains(s1) / (double)D, q = ln_sum_chains(s2) / (double)D;
+    const double mean = k + m1;
+    double m2 = center_stats ? q - m1 * m1 : q;
+    if (m2 < 0) m2 = 0; /* rounding only: a constant row gives 0 exactly */
+    ln_stats st = {center_output ? mean : 0.0, 1.0 / sqrt(m2 + (double)eps)};
+    return st;
+}
+static void ln_output(const float *x, float *y, const float *gamma, const float *beta,
+                      ac_index d0, ac_index D, ln_stats st) {
+    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
+    const float inv = (float)st.inv;
+    for (ac_index d = d0; d < D; d++) {
+        float t = ((x[d] - c_hi) - c_lo) * inv;
+        if (gamma) t *= gamma[d];
+        if (beta) t += beta[d];
+        y[d] = t;
+    }
+}
+static void layer_norm_row_scalar(const float *x, float *y, const float *gamma, const float *beta,
+                                  ac_index D, float eps, int center_stats, int center_output) {
+    const double k = center_stats ? (double)x[0] : 0.0;
+    double s1[LN_CHAINS] = {0}, s2[LN_CHAINS] = {0};
+    ln_chains_tail(x, 0, D, k, s1, s2);
+    ln_output(x, y, gamma, beta, 0, D,
+              ln_finish(s1, s2, D, k, eps, center_stats, center_output));
+}
+
 /* ---------------------------------------------------------------- AVX2 -------------- */
 #ifdef AC_X86
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -612,6 +659,41 @@ static inline AVX2 __m256 gelu_tanh256(__m256 x) {
     return _mm256_blendv_ps(y, _mm256_mul_ps(x, _mm256_setzero_ps()), far);
 }
 
+/* Layer-norm row (simd.h): the 16 chains as four 4-lane vectors per sum. */
+static AVX2 void layer_norm_row_avx2(const float *x, float *y, const float *gamma,
+                                     const float *beta, ac_index D, float eps, int center_stats,
+                                     int center_output) {
+    const double k = center_stats ? (double)x[0] : 0.0;
+    const ac_index d16 = D - D % LN_CHAINS;
+    const __m256d kv = _mm256_set1_pd(k);
+    __m256d s1[4], s2[4];
+    for (int v = 0; v < 4; v++) s1[v] = s2[v] = _mm256_setzero_pd();
+    for (ac_index d = 0; d < d16; d += LN_CHAINS)
+        for (int v = 0; v < 4; v++) {
+            const __m256d t = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + d + 4 * v)), kv);
+            s1[v] = _mm256_add_pd(s1[v], t);
+            s2[v] = _mm256_add_pd(s2[v], _mm256_mul_pd(t, t));
+        }
+    double a1[LN_CHAINS], a2[LN_CHAINS];
+    for (int v = 0; v < 4; v++) {
+        _mm256_storeu_pd(a1 + 4 * v, s1[v]);
+        _mm256_storeu_pd(a2 + 4 * v, s2[v]);
+    }
+    ln_chains_tail(x, d16, D, k, a1, a2);
+    const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
+    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
+    const __m256 hi = _mm256_set1_ps(c_hi), lo = _mm256_set1_ps(c_lo);
+    const __m256 inv = _mm256_set1_ps((float)st.inv);
+    const ac_index d8 = D - D % 8;
+    for (ac_index d = 0; d < d8; d += 8) {
+        __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + d), hi), lo), inv);
+        if (gamma) t = _mm256_mul_ps(t, _mm256_loadu_ps(gamma + d));
+        if (beta) t = _mm256_add_ps(t, _mm256_loadu_ps(beta + d));
+        _mm256_storeu_ps(y + d, t);
+    }
+    ln_output(x, y, gamma, beta, d8, D, st);
+}
+
 /* y = GELU(x) (tanh_form: the tanh approximation) 8 floats at a time, the tail padded into the
  * same lanes (an element's bits must not depend on where the array ends) */
 static AVX2 void gelu_avx2(const float *x, float *y, ac_index n, int tanh_form) {
@@ -930,6 +1012,10 @@ int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form) {
 #endif
     (void)x; (void)y; (void)n; (void)tanh_form;
     return 0;
+}
+void ac_layer_norm_row_f32(const float *x, float *y, const float *gamma, const float *beta,
+                           ac_index D, float eps, int center_stats, int center_output) {
+    DISPATCH(layer_norm_row, x, y, gamma, beta, D, eps, center_stats, center_output);
 }
 void ac_exp_f32(float *x, ac_index n) { DISPATCH(exp, x, n); }
 void ac_softmax_cols_update_f32(float *s, ac_index rows, ac_index cols, ac_index lds,

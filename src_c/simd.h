@@ -60,6 +60,18 @@ void ac_lstm_cell_f32(const float *gx, const float *gh, float *h, float *c, ac_i
 /* y[i] = GELU(x[i]) (erf, or tanh_form: the tanh approximation), in place allowed, on the AVX2
  * kernels; returns 0 without them (then the caller computes it). */
 int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form);
+/* One row of float32 layer norm (layers.h), the same bits on every ISA. Statistics in float64,
+ * one pass: with the shift k = x[0] when center_stats (0 otherwise), the sums of t = x - k and
+ * t^2 run in 16 chains (chain j takes d = j mod 16) added in a fixed tree; then
+ * mean = k + S1 / D and m2 = S2 / D - (S1 / D)^2 (clamped at 0), or m2 = S2 / D without
+ * centring. The shift keeps the difference exact enough: m2's relative error is about
+ * (D + 1) * 2^-53, however far the row sits from 0. The output in float32:
+ *   y = (((x - c_hi) - c_lo) * inv) * gamma + beta,  c_hi + c_lo = c (the mean when
+ * center_output, else 0) split into two floats, inv = 1 / sqrt(m2 + eps): x - c_hi is exact
+ * wherever it cancels, so a row far from 0 keeps its digits; a few float32 roundings in all.
+ * gamma / beta NULL: 1 / 0. x and y may be the same row. */
+void ac_layer_norm_row_f32(const float *x, float *y, const float *gamma, const float *beta,
+                           ac_index D, float eps, int center_stats, int center_output);
 /* out[j] = scale * (q . k[j, :]) for n_keys rows of k (n_keys, D): the decode score loop. */
 void ac_scores_f32(const float *q, const float *k, ac_index n_keys, ac_index D, float scale,
                    float *out);

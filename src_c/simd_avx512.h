@@ -353,6 +353,42 @@ static AVX512 void gelu_avx512(const float *x, float *y, ac_index n, int tanh_fo
     }
 }
 
+/* Layer-norm row (simd.h): the 16 chains as two 8-lane vectors per sum. */
+static AVX512 void layer_norm_row_avx512(const float *x, float *y, const float *gamma,
+                                         const float *beta, ac_index D, float eps,
+                                         int center_stats, int center_output) {
+    const double k = center_stats ? (double)x[0] : 0.0;
+    const ac_index d16 = D - D % LN_CHAINS;
+    const __m512d kv = _mm512_set1_pd(k);
+    __m512d s1a = _mm512_setzero_pd(), s1b = s1a, s2a = s1a, s2b = s1a;
+    for (ac_index d = 0; d < d16; d += LN_CHAINS) {
+        const __m512d ta = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + d)), kv);
+        const __m512d tb = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + d + 8)), kv);
+        s1a = _mm512_add_pd(s1a, ta);
+        s1b = _mm512_add_pd(s1b, tb);
+        s2a = _mm512_add_pd(s2a, _mm512_mul_pd(ta, ta));
+        s2b = _mm512_add_pd(s2b, _mm512_mul_pd(tb, tb));
+    }
+    double a1[LN_CHAINS], a2[LN_CHAINS];
+    _mm512_storeu_pd(a1, s1a);
+    _mm512_storeu_pd(a1 + 8, s1b);
+    _mm512_storeu_pd(a2, s2a);
+    _mm512_storeu_pd(a2 + 8, s2b);
+    ln_chains_tail(x, d16, D, k, a1, a2);
+    const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
+    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
+    const __m512 hi = _mm512_set1_ps(c_hi), lo = _mm512_set1_ps(c_lo);
+    const __m512 inv = _mm512_set1_ps((float)st.inv);
+    for (ac_index d = 0; d < D; d += 16) {
+        const __mmask16 m = mask16(D - d);
+        __m512 t = _mm512_mul_ps(
+            _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + d), hi), lo), inv);
+        if (gamma) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, gamma + d));
+        if (beta) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, beta + d));
+        _mm512_mask_storeu_ps(y + d, m, t);
+    }
+}
+
 /* out[i, j] = x_i . w_j (+ bias_j) for rows i < M and weight rows j in [j0, j1): see
  * small_gemm_avx2 in simd.c for why (decoding steps). Every element is accumulated in two FMA
  * chains (16-lane blocks alternating between them; two chains keep a single row from waiting on

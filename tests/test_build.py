@@ -467,6 +467,45 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path):
         np.testing.assert_array_equal(got, results["avx2"][name], err_msg=name)
 
 
+_LAYER_NORM_CODE = textwrap.dedent("""
+    import sys
+    import numpy as np, attncore
+    g = np.random.default_rng(5)
+    out = {"simd": attncore.info()["simd"]}
+    for D in (1, 7, 15, 16, 17, 100, 512):
+        x = (3 + 2 * g.standard_normal((4, D))).astype(np.float32)
+        gamma, beta = g.standard_normal((2, D)).astype(np.float32)
+        for mode in ("standard", "uncentred", "rms"):
+            out[f"{D}-{mode}"] = attncore.layer_norm(x, gamma, beta, mode=mode)
+            out[f"{D}-{mode}-plain"] = attncore.layer_norm(x, mode=mode)
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_float32_layer_norm_gives_the_same_bits_on_every_instruction_set(tmp_path):
+    # one algorithm, three codings (scalar, AVX2, AVX-512: simd.c's layer_norm_row): the same
+    # float64 chains and float32 operations per element, so a model's norms do not change
+    # with the machine's instruction set
+    best = attncore.info()["simd"]
+    isas = {"scalar": "scalar", "avx2": "avx2+fma", "": "avx512"}
+    runs = [isa for isa, name in isas.items() if ISA_ORDER.index(name) <= ISA_ORDER.index(best)]
+    if len(runs) < 2:
+        pytest.skip("needs a machine with AVX2 to compare two instruction sets")
+    results = {}
+    for isa in runs:
+        path = str(tmp_path / f"ln-{isa or 'best'}.npz")
+        proc = subprocess.run([sys.executable, "-c", _LAYER_NORM_CODE, path], cwd=tmp_path,
+                              env=subprocess_env(ATTNCORE_FORCE_ISA=isa), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[isa] = dict(np.load(path))
+        assert str(results[isa].pop("simd")) == isas[isa]
+    first = results[runs[0]]
+    for isa in runs[1:]:
+        for name, got in results[isa].items():
+            np.testing.assert_array_equal(got, first[name], err_msg=f"{isa or 'best'}: {name}")
+
+
 def _c_compiler_found():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
     try:

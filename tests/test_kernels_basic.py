@@ -350,6 +350,21 @@ def test_layer_norm_statistics(rng, mode):
         np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["standard", "uncentred", "rms"])
+@pytest.mark.parametrize("offset, spread", [(1e4, 1.0), (-3e5, 20.0), (1e6, 0.2)])
+def test_layer_norm_float32_rows_far_from_zero(rng, offset, spread, mode):
+    """float32 rows sitting far from 0 keep their digits: the statistics come from the row
+    shifted by its first element (one pass in float64, so m2 is not the difference of two
+    sums of squares ~offset^2) and the centre is subtracted as two floats (the float32 mean
+    alone is off by half an ulp of the offset, 5e-4 at 1e4, a shift of every output)."""
+    x = (offset + spread * rng.standard_normal((6, 300))).astype(np.float32)
+    out = attncore.layer_norm(x, eps=0.0, mode=mode)
+    expected = reference.layer_norm(x.astype(np.float64), eps=0.0, mode=mode)
+    # unit-scale outputs (standard) or outputs near +-1 / near 0: an absolute bound of a few
+    # float32 roundings of values <= 17 in magnitude
+    np.testing.assert_allclose(out, expected, rtol=0, atol=4e-6)
+
+
 def test_layer_norm_eps_matters(rng):
     x = rng.standard_normal((3, 8)) * 1e-3
     assert not np.allclose(attncore.layer_norm(x, eps=1e-5), attncore.layer_norm(x, eps=0.0))

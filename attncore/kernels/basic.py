@@ -291,7 +291,8 @@ def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
 
     mode "standard": the usual LayerNorm (c = mean, m2 = variance); "uncentred": RAN's (langml)
     LayerNorm (c = mean, m2 = mean(x^2)); "rms": RMSNorm (c = 0, m2 = mean(x^2)).
-    gamma, beta : (dim,) or None. Statistics are accumulated in float64.
+    gamma, beta : (dim,) or None. Statistics are accumulated in float64 (float32 input: the
+    output in float32 arithmetic, a few roundings from the exact value).
     """
     x = check_float_array(x, "x", min_ndim=1)
     if not isinstance(mode, str) or mode not in _NORM_MODES:
