@@ -154,7 +154,11 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
  * the three versions, so their bits agree: the vector loops give lane j of their accumulators
  * exactly chain j's sequence of adds. */
 #define LN_CHAINS 16
-typedef struct { double center, inv; } ln_stats;
+/* float32_output: the float32 output is safe. Not when m2 + eps < 2^-100 (inv past 2^50: a row
+ * spread over denormals with eps 0, whose float differences and inv overflow or lose their
+ * digits) nor when D m2 > 2^200 (|x - c| <= sqrt(D m2) could pass FLT_MAX: values near it of
+ * both signs); those rows, and rows with NaN or inf, take ln_output_double. */
+typedef struct { double center, inv; int float32_output; } ln_stats;
 static void ln_chains_tail(const float *x, ac_index d0, ac_index D, double k, double *s1,
                            double *s2) {
     for (ac_index d = d0; d < D; d++) {
@@ -174,8 +178,18 @@ static ln_stats ln_finish(const double *s1, const double *s2, ac_index D, double
     const double mean = k + m1;
     double m2 = center_stats ? q - m1 * m1 : q;
     if (m2 < 0) m2 = 0; /* rounding only: a constant row gives 0 exactly */
-    ln_stats st = {center_output ? mean : 0.0, 1.0 / sqrt(m2 + (double)eps)};
+    ln_stats st = {center_output ? mean : 0.0, 1.0 / sqrt(m2 + (double)eps),
+                   m2 + (double)eps >= 0x1p-100 && (double)D * m2 <= 0x1p200};
     return st;
+}
+static void ln_output_double(const float *x, float *y, const float *gamma, const float *beta,
+                             ac_index D, ln_stats st) {
+    for (ac_index d = 0; d < D; d++) {
+        double t = ((double)x[d] - st.center) * st.inv;
+        if (gamma) t *= gamma[d];
+        if (beta) t += beta[d];
+        y[d] = (float)t;
+    }
 }
 static void ln_output(const float *x, float *y, const float *gamma, const float *beta,
                       ac_index d0, ac_index D, ln_stats st) {
@@ -193,8 +207,11 @@ static void layer_norm_row_scalar(const float *x, float *y, const float *gamma, 
     const double k = center_stats ? (double)x[0] : 0.0;
     double s1[LN_CHAINS] = {0}, s2[LN_CHAINS] = {0};
     ln_chains_tail(x, 0, D, k, s1, s2);
-    ln_output(x, y, gamma, beta, 0, D,
-              ln_finish(s1, s2, D, k, eps, center_stats, center_output));
+    const ln_stats st = ln_finish(s1, s2, D, k, eps, center_stats, center_output);
+    if (st.float32_output)
+        ln_output(x, y, gamma, beta, 0, D, st);
+    else
+        ln_output_double(x, y, gamma, beta, D, st);
 }
 
 /* ---------------------------------------------------------------- AVX2 -------------- */
@@ -681,6 +698,10 @@ static AVX2 void layer_norm_row_avx2(const float *x, float *y, const float *gamm
     }
     ln_chains_tail(x, d16, D, k, a1, a2);
     const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
+    if (!st.float32_output) {
+        ln_output_double(x, y, gamma, beta, D, st);
+        return;
+    }
     const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
     const __m256 hi = _mm256_set1_ps(c_hi), lo = _mm256_set1_ps(c_lo);
     const __m256 inv = _mm256_set1_ps((float)st.inv);

@@ -376,6 +376,10 @@ static AVX512 void layer_norm_row_avx512(const float *x, float *y, const float *
     _mm512_storeu_pd(a2 + 8, s2b);
     ln_chains_tail(x, d16, D, k, a1, a2);
     const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
+    if (!st.float32_output) {
+        ln_output_double(x, y, gamma, beta, D, st);
+        return;
+    }
     const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
     const __m512 hi = _mm512_set1_ps(c_hi), lo = _mm512_set1_ps(c_lo);
     const __m512 inv = _mm512_set1_ps((float)st.inv);

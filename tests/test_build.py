@@ -478,6 +478,9 @@ _LAYER_NORM_CODE = textwrap.dedent("""
         for mode in ("standard", "uncentred", "rms"):
             out[f"{D}-{mode}"] = attncore.layer_norm(x, gamma, beta, mode=mode)
             out[f"{D}-{mode}-plain"] = attncore.layer_norm(x, mode=mode)
+    for i, row in enumerate(([3e38, -3e38, 1e38], [0, 1e-40, 5e-41], [1, np.nan, 2])):
+        for mode in ("standard", "uncentred", "rms"):   # rows with the float64 output
+            out[f"extreme{i}-{mode}"] = attncore.layer_norm(np.float32([row]), eps=0, mode=mode)
     np.savez(sys.argv[1], **out)
 """)
 

@@ -365,6 +365,21 @@ def test_layer_norm_float32_rows_far_from_zero(rng, offset, spread, mode):
     np.testing.assert_allclose(out, expected, rtol=0, atol=4e-6)
 
 
+@pytest.mark.parametrize("mode", ["standard", "uncentred", "rms"])
+@pytest.mark.parametrize("row, eps", [
+    ([3e38, -3e38, -3e38, -3e38, 1e38], 1e-5),       # x - mean past FLT_MAX in float32
+    ([0, 1e-40, 0, 1e-40, 5e-41], 0.0),             # a denormal spread, eps 0: 1/std past it
+    ([1e-39, 1.5e-39, 1e-39, 1.2e-39, 1.1e-39], 0.0),
+    ([2e-36, 3e-36, 2.5e-36, 2e-36, 2.2e-36], 0.0)], ids=["huge", "denormal", "denormal2", "tiny"])
+def test_layer_norm_float32_extreme_rows(row, eps, mode):
+    """Rows where float32 arithmetic would overflow or run out of digits (the float64 output
+    takes them) give the reference's finite values, not inf or NaN."""
+    x = np.array([row], dtype=np.float32)
+    out = attncore.layer_norm(x, eps=eps, mode=mode)
+    expected = reference.layer_norm(x.astype(np.float64), eps=eps, mode=mode)
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
+
+
 def test_layer_norm_eps_matters(rng):
     x = rng.standard_normal((3, 8)) * 1e-3
     assert not np.allclose(attncore.layer_norm(x, eps=1e-5), attncore.layer_norm(x, eps=0.0))
