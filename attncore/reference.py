@@ -43,10 +43,13 @@ def softmax(x, axis=-1, *, lengths=None, mask=None):
     keep = valid_mask(x.shape, axis, lengths, mask)
     shifted = np.where(keep, x, -np.inf)
     row_max = shifted.max(axis=axis, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, 0)
-    e = np.where(keep, np.exp(shifted - row_max), 0).astype(x.dtype)
-    total = e.sum(axis=axis, keepdims=True)
-    return np.where(total > 0, e / np.where(total > 0, total, 1), 0).astype(x.dtype)
+    # nothing valid, or every valid entry -inf: all 0. A NaN entry (or +inf: inf - inf) makes
+    # the row's valid entries NaN, never a silent 0.
+    no_key = row_max == -np.inf
+    with np.errstate(invalid="ignore"):   # inf - inf, NaN / NaN: the NaN rows meant here
+        e = np.where(keep, np.exp(shifted - np.where(no_key, 0, row_max)), 0).astype(x.dtype)
+        total = e.sum(axis=axis, keepdims=True)
+        return np.where(keep & ~no_key, e / np.where(no_key, 1, total), 0).astype(x.dtype)
 
 
 def log_softmax(x, axis=-1, *, lengths=None, mask=None):
@@ -55,12 +58,13 @@ def log_softmax(x, axis=-1, *, lengths=None, mask=None):
     keep = valid_mask(x.shape, axis, lengths, mask)
     shifted = np.where(keep, x, -np.inf)
     row_max = shifted.max(axis=axis, keepdims=True)
-    any_valid = np.isfinite(row_max)
-    row_max = np.where(any_valid, row_max, 0)
-    total = np.where(keep, np.exp(shifted - row_max), 0).sum(axis=axis, keepdims=True)
-    lse = row_max + np.log(np.where(total > 0, total, 1))
-    out = np.where(keep, x - lse, -np.inf)
-    return np.where(any_valid, out, 0).astype(x.dtype)
+    no_key = row_max == -np.inf     # as in softmax; NaN or +inf: the valid entries NaN
+    row_max = np.where(no_key, 0, row_max)
+    with np.errstate(invalid="ignore"):
+        total = np.where(keep, np.exp(shifted - row_max), 0).sum(axis=axis, keepdims=True)
+        lse = row_max + np.log(np.where(no_key, 1, total))
+        out = np.where(keep, x - lse, -np.inf)
+    return np.where(no_key, 0, out).astype(x.dtype)
 
 
 def causal_mask(q_len, kv_len):

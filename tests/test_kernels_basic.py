@@ -118,6 +118,23 @@ def test_softmax_rows_of_minus_inf_are_zero_like_the_reference(log, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_nan_and_inf_rows_are_nan_in_the_reference_too(log, dtype):
+    # a NaN among a row's valid entries, or +inf (inf - inf), makes its valid entries NaN in
+    # the kernels (never a silent 0); the reference gave the NaN row zeros and the +inf row
+    # [NaN, 0, ...], so a test against it could not see a kernel hide a NaN
+    x = np.array([[1, np.nan, 2, 0], [np.inf, 1, 2, 0], [-np.inf, 1, np.inf, 0],
+                  [1, 2, 3, 4], [1, 2, np.nan, 4]], dtype=dtype)
+    kernel = attncore.log_softmax if log else attncore.softmax
+    oracle = reference.log_softmax if log else reference.softmax
+    for kw in ({}, {"mask": np.array([True, True, True, False])}, {"lengths": [4, 4, 4, 4, 2]}):
+        out, want = kernel(x, **kw), oracle(x, **kw).astype(dtype)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(want), err_msg=str(kw))
+        assert np.isnan(want[:3, :3]).all(), kw    # the rows with NaN / +inf among the valid
+        assert_close(np.where(np.isnan(out), 0, out), np.where(np.isnan(want), 0, want), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
 def test_softmax_huge_magnitudes(rng, masked, log, dtype):
     """Entries of magnitude 1e4 (and, for softmax, rows that are all ~+-1e4): no overflow, no
