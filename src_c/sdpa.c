@@ -151,6 +151,9 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                 if (col_sum[i] != 0) ac_scale_f32(o_tile + i * D, D, 1 / col_sum[i]);
                 else memset(o_tile + i * D, 0, sizeof(float) * D);
             }
+            if (causal)
+                causal_repair_rows_f32(q_tile, k_head, v_head, o_tile, i0, nq, Lq, Lk, kv_valid,
+                                       D, scale);
         }
         free(qt);
         free(st);

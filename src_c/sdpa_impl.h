@@ -41,6 +41,60 @@ static inline void CAT(gemm_ab_, SUF)(GEMM_FN gemm, int m, int n, int kk, REAL a
     gemm(&nt, &nt, &n, &m, &kk, &alpha, (REAL *)b, &ldb, (REAL *)a, &lda, &beta, c, &ldc);
 }
 
+static inline int CAT(row_finite_, SUF)(const REAL *x, ac_index n) {
+    for (ac_index i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* Causal flash tiles and non-finite values. The product P . V of a tile crossing the diagonal
+ * runs over keys that some rows of the query tile do not see, with P = 0 there: a NaN or inf
+ * value at key j (0 x inf = NaN) made the tile's rows before j NaN, rows the reference (and
+ * the query alone) gives finite. Called on a finished query tile (rows i0 .. i0 + nq of one
+ * head; o_tile normalised): its rows that came out non-finite, while every value row they see
+ * is finite, are computed again over exactly their keys (two passes: the maximum, then the
+ * exponentials and the weighted sum). A row that sees a non-finite value keeps its NaN, as in
+ * the reference. When every output is finite (the usual case) the cost is one read of the
+ * tile's output; otherwise one read of the keys and values the tile sees, and the rows
+ * computed again are at most those of one tile per non-finite value. */
+static void CAT(causal_repair_rows_, SUF)(const REAL *q_tile, const REAL *k_head,
+                                          const REAL *v_head, REAL *o_tile, ac_index i0,
+                                          ac_index nq, ac_index Lq, ac_index Lk, ac_index kv_valid,
+                                          ac_index D, REAL scale) {
+    ac_index first_bad_row = nq;
+    for (ac_index r = 0; r < nq && first_bad_row == nq; r++)
+        if (!CAT(row_finite_, SUF)(o_tile + r * D, D)) first_bad_row = r;
+    if (first_bad_row == nq) return;
+    /* the first key among those the tile sees whose key or value is not finite: the rows that
+     * see it are non-finite in the reference too (and are not computed again) */
+    const ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, 1);
+    ac_index first_bad_key = tile_limit;
+    for (ac_index j = 0; j < tile_limit && first_bad_key == tile_limit; j++)
+        if (!CAT(row_finite_, SUF)(v_head + j * D, D) || !CAT(row_finite_, SUF)(k_head + j * D, D))
+            first_bad_key = j;
+    for (ac_index r = first_bad_row; r < nq; r++) {
+        const ac_index limit = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, 1);
+        REAL *o = o_tile + r * D;
+        if (limit == 0 || limit > first_bad_key || CAT(row_finite_, SUF)(o, D)) continue;
+        const REAL *qr = q_tile + r * D;
+        if (!CAT(row_finite_, SUF)(qr, D)) continue;   /* its own query: NaN in the reference */
+        double m = -INFINITY;
+        for (ac_index j = 0; j < limit; j++) {
+            const double sj = (double)(R_DOT(qr, k_head + j * D, D) * scale);
+            if (sj > m) m = sj;
+        }
+        if (!isfinite(m)) continue;   /* a score overflowing to inf: as it came out */
+        double sum = 0;
+        memset(o, 0, sizeof(REAL) * D);
+        for (ac_index j = 0; j < limit; j++) {
+            const double p = exp((double)(R_DOT(qr, k_head + j * D, D) * scale) - m);
+            sum += p;
+            R_AXPY(o, (REAL)p, v_head + j * D, D);
+        }
+        R_SCALE(o, D, (REAL)(1.0 / sum));
+    }
+}
+
 int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,
                              ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,
                              const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q,
@@ -145,6 +199,9 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
                 if (row_sum[r] != 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
                 else memset(o_tile + r * D, 0, sizeof(REAL) * D);
             }
+            if (causal)
+                CAT(causal_repair_rows_, SUF)(q_tile, k + (b * Hkv + g) * Lk * D, v_head, o_tile,
+                                              i0, nq, Lq, Lk, kv_valid, D, scale);
         }
         free(q_scaled);
         free(scores);

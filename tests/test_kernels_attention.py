@@ -668,6 +668,34 @@ def test_nan_in_a_query_or_key_gives_nan_rows_never_zeros(q_len, kv_len, causal,
     assert np.isnan(out[0, 1, -1]).all() and np.isnan(weights[0, 1, -1]).all()
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("q_len, kv_len", [(2, 9), (5, 9), (40, 40), (200, 200), (130, 300)],
+                         ids=lambda n: str(n))
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_value_only_reaches_the_queries_that_see_it(rng, q_len, kv_len, bad, dtype):
+    # causal: a query tile's product with V on the diagonal ran over keys some of its rows do
+    # not see, with weight 0 -- and 0 x NaN (or inf) is NaN: the rows before a non-finite
+    # value's key in its tile came out NaN, where the reference (and the query alone) is finite
+    q = rng.standard_normal((2, 4, q_len, 16)).astype(dtype)
+    k, v = (rng.standard_normal((2, 2, kv_len, 16)).astype(dtype) for _ in range(2))
+    offset = kv_len - q_len
+    key = offset + q_len // 2               # seen by the queries i >= q_len // 2 only
+    v[0, 1, key, 3] = bad
+    v[1, 0, kv_len - 1, :] = bad            # the last key: only the last query sees it
+    k[1, 1, key, 5] = bad                   # a key: its score is NaN or +-inf from the queries on
+    expected = reference.attention(*(as64(a) for a in (q, k, v)), causal=True)
+    for options in ({}, {"return_weights": True}, {"kv_lengths": np.array([kv_len, kv_len])}):
+        out = attncore.attention(q, k, v, causal=True, **options)
+        out = out[0] if isinstance(out, tuple) else out
+        np.testing.assert_array_equal(np.isfinite(out), np.isfinite(expected))
+        seen = np.isfinite(expected)
+        assert_close(np.where(seen, out, 0), np.where(seen, expected, 0), dtype)
+    # whatever the rows around it, one query gives the bits it gives alone
+    alone = attncore.attention(q[:, :, 1:2], k[:, :, :offset + 2], v[:, :, :offset + 2])
+    np.testing.assert_allclose(attncore.attention(q, k, v, causal=True)[:, :, 1:2], alone,
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
 def test_luong_and_softmax_propagate_nan_rows():
     q = np.ones((1, 2, 4), np.float32)
     q[0, 0, 0] = np.nan
@@ -871,8 +899,7 @@ def test_a_value_no_query_sees_cannot_poison_the_dense_mask_path(rng, dtype, exc
     assert np.isfinite(out).all()
     expected = reference.attention(*(as64(a) for a in (q, k, v)), mask=mask, **options)
     assert_close(out, expected[:, :, :5], dtype)
-    if excluded_by == "kv_lengths":   # the same as the call without a mask (the causal flash
-        # path still multiplies a tile's zero weights by a NaN value a later row sees)
+    if excluded_by != "mask":   # the same as the call without a mask
         assert_close(out, attncore.attention(q, k, v, **options)[:, :, :5], dtype)
     # one query row that does see key 8 (only it): NaN there, finite elsewhere
     seeing = np.zeros((2, 4, q_len, 9), bool)
