@@ -5,14 +5,16 @@
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
     python bench/kernels.py --only additive    # sections: attention decode softmax activations
-                                               # norm additive packed matmul sampling
+                                               # norm additive pooling packed matmul
+                                               # sampling
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
-shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive attention vs its reference,
-the products of a decoding step on packed float32 and bfloat16 weights vs ``x @ W.T``, float32
-matmul / linear vs NumPy, a top-p sampling step and a beam-search ranking vs NumPy and torch;
-finally the peak memory of ``attention`` at length 16384 (it must show no len^2 buffer).
+shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive
+attention vs its reference, Nadaraya-Watson pooling, the products of a decoding step on
+packed float32 and bfloat16 weights vs ``x @ W.T``, float32 matmul / linear vs NumPy, a top-p
+sampling step and a beam-search ranking vs NumPy and torch; finally the peak memory of
+``attention`` at length 16384 (it must show no len^2 buffer).
 Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
 machine falls on both.
@@ -187,6 +189,30 @@ def run_additive(threads, torch, rows, quick):
                      f"hidden={hidden}", t_ac, float("nan"), t_np, float("nan")))
 
 
+def run_pooling(threads, torch, rows, quick):
+    """Nadaraya-Watson attention pooling (Gaussian kernel, bandwidth 1) against the NumPy
+    reference and torch written the usual way: ``softmax(-cdist(q, k)^2 / 2) @ v`` (cdist
+    expands ||q||^2 + ||k||^2 - 2 q.k in float32; attncore in float64, exact where rounding
+    could move a weight). Shapes (queries, keys, features, value width): the seeds' 1-D
+    regression and feature pooling."""
+    rng = np.random.default_rng(7)
+    cases = ([(256, 256, 1, 1), (128, 256, 16, 16)] if quick
+             else [(2048, 2048, 1, 1), (512, 4096, 16, 16), (1024, 1024, 64, 64)])
+    for (Nq, Nk, D, Dv) in cases:
+        q, k = (rng.standard_normal((n, D), dtype=np.float32) for n in (Nq, Nk))
+        v = rng.standard_normal((Nk, Dv), dtype=np.float32)
+        t_ac = H.best_time(lambda: attncore.nadaraya_watson(q, k, v), 10)
+        t_np = H.best_time(lambda: reference.nadaraya_watson(q, k, v), 3)
+        t_th = float("nan")
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+            with torch.inference_mode():
+                t_th = H.best_time(
+                    lambda: torch.softmax(-torch.cdist(tq, tk) ** 2 / 2, dim=-1) @ tv, 10)
+        rows.append((threads, f"nadaraya_watson {Nq}x{Nk} d={D} dv={Dv}", t_ac, float("nan"),
+                     t_np, t_th))
+
+
 # the six products of the seq2seq benchmark's decoder step (bench/models.py): attention query,
 # GRU layer 1 (input [context; embedding] and recurrent), GRU layer 2, vocabulary projection
 STEP_WEIGHTS = [(256, 256), (768, 512), (768, 256), (768, 256), (768, 256), (4000, 256)]
@@ -350,8 +376,8 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "activations", "norm", "additive", "packed",
-            "matmul", "sampling")
+SECTIONS = ("attention", "decode", "softmax", "activations", "norm", "additive", "pooling",
+            "packed", "matmul", "sampling")
 
 
 def main(argv=None):
@@ -386,6 +412,8 @@ def main(argv=None):
                 run_norm(threads, torch, rows, args.quick)
             if "additive" in args.only:
                 run_additive(threads, torch, rows, args.quick)
+            if "pooling" in args.only:
+                run_pooling(threads, torch, rows, args.quick)
             if "packed" in args.only:
                 run_packed(threads, torch, rows, args.quick)
             if "matmul" in args.only:

@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 -- additive attention and Nadaraya-Watson, see additive.h */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,13 +10,16 @@
 #define REAL float
 #define SUF f32
 #define AC_ADDITIVE_SPLIT 1 /* the split tanh (simd.h) is a float32 primitive */
+#define GEMM_FN ac_sgemm_fn
 #include "additive_impl.h"
 #undef REAL
 #undef SUF
 #undef AC_ADDITIVE_SPLIT
+#undef GEMM_FN
 #define REAL double
 #define SUF f64
 #define AC_ADDITIVE_SPLIT 0
+#define GEMM_FN ac_dgemm_fn
 #include "additive_impl.h"
 
 void ac_additive_key_factors_f32(const float *k_proj, float *factors, uint8_t *in_limit,

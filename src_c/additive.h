@@ -19,19 +19,23 @@
  * Nadaraya-Watson pooling (Gaussian kernel):
  *   out[i,:] = sum_j softmax_j(-||q_i - k_j||^2 / (2 h^2)) values[j,:]
  * queries (Nq, D), keys (Nk, D), values (Nk, Dv), out (Nq, Dv), weights (Nq, Nk) or NULL.
+ * Blocks of queries: the squared distances from one float64 product (dgemm) past a few
+ * features, unless its rounding could move a weight (then directly, as for NULL dgemm), and
+ * the output from one product of the weights with the values (gemm; NULL: row by row).
  */
 #ifndef ATTNCORE_ADDITIVE_H
 #define ATTNCORE_ADDITIVE_H
 #include "attncore.h"
 
-#define AC_ADDITIVE_DECLARE(SUF, REAL)                                                           \
+#define AC_ADDITIVE_DECLARE(SUF, REAL, GEMM_FN)                                                  \
     int ac_additive_##SUF(const REAL *q_proj, const REAL *k_proj, const float *key_factors,      \
                           const uint8_t *key_in_limit, const REAL *w_v, const REAL *values,      \
                           REAL *out, REAL *weights, ac_index B, ac_index Lq, ac_index Lk,        \
                           ac_index Hd, ac_index Dv, const int64_t *kv_lengths, int num_threads); \
     int ac_nadaraya_watson_##SUF(const REAL *queries, const REAL *keys, const REAL *values,      \
                                  REAL *out, REAL *weights, ac_index Nq, ac_index Nk, ac_index D, \
-                                 ac_index Dv, REAL bandwidth, int num_threads);
+                                 ac_index Dv, REAL bandwidth, ac_dgemm_fn dgemm, GEMM_FN gemm,   \
+                                 int num_threads);
 
 /* The split tanh's key factors, computed once per source for a decoder's steps:
  * factors[r, :] = exp(2 k_proj[r, :]) and in_limit[r] = 1 where every |k_proj[r, h]| <= the
@@ -43,6 +47,6 @@
 void ac_additive_key_factors_f32(const float *k_proj, float *factors, uint8_t *in_limit,
                                  ac_index rows, ac_index Hd, int num_threads);
 
-AC_ADDITIVE_DECLARE(f32, float)
-AC_ADDITIVE_DECLARE(f64, double)
+AC_ADDITIVE_DECLARE(f32, float, ac_sgemm_fn)
+AC_ADDITIVE_DECLARE(f64, double, ac_dgemm_fn)
 #endif

@@ -103,62 +103,153 @@ int CAT(ac_additive_, SUF)(const REAL *q_proj, const REAL *k_proj, const float *
     return status;
 }
 
+/* Nadaraya-Watson's squared distances ||q - k_j||^2, directly in float64 (the exact way: no
+ * cancellation) for one query. */
+static void CAT(nw_direct_distances_, SUF)(const REAL *q, const REAL *keys, ac_index Nk,
+                                           ac_index D, double *dist) {
+    for (ac_index j = 0; j < Nk; j++) {
+        const REAL *kj = keys + j * D;
+        double sq = 0;
+        for (ac_index d = 0; d < D; d++) {
+            const double t = (double)q[d] - (double)kj[d];
+            sq += t * t;
+        }
+        dist[j] = sq;
+    }
+}
+
+/* Past this width the distances of a block of queries come from one float64 product,
+ * ||q||^2 + ||k||^2 - 2 q . k (a GEMM, where the direct loop ran D subtract-multiply-adds per
+ * pair in scalar code: 0.1x torch's cdist at D = 64). */
+#define NW_PRODUCT_MIN_D 8
+/* scratch of a block of queries: about 2 MiB of float64 distances, at most 64 queries */
+#define NW_BLOCK_BYTES (2 << 20)
+#define NW_BLOCK_MAX 64
+
 int CAT(ac_nadaraya_watson_, SUF)(const REAL *queries, const REAL *keys, const REAL *values,
                                   REAL *out, REAL *weights, ac_index Nq, ac_index Nk, ac_index D,
-                                  ac_index Dv, REAL bandwidth, int num_threads) {
+                                  ac_index Dv, REAL bandwidth, ac_dgemm_fn dgemm, GEMM_FN gemm,
+                                  int num_threads) {
     int status = AC_OK;
     /* In double, and the scores taken against the nearest key (softmax does not change):
      * -(d_j - d_min) / (2 h^2). In float32, 1 / (2 h^2) overflowed for h < ~1e-19 and squared
      * distances past ~1e38 did, leaving every score -inf and the row NaN; now the nearest key
      * scores 0 and the others <= 0 (-inf only where their weight is 0 anyway). */
     const double inv = 1 / (2 * (double)bandwidth * (double)bandwidth);
+    if (Nk == 0) {
+        memset(out, 0, sizeof(REAL) * Nq * Dv);
+        return AC_OK;
+    }
+    /* BLAS takes int sizes: wider problems keep the direct loops */
+    const int blas_ok = Nk <= INT_MAX && D <= INT_MAX && Dv <= INT_MAX;
+    const int by_product = blas_ok && dgemm && D >= NW_PRODUCT_MIN_D;
+    const int pv_product = blas_ok && gemm;
+    ac_index block = NW_BLOCK_BYTES / (8 * Nk);
+    block = block < 1 ? 1 : (block > NW_BLOCK_MAX ? NW_BLOCK_MAX : block);
+    const ac_index n_blocks = (Nq + block - 1) / block;
+    /* the product's operands in float64: the keys (Nk, D) with their squared norms (Nk) */
+    double *kd = NULL, *knorm = NULL, knorm_max = 0;
+    if (by_product) {
+        kd = (double *)malloc(sizeof(double) * Nk * D);
+        knorm = (double *)malloc(sizeof(double) * Nk);
+        if (!kd || !knorm) {
+            free(kd);
+            free(knorm);
+            return AC_ERR_NOMEM;
+        }
+        for (ac_index j = 0; j < Nk; j++) {
+            double n2 = 0;
+            for (ac_index d = 0; d < D; d++) {
+                kd[j * D + d] = (double)keys[j * D + d];
+                n2 += kd[j * D + d] * kd[j * D + d];
+            }
+            knorm[j] = n2;
+            if (!(n2 <= knorm_max)) knorm_max = n2;   /* (NaN sticks: every row direct) */
+        }
+    }
+    /* The product's rounding: |error| <= (D + 2) 2^-52 (||q||^2 + ||k||^2) for each distance
+     * (float64 sums of D terms and three roundings). A score is off by twice that times 1/2h^2,
+     * a weight by as much relative: a query whose bound passes NW_TOLERANCE (a large norm
+     * against a small bandwidth) takes the direct loop. */
+#if AC_ADDITIVE_SPLIT
+#define NW_TOLERANCE 0x1p-30
+#else
+#define NW_TOLERANCE 0x1p-36
+#endif
 #pragma omp parallel num_threads(AC_THREADS(Nq * Nk * (D + Dv), num_threads))
     {
-        REAL *scores = (REAL *)malloc(sizeof(REAL) * (Nk > 0 ? Nk : 1));
-        double *dist = (double *)malloc(sizeof(double) * (Nk > 0 ? Nk : 1));
-        if (!scores || !dist) {
-            free(scores);
-            free(dist);
-            scores = NULL;
-            dist = NULL;
+        /* per thread: the block's distances, scores (then weights) and float64 queries */
+        double *dist = (double *)malloc(sizeof(double) * block * Nk);
+        REAL *p = (REAL *)malloc(sizeof(REAL) * block * Nk);
+        double *qd = by_product ? (double *)malloc(sizeof(double) * block * D) : NULL;
+        int ok = dist && p && (qd || !by_product);
+        if (!ok) {
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
 #pragma omp for schedule(static)
-        for (ac_index i = 0; i < Nq; i++) {
-            if (!scores) continue;
-            const REAL *q = queries + i * D;
-            REAL *o = out + i * Dv;
-            memset(o, 0, sizeof(REAL) * Dv);
-            if (Nk == 0) continue;
-            double nearest = INFINITY;
-            for (ac_index j = 0; j < Nk; j++) {
-                const REAL *kj = keys + j * D;
-                double sq = 0;
-                for (ac_index d = 0; d < D; d++) {
-                    const double t = (double)q[d] - (double)kj[d];
-                    sq += t * t;
+        for (ac_index bi = 0; bi < n_blocks; bi++) {
+            if (!ok) continue;
+            const ac_index i0 = bi * block, nb = AC_MIN(block, Nq - i0);
+            if (by_product) {
+                for (ac_index r = 0; r < nb * D; r++) qd[r] = (double)queries[i0 * D + r];
+                /* dist (nb, Nk) = ||k||^2 - 2 qd (nb, D) . kd^T: ||q - k||^2 less ||q||^2, which
+                 * the scores do not need (they are taken against the nearest key); as
+                 * column-major dist^T = -2 kd . qd^T + dist^T */
+                for (ac_index r = 0; r < nb; r++) memcpy(dist + r * Nk, knorm, sizeof(double) * Nk);
+                char tr = 'T', nt = 'N';
+                int m = (int)Nk, n = (int)nb, kk = (int)D, ld = (int)D, ldc = (int)Nk;
+                double minus_two = -2, one = 1;
+                dgemm(&tr, &nt, &m, &n, &kk, &minus_two, kd, &ld, qd, &ld, &one, dist, &ldc);
+            }
+            for (ac_index r = 0; r < nb; r++) {
+                const ac_index i = i0 + r;
+                double *dr = dist + r * Nk;
+                REAL *pr = p + r * Nk;
+                int direct = !by_product;
+                if (by_product) {
+                    double qn = 0;
+                    for (ac_index d = 0; d < D; d++) qn += qd[r * D + d] * qd[r * D + d];
+                    const double bound = (double)(D + 2) * 0x1p-52 * (qn + knorm_max) * inv;
+                    /* (NaN and inf too: the direct loop gives them as they always were) */
+                    direct = !(bound <= NW_TOLERANCE);
                 }
-                dist[j] = sq;
-                if (sq < nearest) nearest = sq;
+                if (direct) CAT(nw_direct_distances_, SUF)(queries + i * D, keys, Nk, D, dr);
+                double nearest = INFINITY;
+                for (ac_index j = 0; j < Nk; j++)
+                    if (dr[j] < nearest) nearest = dr[j];
+                if (nearest == INFINITY) { /* every key infinitely far (an infinite query): no
+                                            * nearest key, NaN as attention gives, not the mean */
+                    for (ac_index j = 0; j < Nk; j++) pr[j] = (REAL)NAN;
+                    continue;
+                }
+                for (ac_index j = 0; j < Nk; j++)  /* (a NaN distance stays NaN) */
+                    pr[j] = dr[j] == nearest ? 0 : (REAL)(-(dr[j] - nearest) * inv);
+                REAL mx = CAT(ac_max_, SUF)(pr, Nk);
+                REAL total = CAT(ac_exp_shift_sum_, SUF)(pr, Nk, mx);
+                CAT(ac_scale_, SUF)(pr, Nk, 1 / total);
             }
-            if (nearest == INFINITY) { /* every key infinitely far (an infinite query): no
-                                        * nearest key, NaN as attention gives, not the mean */
-                for (ac_index d = 0; d < Dv; d++) o[d] = (REAL)NAN;
-                if (weights)
-                    for (ac_index j = 0; j < Nk; j++) weights[i * Nk + j] = (REAL)NAN;
-                continue;
+            /* out (nb, Dv) = p (nb, Nk) . values (Nk, Dv) */
+            REAL *o = out + i0 * Dv;
+            if (pv_product) {
+                char nt = 'N';
+                int m = (int)Dv, n = (int)nb, kk = (int)Nk, lda = (int)Dv, ldb = (int)Nk;
+                REAL one = 1, zero = 0;
+                gemm(&nt, &nt, &m, &n, &kk, &one, (REAL *)values, &lda, p, &ldb, &zero, o, &lda);
+            } else {
+                memset(o, 0, sizeof(REAL) * nb * Dv);
+                for (ac_index r = 0; r < nb; r++)
+                    CAT(ac_weighted_sum_, SUF)(p + r * Nk, values, Nk, Dv, o + r * Dv);
             }
-            for (ac_index j = 0; j < Nk; j++)  /* (a NaN distance stays NaN) */
-                scores[j] = dist[j] == nearest ? 0 : (REAL)(-(dist[j] - nearest) * inv);
-            REAL mx = CAT(ac_max_, SUF)(scores, Nk);
-            REAL total = CAT(ac_exp_shift_sum_, SUF)(scores, Nk, mx);
-            CAT(ac_scale_, SUF)(scores, Nk, 1 / total);
-            CAT(ac_weighted_sum_, SUF)(scores, values, Nk, Dv, o);
-            if (weights) memcpy(weights + i * Nk, scores, sizeof(REAL) * Nk);
+            /* (an infinite query's NaN weights give it a NaN row either way) */
+            if (weights) memcpy(weights + i0 * Nk, p, sizeof(REAL) * nb * Nk);
         }
-        free(scores);
         free(dist);
+        free(p);
+        free(qd);
     }
+    free(kd);
+    free(knorm);
     return status;
 }
+#undef NW_TOLERANCE

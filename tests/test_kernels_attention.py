@@ -752,13 +752,45 @@ def test_nadaraya_watson_1d(rng, bandwidth, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("d,d_v", [(1, 1), (3, 5), (17, 2)])
+@pytest.mark.parametrize("d,d_v", [(1, 1), (3, 5), (17, 2), (8, 1), (64, 16)])
 def test_nadaraya_watson_2d(rng, d, d_v, dtype):
     queries = rng.standard_normal((23, d)).astype(dtype)
     keys = rng.standard_normal((41, d)).astype(dtype)
     values = rng.standard_normal((41, d_v)).astype(dtype)
     out, w = attncore.nadaraya_watson(queries, keys, values, 0.7, return_weights=True)
     expected, expected_w = reference.nadaraya_watson(*as64(queries, keys, values), 0.7,
+                                                     return_weights=True)
+    assert_close(out, expected, dtype)
+    _check_weights(w, expected_w, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nadaraya_watson_blocks_of_queries_and_threads(rng, dtype):
+    # 9000 keys: blocks of 29 queries (2 MiB of distances each), the last one short; the
+    # distances from one float64 product, the output from one product with the values
+    queries = rng.standard_normal((150, 16)).astype(dtype)
+    keys = rng.standard_normal((9000, 16)).astype(dtype)
+    values = rng.standard_normal((9000, 3)).astype(dtype)
+    with attncore.num_threads(1):
+        out, w = attncore.nadaraya_watson(queries, keys, values, 0.8, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(*as64(queries, keys, values), 0.8,
+                                                     return_weights=True)
+    assert_close(out, expected, dtype)
+    _check_weights(w, expected_w, dtype)
+    with attncore.num_threads(2):
+        np.testing.assert_array_equal(attncore.nadaraya_watson(queries, keys, values, 0.8), out)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_nadaraya_watson_large_norms_and_a_narrow_kernel_keep_their_digits(rng, offset, dtype):
+    # ||q||^2 + ||k||^2 - 2 q . k loses about 1e-16 of the norms (1e9-1e12 here) to rounding,
+    # a score error of that over 2 h^2 (h = 0.05): such queries take the direct distances
+    queries = (offset + rng.standard_normal((20, 16))).astype(dtype)
+    keys = (offset + rng.standard_normal((300, 16))).astype(dtype)
+    values = rng.standard_normal((300, 2)).astype(dtype)
+    out, w = attncore.nadaraya_watson(queries, keys, values, 0.05, return_weights=True)
+    expected, expected_w = reference.nadaraya_watson(*as64(queries, keys, values), 0.05,
                                                      return_weights=True)
     assert_close(out, expected, dtype)
     _check_weights(w, expected_w, dtype)

@@ -4,6 +4,8 @@ Validation lives in ``attncore.kernels.additive_attention`` / ``nadaraya_watson`
 from libc.stdint cimport int64_t, uint8_t
 from cython cimport floating
 
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
 from ._checks cimport first_outside
 
 
@@ -85,10 +87,10 @@ def nadaraya_watson(const floating[:, ::1] queries, const floating[:, ::1] keys,
         if floating is float:
             status = ac_nadaraya_watson_f32(&queries[0, 0], &keys[0, 0], &values[0, 0],
                                             &out[0, 0], w_ptr, Nq, Nk, D, Dv, <float>bandwidth,
-                                            num_threads)
+                                            dgemm, sgemm, num_threads)
         else:
             status = ac_nadaraya_watson_f64(&queries[0, 0], &keys[0, 0], &values[0, 0],
                                             &out[0, 0], w_ptr, Nq, Nk, D, Dv, bandwidth,
-                                            num_threads)
+                                            dgemm, dgemm, num_threads)
     if status:
         raise MemoryError("attncore.nadaraya_watson: could not allocate scratch memory")
