@@ -154,10 +154,11 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
  * the three versions, so their bits agree: the vector loops give lane j of their accumulators
  * exactly chain j's sequence of adds. */
 #define LN_CHAINS 16
-/* float32_output: the float32 output is safe. Not when m2 + eps < 2^-100 (inv past 2^50: a row
- * spread over denormals with eps 0, whose float differences and inv overflow or lose their
- * digits) nor when D m2 > 2^200 (|x - c| <= sqrt(D m2) could pass FLT_MAX: values near it of
- * both signs); those rows, and rows with NaN or inf, take ln_output_double. */
+/* float32_output: the float32 output is safe. Not when 0 < m2 < 2^-200 (a spread under 2^-100:
+ * values near the denormals, where c_lo underflows and the float differences lose their
+ * digits), nor when m2 + eps < 2^-100 (inv past 2^50), nor when D m2 > 2^200 (|x - c| <=
+ * sqrt(D m2) could pass FLT_MAX: values near it of both signs); those rows, and rows with NaN
+ * or inf, take ln_output_double. (m2 = 0 is a constant row: x - c_hi is exactly 0.) */
 typedef struct { double center, inv; int float32_output; } ln_stats;
 static void ln_chains_tail(const float *x, ac_index d0, ac_index D, double k, double *s1,
                            double *s2) {
@@ -179,7 +180,8 @@ static ln_stats ln_finish(const double *s1, const double *s2, ac_index D, double
     double m2 = center_stats ? q - m1 * m1 : q;
     if (m2 < 0) m2 = 0; /* rounding only: a constant row gives 0 exactly */
     ln_stats st = {center_output ? mean : 0.0, 1.0 / sqrt(m2 + (double)eps),
-                   m2 + (double)eps >= 0x1p-100 && (double)D * m2 <= 0x1p200};
+                   (m2 == 0 || m2 >= 0x1p-200) && m2 + (double)eps >= 0x1p-100 &&
+                       (double)D * m2 <= 0x1p200};
     return st;
 }
 static void ln_output_double(const float *x, float *y, const float *gamma, const float *beta,

@@ -69,8 +69,9 @@ int ac_gelu_f32(const float *x, float *y, ac_index n, int tanh_form);
  *   y = (((x - c_hi) - c_lo) * inv) * gamma + beta,  c_hi + c_lo = c (the mean when
  * center_output, else 0) split into two floats, inv = 1 / sqrt(m2 + eps): x - c_hi is exact
  * wherever it cancels, so a row far from 0 keeps its digits; a few float32 roundings in all.
- * Rows where float32 would overflow or lose digits (a spread past 2^100 or, with eps, under
- * 2^-50; NaN or inf) take the float64 output: ((double)x - c) * inv * gamma + beta.
+ * Rows where float32 would overflow or lose digits (a spread past 2^100 or under 2^-100, or
+ * 1 / sqrt(m2 + eps) past 2^50; NaN or inf) take the float64 output:
+ * ((double)x - c) * inv * gamma + beta.
  * gamma / beta NULL: 1 / 0. x and y may be the same row. */
 void ac_layer_norm_row_f32(const float *x, float *y, const float *gamma, const float *beta,
                            ac_index D, float eps, int center_stats, int center_output);

@@ -387,14 +387,18 @@ def test_layer_norm_float32_rows_far_from_zero(rng, offset, spread, mode):
     ([3e38, -3e38, -3e38, -3e38, 1e38], 1e-5),       # x - mean past FLT_MAX in float32
     ([0, 1e-40, 0, 1e-40, 5e-41], 0.0),             # a denormal spread, eps 0: 1/std past it
     ([1e-39, 1.5e-39, 1e-39, 1.2e-39, 1.1e-39], 0.0),
-    ([2e-36, 3e-36, 2.5e-36, 2e-36, 2.2e-36], 0.0)], ids=["huge", "denormal", "denormal2", "tiny"])
+    ([2e-36, 3e-36, 2.5e-36, 2e-36, 2.2e-36], 0.0),
+    ([1e-40, 1e-40, 1e-40, 1e-40 + 2.0 ** -149, 1e-40], 1e-30),   # the mean's low half
+    ([1e-37, 1e-37 + 2.0 ** -148, 1e-37, 1e-37 + 2.0 ** -149, 1e-37], 1e-30)],
+    ids=["huge", "denormal", "denormal2", "tiny", "denormal-eps", "tiny-steps-eps"])
 def test_layer_norm_float32_extreme_rows(row, eps, mode):
     """Rows where float32 arithmetic would overflow or run out of digits (the float64 output
     takes them) give the reference's finite values, not inf or NaN."""
     x = np.array([row], dtype=np.float32)
     out = attncore.layer_norm(x, eps=eps, mode=mode)
     expected = reference.layer_norm(x.astype(np.float64), eps=eps, mode=mode)
-    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
+    # (relative to the row's scale: with eps 1e-30 the outputs are ~1e-30)
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7 * np.abs(expected).max())
 
 
 def test_layer_norm_eps_matters(rng):
