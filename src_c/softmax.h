@@ -15,4 +15,11 @@ void ac_softmax_f32(const float *x, float *y, ac_index n_rows, ac_index n, const
                     const uint8_t *mask, int log_output, int num_threads);
 void ac_softmax_f64(const double *x, double *y, ac_index n_rows, ac_index n,
                     const int64_t *lengths, const uint8_t *mask, int log_output, int num_threads);
+/* The same over the middle axis of x (P, A, B), C-contiguous, float32, nothing excluded:
+ * y[p, :, b] = (log-)softmax of x[p, :, b] for every p, b. Work items are (p, block of 256
+ * columns), read row by row: the column maxima, then exp(x - max) with float64 column sums,
+ * then the scaling, so the axis need not be moved last by two transposes. A NaN, or +inf, in
+ * a column makes it NaN; a column of -inf is all zeros, as in the row kernel. */
+void ac_softmax_cols_f32(const float *x, float *y, ac_index P, ac_index A, ac_index B,
+                         int log_output, int num_threads);
 #endif

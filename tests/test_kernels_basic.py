@@ -860,3 +860,35 @@ def test_softmax_over_a_moved_axis_is_contiguous_in_the_input_layout(rng):
     assert out.shape == x.shape and out.flags.c_contiguous
     np.testing.assert_allclose(out, reference.softmax(x.astype(np.float64), axis=0), rtol=1e-5,
                                atol=1e-7)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape, axis", [((50, 16), 0), ((3, 70, 37), 1), ((2, 33, 300), 1),
+                                         ((4096, 20), 0), ((5, 9, 2, 260), 1)], ids=str)
+def test_float32_softmax_down_the_columns(rng, shape, axis, log):
+    # float32, nothing excluded, 16 or more elements after the axis: the column kernel
+    # (blocks of 256 columns, the last one short), no transposes; special columns: a NaN, a
+    # +inf (NaN columns, as the row kernel gives), -inf entries, a column of -inf (all 0)
+    x = (3 * rng.standard_normal(shape)).astype(np.float32)
+    moved = np.moveaxis(x, axis, 0)           # (a view: the columns are moved[:, ...])
+    flat = moved.reshape(shape[axis], -1)
+    flat[4, 1] = np.nan
+    flat[2, 3] = np.inf
+    flat[:, 5] = -np.inf
+    flat[::3, 7] = -np.inf
+    x = np.moveaxis(flat.reshape(moved.shape), 0, axis).copy()
+    kernel = attncore.log_softmax if log else attncore.softmax
+    oracle = reference.log_softmax if log else reference.softmax
+    out = kernel(x, axis=axis)
+    want = oracle(x.astype(np.float64), axis=axis)
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    np.testing.assert_array_equal(np.isneginf(out), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(out[finite], want[finite], rtol=2e-6, atol=1e-6 if log else 1e-7)
+    assert np.isnan(np.moveaxis(out, axis, 0).reshape(shape[axis], -1)[:, 1:4:2]).all()
+    assert (np.moveaxis(out, axis, 0).reshape(shape[axis], -1)[:, 5] == 0).all()
+    with attncore.num_threads(1):
+        one = kernel(x, axis=axis)
+    with attncore.num_threads(2):
+        np.testing.assert_array_equal(kernel(x, axis=axis), one)

@@ -20,6 +20,8 @@ cdef extern from "softmax.h" nogil:
     void ac_softmax_f64(const double *x, double *y, Py_ssize_t n_rows, Py_ssize_t n,
                         const int64_t *lengths, const uint8_t *mask, int log_output,
                         int num_threads)
+    void ac_softmax_cols_f32(const float *x, float *y, Py_ssize_t P, Py_ssize_t A, Py_ssize_t B,
+                             int log_output, int num_threads)
 
 
 def softmax_rows(const floating[:, ::1] x, floating[:, ::1] out, const int64_t[::1] lengths,
@@ -45,6 +47,18 @@ def softmax_rows(const floating[:, ::1] x, floating[:, ::1] out, const int64_t[:
         else:
             ac_softmax_f64(&x[0, 0], &out[0, 0], n_rows, n, lengths_ptr, mask_ptr, log_output,
                            num_threads)
+
+
+def softmax_cols(const float[:, :, ::1] x, float[:, :, ::1] out, bint log_output,
+                 int num_threads):
+    """out (P, A, B) = (log-)softmax of x (P, A, B) over its middle axis, nothing excluded."""
+    cdef Py_ssize_t P = x.shape[0], A = x.shape[1], B = x.shape[2]
+    if out is None or out.shape[0] != P or out.shape[1] != A or out.shape[2] != B:
+        raise ValueError("softmax_cols: out must be x's shape")
+    if P == 0 or A == 0 or B == 0:
+        return
+    with nogil:
+        ac_softmax_cols_f32(&x[0, 0, 0], &out[0, 0, 0], P, A, B, log_output, num_threads)
 
 
 cdef inline Py_ssize_t _offer(double v, int64_t i, double *best, int64_t *index,
