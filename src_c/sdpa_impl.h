@@ -47,51 +47,91 @@ static inline int CAT(row_finite_, SUF)(const REAL *x, ac_index n) {
     return 1;
 }
 
-/* Causal flash tiles and non-finite values. The product P . V of a tile crossing the diagonal
- * runs over keys that some rows of the query tile do not see, with P = 0 there: a NaN or inf
- * value at key j (0 x inf = NaN) made the tile's rows before j NaN, rows the reference (and
- * the query alone) gives finite. Called on a finished query tile (rows i0 .. i0 + nq of one
- * head; o_tile normalised): its rows that came out non-finite, while every value row they see
- * is finite, are computed again over exactly their keys (two passes: the maximum, then the
- * exponentials and the weighted sum). A row that sees a non-finite value keeps its NaN, as in
- * the reference. When every output is finite (the usual case) the cost is one read of the
- * tile's output; otherwise one read of the keys and values the tile sees, and the rows
- * computed again are at most those of one tile per non-finite value. */
-static void CAT(causal_repair_rows_, SUF)(const REAL *q_tile, const REAL *k_head,
-                                          const REAL *v_head, REAL *o_tile, ac_index i0,
-                                          ac_index nq, ac_index Lq, ac_index Lk, ac_index kv_valid,
-                                          ac_index D, REAL scale) {
-    ac_index first_bad_row = nq;
-    for (ac_index r = 0; r < nq && first_bad_row == nq; r++)
-        if (!CAT(row_finite_, SUF)(o_tile + r * D, D)) first_bad_row = r;
-    if (first_bad_row == nq) return;
-    /* the first key among those the tile sees whose key or value is not finite: the rows that
-     * see it are non-finite in the reference too (and are not computed again) */
-    const ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, 1);
-    ac_index first_bad_key = tile_limit;
-    for (ac_index j = 0; j < tile_limit && first_bad_key == tile_limit; j++)
-        if (!CAT(row_finite_, SUF)(v_head + j * D, D) || !CAT(row_finite_, SUF)(k_head + j * D, D))
-            first_bad_key = j;
-    for (ac_index r = first_bad_row; r < nq; r++) {
-        const ac_index limit = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, 1);
-        REAL *o = o_tile + r * D;
-        if (limit == 0 || limit > first_bad_key || CAT(row_finite_, SUF)(o, D)) continue;
-        const REAL *qr = q_tile + r * D;
-        if (!CAT(row_finite_, SUF)(qr, D)) continue;   /* its own query: NaN in the reference */
-        double m = -INFINITY;
-        for (ac_index j = 0; j < limit; j++) {
-            const double sj = (double)(R_DOT(qr, k_head + j * D, D) * scale);
-            if (sj > m) m = sj;
+/* Causal flash tiles and non-finite values. The product P . V of a key block crossing the
+ * diagonal runs over keys some rows of the query tile do not see, with P = 0 there: a NaN or
+ * inf value at key j (0 x inf = NaN) made the tile's rows before j NaN, rows the reference
+ * (and the query alone) gives finite. Given a finished query tile (rows i0 .. i0 + nq of one
+ * head, keys [0, tile_limit) read), this returns how many of its first rows must be computed
+ * again with the keys cut at *cap, the first key whose value is not finite: the rows that do
+ * not see that key, when one of them came out non-finite with a finite query (0: none). Run
+ * again over exactly the keys they see, they come out as they would with that value finite
+ * (the blocks past a row's last key only ever added zeros). The cost when every output is
+ * finite is one read of the tile's output; otherwise also of the values up to the first
+ * non-finite one. */
+static ac_index CAT(causal_poisoned_rows_, SUF)(const REAL *q_tile, const REAL *v_head,
+                                                const REAL *o_tile, ac_index i0, ac_index nq,
+                                                ac_index Lq, ac_index Lk, ac_index kv_valid,
+                                                ac_index D, ac_index tile_limit, ac_index *cap) {
+    int candidate = 0;   /* a non-finite row with a finite query (else the NaN is its own) */
+    for (ac_index r = 0; r < nq && !candidate; r++)
+        candidate = !CAT(row_finite_, SUF)(o_tile + r * D, D)
+                    && CAT(row_finite_, SUF)(q_tile + r * D, D);
+    if (!candidate) return 0;
+    ac_index first_bad = tile_limit;
+    for (ac_index j = 0; j < tile_limit && first_bad == tile_limit; j++)
+        if (!CAT(row_finite_, SUF)(v_head + j * D, D)) first_bad = j;
+    if (first_bad == tile_limit) return 0;   /* (an overflow of the inputs' own: as it is) */
+    ac_index n = 0;   /* key limits grow with the row: the rows blind to first_bad lead */
+    while (n < nq && CAT(key_limit_, SUF)(i0 + n, Lq, Lk, kv_valid, 1) <= first_bad) n++;
+    int poisoned = 0;
+    for (ac_index r = 0; r < n && !poisoned; r++)
+        poisoned = !CAT(row_finite_, SUF)(o_tile + r * D, D);
+    *cap = first_bad;
+    return poisoned ? n : 0;
+}
+
+/* One work item of the BLAS flash path: query rows i0 .. i0 + nq of one head over the keys
+ * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_poisoned_rows). */
+static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *kt_head,
+                                  const REAL *v_head, REAL *o_tile, ac_index i0, ac_index nq,
+                                  ac_index tile_limit, ac_index Lq, ac_index Lk, ac_index kv_valid,
+                                  int causal, ac_index D, REAL scale, ac_index block_k,
+                                  REAL *q_scaled, REAL *scores, REAL *row_max, REAL *row_sum) {
+    for (ac_index r = 0; r < nq; r++) {
+        for (ac_index d = 0; d < D; d++) q_scaled[r * D + d] = q_tile[r * D + d] * scale;
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0;
+    }
+    memset(o_tile, 0, sizeof(REAL) * nq * D);
+
+    for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
+        const ac_index nk = AC_MIN(block_k, tile_limit - j0);
+        /* scores (nq, nk) = q_scaled . kt[:, j0:j0+nk] */
+        CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
+                           kt_head + j0, (int)Lk, 0, scores, (int)block_k);
+        for (ac_index r = 0; r < nq; r++) {
+            REAL *s = scores + r * block_k;
+            ac_index n_valid = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, causal) - j0;
+            if (n_valid > nk) n_valid = nk;
+            if (n_valid <= 0) { /* this row sees no key of the tile */
+                memset(s, 0, sizeof(REAL) * nk);
+                continue;
+            }
+            REAL new_max = R_MAX(s, n_valid);
+            if (row_max[r] > new_max) new_max = row_max[r];
+            /* rescale what was accumulated under the old maximum */
+            if (new_max != row_max[r] && row_sum[r] != 0) {
+                REAL correction = (REAL)exp((double)(row_max[r] - new_max));
+                row_sum[r] *= correction;
+                R_SCALE(o_tile + r * D, D, correction);
+            }
+            row_max[r] = new_max;
+            /* every score -inf so far (finite q . k overflowing): shift by 0, so that
+             * the row stays "no key" (zeros), as the float32 tile path gives it, not
+             * exp(-inf + inf) = NaN */
+            row_sum[r] += R_EXP_SHIFT_SUM(s, n_valid,
+                                          new_max == -INFINITY ? (REAL)0 : new_max);
+            if (n_valid < nk) memset(s + n_valid, 0, sizeof(REAL) * (nk - n_valid));
         }
-        if (!isfinite(m)) continue;   /* a score overflowing to inf: as it came out */
-        double sum = 0;
-        memset(o, 0, sizeof(REAL) * D);
-        for (ac_index j = 0; j < limit; j++) {
-            const double p = exp((double)(R_DOT(qr, k_head + j * D, D) * scale) - m);
-            sum += p;
-            R_AXPY(o, (REAL)p, v_head + j * D, D);
-        }
-        R_SCALE(o, D, (REAL)(1.0 / sum));
+        /* o_tile (nq, D) += probabilities (nq, nk) . v[j0:j0+nk] */
+        CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)D, (int)nk, 1, scores, (int)block_k,
+                           v_head + j0 * D, (int)D, 1, o_tile, (int)D);
+    }
+    /* a row that saw no key has sum 0: zeros. A NaN score (NaN in q or k) makes the
+     * sum NaN, and the row NaN, as the weights path gives: never a silent zero row */
+    for (ac_index r = 0; r < nq; r++) {
+        if (row_sum[r] != 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
+        else memset(o_tile + r * D, 0, sizeof(REAL) * D);
     }
 }
 
@@ -153,55 +193,16 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
             /* the last row of the tile sees the most keys (limits grow with i) */
             const ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, causal);
 
-            for (ac_index r = 0; r < nq; r++) {
-                for (ac_index d = 0; d < D; d++) q_scaled[r * D + d] = q_tile[r * D + d] * scale;
-                row_max[r] = -INFINITY;
-                row_sum[r] = 0;
-            }
-            memset(o_tile, 0, sizeof(REAL) * nq * D);
-
-            for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
-                const ac_index nk = AC_MIN(block_k, tile_limit - j0);
-                /* scores (nq, nk) = q_scaled . kt[:, j0:j0+nk] */
-                CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
-                                   kt_head + j0, (int)Lk, 0, scores, (int)block_k);
-                for (ac_index r = 0; r < nq; r++) {
-                    REAL *s = scores + r * block_k;
-                    ac_index n_valid = CAT(key_limit_, SUF)(i0 + r, Lq, Lk, kv_valid, causal) - j0;
-                    if (n_valid > nk) n_valid = nk;
-                    if (n_valid <= 0) { /* this row sees no key of the tile */
-                        memset(s, 0, sizeof(REAL) * nk);
-                        continue;
-                    }
-                    REAL new_max = R_MAX(s, n_valid);
-                    if (row_max[r] > new_max) new_max = row_max[r];
-                    /* rescale what was accumulated under the old maximum */
-                    if (new_max != row_max[r] && row_sum[r] != 0) {
-                        REAL correction = (REAL)exp((double)(row_max[r] - new_max));
-                        row_sum[r] *= correction;
-                        R_SCALE(o_tile + r * D, D, correction);
-                    }
-                    row_max[r] = new_max;
-                    /* every score -inf so far (finite q . k overflowing): shift by 0, so that
-                     * the row stays "no key" (zeros), as the float32 tile path gives it, not
-                     * exp(-inf + inf) = NaN */
-                    row_sum[r] += R_EXP_SHIFT_SUM(s, n_valid,
-                                                  new_max == -INFINITY ? (REAL)0 : new_max);
-                    if (n_valid < nk) memset(s + n_valid, 0, sizeof(REAL) * (nk - n_valid));
-                }
-                /* o_tile (nq, D) += probabilities (nq, nk) . v[j0:j0+nk] */
-                CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)D, (int)nk, 1, scores, (int)block_k,
-                                   v_head + j0 * D, (int)D, 1, o_tile, (int)D);
-            }
-            /* a row that saw no key has sum 0: zeros. A NaN score (NaN in q or k) makes the
-             * sum NaN, and the row NaN, as the weights path gives: never a silent zero row */
-            for (ac_index r = 0; r < nq; r++) {
-                if (row_sum[r] != 0) R_SCALE(o_tile + r * D, D, 1 / row_sum[r]);
-                else memset(o_tile + r * D, 0, sizeof(REAL) * D);
-            }
-            if (causal)
-                CAT(causal_repair_rows_, SUF)(q_tile, k + (b * Hkv + g) * Lk * D, v_head, o_tile,
-                                              i0, nq, Lq, Lk, kv_valid, D, scale);
+            CAT(flash_item_, SUF)(gemm, q_tile, kt_head, v_head, o_tile, i0, nq, tile_limit, Lq,
+                                  Lk, kv_valid, causal, D, scale, block_k, q_scaled, scores,
+                                  row_max, row_sum);
+            ac_index cap;
+            const ac_index rerun = causal ? CAT(causal_poisoned_rows_, SUF)(
+                q_tile, v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D, tile_limit, &cap) : 0;
+            if (rerun)
+                CAT(flash_item_, SUF)(gemm, q_tile, kt_head, v_head, o_tile, i0, rerun, cap, Lq,
+                                      Lk, kv_valid, causal, D, scale, block_k, q_scaled, scores,
+                                      row_max, row_sum);
         }
         free(q_scaled);
         free(scores);

@@ -15,7 +15,8 @@ import pytest
 import attncore
 from attncore import reference
 from attncore.kernels import _sdpa
-from attncore.kernels.attention import DECODE_CHUNK, DECODE_MAX_Q, flash_tiles
+from attncore.kernels.attention import (DECODE_CHUNK, DECODE_MAX_Q, flash_plan, flash_tiles,
+                                        sequence_attention)
 
 from conftest import FLOAT_DTYPES, as64, assert_close, score_atol
 
@@ -694,6 +695,36 @@ def test_a_non_finite_value_only_reaches_the_queries_that_see_it(rng, q_len, kv_
     alone = attncore.attention(q[:, :, 1:2], k[:, :, :offset + 2], v[:, :, :offset + 2])
     np.testing.assert_allclose(attncore.attention(q, k, v, causal=True)[:, :, 1:2], alone,
                                rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    # the rows blind to the non-finite values are the rows the call gives with those values
+    # finite (they are computed again over exactly their keys): bit for bit on the tile
+    # kernel, where a row's bits depend on its own keys only (BLAS may block the shorter
+    # product another way)
+    clean = np.where(np.isfinite(v), v, 0).astype(dtype)
+    kv = np.array([kv_len, kv_len])
+    got = sequence_attention(q, np.where(np.isinf(k), 0, k).astype(dtype), v, kv_lengths=kv,
+                             causal=True)
+    want = sequence_attention(q, np.where(np.isinf(k), 0, k).astype(dtype), clean,
+                              kv_lengths=kv, causal=True)
+    blind = np.isfinite(got)
+    if flash_plan(16, True, dtype)[2]:
+        np.testing.assert_array_equal(got[blind], want[blind])
+    else:
+        assert_close(got[blind], want[blind], dtype)
+    assert blind[0, 2:4, :q_len // 2].all() and blind[1, :2, :q_len - 1].all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_a_minus_inf_key_does_not_stop_the_rows_before_a_nan_value(rng, dtype):
+    # found by review: a -inf key entry scores -inf (weight 0, finite rows), but it was taken
+    # for a NaN of the rows' own and rows 36-39, blind to the NaN value at key 40, stayed NaN
+    q = (np.abs(rng.standard_normal((1, 1, 64, 8))) + 0.1).astype(dtype)
+    k, v = (rng.standard_normal((1, 1, 64, 8)).astype(dtype) for _ in range(2))
+    k[0, 0, 2, 0] = -np.inf
+    v[0, 0, 40, 0] = np.nan
+    out = attncore.attention(q, k, v, causal=True)
+    expected = reference.attention(*(as64(a) for a in (q, k, v)), causal=True)
+    np.testing.assert_array_equal(np.isnan(out).any(-1)[0, 0], np.arange(64) >= 40)
+    assert_close(out[:, :, :40], expected[:, :, :40], dtype)
 
 
 def test_luong_and_softmax_propagate_nan_rows():
