@@ -48,7 +48,7 @@ static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_inde
 #define CAUSAL_PV_ROWS 12
 
 /* One work item of the tile flash path: query rows i0 .. i0 + nq of one head over the keys
- * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_poisoned_rows). */
+ * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
 static void flash_tiles_item(const float *q_tile, const float *k_head, const float *v_head,
                              float *o_tile, ac_index i0, ac_index nq, ac_index tile_limit,
                              ac_index offset, int causal, ac_index D, float scale,
@@ -163,12 +163,13 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
 
             flash_tiles_item(q_tile, k_head, v_head, o_tile, i0, nq, tile_limit, offset, causal, D,
                              scale, block_q, block_k, qt, st, col_max, col_sum, correction);
-            ac_index cap;
-            const ac_index rerun = causal ? causal_poisoned_rows_f32(
-                q_tile, v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D, tile_limit, &cap) : 0;
-            if (rerun)
-                flash_tiles_item(q_tile, k_head, v_head, o_tile, i0, rerun, cap, offset, causal, D,
-                                 scale, block_q, block_k, qt, st, col_max, col_sum, correction);
+            ac_index r = 0, jb = 0, first, count, cap;
+            if (causal && causal_rerun_needed_f32(q_tile, o_tile, nq, D))
+                while (causal_next_rerun_f32(v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D,
+                                             tile_limit, &r, &jb, &first, &count, &cap))
+                    flash_tiles_item(q_tile + first * D, k_head, v_head, o_tile + first * D,
+                                     i0 + first, count, cap, offset, causal, D, scale, block_q,
+                                     block_k, qt, st, col_max, col_sum, correction);
         }
         free(qt);
         free(st);

@@ -49,39 +49,56 @@ static inline int CAT(row_finite_, SUF)(const REAL *x, ac_index n) {
 
 /* Causal flash tiles and non-finite values. The product P . V of a key block crossing the
  * diagonal runs over keys some rows of the query tile do not see, with P = 0 there: a NaN or
- * inf value at key j (0 x inf = NaN) made the tile's rows before j NaN, rows the reference
- * (and the query alone) gives finite. Given a finished query tile (rows i0 .. i0 + nq of one
- * head, keys [0, tile_limit) read), this returns how many of its first rows must be computed
- * again with the keys cut at *cap, the first key whose value is not finite: the rows that do
- * not see that key, when one of them came out non-finite with a finite query (0: none). Run
- * again over exactly the keys they see, they come out as they would with that value finite
- * (the blocks past a row's last key only ever added zeros). The cost when every output is
- * finite is one read of the tile's output; otherwise also of the values up to the first
- * non-finite one. */
-static ac_index CAT(causal_poisoned_rows_, SUF)(const REAL *q_tile, const REAL *v_head,
-                                                const REAL *o_tile, ac_index i0, ac_index nq,
-                                                ac_index Lq, ac_index Lk, ac_index kv_valid,
-                                                ac_index D, ac_index tile_limit, ac_index *cap) {
-    int candidate = 0;   /* a non-finite row with a finite query (else the NaN is its own) */
-    for (ac_index r = 0; r < nq && !candidate; r++)
-        candidate = !CAT(row_finite_, SUF)(o_tile + r * D, D)
-                    && CAT(row_finite_, SUF)(q_tile + r * D, D);
-    if (!candidate) return 0;
-    ac_index first_bad = tile_limit;
-    for (ac_index j = 0; j < tile_limit && first_bad == tile_limit; j++)
-        if (!CAT(row_finite_, SUF)(v_head + j * D, D)) first_bad = j;
-    if (first_bad == tile_limit) return 0;   /* (an overflow of the inputs' own: as it is) */
-    ac_index n = 0;   /* key limits grow with the row: the rows blind to first_bad lead */
-    while (n < nq && CAT(key_limit_, SUF)(i0 + n, Lq, Lk, kv_valid, 1) <= first_bad) n++;
-    int poisoned = 0;
-    for (ac_index r = 0; r < n && !poisoned; r++)
-        poisoned = !CAT(row_finite_, SUF)(o_tile + r * D, D);
-    *cap = first_bad;
-    return poisoned ? n : 0;
+ * inf value at key j (0 x inf = NaN) made the tile's rows blind to j NaN in j's columns, where
+ * the reference (and the query alone) is finite. After a query tile (rows i0 .. i0 + nq of one
+ * head over the keys [0, tile_limit)), the caller asks causal_rerun_needed whether some row
+ * came out non-finite with a finite query (else every NaN is the inputs' own), then takes the
+ * ranges causal_next_rerun gives: rows blind to the same first non-finite value past their
+ * keys, at least one of them non-finite, to compute again with the keys cut at that value.
+ * Run over exactly the keys they see (and no later bad value), they come out as they would
+ * with those values finite: the blocks past a row's last key only ever added zeros. The ranges
+ * are disjoint (at most the tile once more); the values past the first row's keys are read
+ * once. */
+static int CAT(causal_rerun_needed_, SUF)(const REAL *q_tile, const REAL *o_tile, ac_index nq,
+                                          ac_index D) {
+    for (ac_index r = 0; r < nq; r++)
+        if (!CAT(row_finite_, SUF)(o_tile + r * D, D) && CAT(row_finite_, SUF)(q_tile + r * D, D))
+            return 1;
+    return 0;
+}
+
+/* The next range of rows to compute again (see above), from row *r with the value scan at
+ * key *jb (both 0 at first, advanced here): 1 with rows [*start, *start + *count) and the
+ * keys cut at *cap; 0 when there is none left. */
+static int CAT(causal_next_rerun_, SUF)(const REAL *v_head, const REAL *o_tile, ac_index i0,
+                                        ac_index nq, ac_index Lq, ac_index Lk, ac_index kv_valid,
+                                        ac_index D, ac_index tile_limit, ac_index *r,
+                                        ac_index *jb, ac_index *start, ac_index *count,
+                                        ac_index *cap) {
+    while (*r < nq) {
+        const ac_index limit = CAT(key_limit_, SUF)(i0 + *r, Lq, Lk, kv_valid, 1);
+        if (*jb < limit) *jb = limit;
+        while (*jb < tile_limit && CAT(row_finite_, SUF)(v_head + *jb * D, D)) (*jb)++;
+        if (*jb >= tile_limit) return 0;   /* no non-finite value past these rows' keys */
+        /* the rows from *r blind to key *jb (limits grow with the row) */
+        const ac_index first = *r;
+        int poisoned = 0;
+        while (*r < nq && CAT(key_limit_, SUF)(i0 + *r, Lq, Lk, kv_valid, 1) <= *jb) {
+            poisoned |= !CAT(row_finite_, SUF)(o_tile + *r * D, D);
+            (*r)++;
+        }
+        if (poisoned) {
+            *start = first;
+            *count = *r - first;
+            *cap = *jb;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* One work item of the BLAS flash path: query rows i0 .. i0 + nq of one head over the keys
- * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_poisoned_rows). */
+ * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
 static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *kt_head,
                                   const REAL *v_head, REAL *o_tile, ac_index i0, ac_index nq,
                                   ac_index tile_limit, ac_index Lq, ac_index Lk, ac_index kv_valid,
@@ -196,13 +213,14 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
             CAT(flash_item_, SUF)(gemm, q_tile, kt_head, v_head, o_tile, i0, nq, tile_limit, Lq,
                                   Lk, kv_valid, causal, D, scale, block_k, q_scaled, scores,
                                   row_max, row_sum);
-            ac_index cap;
-            const ac_index rerun = causal ? CAT(causal_poisoned_rows_, SUF)(
-                q_tile, v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D, tile_limit, &cap) : 0;
-            if (rerun)
-                CAT(flash_item_, SUF)(gemm, q_tile, kt_head, v_head, o_tile, i0, rerun, cap, Lq,
-                                      Lk, kv_valid, causal, D, scale, block_k, q_scaled, scores,
-                                      row_max, row_sum);
+            ac_index r = 0, jb = 0, first, count, cap;
+            if (causal && CAT(causal_rerun_needed_, SUF)(q_tile, o_tile, nq, D))
+                while (CAT(causal_next_rerun_, SUF)(v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D,
+                                                    tile_limit, &r, &jb, &first, &count, &cap))
+                    CAT(flash_item_, SUF)(gemm, q_tile + first * D, kt_head, v_head,
+                                          o_tile + first * D, i0 + first, count, cap, Lq, Lk,
+                                          kv_valid, causal, D, scale, block_k, q_scaled, scores,
+                                          row_max, row_sum);
         }
         free(q_scaled);
         free(scores);

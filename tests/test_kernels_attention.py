@@ -714,6 +714,32 @@ def test_a_non_finite_value_only_reaches_the_queries_that_see_it(rng, q_len, kv_
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("length", [64, 300])
+@pytest.mark.parametrize("first", [np.nan, np.inf], ids=["nan", "inf"])
+def test_several_non_finite_values_each_reach_only_their_columns(rng, length, first, dtype):
+    # found by review: the rows that see a bad value at key 10 (NaN in its column 0 only) but
+    # not the one at key 11 or 12 (column 1) came out NaN in column 1 too, from the second
+    # value times a zero weight; each range of rows is now computed again up to the first bad
+    # value past its keys
+    q = rng.standard_normal((2, 2, length, 8)).astype(dtype)
+    k, v = (rng.standard_normal((2, 1, length, 8)).astype(dtype) for _ in range(2))
+    v[0, 0, 10, 0] = first
+    v[0, 0, 11, 1] = np.nan
+    v[1, 0, 10, 0] = first
+    v[1, 0, 12, 1] = np.nan
+    v[1, 0, length - 1, 2] = np.nan
+    expected = reference.attention(*(as64(a) for a in (q, k, v)), causal=True)
+    for kv_lengths in (None, np.array([length, length - 5])):
+        out = attncore.attention(q, k, v, causal=True, kv_lengths=kv_lengths)
+        want = expected if kv_lengths is None else reference.attention(
+            *(as64(a) for a in (q, k, v)), causal=True, kv_lengths=kv_lengths)
+        np.testing.assert_array_equal(np.isfinite(out), np.isfinite(want))
+        seen = np.isfinite(want)
+        assert_close(np.where(seen, out, 0), np.where(seen, want, 0), dtype)
+    assert np.isfinite(expected[0, :, 10, 1:]).all() and np.isfinite(expected[1, :, 11, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_a_minus_inf_key_does_not_stop_the_rows_before_a_nan_value(rng, dtype):
     # found by review: a -inf key entry scores -inf (weight 0, finite rows), but it was taken
     # for a NaN of the rows' own and rows 36-39, blind to the NaN value at key 40, stayed NaN
