@@ -56,14 +56,17 @@ void ac_softmax_cols_f32(const float *x, float *y, ac_index P, ac_index A, ac_in
             for (ac_index a = 0; a < A; a++)
                 for (ac_index c = 0; c < cb; c++) ys[a * B + c] *= f[c];
         } else {
-            /* x - (shift + log(sum)); a column of -inf (nothing valid) all 0 */
+            /* (x - shift) - log(sum), the shift first: shift + log(sum) rounded to float32
+             * would carry an error of |x|'s size into small results; a column of -inf
+             * (nothing valid) all 0 */
             int empty_columns = 0;
             for (ac_index c = 0; c < cb; c++) {
-                f[c] = total[c] > 0 ? (float)((double)shift[c] + log(total[c])) : (float)total[c];
+                f[c] = total[c] > 0 ? (float)log(total[c]) : (float)total[c];
                 empty_columns |= total[c] == 0;
             }
             for (ac_index a = 0; a < A; a++)
-                for (ac_index c = 0; c < cb; c++) ys[a * B + c] = xs[a * B + c] - f[c];
+                for (ac_index c = 0; c < cb; c++)
+                    ys[a * B + c] = (xs[a * B + c] - shift[c]) - f[c];
             if (empty_columns)
                 for (ac_index c = 0; c < cb; c++)
                     if (total[c] == 0)

@@ -863,10 +863,10 @@ def test_softmax_over_a_moved_axis_is_contiguous_in_the_input_layout(rng):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("shape, axis", [((50, 16), 0), ((3, 70, 37), 1), ((2, 33, 300), 1),
-                                         ((4096, 20), 0), ((5, 9, 2, 260), 1)], ids=str)
+@pytest.mark.parametrize("shape, axis", [((50, 64), 0), ((3, 70, 67), 1), ((2, 33, 300), 1),
+                                         ((4096, 70), 0), ((5, 9, 2, 260), 1)], ids=str)
 def test_float32_softmax_down_the_columns(rng, shape, axis, log):
-    # float32, nothing excluded, 16 or more elements after the axis: the column kernel
+    # float32, nothing excluded, 64 or more elements after the axis: the column kernel
     # (blocks of 256 columns, the last one short), no transposes; special columns: a NaN, a
     # +inf (NaN columns, as the row kernel gives), -inf entries, a column of -inf (all 0)
     x = (3 * rng.standard_normal(shape)).astype(np.float32)
@@ -892,3 +892,13 @@ def test_float32_softmax_down_the_columns(rng, shape, axis, log):
         one = kernel(x, axis=axis)
     with attncore.num_threads(2):
         np.testing.assert_array_equal(kernel(x, axis=axis), one)
+
+
+@pytest.mark.parametrize("offset", [1e4, 3e5, -1e6])
+def test_float32_log_softmax_down_the_columns_far_from_zero(rng, offset):
+    # found by review: max + log(sum) rounded to float32 before x was taken from it, an error
+    # of |x|'s ulp (0.03 at 3e5) in results near -1; now (x - max) - log(sum)
+    x = (offset + rng.standard_normal((40, 16, 5))).astype(np.float32)
+    out = attncore.log_softmax(x, axis=0)
+    want = reference.log_softmax(x.astype(np.float64), axis=0)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=2e-6)

@@ -46,9 +46,10 @@ def _softmax_front(x, axis, lengths, mask, log_output, name):
 
 
 #: float32 softmax over an axis followed by at least this many elements (the columns) runs
-#: down the columns in place (``_softmax.softmax_cols``, 16 columns a vector) instead of
-#: moving the axis last: the two transposes had made it 0.6-0.9x torch.
-COLUMN_SOFTMAX_MIN = 16
+#: down the columns where they lie (``_softmax.softmax_cols``) instead of moving the axis
+#: last: the two transposes had made it 0.6-0.9x torch. Narrower rows (16-32 columns) are
+#: faster through the transposes: the column kernel's per-row work is too short.
+COLUMN_SOFTMAX_MIN = 64
 
 
 def _swap_shape(shape, axis):
