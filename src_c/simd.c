@@ -56,13 +56,13 @@ static ac_index argmax_span_scalar(const float *x, ac_index lo, ac_index hi) {
     return best;
 }
 static float exp_shift_sum_scalar(const float *x, float *y, ac_index n, float shift) {
-    float s = 0.f;
+    double s = 0;   /* one float32 chain over 9000 terms lost 1e-5 of the sum */
     for (ac_index i = 0; i < n; i++) {
         const float e = expf(x[i] - shift);
         if (y) y[i] = e;
         s += e;
     }
-    return s;
+    return (float)s;
 }
 static void scale_scalar(float *x, ac_index n, float a) { for (ac_index i = 0; i < n; i++) x[i] *= a; }
 static float dot_scalar(const float *a, const float *b, ac_index n) {
