@@ -154,51 +154,54 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
  * the three versions, so their bits agree: the vector loops give lane j of their accumulators
  * exactly chain j's sequence of adds. */
 #define LN_CHAINS 16
-/* float32_output: the float32 output is safe. Not when 0 < m2 < 2^-200 (a spread under 2^-100:
- * values near the denormals, where c_lo underflows and the float differences lose their
- * digits), nor when m2 + eps < 2^-100 (inv past 2^50), nor when D m2 > 2^200 (|x - c| <=
- * sqrt(D m2) could pass FLT_MAX: values near it of both signs); those rows, and rows with NaN
- * or inf, take ln_output_double. (m2 = 0 is a constant row: x - c_hi is exactly 0.) */
-typedef struct { double center, inv; int float32_output; } ln_stats;
-static void ln_chains_tail(const float *x, ac_index d0, ac_index D, double k, double *s1,
-                           double *s2) {
-    for (ac_index d = d0; d < D; d++) {
-        const double t = (double)x[d] - k;
-        s1[d % LN_CHAINS] += t;
-        s2[d % LN_CHAINS] += t * t;
-    }
-}
+typedef struct {
+    double center, inv;
+    float c_hi, c_lo, inv_f;   /* the float32 output's centre (c_hi + c_lo) and 1 / std */
+} ln_stats;
 static double ln_sum_chains(const double *s) {
     double half[8];
     for (int j = 0; j < 8; j++) half[j] = s[j] + s[j + 8];
     return ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]));
 }
-static ln_stats ln_finish(const double *s1, const double *s2, ac_index D, double k, float eps,
-                          int center_stats, int center_output) {
+/* A row's statistics from its chains' sums over the first d0 elements (a multiple of
+ * LN_CHAINS; the rest are added here). Returns 1 when the float32 output is safe; otherwise
+ * writes the row's output in float64 and returns 0. It is not safe when 0 < m2 < 2^-200 (a
+ * spread under 2^-100: values near the denormals, where c_lo underflows and the float
+ * differences lose their digits), nor when m2 + eps < 2^-100 (inv past 2^50), nor when
+ * D m2 > 2^200 (|x - c| <= sqrt(D m2) could pass FLT_MAX: values near it of both signs), nor
+ * with NaN or inf. (m2 = 0 is a constant row: x - c_hi is exactly 0.) */
+static int ln_finish(const float *x, float *y, const float *gamma, const float *beta,
+                     ac_index d0, ac_index D, double k, double *s1, double *s2, float eps,
+                     int center_stats, int center_output, ln_stats *st) {
+    for (ac_index d = d0; d < D; d++) {
+        const double t = (double)x[d] - k;
+        s1[d % LN_CHAINS] += t;
+        s2[d % LN_CHAINS] += t * t;
+    }
     const double m1 = ln_sum_chains(s1) / (double)D, q = ln_sum_chains(s2) / (double)D;
     const double mean = k + m1;
     double m2 = center_stats ? q - m1 * m1 : q;
     if (m2 < 0) m2 = 0; /* rounding only: a constant row gives 0 exactly */
-    ln_stats st = {center_output ? mean : 0.0, 1.0 / sqrt(m2 + (double)eps),
-                   (m2 == 0 || m2 >= 0x1p-200) && m2 + (double)eps >= 0x1p-100 &&
-                       (double)D * m2 <= 0x1p200};
-    return st;
-}
-static void ln_output_double(const float *x, float *y, const float *gamma, const float *beta,
-                             ac_index D, ln_stats st) {
+    st->center = center_output ? mean : 0.0;
+    st->inv = 1.0 / sqrt(m2 + (double)eps);
+    st->c_hi = (float)st->center;
+    st->c_lo = (float)(st->center - (double)st->c_hi);
+    st->inv_f = (float)st->inv;
+    if ((m2 == 0 || m2 >= 0x1p-200) && m2 + (double)eps >= 0x1p-100 && (double)D * m2 <= 0x1p200)
+        return 1;
     for (ac_index d = 0; d < D; d++) {
-        double t = ((double)x[d] - st.center) * st.inv;
+        double t = ((double)x[d] - st->center) * st->inv;
         if (gamma) t *= gamma[d];
         if (beta) t += beta[d];
         y[d] = (float)t;
     }
+    return 0;
 }
+/* The float32 output of elements d0 .. D (the vector versions' tail). */
 static void ln_output(const float *x, float *y, const float *gamma, const float *beta,
-                      ac_index d0, ac_index D, ln_stats st) {
-    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
-    const float inv = (float)st.inv;
+                      ac_index d0, ac_index D, const ln_stats *st) {
     for (ac_index d = d0; d < D; d++) {
-        float t = ((x[d] - c_hi) - c_lo) * inv;
+        float t = ((x[d] - st->c_hi) - st->c_lo) * st->inv_f;
         if (gamma) t *= gamma[d];
         if (beta) t += beta[d];
         y[d] = t;
@@ -208,12 +211,9 @@ static void layer_norm_row_scalar(const float *x, float *y, const float *gamma, 
                                   ac_index D, float eps, int center_stats, int center_output) {
     const double k = center_stats ? (double)x[0] : 0.0;
     double s1[LN_CHAINS] = {0}, s2[LN_CHAINS] = {0};
-    ln_chains_tail(x, 0, D, k, s1, s2);
-    const ln_stats st = ln_finish(s1, s2, D, k, eps, center_stats, center_output);
-    if (st.float32_output)
-        ln_output(x, y, gamma, beta, 0, D, st);
-    else
-        ln_output_double(x, y, gamma, beta, D, st);
+    ln_stats st;
+    if (ln_finish(x, y, gamma, beta, 0, D, k, s1, s2, eps, center_stats, center_output, &st))
+        ln_output(x, y, gamma, beta, 0, D, &st);
 }
 
 /* ---------------------------------------------------------------- AVX2 -------------- */
@@ -698,15 +698,11 @@ static AVX2 void layer_norm_row_avx2(const float *x, float *y, const float *gamm
         _mm256_storeu_pd(a1 + 4 * v, s1[v]);
         _mm256_storeu_pd(a2 + 4 * v, s2[v]);
     }
-    ln_chains_tail(x, d16, D, k, a1, a2);
-    const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
-    if (!st.float32_output) {
-        ln_output_double(x, y, gamma, beta, D, st);
+    ln_stats st;
+    if (!ln_finish(x, y, gamma, beta, d16, D, k, a1, a2, eps, center_stats, center_output, &st))
         return;
-    }
-    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
-    const __m256 hi = _mm256_set1_ps(c_hi), lo = _mm256_set1_ps(c_lo);
-    const __m256 inv = _mm256_set1_ps((float)st.inv);
+    const __m256 hi = _mm256_set1_ps(st.c_hi), lo = _mm256_set1_ps(st.c_lo);
+    const __m256 inv = _mm256_set1_ps(st.inv_f);
     const ac_index d8 = D - D % 8;
     for (ac_index d = 0; d < d8; d += 8) {
         __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + d), hi), lo), inv);
@@ -714,7 +710,7 @@ static AVX2 void layer_norm_row_avx2(const float *x, float *y, const float *gamm
         if (beta) t = _mm256_add_ps(t, _mm256_loadu_ps(beta + d));
         _mm256_storeu_ps(y + d, t);
     }
-    ln_output(x, y, gamma, beta, d8, D, st);
+    ln_output(x, y, gamma, beta, d8, D, &st);
 }
 
 /* y = GELU(x) (tanh_form: the tanh approximation) 8 floats at a time, the tail padded into the

@@ -374,15 +374,11 @@ static AVX512 void layer_norm_row_avx512(const float *x, float *y, const float *
     _mm512_storeu_pd(a1 + 8, s1b);
     _mm512_storeu_pd(a2, s2a);
     _mm512_storeu_pd(a2 + 8, s2b);
-    ln_chains_tail(x, d16, D, k, a1, a2);
-    const ln_stats st = ln_finish(a1, a2, D, k, eps, center_stats, center_output);
-    if (!st.float32_output) {
-        ln_output_double(x, y, gamma, beta, D, st);
+    ln_stats st;
+    if (!ln_finish(x, y, gamma, beta, d16, D, k, a1, a2, eps, center_stats, center_output, &st))
         return;
-    }
-    const float c_hi = (float)st.center, c_lo = (float)(st.center - (double)c_hi);
-    const __m512 hi = _mm512_set1_ps(c_hi), lo = _mm512_set1_ps(c_lo);
-    const __m512 inv = _mm512_set1_ps((float)st.inv);
+    const __m512 hi = _mm512_set1_ps(st.c_hi), lo = _mm512_set1_ps(st.c_lo);
+    const __m512 inv = _mm512_set1_ps(st.inv_f);
     for (ac_index d = 0; d < D; d += 16) {
         const __mmask16 m = mask16(D - d);
         __m512 t = _mm512_mul_ps(
