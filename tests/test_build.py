@@ -447,6 +447,16 @@ _SAME_BITS_CODE = textwrap.dedent("""
 """)
 
 
+def _arrays_under_isa(tmp_path, code, isa):
+    """The arrays a child ``python -c code OUT.npz`` saves, run with ATTNCORE_FORCE_ISA=isa."""
+    out = str(tmp_path / f"{isa or 'best'}.npz")
+    proc = subprocess.run([sys.executable, "-c", code, out], cwd=tmp_path,
+                          env=subprocess_env(ATTNCORE_FORCE_ISA=isa), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
 def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path):
     # the tile kernel, the panel kernel and flash's column softmax run the same operations per
     # output on both instruction sets (float32 flash attention on the same tiles -- causal
@@ -454,14 +464,7 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path):
     # any size)
     if attncore.info()["simd"] != "avx512":
         pytest.skip("needs an AVX-512 machine to compare its kernels with the AVX2 ones")
-    results = {}
-    for isa in ("avx512", "avx2"):
-        out = str(tmp_path / f"{isa}.npz")
-        proc = subprocess.run([sys.executable, "-c", _SAME_BITS_CODE, out], cwd=tmp_path,
-                              env=subprocess_env(ATTNCORE_FORCE_ISA=isa), capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[isa] = dict(np.load(out))
+    results = {isa: _arrays_under_isa(tmp_path, _SAME_BITS_CODE, isa) for isa in ("avx512", "avx2")}
     assert results["avx2"].pop("simd") == "avx2+fma" and results["avx512"].pop("simd") == "avx512"
     for name, got in results["avx512"].items():
         np.testing.assert_array_equal(got, results["avx2"][name], err_msg=name)
@@ -494,14 +497,8 @@ def test_float32_layer_norm_gives_the_same_bits_on_every_instruction_set(tmp_pat
     runs = [isa for isa, name in isas.items() if ISA_ORDER.index(name) <= ISA_ORDER.index(best)]
     if len(runs) < 2:
         pytest.skip("needs a machine with AVX2 to compare two instruction sets")
-    results = {}
+    results = {isa: _arrays_under_isa(tmp_path, _LAYER_NORM_CODE, isa) for isa in runs}
     for isa in runs:
-        path = str(tmp_path / f"ln-{isa or 'best'}.npz")
-        proc = subprocess.run([sys.executable, "-c", _LAYER_NORM_CODE, path], cwd=tmp_path,
-                              env=subprocess_env(ATTNCORE_FORCE_ISA=isa), capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[isa] = dict(np.load(path))
         assert str(results[isa].pop("simd")) == isas[isa]
     first = results[runs[0]]
     for isa in runs[1:]:
