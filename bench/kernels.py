@@ -150,8 +150,10 @@ def run_norm(threads, torch, rows, quick):
             if torch is not None:
                 tx, tg, tb = (torch.from_numpy(a) for a in (x, gamma, beta))
                 F = torch.nn.functional
-                torch_fn = ((lambda: F.layer_norm(tx, (shape[1],), tg, tb, 1e-5)) if mode == "standard"
-                            else (lambda: F.rms_norm(tx, (shape[1],), tg, 1e-5)))
+                if mode == "standard":
+                    torch_fn = lambda: F.layer_norm(tx, (shape[1],), tg, tb, 1e-5)  # noqa: E731
+                else:
+                    torch_fn = lambda: F.rms_norm(tx, (shape[1],), tg, 1e-5)  # noqa: E731
                 with torch.inference_mode():
                     t_th = H.best_time(torch_fn, 20)
             name = "layer_norm" if mode == "standard" else "rms_norm"

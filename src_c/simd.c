@@ -161,7 +161,8 @@ typedef struct {
 static double ln_sum_chains(const double *s) {
     double half[8];
     for (int j = 0; j < 8; j++) half[j] = s[j] + s[j + 8];
-    return ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]));
+    return ((half[0] + half[1]) + (half[2] + half[3]))
+           + ((half[4] + half[5]) + (half[6] + half[7]));
 }
 /* A row's statistics from its chains' sums over the first d0 elements (a multiple of
  * LN_CHAINS; the rest are added here). Returns 1 when the float32 output is safe; otherwise
