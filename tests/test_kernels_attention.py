@@ -838,6 +838,18 @@ def test_nadaraya_watson_blocks_of_queries_and_threads(rng, dtype):
         np.testing.assert_array_equal(attncore.nadaraya_watson(queries, keys, values, 0.8), out)
 
 
+def test_nadaraya_watson_many_keys_sum_the_output_in_chunks(rng):
+    # 262144 keys: blocks of one query, the output summed row by row; one float32 chain per
+    # output over every key lost up to 1e-5 of it (found by review), now chunks of 64 keys
+    # added up in float64
+    queries = rng.standard_normal((9, 4)).astype(np.float32)
+    keys = rng.standard_normal((262144, 4)).astype(np.float32)
+    values = (1 + rng.random((262144, 2))).astype(np.float32)
+    out = attncore.nadaraya_watson(queries, keys, values, 4.0)
+    expected = reference.nadaraya_watson(*as64(queries, keys, values), 4.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("offset", [1e4, -3e5])
 def test_nadaraya_watson_large_norms_and_a_narrow_kernel_keep_their_digits(rng, offset, dtype):
