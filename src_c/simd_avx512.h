@@ -88,6 +88,7 @@ static AVX512 float max_avx512(const float *x, ac_index n) {
 static AVX512 float exp_shift_sum_avx512(const float *x, float *y, ac_index n, float shift) {
     const __m512 vs = _mm512_set1_ps(shift);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    double total = 0;
     ac_index i = 0;
     for (; i + 32 <= n; i += 32) {
         __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
@@ -98,6 +99,10 @@ static AVX512 float exp_shift_sum_avx512(const float *x, float *y, ac_index n, f
         }
         acc0 = _mm512_add_ps(acc0, e0);
         acc1 = _mm512_add_ps(acc1, e1);
+        if ((i + 32) % EXP_SUM_BLOCK == 0 && i + 32 < n) {   /* (see exp_shift_sum_avx2) */
+            total += _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+            acc0 = acc1 = _mm512_setzero_ps();
+        }
     }
     for (; i < n; i += 16) { /* at most two more vectors, the last one masked */
         const __mmask16 m = mask16(n - i);
@@ -105,7 +110,7 @@ static AVX512 float exp_shift_sum_avx512(const float *x, float *y, ac_index n, f
         if (y) _mm512_mask_storeu_ps(y + i, m, e);
         acc0 = _mm512_add_ps(acc0, e);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    return (float)(total + _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
 }
 
 static AVX512 void exp_avx512(float *x, ac_index n) {

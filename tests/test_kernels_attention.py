@@ -839,12 +839,13 @@ def test_nadaraya_watson_blocks_of_queries_and_threads(rng, dtype):
 
 
 def test_nadaraya_watson_many_keys_sum_the_output_in_chunks(rng):
-    # 262144 keys: blocks of one query, the output summed row by row; one float32 chain per
-    # output over every key lost up to 1e-5 of it (found by review), now chunks of 64 keys
-    # added up in float64
-    queries = rng.standard_normal((9, 4)).astype(np.float32)
-    keys = rng.standard_normal((262144, 4)).astype(np.float32)
-    values = (1 + rng.random((262144, 2))).astype(np.float32)
+    # 2^20 keys: blocks of one query, the output summed row by row; one float32 chain per
+    # output over every key lost 2e-5 of it (found by review), now chunks of 64 keys added up
+    # in float64; the weights' normalising sum is added up in float64 past 1024 keys too (the
+    # AVX2 kernel's one vector accumulator had lost 2e-5 of it)
+    queries = rng.standard_normal((9, 2)).astype(np.float32)
+    keys = rng.standard_normal((1 << 20, 2)).astype(np.float32)
+    values = (1 + rng.random((1 << 20, 2))).astype(np.float32)
     out = attncore.nadaraya_watson(queries, keys, values, 4.0)
     expected = reference.nadaraya_watson(*as64(queries, keys, values), 4.0)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
