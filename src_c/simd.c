@@ -155,7 +155,6 @@ static void softmax_cols_update_scalar(float *s, ac_index rows, ac_index cols, a
  * exactly chain j's sequence of adds. */
 #define LN_CHAINS 16
 typedef struct {
-    double center, inv;
     float c_hi, c_lo, inv_f;   /* the float32 output's centre (c_hi + c_lo) and 1 / std */
 } ln_stats;
 static double ln_sum_chains(const double *s) {
@@ -183,22 +182,22 @@ static int ln_finish(const float *x, float *y, const float *gamma, const float *
     const double mean = k + m1;
     double m2 = center_stats ? q - m1 * m1 : q;
     if (m2 < 0) m2 = 0; /* rounding only: a constant row gives 0 exactly */
-    st->center = center_output ? mean : 0.0;
-    st->inv = 1.0 / sqrt(m2 + (double)eps);
-    st->c_hi = (float)st->center;
-    st->c_lo = (float)(st->center - (double)st->c_hi);
-    st->inv_f = (float)st->inv;
+    const double center = center_output ? mean : 0.0, inv = 1.0 / sqrt(m2 + (double)eps);
+    st->c_hi = (float)center;
+    st->c_lo = (float)(center - (double)st->c_hi);
+    st->inv_f = (float)inv;
     if ((m2 == 0 || m2 >= 0x1p-200) && m2 + (double)eps >= 0x1p-100 && (double)D * m2 <= 0x1p200)
         return 1;
     for (ac_index d = 0; d < D; d++) {
-        double t = ((double)x[d] - st->center) * st->inv;
+        double t = ((double)x[d] - center) * inv;
         if (gamma) t *= gamma[d];
         if (beta) t += beta[d];
         y[d] = (float)t;
     }
     return 0;
 }
-/* The float32 output of elements d0 .. D (the vector versions' tail). */
+/* The float32 output of elements d0 .. D (the scalar version's row, the vector versions'
+ * tail). */
 static void ln_output(const float *x, float *y, const float *gamma, const float *beta,
                       ac_index d0, ac_index D, const ln_stats *st) {
     for (ac_index d = d0; d < D; d++) {
