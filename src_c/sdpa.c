@@ -4,6 +4,9 @@
 #include <string.h>
 #include "sdpa.h"
 #include "real_ops.h"
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 /* A flash work item: one query tile (rows i0 .. i0 + nq) of head h of batch element b, which
  * reads kv head g. Items are numbered in (b, h, query tile) order. */
@@ -21,6 +24,37 @@ static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_inde
     it.i0 = item % n_qtiles * block_q;
     it.nq = AC_MIN(block_q, Lq - it.i0);
     return it;
+}
+
+/* Bit t set where the mask leaves out entry t of the n <= 64 at p, p + sj, ... */
+static inline uint64_t left_out_bits(const unsigned char *p, ac_index sj, ac_index n) {
+    uint64_t bits = 0;
+    ac_index t = 0;
+#ifdef __SSE2__
+    if (sj == 1) { /* 16 bytes a compare (SSE2: every x86-64 build) */
+        const __m128i zero = _mm_setzero_si128();
+        for (; t + 16 <= n; t += 16) {
+            const __m128i x = _mm_loadu_si128((const __m128i *)(p + t));
+            bits |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(x, zero)) << t;
+        }
+    }
+#endif
+    for (; t < n; t++) bits |= (uint64_t)(p[t * sj] == 0) << t;
+    return bits;
+}
+
+/* The n <= 64 lowest bits set: left_out_bits of n entries all left out. */
+static inline uint64_t low_bits(ac_index n) {
+    return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
+}
+
+/* Whether a mask row (n entries at keep, stride sj) keeps any key. */
+static int mask_row_any(const unsigned char *keep, ac_index sj, ac_index n) {
+    for (ac_index j0 = 0; j0 < n; j0 += 64) {
+        const ac_index m = AC_MIN(64, n - j0);
+        if (left_out_bits(keep + j0 * sj, sj, m) != low_bits(m)) return 1;
+    }
+    return 0;
 }
 
 #define REAL float
@@ -47,13 +81,64 @@ static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_inde
  * 6-row blocks), each over the keys its last row sees */
 #define CAUSAL_PV_ROWS 12
 
+/* What a dense mask (ac_sdpa_mask) keeps of one block of nq query rows x nk keys, `keep`
+ * pointing at its first entry: nothing, everything, or some of it. */
+enum { MASK_NONE_KEPT, MASK_ALL_KEPT, MASK_MIXED };
+
+static int mask_block_state(const unsigned char *keep, ac_index si, ac_index sj, ac_index nq,
+                            ac_index nk) {
+    int any_kept = 0, any_left_out = 0;
+    for (ac_index i = 0; i < nq; i++) {
+        for (ac_index j0 = 0; j0 < nk; j0 += 64) {
+            const ac_index n = AC_MIN(64, nk - j0);
+            const uint64_t bits = left_out_bits(keep + i * si + j0 * sj, sj, n);
+            any_left_out |= bits != 0;
+            any_kept |= bits != low_bits(n);
+        }
+        if (any_kept && any_left_out) return MASK_MIXED;
+        if (si == 0) break;   /* (a mask broadcast over queries: every row is this one) */
+    }
+    return !any_kept ? MASK_NONE_KEPT : !any_left_out ? MASK_ALL_KEPT : MASK_MIXED;
+}
+
+/* The scores st (nk keys x nq queries, row stride ldst) of the entries the mask leaves out
+ * set to -inf (`keep` at the block's first entry). The mask runs along the keys and st down
+ * them: each query row's left-out keys are found 64 at a time as bits, and only those
+ * entries are written (a scalar loop over every entry, branching on each byte, had cost a
+ * random mask more than the block's two products). */
+static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_index si,
+                        ac_index sj, ac_index nq, ac_index nk) {
+    if (si == 0) {   /* each key kept or left out for every query: whole rows of st */
+        for (ac_index jj = 0; jj < nk; jj++)
+            if (!keep[jj * sj])
+                for (ac_index i = 0; i < nq; i++) st[jj * ldst + i] = -INFINITY;
+        return;
+    }
+    for (ac_index i = 0; i < nq; i++)
+        for (ac_index j0 = 0; j0 < nk; j0 += 64) {
+            uint64_t bits = left_out_bits(keep + i * si + j0 * sj, sj, AC_MIN(64, nk - j0));
+            for (; bits; bits &= bits - 1)
+                st[(j0 + __builtin_ctzll(bits)) * ldst + i] = -INFINITY;
+        }
+}
+
+/* A dense mask as one work item reads it: `keep` at (its first row, key 0), the strides, and
+ * the states (mask_block_state) of its key blocks when they were classified beforehand, else
+ * NULL (each block is classified as it comes). */
+typedef struct {
+    const unsigned char *keep;
+    ac_index si, sj;
+    const unsigned char *states;
+} item_mask;
+
 /* One work item of the tile flash path: query rows i0 .. i0 + nq of one head over the keys
- * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
+ * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun), under the
+ * dense mask m (NULL: none). */
 static void flash_tiles_item(const float *q_tile, const float *k_head, const float *v_head,
                              float *o_tile, ac_index i0, ac_index nq, ac_index tile_limit,
-                             ac_index offset, int causal, ac_index D, float scale,
-                             ac_index block_q, ac_index block_k, float *qt, float *st,
-                             float *col_max, float *col_sum, float *correction) {
+                             ac_index offset, int causal, const item_mask *m, ac_index D,
+                             float scale, ac_index block_q, ac_index block_k, float *qt,
+                             float *st, float *col_max, float *col_sum, float *correction) {
     const ac_index G = AC_TILE_GROUP;
     const ac_index nq16 = (nq + G - 1) / G * G;   /* padded queries score 0, unused */
     for (ac_index i = 0; i < nq16; i++) {
@@ -71,6 +156,12 @@ static void flash_tiles_item(const float *q_tile, const float *k_head, const flo
 
     for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
         const ac_index nk = AC_MIN(block_k, tile_limit - j0);
+        /* a block the mask leaves out whole would add exactly nothing (its scores -inf: the
+         * maxima stay, the corrections are 1 or act on zeros, P = 0): skipped */
+        const int kept = !m ? MASK_ALL_KEPT
+                         : m->states ? m->states[j0 / block_k]
+                         : mask_block_state(m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+        if (kept == MASK_NONE_KEPT) continue;
         /* keys of this block some query of the tile may not see (causal): the block
          * crossing the diagonal */
         const int diagonal = causal && j0 + nk > i0 + offset + 1;
@@ -91,6 +182,7 @@ static void flash_tiles_item(const float *q_tile, const float *k_head, const flo
                 const ac_index hidden = AC_MIN(nq16, j0 + jj - offset - i0);
                 for (ac_index i = 0; i < hidden; i++) st[jj * block_q + i] = -INFINITY;
             }
+        if (kept == MASK_MIXED) mask_scores(st, block_q, m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
         ac_softmax_cols_update_f32(st, nk, nq16, block_q, col_max, col_sum, correction);
         for (ac_index i = 0; i < nq; i++)
             if (correction[i] != 1.0f) ac_scale_f32(o_tile + i * D, D, correction[i]);
@@ -121,6 +213,15 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                             ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
                             ac_index D, const int64_t *kv_lengths, int causal, float scale,
                             ac_index block_q, ac_index block_k, int num_threads) {
+    return ac_sdpa_flash_tiles_masked_f32(q, k, v, out, B, H, Hkv, Lq, Lk, D, kv_lengths, causal,
+                                          NULL, scale, block_q, block_k, num_threads);
+}
+
+int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *v, float *out,
+                                   ac_index B, ac_index H, ac_index Hkv, ac_index Lq,
+                                   ac_index Lk, ac_index D, const int64_t *kv_lengths,
+                                   int causal, const ac_sdpa_mask *mask, float scale,
+                                   ac_index block_q, ac_index block_k, int num_threads) {
     const ac_index G = AC_TILE_GROUP;
     /* tiles past the problem hold one tile either way: the same work split, less scratch */
     block_q = AC_MIN(block_q, (Lq + G - 1) / G * G);
@@ -128,9 +229,31 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
     const ac_index group = H / Hkv;
     const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
     const ac_index n_items = B * H * n_qtiles;
+    const ac_index n_ktiles = (Lk + block_k - 1) / block_k;
     int status = AC_OK;
+    /* The mask's states, per (batch, head, query tile, key block) of the mask as it lies: one
+     * entry for all the batch (heads) where it broadcasts over them, so that a (Lq, Lk) mask
+     * is classified once, not once per head. Without the room, each item classifies its own
+     * blocks (the same states). */
+    const ac_index mask_b = mask && mask->sb ? B : 1, mask_h = mask && mask->sh ? H : 1;
+    unsigned char *states =
+        mask ? (unsigned char *)malloc((size_t)(mask_b * mask_h * n_qtiles * n_ktiles)) : NULL;
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
+        if (states) {
+#pragma omp for schedule(static)
+            for (ac_index row = 0; row < mask_b * mask_h * n_qtiles; row++) {
+                const ac_index qtile = row % n_qtiles, bh = row / n_qtiles;
+                const ac_index i0 = qtile * block_q, nq = AC_MIN(block_q, Lq - i0);
+                const unsigned char *keep = mask->keep + bh / mask_h * mask->sb
+                                            + bh % mask_h * mask->sh + i0 * mask->si;
+                for (ac_index kt = 0; kt < n_ktiles; kt++) {
+                    const ac_index j0 = kt * block_k;
+                    states[row * n_ktiles + kt] = (unsigned char)mask_block_state(
+                        keep + j0 * mask->sj, mask->si, mask->sj, nq, AC_MIN(block_k, Lk - j0));
+                }
+            }
+        }
         /* per-thread scratch, allocated once per call (block_q is a multiple of 16):
          *   qt      (block_q / 16, D, 16)  the query tile times `scale`, transposed in panels
          *   st      (block_k, block_q)     transposed scores, turned into probabilities in place
@@ -158,22 +281,39 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
             const float *k_head = k + (b * Hkv + g) * Lk * D;
             const float *v_head = v + (b * Hkv + g) * Lk * D;
             float *o_tile = out + ((b * H + h) * Lq + i0) * D;
+            item_mask m = {NULL, 0, 0, NULL};
+            if (mask) {
+                m.keep = mask->keep + b * mask->sb + h * mask->sh + i0 * mask->si;
+                m.si = mask->si;
+                m.sj = mask->sj;
+                if (states)
+                    m.states = states + (((mask_b > 1 ? b : 0) * mask_h + (mask_h > 1 ? h : 0))
+                                         * n_qtiles + i0 / block_q) * n_ktiles;
+            }
             ac_index tile_limit = kv_valid;   /* keys the tile's last query may see */
             if (causal && i0 + nq + offset < tile_limit) tile_limit = i0 + nq + offset;
 
-            flash_tiles_item(q_tile, k_head, v_head, o_tile, i0, nq, tile_limit, offset, causal, D,
-                             scale, block_q, block_k, qt, st, col_max, col_sum, correction);
+            flash_tiles_item(q_tile, k_head, v_head, o_tile, i0, nq, tile_limit, offset, causal,
+                             mask ? &m : NULL, D, scale, block_q, block_k, qt, st, col_max,
+                             col_sum, correction);
             ac_index r = 0, jb = 0, first, count, cap;
             if (causal && causal_rerun_needed_f32(q_tile, o_tile, nq, D))
                 while (causal_next_rerun_f32(v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D,
-                                             tile_limit, &r, &jb, &first, &count, &cap))
+                                             tile_limit, &r, &jb, &first, &count, &cap)) {
+                    /* (a range of the tile's rows: its blocks classified as they come) */
+                    item_mask rows = m;
+                    rows.keep = mask ? m.keep + first * m.si : NULL;
+                    rows.states = NULL;
                     flash_tiles_item(q_tile + first * D, k_head, v_head, o_tile + first * D,
-                                     i0 + first, count, cap, offset, causal, D, scale, block_q,
-                                     block_k, qt, st, col_max, col_sum, correction);
+                                     i0 + first, count, cap, offset, causal,
+                                     mask ? &rows : NULL, D, scale, block_q, block_k, qt, st,
+                                     col_max, col_sum, correction);
+                }
         }
         free(qt);
         free(st);
         free(col_max);
     }
+    free(states);
     return status;
 }

@@ -21,6 +21,9 @@
  *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.
+ *               It takes a dense mask too (ac_sdpa_mask below, NULL: none; finite values
+ *               only, as in ac_sdpa_flash_tiles_masked_f32): a chunk a row keeps nothing of
+ *               is skipped, left-out scores are -inf.
  *   - weights:  materialises the normalised weights (B, H, Lq, Lk) when the caller asks for them.
  *               With out NULL (v unread) it writes the weights alone: attncore's callers take
  *               the output from flash or split-KV as they would without weights, so asking
@@ -32,6 +35,14 @@
 #define ATTNCORE_SDPA_H
 #include "attncore.h"
 
+/* A dense boolean mask over (B, H, Lq, Lk): entry (b, h, i, j) at keep[b * sb + h * sh + i * si
+ * + j * sj] (strides in bytes, any sign, 0 where the caller's mask broadcasts); nonzero = the
+ * query may see the key. */
+typedef struct {
+    const unsigned char *keep;
+    ac_index sb, sh, si, sj;
+} ac_sdpa_mask;
+
 #define AC_SDPA_DECLARE(SUF, REAL, GEMM_FN)                                                        \
     int ac_sdpa_flash_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,  \
                             ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,      \
@@ -39,8 +50,8 @@
                             ac_index block_k, GEMM_FN gemm, int num_threads);                    \
     int ac_sdpa_splitkv_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,\
                               ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,    \
-                              const int64_t *kv_lengths, int causal, REAL scale,                 \
-                              ac_index chunk, int num_threads);                                  \
+                              const int64_t *kv_lengths, int causal, const ac_sdpa_mask *mask,   \
+                              REAL scale, ac_index chunk, int num_threads);                      \
     int ac_sdpa_weights_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out,            \
                               REAL *weights, ac_index B, ac_index H, ac_index Hkv, ac_index Lq,  \
                               ac_index Lk, ac_index D, const int64_t *kv_lengths, int causal,    \
@@ -59,5 +70,17 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
                             ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
                             ac_index D, const int64_t *kv_lengths, int causal, float scale,
                             ac_index block_q, ac_index block_k, int num_threads);
+
+/* ac_sdpa_flash_tiles_f32 with a dense mask on top of kv_lengths and causal (mask NULL: none).
+ * Each block of block_q queries x block_k keys is classified from the mask first: a block
+ * with no kept entry is skipped (computing it would add exactly nothing), a block with every
+ * entry kept runs as without a mask, and a mixed one has its left-out scores set to -inf.
+ * A value row weighs exactly 0 where it is left out, but 0 x NaN = NaN: the caller sends
+ * non-finite values elsewhere (attention's dense-mask path). */
+int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *v, float *out,
+                                   ac_index B, ac_index H, ac_index Hkv, ac_index Lq,
+                                   ac_index Lk, ac_index D, const int64_t *kv_lengths,
+                                   int causal, const ac_sdpa_mask *mask, float scale,
+                                   ac_index block_q, ac_index block_k, int num_threads);
 
 #endif

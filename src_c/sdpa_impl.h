@@ -97,6 +97,15 @@ static int CAT(causal_next_rerun_, SUF)(const REAL *v_head, const REAL *o_tile, 
     return 0;
 }
 
+/* The scores (n) of the keys a mask row leaves out set to -inf. */
+static void CAT(mask_row_scores_, SUF)(REAL *scores, const unsigned char *keep, ac_index sj,
+                                       ac_index n) {
+    for (ac_index j0 = 0; j0 < n; j0 += 64)
+        for (uint64_t bits = left_out_bits(keep + j0 * sj, sj, AC_MIN(64, n - j0)); bits;
+             bits &= bits - 1)
+            scores[j0 + __builtin_ctzll(bits)] = -INFINITY;
+}
+
 /* One work item of the BLAS flash path: query rows i0 .. i0 + nq of one head over the keys
  * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
 static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *kt_head,
@@ -233,8 +242,9 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
 
 int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out,
                                ac_index B, ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk,
-                               ac_index D, const int64_t *kv_lengths, int causal, REAL scale,
-                               ac_index chunk, int num_threads) {
+                               ac_index D, const int64_t *kv_lengths, int causal,
+                               const ac_sdpa_mask *mask, REAL scale, ac_index chunk,
+                               int num_threads) {
     const ac_index group = H / Hkv;
     const ac_index n_chunks = (Lk + chunk - 1) / chunk;
     const ac_index n_items = B * H * n_chunks;
@@ -268,13 +278,17 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 REAL *o = part_out + (item * Lq + i) * D;
                 const ac_index limit = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
                 const ac_index j0 = c * chunk, j1 = AC_MIN(j0 + chunk, limit);
+                /* the mask's row over this chunk's keys (NULL: none) */
+                const unsigned char *keep = mask ? mask->keep + b * mask->sb + h * mask->sh
+                                                   + i * mask->si + j0 * mask->sj : NULL;
                 memset(o, 0, sizeof(REAL) * D);
-                if (j1 <= j0) {
+                if (j1 <= j0 || (keep && !mask_row_any(keep, mask->sj, j1 - j0))) {
                     part_max[item * Lq + i] = -INFINITY;
                     part_sum[item * Lq + i] = 0;
                     continue;
                 }
                 CAT(ac_scores_, SUF)(q_row, k_head + j0 * D, j1 - j0, D, scale, scores);
+                if (keep) CAT(mask_row_scores_, SUF)(scores, keep, mask->sj, j1 - j0);
                 REAL mx = R_MAX(scores, j1 - j0);
                 part_max[item * Lq + i] = mx;
                 /* (every score -inf: shift by 0, a sum of 0, as in the flash paths) */

@@ -4,8 +4,9 @@
 Shapes are chosen to reach every strategy of ``attncore.attention`` and every edge of its tiles:
 decode (split-KV, q_len <= 8, keys cut in chunks of 256), flash (q_len > 8; tiles of 128 x 96
 or, causal, 48 x 192 on the AVX2 tile kernel, 64 x 192 or 256 x 512 on BLAS), the
-materialised-weights path (``return_weights``) and the dense-``mask`` path (BLAS scores + masked
-softmax). float32 flash runs both ways where the tile kernel is available.
+materialised-weights path (``return_weights``) and a dense ``mask`` (on split-KV and the flash
+tiles with finite values, else chunks of BLAS scores + masked softmax). float32 flash runs both
+ways where the tile kernel is available.
 """
 import sys
 
@@ -74,8 +75,9 @@ def _run_and_check(q, k, v, dtype, mode, **kw):
     out, weights = attncore.attention(q, k, v, return_weights=True, **kw)
     assert_close(out, expected, dtype)
     _check_weights(weights, expected_w, dtype)
-    if kw.get("mask") is None:  # the weights are a pass of their own: the output's bits stay
-        np.testing.assert_array_equal(out, attncore.attention(q, k, v, **kw))
+    # the weights are a pass of their own (or, on the chunked dense-mask path, the same
+    # chunks): the output's bits stay
+    np.testing.assert_array_equal(out, attncore.attention(q, k, v, **kw))
     return out, weights
 
 
@@ -1012,3 +1014,121 @@ def test_a_value_no_query_sees_cannot_poison_the_dense_mask_path(rng, dtype, exc
     others = np.ones(out.shape[:3], bool)
     others[1, 2, 3] = False
     assert np.isfinite(out[others]).all()
+
+
+TILE_KERNEL = pytest.mark.skipif(not _sdpa.tile_products(),
+                                 reason="the tile kernel needs AVX2 or AVX-512")
+
+
+def _fused_mask_cases():
+    """(dtype, q_len) pairs where a dense mask runs on a fused path: split-KV (q_len <= 8) in
+    both precisions, the flash tiles (float32, tile kernel)."""
+    cases = [pytest.param(dtype, 5, id=f"split-kv-{np.dtype(dtype).name}")
+             for dtype in FLOAT_DTYPES]
+    return cases + [pytest.param(np.float32, 150, id="tiles", marks=TILE_KERNEL)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
+def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(rng, dtype, q_len, causal):
+    # A mask keeping everything gives the bits of the call without one, and a padding mask
+    # those of kv_lengths: a kept key runs exactly as without the mask, a left-out one (or a
+    # key block left out whole, skipped) adds exactly nothing
+    q = rng.standard_normal((3, 4, q_len, 64)).astype(dtype)
+    k, v = (rng.standard_normal((3, 2, 700, 64)).astype(dtype) for _ in range(2))
+    lengths = np.array([700, 230, 1])
+    np.testing.assert_array_equal(
+        attncore.attention(q, k, v, mask=np.ones((q_len, 700), bool), causal=causal),
+        attncore.attention(q, k, v, causal=causal))
+    padding = (np.arange(700) < lengths[:, None])[:, None, None, :]
+    np.testing.assert_array_equal(
+        attncore.attention(q, k, v, mask=padding, causal=causal),
+        attncore.attention(q, k, v, kv_lengths=lengths, causal=causal))
+
+
+@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
+def test_left_out_keys_cannot_reach_a_fused_output(rng, dtype, q_len):
+    # NaN and huge keys where the mask leaves them out (whole key blocks, parts of blocks, a
+    # few queries' entries): their scores are never computed or are set to -inf, so the
+    # output equals the reference without them, finite; the weights too
+    q = rng.standard_normal((2, 2, q_len, 16)).astype(dtype)
+    k, v = (rng.standard_normal((2, 2, 600, 16)).astype(dtype) for _ in range(2))
+    mask = np.ones((2, 2, q_len, 600), bool)
+    mask[..., 100:400] = False          # whole blocks of keys, and the parts around them
+    mask[0, 1, :, 450] = False          # one key, for one head
+    mask[1, :, ::2, 500:510] = False    # a few keys for every other query
+    k[..., 100:400, :] = np.nan
+    k[0, 1, 450] = 1e30
+    k[1, :, 500:510] = np.nan
+    k_clean = np.where(mask.any(axis=2)[..., None], k, 0)
+    k_clean[1, :, 500:510] = 1e30          # (seen by the odd queries: kept NaN-free here)
+    out, weights = attncore.attention(q, k, v, mask=mask, return_weights=True)
+    rows = np.arange(q_len) % 2 == 0    # the even queries, which leave out keys 500-509
+    expected, expected_w = reference.attention(*as64(q, k_clean, v), mask=mask,
+                                               return_weights=True)
+    assert np.isfinite(out[1][:, rows]).all() and np.isfinite(out[0]).all()
+    assert_close(out[0], expected[0], dtype)
+    assert_close(out[1][:, rows], expected[1][:, rows], dtype)
+    assert_close(weights[0], expected_w[0], dtype)
+    assert np.isnan(out[1][:, ~rows]).all()   # the odd queries see the NaN keys
+
+
+@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
+@pytest.mark.parametrize("layout", ["per-head", "per-batch", "per-head-only", "keys-only",
+                                    "queries-only", "transposed", "reversed", "scalar",
+                                    "none-kept"])
+def test_a_mask_is_read_in_place_whatever_its_strides(rng, dtype, q_len, layout):
+    # the fused paths read the caller's broadcast view by its strides (0 where it broadcasts,
+    # negative where it runs backwards) and classify its key blocks once per batch entry and
+    # head it actually has
+    batch, heads, kv_len = 3, 4, 333
+    q = rng.standard_normal((batch, heads, q_len, 16)).astype(dtype)
+    k, v = (rng.standard_normal((batch, 2, kv_len, 16)).astype(dtype) for _ in range(2))
+    draw = {"per-head": (batch, heads, q_len, kv_len), "per-batch": (batch, 1, q_len, kv_len),
+            "per-head-only": (heads, q_len, kv_len), "keys-only": (batch, 1, 1, kv_len),
+            "queries-only": (batch, heads, q_len, 1), "transposed": (kv_len, q_len),
+            "reversed": (batch, heads, q_len, kv_len), "scalar": (), "none-kept": ()}[layout]
+    mask = rng.random(draw) < (0.0 if layout == "none-kept" else 0.6)
+    if mask.ndim >= 3 and layout != "queries-only":
+        # key ranges left out whole, and kept whole, by some batch entries or heads only:
+        # their blocks' states differ by batch entry and head
+        lead = mask.reshape(-1, *mask.shape[-2:])
+        for index, entry in enumerate(lead):
+            entry[:, 96 * (index % 3):96 * (index % 3 + 1)] = False
+            entry[:, 96 * ((index + 1) % 3):96 * ((index + 1) % 3 + 1)] = True
+    if layout == "transposed":
+        mask = mask.T
+    elif layout == "reversed":
+        mask = mask[:, ::-1, ::-1, ::-1]
+    before = mask.copy()
+    out = attncore.attention(q, k, v, mask=mask, causal=True, kv_lengths=[333, 100, 0])
+    expected = reference.attention(*as64(q, k, v), mask=mask, causal=True,
+                                   kv_lengths=[333, 100, 0])
+    assert_close(out, expected, dtype)
+    np.testing.assert_array_equal(mask, before)
+
+
+@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
+def test_masked_fused_attention_is_the_same_for_every_thread_count(rng, dtype, q_len):
+    q = rng.standard_normal((2, 4, q_len, 32)).astype(dtype)
+    k, v = (rng.standard_normal((2, 4, 900, 32)).astype(dtype) for _ in range(2))
+    mask = rng.random((2, 1, q_len, 900)) < 0.8
+    mask[..., 300:600] = False
+    with attncore.num_threads(1):
+        one = attncore.attention(q, k, v, mask=mask)
+    with attncore.num_threads(3):
+        np.testing.assert_array_equal(attncore.attention(q, k, v, mask=mask), one)
+
+
+@TILE_KERNEL
+def test_the_dense_mask_kernels_check_their_mask_argument(rng):
+    q = rng.standard_normal((1, 2, 20, 16)).astype(np.float32)
+    out = np.empty_like(q)
+    wrong = np.ones((1, 2, 20, 19), np.uint8)
+    with pytest.raises(ValueError, match="mask must be"):
+        _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, True, 1, wrong)
+    with pytest.raises(ValueError, match="mask must be"):
+        _sdpa.split_kv(q, q, q, out, None, False, 0.3, 64, 1, wrong)
+    with pytest.raises(ValueError, match="mask needs the tile kernel"):
+        _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, False, 1,
+                    np.ones((1, 2, 20, 20), np.uint8))

@@ -12,6 +12,21 @@ cdef _check(int status):
         raise MemoryError("attncore.attention: could not allocate kernel scratch memory")
 
 
+cdef const ac_sdpa_mask *_mask_view(const unsigned char[:, :, :, :] mask, ac_sdpa_mask *view,
+                                    Py_ssize_t B, Py_ssize_t H, Py_ssize_t Lq,
+                                    Py_ssize_t Lk) except? NULL:
+    """view filled from mask ((B, H, Lq, Lk) bytes, nonzero = kept, any strides: a broadcast
+    view is read in place) and returned; NULL for no mask."""
+    if mask is None:
+        return NULL
+    if mask.shape[0] != B or mask.shape[1] != H or mask.shape[2] != Lq or mask.shape[3] != Lk:
+        raise ValueError("mask must be (B, H, Lq, Lk)")
+    view.keep = &mask[0, 0, 0, 0]
+    view.sb, view.sh = mask.strides[0], mask.strides[1]
+    view.si, view.sj = mask.strides[2], mask.strides[3]
+    return view
+
+
 def _check_args(q, k, v, out, kv_lengths, out_needed=True):
     """q, out (B, H, Lq, D) (out None only where the kernel skips it: ``out_needed=False``);
     k, v (B, Hkv, Lk, D) with H % Hkv == 0, no dimension 0 (attention() answers those without
@@ -37,26 +52,34 @@ def _check_args(q, k, v, out, kv_lengths, out_needed=True):
 def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
           const floating[:, :, :, ::1] v, floating[:, :, :, ::1] out,
           const int64_t[::1] kv_lengths, bint causal, double scale, Py_ssize_t block_q,
-          Py_ssize_t block_k, bint tile_kernel, int num_threads):
+          Py_ssize_t block_k, bint tile_kernel, int num_threads,
+          const unsigned char[:, :, :, :] mask=None):
     """Tiled online-softmax attention; out (B, H, Lq, D). With tile_kernel (float32 only, where
     tile_products() is True, block_q a multiple of 16) the tile products run on tile_gemm.h's
-    kernel (ac_sdpa_flash_tiles_f32), otherwise on BLAS."""
+    kernel (ac_sdpa_flash_tiles_f32), otherwise on BLAS. mask: (B, H, Lq, Lk) bytes, nonzero =
+    kept, any strides (a broadcast view is read in place); tile kernel only, and only for
+    finite values (ac_sdpa_flash_tiles_masked_f32)."""
     cdef const int64_t *lens = &kv_lengths[0] if kv_lengths is not None else NULL
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    cdef ac_sdpa_mask keep
+    cdef const ac_sdpa_mask *keep_or_null
     _check_args(q, k, v, out, kv_lengths)
+    keep_or_null = _mask_view(mask, &keep, B, H, Lq, Lk)
     if block_q <= 0 or block_k <= 0:
         raise ValueError("block_q and block_k must be > 0")
     if tile_kernel and (floating is double or not ac_tile_gemm_available() or block_q % 16):
         raise ValueError("tile_kernel needs float32, the AVX2 or AVX-512 kernels and block_q % 16 == 0")
+    if mask is not None and not tile_kernel:
+        raise ValueError("mask needs the tile kernel")
     with nogil:
         if floating is float:
             if tile_kernel:
-                status = ac_sdpa_flash_tiles_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
-                                                 &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens,
-                                                 causal, <float>scale, block_q, block_k,
-                                                 num_threads)
+                status = ac_sdpa_flash_tiles_masked_f32(
+                    &q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0], &out[0, 0, 0, 0], B, H, Hkv,
+                    Lq, Lk, D, lens, causal, keep_or_null, <float>scale,
+                    block_q, block_k, num_threads)
             else:
                 status = ac_sdpa_flash_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                            &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
@@ -106,24 +129,28 @@ def tile_gemm(const float[:, ::1] a, const float[:, ::1] b, float[:, ::1] c, bin
 def split_kv(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
              const floating[:, :, :, ::1] v, floating[:, :, :, ::1] out,
              const int64_t[::1] kv_lengths, bint causal, double scale, Py_ssize_t chunk,
-             int num_threads):
-    """Decode-time attention with keys split in fixed chunks merged by log-sum-exp."""
+             int num_threads, const unsigned char[:, :, :, :] mask=None):
+    """Decode-time attention with keys split in fixed chunks merged by log-sum-exp. mask as
+    for flash (finite values only)."""
     cdef const int64_t *lens = &kv_lengths[0] if kv_lengths is not None else NULL
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
     cdef int status
+    cdef ac_sdpa_mask keep
+    cdef const ac_sdpa_mask *keep_or_null
     _check_args(q, k, v, out, kv_lengths)
+    keep_or_null = _mask_view(mask, &keep, B, H, Lq, Lk)
     if chunk <= 0:
         raise ValueError("chunk must be > 0")
     with nogil:
         if floating is float:
             status = ac_sdpa_splitkv_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                          &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
-                                         <float>scale, chunk, num_threads)
+                                         keep_or_null, <float>scale, chunk, num_threads)
         else:
             status = ac_sdpa_splitkv_f64(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                          &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
-                                         scale, chunk, num_threads)
+                                         keep_or_null, scale, chunk, num_threads)
     _check(status)
 
 

@@ -352,7 +352,7 @@ cdef class DecoderStep:
                     memcpy(dst, wide + b * 3 * d + 2 * d + h * hd, hd * sizeof(float))
                 memcpy(q + b * d, wide + b * 3 * d, d * sizeof(float))
             status = ac_sdpa_splitkv_f32(q, k_caches[i], v_caches[i], att, B, H, H, 1, capacity,
-                                         hd, kv_lengths, 0, self.attention_scale,
+                                         hd, kv_lengths, 0, NULL, self.attention_scale,
                                          self.decode_chunk, num_threads)
             if status != 0:
                 return status
@@ -363,7 +363,7 @@ cdef class DecoderStep:
                 src = self._sublayer_input(x, hn, B, layer, 1, num_threads)
                 linear_rows(src, B, layer.cross_q, q, self.small_gemm_macs, num_threads)
                 status = ac_sdpa_splitkv_f32(q, cross_k[i], cross_v[i], att, B, H, H, 1, S, hd,
-                                             src_lengths, 0, self.attention_scale,
+                                             src_lengths, 0, NULL, self.attention_scale,
                                              self.decode_chunk, num_threads)
                 if status == 0 and weights != NULL and i == last:
                     # the weights alone: the output stays split-KV's (weights . v on BLAS

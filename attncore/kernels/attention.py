@@ -5,12 +5,19 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* a dense ``mask``: scores through BLAS and the masked softmax, chunk by chunk of (batch,
+* a dense ``mask`` with finite values: the paths below (split-KV; flash on the tile kernel)
+  read the caller's broadcast mask in place. Flash classifies each tile of queries x keys from
+  it (once per batch entry and head the mask really has): tiles it leaves out whole are
+  skipped, tiles it keeps whole run as without a mask, the others get -inf scores where it
+  leaves keys out. A padding or causal pattern given as a mask thus costs about what
+  ``kv_lengths`` / ``causal`` cost, and an all-True mask changes no bit.
+* a dense ``mask`` otherwise (non-finite values; float64 or builds without the tile kernel at
+  q_len > DECODE_MAX_Q): scores through BLAS and the masked softmax, chunk by chunk of (batch,
   head) slices (:data:`MASKED_CHUNK_BYTES`), then the product with V; the whole
   batch x heads x q_len x kv_len weights only when they are asked for.
-* ``return_weights=True`` without a mask: the output comes from the path it would take without
-  weights (below), and the weights from a pass of their own (one more q k^T), so asking for
-  them never changes an output bit.
+* ``return_weights=True``: the output comes from the path it would take without weights
+  (below), and the weights from a pass of their own (one more q k^T), so asking for them never
+  changes an output bit.
 * ``q_len <= DECODE_MAX_Q`` (decoding, a few new tokens against a cache): split-KV. Keys are cut
   into chunks of ``DECODE_CHUNK``; (batch, head, chunk) items run in parallel and are merged by
   log-sum-exp in chunk order. Peers run one thread per (batch, head) here and leave cores idle.
@@ -147,8 +154,10 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     kv_lengths : (batch,) int, optional
         Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
     mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
-        False = masked. Dense masks compute every score (a chunk of heads at a time); prefer
-        causal / kv_lengths, which skip what they exclude.
+        False = masked. Read in place (never broadcast into a copy) on the fused paths, which
+        skip the tiles of queries x keys it leaves out whole (float32 with AVX2 / AVX-512, or
+        q_len <= 8; finite values). Otherwise every score is computed, a chunk of heads at a
+        time.
     scale : float, optional
         Default 1 / sqrt(head_dim).
     return_weights : bool
@@ -175,7 +184,20 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
         mask = check_bool_mask(mask, "mask", (batch, heads, q_len, kv_len))
         weights = (np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
                    if return_weights else None)
-        if not empty:
+        if empty:
+            pass
+        elif _values_finite(v) and (q_len <= DECODE_MAX_Q or flash_plan(head_dim, False,
+                                                                         q.dtype)[2]):
+            keep = mask.view(np.uint8)
+            if q_len <= DECODE_MAX_Q:
+                _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK,
+                               threads, keep)
+            else:
+                _flash(q, k, v, out, kv_lengths, bool(causal), scale, threads, keep)
+            if weights is not None:   # (on a pass of their own, as without a mask)
+                _masked_attention(q, k, v, None, weights, scale, causal, kv_lengths, mask,
+                                  threads)
+        else:
             _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, threads)
         return (out, weights) if return_weights else out
     if not empty:
@@ -203,10 +225,20 @@ def flash_plan(head_dim: int, causal: bool, dtype=np.float32) -> "tuple[int, int
     return block_q, block_k, bool(own and block_q % 16 == 0)
 
 
-def _flash(q, k, v, out, kv_lengths, causal, scale, threads):
-    """The flash path into out, on the tile kernel where it runs (float32, AVX2)."""
+def _flash(q, k, v, out, kv_lengths, causal, scale, threads, keep=None):
+    """The flash path into out, on the tile kernel where it runs (float32, AVX2); ``keep``: a
+    dense mask as bytes (batch, heads, q_len, kv_len), for the tile kernel only."""
     block_q, block_k, own = flash_plan(q.shape[3], causal, q.dtype)
-    _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads)
+    _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads, keep)
+
+
+def _values_finite(v) -> bool:
+    """Whether every value is finite, which a dense mask on the fused paths (split-KV, the
+    flash tiles) needs: a left-out key weighs exactly 0 there, but 0 x NaN is NaN, and rows
+    that do not see a NaN value must not turn NaN (the chunked path, :func:`_masked_attention`,
+    sums those apart). The sum is finite only if every value is: one pass, no temporary; a sum
+    overflowing from finite values merely takes the chunked path."""
+    return bool(np.isfinite(np.add.reduce(v, axis=None)))
 
 
 def sequence_attention(q, k, v, *, kv_lengths, causal):
@@ -243,22 +275,25 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
     """The dense-mask path into out: BLAS scores, the masked softmax, the product with V,
     chunk by chunk of (batch, head) slices; ``weights`` (batch, heads, q_len, kv_len) or None
     receives the probabilities (the same chunks either way, so asking for the weights never
-    changes an output bit). ``mask`` is the caller's, broadcast (batch, heads, q_len, kv_len):
+    changes an output bit), and with ``out`` None they are all it computes. ``mask`` is the caller's, broadcast (batch, heads, q_len, kv_len):
     only a chunk of it is copied at a time, with the causal and length limits applied."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     group = heads // k.shape[1]
     k_full = np.ascontiguousarray(np.repeat(k, group, axis=1)) if group > 1 else k
-    v_full = np.ascontiguousarray(np.repeat(v, group, axis=1)) if group > 1 else v
     slices = batch * heads
-    q3, out3 = q.reshape(slices, q_len, head_dim), out.reshape(slices, q_len, head_dim)
-    k3, v3 = k_full.reshape(slices, kv_len, head_dim), v_full.reshape(slices, kv_len, head_dim)
+    q3 = q.reshape(slices, q_len, head_dim)
+    k3 = k_full.reshape(slices, kv_len, head_dim)
+    if out is not None:
+        v_full = np.ascontiguousarray(np.repeat(v, group, axis=1)) if group > 1 else v
+        out3 = out.reshape(slices, q_len, head_dim)
+        v3 = v_full.reshape(slices, kv_len, head_dim)
     allowed = None   # the causal limit, the same for every slice
     if causal:
         allowed = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
     # a value row a query does not see adds nothing to it, NaN or not (0 x NaN would: a NaN in
     # a padded cache's tail made every row of its slice NaN, where kv_lengths alone does not)
-    values_finite = bool(np.isfinite(v).all())
+    values_finite = out is None or bool(np.isfinite(v).all())
     per = max(1, MASKED_CHUNK_BYTES // (q_len * kv_len * q.dtype.itemsize))
     scratch = None if weights is not None else np.empty((min(per, slices), q_len, kv_len),
                                                         dtype=q.dtype)
@@ -285,6 +320,8 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
         # (in place: the masked softmax writes every entry)
         _softmax.softmax_rows(w.reshape(-1, kv_len), w.reshape(-1, kv_len), None,
                               keep.reshape(-1, kv_len).view(np.uint8), False, threads)
+        if out is None:
+            continue
         if values_finite:
             _blas.matmul(w, v3[s0:s1], out3[s0:s1], False, 1.0, threads)
             continue
