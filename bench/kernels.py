@@ -4,13 +4,14 @@
     python bench/kernels.py            # full table (a few minutes on 2 cores)
     python bench/kernels.py --quick    # smoke profile (seconds)
     python bench/kernels.py --threads 1 2 4
-    python bench/kernels.py --only additive    # sections: attention decode softmax activations
-                                               # norm additive pooling packed matmul
-                                               # sampling
+    python bench/kernels.py --only additive    # sections: attention decode masked softmax
+                                               # activations norm additive pooling packed
+                                               # matmul sampling
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
-shapes, softmax vs NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive
+shapes, attention with dense masks (causal, band, padding and random patterns), softmax vs
+NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive
 attention vs its reference, Nadaraya-Watson pooling, the products of a decoding step on
 packed float32 and bfloat16 weights vs ``x @ W.T``, float32 matmul / linear vs NumPy, a top-p
 sampling step and a beam-search ranking vs NumPy and torch; finally the peak memory of
@@ -88,6 +89,46 @@ def run_decode(shapes, threads, torch, rows):
         t_np = H.best_time(lambda: numpy_attention(q, k, v, False), 5)
         rows.append((threads, f"decode q_len=1 B*H={bh} kv_len={L} D=64", t_ac,
                      flops / t_ac / 1e9, t_np, t_th))
+
+
+def _masks(rng, B, L):
+    """Dense masks of a (B, ., L, L) problem, by name: a causal pattern, a band of 128 keys
+    (sliding window), padding of half the keys of one batch entry, and 80% kept at random."""
+    tril = np.tril(np.ones((L, L), bool))
+    padding = np.ones((B, 1, 1, L), bool)
+    padding[0, ..., L // 2:] = False
+    return {"tril": tril, "band 128": tril & ~np.tril(np.ones((L, L), bool), -128),
+            "padding (B,1,1,L)": padding, "random 80% (B,1,L,L)": rng.random((B, 1, L, L)) < 0.8}
+
+
+def run_masked(threads, torch, rows, quick):
+    """attention(mask=...) at prefill shapes with the masks of _masks, and decoding (q_len 1)
+    with a padding mask; torch takes the same boolean mask (attn_mask)."""
+    rng = np.random.default_rng(5)
+    shapes = [(2, 4, 256, 64)] if quick else [(4, 8, 512, 64), (1, 8, 2048, 64)]
+    cases = []
+    for (B, Hh, L, D) in shapes:
+        q, k, v = (rng.standard_normal((B, Hh, L, D), dtype=np.float32) for _ in range(3))
+        for name, mask in _masks(rng, B, L).items():
+            cases.append((f"attention mask={name} B={B} H={Hh} L={L} D={D}", q, k, v, mask))
+    for (bh, L) in ([(8, 512)] if quick else [(64, 512), (64, 4096)]):
+        q = rng.standard_normal((bh // 8, 8, 1, 64), dtype=np.float32)
+        k, v = (rng.standard_normal((bh // 8, 8, L, 64), dtype=np.float32) for _ in range(2))
+        mask = np.ones((bh // 8, 1, 1, L), bool)
+        mask[0, ..., L // 2:] = False
+        cases.append((f"decode mask=padding q_len=1 B*H={bh} kv_len={L} D=64", q, k, v, mask))
+    for name, q, k, v, mask in cases:
+        engines = {"attncore": lambda: attncore.attention(q, k, v, mask=mask)}
+        if torch is not None:
+            tq, tk, tv, tm = (torch.from_numpy(x) for x in (q, k, v, mask))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            engines["torch"] = lambda: sdpa(tq, tk, tv, attn_mask=tm)
+        long = q.shape[2] >= 2048
+        t_ac, t_th = _taking_turns(engines, torch, rounds=2 if long else 3,
+                                   repeats=1 if long else 3)
+        t_np = (H.best_time(lambda: reference.attention(q, k, v, mask=mask), 2)
+                if q.size * k.shape[2] <= 2 ** 26 else float("nan"))
+        rows.append((threads, name, t_ac, float("nan"), t_np, t_th))
 
 
 def run_softmax(threads, torch, rows, quick):
@@ -378,8 +419,8 @@ def peak_memory(L):
     return (int(out[1]) - int(out[0])) / 1024
 
 
-SECTIONS = ("attention", "decode", "softmax", "activations", "norm", "additive", "pooling",
-            "packed", "matmul", "sampling")
+SECTIONS = ("attention", "decode", "masked", "softmax", "activations", "norm", "additive",
+            "pooling", "packed", "matmul", "sampling")
 
 
 def main(argv=None):
@@ -406,6 +447,8 @@ def main(argv=None):
                               args.quick)
             if "decode" in args.only:
                 run_decode(QUICK_DECODE if args.quick else DECODE, threads, torch, rows)
+            if "masked" in args.only:
+                run_masked(threads, torch, rows, args.quick)
             if "softmax" in args.only:
                 run_softmax(threads, torch, rows, args.quick)
             if "activations" in args.only:

@@ -21,9 +21,9 @@
  *   - split-KV: for decoding (few queries, long cache): the keys are cut in fixed chunks, each
  *               (batch, head, chunk) is one parallel work item producing a partial (max, sum,
  *               unnormalised output); partials are merged in chunk order by log-sum-exp.
- *               It takes a dense mask too (ac_sdpa_mask below, NULL: none; finite values
- *               only, as in ac_sdpa_flash_tiles_masked_f32): a chunk a row keeps nothing of
- *               is skipped, left-out scores are -inf.
+ *               It takes a dense mask too (ac_sdpa_mask below, NULL: none): a chunk a row
+ *               keeps nothing of is skipped, left-out scores are -inf, and a chunk whose sum
+ *               a left-out non-finite value poisoned (0 x NaN) is summed again without it.
  *   - weights:  materialises the normalised weights (B, H, Lq, Lk) when the caller asks for them.
  *               With out NULL (v unread) it writes the weights alone: attncore's callers take
  *               the output from flash or split-KV as they would without weights, so asking

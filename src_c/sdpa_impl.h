@@ -106,6 +106,26 @@ static void CAT(mask_row_scores_, SUF)(REAL *scores, const unsigned char *keep, 
             scores[j0 + __builtin_ctzll(bits)] = -INFINITY;
 }
 
+/* A masked row's chunk whose weighted sum of values came out non-finite: a left-out key
+ * weighs exactly 0, but 0 x NaN = NaN. When some left-out key's value is not finite, o is
+ * summed again over a copy of the chunk's values (n x D, into `values`) with those rows 0:
+ * the sum the row gets with those values finite (the same products in the same order, a
+ * left-out key adding 0). A NaN among the kept values stays NaN. */
+static void CAT(mask_row_values_repair_, SUF)(const REAL *p, const unsigned char *keep,
+                                              ac_index sj, const REAL *v, ac_index n, ac_index D,
+                                              REAL *values, REAL *o) {
+    int left_out_bad = 0;
+    for (ac_index j = 0; j < n && !left_out_bad; j++)
+        left_out_bad = !keep[j * sj] && !CAT(row_finite_, SUF)(v + j * D, D);
+    if (!left_out_bad) return;
+    for (ac_index j = 0; j < n; j++) {
+        if (keep[j * sj]) memcpy(values + j * D, v + j * D, sizeof(REAL) * D);
+        else memset(values + j * D, 0, sizeof(REAL) * D);
+    }
+    memset(o, 0, sizeof(REAL) * D);
+    CAT(ac_weighted_sum_, SUF)(p, values, n, D, o);
+}
+
 /* One work item of the BLAS flash path: query rows i0 .. i0 + nq of one head over the keys
  * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
 static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *kt_head,
@@ -261,13 +281,15 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
         REAL *scores = (REAL *)malloc(sizeof(REAL) * chunk);  /* one row of one chunk */
-        if (!scores) {
+        /* with a mask: a chunk of values, for mask_row_values_repair */
+        REAL *values = mask ? (REAL *)malloc(sizeof(REAL) * chunk * D) : NULL;
+        if (!scores || (mask && !values)) {
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
 #pragma omp for schedule(static)
         for (ac_index item = 0; item < n_items; item++) {
-            if (!scores) continue;
+            if (!scores || (mask && !values)) continue;
             const ac_index bh = item / n_chunks, c = item % n_chunks;
             const ac_index b = bh / H, h = bh % H, g = h / group;
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
@@ -295,9 +317,13 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 part_sum[item * Lq + i] = R_EXP_SHIFT_SUM(scores, j1 - j0,
                                                           mx == -INFINITY ? (REAL)0 : mx);
                 CAT(ac_weighted_sum_, SUF)(scores, v_head + j0 * D, j1 - j0, D, o);
+                if (keep && !CAT(row_finite_, SUF)(o, D))
+                    CAT(mask_row_values_repair_, SUF)(scores, keep, mask->sj, v_head + j0 * D,
+                                                      j1 - j0, D, values, o);
             }
         }
         free(scores);
+        free(values);
 
         /* merge the chunks of each (b, h, i) in chunk order: a fixed reduction order */
 #pragma omp for schedule(static)

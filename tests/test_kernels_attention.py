@@ -1132,3 +1132,26 @@ def test_the_dense_mask_kernels_check_their_mask_argument(rng):
     with pytest.raises(ValueError, match="mask needs the tile kernel"):
         _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, False, 1,
                     np.ones((1, 2, 20, 20), np.uint8))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_split_kv_sums_a_chunk_again_without_a_left_out_nan_value(rng, dtype):
+    # decoding with a mask and NaN / inf values at keys it leaves out (a stale cache slot):
+    # the chunk holding them is summed again with those values out, giving the bits of the
+    # call with them finite; a query that keeps such a key is NaN in that value's column
+    q = rng.standard_normal((2, 4, 3, 16)).astype(dtype)
+    k, v = (rng.standard_normal((2, 2, 600, 16)).astype(dtype) for _ in range(2))
+    mask = np.ones((2, 4, 3, 600), bool)
+    mask[..., 300] = False
+    mask[0, 1, 2, 300] = True           # the one query that sees key 300
+    mask[1, :, :, 10:20] = False
+    clean = v.copy()
+    v[:, :, 300, 5] = np.nan
+    v[1, :, 12] = np.inf
+    out = attncore.attention(q, k, v, mask=mask)
+    np.testing.assert_array_equal(np.isnan(out[0, 1, 2]), np.arange(16) == 5)
+    others = np.ones(out.shape[:3], bool)
+    others[0, 1, 2] = False
+    expected = attncore.attention(q, k, clean, mask=mask)
+    np.testing.assert_array_equal(out[others], expected[others])
+    assert_close(out[others], reference.attention(*as64(q, k, clean), mask=mask)[others], dtype)

@@ -5,8 +5,8 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* a dense ``mask`` with finite values: the paths below (split-KV; flash on the tile kernel)
-  read the caller's broadcast mask in place. Flash classifies each tile of queries x keys from
+* a dense ``mask`` on split-KV (any values), and on flash with the tile kernel (finite
+  values): both read the caller's broadcast mask in place. Flash classifies each tile of queries x keys from
   it (once per batch entry and head the mask really has): tiles it leaves out whole are
   skipped, tiles it keeps whole run as without a mask, the others get -inf scores where it
   leaves keys out. A padding or causal pattern given as a mask thus costs about what
@@ -155,9 +155,9 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
         Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
     mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
         False = masked. Read in place (never broadcast into a copy) on the fused paths, which
-        skip the tiles of queries x keys it leaves out whole (float32 with AVX2 / AVX-512, or
-        q_len <= 8; finite values). Otherwise every score is computed, a chunk of heads at a
-        time.
+        skip the keys it leaves out: q_len <= 8, or float32 with AVX2 / AVX-512 and finite
+        values (tiles of queries x keys it leaves out whole are skipped). Otherwise every
+        score is computed, a chunk of heads at a time.
     scale : float, optional
         Default 1 / sqrt(head_dim).
     return_weights : bool
@@ -186,8 +186,8 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
                    if return_weights else None)
         if empty:
             pass
-        elif _values_finite(v) and (q_len <= DECODE_MAX_Q or flash_plan(head_dim, False,
-                                                                         q.dtype)[2]):
+        elif q_len <= DECODE_MAX_Q or (flash_plan(head_dim, False, q.dtype)[2]
+                                       and _values_finite(v)):
             keep = mask.view(np.uint8)
             if q_len <= DECODE_MAX_Q:
                 _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK,
@@ -233,11 +233,11 @@ def _flash(q, k, v, out, kv_lengths, causal, scale, threads, keep=None):
 
 
 def _values_finite(v) -> bool:
-    """Whether every value is finite, which a dense mask on the fused paths (split-KV, the
-    flash tiles) needs: a left-out key weighs exactly 0 there, but 0 x NaN is NaN, and rows
-    that do not see a NaN value must not turn NaN (the chunked path, :func:`_masked_attention`,
-    sums those apart). The sum is finite only if every value is: one pass, no temporary; a sum
-    overflowing from finite values merely takes the chunked path."""
+    """Whether every value is finite, which a dense mask on the flash tiles needs: a left-out
+    key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see a NaN value must
+    not turn NaN (the chunked path, :func:`_masked_attention`, sums those apart; split-KV
+    sums such a row's chunk again itself). The sum is finite only if every value is: one
+    pass, no temporary; a sum overflowing from finite values merely takes the chunked path."""
     return bool(np.isfinite(np.add.reduce(v, axis=None)))
 
 
