@@ -48,11 +48,13 @@ static inline uint64_t low_bits(ac_index n) {
     return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
 }
 
-/* Whether a mask row (n entries at keep, stride sj) keeps any key. */
-static int mask_row_any(const unsigned char *keep, ac_index sj, ac_index n) {
-    for (ac_index j0 = 0; j0 < n; j0 += 64) {
+/* The keys of a mask row (n entries at keep, stride sj) up to its last kept one: 0 when it
+ * keeps none. */
+static ac_index mask_row_extent(const unsigned char *keep, ac_index sj, ac_index n) {
+    for (ac_index j0 = (n - 1) / 64 * 64; j0 >= 0; j0 -= 64) {
         const ac_index m = AC_MIN(64, n - j0);
-        if (left_out_bits(keep + j0 * sj, sj, m) != low_bits(m)) return 1;
+        const uint64_t kept = ~left_out_bits(keep + j0 * sj, sj, m) & low_bits(m);
+        if (kept) return j0 + 64 - __builtin_clzll(kept);
     }
     return 0;
 }
@@ -87,6 +89,8 @@ enum { MASK_NONE_KEPT, MASK_ALL_KEPT, MASK_MIXED };
 
 static int mask_block_state(const unsigned char *keep, ac_index si, ac_index sj, ac_index nq,
                             ac_index nk) {
+    if (si == 1 && sj != 1) /* stored along the queries (a transposed view): read that way */
+        return mask_block_state(keep, sj, si, nk, nq);
     int any_kept = 0, any_left_out = 0;
     for (ac_index i = 0; i < nq; i++) {
         for (ac_index j0 = 0; j0 < nk; j0 += 64) {
@@ -101,11 +105,67 @@ static int mask_block_state(const unsigned char *keep, ac_index si, ac_index sj,
     return !any_kept ? MASK_NONE_KEPT : !any_left_out ? MASK_ALL_KEPT : MASK_MIXED;
 }
 
+/* mask_scores on the rows [i0, i1) x keys [j0, j1) of a block: each query row's left-out
+ * keys found 64 at a time as bits, and only those entries written. */
+static void mask_scores_by_rows(float *st, ac_index ldst, const unsigned char *keep,
+                                ac_index si, ac_index sj, ac_index i0, ac_index i1, ac_index j0,
+                                ac_index j1) {
+    for (ac_index i = i0; i < i1; i++)
+        for (ac_index j = j0; j < j1; j += 64) {
+            uint64_t bits = left_out_bits(keep + i * si + j * sj, sj, AC_MIN(64, j1 - j));
+            for (; bits; bits &= bits - 1)
+                st[(j + __builtin_ctzll(bits)) * ldst + i] = -INFINITY;
+        }
+}
+
+#ifdef __SSE2__
+/* r[t] = byte t of each of the 16 rows r[0..15]: a 16 x 16 byte transpose in four rounds of
+ * interleaves (pairs of rows, then 4, 8 and 16 rows per column). */
+static inline void transpose_16x16_bytes(__m128i r[16]) {
+    __m128i t[16], u[16], v[16];
+    for (int k = 0; k < 8; k++) {   /* rows 2k, 2k+1: columns 0-7, 8-15 */
+        t[2 * k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
+    }
+    for (int g = 0; g < 4; g++) {   /* rows 4g .. 4g+3: columns 0-3, 4-7, 8-11, 12-15 */
+        u[4 * g] = _mm_unpacklo_epi16(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm_unpackhi_epi16(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm_unpacklo_epi16(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm_unpackhi_epi16(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int h = 0; h < 2; h++)     /* rows 8h .. 8h+7: columns in pairs */
+        for (int c = 0; c < 4; c++) {
+            v[8 * h + 2 * c] = _mm_unpacklo_epi32(u[8 * h + c], u[8 * h + 4 + c]);
+            v[8 * h + 2 * c + 1] = _mm_unpackhi_epi32(u[8 * h + c], u[8 * h + 4 + c]);
+        }
+    for (int c = 0; c < 8; c++) {   /* all 16 rows: columns 2c, 2c+1 */
+        r[2 * c] = _mm_unpacklo_epi64(v[c], v[8 + c]);
+        r[2 * c + 1] = _mm_unpackhi_epi64(v[c], v[8 + c]);
+    }
+}
+
+/* s[0..15] = -inf where the bytes of left_out (0xFF / 0) say so */
+static inline void set_minus_inf_16(float *s, __m128i left_out) {
+    const __m128 minus_inf = _mm_set1_ps(-INFINITY);
+    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
+    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
+    const __m128i lanes[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
+                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
+    for (int c = 0; c < 4; c++) {
+        const __m128 m = _mm_castsi128_ps(lanes[c]);
+        _mm_storeu_ps(s + 4 * c, _mm_or_ps(_mm_and_ps(m, minus_inf),
+                                           _mm_andnot_ps(m, _mm_loadu_ps(s + 4 * c))));
+    }
+}
+#endif
+
 /* The scores st (nk keys x nq queries, row stride ldst) of the entries the mask leaves out
- * set to -inf (`keep` at the block's first entry). The mask runs along the keys and st down
- * them: each query row's left-out keys are found 64 at a time as bits, and only those
- * entries are written (a scalar loop over every entry, branching on each byte, had cost a
- * random mask more than the block's two products). */
+ * set to -inf (`keep` at the block's first entry). st runs along the queries, a mask mostly
+ * along the keys. With SSE2 and a mask contiguous along the keys, 16 x 16 squares are
+ * transposed in registers and st written a row of 16 queries at a time (a mask contiguous
+ * along the queries is read as it lies); the rest row by row (mask_scores_by_rows). (A scalar loop over every entry, branching on each byte, had cost a
+ * random mask more than the block's two products; writing only the left-out entries down
+ * the columns of st, half as much.) */
 static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_index si,
                         ac_index sj, ac_index nq, ac_index nk) {
     if (si == 0) {   /* each key kept or left out for every query: whole rows of st */
@@ -114,12 +174,39 @@ static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_
                 for (ac_index i = 0; i < nq; i++) st[jj * ldst + i] = -INFINITY;
         return;
     }
-    for (ac_index i = 0; i < nq; i++)
-        for (ac_index j0 = 0; j0 < nk; j0 += 64) {
-            uint64_t bits = left_out_bits(keep + i * si + j0 * sj, sj, AC_MIN(64, nk - j0));
-            for (; bits; bits &= bits - 1)
-                st[(j0 + __builtin_ctzll(bits)) * ldst + i] = -INFINITY;
-        }
+    ac_index rows = 0, keys = 0;   /* the squares cover [0, rows) x [0, keys) */
+#ifdef __SSE2__
+    if (si == 1 && sj != 1) {   /* stored along the queries, as st runs: no transpose */
+        const __m128i zero = _mm_setzero_si128();
+        rows = nq / 16 * 16;
+        keys = nk;
+        for (ac_index jj = 0; jj < nk; jj++)
+            for (ac_index i0 = 0; i0 < rows; i0 += 16) {
+                const __m128i left_out = _mm_cmpeq_epi8(
+                    _mm_loadu_si128((const __m128i *)(keep + jj * sj + i0)), zero);
+                if (_mm_movemask_epi8(left_out))
+                    set_minus_inf_16(st + jj * ldst + i0, left_out);
+            }
+    } else if (sj == 1) {
+        rows = nq / 16 * 16;
+        keys = nk / 16 * 16;
+        const __m128i zero = _mm_setzero_si128();
+        for (ac_index i0 = 0; i0 < rows; i0 += 16)
+            for (ac_index j0 = 0; j0 < keys; j0 += 16) {
+                __m128i r[16];
+                for (int t = 0; t < 16; t++)
+                    r[t] = _mm_loadu_si128((const __m128i *)(keep + (i0 + t) * si + j0));
+                transpose_16x16_bytes(r);   /* r[t]: key j0 + t, queries i0 .. i0 + 15 */
+                for (int t = 0; t < 16; t++) {
+                    const __m128i left_out = _mm_cmpeq_epi8(r[t], zero);
+                    if (_mm_movemask_epi8(left_out))
+                        set_minus_inf_16(st + (j0 + t) * ldst + i0, left_out);
+                }
+            }
+    }
+#endif
+    if (keys < nk) mask_scores_by_rows(st, ldst, keep, si, sj, 0, rows, keys, nk);
+    mask_scores_by_rows(st, ldst, keep, si, sj, rows, nq, 0, nk);
 }
 
 /* A dense mask as one work item reads it: `keep` at (its first row, key 0), the strides, and

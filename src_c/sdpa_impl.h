@@ -299,12 +299,16 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 const REAL *q_row = q + ((b * H + h) * Lq + i) * D;
                 REAL *o = part_out + (item * Lq + i) * D;
                 const ac_index limit = CAT(key_limit_, SUF)(i, Lq, Lk, kv_valid, causal);
-                const ac_index j0 = c * chunk, j1 = AC_MIN(j0 + chunk, limit);
-                /* the mask's row over this chunk's keys (NULL: none) */
+                const ac_index j0 = c * chunk;
+                ac_index j1 = AC_MIN(j0 + chunk, limit);
+                /* the mask's row over this chunk's keys (NULL: none), which ends the chunk at
+                 * its last kept key: a padding mask then runs exactly as kv_lengths (the
+                 * vector sums split a row at the same place) */
                 const unsigned char *keep = mask ? mask->keep + b * mask->sb + h * mask->sh
                                                    + i * mask->si + j0 * mask->sj : NULL;
+                if (keep && j1 > j0) j1 = j0 + mask_row_extent(keep, mask->sj, j1 - j0);
                 memset(o, 0, sizeof(REAL) * D);
-                if (j1 <= j0 || (keep && !mask_row_any(keep, mask->sj, j1 - j0))) {
+                if (j1 <= j0) {
                     part_max[item * Lq + i] = -INFINITY;
                     part_sum[item * Lq + i] = 0;
                     continue;

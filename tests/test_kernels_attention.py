@@ -1034,9 +1034,11 @@ def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(rng, dtype, q_len, ca
     # A mask keeping everything gives the bits of the call without one, and a padding mask
     # those of kv_lengths: a kept key runs exactly as without the mask, a left-out one (or a
     # key block left out whole, skipped) adds exactly nothing
-    q = rng.standard_normal((3, 4, q_len, 64)).astype(dtype)
-    k, v = (rng.standard_normal((3, 2, 700, 64)).astype(dtype) for _ in range(2))
-    lengths = np.array([700, 230, 1])
+    # (lengths whose last chunk ends off the vector loops' stride: split-KV ends a masked
+    # chunk at its last kept key, as kv_lengths does, else the sums split differently)
+    lengths = np.array([700, 230, 1, 54, 59, 61, 157 + 256, 178 + 512])
+    q = rng.standard_normal((len(lengths), 4, q_len, 64)).astype(dtype)
+    k, v = (rng.standard_normal((len(lengths), 2, 700, 64)).astype(dtype) for _ in range(2))
     np.testing.assert_array_equal(
         attncore.attention(q, k, v, mask=np.ones((q_len, 700), bool), causal=causal),
         attncore.attention(q, k, v, causal=causal))
