@@ -26,10 +26,17 @@ static inline flash_item flash_item_at(ac_index item, ac_index n_qtiles, ac_inde
     return it;
 }
 
+/* The n <= 64 lowest bits set: left_out_bits of n entries all left out. */
+static inline uint64_t low_bits(ac_index n) {
+    return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
+}
+
 /* Bit t set where the mask leaves out entry t of the n <= 64 at p, p + sj, ... */
 static inline uint64_t left_out_bits(const unsigned char *p, ac_index sj, ac_index n) {
     uint64_t bits = 0;
     ac_index t = 0;
+    if (sj == 0) /* (a mask broadcast along the keys) */
+        return p[0] ? 0 : low_bits(n);
 #ifdef __SSE2__
     if (sj == 1) { /* 16 bytes a compare (SSE2: every x86-64 build) */
         const __m128i zero = _mm_setzero_si128();
@@ -41,11 +48,6 @@ static inline uint64_t left_out_bits(const unsigned char *p, ac_index sj, ac_ind
 #endif
     for (; t < n; t++) bits |= (uint64_t)(p[t * sj] == 0) << t;
     return bits;
-}
-
-/* The n <= 64 lowest bits set: left_out_bits of n entries all left out. */
-static inline uint64_t low_bits(ac_index n) {
-    return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
 }
 
 /* The keys of a mask row (n entries at keep, stride sj) up to its last kept one: 0 when it
