@@ -61,6 +61,114 @@ static ac_index mask_row_extent(const unsigned char *keep, ac_index sj, ac_index
     return 0;
 }
 
+/* What a dense mask (ac_sdpa_mask) keeps of one block of nq query rows x nk keys, `keep`
+ * pointing at its first entry: nothing, everything, or some of it. */
+enum { MASK_NONE_KEPT, MASK_ALL_KEPT, MASK_MIXED };
+
+static int mask_block_state(const unsigned char *keep, ac_index si, ac_index sj, ac_index nq,
+                            ac_index nk) {
+    if (si == 1 && sj != 1) /* stored along the queries (a transposed view): read that way */
+        return mask_block_state(keep, sj, si, nk, nq);
+    int any_kept = 0, any_left_out = 0;
+    for (ac_index i = 0; i < nq; i++) {
+        for (ac_index j0 = 0; j0 < nk; j0 += 64) {
+            const ac_index n = AC_MIN(64, nk - j0);
+            const uint64_t bits = left_out_bits(keep + i * si + j0 * sj, sj, n);
+            any_left_out |= bits != 0;
+            any_kept |= bits != low_bits(n);
+        }
+        if (any_kept && any_left_out) return MASK_MIXED;
+        if (si == 0) break;   /* (a mask broadcast over queries: every row is this one) */
+    }
+    return !any_kept ? MASK_NONE_KEPT : !any_left_out ? MASK_ALL_KEPT : MASK_MIXED;
+}
+
+/* A dense mask as one work item reads it: `keep` at (its first row, key 0), the strides, and
+ * the states (mask_block_state) of its key blocks when they were classified beforehand, else
+ * NULL (each block is classified as it comes). */
+typedef struct {
+    const unsigned char *keep;
+    ac_index si, sj;
+    const unsigned char *states;
+} item_mask;
+
+/* The states (mask_block_state) of a flash call's (query tile, key block) pairs, for each
+ * batch entry and head the mask has: one entry for all the batch (heads) where the mask
+ * broadcasts over them, so that a (Lq, Lk) mask is classified once, not once per head. */
+typedef struct {
+    unsigned char *states;   /* NULL: no mask, or no room (items classify their own blocks) */
+    ac_index mask_b, mask_h, n_qtiles, n_ktiles;
+} mask_states;
+
+static mask_states mask_states_build(const ac_sdpa_mask *mask, ac_index B, ac_index H,
+                                     ac_index Lq, ac_index Lk, ac_index block_q,
+                                     ac_index block_k, int num_threads) {
+    mask_states ms = {NULL, 1, 1, (Lq + block_q - 1) / block_q, (Lk + block_k - 1) / block_k};
+    if (!mask) return ms;
+    ms.mask_b = mask->sb ? B : 1;
+    ms.mask_h = mask->sh ? H : 1;
+    const ac_index rows = ms.mask_b * ms.mask_h * ms.n_qtiles;
+    ms.states = (unsigned char *)malloc((size_t)(rows * ms.n_ktiles));
+    if (!ms.states) return ms;
+#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * block_q * Lk, num_threads))
+    for (ac_index row = 0; row < rows; row++) {
+        const ac_index bh = row / ms.n_qtiles, i0 = row % ms.n_qtiles * block_q;
+        const unsigned char *keep = mask->keep + bh / ms.mask_h * mask->sb
+                                    + bh % ms.mask_h * mask->sh + i0 * mask->si;
+        for (ac_index kt = 0; kt < ms.n_ktiles; kt++) {
+            const ac_index j0 = kt * block_k;
+            ms.states[row * ms.n_ktiles + kt] = (unsigned char)mask_block_state(
+                keep + j0 * mask->sj, mask->si, mask->sj, AC_MIN(block_q, Lq - i0),
+                AC_MIN(block_k, Lk - j0));
+        }
+    }
+    return ms;
+}
+
+/* The mask of the work item (b, h, the query tile from row i0) */
+static item_mask item_mask_at(const ac_sdpa_mask *mask, const mask_states *ms, ac_index b,
+                              ac_index h, ac_index i0, ac_index block_q) {
+    item_mask m = {NULL, 0, 0, NULL};
+    if (!mask) return m;
+    m.keep = mask->keep + b * mask->sb + h * mask->sh + i0 * mask->si;
+    m.si = mask->si;
+    m.sj = mask->sj;
+    if (ms->states) {
+        const ac_index mb = ms->mask_b > 1 ? b : 0, mh = ms->mask_h > 1 ? h : 0;
+        m.states = ms->states + ((mb * ms->mask_h + mh) * ms->n_qtiles + i0 / block_q)
+                                    * ms->n_ktiles;
+    }
+    return m;
+}
+
+/* The keys [0, limit) an item of nq rows under mask m needs: up to the last key one of its
+ * rows keeps. A padding mask thus bounds an item's keys as kv_lengths does, and its last key
+ * block's products have the same sizes (BLAS rounds a product by its sizes). */
+static ac_index item_mask_limit(const item_mask *m, ac_index nq, ac_index limit,
+                                ac_index block_k) {
+    for (ac_index j_end = limit; j_end > 0;) {
+        const ac_index j0 = (j_end - 1) / block_k * block_k;
+        if (!m->states || m->states[j0 / block_k] != MASK_NONE_KEPT) {
+            ac_index extent = 0;
+            for (ac_index i = 0; i < nq && extent < j_end - j0; i++) {
+                extent = AC_MAX(extent, mask_row_extent(m->keep + i * m->si + j0 * m->sj, m->sj,
+                                                        j_end - j0));
+                if (m->si == 0) break;   /* (every row is this one) */
+            }
+            if (extent) return j0 + extent;
+        }
+        j_end = j0;
+    }
+    return 0;
+}
+
+/* The mask of rows [first, ...) of an item (a causal rerun): its blocks classified as they
+ * come */
+static item_mask item_mask_rows(const item_mask *m, ac_index first) {
+    item_mask rows = {m->keep ? m->keep + first * m->si : NULL, m->si, m->sj, NULL};
+    return rows;
+}
+
 #define REAL float
 #define SUF f32
 #define GEMM_FN ac_sgemm_fn
@@ -84,28 +192,6 @@ static ac_index mask_row_extent(const unsigned char *keep, ac_index sj, ac_index
 /* the diagonal block's P . V runs in chunks of this many query rows (two of the tile kernel's
  * 6-row blocks), each over the keys its last row sees */
 #define CAUSAL_PV_ROWS 12
-
-/* What a dense mask (ac_sdpa_mask) keeps of one block of nq query rows x nk keys, `keep`
- * pointing at its first entry: nothing, everything, or some of it. */
-enum { MASK_NONE_KEPT, MASK_ALL_KEPT, MASK_MIXED };
-
-static int mask_block_state(const unsigned char *keep, ac_index si, ac_index sj, ac_index nq,
-                            ac_index nk) {
-    if (si == 1 && sj != 1) /* stored along the queries (a transposed view): read that way */
-        return mask_block_state(keep, sj, si, nk, nq);
-    int any_kept = 0, any_left_out = 0;
-    for (ac_index i = 0; i < nq; i++) {
-        for (ac_index j0 = 0; j0 < nk; j0 += 64) {
-            const ac_index n = AC_MIN(64, nk - j0);
-            const uint64_t bits = left_out_bits(keep + i * si + j0 * sj, sj, n);
-            any_left_out |= bits != 0;
-            any_kept |= bits != low_bits(n);
-        }
-        if (any_kept && any_left_out) return MASK_MIXED;
-        if (si == 0) break;   /* (a mask broadcast over queries: every row is this one) */
-    }
-    return !any_kept ? MASK_NONE_KEPT : !any_left_out ? MASK_ALL_KEPT : MASK_MIXED;
-}
 
 /* mask_scores on the rows [i0, i1) x keys [j0, j1) of a block: each query row's left-out
  * keys found 64 at a time as bits, and only those entries written. */
@@ -165,9 +251,10 @@ static inline void set_minus_inf_16(float *s, __m128i left_out) {
  * set to -inf (`keep` at the block's first entry). st runs along the queries, a mask mostly
  * along the keys. With SSE2 and a mask contiguous along the keys, 16 x 16 squares are
  * transposed in registers and st written a row of 16 queries at a time (a mask contiguous
- * along the queries is read as it lies); the rest row by row (mask_scores_by_rows). (A scalar loop over every entry, branching on each byte, had cost a
- * random mask more than the block's two products; writing only the left-out entries down
- * the columns of st, half as much.) */
+ * along the queries is read as it lies); the rest row by row (mask_scores_by_rows). (A
+ * scalar loop over every entry, branching on each byte, had cost a random mask more than the
+ * block's two products; writing only the left-out entries down the columns of st, half as
+ * much.) */
 static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_index si,
                         ac_index sj, ac_index nq, ac_index nk) {
     if (si == 0) {   /* each key kept or left out for every query: whole rows of st */
@@ -210,15 +297,6 @@ static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_
     if (keys < nk) mask_scores_by_rows(st, ldst, keep, si, sj, 0, rows, keys, nk);
     mask_scores_by_rows(st, ldst, keep, si, sj, rows, nq, 0, nk);
 }
-
-/* A dense mask as one work item reads it: `keep` at (its first row, key 0), the strides, and
- * the states (mask_block_state) of its key blocks when they were classified beforehand, else
- * NULL (each block is classified as it comes). */
-typedef struct {
-    const unsigned char *keep;
-    ac_index si, sj;
-    const unsigned char *states;
-} item_mask;
 
 /* One work item of the tile flash path: query rows i0 .. i0 + nq of one head over the keys
  * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun), under the
@@ -318,31 +396,10 @@ int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *
     const ac_index group = H / Hkv;
     const ac_index n_qtiles = (Lq + block_q - 1) / block_q;
     const ac_index n_items = B * H * n_qtiles;
-    const ac_index n_ktiles = (Lk + block_k - 1) / block_k;
     int status = AC_OK;
-    /* The mask's states, per (batch, head, query tile, key block) of the mask as it lies: one
-     * entry for all the batch (heads) where it broadcasts over them, so that a (Lq, Lk) mask
-     * is classified once, not once per head. Without the room, each item classifies its own
-     * blocks (the same states). */
-    const ac_index mask_b = mask && mask->sb ? B : 1, mask_h = mask && mask->sh ? H : 1;
-    unsigned char *states =
-        mask ? (unsigned char *)malloc((size_t)(mask_b * mask_h * n_qtiles * n_ktiles)) : NULL;
+    mask_states ms = mask_states_build(mask, B, H, Lq, Lk, block_q, block_k, num_threads);
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
-        if (states) {
-#pragma omp for schedule(static)
-            for (ac_index row = 0; row < mask_b * mask_h * n_qtiles; row++) {
-                const ac_index qtile = row % n_qtiles, bh = row / n_qtiles;
-                const ac_index i0 = qtile * block_q, nq = AC_MIN(block_q, Lq - i0);
-                const unsigned char *keep = mask->keep + bh / mask_h * mask->sb
-                                            + bh % mask_h * mask->sh + i0 * mask->si;
-                for (ac_index kt = 0; kt < n_ktiles; kt++) {
-                    const ac_index j0 = kt * block_k;
-                    states[row * n_ktiles + kt] = (unsigned char)mask_block_state(
-                        keep + j0 * mask->sj, mask->si, mask->sj, nq, AC_MIN(block_k, Lk - j0));
-                }
-            }
-        }
         /* per-thread scratch, allocated once per call (block_q is a multiple of 16):
          *   qt      (block_q / 16, D, 16)  the query tile times `scale`, transposed in panels
          *   st      (block_k, block_q)     transposed scores, turned into probabilities in place
@@ -370,17 +427,10 @@ int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *
             const float *k_head = k + (b * Hkv + g) * Lk * D;
             const float *v_head = v + (b * Hkv + g) * Lk * D;
             float *o_tile = out + ((b * H + h) * Lq + i0) * D;
-            item_mask m = {NULL, 0, 0, NULL};
-            if (mask) {
-                m.keep = mask->keep + b * mask->sb + h * mask->sh + i0 * mask->si;
-                m.si = mask->si;
-                m.sj = mask->sj;
-                if (states)
-                    m.states = states + (((mask_b > 1 ? b : 0) * mask_h + (mask_h > 1 ? h : 0))
-                                         * n_qtiles + i0 / block_q) * n_ktiles;
-            }
+            const item_mask m = item_mask_at(mask, &ms, b, h, i0, block_q);
             ac_index tile_limit = kv_valid;   /* keys the tile's last query may see */
             if (causal && i0 + nq + offset < tile_limit) tile_limit = i0 + nq + offset;
+            if (mask) tile_limit = item_mask_limit(&m, nq, tile_limit, block_k);
 
             flash_tiles_item(q_tile, k_head, v_head, o_tile, i0, nq, tile_limit, offset, causal,
                              mask ? &m : NULL, D, scale, block_q, block_k, qt, st, col_max,
@@ -389,10 +439,7 @@ int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *
             if (causal && causal_rerun_needed_f32(q_tile, o_tile, nq, D))
                 while (causal_next_rerun_f32(v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D,
                                              tile_limit, &r, &jb, &first, &count, &cap)) {
-                    /* (a range of the tile's rows: its blocks classified as they come) */
-                    item_mask rows = m;
-                    rows.keep = mask ? m.keep + first * m.si : NULL;
-                    rows.states = NULL;
+                    const item_mask rows = item_mask_rows(&m, first);
                     flash_tiles_item(q_tile + first * D, k_head, v_head, o_tile + first * D,
                                      i0 + first, count, cap, offset, causal,
                                      mask ? &rows : NULL, D, scale, block_q, block_k, qt, st,
@@ -403,6 +450,6 @@ int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *
         free(st);
         free(col_max);
     }
-    free(states);
+    free(ms.states);
     return status;
 }

@@ -46,8 +46,9 @@ typedef struct {
 #define AC_SDPA_DECLARE(SUF, REAL, GEMM_FN)                                                        \
     int ac_sdpa_flash_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,  \
                             ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,      \
-                            const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q, \
-                            ac_index block_k, GEMM_FN gemm, int num_threads);                    \
+                            const int64_t *kv_lengths, int causal, const ac_sdpa_mask *mask,     \
+                            REAL scale, ac_index block_q, ac_index block_k, GEMM_FN gemm,        \
+                            int num_threads);                                                    \
     int ac_sdpa_splitkv_##SUF(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,\
                               ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,    \
                               const int64_t *kv_lengths, int causal, const ac_sdpa_mask *mask,   \

@@ -127,12 +127,14 @@ static void CAT(mask_row_values_repair_, SUF)(const REAL *p, const unsigned char
 }
 
 /* One work item of the BLAS flash path: query rows i0 .. i0 + nq of one head over the keys
- * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun). */
+ * [0, tile_limit) (the last row's limit; a rerun passes fewer: causal_next_rerun), under the
+ * dense mask m (NULL: none; see the tile path in sdpa.c). */
 static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *kt_head,
                                   const REAL *v_head, REAL *o_tile, ac_index i0, ac_index nq,
                                   ac_index tile_limit, ac_index Lq, ac_index Lk, ac_index kv_valid,
-                                  int causal, ac_index D, REAL scale, ac_index block_k,
-                                  REAL *q_scaled, REAL *scores, REAL *row_max, REAL *row_sum) {
+                                  int causal, const item_mask *m, ac_index D, REAL scale,
+                                  ac_index block_k, REAL *q_scaled, REAL *scores, REAL *row_max,
+                                  REAL *row_sum) {
     for (ac_index r = 0; r < nq; r++) {
         for (ac_index d = 0; d < D; d++) q_scaled[r * D + d] = q_tile[r * D + d] * scale;
         row_max[r] = -INFINITY;
@@ -142,6 +144,11 @@ static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *
 
     for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
         const ac_index nk = AC_MIN(block_k, tile_limit - j0);
+        /* (a block the mask leaves out whole adds exactly nothing: skipped) */
+        const int kept = !m ? MASK_ALL_KEPT
+                         : m->states ? m->states[j0 / block_k]
+                         : mask_block_state(m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+        if (kept == MASK_NONE_KEPT) continue;
         /* scores (nq, nk) = q_scaled . kt[:, j0:j0+nk] */
         CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
                            kt_head + j0, (int)Lk, 0, scores, (int)block_k);
@@ -153,6 +160,8 @@ static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *
                 memset(s, 0, sizeof(REAL) * nk);
                 continue;
             }
+            if (kept == MASK_MIXED)
+                CAT(mask_row_scores_, SUF)(s, m->keep + r * m->si + j0 * m->sj, m->sj, n_valid);
             REAL new_max = R_MAX(s, n_valid);
             if (row_max[r] > new_max) new_max = row_max[r];
             /* rescale what was accumulated under the old maximum */
@@ -183,8 +192,9 @@ static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *
 
 int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *out, ac_index B,
                              ac_index H, ac_index Hkv, ac_index Lq, ac_index Lk, ac_index D,
-                             const int64_t *kv_lengths, int causal, REAL scale, ac_index block_q,
-                             ac_index block_k, GEMM_FN gemm, int num_threads) {
+                             const int64_t *kv_lengths, int causal, const ac_sdpa_mask *mask,
+                             REAL scale, ac_index block_q, ac_index block_k, GEMM_FN gemm,
+                             int num_threads) {
     /* tiles past the problem hold one tile either way: the same work split, less scratch */
     block_q = AC_MIN(block_q, Lq);
     block_k = AC_MIN(block_k, Lk);
@@ -196,6 +206,7 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
      * of unit-stride operands, which BLAS can run without re-packing them (see sdpa.h). */
     REAL *kt = (REAL *)malloc(sizeof(REAL) * B * Hkv * D * Lk);
     if (!kt) return AC_ERR_NOMEM;
+    mask_states ms = mask_states_build(mask, B, H, Lq, Lk, block_q, block_k, num_threads);
 
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
@@ -237,19 +248,23 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
             const REAL *v_head = v + (b * Hkv + g) * Lk * D;
             REAL *o_tile = out + ((b * H + h) * Lq + i0) * D;
             /* the last row of the tile sees the most keys (limits grow with i) */
-            const ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, causal);
+            ac_index tile_limit = CAT(key_limit_, SUF)(i0 + nq - 1, Lq, Lk, kv_valid, causal);
+            const item_mask m = item_mask_at(mask, &ms, b, h, i0, block_q);
+            if (mask) tile_limit = item_mask_limit(&m, nq, tile_limit, block_k);
 
             CAT(flash_item_, SUF)(gemm, q_tile, kt_head, v_head, o_tile, i0, nq, tile_limit, Lq,
-                                  Lk, kv_valid, causal, D, scale, block_k, q_scaled, scores,
-                                  row_max, row_sum);
+                                  Lk, kv_valid, causal, mask ? &m : NULL, D, scale, block_k,
+                                  q_scaled, scores, row_max, row_sum);
             ac_index r = 0, jb = 0, first, count, cap;
             if (causal && CAT(causal_rerun_needed_, SUF)(q_tile, o_tile, nq, D))
                 while (CAT(causal_next_rerun_, SUF)(v_head, o_tile, i0, nq, Lq, Lk, kv_valid, D,
-                                                    tile_limit, &r, &jb, &first, &count, &cap))
+                                                    tile_limit, &r, &jb, &first, &count, &cap)) {
+                    const item_mask rows = item_mask_rows(&m, first);
                     CAT(flash_item_, SUF)(gemm, q_tile + first * D, kt_head, v_head,
                                           o_tile + first * D, i0 + first, count, cap, Lq, Lk,
-                                          kv_valid, causal, D, scale, block_k, q_scaled, scores,
-                                          row_max, row_sum);
+                                          kv_valid, causal, mask ? &rows : NULL, D, scale,
+                                          block_k, q_scaled, scores, row_max, row_sum);
+                }
         }
         free(q_scaled);
         free(scores);
@@ -257,6 +272,7 @@ int CAT(ac_sdpa_flash_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL *
         free(row_sum);
     }
     free(kt);
+    free(ms.states);
     return status;
 }
 

@@ -968,18 +968,28 @@ def test_a_dense_mask_never_makes_the_whole_score_tensor(rng):
 def test_dense_mask_chunks_read_the_right_slices_and_leave_the_mask_alone(rng, shape):
     # chunks of many small (batch, head) slices, of a few heads of a batch entry, and of one
     # head: each copies its own slices of the mask (per batch entry here), then the causal and
-    # length limits; the caller's mask is never written
+    # length limits; the caller's mask is never written. (The weights come from these chunks;
+    # the output from the fused paths, or from the chunks with a non-finite value.)
     q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     length = shape[2]
     per_batch = rng.random((shape[0], 1, length, length)) < 0.7
     full = np.ascontiguousarray(np.broadcast_to(per_batch, shape[:2] + (length, length)))
     before = full.copy()
     kv_lengths = rng.integers(0, length + 1, shape[0])
-    out = attncore.attention(q, k, v, mask=full, causal=True, kv_lengths=kv_lengths)
+    out, weights = attncore.attention(q, k, v, mask=full, causal=True, kv_lengths=kv_lengths,
+                                      return_weights=True)
     np.testing.assert_array_equal(full, before)
+    expected, expected_w = reference.attention(*(a.astype(np.float64) for a in (q, k, v)),
+                                               mask=full, causal=True, kv_lengths=kv_lengths,
+                                               return_weights=True)
+    assert_close(out, expected, np.float32)
+    _check_weights(weights, expected_w, np.float32)
+    v[-1, -1, -1, -1] = np.nan   # (the output through the chunks: their rows still theirs)
     expected = reference.attention(*(a.astype(np.float64) for a in (q, k, v)), mask=full,
                                    causal=True, kv_lengths=kv_lengths)
-    assert_close(out, expected, np.float32)
+    out = attncore.attention(q, k, v, mask=full, causal=True, kv_lengths=kv_lengths)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert_close(np.nan_to_num(out), np.nan_to_num(expected), np.float32)
     np.testing.assert_array_equal(
         attncore.attention(q, k, v, mask=per_batch, causal=True, kv_lengths=kv_lengths), out)
 
@@ -1021,21 +1031,32 @@ TILE_KERNEL = pytest.mark.skipif(not _sdpa.tile_products(),
 
 
 def _fused_mask_cases():
-    """(dtype, q_len) pairs where a dense mask runs on a fused path: split-KV (q_len <= 8) in
-    both precisions, the flash tiles (float32, tile kernel)."""
-    cases = [pytest.param(dtype, 5, id=f"split-kv-{np.dtype(dtype).name}")
-             for dtype in FLOAT_DTYPES]
-    return cases + [pytest.param(np.float32, 150, id="tiles", marks=TILE_KERNEL)]
+    """(dtype, q_len, tiles) where a dense mask runs on a fused path: split-KV (q_len <= 8) in
+    both precisions, flash on the tile kernel (float32) and on BLAS (float32 forced there by
+    tiles=False, and float64)."""
+    return [pytest.param(np.float32, 5, None, id="split-kv-float32"),
+            pytest.param(np.float64, 5, None, id="split-kv-float64"),
+            pytest.param(np.float32, 150, True, id="tiles", marks=TILE_KERNEL),
+            pytest.param(np.float32, 150, False, id="blas-float32"),
+            pytest.param(np.float64, 150, None, id="blas-float64")]
+
+
+def _flash_kernel(monkeypatch, tiles):
+    """Force float32 flash onto the tile kernel (True) or BLAS (False); None: as it is."""
+    if tiles is not None:
+        monkeypatch.setattr(sys.modules["attncore.kernels.attention"], "USE_TILE_PRODUCTS", tiles)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
-def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(rng, dtype, q_len, causal):
+@pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())
+def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(monkeypatch, rng, dtype, q_len, tiles,
+                                                           causal):
     # A mask keeping everything gives the bits of the call without one, and a padding mask
     # those of kv_lengths: a kept key runs exactly as without the mask, a left-out one (or a
     # key block left out whole, skipped) adds exactly nothing
     # (lengths whose last chunk ends off the vector loops' stride: split-KV ends a masked
     # chunk at its last kept key, as kv_lengths does, else the sums split differently)
+    _flash_kernel(monkeypatch, tiles)
     lengths = np.array([700, 230, 1, 54, 59, 61, 157 + 256, 178 + 512])
     q = rng.standard_normal((len(lengths), 4, q_len, 64)).astype(dtype)
     k, v = (rng.standard_normal((len(lengths), 2, 700, 64)).astype(dtype) for _ in range(2))
@@ -1048,11 +1069,12 @@ def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(rng, dtype, q_len, ca
         attncore.attention(q, k, v, kv_lengths=lengths, causal=causal))
 
 
-@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
-def test_left_out_keys_cannot_reach_a_fused_output(rng, dtype, q_len):
+@pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())
+def test_left_out_keys_cannot_reach_a_fused_output(monkeypatch, rng, dtype, q_len, tiles):
     # NaN and huge keys where the mask leaves them out (whole key blocks, parts of blocks, a
     # few queries' entries): their scores are never computed or are set to -inf, so the
     # output equals the reference without them, finite; the weights too
+    _flash_kernel(monkeypatch, tiles)
     q = rng.standard_normal((2, 2, q_len, 16)).astype(dtype)
     k, v = (rng.standard_normal((2, 2, 600, 16)).astype(dtype) for _ in range(2))
     mask = np.ones((2, 2, q_len, 600), bool)
@@ -1075,14 +1097,16 @@ def test_left_out_keys_cannot_reach_a_fused_output(rng, dtype, q_len):
     assert np.isnan(out[1][:, ~rows]).all()   # the odd queries see the NaN keys
 
 
-@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
+@pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())
 @pytest.mark.parametrize("layout", ["per-head", "per-batch", "per-head-only", "keys-only",
                                     "queries-only", "transposed", "reversed", "scalar",
                                     "none-kept"])
-def test_a_mask_is_read_in_place_whatever_its_strides(rng, dtype, q_len, layout):
+def test_a_mask_is_read_in_place_whatever_its_strides(monkeypatch, rng, dtype, q_len, tiles,
+                                                      layout):
     # the fused paths read the caller's broadcast view by its strides (0 where it broadcasts,
     # negative where it runs backwards) and classify its key blocks once per batch entry and
     # head it actually has
+    _flash_kernel(monkeypatch, tiles)
     batch, heads, kv_len = 3, 4, 333
     q = rng.standard_normal((batch, heads, q_len, 16)).astype(dtype)
     k, v = (rng.standard_normal((batch, 2, kv_len, 16)).astype(dtype) for _ in range(2))
@@ -1110,8 +1134,10 @@ def test_a_mask_is_read_in_place_whatever_its_strides(rng, dtype, q_len, layout)
     np.testing.assert_array_equal(mask, before)
 
 
-@pytest.mark.parametrize("dtype,q_len", _fused_mask_cases())
-def test_masked_fused_attention_is_the_same_for_every_thread_count(rng, dtype, q_len):
+@pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())
+def test_masked_fused_attention_is_the_same_for_every_thread_count(monkeypatch, rng, dtype, q_len,
+                                                                   tiles):
+    _flash_kernel(monkeypatch, tiles)
     q = rng.standard_normal((2, 4, q_len, 32)).astype(dtype)
     k, v = (rng.standard_normal((2, 4, 900, 32)).astype(dtype) for _ in range(2))
     mask = rng.random((2, 1, q_len, 900)) < 0.8
@@ -1123,7 +1149,7 @@ def test_masked_fused_attention_is_the_same_for_every_thread_count(rng, dtype, q
 
 
 @TILE_KERNEL
-def test_the_dense_mask_kernels_check_their_mask_argument(rng):
+def test_the_dense_mask_kernels_check_their_mask_argument(rng):   # (tile kernel: block_q 32)
     q = rng.standard_normal((1, 2, 20, 16)).astype(np.float32)
     out = np.empty_like(q)
     wrong = np.ones((1, 2, 20, 19), np.uint8)
@@ -1131,9 +1157,8 @@ def test_the_dense_mask_kernels_check_their_mask_argument(rng):
         _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, True, 1, wrong)
     with pytest.raises(ValueError, match="mask must be"):
         _sdpa.split_kv(q, q, q, out, None, False, 0.3, 64, 1, wrong)
-    with pytest.raises(ValueError, match="mask needs the tile kernel"):
-        _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, False, 1,
-                    np.ones((1, 2, 20, 20), np.uint8))
+    with pytest.raises(ValueError, match="mask must be"):
+        _sdpa.flash(q, q, q, out, None, False, 0.3, 32, 32, False, 1, wrong)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

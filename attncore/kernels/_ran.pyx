@@ -99,7 +99,7 @@ cdef inline int _attend(const float *q, const float *k, const float *v, float *o
     if plan.tiles:
         return ac_sdpa_flash_tiles_f32(q, k, v, out, 1, H, H, 1, Lk, d, kv_length, causal, scale,
                                        plan.block_q, plan.block_k, num_threads)
-    return ac_sdpa_flash_f32(q, k, v, out, 1, H, H, 1, Lk, d, kv_length, causal, scale,
+    return ac_sdpa_flash_f32(q, k, v, out, 1, H, H, 1, Lk, d, kv_length, causal, NULL, scale,
                              plan.block_q, plan.block_k, sgemm, num_threads)
 
 

@@ -8,24 +8,24 @@ from ._packed_linear cimport ac_sgemm_fn
 cdef extern from "sdpa.h" nogil:
     ctypedef void (*ac_dgemm_fn)(char *, char *, int *, int *, int *, double *, double *, int *,
                                  double *, int *, double *, double *, int *)
+    ctypedef struct ac_sdpa_mask:
+        const unsigned char *keep
+        Py_ssize_t sb, sh, si, sj
     int ac_sdpa_flash_f32(const float *q, const float *k, const float *v, float *out,
                           Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
                           Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                          float scale, Py_ssize_t block_q, Py_ssize_t block_k, ac_sgemm_fn gemm,
-                          int num_threads)
+                          const ac_sdpa_mask *mask, float scale, Py_ssize_t block_q,
+                          Py_ssize_t block_k, ac_sgemm_fn gemm, int num_threads)
     int ac_sdpa_flash_f64(const double *q, const double *k, const double *v, double *out,
                           Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
                           Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths, int causal,
-                          double scale, Py_ssize_t block_q, Py_ssize_t block_k, ac_dgemm_fn gemm,
-                          int num_threads)
+                          const ac_sdpa_mask *mask, double scale, Py_ssize_t block_q,
+                          Py_ssize_t block_k, ac_dgemm_fn gemm, int num_threads)
     int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, float *out,
                                 Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv, Py_ssize_t Lq,
                                 Py_ssize_t Lk, Py_ssize_t D, const int64_t *kv_lengths,
                                 int causal, float scale, Py_ssize_t block_q, Py_ssize_t block_k,
                                 int num_threads)
-    ctypedef struct ac_sdpa_mask:
-        const unsigned char *keep
-        Py_ssize_t sb, sh, si, sj
     int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *v,
                                        float *out, Py_ssize_t B, Py_ssize_t H, Py_ssize_t Hkv,
                                        Py_ssize_t Lq, Py_ssize_t Lk, Py_ssize_t D,

@@ -57,8 +57,8 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
     """Tiled online-softmax attention; out (B, H, Lq, D). With tile_kernel (float32 only, where
     tile_products() is True, block_q a multiple of 16) the tile products run on tile_gemm.h's
     kernel (ac_sdpa_flash_tiles_f32), otherwise on BLAS. mask: (B, H, Lq, Lk) bytes, nonzero =
-    kept, any strides (a broadcast view is read in place); tile kernel only, and only for
-    finite values (ac_sdpa_flash_tiles_masked_f32)."""
+    kept, any strides (a broadcast view is read in place); finite values only (a left-out key
+    weighs 0, and 0 x NaN = NaN: ac_sdpa_flash_tiles_masked_f32)."""
     cdef const int64_t *lens = &kv_lengths[0] if kv_lengths is not None else NULL
     cdef Py_ssize_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3]
     cdef Py_ssize_t Hkv = k.shape[1], Lk = k.shape[2]
@@ -71,8 +71,6 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
         raise ValueError("block_q and block_k must be > 0")
     if tile_kernel and (floating is double or not ac_tile_gemm_available() or block_q % 16):
         raise ValueError("tile_kernel needs float32, the AVX2 or AVX-512 kernels and block_q % 16 == 0")
-    if mask is not None and not tile_kernel:
-        raise ValueError("mask needs the tile kernel")
     with nogil:
         if floating is float:
             if tile_kernel:
@@ -83,11 +81,13 @@ def flash(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1] k,
             else:
                 status = ac_sdpa_flash_f32(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                            &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
-                                           <float>scale, block_q, block_k, sgemm, num_threads)
+                                           keep_or_null, <float>scale, block_q, block_k, sgemm,
+                                           num_threads)
         else:
             status = ac_sdpa_flash_f64(&q[0, 0, 0, 0], &k[0, 0, 0, 0], &v[0, 0, 0, 0],
                                        &out[0, 0, 0, 0], B, H, Hkv, Lq, Lk, D, lens, causal,
-                                       scale, block_q, block_k, dgemm, num_threads)
+                                       keep_or_null, scale, block_q, block_k, dgemm,
+                                       num_threads)
     _check(status)
 
 

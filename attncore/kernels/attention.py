@@ -5,16 +5,16 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* a dense ``mask`` on split-KV (any values), and on flash with the tile kernel (finite
-  values): both read the caller's broadcast mask in place. Flash classifies each tile of queries x keys from
-  it (once per batch entry and head the mask really has): tiles it leaves out whole are
-  skipped, tiles it keeps whole run as without a mask, the others get -inf scores where it
-  leaves keys out. A padding or causal pattern given as a mask thus costs about what
-  ``kv_lengths`` / ``causal`` cost, and an all-True mask changes no bit.
-* a dense ``mask`` otherwise (non-finite values; float64 or builds without the tile kernel at
-  q_len > DECODE_MAX_Q): scores through BLAS and the masked softmax, chunk by chunk of (batch,
-  head) slices (:data:`MASKED_CHUNK_BYTES`), then the product with V; the whole
-  batch x heads x q_len x kv_len weights only when they are asked for.
+* a dense ``mask`` on split-KV (any values), and on flash (finite values): both read the
+  caller's broadcast mask in place. Flash classifies each tile of queries x keys from it
+  (once per batch entry and head the mask really has): tiles it leaves out whole are skipped,
+  tiles it keeps whole run as without a mask, the others get -inf scores where it leaves keys
+  out. A padding or causal pattern given as a mask thus costs about what ``kv_lengths`` /
+  ``causal`` cost, and an all-True mask changes no bit on split-KV and the tile kernel.
+* a dense ``mask`` with non-finite values at q_len > DECODE_MAX_Q: scores through BLAS and
+  the masked softmax, chunk by chunk of (batch, head) slices (:data:`MASKED_CHUNK_BYTES`), then
+  the product with V, the rows that see a non-finite value summed apart; the weights pass of
+  any masked call takes the same chunks.
 * ``return_weights=True``: the output comes from the path it would take without weights
   (below), and the weights from a pass of their own (one more q k^T), so asking for them never
   changes an output bit.
@@ -154,10 +154,9 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
     kv_lengths : (batch,) int, optional
         Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
     mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
-        False = masked. Read in place (never broadcast into a copy) on the fused paths, which
-        skip the keys it leaves out: q_len <= 8, or float32 with AVX2 / AVX-512 and finite
-        values (tiles of queries x keys it leaves out whole are skipped). Otherwise every
-        score is computed, a chunk of heads at a time.
+        False = masked. Read in place (never broadcast into a copy) by the fused paths, which
+        skip the tiles of queries x keys it leaves out whole. Past q_len 8 with a non-finite
+        value, every score is computed, a chunk of heads at a time.
     scale : float, optional
         Default 1 / sqrt(head_dim).
     return_weights : bool
@@ -186,8 +185,7 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
                    if return_weights else None)
         if empty:
             pass
-        elif q_len <= DECODE_MAX_Q or (flash_plan(head_dim, False, q.dtype)[2]
-                                       and _values_finite(v)):
+        elif q_len <= DECODE_MAX_Q or _values_finite(v):
             keep = mask.view(np.uint8)
             if q_len <= DECODE_MAX_Q:
                 _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK,
@@ -227,13 +225,13 @@ def flash_plan(head_dim: int, causal: bool, dtype=np.float32) -> "tuple[int, int
 
 def _flash(q, k, v, out, kv_lengths, causal, scale, threads, keep=None):
     """The flash path into out, on the tile kernel where it runs (float32, AVX2); ``keep``: a
-    dense mask as bytes (batch, heads, q_len, kv_len), for the tile kernel only."""
+    dense mask as bytes (batch, heads, q_len, kv_len), with finite values only."""
     block_q, block_k, own = flash_plan(q.shape[3], causal, q.dtype)
     _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads, keep)
 
 
 def _values_finite(v) -> bool:
-    """Whether every value is finite, which a dense mask on the flash tiles needs: a left-out
+    """Whether every value is finite, which a dense mask on the flash path needs: a left-out
     key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see a NaN value must
     not turn NaN (the chunked path, :func:`_masked_attention`, sums those apart; split-KV
     sums such a row's chunk again itself). The sum is finite only if every value is: one
