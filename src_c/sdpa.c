@@ -169,6 +169,40 @@ static item_mask item_mask_rows(const item_mask *m, ac_index first) {
     return rows;
 }
 
+#ifdef __SSE2__
+/* s[0..15] = -inf where the bytes of left_out (0xFF / 0) say so (float32) */
+static inline void set_minus_inf_16_f32(float *s, __m128i left_out) {
+    const __m128 minus_inf = _mm_set1_ps(-INFINITY);
+    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
+    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
+    const __m128i lanes[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
+                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
+    for (int c = 0; c < 4; c++) {
+        const __m128 m = _mm_castsi128_ps(lanes[c]);
+        _mm_storeu_ps(s + 4 * c, _mm_or_ps(_mm_and_ps(m, minus_inf),
+                                           _mm_andnot_ps(m, _mm_loadu_ps(s + 4 * c))));
+    }
+}
+
+/* the same for 16 doubles: each byte widened to 64 bits */
+static inline void set_minus_inf_16_f64(double *s, __m128i left_out) {
+    const __m128d minus_inf = _mm_set1_pd(-INFINITY);
+    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
+    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
+    const __m128i quads[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
+                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
+    for (int c = 0; c < 4; c++) {
+        const __m128d m[2] = {_mm_castsi128_pd(_mm_unpacklo_epi32(quads[c], quads[c])),
+                              _mm_castsi128_pd(_mm_unpackhi_epi32(quads[c], quads[c]))};
+        for (int h = 0; h < 2; h++) {
+            double *t = s + 4 * c + 2 * h;
+            _mm_storeu_pd(t, _mm_or_pd(_mm_and_pd(m[h], minus_inf),
+                                       _mm_andnot_pd(m[h], _mm_loadu_pd(t))));
+        }
+    }
+}
+#endif
+
 #define REAL float
 #define SUF f32
 #define GEMM_FN ac_sgemm_fn
@@ -232,19 +266,6 @@ static inline void transpose_16x16_bytes(__m128i r[16]) {
     }
 }
 
-/* s[0..15] = -inf where the bytes of left_out (0xFF / 0) say so */
-static inline void set_minus_inf_16(float *s, __m128i left_out) {
-    const __m128 minus_inf = _mm_set1_ps(-INFINITY);
-    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
-    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
-    const __m128i lanes[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
-                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
-    for (int c = 0; c < 4; c++) {
-        const __m128 m = _mm_castsi128_ps(lanes[c]);
-        _mm_storeu_ps(s + 4 * c, _mm_or_ps(_mm_and_ps(m, minus_inf),
-                                           _mm_andnot_ps(m, _mm_loadu_ps(s + 4 * c))));
-    }
-}
 #endif
 
 /* The scores st (nk keys x nq queries, row stride ldst) of the entries the mask leaves out
@@ -274,7 +295,7 @@ static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_
                 const __m128i left_out = _mm_cmpeq_epi8(
                     _mm_loadu_si128((const __m128i *)(keep + jj * sj + i0)), zero);
                 if (_mm_movemask_epi8(left_out))
-                    set_minus_inf_16(st + jj * ldst + i0, left_out);
+                    set_minus_inf_16_f32(st + jj * ldst + i0, left_out);
             }
     } else if (sj == 1) {
         rows = nq / 16 * 16;
@@ -289,7 +310,7 @@ static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_
                 for (int t = 0; t < 16; t++) {
                     const __m128i left_out = _mm_cmpeq_epi8(r[t], zero);
                     if (_mm_movemask_epi8(left_out))
-                        set_minus_inf_16(st + (j0 + t) * ldst + i0, left_out);
+                        set_minus_inf_16_f32(st + (j0 + t) * ldst + i0, left_out);
                 }
             }
     }

@@ -100,7 +100,18 @@ static int CAT(causal_next_rerun_, SUF)(const REAL *v_head, const REAL *o_tile, 
 /* The scores (n) of the keys a mask row leaves out set to -inf. */
 static void CAT(mask_row_scores_, SUF)(REAL *scores, const unsigned char *keep, ac_index sj,
                                        ac_index n) {
-    for (ac_index j0 = 0; j0 < n; j0 += 64)
+    ac_index j = 0;
+#ifdef __SSE2__
+    if (sj == 1) { /* 16 keys a compare and a select (a write per left-out entry was slow) */
+        const __m128i zero = _mm_setzero_si128();
+        for (; j + 16 <= n; j += 16) {
+            const __m128i left_out = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(keep + j)),
+                                                    zero);
+            if (_mm_movemask_epi8(left_out)) CAT(set_minus_inf_16_, SUF)(scores + j, left_out);
+        }
+    }
+#endif
+    for (ac_index j0 = j; j0 < n; j0 += 64)
         for (uint64_t bits = left_out_bits(keep + j0 * sj, sj, AC_MIN(64, n - j0)); bits;
              bits &= bits - 1)
             scores[j0 + __builtin_ctzll(bits)] = -INFINITY;

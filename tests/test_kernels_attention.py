@@ -1064,9 +1064,15 @@ def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(monkeypatch, rng, dty
         attncore.attention(q, k, v, mask=np.ones((q_len, 700), bool), causal=causal),
         attncore.attention(q, k, v, causal=causal))
     padding = (np.arange(700) < lengths[:, None])[:, None, None, :]
-    np.testing.assert_array_equal(
-        attncore.attention(q, k, v, mask=padding, causal=causal),
-        attncore.attention(q, k, v, kv_lengths=lengths, causal=causal))
+    by_lengths = attncore.attention(q, k, v, kv_lengths=lengths, causal=causal)
+    np.testing.assert_array_equal(attncore.attention(q, k, v, mask=padding, causal=causal),
+                                  by_lengths)
+    # a padded cache's tail left as allocated (NaN, inf): still kv_lengths' bits
+    tail = ~padding[:, 0, 0, :]                                       # (batch, kv_len)
+    v[np.nonzero(tail)[0], :, np.nonzero(tail)[1]] = np.nan
+    v[1, 1, 650] = np.inf
+    np.testing.assert_array_equal(attncore.attention(q, k, v, mask=padding, causal=causal),
+                                  by_lengths)
 
 
 @pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())

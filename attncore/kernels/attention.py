@@ -185,7 +185,7 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
                    if return_weights else None)
         if empty:
             pass
-        elif q_len <= DECODE_MAX_Q or _values_finite(v):
+        elif q_len <= DECODE_MAX_Q or _values_seen_finite(v, mask, kv_lengths):
             keep = mask.view(np.uint8)
             if q_len <= DECODE_MAX_Q:
                 _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK,
@@ -230,13 +230,31 @@ def _flash(q, k, v, out, kv_lengths, causal, scale, threads, keep=None):
     _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads, keep)
 
 
-def _values_finite(v) -> bool:
-    """Whether every value is finite, which a dense mask on the flash path needs: a left-out
-    key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see a NaN value must
-    not turn NaN (the chunked path, :func:`_masked_attention`, sums those apart; split-KV
-    sums such a row's chunk again itself). The sum is finite only if every value is: one
-    pass, no temporary; a sum overflowing from finite values merely takes the chunked path."""
-    return bool(np.isfinite(np.add.reduce(v, axis=None)))
+def _values_seen_finite(v, mask, kv_lengths) -> bool:
+    """Whether every value a query may see is finite, which a dense mask on the flash path
+    needs: a left-out key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see
+    a NaN value must not turn NaN (the chunked path, :func:`_masked_attention`, sums those
+    apart; split-KV sums such a row's chunk again itself).
+
+    First the sum of all the values' squares (one BLAS pass, no temporary: finite only if
+    every value is, and faster than a sum or ``isfinite``; squares overflowing from finite
+    values merely send the call further). Failing that, per batch entry, the keys below kv_lengths and up to the last key the mask
+    keeps for some query (a padded cache's tail left as it was allocated, NaN or not, takes
+    the flash path as it does with kv_lengths). ``mask``: broadcast (batch, heads, q_len,
+    kv_len)."""
+    flat = v.reshape(-1)   # (v is C-contiguous: a view)
+    if np.isfinite(np.dot(flat, flat)):
+        return True
+    batch, _, _, kv_len = mask.shape
+    ends = np.full(batch, kv_len) if kv_lengths is None else kv_lengths.copy()
+    # the mask as the caller made it (its broadcast axes of size 1): the keys some query of
+    # batch entry b keeps
+    made = mask[tuple(slice(0, 1) if step == 0 else slice(None) for step in mask.strides[:3])]
+    kept = np.logical_or.reduce(made, axis=(1, 2))                     # (batch or 1, kv_len)
+    last = np.where(kept.any(axis=1), kv_len - np.argmax(kept[:, ::-1], axis=1), 0)
+    ends = np.minimum(ends, np.broadcast_to(last, (batch,)))
+    return all(np.isfinite(np.add.reduce(v[b, :, :end], axis=None))
+               for b, end in enumerate(ends.tolist()) if end)
 
 
 def sequence_attention(q, k, v, *, kv_lengths, causal):
