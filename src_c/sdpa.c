@@ -370,7 +370,8 @@ static void flash_tiles_item(const float *q_tile, const float *k_head, const flo
                 const ac_index hidden = AC_MIN(nq16, j0 + jj - offset - i0);
                 for (ac_index i = 0; i < hidden; i++) st[jj * block_q + i] = -INFINITY;
             }
-        if (kept == MASK_MIXED) mask_scores(st, block_q, m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+        if (kept == MASK_MIXED)
+            mask_scores(st, block_q, m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
         ac_softmax_cols_update_f32(st, nk, nq16, block_q, col_max, col_sum, correction);
         for (ac_index i = 0; i < nq; i++)
             if (correction[i] != 1.0f) ac_scale_f32(o_tile + i * D, D, correction[i]);

@@ -238,10 +238,10 @@ def _values_seen_finite(v, mask, kv_lengths) -> bool:
 
     First the sum of all the values' squares (one BLAS pass, no temporary: finite only if
     every value is, and faster than a sum or ``isfinite``; squares overflowing from finite
-    values merely send the call further). Failing that, per batch entry, the keys below kv_lengths and up to the last key the mask
-    keeps for some query (a padded cache's tail left as it was allocated, NaN or not, takes
-    the flash path as it does with kv_lengths). ``mask``: broadcast (batch, heads, q_len,
-    kv_len)."""
+    values merely send the call further). Failing that, per batch entry, the keys below
+    kv_lengths and up to the last key the mask keeps for some query (a padded cache's tail
+    left as it was allocated, NaN or not, takes the flash path as it does with kv_lengths).
+    ``mask``: broadcast (batch, heads, q_len, kv_len)."""
     flat = v.reshape(-1)   # (v is C-contiguous: a view)
     if np.isfinite(np.dot(flat, flat)):
         return True
@@ -291,8 +291,9 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
     """The dense-mask path into out: BLAS scores, the masked softmax, the product with V,
     chunk by chunk of (batch, head) slices; ``weights`` (batch, heads, q_len, kv_len) or None
     receives the probabilities (the same chunks either way, so asking for the weights never
-    changes an output bit), and with ``out`` None they are all it computes. ``mask`` is the caller's, broadcast (batch, heads, q_len, kv_len):
-    only a chunk of it is copied at a time, with the causal and length limits applied."""
+    changes an output bit), and with ``out`` None they are all it computes. ``mask`` is the
+    caller's, broadcast (batch, heads, q_len, kv_len): only a chunk of it is copied at a time,
+    with the causal and length limits applied."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     group = heads // k.shape[1]
