@@ -308,15 +308,15 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
 #pragma omp parallel num_threads(AC_THREADS(B * H * Lq * Lk * D, num_threads))
     {
         REAL *scores = (REAL *)malloc(sizeof(REAL) * chunk);  /* one row of one chunk */
-        /* with a mask: a chunk of values, for mask_row_values_repair */
-        REAL *values = mask ? (REAL *)malloc(sizeof(REAL) * chunk * D) : NULL;
-        if (!scores || (mask && !values)) {
+        /* a chunk of values for mask_row_values_repair, made when one is first needed */
+        REAL *values = NULL;
+        if (!scores) {
 #pragma omp atomic write
             status = AC_ERR_NOMEM;
         }
 #pragma omp for schedule(static)
         for (ac_index item = 0; item < n_items; item++) {
-            if (!scores || (mask && !values)) continue;
+            if (!scores) continue;
             const ac_index bh = item / n_chunks, c = item % n_chunks;
             const ac_index b = bh / H, h = bh % H, g = h / group;
             const ac_index kv_valid = kv_lengths ? (ac_index)kv_lengths[b] : Lk;
@@ -348,9 +348,16 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                 part_sum[item * Lq + i] = R_EXP_SHIFT_SUM(scores, j1 - j0,
                                                           mx == -INFINITY ? (REAL)0 : mx);
                 CAT(ac_weighted_sum_, SUF)(scores, v_head + j0 * D, j1 - j0, D, o);
-                if (keep && !CAT(row_finite_, SUF)(o, D))
+                if (keep && !CAT(row_finite_, SUF)(o, D)) {
+                    if (!values) values = (REAL *)malloc(sizeof(REAL) * chunk * D);
+                    if (!values) {
+#pragma omp atomic write
+                        status = AC_ERR_NOMEM;
+                        continue;
+                    }
                     CAT(mask_row_values_repair_, SUF)(scores, keep, mask->sj, v_head + j0 * D,
                                                       j1 - j0, D, values, o);
+                }
             }
         }
         free(scores);
