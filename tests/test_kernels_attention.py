@@ -1073,6 +1073,13 @@ def test_a_mask_on_the_fused_paths_adds_nothing_of_its_own(monkeypatch, rng, dty
     v[1, 1, 650] = np.inf
     np.testing.assert_array_equal(attncore.attention(q, k, v, mask=padding, causal=causal),
                                   by_lengths)
+    # left padding (the kept keys last), NaN in the keys no query keeps: the bits of the call
+    # with those values finite
+    left = padding[:, :, :, ::-1]
+    finite = rng.standard_normal(v.shape).astype(dtype)
+    np.testing.assert_array_equal(
+        attncore.attention(q, k, np.where(left[:, :, 0, :, None], finite, np.nan), mask=left),
+        attncore.attention(q, k, finite, mask=left))
 
 
 @pytest.mark.parametrize("dtype,q_len,tiles", _fused_mask_cases())

@@ -140,7 +140,10 @@ def check_finite_float(value, name, dtype=None):
 def check_bool_mask(mask, name, shape):
     arr = _as_array(mask, name)
     if arr.dtype != np.bool_:
-        raise TypeError(f"{name} must be a boolean array (True = keep), got dtype {arr.dtype}")
+        hint = (" (an additive mask of 0 / -inf converts with `mask == 0`)"
+                if arr.dtype.kind == "f" else "")
+        raise TypeError(f"{name} must be a boolean array (True = keep), got dtype "
+                        f"{arr.dtype}{hint}")
     try:
         arr = np.broadcast_to(arr, shape)
     except ValueError:

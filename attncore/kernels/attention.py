@@ -5,16 +5,17 @@ Luong and Nadaraya-Watson attention.
 Strategy choice for ``attention`` (by shape only, never by thread count, so results are
 bit-identical for every thread count):
 
-* a dense ``mask`` on split-KV (any values), and on flash (finite values): both read the
-  caller's broadcast mask in place. Flash classifies each tile of queries x keys from it
-  (once per batch entry and head the mask really has): tiles it leaves out whole are skipped,
-  tiles it keeps whole run as without a mask, the others get -inf scores where it leaves keys
-  out. A padding or causal pattern given as a mask thus costs about what ``kv_lengths`` /
-  ``causal`` cost, and an all-True mask changes no bit on split-KV and the tile kernel.
-* a dense ``mask`` with non-finite values at q_len > DECODE_MAX_Q: scores through BLAS and
-  the masked softmax, chunk by chunk of (batch, head) slices (:data:`MASKED_CHUNK_BYTES`), then
-  the product with V, the rows that see a non-finite value summed apart; the weights pass of
-  any masked call takes the same chunks.
+* a dense ``mask`` on split-KV (any values), and on flash (finite values where some query
+  keeps the key: :func:`_flash_values`): both read the caller's broadcast mask in place.
+  Flash classifies each tile of queries x keys from it (once per batch entry and head the
+  mask really has): tiles it leaves out whole are skipped, tiles it keeps whole run as
+  without a mask, the others get -inf scores where it leaves keys out. A padding or causal
+  pattern given as a mask thus costs about what ``kv_lengths`` / ``causal`` cost, and an
+  all-True mask changes no bit.
+* a dense ``mask`` with a non-finite value some query keeps, at q_len > DECODE_MAX_Q: scores
+  through BLAS and the masked softmax, chunk by chunk of (batch, head) slices
+  (:data:`MASKED_CHUNK_BYTES`), then the product with V, the rows that see a non-finite value
+  summed apart; the weights pass of any masked call takes the same chunks.
 * ``return_weights=True``: the output comes from the path it would take without weights
   (below), and the weights from a pass of their own (one more q k^T), so asking for them never
   changes an output bit.
@@ -150,17 +151,25 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
         (grouped-query: query head h reads key/value head h // (heads // kv_heads)).
     causal : bool
         Bottom-right aligned: query i sees keys j <= i + kv_len - q_len, so a single new token
-        sees the whole cache.
+        sees the whole cache. (torch's ``is_causal`` is top-left aligned; the two agree when
+        q_len == kv_len.)
     kv_lengths : (batch,) int, optional
-        Keys j >= kv_lengths[b] are padding. A query that sees no key gets a zero row.
+        Keys j >= kv_lengths[b] are padding.
     mask : bool, broadcastable to (batch, heads, q_len, kv_len), optional
-        False = masked. Read in place (never broadcast into a copy) by the fused paths, which
-        skip the tiles of queries x keys it leaves out whole. Past q_len 8 with a non-finite
-        value, every score is computed, a chunk of heads at a time.
+        True = the query may see the key. NumPy broadcasting applies: a Hugging Face
+        ``attention_mask`` (batch, kv_len) goes in as ``attention_mask.astype(bool)[:, None,
+        None, :]``, an additive float mask (0 / -inf) as ``additive == 0``. Read in place
+        (never broadcast into a copy) by the fused paths, which skip the tiles of queries x
+        keys it leaves out whole. Past q_len 8 with a NaN or inf in v at a key some query
+        keeps, every score is computed, a chunk of heads at a time.
+
+        ``causal``, ``kv_lengths`` and ``mask`` combine: a query sees the keys all of them
+        allow. A query that sees no key gets a zero row (weights 0), never NaN.
     scale : float, optional
         Default 1 / sqrt(head_dim).
     return_weights : bool
-        Also return the attention weights (batch, heads, q_len, kv_len).
+        Also return the attention weights (batch, heads, q_len, kv_len): a new array of that
+        size, computed on a pass of its own (the output keeps its bits).
 
     Returns
     -------
@@ -183,15 +192,18 @@ def attention(q, k, v, *, causal=False, kv_lengths=None, mask=None, scale=None,
         mask = check_bool_mask(mask, "mask", (batch, heads, q_len, kv_len))
         weights = (np.zeros((batch, heads, q_len, kv_len), dtype=q.dtype)
                    if return_weights else None)
+        # (split-KV takes any values; flash finite ones, or None: the chunked path)
+        fused_v = (v if empty or q_len <= DECODE_MAX_Q
+                   else _flash_values(v, mask, kv_lengths))
         if empty:
             pass
-        elif q_len <= DECODE_MAX_Q or _values_seen_finite(v, mask, kv_lengths):
+        elif fused_v is not None:
             keep = mask.view(np.uint8)
             if q_len <= DECODE_MAX_Q:
                 _sdpa.split_kv(q, k, v, out, kv_lengths, bool(causal), scale, DECODE_CHUNK,
                                threads, keep)
             else:
-                _flash(q, k, v, out, kv_lengths, bool(causal), scale, threads, keep)
+                _flash(q, k, fused_v, out, kv_lengths, bool(causal), scale, threads, keep)
             if weights is not None:   # (on a pass of their own, as without a mask)
                 _masked_attention(q, k, v, None, weights, scale, causal, kv_lengths, mask,
                                   threads)
@@ -225,36 +237,39 @@ def flash_plan(head_dim: int, causal: bool, dtype=np.float32) -> "tuple[int, int
 
 def _flash(q, k, v, out, kv_lengths, causal, scale, threads, keep=None):
     """The flash path into out, on the tile kernel where it runs (float32, AVX2); ``keep``: a
-    dense mask as bytes (batch, heads, q_len, kv_len), with finite values only."""
+    dense mask as bytes (batch, heads, q_len, kv_len), with finite values only
+    (:func:`_flash_values`)."""
     block_q, block_k, own = flash_plan(q.shape[3], causal, q.dtype)
     _sdpa.flash(q, k, v, out, kv_lengths, causal, scale, block_q, block_k, own, threads, keep)
 
 
-def _values_seen_finite(v, mask, kv_lengths) -> bool:
-    """Whether every value a query may see is finite, which a dense mask on the flash path
-    needs: a left-out key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see
-    a NaN value must not turn NaN (the chunked path, :func:`_masked_attention`, sums those
-    apart; split-KV sums such a row's chunk again itself).
-
-    First the sum of all the values' squares (one BLAS pass, no temporary: finite only if
-    every value is, and faster than a sum or ``isfinite``; squares overflowing from finite
-    values merely send the call further). Failing that, per batch entry, the keys below
-    kv_lengths and up to the last key the mask keeps for some query (a padded cache's tail
-    left as it was allocated, NaN or not, takes the flash path as it does with kv_lengths).
-    ``mask``: broadcast (batch, heads, q_len, kv_len)."""
+def _flash_values(v, mask, kv_lengths):
+    """The values for the flash path under a dense mask, which needs them finite: a left-out
+    key weighs exactly 0 there, but 0 x NaN is NaN, and rows that do not see a NaN value must
+    not turn NaN. ``v`` itself when every value is finite (checked by one BLAS dot of v with
+    itself: finite only if every value is, faster than a sum or ``isfinite``; squares
+    overflowing from finite values merely take the slower checks below). Else, when every
+    value some query may see is finite (keys below kv_lengths that the mask keeps for some
+    query of their batch entry), a copy with the others 0: a padded cache left as allocated,
+    NaN or not, at either end, runs as it would with those values finite, bit for bit. Else
+    None: the chunked path (:func:`_masked_attention`) sums the rows that see a non-finite
+    value apart. ``mask``: broadcast (batch, heads, q_len, kv_len)."""
     flat = v.reshape(-1)   # (v is C-contiguous: a view)
     if np.isfinite(np.dot(flat, flat)):
-        return True
+        return v
     batch, _, _, kv_len = mask.shape
-    ends = np.full(batch, kv_len) if kv_lengths is None else kv_lengths.copy()
     # the mask as the caller made it (its broadcast axes of size 1): the keys some query of
-    # batch entry b keeps
+    # each batch entry keeps
     made = mask[tuple(slice(0, 1) if step == 0 else slice(None) for step in mask.strides[:3])]
-    kept = np.logical_or.reduce(made, axis=(1, 2))                     # (batch or 1, kv_len)
-    last = np.where(kept.any(axis=1), kv_len - np.argmax(kept[:, ::-1], axis=1), 0)
-    ends = np.minimum(ends, np.broadcast_to(last, (batch,)))
-    return all(np.isfinite(np.add.reduce(v[b, :, :end], axis=None))
-               for b, end in enumerate(ends.tolist()) if end)
+    seen = np.broadcast_to(np.logical_or.reduce(made, axis=(1, 2)), (batch, kv_len))
+    if kv_lengths is not None:
+        seen = seen & (np.arange(kv_len) < kv_lengths[:, None])
+    by_key = v.transpose(0, 2, 1, 3)                          # (batch, kv_len, kv_heads, D)
+    if not np.isfinite(by_key[seen]).all():
+        return None
+    clean = v.copy()
+    clean.transpose(0, 2, 1, 3)[~seen] = 0
+    return clean
 
 
 def sequence_attention(q, k, v, *, kv_lengths, causal):
