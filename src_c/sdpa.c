@@ -170,13 +170,20 @@ static item_mask item_mask_rows(const item_mask *m, ac_index first) {
 }
 
 #ifdef __SSE2__
+/* The 16 bytes of b (0xFF / 0), each widened to a 32-bit lane: four vectors of four */
+static inline void widen_bytes_32(__m128i b, __m128i lanes[4]) {
+    const __m128i lo = _mm_unpacklo_epi8(b, b), hi = _mm_unpackhi_epi8(b, b);
+    lanes[0] = _mm_unpacklo_epi16(lo, lo);
+    lanes[1] = _mm_unpackhi_epi16(lo, lo);
+    lanes[2] = _mm_unpacklo_epi16(hi, hi);
+    lanes[3] = _mm_unpackhi_epi16(hi, hi);
+}
+
 /* s[0..15] = -inf where the bytes of left_out (0xFF / 0) say so (float32) */
 static inline void set_minus_inf_16_f32(float *s, __m128i left_out) {
     const __m128 minus_inf = _mm_set1_ps(-INFINITY);
-    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
-    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
-    const __m128i lanes[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
-                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
+    __m128i lanes[4];
+    widen_bytes_32(left_out, lanes);
     for (int c = 0; c < 4; c++) {
         const __m128 m = _mm_castsi128_ps(lanes[c]);
         _mm_storeu_ps(s + 4 * c, _mm_or_ps(_mm_and_ps(m, minus_inf),
@@ -184,13 +191,11 @@ static inline void set_minus_inf_16_f32(float *s, __m128i left_out) {
     }
 }
 
-/* the same for 16 doubles: each byte widened to 64 bits */
+/* the same for 16 doubles: each 32-bit lane widened again to 64 bits */
 static inline void set_minus_inf_16_f64(double *s, __m128i left_out) {
     const __m128d minus_inf = _mm_set1_pd(-INFINITY);
-    const __m128i lo = _mm_unpacklo_epi8(left_out, left_out);
-    const __m128i hi = _mm_unpackhi_epi8(left_out, left_out);
-    const __m128i quads[4] = {_mm_unpacklo_epi16(lo, lo), _mm_unpackhi_epi16(lo, lo),
-                              _mm_unpacklo_epi16(hi, hi), _mm_unpackhi_epi16(hi, hi)};
+    __m128i quads[4];
+    widen_bytes_32(left_out, quads);
     for (int c = 0; c < 4; c++) {
         const __m128d m[2] = {_mm_castsi128_pd(_mm_unpacklo_epi32(quads[c], quads[c])),
                               _mm_castsi128_pd(_mm_unpackhi_epi32(quads[c], quads[c]))};
