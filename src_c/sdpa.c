@@ -92,6 +92,14 @@ typedef struct {
     const unsigned char *states;
 } item_mask;
 
+/* The state (mask_block_state) of the item's key block `block`, keys j0 .. j0 + nk of its nq
+ * rows: from the table classified beforehand, else classified here. */
+static inline int item_block_state(const item_mask *m, ac_index block, ac_index j0,
+                                   ac_index nq, ac_index nk) {
+    return m->states ? m->states[block]
+                     : mask_block_state(m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+}
+
 /* The states (mask_block_state) of a flash call's (query tile, key block) pairs, for each
  * batch entry and head the mask has: one entry for all the batch (heads) where the mask
  * broadcasts over them, so that a (Lq, Lk) mask is classified once, not once per head. */
@@ -351,9 +359,7 @@ static void flash_tiles_item(const float *q_tile, const float *k_head, const flo
         const ac_index nk = AC_MIN(block_k, tile_limit - j0);
         /* a block the mask leaves out whole would add exactly nothing (its scores -inf: the
          * maxima stay, the corrections are 1 or act on zeros, P = 0): skipped */
-        const int kept = !m ? MASK_ALL_KEPT
-                         : m->states ? m->states[j0 / block_k]
-                         : mask_block_state(m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+        const int kept = m ? item_block_state(m, j0 / block_k, j0, nq, nk) : MASK_ALL_KEPT;
         if (kept == MASK_NONE_KEPT) continue;
         /* keys of this block some query of the tile may not see (causal): the block
          * crossing the diagonal */

@@ -156,9 +156,7 @@ static void CAT(flash_item_, SUF)(GEMM_FN gemm, const REAL *q_tile, const REAL *
     for (ac_index j0 = 0; j0 < tile_limit; j0 += block_k) {
         const ac_index nk = AC_MIN(block_k, tile_limit - j0);
         /* (a block the mask leaves out whole adds exactly nothing: skipped) */
-        const int kept = !m ? MASK_ALL_KEPT
-                         : m->states ? m->states[j0 / block_k]
-                         : mask_block_state(m->keep + j0 * m->sj, m->si, m->sj, nq, nk);
+        const int kept = m ? item_block_state(m, j0 / block_k, j0, nq, nk) : MASK_ALL_KEPT;
         if (kept == MASK_NONE_KEPT) continue;
         /* scores (nq, nk) = q_scaled . kt[:, j0:j0+nk] */
         CAT(gemm_ab_, SUF)(gemm, (int)nq, (int)nk, (int)D, 1, q_scaled, (int)D,
@@ -337,13 +335,16 @@ int CAT(ac_sdpa_splitkv_, SUF)(const REAL *q, const REAL *k, const REAL *v, REAL
                  * padding mask then runs exactly as kv_lengths (the vector sums split a row
                  * at the same place) */
                 const unsigned char *keep = NULL;
-                if (mask) {
+                if (mask && j1 > j0) {
                     const item_mask m = item_mask_at(mask, &ms, b, h, i, 1);
-                    const int kept = m.states ? m.states[c] : MASK_MIXED;
-                    if (kept == MASK_NONE_KEPT) j1 = j0;
-                    else if (kept == MASK_MIXED) keep = m.keep + j0 * m.sj;
+                    const int kept = item_block_state(&m, c, j0, 1, j1 - j0);
+                    if (kept == MASK_NONE_KEPT) {
+                        j1 = j0;
+                    } else if (kept == MASK_MIXED) {
+                        keep = m.keep + j0 * m.sj;
+                        j1 = j0 + mask_row_extent(keep, m.sj, j1 - j0);
+                    }
                 }
-                if (keep && j1 > j0) j1 = j0 + mask_row_extent(keep, mask->sj, j1 - j0);
                 memset(o, 0, sizeof(REAL) * D);
                 if (j1 <= j0) {
                     part_max[item * Lq + i] = -INFINITY;
