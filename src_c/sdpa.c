@@ -31,6 +31,13 @@ static inline uint64_t low_bits(ac_index n) {
     return n == 64 ? ~(uint64_t)0 : ((uint64_t)1 << n) - 1;
 }
 
+#ifdef __SSE2__
+/* 0xFF in each of the 16 bytes at p that leaves its entry out (0), else 0 */
+static inline __m128i left_out_16(const unsigned char *p) {
+    return _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)p), _mm_setzero_si128());
+}
+#endif
+
 /* Bit t set where the mask leaves out entry t of the n <= 64 at p, p + sj, ... */
 static inline uint64_t left_out_bits(const unsigned char *p, ac_index sj, ac_index n) {
     uint64_t bits = 0;
@@ -38,13 +45,9 @@ static inline uint64_t left_out_bits(const unsigned char *p, ac_index sj, ac_ind
     if (sj == 0) /* (a mask broadcast along the keys) */
         return p[0] ? 0 : low_bits(n);
 #ifdef __SSE2__
-    if (sj == 1) { /* 16 bytes a compare (SSE2: every x86-64 build) */
-        const __m128i zero = _mm_setzero_si128();
-        for (; t + 16 <= n; t += 16) {
-            const __m128i x = _mm_loadu_si128((const __m128i *)(p + t));
-            bits |= (uint64_t)(uint16_t)_mm_movemask_epi8(_mm_cmpeq_epi8(x, zero)) << t;
-        }
-    }
+    if (sj == 1) /* 16 bytes a compare (SSE2: every x86-64 build) */
+        for (; t + 16 <= n; t += 16)
+            bits |= (uint64_t)(uint16_t)_mm_movemask_epi8(left_out_16(p + t)) << t;
 #endif
     for (; t < n; t++) bits |= (uint64_t)(p[t * sj] == 0) << t;
     return bits;
@@ -300,13 +303,11 @@ static void mask_scores(float *st, ac_index ldst, const unsigned char *keep, ac_
     ac_index rows = 0, keys = 0;   /* the squares cover [0, rows) x [0, keys) */
 #ifdef __SSE2__
     if (si == 1 && sj != 1) {   /* stored along the queries, as st runs: no transpose */
-        const __m128i zero = _mm_setzero_si128();
         rows = nq / 16 * 16;
         keys = nk;
         for (ac_index jj = 0; jj < nk; jj++)
             for (ac_index i0 = 0; i0 < rows; i0 += 16) {
-                const __m128i left_out = _mm_cmpeq_epi8(
-                    _mm_loadu_si128((const __m128i *)(keep + jj * sj + i0)), zero);
+                const __m128i left_out = left_out_16(keep + jj * sj + i0);
                 if (_mm_movemask_epi8(left_out))
                     set_minus_inf_16_f32(st + jj * ldst + i0, left_out);
             }

@@ -102,14 +102,11 @@ static void CAT(mask_row_scores_, SUF)(REAL *scores, const unsigned char *keep, 
                                        ac_index n) {
     ac_index j = 0;
 #ifdef __SSE2__
-    if (sj == 1) { /* 16 keys a compare and a select (a write per left-out entry was slow) */
-        const __m128i zero = _mm_setzero_si128();
+    if (sj == 1) /* 16 keys a compare and a select (a write per left-out entry was slow) */
         for (; j + 16 <= n; j += 16) {
-            const __m128i left_out = _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(keep + j)),
-                                                    zero);
+            const __m128i left_out = left_out_16(keep + j);
             if (_mm_movemask_epi8(left_out)) CAT(set_minus_inf_16_, SUF)(scores + j, left_out);
         }
-    }
 #endif
     for (ac_index j0 = j; j0 < n; j0 += 64)
         for (uint64_t bits = left_out_bits(keep + j0 * sj, sj, AC_MIN(64, n - j0)); bits;
