@@ -323,9 +323,6 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
     allowed = None   # the causal limit, the same for every slice
     if causal:
         allowed = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
-    # a value row a query does not see adds nothing to it, NaN or not (0 x NaN would: a NaN in
-    # a padded cache's tail made every row of its slice NaN, where kv_lengths alone does not)
-    values_finite = out is None or bool(np.isfinite(v).all())
     per = max(1, MASKED_CHUNK_BYTES // (q_len * kv_len * q.dtype.itemsize))
     scratch = None if weights is not None else np.empty((min(per, slices), q_len, kv_len),
                                                         dtype=q.dtype)
@@ -354,11 +351,15 @@ def _masked_attention(q, k, v, out, weights, scale, causal, kv_lengths, mask, th
                               keep.reshape(-1, kv_len).view(np.uint8), False, threads)
         if out is None:
             continue
-        if values_finite:
-            _blas.matmul(w, v3[s0:s1], out3[s0:s1], False, 1.0, threads)
-            continue
+        # a value row a query does not see adds nothing to it, NaN or not (0 x NaN would: a
+        # NaN in a padded cache's tail made every row of its slice NaN, where kv_lengths alone
+        # does not). (attention() sends here only calls with a non-finite value some query
+        # keeps; the chunks without one take the plain product.)
         values = v3[s0:s1]
         bad = ~np.isfinite(values)                                   # (n, kv_len, head_dim)
+        if not bad.any():
+            _blas.matmul(w, values, out3[s0:s1], False, 1.0, threads)
+            continue
         _blas.matmul(w, np.where(bad, 0, values), out3[s0:s1], False, 1.0, threads)
         # the rows that do see a non-finite value: their own sum over the keys they keep
         seen = keep & bad.any(axis=2)[:, None, :]                     # (n, q_len, kv_len)
