@@ -76,8 +76,10 @@ int ac_sdpa_flash_tiles_f32(const float *q, const float *k, const float *v, floa
  * Each block of block_q queries x block_k keys is classified from the mask first: a block
  * with no kept entry is skipped (computing it would add exactly nothing), a block with every
  * entry kept runs as without a mask, and a mixed one has its left-out scores set to -inf.
- * A value row weighs exactly 0 where it is left out, but 0 x NaN = NaN: the caller sends
- * non-finite values elsewhere (attention's dense-mask path). */
+ * A value row weighs exactly 0 where it is left out, but 0 x NaN = NaN: the values must be
+ * finite (attention zeroes, in a copy, the ones no query keeps, and sends a call with a
+ * non-finite value some query keeps to its chunked path). The BLAS flash path
+ * (ac_sdpa_flash_f32 / _f64) takes a mask the same way. */
 int ac_sdpa_flash_tiles_masked_f32(const float *q, const float *k, const float *v, float *out,
                                    ac_index B, ac_index H, ac_index Hkv, ac_index Lq,
                                    ac_index Lk, ac_index D, const int64_t *kv_lengths,
