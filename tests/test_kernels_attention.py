@@ -192,7 +192,10 @@ def test_kernel_wrappers_check_what_they_index(rng):
     bad = [dict(k=np.zeros((2, 3, 30, 8), np.float32)),
            dict(v=np.zeros((2, 2, 31, 8), np.float32)),
            dict(out=np.zeros((2, 4, 20, 9), np.float32)), dict(lens=np.array([31, 0])),
-           dict(lens=np.array([3]))]
+           dict(lens=np.array([3])), dict(lens=np.array([0, -1])),
+           dict(k=np.zeros((3, 2, 30, 8), np.float32), v=np.zeros((3, 2, 30, 8), np.float32)),
+           dict(k=np.zeros((2, 2, 30, 9), np.float32), v=np.zeros((2, 2, 30, 9), np.float32)),
+           dict(k=np.zeros((2, 2, 0, 8), np.float32), v=np.zeros((2, 2, 0, 8), np.float32))]
     for change in bad:
         a = {**dict(q=q, k=k, v=k, out=out, lens=None), **change}
         with pytest.raises(ValueError):

@@ -1,0 +1,36 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The common case of ``_validation.check_float_array`` in C: an array a kernel can read as it
+is. The Python checks (type, dtype, byte order, flags, ndim) cost about 0.5 us an argument
+through attribute lookups -- an attention call checks three, an additive one eight -- and
+these NumPy C-API reads 0.03 us. Anything else (a conversion, a copy, an error message)
+stays with the Python function."""
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+def plain_float_array(x, ndim, min_ndim, dtype):
+    """True when ``x`` is an ndarray (not a subclass) of native float32 or float64, aligned and
+    C-contiguous, with ``ndim`` dimensions (None: any) and at least ``min_ndim`` (None: any),
+    of ``dtype`` when one is given: ``check_float_array`` would return it unchanged. False
+    does not mean the array is refused, only that the Python checks must look at it."""
+    if type(x) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    cdef int type_num = cnp.PyArray_TYPE(arr)
+    if type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64:
+        return False
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr)):
+        return False
+    if ndim is not None and cnp.PyArray_NDIM(arr) != <int>ndim:
+        return False
+    if min_ndim is not None and cnp.PyArray_NDIM(arr) < <int>min_ndim:
+        return False
+    if dtype is not None:
+        # (a dtype instance of a builtin type is a singleton: ``q.dtype`` passed for k and v
+        # is the same object; anything else, a type such as np.float32 included, goes the
+        # Python way)
+        if <object>cnp.PyArray_DESCR(arr) is not dtype:
+            return False
+    return True
