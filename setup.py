@@ -151,6 +151,7 @@ def kernel_extension(name, c_sources=()):
 debug = os.environ.get("ATTNCORE_DEBUG") == "1"
 extensions = [
     kernel_extension("_threads", ["simd.c"]),
+    kernel_extension("_arrays"),
     kernel_extension("_blas", ["simd.c", "packed_linear.c", "packed_int8.c", "tile_gemm.c"]),
     kernel_extension("_softmax", ["softmax.c", "simd.c"]),
     kernel_extension("_sdpa", ["sdpa.c", "tile_gemm.c", "simd.c"]),

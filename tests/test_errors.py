@@ -533,6 +533,31 @@ def test_big_endian_and_matrix_inputs_give_the_native_results():
     np.testing.assert_array_equal(attncore.relu(np.matrix(x)), attncore.relu(x))
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_fast_array_check_passes_only_arrays_the_kernels_read_as_they_are():
+    """check_float_array returns an array unchanged when _arrays.plain_float_array (its C fast
+    path) says so: it must say False for everything the Python checks convert or refuse."""
+    from attncore.kernels._arrays import plain_float_array
+    from attncore.kernels._validation import check_float_array
+    x = np.arange(24, dtype=F32).reshape(2, 3, 4)
+    raw = bytearray(x.nbytes + 1)
+    unaligned = np.frombuffer(raw, dtype=F32, count=x.size, offset=1).reshape(x.shape)
+    plain = [(x, None, None, None), (x, 3, None, None), (x, None, 3, None),
+             (x.astype(F64), 3, 1, np.dtype(F64)), (x, 3, 2, x.dtype), (x[0], 2, None, None)]
+    others = [(x.astype(np.float16), None, None, None), (x.astype(np.int32), None, None, None),
+              (x.astype(np.dtype(F32).newbyteorder(">")), None, None, None),
+              (x.transpose(0, 2, 1), None, None, None), (x[:, :, ::2], None, None, None),
+              (unaligned, None, None, None), (np.ma.masked_array(x), None, None, None),
+              (np.matrix(x[0]), None, None, None), (x.tolist(), None, None, None),
+              (x, 2, None, None), (x, None, 4, None), (x, None, None, np.dtype(F64)),
+              (np.float32(1.0), None, None, None)]
+    for array, ndim, min_ndim, dtype in plain:
+        assert plain_float_array(array, ndim, min_ndim, dtype)
+        assert check_float_array(array, "x", ndim, min_ndim, dtype) is array
+    for array, ndim, min_ndim, dtype in others:
+        assert not plain_float_array(array, ndim, min_ndim, dtype)
+
+
 # --------------------------------------------- private kernel modules called directly
 # The fronts check arguments for users; the private Cython modules check again what their C
 # code indexes by, so a direct call cannot corrupt memory (each of these crashed the process:

@@ -6,6 +6,8 @@ import numbers
 
 import numpy as np
 
+from ._arrays import plain_float_array
+
 FLOAT_DTYPES = (np.float32, np.float64)
 # float32's largest finite value and smallest subnormal, for parameters of float32 kernels
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -14,6 +16,8 @@ _FLOAT32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
 
 def check_float_array(x, name, ndim=None, min_ndim=None, dtype=None):
     """Return ``x`` as a C-contiguous float32/float64 ndarray (copying only when needed)."""
+    if plain_float_array(x, ndim, min_ndim, dtype):
+        return x
     if isinstance(x, np.ma.MaskedArray):   # its mask would be silently dropped
         raise TypeError(f"{name} is a masked array: pass its data and give the kernel the "
                         f"exclusions (mask= or lengths=)")
