@@ -118,6 +118,8 @@ def _as_array(value, name):
 
 def check_bool(value, name):
     """A flag as a Python bool: ``causal="False"`` was truthy, and applied the mask."""
+    if value is True or value is False:   # (the common case without isinstance's tuple)
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
