@@ -558,6 +558,28 @@ def test_fast_array_check_passes_only_arrays_the_kernels_read_as_they_are():
         assert not plain_float_array(array, ndim, min_ndim, dtype)
 
 
+def test_fast_range_check_of_ids_and_lengths():
+    """_arrays.int64_first_outside (check_ids' and check_lengths' C pass) finds the first value
+    outside [low, high] of a plain int64 array, and answers None for the arrays NumPy checks."""
+    from attncore.kernels._arrays import int64_first_outside
+    ids = np.array([[3, 0, 9], [4, 10, -1]], dtype=np.int64)
+    assert int64_first_outside(ids, 0, 10) == 5
+    assert int64_first_outside(ids, 0, 9) == 4
+    assert int64_first_outside(ids, -1, 10) == -1
+    assert int64_first_outside(ids[:0], 0, 0) == -1
+    assert int64_first_outside(np.array([0], dtype=np.int64), 0, -1) == 0   # (vocab 0)
+    for other in (ids.astype(np.int32), ids.astype(np.uint64), ids.T, ids[:, ::2],
+                  ids.astype(np.dtype(np.int64).newbyteorder(">")), ids.tolist()):
+        assert int64_first_outside(other, 0, 10) is None
+    # the fronts name the value either way
+    table = np.zeros((10, 2), np.float32)
+    for bad in (ids, ids.astype(np.int32), ids.T, ids[:, ::2] - 1):
+        with pytest.raises(ValueError, match=r"ids values must lie in \[0, 10\), got "):
+            attncore.embedding(table, bad)
+    with pytest.raises(ValueError, match=r"kv_lengths values must lie in \[0, 5\], got 6"):
+        attncore.attention(Q, K, V, kv_lengths=np.array([2, 6]))
+
+
 # --------------------------------------------- private kernel modules called directly
 # The fronts check arguments for users; the private Cython modules check again what their C
 # code indexes by, so a direct call cannot corrupt memory (each of these crashed the process:

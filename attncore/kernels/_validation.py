@@ -6,7 +6,7 @@ import numbers
 
 import numpy as np
 
-from ._arrays import plain_float_array
+from ._arrays import int64_first_outside, plain_float_array
 
 FLOAT_DTYPES = (np.float32, np.float64)
 # float32's largest finite value and smallest subnormal, for parameters of float32 kernels
@@ -71,10 +71,19 @@ def check_lengths(lengths, name, shape, max_value):
             arr = np.broadcast_to(arr, shape)
         except ValueError:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}") from None
-    if arr.size and (arr.min() < 0 or arr.max() > max_value):
+    if _any_outside(arr, 0, max_value):
         bad = arr[(arr < 0) | (arr > max_value)].ravel()[0]
         raise ValueError(f"{name} values must lie in [0, {max_value}], got {int(bad)}")
     return as_c_contiguous(arr, np.int64)
+
+
+def _any_outside(arr, low, high):
+    """Whether an integer array holds a value outside [low, high] (one C pass over an int64
+    array, NumPy's min and max for the others)."""
+    first = int64_first_outside(arr, low, high)
+    if first is not None:
+        return first >= 0
+    return bool(arr.size) and (arr.min() < low or arr.max() > high)
 
 
 def check_ids(ids, name, vocab_size):
@@ -84,7 +93,7 @@ def check_ids(ids, name, vocab_size):
         arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+    if _any_outside(arr, 0, vocab_size - 1):
         bad = arr[(arr < 0) | (arr >= vocab_size)].ravel()[0]
         raise ValueError(f"{name} values must lie in [0, {vocab_size}), got {int(bad)}")
     return as_c_contiguous(arr, np.int64)
