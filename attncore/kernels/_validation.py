@@ -167,6 +167,8 @@ def check_bool_mask(mask, name, shape):
 
 
 def check_axis(axis, ndim, name="axis"):
+    if type(axis) is int and -ndim <= axis < ndim:   # (the common case without the ABC check)
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
