@@ -109,7 +109,8 @@ def check_size(value, name, minimum=0, maximum=1 << 31):
 
 
 def check_positive_float(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool)   # (float: no ABC check)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
@@ -138,7 +139,8 @@ def check_finite_float(value, name, dtype=None):
     """A finite real ``value`` as a Python float; with ``dtype`` (the inputs' float dtype, which
     the kernel computes in) also representable there: a float32 kernel turned 1e39 into inf
     and 1e-50 into 0 (NaN or zeros out, silently)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool)   # (float: no ABC check)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
