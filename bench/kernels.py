@@ -6,7 +6,7 @@
     python bench/kernels.py --threads 1 2 4
     python bench/kernels.py --only additive    # sections: attention decode masked softmax
                                                # activations norm additive pooling packed
-                                               # matmul sampling
+                                               # matmul sampling calls
 
 Prints, per thread count: the BLAS sgemm GFLOP/s of this run (the physical reference), then
 attention at the prefill shapes (GFLOP/s = 4*B*H*Lq*Lk*D, halved for causal) and at decode
@@ -14,7 +14,8 @@ shapes, attention with dense masks (causal, band, padding and random patterns), 
 NumPy, GELU / tanh / sigmoid vs NumPy, layer / RMS norm, additive
 attention vs its reference, Nadaraya-Watson pooling, the products of a decoding step on
 packed float32 and bfloat16 weights vs ``x @ W.T``, float32 matmul / linear vs NumPy, a top-p
-sampling step and a beam-search ranking vs NumPy and torch; finally the peak memory of
+sampling step and a beam-search ranking vs NumPy and torch, the fixed cost of a call of each
+public kernel on a tiny input vs torch (section ``calls``); finally the peak memory of
 ``attention`` at length 16384 (it must show no len^2 buffer).
 Ratios > 1 mean attncore is faster. In the attention and decode rows,
 attncore and torch take turns (``_harness.best_times_interleaved``), so a slow stretch of the
@@ -304,6 +305,75 @@ MATMUL_SHAPES = [(24, 256, 256), (64, 256, 256), (64, 256, 1024), (256, 512, 512
                  (1024, 512, 1536)]
 
 
+CALLS_PER_SAMPLE = 200
+
+
+def _tiny_calls(torch):
+    """(name, attncore call, torch call or None) on inputs of a few hundred elements, where a
+    call's time is its fixed cost: the Python front's checks, the wrapper, the thread team."""
+    rng = np.random.default_rng(9)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+    x, gamma, beta, w = f32(4, 64), f32(64), f32(64), f32(64, 64)
+    q, kv = f32(1, 2, 1, 64), f32(1, 2, 16, 64)
+    table, ids = f32(100, 64), np.array([1, 2, 3])
+    lengths = np.array([9])
+    queries, keys, w_q, w_k, w_v = f32(1, 1, 64), f32(1, 16, 64), f32(64, 32), f32(64, 32), f32(32)
+    calls = [("softmax (4, 64)", lambda: attncore.softmax(x), "softmax"),
+             ("log_softmax (4, 64)", lambda: attncore.log_softmax(x), "log_softmax"),
+             ("layer_norm (4, 64)", lambda: attncore.layer_norm(x, gamma, beta), "layer_norm"),
+             ("linear (4, 64) x (64, 64)", lambda: attncore.linear(x, w, beta), "linear"),
+             ("matmul (4, 64) x (64, 64)", lambda: attncore.matmul(x, w), "matmul"),
+             ("relu (4, 64)", lambda: attncore.relu(x), "relu"),
+             ("sigmoid (4, 64)", lambda: attncore.sigmoid(x), "sigmoid"),
+             ("embedding 3 ids of (100, 64)", lambda: attncore.embedding(table, ids), "embedding"),
+             ("attention q_len 1, kv_len 16, 2 heads",
+              lambda: attncore.attention(q, kv, kv), "sdpa"),
+             ("attention, kv_lengths", lambda: attncore.attention(q, kv, kv, kv_lengths=lengths),
+              "sdpa_lengths"),
+             ("additive_attention q_len 1, kv_len 16",
+              lambda: attncore.additive_attention(queries, keys, keys, w_q, w_k, w_v), None),
+             ("nadaraya_watson 1 x 16", lambda: attncore.nadaraya_watson(queries[0], keys[0],
+                                                                       keys[0]), None)]
+    peers = {}
+    if torch is not None:
+        F = torch.nn.functional
+        tx, tg, tb, tw = (torch.from_numpy(a) for a in (x, gamma, beta, w))
+        tq, tkv, ttable, tids = (torch.from_numpy(a) for a in (q, kv, table, ids))
+        tmask = torch.from_numpy(np.arange(16)[None, None, None, :] < lengths[:, None, None, None])
+        peers = {"softmax": lambda: torch.softmax(tx, -1),
+                 "log_softmax": lambda: torch.log_softmax(tx, -1),
+                 "layer_norm": lambda: F.layer_norm(tx, (64,), tg, tb),
+                 "linear": lambda: F.linear(tx, tw, tb), "matmul": lambda: torch.matmul(tx, tw),
+                 "relu": lambda: F.relu(tx), "sigmoid": lambda: torch.sigmoid(tx),
+                 "embedding": lambda: F.embedding(tids, ttable),
+                 "sdpa": lambda: F.scaled_dot_product_attention(tq, tkv, tkv),
+                 "sdpa_lengths": lambda: F.scaled_dot_product_attention(tq, tkv, tkv,
+                                                                        attn_mask=tmask)}
+    return [(name, ours, peers.get(peer)) for name, ours, peer in calls]
+
+
+def run_calls(threads, torch, calls_rows, quick):
+    """The fixed cost of one call of each public kernel on a tiny input, attncore and torch
+    taking turns; a sample is a loop of CALLS_PER_SAMPLE calls (one call is a few us, near
+    the timer's own cost). Rows: (threads, name, attncore s a call, torch s a call or NaN)."""
+    loops = 20 if quick else CALLS_PER_SAMPLE
+
+    def looped(fn):
+        def run():
+            for _ in range(loops):
+                fn()
+        return run
+    for name, ours, peer in _tiny_calls(torch):
+        engines = {"attncore": looped(ours)}
+        if peer is not None:
+            engines["torch"] = looped(peer)
+        t_ac, t_th = _taking_turns(engines, torch if peer is not None else None, rounds=3,
+                                   repeats=10)
+        calls_rows.append((threads, name, t_ac / loops, t_th / loops))
+
+
 def run_matmul(threads, torch, rows, quick):
     """float32 ``attncore.matmul(a, b)`` and ``attncore.linear(x, w)`` (the tile kernel on AVX2
     machines, BLAS elsewhere) against NumPy's ``a @ b`` / ``x @ w.T`` (the reference's BLAS)
@@ -420,7 +490,7 @@ def peak_memory(L):
 
 
 SECTIONS = ("attention", "decode", "masked", "softmax", "activations", "norm", "additive",
-            "pooling", "packed", "matmul", "sampling")
+            "pooling", "packed", "matmul", "sampling", "calls")
 
 
 def main(argv=None):
@@ -438,6 +508,7 @@ def main(argv=None):
     print(f"# {' '.join(['python', 'bench/kernels.py'] + (argv if argv is not None else sys.argv[1:]))}")
     print(f"# machine: {H.machine_description(with_torch=not args.no_torch)}")
     rows = []
+    calls_rows = []
     gemm = {}
     for threads in args.threads:
         with H.set_threads(threads, with_torch=not args.no_torch):
@@ -465,6 +536,8 @@ def main(argv=None):
                 run_matmul(threads, torch, rows, args.quick)
             if "sampling" in args.only:
                 run_sampling(threads, torch, rows, args.quick)
+            if "calls" in args.only:
+                run_calls(threads, torch, calls_rows, args.quick)
     print()
     print("| threads | workload | attncore ms | GFLOP/s | % of sgemm | vs NumPy ref | vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|")
@@ -473,6 +546,14 @@ def main(argv=None):
         gfs = f"{gf:7.1f}" if np.isfinite(gf) else "   -   "
         print(f"| {threads} | {name} | {t_ac * 1e3:9.3f} | {gfs} | {pct} | "
               f"{H.fmt_ratio(t_np / t_ac)} | {H.fmt_ratio(t_th / t_ac)} |")
+    if calls_rows:
+        print()
+        print("| threads | one call on a tiny input | attncore us | torch us | vs torch |")
+        print("|---:|---|---:|---:|---:|")
+        for threads, name, t_ac, t_th in calls_rows:
+            torch_us = f"{t_th * 1e6:.2f}" if np.isfinite(t_th) else "-"
+            print(f"| {threads} | {name} | {t_ac * 1e6:.2f} | {torch_us} | "
+                  f"{H.fmt_ratio(t_th / t_ac)} |")
     print()
     print("| threads | NumPy sgemm GFLOP/s (same run) |")
     print("|---:|---:|")
