@@ -6,6 +6,7 @@ Tolerance: engine float32 log-probabilities agree with the trainer's within 1e-4
 summation orders, compounded over a few recurrent steps.
 """
 import concurrent.futures
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -386,6 +387,28 @@ def test_load_picks_the_class_and_the_tokenizer(dates):
     assert dates.config["hidden_size"] == 128
     assert all(w.dtype == np.float32 and w.flags.c_contiguous and not w.flags.writeable
                for w in dates.weights.values())
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_model_weights_cannot_be_edited_in_place(dates, weight_dtype):
+    """model.weights is what the model runs and save() writes: a read-only mapping of arrays
+    that cannot be made writeable again. (A replaced entry had no effect on the model in
+    memory but went into save() and copies; an array made writeable and edited changed the
+    biases and norms the steps read in place but not the packed matrices.)"""
+    model = Seq2SeqAttention(dates.config, dict(dates.weights), dates.tokenizer,
+                             weight_dtype=weight_dtype)
+    with pytest.raises(TypeError):
+        model.weights["decoder.output.bias"] = np.zeros_like(model.weights["decoder.output.bias"])
+    for name, array in model.weights.items():
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            array.flags.writeable = True
+    # the documented way to change a weight: a new model
+    bias = model.weights["decoder.output.bias"]
+    edited = Seq2SeqAttention(model.config, {**model.weights,
+                                             "decoder.output.bias": bias + 1.0},
+                              model.tokenizer)
+    np.testing.assert_array_equal(edited.weights["decoder.output.bias"], bias + 1.0)
+    assert copy.deepcopy(model).translate(["3 March 1998"]) == ["1998-03-03"]
 
 
 def test_dates_translate(dates):

@@ -601,6 +601,12 @@ def test_additive_keys_copy_and_float64(rng):
     projected[:] = 0
     assert keys.projected.any() and not keys.projected.flags.writeable
     assert not keys.factors.flags.writeable
+    # and they stay read-only: factors and in_limit are derived from projected once, so an
+    # edit of projected made writeable again had left them stale
+    for made in (keys, attncore.AdditiveKeys.project(projected + 1, np.eye(8, dtype=np.float32))):
+        for array in (made.projected, made.factors, made.in_limit):
+            with pytest.raises(ValueError, match="WRITEABLE"):
+                array.flags.writeable = True
     a = _additive_inputs(rng, np.float64, batch=2, q_len=1, kv_len=5, hidden=8)
     keys64 = attncore.AdditiveKeys.project(a["keys"], a["w_k"])
     assert keys64.factors is None and keys64.in_limit is None

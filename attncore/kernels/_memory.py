@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Memory for packed weights, on transparent huge pages where Linux offers them.
+"""Memory for packed weights, on transparent huge pages where Linux offers them; read-only
+views of arrays nobody may edit (``read_only_view``).
 
 A decoding step streams every packed weight once per token. On 4 KiB pages that is one TLB
 miss per 4 KiB read, and where the weights come from DRAM the page walks show. NumPy asks for
@@ -24,7 +25,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["empty_for_streaming"]
+__all__ = ["empty_for_streaming", "read_only_view"]
 
 HUGE_PAGE = 2 << 20
 CHUNK = 16 << 20
@@ -72,3 +73,17 @@ def empty_for_streaming(shape, dtype) -> np.ndarray:
             memory = chunk[offset:offset + nbytes]
             _chunk = (chunk, offset + -(-nbytes // ALIGN) * ALIGN)
     return memory.view(dtype).reshape(shape)
+
+
+def read_only_view(array: np.ndarray) -> np.ndarray:
+    """``array`` made read-only, returned as a view that cannot be made writeable again (NumPy
+    refuses ``flags.writeable = True`` on a view whose base is read-only): for arrays the
+    library made and derives other arrays from once, such as a model's weights, which an edit
+    in place would change in part only. ``array`` may be a view of an array the library made
+    (a reshape): the arrays it views are made read-only too, or the view could be made
+    writeable again."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base.flags.writeable = False
+        base = base.base
+    return array.view()

@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from . import _additive, _blas, _sdpa, _softmax, _threads
+from ._memory import read_only_view
 from ._validation import (check_bool, check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
 from .threads import BLAS_SMALL_MATRIX_KERNEL, SMALL_MATRIX_MACS, kernel_threads
@@ -419,8 +420,9 @@ class AdditiveKeys:
         return self
 
     def _set(self, projected):
-        projected.flags.writeable = False
-        self.projected = projected
+        # read-only views that cannot be made writeable again: factors and in_limit are
+        # derived from projected once, and an edit of projected left them stale
+        self.projected = read_only_view(projected)
         self.factors = self.in_limit = None
         if projected.dtype == np.float32:
             batch, kv_len, hidden = projected.shape
@@ -428,9 +430,8 @@ class AdditiveKeys:
             in_limit = np.empty((batch, kv_len), dtype=np.uint8)
             _additive.key_factors(projected.reshape(-1, hidden), factors.reshape(-1, hidden),
                                   in_limit.reshape(-1), kernel_threads())
-            factors.flags.writeable = False
-            self.factors, self.in_limit = factors, in_limit.view(bool)
-            self.in_limit.flags.writeable = False
+            self.factors = read_only_view(factors)
+            self.in_limit = read_only_view(in_limit).view(bool)
 
     @property
     def shape(self):

@@ -15,6 +15,7 @@ import copy
 import numbers
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -22,6 +23,7 @@ from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import io
+from ..kernels._memory import read_only_view
 from ..kernels._validation import check_bool
 from ..kernels.basic import check_weight_dtype, round_bfloat16
 
@@ -416,7 +418,9 @@ class Model:
         A ``config.json`` dict (``docs/FORMAT.md``); copied.
     weights : mapping name -> array
         Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
-        stored as read-only C-contiguous float32 (a float64 model runs in float32).
+        copied. ``model.weights`` is a read-only mapping of read-only C-contiguous float32
+        arrays (a float64 model runs in float32): to change a weight, build a new model,
+        ``type(model)(model.config, {**model.weights, name: new_array}, model.tokenizer)``.
     tokenizer : :class:`attncore.tokenizer.Tokenizer`, optional
     weight_dtype : "float32" (default), "bfloat16" or "int8"
         ``"bfloat16"`` rounds every weight matrix (each tensor of two or more dimensions:
@@ -455,11 +459,16 @@ class Model:
         weight_dtype = check_weight_dtype(weight_dtype)
         spec = io.weight_spec(config)  # ValueError on unknown architecture / bad hyper-parameters
         self.config = config
-        self.weights = self._check_weights(spec, weights)
+        weights = self._check_weights(spec, weights)
         if weight_dtype == "bfloat16":
-            self.weights = self._rounded_to_bfloat16(self.weights)
+            weights = self._rounded_to_bfloat16(weights)
         if weight_dtype == "int8":
-            self._check_int8_widths(self.weights)
+            self._check_int8_widths(weights)
+        # read-only all the way down: the compiled steps read packed copies of the matrices
+        # and the biases, norms and embeddings in place, so an edit took effect in part, and
+        # save() or a copy rebuilt from the edited dict a model unlike the one in memory
+        self.weights = types.MappingProxyType({name: read_only_view(array)
+                                               for name, array in weights.items()})
         self.weight_dtype = weight_dtype
         if tokenizer is not None and not all(
                 callable(getattr(tokenizer, name, None))
