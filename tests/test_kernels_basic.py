@@ -743,6 +743,18 @@ def test_packed_panels_get_memory_of_their_own():
     assert not packed.panels.flags.writeable and np.array_equal(packed.unpack(), w)
 
 
+@pytest.mark.parametrize("in_features", [1, 2, 65])
+def test_unpack_gives_a_new_array(in_features):
+    # with one in_feature the float32 unpack was a read-only view of the panels
+    w = np.random.default_rng(1).standard_normal((3, in_features)).astype(np.float32)
+    for weight_dtype in ("float32", "bfloat16", "int8"):
+        packed = attncore.kernels.PackedLinearWeight(w, weight_dtype=weight_dtype)
+        got = packed.unpack()
+        assert not np.shares_memory(got, packed.panels) and got.flags.writeable
+        got *= 2   # (raised "output array is read-only" on the view)
+        np.testing.assert_array_equal(packed.unpack() * 2, got)
+
+
 def test_packed_linear_rejects_bad_input():
     w = np.ones((5, 3), np.float32)
     packed = attncore.kernels.PackedLinearWeight(w)

@@ -220,7 +220,8 @@ class PackedLinearWeight:
             columns = pairs.transpose(0, 1, 2, 4, 3).reshape(panels.shape)
             panels = (columns.astype(np.uint32) << 16).view(np.float32)
         full = panels.transpose(0, 2, 1).reshape(-1, in_features)
-        return np.ascontiguousarray(full[:out_features])
+        # (a copy: with one in_feature the reshape is a view of the read-only panels)
+        return np.array(full[:out_features], order="C")
 
     def int8_parts(self):
         """For an int8 weight: its (out_features, in_features) int8 values and (out_features,)
