@@ -1,6 +1,7 @@
 """The RAN engine (attncore.models.ran) against the trainer's forward pass and the official
 rannet outputs: ragged batches, causal chunked continuation, heads, threads, errors, and the
 linear memory of a 100k-token document."""
+import dataclasses
 import json
 import re
 import os
@@ -355,6 +356,22 @@ def test_a_chunk_inside_a_window_shares_the_carried_memory():
     keys[0, 0] = np.nan
     with pytest.raises(ValueError, match="memory_keys holds NaN"):
         engine.encode([doc[10:11]], inside)
+
+
+def test_a_state_rebuilt_from_the_callers_arrays_leaves_them_theirs():
+    # a continuation that finishes no window carries the memory review's arrays on: one the
+    # caller made (a state rebuilt from its own storage) was frozen and adopted, not copied
+    engine, _ = make_pair(seed=5, causal=True, window_size=4)
+    _, state = engine.encode([[3, 4, 5, 6, 7]])             # one window done, one token pending
+    carry = state.layers[0][0]
+    mine = np.array(carry.memory_keys)
+    rebuilt = dataclasses.replace(state, layers=((dataclasses.replace(carry, memory_keys=mine),)
+                                                 + state.layers[0][1:],) + state.layers[1:])
+    _, after = engine.encode([[8]], rebuilt)
+    assert mine.flags.writeable
+    assert after.layers[0][0].memory_keys is not mine
+    np.testing.assert_array_equal(after.layers[0][0].memory_keys, carry.memory_keys)
+    assert not after.layers[0][0].memory_keys.flags.writeable
 
 
 def test_causal_state_is_not_changed_by_continuing():

@@ -351,14 +351,14 @@ def _set_read_only(obj, state: dict) -> None:
 _CARRIED_MEMORY: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
-def _carried_memory(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+def _carried_memory(array: Optional[np.ndarray], fresh: bool = False) -> Optional[np.ndarray]:
     """A memory-review array for a state, without a copy where none is needed: a state's
-    (registered, read-only) array as it is, a fresh one made by this call frozen in place,
-    anything else (the model's c_0 row, a caller's array) a private read-only copy."""
+    (registered, read-only) array as it is, a ``fresh`` one (made by this call) frozen in
+    place, anything else (the model's c_0 row, a caller's array) a private read-only copy.
+    (Telling fresh arrays by ``base is None`` had adopted and frozen a caller's array.)"""
     if array is None or _is_carried_memory(array):
         return array
-    if array.base is None and array.flags.writeable and array.flags.c_contiguous \
-            and np.isfinite(array).all():
+    if fresh and np.isfinite(array).all():
         array.flags.writeable = False
     else:
         array = _frozen(array)
@@ -789,9 +789,10 @@ class RAN(GenerateTokensMixin, Model):
             for i, c in enumerate(before):
                 keys = values = None
                 if review is not None:
-                    keys = _carried_memory(np.concatenate([c.memory_keys, review[i:i + 1, :D]]))
+                    keys = _carried_memory(np.concatenate([c.memory_keys, review[i:i + 1, :D]]),
+                                           fresh=True)
                     values = _carried_memory(np.concatenate([c.memory_values,
-                                                             review[i:i + 1, D:]]))
+                                                             review[i:i + 1, D:]]), fresh=True)
                 g_sum, g_max = _pooled_sums(c.g_sum, c.g_max, g[i:i + 1])
                 carried[i][index] = _LayerCarry(_frozen(cells[i]), _frozen(g[i]), keys, values,
                                                 _frozen(g_sum), _frozen(g_max))
@@ -1204,9 +1205,10 @@ class RAN(GenerateTokensMixin, Model):
                     keys, values = old_keys, old_values
                 finished = windows[plan.win_final[windows]]
                 if len(finished):
-                    memory[b] = (_carried_memory(np.concatenate([old_keys, kv[finished, :D]])),
-                                 _carried_memory(np.concatenate([old_values,
-                                                                 kv[finished, D:]])))
+                    memory[b] = (_carried_memory(np.concatenate([old_keys, kv[finished, :D]]),
+                                                 fresh=True),
+                                 _carried_memory(np.concatenate([old_values, kv[finished, D:]]),
+                                                 fresh=True))
             keys = np.ascontiguousarray(keys)[None, None]                      # (1, 1, m, D)
             values = np.ascontiguousarray(values)[None, None]
             group = [windows[0]]
