@@ -42,7 +42,7 @@ def softmax(x, axis=-1, *, lengths=None, mask=None):
     x = np.asarray(x)
     keep = valid_mask(x.shape, axis, lengths, mask)
     shifted = np.where(keep, x, -np.inf)
-    row_max = shifted.max(axis=axis, keepdims=True)
+    row_max = shifted.max(axis=axis, keepdims=True, initial=-np.inf)   # (an empty axis: -inf)
     # nothing valid, or every valid entry -inf: all 0. A NaN entry (or +inf: inf - inf) makes
     # the row's valid entries NaN, never a silent 0.
     no_key = row_max == -np.inf
@@ -57,7 +57,7 @@ def log_softmax(x, axis=-1, *, lengths=None, mask=None):
     x = np.asarray(x)
     keep = valid_mask(x.shape, axis, lengths, mask)
     shifted = np.where(keep, x, -np.inf)
-    row_max = shifted.max(axis=axis, keepdims=True)
+    row_max = shifted.max(axis=axis, keepdims=True, initial=-np.inf)   # (an empty axis: -inf)
     no_key = row_max == -np.inf     # as in softmax; NaN or +inf: the valid entries NaN
     row_max = np.where(no_key, 0, row_max)
     with np.errstate(invalid="ignore"):

@@ -580,6 +580,23 @@ def test_fast_range_check_of_ids_and_lengths():
         attncore.attention(Q, K, V, kv_lengths=np.array([2, 6]))
 
 
+def test_reference_agrees_with_the_kernels_on_an_empty_axis():
+    # the oracle raised ValueError ("zero-size array to reduction operation maximum") where
+    # the kernels return an empty or all-zero result
+    from attncore import reference
+    for name in ("softmax", "log_softmax"):
+        for shape, axis in (((3, 0), -1), ((0, 4), 0), ((2, 0, 3), 1)):
+            x = _z(*shape)
+            want = getattr(attncore, name)(x, axis)
+            got = getattr(reference, name)(x, axis)
+            assert got.shape == want.shape and got.dtype == want.dtype
+    q, kv = _o(1, 2, 3, 4), _z(1, 2, 0, 4)
+    for got, want in zip(reference.attention(q, kv, kv, return_weights=True),
+                         attncore.attention(q, kv, kv, return_weights=True)):
+        np.testing.assert_array_equal(got, want)
+        assert got.shape == want.shape
+
+
 # --------------------------------------------- private kernel modules called directly
 # The fronts check arguments for users; the private Cython modules check again what their C
 # code indexes by, so a direct call cannot corrupt memory (each of these crashed the process:
