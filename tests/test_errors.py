@@ -88,6 +88,8 @@ BAD = [
     ("attn-q-len-int", attention(q=_huge((2, 4, 2 ** 31, 8))), ValueError, r"\bq\b: q_len"),
     ("attn-head-dim-int", attention(q=_huge((2, 4, 3, 2 ** 31)), k=_huge((2, 2, 5, 2 ** 31)),
                                     v=_huge((2, 2, 5, 2 ** 31))), ValueError, r"head_dim"),
+    ("attn-k-head-dim-int", attention(k=_huge((2, 2, 5, 2 ** 31)), v=_huge((2, 2, 5, 2 ** 31))),
+     ValueError, r"\bk\b: head_dim of 2147483648"),
     ("seq-attn-kv-len-int", lambda: sequence_attention(
         Q, _huge((2, 2, 2 ** 31, 8)), _huge((2, 2, 2 ** 31, 8)), kv_lengths=None,
         causal=False), ValueError, r"kv_len"),

@@ -110,7 +110,7 @@ def _check_blas_range(q, k) -> None:
     call and the weights came back uniform; 2^32 + 4 keys wrapped to 4, silently). Read from
     the shapes before any copy, so a broadcast view is refused without being materialised."""
     if (type(q) is np.ndarray and type(k) is np.ndarray and q.ndim == 4 and k.ndim == 4
-            and max(q.shape[2], q.shape[3], k.shape[2]) <= BLAS_INT_MAX):
+            and max(q.shape[2], q.shape[3], k.shape[2], k.shape[3]) <= BLAS_INT_MAX):
         return   # (the common case without the loop's tuples: 1 us of a decoding call)
     for name, array, axes in (("q", q, ("q_len", "head_dim")), ("k", k, ("kv_len", "head_dim"))):
         shape = array.shape if isinstance(array, np.ndarray) else ()
