@@ -8,6 +8,7 @@ summation orders, compounded over a few recurrent steps.
 import concurrent.futures
 import copy
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -409,6 +410,12 @@ def test_model_weights_cannot_be_edited_in_place(dates, weight_dtype):
                               model.tokenizer)
     np.testing.assert_array_equal(edited.weights["decoder.output.bias"], bias + 1.0)
     assert copy.deepcopy(model).translate(["3 March 1998"]) == ["1998-03-03"]
+    # a copy or a pickle of the weights is a plain dict, the caller's to edit
+    for copied in (copy.copy(model.weights), copy.deepcopy(model.weights),
+                   pickle.loads(pickle.dumps(model.weights))):
+        assert type(copied) is dict and copied.keys() == model.weights.keys()
+        np.testing.assert_array_equal(copied["decoder.output.bias"], bias)
+    assert copy.deepcopy(model.weights)["decoder.output.bias"].flags.writeable
 
 
 def test_dates_translate(dates):

@@ -15,7 +15,6 @@ import copy
 import numbers
 import os
 import re
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -409,6 +408,32 @@ def check_generation_options(*, max_length, min_length=0, beam_size=1, num_hypot
 # Model
 # ------------------------------------------------------------------------------------------
 
+class ReadOnlyWeights(Mapping):
+    """``model.weights``: name -> read-only float32 array, a mapping that cannot be changed.
+    A copy or a pickle of it is a plain dict (``copy.deepcopy``: of writeable copies of the
+    arrays), for the caller to edit and build a new model from."""
+
+    __slots__ = ("_arrays",)
+
+    def __init__(self, arrays: dict):
+        self._arrays = arrays
+
+    def __getitem__(self, name):
+        return self._arrays[name]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self):
+        return len(self._arrays)
+
+    def __repr__(self):
+        return f"ReadOnlyWeights({len(self)} tensors)"
+
+    def __reduce__(self):
+        return (dict, (dict(self._arrays),))
+
+
 class Model:
     """Base of the engine models: config, weights, tokenizer.
 
@@ -467,8 +492,8 @@ class Model:
         # read-only all the way down: the compiled steps read packed copies of the matrices
         # and the biases, norms and embeddings in place, so an edit took effect in part, and
         # save() or a copy rebuilt from the edited dict a model unlike the one in memory
-        self.weights = types.MappingProxyType({name: read_only_view(array)
-                                               for name, array in weights.items()})
+        self.weights = ReadOnlyWeights({name: read_only_view(array)
+                                        for name, array in weights.items()})
         self.weight_dtype = weight_dtype
         if tokenizer is not None and not all(
                 callable(getattr(tokenizer, name, None))
