@@ -219,9 +219,11 @@ class PackedLinearWeight:
             pairs = panels.reshape(panels.shape[:2] + (width // 32, 16, 2))
             columns = pairs.transpose(0, 1, 2, 4, 3).reshape(panels.shape)
             panels = (columns.astype(np.uint32) << 16).view(np.float32)
-        full = panels.transpose(0, 2, 1).reshape(-1, in_features)
-        # (a copy: with one in_feature the reshape is a view of the read-only panels)
-        return np.array(full[:out_features], order="C")
+        weight = panels.transpose(0, 2, 1).reshape(-1, in_features)[:out_features]
+        # (a new array already, except with one in_feature: the reshape is then a view of the
+        # read-only panels)
+        return weight.copy() if np.shares_memory(weight, self.panels) else \
+            np.ascontiguousarray(weight)
 
     def int8_parts(self):
         """For an int8 weight: its (out_features, in_features) int8 values and (out_features,)
