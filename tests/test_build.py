@@ -531,6 +531,33 @@ def test_packed_harness_builds_and_times_both_paths(tmp_path):
         assert cells[1:3] == ["1", "17"] and float(cells[3]) > 0 and float(cells[5]) > 0
 
 
+@pytest.mark.parametrize("scipy_linalg_first", [False, True])
+def test_import_takes_the_blas_table_without_scipy_linalg(tmp_path, scipy_linalg_first):
+    # scipy.linalg's package import (150 ms of modules the kernels never use) ran at every
+    # start; the kernels now load scipy.linalg.cython_blas by itself (_scipy_blas), and a later
+    # import of it (or of scipy.linalg) by the caller works as without attncore
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        if {scipy_linalg_first}:
+            import scipy.linalg
+        import attncore
+        assert ("scipy.linalg" in sys.modules) == {scipy_linalg_first}
+        x = np.ones((1, 2, 20, 8), np.float32)
+        assert np.allclose(attncore.attention(x, x, x), 1)
+        assert np.allclose(attncore.matmul(np.eye(3), np.ones((3, 2))), 1)
+        import scipy.linalg.cython_blas
+        assert "sgemm" in scipy.linalg.cython_blas.__pyx_capi__
+        import scipy.linalg
+        assert np.allclose(scipy.linalg.solve(2 * np.eye(2), np.ones(2)), 0.5)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok"
+
+
 def test_submodules_are_attributes_after_a_plain_import(tmp_path):
     # the README writes attncore.convert.from_pytorch_transformer and
     # attncore.distributed.translate_lines after `import attncore`: an AttributeError until the
