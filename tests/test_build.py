@@ -531,18 +531,34 @@ def test_packed_harness_builds_and_times_both_paths(tmp_path):
         assert cells[1:3] == ["1", "17"] and float(cells[3]) > 0 and float(cells[5]) > 0
 
 
-@pytest.mark.parametrize("scipy_linalg_first", [False, True])
-def test_import_takes_the_blas_table_without_scipy_linalg(tmp_path, scipy_linalg_first):
+@pytest.mark.parametrize("scipy_linalg", ["after", "before", "during"])
+def test_import_takes_the_blas_table_without_scipy_linalg(tmp_path, scipy_linalg):
     # scipy.linalg's package import (150 ms of modules the kernels never use) ran at every
-    # start; the kernels now load scipy.linalg.cython_blas by itself (_scipy_blas), and a later
-    # import of it (or of scipy.linalg) by the caller works as without attncore
+    # start; the kernels now load scipy.linalg.cython_blas by itself (_scipy_blas), and the
+    # caller's own import of it (or of scipy.linalg) works as without attncore: after attncore,
+    # before it, or in another thread while attncore's kernels import (made deterministic here:
+    # that thread runs to completion as the kernels' first import starts; scipy.linalg then
+    # lacked its cython_blas attribute)
     code = textwrap.dedent(f"""
-        import sys
+        import builtins, sys, threading
         import numpy as np
-        if {scipy_linalg_first}:
+        mode = {scipy_linalg!r}
+        if mode == "before":
             import scipy.linalg
+        real_import = builtins.__import__
+        def importing(name, globals=None, locals=None, fromlist=(), level=0):
+            if (mode == "during" and globals and globals.get("__name__") == "attncore.kernels"
+                    and "_additive" in (fromlist or ())):
+                thread = threading.Thread(target=lambda: real_import("scipy.linalg"))
+                thread.start()
+                thread.join()
+            return real_import(name, globals, locals, fromlist, level)
+        builtins.__import__ = importing
         import attncore
-        assert ("scipy.linalg" in sys.modules) == {scipy_linalg_first}
+        builtins.__import__ = real_import
+        assert ("scipy.linalg" in sys.modules) == (mode != "after")
+        attncore.set_num_threads(1)   # (it checks SciPy's BLAS threads, without scipy.linalg)
+        assert ("scipy.linalg" in sys.modules) == (mode != "after")
         x = np.ones((1, 2, 20, 8), np.float32)
         assert np.allclose(attncore.attention(x, x, x), 1)
         assert np.allclose(attncore.matmul(np.eye(3), np.ones((3, 2))), 1)

@@ -55,6 +55,11 @@ def preloaded():
     try:
         yield
     finally:
-        if module is not None and sys.modules.get(MODULE) is module \
-                and "scipy.linalg" not in sys.modules:
-            del sys.modules[MODULE]
+        if module is not None and sys.modules.get(MODULE) is module:
+            package = sys.modules.get("scipy.linalg")
+            if package is None:
+                del sys.modules[MODULE]
+            elif getattr(package, "cython_blas", None) is None:
+                # (another thread imported scipy.linalg meanwhile, finding this module in
+                # sys.modules: bind it on the package, as its own import would have)
+                package.cython_blas = module

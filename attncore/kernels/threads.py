@@ -218,7 +218,7 @@ def _limit_scipy_blas():
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return None
-    import scipy.linalg.cython_blas  # noqa: F401  (make sure the library is loaded)
+    from . import _blas  # noqa: F401  (its module init loaded SciPy's BLAS library)
     controller = ThreadpoolController()
     blas = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
     # SciPy wheels bundle their own OpenBLAS under scipy.libs/; elsewhere (distro builds) SciPy
