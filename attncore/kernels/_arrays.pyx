@@ -5,8 +5,17 @@ through attribute lookups -- an attention call checks three, an additive one eig
 these NumPy C-API reads 0.03 us. Anything else (a conversion, a copy, an error message)
 stays with the Python function."""
 cimport numpy as cnp
+from libc.stdint cimport int64_t
+
+from ._checks cimport first_outside_of
 
 cnp.import_array()
+
+
+cdef inline bint _readable_as_is(cnp.ndarray arr):
+    """C-contiguous, aligned, native byte order: a pointer the C code can read."""
+    return (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr))
 
 
 def plain_float_array(x, ndim, min_ndim, dtype):
@@ -20,8 +29,7 @@ def plain_float_array(x, ndim, min_ndim, dtype):
     cdef int type_num = cnp.PyArray_TYPE(arr)
     if type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64:
         return False
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
-            and cnp.PyArray_ISNOTSWAPPED(arr)):
+    if not _readable_as_is(arr):
         return False
     if ndim is not None and cnp.PyArray_NDIM(arr) != <int>ndim:
         return False
@@ -36,7 +44,7 @@ def plain_float_array(x, ndim, min_ndim, dtype):
     return True
 
 
-def int64_first_outside(x, cnp.int64_t low, cnp.int64_t high):
+def int64_first_outside(x, int64_t low, int64_t high):
     """The flat index of the first value of ``x`` outside [low, high], -1 when there is none,
     or None when ``x`` is not an aligned, C-contiguous, native int64 ndarray (the caller then
     asks NumPy). One pass in C: ``x.min()`` and ``x.max()`` on a few token ids or lengths cost
@@ -44,12 +52,7 @@ def int64_first_outside(x, cnp.int64_t low, cnp.int64_t high):
     if type(x) is not cnp.ndarray:
         return None
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    if not (cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            and cnp.PyArray_ISALIGNED(arr) and cnp.PyArray_ISNOTSWAPPED(arr)):
+    if not (cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and _readable_as_is(arr)):
         return None
-    cdef const cnp.int64_t *values = <const cnp.int64_t *>cnp.PyArray_DATA(arr)
-    cdef cnp.npy_intp i, n = cnp.PyArray_SIZE(arr)
-    for i in range(n):
-        if values[i] < low or values[i] > high:
-            return i
-    return -1
+    return first_outside_of(<const int64_t *>cnp.PyArray_DATA(arr), cnp.PyArray_SIZE(arr),
+                            low, high)
