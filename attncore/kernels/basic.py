@@ -22,12 +22,14 @@ def _softmax_front(x, axis, lengths, mask, log_output, name):
         raise ValueError(f"{name}: x must have at least 1 dimension, got a scalar")
     axis = check_axis(axis, x.ndim)
     if (axis != x.ndim - 1 and lengths is None and mask is None and x.dtype == np.float32
-            and _swap_shape(x.shape, axis)[2] >= COLUMN_SOFTMAX_MIN and x.size):
-        # down the columns where they lie: no transposes there and back
-        x3 = np.ascontiguousarray(x).reshape(_swap_shape(x.shape, axis))
-        out = np.empty_like(x3)
-        _softmax.softmax_cols(x3, out, log_output, kernel_threads())
-        return out.reshape(x.shape)
+            and x.size):
+        P, A, B = _swap_shape(x.shape, axis)
+        if B >= COLUMN_SOFTMAX_MIN:
+            # down the columns where they lie: no transposes there and back
+            x3 = np.ascontiguousarray(x).reshape(P, A, B)
+            out = np.empty_like(x3)
+            _softmax.softmax_cols(x3, out, log_output, kernel_threads())
+            return out.reshape(x.shape)
     moved = _axis_last(x, axis)
     rows_shape = moved.shape[:-1]
     n = moved.shape[-1]
