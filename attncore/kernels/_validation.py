@@ -108,11 +108,16 @@ def check_size(value, name, minimum=0, maximum=1 << 31):
     return int(value)
 
 
-def check_positive_float(value, name):
+def _as_real(value, name) -> float:
+    """``value`` as a Python float when it is a real number (not a bool), else TypeError."""
     if type(value) is not float and (isinstance(value, bool)   # (float: no ABC check)
                                      or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    return float(value)
+
+
+def check_positive_float(value, name):
+    value = _as_real(value, name)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
@@ -139,10 +144,7 @@ def check_finite_float(value, name, dtype=None):
     """A finite real ``value`` as a Python float; with ``dtype`` (the inputs' float dtype, which
     the kernel computes in) also representable there: a float32 kernel turned 1e39 into inf
     and 1e-50 into 0 (NaN or zeros out, silently)."""
-    if type(value) is not float and (isinstance(value, bool)   # (float: no ABC check)
-                                     or not isinstance(value, numbers.Real)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _as_real(value, name)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if dtype is not None and np.dtype(dtype) == np.float32:
