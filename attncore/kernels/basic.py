@@ -224,7 +224,7 @@ class PackedLinearWeight:
         weight = panels.transpose(0, 2, 1).reshape(-1, in_features)[:out_features]
         # (a new array already, except with one in_feature: the reshape is then a view of the
         # read-only panels)
-        return weight.copy() if np.shares_memory(weight, self.panels) else \
+        return weight.copy() if np.may_share_memory(weight, self.panels) else \
             np.ascontiguousarray(weight)
 
     def int8_parts(self):
