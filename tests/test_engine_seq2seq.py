@@ -418,6 +418,44 @@ def test_model_weights_cannot_be_edited_in_place(dates, weight_dtype):
     assert copy.deepcopy(model.weights)["decoder.output.bias"].flags.writeable
 
 
+def test_model_config_cannot_be_edited(dates, tmp_path):
+    """model.config is read-only like the weights: the model read most entries when it was
+    built and a few (special ids, vocabulary sizes) at every call, so an edit took effect in
+    part (eos_id changed where decoding stops; hidden_size changed nothing) and went into
+    save() and copies."""
+    config = dates.config
+    labelled = Seq2SeqAttention({**config, "notes": ["a", ["b"]]}, dates.weights,
+                                dates.tokenizer)
+    edits = [lambda c: c.__setitem__("eos_id", 5), lambda c: c.__delitem__("eos_id"),
+             lambda c: c.update(eos_id=5), lambda c: c.setdefault("new", 1),
+             lambda c: c.pop("eos_id"), lambda c: c.popitem(), lambda c: c.clear(),
+             lambda c: c.__ior__({"eos_id": 5}),
+             lambda c: c["tokenizer"].__setitem__("src", "other.json"),
+             lambda c: labelled.config["notes"].append("c"),
+             lambda c: labelled.config["notes"].__setitem__(0, "z"),
+             lambda c: labelled.config["notes"][1].clear(),
+             lambda c: labelled.config["notes"].sort()]
+    for edit in edits:
+        with pytest.raises(TypeError, match="model.config is read-only"):
+            edit(config)
+    assert dates.config["eos_id"] == 2 and dates.config["tokenizer"]["src"] == "src_vocab.json"
+    assert labelled.config["notes"] == ["a", ["b"]]
+    # still a dict to read, compare and write as JSON
+    assert isinstance(config, dict) and config == json.loads(json.dumps(config))
+    assert labelled.save(tmp_path / "m").joinpath("config.json").read_text().count('"b"') == 1
+    # copies are plain, the caller's to edit; the documented way to change an entry
+    for copied in (dict(config), config.copy(), copy.deepcopy(config),
+                   pickle.loads(pickle.dumps(config)), config | {}):
+        assert type(copied) is dict and copied == config
+        copied["eos_id"] = 5
+    deep = copy.deepcopy(labelled.config)
+    assert type(deep["tokenizer"]) is dict and type(deep["notes"][1]) is list
+    deep["notes"][1].append("c")
+    edited = Seq2SeqAttention({**config, "eos_id": 3}, dates.weights, dates.tokenizer)
+    assert edited.eos_id == 3 and dates.eos_id == 2
+    assert copy.deepcopy(dates).translate(["3 March 1998"]) == ["1998-03-03"]
+
+
 def test_dates_translate(dates):
     assert dates.translate(["Tuesday, 3 March 1998"]) == ["1998-03-03"]
     assert dates.translate(["Friday, April 10, 1885", "12/05/2001"]) == ["1885-04-10",
@@ -617,18 +655,25 @@ def test_bad_weights_are_rejected():
         Seq2SeqAttention([("architecture", "seq2seq_attention")], weights)
 
 
-def test_default_special_ids_outside_a_tiny_vocabulary_are_refused():
+def test_default_special_ids_outside_a_tiny_vocabulary_are_refused(monkeypatch):
     # a config without bos_id / eos_id decodes from the defaults 1 / 2: with fewer target
-    # tokens they used to index past the embedding table (the stated ids are checked at load)
+    # tokens they used to index past the embedding table (the stated ids are checked at load).
+    # The built-in architectures require the ids; one registered without them gets defaults.
     config = _config(**VARIANTS["gru-bahdanau"])
     config.update(tgt_vocab_size=2, bos_id=0, eos_id=0)
     engine = Seq2SeqAttention.from_config(config, seed=0)
-    for key in ("bos_id", "eos_id"):
-        del engine.config[key]
+    config = {key: value for key, value in engine.config.items()
+              if key not in ("bos_id", "eos_id")}
+    with pytest.raises(ValueError, match="config lacks hyper-parameters 'bos_id', 'eos_id'"):
+        Seq2SeqAttention(config, engine.weights)
+    required = attncore.io._REQUIRED_KEYS["seq2seq_attention"]
+    monkeypatch.setitem(attncore.io._REQUIRED_KEYS, "seq2seq_attention",
+                        tuple(key for key in required if key not in ("bos_id", "eos_id")))
+    engine = Seq2SeqAttention(config, engine.weights)
     with pytest.raises(ValueError, match=r"eos_id 2 \(the default: config.json has none\) "
                                          r"lies outside the target vocabulary \[0, 2\)"):
         engine.generate([[3, 4]], max_length=2, beam_size=2)
-    engine.config["eos_id"] = 1
+    engine = Seq2SeqAttention({**config, "eos_id": 1}, engine.weights)
     assert len(engine.generate([[3, 4]], max_length=2)[0].tokens) <= 2
 
 

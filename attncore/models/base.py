@@ -434,13 +434,55 @@ class ReadOnlyWeights(Mapping):
         return (dict, (dict(self._arrays),))
 
 
+def _refuse_edit(self, *args, **kwargs):
+    raise TypeError("model.config is read-only (the model was built from it): build a new "
+                    "model from an edited copy, type(model)({**model.config, key: value}, "
+                    "model.weights, model.tokenizer)")
+
+
+class ReadOnlyConfig(dict):
+    """``model.config``: the ``config.json`` object the model was built from, a dict (so
+    ``json.dumps`` and ``==`` work) whose edits raise ``TypeError``, nested objects and lists
+    included. A copy (``dict(...)``, ``.copy()``: shallow; ``copy.deepcopy``, pickle: plain all
+    the way down) is a plain dict for the caller to edit and build a new model from."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _refuse_edit
+    clear = pop = popitem = setdefault = update = _refuse_edit
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+class ReadOnlyList(list):
+    """A list inside a :class:`ReadOnlyConfig` (e.g. ``labels``): edits raise ``TypeError``."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse_edit
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse_edit
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+
+def read_only_config(value):
+    """``value`` (a JSON value) with every dict and list in it made read-only."""
+    if isinstance(value, dict):
+        return ReadOnlyConfig({key: read_only_config(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(read_only_config(item) for item in value)
+    return value
+
+
 class Model:
     """Base of the engine models: config, weights, tokenizer.
 
     Parameters
     ----------
     config : mapping
-        A ``config.json`` dict (``docs/FORMAT.md``); copied.
+        A ``config.json`` dict (``docs/FORMAT.md``); copied. ``model.config`` is a read-only
+        dict (:class:`ReadOnlyConfig`): to change an entry, build a new model,
+        ``type(model)({**model.config, key: value}, model.weights, model.tokenizer)``.
     weights : mapping name -> array
         Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
         copied. ``model.weights`` is a read-only mapping of read-only C-contiguous float32
@@ -483,7 +525,9 @@ class Model:
                              f"{self.architecture!r}, got {architecture!r}")
         weight_dtype = check_weight_dtype(weight_dtype)
         spec = io.weight_spec(config)  # ValueError on unknown architecture / bad hyper-parameters
-        self.config = config
+        # read-only like the weights: the model reads most entries once, here, and a few
+        # (special ids, vocabulary sizes) at every call, so an edit took effect in part
+        self.config = read_only_config(config)
         weights = self._check_weights(spec, weights)
         if weight_dtype == "bfloat16":
             weights = self._rounded_to_bfloat16(weights)
