@@ -132,8 +132,45 @@ class BuildExt(build_ext):
         record = os.path.join(self.build_temp, "attncore-flags.json")
         if _flags_changed(record, flags):
             self.force = True
+        if not self.parallel:   # (-j N on the command line wins)
+            self.parallel = os.cpu_count() or 1
+        self._link_shared_c_objects()
         super().build_extensions()
         _record_flags(record, flags)
+
+    def _link_shared_c_objects(self):
+        """Compile each C file of ``src_c/`` once, for every extension that links it, and hand
+        the extensions its object. (Each extension compiled its own copy -- simd.c eight times,
+        a third of a build -- and the copies all wrote one object file, which rules out
+        building extensions in parallel.) Compiled only when older than its source or a header,
+        as setuptools rebuilds an extension; ``depends`` relinks the extensions that use it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        for ext in self.extensions:
+            if not hasattr(ext, "shared_c_sources"):   # (once: build_ext may run twice)
+                ext.shared_c_sources = [s for s in ext.sources if os.path.dirname(s) == SRC_C]
+                ext.sources = [s for s in ext.sources if s not in ext.shared_c_sources]
+                ext.depends = ext.depends + ext.shared_c_sources
+        sources = sorted({s for ext in self.extensions for s in ext.shared_c_sources})
+        # the same macros, include directories and flags for every extension (kernel_extension)
+        first = self.extensions[0]
+        objects = dict(zip(sources, self.compiler.object_filenames(
+            sources, output_dir=os.path.join(self.build_temp, "shared"))))
+
+        headers = glob.glob(os.path.join(SRC_C, "*.h"))
+
+        def compile_one(source):
+            stamp = max(os.path.getmtime(p) for p in [source] + headers)
+            if (self.force or not os.path.exists(objects[source])
+                    or os.path.getmtime(objects[source]) < stamp):
+                self.compiler.compile([source], os.path.join(self.build_temp, "shared"),
+                                      macros=first.define_macros, include_dirs=first.include_dirs,
+                                      extra_postargs=first.extra_compile_args)
+
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            list(pool.map(compile_one, sources))   # (list: raises a compile error here)
+        for ext in self.extensions:
+            ext.extra_objects = [objects[s] for s in ext.shared_c_sources]
 
 
 def kernel_extension(name, c_sources=()):
