@@ -3,45 +3,50 @@
 #define CAT(a, b) CAT_(a, b)
 #define ACT_CHUNK 16384 /* elements per parallel work item: fixed, so threads never change results */
 
+/* row r of x (rows, D) normalised into y, a work item of ac_layer_norm */
+static void CAT(layer_norm_row_, SUF)(const REAL *x, REAL *y, const REAL *gamma,
+                                      const REAL *beta, ac_index D, REAL eps, int mode,
+                                      ac_index r) {
+    const REAL *xr = x + r * D;
+    REAL *yr = y + r * D;
+    LAYER_NORM_VECTOR_HOOK(xr, yr, gamma, beta, D, eps, mode) /* float32 rows leave here */
+    /* the two sums in 8 interleaved chains (lane j takes d = j mod 8) added in a fixed
+     * order: one chain waited on each add's latency (~8 cycles an element, 6% of a RAN
+     * encode), these run as vectors; a row's result still depends on its values only */
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const ac_index d8 = D - D % 8;
+    for (ac_index d = 0; d < d8; d += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)xr[d + j];
+    for (ac_index d = d8; d < D; d++) acc[d % 8] += (double)xr[d];
+    double mean = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    mean /= (double)D;
+    const double center_sum = mode == AC_NORM_STANDARD ? mean : 0.0;
+    for (int j = 0; j < 8; j++) acc[j] = 0;
+    for (ac_index d = 0; d < d8; d += 8)
+        for (int j = 0; j < 8; j++) {
+            const double t = (double)xr[d + j] - center_sum;
+            acc[j] += t * t;
+        }
+    for (ac_index d = d8; d < D; d++) {
+        const double t = (double)xr[d] - center_sum;
+        acc[d % 8] += t * t;
+    }
+    double m2 = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    m2 /= (double)D;
+    const double center = mode == AC_NORM_RMS ? 0.0 : mean;
+    const double inv = 1.0 / sqrt(m2 + (double)eps);
+    for (ac_index d = 0; d < D; d++) {
+        double t = (xr[d] - center) * inv;
+        if (gamma) t *= gamma[d];
+        if (beta) t += beta[d];
+        yr[d] = (REAL)t;
+    }
+}
+
 void CAT(ac_layer_norm_, SUF)(const REAL *x, REAL *y, const REAL *gamma, const REAL *beta,
                               ac_index rows, ac_index D, REAL eps, int mode, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * D, num_threads))
-    for (ac_index r = 0; r < rows; r++) {
-        const REAL *xr = x + r * D;
-        REAL *yr = y + r * D;
-        LAYER_NORM_VECTOR_HOOK(xr, yr, gamma, beta, D, eps, mode) /* float32 rows leave here */
-        /* the two sums in 8 interleaved chains (lane j takes d = j mod 8) added in a fixed
-         * order: one chain waited on each add's latency (~8 cycles an element, 6% of a RAN
-         * encode), these run as vectors; a row's result still depends on its values only */
-        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const ac_index d8 = D - D % 8;
-        for (ac_index d = 0; d < d8; d += 8)
-            for (int j = 0; j < 8; j++) acc[j] += (double)xr[d + j];
-        for (ac_index d = d8; d < D; d++) acc[d % 8] += (double)xr[d];
-        double mean = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        mean /= (double)D;
-        const double center_sum = mode == AC_NORM_STANDARD ? mean : 0.0;
-        for (int j = 0; j < 8; j++) acc[j] = 0;
-        for (ac_index d = 0; d < d8; d += 8)
-            for (int j = 0; j < 8; j++) {
-                const double t = (double)xr[d + j] - center_sum;
-                acc[j] += t * t;
-            }
-        for (ac_index d = d8; d < D; d++) {
-            const double t = (double)xr[d] - center_sum;
-            acc[d % 8] += t * t;
-        }
-        double m2 = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        m2 /= (double)D;
-        const double center = mode == AC_NORM_RMS ? 0.0 : mean;
-        const double inv = 1.0 / sqrt(m2 + (double)eps);
-        for (ac_index d = 0; d < D; d++) {
-            double t = (xr[d] - center) * inv;
-            if (gamma) t *= gamma[d];
-            if (beta) t += beta[d];
-            yr[d] = (REAL)t;
-        }
-    }
+    AC_PARALLEL_FOR(r, rows, AC_THREADS(rows * D, num_threads),
+                    CAT(layer_norm_row_, SUF)(x, y, gamma, beta, D, eps, mode, r));
 }
 
 static inline REAL CAT(act_scalar_, SUF)(REAL v, int kind) {
@@ -60,21 +65,23 @@ static inline REAL CAT(act_scalar_, SUF)(REAL v, int kind) {
     }
 }
 
-void CAT(ac_activation_, SUF)(const REAL *x, REAL *y, ac_index n, int kind, int num_threads) {
-    const ac_index n_chunks = (n + ACT_CHUNK - 1) / ACT_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(n, num_threads))
-    for (ac_index c = 0; c < n_chunks; c++) {
-        const ac_index i0 = c * ACT_CHUNK, i1 = AC_MIN(n, i0 + ACT_CHUNK);
-        if (kind == AC_ACT_RELU) {
-            /* a loop of its own, which the compiler turns into compares and blends: through
-             * the switch below each element took a branch, mispredicted half the time on
-             * signed data (~3.7 ns an element, 6% of a Transformer-base beam search) */
-            for (ac_index i = i0; i < i1; i++) y[i] = x[i] < 0 ? (REAL)0 : x[i];
-            continue;
-        }
-        ACT_VECTOR_HOOK(x + i0, y + i0, i1 - i0, kind)
-        for (ac_index i = i0; i < i1; i++) y[i] = CAT(act_scalar_, SUF)(x[i], kind);
+/* elements [c * ACT_CHUNK, (c + 1) * ACT_CHUNK) of n, a work item of ac_activation */
+static void CAT(act_chunk_, SUF)(const REAL *x, REAL *y, ac_index n, int kind, ac_index c) {
+    const ac_index i0 = c * ACT_CHUNK, i1 = AC_MIN(n, i0 + ACT_CHUNK);
+    if (kind == AC_ACT_RELU) {
+        /* a loop of its own, which the compiler turns into compares and blends: through
+         * the switch below each element took a branch, mispredicted half the time on
+         * signed data (~3.7 ns an element, 6% of a Transformer-base beam search) */
+        for (ac_index i = i0; i < i1; i++) y[i] = x[i] < 0 ? (REAL)0 : x[i];
+        return;
     }
+    ACT_VECTOR_HOOK(x + i0, y + i0, i1 - i0, kind)
+    for (ac_index i = i0; i < i1; i++) y[i] = CAT(act_scalar_, SUF)(x[i], kind);
+}
+
+void CAT(ac_activation_, SUF)(const REAL *x, REAL *y, ac_index n, int kind, int num_threads) {
+    AC_PARALLEL_FOR(c, (n + ACT_CHUNK - 1) / ACT_CHUNK, AC_THREADS(n, num_threads),
+                    CAT(act_chunk_, SUF)(x, y, n, kind, c));
 }
 
 /* Rows sharing a position share its cos / sin: work items are (position, block of ROTARY_ROWS
@@ -116,8 +123,8 @@ void CAT(ac_rotary_, SUF)(REAL *x, const int64_t *positions, ac_index N, ac_inde
 
 void CAT(ac_embedding_, SUF)(const REAL *table, const int64_t *ids, REAL *out, ac_index rows,
                              ac_index D, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(rows * D, num_threads))
-    for (ac_index r = 0; r < rows; r++) memcpy(out + r * D, table + ids[r] * D, sizeof(REAL) * D);
+    AC_PARALLEL_FOR(r, rows, AC_THREADS(rows * D, num_threads),
+                    memcpy(out + r * D, table + ids[r] * D, sizeof(REAL) * D));
 }
 #undef ACT_CHUNK
 

@@ -429,9 +429,8 @@ void ac_packed_linear_rows(const float *x, ac_index ldx, ac_index M, ac_index K,
         return;
     }
     if (M <= ac_packed_panel_max_rows() || K == 0) {
-#pragma omp parallel for schedule(static) num_threads(AC_THREADS(M * N * K, num_threads))
-        for (ac_index b = 0; b < n_panels; b++)
-            packed_linear_panel(x, ldx, M, K, panels, bf16, N, b, bias, out, ldo);
+        AC_PARALLEL_FOR(b, n_panels, AC_THREADS(M * N * K, num_threads),
+                        packed_linear_panel(x, ldx, M, K, panels, bf16, N, b, bias, out, ldo));
         return;
     }
     /* BLAS: products of tile_m rows x one panel x k_chunk, accumulated over the K chunks. With a

@@ -621,8 +621,13 @@ def _private_calls():
             _z32(1, 4), _z32(1, 4), np.array([9]), None, False, 1),
         "embedding id past table": lambda: _layers.embedding(_z32(3, 4), np.array([1 << 40]),
                                                              _z32(1, 4), 1),
-        "layer_norm short gamma": lambda: _layers.layer_norm(_z32(2, 8), _z32(2, 8), _z32(1), None,
-                                                             1e-5, 0, 1),
+        "layer_norm short gamma": lambda: _layers.layer_norm(_z32(2, 8), _z32(1), None, 1e-5, 0, 1),
+        "layer_norm float64 beta": lambda: _layers.layer_norm(_z32(2, 8), None,
+                                                              _z32(8, dtype=np.float64), 1e-5, 0, 1),
+        "layer_norm scalar": lambda: _layers.layer_norm(_z32(), None, None, 1e-5, 0, 1),
+        "activation strided x": lambda: _layers.activation(_z32(4, 8)[:, ::2], 0, 1),
+        "activation int x": lambda: _layers.activation(np.zeros(4, np.int32), 0, 1),
+        "activation list x": lambda: _layers.activation([1.0], 0, 1),
         "rotary short positions": lambda: _layers.rotary(_z32(1, 8, 4), np.array([0]), 1e4, 1),
         "additive length past keys": lambda: _additive.additive(
             _z32(1, 1, 8), _z32(1, 4, 8), np.ones(8, np.float32), _z32(1, 4, 8), _z32(1, 1, 8), None,
@@ -641,8 +646,7 @@ def test_private_kernel_modules_refuse_what_would_corrupt_memory(case):
 def test_private_kernels_take_a_negative_thread_count_as_one():
     from attncore.kernels import _blas, _layers
     x = np.linspace(-2, 2, 1 << 17, dtype=np.float32)
-    out = np.empty_like(x)
-    _layers.activation(x, out, 0, -1)   # (libgomp read -1 as a huge team and aborted)
+    out = _layers.activation(x, 0, -1)   # (libgomp read -1 as a huge team and aborted)
     np.testing.assert_array_equal(out, np.maximum(x, 0))
     a = np.ones((1, 64, 64), np.float32)
     product = np.empty_like(a)

@@ -1,10 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Cython wrapper of the norm / activation / rotary / embedding kernels (src_c/layers.h).
 Validation lives in the fronts of ``attncore.kernels``."""
+cimport numpy as cnp
 from libc.stdint cimport int64_t
 from cython cimport floating
 
 from ._checks cimport first_outside
+from ._ndarray cimport empty_like, float_type
+
+cnp.import_array()
 
 cdef extern from "layers.h" nogil:
     void ac_layer_norm_f32(const float *x, float *y, const float *gamma, const float *beta,
@@ -31,39 +35,61 @@ cdef extern from "layers.h" nogil:
 # a direct call of this private module with a short out, gamma or positions, or an id past the
 # table, read or wrote past the arrays.
 
-def layer_norm(const floating[:, ::1] x, floating[:, ::1] out, const floating[::1] gamma,
-               const floating[::1] beta, double eps, int mode, int num_threads):
-    """Row-wise normalisation of x (rows, D); mode 0 standard, 1 uncentred (RAN), 2 RMS."""
-    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1]
-    if (out is None or out.shape[0] != rows or out.shape[1] != D
-            or (gamma is not None and gamma.shape[0] != D)
-            or (beta is not None and beta.shape[0] != D)):
-        raise ValueError("layer_norm: out must be x's shape, gamma and beta (D,)")
+def layer_norm(x, gamma, beta, double eps, int mode, int num_threads):
+    """Each row along the last axis of x (..., D) normalised, as a new array of x's shape;
+    gamma and beta None or (D,) of x's dtype; mode 0 standard, 1 uncentred (RAN), 2 RMS."""
+    cdef int type_num = float_type(x, "x")
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(arr) == 0:
+        raise ValueError("layer_norm: x must have at least one dimension")
+    cdef Py_ssize_t D = cnp.PyArray_DIMS(arr)[cnp.PyArray_NDIM(arr) - 1]
+    cdef Py_ssize_t size = cnp.PyArray_SIZE(arr)
+    cdef const void *g = _row_parameter(gamma, "gamma", type_num, D)
+    cdef const void *b = _row_parameter(beta, "beta", type_num, D)
     if not 0 <= mode <= 2:
         raise ValueError("layer_norm: mode must be 0, 1 or 2")
-    if rows == 0 or D == 0:
-        return
-    cdef const floating *g = &gamma[0] if gamma is not None else NULL
-    cdef const floating *b = &beta[0] if beta is not None else NULL
+    cdef cnp.ndarray out = empty_like(arr)
+    if size == 0:
+        return out
+    cdef const void *src = cnp.PyArray_DATA(arr)
+    cdef void *dst = cnp.PyArray_DATA(out)
+    cdef Py_ssize_t rows = size // D
     with nogil:
-        if floating is float:
-            ac_layer_norm_f32(&x[0, 0], &out[0, 0], g, b, rows, D, <float>eps, mode, num_threads)
+        if type_num == cnp.NPY_FLOAT32:
+            ac_layer_norm_f32(<const float *>src, <float *>dst, <const float *>g,
+                              <const float *>b, rows, D, <float>eps, mode, num_threads)
         else:
-            ac_layer_norm_f64(&x[0, 0], &out[0, 0], g, b, rows, D, eps, mode, num_threads)
+            ac_layer_norm_f64(<const double *>src, <double *>dst, <const double *>g,
+                              <const double *>b, rows, D, eps, mode, num_threads)
+    return out
 
 
-def activation(const floating[::1] x, floating[::1] out, int kind, int num_threads):
-    """Element-wise activation of a flat array (kinds: see layers.h)."""
-    cdef Py_ssize_t n = x.shape[0]
-    if out is None or out.shape[0] != n:
-        raise ValueError("activation: out must be x's shape")
+cdef const void *_row_parameter(object p, str name, int type_num, Py_ssize_t D) except? NULL:
+    """The data of gamma / beta: NULL for None, else checked to be (D,) of x's dtype."""
+    if p is None:
+        return NULL
+    if (float_type(p, name) != type_num or cnp.PyArray_NDIM(<cnp.ndarray>p) != 1
+            or cnp.PyArray_DIMS(<cnp.ndarray>p)[0] != D):
+        raise ValueError(f"layer_norm: {name} must be (D,) of x's dtype")
+    return cnp.PyArray_DATA(<cnp.ndarray>p)
+
+
+def activation(x, int kind, int num_threads):
+    """f(x) element-wise (kinds: see layers.h), a new array of x's shape and dtype."""
+    cdef int type_num = float_type(x, "x")
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    cdef cnp.ndarray out = empty_like(arr)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(arr)
+    cdef const void *src = cnp.PyArray_DATA(arr)
+    cdef void *dst = cnp.PyArray_DATA(out)
     if n == 0:
-        return
+        return out
     with nogil:
-        if floating is float:
-            ac_activation_f32(&x[0], &out[0], n, kind, num_threads)
+        if type_num == cnp.NPY_FLOAT32:
+            ac_activation_f32(<const float *>src, <float *>dst, n, kind, num_threads)
         else:
-            ac_activation_f64(&x[0], &out[0], n, kind, num_threads)
+            ac_activation_f64(<const double *>src, <double *>dst, n, kind, num_threads)
+    return out
 
 
 def rotary(floating[:, :, ::1] x, const int64_t[::1] positions, double base, int num_threads):

@@ -21,6 +21,8 @@ def _softmax_front(x, axis, lengths, mask, log_output, name):
     if x.ndim == 0:
         raise ValueError(f"{name}: x must have at least 1 dimension, got a scalar")
     axis = check_axis(axis, x.ndim)
+    if axis == x.ndim - 1 and lengths is None and mask is None:
+        return _softmax.softmax_last(x, log_output, kernel_threads())
     if (axis != x.ndim - 1 and lengths is None and mask is None and x.dtype == np.float32
             and x.size):
         P, A, B = _swap_shape(x.shape, axis)
@@ -331,18 +333,11 @@ def layer_norm(x, gamma=None, beta=None, eps=1e-5, *, mode="standard"):
             if p.shape[0] != dim:
                 raise ValueError(f"{name} must have shape ({dim},), got {p.shape}")
         params.append(p)
-    x2 = x.reshape(n_rows(x.shape), dim)
-    out = np.empty_like(x2)
-    _layers.layer_norm(x2, out, params[0], params[1], eps, _NORM_MODES[mode], kernel_threads())
-    return out.reshape(x.shape)
+    return _layers.layer_norm(x, params[0], params[1], eps, _NORM_MODES[mode], kernel_threads())
 
 
 def _activation(x, kind):
-    x = check_float_array(x, "x")
-    flat = x.reshape(-1)
-    out = np.empty_like(flat)
-    _layers.activation(flat, out, kind, kernel_threads())
-    return out.reshape(x.shape)
+    return _layers.activation(check_float_array(x, "x"), kind, kernel_threads())
 
 
 def relu(x):

@@ -1,0 +1,29 @@
+# SPDX-License-Identifier: Apache-2.0
+"""NumPy C-API helpers of the private wrappers that take and return whole arrays.
+
+A wrapper over typed memoryviews of fused type costs ~1 us a call in Cython's dispatch and
+buffer acquisition, as much as the C work of a small call. These read an ndarray's type and
+flags, make its result and hand the C code raw pointers instead. A module cimporting this
+calls ``numpy.import_array()`` (Cython 3 does so for a module that cimports numpy)."""
+cimport numpy as cnp
+
+
+cdef inline int float_type(object x, str name) except -1:
+    """``cnp.NPY_FLOAT32`` or ``cnp.NPY_FLOAT64`` for an ndarray of that dtype the C code can
+    read as it is (C-contiguous, aligned, native byte order); ValueError otherwise. The
+    public fronts convert what they accept into such arrays; this guards a direct call."""
+    if not isinstance(x, cnp.ndarray):
+        raise ValueError(f"{name} must be an ndarray, got {type(x).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    cdef int type_num = cnp.PyArray_TYPE(arr)
+    if not ((type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64)
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr)):
+        raise ValueError(f"{name} must be a C-contiguous, aligned float32 or float64 array "
+                         f"in native byte order")
+    return type_num
+
+
+cdef inline cnp.ndarray empty_like(cnp.ndarray x):
+    """A new C-contiguous array of x's shape and dtype (never a subclass)."""
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
