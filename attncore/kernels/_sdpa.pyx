@@ -41,12 +41,12 @@ cdef int _check_args(const floating[:, :, :, ::1] q, const floating[:, :, :, ::1
     cdef int axis
     if out is None and out_needed:
         raise ValueError("out is required")
+    cdef bint k_like_v = True
     for axis in range(4):
         if q.shape[axis] == 0 or k.shape[axis] == 0:
             raise ValueError("q and k must have no dimension of size 0")
-        if k.shape[axis] != v.shape[axis]:
-            raise ValueError("k and v must be (B, Hkv, Lk, D) with q's B and D")
-    if k.shape[0] != B or k.shape[3] != D:
+        k_like_v = k_like_v and k.shape[axis] == v.shape[axis]
+    if not k_like_v or k.shape[0] != B or k.shape[3] != D:
         raise ValueError("k and v must be (B, Hkv, Lk, D) with q's B and D")
     if H % k.shape[1]:
         raise ValueError("k: its heads must divide q's heads")
