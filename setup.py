@@ -97,6 +97,17 @@ def _record_flags(path, flags):
         pass
 
 
+def _build_jobs():
+    """Extensions built at once: one a CPU this process may run on (its affinity, not the
+    machine's count), at most 8 -- a compiler takes ~200 MB on the largest extension, and
+    the few large ones bound the build anyway."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         has_openmp, why = _probe_openmp(self.compiler, os.path.join(self.build_temp,
@@ -133,7 +144,7 @@ class BuildExt(build_ext):
         if _flags_changed(record, flags):
             self.force = True
         if not self.parallel:   # (-j N on the command line wins)
-            self.parallel = os.cpu_count() or 1
+            self.parallel = _build_jobs()
         self._link_shared_c_objects()
         super().build_extensions()
         _record_flags(record, flags)

@@ -436,7 +436,8 @@ def test_model_config_cannot_be_edited(dates, tmp_path):
              lambda c: labelled.config["notes"][1].clear(),
              lambda c: labelled.config["notes"].sort()]
     for edit in edits:
-        with pytest.raises(TypeError, match="model.config is read-only"):
+        with pytest.raises(TypeError, match=r"model.config is read-only.*to_dict\(\) is a plain"
+                                            r".*weight_dtype=model.weight_dtype"):
             edit(config)
     assert dates.config["eos_id"] == 2 and dates.config["tokenizer"]["src"] == "src_vocab.json"
     assert labelled.config["notes"] == ["a", ["b"]]
@@ -448,11 +449,20 @@ def test_model_config_cannot_be_edited(dates, tmp_path):
                    pickle.loads(pickle.dumps(config)), config | {}):
         assert type(copied) is dict and copied == config
         copied["eos_id"] = 5
-    deep = copy.deepcopy(labelled.config)
-    assert type(deep["tokenizer"]) is dict and type(deep["notes"][1]) is list
-    deep["notes"][1].append("c")
+    for deep in (copy.deepcopy(labelled.config), labelled.config.to_dict()):
+        assert type(deep) is dict and deep == labelled.config
+        assert type(deep["tokenizer"]) is dict and type(deep["notes"][1]) is list
+        deep["notes"][1].append("c")
+        deep["tokenizer"]["src"] = "other.json"
+    assert labelled.config["notes"] == ["a", ["b"]]
     edited = Seq2SeqAttention({**config, "eos_id": 3}, dates.weights, dates.tokenizer)
     assert edited.eos_id == 3 and dates.eos_id == 2
+    # the recipe of the message keeps a quantized model's weight dtype
+    int8 = Seq2SeqAttention(config, dates.weights, dates.tokenizer, weight_dtype="int8")
+    edited = type(int8)({**int8.config, "eos_id": 2}, int8.weights, int8.tokenizer,
+                        weight_dtype=int8.weight_dtype)
+    assert edited.weight_dtype == "int8"
+    assert edited.translate(["3 March 1998"]) == int8.translate(["3 March 1998"])
     assert copy.deepcopy(dates).translate(["3 March 1998"]) == ["1998-03-03"]
 
 

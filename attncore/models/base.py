@@ -435,16 +435,19 @@ class ReadOnlyWeights(Mapping):
 
 
 def _refuse_edit(self, *args, **kwargs):
-    raise TypeError("model.config is read-only (the model was built from it): build a new "
-                    "model from an edited copy, type(model)({**model.config, key: value}, "
-                    "model.weights, model.tokenizer)")
+    raise TypeError("model.config is read-only, the objects and lists inside it too (the model "
+                    "was built from it): model.config.to_dict() is a plain copy to edit, and "
+                    "type(model)({**model.config, key: value}, model.weights, model.tokenizer, "
+                    "weight_dtype=model.weight_dtype) a model with an entry changed")
 
 
 class ReadOnlyConfig(dict):
     """``model.config``: the ``config.json`` object the model was built from, a dict (so
     ``json.dumps`` and ``==`` work) whose edits raise ``TypeError``, nested objects and lists
-    included. A copy (``dict(...)``, ``.copy()``: shallow; ``copy.deepcopy``, pickle: plain all
-    the way down) is a plain dict for the caller to edit and build a new model from."""
+    included. :meth:`to_dict`, ``copy.deepcopy`` and pickle give plain dicts all the way down
+    (``dict(...)`` and ``.copy()`` a shallow copy, whose nested objects stay read-only), for
+    the caller to edit and build a new model from, or for a serialiser that takes exact types
+    only (``yaml.safe_dump``)."""
 
     __slots__ = ()
     __setitem__ = __delitem__ = __ior__ = _refuse_edit
@@ -452,6 +455,10 @@ class ReadOnlyConfig(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
+
+    def to_dict(self) -> dict:
+        """A plain, editable copy: dicts and lists all the way down."""
+        return copy.deepcopy(self)
 
 
 class ReadOnlyList(list):
@@ -481,13 +488,15 @@ class Model:
     ----------
     config : mapping
         A ``config.json`` dict (``docs/FORMAT.md``); copied. ``model.config`` is a read-only
-        dict (:class:`ReadOnlyConfig`): to change an entry, build a new model,
-        ``type(model)({**model.config, key: value}, model.weights, model.tokenizer)``.
+        dict (:class:`ReadOnlyConfig`; ``model.config.to_dict()`` is a plain copy): to change
+        an entry, build a new model, ``type(model)({**model.config, key: value},
+        model.weights, model.tokenizer, weight_dtype=model.weight_dtype)``.
     weights : mapping name -> array
         Exactly the names and shapes of ``attncore.io.weight_spec(config)``, any float dtype;
         copied. ``model.weights`` is a read-only mapping of read-only C-contiguous float32
         arrays (a float64 model runs in float32): to change a weight, build a new model,
-        ``type(model)(model.config, {**model.weights, name: new_array}, model.tokenizer)``.
+        ``type(model)(model.config, {**model.weights, name: new_array}, model.tokenizer,
+        weight_dtype=model.weight_dtype)`` (without ``weight_dtype`` the new model is float32).
     tokenizer : :class:`attncore.tokenizer.Tokenizer`, optional
     weight_dtype : "float32" (default), "bfloat16" or "int8"
         ``"bfloat16"`` rounds every weight matrix (each tensor of two or more dimensions:
