@@ -381,8 +381,12 @@ def test_stdout_appending_to_the_input_is_refused(tmp_path, how):
 _SIGNAL_AT_LINE_2 = """
 import signal, sys
 from attncore import batch, cli
+# the signal at its default, whatever the test run inherited (under nohup, SIGHUP is ignored)
+signal.signal(getattr(signal, sys.argv[1]), signal.SIG_DFL)
 if sys.argv[2:] == ["SIGINT ignored"]:   # (a background job of a script: cmd &)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+if sys.argv[2:] == ["ignored"]:   # (nohup: the run goes on)
+    signal.signal(getattr(signal, sys.argv[1]), signal.SIG_IGN)
 plain_format, calls = batch.GenerateJob.format, []
 def format_then_signal(self, result, frontend):
     calls.append(1)
@@ -397,7 +401,8 @@ print(status, len(calls))
 
 
 @pytest.mark.parametrize("name, status, how", [("SIGTERM", 143, ""), ("SIGHUP", 129, ""),
-                                               ("SIGTERM", 143, "SIGINT ignored")])
+                                               ("SIGTERM", 143, "SIGINT ignored"),
+                                               ("SIGHUP", 0, "ignored")])
 def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status, how):
     # what timeout, systemd, Kubernetes and Slurm send: the run ended at once and said nothing,
     # leaving an output that looked complete
@@ -409,6 +414,12 @@ def test_sigterm_and_sighup_stop_the_run_as_ctrl_c_does(tmp_path, name, status, 
     proc = subprocess.run([sys.executable, "run.py", name, how], cwd=tmp_path,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr   # (the script itself, not killed by the signal)
+    if how == "ignored":   # (started under nohup: the ignored signal stays ignored)
+        lines = len(SAMPLES) * 4
+        assert proc.stdout.split() == ["0", str(lines)]
+        assert "stopped" not in proc.stderr
+        assert (tmp_path / "out.txt").read_text().count("\n") == lines
+        return
     assert proc.stdout.split() == [str(status), "2"]   # stopped before the next line
     assert proc.stderr.splitlines() == [f"attncore translate: stopped by {name}"]
     assert (tmp_path / "out.txt").read_text() == "".join(f"{iso}\n" for iso in
