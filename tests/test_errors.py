@@ -560,6 +560,34 @@ def test_fast_array_check_passes_only_arrays_the_kernels_read_as_they_are():
         assert not plain_float_array(array, ndim, min_ndim, dtype)
 
 
+def test_fast_qkv_check_passes_only_what_the_python_checks_pass_unchanged(monkeypatch):
+    """attention's _check_qkv returns q, k, v at once when _arrays.plain_qkv (its C fast path)
+    says so: it must say False for every combination the Python checks convert or refuse,
+    and the errors stay theirs."""
+    import importlib
+    from attncore.kernels._arrays import plain_qkv
+    front = importlib.import_module("attncore.kernels.attention")   # (the module, not the function)
+    q, k = np.zeros((2, 4, 3, 8), F32), np.zeros((2, 2, 5, 8), F32)
+    plain = [(q, k, k), (q, k, k.copy()), (q.astype(F64), k.astype(F64), k.astype(F64)),
+             (q[:, :, :0], k, k), (q, k[:, :, :0], k[:, :, :0]), (q[:1], k[:1], k[:1])]
+    others = [(q, k.astype(F64), k), (q, k, k.astype(F64)), (q.astype(F64), k, k),
+              (q, k[:, :, :4], k), (q, k, k[:, :1]), (q, k[:1], k[:1]),
+              (q, k[..., :4].copy(), k[..., :4].copy()), (q[..., :0], k[..., :0], k[..., :0]),
+              (q, np.zeros((2, 3, 5, 8), F32), np.zeros((2, 3, 5, 8), F32)),
+              (q, k[:, :0], k[:, :0]), (q[0], k[0], k[0]), (q, k.transpose(0, 1, 3, 2), k),
+              (q, k[:, :, ::2], k[:, :, ::2]), (q.tolist(), k, k), (np.ma.masked_array(q), k, k),
+              (q.astype(np.float16), k, k), (q, k.astype(np.dtype(F32).newbyteorder(">")), k)]
+    for args in plain:
+        assert plain_qkv(*args)
+        assert all(a is b for a, b in zip(front._check_qkv(*args), args))
+    for i, args in enumerate(others):
+        assert not plain_qkv(*args), i
+    # the Python checks agree that the plain ones pass as they are
+    monkeypatch.setattr(front, "plain_qkv", lambda *args: False)
+    for args in plain:
+        assert all(a is b for a, b in zip(front._check_qkv(*args), args))
+
+
 def test_fast_range_check_of_ids_and_lengths():
     """_arrays.int64_first_outside (check_ids' and check_lengths' C pass) finds the first value
     outside [low, high] of a plain int64 array, and answers None for the arrays NumPy checks."""

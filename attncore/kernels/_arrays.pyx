@@ -44,6 +44,42 @@ def plain_float_array(x, ndim, min_ndim, dtype):
     return True
 
 
+cdef inline bint _plain_4d(object x):
+    """``plain_float_array(x, 4, None, None)``."""
+    if type(x) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>x
+    cdef int type_num = cnp.PyArray_TYPE(arr)
+    return ((type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64)
+            and _readable_as_is(arr) and cnp.PyArray_NDIM(arr) == 4)
+
+
+def plain_qkv(q, k, v):
+    """True when ``attention``'s q, k and v are arrays its checks would return unchanged:
+    plain float arrays (``plain_float_array``) of one dtype, 4-D, k and v of one shape with
+    q's batch and head_dim, head_dim > 0, q's heads a multiple of k's (> 0), and q_len,
+    kv_len and head_dim within BLAS's int range. False leaves every check, and its message,
+    to the Python function (``attention._check_qkv``: 1.2 us a call, a fifth of a small
+    decoding call)."""
+    if not (_plain_4d(q) and _plain_4d(k) and _plain_4d(v)):
+        return False
+    cdef cnp.ndarray qa = <cnp.ndarray>q, ka = <cnp.ndarray>k, va = <cnp.ndarray>v
+    cdef int type_num = cnp.PyArray_TYPE(qa)
+    if cnp.PyArray_TYPE(ka) != type_num or cnp.PyArray_TYPE(va) != type_num:
+        return False
+    cdef cnp.npy_intp *qs = cnp.PyArray_DIMS(qa)
+    cdef cnp.npy_intp *ks = cnp.PyArray_DIMS(ka)
+    cdef cnp.npy_intp *vs = cnp.PyArray_DIMS(va)
+    cdef int axis
+    for axis in range(4):
+        if ks[axis] != vs[axis]:
+            return False
+    cdef cnp.npy_intp blas_int_max = 2147483647
+    return (ks[0] == qs[0] and ks[3] == qs[3] and qs[3] > 0 and ks[1] > 0
+            and qs[1] % ks[1] == 0 and qs[2] <= blas_int_max and qs[3] <= blas_int_max
+            and ks[2] <= blas_int_max)
+
+
 def int64_first_outside(x, int64_t low, int64_t high):
     """The flat index of the first value of ``x`` outside [low, high], -1 when there is none,
     or None when ``x`` is not an aligned, C-contiguous, native int64 ndarray (the caller then

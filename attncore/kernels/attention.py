@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from . import _additive, _blas, _sdpa, _softmax, _threads
+from ._arrays import plain_qkv
 from ._memory import read_only_view
 from ._validation import (check_bool, check_bool_mask, check_finite_float, check_float_array,
                           check_lengths, check_positive_float)
@@ -123,6 +124,8 @@ def _check_blas_range(q, k) -> None:
 
 
 def _check_qkv(q, k, v):
+    if plain_qkv(q, k, v):
+        return q, k, v   # (the common case, in C: the checks below cost 1.2 us)
     _check_blas_range(q, k)
     q = check_float_array(q, "q", ndim=4)
     k = check_float_array(k, "k", ndim=4, dtype=q.dtype)
