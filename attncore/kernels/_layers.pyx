@@ -5,8 +5,8 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t
 from cython cimport floating
 
-from ._checks cimport first_outside
-from ._ndarray cimport empty_like, float_type
+from ._checks cimport first_outside_of
+from ._ndarray cimport empty_like, float_type, int64_array
 
 cnp.import_array()
 
@@ -106,21 +106,36 @@ def rotary(floating[:, :, ::1] x, const int64_t[::1] positions, double base, int
             ac_rotary_f64(&x[0, 0, 0], &positions[0], N, L, D, base, num_threads)
 
 
-def embedding(const floating[:, ::1] table, const int64_t[::1] ids, floating[:, ::1] out,
-              int num_threads):
-    """out (rows, D) = table[ids]."""
-    cdef Py_ssize_t rows = ids.shape[0], D = table.shape[1]
-    if out is None or out.shape[0] != rows or out.shape[1] != D:
-        raise ValueError("embedding: out must be (len(ids), D)")
-    if first_outside(ids, 0, table.shape[0] - 1) >= 0:
+def embedding(table, ids, int num_threads):
+    """table (vocab, D)[ids]: a new array of shape ids.shape + (D,), ids int64 in [0, vocab)."""
+    cdef int type_num = float_type(table, "table")
+    cdef cnp.ndarray t = <cnp.ndarray>table
+    cdef cnp.ndarray rows_of = int64_array(ids, "ids")
+    if cnp.PyArray_NDIM(t) != 2:
+        raise ValueError("embedding: table must be 2-D")
+    cdef int nd = cnp.PyArray_NDIM(rows_of)
+    cdef cnp.npy_intp shape[65]
+    if nd + 1 > 64:   # (NumPy 2's NPY_MAXDIMS; 1.x allows 32)
+        raise ValueError("embedding: ids has too many dimensions")
+    cdef Py_ssize_t rows = cnp.PyArray_SIZE(rows_of), D = cnp.PyArray_DIMS(t)[1]
+    cdef const int64_t *index = <const int64_t *>cnp.PyArray_DATA(rows_of)
+    if first_outside_of(index, rows, 0, cnp.PyArray_DIMS(t)[0] - 1) >= 0:
         raise ValueError("embedding: ids must lie in [0, rows of table)")
+    cdef int axis
+    for axis in range(nd):
+        shape[axis] = cnp.PyArray_DIMS(rows_of)[axis]
+    shape[nd] = D
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(nd + 1, shape, type_num, 0)
     if rows == 0 or D == 0:
-        return
+        return out
+    cdef const void *src = cnp.PyArray_DATA(t)
+    cdef void *dst = cnp.PyArray_DATA(out)
     with nogil:
-        if floating is float:
-            ac_embedding_f32(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)
+        if type_num == cnp.NPY_FLOAT32:
+            ac_embedding_f32(<const float *>src, index, <float *>dst, rows, D, num_threads)
         else:
-            ac_embedding_f64(&table[0, 0], &ids[0], &out[0, 0], rows, D, num_threads)
+            ac_embedding_f64(<const double *>src, index, <double *>dst, rows, D, num_threads)
+    return out
 
 
 def swap_last_axes(const floating[:, :, ::1] x, floating[:, :, ::1] out, int num_threads):

@@ -27,3 +27,13 @@ cdef inline int float_type(object x, str name) except -1:
 cdef inline cnp.ndarray empty_like(cnp.ndarray x):
     """A new C-contiguous array of x's shape and dtype (never a subclass)."""
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+
+cdef inline cnp.ndarray int64_array(object x, str name):
+    """x as an ndarray of native int64 the C code can read as it is; ValueError otherwise."""
+    if not (isinstance(x, cnp.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_INT64
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>x) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):
+        raise ValueError(f"{name} must be a C-contiguous, aligned int64 array in native byte "
+                         f"order")
+    return <cnp.ndarray>x

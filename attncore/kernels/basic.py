@@ -373,11 +373,7 @@ def sigmoid(x):
 def embedding(table, ids):
     """Gather rows: table (vocab, dim)[ids] -> ids.shape + (dim,). ids must lie in [0, vocab)."""
     table = check_float_array(table, "table", ndim=2)
-    ids = check_ids(ids, "ids", table.shape[0])
-    flat = ids.reshape(-1)
-    out = np.empty((flat.shape[0], table.shape[1]), dtype=table.dtype)
-    _layers.embedding(table, flat, out, kernel_threads())
-    return out.reshape(ids.shape + (table.shape[1],))
+    return _layers.embedding(table, check_ids(ids, "ids", table.shape[0]), kernel_threads())
 
 
 def sinusoidal_positions(length, dim, dtype=np.float32, base=10000.0):
