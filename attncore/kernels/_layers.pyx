@@ -6,7 +6,7 @@ from libc.stdint cimport int64_t
 from cython cimport floating
 
 from ._checks cimport first_outside_of
-from ._ndarray cimport empty_like, float_type, int64_array
+from ._ndarray cimport empty_like, float_type, int64_array, last_axis_length
 
 cnp.import_array()
 
@@ -40,9 +40,7 @@ def layer_norm(x, gamma, beta, double eps, int mode, int num_threads):
     gamma and beta None or (D,) of x's dtype; mode 0 standard, 1 uncentred (RAN), 2 RMS."""
     cdef int type_num = float_type(x, "x")
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    if cnp.PyArray_NDIM(arr) == 0:
-        raise ValueError("layer_norm: x must have at least one dimension")
-    cdef Py_ssize_t D = cnp.PyArray_DIMS(arr)[cnp.PyArray_NDIM(arr) - 1]
+    cdef Py_ssize_t D = last_axis_length(arr, "layer_norm: x")
     cdef Py_ssize_t size = cnp.PyArray_SIZE(arr)
     cdef const void *g = _row_parameter(gamma, "gamma", type_num, D)
     cdef const void *b = _row_parameter(beta, "beta", type_num, D)

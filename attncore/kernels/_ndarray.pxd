@@ -24,6 +24,14 @@ cdef inline int float_type(object x, str name) except -1:
     return type_num
 
 
+cdef inline Py_ssize_t last_axis_length(cnp.ndarray x, str name) except -1:
+    """The length of x's last axis (the rows' length of a row-wise kernel); ValueError for a
+    0-d array."""
+    if cnp.PyArray_NDIM(x) == 0:
+        raise ValueError(f"{name} must have at least one dimension")
+    return cnp.PyArray_DIMS(x)[cnp.PyArray_NDIM(x) - 1]
+
+
 cdef inline cnp.ndarray empty_like(cnp.ndarray x):
     """A new C-contiguous array of x's shape and dtype (never a subclass)."""
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)

@@ -8,7 +8,7 @@ from libc.string cimport memcpy, memset
 from cython cimport floating
 
 from ._checks cimport first_outside
-from ._ndarray cimport empty_like, float_type
+from ._ndarray cimport empty_like, float_type, last_axis_length
 
 cnp.import_array()
 
@@ -59,9 +59,7 @@ def softmax_last(x, bint log_output, int num_threads):
     a small call)."""
     cdef int type_num = float_type(x, "x")
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    if cnp.PyArray_NDIM(arr) == 0:
-        raise ValueError("softmax_last: x must have at least one dimension")
-    cdef Py_ssize_t n = cnp.PyArray_DIMS(arr)[cnp.PyArray_NDIM(arr) - 1]
+    cdef Py_ssize_t n = last_axis_length(arr, "softmax_last: x")
     cdef Py_ssize_t size = cnp.PyArray_SIZE(arr)
     cdef cnp.ndarray out = empty_like(arr)
     if size == 0:
