@@ -598,14 +598,19 @@ def test_fast_range_check_of_ids_and_lengths():
     assert int64_first_outside(ids, -1, 10) == -1
     assert int64_first_outside(ids[:0], 0, 0) == -1
     assert int64_first_outside(np.array([0], dtype=np.int64), 0, -1) == 0   # (vocab 0)
+    assert int64_first_outside(ids.astype(np.longlong), 0, 10) == 5   # (int64's twin type)
     for other in (ids.astype(np.int32), ids.astype(np.uint64), ids.T, ids[:, ::2],
                   ids.astype(np.dtype(np.int64).newbyteorder(">")), ids.tolist()):
         assert int64_first_outside(other, 0, 10) is None
     # the fronts name the value either way
     table = np.zeros((10, 2), np.float32)
-    for bad in (ids, ids.astype(np.int32), ids.T, ids[:, ::2] - 1):
+    for bad in (ids, ids.astype(np.int32), ids.T, ids[:, ::2] - 1, ids.astype(np.longlong)):
         with pytest.raises(ValueError, match=r"ids values must lie in \[0, 10\), got "):
             attncore.embedding(table, bad)
+    # np.longlong ids (NPY_LONGLONG, not NPY_INT64's NPY_LONG) gather as int64 ones
+    good, rows = np.array([[3, 0], [9, 4]]), np.arange(20, dtype=F32).reshape(10, 2)
+    np.testing.assert_array_equal(attncore.embedding(rows, good.astype(np.longlong)),
+                                  rows[good])
     with pytest.raises(ValueError, match=r"kv_lengths values must lie in \[0, 5\], got 6"):
         attncore.attention(Q, K, V, kv_lengths=np.array([2, 6]))
 

@@ -8,6 +8,7 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t
 
 from ._checks cimport first_outside_of
+from ._ndarray cimport is_int64
 
 cnp.import_array()
 
@@ -88,7 +89,7 @@ def int64_first_outside(x, int64_t low, int64_t high):
     if type(x) is not cnp.ndarray:
         return None
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    if not (cnp.PyArray_TYPE(arr) == cnp.NPY_INT64 and _readable_as_is(arr)):
+    if not (is_int64(arr) and _readable_as_is(arr)):
         return None
     return first_outside_of(<const int64_t *>cnp.PyArray_DATA(arr), cnp.PyArray_SIZE(arr),
                             low, high)

@@ -37,9 +37,15 @@ cdef inline cnp.ndarray empty_like(cnp.ndarray x):
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
 
 
+cdef inline bint is_int64(cnp.ndarray x):
+    """A signed 64-bit integer dtype: NPY_INT64 (long on LP64 platforms) or an equivalent
+    NPY_LONGLONG (``np.longlong`` ids), which ``int64_t`` reads alike."""
+    return cnp.PyArray_ISSIGNED(x) and cnp.PyArray_ITEMSIZE(x) == 8
+
+
 cdef inline cnp.ndarray int64_array(object x, str name):
     """x as an ndarray of native int64 the C code can read as it is; ValueError otherwise."""
-    if not (isinstance(x, cnp.ndarray) and cnp.PyArray_TYPE(<cnp.ndarray>x) == cnp.NPY_INT64
+    if not (isinstance(x, cnp.ndarray) and is_int64(<cnp.ndarray>x)
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
             and cnp.PyArray_ISALIGNED(<cnp.ndarray>x) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):
         raise ValueError(f"{name} must be a C-contiguous, aligned int64 array in native byte "
