@@ -5,18 +5,13 @@ through attribute lookups -- an attention call checks three, an additive one eig
 these NumPy C-API reads 0.03 us. Anything else (a conversion, a copy, an error message)
 stays with the Python function."""
 cimport numpy as cnp
+from libc.limits cimport INT_MAX
 from libc.stdint cimport int64_t
 
 from ._checks cimport first_outside_of
-from ._ndarray cimport is_int64
+from ._ndarray cimport is_float, is_int64, readable_as_is
 
 cnp.import_array()
-
-
-cdef inline bint _readable_as_is(cnp.ndarray arr):
-    """C-contiguous, aligned, native byte order: a pointer the C code can read."""
-    return (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
-            and cnp.PyArray_ISNOTSWAPPED(arr))
 
 
 def plain_float_array(x, ndim, min_ndim, dtype):
@@ -27,10 +22,7 @@ def plain_float_array(x, ndim, min_ndim, dtype):
     if type(x) is not cnp.ndarray:
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    cdef int type_num = cnp.PyArray_TYPE(arr)
-    if type_num != cnp.NPY_FLOAT32 and type_num != cnp.NPY_FLOAT64:
-        return False
-    if not _readable_as_is(arr):
+    if not (is_float(arr) and readable_as_is(arr)):
         return False
     if ndim is not None and cnp.PyArray_NDIM(arr) != <int>ndim:
         return False
@@ -50,9 +42,7 @@ cdef inline bint _plain_4d(object x):
     if type(x) is not cnp.ndarray:
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    cdef int type_num = cnp.PyArray_TYPE(arr)
-    return ((type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64)
-            and _readable_as_is(arr) and cnp.PyArray_NDIM(arr) == 4)
+    return is_float(arr) and readable_as_is(arr) and cnp.PyArray_NDIM(arr) == 4
 
 
 def plain_qkv(q, k, v):
@@ -75,10 +65,9 @@ def plain_qkv(q, k, v):
     for axis in range(4):
         if ks[axis] != vs[axis]:
             return False
-    cdef cnp.npy_intp blas_int_max = 2147483647
     return (ks[0] == qs[0] and ks[3] == qs[3] and qs[3] > 0 and ks[1] > 0
-            and qs[1] % ks[1] == 0 and qs[2] <= blas_int_max and qs[3] <= blas_int_max
-            and ks[2] <= blas_int_max)
+            and qs[1] % ks[1] == 0 and qs[2] <= INT_MAX and qs[3] <= INT_MAX
+            and ks[2] <= INT_MAX)
 
 
 def int64_first_outside(x, int64_t low, int64_t high):
@@ -89,7 +78,7 @@ def int64_first_outside(x, int64_t low, int64_t high):
     if type(x) is not cnp.ndarray:
         return None
     cdef cnp.ndarray arr = <cnp.ndarray>x
-    if not (is_int64(arr) and _readable_as_is(arr)):
+    if not (is_int64(arr) and readable_as_is(arr)):
         return None
     return first_outside_of(<const int64_t *>cnp.PyArray_DATA(arr), cnp.PyArray_SIZE(arr),
                             low, high)

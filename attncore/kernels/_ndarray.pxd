@@ -8,20 +8,28 @@ calls ``numpy.import_array()`` (Cython 3 does so for a module that cimports nump
 cimport numpy as cnp
 
 
+cdef inline bint readable_as_is(cnp.ndarray x):
+    """C-contiguous, aligned, native byte order: a pointer the C code can read."""
+    return (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_ISALIGNED(x)
+            and cnp.PyArray_ISNOTSWAPPED(x))
+
+
+cdef inline bint is_float(cnp.ndarray x):
+    """float32 or float64, the dtypes the kernels compute in."""
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    return type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64
+
+
 cdef inline int float_type(object x, str name) except -1:
     """``cnp.NPY_FLOAT32`` or ``cnp.NPY_FLOAT64`` for an ndarray of that dtype the C code can
     read as it is (C-contiguous, aligned, native byte order); ValueError otherwise. The
     public fronts convert what they accept into such arrays; this guards a direct call."""
     if not isinstance(x, cnp.ndarray):
         raise ValueError(f"{name} must be an ndarray, got {type(x).__name__}")
-    cdef cnp.ndarray arr = <cnp.ndarray>x
-    cdef int type_num = cnp.PyArray_TYPE(arr)
-    if not ((type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64)
-            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
-            and cnp.PyArray_ISNOTSWAPPED(arr)):
+    if not (is_float(<cnp.ndarray>x) and readable_as_is(<cnp.ndarray>x)):
         raise ValueError(f"{name} must be a C-contiguous, aligned float32 or float64 array "
                          f"in native byte order")
-    return type_num
+    return cnp.PyArray_TYPE(<cnp.ndarray>x)
 
 
 cdef inline Py_ssize_t last_axis_length(cnp.ndarray x, str name) except -1:
@@ -46,8 +54,7 @@ cdef inline bint is_int64(cnp.ndarray x):
 cdef inline cnp.ndarray int64_array(object x, str name):
     """x as an ndarray of native int64 the C code can read as it is; ValueError otherwise."""
     if not (isinstance(x, cnp.ndarray) and is_int64(<cnp.ndarray>x)
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
-            and cnp.PyArray_ISALIGNED(<cnp.ndarray>x) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>x)):
+            and readable_as_is(<cnp.ndarray>x)):
         raise ValueError(f"{name} must be a C-contiguous, aligned int64 array in native byte "
                          f"order")
     return <cnp.ndarray>x
