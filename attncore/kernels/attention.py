@@ -109,10 +109,8 @@ def _check_blas_range(q, k) -> None:
     """ValueError for a q_len, kv_len or head_dim past BLAS's int range (the flash path and the
     weights pass them to sgemm as int: 2^31 keys wrapped to a negative size, BLAS refused the
     call and the weights came back uniform; 2^32 + 4 keys wrapped to 4, silently). Read from
-    the shapes before any copy, so a broadcast view is refused without being materialised."""
-    if (type(q) is np.ndarray and type(k) is np.ndarray and q.ndim == 4 and k.ndim == 4
-            and max(q.shape[2], q.shape[3], k.shape[2], k.shape[3]) <= BLAS_INT_MAX):
-        return   # (the common case without the loop's tuples: 1 us of a decoding call)
+    the shapes before any copy, so a broadcast view is refused without being materialised.
+    (The common case never comes here: ``_arrays.plain_qkv`` passes it first.)"""
     for name, array, axes in (("q", q, ("q_len", "head_dim")), ("k", k, ("kv_len", "head_dim"))):
         shape = array.shape if isinstance(array, np.ndarray) else ()
         if len(shape) != 4:
