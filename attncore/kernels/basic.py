@@ -21,12 +21,11 @@ def _softmax_front(x, axis, lengths, mask, log_output, name):
     if x.ndim == 0:
         raise ValueError(f"{name}: x must have at least 1 dimension, got a scalar")
     axis = check_axis(axis, x.ndim)
-    if axis == x.ndim - 1 and lengths is None and mask is None:
-        return _softmax.softmax_last(x, log_output, kernel_threads())
-    if (axis != x.ndim - 1 and lengths is None and mask is None and x.dtype == np.float32
-            and x.size):
+    if lengths is None and mask is None:
+        if axis == x.ndim - 1:
+            return _softmax.softmax_last(x, log_output, kernel_threads())
         P, A, B = _swap_shape(x.shape, axis)
-        if B >= COLUMN_SOFTMAX_MIN:
+        if x.dtype == np.float32 and x.size and B >= COLUMN_SOFTMAX_MIN:
             # down the columns where they lie: no transposes there and back
             x3 = np.ascontiguousarray(x).reshape(P, A, B)
             out = np.empty_like(x3)
